@@ -1,0 +1,1 @@
+"""dist-chita: distributed one-shot pruning with CHITA."""

@@ -1,0 +1,56 @@
+"""How work is split across ranks: pure functions of sizes, no communication.
+
+Two splits matter:
+
+* **samples** (rows of the Fisher factor A): rank r computes per-sample
+  gradients for a contiguous share of the n calibration samples;
+* **columns** (the p prunable weights): rank r owns the contiguous column block
+  A_r = A[:, start_r:stop_r] and the slice w[start_r:stop_r].
+
+Both are as even as possible; the first ``total % parts`` parts get one more
+unit. Column blocks can be *aligned* so that no N:M group straddles two ranks.
+"""
+
+from __future__ import annotations
+
+
+def even_counts(total: int, parts: int) -> list[int]:
+    """Split ``total`` units into ``parts`` counts that differ by at most one."""
+    if parts < 1:
+        raise ValueError(f"parts must be >= 1, got {parts}")
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    base, extra = divmod(total, parts)
+    return [base + (1 if r < extra else 0) for r in range(parts)]
+
+
+def ranges_from_counts(counts: list[int]) -> list[tuple[int, int]]:
+    """Turn counts into contiguous half-open ranges [start, stop)."""
+    out, start = [], 0
+    for c in counts:
+        out.append((start, start + c))
+        start += c
+    return out
+
+
+def sample_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
+    """Rows of A computed by each rank: contiguous, as even as possible.
+
+    Every rank must get at least one sample.
+    """
+    if n < world_size:
+        raise ValueError(f"n = {n} calibration samples is smaller than the number of ranks ({world_size})")
+    return ranges_from_counts(even_counts(n, world_size))
+
+
+def column_blocks(p: int, world_size: int, align: int = 1) -> list[tuple[int, int]]:
+    """Column block [start_r, stop_r) of the p flattened prunable weights per rank.
+
+    Blocks are contiguous, in rank order, and balanced by size in units of
+    ``align`` columns (``p`` must be a multiple of ``align``), so that groups
+    of ``align`` consecutive weights (N:M groups) never straddle ranks. A rank
+    may get an empty block when p / align < world_size.
+    """
+    if align < 1 or p % align:
+        raise ValueError(f"p = {p} is not a multiple of the alignment {align}")
+    return [(a * align, b * align) for a, b in ranges_from_counts(even_counts(p // align, world_size))]
