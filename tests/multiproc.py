@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import traceback
 from datetime import timedelta
@@ -32,7 +33,8 @@ def _worker(fn, args, rank, world_size, port, queue, threads):
             os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=120))
         result = fn(*args)
-        queue.put((rank, "ok", result))
+        # Plain pickle: torch's shared-memory reductions would need this process alive.
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,7 +46,10 @@ def run(fn, world_size: int, *args, threads: int = 1, timeout: float = 300.0):
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, args, r, world_size, port, queue, threads)) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(fn, args, r, world_size, port, queue, threads))
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, object] = {}
@@ -53,7 +58,7 @@ def run(fn, world_size: int, *args, threads: int = 1, timeout: float = 300.0):
             rank, status, payload = queue.get(timeout=timeout)
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)

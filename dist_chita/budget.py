@@ -1,0 +1,167 @@
+"""The sparsity constraint of the pruning problem and its projection H.
+
+CHITA solves  min f(w)  subject to  w in C,  where C is one of
+
+* a global budget ||w||_0 <= k over all prunable weights (all ranks);
+* per-segment budgets ||w_g||_0 <= k_g, a segment being one layer's weights
+  (a layer may straddle ranks);
+* N:M sparsity: at most N nonzeros in every group of M consecutive weights of
+  the flattened layer (for nn.Linear, M consecutive inputs of one output).
+  Column blocks are aligned to M, so N:M groups never straddle ranks.
+
+Coordinates that are not ``allowed`` (weights already pruned) stay zero.
+
+A :class:`Budget` holds this rank's share of the description. Its
+:meth:`project` returns the support of the hard-thresholding operator H(v),
+the coordinates kept when v is projected onto C; :meth:`tau_change` gives the
+first step size at which the support of H(w - tau g) differs from the current
+support, which CHITA's step-size rule needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from dist_chita import comm
+from dist_chita.select import check_finite, topk_mask
+
+
+@dataclass(frozen=True)
+class Budget:
+    """This rank's part of the constraint set C.
+
+    Attributes:
+        p_local: p_r, the number of columns on this rank.
+        k: (G,) int64 budget per segment (kind "topk"); unused for "nm".
+        segment_ids: (p_r,) int64 segment of each local column, or None for
+            a single global segment.
+        n, m: N and M of N:M sparsity (kind "nm").
+        allowed: (p_r,) bool, False for weights fixed at zero; None = all.
+    """
+
+    kind: str
+    p_local: int
+    k: torch.Tensor
+    segment_ids: torch.Tensor | None = None
+    n: int = 0
+    m: int = 0
+    allowed: torch.Tensor | None = None
+
+    # --- constructors -----------------------------------------------------
+    @staticmethod
+    def global_topk(p_local: int, k: int, allowed: torch.Tensor | None = None) -> Budget:
+        """||w||_0 <= k over all ranks."""
+        b = Budget("topk", p_local, torch.tensor([int(k)], dtype=torch.int64), None, allowed=allowed)
+        b._check_topk()
+        return b
+
+    @staticmethod
+    def per_segment(segment_ids: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None = None) -> Budget:
+        """||w_g||_0 <= k_g for every segment g (segments may straddle ranks)."""
+        k = torch.as_tensor(k, dtype=torch.int64).reshape(-1)
+        b = Budget("topk", segment_ids.numel(), k, segment_ids.to(torch.int64), allowed=allowed)
+        b._check_topk()
+        return b
+
+    @staticmethod
+    def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None) -> Budget:
+        """At most n nonzeros in every group of m consecutive local columns."""
+        if not 0 < n < m:
+            raise ValueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
+        if p_local % m:
+            raise ValueError(f"{p_local} columns on this rank are not a whole number of {m}-groups")
+        return Budget("nm", p_local, torch.zeros(0, dtype=torch.int64), None, n=n, m=m, allowed=allowed)
+
+    def _allowed_per_segment(self) -> torch.Tensor:
+        seg = self._segments()
+        ones = torch.ones(self.p_local, dtype=torch.int64) if self.allowed is None else self.allowed.to(torch.int64)
+        counts = torch.zeros(self.k.numel(), dtype=torch.int64).index_add_(0, seg, ones)
+        return comm.all_reduce(counts)
+
+    def _check_topk(self) -> None:
+        if self.allowed is not None and self.allowed.shape != (self.p_local,):
+            raise ValueError("allowed must have one entry per local column")
+        if bool((self.k < 0).any()):
+            raise ValueError("sparsity budgets must be non-negative")
+        counts = self._allowed_per_segment()
+        if int(self.k.sum()) == 0:
+            raise ValueError("the budget k is 0: nothing would be kept (lower the sparsity)")
+        over = torch.nonzero(self.k > counts).flatten()
+        if over.numel():
+            g = int(over[0])
+            raise ValueError(
+                f"budget k = {int(self.k[g])} exceeds the {int(counts[g])} prunable weights"
+                + ("" if self.k.numel() == 1 else f" of segment {g}")
+            )
+
+    def _segments(self) -> torch.Tensor:
+        if self.segment_ids is not None:
+            return self.segment_ids
+        return torch.zeros(self.p_local, dtype=torch.int64)
+
+    # --- queries ----------------------------------------------------------
+    def total(self) -> int:
+        """Number of coordinates a projection keeps, over all ranks."""
+        if self.kind == "topk":
+            return int(self.k.sum())
+        groups = self._allowed_mask().reshape(-1, self.m).sum(1).clamp(max=self.n)
+        return int(comm.all_reduce(groups.sum().reshape(1))[0])
+
+    def _allowed_mask(self) -> torch.Tensor:
+        return torch.ones(self.p_local, dtype=torch.bool) if self.allowed is None else self.allowed
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """Support of H(v): (p_r,) bool mask of the coordinates kept. Collective."""
+        if self.kind == "topk":
+            return topk_mask(v.abs(), self.k, self.segment_ids, self.allowed)
+        return self._project_nm(v)
+
+    def magnitude_support(self, w_bar: torch.Tensor) -> torch.Tensor:
+        """Support of magnitude pruning, H(w_bar)."""
+        return self.project(w_bar)
+
+    def _project_nm(self, v: torch.Tensor) -> torch.Tensor:
+        check_finite(v, "the values to threshold")
+        scores = v.detach().float().abs()
+        scores = torch.where(self._allowed_mask().to(v.device), scores, torch.full_like(scores, -1.0))
+        groups = scores.reshape(-1, self.m)
+        order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, : self.n]
+        keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True)
+        return (keep & (groups >= 0)).reshape(-1)
+
+    def widened(self, factor: float) -> Budget:
+        """The same constraint with every budget multiplied by ``factor`` (capped
+        at the allowed count): the size of IHT's active set."""
+        if self.kind != "topk":
+            raise ValueError("an active set is defined for top-k budgets only")
+        counts = self._allowed_per_segment()
+        k = torch.minimum(torch.ceil(self.k.double() * factor).to(torch.int64), counts)
+        return Budget("topk", self.p_local, k, self.segment_ids, allowed=self.allowed)
+
+    def tau_change(self, w: torch.Tensor, g: torch.Tensor, support: torch.Tensor) -> float:
+        """Smallest tau > 0 with support(H(w - tau g)) != ``support``; inf if none.
+
+        For i in S the magnitude |w_i - tau g_i| first meets the largest
+        outside magnitude tau * G_out (G_out = max_{j not in S} |g_j| of the
+        same segment) at tau_i = |w_i| / (G_out + sign(w_i) g_i) when that
+        denominator is positive; tau_change = min_i tau_i. Collective.
+        """
+        w, g = w.float(), g.float()
+        outside = (~support) & self._allowed_mask().to(w.device)
+        if self.kind == "topk":
+            seg = self._segments().to(w.device)
+            g_out = torch.full((self.k.numel(),), -math.inf, dtype=torch.float32, device=w.device)
+            g_out.scatter_reduce_(0, seg[outside], g.abs()[outside], reduce="amax")
+            comm.all_reduce(g_out, op="max")
+            g_out_i = g_out[seg]
+        else:
+            ga = torch.where(outside, g.abs(), torch.full_like(g, -math.inf)).reshape(-1, self.m)
+            g_out_i = ga.amax(1, keepdim=True).expand(-1, self.m).reshape(-1)
+        denom = g_out_i + torch.sign(w) * g
+        t = torch.where(support & (denom > 0), w.abs() / denom, torch.full_like(w, math.inf))
+        local = t.min() if t.numel() else torch.tensor(math.inf)
+        out = comm.all_reduce(local.reshape(1).double(), op="min")
+        return float(out[0])

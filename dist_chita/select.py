@@ -1,0 +1,139 @@
+"""Exact top-k over values spread across ranks, by collective selection.
+
+The hard-thresholding operator H_k of IHT keeps the k largest |v_j| of a vector
+whose coordinates live on different ranks (column blocks). Gathering the
+values would cost O(p) communication per iteration; instead the k-th largest
+score is found by a radix select over the IEEE-754 bit patterns of the scores:
+for non-negative floats the int32 bit pattern is monotone in the value, so a
+few rounds of all-reduced histograms over successive groups of bits pin down
+the exact threshold T. Communication is O(bins x rounds x segments),
+independent of p, and no rank ever sees another rank's values.
+
+Ties at T are broken by global index (lower index wins), so exactly k
+coordinates survive and the result equals a stable descending sort of the
+scores: ``torch.sort(scores, descending=True, stable=True).indices[:k]``.
+Blocks are contiguous and in rank order, so "global index order" is rank
+order, then local order.
+
+Scores may be split into *segments* (one per layer, say), each with its own
+budget k_g; a segment may straddle ranks. One all-reduce per round serves
+all segments at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dist_chita import comm
+
+# Bits of the (non-negative, so sign bit 0) float32 pattern resolved per round.
+# One segment: 3 rounds of up to 4096 bins; many segments: 4 rounds of <= 256
+# bins, to keep the histogram all-reduce small when it carries every layer.
+_ROUNDS_ONE_SEGMENT = (11, 12, 8)
+_ROUNDS_MANY_SEGMENTS = (7, 8, 8, 8)
+
+
+def check_finite(v: torch.Tensor, what: str) -> None:
+    """Raise ValueError on every rank if any rank's ``v`` holds NaN or Inf.
+
+    The check is collective so that all ranks fail together instead of the
+    healthy ones waiting forever in the next collective.
+    """
+    bad = torch.tensor([0 if bool(torch.isfinite(v).all()) else 1], dtype=torch.int64, device=v.device)
+    comm.all_reduce(bad)
+    if bad.item():
+        raise ValueError(f"{what} contains NaN or Inf")
+
+
+def topk_mask(
+    scores: torch.Tensor,
+    k: torch.Tensor | int,
+    segment_ids: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mask of the k_g largest ``scores`` of every segment g, over all ranks.
+
+    Args:
+        scores: (p_r,) float, non-negative (e.g. |v|); -0.0 counts as 0.0.
+        k: budget per segment, an int (one segment) or an int64 tensor (G,);
+            a segment with fewer allowed coordinates than k_g keeps them all.
+        segment_ids: (p_r,) int64 in [0, G), the segment of each local
+            coordinate; None puts every coordinate in segment 0.
+        allowed: (p_r,) bool; coordinates with False are never selected.
+
+    Returns:
+        (p_r,) bool mask; over all ranks exactly min(k_g, allowed in g)
+        coordinates of segment g are True.
+    """
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be a vector, got shape {tuple(scores.shape)}")
+    device = scores.device
+    kk = torch.as_tensor(k, dtype=torch.int64, device=device).reshape(-1)
+    num_seg = kk.numel()
+    check_finite(scores, "the values to threshold")
+    if bool((scores < 0).any()):
+        raise ValueError("scores must be non-negative")
+    if bool((kk < 0).any()):
+        raise ValueError("budgets must be non-negative")
+
+    keys = scores.detach().float().abs().view(torch.int32).to(torch.int64)  # abs: -0.0 -> 0.0
+    seg = torch.zeros_like(keys) if segment_ids is None else segment_ids.to(device=device, dtype=torch.int64)
+    if seg.shape != keys.shape:
+        raise ValueError("segment_ids must have the shape of scores")
+
+    selected = torch.zeros(keys.shape, dtype=torch.bool, device=device)
+    cand = torch.arange(keys.numel(), device=device)
+    if allowed is not None:
+        cand = cand[allowed.to(device)]
+
+    # Budgets larger than a segment's allowed count keep the whole segment.
+    total = torch.bincount(seg[cand], minlength=num_seg)[:num_seg]
+    comm.all_reduce(total)
+    need = torch.minimum(kk, total)
+    whole = need == total
+    take = whole[seg[cand]]
+    selected[cand[take]] = True
+    cand = cand[~take]
+    need = torch.where(whole, torch.zeros_like(need), need)
+
+    rounds = _ROUNDS_ONE_SEGMENT if num_seg == 1 else _ROUNDS_MANY_SEGMENTS
+    shift = sum(rounds)
+    for bits in rounds:
+        shift -= bits
+        bins = 1 << bits
+        active = need > 0
+        cand = cand[active[seg[cand]]]
+        s = seg[cand]
+        digit = (keys[cand] >> shift) & (bins - 1)
+        hist = torch.bincount(s * bins + digit, minlength=num_seg * bins).reshape(num_seg, bins)
+        comm.all_reduce(hist)
+        # at_or_above[g, b] = number of candidates of segment g whose digit >= b.
+        at_or_above = hist.flip(1).cumsum(1).flip(1)
+        # The bin holding the need_g-th largest: the largest b with at_or_above >= need.
+        b = (at_or_above >= need[:, None]).sum(1) - 1
+        b = b.clamp(min=0)
+        above = at_or_above.gather(1, b[:, None]).squeeze(1) - hist.gather(1, b[:, None]).squeeze(1)
+        bs = b[s]
+        win = digit > bs
+        selected[cand[win]] = True
+        cand = cand[digit == bs]
+        need = torch.where(active, need - above, need)
+
+    # cand now holds, per active segment, the coordinates equal to the threshold.
+    # Keep the first need_g of them in global index order.
+    s = seg[cand]
+    ties = torch.bincount(s, minlength=num_seg)[:num_seg]
+    world, me = comm.world_size(), comm.rank()
+    table = torch.zeros(world, num_seg, dtype=torch.int64, device=device)
+    table[me] = ties
+    comm.all_reduce(table)
+    before = table[:me].sum(0)
+    quota = (need - before).clamp(min=0)
+    # Position of each tied candidate among this rank's ties of its segment.
+    order = torch.argsort(s * keys.numel() + cand)
+    s_sorted = s[order]
+    starts = torch.cumsum(ties, 0) - ties
+    pos = torch.arange(cand.numel(), device=device) - starts[s_sorted]
+    keep = pos < quota[s_sorted]
+    selected[cand[order[keep]]] = True
+    return selected
