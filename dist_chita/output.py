@@ -1,0 +1,67 @@
+"""Atomic output directories: a run's results appear whole or not at all.
+
+Everything is written into a temporary directory beside the target
+(``.<name>.tmp-<pid>``) and renamed into place only when complete, so an
+interrupted or failed run leaves nothing that looks like a result. An existing
+target is refused unless ``overwrite`` is set; then it is replaced only after
+the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str | os.PathLike] = ()) -> Path:
+    """Validate an output directory before any work starts; returns it resolved.
+
+    ``protected`` are inputs (checkpoint, data) the output must not be, contain or lie inside.
+    """
+    out = Path(target).resolve()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists (set output.overwrite=true to replace it)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
+    for p in protected:
+        q = Path(p).resolve()
+        if out == q or q.is_relative_to(out) or out.is_relative_to(q):
+            raise ValueError(f"output directory {out} overlaps the input {q}; choose another output.dir")
+    return out
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory that becomes ``target`` on success.
+
+    On an exception the temporary directory is removed and ``target`` is left
+    exactly as it was.
+    """
+    out = check_target(target, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> None:
+    """Delete temporary directories that killed runs left beside ``target``."""
+    out = Path(target).resolve()
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
