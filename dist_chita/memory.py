@@ -1,0 +1,110 @@
+"""Memory per rank: the estimate printed before a run, and the peak measured during it.
+
+The dominant term is this rank's block of the Fisher factor, n x ceil(p / R)
+entries of the storage dtype. Around it:
+
+* the model (every rank holds a copy, or 1/R of it under ZeRO-3);
+* one micro-batch of per-sample gradients of the largest layer, in float32,
+  three times over (computed, sent, received) while rows become columns;
+* the solver's vectors (about a dozen float32 vectors of p_r) and, when the
+  active set is used, a gathered copy of its rows of the factor;
+* the backsolve's n x n Gram matrix in float64 (twice: G and its factor).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+from dataclasses import asdict, dataclass
+
+import torch
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per rank, by part."""
+
+    factor: int
+    model: int
+    gradient_buffer: int
+    solver: int
+    backsolve: int
+
+    @property
+    def total(self) -> int:
+        return self.factor + self.model + self.gradient_buffer + self.solver + self.backsolve
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def estimate(
+    p: int,
+    n: int,
+    world_size: int,
+    storage_dtype: str,
+    model_params: int,
+    largest_layer: int,
+    micro_batch: int,
+    active_fraction: float = 0.0,
+    model_sharded: bool = False,
+) -> MemoryEstimate:
+    """Estimate the peak bytes one rank needs.
+
+    Args:
+        p: prunable weights; n: calibration samples; world_size: R.
+        storage_dtype: float32, bfloat16 or float16 (the factor's storage).
+        model_params: all parameters of the model (float32).
+        largest_layer: weights in the largest prunable layer.
+        micro_batch: samples per backward pass.
+        active_fraction: |W| / p of the solver's active set (0 when unused).
+        model_sharded: parameters partitioned across ranks (ZeRO-3).
+    """
+    if storage_dtype not in _DTYPE_BYTES:
+        raise ValueError(f"unknown storage dtype {storage_dtype!r}")
+    p_r = math.ceil(p / world_size)
+    factor = n * p_r * _DTYPE_BYTES[storage_dtype]
+    model = 4 * model_params // (world_size if model_sharded else 1)
+    grads = 3 * 4 * micro_batch * largest_layer
+    solver = 12 * 4 * p_r + int(active_fraction * factor)
+    backsolve = 2 * 8 * n * n
+    return MemoryEstimate(factor, model, grads, solver, backsolve)
+
+
+def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
+    """Memory this rank may use: free device memory, or the host's available
+    memory shared among the ranks on this node."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        import psutil
+
+        avail = psutil.virtual_memory().available
+    except ImportError:  # pragma: no cover - psutil ships with accelerate
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(avail // max(1, ranks_on_device))
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: device allocations on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage_dtype: str) -> str:
+    """One line saying how to make a run that does not fit, fit."""
+    tips = [f"use fewer calibration samples (n = {n})"]
+    if storage_dtype == "float32":
+        tips.append("store the factor in bfloat16 (solver.storage_dtype=bfloat16, halves it)")
+    tips.append(f"run on more ranks (now {world_size})")
+    tips.append("prune in block mode (prune.block_mode=true: one group of layers at a time)")
+    gib = 1024**3
+    return (
+        f"estimated {est.total / gib:.2f} GiB per rank (factor {est.factor / gib:.2f} GiB) exceeds the "
+        f"{available / gib:.2f} GiB available: " + "; ".join(tips)
+    )
