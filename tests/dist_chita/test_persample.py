@@ -1,0 +1,188 @@
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from dist_chita.persample import PerSampleGrads, check_no_batch_coupling, grad_fn_for
+
+
+class TanhLinear(nn.Module):
+    """A module type the hook rules do not know: y = tanh(x W^T) (torch.func fallback)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.weight.t())
+
+
+class Shared(nn.Module):
+    """One Linear applied twice (shared weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+
+def per_sample_losses(out, seed=0):
+    """Nonlinear per-sample losses l_i(out[i]) (b,)."""
+    c = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+    return (torch.sin(out) * c).flatten(1).sum(1) + (out**2).flatten(1).sum(1) * 0.1
+
+
+def autograd_truth(model, modules, x):
+    """Loop over samples: torch.autograd.grad of l_i w.r.t. each layer's weight -> list of (b, numel)."""
+    losses = per_sample_losses(model(x))
+    weights = [m.weight for _, m in modules]
+    rows = [torch.autograd.grad(losses[i], weights, retain_graph=True) for i in range(x.shape[0])]
+    return [torch.stack([r[g].reshape(-1) for r in rows]) for g in range(len(weights))]
+
+
+def hooked(model, modules, x):
+    got = {}
+
+    def cb(index, g):
+        assert index not in got, "callback called twice for a layer"
+        assert g.dtype == torch.float32 and g.shape == (x.shape[0], modules[index][1].weight.numel())
+        got[index] = g.clone()
+
+    with PerSampleGrads(modules, cb) as psg:
+        psg.backward(per_sample_losses(model(x)))
+    return [got[i] for i in range(len(modules))]
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(model, x, modules=None):
+    model.eval()
+    if modules is None:
+        modules = [(n, m) for n, m in model.named_modules() if getattr(m, "weight", None) is not None and n]
+    truth = autograd_truth(model, modules, x)
+    got = hooked(model, modules, x)
+    for (name, _), a, t in zip(modules, got, truth):
+        assert t.norm() > 0, name
+        assert rel_err(a, t) <= 1e-5, (name, rel_err(a, t))
+    for _, m in modules:  # state restored, no batched gradient accumulated
+        assert m.weight.requires_grad and m.weight.grad is None
+    return modules
+
+
+def test_linear_2d():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    check(model, torch.randn(7, 5))
+
+
+def test_linear_3d_sums_over_tokens():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 6), nn.GELU(), nn.Linear(6, 3))
+    check(model, torch.randn(4, 9, 5))
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=2, groups=2),
+        dict(in_channels=3, out_channels=4, kernel_size=(2, 3), padding="same", padding_mode="reflect"),
+        dict(in_channels=2, out_channels=4, kernel_size=3, stride=(1, 2), padding=(2, 0), padding_mode="circular"),
+    ],
+)
+def test_conv2d(conv):
+    torch.manual_seed(2)
+    c_in = conv["in_channels"]
+    model = nn.Sequential(nn.Conv2d(**conv), nn.ReLU(inplace=True), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(5, c_in, 9, 8)
+    model(x)  # materialise the lazy layer
+    check(model, x)
+
+
+def test_conv1d_and_batchnorm_eval():
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        nn.BatchNorm1d(6),
+        nn.Tanh(),
+        nn.Conv1d(6, 2, 2, padding="same"),
+    )
+    model[1].running_mean.normal_()
+    check(model, torch.randn(5, 4, 11))
+
+
+def test_hf_conv1d():
+    torch.manual_seed(4)
+    model = nn.Sequential(Conv1D(6, 5), nn.Tanh(), Conv1D(3, 6))
+    assert model[0].weight.shape == (5, 6)  # (in, out)
+    assert grad_fn_for(model[0]) == "conv1d_hf"
+    check(model, torch.randn(4, 7, 5))
+    check(model, torch.randn(4, 5))
+
+
+def test_functional_fallback():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 4), TanhLinear(4, 6), nn.Linear(6, 2))
+    assert grad_fn_for(model[1]) == "functional"
+    check(model, torch.randn(6, 3, 5))
+
+
+def test_shared_weights_sum_over_calls():
+    torch.manual_seed(6)
+    model = Shared()
+    check(model, torch.randn(5, 4), modules=[("lin", model.lin), ("out", model.out)])
+
+
+def test_first_layer_without_grad_input_and_all_params_frozen():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    modules = [("0", model[0]), ("2", model[2])]
+    x = torch.randn(4, 5)
+    truth = autograd_truth(model, modules, x)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    got = hooked(model, modules, x)
+    for a, t in zip(got, truth):
+        assert rel_err(a, t) <= 1e-5
+
+
+def test_streaming_order_and_unused_layer_gets_zeros():
+    torch.manual_seed(8)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.unused = nn.Linear(3, 4), nn.Linear(4, 2), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            self.unused(h)  # called, output not part of the loss
+            return self.b(h)
+
+    model = TwoHeads()
+    modules = [("a", model.a), ("b", model.b), ("unused", model.unused)]
+    calls = []
+    with PerSampleGrads(modules, lambda i, g: calls.append((i, g.clone()))) as psg:
+        psg.backward(per_sample_losses(model(torch.randn(3, 3))))
+    assert [i for i, _ in calls] == [1, 0, 2]  # backward order, then the unused layer
+    assert calls[2][1].shape == (3, 8) and not calls[2][1].any()
+
+
+def test_layer_not_called_raises():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    extra = nn.Linear(3, 3)
+    with PerSampleGrads([("0", model[0]), ("extra", extra)], lambda i, g: None) as psg:
+        with pytest.raises(ValueError, match="extra"):
+            psg.backward(model(torch.randn(2, 3)).sum(1))
+
+
+def test_batchnorm_in_training_mode_is_rejected():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    with pytest.raises(ValueError, match="BatchNorm"):
+        check_no_batch_coupling(model)
+    model.eval()
+    check_no_batch_coupling(model)
