@@ -129,7 +129,7 @@ def functional_grad(module: nn.Module, args: tuple, kwargs: dict, gy: torch.Tens
     weight = module.weight.detach()
 
     def inner(w, a, g):
-        a = tuple(t.unsqueeze(0) if d == 0 else t for t, d in zip(a, in_dims))
+        a = tuple(t.unsqueeze(0) if d == 0 else t for t, d in zip(a, in_dims, strict=True))
         out = functional_call(module, {"weight": w}, a, kwargs, strict=False)
         return (out * g.unsqueeze(0)).sum()
 
@@ -205,7 +205,7 @@ class PerSampleGrads:
     def close(self) -> None:
         for h in self._handles:
             h.remove()
-        for layer, flag in zip(self.layers, self._saved_flags):
+        for layer, flag in zip(self.layers, self._saved_flags, strict=False):
             layer.module.weight.requires_grad_(flag)
         self._handles, self._saved_flags = [], []
         for layer in self.layers:
@@ -254,7 +254,7 @@ class PerSampleGrads:
         layer = self.layers[index]
         entry = layer.inputs[call]
         if entry is None or layer.emitted:
-            raise RuntimeError(f"layer {self.names[index]!r} received a second gradient; call backward() once per forward")
+            raise RuntimeError(f"layer {self.names[index]!r} got a second gradient; call backward() once per forward")
         layer.inputs[call] = None
         g = self._per_sample(layer, *entry, gy.detach())
         if g.dtype != torch.float32:

@@ -66,7 +66,7 @@ def check(model, x, modules=None):
         modules = [(n, m) for n, m in model.named_modules() if getattr(m, "weight", None) is not None and n]
     truth = autograd_truth(model, modules, x)
     got = hooked(model, modules, x)
-    for (name, _), a, t in zip(modules, got, truth):
+    for (name, _), a, t in zip(modules, got, truth, strict=True):
         assert t.norm() > 0, name
         assert rel_err(a, t) <= 1e-5, (name, rel_err(a, t))
     for _, m in modules:  # state restored, no batched gradient accumulated
@@ -146,7 +146,7 @@ def test_first_layer_without_grad_input_and_all_params_frozen():
     for p in model.parameters():
         p.requires_grad_(False)
     got = hooked(model, modules, x)
-    for a, t in zip(got, truth):
+    for a, t in zip(got, truth, strict=True):
         assert rel_err(a, t) <= 1e-5
 
 
