@@ -1,0 +1,402 @@
+"""The run configuration: parsed once from YAML into typed, frozen dataclasses.
+
+``load_config(path, overrides)`` reads a YAML file, applies ``key=value``
+command-line overrides (dotted paths, values parsed as YAML scalars), then
+converts the nested dict into a :class:`RunConfig`, rejecting unknown keys
+(``unknown key 'solver.max_iterz'``), wrong types (``solver.max_iter: expected
+int, got str``) and invalid values, each with a one-line ``ConfigError``.
+
+The dataclass <-> dict conversion is generic (:func:`from_dict`,
+:func:`to_dict`): fields are declared once, with their type and default. A
+field named ``lambda_`` is spelled ``lambda`` in YAML (trailing underscores are
+dropped from keys). The defaults of :class:`RunConfig` are the embedded
+default run (``configs/default.yaml``): all-MiniLM-L6-v2 pruned to 50% with the
+Gauss-Newton probe loss on Python documentation paragraphs.
+
+Relative paths in a config are relative to the working directory the run is
+started from (the repository root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Task = Literal["causal-lm", "sequence-classification", "image-classification", "embedding"]
+DataFormat = Literal["hub", "builtin", "parquet", "json", "csv", "text", "imagefolder", "disk"]
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The dense model to prune.
+
+    ``source: hf``: ``path`` is a local checkpoint directory, a hub id, or
+    ``builtin:all-MiniLM-L6-v2``; loaded with the Auto class matching ``task``.
+    ``source: torch``: ``factory`` ("module:function") builds the module and
+    ``weights`` (a .safetensors file) fills it; ``task`` says how its output is used.
+    """
+
+    source: Literal["hf", "torch"] = "hf"
+    path: str | None = "builtin:all-MiniLM-L6-v2"
+    task: Task = "embedding"
+    factory: str | None = None
+    weights: str | None = None
+    trust_remote_code: bool = False
+    dtype: Dtype = "float32"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Calibration data: the n samples whose per-sample gradients form the rows of A.
+
+    ``source`` is a hub dataset name, a local file or directory (``format``
+    parquet/json/csv/text/imagefolder, or ``disk`` for ``save_to_disk``
+    output), or ``builtin:mnist`` / ``builtin:digits`` / ``builtin:pydoc``.
+    ``format: null`` infers it from the source. Samples are drawn without
+    replacement with ``seed``.
+    """
+
+    source: str = "builtin:pydoc"
+    format: DataFormat | None = None
+    config_name: str | None = None
+    split: str = "train"
+    text_column: str | None = "text"
+    image_column: str | None = None
+    label_column: str | None = None
+    n: int = 128
+    seed: int = 0
+    max_length: int = 128
+    padding: Literal["max_length", "longest"] = "longest"
+    flatten_images: bool = True
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation. ``source: null`` means the rest of the calibration
+    source (same split, disjoint from the calibration samples); ``n: null`` means
+    all of it. Column names, ``max_length`` and ``split`` default to the calibration ones."""
+
+    metric: Literal["accuracy", "perplexity", "embedding_fidelity", "none"] = "embedding_fidelity"
+    source: str | None = None
+    format: DataFormat | None = None
+    config_name: str | None = None
+    split: str | None = None
+    text_column: str | None = None
+    image_column: str | None = None
+    label_column: str | None = None
+    n: int | None = None
+    max_length: int | None = None
+    stride: int | None = None
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What to prune and to what sparsity.
+
+    ``sparsity`` is the fraction of zeros over all prunable weights (global
+    budget k = (1 - sparsity) p), or per layer when ``per_layer``. ``nm``
+    ("N:M") keeps N of every M consecutive weights instead. ``include`` /
+    ``exclude`` are fnmatch patterns on parameter names. ``lambda`` is the
+    ridge weight lambda of the CHITA objective. chita++ prunes in ``stages``
+    steps from ``base_sparsity`` to ``sparsity`` along a polynomial schedule
+    of degree ``power``.
+    """
+
+    method: Literal["chita", "chita++", "magnitude"] = "chita"
+    sparsity: float = 0.5
+    per_layer: bool = False
+    nm: str | None = None
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ("*embeddings*", "*norm*", "*bias")
+    loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
+    lambda_: float = 1e-3
+    stages: int = 1
+    schedule: Literal["polynomial", "linear"] = "polynomial"
+    power: float = 3.0
+    base_sparsity: float = 0.0
+    first_order_term: bool = False
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """Iterative hard thresholding with active-set refinement and back-solve."""
+
+    max_iter: int = 200
+    tol: float = 1e-4
+    active_set_factor: float = 1.5
+    storage_dtype: Dtype = "float32"
+    backsolve: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    dir: str = "runs/default"
+    overwrite: bool = False
+    save_model: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    calibration: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    world_size: int | None = 2
+    threads_per_rank: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML-ready) that :func:`parse_config` turns back into an equal object."""
+        return to_dict(self)
+
+
+# --------------------------------------------------------------------------- generic conversion
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.name.rstrip("_")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Convert ``data`` to type ``cls`` (a dataclass, int, float, str, bool,
+    Optional, list, tuple[X, ...] or Literal), raising ConfigError naming ``path``."""
+    where = path or "<root>"
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+        hints = typing.get_type_hints(cls)
+        fields = {_key(f): f for f in dataclasses.fields(cls)}
+        for k in data:
+            if k not in fields:
+                raise ConfigError(f"unknown key '{path + '.' if path else ''}{k}'")
+        kwargs = {
+            f.name: from_dict(hints[f.name], data[k], f"{path + '.' if path else ''}{k}")
+            for k, f in fields.items()
+            if k in data
+        }
+        return cls(**kwargs)
+    if origin is Literal:
+        if data not in typing.get_args(cls):
+            raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
+        return data
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(cls)
+        if data is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            if data is None:
+                raise ConfigError(f"{where}: expected {_type_name(cls)}, got null")
+            return from_dict(inner[0], data, path)
+        raise TypeError(f"unsupported union type {cls}")
+    if origin in (list, tuple):
+        if not isinstance(data, list | tuple):
+            raise ConfigError(f"{where}: expected {_type_name(cls)}, got {type(data).__name__}")
+        items = [from_dict(typing.get_args(cls)[0], x, f"{path}[{i}]") for i, x in enumerate(data)]
+        return tuple(items) if origin is tuple else items
+    if cls is bool:
+        if not isinstance(data, bool):
+            raise ConfigError(f"{where}: expected bool, got {type(data).__name__}")
+        return data
+    if cls is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise ConfigError(f"{where}: expected int, got {type(data).__name__}")
+        return data
+    if cls is float:
+        if isinstance(data, bool) or not isinstance(data, int | float):
+            raise ConfigError(f"{where}: expected float, got {type(data).__name__}")
+        return float(data)
+    if cls is str:
+        if not isinstance(data, str):
+            raise ConfigError(f"{where}: expected str, got {type(data).__name__}")
+        return data
+    raise TypeError(f"unsupported config type {cls}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Inverse of :func:`from_dict`: dataclasses become dicts (keys without trailing
+    underscores), tuples become lists."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [to_dict(x) for x in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- overrides and validation
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``"a.b.c=value"`` applied; value parsed as YAML
+    (``sparsity=0.9`` -> 0.9, ``nm=null`` -> None, ``include=[fc1*]`` -> list)."""
+    out = _deepcopy_dict(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            value = yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
+        parts = key.split(".")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy_dict(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deepcopy_dict(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy_dict(v) for v in d]
+    return d
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 without sexagesimal numbers, so ``nm: 2:4`` stays the string "2:4" (not 124)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+               r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load`` but keep ``a:b`` scalars as strings and read ``1e-3`` as a float."""
+    return yaml.load(text, Loader=_Loader)
+
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+_FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights, 1 <= N < M."""
+    m = _NM.match(nm)
+    if not m or not 1 <= int(m.group(1)) < int(m.group(2)):
+        raise ConfigError(f"prune.nm: expected 'N:M' with 1 <= N < M, got {nm!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Check value ranges and cross-field consistency; return ``cfg`` unchanged."""
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    m, c, e, p, s = cfg.model, cfg.calibration, cfg.eval, cfg.prune, cfg.solver
+    if m.source == "hf":
+        need(bool(m.path), "model.path: required when model.source is 'hf'")
+    else:
+        need(m.factory is not None and bool(_FACTORY.match(m.factory)),
+             f"model.factory: expected 'module:function' when model.source is 'torch', got {m.factory!r}")
+        need(bool(m.weights), "model.weights: required when model.source is 'torch'")
+    need(bool(c.source), "calibration.source: must not be empty")
+    need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
+    need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
+    need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
+    need(c.text_column is not None or c.image_column is not None,
+         "calibration: one of text_column / image_column must be set")
+    need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
+    need(e.max_length is None or e.max_length >= 1, f"eval.max_length: must be >= 1, got {e.max_length}")
+    need(e.stride is None or e.stride >= 1, f"eval.stride: must be >= 1, got {e.stride}")
+    need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
+    need(0.0 <= p.sparsity < 1.0, f"prune.sparsity: must be in [0, 1), got {p.sparsity}")
+    need(0.0 <= p.base_sparsity <= p.sparsity,
+         f"prune.base_sparsity: must be in [0, prune.sparsity], got {p.base_sparsity}")
+    if p.nm is not None:
+        parse_nm(p.nm)
+    need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
+    need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
+    need(p.power > 0.0, f"prune.power: must be > 0, got {p.power}")
+    need(len(p.include) > 0, "prune.include: must list at least one pattern")
+    need(s.max_iter >= 1, f"solver.max_iter: must be >= 1, got {s.max_iter}")
+    need(s.tol >= 0.0, f"solver.tol: must be >= 0, got {s.tol}")
+    need(s.active_set_factor >= 1.0, f"solver.active_set_factor: must be >= 1, got {s.active_set_factor}")
+    need(bool(cfg.output.dir), "output.dir: must not be empty")
+    need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
+    need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,
+         f"threads_per_rank: must be >= 1, got {cfg.threads_per_rank}")
+    return cfg
+
+
+def parse_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Nested dict (e.g. from YAML) + overrides -> validated RunConfig."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
+    return validate(from_dict(RunConfig, apply_overrides(data, list(overrides))))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML file (``None``: the built-in defaults) and return the validated RunConfig."""
+    data: Any = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+        try:
+            data = yaml_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse_config(data, overrides)
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (what the run actually used)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

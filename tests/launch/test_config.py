@@ -1,0 +1,166 @@
+"""launch/config.py: typed parsing, overrides, validation, round trip, and every config in configs/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.config import (
+    ConfigError,
+    ModelConfig,
+    RunConfig,
+    load_config,
+    parse_config,
+    parse_nm,
+    save_config,
+    yaml_load,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+MLP = {
+    "model": {"source": "torch", "factory": "dist_chita.zoo:mlpnet", "weights": "w.safetensors",
+              "task": "image-classification"},
+    "calibration": {"source": "builtin:mnist", "image_column": "image", "text_column": None, "label_column": "label"},
+}
+
+
+def test_defaults_equal_default_yaml():
+    assert load_config(ROOT / "configs" / "default.yaml") == parse_config({}) == load_config(None)
+
+
+def test_unknown_key_names_full_path():
+    with pytest.raises(ConfigError, match=r"^unknown key 'solver\.max_iterz'$"):
+        parse_config({"solver": {"max_iterz": 3}})
+    with pytest.raises(ConfigError, match=r"^unknown key 'colour'$"):
+        parse_config({"colour": 1})
+    with pytest.raises(ConfigError, match=r"unknown key 'prune\.sparsityy'"):
+        parse_config({}, ["prune.sparsityy=0.5"])
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"solver": {"max_iter": "ten"}}, r"^solver\.max_iter: expected int, got str$"),
+        ({"solver": {"max_iter": 2.5}}, r"solver\.max_iter: expected int, got float"),
+        ({"solver": {"max_iter": True}}, r"solver\.max_iter: expected int, got bool"),
+        ({"solver": {"backsolve": "yes"}}, r"solver\.backsolve: expected bool, got str"),
+        ({"prune": {"sparsity": "half"}}, r"prune\.sparsity: expected float, got str"),
+        ({"prune": {"include": "fc1*"}}, r"prune\.include: expected list of str, got str"),
+        ({"prune": {"include": ["a", 3]}}, r"prune\.include\[1\]: expected str, got int"),
+        ({"prune": 0.5}, r"^prune: expected a mapping, got float$"),
+        ({"model": {"dtype": "int8"}}, r"model\.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'int8'"),
+        ({"solver": {"tol": None}}, r"solver\.tol: expected float, got NoneType"),
+    ],
+)
+def test_wrong_type_names_key_and_expected_type(data, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(data)
+
+
+def test_int_is_accepted_for_float_and_converted():
+    cfg = parse_config({"prune": {"lambda": 1}})
+    assert cfg.prune.lambda_ == 1.0 and isinstance(cfg.prune.lambda_, float)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["prune.sparsity=1.0"], r"prune\.sparsity: must be in \[0, 1\)"),
+        (["prune.sparsity=-0.1"], r"prune\.sparsity: must be in \[0, 1\)"),
+        (["calibration.n=0"], r"calibration\.n: must be >= 1"),
+        (["prune.method=obs"], r"prune\.method: expected one of 'chita', 'chita\+\+', 'magnitude'"),
+        (["prune.loss=mse"], r"prune\.loss: expected one of"),
+        (["eval.metric=f1"], r"eval\.metric: expected one of"),
+        (["prune.nm=4:2"], r"prune\.nm: expected 'N:M' with 1 <= N < M, got '4:2'"),
+        (["prune.nm=2:2"], r"prune\.nm: expected 'N:M'"),
+        (["prune.nm=two"], r"prune\.nm: expected 'N:M'"),
+        (["solver.active_set_factor=0.5"], r"solver\.active_set_factor: must be >= 1"),
+        (["solver.max_iter=0"], r"solver\.max_iter: must be >= 1"),
+        (["prune.lambda=-1"], r"prune\.lambda: must be >= 0"),
+        (["prune.base_sparsity=0.8"], r"prune\.base_sparsity"),
+        (["world_size=0"], r"world_size: must be >= 1"),
+        (["model.source=torch"], r"model\.factory: expected 'module:function'"),
+        (["calibration.text_column=null"], r"one of text_column / image_column"),
+    ],
+)
+def test_invalid_values(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({}, overrides)
+
+
+def test_overrides_flat_nested_and_yaml_scalars():
+    cfg = parse_config(MLP, ["prune.sparsity=0.75", "solver.max_iter=7", "prune.nm=2:4", "world_size=4",
+                             "eval.n=null", "prune.include=[fc1*, fc2*]", "name=x", "prune.lambda=1e-2"])
+    assert cfg.prune.sparsity == 0.75 and cfg.solver.max_iter == 7 and cfg.world_size == 4
+    assert cfg.prune.nm == "2:4" and parse_nm(cfg.prune.nm) == (2, 4)
+    assert cfg.prune.include == ("fc1*", "fc2*") and cfg.prune.lambda_ == 0.01 and cfg.name == "x"
+    assert cfg.eval.n is None
+    # untouched values survive, and the input dict is not modified
+    assert cfg.model.factory == "dist_chita.zoo:mlpnet" and "prune" not in MLP
+    # an override creates a missing section; a later override wins
+    assert parse_config({}, ["output.dir=a", "output.dir=b"]).output.dir == "b"
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_config({}, ["prune.sparsity"])
+    with pytest.raises(ConfigError, match=r"'prune\.sparsity' is not a mapping"):
+        parse_config({"prune": {"sparsity": 0.5}}, ["prune.sparsity.x=1"])
+    with pytest.raises(ConfigError, match=r"^prune\.sparsity: expected float, got dict$"):
+        parse_config({}, ["prune.sparsity.x=1"])
+
+
+def test_nm_stays_a_string_in_yaml():
+    # plain YAML 1.1 would read 2:4 as the sexagesimal integer 124
+    assert yaml.safe_load("nm: 2:4") == {"nm": 124}
+    assert yaml_load("nm: 2:4\nlam: 1e-3\nk: 12") == {"nm": "2:4", "lam": 1e-3, "k": 12}
+
+
+def test_round_trip(tmp_path):
+    cfg = parse_config(MLP, ["prune.nm=2:4", "prune.method=chita++", "prune.stages=3", "eval.n=100",
+                             "threads_per_rank=1"])
+    d = cfg.to_dict()
+    assert d["prune"]["lambda"] == cfg.prune.lambda_ and "lambda_" not in d["prune"]
+    assert isinstance(d["prune"]["include"], list)
+    assert parse_config(d) == cfg
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_frozen():
+    cfg = parse_config({})
+    with pytest.raises(AttributeError):
+        cfg.prune.sparsity = 0.1  # type: ignore[misc]
+    assert isinstance(cfg, RunConfig) and isinstance(cfg.model, ModelConfig)
+
+
+def test_unreadable_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("prune: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n")
+    with pytest.raises(ConfigError, match="top level"):
+        load_config(top)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_parses(path):
+    cfg = load_config(path)
+    assert parse_config(cfg.to_dict()) == cfg
+
+
+def test_configs_present():
+    names = {p.name for p in CONFIGS}
+    assert {"default.yaml", "mlpnet_mnist.yaml"} <= names
+    mlp = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
+    assert (mlp.model.factory, mlp.calibration.source, mlp.calibration.n, mlp.prune.sparsity) == (
+        "dist_chita.zoo:mlpnet", "builtin:mnist", 1000, 0.9)
+    assert (ROOT / mlp.model.weights).resolve() == (ROOT.parent / "shared/models/mlpnet-mnist/model.safetensors")
