@@ -109,24 +109,27 @@ class PruneConfig:
 
     ``sparsity`` is the fraction of zeros over all prunable weights (global
     budget k = (1 - sparsity) p), or per layer when ``per_layer``. ``nm``
-    ("N:M") keeps N of every M consecutive weights instead. ``include`` /
-    ``exclude`` are fnmatch patterns on parameter names. ``lambda`` is the
-    ridge weight lambda of the CHITA objective. chita++ prunes in ``stages``
-    steps from ``base_sparsity`` to ``sparsity`` along a polynomial schedule
-    of degree ``power``.
+    ("N:M") keeps N of every M consecutive weights instead. The candidates are
+    the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
+    (null: all) / ``exclude`` are fnmatch patterns on module names, and
+    ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
+    weight lambda of the CHITA objective. chita++ prunes in ``stages`` steps
+    from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
+    degree ``exponent`` (or a linear one).
     """
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
     sparsity: float = 0.5
     per_layer: bool = False
     nm: str | None = None
-    include: tuple[str, ...] = ("*",)
-    exclude: tuple[str, ...] = ("*embeddings*", "*norm*", "*bias")
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    exclude_head: bool = True
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
     lambda_: float = 1e-3
     stages: int = 1
     schedule: Literal["polynomial", "linear"] = "polynomial"
-    power: float = 3.0
+    exponent: float = 3.0
     base_sparsity: float = 0.0
     first_order_term: bool = False
 
@@ -362,8 +365,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         parse_nm(p.nm)
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
-    need(p.power > 0.0, f"prune.power: must be > 0, got {p.power}")
-    need(len(p.include) > 0, "prune.include: must list at least one pattern")
+    need(p.exponent > 0.0, f"prune.exponent: must be > 0, got {p.exponent}")
+    need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")
     need(s.max_iter >= 1, f"solver.max_iter: must be >= 1, got {s.max_iter}")
     need(s.tol >= 0.0, f"solver.tol: must be >= 0, got {s.tol}")
     need(s.active_set_factor >= 1.0, f"solver.active_set_factor: must be >= 1, got {s.active_set_factor}")
