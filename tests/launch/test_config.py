@@ -121,8 +121,8 @@ def test_nm_stays_a_string_in_yaml():
 
 
 def test_round_trip(tmp_path):
-    cfg = parse_config(MLP, ["prune.nm=2:4", "prune.method=chita++", "prune.stages=3", "eval.n=100", "prune.include=[a*]",
-                             "threads_per_rank=1"])
+    cfg = parse_config(MLP, ["prune.nm=2:4", "prune.method=chita++", "prune.stages=3", "eval.n=100",
+                             "threads_per_rank=1", "prune.include=[a*]"])
     d = cfg.to_dict()
     assert d["prune"]["lambda"] == cfg.prune.lambda_ and "lambda_" not in d["prune"]
     assert isinstance(d["prune"]["include"], list)
