@@ -1,0 +1,241 @@
+"""This rank's column block of the Fisher factor A, built by streaming per-sample gradients.
+
+A is n x p with row i = grad l_i(w_bar) / sqrt(n) over the prunable weights w (global flat order
+of :mod:`dist_chita.layout`). Samples (rows) are split across ranks (rank r computes the gradients
+of its samples ``sample_ranges(n, R)[r]``) while A is stored by columns: rank r keeps
+``At`` = A[:, block_r]^T, shape (p_r, n), row j = the n scaled per-sample gradients of weight
+block_start_r + j.
+
+The transpose from rows to columns happens layer by layer: when a layer's (b, numel) per-sample
+gradients of a micro-batch are ready (in the backward hook, :mod:`dist_chita.persample`), they
+are scaled by 1/sqrt(n), cast to the storage dtype, and sent with one ``comm.all_to_all`` to the
+ranks owning that layer's columns (uneven splits). No rank ever holds all n rows of all p
+columns: peak memory is about p_r * n * bytes (the block) + the model + one micro-batch of
+activations + the per-sample gradients of one layer (a few layers when the backward pass reaches
+them out of the exchange order, see below).
+
+Collective schedule (identical on every rank, even when sample counts differ): per step, one
+``all_gather`` of (micro-batch size, first index, error flags), then one ``all_to_all`` per layer
+in the fixed order L-1, ..., 0 (reverse layer order, which is close to the order the backward
+pass reaches them; layers reached earlier wait in a buffer). A rank whose batches are exhausted
+takes part with empty sends until every rank is done.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dist_chita import comm
+from dist_chita.layout import ColumnLayout
+from dist_chita.losses import LossFn
+from dist_chita.partition import sample_ranges
+from dist_chita.persample import PerSampleGrads
+
+PHASE = "fisher"
+
+_OK, _BAD_INDICES, _BAD_LOSSES = 0, 1, 2
+
+
+class _Exchange:
+    """Column exchange of one step: receives each layer's local (b_r, numel) gradients, sends them
+    in the fixed layer order and writes what this rank receives into ``At``."""
+
+    def __init__(self, at: torch.Tensor, layout: ColumnLayout, scale: float):
+        self.at, self.layout, self.scale = at, layout, scale
+        self.rank, self.R = comm.rank(), comm.world_size()
+        self.owners = [layout.owners(g) for g in range(len(layout.segments))]
+        self.mine: dict[int, tuple[int, int, int]] = {}  # segment -> (offset, local_start, count)
+        for piece in layout.pieces(self.rank):
+            self.mine[piece.segment] = (piece.offset, piece.local_start, piece.size)
+        self.bad_layer = -1
+        self.seconds = 0.0
+
+    def start(self, sizes: list[int], firsts: list[int], b: int) -> None:
+        self.sizes, self.firsts, self.b = sizes, firsts, b
+        self.pending: dict[int, torch.Tensor] = {}
+        self.next = len(self.layout.segments) - 1
+
+    def add(self, g: int, grads: torch.Tensor) -> None:
+        """Layer g's per-sample gradients (b, numel_g), float32; exchanges every layer now in order."""
+        self.pending[g] = grads
+        while self.next >= 0 and self.next in self.pending:
+            self._send(self.next, self.pending.pop(self.next))
+            self.next -= 1
+
+    def finish_zeros(self) -> None:
+        """Zero rows for every layer not yet sent, in the same order: empty sends when this rank has no
+        samples in the step, zeros after a failed loss (the error is raised collectively next step)."""
+        for g in range(self.next, -1, -1):
+            self._send(g, torch.zeros((self.b, self.layout.segments[g].size), device=self.at.device))
+        self.next = -1
+
+    def _send(self, g: int, grads: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        seg = self.layout.segments[g]
+        if grads.shape != (self.b, seg.size):
+            raise ValueError(
+                f"layer {seg.name!r}: expected gradients of shape {(self.b, seg.size)}, got {tuple(grads.shape)}"
+            )
+        grads = grads.mul_(self.scale) if grads.numel() else grads
+        send_counts = [0] * self.R
+        total = sum(cnt for _, _, cnt in self.owners[g]) * self.b
+        send = torch.empty(total, dtype=self.at.dtype, device=self.at.device)
+        pos = 0
+        for q, off, cnt in self.owners[g]:
+            n_el = cnt * self.b
+            send[pos : pos + n_el].view(cnt, self.b).copy_(grads[:, off : off + cnt].t())
+            send_counts[q] = n_el
+            pos += n_el
+        del grads
+        _, local_start, my_cnt = self.mine.get(g, (0, 0, 0))
+        recv = comm.all_to_all(send, send_counts, [my_cnt * s for s in self.sizes])
+        if my_cnt:
+            if not torch.isfinite(recv).all():
+                self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
+            pos = 0
+            for s, first in zip(self.sizes, self.firsts, strict=True):
+                if s:
+                    chunk = recv[pos : pos + my_cnt * s].view(my_cnt, s)
+                    self.at[local_start : local_start + my_cnt, first : first + s] = chunk
+                    pos += my_cnt * s
+        self.seconds += time.perf_counter() - t0
+
+
+def _check_layout(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout) -> None:
+    if layout.world_size != comm.world_size():
+        raise ValueError(f"layout is for {layout.world_size} ranks, the process group has {comm.world_size()}")
+    if len(layout.segments) != len(modules):
+        raise ValueError(f"layout has {len(layout.segments)} layers, {len(modules)} prunable modules were given")
+    for seg, (name, m) in zip(layout.segments, modules, strict=True):
+        if seg.name != name or seg.shape != tuple(m.weight.shape):
+            raise ValueError(
+                f"layout layer {seg.name!r} {seg.shape} does not match module {name!r} {tuple(m.weight.shape)}"
+            )
+
+
+def fisher_block(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    layout: ColumnLayout,
+    batches: Iterable[tuple[Any, Any]],
+    sample_start: int,
+    n: int,
+    loss_fn: LossFn,
+    dtype: torch.dtype = torch.float32,
+    progress: Callable[[int, int], None] | None = None,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """This rank's block At = A[:, block_start_r:block_stop_r]^T, shape (p_r, n), dtype ``dtype``.
+
+    model: the dense network (weights w_bar); set to eval mode for the call (restored after), its
+        parameters get ``requires_grad=False`` meanwhile (restored), nothing is written to ``.grad``.
+    modules: the prunable (name, module) list of :func:`dist_chita.prunable.prunable_modules`.
+    layout: ``ColumnLayout.build(named_shapes(modules), R, align)``; names and shapes must match.
+    batches: this rank's micro-batches as ``(batch, indices)``, indices the GLOBAL sample indices of
+        the batch rows, contiguous and ascending (a range, list or int tensor), together covering
+        exactly this rank's samples ``sample_ranges(n, R)[r]``; micro-batch counts may differ between
+        ranks.
+    sample_start: first global sample index of this rank (= ``sample_ranges(n, R)[r][0]``), checked.
+    n: total number of calibration samples (columns of At); row i of A is divided by sqrt(n).
+    loss_fn: ``loss_fn(model, batch, indices) -> (b,)`` per-sample losses l_i (:mod:`dist_chita.losses`).
+    dtype: storage dtype of At (float32, bfloat16, float16); gradients are computed in float32.
+    progress: called on every rank after each step as ``progress(samples_done, n)`` (global count).
+    stats: if given, filled with ``seconds`` (wall time of the call), ``exchange_seconds`` (packing,
+        all_to_all and unpacking), ``bytes`` and ``calls`` (this rank's payload in phase "fisher").
+
+    All collectives run under ``comm.phase("fisher")``. Raises ValueError (on every rank at once)
+    for non-finite gradients (naming the layer), bad sample indices or bad loss shapes.
+    """
+    t_start = time.perf_counter()
+    R, r = comm.world_size(), comm.rank()
+    _check_layout(modules, layout)
+    lo, hi = sample_ranges(n, R)[r]
+    if sample_start != lo:
+        raise ValueError(f"rank {r} owns samples [{lo}, {hi}) of n = {n}, got sample_start = {sample_start}")
+    device = modules[0][1].weight.device
+    block_lo, block_hi = layout.block(r)
+    at = torch.empty((block_hi - block_lo, n), dtype=dtype, device=device)
+    exchange = _Exchange(at, layout, 1.0 / math.sqrt(n))
+    covered = torch.zeros(n, dtype=torch.bool)
+    bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
+
+    was_training = {m: m.training for m in model.modules()}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+    try:
+        with comm.phase(PHASE), PerSampleGrads(modules, exchange.add) as psg:
+            it = iter(batches)
+            error, done = _OK, 0
+            while True:
+                item = next(it, None)
+                if item is None:
+                    batch, idx = None, torch.empty(0, dtype=torch.long)
+                else:
+                    batch, idx = item
+                    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+                b, first = len(idx), int(idx[0]) if len(idx) else 0
+                if b and (not torch.equal(idx.cpu(), torch.arange(first, first + b)) or first < lo or first + b > hi):
+                    error = error or _BAD_INDICES
+                info = torch.tensor([b, first, exchange.bad_layer, error], dtype=torch.long, device=device)
+                rows = torch.stack(comm.all_gather(info)).cpu().tolist()
+                _raise_collective_errors(rows, layout)
+                sizes, firsts = [row[0] for row in rows], [row[1] for row in rows]
+                if sum(sizes) == 0:
+                    break
+                for s, f in zip(sizes, firsts, strict=True):
+                    if covered[f : f + s].any():
+                        raise ValueError(f"sample indices [{f}, {f + s}) were given twice")
+                    covered[f : f + s] = True
+                exchange.start(sizes, firsts, b)
+                if b:
+                    losses = loss_fn(model, batch, idx.to(device))
+                    if not torch.is_tensor(losses) or losses.shape != (b,):
+                        error = _BAD_LOSSES
+                        exchange.finish_zeros()
+                    else:
+                        psg.backward(losses)
+                else:
+                    exchange.finish_zeros()
+                done += sum(sizes)
+                if progress is not None:
+                    progress(done, n)
+            if not covered.all():
+                missing = (~covered).nonzero().squeeze(-1)
+                raise ValueError(f"{len(missing)} of n = {n} samples were never given (first: {int(missing[0])})")
+    finally:
+        for m, flag in was_training.items():
+            m.train(flag)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+    if stats is not None:
+        stats.update(
+            seconds=time.perf_counter() - t_start,
+            exchange_seconds=exchange.seconds,
+            bytes=comm.bytes_by_phase().get(PHASE, 0) - bytes0,
+            calls=comm.calls_by_phase().get(PHASE, 0) - calls0,
+        )
+    return at
+
+
+def _raise_collective_errors(rows: list[list[int]], layout: ColumnLayout) -> None:
+    """Every rank sees the same gathered flags and raises the same error at the same point."""
+    bad_layers = [row[2] for row in rows if row[2] >= 0]
+    if bad_layers:
+        name = layout.segments[min(bad_layers)].name
+        raise ValueError(f"non-finite per-sample gradient (NaN/Inf) in layer {name!r} (first such layer)")
+    for q, row in enumerate(rows):
+        if row[3] == _BAD_INDICES:
+            raise ValueError(
+                f"rank {q}: micro-batch indices must be contiguous, ascending global sample indices "
+                "inside that rank's sample range"
+            )
+        if row[3] == _BAD_LOSSES:
+            raise ValueError(f"rank {q}: loss_fn must return a (b,) tensor of per-sample losses")

@@ -1,0 +1,145 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from dist_chita import comm
+from dist_chita.fisher import fisher_block
+from dist_chita.layout import ColumnLayout
+from dist_chita.losses import cross_entropy, sampled_fisher
+from dist_chita.partition import sample_ranges
+from dist_chita.prunable import named_shapes, prunable_modules
+from tests.multiproc import run
+
+
+class Net(nn.Module):
+    """Conv2d (stride 2, padding 1, dilation 2, groups 2) -> Linear -> HF Conv1D -> Linear head (not pruned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2)
+        self.fc = nn.Linear(16, 8)
+        self.gpt = Conv1D(6, 8)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.head(torch.tanh(self.gpt(torch.tanh(self.fc(h)))))
+
+
+def setup(n):
+    torch.manual_seed(0)
+    model = Net()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return model, x, y
+
+
+def make_loss(name):
+    if name == "ce":
+        return cross_entropy()
+    if name == "sampled":
+        return sampled_fisher(seed=3)
+
+    ce = cross_entropy()
+
+    def nan_loss(model, batch, idx):  # sample 5 has a NaN loss
+        return ce(model, batch, idx) * torch.where(idx == 5, float("nan"), 1.0)
+
+    return nan_loss
+
+
+def full_A(n, loss_name):
+    """Single-process truth: loop over samples, torch.autograd.grad of l_i, divided by sqrt(n)."""
+    model, x, y = setup(n)
+    model.eval()
+    weights = [m.weight for _, m in prunable_modules(model)]
+    loss = make_loss(loss_name)
+    rows = []
+    for i in range(n):
+        li = loss(model, {"x": x[i : i + 1], "labels": y[i : i + 1]}, torch.tensor([i]))[0]
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(li, weights)]))
+    return torch.stack(rows) / math.sqrt(n)
+
+
+def rank_block(n, micro, dtype, loss_name, align=1):
+    torch.set_num_threads(1)
+    model, x, y = setup(n)
+    modules = prunable_modules(model)
+    layout = ColumnLayout.build(named_shapes(modules), comm.world_size(), align)
+    lo, hi = sample_ranges(n, comm.world_size())[comm.rank()]
+    batches = [
+        ({"x": x[a : min(a + micro, hi)], "labels": y[a : min(a + micro, hi)]}, range(a, min(a + micro, hi)))
+        for a in range(lo, hi, micro)
+    ]
+    stats, seen = {}, []
+    at = fisher_block(
+        model,
+        modules,
+        layout,
+        batches,
+        lo,
+        n,
+        make_loss(loss_name),
+        dtype=dtype,
+        progress=lambda d, t: seen.append((d, t)),
+        stats=stats,
+    )
+    assert all(m.weight.grad is None and m.weight.requires_grad for _, m in modules)
+    return at, layout.block(comm.rank()), stats, seen, hi - lo
+
+
+@pytest.mark.parametrize("n", [7, 10])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_block_matches_single_process_autograd(world, n):
+    truth = full_A(n, "ce")
+    p = truth.shape[1]
+    results = run(rank_block, world, n, 3, torch.float32, "ce")
+    for at, (a, b), stats, seen, n_r in results:
+        assert at.shape == (b - a, n) and at.dtype == torch.float32
+        torch.testing.assert_close(at, truth[:, a:b].T, rtol=1e-5, atol=1e-7)
+        assert seen[-1] == (n, n)
+        steps = len(seen) + 1  # + the final all_gather that ends the loop
+        if world > 1:  # payload: all per-sample gradient rows of this rank + one (4,) int64 per step
+            assert stats["bytes"] == n_r * p * 4 + steps * 4 * 8
+        else:
+            assert stats["bytes"] == 0
+        assert stats["seconds"] >= stats["exchange_seconds"] > 0
+    assert sum(r[0].shape[0] for r in results) == p
+
+
+def test_sampled_fisher_bfloat16_and_aligned_blocks():
+    n = 10
+    truth = full_A(n, "sampled")
+    results = run(rank_block, 3, n, 4, torch.bfloat16, "sampled", 4)
+    for at, (a, b), *_ in results:
+        assert at.dtype == torch.bfloat16 and a % 4 == 0
+        torch.testing.assert_close(at.float(), truth[:, a:b].T, rtol=1e-2, atol=1e-3)
+    assert not torch.allclose(truth, full_A(n, "ce"))  # the sampled labels are not the given ones
+
+
+def test_non_finite_gradient_raises_on_every_rank_naming_the_layer():
+    with pytest.raises(RuntimeError, match=r"non-finite.*'conv'"):
+        run(rank_block, 2, 8, 2, torch.float32, "nan")
+    with pytest.raises(ValueError, match=r"non-finite.*'conv'"):
+        rank_block(8, 3, torch.float32, "nan")
+
+
+def test_bad_arguments():
+    model, x, y = setup(4)
+    modules = prunable_modules(model)
+    layout = ColumnLayout.build(named_shapes(modules), 1)
+    batches = [({"x": x, "labels": y}, range(4))]
+    with pytest.raises(ValueError, match="sample_start"):
+        fisher_block(model, modules, layout, batches, 1, 4, cross_entropy())
+    with pytest.raises(ValueError, match="does not match"):
+        fisher_block(model, modules[::-1], ColumnLayout.build(named_shapes(modules), 1), batches, 0, 4, cross_entropy())
+    with pytest.raises(ValueError, match="never given"):
+        fisher_block(model, modules, layout, [({"x": x[:3], "labels": y[:3]}, range(3))], 0, 4, cross_entropy())
+    with pytest.raises(ValueError, match="contiguous"):
+        fisher_block(model, modules, layout, [({"x": x, "labels": y}, [0, 2, 1, 3])], 0, 4, cross_entropy())
+    model.train()
+    fisher_block(model, modules, layout, batches, 0, 4, cross_entropy())
+    assert model.training  # mode restored
