@@ -133,15 +133,7 @@ def backsolve(
     with comm.phase(PHASE):
         b = rows_rmatvec(At, idx, y64) + lam * wb
         if lam > 0:
-            G = gram(At, idx)
-            G.diagonal().add_(lam)
-            L, info = torch.linalg.cholesky_ex(G)
-            d = L.diagonal()
-            cond = float((d.max() / d.min()) ** 2) if int(info) == 0 and bool((d > 0).all()) else math.inf
-            if not cond <= max_cond:
-                raise IllConditionedError(
-                    f"backsolve: lambda I + A_S A_S^T is ill-conditioned (condition estimate {cond:.3g} > "
-                    f"{max_cond:.3g}) with lambda = {lam:g}; increase lambda")
+            L = _factor(At, idx, lam, max_cond)
             w = _woodbury(At, idx, L, lam, b)
             for _ in range(refine_steps):
                 w += _woodbury(At, idx, L, lam, b - _normal_matvec(At, idx, lam, w))
@@ -151,6 +143,39 @@ def backsolve(
     out = torch.zeros(p_r, dtype=torch.float32)
     out[idx] = w.to(torch.float32)
     return out
+
+
+def _factor(At: torch.Tensor, idx: torch.Tensor, lam: float, max_cond: float) -> torch.Tensor:
+    """Cholesky factor L (n x n, float64) of lambda I + G, G = A_S A_S^T; raises IllConditionedError."""
+    G = gram(At, idx)
+    G.diagonal().add_(lam)
+    L, info = torch.linalg.cholesky_ex(G)
+    d = L.diagonal()
+    cond = float((d.max() / d.min()) ** 2) if int(info) == 0 and bool((d > 0).all()) else math.inf
+    if not cond <= max_cond:
+        raise IllConditionedError(
+            f"backsolve: lambda I + A_S A_S^T is ill-conditioned (condition estimate {cond:.3g} > "
+            f"{max_cond:.3g}) with lambda = {lam:g}; increase lambda")
+    return L
+
+
+def inverse_diagonal(At: torch.Tensor, support: torch.Tensor, lam: float, max_cond: float = 1e12) -> torch.Tensor:
+    """diag((A_S^T A_S + lambda I)^-1) on S, (p_r,) float64, zero off S; lambda > 0. Collective.
+
+    By Woodbury, [(A_S^T A_S + lambda I)^-1]_ii = (1 - a_i^T (lambda I + G)^-1 a_i) / lambda with a_i = At[i]. With
+    the support optimum w_S, w_i^2 / (2 [.]_ii) is the exact increase of f when i is removed from S and the rest
+    re-optimised (the OBS saliency), which the solver uses to propose swaps.
+    """
+    if not lam > 0:
+        raise ValueError(f"inverse_diagonal needs lambda > 0, got {lam}")
+    idx = torch.nonzero(support, as_tuple=True)[0]
+    out = torch.zeros(At.shape[0], dtype=torch.float64)
+    with comm.phase(PHASE):
+        L = _factor(At, idx, lam, max_cond)
+    for s, e, rows in _chunks(At, idx):
+        z = torch.linalg.solve_triangular(L, rows.T, upper=False)  # (n, c): L^-1 a_i
+        out[idx[s:e]] = (1.0 - (z * z).sum(0)) / lam
+    return out.clamp_(min=0.0)
 
 
 def _cg(At, idx, lam, b, w, tol, max_iter):
