@@ -21,7 +21,7 @@ Preprocessing gives a :class:`Samples` whose ``batch(indices)`` returns a dict o
 * text: the tokenizer's ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``), truncated to
   ``max_length``; ``padding="max_length"`` pads every sample to ``max_length``,
   ``padding="longest"`` pads each batch only to its longest sample (dynamic padding);
-* images: the image processor's ``pixel_values`` when there is one; otherwise
+* images: the image processor's ``pixel_values`` (images converted to RGB) when there is one; otherwise
   ``pixel_values = (x / scale - mean) / std`` as float32, flattened to (B, H*W*C) when
   ``flatten_images`` else (B, C, H, W) (MNIST: (B, 784) or (B, 1, 28, 28), mean 0.1307, std 0.3081);
 * labels: ``labels`` (B,) int64 from the label column.
@@ -287,11 +287,11 @@ def prepare_samples(
 
 
 def _to_pil(x: Any):
+    """An RGB PIL image (what image processors of RGB models expect; greyscale is replicated)."""
     from PIL import Image
 
-    if isinstance(x, Image.Image):
-        return x
-    return Image.fromarray(np.asarray(x, dtype=np.uint8))
+    img = x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x, dtype=np.uint8))
+    return img.convert("RGB")
 
 
 def _normalise_pixels(subset, column, scale, mean, std, flatten, source) -> torch.Tensor:
