@@ -1,0 +1,192 @@
+"""Held-out quality of a (pruned) model.
+
+Pure metrics on tensors:
+
+* :func:`accuracy` - fraction of argmax(logits) == label, for classifiers;
+* :func:`embedding_fidelity` - for embedding models, the mean cosine similarity
+  between pruned and dense embeddings of the same held-out texts, and the
+  nearest-neighbour agreement: for each text, is its top-1 neighbour among the
+  other held-out texts the same under dense and pruned embeddings;
+* :func:`stride_windows` / :func:`perplexity` - stride-based perplexity of a causal LM on a
+  held-out token stream: each window of at most ``max_length`` tokens scores the next ``stride``
+  tokens, so every token t >= 1 is scored exactly once, with at least ``max_length - stride``
+  tokens of context (once past the start).
+  perplexity = exp(sum of token NLL / number of scored tokens).
+
+Model-running helpers split the samples (or windows) evenly over the ranks, run the
+model under ``torch.no_grad`` (the caller puts the model in eval mode) and combine the
+ranks' parts through :mod:`dist_chita.comm`, so every rank returns the same value; at
+world size 1 they run alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from dist_chita import comm, models
+from dist_chita.data import Samples, iter_microbatches
+from dist_chita.partition import even_counts, ranges_from_counts
+
+METRICS = ("accuracy", "perplexity", "embedding_fidelity", "none")
+Forward = Callable[[nn.Module, str, dict], torch.Tensor]
+
+
+# --------------------------------------------------------------------------- pure metrics
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows of ``logits`` (N, C) whose argmax equals ``labels`` (N,)."""
+    if logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"need as many labels as logits rows (> 0), got {logits.shape[0]} and {labels.shape[0]}")
+    return int((logits.argmax(-1) == labels).sum()) / int(labels.shape[0])
+
+
+def nearest_neighbours(z: torch.Tensor) -> torch.Tensor:
+    """Index of the most cosine-similar *other* row for each row of ``z`` (N, d) -> (N,)."""
+    z = torch.nn.functional.normalize(z.float(), dim=-1)
+    sim = z @ z.T
+    sim.fill_diagonal_(-math.inf)
+    return sim.argmax(1)
+
+
+def embedding_fidelity(dense: torch.Tensor, pruned: torch.Tensor) -> dict[str, float]:
+    """How close pruned embeddings stay to dense ones, both (N, d) for the same N texts.
+
+    cosine: mean_i cos(dense_i, pruned_i); nn_agreement: fraction of i whose nearest other
+    text (cosine) is the same under both embeddings (needs N >= 2).
+    """
+    if dense.shape != pruned.shape or dense.dim() != 2 or dense.shape[0] < 2:
+        raise ValueError(f"need two (N, d) embedding matrices with N >= 2, got {tuple(dense.shape)} and "
+                         f"{tuple(pruned.shape)}")
+    cos = torch.nn.functional.cosine_similarity(dense.float(), pruned.float(), dim=-1)
+    agree = nearest_neighbours(dense) == nearest_neighbours(pruned)
+    return {"cosine": float(cos.mean()), "nn_agreement": float(agree.float().mean())}
+
+
+def stride_windows(num_tokens: int, max_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (begin, end, first_scored) over a stream of ``num_tokens`` tokens.
+
+    The scored ranges [first_scored, end) are consecutive chunks of ``stride`` tokens tiling
+    [1, num_tokens) (token 0 has no context); each window feeds the model the ``max_length``
+    tokens [begin, end) = [max(0, end - max_length), end), so every scored token sees at least
+    ``max_length - stride`` tokens before it (or all tokens from the start). 1 <= stride < max_length.
+    """
+    if not 1 <= stride < max_length:
+        raise ValueError(f"need 1 <= stride < max_length, got stride {stride}, max_length {max_length}")
+    if num_tokens < 2:
+        raise ValueError(f"need at least 2 tokens for perplexity, got {num_tokens}")
+    out = []
+    for first in range(1, num_tokens, stride):
+        end = min(first + stride, num_tokens)
+        out.append((max(0, end - max_length), end, first))
+    return out
+
+
+# --------------------------------------------------------------------------- running the model
+
+
+def _my_range(total: int) -> tuple[int, int]:
+    return ranges_from_counts(even_counts(total, comm.world_size()))[comm.rank()]
+
+
+@torch.no_grad()
+def collect_outputs(
+    model: nn.Module, task: str, samples: Samples, batch_size: int, forward: Forward = models.forward
+) -> torch.Tensor:
+    """``forward(model, task, batch)`` for all samples, in sample order, float32, on every rank.
+
+    Rank r computes an even contiguous share; the shares are all-gathered (so the result is
+    (N, C) logits or (N, d) embeddings; per-token outputs of unequal lengths are not supported).
+    """
+    lo, hi = _my_range(len(samples))
+    parts = [forward(model, task, b).float().cpu() for b, _ in iter_microbatches(samples, lo, hi, batch_size)]
+    mine = torch.cat(parts) if parts else None
+    gathered = [p for p in comm.all_gather_object(mine) if p is not None]
+    return torch.cat(gathered)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module, task: str, samples: Samples, batch_size: int, forward: Forward = models.forward
+) -> float:
+    """Accuracy over all ``samples`` (they need ``labels``), each rank scoring its share."""
+    if "labels" not in samples.fields:
+        raise ValueError("accuracy needs labelled samples (no label column was given)")
+    lo, hi = _my_range(len(samples))
+    counts = torch.zeros(2, dtype=torch.float64)  # (correct, total)
+    for b, _ in iter_microbatches(samples, lo, hi, batch_size):
+        pred = forward(model, task, b).argmax(-1)
+        counts += torch.tensor([float((pred == b["labels"]).sum()), float(len(pred))], dtype=torch.float64)
+    comm.all_reduce(counts)
+    return float(counts[0] / counts[1])
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    max_length: int,
+    stride: int | None = None,
+    forward: Forward = models.forward,
+) -> dict[str, float]:
+    """Stride-based perplexity of a causal LM on ``tokens`` (T,) (see :func:`stride_windows`;
+    ``stride`` None: max_length // 2). Windows are split over ranks; NLL sums are all-reduced.
+
+    Returns {"perplexity", "nll" (mean per token), "tokens" (number scored)}.
+    """
+    stride = max(1, max_length // 2) if stride is None else stride
+    windows = stride_windows(int(tokens.numel()), max_length, stride)
+    lo, hi = _my_range(len(windows))
+    sums = torch.zeros(2, dtype=torch.float64)  # (nll sum, scored tokens)
+    for begin, end, first in windows[lo:hi]:
+        ids = tokens[begin:end].unsqueeze(0)
+        logits = forward(model, "causal-lm", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0].float()
+        # logits[j] predicts token begin + j + 1; score targets first..end-1
+        pred = logits[first - begin - 1 : end - begin - 1]
+        target = tokens[first:end]
+        nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
+        sums += torch.tensor([float(nll), float(end - first)], dtype=torch.float64)
+    comm.all_reduce(sums)
+    mean = float(sums[0] / sums[1])
+    return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(sums[1])}
+
+
+def evaluate(
+    model: nn.Module,
+    task: str,
+    metric: str,
+    *,
+    samples: Samples | None = None,
+    tokens: torch.Tensor | None = None,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 32,
+    max_length: int = 512,
+    stride: int | None = None,
+    forward: Forward = models.forward,
+) -> dict[str, float]:
+    """One metric of :data:`METRICS` as a dict of floats (same on every rank).
+
+    accuracy: ``samples`` with labels -> {"accuracy"}; perplexity: ``tokens`` (T,) ->
+    {"perplexity", "nll", "tokens"}; embedding_fidelity: ``samples`` and ``reference`` = the dense
+    model's embeddings of them (from :func:`collect_outputs` before pruning) -> {"cosine",
+    "nn_agreement"}; none -> {}.
+    """
+    if metric == "none":
+        return {}
+    if metric == "accuracy":
+        if samples is None:
+            raise ValueError("accuracy needs samples")
+        return {"accuracy": evaluate_accuracy(model, task, samples, batch_size, forward)}
+    if metric == "perplexity":
+        if tokens is None:
+            raise ValueError("perplexity needs a token stream")
+        return perplexity(model, tokens, max_length, stride, forward)
+    if metric == "embedding_fidelity":
+        if samples is None or reference is None:
+            raise ValueError("embedding_fidelity needs samples and the dense reference embeddings")
+        return embedding_fidelity(reference, collect_outputs(model, task, samples, batch_size, forward))
+    raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
