@@ -400,6 +400,46 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return parse_config(data, overrides)
 
 
+# --------------------------------------------------------------------------- config -> library arguments
+
+
+def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of ``dist_chita.models.load_model``."""
+    m = cfg.model
+    return {"kind": m.source, "task": m.task, "path": m.path, "factory": m.factory, "weights": m.weights,
+            "dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+
+
+def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of ``dist_chita.data.load_samples`` for the calibration samples
+    (add ``tokenizer`` / ``image_processor``); samples perm[0:n] of the seeded permutation."""
+    c = cfg.calibration
+    return {"source": c.source, "fmt": c.format, "config_name": c.config_name, "split": c.split, "n": c.n,
+            "seed": c.seed, "offset": 0, "text_column": c.text_column, "image_column": c.image_column,
+            "label_column": c.label_column, "max_length": c.max_length, "padding": c.padding,
+            "flatten_images": c.flatten_images}
+
+
+def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    """Keyword arguments of ``dist_chita.data.load_samples`` for the held-out samples.
+
+    Unset eval fields inherit the calibration ones. When the held-out data come from the same
+    rows as the calibration data (same source, format, config and split), ``offset`` is
+    calibration.n with the same seed, so the two sets are disjoint; otherwise offset is 0.
+    For ``dist_chita.data.load_texts`` keep source, fmt, config_name, split, text_column, n, seed, offset.
+    """
+    c, e = cfg.calibration, cfg.eval
+    out = calibration_kwargs(cfg)
+    pick = {"source": e.source, "fmt": e.format, "config_name": e.config_name, "split": e.split,
+            "text_column": e.text_column, "image_column": e.image_column, "label_column": e.label_column,
+            "max_length": e.max_length}
+    out.update({k: v for k, v in pick.items() if v is not None})
+    same_rows = (out["source"], out["fmt"], out["config_name"], out["split"]) == (
+        c.source, c.format, c.config_name, c.split)
+    out.update(n=e.n, offset=c.n if same_rows else 0)
+    return out
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

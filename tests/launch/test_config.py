@@ -11,7 +11,10 @@ from launch.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
+    calibration_kwargs,
+    eval_kwargs,
     load_config,
+    model_kwargs,
     parse_config,
     parse_nm,
     save_config,
@@ -164,3 +167,29 @@ def test_configs_present():
     assert (mlp.model.factory, mlp.calibration.source, mlp.calibration.n, mlp.prune.sparsity) == (
         "dist_chita.zoo:mlpnet", "builtin:mnist", 1000, 0.9)
     assert (ROOT / mlp.model.weights).resolve() == (ROOT.parent / "shared/models/mlpnet-mnist/model.safetensors")
+
+
+def test_library_kwargs_match_signatures():
+    import inspect
+
+    from dist_chita import data, models
+
+    cfg = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
+    for fn, kwargs in [(models.load_model, model_kwargs(cfg)), (data.load_samples, calibration_kwargs(cfg)),
+                       (data.load_samples, eval_kwargs(cfg))]:
+        params = inspect.signature(fn).parameters
+        assert set(kwargs) <= set(params), set(kwargs) - set(params)
+    assert model_kwargs(cfg)["kind"] == "torch" and model_kwargs(cfg)["factory"] == "dist_chita.zoo:mlpnet"
+
+
+def test_eval_kwargs_disjoint_from_calibration():
+    cfg = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
+    cal, ev = calibration_kwargs(cfg), eval_kwargs(cfg)
+    assert (cal["offset"], cal["n"]) == (0, 1000)
+    assert (ev["source"], ev["offset"], ev["n"], ev["seed"], ev["label_column"]) == ("builtin:mnist", 1000, None, 0,
+                                                                                    "label")
+    other_split = eval_kwargs(parse_config(cfg.to_dict(), ["eval.split=test", "eval.n=500"]))
+    assert (other_split["split"], other_split["offset"], other_split["n"]) == ("test", 0, 500)
+    other_source = eval_kwargs(parse_config({}, ["eval.source=held.parquet", "eval.text_column=body"]))
+    assert (other_source["source"], other_source["offset"], other_source["text_column"]) == ("held.parquet", 0, "body")
+    assert eval_kwargs(parse_config({}))["offset"] == 128  # default: the pydoc paragraphs after the calibration ones
