@@ -170,3 +170,23 @@ def test_errors_name_file_or_column(tmp_path, table):
     odd.write_text("x")
     with pytest.raises(ValueError, match="cannot tell the format of data file .*t.xyz"):
         data.load_rows(str(odd))
+
+
+def test_hub_source_goes_to_load_dataset(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        if path == "nobody/missing":
+            raise ConnectionError("could not reach the hub\nsecond line")
+        return datasets.Dataset.from_dict({"text": ["one two three", "four five"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert data.infer_format("Salesforce/wikitext") == "hub"
+    assert data.load_texts("Salesforce/wikitext", config_name="wikitext-2-raw-v1", split="test", n=2) in (
+        ["one two three", "four five"], ["four five", "one two three"])
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+    with pytest.raises(ValueError, match=r"^cannot read hub data nobody/missing: ConnectionError: could not reach"):
+        data.load_rows("nobody/missing")
