@@ -159,23 +159,36 @@ def _factor(At: torch.Tensor, idx: torch.Tensor, lam: float, max_cond: float) ->
     return L
 
 
-def inverse_diagonal(At: torch.Tensor, support: torch.Tensor, lam: float, max_cond: float = 1e12) -> torch.Tensor:
-    """diag((A_S^T A_S + lambda I)^-1) on S, (p_r,) float64, zero off S; lambda > 0. Collective.
+def swap_curvatures(
+    At: torch.Tensor, support: torch.Tensor, lam: float, candidates: torch.Tensor, max_cond: float = 1e12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact curvatures of single-coordinate moves at the ridge optimum on S (lambda > 0). Collective.
 
-    By Woodbury, [(A_S^T A_S + lambda I)^-1]_ii = (1 - a_i^T (lambda I + G)^-1 a_i) / lambda with a_i = At[i]. With
-    the support optimum w_S, w_i^2 / (2 [.]_ii) is the exact increase of f when i is removed from S and the rest
-    re-optimised (the OBS saliency), which the solver uses to propose swaps.
+    Returns (d_inv, s_add), both (p_r,) float64:
+
+    * d_inv_i = [(A_S^T A_S + lambda I)^-1]_ii = (1 - a_i^T (lambda I + G)^-1 a_i) / lambda on S (0 off S), so that
+      removing i from S and re-optimising the rest increases f by w_i^2 / (2 d_inv_i) (the OBS saliency);
+    * s_add_j = lambda (1 + a_j^T (lambda I + G)^-1 a_j) for j in ``candidates`` (a (p_r,) bool mask outside S; inf
+      elsewhere), the Schur complement of j: adding j to S (others re-optimised) decreases f by g_j^2 / (2 s_add_j).
+
+    a_i = At[i] and G = A_S A_S^T; the cost is (|S| + |candidates|) n^2 flops plus one Cholesky factorisation.
     """
     if not lam > 0:
-        raise ValueError(f"inverse_diagonal needs lambda > 0, got {lam}")
-    idx = torch.nonzero(support, as_tuple=True)[0]
-    out = torch.zeros(At.shape[0], dtype=torch.float64)
+        raise ValueError(f"swap_curvatures needs lambda > 0, got {lam}")
     with comm.phase(PHASE):
-        L = _factor(At, idx, lam, max_cond)
-    for s, e, rows in _chunks(At, idx):
-        z = torch.linalg.solve_triangular(L, rows.T, upper=False)  # (n, c): L^-1 a_i
-        out[idx[s:e]] = (1.0 - (z * z).sum(0)) / lam
-    return out.clamp_(min=0.0)
+        L = _factor(At, torch.nonzero(support, as_tuple=True)[0], lam, max_cond)
+
+    def quad(mask: torch.Tensor, fill: float) -> torch.Tensor:
+        idx = torch.nonzero(mask, as_tuple=True)[0]
+        out = torch.full((At.shape[0],), fill, dtype=torch.float64)
+        for s, e, rows in _chunks(At, idx):
+            z = torch.linalg.solve_triangular(L, rows.T, upper=False)  # (n, c): L^-1 a_i
+            out[idx[s:e]] = (z * z).sum(0)
+        return out
+
+    d_inv = ((1.0 - quad(support, 1.0)) / lam).clamp_(min=0.0)
+    s_add = lam * (1.0 + quad(candidates & ~support, math.inf))
+    return d_inv, s_add
 
 
 def _cg(At, idx, lam, b, w, tol, max_iter):

@@ -40,9 +40,9 @@ import torch
 
 from dist_chita import comm
 from dist_chita.backsolve import backsolve as ridge_backsolve
-from dist_chita.backsolve import inverse_diagonal, rows_matvec
+from dist_chita.backsolve import rows_matvec, swap_curvatures
 from dist_chita.budget import Budget
-from dist_chita.select import check_finite
+from dist_chita.select import check_finite, topk_mask
 
 PHASE = "solver"
 METHODS = ("chita", "iht_1L")
@@ -140,6 +140,7 @@ class _Problem:
     y: torch.Tensor
     lam: float
     budget: Budget
+    reg_offset: float = 0.0  # ||w_bar||^2 over the columns left out (active set): f stays the full objective
     lipschitz: float | None = None
     col_sq: torch.Tensor | None = None
 
@@ -150,7 +151,7 @@ class _Problem:
     def objective(self, Aw: torch.Tensor, reg: float) -> float:
         """f from the global A w (n,) and the global ||w - w_bar||^2."""
         r = self.y - Aw
-        return 0.5 * float(torch.dot(r, r)) + 0.5 * self.lam * reg
+        return 0.5 * float(torch.dot(r, r)) + 0.5 * self.lam * (reg + self.reg_offset)
 
     def exact(self, w: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, float]:
         """A w from scratch (float64, rows of S only) and f(w). One n-vector all-reduce."""
@@ -328,7 +329,9 @@ def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace,
     for rounds in range(1, max_rounds + 1):  # noqa: B007
         W = st.S | wide.project(st.w - tau * g)
         rows = torch.nonzero(W, as_tuple=True)[0]
-        sub = _Problem(At.index_select(0, rows), w_bar[rows], y, lam, _restrict(budget, W))
+        wb_out = w_bar[~W].double()
+        (offset,) = _sum(float(torch.dot(wb_out, wb_out)))
+        sub = _Problem(At.index_select(0, rows), w_bar[rows], y, lam, _restrict(budget, W), reg_offset=offset)
         sub_st = _iht(sub, _State(st.w[rows], st.S[rows], st.Aw, st.f), trace=trace, **kw)
         w = torch.zeros_like(st.w)
         w[rows] = sub_st.w
@@ -372,6 +375,7 @@ def solve(
     rounds: int = 10,
     patience: int = 10,
     escape_trials: int = 6,
+    swap_candidates: int = 4096,
     trials: int = 6,
     recompute_every: int = 20,
     max_active_rounds: int = 10,
@@ -413,7 +417,7 @@ def solve(
 
     with comm.phase(PHASE):
         if y is None:
-            y = comm.all_reduce(a_matvec(At, w_bar))
+            y = comm.all_reduce(rows_matvec(At, torch.arange(At.shape[0]), w_bar))  # float64: exact to rounding
             if first_order:
                 y = y - 1.0 / math.sqrt(n)
         else:
@@ -444,11 +448,16 @@ def solve(
         families = [(st.w, g)]  # the IHT path H(w - t g)
         if lam > 0:  # the OBS path: exact removal cost on S against the single-coordinate gain outside
             t0 = time.perf_counter()
-            d_inv = inverse_diagonal(At, st.S, lam)
+            ga = g.double().abs()
+            v_out = ga / (full.column_norms_sq() + lam).sqrt()  # gain without re-optimisation (a lower bound)
+            allowed_out = ~st.S if budget.allowed is None else (~st.S & budget.allowed)
+            with comm.phase(PHASE):
+                m = min(int(_sum(float(allowed_out.sum()))[0]), max(swap_candidates, 1))
+                cand = topk_mask(v_out.float(), m, None, allowed_out)
+            d_inv, s_add = swap_curvatures(At, st.S, lam, cand)
             timings["backsolve"] += time.perf_counter() - t0
-            col_sq = full.column_norms_sq()
             v_in = st.w.double().abs() / d_inv.clamp(min=1e-300).sqrt()
-            v_out = g.double().abs() / (col_sq + lam).sqrt()
+            v_out = torch.where(cand, ga / s_add.sqrt(), v_out)
             families.append((torch.where(st.S, v_in, 0.0).float(), torch.where(st.S, 0.0, -v_out).float()))
         best = st
         for v, dv in families:

@@ -1,0 +1,195 @@
+"""CHITA solver: quality against brute force, equality across gloo ranks, guard rails.
+
+The quality test prints the project's acceptance figures (run with ``pytest -s`` or read the captured output).
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from dist_chita import comm
+from dist_chita.budget import Budget
+from dist_chita.solver import solve
+from tests.multiproc import run
+
+
+# ------------------------------------------------------------------------------------------------ tiny problems
+def _correlated(n, p, rho, g):
+    """A = Z L^T with an AR(1) column correlation rho^|i-j| (float32-representable values, float64 tensor)."""
+    i = torch.arange(p)
+    sigma = (rho ** (i[:, None] - i[None, :]).abs()).double()
+    A = torch.randn(n, p, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(sigma).T
+    return A.float().double()
+
+
+def _tiny(seed, n=30, p=16, rho=0.8):
+    g = torch.Generator().manual_seed(seed)
+    A = _correlated(n, p, rho, g)
+    w_bar = torch.randn(p, generator=g, dtype=torch.float64).float().double()
+    lam = 1e-2 * float((A * A).sum(0).mean())
+    return A, w_bar, A @ w_bar, lam
+
+
+def _objective(A, w, w_bar, y, lam):
+    w = w.double()
+    r = y - A @ w
+    return 0.5 * float(r @ r) + 0.5 * lam * float((w - w_bar) @ (w - w_bar))
+
+
+def _brute_force(A, w_bar, y, lam, combos):
+    """min over all supports of size k of the exact ridge objective (batched float64 solves)."""
+    k = combos.shape[1]
+    A_S = A[:, combos].permute(1, 0, 2)  # (C, n, k)
+    wb_S = w_bar[combos]
+    M = A_S.transpose(1, 2) @ A_S + lam * torch.eye(k, dtype=torch.float64)
+    w = torch.linalg.solve(M, A_S.transpose(1, 2) @ y + lam * wb_S)
+    r = y - (A_S @ w.unsqueeze(2)).squeeze(2)
+    f = 0.5 * (r * r).sum(1) + 0.5 * lam * (((w - wb_S) ** 2).sum(1) + (w_bar @ w_bar) - (wb_S * wb_S).sum(1))
+    return float(f.min())
+
+
+def _monotone(trace, rel=1e-6):
+    """Non-increasing up to float32 rounding of the running objective (A w is updated incrementally)."""
+    return all(b <= a + rel * abs(a) for a, b in zip(trace[:-1], trace[1:], strict=True))
+
+
+def test_quality_against_brute_force():
+    p, k, instances = 16, 6, 200
+    combos = torch.tensor(list(itertools.combinations(range(p), k)))
+    gap, gap_1l, gap_mag, gap_plain = [], [], [], []
+    for seed in range(instances):
+        A, w_bar, y, lam = _tiny(seed)
+        best = _brute_force(A, w_bar, y, lam, combos)
+        At, wb32, y32 = A.T.contiguous().float(), w_bar.float(), y.float()
+        res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32)
+        base = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, method="iht_1L", backsolve=False,
+                     max_iter=100, tol=1e-6)
+        f, f_1l = _objective(A, res.w, w_bar, y, lam), _objective(A, base.w, w_bar, y, lam)
+        assert int(res.support.sum()) == k and torch.all(res.w[~res.support] == 0)
+        assert f <= res.magnitude_objective * (1 + 1e-6), (seed, f, res.magnitude_objective)
+        assert f >= best * (1 - 1e-9)
+        assert _monotone(res.objective_trace), (seed, res.objective_trace)
+        gap.append((f - best) / best)
+        gap_1l.append((f_1l - best) / best)
+        gap_mag.append((res.magnitude_objective - best) / best)
+        gap_plain.append((res.plain_magnitude_objective - best) / best)
+    gap, gap_1l, gap_mag, gap_plain = (torch.tensor(x) for x in (gap, gap_1l, gap_mag, gap_plain))
+    share = float((gap < 1e-6).double().mean())
+    share_1l = float((gap_1l < 1e-6).double().mean())
+    print(
+        f"\n[solver quality] {instances} instances p={p} k={k} n=30 AR(1) rho=0.8, lambda=1e-2 mean diag:\n"
+        f"  CHITA:                 optimal share {share:.3f}, median rel gap {float(gap.median()):.3g}, "
+        f"mean {float(gap.mean()):.3g}, max {float(gap.max()):.3g}\n"
+        f"  plain IHT 1/L:         optimal share {share_1l:.3f}, median rel gap {float(gap_1l.median()):.3g}\n"
+        f"  magnitude + backsolve: median rel gap {float(gap_mag.median()):.3g}\n"
+        f"  magnitude:             median rel gap {float(gap_plain.median()):.3g}"
+    )
+    assert share >= 0.45
+    assert float(gap.median()) <= 1e-6
+    assert float(gap.median()) < 0.1 * float(gap_1l.median())
+    assert float(gap.mean()) < 0.5 * float(gap_1l.mean())
+
+
+def test_lambda_zero_and_first_order():
+    p, k = 24, 8
+    combos = torch.tensor(list(itertools.combinations(range(p), k)))
+    for seed in range(5):
+        g = torch.Generator().manual_seed(100 + seed)
+        A = _correlated(40, p, 0.7, g)
+        w_bar = torch.randn(p, generator=g, dtype=torch.float64).float().double()
+        y = A @ w_bar - 1 / math.sqrt(40)
+        res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True)
+        f = _objective(A, res.w, w_bar, y, 0.0)
+        assert f == pytest.approx(res.objective, rel=1e-5)
+        assert f <= res.magnitude_objective * (1 + 1e-6) and res.magnitude_objective <= res.plain_magnitude_objective
+        assert f >= _brute_force(A, w_bar, y, 0.0, combos) * (1 - 1e-6)
+        assert _monotone(res.objective_trace)
+
+
+def test_bfloat16_storage_and_timings():
+    g = torch.Generator().manual_seed(5)
+    A = _correlated(48, 300, 0.8, g)
+    w_bar = torch.randn(300, generator=g)
+    res = solve(A.T.contiguous().to(torch.bfloat16), w_bar, 0.1, Budget.global_topk(300, 30))
+    A_bf = A.to(torch.bfloat16).double()
+    assert _objective(A_bf, res.w, w_bar.double(), A_bf @ w_bar.double(), 0.1) == pytest.approx(res.objective, rel=1e-5)
+    assert res.objective < res.magnitude_objective < res.plain_magnitude_objective
+    assert set(res.timings) == {"iht", "backsolve"} and res.iterations > 0
+
+
+def test_bad_input_raises():
+    At = torch.randn(20, 8)
+    w_bar = torch.randn(20)
+    budget = Budget.global_topk(20, 5)
+    bad = At.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        solve(bad, w_bar, 0.1, budget)
+    bad_w = w_bar.clone()
+    bad_w[0] = float("inf")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        solve(At, bad_w, 0.1, budget)
+    with pytest.raises(ValueError, match="lambda"):
+        solve(At, w_bar, -1.0, budget)
+    with pytest.raises(ValueError, match="budget k = 0|k = 0|nothing"):
+        solve(At, w_bar, 0.1, Budget.global_topk(20, 0))
+    with pytest.raises(ValueError, match="exceeds"):
+        solve(At, w_bar, 0.1, Budget.global_topk(20, 21))
+    with pytest.raises(ValueError, match="columns"):
+        solve(At, w_bar, 0.1, Budget.global_topk(19, 5))
+
+
+# ------------------------------------------------------------------------------------- equality across ranks
+P, N = 2000, 48
+SEGMENTS = [700, 900, 400]  # segment 0 and 1 straddle ranks for every split below
+SPLITS = {1: [0, P], 2: [0, 1200, P], 3: [0, 400, 1500, P], 4: [0, 100, 900, 1700, P]}  # uneven, multiples of 4
+
+
+def _big_problem():
+    g = torch.Generator().manual_seed(0)
+    A = _correlated(N, P, 0.8, g) * (0.5 + torch.rand(P, generator=g, dtype=torch.float64))
+    w_bar = torch.randn(P, generator=g) * (0.5 + torch.rand(P, generator=g))
+    allowed = torch.rand(P, generator=g) > 0.05  # some weights are already pruned
+    return A.T.contiguous().float(), w_bar, allowed
+
+
+def _budget(kind, lo, hi, allowed):
+    a = allowed[lo:hi]
+    if kind == "global":
+        return Budget.global_topk(hi - lo, P // 10, a)
+    if kind == "segment":
+        seg = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
+        return Budget.per_segment(seg[lo:hi], torch.tensor([50, 120, 30]), a)
+    return Budget.n_m(hi - lo, 2, 4, a)
+
+
+def _solve_block(kind, lam, splits):
+    At, w_bar, allowed = _big_problem()
+    lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
+    comm.reset_stats()
+    res = solve(At[lo:hi].contiguous(), w_bar[lo:hi], lam, _budget(kind, lo, hi, allowed))
+    return res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["global", "segment", "nm"])
+def test_ranks_agree_with_single_process(kind):
+    lam = 0.05
+    (single,) = run(_solve_block, 1, kind, lam, SPLITS[1])
+    assert single.objective < single.magnitude_objective < single.plain_magnitude_objective
+    assert _monotone(single.objective_trace)
+    if kind != "nm":
+        assert single.active_set_rounds > 0
+    for R in (2, 3, 4):
+        out = run(_solve_block, R, kind, lam, SPLITS[R])
+        w = torch.cat([o.w for o in out])
+        support = torch.cat([o.support for o in out])
+        assert torch.equal(support, single.support), (kind, R, int((support ^ single.support).sum()))
+        rel = float((w - single.w).norm() / single.w.norm())
+        assert rel <= 1e-5, (kind, R, rel)
+        assert all(o.objective == pytest.approx(single.objective, rel=1e-6) for o in out)
+        assert all(o.bytes_communicated["solver"] > 0 and o.bytes_communicated["backsolve"] > 0 for o in out)
+        print(f"\n[solver ranks] {kind}: R={R} same support, rel weight error {rel:.2e}, "
+              f"iterations {out[0].iterations}, bytes/rank {out[0].bytes_communicated}")
