@@ -55,6 +55,14 @@ class _Exchange:
             self.mine[piece.segment] = (piece.offset, piece.local_start, piece.size)
         self.bad_layer = -1
         self.seconds = 0.0
+        self._buf: torch.Tensor | None = None
+
+    def _send_buffer(self, numel: int) -> torch.Tensor:
+        """A reused flat send buffer in the storage dtype (fresh large allocations cost page faults)."""
+        if self._buf is None or self._buf.numel() < numel:
+            self._buf = None
+            self._buf = torch.empty(numel, dtype=self.at.dtype, device=self.at.device)
+        return self._buf[:numel]
 
     def start(self, sizes: list[int], firsts: list[int], b: int) -> None:
         self.sizes, self.firsts, self.b = sizes, firsts, b
@@ -62,8 +70,9 @@ class _Exchange:
         self.next = len(self.layout.segments) - 1
 
     def add(self, g: int, grads: torch.Tensor) -> None:
-        """Layer g's per-sample gradients (b, numel_g), float32; exchanges every layer now in order."""
-        self.pending[g] = grads
+        """Layer g's per-sample gradients (b, numel_g), float32; exchanges every layer now in order.
+        ``grads`` may be a reused buffer, so a layer that arrives out of order is copied."""
+        self.pending[g] = grads if g == self.next else grads.clone()
         while self.next >= 0 and self.next in self.pending:
             self._send(self.next, self.pending.pop(self.next))
             self.next -= 1
@@ -82,14 +91,13 @@ class _Exchange:
             raise ValueError(
                 f"layer {seg.name!r}: expected gradients of shape {(self.b, seg.size)}, got {tuple(grads.shape)}"
             )
-        grads = grads.mul_(self.scale) if grads.numel() else grads
         send_counts = [0] * self.R
-        total = sum(cnt for _, _, cnt in self.owners[g]) * self.b
-        send = torch.empty(total, dtype=self.at.dtype, device=self.at.device)
+        send = self._send_buffer(seg.size * self.b)
         pos = 0
         for q, off, cnt in self.owners[g]:
             n_el = cnt * self.b
-            send[pos : pos + n_el].view(cnt, self.b).copy_(grads[:, off : off + cnt].t())
+            # scale by 1/sqrt(n), transpose to (columns, samples) and cast to the storage dtype in one pass
+            torch.mul(grads[:, off : off + cnt].t(), self.scale, out=send[pos : pos + n_el].view(cnt, self.b))
             send_counts[q] = n_el
             pos += n_el
         del grads

@@ -23,7 +23,9 @@ is then formed from (x, dy):
 
 Sequence inputs are summed over tokens. Each layer's (b, numel) float32
 gradient (flattened like ``weight.reshape(-1)``) goes to a callback as soon as
-its hook fires, so only one layer's gradients exist at a time (streaming).
+its hook fires, so only one layer's gradients exist at a time (streaming). They
+are written into one reused buffer (fresh large allocations cost more in page
+faults than the arithmetic), valid only during the callback.
 
 The model must be in eval mode: in train mode BatchNorm couples the samples of
 a batch and dy[i] would no longer be dl_i/dy[i] (:func:`check_no_batch_coupling`).
@@ -34,6 +36,7 @@ require grad are made to (``y + 0`` with a zero leaf).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,7 +45,9 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 LayerCallback = Callable[[int, torch.Tensor], None]
-"""callback(layer_index, grads): grads is (b, numel) float32, row i = grad of l_i w.r.t. layer's weight."""
+"""callback(layer_index, grads): grads is (b, numel) float32, row i = grad of l_i w.r.t. the layer's weight.
+``grads`` is only valid during the call (it is usually a reused buffer): copy what must be kept; in-place
+changes are allowed."""
 
 
 def _conv1d_hf() -> type | None:
@@ -67,56 +72,84 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _outer(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """a: (b, T, m), c: (b, T, k) -> (b, m, k) = sum_t a[:, t]^T c[:, t]."""
+def _result(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+    """``out`` (b, numel) viewed as ``shape`` when it can take the result (same dtype), else None."""
+    if out is None or out.dtype != like.dtype:
+        return None
+    return out.view(shape)
+
+
+def _outer(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """a: (b, T, m), c: (b, T, k) -> (b, m * k), row i = sum_t a[i, t]^T c[i, t]; written into ``out`` if given."""
+    b, m, k = a.shape[0], a.shape[-1], c.shape[-1]
+    dst = _result(out, (b, m, k), a)
     if a.shape[1] == 1:
-        return a[:, 0, :, None] * c[:, 0, None, :]
-    return torch.bmm(a.transpose(1, 2), c)
+        res = (
+            torch.mul(a[:, 0, :, None], c[:, 0, None, :], out=dst)
+            if dst is not None
+            else a[:, 0, :, None] * c[:, 0, None, :]
+        )
+    else:
+        res = torch.bmm(a.transpose(1, 2), c, out=dst) if dst is not None else torch.bmm(a.transpose(1, 2), c)
+    return res.view(b, m * k)
 
 
-def linear_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+def linear_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """nn.Linear, W (out, in): x (b, ..., in), gy (b, ..., out) -> (b, out * in)."""
     b = x.shape[0]
     x, gy = _work(x).reshape(b, -1, x.shape[-1]), _work(gy).reshape(b, -1, gy.shape[-1])
-    return _outer(gy, x).reshape(b, -1)
+    return _outer(gy, x, out)
 
 
-def conv1d_hf_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+def conv1d_hf_grad(
+    module: nn.Module, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """transformers Conv1D, W (in, out), y = x W + bias: x (b, ..., in), gy (b, ..., out) -> (b, in * out)."""
     b = x.shape[0]
     x, gy = _work(x).reshape(b, -1, x.shape[-1]), _work(gy).reshape(b, -1, gy.shape[-1])
-    return _outer(x, gy).reshape(b, -1)
+    return _outer(x, gy, out)
 
 
-def conv_grad(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor:
+def unfold(
+    x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], out_size: Sequence[int]
+) -> torch.Tensor:
+    """im2col of an already padded x (b, C, *spatial) -> (b, C * prod(kernel), prod(out_size)), the same as
+    ``F.unfold`` (1-D or 2-D), built as one strided copy of an ``as_strided`` view (faster than aten im2col)."""
+    b, c = x.shape[:2]
+    sb, sc, *ss = x.stride()
+    view = x.as_strided(
+        (b, c, *kernel, *out_size),
+        (
+            sb,
+            sc,
+            *(d * st for d, st in zip(dilation, ss, strict=True)),
+            *(s * st for s, st in zip(stride, ss, strict=True)),
+        ),
+    )
+    return view.reshape(b, c * math.prod(kernel), math.prod(out_size))
+
+
+def conv_grad(
+    module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """nn.Conv1d / nn.Conv2d, W (C_out, C_in/G, *k): x (b, C_in, *spatial), gy (b, C_out, *spatial_out)
-    -> (b, W.numel())."""
+    -> (b, W.numel()). Padding (any padding mode) is applied to x, which is then unfolded; per group
+    g_i = dy_i (C_out/G, L) @ cols_i^T (L, C_in/G * prod(k))."""
     nd = module.weight.dim() - 2
     if x.dim() != nd + 2:
         raise ValueError(f"per-sample gradients need a batched input to {type(module).__name__}, got {tuple(x.shape)}")
     b, G = x.shape[0], module.groups
     x, gy = _work(x), _work(gy)
     pads = list(module._reversed_padding_repeated_twice)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    symmetric = module.padding_mode == "zeros" and all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
-    if symmetric:
-        padding = tuple(reversed(pads[::2]))
-    else:
+    if any(pads):
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-        padding = (0,) * nd
-    if nd == 1:
-        x, kernel, stride, dilation, padding = (
-            x.unsqueeze(2),
-            (1, *kernel),
-            (1, *stride),
-            (1, *dilation),
-            (0, *padding),
-        )
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (b, C_in * prod(k), L)
+    cols = unfold(x, module.kernel_size, module.stride, module.dilation, gy.shape[2:])  # (b, C_in * prod(k), L)
     L = cols.shape[-1]
-    cols = cols.view(b, G, -1, L)
-    gy = gy.reshape(b, G, -1, L)
-    return torch.matmul(gy, cols.transpose(-1, -2)).reshape(b, -1)
+    cols = cols.view(b * G, -1, L)
+    gy = gy.reshape(b * G, -1, L)
+    dst = _result(out, (b * G, gy.shape[1], cols.shape[1]), gy)
+    res = torch.bmm(gy, cols.transpose(1, 2), out=dst) if dst is not None else torch.bmm(gy, cols.transpose(1, 2))
+    return res.view(b, -1)
 
 
 def functional_grad(module: nn.Module, args: tuple, kwargs: dict, gy: torch.Tensor) -> torch.Tensor:
@@ -189,6 +222,7 @@ class PerSampleGrads:
         self._saved_flags: list[bool] = []
         self._busy = False
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
+        self._buf: torch.Tensor | None = None
 
     def __enter__(self) -> PerSampleGrads:
         for i, layer in enumerate(self.layers):
@@ -207,7 +241,7 @@ class PerSampleGrads:
             h.remove()
         for layer, flag in zip(self.layers, self._saved_flags, strict=False):
             layer.module.weight.requires_grad_(flag)
-        self._handles, self._saved_flags = [], []
+        self._handles, self._saved_flags, self._buf = [], [], None
         for layer in self.layers:
             layer.reset()
 
@@ -235,7 +269,16 @@ class PerSampleGrads:
 
         return hook
 
-    def _per_sample(self, layer: _Layer, args: tuple, kwargs: dict, gy: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, b: int, numel: int, device: torch.device) -> torch.Tensor:
+        """The shared (b, numel) float32 result buffer, grown on demand (reusing it avoids page faults)."""
+        if self._buf is None or self._buf.numel() < b * numel or self._buf.device != device:
+            self._buf = None
+            self._buf = torch.empty(b * numel, dtype=torch.float32, device=device)
+        return self._buf[: b * numel].view(b, numel)
+
+    def _per_sample(
+        self, layer: _Layer, args: tuple, kwargs: dict, gy: torch.Tensor, out: torch.Tensor | None
+    ) -> torch.Tensor:
         if layer.rule == "functional":
             self._busy = True
             try:
@@ -245,10 +288,10 @@ class PerSampleGrads:
                 self._busy = False
         x = args[0] if args else next(iter(kwargs.values()))
         if layer.rule == "linear":
-            return linear_grad(layer.module, x, gy)
+            return linear_grad(layer.module, x, gy, out)
         if layer.rule == "conv":
-            return conv_grad(layer.module, x, gy)
-        return conv1d_hf_grad(layer.module, x, gy)
+            return conv_grad(layer.module, x, gy, out)
+        return conv1d_hf_grad(layer.module, x, gy, out)
 
     def _on_grad(self, index: int, call: int, gy: torch.Tensor) -> None:
         layer = self.layers[index]
@@ -256,7 +299,9 @@ class PerSampleGrads:
         if entry is None or layer.emitted:
             raise RuntimeError(f"layer {self.names[index]!r} got a second gradient; call backward() once per forward")
         layer.inputs[call] = None
-        g = self._per_sample(layer, *entry, gy.detach())
+        # a layer called once writes into the shared buffer; shared-weight layers accumulate in their own tensor
+        out = self._buffer(gy.shape[0], layer.module.weight.numel(), gy.device) if len(layer.inputs) == 1 else None
+        g = self._per_sample(layer, *entry, gy.detach(), out)
         if g.dtype != torch.float32:
             g = g.float()
         layer.total = g if layer.total is None else layer.total.add_(g)

@@ -15,13 +15,16 @@ from tests.multiproc import run
 
 
 class Net(nn.Module):
-    """Conv2d (stride 2, padding 1, dilation 2, groups 2) -> Linear -> HF Conv1D -> Linear head (not pruned)."""
+    """Conv2d (stride 2, padding 1, dilation 2, groups 2) -> Linear -> HF Conv1D -> Linear head (not pruned).
+
+    ``gpt`` is registered before ``fc``, so the backward pass reaches the layers out of the exchange order
+    (reverse layer order: fc, gpt, conv) and fisher_block must buffer one of them."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, dilation=2, groups=2)
-        self.fc = nn.Linear(16, 8)
         self.gpt = Conv1D(6, 8)
+        self.fc = nn.Linear(16, 8)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):

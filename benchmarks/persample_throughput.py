@@ -1,0 +1,183 @@
+"""Per-sample gradient throughput of dist_chita.persample relative to a plain batched forward + backward.
+
+For each model, samples/s of
+
+* batched: forward + ``loss.sum().backward()`` with ordinary weight gradients (eval mode);
+* per-sample: forward + :meth:`PerSampleGrads.backward`, producing the (b, numel) float32 per-sample
+  gradients of every prunable layer (the callback drops them, as it would after sending them);
+
+and the ratio per-sample / batched. Both are timed in alternating rounds and the fastest round of
+each counts (robust to other processes sharing the cores). For the MLP also the machine's write rate: how fast
+``torch.empty(b * p).fill_`` (and ``copy_``) writes b * p float32, expressed in samples/s (p =
+prunable weights), and the ratio of the per-sample rate to it (the per-sample gradients of an
+MLP are outer products, so writing them is the floor).
+
+Models: MLP 784-512-512-10 (head excluded: p = 784*512 + 512*512), a small ResNet
+(ResNetForImageClassification, basic blocks, depths [1,1,1,1], hidden sizes [32,64,128,256],
+32x32 images, cross-entropy) and a 6-layer BERT-size encoder (BertModel, hidden 384, 12 heads,
+seq 128, Gauss-Newton probe on mean-pooled embeddings).
+
+    python benchmarks/persample_throughput.py [--threads 1] [--seconds 6]
+
+Prints a table and writes benchmarks/results/persample_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dist_chita.losses import cross_entropy, gauss_newton_probe
+from dist_chita.persample import PerSampleGrads
+from dist_chita.prunable import prunable_modules
+
+RESULTS = Path(__file__).resolve().parent / "results" / "persample_throughput.json"
+
+
+def step_time(step, reps: int) -> float:
+    """Seconds per call of ``step`` over ``reps`` back-to-back calls."""
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        step()
+    return (time.perf_counter() - t0) / reps
+
+
+def timed(step, seconds: float, reps: int = 2) -> float:
+    """Fastest seconds per call of ``step`` over rounds of ``reps`` calls for about ``seconds`` (after one
+    warm-up call); the minimum is robust to other processes sharing the cores."""
+    step()
+    best, t0 = math.inf, time.perf_counter()
+    while best == math.inf or time.perf_counter() - t0 < seconds:
+        best = min(best, step_time(step, reps))
+    return best
+
+
+def measure(model: nn.Module, batch: dict, loss_fn, b: int, seconds: float, rounds: int = 4) -> dict:
+    """Batched vs per-sample step time, measured in alternating rounds (fastest round of each kind)."""
+    model.eval()
+    modules = prunable_modules(model)
+    idx = torch.arange(b)
+    params = list(model.parameters())
+
+    def batched():
+        for p in params:
+            p.grad = None
+        loss_fn(model, batch, idx).sum().backward()
+
+    t_batched = t_per = math.inf
+    for _ in range(rounds):
+        t_batched = min(t_batched, timed(batched, seconds / (2 * rounds)))
+        for p in params:
+            p.grad = None
+            p.requires_grad_(False)
+        with PerSampleGrads(modules, lambda g, grads: None) as psg:
+            t_per = min(t_per, timed(lambda: psg.backward(loss_fn(model, batch, idx)), seconds / (2 * rounds)))
+        for p in params:
+            p.requires_grad_(True)
+    p_total = sum(m.weight.numel() for _, m in modules)
+    return {
+        "batch": b,
+        "prunable_layers": len(modules),
+        "p": p_total,
+        "batched_samples_per_s": b / t_batched,
+        "persample_samples_per_s": b / t_per,
+        "ratio_to_batched": t_batched / t_per,
+    }
+
+
+def write_rate(n_floats: int, seconds: float) -> dict:
+    buf = torch.empty(n_floats)
+    src = torch.ones(n_floats)
+    fill = timed(lambda: buf.fill_(1.0), seconds / 2, reps=1)
+    copy = timed(lambda: buf.copy_(src), seconds / 2, reps=1)
+    return {"fill_GBps": n_floats * 4 / fill / 1e9, "copy_GBps": n_floats * 4 / copy / 1e9, "fill_s": fill}
+
+
+def mlp_case(seconds: float) -> dict:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
+    b = 64
+    batch = {"x": torch.randn(b, 784), "labels": torch.randint(0, 10, (b,))}
+    out = measure(model, batch, cross_entropy(), b, seconds)
+    rate = write_rate(b * out["p"], seconds)
+    out["write"] = rate
+    out["write_samples_per_s"] = b / rate["fill_s"]
+    out["ratio_to_write"] = out["persample_samples_per_s"] / out["write_samples_per_s"]
+    return out
+
+
+def resnet_case(seconds: float) -> dict:
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ResNetConfig(
+        embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], layer_type="basic", num_labels=10
+    )
+    model = ResNetForImageClassification(cfg)
+    b = 32
+    batch = {"pixel_values": torch.randn(b, 3, 32, 32), "labels": torch.randint(0, 10, (b,))}
+    return measure(model, batch, cross_entropy(), b, seconds)
+
+
+def encoder_case(seconds: float) -> dict:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)
+    model = BertModel(cfg, add_pooling_layer=False)
+    b, seq = 8, 128
+    batch = {
+        "input_ids": torch.randint(0, cfg.vocab_size, (b, seq)),
+        "attention_mask": torch.ones(b, seq, dtype=torch.long),
+    }
+    return measure(model, batch, gauss_newton_probe(seed=0), b, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=6.0, help="timing budget per measurement")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "mlp": mlp_case(args.seconds),
+        "resnet": resnet_case(args.seconds),
+        "encoder": encoder_case(args.seconds),
+    }
+    targets = {
+        "mlp": ("ratio_to_write", 0.5),
+        "resnet": ("ratio_to_batched", 0.7),
+        "encoder": ("ratio_to_batched", 0.7),
+    }
+    print(f"{'model':8} {'b':>4} {'p':>10} {'batched/s':>10} {'per-sample/s':>13} {'ratio':>6} {'target':>16}")
+    for name in ("mlp", "resnet", "encoder"):
+        r = results[name]
+        key, goal = targets[name]
+        r["target"] = {"metric": key, "min": goal, "met": r[key] >= goal}
+        print(
+            f"{name:8} {r['batch']:>4} {r['p']:>10} {r['batched_samples_per_s']:>10.1f} "
+            f"{r['persample_samples_per_s']:>13.1f} {r['ratio_to_batched']:>6.2f} "
+            f"{key}={r[key]:.2f}>={goal}"
+        )
+    w = results["mlp"]["write"]
+    print(
+        f"write rate: fill {w['fill_GBps']:.2f} GB/s, copy {w['copy_GBps']:.2f} GB/s "
+        f"= {results['mlp']['write_samples_per_s']:.1f} MLP samples/s"
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
