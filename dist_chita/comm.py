@@ -123,6 +123,12 @@ def all_to_all(send: torch.Tensor, send_counts: list[int], recv_counts: list[int
     return recv
 
 
+def shutdown() -> None:
+    """Tear down the process group, if any (the launcher calls this once at exit)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
