@@ -1,0 +1,116 @@
+"""dist_chita.scaling: CSV rows against hand computation, mask comparison, PNG plots."""
+
+from __future__ import annotations
+
+import pytest
+
+from dist_chita import scaling
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def report(R: int, total: list[float], n: int = 1000, mask: str = "ab" * 32, threads: int = 1) -> dict:
+    """A recorded-style prune_report.json dict (docs/report-format.md) with hand-chosen per-rank values."""
+    return {
+        "version": 1,
+        "name": "t",
+        "world_size": R,
+        "threads_per_rank": threads,
+        "n": n,
+        "p": 32360,
+        "model_params": 32360,
+        "storage_dtype": "float32",
+        "phase_seconds": {
+            "load": [0.5] * R,
+            "fisher": [2.0 / R + 0.1 * r for r in range(R)],  # max = 2/R + 0.1 (R - 1)
+            "solver": [1.0 / R] * R,
+            "backsolve": [0.2] * R,
+            "writeback": [0.0] * R,
+            "save": [0.1] + [0.0] * (R - 1),
+            "total": total,
+        },
+        "bytes_sent": {
+            "fisher": [1000 * r for r in range(R)],
+            "solver": [500] * R,
+            "backsolve": [100] * R,
+            "writeback": [10] * R,
+        },
+        "solver_iterations": 12,
+        "bytes_per_solver_iteration": 41.5,
+        "peak_memory_bytes": [100 + r for r in range(R)],
+        "mask_sha256": mask,
+    }
+
+
+def test_strong_rows_match_hand_computation():
+    reps = [report(4, [2.0, 2.5, 2.2, 2.4]), report(1, [8.0]), report(2, [4.0, 5.0])]
+    rows = scaling.rows(reps, "strong", cores=2)
+    assert [r["world_size"] for r in rows] == [1, 2, 4]
+    r1, r2, r4 = rows
+    assert r4["time_fisher"] == pytest.approx(0.5 + 0.3)
+    assert r4["time_solver"] == pytest.approx(0.25)
+    assert r4["time_save"] == pytest.approx(0.1)
+    assert r4["time_total"] == pytest.approx(2.5)
+    # strong: speedup T1 / TR = 8 / 5 and 8 / 2.5; efficiency T1 / (R TR)
+    assert r2["speedup"] == pytest.approx(1.6) and r2["efficiency"] == pytest.approx(0.8)
+    assert r4["speedup"] == pytest.approx(3.2) and r4["efficiency"] == pytest.approx(0.8)
+    assert r1["speedup"] == pytest.approx(1.0) and r1["efficiency"] == pytest.approx(1.0)
+    assert r4["ideal_speedup"] == 4
+    assert r4["peak_memory_per_rank"] == 103
+    assert r4["bytes_fisher"] == 3000 and r4["bytes_solver"] == 500
+    assert r4["bytes_per_solver_iteration"] == 41.5
+    assert [r["oversubscribed"] for r in rows] == [False, False, True]
+    assert list(r1) == list(scaling.COLUMNS)
+
+
+def test_weak_rows_and_non_unit_base():
+    reps = [report(2, [4.0, 4.0], n=2000), report(4, [5.0] * 4, n=4000)]
+    r2, r4 = scaling.rows(reps, "weak")
+    # weak: efficiency T0 / TR = 4 / 5; scaled speedup (R / R0) T0 / TR = 2 * 0.8
+    assert r4["efficiency"] == pytest.approx(0.8)
+    assert r4["speedup"] == pytest.approx(1.6)
+    assert r4["ideal_speedup"] == 2
+    assert r2["efficiency"] == pytest.approx(1.0)
+    assert r4["oversubscribed"] is None
+    # strong with base R0 = 2: efficiency = T0 R0 / (R TR) = 4 * 2 / (4 * 5)
+    assert scaling.rows(reps, "strong")[1]["efficiency"] == pytest.approx(0.4)
+
+
+def test_rows_reject_bad_input():
+    with pytest.raises(ValueError, match="mode"):
+        scaling.rows([report(1, [1.0])], "medium")
+    with pytest.raises(ValueError, match="duplicate"):
+        scaling.rows([report(1, [1.0]), report(1, [2.0])])
+    with pytest.raises(ValueError, match="no reports"):
+        scaling.rows([])
+
+
+def test_mask_statement_equal_and_differing():
+    ok, msg = scaling.mask_statement([report(1, [1.0]), report(2, [1.0, 1.0]), report(4, [1.0] * 4)])
+    assert ok and msg.startswith("all 3 world sizes produced the same mask")
+    ok, msg = scaling.mask_statement([report(1, [1.0]), report(2, [1.0, 1.0], mask="cd" * 32),
+                                      report(4, [1.0] * 4)])
+    assert not ok
+    assert "[2]" in msg and "[1, 4]" in msg and "differ" in msg
+    ok, msg = scaling.mask_statement([report(1, [1.0], mask=None), report(2, [1.0, 1.0])])
+    assert not ok and "missing" in msg
+
+
+def test_csv_round_trip(tmp_path):
+    rows = scaling.rows([report(1, [8.0]), report(2, [4.0, 5.0])], "strong", cores=2)
+    path = scaling.write_csv(rows, tmp_path / "s" / "scaling.csv")
+    back = scaling.read_csv(path)
+    assert list(back[0]) == list(scaling.COLUMNS)
+    assert float(back[1]["speedup"]) == pytest.approx(1.6)
+    assert float(back[1]["time_fisher"]) == pytest.approx(1.1)
+    assert back[1]["oversubscribed"] == "False" and back[0]["mode"] == "strong"
+
+
+def test_plots_are_valid_png(tmp_path):
+    rows = scaling.rows([report(1, [8.0]), report(2, [4.0, 5.0]), report(4, [2.0] * 4)], "strong", cores=2)
+    paths = scaling.plot(rows, tmp_path, title="t")
+    names = sorted(p.name for p in paths)
+    assert names == ["bytes_per_phase.png", "peak_memory.png", "speedup_efficiency.png", "time_per_phase.png"]
+    for p in paths:
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000
