@@ -39,7 +39,7 @@ from dist_chita.persample import PerSampleGrads
 
 PHASE = "fisher"
 
-_OK, _BAD_INDICES, _BAD_LOSSES = 0, 1, 2
+_OK, _BAD_INDICES, _FAILED = 0, 1, 2
 
 
 class _Exchange:
@@ -157,9 +157,12 @@ def fisher_block(
     stats: if given, filled with ``seconds`` (wall time of the call), ``exchange_seconds`` (packing,
         all_to_all and unpacking), ``bytes`` and ``calls`` (this rank's payload in phase "fisher").
 
-    All collectives run under ``comm.phase("fisher")``. Raises ValueError (on every rank at once)
-    for non-finite gradients (naming the layer), bad sample indices or bad loss shapes.
-    """
+    All collectives run under ``comm.phase("fisher")``. Errors are raised on every rank at the same
+    step, so no rank is left waiting in a collective: ValueError for non-finite gradients (naming the
+    first such layer), bad or duplicate or missing sample indices; if ``batches`` or ``loss_fn`` raise
+    on one rank (a loss of the wrong shape is a ValueError), that rank re-raises it and the others raise
+    RuntimeError. Not supported: activation checkpointing (the recomputed forward would re-fire the
+    hooks)."""
     t_start = time.perf_counter()
     R, r = comm.world_size(), comm.rank()
     _check_layout(modules, layout)
@@ -181,9 +184,12 @@ def fisher_block(
     try:
         with comm.phase(PHASE), PerSampleGrads(modules, exchange.add) as psg:
             it = iter(batches)
-            error, done = _OK, 0
+            error, done, local_exc = _OK, 0, None
             while True:
-                item = next(it, None)
+                try:
+                    item = next(it, None)
+                except Exception as exc:  # raised on every rank together at the next all_gather
+                    item, local_exc, error = None, exc, _FAILED
                 if item is None:
                     batch, idx = None, torch.empty(0, dtype=torch.long)
                 else:
@@ -194,7 +200,7 @@ def fisher_block(
                     error = error or _BAD_INDICES
                 info = torch.tensor([b, first, exchange.bad_layer, error], dtype=torch.long, device=device)
                 rows = torch.stack(comm.all_gather(info)).cpu().tolist()
-                _raise_collective_errors(rows, layout)
+                _raise_collective_errors(rows, layout, local_exc)
                 sizes, firsts = [row[0] for row in rows], [row[1] for row in rows]
                 if sum(sizes) == 0:
                     break
@@ -203,13 +209,16 @@ def fisher_block(
                         raise ValueError(f"sample indices [{f}, {f + s}) were given twice")
                     covered[f : f + s] = True
                 exchange.start(sizes, firsts, b)
+                losses = None
                 if b:
-                    losses = loss_fn(model, batch, idx.to(device))
-                    if not torch.is_tensor(losses) or losses.shape != (b,):
-                        error = _BAD_LOSSES
-                        exchange.finish_zeros()
-                    else:
-                        psg.backward(losses)
+                    try:
+                        losses = loss_fn(model, batch, idx.to(device))
+                        if not torch.is_tensor(losses) or losses.shape != (b,):
+                            raise ValueError(f"loss_fn must return a ({b},) tensor of per-sample losses")
+                    except Exception as exc:  # keep the collective schedule; raised at the next all_gather
+                        losses, local_exc, error = None, exc, _FAILED
+                if losses is not None:
+                    psg.backward(losses)
                 else:
                     exchange.finish_zeros()
                 done += sum(sizes)
@@ -233,8 +242,9 @@ def fisher_block(
     return at
 
 
-def _raise_collective_errors(rows: list[list[int]], layout: ColumnLayout) -> None:
-    """Every rank sees the same gathered flags and raises the same error at the same point."""
+def _raise_collective_errors(rows: list[list[int]], layout: ColumnLayout, local_exc: BaseException | None) -> None:
+    """Every rank sees the same gathered flags and raises at the same point: a rank whose batches or
+    loss_fn raised re-raises that exception, the others raise RuntimeError naming it."""
     bad_layers = [row[2] for row in rows if row[2] >= 0]
     if bad_layers:
         name = layout.segments[min(bad_layers)].name
@@ -245,5 +255,7 @@ def _raise_collective_errors(rows: list[list[int]], layout: ColumnLayout) -> Non
                 f"rank {q}: micro-batch indices must be contiguous, ascending global sample indices "
                 "inside that rank's sample range"
             )
-        if row[3] == _BAD_LOSSES:
-            raise ValueError(f"rank {q}: loss_fn must return a (b,) tensor of per-sample losses")
+        if row[3] == _FAILED:
+            if local_exc is not None:
+                raise local_exc
+            raise RuntimeError(f"rank {q}: its batches or loss_fn raised during fisher_block")

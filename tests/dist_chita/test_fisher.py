@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -47,6 +48,8 @@ def make_loss(name):
         return sampled_fisher(seed=3)
 
     ce = cross_entropy()
+    if name == "bad_shape":
+        return lambda model, batch, idx: ce(model, batch, idx)[: 1 if 6 in idx else None]
 
     def nan_loss(model, batch, idx):  # sample 5 has a NaN loss
         return ce(model, batch, idx) * torch.where(idx == 5, float("nan"), 1.0)
@@ -146,3 +149,22 @@ def test_bad_arguments():
     model.train()
     fisher_block(model, modules, layout, batches, 0, 4, cross_entropy())
     assert model.training  # mode restored
+
+
+def rank_error(*args):
+    """rank_block's exception as (type name, message) on this rank, None if it returned."""
+    try:
+        rank_block(*args)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def test_error_on_one_rank_is_raised_on_every_rank_at_once():
+    t0 = time.perf_counter()
+    errors = run(rank_error, 2, 8, 2, torch.float32, "bad_shape")  # rank 1's loss has the wrong shape
+    assert errors[1][0] == "ValueError" and "loss_fn must return a (2,) tensor" in errors[1][1]
+    assert errors[0] == ("RuntimeError", "rank 1: its batches or loss_fn raised during fisher_block")
+    errors = run(rank_error, 3, 9, 2, torch.float32, "nan")
+    assert all(e[0] == "ValueError" and "non-finite" in e[1] and "'conv'" in e[1] for e in errors)
+    assert time.perf_counter() - t0 < 60  # nobody waited for the gloo timeout
