@@ -210,7 +210,8 @@ class PerSampleGrads:
     after the backward pass. A layer that was not called in the forward pass
     raises ValueError. A module called several times in one forward gets the
     sum of the contributions (shared weights). Forward passes under
-    ``torch.no_grad`` are ignored. While active, the hooked weights have
+    ``torch.no_grad`` are ignored; a forward inside a backward pass (activation
+    checkpointing) raises ValueError. While active, the hooked weights have
     ``requires_grad=False`` (restored on exit).
     """
 
@@ -255,6 +256,11 @@ class PerSampleGrads:
         def hook(module, args, kwargs, output):
             if self._busy or not torch.is_grad_enabled():
                 return None
+            if torch._C._current_graph_task_id() != -1:
+                raise ValueError(
+                    f"layer {self.names[index]!r} ran forward inside a backward pass (activation checkpointing?); "
+                    "per-sample gradients need it disabled"
+                )
             if not torch.is_tensor(output):
                 raise TypeError(f"layer {self.names[index]!r} returns {type(output).__name__}, expected a tensor")
             layer = self.layers[index]

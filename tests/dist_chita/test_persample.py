@@ -186,3 +186,13 @@ def test_batchnorm_in_training_mode_is_rejected():
         check_no_batch_coupling(model)
     model.eval()
     check_no_batch_coupling(model)
+
+
+def test_activation_checkpointing_is_rejected():
+    from torch.utils.checkpoint import checkpoint
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(2, 3, requires_grad=True)
+    with PerSampleGrads([("0", model[0])], lambda i, g: None) as psg:
+        with pytest.raises(ValueError, match="checkpointing"):
+            psg.backward(checkpoint(model, x, use_reentrant=False).sum(1))
