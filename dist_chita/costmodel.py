@@ -12,7 +12,7 @@ Phases (what ``launch/prune.py`` reports in ``phase_seconds``):
 * fisher: per-sample gradients of this rank's n / R samples, written into rows,
   then exchanged so that every rank holds its column block::
 
-      t = c_g * 6 P * (n / R) / (F s e_g)            (forward + backward ~ 6 P FLOPs per sample)
+      t = c_g * f * (n / R) / (F s e_g)              (f = forward + backward FLOPs per sample, ~6 P)
         + (n / R) * p * b / (M s e_m)                 (writing the rows)
         + n p b (R - 1) / R^2 / L + m (R - 1) l       (all_to_all; m = micro-batches x layers)
 
@@ -180,6 +180,8 @@ class Workload:
         micro_batch: samples per backward pass; layers: prunable layers (messages of the exchange).
         active_fraction: |W| / p of the solver's active set; model_sharded: ZeRO-3.
         threads_per_rank: t (CPU).
+        flops_per_sample: forward + backward FLOPs of one sample (default 6 P; a causal LM on T tokens:
+            6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
     """
 
     p: int
@@ -194,6 +196,7 @@ class Workload:
     active_fraction: float = 0.0
     model_sharded: bool = False
     threads_per_rank: int = 1
+    flops_per_sample: float | None = None
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPE_BYTES:
@@ -207,6 +210,10 @@ class Workload:
     @property
     def k(self) -> int:
         return self.kept if self.kept is not None else self.p // 2
+
+    @property
+    def sample_flops(self) -> float:
+        return self.flops_per_sample if self.flops_per_sample is not None else 6.0 * self.model_params
 
     @property
     def dtype_bytes(self) -> int:
@@ -293,7 +300,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     fixed = rates.fixed
 
     micro_batches = math.ceil(n / R / w.micro_batch)
-    grad_flops = rates.persample_factor * 6 * w.model_params * (n / R)
+    grad_flops = rates.persample_factor * w.sample_flops * (n / R)
     exchange = exchange_bytes(n, p, R, b) / bw + micro_batches * w.layers * (R - 1) * lat if R > 1 else 0.0
     terms = {
         "fisher_gradients": grad_flops / (hw.flops * s * rates.grad_efficiency),
@@ -405,7 +412,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
 
     * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s') with
       h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l and o (L from the hardware);
-    * fisher: t = c_g 6 P n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f,
+    * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f,
       fitting 1/e_g and the fixed term f;
     * backsolve: t = (2 n^2 k / R / (F s) + n^3 / 3 / F) * 1/e_a + f, fitting 1/e_a and f;
     * writeback, save: the mean measured time becomes the fixed term.

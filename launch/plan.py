@@ -1,0 +1,183 @@
+"""Plan a prune on a cluster before renting it: memory per rank, time per phase, the smallest GPU count that fits.
+
+    python launch/plan.py --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml \\
+        [--dtype bfloat16] [--iterations 100] [--p P] [--largest-layer N] [--micro-batch B] [--layers L] \\
+        [--tokens T | --flops-per-sample F] [--kept-fraction 0.5] [--zero3] [--rates summary.json] [--json]
+
+The formulas are in ``dist_chita/costmodel.py``. ``--rates`` takes measured rates (a JSON file holding a
+``Rates`` dict, or a scaling study's summary.json with a "rates" entry); without it the hardware file's
+numbers are used at face value (efficiency 1, per-sample gradients at twice the cost of 6 FLOPs per
+parameter). Bad arguments print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+from dist_chita import costmodel as cm
+
+GB = 1e9
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; one line is enough
+        raise _ArgError(message)
+
+
+class _ArgError(ValueError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = _OneLineParser(prog="plan.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=float, required=True, help="model parameters P (e.g. 7e9)")
+    ap.add_argument("--n", type=int, required=True, help="calibration samples")
+    ap.add_argument("--gpus", type=int, required=True, help="ranks R (one GPU each)")
+    ap.add_argument("--hardware", required=True, help="hardware YAML (configs/hardware/*.yaml)")
+    ap.add_argument("--dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES), help="factor storage dtype")
+    ap.add_argument("--iterations", type=int, default=100, help="solver iterations")
+    ap.add_argument("--p", type=float, default=None, help="prunable weights (default: all parameters)")
+    ap.add_argument("--largest-layer", type=float, default=None,
+                    help="weights of the largest prunable layer (default: P / 32, conservative)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="samples per backward pass")
+    ap.add_argument("--layers", type=int, default=None, help="prunable layers (default: p / largest layer)")
+    ap.add_argument("--tokens", type=int, default=1, help="tokens per sample (per-sample FLOPs 6 P T)")
+    ap.add_argument("--flops-per-sample", type=float, default=None,
+                    help="forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
+    ap.add_argument("--kept-fraction", type=float, default=0.5, help="k / p (1 - sparsity)")
+    ap.add_argument("--zero3", action="store_true", help="model parameters sharded across ranks (ZeRO-3)")
+    ap.add_argument("--rates", default=None, help="JSON file of measured rates (or a study summary.json)")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap.parse_args(argv)
+
+
+def load_hardware(path: str) -> cm.Hardware:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"hardware file not found: {path}")
+    return cm.Hardware.from_dict(yaml.safe_load(p.read_text()))
+
+
+def load_rates(path: str | None) -> cm.Rates:
+    if path is None:
+        return cm.Rates()
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"rates file not found: {path}")
+    data = json.loads(p.read_text())
+    data = data.get("rates", data)
+    try:
+        return cm.Rates(**data)
+    except TypeError as e:
+        raise ValueError(f"bad rates file {path}: {e}") from None
+
+
+def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]:
+    def whole(x: float, what: str) -> int:
+        if not (x >= 1 and math.isfinite(x)):
+            raise ValueError(f"--{what} must be >= 1, got {x:g}")
+        return int(round(x))
+
+    params = whole(args.params, "params")
+    p = whole(args.p, "p") if args.p is not None else params
+    if p > params:
+        raise ValueError(f"--p ({p}) exceeds --params ({params})")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.tokens < 1 or (args.flops_per_sample is not None and not args.flops_per_sample > 0):
+        raise ValueError("--tokens must be >= 1 and --flops-per-sample > 0")
+    if not 0 < args.kept_fraction <= 1:
+        raise ValueError(f"--kept-fraction must be in (0, 1], got {args.kept_fraction}")
+    largest = whole(args.largest_layer, "largest-layer") if args.largest_layer else max(1, math.ceil(params / 32))
+    largest = min(largest, p)
+    layers = args.layers if args.layers is not None else max(1, math.ceil(p / largest))
+    w = cm.Workload(
+        p=p,
+        n=args.n,
+        model_params=params,
+        storage_dtype=args.dtype,
+        iterations=args.iterations,
+        kept=max(1, int(args.kept_fraction * p)),
+        largest_layer=largest,
+        micro_batch=args.micro_batch,
+        layers=layers,
+        model_sharded=args.zero3,
+        flops_per_sample=args.flops_per_sample if args.flops_per_sample else 6.0 * params * args.tokens,
+    )
+    return w, load_hardware(args.hardware), load_rates(args.rates)
+
+
+def plan(w: cm.Workload, hw: cm.Hardware, rates: cm.Rates, ranks: int) -> dict:
+    """The plan as a dict: memory by part, seconds by phase and term, fit, smallest fitting R."""
+    pred = cm.predict(w, ranks, hw, rates)
+    return {
+        "hardware": hw.name,
+        "ranks": ranks,
+        "workload": {"params": w.model_params, "p": w.p, "n": w.n, "storage_dtype": w.storage_dtype,
+                     "iterations": w.iterations, "kept": w.k, "largest_layer": w.largest_layer,
+                     "micro_batch": w.micro_batch, "layers": w.layers, "zero3": w.model_sharded,
+                     "flops_per_sample": w.sample_flops},
+        "memory_per_rank": pred.memory.as_dict(),
+        "memory_available": hw.memory_bytes,
+        "fits": pred.fits,
+        "seconds": {**pred.seconds, "total": pred.total},
+        "terms": pred.terms,
+        "smallest_fitting": cm.smallest_fitting_ranks(w, hw),
+        "smallest_fitting_power_of_two": cm.smallest_fitting_ranks(w, hw, power_of_two=True),
+    }
+
+
+def format_plan(pl: dict) -> str:
+    w, mem, sec, t = pl["workload"], pl["memory_per_rank"], pl["seconds"], pl["terms"]
+    lines = [
+        f"plan: {w['params']:.3g} parameters ({w['p']:.3g} prunable, largest layer {w['largest_layer']:.3g}), "
+        f"n = {w['n']} ({w['flops_per_sample']:.3g} FLOPs each), factor in {w['storage_dtype']}, "
+        f"{w['iterations']} solver iterations, "
+        f"{pl['ranks']} x {pl['hardware']}" + (" (ZeRO-3)" if w["zero3"] else ""),
+        "memory per rank:",
+    ]
+    for part in ("factor", "model", "gradient_buffer", "solver", "backsolve"):
+        lines.append(f"  {part:<16} {mem[part] / GB:10.2f} GB")
+    verdict = "fits" if pl["fits"] else "DOES NOT FIT"
+    lines.append(f"  {'total':<16} {mem['total'] / GB:10.2f} GB of {pl['memory_available'] / GB:.2f} GB: {verdict}")
+    lines.append("time per phase:")
+    detail = {
+        "fisher": f"per-sample gradients {t['fisher_gradients']:.3g} s, row writes {t['fisher_write']:.3g} s, "
+                  f"exchange {t['fisher_exchange']:.3g} s",
+        "solver": f"block reads {t['solver_reads']:.3g} s, all-reduce {t['solver_allreduce']:.3g} s, "
+                  f"selection {t['solver_selection']:.3g} s, overhead {t['solver_overhead']:.3g} s",
+        "backsolve": f"Gram {t['backsolve_gram']:.3g} s, all-reduce {t['backsolve_allreduce']:.3g} s, "
+                     f"Cholesky {t['backsolve_cholesky']:.3g} s",
+    }
+    for ph in (*cm.PHASES, "total"):
+        extra = f"  ({detail[ph]})" if ph in detail else ""
+        lines.append(f"  {ph:<10} {sec[ph]:10.3f} s{extra}")
+    sf, sp = pl["smallest_fitting"], pl["smallest_fitting_power_of_two"]
+    if sf is None:
+        lines.append("smallest GPU count that fits: none (the unsharded parts alone exceed one device; try --zero3)")
+    else:
+        lines.append(f"smallest GPU count that fits: {sf} (power of two: {sp})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        w, hw, rates = build(args)
+        pl = plan(w, hw, rates, args.gpus)
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        msg = " ".join(str(e).split())
+        print(f"plan.py: error: {msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(pl, indent=2) if args.json else format_plan(pl))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""launch/plan.py: printed plan (memory, times, fit, smallest count), JSON output, one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_chita import costmodel as cm
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "launch"))
+import plan  # noqa: E402
+
+H100 = str(ROOT / "configs" / "hardware" / "h100.yaml")
+
+
+@pytest.mark.parametrize("name", ["h100.yaml", "a100.yaml", "cpu_this_machine.yaml"])
+def test_hardware_files_load(name):
+    hw = plan.load_hardware(str(ROOT / "configs" / "hardware" / name))
+    assert hw.memory_bytes > 1e9 and hw.flops > 1e9 and hw.memory_bandwidth > 1e9
+
+
+def test_plan_7b_on_64_h100(capsys):
+    args = ["--params", "7e9", "--n", "128", "--gpus", "64", "--hardware", H100, "--largest-layer", "45088768"]
+    assert plan.main(args) == 0
+    out = capsys.readouterr().out
+    # factor per rank by hand: 128 * ceil(7e9 / 64) * 2 bytes (bfloat16 default)
+    factor = 128 * -(-7_000_000_000 // 64) * 2
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("factor"))
+    assert line.split()[1] == f"{factor / 1e9:.2f}"
+    assert "fits" in out and "DOES NOT FIT" not in out
+    for ph in ("fisher", "solver", "backsolve", "writeback", "save", "total"):
+        assert f"  {ph}" in out
+    w = cm.Workload(p=7_000_000_000, n=128, model_params=7_000_000_000, storage_dtype="bfloat16",
+                    largest_layer=45088768)
+    hw = plan.load_hardware(H100)
+    smallest = cm.smallest_fitting_ranks(w, hw)
+    assert 1 < smallest <= 64 and cm.memory_per_rank(w, smallest - 1).total > hw.memory_bytes
+    assert f"smallest GPU count that fits: {smallest} (power of two: 64)" in out
+
+
+def test_plan_does_not_fit_and_json(capsys):
+    args = ["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--dtype", "float32", "--json"]
+    assert plan.main(args) == 0
+    pl = json.loads(capsys.readouterr().out)
+    assert pl["fits"] is False
+    assert pl["memory_per_rank"]["factor"] == 128 * 875_000_000 * 4
+    assert pl["seconds"]["total"] == pytest.approx(sum(v for k, v in pl["seconds"].items() if k != "total"))
+    assert pl["smallest_fitting"] > 8
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--params", "x", "--n", "1", "--gpus", "1", "--hardware", H100], "--params"),
+        (["--params", "1e6", "--n", "1", "--gpus", "0", "--hardware", H100], "--gpus must be >= 1"),
+        (["--params", "1e6", "--n", "1", "--gpus", "2", "--hardware", "nope.yaml"], "hardware file not found"),
+        (["--params", "1e6", "--n", "1", "--gpus", "2", "--hardware", H100, "--dtype", "int8"], "--dtype"),
+        (["--params", "1e6", "--n", "0", "--gpus", "2", "--hardware", H100], "n must be >= 1"),
+        (["--params", "1e6", "--p", "2e6", "--n", "4", "--gpus", "2", "--hardware", H100], "exceeds --params"),
+        (["--n", "4", "--gpus", "2", "--hardware", H100], "--params"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(capsys, args, fragment):
+    assert plan.main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and err.startswith("plan.py: error:") and fragment in err
+
+
+def test_bad_hardware_file(tmp_path, capsys):
+    bad = tmp_path / "hw.yaml"
+    bad.write_text("name: x\nmemory_bytes: 1e9\nwarp_drive: 3\n")
+    assert plan.main(["--params", "1e6", "--n", "4", "--gpus", "2", "--hardware", str(bad)]) == 2
+    assert "unknown hardware key 'warp_drive'" in capsys.readouterr().err
+
+
+def test_command_line_exit_code():
+    ok = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--params", "25.6e6", "--n", "100",
+                         "--gpus", "8", "--hardware", str(ROOT / "configs" / "hardware" / "a100.yaml")],
+                        capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0 and "smallest GPU count that fits: 1" in ok.stdout
+    bad = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--gpus", "8"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
