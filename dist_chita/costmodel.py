@@ -386,9 +386,17 @@ def workload_from_report(report: dict) -> Workload:
 
 
 def measured_seconds(report: dict) -> dict[str, float]:
-    """Max over ranks of each phase of ``phase_seconds`` (0 for a phase the report lacks)."""
+    """Max over ranks of each phase of ``phase_seconds`` (0 when missing); fisher includes the report's separate
+    "exchange" phase (summed per rank), as the model's fisher phase does."""
     ps = report.get("phase_seconds") or {}
-    return {ph: float(max(ps[ph])) if ps.get(ph) else 0.0 for ph in PHASES}
+    out = {}
+    for ph in PHASES:
+        vals = [float(v) for v in ps.get(ph) or []]
+        if ph == "fisher" and ps.get("exchange"):
+            ex = [float(v) for v in ps["exchange"]]
+            vals = [a + b for a, b in zip(vals or [0.0] * len(ex), ex, strict=True)]
+        out[ph] = max(vals) if vals else 0.0
+    return out
 
 
 def _nnls(columns: list[list[float]], target: list[float]) -> list[float]:

@@ -2,8 +2,9 @@
 
 Per run (one row of the CSV), with every per-rank quantity reduced by its max over ranks:
 
-* time per phase T_phase (fisher = per-sample gradients + row -> column exchange of A; solver; backsolve;
-  writeback; save; total);
+* time per phase T_phase (fisher = per-sample gradients + row -> column exchange of A, i.e. the max over
+  ranks of the report's "fisher" + "exchange" when it times the exchange apart; exchange alone; solver;
+  backsolve; writeback; save; total); bytes the same way;
 * speedup and parallel efficiency of the total time against the smallest world size R_0:
   strong scaling (same n): speedup = T_0 / T_R, efficiency = T_0 R_0 / (R T_R);
   weak scaling (n grows with R): efficiency = T_0 / T_R, speedup = (R / R_0) T_0 / T_R;
@@ -17,8 +18,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-TIME_PHASES = ("fisher", "solver", "backsolve", "writeback", "save", "total")
-BYTE_PHASES = ("fisher", "solver", "backsolve", "writeback")
+TIME_PHASES = ("fisher", "exchange", "solver", "backsolve", "writeback", "save", "total")
+BYTE_PHASES = ("fisher", "exchange", "solver", "backsolve", "writeback")
 COLUMNS = (
     ["world_size", "threads_per_rank", "oversubscribed", "mode", "n", "p"]
     + [f"time_{ph}" for ph in TIME_PHASES]
@@ -28,13 +29,23 @@ COLUMNS = (
 )
 
 
-def _max(values) -> float:
-    """Max over ranks of a per-rank list (a scalar passes through; missing -> 0)."""
-    if values is None:
-        return 0.0
-    if isinstance(values, (int, float)):
-        return float(values)
-    return float(max(values)) if len(values) else 0.0
+def _max(values: list[float]) -> float:
+    """Max over ranks (0 when missing)."""
+    return float(max(values)) if values else 0.0
+
+
+def per_rank(section: dict, phase: str) -> list[float]:
+    """Per-rank values of ``phase`` in a report section; "fisher" includes "exchange" when reported apart."""
+    vals = section.get(phase)
+    if vals is None:
+        vals = []
+    elif isinstance(vals, (int, float)):
+        vals = [vals]
+    vals = [float(v) for v in vals]
+    if phase == "fisher" and section.get("exchange") is not None:
+        ex = per_rank(section, "exchange")
+        vals = [a + b for a, b in zip(vals or [0.0] * len(ex), ex, strict=True)]
+    return vals
 
 
 def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) -> list[dict]:
@@ -67,9 +78,9 @@ def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) ->
             "n": int(rep["n"]),
             "p": int(rep["p"]),
         }
-        row.update({f"time_{ph}": _max(ps.get(ph)) for ph in TIME_PHASES})
+        row.update({f"time_{ph}": _max(per_rank(ps, ph)) for ph in TIME_PHASES})
         row["peak_memory_per_rank"] = int(_max(rep.get("peak_memory_bytes")))
-        row.update({f"bytes_{ph}": int(_max(bs.get(ph))) for ph in BYTE_PHASES})
+        row.update({f"bytes_{ph}": int(_max(per_rank(bs, ph))) for ph in BYTE_PHASES})
         row["solver_iterations"] = int(rep.get("solver_iterations") or 0)
         row["bytes_per_solver_iteration"] = float(rep.get("bytes_per_solver_iteration") or 0.0)
         row["mask_sha256"] = rep.get("mask_sha256")
@@ -153,7 +164,11 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     bottom = [0.0] * len(table)
     for ph in TIME_PHASES[:-1]:
         vals = [row[f"time_{ph}"] for row in table]
-        ax.bar(x, vals, bottom=bottom, label=ph)
+        label = ph
+        if ph == "fisher":
+            vals = [max(0.0, v - row["time_exchange"]) for v, row in zip(vals, table, strict=True)]
+            label = "fisher (per-sample gradients)"
+        ax.bar(x, vals, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     other = [max(0.0, row["time_total"] - b) for row, b in zip(table, bottom, strict=True)]
     ax.bar(x, other, bottom=bottom, label="other (load, eval)", color="lightgray")
@@ -176,8 +191,9 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / len(BYTE_PHASES)
     for i, ph in enumerate(BYTE_PHASES):
+        label = "fisher (incl. exchange)" if ph == "fisher" else ph
         ax.bar([xi + (i - (len(BYTE_PHASES) - 1) / 2) * width for xi in x],
-               [row[f"bytes_{ph}"] / 2**20 for row in table], width, label=ph)
+               [row[f"bytes_{ph}"] / 2**20 for row in table], width, label=label)
     ax.legend(fontsize=8)
     finish(fig, ax, "bytes_per_phase.png", "MiB sent per rank (max over ranks)")
     return paths

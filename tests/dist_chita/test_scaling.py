@@ -63,6 +63,17 @@ def test_strong_rows_match_hand_computation():
     assert list(r1) == list(scaling.COLUMNS)
 
 
+def test_separate_exchange_phase_counts_in_fisher():
+    rep = report(2, [4.0, 5.0])
+    rep["phase_seconds"]["fisher"] = [1.0, 0.5]
+    rep["phase_seconds"]["exchange"] = [0.2, 0.9]  # per rank sums 1.2, 1.4
+    rep["bytes_sent"]["exchange"] = [7, 9]
+    (row,) = scaling.rows([rep])
+    assert row["time_fisher"] == pytest.approx(1.4) and row["time_exchange"] == pytest.approx(0.9)
+    assert row["bytes_fisher"] == 1009 and row["bytes_exchange"] == 9
+    assert scaling.rows([report(1, [1.0])])[0]["time_exchange"] == 0.0
+
+
 def test_weak_rows_and_non_unit_base():
     reps = [report(2, [4.0, 4.0], n=2000), report(4, [5.0] * 4, n=4000)]
     r2, r4 = scaling.rows(reps, "weak")
