@@ -101,6 +101,7 @@ class EvalConfig:
     max_length: int | None = None
     stride: int | None = None
     batch_size: int = 32
+    compare_magnitude: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     world_size: int | None = 2
     threads_per_rank: int | None = None
+    timeout_seconds: int = 1800
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-ready) that :func:`parse_config` turns back into an equal object."""
@@ -372,6 +374,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(s.active_set_factor >= 1.0, f"solver.active_set_factor: must be >= 1, got {s.active_set_factor}")
     need(bool(cfg.output.dir), "output.dir: must not be empty")
     need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
+    need(cfg.timeout_seconds >= 1, f"timeout_seconds: must be >= 1, got {cfg.timeout_seconds}")
     need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,
          f"threads_per_rank: must be >= 1, got {cfg.threads_per_rank}")
     return cfg
