@@ -38,11 +38,11 @@ def test_config_is_read_by_accelerate(name):
     assert yaml.safe_load((CONFIG_DIR / name).read_text())["distributed_type"] != "MULTI_CPU"
 
 
-def _launch(config: str, timeout: float = 60.0) -> list[dict]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _launch(config: str, probe: str = "worldsize_probe.py", timeout: float = 60.0, **env_extra) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_extra)
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG_DIR / config),
-         str(Path(__file__).with_name("worldsize_probe.py"))],
+         str(Path(__file__).with_name(probe))],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -57,3 +57,12 @@ def test_cpu_2_starts_two_gloo_processes():
     assert {r["backend"] for r in reports} == {"gloo"}
     assert {r["num_processes"] for r in reports} == {2}
     assert len({r["pid"] for r in reports}) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DIST_CHITA_SLOW"), reason="about 50 s; set DIST_CHITA_SLOW=1 to run")
+def test_deepspeed_zero3_cpu_starts_two_ranks():
+    reports = _launch("deepspeed_zero3_cpu.yaml", "deepspeed_probe.py", timeout=240, DS_ACCELERATOR="cpu")
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    assert {(r["world_size"], r["backend"], r["type"], r["zero_stage"], r["engine"]) for r in reports} == {
+        (2, "gloo", "DEEPSPEED", 3, "DeepSpeedEngine")}
