@@ -46,8 +46,8 @@ class _Exchange:
     """Column exchange of one step: receives each layer's local (b_r, numel) gradients, sends them
     in the fixed layer order and writes what this rank receives into ``At``."""
 
-    def __init__(self, at: torch.Tensor, layout: ColumnLayout, scale: float):
-        self.at, self.layout, self.scale = at, layout, scale
+    def __init__(self, at: torch.Tensor, layout: ColumnLayout):
+        self.at, self.layout = at, layout
         self.rank, self.R = comm.rank(), comm.world_size()
         self.owners = [layout.owners(g) for g in range(len(layout.segments))]
         self.mine: dict[int, tuple[int, int, int]] = {}  # segment -> (offset, local_start, count)
@@ -70,7 +70,8 @@ class _Exchange:
         self.next = len(self.layout.segments) - 1
 
     def add(self, g: int, grads: torch.Tensor) -> None:
-        """Layer g's per-sample gradients (b, numel_g), float32; exchanges every layer now in order.
+        """Layer g's per-sample gradients (b, numel_g), float32, already divided by sqrt(n); exchanges
+        every layer that is next in order.
         ``grads`` may be a reused buffer, so a layer that arrives out of order is copied."""
         self.pending[g] = grads if g == self.next else grads.clone()
         while self.next >= 0 and self.next in self.pending:
@@ -92,19 +93,20 @@ class _Exchange:
                 f"layer {seg.name!r}: expected gradients of shape {(self.b, seg.size)}, got {tuple(grads.shape)}"
             )
         send_counts = [0] * self.R
-        send = self._send_buffer(seg.size * self.b)
-        pos = 0
-        for q, off, cnt in self.owners[g]:
-            n_el = cnt * self.b
-            # scale by 1/sqrt(n), transpose to (columns, samples) and cast to the storage dtype in one pass
-            torch.mul(grads[:, off : off + cnt].t(), self.scale, out=send[pos : pos + n_el].view(cnt, self.b))
-            send_counts[q] = n_el
-            pos += n_el
+        for q, _, cnt in self.owners[g]:
+            send_counts[q] = cnt * self.b
+        columns = grads.t()  # (numel, b): owners hold consecutive row ranges, in rank order
+        if columns.is_contiguous() and columns.dtype == self.at.dtype:
+            send = columns.reshape(-1)  # already in send order, no copy
+        else:  # transpose to (columns, samples) and cast to the storage dtype in one pass
+            send = self._send_buffer(seg.size * self.b)
+            send.view(seg.size, self.b).copy_(columns)
         del grads
         _, local_start, my_cnt = self.mine.get(g, (0, 0, 0))
         recv = comm.all_to_all(send, send_counts, [my_cnt * s for s in self.sizes])
         if my_cnt:
-            if not torch.isfinite(recv).all():
+            # one summing pass (NaN/Inf propagate); the exact check only runs to confirm a hit
+            if not torch.isfinite(recv.sum()) and not torch.isfinite(recv).all():
                 self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
             pos = 0
             for s, first in zip(self.sizes, self.firsts, strict=True):
@@ -172,7 +174,7 @@ def fisher_block(
     device = modules[0][1].weight.device
     block_lo, block_hi = layout.block(r)
     at = torch.empty((block_hi - block_lo, n), dtype=dtype, device=device)
-    exchange = _Exchange(at, layout, 1.0 / math.sqrt(n))
+    exchange = _Exchange(at, layout)
     covered = torch.zeros(n, dtype=torch.bool)
     bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
 
@@ -182,7 +184,7 @@ def fisher_block(
     for p, _ in grad_flags:
         p.requires_grad_(False)
     try:
-        with comm.phase(PHASE), PerSampleGrads(modules, exchange.add) as psg:
+        with comm.phase(PHASE), PerSampleGrads(modules, exchange.add, scale=1.0 / math.sqrt(n)) as psg:
             it = iter(batches)
             error, done, local_exc = _OK, 0, None
             while True:

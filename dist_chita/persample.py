@@ -47,7 +47,8 @@ from torch.func import functional_call, grad, vmap
 LayerCallback = Callable[[int, torch.Tensor], None]
 """callback(layer_index, grads): grads is (b, numel) float32, row i = grad of l_i w.r.t. the layer's weight.
 ``grads`` is only valid during the call (it is usually a reused buffer): copy what must be kept; in-place
-changes are allowed."""
+changes are allowed. It may be non-contiguous: layers without a token dimension give the transposed view of
+a contiguous (numel, b) array (``grads.t().is_contiguous()``)."""
 
 
 def _conv1d_hf() -> type | None:
@@ -80,17 +81,19 @@ def _result(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor
 
 
 def _outer(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """a: (b, T, m), c: (b, T, k) -> (b, m * k), row i = sum_t a[i, t]^T c[i, t]; written into ``out`` if given."""
+    """a: (b, T, m), c: (b, T, k) -> (b, m * k), row i = sum_t a[i, t]^T c[i, t]; written into ``out`` if given.
+
+    For T = 1 (no tokens) the result is laid out sample-minor, (m * k, b) in memory, and returned as its
+    transposed (b, m * k) view: computing it that way costs the same, and the column exchange of
+    :mod:`dist_chita.fisher` then needs no transpose."""
     b, m, k = a.shape[0], a.shape[-1], c.shape[-1]
-    dst = _result(out, (b, m, k), a)
     if a.shape[1] == 1:
-        res = (
-            torch.mul(a[:, 0, :, None], c[:, 0, None, :], out=dst)
-            if dst is not None
-            else a[:, 0, :, None] * c[:, 0, None, :]
-        )
-    else:
-        res = torch.bmm(a.transpose(1, 2), c, out=dst) if dst is not None else torch.bmm(a.transpose(1, 2), c)
+        aT, cT = a[:, 0].t().contiguous(), c[:, 0].t().contiguous()  # (m, b), (k, b)
+        dst = _result(out, (m, k, b), a)
+        res = torch.mul(aT[:, None, :], cT[None, :, :], out=dst) if dst is not None else aT[:, None, :] * cT[None, :, :]
+        return res.view(m * k, b).t()
+    dst = _result(out, (b, m, k), a)
+    res = torch.bmm(a.transpose(1, 2), c, out=dst) if dst is not None else torch.bmm(a.transpose(1, 2), c)
     return res.view(b, m * k)
 
 
@@ -211,11 +214,14 @@ class PerSampleGrads:
     raises ValueError. A module called several times in one forward gets the
     sum of the contributions (shared weights). Forward passes under
     ``torch.no_grad`` are ignored; a forward inside a backward pass (activation
-    checkpointing) raises ValueError. While active, the hooked weights have
+    checkpointing) raises ValueError. ``scale`` multiplies every gradient (applied
+    to dy, so it is free; :func:`dist_chita.fisher.fisher_block` passes 1/sqrt(n)).
+    While active, the hooked weights have
     ``requires_grad=False`` (restored on exit).
     """
 
-    def __init__(self, modules: Sequence[tuple[str, nn.Module]], callback: LayerCallback):
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]], callback: LayerCallback, scale: float = 1.0):
+        self.scale = float(scale)
         self.names = [name for name, _ in modules]
         self.layers = [_Layer(m, grad_fn_for(m)) for _, m in modules]
         self.callback = callback
@@ -307,7 +313,8 @@ class PerSampleGrads:
         layer.inputs[call] = None
         # a layer called once writes into the shared buffer; shared-weight layers accumulate in their own tensor
         out = self._buffer(gy.shape[0], layer.module.weight.numel(), gy.device) if len(layer.inputs) == 1 else None
-        g = self._per_sample(layer, *entry, gy.detach(), out)
+        gy = gy.detach() if self.scale == 1.0 else gy.detach() * self.scale
+        g = self._per_sample(layer, *entry, gy, out)
         if g.dtype != torch.float32:
             g = g.float()
         layer.total = g if layer.total is None else layer.total.add_(g)
