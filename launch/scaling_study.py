@@ -1,0 +1,286 @@
+"""Scaling study: the same prune at several world sizes, its CSV, plots, mask check and cost-model validation.
+
+    python launch/scaling_study.py --config configs/mlpnet_mnist.yaml --world-sizes 1,2,4 \\
+        [--mode strong|weak] [--launcher accelerate|torchrun|python] [--threads-per-rank 1] \\
+        [--out docs/scaling/<name>] [--hardware configs/hardware/cpu_this_machine.yaml] \\
+        [--prune-script launch/prune.py] [--work-dir DIR] [key=value ...]
+
+For every world size R it runs (on CPU, gloo)
+
+    accelerate launch --config_file launch/accelerate/cpu_<R>.yaml launch/prune.py --config <run>.yaml \\
+        output.dir=<work>/ws<R> output.overwrite=true world_size=<R> threads_per_rank=<t> \\
+        [calibration.n=<n R>  (weak scaling)] [key=value ...]
+
+(``--launcher torchrun``: ``torchrun --standalone --nproc_per_node R ...``; ``--launcher python``: one plain
+process, for dry runs of a stand-in script) with OMP_NUM_THREADS = MKL_NUM_THREADS = t, collects each run's
+prune_report.json (copied to <out>/reports/ws<R>.json), and writes <out>/scaling.csv, the PNG plots, and
+<out>/summary.json; prints the table, the mask statement (every world size must give the same mask), the
+oversubscription note (R t > cores: ranks share cores, so times do not show what one device per rank would),
+and the cost model's predicted vs measured seconds per phase, with rates fitted to these runs.
+
+Strong scaling keeps the config's n; weak scaling runs n R samples at world size R (n per rank fixed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from dist_chita import costmodel, scaling  # noqa: E402
+
+LAUNCHERS = ("accelerate", "torchrun", "python")
+DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
+
+
+class StudyError(RuntimeError):
+    """A failed run or a bad argument; the message is one line."""
+
+
+def parse_world_sizes(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4] (distinct, >= 1, kept in the given order sorted ascending)."""
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise StudyError(f"--world-sizes: expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise StudyError(f"--world-sizes: need distinct integers >= 1, got {text!r}")
+    return sorted(sizes)
+
+
+def study_n(mode: str, base_n: int, world_size: int) -> int | None:
+    """calibration.n at world size R: None (the config's n) for strong scaling, n R for weak scaling."""
+    if mode == "strong":
+        return None
+    if mode == "weak":
+        return base_n * world_size
+    raise StudyError(f"--mode must be strong or weak, got {mode!r}")
+
+
+def prune_command(
+    launcher: str,
+    world_size: int,
+    config: str,
+    prune_script: str,
+    output_dir: str,
+    threads_per_rank: int,
+    overrides: list[str] = (),
+    n: int | None = None,
+    python: str = sys.executable,
+    accelerate_configs: str = "launch/accelerate",
+) -> list[str]:
+    """The argv that runs the prune at ``world_size`` ranks (pure: no files are checked or written).
+
+    Args:
+        launcher: "accelerate" (``accelerate launch --config_file <accelerate_configs>/cpu_<R>.yaml``),
+            "torchrun" (``torchrun --standalone --nproc_per_node R``) or "python" (one plain process).
+        world_size: R; config: the run config path; prune_script: launch/prune.py or a stand-in.
+        output_dir: output.dir of this run; threads_per_rank: t.
+        overrides: extra key=value overrides, appended last (they win).
+        n: calibration.n override (weak scaling), None to keep the config's.
+    """
+    if launcher == "accelerate":
+        head = ["accelerate", "launch", "--config_file", f"{accelerate_configs}/cpu_{world_size}.yaml"]
+    elif launcher == "torchrun":
+        head = ["torchrun", "--standalone", "--nproc_per_node", str(world_size)]
+    elif launcher == "python":
+        head = [python]
+    else:
+        raise StudyError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
+    args = [prune_script, "--config", config, f"output.dir={output_dir}", "output.overwrite=true",
+            f"world_size={world_size}", f"threads_per_rank={threads_per_rank}"]
+    if n is not None:
+        args.append(f"calibration.n={n}")
+    return head + args + list(overrides)
+
+
+def rank_env(threads_per_rank: int, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a run: ``base`` (default os.environ) with OMP/MKL threads set to t per rank."""
+    env = dict(os.environ if base is None else base)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads_per_rank)
+    return env
+
+
+def machine_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def config_n(config: str, overrides: list[str]) -> int:
+    """calibration.n of the run config (after overrides)."""
+    from launch.config import load_config
+
+    return load_config(config, overrides).calibration.n
+
+
+def run_one(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> None:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        try:
+            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise StudyError(f"run timed out after {timeout:.0f} s (log: {log_path})") from None
+        except FileNotFoundError as e:
+            raise StudyError(f"cannot start {cmd[0]!r}: {e.strerror}") from None
+    if proc.returncode != 0:
+        tail = log_path.read_text().strip().splitlines()[-15:]
+        print("\n".join(tail), file=sys.stderr)
+        raise StudyError(f"{' '.join(cmd[:4])} ... exited with status {proc.returncode} (log: {log_path})")
+
+
+def collect_report(output_dir: Path, world_size: int, launcher: str) -> dict:
+    path = Path(output_dir) / "prune_report.json"
+    if not path.is_file():
+        raise StudyError(f"no prune_report.json in {output_dir}")
+    rep = json.loads(path.read_text())
+    if int(rep.get("world_size", -1)) != world_size and launcher != "python":
+        raise StudyError(f"{path}: the prune ran on {rep.get('world_size')} process(es), expected {world_size}")
+    return rep
+
+
+def summarize(
+    reports: list[dict], mode: str, cores: int, hardware: costmodel.Hardware, title: str = ""
+) -> dict:
+    """The study's summary (pure): table rows, mask statement, oversubscription note, fitted rates,
+    predicted vs measured seconds per phase."""
+    table = scaling.rows(reports, mode, cores=cores)
+    same, statement = scaling.mask_statement(reports)
+    over = [row["world_size"] for row in table if row["oversubscribed"]]
+    notes = []
+    if over:
+        t = table[0]["threads_per_rank"]
+        notes.append(f"world size(s) {over} x {t} thread(s) per rank oversubscribe the {cores} shared cores: ranks "
+                     "time-share cores, so their times show the cost of sharing, not of one device per rank")
+    rates = costmodel.calibrate(reports, hardware)
+    comparison = costmodel.compare(reports, hardware, rates)
+    worst = {}
+    for row in comparison:
+        if row["rel_error"] is not None and row["measured"] >= 0.05:  # ignore sub-50 ms phases
+            worst[row["phase"]] = max(worst.get(row["phase"], 0.0), abs(row["rel_error"]))
+    return {
+        "name": title or reports[0].get("name", ""),
+        "mode": mode,
+        "world_sizes": [row["world_size"] for row in table],
+        "threads_per_rank": sorted({row["threads_per_rank"] for row in table}),
+        "cores": cores,
+        "oversubscribed_world_sizes": over,
+        "notes": notes,
+        "masks_equal": same,
+        "mask_statement": statement,
+        "rows": table,
+        "hardware": hardware.name,
+        "rates": rates.as_dict(),
+        "comparison": comparison,
+        "max_abs_rel_error_by_phase": worst,
+        "comparison_note": "rates fitted to these same runs (in-sample); phases under 50 ms are left out of the max",
+    }
+
+
+def format_summary(summary: dict) -> str:
+    head = (f"{'R':>3} {'t':>2} {'fisher':>8} {'exch':>7} {'solver':>8} {'backsolve':>9} {'save':>6} {'total':>8} "
+            f"{'speedup':>7} {'eff':>5} {'peak MiB':>9} {'B/iter':>8}")
+    lines = [f"scaling study {summary['name']}: {summary['mode']} scaling on {summary['cores']} cores", head]
+    for r in summary["rows"]:
+        sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        ef = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
+        lines.append(f"{r['world_size']:>3} {r['threads_per_rank']:>2} {r['time_fisher']:8.2f} "
+                     f"{r['time_exchange']:7.2f} {r['time_solver']:8.2f} {r['time_backsolve']:9.2f} "
+                     f"{r['time_save']:6.2f} {r['time_total']:8.2f} "
+                     f"{sp:>7} {ef:>5} {r['peak_memory_per_rank'] / 2**20:9.0f} "
+                     f"{r['bytes_per_solver_iteration']:8.0f}")
+    lines.append(f"mask: {summary['mask_statement']}")
+    lines += [f"note: {note}" for note in summary["notes"]]
+    lines.append(f"cost model ({summary['hardware']}, {summary['comparison_note']}):")
+    lines.append(costmodel.format_comparison(summary["comparison"]))
+    return "\n".join(lines)
+
+
+def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reports").mkdir(exist_ok=True)
+    for rep in reports:
+        (out / "reports" / f"ws{rep['world_size']}.json").write_text(json.dumps(rep, indent=2, default=float))
+    paths = [scaling.write_csv(summary["rows"], out / "scaling.csv")]
+    paths += scaling.plot(summary["rows"], out, title=summary["name"])
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    return paths + [out / "summary.json"]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", required=True, help="run config (configs/<run>.yaml)")
+    ap.add_argument("--world-sizes", default="1,2,4", help="comma-separated world sizes (default 1,2,4)")
+    ap.add_argument("--mode", default="strong", choices=("strong", "weak"))
+    ap.add_argument("--launcher", default="accelerate", choices=LAUNCHERS)
+    ap.add_argument("--threads-per-rank", type=int, default=1)
+    ap.add_argument("--out", default=None, help="output directory (default docs/scaling/<config name>)")
+    ap.add_argument("--hardware", default=DEFAULT_HARDWARE, help="hardware YAML for the cost model")
+    ap.add_argument("--prune-script", default="launch/prune.py", help="the prune script (or a stand-in)")
+    ap.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary directory)")
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done and all masks equal; 1 a run failed or masks differ; 2 bad arguments."""
+    args = parse_args(argv)
+    try:
+        sizes = parse_world_sizes(args.world_sizes)
+        if args.threads_per_rank < 1:
+            raise StudyError(f"--threads-per-rank must be >= 1, got {args.threads_per_rank}")
+        for path in (args.config, args.hardware, args.prune_script):
+            if not Path(path).is_file():
+                raise StudyError(f"file not found: {path}")
+        hardware = costmodel.Hardware.from_dict(yaml.safe_load(Path(args.hardware).read_text()))
+        base_n = config_n(args.config, args.overrides) if args.mode == "weak" else 0
+    except (StudyError, ValueError, OSError, yaml.YAMLError) as e:
+        print(f"scaling_study.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"docs/scaling/{Path(args.config).stem}")
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scaling_"))
+    commands = {}
+    try:
+        reports = []
+        for R in sizes:
+            run_dir = (work / f"ws{R}").resolve()
+            n = study_n(args.mode, base_n, R)
+            cmd = prune_command(args.launcher, R, args.config, args.prune_script, str(run_dir),
+                                args.threads_per_rank, args.overrides, n)
+            commands[f"ws{R}"] = prune_command(args.launcher, R, args.config, args.prune_script, f"<work>/ws{R}",
+                                               args.threads_per_rank, args.overrides, n)
+            print(f"[ws{R}] {' '.join(cmd)}", flush=True)
+            run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"ws{R}.log", args.timeout)
+            reports.append(collect_report(run_dir, R, args.launcher))
+            print(f"[ws{R}] done: total {max(reports[-1]['phase_seconds']['total']):.2f} s", flush=True)
+        summary = summarize(reports, args.mode, machine_cores(), hardware, title=reports[0].get("name", ""))
+        summary["launcher"] = args.launcher
+        summary["commands"] = commands
+        paths = write_outputs(summary, reports, out)
+    except (StudyError, ValueError, OSError) as e:
+        print(f"scaling_study.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    if not args.work_dir:
+        shutil.rmtree(work, ignore_errors=True)
+    print(format_summary(summary))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0 if summary["masks_equal"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""launch/scaling_study.py: launch commands (pure), and the whole study end to end with a stand-in prune script."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "launch"))
+import scaling_study as st  # noqa: E402
+
+FAKE = str(ROOT / "tests" / "launch" / "fake_prune.py")
+CONFIG = str(ROOT / "configs" / "mlpnet_mnist.yaml")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_accelerate_command():
+    cmd = st.prune_command("accelerate", 4, "configs/mlpnet_mnist.yaml", "launch/prune.py", "/tmp/s/ws4", 1,
+                           ["prune.sparsity=0.8"])
+    assert cmd == ["accelerate", "launch", "--config_file", "launch/accelerate/cpu_4.yaml", "launch/prune.py",
+                   "--config", "configs/mlpnet_mnist.yaml", "output.dir=/tmp/s/ws4", "output.overwrite=true",
+                   "world_size=4", "threads_per_rank=1", "prune.sparsity=0.8"]
+
+
+def test_torchrun_and_python_commands_weak_n():
+    cmd = st.prune_command("torchrun", 2, "c.yaml", "p.py", "o", 3, n=st.study_n("weak", 1000, 2))
+    assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node", "2", "p.py"]
+    assert cmd[-2:] == ["threads_per_rank=3", "calibration.n=2000"]
+    assert st.prune_command("python", 1, "c.yaml", "p.py", "o", 1, python="py")[:2] == ["py", "p.py"]
+    assert st.study_n("strong", 1000, 4) is None and st.study_n("weak", 100, 4) == 400
+    with pytest.raises(st.StudyError, match="launcher"):
+        st.prune_command("mpirun", 2, "c", "p", "o", 1)
+    with pytest.raises(st.StudyError, match="mode"):
+        st.study_n("sideways", 1, 1)
+
+
+def test_env_and_world_sizes():
+    env = st.rank_env(2, {"PATH": "/bin", "OMP_NUM_THREADS": "8"})
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    assert st.parse_world_sizes("4,1,2") == [1, 2, 4]
+    for bad in ("", "1,x", "0,1", "2,2"):
+        with pytest.raises(st.StudyError, match="world-sizes"):
+            st.parse_world_sizes(bad)
+
+
+class Result:
+    def __init__(self, returncode: int, captured):
+        self.returncode, self.stdout, self.stderr = returncode, captured.out, captured.err
+
+
+def run_study(tmp_path, capsys, *extra):
+    """The study in this process (its runs are subprocesses of the stand-in script)."""
+    out = tmp_path / "out"
+    argv = ["--config", CONFIG, "--prune-script", FAKE, "--out", str(out), "--work-dir", str(tmp_path / "work"),
+            *extra]
+    code = st.main(argv)
+    return Result(code, capsys.readouterr()), out
+
+
+def test_study_end_to_end_with_stand_in(tmp_path, capsys):
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2,4", "--launcher", "python", "--threads-per-rank", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "all 3 world sizes produced the same mask" in proc.stdout
+    assert "oversubscribe" in proc.stdout and "predicted" in proc.stdout
+    rows = st.scaling.read_csv(out / "scaling.csv")
+    assert [int(r["world_size"]) for r in rows] == [1, 2, 4]
+    # fake totals by hand: load .5 + fisher 2e-3 n / R + exchange .01 (R-1) + solver 4 / R + .05 (R-1)
+    #                      + backsolve .2 + writeback .01 + save .1 (rank 0)
+    total = {R: 0.5 + 2.0 / R + 0.01 * (R - 1) + 4.0 / R + 0.05 * (R - 1) + 0.2 + 0.01 + 0.1 for R in (1, 2, 4)}
+    for r in rows:
+        R = int(r["world_size"])
+        assert float(r["time_total"]) == pytest.approx(total[R])
+        assert float(r["time_fisher"]) == pytest.approx(2.0 / R + 0.01 * (R - 1))
+        assert float(r["speedup"]) == pytest.approx(total[1] / total[R])
+        assert float(r["efficiency"]) == pytest.approx(total[1] / (R * total[R]))
+        assert r["threads_per_rank"] == "1"  # OMP_NUM_THREADS reached the run
+    assert [r["oversubscribed"] for r in rows] == ["False", "False", "True"] or st.machine_cores() != 2
+    for name in ("time_per_phase", "speedup_efficiency", "peak_memory", "bytes_per_phase"):
+        assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["masks_equal"] is True and summary["world_sizes"] == [1, 2, 4]
+    assert {row["phase"] for row in summary["comparison"]} >= {"fisher", "solver", "total"}
+    assert "output.dir=<work>/ws2" in summary["commands"]["ws2"]
+    assert json.loads((out / "reports" / "ws4.json").read_text())["world_size"] == 4
+
+
+def test_weak_study_differing_masks_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_PRUNE_BAD_MASK_AT", "2")
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python", "--mode", "weak")
+    assert proc.returncode == 1
+    assert "masks differ: world size(s) [2]" in proc.stdout
+    rows = st.scaling.read_csv(out / "scaling.csv")
+    assert [int(r["n"]) for r in rows] == [1000, 2000]  # weak: n R with the config's n = 1000
+    assert rows[1]["mode"] == "weak"
+
+
+@pytest.mark.slow
+def test_torchrun_launch(tmp_path, capsys):
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "2", "--launcher", "torchrun")
+    assert proc.returncode == 0, proc.stderr
+    rep = json.loads((out / "reports" / "ws2.json").read_text())
+    assert rep["world_size"] == 2  # from torchrun's WORLD_SIZE, not the override
+    assert rep["threads_per_rank"] == 1
+
+
+def test_bad_arguments_exit_2(tmp_path, capsys):
+    proc, _ = run_study(tmp_path, capsys, "--world-sizes", "0,1", "--launcher", "python")
+    assert proc.returncode == 2 and "world-sizes" in proc.stderr and proc.stderr.count("\n") == 1
+    assert st.main(["--config", "nope.yaml"]) == 2
+    assert "file not found: nope.yaml" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "scaling_study.py"), "--config", CONFIG,
+                           "--world-sizes", "1,1"], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.startswith("scaling_study.py: error: --world-sizes")
+
+
+def test_failed_run_exit_1(tmp_path, capsys):
+    bad = tmp_path / "bad_prune.py"
+    bad.write_text("import sys\nprint('boom')\nsys.exit(3)\n")
+    proc, _ = run_study(tmp_path, capsys, "--world-sizes", "1", "--launcher", "python", "--prune-script", str(bad))
+    assert proc.returncode == 1 and "exited with status 3" in proc.stderr and "boom" in proc.stderr
