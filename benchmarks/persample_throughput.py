@@ -10,7 +10,8 @@ and the ratio per-sample / batched. Both are timed in alternating rounds and the
 each counts (robust to other processes sharing the cores). For the MLP also the machine's write rate: how fast
 ``torch.empty(b * p).fill_`` (and ``copy_``) writes b * p float32, expressed in samples/s (p =
 prunable weights), and the ratio of the per-sample rate to it (the per-sample gradients of an
-MLP are outer products, so writing them is the floor).
+MLP are outer products, so writing them is the floor). Also, for the MLP, end-to-end ``fisher_block`` at
+world size 1 (per-sample gradients written into the (p, n) block At, including its page faults).
 
 Models: MLP 784-512-512-10 (head excluded: p = 784*512 + 512*512), a small ResNet
 (ResNetForImageClassification, basic blocks, depths [1,1,1,1], hidden sizes [32,64,128,256],
@@ -34,9 +35,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dist_chita.fisher import fisher_block
+from dist_chita.layout import ColumnLayout
 from dist_chita.losses import cross_entropy, gauss_newton_probe
 from dist_chita.persample import PerSampleGrads
-from dist_chita.prunable import prunable_modules
+from dist_chita.prunable import named_shapes, prunable_modules
 
 RESULTS = Path(__file__).resolve().parent / "results" / "persample_throughput.json"
 
@@ -110,7 +113,23 @@ def mlp_case(seconds: float) -> dict:
     out["write"] = rate
     out["write_samples_per_s"] = b / rate["fill_s"]
     out["ratio_to_write"] = out["persample_samples_per_s"] / out["write_samples_per_s"]
+    out["fisher_block"] = fisher_rate(model, b, n=4 * b)
     return out
+
+
+def fisher_rate(model: nn.Module, b: int, n: int) -> dict:
+    """End to end at world size 1: fisher_block building the full At (p, n) float32 from n samples."""
+    modules = prunable_modules(model)
+    layout = ColumnLayout.build(named_shapes(modules), 1)
+    x, y = torch.randn(n, 784), torch.randint(0, 10, (n,))
+    batches = [({"x": x[a : a + b], "labels": y[a : a + b]}, range(a, a + b)) for a in range(0, n, b)]
+    best = math.inf
+    for _ in range(2):
+        stats: dict = {}
+        at = fisher_block(model, modules, layout, batches, 0, n, cross_entropy(), stats=stats)
+        best = min(best, stats["seconds"])
+        del at
+    return {"n": n, "seconds": best, "samples_per_s": n / best}
 
 
 def resnet_case(seconds: float) -> dict:
@@ -169,6 +188,8 @@ def main() -> None:
             f"{r['persample_samples_per_s']:>13.1f} {r['ratio_to_batched']:>6.2f} "
             f"{key}={r[key]:.2f}>={goal}"
         )
+    f = results["mlp"]["fisher_block"]
+    print(f"MLP fisher_block (world size 1, float32, n = {f['n']}): {f['samples_per_s']:.1f} samples/s")
     w = results["mlp"]["write"]
     print(
         f"write rate: fill {w['fill_GBps']:.2f} GB/s, copy {w['copy_GBps']:.2f} GB/s "
