@@ -87,7 +87,9 @@ class DataConfig:
 class EvalConfig:
     """Held-out evaluation. ``source: null`` means the rest of the calibration
     source (same split, disjoint from the calibration samples); ``n: null`` means
-    all of it. Column names, ``max_length`` and ``split`` default to the calibration ones."""
+    all of it. Column names, ``max_length`` and ``split`` default to the calibration ones.
+    ``stride`` (perplexity windows) defaults to max_length // 2; ``compare_magnitude`` also
+    evaluates magnitude pruning at the same sparsity as a baseline."""
 
     metric: Literal["accuracy", "perplexity", "embedding_fidelity", "none"] = "embedding_fidelity"
     source: str | None = None

@@ -203,3 +203,16 @@ def test_errors(tmp_path):
         models.load_model("torch", task="ranking", factory="dist_chita.zoo:mlpnet")
     with pytest.raises(ValueError, match="unknown builtin model"):
         models.load_model("hf", task="embedding", path="builtin:gpt-5")
+
+
+def test_model_inputs_and_mean_pool():
+    net = mlpnet()
+    x, ids = torch.randn(2, 784), torch.tensor([[1, 2]])
+    assert models.model_inputs(net, {"pixel_values": x, "labels": torch.zeros(2)})[0][0] is x
+    assert models.model_inputs(net, {"input_ids": ids})[0][0] is ids
+    with pytest.raises(ValueError, match="no model input"):
+        models.model_inputs(net, {"labels": torch.zeros(2)})
+    h = torch.tensor([[[3.0, 4.0], [1.0, 1.0], [100.0, 100.0]]])
+    pooled = models.mean_pool(h, torch.tensor([[1, 1, 0]]), normalize=False)
+    torch.testing.assert_close(pooled, torch.tensor([[2.0, 2.5]]))
+    torch.testing.assert_close(models.mean_pool(h[:, :1], None), torch.tensor([[0.6, 0.8]]))
