@@ -360,7 +360,9 @@ def validate(cfg: RunConfig) -> RunConfig:
          "calibration: one of text_column / image_column must be set")
     need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
     need(e.max_length is None or e.max_length >= 1, f"eval.max_length: must be >= 1, got {e.max_length}")
-    need(e.stride is None or e.stride >= 1, f"eval.stride: must be >= 1, got {e.stride}")
+    window = e.max_length or c.max_length
+    need(e.stride is None or 1 <= e.stride < window,
+         f"eval.stride: must be in [1, max_length = {window}), got {e.stride}")
     need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
     need(0.0 <= p.sparsity < 1.0, f"prune.sparsity: must be in [0, 1), got {p.sparsity}")
     need(0.0 <= p.base_sparsity <= p.sparsity,

@@ -86,6 +86,7 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.lambda=-1"], r"prune\.lambda: must be >= 0"),
         (["prune.base_sparsity=0.8"], r"prune\.base_sparsity"),
         (["world_size=0"], r"world_size: must be >= 1"),
+        (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
         (["calibration.text_column=null"], r"one of text_column / image_column"),
     ],
