@@ -148,6 +148,8 @@ def conv_grad(
         x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
     cols = unfold(x, module.kernel_size, module.stride, module.dilation, gy.shape[2:])  # (b, C_in * prod(k), L)
     L = cols.shape[-1]
+    if L == 1 and G == 1:  # one output position: an outer product, in the transpose-free layout of _outer
+        return _outer(gy.reshape(b, 1, -1), cols.view(b, 1, -1), out)
     cols = cols.view(b * G, -1, L)
     gy = gy.reshape(b * G, -1, L)
     dst = _result(out, (b * G, gy.shape[1], cols.shape[1]), gy)

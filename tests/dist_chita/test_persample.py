@@ -103,6 +103,12 @@ def test_conv2d(conv):
     check(model, x)
 
 
+def test_conv2d_single_output_position():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5, 2))
+    check(model, torch.randn(4, 3, 3, 3))
+
+
 def test_conv1d_and_batchnorm_eval():
     torch.manual_seed(3)
     model = nn.Sequential(
