@@ -494,6 +494,19 @@ def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
     return rows
 
 
+def compare_held_out(reports: list[dict], hw: Hardware, base: Rates | None = None) -> list[dict]:
+    """Leave-one-out validation: each report predicted with rates fitted to the *other* reports
+    (rows as :func:`compare`). Needs at least two reports; with few reports some rates are poorly determined
+    (e.g. latency when only one multi-rank run remains), so expect larger errors than in-sample."""
+    if len(reports) < 2:
+        raise ValueError("held-out comparison needs at least two reports")
+    rows = []
+    for i, rep in enumerate(reports):
+        rates = calibrate(reports[:i] + reports[i + 1:], hw, base)
+        rows += compare([rep], hw, rates)
+    return sorted(rows, key=lambda row: row["world_size"])
+
+
 def format_comparison(rows: list[dict]) -> str:
     """The :func:`compare` rows as a text table."""
     lines = [f"{'R':>3} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>8}"]

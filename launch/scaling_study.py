@@ -168,10 +168,15 @@ def summarize(
                      "time-share cores, so their times show the cost of sharing, not of one device per rank")
     rates = costmodel.calibrate(reports, hardware)
     comparison = costmodel.compare(reports, hardware, rates)
-    worst = {}
-    for row in comparison:
-        if row["rel_error"] is not None and row["measured"] >= 0.05:  # ignore sub-50 ms phases
-            worst[row["phase"]] = max(worst.get(row["phase"], 0.0), abs(row["rel_error"]))
+    held_out = costmodel.compare_held_out(reports, hardware) if len(reports) >= 2 else []
+
+    def worst(rows: list[dict]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for row in rows:
+            if row["rel_error"] is not None and row["measured"] >= 0.05:  # ignore sub-50 ms phases
+                out[row["phase"]] = max(out.get(row["phase"], 0.0), abs(row["rel_error"]))
+        return out
+
     return {
         "name": title or reports[0].get("name", ""),
         "mode": mode,
@@ -186,8 +191,12 @@ def summarize(
         "hardware": hardware.name,
         "rates": rates.as_dict(),
         "comparison": comparison,
-        "max_abs_rel_error_by_phase": worst,
-        "comparison_note": "rates fitted to these same runs (in-sample); phases under 50 ms are left out of the max",
+        "max_abs_rel_error_by_phase": worst(comparison),
+        "comparison_held_out": held_out,
+        "max_abs_rel_error_by_phase_held_out": worst(held_out),
+        "comparison_note": "comparison: rates fitted to these same runs (in-sample); comparison_held_out: each world "
+                           "size predicted from rates fitted to the others; phases under 50 ms are left out of the "
+                           "max errors",
     }
 
 
@@ -205,8 +214,11 @@ def format_summary(summary: dict) -> str:
                      f"{r['bytes_per_solver_iteration']:8.0f}")
     lines.append(f"mask: {summary['mask_statement']}")
     lines += [f"note: {note}" for note in summary["notes"]]
-    lines.append(f"cost model ({summary['hardware']}, {summary['comparison_note']}):")
+    lines.append(f"cost model on {summary['hardware']}: predicted vs measured, rates fitted to these runs:")
     lines.append(costmodel.format_comparison(summary["comparison"]))
+    if summary["comparison_held_out"]:
+        lines.append("held out (each world size predicted from rates fitted to the other runs):")
+        lines.append(costmodel.format_comparison(summary["comparison_held_out"]))
     return "\n".join(lines)
 
 
