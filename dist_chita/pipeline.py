@@ -1,0 +1,224 @@
+"""One-shot pruning of a model's prunable layers: magnitude, CHITA, CHITA++.
+
+The orchestration of one run, on every rank, with plain arguments:
+
+1. the prunable weights are flattened into w_bar (p,) and laid out in column
+   blocks (:class:`~dist_chita.layout.ColumnLayout`); rank r holds
+   w_bar[start_r:stop_r];
+2. for each stage t (one for CHITA, T for CHITA++ along
+   :func:`~dist_chita.schedule.stage_sparsities`):
+   a. the rank's column block of the Fisher factor, A_r^T (p_r, n), is built
+      from per-sample gradients at the current weights
+      (:func:`~dist_chita.fisher.fisher_block`);
+   b. the budget for the stage's sparsity is set up (global, per layer or
+      N:M), with the weights pruned by earlier stages fixed at zero;
+   c. :func:`~dist_chita.solver.solve` finds the new w_r;
+   d. the pruned weights are gathered and written back into every rank's copy
+      of the model (O(p) once per stage; the solver itself never gathers w);
+3. a report of what happened is returned.
+
+Magnitude pruning needs no Fisher factor: it keeps the largest |w_bar|.
+Nothing here parses a config, prints, or writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dist_chita import comm
+from dist_chita.budget import Budget
+from dist_chita.fisher import fisher_block
+from dist_chita.layout import ColumnLayout
+from dist_chita.partition import sample_ranges
+from dist_chita.prunable import named_shapes
+from dist_chita.schedule import kept_count, stage_sparsities
+from dist_chita.solver import solve
+
+METHODS = ("magnitude", "chita", "chita++")
+
+
+@dataclass
+class StageReport:
+    """What one stage did (objective values are of the stage's quadratic model)."""
+
+    sparsity: float
+    kept: int
+    objective_trace: list[float] = field(default_factory=list)
+    iterations: int = 0
+    objective: float | None = None
+    magnitude_objective: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PruneOutcome:
+    layout: ColumnLayout
+    stages: list[StageReport]
+    masks: dict[str, torch.Tensor]  # layer name -> bool mask of kept weights, full shape
+
+
+def local_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int) -> torch.Tensor:
+    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,)."""
+    lo, hi = layout.block(rank)
+    out = torch.empty(hi - lo, dtype=torch.float32)
+    for piece in layout.pieces(rank):
+        w = modules[piece.segment][1].weight.detach().reshape(-1)
+        out[piece.local_start : piece.local_stop] = w[piece.offset : piece.offset + piece.size].float().cpu()
+    return out
+
+
+def gather_weights(w_local: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
+    """All ranks' slices concatenated into the full w (p,), on every rank."""
+    sizes = [hi - lo for lo, hi in layout.blocks]
+    if len(sizes) == 1:
+        return w_local
+    padded = torch.zeros(max(sizes), dtype=w_local.dtype, device=w_local.device)
+    padded[: w_local.numel()] = w_local
+    parts = comm.all_gather(padded)
+    return torch.cat([part[:s] for part, s in zip(parts, sizes, strict=True)])
+
+
+def write_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, w: torch.Tensor) -> None:
+    """Copy the full flattened w (p,) into the modules' weights."""
+    with torch.no_grad():
+        for (_, m), seg in zip(modules, layout.segments, strict=True):
+            m.weight.copy_(w[seg.start : seg.stop].reshape(seg.shape).to(m.weight.dtype))
+
+
+def _solver_progress(progress: Callable, name: str, options: dict | None) -> Callable[[dict], None]:
+    cap = (options or {}).get("max_iter", 500)
+    return lambda info: progress(name, min(info["iteration"], cap), cap)
+
+
+def make_budget(
+    layout: ColumnLayout,
+    rank: int,
+    sparsity: float,
+    allowed: torch.Tensor,
+    per_layer: bool = False,
+    nm: tuple[int, int] | None = None,
+) -> Budget:
+    """The stage's constraint on this rank: N:M, one budget per layer, or one global budget k = (1 - s) p."""
+    lo, hi = layout.block(rank)
+    if nm is not None:
+        return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
+    if per_layer:
+        seg = torch.empty(hi - lo, dtype=torch.int64)
+        for piece in layout.pieces(rank):
+            seg[piece.local_start : piece.local_stop] = piece.segment
+        k = torch.tensor([kept_count(s.size, sparsity) for s in layout.segments], dtype=torch.int64)
+        return Budget.per_segment(seg, k, allowed=allowed)
+    return Budget.global_topk(hi - lo, kept_count(layout.p, sparsity), allowed=allowed)
+
+
+def prune(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    method: str,
+    sparsity: float,
+    *,
+    make_batches: Callable[[], Iterable] | None = None,
+    loss_fn: Callable | None = None,
+    n: int = 0,
+    per_layer: bool = False,
+    nm: tuple[int, int] | None = None,
+    lam: float = 1e-3,
+    first_order: bool = False,
+    stages: int = 1,
+    base_sparsity: float = 0.0,
+    schedule: str = "polynomial",
+    storage_dtype: torch.dtype = torch.float32,
+    solver_options: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PruneOutcome:
+    """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
+
+    Args:
+        model: the model; every rank holds the same copy (evaluation mode).
+        modules: ordered (name, module) prunable layers (:mod:`dist_chita.prunable`).
+        method: "magnitude", "chita" or "chita++".
+        sparsity: target fraction of zeros in [0, 1) (global, or per layer with
+            ``per_layer``); ignored for N:M (``nm`` = (N, M)).
+        make_batches: returns a fresh iterable of this rank's calibration
+            micro-batches ``(batch, global_indices)``; rank r owns samples
+            ``sample_ranges(n, R)[r]``.
+        loss_fn: per-sample loss ``loss_fn(model, batch, indices) -> (b,)``.
+        n: number of calibration samples over all ranks.
+        lam: ridge lambda of the quadratic model.
+        first_order: include the mean-gradient term (y = A w_bar - 1/sqrt(n)).
+        stages, base_sparsity, schedule: CHITA++'s stages
+            (:func:`~dist_chita.schedule.stage_sparsities`).
+        storage_dtype: dtype of the stored factor (arithmetic is float32).
+        solver_options: keyword arguments for :func:`~dist_chita.solver.solve`.
+        progress: ``progress(phase, done, total)`` callback.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    if nm is None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    world, rank = comm.world_size(), comm.rank()
+    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
+    w = local_weights(modules, layout, rank)
+    allowed = w != 0  # weights already zero stay zero
+    targets = [sparsity] if method != "chita++" else stage_sparsities(sparsity, stages, base_sparsity, schedule)
+    if nm is not None:
+        targets = [0.0] * len(targets)
+    if method != "magnitude":
+        if make_batches is None or loss_fn is None or n < 1:
+            raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
+        sample_ranges(n, world)  # fails early when n < world size
+    reports = []
+    for t, s in enumerate(targets):
+        bytes_before = comm.bytes_by_phase()
+        seconds: dict[str, float] = {}
+        budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm)
+        report = StageReport(sparsity=s, kept=budget.total())
+        if method == "magnitude":
+            start = time.perf_counter()
+            support = budget.project(w)
+            w = torch.where(support, w, torch.zeros_like(w))
+            seconds["magnitude"] = time.perf_counter() - start
+        else:
+            stats: dict = {}
+            At = fisher_block(
+                model,
+                modules,
+                layout,
+                make_batches(),
+                sample_ranges(n, world)[rank][0],
+                n,
+                loss_fn,
+                dtype=storage_dtype,
+                progress=None if progress is None else (lambda d, tot, t=t: progress(f"gradients {t + 1}", d, tot)),
+                stats=stats,
+            )
+            seconds["fisher"] = stats["seconds"]
+            seconds["exchange"] = stats["exchange_seconds"]
+            solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
+            result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
+                           **(solver_options or {}))
+            del At
+            seconds["solver"] = result.timings.get("iht", 0.0)
+            seconds["backsolve"] = result.timings.get("backsolve", 0.0)
+            w, support = result.w.float(), result.support
+            report.objective_trace = [float(f) for f in result.objective_trace]
+            report.iterations = int(result.iterations)
+            report.objective = float(result.objective)
+            if result.magnitude_objective is not None:
+                report.magnitude_objective = float(result.magnitude_objective)
+        start = time.perf_counter()
+        with comm.phase("writeback"):
+            write_weights(modules, layout, gather_weights(w, layout))
+        seconds["writeback"] = time.perf_counter() - start
+        allowed = support.clone()
+        report.seconds = seconds
+        report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
+        reports.append(report)
+    masks = {name: m.weight.detach() != 0 for name, m in modules}
+    return PruneOutcome(layout, reports, masks)

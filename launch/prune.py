@@ -1,0 +1,321 @@
+"""Prune a model with dist-chita.
+
+    accelerate launch [--config_file launch/accelerate/cpu_2.yaml] launch/prune.py \
+        [--config configs/<run>.yaml] [key=value ...]
+
+Without ``--config`` the embedded default runs (configs/default.yaml: all-MiniLM-L6-v2 pruned to 50% on Python's
+own documentation). The same script runs under plain ``python`` (one process), ``accelerate launch`` and
+``torchrun``. This recipe is the only place that reads the config and creates the process group; the library
+(``dist_chita``) gets plain arguments. Only the main process prints and writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from launch.config import (  # noqa: E402
+    ConfigError,
+    RunConfig,
+    calibration_kwargs,
+    eval_kwargs,
+    load_config,
+    model_kwargs,
+    parse_nm,
+    save_config,
+)
+
+PHASES = ("load", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve", "writeback",
+          "eval_after", "save")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", help="run config (YAML); default: the embedded default run")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. prune.sparsity=0.9")
+    return ap.parse_args(argv)
+
+
+def say(*lines: str) -> None:
+    """The one gate for output: only the main process prints."""
+    from dist_chita import comm
+
+    if comm.is_main():
+        for line in lines:
+            print(line, flush=True)
+
+
+def start_processes(cfg: RunConfig):
+    """Create the Accelerator (and with it the process group): gloo on CPU, NCCL on GPUs."""
+    if cfg.threads_per_rank:
+        torch.set_num_threads(cfg.threads_per_rank)
+    from accelerate import Accelerator, InitProcessGroupKwargs
+
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several processes
+        backend = "gloo" if use_cpu else "nccl"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.timeout_seconds)))
+    return Accelerator(cpu=use_cpu, kwargs_handlers=handlers)
+
+
+class Progress:
+    """tqdm bars on the main process, one per phase name."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.bar, self.name = enabled, None, None
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if name != self.name:
+            self.close()
+            self.bar, self.name = tqdm(total=total, desc=name, leave=False, dynamic_ncols=True), name
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar, self.name = None, None
+
+
+def build_loss(cfg: RunConfig, task: str):
+    """The per-sample loss l_i of the config (:mod:`dist_chita.losses`), on the model's task output."""
+    from dist_chita import losses, models
+
+    def forward(model, batch):
+        return models.forward(model, task, batch)
+
+    kind = cfg.prune.loss
+    if kind == "ce":
+        return losses.cross_entropy(forward)
+    if kind == "causal_lm":
+        return losses.causal_lm(forward)
+    if kind == "sampled":
+        return losses.sampled_fisher(cfg.solver.seed, forward, causal=task == "causal-lm")
+    return losses.gauss_newton_probe(cfg.solver.seed, forward)
+
+
+def load_eval(cfg: RunConfig, loaded):
+    """Held-out data for the metric: samples (accuracy, embedding fidelity) or a token stream (perplexity)."""
+    from dist_chita import data
+
+    metric = cfg.eval.metric
+    if metric == "none":
+        return {}
+    kw = eval_kwargs(cfg)
+    if metric == "perplexity":
+        keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "offset")
+        texts = data.load_texts(**{k: kw[k] for k in keep})
+        return {"tokens": data.token_stream(texts, loaded.tokenizer)}
+    return {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)}
+
+
+def run(cfg: RunConfig, device: torch.device) -> int:
+    from dist_chita import comm, data, evaluate, memory, models, pipeline, prunable, report
+    from dist_chita.output import atomic_directory, check_target
+    from dist_chita.partition import sample_ranges
+
+    t_run = time.perf_counter()
+    seconds = dict.fromkeys(PHASES, 0.0)
+    world, rank = comm.world_size(), comm.rank()
+    say(f"dist-chita: {cfg.name}: {cfg.prune.method} to sparsity {cfg.prune.nm or cfg.prune.sparsity} "
+        f"on {world} process(es), {torch.get_num_threads()} thread(s) each")
+    if cfg.world_size is not None and cfg.world_size != world:
+        say(f"note: the config asks for world_size {cfg.world_size} but {world} process(es) started "
+            f"(results do not depend on it; use --config_file launch/accelerate/cpu_{cfg.world_size}.yaml "
+            "or --num_processes to match)")
+    protected = [p for p in (cfg.model.path, cfg.model.weights, cfg.calibration.source) if p and os.path.exists(p)]
+    out_dir = check_target(cfg.output.dir, cfg.output.overwrite, protected)
+    sample_ranges(cfg.calibration.n, world)  # n >= number of ranks, before loading anything
+
+    t = time.perf_counter()
+    loaded = models.load_model(**model_kwargs(cfg))
+    model, task = loaded.model, loaded.task
+    model.to(device)
+    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer,
+                              image_processor=loaded.image_processor)
+    held_out = load_eval(cfg, loaded)
+    modules = prunable.prunable_modules(model, cfg.prune.include, cfg.prune.exclude, cfg.prune.exclude_head)
+    nm = parse_nm(cfg.prune.nm) if cfg.prune.nm else None
+    seconds["load"] = time.perf_counter() - t
+
+    n = cfg.calibration.n
+    p = sum(m.weight.numel() for _, m in modules)
+    est = memory.estimate(
+        p=p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
+        model_params=sum(x.numel() for x in model.parameters()),
+        largest_layer=max(m.weight.numel() for _, m in modules), micro_batch=cfg.calibration.batch_size,
+        active_fraction=0.0 if cfg.prune.method == "magnitude" else min(1.0, cfg.solver.active_set_factor
+                                                                        * (1 - cfg.prune.sparsity)),
+    )
+    if cfg.prune.method == "magnitude":
+        est = memory.MemoryEstimate(0, est.model, 0, est.solver, 0)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    avail = memory.available_bytes(device, local_ranks)
+    say(f"  {len(modules)} prunable layers, p = {p:,} weights, n = {n} calibration samples; "
+        f"memory estimate per rank {est.total / 2**30:.2f} GiB (factor {est.factor / 2**30:.2f} GiB), "
+        f"available {avail / 2**30:.2f} GiB")
+    if est.total > avail:
+        raise MemoryError(memory.advice(est, avail, n, world, cfg.solver.storage_dtype))
+
+    metric = {"name": cfg.eval.metric}
+    progress = Progress(comm.is_main())
+
+    def measure(key: str, reference=None) -> None:
+        vals = evaluate.evaluate(model, task, cfg.eval.metric, reference=reference, batch_size=cfg.eval.batch_size,
+                                 max_length=cfg.eval.max_length or cfg.calibration.max_length,
+                                 stride=cfg.eval.stride, **held_out)
+        for name, v in vals.items():
+            metric[key if name in (cfg.eval.metric, "accuracy", "perplexity", "cosine") else f"{key}_{name}"] = v
+
+    t = time.perf_counter()
+    reference = None
+    if cfg.eval.metric == "embedding_fidelity":
+        reference = evaluate.collect_outputs(model, task, held_out["samples"], cfg.eval.batch_size)
+    elif cfg.eval.metric != "none":
+        measure("before")
+    seconds["eval_before"] = time.perf_counter() - t
+
+    prune_kwargs = dict(per_layer=cfg.prune.per_layer, nm=nm)
+    if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
+        t = time.perf_counter()
+        dense = [m.weight.detach().clone() for _, m in modules]
+        pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
+        measure("magnitude", reference)
+        with torch.no_grad():
+            for (_, m), w in zip(modules, dense, strict=True):
+                m.weight.copy_(w)
+        del dense
+        seconds["magnitude_baseline"] = time.perf_counter() - t
+
+    lo, hi = sample_ranges(n, world)[rank]
+    outcome = pipeline.prune(
+        model, modules, cfg.prune.method, cfg.prune.sparsity,
+        make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
+        loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
+        stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
+        schedule=cfg.prune.schedule, storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
+        solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
+                            active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve),
+        progress=progress, **prune_kwargs,
+    )
+    progress.close()
+    for st in outcome.stages:
+        for k, v in st.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+
+    t = time.perf_counter()
+    if cfg.eval.metric != "none":
+        measure("after", reference)
+    seconds["eval_after"] = time.perf_counter() - t
+
+    order = [name for name, _ in modules]
+    layers = report.layer_table(outcome.masks, order)
+    kept = sum(row["kept"] for row in layers)
+    rep = {
+        "version": 1,
+        "name": cfg.name,
+        "config": cfg.to_dict(),
+        "world_size": world,
+        "threads_per_rank": torch.get_num_threads(),
+        "device": device.type,
+        "backend": "gloo" if device.type == "cpu" else "nccl",
+        "method": cfg.prune.method,
+        "n": n,
+        "p": p,
+        "model_params": sum(x.numel() for x in model.parameters()),
+        "storage_dtype": cfg.solver.storage_dtype,
+        "global": {"p": p, "kept": kept, "sparsity": 1 - kept / p},
+        "layers": layers,
+        "stages": [vars(st) for st in outcome.stages],
+        "metric": metric,
+        "solver_iterations": sum(st.iterations for st in outcome.stages),
+        "memory_estimate_bytes": est.as_dict(),
+        "mask_sha256": report.mask_digest(outcome.masks, order),
+    }
+
+    t = time.perf_counter()
+    ok = True
+    if comm.is_main():
+        try:
+            with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
+                if cfg.output.save_model:
+                    models.save_model(loaded, tmp)
+                save_config(cfg, tmp / "dist_chita_config.yaml")
+                seconds["save"] = time.perf_counter() - t
+                seconds["total"] = time.perf_counter() - t_run
+                finish_report(rep, seconds, device)
+                (tmp / "prune_report.json").write_text(_json(rep))
+        except BaseException:
+            ok = False
+            comm.broadcast_object(ok)
+            raise
+        comm.broadcast_object(ok)
+        say(*report.summary_lines(rep), f"  saved to {out_dir}")
+    else:
+        seconds["total"] = time.perf_counter() - t_run
+        finish_report(rep, seconds, device)
+        if not comm.broadcast_object(ok):
+            return 1
+    return 0
+
+
+def finish_report(rep: dict, seconds: dict, device: torch.device) -> None:
+    """Add the per-rank figures (collective: every rank must call it once)."""
+    from dist_chita import comm, memory, report
+
+    per_rank = report.gather_per_rank({**{f"t.{k}": v for k, v in seconds.items()},
+                                       **{f"b.{k}": v for k, v in comm.bytes_by_phase().items()},
+                                       "peak": memory.peak_bytes(device)})
+    rep["phase_seconds"] = {k[2:]: v for k, v in per_rank.items() if k.startswith("t.")}
+    rep["bytes_sent"] = {k[2:]: v for k, v in per_rank.items() if k.startswith("b.")}
+    rep["peak_memory_bytes"] = per_rank["peak"]
+    solver_bytes = max(rep["bytes_sent"].get("solver", [0]))
+    rep["bytes_per_solver_iteration"] = solver_bytes / max(1, rep["solver_iterations"])
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=float)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from dist_chita import comm
+
+    accelerator = None
+    try:
+        accelerator = start_processes(cfg)
+        return run(cfg, accelerator.device)
+    except (ValueError, OSError, MemoryError, RuntimeError, ImportError) as e:
+        if comm.is_main():
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            print(f"error: {msg}", file=sys.stderr)
+        return 1
+    finally:
+        comm.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
