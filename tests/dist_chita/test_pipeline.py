@@ -1,0 +1,93 @@
+"""End-to-end pruning of a small trained model, in process and on real gloo process groups."""
+
+import pytest
+import torch
+
+from dist_chita import comm, losses, models, pipeline
+from dist_chita.data import iter_microbatches
+from dist_chita.partition import sample_ranges
+from dist_chita.prunable import prunable_modules
+from tests import multiproc
+from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
+
+N = 48
+
+
+def _forward(model, batch):
+    return models.forward(model, "image-classification", batch)
+
+
+def _prune(method, sparsity, per_layer=False, nm=None, stages=1):
+    torch.set_num_threads(1)
+    model = train_digits_mlp()
+    calib = digits_samples().select(range(N))
+    modules = prunable_modules(model, exclude_head=False)
+    lo, hi = sample_ranges(N, comm.world_size())[comm.rank()]
+    out = pipeline.prune(
+        model, modules, method, sparsity,
+        make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+        loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
+        base_sparsity=0.3, solver_options=dict(max_iter=40),
+    )
+    return {name: m.weight.detach().clone() for name, m in modules}, out.stages
+
+
+def test_magnitude_keeps_the_global_largest():
+    dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
+    weights, _ = _prune("magnitude", 0.8)
+    flat = torch.cat([w.reshape(-1) for w in dense.values()])
+    k = round(0.2 * flat.numel())
+    threshold = torch.topk(flat.abs(), k).values[-1]
+    for name, w in weights.items():
+        assert torch.equal(w != 0, dense[name].abs() >= threshold)
+        assert torch.equal(w[w != 0], dense[name][w != 0])
+
+
+def test_chita_beats_magnitude_on_its_objective_and_hits_the_budget():
+    weights, stages = _prune("chita", 0.8)
+    kept = sum(int((w != 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert kept == round(0.2 * total)
+    st = stages[0]
+    assert st.objective <= st.magnitude_objective
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(st.objective_trace, st.objective_trace[1:], strict=False))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_same_masks_and_weights_on_any_world_size(world_size):
+    ref, _ = _prune("chita", 0.75)
+    for result, _ in multiproc.run(_prune, world_size, "chita", 0.75):
+        for name, w in ref.items():
+            assert torch.equal(result[name] != 0, w != 0), name
+            assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), name
+
+
+def test_chita_plus_plus_supports_shrink_stage_by_stage():
+    weights, stages = _prune("chita++", 0.85, stages=3)
+    assert [round(s.sparsity, 6) for s in stages][-1] == 0.85
+    kept = [s.kept for s in stages]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3
+    assert sum(int((w != 0).sum()) for w in weights.values()) == kept[-1]
+
+
+def test_per_layer_and_n_m():
+    weights, _ = _prune("chita", 0.5, per_layer=True)
+    for w in weights.values():
+        assert int((w != 0).sum()) == round(0.5 * w.numel())
+    weights, _ = _prune("chita", 0.0, nm=(2, 4))
+    for w in weights.values():
+        assert bool(((w != 0).reshape(-1, 4).sum(1) <= 2).all())
+
+
+def test_saved_model_reloads_with_identical_outputs(tmp_path):
+    weights, _ = _prune("chita", 0.7)
+    model = train_digits_mlp()
+    modules = dict(prunable_modules(model, exclude_head=False))
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w)
+    loaded = models.LoadedModel(model, "image-classification", "torch", "tests.fixtures.tiny_models:digits_mlp")
+    models.save_model(loaded, tmp_path)
+    again = models.load_saved(tmp_path)
+    x = digits_samples().fields["pixel_values"][:100]
+    assert torch.equal(model(x), again.model(x))
