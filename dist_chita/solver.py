@@ -357,6 +357,31 @@ def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace,
     return _State(st.w, st.S, Aw, f), rounds
 
 
+def _pair_swap_supports(budget, S, v_in, v_out, allowed_out, q, offset):
+    """Supports S - i + j for the q coordinates i in S of lowest OBS score v_in and the q outside j of highest
+    gain score v_out, in a fixed global order (identical on all ranks). Each is the projection H of a score vector
+    that forces i out and j in (for per-segment / N:M budgets H repairs the counts with the next best coordinates)."""
+    with comm.phase(PHASE):
+        low = topk_mask((1.0 / (1.0 + v_in)).float(), q, None, S)
+        high = topk_mask(v_out.float(), q, None, allowed_out)
+        picked = comm.all_gather_object(
+            ([(float(v_in[i]), offset + int(i)) for i in torch.nonzero(low).flatten()],
+             [(-float(v_out[j]), offset + int(j)) for j in torch.nonzero(high).flatten()]))
+    outs = sorted(x for part in picked for x in part[0])
+    ins = sorted(x for part in picked for x in part[1])
+    base = torch.where(S, 2.0 + v_in / (1.0 + v_in), v_out / (1.0 + v_out)).float()
+    m = base.numel()
+    for _, i in outs:
+        for _, j in ins:
+            v = base.clone()
+            if 0 <= i - offset < m:
+                v[i - offset] = 0.0
+            if 0 <= j - offset < m:
+                v[j - offset] = 4.0
+            with comm.phase(PHASE):
+                yield budget.project(v)
+
+
 # -------------------------------------------------------------------------------------------------------- solve
 def solve(
     At: torch.Tensor,
@@ -376,6 +401,8 @@ def solve(
     patience: int = 10,
     escape_trials: int = 6,
     swap_candidates: int = 4096,
+    pair_swaps: int = 4,
+    pair_swap_max_k: int = 4096,
     trials: int = 6,
     recompute_every: int = 20,
     max_active_rounds: int = 10,
@@ -441,8 +468,11 @@ def solve(
         return _State(w, st.S, Aw, f) if f <= st.f else st
 
     def escape(st: _State) -> _State | None:
-        """At a stall (IHT keeps the support of a backsolved point): backsolve the supports of H(w - t g) for
-        t = tau_c, 2 tau_c, ... and return the best if it improves f by more than tol * f."""
+        """At a stall (IHT keeps the support of a backsolved point), backsolve candidate supports and return the
+        best if it improves f by more than tol * f. Candidates: H(w - t g) for t = tau_c, 2 tau_c, ... (the IHT
+        path); the same path on OBS scores (exact removal cost inside S against exact single-coordinate gain
+        outside); and, for small k, the pair swaps of the ``pair_swaps`` cheapest removals with the as many best
+        additions."""
         with comm.phase(PHASE):
             g = full.gradient(st.w, st.Aw)
         families = [(st.w, g)]  # the IHT path H(w - t g)
@@ -460,6 +490,11 @@ def solve(
             v_out = torch.where(cand, ga / s_add.sqrt(), v_out)
             families.append((torch.where(st.S, v_in, 0.0).float(), torch.where(st.S, 0.0, -v_out).float()))
         best = st
+        if lam > 0 and pair_swaps > 0 and total <= pair_swap_max_k:
+            for S_t in _pair_swap_supports(budget, st.S, v_in, v_out, allowed_out, pair_swaps, offset):
+                cand = do_backsolve(_State(st.w, S_t, st.Aw, math.inf))
+                if cand.f < best.f:
+                    best = cand
         for v, dv in families:
             with comm.phase(PHASE):
                 t = budget.tau_change(v, dv, st.S)
@@ -476,6 +511,9 @@ def solve(
                 if cand.f < best.f:
                     best = cand
         return best if best is not st and not _converged(st.f, best.f, tol) else None
+
+    with comm.phase(PHASE):
+        offset = sum(comm.all_gather_object(At.shape[0])[: comm.rank()])  # global index of this rank's first column
 
     f_mag_bs = None
     if backsolve and method == "chita":

@@ -55,7 +55,16 @@ def _monotone(trace, rel=1e-6):
     return all(b <= a + rel * abs(a) for a, b in zip(trace[:-1], trace[1:], strict=True))
 
 
-def test_quality_against_brute_force():
+@pytest.fixture
+def one_thread():
+    """Tiny problems: threading only adds overhead (and oversubscribes a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quality_against_brute_force(one_thread):
     p, k, instances = 16, 6, 200
     combos = torch.tensor(list(itertools.combinations(range(p), k)))
     gap, gap_1l, gap_mag, gap_plain = [], [], [], []
@@ -65,7 +74,7 @@ def test_quality_against_brute_force():
         At, wb32, y32 = A.T.contiguous().float(), w_bar.float(), y.float()
         res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32)
         base = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, method="iht_1L", backsolve=False,
-                     max_iter=100, tol=1e-6)
+                     max_iter=50, tol=1e-6)
         f, f_1l = _objective(A, res.w, w_bar, y, lam), _objective(A, base.w, w_bar, y, lam)
         assert int(res.support.sum()) == k and torch.all(res.w[~res.support] == 0)
         assert f <= res.magnitude_objective * (1 + 1e-6), (seed, f, res.magnitude_objective)
@@ -82,24 +91,24 @@ def test_quality_against_brute_force():
         f"\n[solver quality] {instances} instances p={p} k={k} n=30 AR(1) rho=0.8, lambda=1e-2 mean diag:\n"
         f"  CHITA:                 optimal share {share:.3f}, median rel gap {float(gap.median()):.3g}, "
         f"mean {float(gap.mean()):.3g}, max {float(gap.max()):.3g}\n"
-        f"  plain IHT 1/L:         optimal share {share_1l:.3f}, median rel gap {float(gap_1l.median()):.3g}\n"
+        f"  plain IHT 1/L (50 it.): optimal share {share_1l:.3f}, median rel gap {float(gap_1l.median()):.3g}\n"
         f"  magnitude + backsolve: median rel gap {float(gap_mag.median()):.3g}\n"
         f"  magnitude:             median rel gap {float(gap_plain.median()):.3g}"
     )
-    assert share >= 0.45
+    assert share >= 0.75
     assert float(gap.median()) <= 1e-6
     assert float(gap.median()) < 0.1 * float(gap_1l.median())
     assert float(gap.mean()) < 0.5 * float(gap_1l.mean())
 
 
 def test_lambda_zero_and_first_order():
-    p, k = 24, 8
+    p, k = 16, 5
     combos = torch.tensor(list(itertools.combinations(range(p), k)))
     for seed in range(5):
         g = torch.Generator().manual_seed(100 + seed)
-        A = _correlated(40, p, 0.7, g)
+        A = _correlated(30, p, 0.7, g)
         w_bar = torch.randn(p, generator=g, dtype=torch.float64).float().double()
-        y = A @ w_bar - 1 / math.sqrt(40)
+        y = A @ w_bar - 1 / math.sqrt(30)
         res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True)
         f = _objective(A, res.w, w_bar, y, 0.0)
         assert f == pytest.approx(res.objective, rel=1e-5)
