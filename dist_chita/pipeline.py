@@ -163,6 +163,9 @@ def prune(
     if nm is None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     world, rank = comm.world_size(), comm.rank()
+    for name, m in modules:
+        if not bool(torch.isfinite(m.weight).all()):
+            raise ValueError(f"the weights of layer {name!r} contain NaN or Inf")
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
     w = local_weights(modules, layout, rank)
     allowed = w != 0  # weights already zero stay zero

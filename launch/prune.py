@@ -204,17 +204,19 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         seconds["magnitude_baseline"] = time.perf_counter() - t
 
     lo, hi = sample_ranges(n, world)[rank]
-    outcome = pipeline.prune(
-        model, modules, cfg.prune.method, cfg.prune.sparsity,
-        make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
-        loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
-        stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
-        schedule=cfg.prune.schedule, storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
-        solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
-                            active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve),
-        progress=progress, **prune_kwargs,
-    )
-    progress.close()
+    try:
+        outcome = pipeline.prune(
+            model, modules, cfg.prune.method, cfg.prune.sparsity,
+            make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
+            loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
+            stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
+            schedule=cfg.prune.schedule, storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
+            solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
+                                active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve),
+            progress=progress, **prune_kwargs,
+        )
+    finally:
+        progress.close()
     for st in outcome.stages:
         for k, v in st.seconds.items():
             seconds[k] = seconds.get(k, 0.0) + v

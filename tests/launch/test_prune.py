@@ -1,0 +1,147 @@
+"""`launch/prune.py` as users run it: plain python, `accelerate launch` on 2 processes, and bad input."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_model
+
+from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "digits_mlp.safetensors"
+    save_model(train_digits_mlp(), str(path))
+    return path
+
+
+def write_config(tmp_path, weights, **sections):
+    cfg = {
+        "name": "digits",
+        "model": {"source": "torch", "factory": "tests.fixtures.tiny_models:digits_mlp", "weights": str(weights),
+                  "task": "image-classification"},
+        "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
+                        "label_column": "label", "n": 40, "batch_size": 16},
+        "eval": {"metric": "accuracy", "n": 400, "batch_size": 200},
+        "prune": {"method": "chita", "sparsity": 0.7, "loss": "ce", "exclude_head": False, "lambda": 1e-3},
+        "solver": {"max_iter": 30},
+        "output": {"dir": str(tmp_path / "out")},
+        "world_size": None,
+        "threads_per_rank": 1,
+    }
+    for key, value in sections.items():
+        cfg[key].update(value)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run(args, processes=1, timeout=300):
+    if processes == 1:
+        cmd = [sys.executable, "launch/prune.py", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               f"launch/accelerate/cpu_{processes}.yaml", "launch/prune.py", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights):
+    cfg = write_config(tmp_path, weights)
+    one = run(["--config", str(cfg), f"output.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = run(["--config", str(cfg), f"output.dir={tmp_path / 'two'}"], processes=2)
+    assert two.returncode == 0, two.stderr
+    r1 = json.loads((tmp_path / "one" / "prune_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "prune_report.json").read_text())
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r1["mask_sha256"] == r2["mask_sha256"]
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
+    # The report's numbers are those of the saved model.
+    kept = sum(int((w1[f"{i}.weight"] != 0).sum()) for i in (0, 2, 4))
+    assert kept == r1["global"]["kept"] == round(0.3 * r1["p"])
+    assert len(r2["peak_memory_bytes"]) == 2 and all(v > 0 for v in r2["peak_memory_bytes"])
+    assert r2["bytes_sent"]["solver"][0] > 0 and r1["metric"]["after"] > 0.5
+    assert "kept" in one.stdout and "saved to" in two.stdout and two.stdout.count("saved to") == 1
+
+
+def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
+    cfg = write_config(tmp_path, weights, eval={"n": None})
+    res = run(["--config", str(cfg)])
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "out"
+    report = json.loads((out / "prune_report.json").read_text())
+    from dist_chita.models import load_saved
+
+    model = load_saved(out).model
+    samples = digits_samples()
+    # the held-out samples are the ones after the 40 calibration digits of the same seeded permutation
+    from dist_chita.data import select_indices
+
+    idx = select_indices(len(samples), None, 0, offset=40)
+    s = samples.select(idx)
+    acc = float((model(s.fields["pixel_values"]).argmax(1) == s.fields["labels"]).double().mean())
+    assert math.isclose(acc, report["metric"]["after"], abs_tol=1e-9)
+    assert yaml.safe_load((out / "dist_chita_config.yaml").read_text())["prune"]["sparsity"] == 0.7
+
+
+BAD_INPUTS = [
+    ("unknown key", ["solver.max_iterz=3"], 2, "unknown key 'solver.max_iterz'"),
+    ("sparsity outside [0, 1)", ["prune.sparsity=1.0"], 2, "prune.sparsity"),
+    ("wrong type", ["calibration.n=many"], 2, "calibration.n"),
+    ("missing checkpoint", ["model.weights=/nonexistent/w.safetensors"], 1, "/nonexistent/w.safetensors"),
+    ("unreadable data", ["calibration.source=/nonexistent/data.csv"], 1, "/nonexistent/data.csv"),
+    ("pattern matching no layer", ["prune.include=[nomatch*]"], 1, "nomatch*"),
+    ("missing column", ["calibration.label_column=digit"], 1, "'digit'"),
+]
+
+
+@pytest.mark.parametrize("case,overrides,code,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, weights, case, overrides, code, needle):
+    cfg = write_config(tmp_path, weights)
+    res = run(["--config", str(cfg), *overrides])
+    assert res.returncode == code, (res.stdout, res.stderr)
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], res.stderr
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+
+
+def test_nan_weights_name_the_layer(tmp_path, weights):
+    bad = load_file(weights)
+    bad["2.weight"][3, 5] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(bad, str(tmp_path / "nan.safetensors"))
+    cfg = write_config(tmp_path, tmp_path / "nan.safetensors")
+    res = run(["--config", str(cfg), "eval.metric=none"])
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 1 and last == "error: the weights of layer '2' contain NaN or Inf", res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_refused_and_input_untouched(tmp_path, weights):
+    before = weights.read_bytes()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    cfg = write_config(tmp_path, weights)
+    res = run(["--config", str(cfg)])
+    assert res.returncode == 1 and "overwrite=true" in res.stderr
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    assert weights.read_bytes() == before
+
+
+def test_fewer_samples_than_ranks(tmp_path, weights):
+    cfg = write_config(tmp_path, weights)
+    res = run(["--config", str(cfg), "calibration.n=1"], processes=2)
+    assert res.returncode != 0 and "smaller than the number of ranks" in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
