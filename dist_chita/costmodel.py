@@ -31,7 +31,8 @@ Phases (what ``launch/prune.py`` reports in ``phase_seconds``):
 * writeback: 2 * 4 p_R / (M s); save: 4 P / disk bandwidth.
 
 Every phase also gets a fixed term (``Rates.fixed``; launch and Python
-overhead), fitted by :func:`calibrate`. ``s`` is the share of a device one rank
+overhead, waiting, work that does not shrink with R), fitted by :func:`calibrate`;
+it is not scaled by the core share (ranks that wait do not compete for cores). ``s`` is the share of a device one rank
 gets (:meth:`Hardware.compute_share`): 1 on GPUs; on a CPU node with C shared
 cores and t threads per rank, min(t, C / R), so ranks that oversubscribe the
 cores slow down; ``s'`` (:meth:`Hardware.time_slice`) is the share of one core
@@ -293,7 +294,6 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     bw = rates.collective_bandwidth or bw
     lat = rates.collective_latency if rates.collective_latency is not None else lat
     s = hw.compute_share(ranks, w.threads_per_rank)
-    s1 = hw.time_slice(ranks, w.threads_per_rank)
     n, p, b, R = w.n, w.p, w.dtype_bytes, ranks
     p_r = math.ceil(p / R)
     mem_bw = hw.memory_bandwidth * s * rates.memory_efficiency
@@ -321,8 +321,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
         "writeback": 2 * 4 * p_r / (hw.memory_bandwidth * s),
         "save": 4 * w.model_params / hw.disk_bandwidth,
     }
-    seconds = {ph: seconds[ph] + fixed.get(ph, 0.0) / (s1 if ph in ("fisher", "solver", "backsolve") else 1.0)
-               for ph in PHASES}
+    seconds = {ph: seconds[ph] + fixed.get(ph, 0.0) for ph in PHASES}
     return Prediction(
         ranks=R,
         seconds=seconds,
@@ -420,9 +419,11 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
 
     * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s') with
       h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l and o (L from the hardware);
-    * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f,
-      fitting 1/e_g and the fixed term f;
-    * backsolve: t = (2 n^2 k / R / (F s) + n^3 / 3 / F) * 1/e_a + f, fitting 1/e_a and f;
+    * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f_fisher,
+      fitting 1/e_g and the fixed term f_fisher;
+    * backsolve: t = m (2 n^2 k / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + f_backsolve, fitting 1/e_a and
+      f_backsolve; m (backsolves per prune) = payload bytes of the backsolve phase / 8 n^2 (one n x n float64
+      Gram all-reduce each), median over the multi-rank reports, else the base value;
     * writeback, save: the mean measured time becomes the fixed term.
 
     A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
@@ -454,17 +455,24 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     for w, R, t in loads:
         pred = predict(dataclasses.replace(w, iterations=0), R, hw, dataclasses.replace(rates, grad_efficiency=1.0))
         cols[0].append(pred.terms["fisher_gradients"])
-        cols[1].append(1.0 / hw.time_slice(R, w.threads_per_rank))
+        cols[1].append(1.0)
         y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
     inv_eg, fixed_fisher = _nnls(cols, y)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
 
-    # backsolve
+    # backsolve: the number of backsolves from the bytes of their n x n float64 Gram all-reduces (multi-rank runs)
+    counts = []
+    for rep in reports:
+        sent = (rep.get("bytes_sent") or {}).get("backsolve")
+        if int(rep["world_size"]) > 1 and sent:
+            counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))
+    if counts:
+        rates = dataclasses.replace(rates, backsolve_rounds=max(1, round(sorted(counts)[len(counts) // 2])))
     cols, y = [[], []], []
     for w, R, t in loads:
         pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
-        cols[1].append(1.0 / hw.time_slice(R, w.threads_per_rank))
+        cols[1].append(1.0)
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"]))
     inv_ea, fixed_back = _nnls(cols, y)
     lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
@@ -480,14 +488,15 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
 def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
     """Predicted vs measured seconds per phase and world size: rows of
     {world_size, phase, measured, predicted, rel_error} (rel_error = (predicted - measured) / measured, None at 0).
-    Phase "total" is the sum of the modelled phases (fisher, solver, backsolve, writeback, save)."""
+    Phase "sum" is the sum of the modelled phases (fisher, solver, backsolve, writeback, save), not the run's
+    total (which also holds loading and evaluation)."""
     rows = []
     for r in sorted(reports, key=lambda r: int(r["world_size"])):
         R = int(r["world_size"])
         pred = predict(workload_from_report(r), R, hw, rates)
         meas = measured_seconds(r)
         pairs = [(ph, meas[ph], pred.seconds[ph]) for ph in PHASES]
-        pairs.append(("total", sum(meas.values()), pred.total))
+        pairs.append(("sum", sum(meas.values()), pred.total))
         for ph, m, pr in pairs:
             rel = (pr - m) / m if m > 0 else None
             rows.append({"world_size": R, "phase": ph, "measured": m, "predicted": pr, "rel_error": rel})
@@ -507,11 +516,16 @@ def compare_held_out(reports: list[dict], hw: Hardware, base: Rates | None = Non
     return sorted(rows, key=lambda row: row["world_size"])
 
 
-def format_comparison(rows: list[dict]) -> str:
-    """The :func:`compare` rows as a text table."""
-    lines = [f"{'R':>3} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>8}"]
+def format_comparison(rows: list[dict], noise_seconds: float = 0.05) -> str:
+    """The :func:`compare` rows as a text table; errors of phases under ``noise_seconds`` are marked "*"."""
+    lines = [f"{'R':>3} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>9}"]
+    marked = False
     for row in rows:
         err = "-" if row["rel_error"] is None else f"{100 * row['rel_error']:+.0f}%"
+        if row["rel_error"] is not None and row["measured"] < noise_seconds:
+            err, marked = err + "*", True
         lines.append(f"{row['world_size']:>3} {row['phase']:<10} {row['measured']:>11.3f} {row['predicted']:>12.3f} "
-                     f"{err:>8}")
+                     f"{err:>9}")
+    if marked:
+        lines.append(f"  * measured under {noise_seconds * 1000:.0f} ms: timer noise, not a model error")
     return "\n".join(lines)

@@ -149,18 +149,22 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     note = " (* oversubscribed cores)" if any(row["oversubscribed"] for row in table) else ""
     paths = []
 
-    def finish(fig, ax, name: str, ylabel: str) -> None:
+    def label_axes(ax, ylabel: str, subtitle: str = "") -> None:
         ax.set_xticks(x, labels)
         ax.set_xlabel("world size R (ranks)" + note)
         ax.set_ylabel(ylabel)
-        ax.set_title(f"{title} {mode} scaling".strip())
+        ax.set_title(subtitle or f"{title} {mode} scaling".strip(), fontsize=10)
+
+    def finish(fig, ax, name: str, ylabel: str) -> None:
+        if ax is not None:
+            label_axes(ax, ylabel)
         fig.tight_layout()
         fig.savefig(out_dir / name, dpi=100)
         plt.close(fig)
         paths.append(out_dir / name)
 
-    # time per phase, stacked; the rest of the run (load, eval) on top
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # time per phase: stacked (linear), and grouped per phase (log scale, so that small phases show)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(table)
     for ph in TIME_PHASES[:-1]:
         vals = [row[f"time_{ph}"] for row in table]
@@ -172,8 +176,18 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     other = [max(0.0, row["time_total"] - b) for row, b in zip(table, bottom, strict=True)]
     ax.bar(x, other, bottom=bottom, label="other (load, eval)", color="lightgray")
-    ax.legend(fontsize=8)
-    finish(fig, ax, "time_per_phase.png", "seconds (max over ranks)")
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
+    label_axes(ax, "seconds (max over ranks)", f"{title} {mode} scaling: time per phase (stacked)".strip())
+    phases = TIME_PHASES[:-1]
+    width = 0.8 / len(phases)
+    for i, ph in enumerate(phases):
+        label = "fisher (incl. exchange)" if ph == "fisher" else ph
+        ax2.bar([xi + (i - (len(phases) - 1) / 2) * width for xi in x],
+                [max(row[f"time_{ph}"], 1e-4) for row in table], width, label=label)
+    ax2.set_yscale("log")
+    ax2.legend(fontsize=7, framealpha=0.6)
+    label_axes(ax2, "seconds (max over ranks, log)", "per phase (log scale)")
+    finish(fig, None, "time_per_phase.png", "")
 
     # speedup and efficiency vs ideal
     fig, ax = plt.subplots(figsize=(7, 4.5))

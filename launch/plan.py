@@ -13,6 +13,7 @@ parameter). Bad arguments print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
     ap.add_argument("--kept-fraction", type=float, default=0.5, help="k / p (1 - sparsity)")
     ap.add_argument("--zero3", action="store_true", help="model parameters sharded across ranks (ZeRO-3)")
+    ap.add_argument("--backsolves", type=int, default=None,
+                    help="backsolves per prune (default: from --rates, else 1; the solver's escape rounds can run "
+                         "hundreds: MLPNet here ran ~270)")
     ap.add_argument("--rates", default=None, help="JSON file of measured rates (or a study summary.json)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap.parse_args(argv)
@@ -110,7 +114,12 @@ def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]
         model_sharded=args.zero3,
         flops_per_sample=args.flops_per_sample if args.flops_per_sample else 6.0 * params * args.tokens,
     )
-    return w, load_hardware(args.hardware), load_rates(args.rates)
+    rates = load_rates(args.rates)
+    if args.backsolves is not None:
+        if args.backsolves < 1:
+            raise ValueError(f"--backsolves must be >= 1, got {args.backsolves}")
+        rates = dataclasses.replace(rates, backsolve_rounds=args.backsolves)
+    return w, load_hardware(args.hardware), rates
 
 
 def plan(w: cm.Workload, hw: cm.Hardware, rates: cm.Rates, ranks: int) -> dict:
@@ -122,7 +131,7 @@ def plan(w: cm.Workload, hw: cm.Hardware, rates: cm.Rates, ranks: int) -> dict:
         "workload": {"params": w.model_params, "p": w.p, "n": w.n, "storage_dtype": w.storage_dtype,
                      "iterations": w.iterations, "kept": w.k, "largest_layer": w.largest_layer,
                      "micro_batch": w.micro_batch, "layers": w.layers, "zero3": w.model_sharded,
-                     "flops_per_sample": w.sample_flops},
+                     "flops_per_sample": w.sample_flops, "backsolves": rates.backsolve_rounds},
         "memory_per_rank": pred.memory.as_dict(),
         "memory_available": hw.memory_bytes,
         "fits": pred.fits,
@@ -152,7 +161,8 @@ def format_plan(pl: dict) -> str:
                   f"exchange {t['fisher_exchange']:.3g} s",
         "solver": f"block reads {t['solver_reads']:.3g} s, all-reduce {t['solver_allreduce']:.3g} s, "
                   f"selection {t['solver_selection']:.3g} s, overhead {t['solver_overhead']:.3g} s",
-        "backsolve": f"Gram {t['backsolve_gram']:.3g} s, all-reduce {t['backsolve_allreduce']:.3g} s, "
+        "backsolve": f"{pl['workload']['backsolves']} backsolve(s): Gram {t['backsolve_gram']:.3g} s, "
+                     f"all-reduce {t['backsolve_allreduce']:.3g} s, "
                      f"Cholesky {t['backsolve_cholesky']:.3g} s",
     }
     for ph in (*cm.PHASES, "total"):

@@ -233,6 +233,27 @@ def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
     return paths + [out / "summary.json"]
 
 
+def rebuild(reports_dir: Path, out: Path, mode: str, hardware: costmodel.Hardware, sizes: list[int]) -> int:
+    """Outputs from recorded reports (<reports_dir>/ws<R>.json), without running anything."""
+    paths = sorted(reports_dir.glob("ws*.json"))
+    reports = [json.loads(p.read_text()) for p in paths]
+    reports = [r for r in reports if int(r["world_size"]) in sizes]
+    if not reports:
+        print(f"scaling_study.py: error: no ws<R>.json reports for {sizes} in {reports_dir}", file=sys.stderr)
+        return 2
+    old = out / "summary.json"
+    previous = json.loads(old.read_text()) if old.is_file() else {}
+    summary = summarize(reports, mode, machine_cores(), hardware, title=reports[0].get("name", ""))
+    for key in ("launcher", "commands", "load_average_1min"):
+        if key in previous:
+            summary[key] = previous[key]
+    summary["notes"] += [n for n in previous.get("notes", []) if n not in summary["notes"]]
+    out_paths = write_outputs(summary, reports, out)
+    print(format_summary(summary))
+    print("wrote " + ", ".join(str(p) for p in out_paths))
+    return 0 if summary["masks_equal"] else 1
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", required=True, help="run config (configs/<run>.yaml)")
@@ -245,6 +266,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prune-script", default="launch/prune.py", help="the prune script (or a stand-in)")
     ap.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary directory)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    ap.add_argument("--from-reports", default=None,
+                    help="skip the runs: rebuild the outputs from a directory of recorded reports (ws<R>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
     return ap.parse_args(argv)
 
@@ -265,8 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"scaling_study.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     out = Path(args.out or f"docs/scaling/{Path(args.config).stem}")
+    if args.from_reports:
+        return rebuild(Path(args.from_reports), out, args.mode, hardware, sizes)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scaling_"))
-    commands = {}
+    commands, loads = {}, {}
     try:
         reports = []
         for R in sizes:
@@ -277,12 +302,20 @@ def main(argv: list[str] | None = None) -> int:
             commands[f"ws{R}"] = prune_command(args.launcher, R, args.config, args.prune_script, f"<work>/ws{R}",
                                                args.threads_per_rank, args.overrides, n)
             print(f"[ws{R}] {' '.join(cmd)}", flush=True)
+            load_before = os.getloadavg()[0]
             run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"ws{R}.log", args.timeout)
+            loads[f"ws{R}"] = {"before": load_before, "after": os.getloadavg()[0]}
             reports.append(collect_report(run_dir, R, args.launcher))
             print(f"[ws{R}] done: total {max(reports[-1]['phase_seconds']['total']):.2f} s", flush=True)
         summary = summarize(reports, args.mode, machine_cores(), hardware, title=reports[0].get("name", ""))
         summary["launcher"] = args.launcher
         summary["commands"] = commands
+        summary["load_average_1min"] = loads
+        busy = {k: v for k, v in loads.items() if max(v.values()) > summary["cores"]}
+        if busy:
+            summary["notes"].append(f"the machine was shared during the runs (1-minute load average above the "
+                                    f"{summary['cores']} cores for {', '.join(busy)}): absolute times include "
+                                    "contention from other processes")
         paths = write_outputs(summary, reports, out)
     except (StudyError, ValueError, OSError) as e:
         print(f"scaling_study.py: error: {' '.join(str(e).split())}", file=sys.stderr)

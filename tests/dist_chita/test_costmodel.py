@@ -123,7 +123,9 @@ def test_hardware_from_dict_errors():
 
 def synthetic_report(R: int, hw: cm.Hardware, rates: cm.Rates, w: cm.Workload) -> dict:
     pred = cm.predict(w, R, hw, rates)
+    gram_bytes = 8 * w.n**2 * rates.backsolve_rounds + 8 * w.n  # Gram all-reduces plus an n-vector
     return {
+        "bytes_sent": {"backsolve": [gram_bytes if R > 1 else 0] * R},
         "world_size": R, "threads_per_rank": 1, "n": w.n, "p": w.p, "model_params": w.model_params,
         "storage_dtype": w.storage_dtype, "solver_iterations": w.iterations,
         "global": {"kept": w.kept}, "layers": [{"size": w.largest_layer}] * w.layers,
@@ -134,6 +136,7 @@ def synthetic_report(R: int, hw: cm.Hardware, rates: cm.Rates, w: cm.Workload) -
 
 def test_calibration_recovers_rates():
     truth = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
+                     backsolve_rounds=7,
                      iteration_overhead=3e-3, fixed={"fisher": 0.2, "backsolve": 0.05, "writeback": 0.01,
                                                      "save": 0.3})
     w = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
@@ -145,6 +148,7 @@ def test_calibration_recovers_rates():
     assert fit.collective_latency == pytest.approx(2e-4, rel=1e-3)
     assert fit.iteration_overhead == pytest.approx(3e-3, rel=1e-3)
     assert fit.grad_efficiency == pytest.approx(0.25, rel=1e-3)
+    assert fit.backsolve_rounds == 7
     for row in cm.compare(reports, CPU, fit):
         if row["phase"] in ("fisher", "solver", "backsolve"):
             assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
@@ -153,6 +157,6 @@ def test_calibration_recovers_rates():
         if row["phase"] in ("fisher", "solver"):
             assert row["rel_error"] == pytest.approx(0.0, abs=5e-2), row
     table = cm.format_comparison(cm.compare(reports[:1], CPU, fit))
-    assert "solver" in table and "total" in table
+    assert "solver" in table and "sum" in table
     with pytest.raises(ValueError):
         cm.calibrate([], CPU)

@@ -51,6 +51,23 @@ def test_plan_does_not_fit_and_json(capsys):
     assert pl["memory_per_rank"]["factor"] == 128 * 875_000_000 * 4
     assert pl["seconds"]["total"] == pytest.approx(sum(v for k, v in pl["seconds"].items() if k != "total"))
     assert pl["smallest_fitting"] > 8
+    assert pl["workload"]["backsolves"] == 1
+
+
+def test_backsolves_and_rates_file(tmp_path, capsys):
+    base = ["--params", "1e6", "--n", "100", "--gpus", "2", "--hardware", H100, "--json"]
+    assert plan.main(base) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert plan.main(base + ["--backsolves", "10"]) == 0
+    ten = json.loads(capsys.readouterr().out)
+    assert ten["terms"]["backsolve_gram"] == pytest.approx(10 * one["terms"]["backsolve_gram"])
+    rates = tmp_path / "summary.json"
+    rates.write_text(json.dumps({"rates": {"memory_efficiency": 0.5, "fixed": {"solver": 2.0}}}))
+    assert plan.main(base + ["--rates", str(rates)]) == 0
+    fitted = json.loads(capsys.readouterr().out)
+    assert fitted["terms"]["solver_reads"] == pytest.approx(2 * one["terms"]["solver_reads"])
+    reads = one["terms"]["solver_reads"]
+    assert fitted["seconds"]["solver"] == pytest.approx(one["seconds"]["solver"] + reads + 2.0)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +80,7 @@ def test_plan_does_not_fit_and_json(capsys):
         (["--params", "1e6", "--n", "0", "--gpus", "2", "--hardware", H100], "n must be >= 1"),
         (["--params", "1e6", "--p", "2e6", "--n", "4", "--gpus", "2", "--hardware", H100], "exceeds --params"),
         (["--n", "4", "--gpus", "2", "--hardware", H100], "--params"),
+        (["--params", "1e6", "--n", "4", "--gpus", "2", "--hardware", H100, "--backsolves", "0"], "--backsolves"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(capsys, args, fragment):

@@ -83,9 +83,14 @@ def test_study_end_to_end_with_stand_in(tmp_path, capsys):
         assert (out / f"{name}.png").read_bytes()[:8] == PNG_MAGIC
     summary = json.loads((out / "summary.json").read_text())
     assert summary["masks_equal"] is True and summary["world_sizes"] == [1, 2, 4]
-    assert {row["phase"] for row in summary["comparison"]} >= {"fisher", "solver", "total"}
+    assert {row["phase"] for row in summary["comparison"]} >= {"fisher", "solver", "sum"}
     assert "output.dir=<work>/ws2" in summary["commands"]["ws2"]
     assert json.loads((out / "reports" / "ws4.json").read_text())["world_size"] == 4
+    # the outputs rebuild from the recorded reports alone, with the same table
+    again = tmp_path / "again"
+    assert st.main(["--config", CONFIG, "--from-reports", str(out / "reports"), "--out", str(again)]) == 0
+    assert st.scaling.read_csv(again / "scaling.csv") == rows
+    assert "all 3 world sizes produced the same mask" in capsys.readouterr().out
 
 
 def test_weak_study_differing_masks_exit_1(tmp_path, capsys, monkeypatch):
