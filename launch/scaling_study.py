@@ -126,6 +126,19 @@ def config_n(config: str, overrides: list[str]) -> int:
     return load_config(config, overrides).calibration.n
 
 
+def git_state() -> dict:
+    """Commit and locally modified files of the checkout the runs use (None outside git)."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head, status = git("rev-parse", "HEAD"), git("status", "--short", "--untracked-files=no")
+    return {"commit": head.strip() if head else None,
+            "modified": [ln[3:] for ln in status.splitlines()] if status else []}
+
+
 def run_one(cmd: list[str], env: dict[str, str], log_path: Path, timeout: float) -> None:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
@@ -244,7 +257,7 @@ def rebuild(reports_dir: Path, out: Path, mode: str, hardware: costmodel.Hardwar
     old = out / "summary.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
     summary = summarize(reports, mode, machine_cores(), hardware, title=reports[0].get("name", ""))
-    for key in ("launcher", "commands", "load_average_1min"):
+    for key in ("launcher", "commands", "load_average_1min", "git"):
         if key in previous:
             summary[key] = previous[key]
     summary["notes"] += [n for n in previous.get("notes", []) if n not in summary["notes"]]
@@ -291,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_reports:
         return rebuild(Path(args.from_reports), out, args.mode, hardware, sizes)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scaling_"))
-    commands, loads = {}, {}
+    commands, loads, states = {}, {}, {}
     try:
         reports = []
         for R in sizes:
@@ -302,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             commands[f"ws{R}"] = prune_command(args.launcher, R, args.config, args.prune_script, f"<work>/ws{R}",
                                                args.threads_per_rank, args.overrides, n)
             print(f"[ws{R}] {' '.join(cmd)}", flush=True)
+            states[f"ws{R}"] = git_state()
             load_before = os.getloadavg()[0]
             run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"ws{R}.log", args.timeout)
             loads[f"ws{R}"] = {"before": load_before, "after": os.getloadavg()[0]}
@@ -311,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         summary["launcher"] = args.launcher
         summary["commands"] = commands
         summary["load_average_1min"] = loads
+        summary["git"] = states
+        modified = sorted({f for st in states.values() for f in st["modified"]})
+        if modified:
+            summary["notes"].append(f"runs used a checkout with uncommitted changes to {', '.join(modified)}")
         busy = {k: v for k, v in loads.items() if max(v.values()) > summary["cores"]}
         if busy:
             summary["notes"].append(f"the machine was shared during the runs (1-minute load average above the "
