@@ -498,7 +498,7 @@ def solve(
         for v, dv in families:
             with comm.phase(PHASE):
                 t = budget.tau_change(v, dv, st.S)
-            prev = st.S
+            prev, f_prev = st.S, math.inf
             for _ in range(escape_trials if math.isfinite(t) and t > 0 else 0):
                 with comm.phase(PHASE):
                     S_t = budget.project(v - t * dv)
@@ -510,6 +510,9 @@ def solve(
                 cand = do_backsolve(_State(st.w, S_t, st.Aw, math.inf))
                 if cand.f < best.f:
                     best = cand
+                if cand.f > f_prev:  # larger steps swap more coordinates; stop once that gets worse
+                    break
+                f_prev = cand.f
         return best if best is not st and not _converged(st.f, best.f, tol) else None
 
     with comm.phase(PHASE):
