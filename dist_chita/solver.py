@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_chita import comm
+from dist_chita.backsolve import GramCache, rows_matvec, swap_curvatures
 from dist_chita.backsolve import backsolve as ridge_backsolve
-from dist_chita.backsolve import rows_matvec, swap_curvatures
 from dist_chita.budget import Budget
 from dist_chita.select import check_finite, topk_mask
 
@@ -459,9 +459,11 @@ def solve(
     st = _State(w0, S0, Aw0, f_plain)
     trace = [f_plain]
 
+    gram_cache = GramCache()
+
     def do_backsolve(st: _State) -> _State:
         t0 = time.perf_counter()
-        w = ridge_backsolve(At, w_bar, lam, st.S, y, w0=st.w)
+        w = ridge_backsolve(At, w_bar, lam, st.S, y, w0=st.w, cache=gram_cache)
         with comm.phase("backsolve"):
             Aw, f = full.exact(w, st.S)
         timings["backsolve"] += time.perf_counter() - t0
@@ -484,7 +486,7 @@ def solve(
             with comm.phase(PHASE):
                 m = min(int(_sum(float(allowed_out.sum()))[0]), max(swap_candidates, 1))
                 cand = topk_mask(v_out.float(), m, None, allowed_out)
-            d_inv, s_add = swap_curvatures(At, st.S, lam, cand)
+            d_inv, s_add = swap_curvatures(At, st.S, lam, cand, cache=gram_cache)
             timings["backsolve"] += time.perf_counter() - t0
             v_in = st.w.double().abs() / d_inv.clamp(min=1e-300).sqrt()
             v_out = torch.where(cand, ga / s_add.sqrt(), v_out)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dist_chita import comm
-from dist_chita.backsolve import IllConditionedError, backsolve
+from dist_chita.backsolve import GramCache, IllConditionedError, backsolve
 from tests.multiproc import run
 
 
@@ -104,3 +104,21 @@ def test_ranks_agree_with_single_process(lam):
         rel = float((w - single).norm() / single.norm())
         assert rel < 1e-6, (R, rel)
         assert all(o[1] > 0 for o in out)  # bytes were counted under the "backsolve" phase
+
+
+def test_gram_cache_updates_match_fresh_solves():
+    A, w_bar, support = _problem(30, 80, seed=4)
+    y = (A.double() @ w_bar.double()).float()
+    At = A.T.contiguous()
+    cache = GramCache()
+    g = torch.Generator().manual_seed(0)
+    for step in range(6):
+        if step:  # move a few coordinates: the cache updates G instead of recomputing it
+            flip = torch.randperm(80, generator=g)[:3]
+            support = support.clone()
+            support[flip] = ~support[flip]
+        cached = backsolve(At, w_bar, 0.01, support, y, cache=cache)
+        fresh = backsolve(At, w_bar, 0.01, support, y)
+        assert float((cached - fresh).norm() / fresh.norm()) < 1e-6
+        G_fresh = A[:, support].double() @ A[:, support].double().T
+        assert torch.allclose(cache.G, G_fresh, rtol=0, atol=1e-9 * float(G_fresh.abs().max()))
