@@ -22,7 +22,14 @@ Algorithm (paper Sec. 3, Alg. 1 "IHT with line search", plus active sets and bac
   outside it); after convergence one full step over all p decides whether W must grow.
 * Backsolve (:mod:`dist_chita.backsolve`): the exact ridge solution on the final support, then IHT again from there
   until the support stops changing. The warm start is magnitude pruning H(w_bar) followed by a backsolve, so the result
-  is never worse than magnitude pruning + backsolve.
+  is never worse than magnitude pruning + backsolve. IHT also hands over to the backsolve once ``patience`` steps in a
+  row kept the support (steepest descent on a fixed support is slow; the backsolve is exact).
+* Escapes (lambda > 0 mostly): when IHT keeps the support of a backsolved point, candidate supports are backsolved and
+  the best is taken if it lowers f: the IHT path H(w - t g) for t = tau_c, 2 tau_c, ...; the same path on OBS scores
+  (|w_i| / sqrt([(A_S^T A_S + lambda I)^-1]_ii) inside S, the exact single-coordinate gain |g_j| / sqrt(s_j) outside,
+  see :func:`dist_chita.backsolve.swap_curvatures`); for k <= ``pair_swap_max_k`` the ``pair_swaps``^2 single swaps
+  of the cheapest removals with the best additions. The Gram matrix of nearby supports is updated, not recomputed
+  (:class:`dist_chita.backsolve.GramCache`).
 
 Every decision is taken from all-reduced quantities (scalars reduced in float64), so all ranks agree and the result
 does not depend on the number of ranks beyond float rounding. Collectives are counted under the phases "solver" and
@@ -57,7 +64,8 @@ class SolveResult:
         w: (p_r,) float32 pruned weights of this rank, zero off the support.
         support: (p_r,) bool, the kept coordinates of this rank.
         objective: f(w).
-        objective_trace: f after the warm start and after every accepted step or backsolve (non-increasing).
+        objective_trace: f after the warm start and after every accepted step, backsolve or escape; non-increasing up
+            to float32 rounding (A w is updated incrementally and recomputed exactly every ``recompute_every`` steps).
         iterations: number of IHT iterations (all rounds, active-set and full steps).
         magnitude_objective: f of magnitude pruning followed by a backsolve (None when backsolve=False).
         plain_magnitude_objective: f of magnitude pruning, H(w_bar), without backsolve.
@@ -300,7 +308,7 @@ def _iht(prob, st, *, method, max_iter, tol, trials, recompute_every, trace, pro
         st = new
         trace.append(st.f)
         if progress is not None:
-            progress({"iteration": counter["iterations"], "objective": st.f})
+            progress({"iteration": counter["iterations"], "objective": st.f, "entered": st.moved})
         if done or (patience and kept >= patience):
             break
     Aw, f = prob.exact(st.w, st.S)
@@ -418,8 +426,16 @@ def solve(
         max_iter: cap on IHT iterations over the whole solve; tol: stop when f decreases by less than tol * f.
         active_set_factor: W holds about factor * k coordinates; None or <= 1 disables the active set.
         backsolve: warm start with magnitude + backsolve, backsolve the final support and re-run IHT (``rounds``).
-        progress: called as progress({"iteration", "objective", ...}) after each accepted IHT step (every rank).
+        progress: called as progress({"iteration", "objective", "entered"}) after each accepted IHT step (every rank;
+            "entered" = coordinates that joined the support in that step).
         method: "chita" (line search above) or "iht_1L" (plain IHT with step 1/L from magnitude pruning: a baseline).
+        rounds: cap on IHT -> backsolve/escape rounds; patience: consecutive support-keeping steps before a backsolve.
+        trials: support-changing step sizes tried per IHT step (tau_c doubling); escape_trials: the same per escape
+            path (0 disables escapes).
+        recompute_every: IHT steps between exact recomputations of A w.
+        max_active_rounds: cap on active-set growth rounds.
+        swap_candidates: outside coordinates whose exact gain is computed in an escape (the best by approximate gain).
+        pair_swaps, pair_swap_max_k: escape pair swaps (q x q backsolves), only when k <= pair_swap_max_k.
 
     Returns:
         :class:`SolveResult`.
