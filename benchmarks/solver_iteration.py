@@ -71,7 +71,8 @@ def copy_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return best / 1e9
 
 
-def iteration_run(p: int, n: int, sparsity: float, iters: int, seed: int, threads: int) -> dict:
+def iteration_run(p: int, n: int, sparsity: float, iters: int, seed: int, threads: int, first_order: bool = False
+                  ) -> dict:
     """Solve (IHT only, no active set, no backsolve) on this rank's block; per-iteration time and bytes."""
     torch.set_num_threads(threads)
     R, r = comm.world_size(), comm.rank()
@@ -82,19 +83,22 @@ def iteration_run(p: int, n: int, sparsity: float, iters: int, seed: int, thread
 
     def progress(info: dict) -> None:
         stamps.append((time.perf_counter(), comm.bytes_by_phase().get("solver", 0),
-                       comm.calls_by_phase().get("solver", 0)))
+                       comm.calls_by_phase().get("solver", 0), info["entered"]))
 
     comm.barrier()
     comm.reset_stats()
-    res = solve(At, w_bar, 0.1, Budget.global_topk(hi - lo, k), max_iter=iters, tol=0.0, active_set_factor=None,
-                backsolve=False, progress=progress)
+    res = solve(At, w_bar, 0.1, Budget.global_topk(hi - lo, k), first_order=first_order, max_iter=iters, tol=0.0,
+                active_set_factor=None, backsolve=False, progress=progress)
     dts = [b[0] - a[0] for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     dbytes = [b[1] - a[1] for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
     dcalls = [b[2] - a[2] for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+    changing = [dt for dt, b in zip(dts, stamps[1:], strict=True) if b[3] > 0]
     return {
         "rank": r,
         "iterations": res.iterations,
         "seconds_per_iteration": statistics.median(dts) if dts else float("nan"),
+        "support_changing_iterations": len(changing),
+        "seconds_per_support_changing_iteration": statistics.median(changing) if changing else None,
         "bytes_per_iteration": statistics.median(dbytes) if dbytes else 0,
         "bytes_per_iteration_mean": statistics.mean(dbytes) if dbytes else 0,
         "bytes_per_iteration_max": max(dbytes) if dbytes else 0,
@@ -108,16 +112,24 @@ def part1(args) -> dict:
     torch.set_num_threads(1)
     bw = copy_bandwidth(args.copy_gib)
     gc.collect()
-    (out,) = run(iteration_run, 1, args.p, args.n, args.sparsity, args.iters, args.seed, 1, threads=1,
-                 timeout=3600)
+    (out,) = run(iteration_run, 1, args.p, args.n, args.sparsity, args.iters, args.seed, 1, args.first_order,
+                 threads=1, timeout=3600)
     bytes_A = out["bytes_A_local"]
     bound = 2 * bytes_A / (bw * 1e9)
-    res = {"n": args.n, "p": args.p, "sparsity": args.sparsity, "threads": 1, "bytes_A": bytes_A,
+    res = {"n": args.n, "p": args.p, "sparsity": args.sparsity, "first_order": args.first_order, "threads": 1,
+           "bytes_A": bytes_A,
            "copy_bandwidth_GBps": bw, "bound_seconds": bound, "seconds_per_iteration": out["seconds_per_iteration"],
-           "ratio_to_bound": out["seconds_per_iteration"] / bound}
+           "ratio_to_bound": out["seconds_per_iteration"] / bound,
+           "iterations_timed": out["iterations"] - 1,
+           "support_changing_iterations": out["support_changing_iterations"],
+           "seconds_per_support_changing_iteration": out["seconds_per_support_changing_iteration"]}
     print(f"[part 1] n={args.n} p={args.p:.0e} float32 ({bytes_A / 1e9:.2f} GB), {args.sparsity:.0%} sparsity, "
           f"1 thread: copy bandwidth {bw:.2f} GB/s (read+write), bound 2*bytes(A)/bw = {bound * 1e3:.1f} ms, "
-          f"iteration {out['seconds_per_iteration'] * 1e3:.1f} ms, ratio {res['ratio_to_bound']:.2f} (target <= 1.5)")
+          f"iteration {out['seconds_per_iteration'] * 1e3:.1f} ms (median), ratio {res['ratio_to_bound']:.2f} "
+          f"(target <= 1.5); {out['support_changing_iterations']} of the timed iterations changed the support")
+    if out["seconds_per_support_changing_iteration"] is not None:
+        print(f"[part 1] support-changing iterations (tau_c trials): "
+              f"{out['seconds_per_support_changing_iteration'] * 1e3:.1f} ms (median)")
     return res
 
 
@@ -159,6 +171,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--p", type=int, default=1_000_000)
     ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--first-order", action="store_true", help="y = A w_bar - 1/sqrt(n) (part 1)")
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copy-gib", type=float, default=1.0)
