@@ -232,6 +232,7 @@ class PerSampleGrads:
         self._busy = False
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
         self._buf: torch.Tensor | None = None
+        self._batch = 0  # b of the running backward(): rows of a layer input flattened over tokens are split by it
 
     def __enter__(self) -> PerSampleGrads:
         for i, layer in enumerate(self.layers):
@@ -313,6 +314,13 @@ class PerSampleGrads:
         if entry is None or layer.emitted:
             raise RuntimeError(f"layer {self.names[index]!r} got a second gradient; call backward() once per forward")
         layer.inputs[call] = None
+        b = self._batch or gy.shape[0]
+        if layer.rule in ("linear", "conv1d_hf") and gy.shape[0] != b and gy.dim() == 2 and gy.shape[0] % b == 0:
+            # the model flattened (b, T, d) to (b * T, d) before this layer (OPT's fc1 / fc2): sample-major rows
+            args, kwargs = entry
+            x = args[0] if args else next(iter(kwargs.values()))
+            entry = ((x.reshape(b, -1, x.shape[-1]),), {})
+            gy = gy.reshape(b, -1, gy.shape[-1])
         # a layer called once writes into the shared buffer; shared-weight layers accumulate in their own tensor
         out = self._buffer(gy.shape[0], layer.module.weight.numel(), gy.device) if len(layer.inputs) == 1 else None
         gy = gy.detach() if self.scale == 1.0 else gy.detach() * self.scale
@@ -334,7 +342,7 @@ class PerSampleGrads:
         """Run ``losses.sum().backward()`` (losses: (b,) per-sample l_i) and deliver every layer's gradients."""
         if losses.dim() != 1:
             raise ValueError(f"losses must be a (b,) tensor of per-sample losses, got shape {tuple(losses.shape)}")
-        b = losses.shape[0]
+        b = self._batch = losses.shape[0]
         try:
             for i, layer in enumerate(self.layers):
                 if not layer.inputs:
@@ -351,5 +359,6 @@ class PerSampleGrads:
                         layer.total = torch.zeros((b, w.numel()), dtype=torch.float32, device=w.device)
                     self._emit(i)
         finally:
+            self._batch = 0
             for layer in self.layers:
                 layer.reset()
