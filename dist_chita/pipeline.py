@@ -136,6 +136,10 @@ def prune(
     storage_dtype: torch.dtype = torch.float32,
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    start_stage: int = 0,
+    start_weights: torch.Tensor | None = None,
+    start_support: torch.Tensor | None = None,
+    on_stage_end: Callable[[int, torch.Tensor, torch.Tensor, StageReport], None] | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -157,6 +161,11 @@ def prune(
         storage_dtype: dtype of the stored factor (arithmetic is float32).
         solver_options: keyword arguments for :func:`~dist_chita.solver.solve`.
         progress: ``progress(phase, done, total)`` callback.
+        start_stage, start_weights, start_support: resume (:mod:`dist_chita.resume`) after ``start_stage``
+            complete stages, from their full weights w (p,) and support S (p,) bool; only the later stages
+            run and are reported.
+        on_stage_end: ``on_stage_end(t, w_local (p_r,), support_local (p_r,) bool, report)`` after stage t
+            (0-based), on every rank (collectives allowed).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -169,6 +178,10 @@ def prune(
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
     w = local_weights(modules, layout, rank)
     allowed = w != 0  # weights already zero stay zero
+    if start_weights is not None:  # resume: the state after stage start_stage
+        write_weights(modules, layout, start_weights)
+        lo, hi = layout.block(rank)
+        w, allowed = start_weights[lo:hi].float().clone(), start_support[lo:hi].clone()
     targets = [sparsity] if method != "chita++" else stage_sparsities(sparsity, stages, base_sparsity, schedule)
     if nm is not None:
         targets = [0.0] * len(targets)
@@ -178,6 +191,8 @@ def prune(
         sample_ranges(n, world)  # fails early when n < world size
     reports = []
     for t, s in enumerate(targets):
+        if t < start_stage:
+            continue
         bytes_before = comm.bytes_by_phase()
         seconds: dict[str, float] = {}
         budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm)
@@ -223,5 +238,7 @@ def prune(
         report.seconds = seconds
         report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
         reports.append(report)
+        if on_stage_end is not None:
+            on_stage_end(t, w, support, report)
     masks = {name: m.weight.detach() != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
