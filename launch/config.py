@@ -168,6 +168,8 @@ class RunConfig:
     world_size: int | None = 2
     threads_per_rank: int | None = None
     timeout_seconds: int = 1800
+    resume: bool = False  # chita++: continue from the last complete stage saved in resume_dir
+    resume_dir: str | None = None  # stage checkpoints of chita++; null: <output.dir>.state
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-ready) that :func:`parse_config` turns back into an equal object."""
