@@ -8,7 +8,11 @@ entries of the storage dtype. Around it:
   three times over (computed, sent, received) while rows become columns;
 * the solver's vectors (about a dozen float32 vectors of p_r) and, when the
   active set is used, a gathered copy of its rows of the factor;
-* the backsolve's n x n Gram matrix in float64 (twice: G and its factor).
+* the backsolve's n x n Gram matrix in float64 (twice: G and its factor);
+* a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
+  other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned).
+
+``DIST_CHITA_AVAILABLE_BYTES`` in the environment overrides the available memory (tests of the refusal).
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ class MemoryEstimate:
     gradient_buffer: int
     solver: int
     backsolve: int
+    baseline: int = 0
 
     @property
     def total(self) -> int:
-        return self.factor + self.model + self.gradient_buffer + self.solver + self.backsolve
+        return self.factor + self.model + self.gradient_buffer + self.solver + self.backsolve + self.baseline
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -51,6 +56,7 @@ def estimate(
     micro_batch: int,
     active_fraction: float = 0.0,
     model_sharded: bool = False,
+    baseline: int = 0,
 ) -> MemoryEstimate:
     """Estimate the peak bytes one rank needs.
 
@@ -62,6 +68,7 @@ def estimate(
         micro_batch: samples per backward pass.
         active_fraction: |W| / p of the solver's active set (0 when unused).
         model_sharded: parameters partitioned across ranks (ZeRO-3).
+        baseline: bytes the process holds besides these parts (:func:`baseline_bytes`).
     """
     if storage_dtype not in _DTYPE_BYTES:
         raise ValueError(f"unknown storage dtype {storage_dtype!r}")
@@ -71,12 +78,28 @@ def estimate(
     grads = 3 * 4 * micro_batch * largest_layer
     solver = 12 * 4 * p_r + int(active_fraction * factor)
     backsolve = 2 * 8 * n * n
-    return MemoryEstimate(factor, model, grads, solver, backsolve)
+    return MemoryEstimate(factor, model, grads, solver, backsolve, max(0, int(baseline)))
+
+
+def baseline_bytes(device: torch.device, model_bytes: int = 0) -> int:
+    """What this process holds now besides the model's ``model_bytes`` (counted in the estimate's ``model``):
+    resident memory on CPU (interpreter, libraries, data), 0 on GPU (only allocations count there)."""
+    if device.type == "cuda":
+        return 0
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        rss = peak_bytes(device)
+    return max(0, rss - int(model_bytes))
 
 
 def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
     """Memory this rank may use: free device memory, or the host's available
     memory shared among the ranks on this node."""
+    override = os.environ.get("DIST_CHITA_AVAILABLE_BYTES")
+    if override:
+        return int(float(override))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)

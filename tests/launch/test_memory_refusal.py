@@ -1,0 +1,71 @@
+"""launch/prune.py prints its memory estimate per rank before it starts and refuses, with advice, a run whose
+estimate exceeds the available memory (``DIST_CHITA_AVAILABLE_BYTES`` fakes a small machine)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_model
+
+from dist_chita import memory
+from tests.fixtures.tiny_models import digits_mlp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    torch.manual_seed(0)
+    save_model(digits_mlp(), str(weights))
+    cfg = {"model": {"source": "torch", "factory": "tests.fixtures.tiny_models:digits_mlp", "weights": str(weights),
+                     "task": "image-classification"},
+           "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
+                           "label_column": "label", "n": 40, "batch_size": 16},
+           "eval": {"metric": "none"}, "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False},
+           "solver": {"max_iter": 5}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
+           "threads_per_rank": 1}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return tmp_path / "run.yaml"
+
+
+def _run(cfg, available):
+    env = {**os.environ, "DIST_CHITA_AVAILABLE_BYTES": str(available)}
+    return subprocess.run([sys.executable, "launch/prune.py", "--config", str(cfg)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_refuses_with_advice_when_the_estimate_exceeds_available_memory(tmp_path):
+    res = _run(_config(tmp_path), 1000)
+    assert res.returncode == 1, (res.stdout, res.stderr)
+    assert "memory estimate per rank" in res.stdout  # printed before refusing
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: estimated "), res.stderr
+    for remedy in ("fewer calibration samples (n = 40)", "bfloat16", "more ranks", "block mode"):
+        assert remedy in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_when_the_estimate_fits(tmp_path):
+    res = _run(_config(tmp_path), 64 * 2**30)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "out" / "prune_report.json").exists()
+
+
+def test_baseline_term_is_the_resident_memory_without_the_model():
+    cpu = torch.device("cpu")
+    base = memory.baseline_bytes(cpu)
+    assert 50 * 2**20 < base <= memory.peak_bytes(cpu) + 16 * 2**20  # the interpreter and torch are resident
+    x = torch.ones(256 * 2**20 // 4)  # 256 MiB, touched
+    grown = memory.baseline_bytes(cpu)
+    assert grown - base > 200 * 2**20 and float(x[0]) == 1.0
+    assert abs(memory.baseline_bytes(cpu, model_bytes=100 * 2**20) - (grown - 100 * 2**20)) < 8 * 2**20
+    e = memory.estimate(1000, 8, 1, "float32", 10, 10, 1, baseline=base)
+    assert e.baseline == base and e.total == e.factor + e.model + e.gradient_buffer + e.solver + e.backsolve + base
+
+
+def test_available_memory_override(monkeypatch):
+    monkeypatch.setenv("DIST_CHITA_AVAILABLE_BYTES", "12345")
+    assert memory.available_bytes(torch.device("cpu"), 2) == 12345
