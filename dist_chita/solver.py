@@ -503,11 +503,11 @@ def solve(
             allowed_out = ~st.S if budget.allowed is None else (~st.S & budget.allowed)
             with comm.phase(PHASE):
                 m = min(int(_sum(float(allowed_out.sum()))[0]), max(swap_candidates, 1))
-                cand = topk_mask(v_out.float(), m, None, allowed_out)
-            d_inv, s_add = swap_curvatures(At, st.S, lam, cand, cache=gram_cache)
+                scored = topk_mask(v_out.float(), m, None, allowed_out)
+            d_inv, s_add = swap_curvatures(At, st.S, lam, scored, cache=gram_cache)
             timings["backsolve"] += time.perf_counter() - t0
             v_in = st.w.double().abs() / d_inv.clamp(min=1e-300).sqrt()
-            v_out = torch.where(cand, ga / s_add.sqrt(), v_out)
+            v_out = torch.where(scored, ga / s_add.sqrt(), v_out)
             families.append((torch.where(st.S, v_in, 0.0).float(), torch.where(st.S, 0.0, -v_out).float()))
         best = st
         if lam > 0 and pair_swaps > 0 and total <= pair_swap_max_k:
