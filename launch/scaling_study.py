@@ -8,8 +8,8 @@
 For every world size R it runs (on CPU, gloo)
 
     accelerate launch --config_file launch/accelerate/cpu_<R>.yaml launch/prune.py --config <run>.yaml \\
-        output.dir=<work>/ws<R> output.overwrite=true world_size=<R> threads_per_rank=<t> \\
-        [calibration.n=<n R>  (weak scaling)] [key=value ...]
+        [key=value ...] output.dir=<work>/ws<R> output.overwrite=true world_size=<R> threads_per_rank=<t> \\
+        [calibration.n=<n R>  (weak scaling)]
 
 (``--launcher torchrun``: ``torchrun --standalone --nproc_per_node R ...``; ``--launcher python``: one plain
 process, for dry runs of a stand-in script) with OMP_NUM_THREADS = MKL_NUM_THREADS = t, collects each run's
@@ -87,8 +87,9 @@ def prune_command(
             "torchrun" (``torchrun --standalone --nproc_per_node R``) or "python" (one plain process).
         world_size: R; config: the run config path; prune_script: launch/prune.py or a stand-in.
         output_dir: output.dir of this run; threads_per_rank: t.
-        overrides: extra key=value overrides, appended last (they win).
-        n: calibration.n override (weak scaling), None to keep the config's.
+        overrides: extra key=value overrides, placed before the study's own (output.dir, world_size,
+            threads_per_rank and the weak-scaling calibration.n, which must win).
+        n: calibration.n override (weak scaling: n R, with n from the config after ``overrides``), None to keep it.
     """
     if launcher == "accelerate":
         head = ["accelerate", "launch", "--config_file", f"{accelerate_configs}/cpu_{world_size}.yaml"]
@@ -98,11 +99,11 @@ def prune_command(
         head = [python]
     else:
         raise StudyError(f"--launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    args = [prune_script, "--config", config, f"output.dir={output_dir}", "output.overwrite=true",
+    args = [prune_script, "--config", config, *overrides, f"output.dir={output_dir}", "output.overwrite=true",
             f"world_size={world_size}", f"threads_per_rank={threads_per_rank}"]
     if n is not None:
         args.append(f"calibration.n={n}")
-    return head + args + list(overrides)
+    return head + args
 
 
 def rank_env(threads_per_rank: int, base: dict[str, str] | None = None) -> dict[str, str]:

@@ -22,14 +22,17 @@ def test_accelerate_command():
     cmd = st.prune_command("accelerate", 4, "configs/mlpnet_mnist.yaml", "launch/prune.py", "/tmp/s/ws4", 1,
                            ["prune.sparsity=0.8"])
     assert cmd == ["accelerate", "launch", "--config_file", "launch/accelerate/cpu_4.yaml", "launch/prune.py",
-                   "--config", "configs/mlpnet_mnist.yaml", "output.dir=/tmp/s/ws4", "output.overwrite=true",
-                   "world_size=4", "threads_per_rank=1", "prune.sparsity=0.8"]
+                   "--config", "configs/mlpnet_mnist.yaml", "prune.sparsity=0.8", "output.dir=/tmp/s/ws4",
+                   "output.overwrite=true", "world_size=4", "threads_per_rank=1"]
 
 
 def test_torchrun_and_python_commands_weak_n():
     cmd = st.prune_command("torchrun", 2, "c.yaml", "p.py", "o", 3, n=st.study_n("weak", 1000, 2))
     assert cmd[:5] == ["torchrun", "--standalone", "--nproc_per_node", "2", "p.py"]
     assert cmd[-2:] == ["threads_per_rank=3", "calibration.n=2000"]
+    # the study's weak-scaling n comes after (so wins over) a user's calibration.n
+    cmd = st.prune_command("torchrun", 2, "c.yaml", "p.py", "o", 1, ["calibration.n=250"], n=500)
+    assert cmd.index("calibration.n=250") < cmd.index("calibration.n=500") == len(cmd) - 1
     assert st.prune_command("python", 1, "c.yaml", "p.py", "o", 1, python="py")[:2] == ["py", "p.py"]
     assert st.study_n("strong", 1000, 4) is None and st.study_n("weak", 100, 4) == 400
     with pytest.raises(st.StudyError, match="launcher"):
