@@ -126,9 +126,10 @@ def load_eval(cfg: RunConfig, loaded):
 
 
 def run(cfg: RunConfig, device: torch.device) -> int:
-    from dist_chita import comm, data, evaluate, memory, models, pipeline, prunable, report
+    from dist_chita import blocks, comm, data, evaluate, memory, models, pipeline, prunable, report
     from dist_chita.output import atomic_directory, check_target
     from dist_chita.partition import sample_ranges
+    from launch import faults
 
     t_run = time.perf_counter()
     seconds = dict.fromkeys(PHASES, 0.0)
@@ -152,12 +153,14 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     held_out = load_eval(cfg, loaded)
     modules = prunable.prunable_modules(model, cfg.prune.include, cfg.prune.exclude, cfg.prune.exclude_head)
     nm = parse_nm(cfg.prune.nm) if cfg.prune.nm else None
+    checkpoint, resume_kwargs, restored = stage_checkpoint(cfg, modules, out_dir)
     seconds["load"] = time.perf_counter() - t
 
     n = cfg.calibration.n
     p = sum(m.weight.numel() for _, m in modules)
     est = memory.estimate(
-        p=p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
+        p=blocks.largest_group([m.weight.numel() for _, m in modules], cfg.prune.block_size)
+        if cfg.prune.block_mode else p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
         model_params=sum(x.numel() for x in model.parameters()),
         largest_layer=max(m.weight.numel() for _, m in modules), micro_batch=cfg.calibration.batch_size,
         active_fraction=0.0 if cfg.prune.method == "magnitude" else min(1.0, cfg.solver.active_set_factor
@@ -206,7 +209,12 @@ def run(cfg: RunConfig, device: torch.device) -> int:
 
     lo, hi = sample_ranges(n, world)[rank]
     try:
-        outcome = pipeline.prune(
+        prune_fn = pipeline.prune
+        if cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
+            def prune_fn(*a, **kw):
+                return blocks.prune_in_blocks(*a, block_size=cfg.prune.block_size,
+                                              criterion=cfg.prune.block_criterion, **kw)
+        outcome = prune_fn(
             model, modules, cfg.prune.method, cfg.prune.sparsity,
             make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
             loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
@@ -214,13 +222,14 @@ def run(cfg: RunConfig, device: torch.device) -> int:
             schedule=cfg.prune.schedule, storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
             solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
                                 active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve),
-            progress=progress, **prune_kwargs,
+            progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
         )
     finally:
         progress.close()
     for st in outcome.stages:
         for k, v in st.seconds.items():
             seconds[k] = seconds.get(k, 0.0) + v
+    outcome.stages[:0] = restored  # the stages an interrupted run completed
 
     t = time.perf_counter()
     if cfg.eval.metric != "none":
@@ -263,12 +272,15 @@ def run(cfg: RunConfig, device: torch.device) -> int:
                 seconds["save"] = time.perf_counter() - t
                 seconds["total"] = time.perf_counter() - t_run
                 finish_report(rep, seconds, device)
+                faults.point("save")
                 (tmp / "prune_report.json").write_text(_json(rep))
         except BaseException:
             ok = False
             comm.broadcast_object(ok)
             raise
         comm.broadcast_object(ok)
+        if checkpoint is not None:
+            checkpoint.remove()
         say(*report.summary_lines(rep), f"  saved to {out_dir}")
     else:
         seconds["total"] = time.perf_counter() - t_run
@@ -276,6 +288,32 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         if not comm.broadcast_object(ok):
             return 1
     return 0
+
+
+def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
+    """chita++: the stage checkpoint (:mod:`dist_chita.resume`), the pipeline's resume arguments and the restored
+    stage reports; (None, {}, []) for other methods. Without ``resume`` an old state is discarded."""
+    from dist_chita import comm, pipeline, resume
+
+    if cfg.prune.method != "chita++":
+        return None, {}, []
+    d = cfg.to_dict()
+    settings = {k: d[k] for k in ("model", "calibration", "prune", "solver")}
+    settings["layers"] = [[name, list(m.weight.shape)] for name, m in modules]
+    state_dir = Path(cfg.resume_dir).resolve() if cfg.resume_dir else resume.state_dir_for(out_dir)
+    checkpoint = resume.StageCheckpoint(state_dir, settings)
+    saved = checkpoint.load() if cfg.resume else None
+    if not cfg.resume:
+        checkpoint.remove()
+    elif saved is None:
+        say(f"  resume: no saved state in {state_dir}; starting from stage 1")
+    else:
+        say(f"  resume: continuing after stage {saved.stages_done} of {cfg.prune.stages} from {state_dir}"
+            + (f" (saved on {saved.world_size} processes)" if saved.world_size != comm.world_size() else ""))
+    kwargs = {"on_stage_end": checkpoint.on_stage_end(saved.reports if saved else ())}
+    if saved is not None:
+        kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
+    return checkpoint, kwargs, [pipeline.StageReport(**r) for r in (saved.reports if saved else [])]
 
 
 def finish_report(rep: dict, seconds: dict, device: torch.device) -> None:
@@ -306,15 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from dist_chita import comm
+    from launch import watchdog
 
     accelerator = None
     try:
         accelerator = start_processes(cfg)
+        watchdog.install(cfg.timeout_seconds, cfg.output.dir)
         return run(cfg, accelerator.device)
-    except (ValueError, OSError, MemoryError, RuntimeError, ImportError) as e:
-        if comm.is_main():
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"error: {msg}", file=sys.stderr)
+    except (ValueError, OSError, MemoryError, RuntimeError, ImportError, watchdog.Terminated) as e:
+        if watchdog.should_print(comm.rank()):
+            print(f"error: {watchdog.describe(e)}", file=sys.stderr)
         return 1
     finally:
         comm.shutdown()

@@ -1,0 +1,138 @@
+"""A run stops cleanly, with one line naming the cause, when a rank dies or the launcher is told to stop.
+
+* :func:`install` (collective, once per run after the process group exists) exchanges every rank's (host, PID),
+  turns SIGTERM into the :class:`Terminated` exception (so ``with`` blocks such as the atomic output directory
+  clean up; the launcher sends SIGTERM to every rank when it is stopped or when one rank fails) and, at world size
+  > 1, starts a daemon thread that polls the other ranks on this host: if one has ended and this rank is still
+  running ``grace`` seconds later (stuck in a collective whose transport did not notice), it prints the lost rank,
+  removes this rank's temporary output directory and exits with status 1.
+* :func:`describe` turns an exception into the one-line message the user sees: a collective that failed because a
+  peer died names that rank (``lost rank 1 (process 4242 ended) during gradients 2``); a collective that timed
+  out names ``timeout_seconds``.
+
+Ranks on other hosts cannot be polled; there the gloo/NCCL connection error or the process group timeout
+(``timeout_seconds``) bounds the wait. A rank that is alive but stuck is bounded by the timeout only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from launch import faults
+
+_peers: list[tuple[str, int]] = []
+_timeout = 0
+_stopping = False  # set once the run is failing: a SIGTERM then no longer interrupts the error report
+_CONNECTION = ("connection closed", "connection reset", "broken pipe", "connection refused", "econnreset",
+               "socket", "peer")
+_TIMEOUT = ("timed out", "timeout")
+
+
+class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt: not caught by ``except Exception``
+    """SIGTERM arrived (the launcher was stopped, or another rank failed)."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    if not _stopping:
+        raise Terminated("terminated by SIGTERM")
+
+
+def install(timeout_seconds: int, output_dir: str | os.PathLike | None = None, grace: float = 15.0) -> None:
+    """Collective: record the ranks' (host, PID), handle SIGTERM, start the watchdog thread (world size > 1)."""
+    from dist_chita import comm
+
+    global _timeout, _stopping
+    _timeout, _stopping = timeout_seconds, False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    _peers[:] = [tuple(x) for x in comm.all_gather_object((socket.gethostname(), os.getpid()))]
+    if len(_peers) > 1:
+        threading.Thread(target=_watch, args=(grace, output_dir), name="dist-chita-watchdog", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def lost_ranks(peers: list[tuple[str, int]] | None = None) -> list[int]:
+    """Ranks on this host whose process has ended (gone or a zombie), in rank order."""
+    host = socket.gethostname()
+    peers = _peers if peers is None else peers
+    return [r for r, (h, pid) in enumerate(peers) if h == host and pid != os.getpid() and not _alive(pid)]
+
+
+def _lost_line(lost: list[int]) -> str:
+    who = ", ".join(f"rank {r} (process {_peers[r][1]} ended)" for r in lost)
+    return f"lost {who} during {faults.current_phase()}"
+
+
+def should_print(rank: int) -> bool:
+    """Rank 0 prints; if rank 0 is lost, the lowest surviving rank does."""
+    if rank == 0:
+        return True
+    lost = set(lost_ranks())
+    return 0 in lost and all(r in lost for r in range(rank))
+
+
+def _watch(grace: float, output_dir) -> None:
+    from dist_chita import comm
+
+    since: float | None = None
+    while True:
+        time.sleep(1.0)
+        lost = lost_ranks()
+        if not lost:
+            since = None
+            continue
+        since = since or time.monotonic()
+        if time.monotonic() - since < grace:
+            continue
+        if should_print(comm.rank()):
+            print(f"error: {_lost_line(lost)}; rank {comm.rank()} is stopping (no output written)",
+                  file=sys.stderr, flush=True)
+        if output_dir is not None:
+            out = Path(output_dir).resolve()
+            shutil.rmtree(out.parent / f".{out.name}.tmp-{os.getpid()}", ignore_errors=True)
+        os._exit(1)
+
+
+def describe(exc: BaseException) -> str:
+    """The one-line message for ``exc`` (without the ``error:`` prefix)."""
+    global _stopping
+    _stopping = True
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, Terminated):  # a failed collective while stopping
+        cause = cause.__cause__ or cause.__context__
+    exc = cause or exc
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    low = text.lower()
+    comm_error = isinstance(exc, RuntimeError) and any(k in low for k in _CONNECTION + _TIMEOUT)
+    if isinstance(exc, Terminated) or comm_error:
+        if isinstance(exc, Terminated):  # the launcher stops every rank: the cause is the signal
+            return f"terminated by SIGTERM during {faults.current_phase()}; stopped without writing output"
+        for _ in range(20):  # a killed peer's sockets close a moment before it is a zombie
+            lost = lost_ranks()
+            if lost or not _peers:
+                break
+            time.sleep(0.1)
+        if lost:
+            return f"{_lost_line(lost)}; stopped without writing output"
+        if any(k in low for k in _TIMEOUT):
+            return (f"no answer from another rank within timeout_seconds = {_timeout} during "
+                    f"{faults.current_phase()} (a rank is stuck or unreachable); stopped without writing output")
+        return f"lost contact with another rank during {faults.current_phase()} ({first})"
+    return first
