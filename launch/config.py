@@ -116,9 +116,11 @@ class PruneConfig:
     the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
     (null: all) / ``exclude`` are fnmatch patterns on module names, and
     ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
-    weight lambda of the CHITA objective. chita++ prunes in ``stages`` steps
+    weight lambda of the CHITA objective.     chita++ prunes in ``stages`` steps
     from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
-    degree ``exponent`` (or a linear one).
+    degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
+    layers of at most ``block_size`` weights one at a time, the global budget split among them by
+    ``block_criterion`` (:mod:`dist_chita.blocks`): memory is set by the largest group's factor.
     """
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
@@ -135,6 +137,9 @@ class PruneConfig:
     exponent: float = 3.0
     base_sparsity: float = 0.0
     first_order_term: bool = False
+    block_mode: bool = False
+    block_size: int = 4_000_000
+    block_criterion: Literal["magnitude", "obs"] = "magnitude"
 
 
 @dataclass(frozen=True)
@@ -373,6 +378,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         parse_nm(p.nm)
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
+    need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")
     need(p.exponent > 0.0, f"prune.exponent: must be > 0, got {p.exponent}")
     need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")
     need(s.max_iter >= 1, f"solver.max_iter: must be >= 1, got {s.max_iter}")
