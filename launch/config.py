@@ -144,13 +144,16 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """Iterative hard thresholding with active-set refinement and back-solve."""
+    """Iterative hard thresholding with active-set refinement and back-solve. ``escape_trials``: candidate
+    supports tried (one back-solve each) when IHT stalls; 0 (default) skips these escapes, which cost minutes
+    on a factor of millions of columns (:func:`dist_chita.solver.solve`)."""
 
     max_iter: int = 200
     tol: float = 1e-4
     active_set_factor: float = 1.5
     storage_dtype: Dtype = "float32"
     backsolve: bool = True
+    escape_trials: int = 0
     seed: int = 0
 
 
@@ -383,6 +386,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")
     need(s.max_iter >= 1, f"solver.max_iter: must be >= 1, got {s.max_iter}")
     need(s.tol >= 0.0, f"solver.tol: must be >= 0, got {s.tol}")
+    need(s.escape_trials >= 0, f"solver.escape_trials: must be >= 0, got {s.escape_trials}")
     need(s.active_set_factor >= 1.0, f"solver.active_set_factor: must be >= 1, got {s.active_set_factor}")
     need(bool(cfg.output.dir), "output.dir: must not be empty")
     need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")

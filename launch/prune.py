@@ -221,7 +221,8 @@ def run(cfg: RunConfig, device: torch.device) -> int:
             stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
             schedule=cfg.prune.schedule, storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
             solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
-                                active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve),
+                                active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
+                                escape_trials=cfg.solver.escape_trials),
             progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
         )
     finally:
