@@ -96,14 +96,18 @@ def test_study_end_to_end_with_stand_in(tmp_path, capsys):
     assert "all 3 world sizes produced the same mask" in capsys.readouterr().out
 
 
-def test_weak_study_differing_masks_exit_1(tmp_path, capsys, monkeypatch):
+def test_differing_masks_exit_1_and_weak_masks_not_compared(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FAKE_PRUNE_BAD_MASK_AT", "2")
-    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python", "--mode", "weak")
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python")
     assert proc.returncode == 1
     assert "masks differ: world size(s) [2]" in proc.stdout
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python", "--mode", "weak")
+    assert proc.returncode == 0
+    assert "not compared: weak scaling" in proc.stdout
     rows = st.scaling.read_csv(out / "scaling.csv")
     assert [int(r["n"]) for r in rows] == [1000, 2000]  # weak: n R with the config's n = 1000
     assert rows[1]["mode"] == "weak"
+    assert json.loads((out / "summary.json").read_text())["masks_equal"] is None
 
 
 @pytest.mark.slow
