@@ -30,9 +30,8 @@ from launch import faults
 _peers: list[tuple[str, int]] = []
 _timeout = 0
 _stopping = False  # set once the run is failing: a SIGTERM then no longer interrupts the error report
-_CONNECTION = ("connection closed", "connection reset", "broken pipe", "connection refused", "econnreset",
-               "socket", "peer")
-_TIMEOUT = ("timed out", "timeout")
+_CONNECTION = ("connection closed", "connection reset", "broken pipe", "connection refused", "econnreset")
+_TIMEOUT = ("timed out",)
 
 
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt: not caught by ``except Exception``
