@@ -140,6 +140,8 @@ def prune(
     start_weights: torch.Tensor | None = None,
     start_support: torch.Tensor | None = None,
     on_stage_end: Callable[[int, torch.Tensor, torch.Tensor, StageReport], None] | None = None,
+    load_factor: Callable[[int], torch.Tensor | None] | None = None,
+    on_factor: Callable[[int, torch.Tensor], None] | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -166,6 +168,8 @@ def prune(
             run and are reported.
         on_stage_end: ``on_stage_end(t, w_local (p_r,), support_local (p_r,) bool, report)`` after stage t
             (0-based), on every rank (collectives allowed).
+        load_factor, on_factor: ``load_factor(t)`` returns stage t's saved A_r^T (p_r, n) or None (then it is
+            computed); ``on_factor(t, At)`` is called after a computed one (collective calls, every rank).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
@@ -204,7 +208,8 @@ def prune(
             seconds["magnitude"] = time.perf_counter() - start
         else:
             stats: dict = {}
-            At = fisher_block(
+            At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
+            At = At if At is not None else fisher_block(
                 model,
                 modules,
                 layout,
@@ -216,8 +221,10 @@ def prune(
                 progress=None if progress is None else (lambda d, tot, t=t: progress(f"gradients {t + 1}", d, tot)),
                 stats=stats,
             )
-            seconds["fisher"] = stats["seconds"]
-            seconds["exchange"] = stats["exchange_seconds"]
+            if on_factor is not None and stats:
+                on_factor(t, At)
+            seconds["fisher"] = stats.get("seconds", 0.0)
+            seconds["exchange"] = stats.get("exchange_seconds", 0.0)
             solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
             result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
                            **(solver_options or {}))

@@ -14,6 +14,10 @@ no shared filesystem.
 ``resume=True`` restores the last complete stage, and the remaining stages run exactly as in an uninterrupted run
 (same weights w_bar_t, same support, same calibration samples and seeds), so the final masks are bit-identical.
 Saved state made with different settings is refused with a one-line :class:`ResumeError` naming what differs.
+
+Optionally (:meth:`StageCheckpoint.save_factor`) every rank also saves its block A_r^T (p_r, n) of the Fisher
+factor after the per-sample gradient phase; a run stopped in that stage's solver then resumes without recomputing
+it (only on the same world size; otherwise the factor is recomputed).
 """
 
 from __future__ import annotations
@@ -149,6 +153,7 @@ class StageCheckpoint:
             w = _gather_full(w_local.float().contiguous())
             s = _gather_full(support_local.to(torch.uint8).contiguous()).bool()
             done.append(dict(vars(report)))
+            self._factor_path(stage).unlink(missing_ok=True)  # the stage is complete: its factor is not needed
             if comm.is_main():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"version": VERSION, "key": self.key, "settings": self.settings,
@@ -157,6 +162,30 @@ class StageCheckpoint:
                              self.path)
 
         return callback
+
+    def _factor_path(self, stage: int) -> Path:
+        return self.directory / f"factor-stage{stage + 1}-rank{comm.rank()}-of{comm.world_size()}.pt"
+
+    def save_factor(self, stage: int, At: torch.Tensor) -> None:
+        """The pipeline's ``on_factor``: every rank writes its A_r^T (p_r, n) of stage ``stage`` (0-based), so a
+        run stopped in the solver resumes without the per-sample gradient phase. Needs ranks to see their own
+        files again on resume (same hosts, same world size)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _atomic_save({"version": VERSION, "key": self.key, "stage": stage, "At": At}, self._factor_path(stage))
+
+    def load_factor(self, stage: int) -> torch.Tensor | None:
+        """The pipeline's ``load_factor``: this rank's saved A_r^T of ``stage`` if every rank has a valid one
+        (same settings and world size), else None on every rank. Collective."""
+        At, path = None, self._factor_path(stage)
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("version") == VERSION and saved["key"] == self.key and saved["stage"] == stage:
+                    At = saved["At"]
+            except Exception:  # noqa: BLE001 - a damaged factor is recomputed
+                At = None
+        ok = comm.all_reduce(torch.tensor([0 if At is None else 1], dtype=torch.int64), op="min")
+        return At if int(ok.item()) == 1 else None
 
     def remove(self) -> None:
         """Delete the state directory (rank 0; after the result has been saved)."""

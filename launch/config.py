@@ -178,6 +178,7 @@ class RunConfig:
     timeout_seconds: int = 1800
     resume: bool = False  # chita++: continue from the last complete stage saved in resume_dir
     resume_dir: str | None = None  # stage checkpoints of chita++; null: <output.dir>.state
+    resume_save_factor: bool = False  # also save each rank's Fisher factor after the gradient phase
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-ready) that :func:`parse_config` turns back into an equal object."""

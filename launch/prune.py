@@ -312,6 +312,8 @@ def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
         say(f"  resume: continuing after stage {saved.stages_done} of {cfg.prune.stages} from {state_dir}"
             + (f" (saved on {saved.world_size} processes)" if saved.world_size != comm.world_size() else ""))
     kwargs = {"on_stage_end": checkpoint.on_stage_end(saved.reports if saved else ())}
+    if cfg.resume_save_factor:
+        kwargs.update(on_factor=checkpoint.save_factor, load_factor=checkpoint.load_factor)
     if saved is not None:
         kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
     return checkpoint, kwargs, [pipeline.StageReport(**r) for r in (saved.reports if saved else [])]

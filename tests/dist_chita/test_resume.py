@@ -23,9 +23,11 @@ def _forward(model, batch):
     return models.forward(model, "image-classification", batch)
 
 
-def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False):
+def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False, factor_stop=None):
     """CHITA++ on the digits MLP with stage checkpoints in ``state_dir``; ``stop_after``: raise after that many
-    stages (the state of the completed ones is on disk); ``resume_run``: continue from the saved state."""
+    stages (the state of the completed ones is on disk); ``resume_run``: continue from the saved state;
+    ``factor_stop``: save the Fisher factors and raise right after stage ``factor_stop``'s (0-based) is saved.
+    Returns the weights, the kept counts of the stages run and the number of gradient passes."""
     torch.set_num_threads(1)
     model = train_digits_mlp()
     calib = digits_samples().select(range(N))
@@ -40,16 +42,24 @@ def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False):
         if stop_after is not None and t + 1 == stop_after:
             raise Interrupted(t)
 
-    kw = {}
+    kw, passes = {}, []
+    if factor_stop is not None:
+
+        def on_factor(t, At):
+            ckpt.save_factor(t, At)
+            if t == factor_stop:
+                raise Interrupted(t)
+
+        kw.update(on_factor=on_factor, load_factor=ckpt.load_factor)
     if saved is not None:
-        kw = dict(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
+        kw.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
     out = pipeline.prune(
         model, modules, "chita++", SPARSITY,
-        make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+        make_batches=lambda: passes.append(1) or iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, stages=STAGES, base_sparsity=0.3,
         solver_options=dict(max_iter=10, escape_trials=0, pair_swaps=0), on_stage_end=on_stage_end, **kw,
     )
-    return {name: m.weight.detach().clone() for name, m in modules}, [s.kept for s in out.stages]
+    return {name: m.weight.detach().clone() for name, m in modules}, [s.kept for s in out.stages], len(passes)
 
 
 def _interrupted(state_dir, stop_after):
@@ -62,7 +72,7 @@ def _interrupted(state_dir, stop_after):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return _prune(tmp_path_factory.mktemp("ref") / "state")
+    return _prune(tmp_path_factory.mktemp("ref") / "state")[:2]
 
 
 def _same(a, b):
@@ -79,8 +89,8 @@ def test_resume_after_stage_two_equals_the_uninterrupted_run(tmp_path, reference
     assert saved.stages_done == 2 and saved.support.dtype == torch.bool
     assert int(saved.support.sum()) == ref_kept[1] and len(saved.reports) == 2
     assert [p.name for p in state.iterdir()] == ["state.pt"]  # no temporaries left
-    weights, kept = _prune(state, resume_run=True)
-    assert kept == ref_kept[2:]
+    weights, kept, passes = _prune(state, resume_run=True)
+    assert kept == ref_kept[2:] and passes == STAGES - 2
     for name, w in ref_w.items():  # same process count, same arithmetic: bit-identical
         assert torch.equal(weights[name], w), name
     after = resume.StageCheckpoint(state, SETTINGS).load()
@@ -92,9 +102,27 @@ def test_resume_on_another_world_size_reslices_the_state(tmp_path, reference, sa
     state = tmp_path / "state"
     assert set(multiproc.run(_interrupted, saved_on, state, 3)) == {"interrupted"}
     results = multiproc.run(_prune, resumed_on, state, SETTINGS, None, True)
-    for weights, kept in results:
+    for weights, kept, _ in results:
         assert kept == reference[1][3:]
         _same(reference[0], weights)
+
+
+def test_saved_factor_spares_the_gradient_phase_on_resume(tmp_path, reference):
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        _prune(state, factor_stop=2)  # stopped after stage 3's gradients, before its solver
+    assert sorted(p.name for p in state.iterdir()) == ["factor-stage3-rank0-of1.pt", "state.pt"]
+    weights, kept, passes = _prune(state, resume_run=True, factor_stop=-1)
+    assert kept == reference[1][2:] and passes == STAGES - 3  # stage 3's factor was loaded
+    for name, w in reference[0].items():
+        assert torch.equal(weights[name], w), name
+    assert sorted(p.name for p in state.iterdir()) == ["state.pt"]
+    # a factor of another world size is not used: recomputed
+    with pytest.raises(Interrupted):
+        _prune(tmp_path / "s2", factor_stop=1)
+    results = multiproc.run(_prune, 2, tmp_path / "s2", SETTINGS, None, True, -1)
+    assert [r[2] for r in results] == [STAGES - 1] * 2
+    _same(reference[0], results[0][0])
 
 
 def test_state_of_another_config_is_refused_naming_the_difference(tmp_path):
