@@ -129,7 +129,7 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     from dist_chita import blocks, comm, data, evaluate, memory, models, pipeline, prunable, report
     from dist_chita.output import atomic_directory, check_target
     from dist_chita.partition import sample_ranges
-    from launch import faults
+    from launch import faults, watchdog
 
     t_run = time.perf_counter()
     seconds = dict.fromkeys(PHASES, 0.0)
@@ -142,6 +142,9 @@ def run(cfg: RunConfig, device: torch.device) -> int:
             "or --num_processes to match)")
     protected = [p for p in (cfg.model.path, cfg.model.weights, cfg.calibration.source) if p and os.path.exists(p)]
     out_dir = check_target(cfg.output.dir, cfg.output.overwrite, protected)
+    if comm.is_main():
+        for stale in watchdog.remove_dead_temporaries(out_dir):
+            say(f"  removed {stale}, left by a run that was killed")
     sample_ranges(cfg.calibration.n, world)  # n >= number of ranks, before loading anything
 
     t = time.perf_counter()

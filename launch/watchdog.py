@@ -86,6 +86,19 @@ def should_print(rank: int) -> bool:
     return 0 in lost and all(r in lost for r in range(rank))
 
 
+def remove_dead_temporaries(output_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary directories (``.<name>.tmp-<pid>``) that killed runs left beside ``output_dir``,
+    those whose process no longer runs on this host; returns them."""
+    out = Path(output_dir).resolve()
+    removed = []
+    for p in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def _watch(grace: float, output_dir) -> None:
     from dist_chita import comm
 

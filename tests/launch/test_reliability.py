@@ -404,6 +404,12 @@ def test_watchdog_finds_ended_peers_and_describes_errors(tmp_path):
     child.kill()
     child.wait()
     assert watchdog.lost_ranks(peers) == [1]
+    dead = tmp_path / f".out.tmp-{child.pid}"
+    live = tmp_path / f".out.tmp-{os.getpid()}"
+    dead.mkdir()
+    live.mkdir()
+    assert watchdog.remove_dead_temporaries(tmp_path / "out") == [dead]
+    assert not dead.exists() and live.exists()
     assert watchdog.describe(ValueError("bad\nsecond line")) == "bad"
     assert "timeout_seconds" in watchdog.describe(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
     assert watchdog.describe(watchdog.Terminated("x")).startswith("terminated by SIGTERM during")
