@@ -93,7 +93,8 @@ def worker(args: argparse.Namespace) -> None:
     est = memory.estimate(p=p, n=args.n, world_size=world, storage_dtype=args.storage_dtype,
                           model_params=sum(x.numel() for x in model.parameters()),
                           largest_layer=max(m.weight.numel() for _, m in modules), micro_batch=args.batch_size,
-                          active_fraction=min(1.0, 1.5 * (1 - args.sparsity)))
+                          active_fraction=min(1.0, 1.5 * (1 - args.sparsity)),
+                          baseline=memory.baseline_bytes(dev, 4 * sum(x.numel() for x in model.parameters())))
     if comm.is_main():
         print(f"R = {world}: p = {p:,}, n = {args.n}; memory estimate per rank {est.total / 2**30:.2f} GiB "
               f"(factor {est.factor / 2**30:.2f} GiB), baseline RSS {baseline / 2**30:.2f} GiB", flush=True)
@@ -112,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
         make_batches=lambda: random_images(lo, hi, args.image_size, model.config.num_labels, args.batch_size),
         loss_fn=losses.cross_entropy(forward), n=args.n, lam=1e-3,
         storage_dtype=models.torch_dtype(args.storage_dtype),
-        solver_options=dict(max_iter=args.max_iter, rounds=1), progress=progress,
+        solver_options=dict(max_iter=args.max_iter, rounds=1, escape_trials=0), progress=progress,
     )
     t_prune = time.perf_counter() - t1
     st = outcome.stages[0]
