@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         watchdog.install(cfg.timeout_seconds, cfg.output.dir)
         return run(cfg, accelerator.device)
     except (ValueError, OSError, MemoryError, RuntimeError, ImportError, watchdog.Terminated) as e:
-        if watchdog.should_print(comm.rank()):
+        if watchdog.should_print(comm.rank(), e):
             print(f"error: {watchdog.describe(e)}", file=sys.stderr)
         return 1
     finally:

@@ -78,10 +78,13 @@ def _lost_line(lost: list[int]) -> str:
     return f"lost {who} during {faults.current_phase()}"
 
 
-def should_print(rank: int) -> bool:
-    """Rank 0 prints; if rank 0 is lost, the lowest surviving rank does."""
+def should_print(rank: int, exc: BaseException | None = None) -> bool:
+    """Rank 0 prints; if rank 0 is lost, the lowest surviving rank does (unless ``exc`` is a SIGTERM: the
+    launcher stops the others after rank 0 failed, and rank 0 has said why)."""
     if rank == 0:
         return True
+    if isinstance(exc, Terminated):
+        return False
     lost = set(lost_ranks())
     return 0 in lost and all(r in lost for r in range(rank))
 
