@@ -300,6 +300,8 @@ def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
     from dist_chita import comm, pipeline, resume
 
     if cfg.prune.method != "chita++":
+        if cfg.resume:
+            say(f"  note: resume applies to chita++ stages; {cfg.prune.method} starts from the beginning")
         return None, {}, []
     d = cfg.to_dict()
     settings = {k: d[k] for k in ("model", "calibration", "prune", "solver")}
