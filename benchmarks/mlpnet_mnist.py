@@ -40,7 +40,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sparsities", default="0.5,0.7,0.9,0.95,0.98")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--lam", type=float, default=1e-3)
+    ap.add_argument("--lam", type=float, default=1e-5, help="ridge lambda (default for every sparsity)")
+    ap.add_argument("--lam-at", default="0.98:1e-2",
+                    help="per-sparsity lambda overrides, 's:lambda,...' (high sparsity needs more ridge: with k < n "
+                         "the back-solve otherwise over-fits the n-sample quadratic)")
+    ap.add_argument("--solver-options", default='{"rounds": 1, "escape_trials": 0, "pair_swaps": 0}',
+                    help="JSON keyword arguments for dist_chita.solver.solve")
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mlpnet_mnist.json"))
     args = ap.parse_args()
@@ -65,17 +70,19 @@ def main() -> None:
     model, _ = fresh()
     dense = accuracy(model)
     loss = losses.cross_entropy(lambda m, b: models.forward(m, "image-classification", b))
+    lam_at = {float(a): float(b) for a, b in (x.split(":") for x in args.lam_at.split(",") if x)}
     rows = []
     for s in [float(x) for x in args.sparsities.split(",")]:
-        row = {"sparsity": s}
+        lam = lam_at.get(s, args.lam)
+        row = {"sparsity": s, "lambda": lam}
         for method in ("magnitude", "chita", "chita++"):
             model, modules = fresh()
             start = time.perf_counter()
             out = pipeline.prune(
                 model, modules, method, s,
                 make_batches=lambda: data.iter_microbatches(calib, 0, 1000, 250),
-                loss_fn=loss, n=1000, lam=args.lam, stages=args.stages,
-                solver_options=dict(max_iter=500, tol=1e-5),
+                loss_fn=loss, n=1000, lam=lam, stages=args.stages,
+                solver_options=dict(max_iter=500, tol=1e-5, **json.loads(args.solver_options)),
             )
             seconds = time.perf_counter() - start
             phases: dict[str, float] = {}
@@ -107,6 +114,8 @@ def main() -> None:
         "load_seconds": load_seconds,
         "threads": args.threads,
         "lambda": args.lam,
+        "lambda_at": lam_at,
+        "solver_options": json.loads(args.solver_options),
         "chita_plus_plus_stages": args.stages,
         "rows": rows,
         "official_solver_seconds": OFFICIAL_SOLVER_SECONDS,
