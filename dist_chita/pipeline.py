@@ -133,6 +133,7 @@ def prune(
     stages: int = 1,
     base_sparsity: float = 0.0,
     schedule: str = "polynomial",
+    exponent: float = 3.0,
     storage_dtype: torch.dtype = torch.float32,
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -158,7 +159,7 @@ def prune(
         n: number of calibration samples over all ranks.
         lam: ridge lambda of the quadratic model.
         first_order: include the mean-gradient term (y = A w_bar - 1/sqrt(n)).
-        stages, base_sparsity, schedule: CHITA++'s stages
+        stages, base_sparsity, schedule, exponent: CHITA++'s stages
             (:func:`~dist_chita.schedule.stage_sparsities`).
         storage_dtype: dtype of the stored factor (arithmetic is float32).
         solver_options: keyword arguments for :func:`~dist_chita.solver.solve`.
@@ -186,7 +187,9 @@ def prune(
         write_weights(modules, layout, start_weights)
         lo, hi = layout.block(rank)
         w, allowed = start_weights[lo:hi].float().clone(), start_support[lo:hi].clone()
-    targets = [sparsity] if method != "chita++" else stage_sparsities(sparsity, stages, base_sparsity, schedule)
+    targets = [sparsity]
+    if method == "chita++":
+        targets = stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent)
     if nm is not None:
         targets = [0.0] * len(targets)
     if method != "magnitude":
