@@ -83,13 +83,13 @@ def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
     from dist_chita.models import load_saved
 
     model = load_saved(out).model
-    samples = digits_samples()
-    # the held-out samples are the ones after the 40 calibration digits of the same seeded permutation
-    from dist_chita.data import select_indices
+    # the held-out samples are the digits after the 40 calibration ones in the same seeded permutation
+    from dist_chita.data import load_samples
+    from dist_chita.evaluate import evaluate_accuracy
 
-    idx = select_indices(len(samples), None, 0, offset=40)
-    s = samples.select(idx)
-    acc = float((model(s.fields["pixel_values"]).argmax(1) == s.fields["labels"]).double().mean())
+    held_out = load_samples("builtin:digits", n=None, offset=40, seed=0, image_column="image", label_column="label")
+    assert len(held_out) == len(digits_samples()) - 40
+    acc = evaluate_accuracy(model, "image-classification", held_out, 200)  # the run's eval.batch_size
     assert math.isclose(acc, report["metric"]["after"], abs_tol=1e-9)
     assert yaml.safe_load((out / "dist_chita_config.yaml").read_text())["prune"]["sparsity"] == 0.7
 
