@@ -14,7 +14,7 @@ whose normal equations are (A_S^T A_S + lambda I) w_S = b with b = A_S^T y + lam
   lambda cancels digits when lambda << ||G||).
 * lambda = 0: conjugate gradient on the normal equations restricted to S (CGLS), started from a given point.
 
-Storage convention (see docs/helpers-common.md): rank r holds ``At`` = A_r^T of shape (p_r, n); ``support`` is a
+Storage convention (see CONTRIBUTING.md): rank r holds ``At`` = A_r^T of shape (p_r, n); ``support`` is a
 (p_r,) bool mask of this rank's columns. Only n-vectors, the n x n Gram matrix G and scalars cross ranks, through
 :mod:`dist_chita.comm`; all of them are bytes of phase "backsolve".
 """
