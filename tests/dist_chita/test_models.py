@@ -13,7 +13,16 @@ from safetensors.torch import load_file, save_file
 from dist_chita import data, models
 from dist_chita.zoo import MLPNet, mlpnet
 
-MLPNET_WEIGHTS = Path(__file__).resolve().parents[3] / "shared/models/mlpnet-mnist/model.safetensors"
+
+@pytest.fixture
+def mlpnet_weights(tmp_path):
+    """MLPNet weights in the layout of the official checkpoint (fc1/fc2/fc3, no bias), random values:
+    tests must not need the benchmark checkpoint in ../shared."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"fc1.weight": (40, 784), "fc2.weight": (20, 40), "fc3.weight": (10, 20)}
+    path = tmp_path / "mlpnet.safetensors"
+    save_file({k: torch.randn(s, generator=g) for k, s in shapes.items()}, str(path))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +139,11 @@ def test_image_classification_with_processor(tmp_path):
     assert out.shape == (4, 10) and torch.equal(out, ref)
 
 
-def test_mlpnet_official_weights():
+def test_mlpnet_factory_and_weights(mlpnet_weights):
     lm = models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet",
-                           weights=str(MLPNET_WEIGHTS))
+                           weights=str(mlpnet_weights))
     assert isinstance(lm.model, MLPNet) and lm.kind == "torch" and not lm.model.training
-    sd = load_file(str(MLPNET_WEIGHTS))
+    sd = load_file(str(mlpnet_weights))
     assert {k: tuple(v.shape) for k, v in lm.model.state_dict().items()} == {
         "fc1.weight": (40, 784), "fc2.weight": (20, 40), "fc3.weight": (10, 20)}
     assert sum(v.numel() for v in sd.values()) == 32360
@@ -160,9 +169,9 @@ def test_torch_save_load_round_trip(tmp_path):
     assert back.task == "image-classification" and back.source == "dist_chita.zoo:mlpnet"
 
 
-def test_dtype():
+def test_dtype(mlpnet_weights):
     lm = models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet",
-                           weights=str(MLPNET_WEIGHTS), dtype="bfloat16")
+                           weights=str(mlpnet_weights), dtype="bfloat16")
     assert lm.model.fc1.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         models.torch_dtype("int8")
