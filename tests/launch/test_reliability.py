@@ -76,6 +76,14 @@ def table():
         for i, (cat, tried, seen, code) in enumerate(rows, 1):
             lines.append(f"| {i} | {cat} | {tried} | `{seen.replace('|', '/')}` | {code} |")
         TABLE.write_text("\n".join(lines) + "\n")
+        # the same table in the README's reliability section, between its markers
+        readme = ROOT / "README.md"
+        start, end = "<!-- reliability-table:start -->", "<!-- reliability-table:end -->"
+        text = readme.read_text()
+        if start in text and end in text:
+            table = "\n".join(line for line in lines if line.startswith("|"))
+            head, rest = text.split(start, 1)
+            readme.write_text(f"{head}{start}\n{table}\n{end}{rest.split(end, 1)[1]}")
 
 
 def _config(tmp_path, weights, **sections):
