@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,16 @@ def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str
         q = Path(p).resolve()
         if out == q or q.is_relative_to(out) or out.is_relative_to(q):
             raise ValueError(f"output directory {out} overlaps the input {q}; choose another output.dir")
+    # The temporary directory is created beside the target: probe its nearest existing ancestor now (by making
+    # and removing a directory, which also catches what permission bits do not: read-only mounts, /proc, root)
+    # rather than after hours of pruning.
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
+    except OSError:
+        raise PermissionError(f"cannot write the output directory {out}: {parent} is not writable") from None
     return out
 
 

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from dist_chita.output import atomic_directory, check_target
@@ -43,3 +45,21 @@ def test_output_may_not_overlap_inputs(tmp_path):
         with pytest.raises(ValueError, match="overlaps the input"):
             check_target(bad, overwrite=True, protected=[ckpt])
     check_target(tmp_path / "pruned", overwrite=False, protected=[ckpt])
+
+
+def test_unwritable_location_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
+            (tmp_path / "file").write_text("x")
+            target = tmp_path / "file" / "out"
+            with pytest.raises(PermissionError, match="is not writable"):
+                check_target(target, overwrite=False)
+        else:
+            with pytest.raises(PermissionError, match="is not writable"):
+                check_target(locked / "a" / "out", overwrite=False)
+        assert not (tmp_path / "file" / "out").exists() and not (locked / "a").exists()
+    finally:
+        locked.chmod(0o700)

@@ -340,7 +340,7 @@ CASES = [
     ("memory", "resources", "memory estimate above the available memory (available memory patched to 1 MiB)",
      "memory", [], 1, "use fewer calibration samples"),
     ("unwritable output", "resources", "`output.dir` under a directory that cannot be written (/proc)", None,
-     ["output.dir=/proc/dist-chita-out"], 1, "No such file or directory"),
+     ["output.dir=/proc/dist-chita-out"], 1, "/proc is not writable"),
 ]
 
 
