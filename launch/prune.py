@@ -12,6 +12,7 @@ own documentation). The same script runs under plain ``python`` (one process), `
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -171,7 +172,7 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         baseline=memory.baseline_bytes(device, sum(x.numel() * x.element_size() for x in model.parameters())),
     )
     if cfg.prune.method == "magnitude":
-        est = memory.MemoryEstimate(0, est.model, 0, est.solver, 0, est.baseline)
+        est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     avail = memory.available_bytes(device, local_ranks)
     say(f"  {len(modules)} prunable layers, p = {p:,} weights, n = {n} calibration samples; "
