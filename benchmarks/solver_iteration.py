@@ -3,9 +3,11 @@
 Prints the figures and writes benchmarks/results/solver_iteration.json. Three parts:
 
 1. Time per IHT iteration on A of n x p float32 (default n=1000, p=1e6: 4 GB) at 90% sparsity, against the
-   memory-bandwidth bound 2 * bytes(A) / bandwidth (an iteration reads A for g = A^T r and for u = A g_S), the
-   bandwidth being measured in the same run by a large copy (bytes read + bytes written per second, 1 thread).
-2. The same problem on 2 processes x 1 thread, 1 process x 1 thread and 1 process x 2 threads (gloo). Every process
+   memory-bandwidth bound 2 * bytes(A) / bandwidth (the textbook iteration reads A for g = A^T r and again for
+   u = A g_S; the solver fuses both into one pass over A, so it can beat this bound), the bandwidth being
+   measured in the same run by a large copy (bytes read + bytes written per second, 1 thread).
+2. The same problem on 2 processes x 1 thread, 1 process x 1 thread and 1 process x 2 threads (gloo), in alternating
+   rounds (--rounds, the best round of each configuration counts). Every process
    builds its own column block from a seeded generator (chunk c of rows of A^T is drawn from seed (seed, c)), so no
    rank ever holds all of A and every split sees the same A.
 3. Payload bytes per IHT iteration (2 processes) for p = 1e5, 1e6, 1e7 at a fixed n (default 64).
@@ -134,18 +136,27 @@ def part1(args) -> dict:
 
 
 def part2(args) -> dict:
-    res = {}
-    for name, R, threads in (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1)):
-        gc.collect()
-        out = run(iteration_run, R, args.p, args.n, args.sparsity, args.iters, args.seed, threads, threads=threads,
-                  timeout=3600)
-        t = max(o["seconds_per_iteration"] for o in out)
-        res[name] = {"processes": R, "threads_per_process": threads, "seconds_per_iteration": t}
-        print(f"[part 2] {name}: {R} process(es) x {threads} thread(s): {t * 1e3:.1f} ms per iteration")
+    """1x1, 1x2 and 2x1 in alternating rounds; each configuration's best round counts (noise from other processes
+    on a shared machine only ever adds time), and every round's figure is recorded."""
+    configs = (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1))
+    rounds: dict[str, list[float]] = {name: [] for name, _, _ in configs}
+    for rnd in range(args.rounds):
+        for name, R, threads in configs:
+            gc.collect()
+            out = run(iteration_run, R, args.p, args.n, args.sparsity, args.iters, args.seed, threads,
+                      threads=threads, timeout=3600)
+            t = max(o["seconds_per_iteration"] for o in out)  # ranks are in lock step; the slower one counts
+            rounds[name].append(t)
+            print(f"[part 2] round {rnd + 1}/{args.rounds} {name}: {R} process(es) x {threads} thread(s): "
+                  f"{t * 1e3:.1f} ms per iteration", flush=True)
+    res = {name: {"processes": R, "threads_per_process": threads, "seconds_per_iteration": min(rounds[name]),
+                  "rounds": rounds[name]} for name, R, threads in configs}
     res["speedup_2x1_over_1x1"] = res["1x1"]["seconds_per_iteration"] / res["2x1"]["seconds_per_iteration"]
     res["speedup_2x1_over_1x2"] = res["1x2"]["seconds_per_iteration"] / res["2x1"]["seconds_per_iteration"]
-    print(f"[part 2] 2x1 vs 1x1: {res['speedup_2x1_over_1x1']:.2f}x (target >= 1.7); "
-          f"2x1 vs 1x2: {res['speedup_2x1_over_1x2']:.2f}x (target >= 1.0)")
+    res["speedup_1x2_over_1x1"] = res["1x1"]["seconds_per_iteration"] / res["1x2"]["seconds_per_iteration"]
+    print(f"[part 2] best of {args.rounds} rounds: 2x1 vs 1x1: {res['speedup_2x1_over_1x1']:.2f}x (target >= 1.7); "
+          f"2x1 vs 1x2: {res['speedup_2x1_over_1x2']:.2f}x (target >= 1.0); "
+          f"1x2 vs 1x1 (what 2 threads give): {res['speedup_1x2_over_1x1']:.2f}x")
     return res
 
 
@@ -175,6 +186,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--copy-gib", type=float, default=1.0)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of part 2 (best counts)")
     ap.add_argument("--bytes-n", type=int, default=64)
     ap.add_argument("--bytes-p", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
     ap.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3])

@@ -54,6 +54,7 @@ from dist_chita.select import check_finite, topk_mask
 PHASE = "solver"
 METHODS = ("chita", "iht_1L")
 _CHUNK_BYTES = 1 << 25  # bytes of rows of At converted to float32 at once (non-float32 storage / gathers)
+_FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per thread in the fused g / u pass (cache-resident)
 
 
 @dataclass
@@ -174,6 +175,38 @@ class _Problem:
             g += self.lam * (w - self.w_bar)
         return g
 
+    def gradient_and_u(self, w: torch.Tensor, Aw: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """g = grad f(w) (m,) float32 and the local u_r = A_r g_S (n,) float64 in ONE pass over At. Not reduced.
+
+        At is read in row chunks of about ``_FUSED_CHUNK_BYTES``: g on a chunk is At_c (A w - y) (+ lambda (w -
+        w_bar)_c), and while the chunk is still in cache its rows in S add At_c[S]^T g_c[S] to u. An IHT iteration
+        then reads A once instead of once for g plus |S|/p of it (gathered into a temporary copy) for u = A g_S.
+        """
+        At, m, n = self.At, self.At.shape[0], self.At.shape[1]
+        r = (Aw - self.y).to(torch.float32)  # g = A^T (A w - y) + lambda (w - w_bar)
+        g = torch.empty(m, dtype=torch.float32)
+        u = torch.zeros(n, dtype=torch.float32)
+        reg = self.lam * (w - self.w_bar) if self.lam else None
+        idx = torch.nonzero(S, as_tuple=True)[0]
+        step = max(1, _FUSED_CHUNK_BYTES * torch.get_num_threads() // (4 * max(n, 1)))
+        starts = list(range(0, m, step))
+        cuts = torch.searchsorted(idx, torch.tensor(starts + [m], dtype=idx.dtype)).tolist()
+        for j, s in enumerate(starts):
+            e = min(s + step, m)
+            c = At[s:e] if At.dtype == torch.float32 else At[s:e].float()
+            gc = torch.mv(c, r, out=g[s:e])
+            if reg is not None:
+                gc.add_(reg[s:e])
+            a, b = cuts[j], cuts[j + 1]
+            if b - a == 0:
+                continue
+            if 3 * (b - a) < e - s:
+                rows = idx[a:b] - s
+                u.addmv_(c.index_select(0, rows).T, gc.index_select(0, rows))
+            else:
+                u.addmv_(c.T, gc * S[s:e])
+        return g, u.double()
+
     def column_norms_sq(self) -> torch.Tensor:
         """||a_j||^2 = diag(A^T A) on these columns, (m,) float64 (cached; one full read of At)."""
         if self.col_sq is None:
@@ -231,14 +264,12 @@ def _step(prob: _Problem, st: _State, method: str, trials: int, tol: float) -> t
     The support-keeping step is taken alone when tau* <= tau_c and it decreases f by more than tol * f; otherwise
     (also at a minimiser on S, where it stalls) the support-changing trials compete with it.
     """
-    g = prob.gradient(st.w, st.Aw)
+    g, u, gg, uu = _gradient_and_u(prob, st)
     if method == "iht_1L":
-        u = _u(prob, st, g)[0]
         t = 1.0 / prob.L()
         new = _trial(prob, st, g, u, t)
         return (new, True, g, t) if new.f < st.f else (st, False, g, t)
 
-    u, gg, uu = _u(prob, st, g)
     curv = uu + prob.lam * gg
     tau_star = gg / curv if gg > 0 and curv > 0 else math.inf
     tau_c = prob.budget.tau_change(st.w, g, st.S)
@@ -269,16 +300,14 @@ def _step(prob: _Problem, st: _State, method: str, trials: int, tol: float) -> t
     return best, best is not st, g, tau
 
 
-def _u(prob: _Problem, st: _State, g: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """u = A g_S (global, float64) with ||g_S||^2 and ||u||^2: one n-vector all-reduce."""
-    idx = torch.nonzero(st.S, as_tuple=True)[0]
-    gS = g[idx]
-    if 3 * idx.numel() < prob.At.shape[0]:
-        local = a_matvec(prob.At, gS, idx)
-    else:
-        local = a_matvec(prob.At, torch.where(st.S, g, torch.zeros_like(g)))
-    u, (gg,) = _allreduce_vec_and_scalars(local, float(torch.dot(gS.double(), gS.double())))
-    return u, gg, float(torch.dot(u, u))
+def _gradient_and_u(prob: _Problem, st: _State) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """g = grad f(w) (local, (m,)), u = A g_S (global, (n,) float64), ||g_S||^2 and ||u||^2.
+
+    One pass over At (:meth:`_Problem.gradient_and_u`) and one n-vector all-reduce."""
+    g, local = prob.gradient_and_u(st.w, st.Aw, st.S)
+    gS = g[st.S].double()
+    u, (gg,) = _allreduce_vec_and_scalars(local, float(torch.dot(gS, gS)))
+    return g, u, gg, float(torch.dot(u, u))
 
 
 def _converged(f_old: float, f_new: float, tol: float) -> bool:
@@ -330,8 +359,7 @@ def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace,
     if factor is None or factor <= 1 or budget.kind != "topk" or factor * budget.total() >= 0.5 * p_allowed:
         return _iht(full, st, trace=trace, **kw), 0
     wide = budget.widened(factor)
-    g = full.gradient(st.w, st.Aw)
-    u, gg, uu = _u(full, st, g)
+    g, u, gg, uu = _gradient_and_u(full, st)
     tau = gg / (uu + lam * gg) if gg > 0 else 1.0 / full.L()
     rounds = 0
     for rounds in range(1, max_rounds + 1):  # noqa: B007
