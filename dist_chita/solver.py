@@ -73,6 +73,7 @@ class SolveResult:
         timings: seconds spent in "iht" and "backsolve".
         bytes_communicated: payload bytes this rank sent during the solve, per comm phase ("solver", "backsolve").
         active_set_rounds: number of active-set rounds (0 when the active set was skipped).
+        backsolves: number of ridge backsolves (warm start, after IHT rounds, escape candidates).
     """
 
     w: torch.Tensor
@@ -85,6 +86,7 @@ class SolveResult:
     timings: dict[str, float] = field(default_factory=dict)
     bytes_communicated: dict[str, int] = field(default_factory=dict)
     active_set_rounds: int = 0
+    backsolves: int = 0
 
 
 # ----------------------------------------------------------------------------------------------- local linear algebra
@@ -506,9 +508,11 @@ def solve(
     trace = [f_plain]
 
     gram_cache = GramCache()
+    backsolves = [0]
 
     def do_backsolve(st: _State) -> _State:
         t0 = time.perf_counter()
+        backsolves[0] += 1
         w = ridge_backsolve(At, w_bar, lam, st.S, y, w0=st.w, cache=gram_cache)
         with comm.phase("backsolve"):
             Aw, f = full.exact(w, st.S)
@@ -615,4 +619,5 @@ def solve(
         timings=timings,
         bytes_communicated={ph: b for ph, b in moved.items() if b or ph in (PHASE, "backsolve")},
         active_set_rounds=active_rounds,
+        backsolves=backsolves[0],
     )

@@ -231,3 +231,23 @@ def test_fused_gradient_and_u_matches_float64(dtype, density, monkeypatch):
     scale = max(float(u_ref.abs().max()), 1e-30)
     assert float((u_fused - u_ref).abs().max()) <= 1e-5 * scale
     assert torch.allclose(g_fused, prob.gradient(w, Aw), rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+
+
+def test_backsolve_count_is_reported(monkeypatch):
+    """SolveResult.backsolves counts the ridge backsolves actually run (the cost model's backsolve term uses it)."""
+    from dist_chita import solver
+
+    calls = []
+    real = solver.ridge_backsolve
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solver, "ridge_backsolve", counting)
+    A, w_bar, y, lam = _tiny(5, n=30, p=16)
+    At = A.float().T.contiguous()
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), escape_trials=4)
+    assert res.backsolves == len(calls) >= 2  # the warm start and at least one more
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False)
+    assert res.backsolves == 0
