@@ -181,6 +181,7 @@ class Workload:
         micro_batch: samples per backward pass; layers: prunable layers (messages of the exchange).
         active_fraction: |W| / p of the solver's active set; model_sharded: ZeRO-3.
         threads_per_rank: t (CPU).
+        backsolves: ridge backsolves run by the solver (counted in the report); None: ``Rates.backsolve_rounds``.
         flops_per_sample: forward + backward FLOPs of one sample (default 6 P; a causal LM on T tokens:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
     """
@@ -197,6 +198,7 @@ class Workload:
     active_fraction: float = 0.0
     model_sharded: bool = False
     threads_per_rank: int = 1
+    backsolves: int | None = None
     flops_per_sample: float | None = None
 
     def __post_init__(self) -> None:
@@ -310,9 +312,10 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     it = solver_iteration_terms(w, R, hw, rates)
     terms.update({f"solver_{k}": w.iterations * v for k, v in it.items()})
     linalg = hw.flops * rates.linalg_efficiency
-    terms["backsolve_gram"] = rates.backsolve_rounds * 2 * n * n * w.k / R / (linalg * s)
-    terms["backsolve_allreduce"] = rates.backsolve_rounds * allreduce_seconds(8 * n * n, R, bw, lat)
-    terms["backsolve_cholesky"] = rates.backsolve_rounds * n**3 / 3 / (linalg * s)
+    m = w.backsolves if w.backsolves is not None else rates.backsolve_rounds
+    terms["backsolve_gram"] = m * 2 * n * n * w.k / R / (linalg * s)
+    terms["backsolve_allreduce"] = m * allreduce_seconds(8 * n * n, R, bw, lat)
+    terms["backsolve_cholesky"] = m * n**3 / 3 / (linalg * s)
 
     seconds = {
         "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
@@ -370,6 +373,9 @@ def workload_from_report(report: dict) -> Workload:
     largest = max((int(layer["size"]) for layer in layers), default=int(report["p"]))
     micro = int((cfg.get("calibration") or {}).get("batch_size") or report["n"])
     kept = (report.get("global") or {}).get("kept")
+    stages = report.get("stages") or []
+    backsolves = sum(int(st["backsolves"]) for st in stages) if stages and all(
+        "backsolves" in st for st in stages) else None
     return Workload(
         p=int(report["p"]),
         n=int(report["n"]),
@@ -381,6 +387,7 @@ def workload_from_report(report: dict) -> Workload:
         micro_batch=max(1, micro),
         layers=max(1, len(layers)),
         threads_per_rank=int(report.get("threads_per_rank") or 1),
+        backsolves=backsolves,
     )
 
 
@@ -422,8 +429,9 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f_fisher,
       fitting 1/e_g and the fixed term f_fisher;
     * backsolve: t = m (2 n^2 k / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + f_backsolve, fitting 1/e_a and
-      f_backsolve; m (backsolves per prune) = payload bytes of the backsolve phase / 8 n^2 (one n x n float64
-      Gram all-reduce each), median over the multi-rank reports, else the base value;
+      f_backsolve; m = the report's count of backsolves (per report); for reports without it, the payload bytes
+      of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each), median over the multi-rank reports,
+      else the base value;
     * writeback, save: the mean measured time becomes the fixed term.
 
     A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
@@ -460,9 +468,10 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     inv_eg, fixed_fisher = _nnls(cols, y)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
 
-    # backsolve: the number of backsolves from the bytes of their n x n float64 Gram all-reduces (multi-rank runs)
-    counts = []
-    for rep in reports:
+    # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
+    # bytes of their n x n float64 Gram all-reduces (multi-rank runs)
+    counts = [float(w.backsolves) for w, _, _ in loads if w.backsolves is not None]
+    for rep in reports if not counts else []:
         sent = (rep.get("bytes_sent") or {}).get("backsolve")
         if int(rep["world_size"]) > 1 and sent:
             counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))

@@ -160,3 +160,23 @@ def test_calibration_recovers_rates():
     assert "solver" in table and "sum" in table
     with pytest.raises(ValueError):
         cm.calibrate([], CPU)
+
+
+def test_calibration_uses_reported_backsolve_counts():
+    """Reports that count their backsolves (stages[].backsolves) are modelled with their own count, so runs with
+    different numbers of backsolves are fitted exactly (the byte-based inference would give them one count)."""
+    truth = cm.Rates(linalg_efficiency=0.3, collective_latency=1e-4, fixed={"backsolve": 0.02})
+    base = cm.Workload(p=32_360, n=800, model_params=32_360, iterations=20, kept=3236, largest_layer=31_360)
+    reports = []
+    for R, m in ((1, 5), (2, 40), (4, 12), (2, 3)):
+        w = dataclasses.replace(base, backsolves=m)
+        rep = synthetic_report(R, CPU, truth, w)
+        rep["stages"] = [{"backsolves": m - m // 2}, {"backsolves": m // 2}]  # summed over stages
+        reports.append(rep)
+        assert cm.workload_from_report(rep).backsolves == m
+    fit = cm.calibrate(reports, CPU)
+    assert fit.linalg_efficiency == pytest.approx(0.3, rel=1e-3)
+    for row in cm.compare(reports, CPU, fit):
+        if row["phase"] == "backsolve":
+            assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
+    assert cm.workload_from_report({**reports[0], "stages": [{"iterations": 3}]}).backsolves is None
