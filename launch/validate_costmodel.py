@@ -1,0 +1,116 @@
+"""Held-out validation of the cost model over the runs of several scaling studies.
+
+    python launch/validate_costmodel.py docs/scaling/mlpnet/reports docs/scaling/mlpnet_weak/reports \\
+        [--hardware configs/hardware/cpu_this_machine.yaml] [--out docs/scaling/costmodel_validation.json] \\
+        [--min-seconds 0.5] [--target 0.3]
+
+Pools the ``prune_report.json`` files (``ws<R>.json``) of the given directories, groups them by model (name and p),
+and predicts every run from rates fitted to the *other* runs of its group (leave-one-out,
+:func:`dist_chita.costmodel.compare_held_out`). Pooling a strong and a weak study gives runs that differ in both R
+and n, so each held-out run is predicted from rates that were fitted over both. Prints the table and, per phase,
+the worst absolute relative error over the phases that took at least ``--min-seconds`` (shorter phases are timer
+and launch noise), and whether it is within ``--target``. Exit status 0 when every such phase is within the
+target, 1 when not, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+import yaml  # noqa: E402
+
+from dist_chita import costmodel  # noqa: E402
+
+DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
+
+
+def load_reports(dirs: list[Path]) -> list[dict]:
+    """All ws<R>.json reports of ``dirs`` (each tagged with its source file under "_source")."""
+    reports = []
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"not a directory of reports: {d}")
+        paths = sorted(d.glob("ws*.json"))
+        if not paths:
+            raise ValueError(f"no ws<R>.json reports in {d}")
+        for p in paths:
+            rep = json.loads(p.read_text())
+            rep["_source"] = str(p)
+            reports.append(rep)
+    return reports
+
+
+def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) -> dict:
+    """Leave-one-out rows per model group and the worst |error| per phase over phases >= ``min_seconds``."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for rep in reports:
+        groups.setdefault((str(rep.get("name", "")), int(rep["p"])), []).append(rep)
+    out = {"groups": [], "worst": {}}
+    for (name, p), reps in sorted(groups.items()):
+        if len(reps) < 3:
+            raise ValueError(f"model {name!r} (p = {p}) has {len(reps)} run(s); leave-one-out needs at least 3")
+        rows = []
+        for i, rep in enumerate(reps):  # compare_held_out sorts by world size; keep each row's source run
+            rates = costmodel.calibrate(reps[:i] + reps[i + 1:], hw)
+            for row in costmodel.compare([rep], hw, rates):
+                rows.append({**row, "n": int(rep["n"]), "source": rep["_source"]})
+        worst: dict[str, float] = {}
+        for row in rows:
+            if row["rel_error"] is not None and row["measured"] >= min_seconds:
+                worst[row["phase"]] = max(worst.get(row["phase"], 0.0), abs(row["rel_error"]))
+        out["groups"].append({"name": name, "p": p, "runs": len(reps), "rows": rows, "worst": worst})
+        for ph, e in worst.items():
+            out["worst"][ph] = max(out["worst"].get(ph, 0.0), e)
+    return out
+
+
+def format_result(result: dict, min_seconds: float, target: float) -> str:
+    lines = []
+    for g in result["groups"]:
+        lines.append(f"{g['name']} (p = {g['p']}): {g['runs']} runs, each predicted from rates fitted to the others")
+        lines.append(f"{'R':>3} {'n':>6} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>9}")
+        for row in g["rows"]:
+            if row["phase"] in ("writeback", "save"):
+                continue
+            err = "-" if row["rel_error"] is None else f"{100 * row['rel_error']:+.0f}%"
+            mark = "" if row["measured"] >= min_seconds else " (short)"
+            lines.append(f"{row['world_size']:>3} {row['n']:>6} {row['phase']:<10} {row['measured']:>11.3f} "
+                         f"{row['predicted']:>12.3f} {err:>9}{mark}")
+    worst = ", ".join(f"{ph} {100 * e:.0f}%" for ph, e in sorted(result["worst"].items()))
+    ok = all(e <= target for e in result["worst"].values())
+    lines.append(f"worst held-out |error| over phases >= {min_seconds:g} s: {worst or 'none'} "
+                 f"({'all within' if ok else 'NOT all within'} {100 * target:.0f}%)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("reports", nargs="+", help="directories of ws<R>.json reports (e.g. docs/scaling/*/reports)")
+    ap.add_argument("--hardware", default=DEFAULT_HARDWARE)
+    ap.add_argument("--out", default=None, help="write the rows and worst errors as JSON")
+    ap.add_argument("--min-seconds", type=float, default=0.5, help="phases shorter than this are not scored")
+    ap.add_argument("--target", type=float, default=0.3, help="largest acceptable |relative error|")
+    args = ap.parse_args(argv)
+    try:
+        hw = costmodel.Hardware.from_dict(yaml.safe_load(Path(args.hardware).read_text()))
+        result = validate(load_reports([Path(d) for d in args.reports]), hw, args.min_seconds)
+    except (ValueError, OSError, KeyError, yaml.YAMLError, json.JSONDecodeError) as e:
+        print(f"validate_costmodel.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_result(result, args.min_seconds, args.target))
+    if args.out:
+        result.update(hardware=hw.name, min_seconds=args.min_seconds, target=args.target)
+        Path(args.out).write_text(json.dumps(result, indent=2, default=float))
+        print(f"wrote {args.out}")
+    return 0 if all(e <= args.target for e in result["worst"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

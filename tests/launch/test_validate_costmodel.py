@@ -1,0 +1,58 @@
+"""launch/validate_costmodel.py: leave-one-out over pooled study reports (synthetic reports from known rates)."""
+
+import dataclasses
+import json
+
+from dist_chita import costmodel as cm
+from launch import validate_costmodel as vc
+from tests.dist_chita.test_costmodel import CPU, synthetic_report
+
+TRUTH = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
+                 iteration_overhead=3e-3, fixed={"fisher": 0.2, "backsolve": 0.05, "writeback": 0.01, "save": 0.3})
+BASE = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
+                   micro_batch=250, layers=3)
+
+
+def _write_study(d, runs):
+    d.mkdir(parents=True)
+    for R, n, m in runs:
+        w = dataclasses.replace(BASE, n=n, backsolves=m)
+        rep = synthetic_report(R, CPU, TRUTH, w)
+        rep.update(name="mlp", stages=[{"backsolves": m}])
+        (d / f"ws{R}.json").write_text(json.dumps(rep))
+
+
+def test_pooled_leave_one_out_recovers_truth(tmp_path):
+    _write_study(tmp_path / "strong", [(1, 1000, 9), (2, 1000, 9), (4, 1000, 9)])
+    _write_study(tmp_path / "weak", [(1, 250, 4), (2, 500, 6), (4, 1000, 11)])
+    result = vc.validate(vc.load_reports([tmp_path / "strong", tmp_path / "weak"]), CPU, 0.0)
+    (g,) = result["groups"]
+    assert g["runs"] == 6 and len(g["rows"]) == 6 * (len(cm.PHASES) + 1)
+    for ph in ("fisher", "solver", "backsolve"):
+        assert result["worst"][ph] < 0.05, (ph, result["worst"])
+    text = vc.format_result(result, 0.0, 0.3)
+    assert "mlp (p = 32360): 6 runs" in text and "backsolve" in text
+
+
+def test_exit_status_and_errors(tmp_path, capsys):
+    _write_study(tmp_path / "s", [(1, 1000, 9), (2, 1000, 9), (4, 1000, 9)])
+    hw = tmp_path / "hw.yaml"
+    hw.write_text("name: cpu\nmemory_bytes: 24e9\nmemory_bandwidth: 8e9\nflops: 5e10\nlink_bandwidth: 5e9\n"
+                  "link_latency: 1e-4\nshared_cores: 2\n")
+    out = tmp_path / "v.json"
+    rc = vc.main([str(tmp_path / "s"), "--hardware", str(hw), "--out", str(out), "--min-seconds", "0.0",
+                  "--target", "10"])
+    assert rc == 0 and json.loads(out.read_text())["target"] == 10
+    # a run made 3x slower in its backsolve cannot be predicted from the other two
+    rep = json.loads((tmp_path / "s" / "ws2.json").read_text())
+    rep["phase_seconds"]["backsolve"] = [3 * v for v in rep["phase_seconds"]["backsolve"]]
+    (tmp_path / "s" / "ws2.json").write_text(json.dumps(rep))
+    assert vc.main([str(tmp_path / "s"), "--hardware", str(hw), "--min-seconds", "0.0"]) == 1
+    assert "NOT all within 30%" in capsys.readouterr().out
+    assert vc.main([str(tmp_path / "missing"), "--hardware", str(hw)]) == 2
+    assert "not a directory of reports" in capsys.readouterr().err
+    (tmp_path / "two").mkdir()
+    for R in (1, 2):
+        (tmp_path / "two" / f"ws{R}.json").write_text((tmp_path / "s" / f"ws{R}.json").read_text())
+    assert vc.main([str(tmp_path / "two"), "--hardware", str(hw)]) == 2
+    assert "leave-one-out needs at least 3" in capsys.readouterr().err
