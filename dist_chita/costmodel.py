@@ -18,10 +18,13 @@ Phases (what ``launch/prune.py`` reports in ``phase_seconds``):
 
 * solver, per IHT iteration::
 
-      t_it = r * n p_R b / (M s e_m)                  (r block reads: A w and A^T u)
+      t_it = r * n p_R b / (M s e_m)                  (r block reads: A^T r and A g_S)
            + 2 (R - 1) / R * 8 n / L + 2 log2(R) l    (all-reduce of an n-vector)
            + q * 2 log2(R) l                          (q rounds of the collective top-k)
            + o / s'                                   (fixed per-iteration overhead)
+
+  plus, once per solve (one per CHITA++ stage), c block reads outside the iterations (y = A w_bar, the
+  active set's gathered rows, exact recomputations): c * n p_R b / (M s e_m).
 
 * backsolve, per round: the Gram matrix of the k kept columns, its all-reduce
   and a Cholesky factorisation::
@@ -146,6 +149,7 @@ class Rates:
         linalg_efficiency: e_a, fraction of F the backsolve's Gram / Cholesky achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
         block_reads: r, passes over the rank's block per solver iteration.
+        setup_reads: c, passes over the rank's block per solve outside the iterations.
         selection_rounds: q, all-reduce rounds of the collective top-k per iteration.
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
@@ -159,6 +163,7 @@ class Rates:
     collective_latency: float | None = None
     collective_bandwidth: float | None = None
     block_reads: float = 2.0
+    setup_reads: float = 2.0
     selection_rounds: int = 4
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
@@ -182,6 +187,7 @@ class Workload:
         active_fraction: |W| / p of the solver's active set; model_sharded: ZeRO-3.
         threads_per_rank: t (CPU).
         backsolves: ridge backsolves run by the solver (counted in the report); None: ``Rates.backsolve_rounds``.
+        solves: solver calls (CHITA++: one per stage).
         flops_per_sample: forward + backward FLOPs of one sample (default 6 P; a causal LM on T tokens:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
     """
@@ -199,6 +205,7 @@ class Workload:
     model_sharded: bool = False
     threads_per_rank: int = 1
     backsolves: int | None = None
+    solves: int = 1
     flops_per_sample: float | None = None
 
     def __post_init__(self) -> None:
@@ -311,6 +318,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     }
     it = solver_iteration_terms(w, R, hw, rates)
     terms.update({f"solver_{k}": w.iterations * v for k, v in it.items()})
+    terms["solver_setup"] = w.solves * rates.setup_reads * n * p_r * b / mem_bw
     linalg = hw.flops * rates.linalg_efficiency
     m = w.backsolves if w.backsolves is not None else rates.backsolve_rounds
     terms["backsolve_gram"] = m * 2 * n * n * w.k / R / (linalg * s)
@@ -319,7 +327,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
 
     seconds = {
         "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
-        "solver": sum(terms[f"solver_{k}"] for k in it),
+        "solver": sum(terms[f"solver_{k}"] for k in it) + terms["solver_setup"],
         "backsolve": terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"],
         "writeback": 2 * 4 * p_r / (hw.memory_bandwidth * s),
         "save": 4 * w.model_params / hw.disk_bandwidth,
@@ -388,6 +396,7 @@ def workload_from_report(report: dict) -> Workload:
         layers=max(1, len(layers)),
         threads_per_rank=int(report.get("threads_per_rank") or 1),
         backsolves=backsolves,
+        solves=max(1, len(stages)),
     )
 
 
@@ -424,8 +433,9 @@ def _nnls(columns: list[list[float]], target: list[float]) -> list[float]:
 def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
     """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports).
 
-    * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s') with
-      h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l and o (L from the hardware);
+    * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s')
+      + solves * c n p_R b / (M s) * 1/e_m with h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l, o and c / e_m
+      (L from the hardware);
     * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f_fisher,
       fitting 1/e_g and the fixed term f_fisher;
     * backsolve: t = m (2 n^2 k / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + f_backsolve, fitting 1/e_a and
@@ -442,21 +452,24 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
 
     # solver
-    cols: list[list[float]] = [[], [], []]
+    cols: list[list[float]] = [[], [], [], []]
     y: list[float] = []
     for w, R, t in loads:
         s, s1 = hw.compute_share(R, w.threads_per_rank), hw.time_slice(R, w.threads_per_rank)
         it = w.iterations
-        cols[0].append(it * base.block_reads * w.n * math.ceil(w.p / R) * w.dtype_bytes / (hw.memory_bandwidth * s))
+        block = w.n * math.ceil(w.p / R) * w.dtype_bytes / (hw.memory_bandwidth * s)  # one read of the block at M s
+        cols[0].append(it * base.block_reads * block)
         cols[1].append(it * (2 + 2 * base.selection_rounds) * math.log2(R) if R > 1 else 0.0)
         cols[2].append(it / s1)
+        cols[3].append(w.solves * block)
         link_bw = base.collective_bandwidth or hw.link(R)[0]
         y.append(max(0.0, t["solver"] - it * allreduce_seconds(8 * w.n, R, link_bw, 0.0)))
-    inv_em, lat, overhead = _nnls(cols, y)
+    inv_em, lat, overhead, setup = _nnls(cols, y)
     mem_eff = 1.0 / inv_em if inv_em > 0 else base.memory_efficiency
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
-    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
+    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead,
+                                setup_reads=setup * mem_eff)
 
     # fisher: gradient efficiency + fixed term, the write and exchange terms at the fitted rates
     cols, y = [[], []], []

@@ -160,7 +160,8 @@ def format_plan(pl: dict) -> str:
         "fisher": f"per-sample gradients {t['fisher_gradients']:.3g} s, row writes {t['fisher_write']:.3g} s, "
                   f"exchange {t['fisher_exchange']:.3g} s",
         "solver": f"block reads {t['solver_reads']:.3g} s, all-reduce {t['solver_allreduce']:.3g} s, "
-                  f"selection {t['solver_selection']:.3g} s, overhead {t['solver_overhead']:.3g} s",
+                  f"selection {t['solver_selection']:.3g} s, overhead {t['solver_overhead']:.3g} s, "
+                  f"setup reads {t['solver_setup']:.3g} s",
         "backsolve": f"{pl['workload']['backsolves']} backsolve(s): Gram {t['backsolve_gram']:.3g} s, "
                      f"all-reduce {t['backsolve_allreduce']:.3g} s, "
                      f"Cholesky {t['backsolve_cholesky']:.3g} s",

@@ -40,7 +40,11 @@ def test_solver_iteration_terms_by_hand():
     assert cm.solver_iteration_terms(w, 16, GPU, rates)["selection"] == pytest.approx(4 * 2 * 4 * 1e-5)
     assert cm.solver_iteration_terms(w, 1, GPU, rates)["allreduce"] == 0.0
     pred = cm.predict(w, 4, GPU, rates)
-    assert pred.seconds["solver"] == pytest.approx(10 * sum(it.values()))
+    setup = 2.0 * 100 * 2500 * 4 / (2e12 * 0.5)  # c = 2 block reads once per solve (y = A w_bar, active set)
+    assert pred.terms["solver_setup"] == pytest.approx(setup)
+    assert pred.seconds["solver"] == pytest.approx(10 * sum(it.values()) + setup)
+    five = cm.predict(dataclasses.replace(w, solves=5), 4, GPU, rates)  # CHITA++ with 5 stages: 5 solves
+    assert five.seconds["solver"] == pytest.approx(10 * sum(it.values()) + 5 * setup)
 
 
 def test_solver_communication_flat_in_p():

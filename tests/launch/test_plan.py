@@ -66,7 +66,7 @@ def test_backsolves_and_rates_file(tmp_path, capsys):
     assert plan.main(base + ["--rates", str(rates)]) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["terms"]["solver_reads"] == pytest.approx(2 * one["terms"]["solver_reads"])
-    reads = one["terms"]["solver_reads"]
+    reads = one["terms"]["solver_reads"] + one["terms"]["solver_setup"]  # both halve in speed at e_m = 0.5
     assert fitted["seconds"]["solver"] == pytest.approx(one["seconds"]["solver"] + reads + 2.0)
 
 
