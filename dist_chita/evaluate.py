@@ -16,7 +16,9 @@ Pure metrics on tensors:
 Model-running helpers split the samples (or windows) evenly over the ranks, run the
 model under ``torch.no_grad`` (the caller puts the model in eval mode) and combine the
 ranks' parts through :mod:`dist_chita.comm`, so every rank returns the same value; at
-world size 1 they run alone.
+world size 1 they run alone. When the model's parameters are partitioned (DeepSpeed ZeRO-3,
+:mod:`dist_chita.params`) a forward pass is collective, so a rank with fewer micro-batches than
+another runs padding forwards (outputs discarded) until every rank ran the same number.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dist_chita import comm, models
+from dist_chita import comm, models, params
 from dist_chita.data import Samples, iter_microbatches
 from dist_chita.partition import even_counts, ranges_from_counts
 
@@ -93,6 +95,25 @@ def _my_range(total: int) -> tuple[int, int]:
     return ranges_from_counts(even_counts(total, comm.world_size()))[comm.rank()]
 
 
+def _padding_steps(model: nn.Module, total: int, per_step: int) -> int:
+    """Forward calls this rank adds after its own when the forward pass is collective (ZeRO-3): the most
+    micro-batches of ``per_step`` items any rank has for an even split of ``total`` items, minus this rank's."""
+    if not params.any_partitioned(model):
+        return 0
+    steps = [math.ceil((hi - lo) / per_step) for lo, hi in ranges_from_counts(even_counts(total, comm.world_size()))]
+    return max(steps) - steps[comm.rank()]
+
+
+def _my_batches(model: nn.Module, samples: Samples, batch_size: int):
+    """This rank's micro-batches ``(batch, real)`` of its even share; ``real`` False marks a padding batch
+    (:func:`_padding_steps`; its output must be discarded)."""
+    lo, hi = _my_range(len(samples))
+    for b, _ in iter_microbatches(samples, lo, hi, batch_size):
+        yield b, True
+    for _ in range(_padding_steps(model, len(samples), batch_size)):
+        yield samples.batch(torch.arange(min(batch_size, len(samples)))), False
+
+
 @torch.no_grad()
 def collect_outputs(
     model: nn.Module, task: str, samples: Samples, batch_size: int, forward: Forward = models.forward
@@ -102,8 +123,11 @@ def collect_outputs(
     Rank r computes an even contiguous share; the shares are all-gathered (so the result is
     (N, C) logits or (N, d) embeddings; per-token outputs of unequal lengths are not supported).
     """
-    lo, hi = _my_range(len(samples))
-    parts = [forward(model, task, b).float().cpu() for b, _ in iter_microbatches(samples, lo, hi, batch_size)]
+    parts = []
+    for b, real in _my_batches(model, samples, batch_size):
+        out = forward(model, task, b)
+        if real:
+            parts.append(out.float().cpu())
     mine = torch.cat(parts) if parts else None
     gathered = [p for p in comm.all_gather_object(mine) if p is not None]
     return torch.cat(gathered)
@@ -116,10 +140,11 @@ def evaluate_accuracy(
     """Accuracy over all ``samples`` (they need ``labels``), each rank scoring its share."""
     if "labels" not in samples.fields:
         raise ValueError("accuracy needs labelled samples (no label column was given)")
-    lo, hi = _my_range(len(samples))
     counts = torch.zeros(2, dtype=torch.float64)  # (correct, total)
-    for b, _ in iter_microbatches(samples, lo, hi, batch_size):
+    for b, real in _my_batches(model, samples, batch_size):
         pred = forward(model, task, b).argmax(-1)
+        if not real:
+            continue
         counts += torch.tensor([float((pred == b["labels"]).sum()), float(len(pred))], dtype=torch.float64)
     comm.all_reduce(counts)
     return float(counts[0] / counts[1])
@@ -142,9 +167,13 @@ def perplexity(
     windows = stride_windows(int(tokens.numel()), max_length, stride)
     lo, hi = _my_range(len(windows))
     sums = torch.zeros(2, dtype=torch.float64)  # (nll sum, scored tokens)
-    for begin, end, first in windows[lo:hi]:
+    padding = [None] * _padding_steps(model, len(windows), 1)  # forwards of window 0, discarded (ZeRO-3)
+    for window in windows[lo:hi] + padding:
+        begin, end, first = window or windows[0]
         ids = tokens[begin:end].unsqueeze(0)
         logits = forward(model, "causal-lm", {"input_ids": ids, "attention_mask": torch.ones_like(ids)})[0].float()
+        if window is None:
+            continue
         # logits[j] predicts token begin + j + 1; score targets first..end-1
         pred = logits[first - begin - 1 : end - begin - 1]
         target = tokens[first:end]

@@ -18,7 +18,9 @@ Collective schedule (identical on every rank, even when sample counts differ): p
 ``all_gather`` of (micro-batch size, first index, error flags), then one ``all_to_all`` per layer
 in the fixed order L-1, ..., 0 (reverse layer order, which is close to the order the backward
 pass reaches them; layers reached earlier wait in a buffer). A rank whose batches are exhausted
-takes part with empty sends until every rank is done.
+takes part with empty sends until every rank is done. When the model's parameters are partitioned
+(DeepSpeed ZeRO-3, :mod:`dist_chita.params`) forward and backward passes are collective too, so such a
+rank also runs a padding step (forward + backward of its first micro-batch, gradients dropped).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_chita import comm
+from dist_chita import comm, params
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import LossFn
 from dist_chita.partition import sample_ranges
@@ -64,8 +66,10 @@ class _Exchange:
             self._buf = torch.empty(numel, dtype=self.at.dtype, device=self.at.device)
         return self._buf[:numel]
 
-    def start(self, sizes: list[int], firsts: list[int], b: int) -> None:
-        self.sizes, self.firsts, self.b = sizes, firsts, b
+    def start(self, sizes: list[int], firsts: list[int], b: int, discard: bool = False) -> None:
+        """A new step; ``discard``: this rank runs a padding step (ZeRO-3) whose gradients are dropped, it
+        sends no rows (b = 0)."""
+        self.sizes, self.firsts, self.b, self.discard = sizes, firsts, b, discard
         self.pending: dict[int, torch.Tensor] = {}
         self.next = len(self.layout.segments) - 1
 
@@ -73,6 +77,8 @@ class _Exchange:
         """Layer g's per-sample gradients (b, numel_g), float32, already divided by sqrt(n); exchanges
         every layer that is next in order.
         ``grads`` may be a reused buffer, so a layer that arrives out of order is copied."""
+        if self.discard:
+            grads = grads[:0]
         self.pending[g] = grads if g == self.next else grads.clone()
         while self.next >= 0 and self.next in self.pending:
             self._send(self.next, self.pending.pop(self.next))
@@ -123,9 +129,10 @@ def _check_layout(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout
     if len(layout.segments) != len(modules):
         raise ValueError(f"layout has {len(layout.segments)} layers, {len(modules)} prunable modules were given")
     for seg, (name, m) in zip(layout.segments, modules, strict=True):
-        if seg.name != name or seg.shape != tuple(m.weight.shape):
+        if seg.name != name or seg.shape != tuple(params.shape(m.weight)):
             raise ValueError(
-                f"layout layer {seg.name!r} {seg.shape} does not match module {name!r} {tuple(m.weight.shape)}"
+                f"layout layer {seg.name!r} {seg.shape} does not match module {name!r} "
+                f"{tuple(params.shape(m.weight))}"
             )
 
 
@@ -175,6 +182,8 @@ def fisher_block(
     block_lo, block_hi = layout.block(r)
     at = torch.empty((block_hi - block_lo, n), dtype=dtype, device=device)
     exchange = _Exchange(at, layout)
+    collective_forward = params.any_partitioned(model)  # ZeRO-3: every rank runs every step's forward
+    pad_item = None  # the micro-batch a rank without samples in a step runs (discarded) when collective_forward
     covered = torch.zeros(n, dtype=torch.bool)
     bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
 
@@ -210,9 +219,14 @@ def fisher_block(
                     if covered[f : f + s].any():
                         raise ValueError(f"sample indices [{f}, {f + s}) were given twice")
                     covered[f : f + s] = True
-                exchange.start(sizes, firsts, b)
+                pad = collective_forward and not b and pad_item is not None and local_exc is None
+                exchange.start(sizes, firsts, b, discard=pad)
                 losses = None
-                if b:
+                if b and pad_item is None:
+                    pad_item = (batch, idx)
+                if pad:
+                    losses = loss_fn(model, pad_item[0], pad_item[1].to(device))
+                elif b:
                     try:
                         losses = loss_fn(model, batch, idx.to(device))
                         if not torch.is_tensor(losses) or losses.shape != (b,):

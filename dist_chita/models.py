@@ -231,25 +231,33 @@ def forward(model: nn.Module, task: str, batch: dict[str, torch.Tensor]) -> torc
 # --------------------------------------------------------------------------- saving
 
 
-def save_model(loaded: LoadedModel, out_dir: str | Path) -> list[Path]:
+def save_model(
+    loaded: LoadedModel, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> list[Path]:
     """Write the (pruned) model to ``out_dir``; returns the files written.
 
     HF: ``save_pretrained`` (safetensors) plus tokenizer / image processor, reloadable with
     :func:`load_hf_model`. torch: ``model.safetensors`` and ``torch_model.json`` (factory, task),
-    reloadable with :func:`load_torch_model` (or :func:`load_saved`).
+    reloadable with :func:`load_torch_model` (or :func:`load_saved`). ``state_dict``: the full values
+    to write instead of the model's own (for a model whose parameters are partitioned by ZeRO-3:
+    :func:`dist_chita.params.full_state_dict`); the files are the same as for an unpartitioned model.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("*"))
     if loaded.kind == "hf":
-        loaded.model.save_pretrained(str(out))
+        loaded.model.save_pretrained(str(out), state_dict=state_dict)
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
                 extra.save_pretrained(str(out))
     else:
         from safetensors.torch import save_model as save_safetensors
 
-        save_safetensors(loaded.model, str(out / TORCH_WEIGHTS))
+        model = loaded.model
+        if state_dict is not None:  # a fresh unpartitioned copy, so that shared tensors are saved as usual
+            model = load_factory(loaded.source)()
+            model.load_state_dict(state_dict, strict=True)
+        save_safetensors(model, str(out / TORCH_WEIGHTS))
         (out / TORCH_SOURCE).write_text(json.dumps({"factory": loaded.source, "task": loaded.task}, indent=2))
     return sorted(p for p in set(out.rglob("*")) - before if p.is_file())
 

@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from dist_chita import params
+
 LayerCallback = Callable[[int, torch.Tensor], None]
 """callback(layer_index, grads): grads is (b, numel) float32, row i = grad of l_i w.r.t. the layer's weight.
 ``grads`` is only valid during the call (it is usually a reused buffer): copy what must be kept; in-place
@@ -138,7 +140,7 @@ def conv_grad(
     """nn.Conv1d / nn.Conv2d, W (C_out, C_in/G, *k): x (b, C_in, *spatial), gy (b, C_out, *spatial_out)
     -> (b, W.numel()). Padding (any padding mode) is applied to x, which is then unfolded; per group
     g_i = dy_i (C_out/G, L) @ cols_i^T (L, C_in/G * prod(k))."""
-    nd = module.weight.dim() - 2
+    nd = len(params.shape(module.weight)) - 2
     if x.dim() != nd + 2:
         raise ValueError(f"per-sample gradients need a batched input to {type(module).__name__}, got {tuple(x.shape)}")
     b, G = x.shape[0], module.groups
@@ -163,6 +165,9 @@ def functional_grad(module: nn.Module, args: tuple, kwargs: dict, gy: torch.Tens
     Positional tensor arguments whose dim 0 equals b are split per sample; other
     arguments (and kwargs) are passed unchanged."""
     b = gy.shape[0]
+    if params.is_partitioned(module.weight):
+        raise ValueError(f"per-sample gradients of {type(module).__name__} layers need the weight, which ZeRO-3 "
+                         "partitions; only Linear, Conv1d/Conv2d and Conv1D layers are supported under ZeRO-3")
     in_dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == b else None for a in args)
     weight = module.weight.detach()
 
@@ -322,7 +327,9 @@ class PerSampleGrads:
             entry = ((x.reshape(b, -1, x.shape[-1]),), {})
             gy = gy.reshape(b, -1, gy.shape[-1])
         # a layer called once writes into the shared buffer; shared-weight layers accumulate in their own tensor
-        out = self._buffer(gy.shape[0], layer.module.weight.numel(), gy.device) if len(layer.inputs) == 1 else None
+        out = None
+        if len(layer.inputs) == 1:
+            out = self._buffer(gy.shape[0], params.numel(layer.module.weight), gy.device)
         gy = gy.detach() if self.scale == 1.0 else gy.detach() * self.scale
         g = self._per_sample(layer, *entry, gy, out)
         if g.dtype != torch.float32:
@@ -356,7 +363,7 @@ class PerSampleGrads:
                 if not layer.emitted:
                     w = layer.module.weight
                     if layer.total is None:
-                        layer.total = torch.zeros((b, w.numel()), dtype=torch.float32, device=w.device)
+                        layer.total = torch.zeros((b, params.numel(w)), dtype=torch.float32, device=w.device)
                     self._emit(i)
         finally:
             self._batch = 0

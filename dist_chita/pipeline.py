@@ -15,6 +15,8 @@ The orchestration of one run, on every rank, with plain arguments:
    c. :func:`~dist_chita.solver.solve` finds the new w_r;
    d. the pruned weights are gathered and written back into every rank's copy
       of the model (O(p) once per stage; the solver itself never gathers w);
+      under DeepSpeed ZeRO-3 into the partitioned parameters, one layer at a
+      time (:mod:`dist_chita.params`);
 3. a report of what happened is returned.
 
 Magnitude pruning needs no Fisher factor: it keeps the largest |w_bar|.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from dist_chita import comm
+from dist_chita import comm, params
 from dist_chita.budget import Budget
 from dist_chita.fisher import fisher_block
 from dist_chita.layout import ColumnLayout
@@ -63,13 +65,26 @@ class PruneOutcome:
     masks: dict[str, torch.Tensor]  # layer name -> bool mask of kept weights, full shape
 
 
-def local_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int) -> torch.Tensor:
-    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,)."""
+def local_weights(
+    modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int, check_finite: bool = False
+) -> torch.Tensor:
+    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,).
+
+    Partitioned (ZeRO-3) weights are gathered one layer at a time, every layer on every rank (collective).
+    ``check_finite``: raise ValueError naming the first layer whose weights contain NaN or Inf."""
     lo, hi = layout.block(rank)
     out = torch.empty(hi - lo, dtype=torch.float32)
-    for piece in layout.pieces(rank):
-        w = modules[piece.segment][1].weight.detach().reshape(-1)
-        out[piece.local_start : piece.local_stop] = w[piece.offset : piece.offset + piece.size].float().cpu()
+    pieces = {piece.segment: piece for piece in layout.pieces(rank)}
+    for g, (name, m) in enumerate(modules):
+        if g not in pieces and not check_finite and not params.is_partitioned(m.weight):
+            continue
+        full = params.read(m.weight)
+        if check_finite and not bool(torch.isfinite(full).all()):
+            raise ValueError(f"the weights of layer {name!r} contain NaN or Inf")
+        piece = pieces.get(g)
+        if piece is not None:
+            w = full.reshape(-1)
+            out[piece.local_start : piece.local_stop] = w[piece.offset : piece.offset + piece.size].float().cpu()
     return out
 
 
@@ -85,10 +100,10 @@ def gather_weights(w_local: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
 
 
 def write_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, w: torch.Tensor) -> None:
-    """Copy the full flattened w (p,) into the modules' weights."""
-    with torch.no_grad():
-        for (_, m), seg in zip(modules, layout.segments, strict=True):
-            m.weight.copy_(w[seg.start : seg.stop].reshape(seg.shape).to(m.weight.dtype))
+    """Copy the full flattened w (p,) into the modules' weights (the same w on every rank; one layer at a time,
+    collective for partitioned weights)."""
+    for (_, m), seg in zip(modules, layout.segments, strict=True):
+        params.write(m.weight, w[seg.start : seg.stop].reshape(seg.shape))
 
 
 def _solver_progress(progress: Callable, name: str, options: dict | None) -> Callable[[dict], None]:
@@ -147,7 +162,8 @@ def prune(
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
     Args:
-        model: the model; every rank holds the same copy (evaluation mode).
+        model: the model; every rank holds the same copy (evaluation mode), or its ZeRO-3 partition
+            (:mod:`dist_chita.params`).
         modules: ordered (name, module) prunable layers (:mod:`dist_chita.prunable`).
         method: "magnitude", "chita" or "chita++".
         sparsity: target fraction of zeros in [0, 1) (global, or per layer with
@@ -177,11 +193,8 @@ def prune(
     if nm is None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     world, rank = comm.world_size(), comm.rank()
-    for name, m in modules:
-        if not bool(torch.isfinite(m.weight).all()):
-            raise ValueError(f"the weights of layer {name!r} contain NaN or Inf")
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
-    w = local_weights(modules, layout, rank)
+    w = local_weights(modules, layout, rank, check_finite=True)
     allowed = w != 0  # weights already zero stay zero
     if start_weights is not None:  # resume: the state after stage start_stage
         write_weights(modules, layout, start_weights)
@@ -250,5 +263,5 @@ def prune(
         reports.append(report)
         if on_stage_end is not None:
             on_stage_end(t, w, support, report)
-    masks = {name: m.weight.detach() != 0 for name, m in modules}
+    masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)

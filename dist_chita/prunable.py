@@ -28,6 +28,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from dist_chita import params
+
 HEAD_NAMES = ("classifier", "lm_head", "score")
 
 
@@ -130,4 +132,4 @@ def prunable_modules(
 
 def named_shapes(modules: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:
     """[(name, weight shape)] in the input for :meth:`dist_chita.layout.ColumnLayout.build`."""
-    return [(name, tuple(m.weight.shape)) for name, m in modules]
+    return [(name, tuple(params.shape(m.weight))) for name, m in modules]
