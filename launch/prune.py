@@ -5,8 +5,11 @@
 
 Without ``--config`` the embedded default runs (configs/default.yaml: all-MiniLM-L6-v2 pruned to 50% on Python's
 own documentation). The same script runs under plain ``python`` (one process), ``accelerate launch`` and
-``torchrun``. This recipe is the only place that reads the config and creates the process group; the library
-(``dist_chita``) gets plain arguments. Only the main process prints and writes.
+``torchrun``. Under Accelerate's DeepSpeed plugin with ZeRO stage 3
+(``--config_file launch/accelerate/deepspeed_zero3_cpu.yaml``) the model's parameters stay partitioned across
+the ranks for the whole run (:func:`zero3_partitioner`, :mod:`dist_chita.params`). This recipe is the only
+place that reads the config and creates the process group; the library (``dist_chita``) gets plain arguments.
+Only the main process prints and writes.
 """
 
 from __future__ import annotations
@@ -57,17 +60,54 @@ def say(*lines: str) -> None:
 
 
 def start_processes(cfg: RunConfig):
-    """Create the Accelerator (and with it the process group): gloo on CPU, NCCL on GPUs."""
+    """Create the Accelerator (and with it the process group): gloo on CPU, NCCL on GPUs; checks that the
+    process group has as many ranks as the launcher started."""
     if cfg.threads_per_rank:
         torch.set_num_threads(cfg.threads_per_rank)
+    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if deepspeed and not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before accelerate imports deepspeed
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    from dist_chita import comm
+
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched as several processes
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1:  # launched as several processes
         backend = "gloo" if use_cpu else "nccl"
         handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=cfg.timeout_seconds)))
-    return Accelerator(cpu=use_cpu, kwargs_handlers=handlers)
+    # cpu=True would turn the DeepSpeed plugin off (the DeepSpeed configs set use_cpu themselves)
+    accelerator = Accelerator(cpu=use_cpu and not deepspeed, kwargs_handlers=handlers)
+    if comm.world_size() != launched:
+        raise RuntimeError(f"the launcher started {launched} processes but the process group has "
+                           f"{comm.world_size()} rank(s)")
+    return accelerator
+
+
+def zero3_partitioner(accelerator, cfg: RunConfig):
+    """Under Accelerate's DeepSpeed plugin with ZeRO stage 3: a function ``partition(model) -> engine`` that
+    partitions the model's parameters across the ranks (``accelerator.prepare`` builds a DeepSpeed engine around
+    it, which also gathers each module's parameters for its forward and backward); None otherwise (no plugin, or
+    ZeRO stages 0-2, which do not partition parameters: the model is used as is)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return None
+
+    def partition(model):
+        from dist_chita import comm
+
+        ds = plugin.deepspeed_config  # prepare() needs the batch sizes; nothing here trains
+        ds["train_micro_batch_size_per_gpu"] = cfg.calibration.batch_size
+        ds["train_batch_size"] = cfg.calibration.batch_size * comm.world_size()
+        ds["gradient_accumulation_steps"] = 1
+        # DeepSpeed keeps parameters below this size whole on every rank (default 1e5 elements); 0 partitions all
+        ds.setdefault("zero_optimization", {}).setdefault("stage3_param_persistence_threshold", 0)
+        engine = accelerator.prepare(model)
+        model.eval()
+        return engine
+
+    return partition
 
 
 class Progress:
@@ -126,8 +166,9 @@ def load_eval(cfg: RunConfig, loaded):
     return {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)}
 
 
-def run(cfg: RunConfig, device: torch.device) -> int:
-    from dist_chita import blocks, comm, data, evaluate, memory, models, pipeline, prunable, report
+def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
+    """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
+    from dist_chita import blocks, comm, data, evaluate, memory, models, params, pipeline, prunable, report
     from dist_chita.output import atomic_directory, check_target
     from dist_chita.partition import sample_ranges
     from launch import faults, watchdog
@@ -147,11 +188,21 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         for stale in watchdog.remove_dead_temporaries(out_dir):
             say(f"  removed {stale}, left by a run that was killed")
     sample_ranges(cfg.calibration.n, world)  # n >= number of ranks, before loading anything
+    if partition is not None and cfg.prune.block_mode:
+        raise ValueError("prune.block_mode is not supported with ZeRO-3 partitioning; set prune.block_mode=false")
 
     t = time.perf_counter()
-    loaded = models.load_model(**model_kwargs(cfg))
+    loaded = models.load_model(**model_kwargs(cfg))  # HF models load already partitioned under ZeRO-3
     model, task = loaded.model, loaded.task
-    model.to(device)
+    engine = None
+    if partition is not None:
+        engine = partition(model)  # the DeepSpeed engine, which owns the partitioned parameters
+    else:
+        model.to(device)
+    full_bytes = params.full_bytes(model.parameters())
+    if partition is not None:
+        say(f"  ZeRO-3: parameters partitioned over {world} ranks, "
+            f"{params.resident_bytes(model.parameters()) / 2**20:.2f} MiB on this rank of {full_bytes / 2**20:.2f} MiB")
     calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer,
                               image_processor=loaded.image_processor)
     held_out = load_eval(cfg, loaded)
@@ -161,15 +212,16 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     seconds["load"] = time.perf_counter() - t
 
     n = cfg.calibration.n
-    p = sum(m.weight.numel() for _, m in modules)
+    sizes = [params.numel(m.weight) for _, m in modules]
+    p = sum(sizes)
     est = memory.estimate(
-        p=blocks.largest_group([m.weight.numel() for _, m in modules], cfg.prune.block_size)
+        p=blocks.largest_group(sizes, cfg.prune.block_size)
         if cfg.prune.block_mode else p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
-        model_params=sum(x.numel() for x in model.parameters()),
-        largest_layer=max(m.weight.numel() for _, m in modules), micro_batch=cfg.calibration.batch_size,
+        model_params=sum(params.numel(x) for x in model.parameters()),
+        largest_layer=max(sizes), micro_batch=cfg.calibration.batch_size,
         active_fraction=0.0 if cfg.prune.method == "magnitude" else min(1.0, cfg.solver.active_set_factor
                                                                         * (1 - cfg.prune.sparsity)),
-        baseline=memory.baseline_bytes(device, sum(x.numel() * x.element_size() for x in model.parameters())),
+        baseline=memory.baseline_bytes(device, full_bytes),
     )
     if cfg.prune.method == "magnitude":
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
@@ -202,12 +254,11 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     prune_kwargs = dict(per_layer=cfg.prune.per_layer, nm=nm)
     if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
         t = time.perf_counter()
-        dense = [m.weight.detach().clone() for _, m in modules]
+        dense = [params.read(m.weight).clone() for _, m in modules]
         pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
         measure("magnitude", reference)
-        with torch.no_grad():
-            for (_, m), w in zip(modules, dense, strict=True):
-                m.weight.copy_(w)
+        for (_, m), w in zip(modules, dense, strict=True):
+            params.write(m.weight, w)
         del dense
         seconds["magnitude_baseline"] = time.perf_counter() - t
 
@@ -241,6 +292,9 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     if cfg.eval.metric != "none":
         measure("after", reference)
     seconds["eval_after"] = time.perf_counter() - t
+    if engine is not None:  # modules the backward pass does not reach (embeddings) keep their gathered weights
+        engine.empty_partition_cache()
+    param_bytes = params.resident_bytes(model.parameters())  # after pruning: still partitioned under ZeRO-3
 
     order = [name for name, _ in modules]
     layers = report.layer_table(outcome.masks, order)
@@ -256,7 +310,9 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         "method": cfg.prune.method,
         "n": n,
         "p": p,
-        "model_params": sum(x.numel() for x in model.parameters()),
+        "model_params": sum(params.numel(x) for x in model.parameters()),
+        "zero_stage": 3 if partition is not None else None,
+        "param_bytes_full": full_bytes,
         "storage_dtype": cfg.solver.storage_dtype,
         "global": {"p": p, "kept": kept, "sparsity": 1 - kept / p},
         "layers": layers,
@@ -268,16 +324,19 @@ def run(cfg: RunConfig, device: torch.device) -> int:
     }
 
     t = time.perf_counter()
+    state = None  # under ZeRO-3 the full weights, gathered one parameter at a time (collective), on the main rank
+    if partition is not None and cfg.output.save_model:
+        state = params.full_state_dict(model)
     ok = True
     if comm.is_main():
         try:
             with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
                 if cfg.output.save_model:
-                    models.save_model(loaded, tmp)
+                    models.save_model(loaded, tmp, state_dict=state)
                 save_config(cfg, tmp / "dist_chita_config.yaml")
                 seconds["save"] = time.perf_counter() - t
                 seconds["total"] = time.perf_counter() - t_run
-                finish_report(rep, seconds, device)
+                finish_report(rep, seconds, device, param_bytes)
                 faults.point("save")
                 (tmp / "prune_report.json").write_text(_json(rep))
         except BaseException:
@@ -290,7 +349,7 @@ def run(cfg: RunConfig, device: torch.device) -> int:
         say(*report.summary_lines(rep), f"  saved to {out_dir}")
     else:
         seconds["total"] = time.perf_counter() - t_run
-        finish_report(rep, seconds, device)
+        finish_report(rep, seconds, device, param_bytes)
         if not comm.broadcast_object(ok):
             return 1
     return 0
@@ -299,7 +358,7 @@ def run(cfg: RunConfig, device: torch.device) -> int:
 def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
     """chita++: the stage checkpoint (:mod:`dist_chita.resume`), the pipeline's resume arguments and the restored
     stage reports; (None, {}, []) for other methods. Without ``resume`` an old state is discarded."""
-    from dist_chita import comm, pipeline, resume
+    from dist_chita import comm, pipeline, prunable, resume
 
     if cfg.prune.method != "chita++":
         if cfg.resume:
@@ -307,7 +366,7 @@ def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
         return None, {}, []
     d = cfg.to_dict()
     settings = {k: d[k] for k in ("model", "calibration", "prune", "solver")}
-    settings["layers"] = [[name, list(m.weight.shape)] for name, m in modules]
+    settings["layers"] = [[name, list(shape)] for name, shape in prunable.named_shapes(modules)]
     state_dir = Path(cfg.resume_dir).resolve() if cfg.resume_dir else resume.state_dir_for(out_dir)
     checkpoint = resume.StageCheckpoint(state_dir, settings)
     saved = checkpoint.load() if cfg.resume else None
@@ -326,16 +385,18 @@ def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
     return checkpoint, kwargs, [pipeline.StageReport(**r) for r in (saved.reports if saved else [])]
 
 
-def finish_report(rep: dict, seconds: dict, device: torch.device) -> None:
-    """Add the per-rank figures (collective: every rank must call it once)."""
+def finish_report(rep: dict, seconds: dict, device: torch.device, param_bytes: int = 0) -> None:
+    """Add the per-rank figures (collective: every rank must call it once); ``param_bytes``: bytes of parameters
+    resident on this rank (its ZeRO-3 partition, else the whole model)."""
     from dist_chita import comm, memory, report
 
     per_rank = report.gather_per_rank({**{f"t.{k}": v for k, v in seconds.items()},
                                        **{f"b.{k}": v for k, v in comm.bytes_by_phase().items()},
-                                       "peak": memory.peak_bytes(device)})
+                                       "peak": memory.peak_bytes(device), "params": param_bytes})
     rep["phase_seconds"] = {k[2:]: v for k, v in per_rank.items() if k.startswith("t.")}
     rep["bytes_sent"] = {k[2:]: v for k, v in per_rank.items() if k.startswith("b.")}
     rep["peak_memory_bytes"] = per_rank["peak"]
+    rep["param_bytes"] = per_rank["params"]
     solver_bytes = max(rep["bytes_sent"].get("solver", [0]))
     rep["bytes_per_solver_iteration"] = solver_bytes / max(1, rep["solver_iterations"])
 
@@ -360,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         accelerator = start_processes(cfg)
         watchdog.install(cfg.timeout_seconds, cfg.output.dir)
-        return run(cfg, accelerator.device)
+        return run(cfg, accelerator.device, zero3_partitioner(accelerator, cfg))
     except (ValueError, OSError, MemoryError, RuntimeError, ImportError, watchdog.Terminated) as e:
         if watchdog.should_print(comm.rank(), e):
             print(f"error: {watchdog.describe(e)}", file=sys.stderr)
