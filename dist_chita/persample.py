@@ -15,8 +15,9 @@ is then formed from (x, dy):
 * ``nn.Linear`` (W: (out, in)), x: (b, ..., in): g_i = sum_t dy[i, t]^T x[i, t];
 * ``transformers`` ``Conv1D`` (W: (in, out)): g_i = sum_t x[i, t]^T dy[i, t];
 * ``nn.Conv1d`` / ``nn.Conv2d`` (any stride, padding, padding mode, dilation,
-  groups): x is unfolded (im2col, ``F.unfold``) to (b, C_in k, L) and, per
-  group, g_i = dy_i (C_out/G, L) @ cols_i^T;
+  groups): x is padded and unfolded (im2col, one ``index_select``, into reused
+  scratch buffers) to (b, C_in k, L) and, per group, g_i = dy_i (C_out/G, L) @ cols_i^T
+  (one bmm into the result buffer); for L = 1 (one output position) an outer product;
 * any other module with a ``.weight``: torch.func fallback, per sample
   grad_W <dy_i, f_W(x_i)> with ``functional_call`` + ``vmap`` + ``grad``
   (the module must treat dim 0 of its positional tensor inputs as the batch).
@@ -25,7 +26,9 @@ Sequence inputs are summed over tokens. Each layer's (b, numel) float32
 gradient (flattened like ``weight.reshape(-1)``) goes to a callback as soon as
 its hook fires, so only one layer's gradients exist at a time (streaming). They
 are written into one reused buffer (fresh large allocations cost more in page
-faults than the arithmetic), valid only during the callback.
+faults than the arithmetic), valid only during the callback; outer-product
+layers can instead be written straight into a caller's destination (``target``,
+e.g. the columns of At in :func:`dist_chita.fisher.fisher_block`).
 
 The model must be in eval mode: in train mode BatchNorm couples the samples of
 a batch and dy[i] would no longer be dl_i/dy[i] (:func:`check_no_batch_coupling`).
@@ -36,6 +39,7 @@ require grad are made to (``y + 0`` with a zero leaf).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -47,7 +51,8 @@ from torch.func import functional_call, grad, vmap
 from dist_chita import params
 
 LayerCallback = Callable[[int, torch.Tensor], None]
-"""callback(layer_index, grads): grads is (b, numel) float32, row i = grad of l_i w.r.t. the layer's weight.
+"""callback(layer_index, grads): grads is (b, numel) float32 (or the dtype of a ``target`` it was written into),
+row i = grad of l_i w.r.t. the layer's weight.
 ``grads`` is only valid during the call (it is usually a reused buffer): copy what must be kept; in-place
 changes are allowed. It may be non-contiguous: layers without a token dimension give the transposed view of
 a contiguous (numel, b) array (``grads.t().is_contiguous()``)."""
@@ -75,28 +80,46 @@ def _work(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _result(out: torch.Tensor | None, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
-    """``out`` (b, numel) viewed as ``shape`` when it can take the result (same dtype), else None."""
-    if out is None or out.dtype != like.dtype:
-        return None
-    return out.view(shape)
+def _into(out: torch.Tensor | None, res: torch.Tensor) -> torch.Tensor:
+    """``res`` (b, numel) copied into the destination ``out`` if given (and not already there)."""
+    if out is None or (out.data_ptr() == res.data_ptr() and out.stride() == res.stride() and out.dtype == res.dtype):
+        return res
+    return out.copy_(res)
+
+
+def _bmm(a: torch.Tensor, c: torch.Tensor, b: int, out: torch.Tensor | None) -> torch.Tensor:
+    """a (B, m, t) @ c (B, t, k) -> (b, B / b * m * k) (B = b * groups): straight into ``out`` when it is
+    contiguous in a's dtype, else computed and copied into it."""
+    B, m, k = a.shape[0], a.shape[1], c.shape[2]
+    if out is not None and out.is_contiguous() and out.dtype == a.dtype:
+        torch.bmm(a, c, out=out.view(B, m, k))
+        return out
+    return _into(out, torch.bmm(a, c).view(b, -1))
+
+
+def sample_minor(out: torch.Tensor) -> bool:
+    """Whether the (b, numel) tensor ``out`` is laid out sample-minor (``out.t()`` has unit-stride rows, as
+    the (numel, b) shared buffer or a column block of At): what outer products write fastest."""
+    return out.shape[0] == 1 or out.stride(0) == 1
 
 
 def _outer(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    """a: (b, T, m), c: (b, T, k) -> (b, m * k), row i = sum_t a[i, t]^T c[i, t]; written into ``out`` if given.
+    """a: (b, T, m), c: (b, T, k) -> (b, m * k), row i = sum_t a[i, t]^T c[i, t].
 
-    For T = 1 (no tokens) the result is laid out sample-minor, (m * k, b) in memory, and returned as its
-    transposed (b, m * k) view: computing it that way costs the same, and the column exchange of
-    :mod:`dist_chita.fisher` then needs no transpose."""
+    ``out``: optional (b, m * k) destination of any strides and float dtype, written and returned. For T = 1
+    (no tokens) the result is computed sample-minor, (m * k, b) in memory (returned as its transposed
+    (b, m * k) view when ``out`` is None): computing it that way costs the same, and the column exchange
+    of :mod:`dist_chita.fisher` then needs no transpose."""
     b, m, k = a.shape[0], a.shape[-1], c.shape[-1]
     if a.shape[1] == 1:
         aT, cT = a[:, 0].t().contiguous(), c[:, 0].t().contiguous()  # (m, b), (k, b)
-        dst = _result(out, (m, k, b), a)
-        res = torch.mul(aT[:, None, :], cT[None, :, :], out=dst) if dst is not None else aT[:, None, :] * cT[None, :, :]
-        return res.view(m * k, b).t()
-    dst = _result(out, (b, m, k), a)
-    res = torch.bmm(a.transpose(1, 2), c, out=dst) if dst is not None else torch.bmm(a.transpose(1, 2), c)
-    return res.view(b, m * k)
+        if out is None:
+            return (aT[:, None, :] * cT[None, :, :]).view(m * k, b).t()
+        if sample_minor(out):  # written in place, any strides (e.g. a column block of At), cast on store
+            torch.mul(aT[:, None, :], cT[None, :, :], out=out.t().view(m, k, b))
+            return out
+        return out.copy_((aT[:, None, :] * cT[None, :, :]).view(m * k, b).t())
+    return _bmm(a.transpose(1, 2), c, b, out)
 
 
 def linear_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -115,31 +138,101 @@ def conv1d_hf_grad(
     return _outer(x, gy, out)
 
 
+class Scratch:
+    """Reused flat work buffers, one per slot name, grown on demand and freed by :meth:`clear`.
+
+    On this kind of machine a fresh large allocation costs more in page faults (first touch of every
+    4 KiB page) than the arithmetic done on it, so the transient tensors of a rule (padded input,
+    im2col columns) live here instead."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device (valid until the next
+        ``get`` of the same slot)."""
+        numel = math.prod(shape)
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            self._bufs.pop(slot, None)
+            buf = self._bufs[slot] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(tuple(shape))
+
+    def clear(self) -> None:
+        self._bufs = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _im2col_index(
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    out_size: tuple[int, ...],
+) -> torch.Tensor:
+    """Flat positions in a contiguous image of shape ``spatial`` of the im2col entries, ordered
+    (*kernel, *out_size): entry (t, o) reads position sum_d (t_d dilation_d + o_d stride_d) * step_d."""
+    nd = len(spatial)
+    steps = [math.prod(spatial[d + 1 :]) for d in range(nd)]
+    idx = torch.zeros((1,) * (2 * nd), dtype=torch.long)
+    for d in range(nd):
+        t = torch.arange(kernel[d]) * dilation[d] * steps[d]
+        o = torch.arange(out_size[d]) * stride[d] * steps[d]
+        idx = idx + t.view([-1 if a == d else 1 for a in range(2 * nd)])
+        idx = idx + o.view([-1 if a == nd + d else 1 for a in range(2 * nd)])
+    return idx.reshape(-1)
+
+
 def unfold(
-    x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], dilation: Sequence[int], out_size: Sequence[int]
+    x: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    dilation: Sequence[int],
+    out_size: Sequence[int],
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """im2col of an already padded x (b, C, *spatial) -> (b, C * prod(kernel), prod(out_size)), the same as
-    ``F.unfold`` (1-D or 2-D), built as one strided copy of an ``as_strided`` view (faster than aten im2col)."""
+    ``F.unfold`` (1-D or 2-D): one ``index_select`` of the flattened images with a cached index (several
+    times faster than aten im2col or a strided copy when the spatial sizes are small), written into ``out``
+    (any tensor of that many elements, x's dtype) if given."""
     b, c = x.shape[:2]
-    sb, sc, *ss = x.stride()
-    view = x.as_strided(
-        (b, c, *kernel, *out_size),
-        (
-            sb,
-            sc,
-            *(d * st for d, st in zip(dilation, ss, strict=True)),
-            *(s * st for s, st in zip(stride, ss, strict=True)),
-        ),
-    )
-    return view.reshape(b, c * math.prod(kernel), math.prod(out_size))
+    idx = _im2col_index(tuple(x.shape[2:]), tuple(kernel), tuple(stride), tuple(dilation), tuple(out_size))
+    flat = x.reshape(b * c, -1)  # a view when x is contiguous (the padded copy always is)
+    cols = torch.index_select(flat, 1, idx.to(x.device), out=None if out is None else out.view(b * c, idx.numel()))
+    return cols.view(b, c * math.prod(kernel), math.prod(out_size))
+
+
+def zero_pad(x: torch.Tensor, pads: Sequence[int], scratch: Scratch | None = None) -> torch.Tensor:
+    """``F.pad(x, pads)`` (constant zeros, pads >= 0 in F.pad order: last dim first); with ``scratch``
+    written into its "pad" buffer: only the border is zeroed, the interior is one copy."""
+    nd = len(pads) // 2
+    lo = [pads[2 * (nd - 1 - d)] for d in range(nd)]  # per spatial dim, first dim first
+    hi = [pads[2 * (nd - 1 - d) + 1] for d in range(nd)]
+    spatial = x.shape[x.dim() - nd :]
+    shape = (*x.shape[: x.dim() - nd], *(s + a + z for s, a, z in zip(spatial, lo, hi, strict=True)))
+    if scratch is None:
+        return F.pad(x, list(pads))
+    out = scratch.get("pad", shape, x)
+    lead = (slice(None),) * (x.dim() - nd)
+    for d in range(nd):
+        before = (slice(None),) * d
+        out[(*lead, *before, slice(0, lo[d]))] = 0
+        out[(*lead, *before, slice(lo[d] + spatial[d], None))] = 0
+    out[(*lead, *(slice(a, a + s) for a, s in zip(lo, spatial, strict=True)))] = x
+    return out
 
 
 def conv_grad(
-    module: nn.Conv1d | nn.Conv2d, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None
+    module: nn.Conv1d | nn.Conv2d,
+    x: torch.Tensor,
+    gy: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """nn.Conv1d / nn.Conv2d, W (C_out, C_in/G, *k): x (b, C_in, *spatial), gy (b, C_out, *spatial_out)
     -> (b, W.numel()). Padding (any padding mode) is applied to x, which is then unfolded; per group
-    g_i = dy_i (C_out/G, L) @ cols_i^T (L, C_in/G * prod(k))."""
+    g_i = dy_i (C_out/G, L) @ cols_i^T (L, C_in/G * prod(k)). With ``scratch`` the padded input and the
+    columns go to reused buffers (no page faults of fresh allocations)."""
     nd = len(params.shape(module.weight)) - 2
     if x.dim() != nd + 2:
         raise ValueError(f"per-sample gradients need a batched input to {type(module).__name__}, got {tuple(x.shape)}")
@@ -147,16 +240,22 @@ def conv_grad(
     x, gy = _work(x), _work(gy)
     pads = list(module._reversed_padding_repeated_twice)
     if any(pads):
-        x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
-    cols = unfold(x, module.kernel_size, module.stride, module.dilation, gy.shape[2:])  # (b, C_in * prod(k), L)
-    L = cols.shape[-1]
+        if module.padding_mode == "zeros":
+            x = zero_pad(x, pads, scratch)
+        else:
+            x = F.pad(x, pads, mode=module.padding_mode)
+    c_k, L = x.shape[1] * math.prod(module.kernel_size), math.prod(gy.shape[2:])
+    cols = unfold(
+        x,
+        module.kernel_size,
+        module.stride,
+        module.dilation,
+        gy.shape[2:],
+        scratch.get("cols", (b, c_k, L), x) if scratch is not None else None,
+    )  # (b, C_in * prod(k), L)
     if L == 1 and G == 1:  # one output position: an outer product, in the transpose-free layout of _outer
         return _outer(gy.reshape(b, 1, -1), cols.view(b, 1, -1), out)
-    cols = cols.view(b * G, -1, L)
-    gy = gy.reshape(b * G, -1, L)
-    dst = _result(out, (b * G, gy.shape[1], cols.shape[1]), gy)
-    res = torch.bmm(gy, cols.transpose(1, 2), out=dst) if dst is not None else torch.bmm(gy, cols.transpose(1, 2))
-    return res.view(b, -1)
+    return _bmm(gy.reshape(b * G, -1, L), cols.view(b * G, -1, L).transpose(1, 2), b, out)
 
 
 def functional_grad(module: nn.Module, args: tuple, kwargs: dict, gy: torch.Tensor) -> torch.Tensor:
@@ -166,8 +265,10 @@ def functional_grad(module: nn.Module, args: tuple, kwargs: dict, gy: torch.Tens
     arguments (and kwargs) are passed unchanged."""
     b = gy.shape[0]
     if params.is_partitioned(module.weight):
-        raise ValueError(f"per-sample gradients of {type(module).__name__} layers need the weight, which ZeRO-3 "
-                         "partitions; only Linear, Conv1d/Conv2d and Conv1D layers are supported under ZeRO-3")
+        raise ValueError(
+            f"per-sample gradients of {type(module).__name__} layers need the weight, which ZeRO-3 "
+            "partitions; only Linear, Conv1d/Conv2d and Conv1D layers are supported under ZeRO-3"
+        )
     in_dims = tuple(0 if torch.is_tensor(a) and a.dim() > 0 and a.shape[0] == b else None for a in args)
     weight = module.weight.detach()
 
@@ -225,10 +326,22 @@ class PerSampleGrads:
     to dy, so it is free; :func:`dist_chita.fisher.fisher_block` passes 1/sqrt(n)).
     While active, the hooked weights have
     ``requires_grad=False`` (restored on exit).
+
+    ``target``: optional ``target(layer_index, b) -> (b, numel) tensor or None``, asked for layers whose
+    gradients are outer products (no token / spatial dimension, called once): a destination of any strides
+    and float dtype (e.g. a column block of At, so the gradients are computed straight into it: no buffer,
+    no copy). The callback then receives that tensor itself. Other layers use a reused buffer.
     """
 
-    def __init__(self, modules: Sequence[tuple[str, nn.Module]], callback: LayerCallback, scale: float = 1.0):
+    def __init__(
+        self,
+        modules: Sequence[tuple[str, nn.Module]],
+        callback: LayerCallback,
+        scale: float = 1.0,
+        target: Callable[[int, int], torch.Tensor | None] | None = None,
+    ):
         self.scale = float(scale)
+        self.target = target
         self.names = [name for name, _ in modules]
         self.layers = [_Layer(m, grad_fn_for(m)) for _, m in modules]
         self.callback = callback
@@ -237,6 +350,7 @@ class PerSampleGrads:
         self._busy = False
         self._zeros: dict[torch.dtype, torch.Tensor] = {}
         self._buf: torch.Tensor | None = None
+        self._scratch = Scratch()
         self._batch = 0  # b of the running backward(): rows of a layer input flattened over tokens are split by it
 
     def __enter__(self) -> PerSampleGrads:
@@ -257,6 +371,7 @@ class PerSampleGrads:
         for layer, flag in zip(self.layers, self._saved_flags, strict=False):
             layer.module.weight.requires_grad_(flag)
         self._handles, self._saved_flags, self._buf = [], [], None
+        self._scratch.clear()
         for layer in self.layers:
             layer.reset()
 
@@ -289,12 +404,33 @@ class PerSampleGrads:
 
         return hook
 
-    def _buffer(self, b: int, numel: int, device: torch.device) -> torch.Tensor:
-        """The shared (b, numel) float32 result buffer, grown on demand (reusing it avoids page faults)."""
+    def _buffer(self, b: int, numel: int, device: torch.device, minor: bool) -> torch.Tensor:
+        """The shared (b, numel) float32 result buffer, grown on demand (reusing it avoids page faults);
+        ``minor``: laid out sample-minor, as the transposed view of a contiguous (numel, b)."""
         if self._buf is None or self._buf.numel() < b * numel or self._buf.device != device:
             self._buf = None
             self._buf = torch.empty(b * numel, dtype=torch.float32, device=device)
-        return self._buf[: b * numel].view(b, numel)
+        flat = self._buf[: b * numel]
+        return flat.view(numel, b).t() if minor else flat.view(b, numel)
+
+    def _destination(self, index: int, layer: _Layer, x: torch.Tensor, gy: torch.Tensor) -> torch.Tensor | None:
+        """Where layer ``index``'s (b, numel) gradients are written: None (fresh tensors) for a layer called
+        several times; for outer-product layers (no tokens / one output position) the ``target`` if it gives
+        one, else the shared buffer, sample-minor; for the others the shared buffer, sample-major."""
+        if len(layer.inputs) != 1:
+            return None
+        b, numel = gy.shape[0], params.numel(layer.module.weight)
+        if layer.rule == "conv":
+            outer = layer.module.groups == 1 and math.prod(gy.shape[2:]) == 1
+        else:
+            outer = layer.rule in ("linear", "conv1d_hf") and x.numel() == b * x.shape[-1]
+        if outer and self.target is not None:
+            dst = self.target(index, b)
+            if dst is not None:
+                if dst.shape != (b, numel) or not dst.is_floating_point():
+                    raise ValueError(f"target for layer {self.names[index]!r} must be a float ({b}, {numel}) tensor")
+                return dst
+        return self._buffer(b, numel, gy.device, minor=outer)
 
     def _per_sample(
         self, layer: _Layer, args: tuple, kwargs: dict, gy: torch.Tensor, out: torch.Tensor | None
@@ -310,7 +446,7 @@ class PerSampleGrads:
         if layer.rule == "linear":
             return linear_grad(layer.module, x, gy, out)
         if layer.rule == "conv":
-            return conv_grad(layer.module, x, gy, out)
+            return conv_grad(layer.module, x, gy, out, self._scratch)
         return conv1d_hf_grad(layer.module, x, gy, out)
 
     def _on_grad(self, index: int, call: int, gy: torch.Tensor) -> None:
@@ -326,13 +462,12 @@ class PerSampleGrads:
             x = args[0] if args else next(iter(kwargs.values()))
             entry = ((x.reshape(b, -1, x.shape[-1]),), {})
             gy = gy.reshape(b, -1, gy.shape[-1])
-        # a layer called once writes into the shared buffer; shared-weight layers accumulate in their own tensor
-        out = None
-        if len(layer.inputs) == 1:
-            out = self._buffer(gy.shape[0], params.numel(layer.module.weight), gy.device)
+        # a layer called once writes into the target or the shared buffer; shared-weight layers accumulate
+        args, kwargs = entry
+        out = self._destination(index, layer, args[0] if args else next(iter(kwargs.values())), gy)
         gy = gy.detach() if self.scale == 1.0 else gy.detach() * self.scale
         g = self._per_sample(layer, *entry, gy, out)
-        if g.dtype != torch.float32:
+        if g.dtype != torch.float32 and g is not out:  # a target in another dtype is passed on as it is
             g = g.float()
         layer.total = g if layer.total is None else layer.total.add_(g)
         layer.received += 1

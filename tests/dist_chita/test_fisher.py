@@ -97,6 +97,14 @@ def rank_block(n, micro, dtype, loss_name, align=1):
     return at, layout.block(comm.rank()), stats, seen, hi - lo
 
 
+def own_whole_segments(world, block_start):
+    """The layout segments whose columns all belong to the rank whose block starts at ``block_start``."""
+    model, _, _ = setup(1)
+    layout = ColumnLayout.build(named_shapes(prunable_modules(model)), world)
+    rank = [layout.block(r)[0] for r in range(world)].index(block_start)
+    return [layout.segments[pc.segment] for pc in layout.pieces(rank) if pc.size == layout.segments[pc.segment].size]
+
+
 @pytest.mark.parametrize("n", [7, 10])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_block_matches_single_process_autograd(world, n):
@@ -108,8 +116,11 @@ def test_block_matches_single_process_autograd(world, n):
         torch.testing.assert_close(at, truth[:, a:b].T, rtol=1e-5, atol=1e-7)
         assert seen[-1] == (n, n)
         steps = len(seen) + 1  # + the final all_gather that ends the loop
-        if world > 1:  # payload: all per-sample gradient rows of this rank + one (4,) int64 per step
-            assert stats["bytes"] == n_r * p * 4 + steps * 4 * 8
+        if world > 1:  # payload: this rank's per-sample gradient rows + one (4,) int64 per step, except the
+            # rows of outer-product layers (fc, gpt: no spatial dims) whose columns this rank owns entirely:
+            # those are computed straight into At and never sent
+            kept = sum(seg.size for seg in own_whole_segments(world, a) if seg.name in ("fc", "gpt"))
+            assert stats["bytes"] == n_r * (p - kept) * 4 + steps * 4 * 8
         else:
             assert stats["bytes"] == 0
         assert stats["seconds"] >= stats["exchange_seconds"] > 0
@@ -124,6 +135,10 @@ def test_sampled_fisher_bfloat16_and_aligned_blocks():
         assert at.dtype == torch.bfloat16 and a % 4 == 0
         torch.testing.assert_close(at.float(), truth[:, a:b].T, rtol=1e-2, atol=1e-3)
     assert not torch.allclose(truth, full_A(n, "ce"))  # the sampled labels are not the given ones
+    # one rank owns every layer: fc and gpt are computed straight into the bfloat16 At (cast on store)
+    (at, (a, b), stats, *_), = run(rank_block, 1, n, 4, torch.bfloat16, "sampled")
+    assert at.dtype == torch.bfloat16 and (a, b) == (0, truth.shape[1])
+    torch.testing.assert_close(at.float(), truth.T, rtol=1e-2, atol=1e-3)
 
 
 def test_non_finite_gradient_raises_on_every_rank_naming_the_layer():
@@ -131,6 +146,20 @@ def test_non_finite_gradient_raises_on_every_rank_naming_the_layer():
         run(rank_block, 2, 8, 2, torch.float32, "nan")
     with pytest.raises(ValueError, match=r"non-finite.*'conv'"):
         rank_block(8, 3, torch.float32, "nan")
+
+
+def test_overflow_in_a_layer_computed_straight_into_at_is_caught():
+    """At world size 1 the token-free Linear layers are computed in place into a float16 At; x * 1e6 makes
+    layer '0''s gradients (dy x^T) overflow float16 (but not float32), which the end-of-batches check finds."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    modules = prunable_modules(model)
+    layout = ColumnLayout.build(named_shapes(modules), 1)
+    batches = [({"x": torch.randn(6, 4) * 1e6, "labels": torch.randint(0, 3, (6,))}, range(6))]
+    at = fisher_block(model, modules, layout, batches, 0, 6, cross_entropy(), dtype=torch.float32)
+    assert torch.isfinite(at).all() and at.abs().max() > 7e4
+    with pytest.raises(ValueError, match=r"non-finite per-sample gradient .* layer '0'"):
+        fisher_block(model, modules, layout, batches, 0, 6, cross_entropy(), dtype=torch.float16)
 
 
 def test_bad_arguments():

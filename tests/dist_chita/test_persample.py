@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dist_chita.persample import PerSampleGrads, check_no_batch_coupling, grad_fn_for
+from dist_chita.persample import PerSampleGrads, Scratch, check_no_batch_coupling, grad_fn_for, unfold, zero_pad
 
 
 class TanhLinear(nn.Module):
@@ -92,6 +95,7 @@ def test_linear_3d_sums_over_tokens():
         dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=2, groups=2),
         dict(in_channels=3, out_channels=4, kernel_size=(2, 3), padding="same", padding_mode="reflect"),
         dict(in_channels=2, out_channels=4, kernel_size=3, stride=(1, 2), padding=(2, 0), padding_mode="circular"),
+        dict(in_channels=3, out_channels=4, kernel_size=(2, 4), padding="same"),  # asymmetric zero padding
     ],
 )
 def test_conv2d(conv):
@@ -107,6 +111,84 @@ def test_conv2d_single_output_position():
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5, 2))
     check(model, torch.randn(4, 3, 3, 3))
+
+
+@pytest.mark.parametrize(
+    "shape, kernel, stride, dilation, pads",
+    [
+        ((2, 3, 9, 8), (3, 2), (2, 1), (1, 2), (1, 0, 2, 1)),
+        ((3, 4, 11), (3,), (2,), (2,), (2, 1)),
+        ((2, 5, 1, 1), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
+    ],
+)
+def test_unfold_and_zero_pad_match_torch(shape, kernel, stride, dilation, pads):
+    """index_select im2col into a scratch buffer == F.unfold (2-D; 1-D as a height-1 image); zero_pad == F.pad."""
+    x = torch.randn(shape)
+    scratch = Scratch()
+    scratch.get("pad", (10**4,), x).fill_(float("nan"))  # stale contents must not leak into the border
+    xp = zero_pad(x, pads, scratch)
+    assert torch.equal(xp, F.pad(x, pads))
+    out_size = [
+        (s - d * (k - 1) - 1) // st + 1 for s, k, st, d in zip(xp.shape[2:], kernel, stride, dilation, strict=True)
+    ]
+    numel = shape[0] * shape[1] * math.prod(kernel) * math.prod(out_size)
+    cols = unfold(xp, kernel, stride, dilation, out_size, scratch.get("cols", (numel,), x))
+    if len(kernel) == 1:
+        kernel, stride, dilation, xp = (1, *kernel), (1, *stride), (1, *dilation), xp.unsqueeze(2)
+    assert torch.equal(cols, F.unfold(xp, kernel, dilation=dilation, stride=stride))
+
+
+def test_buffers_reused_across_steps_of_other_sizes():
+    """Two backward passes with different batch and image sizes through the same hooks (reused result and
+    scratch buffers): both match autograd."""
+    torch.manual_seed(10)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(4, 6, 3, stride=2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(6, 2),
+    ).eval()
+    modules = [("0", model[0]), ("2", model[2]), ("5", model[5])]
+    xs = [torch.randn(5, 3, 9, 9), torch.randn(3, 3, 5, 5)]
+    truths = [autograd_truth(model, modules, x) for x in xs]
+    got = []
+    with PerSampleGrads(modules, lambda i, g: got.append((i, g.clone()))) as psg:
+        for x, truth in zip(xs, truths, strict=True):
+            got.clear()
+            psg.backward(per_sample_losses(model(x)))
+            assert sorted(i for i, _ in got) == [0, 1, 2]
+            for i, g in got:
+                assert rel_err(g, truth[i]) <= 1e-5, i
+
+
+def test_target_takes_outer_product_layers_in_place():
+    """``target`` is asked for token-free layers only; their gradients are written straight into it (here
+    columns of a (numel, n) float16 block, as At), the callback receives the target itself."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
+    modules = [("0", model[0]), ("2", model[2])]
+    x = torch.randn(4, 5)
+    truth = autograd_truth(model, modules, x)
+    blocks = [torch.full((m.weight.numel(), 7), float("nan"), dtype=torch.float16) for _, m in modules]
+    asked, got = [], {}
+
+    def target(i, b):
+        asked.append(i)
+        return blocks[i][:, 2 : 2 + b].t()
+
+    with PerSampleGrads(modules, lambda i, g: got.update({i: g}), target=target) as psg:
+        psg.backward(per_sample_losses(model(x)))
+    assert sorted(asked) == [0, 1]
+    for i, block in enumerate(blocks):
+        assert got[i].data_ptr() == block[:, 2:].data_ptr() and got[i].dtype == torch.float16
+        torch.testing.assert_close(block[:, 2:6].t().float(), truth[i], rtol=2e-3, atol=1e-4)
+        assert block[:, :2].isnan().all() and block[:, 6:].isnan().all()  # nothing written outside
+    with PerSampleGrads(modules, lambda i, g: None, target=target) as psg:  # tokens: the target is not asked
+        asked.clear()
+        psg.backward(per_sample_losses(model(torch.randn(4, 3, 5))))
+    assert asked == []
 
 
 def test_conv1d_and_batchnorm_eval():
