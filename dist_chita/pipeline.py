@@ -52,6 +52,7 @@ class StageReport:
     kept: int
     objective_trace: list[float] = field(default_factory=list)
     iterations: int = 0
+    backsolves: int = 0
     objective: float | None = None
     magnitude_objective: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -250,6 +251,7 @@ def prune(
             w, support = result.w.float(), result.support
             report.objective_trace = [float(f) for f in result.objective_trace]
             report.iterations = int(result.iterations)
+            report.backsolves = int(result.backsolves)
             report.objective = float(result.objective)
             if result.magnitude_objective is not None:
                 report.magnitude_objective = float(result.magnitude_objective)
