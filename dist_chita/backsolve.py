@@ -64,11 +64,24 @@ def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.floa
     """Yield (start, stop, rows) with rows = At[idx[start:stop]] converted to ``dtype``, shape (stop - start, n).
 
     The rows are written into one reused buffer (and a reused staging buffer for the gather): fresh large tensors
-    per chunk cost page faults that took longer than the arithmetic. ``rows`` is only valid until the next chunk.
+    per chunk cost page faults that took longer than the arithmetic. A range of rows is sliced, not gathered.
+    ``rows`` is only valid until the next chunk and must not be written to.
     """
     m, n = idx.numel(), At.shape[1]
     step = min(_chunk_rows(n, nbytes), max(m, 1))
     if m == 0:
+        return
+    first = int(idx[0])
+    if torch.equal(idx, torch.arange(first, first + m, device=idx.device)):  # a range of rows (e.g. all of them)
+        if At.dtype == dtype:
+            for s in range(0, m, step):
+                yield s, min(s + step, m), At[first + s : first + min(s + step, m)]
+            return
+        buf = torch.empty(step, n, dtype=dtype)
+        for s in range(0, m, step):
+            e = min(s + step, m)
+            buf[: e - s].copy_(At[first + s : first + e])
+            yield s, e, buf[: e - s]
         return
     same = At.dtype == dtype
     buf = torch.empty(step, n, dtype=dtype)
