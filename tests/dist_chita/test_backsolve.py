@@ -275,3 +275,11 @@ def test_fast_path_one_and_two_processes_agree(n, p, lam):
         truth = _dense_truth(A, w_bar, lam, support, y) if lam > 0 else None
         if truth is not None:
             assert float((one[0].double() - truth).norm() / truth.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("n", [40, 300, 513, 1000])
+def test_syrk_is_the_full_gram(n):
+    """The lower-block-triangle product equals R^T R (and is symmetric), for 1, 2 and 4 column blocks."""
+    R = torch.randn(70, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    G = backsolve_module._syrk(R)
+    assert torch.allclose(G, R.T @ R, rtol=0, atol=1e-10) and torch.allclose(G, G.T, rtol=0, atol=1e-10)
