@@ -1,4 +1,5 @@
 import math
+import mmap
 import time
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from dist_chita import comm
-from dist_chita.fisher import fisher_block
+from dist_chita.fisher import empty_block, fisher_block
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import cross_entropy, sampled_fisher
 from dist_chita.partition import sample_ranges
@@ -146,6 +147,19 @@ def test_non_finite_gradient_raises_on_every_rank_naming_the_layer():
         run(rank_block, 2, 8, 2, torch.float32, "nan")
     with pytest.raises(ValueError, match=r"non-finite.*'conv'"):
         rank_block(8, 3, torch.float32, "nan")
+
+
+def test_empty_block_maps_large_cpu_blocks_on_huge_page_boundaries():
+    """A 64 MB block is an anonymous mapping aligned to 2 MiB (Linux), an ordinary contiguous writable tensor."""
+    at = empty_block((2048, 8192), torch.float32, torch.device("cpu"))
+    assert at.shape == (2048, 8192) and at.dtype == torch.float32 and at.is_contiguous()
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        assert at.data_ptr() % (2 << 20) == 0
+    at[:, 1::2] = 2.0
+    at[:, ::2] = -1.0
+    assert at.sum().item() == 2048 * 4096 and at[-1, -1].item() == 2.0
+    small = empty_block((3, 5), torch.bfloat16, torch.device("cpu"))
+    assert small.shape == (3, 5) and small.dtype == torch.bfloat16
 
 
 def test_overflow_in_a_layer_computed_straight_into_at_is_caught():
