@@ -48,7 +48,8 @@ from dist_chita import comm
 PHASE = "backsolve"
 CHUNK_BYTES = 1 << 26  # float64 working set per chunk of rows of At converted in rows_matvec / rows_rmatvec
 GATHER_BYTES = 1 << 28  # float64 copy of the rows A_{r,S}^T kept during one backsolve (else re-read per product)
-MEMO_SIZE = 8  # solutions remembered by a GramCache
+MEMO_SIZE = 4  # solutions remembered by a GramCache (each: |S_r| indices and values, 12 |S_r| bytes)
+MEMO_BYTES = 1 << 26  # a rank does not remember solutions larger than this (then no rank recalls them)
 STALL_TOL = 1e-7  # PCG stalled at rounding level counts as converged when its error bound is below this (relative)
 
 
@@ -179,8 +180,9 @@ class GramCache:
         self.G: torch.Tensor | None = None
         self.exact = True
         self.factor: tuple[float, bool, torch.Tensor] | None = None  # (lambda, exact, L) for self.support
-        self.solutions: OrderedDict = OrderedDict()
+        self.solutions: OrderedDict = OrderedDict()  # (support digest, lambda) -> (id, idx, w_S)
         self.stored = 0  # solutions remembered so far: the id of the next one (the same on every rank)
+        self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, w_bar) the solutions are for
 
     def gram(self, At: torch.Tensor, support: torch.Tensor, exact: bool = True, rows=None) -> torch.Tensor:
         """G for ``support`` (a fresh tensor, (n, n) float64, all-reduced); float32-formed unless ``exact``
@@ -207,15 +209,33 @@ class GramCache:
         mine = self.support is not None and self.support.shape == support.shape and torch.equal(self.support, support)
         return _all_true(mine)
 
+    def _same_inputs(self, y: torch.Tensor, w_bar: torch.Tensor) -> bool:
+        """Whether the remembered solutions are for this y and w_bar; if not, forget them."""
+        if self.inputs is not None and all(a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+                                           for a, b in zip(self.inputs, (y, w_bar), strict=True)):
+            return True
+        self.solutions.clear()
+        self.inputs = (y.clone(), w_bar.clone())
+        return False
+
     def recall(self, support: torch.Tensor, lam: float, y: torch.Tensor, w_bar: torch.Tensor):
-        """A remembered solution for this (support, lambda, y, w_bar), else None (collective). Every rank must find
-        the same remembered solve: equal local supports alone could belong to different global supports."""
-        hit = self.solutions.get((_key(support), lam))
-        mine = hit is not None and all(torch.equal(a, b) for a, b in zip(hit[1:4], (support, y, w_bar), strict=True))
-        return hit[4].clone() if _same_on_all_ranks(hit[0] if mine else -1) and mine else None
+        """A remembered solution (p_r,) for this (support, lambda, y, w_bar), else None (collective). Every rank must
+        find the same remembered solve: equal local supports alone could belong to different global supports."""
+        hit = self.solutions.get((_key(support), lam)) if self._same_inputs(y, w_bar) else None
+        idx = torch.nonzero(support, as_tuple=True)[0]
+        mine = hit is not None and torch.equal(hit[1], idx)
+        if not _same_on_all_ranks(hit[0] if mine else -1) or not mine:
+            return None
+        w = torch.zeros(support.shape[0], dtype=torch.float32)
+        w[idx] = hit[2]
+        return w
 
     def remember(self, support, lam, y, w_bar, w) -> None:
-        self.solutions[(_key(support), lam)] = (self.stored, support.clone(), y.clone(), w_bar.clone(), w.clone())
+        """Keep the solution w (p_r,) of (support, lambda) for the current y and w_bar."""
+        self._same_inputs(y, w_bar)
+        idx = torch.nonzero(support, as_tuple=True)[0]
+        if 12 * idx.numel() <= MEMO_BYTES:
+            self.solutions[(_key(support), lam)] = (self.stored, idx, w[idx].clone())
         self.stored += 1
         while len(self.solutions) > MEMO_SIZE:
             self.solutions.popitem(last=False)
