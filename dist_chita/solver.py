@@ -478,8 +478,12 @@ def solve(
         raise ValueError(f"lambda must be finite and >= 0, got {lam}")
     if budget.p_local != At.shape[0]:
         raise ValueError(f"the budget covers {budget.p_local} columns but At has {At.shape[0]} rows")
-    step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
-    bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
+    # NaN/Inf anywhere in At makes its column sums A_r^T 1 non-finite (NaN and Inf propagate through + and *1): one
+    # product instead of an elementwise pass; only then the exact chunked check (a finite overflow is not an error)
+    bad = not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0]))).all())
+    if bad:
+        step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
+        bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
     check_finite(torch.tensor([math.nan if bad else 0.0]), "the Fisher factor A")  # collective: all ranks raise
     check_finite(w_bar, "w_bar")
     total = budget.total()
