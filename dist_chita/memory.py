@@ -8,7 +8,9 @@ entries of the storage dtype. Around it:
   three times over (computed, sent, received) while rows become columns;
 * the solver's vectors (about a dozen float32 vectors of p_r) and, when the
   active set is used, a gathered copy of its rows of the factor;
-* the backsolve's n x n Gram matrix in float64 (twice: G and its factor);
+* the backsolve's n x n Gram matrix in float64 (twice: G and its factor) and its gathered kept rows A_{r,S}^T, once
+  in float32 and once in float64 (12 |S_r| n bytes, gathered only while the float64 copy fits in 256 MiB, so at most
+  384 MiB; |S_r| <= p_r);
 * a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
   other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned).
 
@@ -77,7 +79,7 @@ def estimate(
     model = 4 * model_params // (world_size if model_sharded else 1)
     grads = 3 * 4 * micro_batch * largest_layer
     solver = 12 * 4 * p_r + int(active_fraction * factor)
-    backsolve = 2 * 8 * n * n
+    backsolve = 2 * 8 * n * n + min(12 * p_r * n, 3 * 2**27)  # G + factor; kept rows gathered (<= 384 MiB)
     return MemoryEstimate(factor, model, grads, solver, backsolve, max(0, int(baseline)))
 
 

@@ -38,3 +38,14 @@ def test_advice_names_remedies():
     e = estimate(10**9, 128, 2, "float32", 10**9, 10**7, 8)
     msg = advice(e, 10**9, 128, 2, "float32")
     assert "bfloat16" in msg and "n = 128" in msg and "more ranks" in msg and "\n" not in msg
+
+
+def test_backsolve_term_counts_gram_and_gathered_rows():
+    """G and its factor (2 x 8 n^2) plus the kept rows gathered in float32 + float64 (12 bytes per entry, at most
+    |S_r| <= p_r rows, and never more than the 384 MiB the backsolve allows itself)."""
+    small = estimate(p=1000, n=64, world_size=2, storage_dtype="float32", model_params=1000, largest_layer=500,
+                     micro_batch=8)
+    assert small.backsolve == 2 * 8 * 64 * 64 + 12 * 500 * 64
+    big = estimate(p=10**8, n=1000, world_size=2, storage_dtype="float32", model_params=10**8, largest_layer=10**7,
+                   micro_batch=8)
+    assert big.backsolve == 2 * 8 * 1000 * 1000 + 384 * 2**20
