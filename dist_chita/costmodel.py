@@ -10,11 +10,14 @@ l s (within a node when all R ranks fit on one node, across nodes otherwise).
 Phases (what ``launch/prune.py`` reports in ``phase_seconds``):
 
 * fisher: per-sample gradients of this rank's n / R samples, written into rows,
-  then exchanged so that every rank holds its column block::
+  then exchanged so that every rank holds its column block, once per solve (CHITA++: every stage)::
 
-      t = c_g * f * (n / R) / (F s e_g)              (f = forward + backward FLOPs per sample, ~6 P)
+      t = solves * ( c_g * f * (n / R) / (F s e_g)   (f = forward + backward FLOPs per sample, ~6 P)
         + (n / R) * p * b / (M s e_m)                 (writing the rows)
         + n p b (R - 1) / R^2 / L + m (R - 1) l       (all_to_all; m = micro-batches x layers)
+        + (R - 1) x )                                 (x: exchange overhead per extra rank and stage, fitted:
+                                                       buffers, copies and waiting that a single rank, writing
+                                                       its rows straight into its block, does not have)
 
 * solver, per IHT iteration::
 
@@ -153,6 +156,7 @@ class Rates:
         selection_rounds: q, all-reduce rounds of the collective top-k per iteration.
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
+        exchange_overhead: x, seconds per extra rank and stage of the row -> column exchange beyond its bytes.
         fixed: fixed seconds per phase (launch / Python overhead).
     """
 
@@ -167,6 +171,7 @@ class Rates:
     selection_rounds: int = 4
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
+    exchange_overhead: float = 0.0
     fixed: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -310,11 +315,12 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
 
     micro_batches = math.ceil(n / R / w.micro_batch)
     grad_flops = rates.persample_factor * w.sample_flops * (n / R)
-    exchange = exchange_bytes(n, p, R, b) / bw + micro_batches * w.layers * (R - 1) * lat if R > 1 else 0.0
+    exchange = (exchange_bytes(n, p, R, b) / bw + micro_batches * w.layers * (R - 1) * lat
+                + (R - 1) * rates.exchange_overhead) if R > 1 else 0.0
     terms = {
-        "fisher_gradients": grad_flops / (hw.flops * s * rates.grad_efficiency),
-        "fisher_write": (n / R) * p * b / mem_bw,
-        "fisher_exchange": exchange,
+        "fisher_gradients": w.solves * grad_flops / (hw.flops * s * rates.grad_efficiency),
+        "fisher_write": w.solves * (n / R) * p * b / mem_bw,
+        "fisher_exchange": w.solves * exchange,
     }
     it = solver_iteration_terms(w, R, hw, rates)
     terms.update({f"solver_{k}": w.iterations * v for k, v in it.items()})
@@ -436,8 +442,8 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s')
       + solves * c n p_R b / (M s) * 1/e_m with h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l, o and c / e_m
       (L from the hardware);
-    * fisher: t = c_g f n / R / (F s) * 1/e_g + (row write + exchange at the fitted e_m, l) + f_fisher,
-      fitting 1/e_g and the fixed term f_fisher;
+    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + row write + exchange at the fitted e_m, l + (R - 1) x)
+      + f_fisher, fitting 1/e_g, the exchange overhead x and the fixed term f_fisher;
     * backsolve: t = m (2 n^2 k / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + f_backsolve, fitting 1/e_a and
       f_backsolve; m = the report's count of backsolves (per report); for reports without it, the payload bytes
       of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each), median over the multi-rank reports,
@@ -471,15 +477,20 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead,
                                 setup_reads=setup * mem_eff)
 
-    # fisher: gradient efficiency + fixed term, the write and exchange terms at the fitted rates
-    cols, y = [[], []], []
+    # fisher: gradient efficiency, exchange overhead and fixed term; the write and exchange bytes at the fitted rates
+    cols, y = [[], [], []], []
     for w, R, t in loads:
-        pred = predict(dataclasses.replace(w, iterations=0), R, hw, dataclasses.replace(rates, grad_efficiency=1.0))
+        pred = predict(dataclasses.replace(w, iterations=0), R, hw,
+                       dataclasses.replace(rates, grad_efficiency=1.0, exchange_overhead=0.0))
         cols[0].append(pred.terms["fisher_gradients"])
         cols[1].append(1.0)
+        cols[2].append(w.solves * (R - 1))
         y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
-    inv_eg, fixed_fisher = _nnls(cols, y)
+    inv_eg, fixed_fisher, x_over = _nnls(cols, y)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
+    if not any(cols[2]):  # every report at R = 1: the exchange overhead is not observed
+        x_over = base.exchange_overhead
+    rates = dataclasses.replace(rates, exchange_overhead=x_over)
 
     # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
     # bytes of their n x n float64 Gram all-reduces (multi-rank runs)

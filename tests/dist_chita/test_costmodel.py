@@ -22,7 +22,7 @@ def test_factor_memory_by_hand():
     assert m.factor == 100 * 334 * 2  # n * ceil(p / R) * bytes
     assert m.model == 4 * 2000
     assert m.gradient_buffer == 3 * 4 * 10 * 600
-    assert m.backsolve == 2 * 8 * 100 * 100
+    assert m.backsolve == 2 * 8 * 100 * 100 + 12 * 334 * 100  # G and factor; the gathered kept rows (<= p_r)
     assert m == estimate(1000, 100, 3, "bfloat16", 2000, 600, 10)
     assert cm.memory_per_rank(dataclasses.replace(w, model_sharded=True), 4).model == 2000
 
@@ -184,3 +184,25 @@ def test_calibration_uses_reported_backsolve_counts():
         if row["phase"] == "backsolve":
             assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
     assert cm.workload_from_report({**reports[0], "stages": [{"iterations": 3}]}).backsolves is None
+
+
+def test_fisher_per_stage_and_exchange_overhead():
+    """The gradient phase runs once per solve (CHITA++ stage); at R > 1 it pays a fitted exchange overhead per extra
+    rank and stage on top of the exchanged bytes, which a single rank (writing straight into its block) does not."""
+    w = cm.Workload(p=32_360, n=1000, model_params=32_360, micro_batch=250, layers=3)
+    rates = cm.Rates(exchange_overhead=0.05)
+    one, five = cm.predict(w, 2, CPU, rates), cm.predict(dataclasses.replace(w, solves=5), 2, CPU, rates)
+    for term in ("fisher_gradients", "fisher_write", "fisher_exchange"):
+        assert five.terms[term] == pytest.approx(5 * one.terms[term])
+    bare = cm.predict(w, 2, CPU, cm.Rates())
+    assert one.terms["fisher_exchange"] == pytest.approx(bare.terms["fisher_exchange"] + 0.05)
+    assert cm.predict(w, 1, CPU, rates).terms["fisher_exchange"] == 0.0
+    truth = cm.Rates(grad_efficiency=0.2, collective_latency=1e-4, exchange_overhead=0.12, fixed={"fisher": 0.3})
+    reports = [synthetic_report(R, CPU, truth, dataclasses.replace(w, n=n, solves=s, largest_layer=31_360,
+                                                                  iterations=10, kept=3236))
+               for R, n, s in ((1, 1000, 5), (2, 1000, 5), (4, 1000, 5), (1, 250, 1), (2, 500, 1))]
+    for rep, s in zip(reports, (5, 5, 5, 1, 1), strict=True):
+        rep["stages"] = [{"iterations": 2}] * s
+    fit = cm.calibrate(reports, CPU)
+    assert fit.exchange_overhead == pytest.approx(0.12, rel=1e-3)
+    assert fit.grad_efficiency == pytest.approx(0.2, rel=1e-3)

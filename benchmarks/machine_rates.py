@@ -1,0 +1,105 @@
+"""The rates the cost model takes from the hardware description, measured on this machine.
+
+Prints and writes benchmarks/results/machine_rates.json:
+
+* flops: float32 matmul (1024 x 1024, 1 thread), FLOP/s;
+* memory_bandwidth: A @ v over a 1 GiB float32 matrix (1 thread), bytes read per second -- the solver's block read;
+* link_latency: median time of an 8-byte all-reduce between 2 gloo processes on loopback (1 thread each);
+* link_bandwidth: bytes each rank sends per second in an all_to_all of 64 MiB per rank (2 processes), the row ->
+  column exchange's collective (all-reduce bandwidth is also recorded).
+
+Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down).
+``configs/hardware/cpu_this_machine.yaml`` records these numbers for ``launch/scaling_study.py`` and
+``launch/plan.py``.
+
+    python benchmarks/machine_rates.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dist_chita import comm  # noqa: E402
+from tests.multiproc import run  # noqa: E402
+
+
+def _best(f, repeats: int) -> float:
+    f()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def local_rates() -> dict:
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    flops = 2 * 1024**3 / _best(lambda: a @ b, 10)
+    A, v = torch.randn(2**28 // 1024, 1024), torch.randn(1024)
+    bandwidth = A.numel() * 4 / _best(lambda: A @ v, 8)
+    return {"flops": flops, "memory_bandwidth": bandwidth}
+
+
+def link_rates(mib: int) -> dict:
+    """On every rank of a 2-process gloo group: latency of tiny all-reduces, bandwidth of all_to_all / all_reduce."""
+    torch.set_num_threads(1)
+    R = comm.world_size()
+    tiny = torch.zeros(1, dtype=torch.float64)
+    lat = []
+    for _ in range(300):
+        comm.barrier()
+        t0 = time.perf_counter()
+        comm.all_reduce(tiny)
+        lat.append(time.perf_counter() - t0)
+    rows = mib * 2**20 // 4 // 1024
+    send = torch.randn(rows, 1024)
+    counts = [rows // R] * (R - 1) + [rows - (rows // R) * (R - 1)]
+
+    def a2a():
+        comm.barrier()
+        comm.all_to_all(send, counts, counts)
+
+    t_a2a = _best(a2a, 5)
+    buf = torch.randn(rows * 1024 // 4)
+
+    def ar():
+        comm.barrier()
+        comm.all_reduce(buf)
+
+    t_ar = _best(ar, 5)
+    sent = send.numel() * 4 * (R - 1) / R  # bytes that leave the rank
+    return {"latency": statistics.median(lat), "all_to_all_bytes_per_s": sent / t_a2a,
+            "all_reduce_seconds": t_ar, "all_reduce_bytes": buf.numel() * 4,
+            "all_reduce_algbw": buf.numel() * 4 / t_ar}
+
+
+def main() -> None:
+    local = local_rates()
+    links = run(link_rates, 2, 64, threads=1, timeout=600)
+    link = {k: max(o[k] for o in links) if k == "latency" or k == "all_reduce_seconds" else min(o[k] for o in links)
+            for k in links[0]}
+    res = {"cpu": local, "gloo_2_processes": link, "torch": torch.__version__}
+    print(f"float32 matmul (1 thread): {local['flops'] / 1e9:.1f} GFLOP/s")
+    print(f"A @ v block read (1 thread): {local['memory_bandwidth'] / 1e9:.2f} GB/s")
+    print(f"gloo loopback, 2 processes: 8-byte all-reduce {link['latency'] * 1e6:.0f} us (median); all_to_all "
+          f"{link['all_to_all_bytes_per_s'] / 1e9:.2f} GB/s sent per rank; all-reduce of "
+          f"{link['all_reduce_bytes'] / 2**20:.0f} MiB {link['all_reduce_algbw'] / 1e9:.2f} GB/s (algorithm bandwidth)")
+    out = ROOT / "benchmarks" / "results" / "machine_rates.json"
+    out.write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
