@@ -153,6 +153,8 @@ class Rates:
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
         block_reads: r, passes over the rank's block per solver iteration.
         setup_reads: c, passes over the rank's block per solve outside the iterations.
+        backsolve_row_passes: passes over the kept rows A_{r,S} (n k / R entries) per backsolve: the gather and the
+            preconditioned CG's exact products, memory-bound.
         selection_rounds: q, all-reduce rounds of the collective top-k per iteration.
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
@@ -168,6 +170,7 @@ class Rates:
     collective_bandwidth: float | None = None
     block_reads: float = 2.0
     setup_reads: float = 2.0
+    backsolve_row_passes: float = 0.0
     selection_rounds: int = 4
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
@@ -330,11 +333,13 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     terms["backsolve_gram"] = m * 2 * n * n * w.k / R / (linalg * s)
     terms["backsolve_allreduce"] = m * allreduce_seconds(8 * n * n, R, bw, lat)
     terms["backsolve_cholesky"] = m * n**3 / 3 / (linalg * s)
+    terms["backsolve_rows"] = m * rates.backsolve_row_passes * n * math.ceil(w.k / R) * b / mem_bw
 
     seconds = {
         "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
         "solver": sum(terms[f"solver_{k}"] for k in it) + terms["solver_setup"],
-        "backsolve": terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"],
+        "backsolve": (terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"]
+                      + terms["backsolve_rows"]),
         "writeback": 2 * 4 * p_r / (hw.memory_bandwidth * s),
         "save": 4 * w.model_params / hw.disk_bandwidth,
     }
@@ -501,14 +506,16 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
             counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))
     if counts:
         rates = dataclasses.replace(rates, backsolve_rounds=max(1, round(sorted(counts)[len(counts) // 2])))
-    cols, y = [[], []], []
+    cols, y = [[], [], []], []
     for w, R, t in loads:
-        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}))
+        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}, backsolve_row_passes=1.0))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
         cols[1].append(1.0)
+        cols[2].append(pred.terms["backsolve_rows"])  # one pass over the kept rows at the fitted e_m
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"]))
-    inv_ea, fixed_back = _nnls(cols, y)
+    inv_ea, fixed_back, row_passes = _nnls(cols, y)
     lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
+    rates = dataclasses.replace(rates, backsolve_row_passes=row_passes)
 
     fixed = {"fisher": fixed_fisher, "backsolve": fixed_back}
     for ph in ("writeback", "save"):

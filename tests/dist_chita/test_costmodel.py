@@ -206,3 +206,14 @@ def test_fisher_per_stage_and_exchange_overhead():
     fit = cm.calibrate(reports, CPU)
     assert fit.exchange_overhead == pytest.approx(0.12, rel=1e-3)
     assert fit.grad_efficiency == pytest.approx(0.2, rel=1e-3)
+
+
+def test_backsolve_row_passes_term():
+    """Each backsolve also streams its kept rows (n k / R entries): the gather and PCG's exact products."""
+    w = cm.Workload(p=10_000, n=64, model_params=10_000, kept=3000, backsolves=7)
+    rates = cm.Rates(memory_efficiency=0.5, backsolve_row_passes=3.0)
+    pred = cm.predict(w, 2, CPU, rates)
+    s = CPU.compute_share(2)
+    assert pred.terms["backsolve_rows"] == pytest.approx(7 * 3.0 * 64 * 1500 * 4 / (CPU.memory_bandwidth * s * 0.5))
+    assert pred.seconds["backsolve"] == pytest.approx(sum(pred.terms[k] for k in (
+        "backsolve_gram", "backsolve_allreduce", "backsolve_cholesky", "backsolve_rows")))
