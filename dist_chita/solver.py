@@ -106,21 +106,15 @@ def at_matvec(At: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def a_matvec(At: torch.Tensor, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Local A_r x = At^T x as (n,) float64 (not reduced).
-
-    With ``rows`` (int64 indices) only those rows are read: x then holds the values on ``rows``.
-    """
-    n = At.shape[1]
-    if rows is None:
-        if At.dtype == torch.float32:
-            return (At.T @ x.to(torch.float32)).double()
-        rows = torch.arange(At.shape[0])
-    out = torch.zeros(n, dtype=torch.float32)
+def a_matvec(At: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Local A_r x = At^T x as (n,) float64 (not reduced); x: (p_r,)."""
     x = x.to(torch.float32)
+    if At.dtype == torch.float32:
+        return (At.T @ x).double()
+    out = torch.zeros(At.shape[1], dtype=torch.float32)
     step = _row_chunks(*At.shape)
-    for s in range(0, rows.numel(), step):
-        out += At.index_select(0, rows[s : s + step]).float().T @ x[s : s + step]
+    for s in range(0, At.shape[0], step):
+        out += At[s : s + step].float().T @ x[s : s + step]
     return out.double()
 
 
