@@ -527,7 +527,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
 
 def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
     """Predicted vs measured seconds per phase and world size: rows of
-    {world_size, phase, measured, predicted, rel_error} (rel_error = (predicted - measured) / measured, None at 0).
+    {world_size, n, phase, measured, predicted, rel_error} (rel_error = (predicted - measured) / measured, None at 0).
     Phase "sum" is the sum of the modelled phases (fisher, solver, backsolve, writeback, save), not the run's
     total (which also holds loading and evaluation)."""
     rows = []
@@ -539,8 +539,18 @@ def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
         pairs.append(("sum", sum(meas.values()), pred.total))
         for ph, m, pr in pairs:
             rel = (pr - m) / m if m > 0 else None
-            rows.append({"world_size": R, "phase": ph, "measured": m, "predicted": pr, "rel_error": rel})
+            rows.append({"world_size": R, "n": int(r["n"]), "phase": ph, "measured": m, "predicted": pr,
+                         "rel_error": rel})
     return rows
+
+
+def worst_errors(rows: list[dict], min_seconds: float) -> dict[str, float]:
+    """Largest |rel_error| per phase of :func:`compare` rows, over rows measured at ``min_seconds`` or more."""
+    out: dict[str, float] = {}
+    for row in rows:
+        if row["rel_error"] is not None and row["measured"] >= min_seconds:
+            out[row["phase"]] = max(out.get(row["phase"], 0.0), abs(row["rel_error"]))
+    return out
 
 
 def compare_held_out(reports: list[dict], hw: Hardware, base: Rates | None = None) -> list[dict]:

@@ -189,13 +189,6 @@ def summarize(
     comparison = costmodel.compare(reports, hardware, rates)
     held_out = costmodel.compare_held_out(reports, hardware) if len(reports) >= 2 else []
 
-    def worst(rows: list[dict]) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for row in rows:
-            if row["rel_error"] is not None and row["measured"] >= 0.05:  # ignore sub-50 ms phases
-                out[row["phase"]] = max(out.get(row["phase"], 0.0), abs(row["rel_error"]))
-        return out
-
     return {
         "name": title or reports[0].get("name", ""),
         "mode": mode,
@@ -210,9 +203,9 @@ def summarize(
         "hardware": hardware.name,
         "rates": rates.as_dict(),
         "comparison": comparison,
-        "max_abs_rel_error_by_phase": worst(comparison),
+        "max_abs_rel_error_by_phase": costmodel.worst_errors(comparison, 0.05),  # ignore sub-50 ms phases
         "comparison_held_out": held_out,
-        "max_abs_rel_error_by_phase_held_out": worst(held_out),
+        "max_abs_rel_error_by_phase_held_out": costmodel.worst_errors(held_out, 0.05),
         "comparison_note": "comparison: rates fitted to these same runs (in-sample); comparison_held_out: each world "
                            "size predicted from rates fitted to the others; phases under 50 ms are left out of the "
                            "max errors",

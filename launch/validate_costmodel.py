@@ -32,7 +32,7 @@ DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
 
 
 def load_reports(dirs: list[Path]) -> list[dict]:
-    """All ws<R>.json reports of ``dirs`` (each tagged with its source file under "_source")."""
+    """All ws<R>.json reports of ``dirs``."""
     reports = []
     for d in dirs:
         if not d.is_dir():
@@ -41,9 +41,7 @@ def load_reports(dirs: list[Path]) -> list[dict]:
         if not paths:
             raise ValueError(f"no ws<R>.json reports in {d}")
         for p in paths:
-            rep = json.loads(p.read_text())
-            rep["_source"] = str(p)
-            reports.append(rep)
+            reports.append(json.loads(p.read_text()))
     return reports
 
 
@@ -56,15 +54,8 @@ def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) ->
     for (name, p), reps in sorted(groups.items()):
         if len(reps) < 3:
             raise ValueError(f"model {name!r} (p = {p}) has {len(reps)} run(s); leave-one-out needs at least 3")
-        rows = []
-        for i, rep in enumerate(reps):  # compare_held_out sorts by world size; keep each row's source run
-            rates = costmodel.calibrate(reps[:i] + reps[i + 1:], hw)
-            for row in costmodel.compare([rep], hw, rates):
-                rows.append({**row, "n": int(rep["n"]), "source": rep["_source"]})
-        worst: dict[str, float] = {}
-        for row in rows:
-            if row["rel_error"] is not None and row["measured"] >= min_seconds:
-                worst[row["phase"]] = max(worst.get(row["phase"], 0.0), abs(row["rel_error"]))
+        rows = costmodel.compare_held_out(reps, hw)
+        worst = costmodel.worst_errors(rows, min_seconds)
         out["groups"].append({"name": name, "p": p, "runs": len(reps), "rows": rows, "worst": worst})
         for ph, e in worst.items():
             out["worst"][ph] = max(out["worst"].get(ph, 0.0), e)
