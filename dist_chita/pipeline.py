@@ -244,7 +244,7 @@ def prune(
             seconds["exchange"] = stats.get("exchange_seconds", 0.0)
             solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
             result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
-                           **(solver_options or {}))
+                           overwrite_at=True, **(solver_options or {}))  # At is not used after the solve
             del At
             seconds["solver"] = result.timings.get("iht", 0.0)
             seconds["backsolve"] = result.timings.get("backsolve", 0.0)

@@ -106,6 +106,22 @@ def at_matvec(At: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def compact_rows_(At: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Move the rows ``rows`` (increasing local indices) of At to its front, in place; returns the view At[:m]
+    (m = |rows|). Chunked: row j is read from rows[j] >= j before any write reaches it, so at most one chunk of
+    rows (``_CHUNK_BYTES``) is held apart."""
+    m = rows.numel()
+    if m == At.shape[0]:
+        return At
+    step = _row_chunks(*At.shape)
+    buf = torch.empty(min(step, max(m, 1)), At.shape[1], dtype=At.dtype)
+    for s in range(0, m, step):
+        e = min(s + step, m)
+        torch.index_select(At, 0, rows[s:e], out=buf[: e - s])
+        At[s:e].copy_(buf[: e - s])
+    return At[:m]
+
+
 def a_matvec(At: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Local A_r x = At^T x as (n,) float64 (not reduced); x: (p_r,)."""
     x = x.to(torch.float32)
@@ -341,16 +357,19 @@ def _iht(prob, st, *, method, max_iter, tol, trials, recompute_every, trace, pro
 
 
 def _restrict(budget: Budget, W: torch.Tensor) -> Budget:
-    """The budget on the columns W only (same k per segment; columns outside W are dropped)."""
+    """The budget on the columns W only (same k per segment; columns outside W are dropped). Collective."""
     allowed = None if budget.allowed is None else budget.allowed[W]
+    if allowed is not None and bool(allowed.all()):
+        allowed = None
     if budget.segment_ids is None:
         return Budget.global_topk(int(W.sum()), int(budget.k[0]), allowed)
     return Budget.per_segment(budget.segment_ids[W], budget.k, allowed)
 
 
-def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace, **kw):
-    """IHT with an active set W of ~factor*k rows; returns (state, rounds). Falls back to plain IHT when W ~ p."""
-    full = _Problem(At, w_bar, y, lam, budget)
+def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace, reg_offset=0.0, **kw):
+    """IHT with an active set W of ~factor*k rows; returns (state, rounds). Falls back to plain IHT when W ~ p.
+    ``reg_offset``: ||w_bar||^2 over columns not in At (see :class:`_Problem`)."""
+    full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
     p_allowed = int(_sum(float(At.shape[0] if budget.allowed is None else budget.allowed.sum()))[0])
     if factor is None or factor <= 1 or budget.kind != "topk" or factor * budget.total() >= 0.5 * p_allowed:
         return _iht(full, st, trace=trace, **kw), 0
@@ -363,7 +382,8 @@ def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace,
         rows = torch.nonzero(W, as_tuple=True)[0]
         wb_out = w_bar[~W].double()
         (offset,) = _sum(float(torch.dot(wb_out, wb_out)))
-        sub = _Problem(At.index_select(0, rows), w_bar[rows], y, lam, _restrict(budget, W), reg_offset=offset)
+        sub = _Problem(At.index_select(0, rows), w_bar[rows], y, lam, _restrict(budget, W),
+                       reg_offset=offset + reg_offset)
         sub_st = _iht(sub, _State(st.w[rows], st.S[rows], st.Aw, st.f), trace=trace, **kw)
         w = torch.zeros_like(st.w)
         w[rows] = sub_st.w
@@ -438,6 +458,7 @@ def solve(
     trials: int = 6,
     recompute_every: int = 20,
     max_active_rounds: int = 10,
+    overwrite_at: bool = False,
 ) -> SolveResult:
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
@@ -458,6 +479,9 @@ def solve(
             path (0 disables escapes).
         recompute_every: IHT steps between exact recomputations of A w.
         max_active_rounds: cap on active-set growth rounds.
+        overwrite_at: allow At to be overwritten: with a top-k budget that fixes columns at zero (``allowed``, e.g.
+            the weights pruned by earlier CHITA++ stages), their rows are dropped by moving the allowed rows to the
+            front of At in place, and the problem is solved on those alone (same answer; IHT reads only them).
         swap_candidates: outside coordinates whose exact gain is computed in an escape (the best by approximate gain).
         pair_swaps, pair_swap_max_k: escape pair swaps (q x q backsolves), only when k <= pair_swap_max_k.
 
@@ -490,7 +514,8 @@ def solve(
 
     with comm.phase(PHASE):
         if y is None:
-            y = comm.all_reduce(rows_matvec(At, torch.arange(At.shape[0]), w_bar))  # float64: exact to rounding
+            nz = torch.nonzero(w_bar, as_tuple=True)[0]
+            y = comm.all_reduce(rows_matvec(At, nz, w_bar[nz]))  # float64: exact to rounding
             if first_order:
                 y = y - 1.0 / math.sqrt(n)
         else:
@@ -498,7 +523,13 @@ def solve(
                 raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
             check_finite(y, "y")
             y = y.to(torch.float64)
-        full = _Problem(At, w_bar, y, lam, budget)
+        p_r, kept_rows, reg_offset = At.shape[0], None, 0.0
+        if overwrite_at and budget.kind == "topk" and budget.allowed is not None:  # solve on the allowed rows only
+            kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
+            out = w_bar[~budget.allowed].double()
+            (reg_offset,) = _sum(float(torch.dot(out, out)))
+            At, w_bar, budget = compact_rows_(At, kept_rows), w_bar[kept_rows], _restrict(budget, budget.allowed)
+        full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
         S0 = budget.magnitude_support(w_bar)
         w0 = torch.where(S0, w_bar, torch.zeros_like(w_bar))
         Aw0, f_plain = full.exact(w0, S0)
@@ -585,7 +616,7 @@ def solve(
         with comm.phase(PHASE):
             if method == "chita":
                 st, r = _iht_active_set(At, w_bar, y, lam, budget, st, factor=active_set_factor,
-                                        max_rounds=max_active_rounds, trace=trace, **kw)
+                                        max_rounds=max_active_rounds, trace=trace, reg_offset=reg_offset, **kw)
                 active_rounds += r
             else:
                 st = _iht(full, st, trace=trace, **kw)
@@ -606,9 +637,13 @@ def solve(
                 break
     bytes1 = comm.bytes_by_phase()
     moved = {ph: bytes1.get(ph, 0) - bytes0.get(ph, 0) for ph in set(bytes1) | {PHASE, "backsolve"}}
+    w, S = st.w, st.S.clone()
+    if kept_rows is not None:  # back to all p_r columns: the dropped ones are zero
+        w = torch.zeros(p_r, dtype=st.w.dtype).index_copy_(0, kept_rows, st.w)
+        S = torch.zeros(p_r, dtype=torch.bool).index_copy_(0, kept_rows, st.S)
     return SolveResult(
-        w=st.w,
-        support=st.S.clone(),
+        w=w,
+        support=S,
         objective=st.f,
         objective_trace=trace,
         iterations=counter["iterations"],

@@ -268,3 +268,56 @@ def test_backsolve_count_is_reported(monkeypatch):
     assert res.backsolves == len(calls) >= 2  # the warm start and at least one more
     res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False)
     assert res.backsolves == 0
+
+
+# ----------------------------------------------------------------------------- solving on the allowed rows alone
+def test_compact_rows_moves_rows_in_place(monkeypatch):
+    from dist_chita import solver
+
+    monkeypatch.setattr(solver, "_CHUNK_BYTES", 4 * 5 * 3)  # chunks of 3 rows at n = 5: reads overlap later writes
+    At = torch.arange(40 * 5, dtype=torch.float32).reshape(40, 5)
+    rows = torch.tensor([1, 2, 3, 7, 8, 20, 21, 22, 23, 39])
+    expect = At[rows].clone()
+    out = solver.compact_rows_(At, rows)
+    assert out.data_ptr() == At.data_ptr() and torch.equal(out, expect)
+    assert solver.compact_rows_(At, torch.arange(40)) is At
+
+
+def _solve_sparse_allowed(kind, lam, splits, overwrite):
+    """Most columns fixed at zero (as in a late CHITA++ stage), w_bar nonzero on some of them."""
+    At, w_bar, _ = _big_problem()
+    allowed = torch.rand(P, generator=torch.Generator().manual_seed(5)) < 0.3
+    lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
+    a = allowed[lo:hi]
+    if kind == "global":
+        budget = Budget.global_topk(hi - lo, 120, a)
+    else:
+        seg = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
+        budget = Budget.per_segment(seg[lo:hi], torch.tensor([40, 60, 20]), a)
+    block = At[lo:hi].clone()
+    res = solve(block, w_bar[lo:hi], lam, budget, overwrite_at=overwrite, escape_trials=2, pair_swaps=0)
+    moved = torch.equal(block[: int(a.sum())], At[lo:hi][a]) if overwrite else torch.equal(block, At[lo:hi])
+    return res, moved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["global", "segment"])
+def test_overwrite_at_solves_on_allowed_rows_with_the_same_answer(kind):
+    """overwrite_at=True solves on the allowed rows only (At compacted in place): the same support, weights and
+    objective (which still counts lambda/2 ||w_bar||^2 over the dropped columns) as the full problem, on 1 and 2
+    ranks; without it At is untouched."""
+    lam = 0.05
+    ((ref, untouched),) = run(_solve_sparse_allowed, 1, kind, lam, SPLITS[1], False)
+    assert untouched
+    for R in (1, 2):
+        out = run(_solve_sparse_allowed, R, kind, lam, SPLITS[R], True)
+        assert all(moved for _, moved in out)
+        w = torch.cat([o.w for o, _ in out])
+        support = torch.cat([o.support for o, _ in out])
+        assert w.shape == ref.w.shape and torch.equal(support, ref.support), (kind, R)
+        assert float((w - ref.w).norm() / ref.w.norm()) <= 1e-5
+        for o, _ in out:
+            assert o.objective == pytest.approx(ref.objective, rel=1e-6)
+            assert o.magnitude_objective == pytest.approx(ref.magnitude_objective, rel=1e-6)
+            assert o.plain_magnitude_objective == pytest.approx(ref.plain_magnitude_objective, rel=1e-6)
+        assert not bool((w != 0)[~torch.rand(P, generator=torch.Generator().manual_seed(5)).lt(0.3)].any())
