@@ -243,15 +243,17 @@ class GramCache:
 
 
 class _Rows:
-    """The rows A_{r,S}^T = At[idx] (m = |idx|, n) for the products of one solve. When the float64 copy fits in
-    GATHER_BYTES they are gathered once: in float32 for the Gram matrix (:meth:`gram32`), then converted to float64
-    (exact for float32 / bfloat16 storage) for the products; otherwise they are re-read per product."""
+    """The rows A_{r,S}^T = At[idx] (m = |idx|, n) for the products of one solve. When their float64 size fits in
+    GATHER_BYTES they are gathered once in float32 (``R32``: the Gram matrix, :meth:`gram32`, and the products),
+    otherwise re-read from At per product. Products convert one cache-sized chunk of rows at a time to float64
+    (exact for float32 / bfloat16 storage) and accumulate in float64; a whole float64 copy would be read twice as
+    many bytes per product."""
 
     def __init__(self, At: torch.Tensor, idx: torch.Tensor) -> None:
         self.At, self.idx = At, idx
         fits = idx.numel() * At.shape[1] * 8 <= GATHER_BYTES
         self.R32 = At.index_select(0, idx).float() if fits else None
-        self.R: torch.Tensor | None = None
+        self._src = (self.R32, torch.arange(idx.numel())) if fits else (At, idx)
 
     def gram32(self) -> torch.Tensor:
         """Local A_{r,S} A_{r,S}^T formed in float32, (n, n) float64."""
@@ -259,20 +261,23 @@ class _Rows:
             return _local_gram(self.At, self.idx, exact=False)
         return _syrk(self.R32).double()
 
-    def _float64(self) -> torch.Tensor | None:
-        if self.R is None and self.R32 is not None:
-            self.R, self.R32 = self.R32.double(), None
-        return self.R
-
     def mv(self, x: torch.Tensor) -> torch.Tensor:
         """Local A_{r,S} x, (n,) float64 (x: (m,) float64); not reduced."""
-        R = self._float64()
-        return R.T @ x if R is not None else rows_matvec(self.At, self.idx, x)
+        return rows_matvec(*self._src, x)
 
     def rmv(self, v: torch.Tensor) -> torch.Tensor:
         """A_{r,S}^T v, (m,) float64 (v: (n,) float64)."""
-        R = self._float64()
-        return R @ v if R is not None else rows_rmatvec(self.At, self.idx, v)
+        return rows_rmatvec(*self._src, v)
+
+    def normal_mv(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(local A_{r,S} A_{r,S}^T v (n,), A_{r,S}^T v (m,)), float64, in one pass: each chunk of rows is used
+        for both products while it is in cache."""
+        u = torch.zeros(self.At.shape[1], dtype=torch.float64)
+        t = torch.empty(self.idx.numel(), dtype=torch.float64)
+        v = v.to(torch.float64)
+        for s, e, rows in _chunks(*self._src):
+            u.addmv_(rows.T, torch.mv(rows, v, out=t[s:e]))
+        return u, t
 
 
 def _cholesky(P: torch.Tensor, max_cond: float) -> tuple[torch.Tensor | None, float]:
@@ -361,8 +366,8 @@ def _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, max_iter, 
     c = comm.all_reduce(rows.mv(b))  # A_S b, (n,)
 
     def apply_K(v):
-        Atv = rows.rmv(v)
-        return lam * v + comm.all_reduce(rows.mv(Atv)), Atv
+        local, Atv = rows.normal_mv(v)
+        return lam * v + comm.all_reduce(local), Atv
 
     def scale_sq(z0, Atz0):
         r = b - Atz0

@@ -226,7 +226,8 @@ def prune(
         else:
             stats: dict = {}
             At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
-            At = At if At is not None else fisher_block(
+            loaded = At is not None
+            At = At if loaded else fisher_block(
                 model,
                 modules,
                 layout,
@@ -244,7 +245,8 @@ def prune(
             seconds["exchange"] = stats.get("exchange_seconds", 0.0)
             solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
             result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
-                           overwrite_at=True, **(solver_options or {}))  # At is not used after the solve
+                           overwrite_at=True, check_at=loaded,  # At is not used after the solve; fisher_block
+                           **(solver_options or {}))  # checked every entry of a computed one
             del At
             seconds["solver"] = result.timings.get("iht", 0.0)
             seconds["backsolve"] = result.timings.get("backsolve", 0.0)

@@ -459,6 +459,7 @@ def solve(
     recompute_every: int = 20,
     max_active_rounds: int = 10,
     overwrite_at: bool = False,
+    check_at: bool = True,
 ) -> SolveResult:
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
@@ -482,6 +483,8 @@ def solve(
         overwrite_at: allow At to be overwritten: with a top-k budget that fixes columns at zero (``allowed``, e.g.
             the weights pruned by earlier CHITA++ stages), their rows are dropped by moving the allowed rows to the
             front of At in place, and the problem is solved on those alone (same answer; IHT reads only them).
+        check_at: check At for NaN/Inf (one extra read of At); False when the caller has checked every entry (the
+            pipeline's :func:`~dist_chita.fisher.fisher_block` does, naming the layer).
         swap_candidates: outside coordinates whose exact gain is computed in an escape (the best by approximate gain).
         pair_swaps, pair_swap_max_k: escape pair swaps (q x q backsolves), only when k <= pair_swap_max_k.
 
@@ -498,7 +501,7 @@ def solve(
         raise ValueError(f"the budget covers {budget.p_local} columns but At has {At.shape[0]} rows")
     # NaN/Inf anywhere in At makes its column sums A_r^T 1 non-finite (NaN and Inf propagate through + and *1): one
     # product instead of an elementwise pass; only then the exact chunked check (a finite overflow is not an error)
-    bad = not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0]))).all())
+    bad = check_at and not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0]))).all())
     if bad:
         step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
         bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
