@@ -7,42 +7,66 @@ count. Hardware is described per *device* (one rank's GPU, or one CPU core):
 F FLOP/s, M B/s of memory bandwidth, and a link of bandwidth L B/s and latency
 l s (within a node when all R ranks fit on one node, across nodes otherwise).
 
-Phases (what ``launch/prune.py`` reports in ``phase_seconds``):
+Phases (what ``launch/prune.py`` reports in ``phase_seconds``; the measured "fisher" is the wall time of the
+gradient pass *including* the exchange, which the report also gives apart as "exchange"). A prune runs one solve
+per CHITA++ stage t on p_t columns (stage 1: p; stage t: the k_{t-1} columns stage t - 1 kept, to which the solver
+compacts A), keeping k_t, with i_t IHT iterations and m_t backsolves (:attr:`Workload.stages`, read from the
+report). p_R below is ceil(p_t / R) of the solve at hand.
 
-* fisher: per-sample gradients of this rank's n / R samples, written into rows,
-  then exchanged so that every rank holds its column block, once per solve (CHITA++: every stage)::
+* fisher: per-sample gradients of this rank's n / R samples, written into rows, then exchanged so that every
+  rank holds its column block, once per solve::
 
-      t = solves * ( c_g * f * (n / R) / (F s e_g)   (f = forward + backward FLOPs per sample, ~6 P)
-        + (n / R) * p * b / (M s e_m)                 (writing the rows)
-        + n p b (R - 1) / R^2 / L + m (R - 1) l       (all_to_all; m = micro-batches x layers)
-        + (R - 1) x )                                 (x: exchange overhead per extra rank and stage, fitted:
-                                                       buffers, copies and waiting that a single rank, writing
-                                                       its rows straight into its block, does not have)
+      t = solves * ( c_g * f * (n / R) / (F s e_g)          (f = forward + backward FLOPs per sample, ~6 P)
+        + (n / R) * p * b / (M s e_m)                        (writing the rows)
+        + [R > 1] (n p b (R - 1) / R^2 / (L e_x)             (all_to_all bytes at e_x times the link rate)
+                   + m (R - 1) l + x) )                      (m = micro-batches x layers messages; x: seconds
+                                                              per stage a multi-rank exchange pays beyond its
+                                                              bytes: result buffers, packing, and one
+                                                              synchronisation per micro-batch step and layer that
+                                                              a single rank, writing straight into its block,
+                                                              does not have)
 
-* solver, per IHT iteration::
+* solver (the timed IHT), per iteration::
 
-      t_it = r * n p_R b / (M s e_m)                  (r block reads: A^T r and A g_S)
-           + 2 (R - 1) / R * 8 n / L + 2 log2(R) l    (all-reduce of an n-vector)
-           + q * 2 log2(R) l                          (q rounds of the collective top-k)
-           + o / s'                                   (fixed per-iteration overhead)
+      t_it = r * n p_R b' / (M s e_m)                        (r = 1 fused pass over A: g = A^T (A w - y) and
+                                                              u = A g_S; b' = b, + 4 for the float32 copy of a
+                                                              bfloat16 / float16 chunk)
+           + (v_it + T v_sel) p_R / (M s e_m)                (passes over p_R-vectors: v_it = 210 B per column
+                                                              for g, g_S, tau_c and the support-keeping step; T = 2
+                                                              support-changing trials of v_sel = 500 B per column,
+                                                              each a radix-select top-k (int64 keys, candidate
+                                                              gathers, a bincount) and its updates of w, the
+                                                              support difference and ||w - w_bar||^2)
+           + (1 + T) * (2 (R - 1) / R * 8 n / L + 2 log2(R) l)   (n-vector all-reduces: u and each trial's A w)
+           + (T (q + 3) + 2) * 2 log2(R) l                   (small all-reduces: q histogram rounds and 3 counts
+                                                              per top-k, 2 for tau_c)
+           + o / s'                                          (fixed per-iteration overhead)
 
-  plus, once per solve (one per CHITA++ stage), c block reads outside the iterations (y = A w_bar, the
-  active set's gathered rows, exact recomputations): c * n p_R b / (M s e_m).
+  plus, once per solve, the exact A w and f after the iterations (and c extra block reads, e.g. an active set's
+  gathered rows; 0 in the recorded runs)::
 
-* backsolve, per round: the Gram matrix of the k kept columns, its all-reduce
-  and a Cholesky factorisation::
+      t_solve = (c n b' + (k_t / p_t) n (b + 8) + v_s) p_R / (M s e_m) + 2 * 2 log2(R) l
 
-      t = 2 n^2 k / R / (F s e_a) + 2 (R - 1) / R * 8 n^2 / L + 2 log2(R) l + n^3 / 3 / (F e_a)
+  (the support's k_t / p_t of the rows gathered and converted to float64; v_s = 45 B per column). The byte
+  counts v_it, v_sel, v_s are counted from ``dist_chita/solver.py`` and ``dist_chita/select.py``; T = 2 is what the
+  recorded runs' solver bytes show (3 radix selects per solve, one of them the magnitude support before the
+  timed iterations). Their rate is the one fitted memory efficiency e_m: for the element-wise, gather and
+  bincount passes it is well below the GEMV read rate M of the hardware file (about 0.2 x M on this machine).
+
+* backsolve, per backsolve of a solve keeping k_t: the Gram matrix of the kept columns, its all-reduce, a
+  Cholesky factorisation and rho passes over the kept rows (the gather and the preconditioned CG's products)::
+
+      t = 2 n^2 k_t / R / (F s e_a) + 2 (R - 1) / R * 8 n^2 / L + 2 log2(R) l + n^3 / 3 / (F s e_a)
+        + rho n ceil(k_t / R) b / (M s e_m)
 
 * writeback: 2 * 4 p_R / (M s); save: 4 P / disk bandwidth.
 
-Every phase also gets a fixed term (``Rates.fixed``; launch and Python
-overhead, waiting, work that does not shrink with R), fitted by :func:`calibrate`;
-it is not scaled by the core share (ranks that wait do not compete for cores). ``s`` is the share of a device one rank
-gets (:meth:`Hardware.compute_share`): 1 on GPUs; on a CPU node with C shared
-cores and t threads per rank, min(t, C / R), so ranks that oversubscribe the
-cores slow down; ``s'`` (:meth:`Hardware.time_slice`) is the share of one core
-for single-threaded overhead, min(1, C / (R t)).
+The backsolve, writeback and save phases also get a fixed term (``Rates.fixed``; launch and Python overhead,
+waiting, work that does not shrink with R), fitted by :func:`calibrate`; it is not scaled by the core share
+(ranks that wait do not compete for cores). ``s`` is the share of a device one rank gets
+(:meth:`Hardware.compute_share`): 1 on GPUs; on a CPU node with C shared cores and t threads per rank,
+min(t, C / R), so ranks that oversubscribe the cores slow down; ``s'`` (:meth:`Hardware.time_slice`) is the share
+of one core for single-threaded overhead, min(1, C / (R t)).
 
 Memory per rank is :func:`dist_chita.memory.estimate` (factor n p_R b, model,
 gradient buffers, solver vectors, backsolve Gram), compared with the device's
@@ -59,6 +83,7 @@ from dist_chita.memory import MemoryEstimate, estimate
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
+WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 
 
 @dataclass(frozen=True)
@@ -148,17 +173,35 @@ class Rates:
     Attributes:
         persample_factor: c_g, cost of a per-sample gradient pass relative to 6 P FLOPs per sample.
         grad_efficiency: e_g, fraction of F the per-sample gradient pass achieves.
-        memory_efficiency: e_m, fraction of M the solver's block reads (and row writes) achieve.
+        memory_efficiency: e_m, fraction of M the solver's passes (block reads and vector passes), the row writes
+            and the backsolve's kept-row passes achieve.
         linalg_efficiency: e_a, fraction of F the backsolve's Gram / Cholesky achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
-        block_reads: r, passes over the rank's block per solver iteration.
-        setup_reads: c, passes over the rank's block per solve outside the iterations.
+        block_reads: r, passes over the rank's block per solver iteration (1: the fused pass that forms
+            g = A^T (A w - y) and u = A g_S together).
+        setup_reads: c, extra passes over the rank's block per solve outside the iterations (the active set's
+            gathered rows; 0 when the active set is not used, as in the recorded runs).
+        iteration_vector_bytes: v_it, bytes per column of the rank's p_R moved per IHT iteration by the
+            elementwise passes over p_R-vectors outside the selections (g and g_S, tau_c, the support-keeping step),
+            counted from ``dist_chita/solver.py``.
+        selection_bytes: v_sel, bytes per column of one support-changing trial: the radix select of
+            ``dist_chita/select.py`` (int64 keys, candidate gathers, a bincount) and the trial's updates of w, the
+            support difference and ||w - w_bar||^2, counted from the code.
+        selections_per_iteration: T, support-changing trials (each one collective top-k) per IHT iteration; the
+            recorded runs' solver bytes show T = 2 (3 radix selects per solve, one of them the magnitude support
+            before the timed iterations).
+        solve_vector_bytes: v_s, bytes per column per solve of the exact recomputation of A w and f after the
+            iterations (the support's indices and ||w - w_bar||^2; its gathered rows are counted as block reads).
         backsolve_row_passes: passes over the kept rows A_{r,S} (n k / R entries) per backsolve: the gather and the
             preconditioned CG's exact products, memory-bound.
-        selection_rounds: q, all-reduce rounds of the collective top-k per iteration.
+        selection_rounds: q, histogram all-reduce rounds of one collective top-k (3 for one global budget, 4 for
+            per-layer budgets; ``dist_chita/select.py``).
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
-        exchange_overhead: x, seconds per extra rank and stage of the row -> column exchange beyond its bytes.
+        exchange_efficiency: e_x, fraction of the link bandwidth L (times the core share s on shared CPU cores,
+            where gloo's loopback copies run on the ranks' own cores) the row -> column exchange achieves.
+        exchange_overhead: x, seconds per extra rank and stage of the row -> column exchange beyond its bytes
+            (not fitted; 0 unless set).
         fixed: fixed seconds per phase (launch / Python overhead).
     """
 
@@ -168,12 +211,17 @@ class Rates:
     linalg_efficiency: float = 1.0
     collective_latency: float | None = None
     collective_bandwidth: float | None = None
-    block_reads: float = 2.0
-    setup_reads: float = 2.0
+    block_reads: float = 1.0
+    setup_reads: float = 0.0
+    iteration_vector_bytes: float = 210.0
+    selection_bytes: float = 500.0
+    selections_per_iteration: float = 2.0
+    solve_vector_bytes: float = 45.0
     backsolve_row_passes: float = 0.0
-    selection_rounds: int = 4
+    selection_rounds: int = 3
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
+    exchange_efficiency: float = 1.0
     exchange_overhead: float = 0.0
     fixed: dict[str, float] = field(default_factory=dict)
 
@@ -196,6 +244,10 @@ class Workload:
         threads_per_rank: t (CPU).
         backsolves: ridge backsolves run by the solver (counted in the report); None: ``Rates.backsolve_rounds``.
         solves: solver calls (CHITA++: one per stage).
+        stages: per solve (p_t, k_t, iterations_t, backsolves_t): the columns the solve runs on (CHITA++ stage t
+            solves on the k_{t-1} columns stage t - 1 kept; the solver compacts A to them), the weights it keeps,
+            its IHT iterations and backsolves. None: ``solves`` equal solves of p columns sharing ``iterations``
+            and the backsolves.
         flops_per_sample: forward + backward FLOPs of one sample (default 6 P; a causal LM on T tokens:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
     """
@@ -215,6 +267,7 @@ class Workload:
     backsolves: int | None = None
     solves: int = 1
     flops_per_sample: float | None = None
+    stages: tuple[tuple[int, int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPE_BYTES:
@@ -224,6 +277,9 @@ class Workload:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if self.stages is not None and (len(self.stages) != self.solves or any(
+                len(st) != 4 or st[0] < 1 or st[1] < 0 or st[2] < 0 or st[3] < 0 for st in self.stages)):
+            raise ValueError("stages must hold one (p_t >= 1, k_t, iterations_t, backsolves_t) >= 0 per solve")
 
     @property
     def k(self) -> int:
@@ -236,6 +292,14 @@ class Workload:
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.storage_dtype]
+
+    def solve_list(self, backsolve_rounds: int = 1) -> list[tuple[float, float, float, float]]:
+        """(p_t, k_t, iterations_t, backsolves_t) per solve: ``stages``, or ``solves`` equal shares of p, k,
+        ``iterations`` and the backsolves (``backsolves``, else ``backsolve_rounds``)."""
+        if self.stages is not None:
+            return [tuple(float(v) for v in st) for st in self.stages]
+        m = self.backsolves if self.backsolves is not None else backsolve_rounds
+        return [(float(self.p), float(self.k), self.iterations / self.solves, m / self.solves)] * self.solves
 
 
 @dataclass(frozen=True)
@@ -286,20 +350,51 @@ def memory_per_rank(w: Workload, ranks: int) -> MemoryEstimate:
     )
 
 
-def solver_iteration_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates) -> dict[str, float]:
-    """Seconds of one solver iteration by term: block reads, n-vector all-reduce, selection, overhead."""
+def read_bytes_per_entry(dtype_bytes: int) -> int:
+    """Bytes a pass over A moves per entry: b, plus the float32 copy a bfloat16 / float16 chunk is converted into."""
+    return dtype_bytes if dtype_bytes == 4 else dtype_bytes + 4
+
+
+def _link(hw: Hardware, ranks: int, rates: Rates) -> tuple[float, float]:
     bw, lat = hw.link(ranks)
     bw = rates.collective_bandwidth or bw
     lat = rates.collective_latency if rates.collective_latency is not None else lat
+    return bw, lat
+
+
+def solver_iteration_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates,
+                           columns: float | None = None) -> dict[str, float]:
+    """Seconds of one solver iteration on ``columns`` (default p) by term: block reads, vector passes
+    (selections), n-vector all-reduces, latency of the selections' small all-reduces, overhead."""
+    bw, lat = _link(hw, ranks, rates)
     s = hw.compute_share(ranks, w.threads_per_rank)
-    p_r = math.ceil(w.p / ranks)
+    p_r = math.ceil((w.p if columns is None else columns) / ranks)
+    mem_bw = hw.memory_bandwidth * s * rates.memory_efficiency
     hops = 2 * math.log2(ranks) if ranks > 1 else 0.0
+    T = rates.selections_per_iteration
     return {
-        "reads": rates.block_reads * w.n * p_r * w.dtype_bytes / (hw.memory_bandwidth * s * rates.memory_efficiency),
-        "allreduce": allreduce_seconds(8 * w.n, ranks, bw, lat),
-        "selection": rates.selection_rounds * hops * lat,
+        "reads": rates.block_reads * w.n * p_r * read_bytes_per_entry(w.dtype_bytes) / mem_bw,
+        "vectors": (rates.iteration_vector_bytes + T * rates.selection_bytes) * p_r / mem_bw,
+        "allreduce": (1 + T) * allreduce_seconds(8 * w.n, ranks, bw, lat),
+        "selection": (T * (rates.selection_rounds + 3) + 2) * hops * lat,
         "overhead": rates.iteration_overhead / hw.time_slice(ranks, w.threads_per_rank),
     }
+
+
+def solver_setup_seconds(w: Workload, ranks: int, hw: Hardware, rates: Rates, columns: float | None = None,
+                         kept: float | None = None) -> float:
+    """Seconds per solve on ``columns`` (default p) keeping ``kept`` (default k) outside the iterations but
+    inside the timed IHT: c extra block reads, the exact A w over the support's k / p of the rows (gathered and
+    converted to float64: b + 8 bytes per entry), v_s bytes per column, and its two all-reduces' latency."""
+    _, lat = _link(hw, ranks, rates)
+    s = hw.compute_share(ranks, w.threads_per_rank)
+    cols = w.p if columns is None else columns
+    p_r = math.ceil(cols / ranks)
+    frac = min(1.0, (w.k if kept is None else kept) / cols)
+    per_column = (rates.setup_reads * w.n * read_bytes_per_entry(w.dtype_bytes)
+                  + frac * w.n * (w.dtype_bytes + 8) + rates.solve_vector_bytes)
+    hops = 2 * math.log2(ranks) if ranks > 1 else 0.0
+    return per_column * p_r / (hw.memory_bandwidth * s * rates.memory_efficiency) + 2 * hops * lat
 
 
 def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -> Prediction:
@@ -307,9 +402,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     if ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {ranks}")
     rates = rates or Rates()
-    bw, lat = hw.link(ranks)
-    bw = rates.collective_bandwidth or bw
-    lat = rates.collective_latency if rates.collective_latency is not None else lat
+    bw, lat = _link(hw, ranks, rates)
     s = hw.compute_share(ranks, w.threads_per_rank)
     n, p, b, R = w.n, w.p, w.dtype_bytes, ranks
     p_r = math.ceil(p / R)
@@ -318,26 +411,32 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
 
     micro_batches = math.ceil(n / R / w.micro_batch)
     grad_flops = rates.persample_factor * w.sample_flops * (n / R)
-    exchange = (exchange_bytes(n, p, R, b) / bw + micro_batches * w.layers * (R - 1) * lat
-                + (R - 1) * rates.exchange_overhead) if R > 1 else 0.0
+    exchange = (exchange_bytes(n, p, R, b) / (bw * rates.exchange_efficiency)
+                + micro_batches * w.layers * (R - 1) * lat + rates.exchange_overhead) if R > 1 else 0.0
     terms = {
         "fisher_gradients": w.solves * grad_flops / (hw.flops * s * rates.grad_efficiency),
         "fisher_write": w.solves * (n / R) * p * b / mem_bw,
         "fisher_exchange": w.solves * exchange,
     }
-    it = solver_iteration_terms(w, R, hw, rates)
-    terms.update({f"solver_{k}": w.iterations * v for k, v in it.items()})
-    terms["solver_setup"] = w.solves * rates.setup_reads * n * p_r * b / mem_bw
+    solves = w.solve_list(rates.backsolve_rounds)
+    it_names = ("reads", "vectors", "allreduce", "selection", "overhead")
+    terms.update({f"solver_{k}": 0.0 for k in it_names})
+    terms["solver_setup"] = 0.0
     linalg = hw.flops * rates.linalg_efficiency
-    m = w.backsolves if w.backsolves is not None else rates.backsolve_rounds
-    terms["backsolve_gram"] = m * 2 * n * n * w.k / R / (linalg * s)
-    terms["backsolve_allreduce"] = m * allreduce_seconds(8 * n * n, R, bw, lat)
-    terms["backsolve_cholesky"] = m * n**3 / 3 / (linalg * s)
-    terms["backsolve_rows"] = m * rates.backsolve_row_passes * n * math.ceil(w.k / R) * b / mem_bw
+    for k in ("gram", "allreduce", "cholesky", "rows"):
+        terms[f"backsolve_{k}"] = 0.0
+    for p_t, k_t, i_t, m_t in solves:
+        for k, v in solver_iteration_terms(w, R, hw, rates, p_t).items():
+            terms[f"solver_{k}"] += i_t * v
+        terms["solver_setup"] += solver_setup_seconds(w, R, hw, rates, p_t, k_t)
+        terms["backsolve_gram"] += m_t * 2 * n * n * k_t / R / (linalg * s)
+        terms["backsolve_allreduce"] += m_t * allreduce_seconds(8 * n * n, R, bw, lat)
+        terms["backsolve_cholesky"] += m_t * n**3 / 3 / (linalg * s)
+        terms["backsolve_rows"] += m_t * rates.backsolve_row_passes * n * math.ceil(k_t / R) * b / mem_bw
 
     seconds = {
         "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
-        "solver": sum(terms[f"solver_{k}"] for k in it) + terms["solver_setup"],
+        "solver": sum(terms[f"solver_{k}"] for k in it_names) + terms["solver_setup"],
         "backsolve": (terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"]
                       + terms["backsolve_rows"]),
         "writeback": 2 * 4 * p_r / (hw.memory_bandwidth * s),
@@ -395,6 +494,11 @@ def workload_from_report(report: dict) -> Workload:
     stages = report.get("stages") or []
     backsolves = sum(int(st["backsolves"]) for st in stages) if stages and all(
         "backsolves" in st for st in stages) else None
+    per_solve = None
+    if stages and all(k in st for st in stages for k in ("kept", "iterations", "backsolves")):
+        cols = [int(report["p"])] + [int(st["kept"]) for st in stages[:-1]]  # stage t solves on what t - 1 kept
+        per_solve = tuple((c, int(st["kept"]), int(st["iterations"]), int(st["backsolves"]))
+                          for c, st in zip(cols, stages, strict=True))
     return Workload(
         p=int(report["p"]),
         n=int(report["n"]),
@@ -408,29 +512,33 @@ def workload_from_report(report: dict) -> Workload:
         threads_per_rank=int(report.get("threads_per_rank") or 1),
         backsolves=backsolves,
         solves=max(1, len(stages)),
+        stages=per_solve,
     )
 
 
 def measured_seconds(report: dict) -> dict[str, float]:
-    """Max over ranks of each phase of ``phase_seconds`` (0 when missing); fisher includes the report's separate
-    "exchange" phase (summed per rank), as the model's fisher phase does."""
+    """Max over ranks of each phase of ``phase_seconds`` (0 when missing).
+
+    The report's "fisher" is the wall time of :func:`dist_chita.fisher.fisher_block`, which already contains the
+    row -> column exchange; its "exchange" entry is the part of that time spent packing, exchanging and unpacking
+    (``docs/default_run.md``: "per-sample gradients 51.1 (of which exchange 26.5)"), so it is not added again."""
     ps = report.get("phase_seconds") or {}
-    out = {}
-    for ph in PHASES:
-        vals = [float(v) for v in ps.get(ph) or []]
-        if ph == "fisher" and ps.get("exchange"):
-            ex = [float(v) for v in ps["exchange"]]
-            vals = [a + b for a, b in zip(vals or [0.0] * len(ex), ex, strict=True)]
-        out[ph] = max(vals) if vals else 0.0
-    return out
+    return {ph: max(float(v) for v in ps[ph]) if ps.get(ph) else 0.0 for ph in PHASES}
 
 
-def _nnls(columns: list[list[float]], target: list[float]) -> list[float]:
-    """Non-negative least squares min ||X c - y|| s.t. c >= 0 (X given by columns); scipy when available."""
+def _nnls(columns: list[list[float]], target: list[float], measured: list[float] | None = None) -> list[float]:
+    """Non-negative least squares min ||W (X c - y)|| s.t. c >= 0 (X given by columns); scipy when available.
+
+    With ``measured`` (the phase's measured seconds per row), W = diag(1 / max(measured, WEIGHT_FLOOR_SECONDS)):
+    the fit minimises relative errors (what the validation scores) instead of letting the longest runs dominate,
+    and phases under the floor (timer and launch noise) count by their absolute error only."""
     import numpy as np
 
     X = np.array(columns, dtype=float).T
     y = np.array(target, dtype=float)
+    if measured is not None:
+        wts = 1.0 / np.maximum(np.array(measured, dtype=float), WEIGHT_FLOOR_SECONDS)
+        X, y = X * wts[:, None], y * wts
     scale = np.where(np.abs(X).max(axis=0) > 0, np.abs(X).max(axis=0), 1.0)
     try:
         from scipy.optimize import nnls
@@ -442,18 +550,22 @@ def _nnls(columns: list[list[float]], target: list[float]) -> list[float]:
 
 
 def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
-    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports).
+    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
+    weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
 
-    * solver: t = I (r n p_R b / (M s) * 1/e_m + 2 (R - 1) / R * 8 n / L + h l + o / s')
-      + solves * c n p_R b / (M s) * 1/e_m with h = (2 + 2 q) log2 R latency hops, fitting 1/e_m, l, o and c / e_m
-      (L from the hardware);
-    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + row write + exchange at the fitted e_m, l + (R - 1) x)
-      + f_fisher, fitting 1/e_g, the exchange overhead x and the fixed term f_fisher;
-    * backsolve: t = m (2 n^2 k / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + f_backsolve, fitting 1/e_a and
-      f_backsolve; m = the report's count of backsolves (per report); for reports without it, the payload bytes
-      of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each), median over the multi-rank reports,
-      else the base value;
-    * writeback, save: the mean measured time becomes the fixed term.
+    Only efficiencies, latency and overheads are fitted; the byte and selection counts per column (v_it, v_sel, T,
+    v_s, r, c) and the hardware's M, F, L stay as given (module docstring):
+
+    * solver: t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the
+      all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
+    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / L * 1/e_x + x)) + row writes
+      and message latency at the fitted e_m and l; fitting 1/e_g, 1/e_x and x (e_x = inf when the fit gives the
+      bytes no cost beyond x). No fixed term: a single rank's gradient phase is its gradients;
+    * backsolve: t = sum_t m_t (2 n^2 k_t / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + rho * (kept-row bytes at the
+      fitted e_m) + f_backsolve, fitting 1/e_a, rho and f_backsolve; m_t = the report's count of backsolves; for
+      reports without it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each),
+      median over the multi-rank reports, else the base value;
+    * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
 
     A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
     """
@@ -462,40 +574,45 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     base = base or Rates()
     loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
 
-    # solver
-    cols: list[list[float]] = [[], [], [], []]
+    # solver: the bytes of the passes (block reads, vector passes, the exact recomputation) at M s, latency hops,
+    # per-iteration overhead; the all-reduces' bandwidth part at the hardware's L
+    def solver_at(w: Workload, R: int, **kw) -> float:
+        zero = dict(memory_efficiency=math.inf, collective_latency=0.0, iteration_overhead=0.0)
+        return predict(w, R, hw, dataclasses.replace(base, **{**zero, **kw}, fixed={})).seconds["solver"]
+
+    cols: list[list[float]] = [[], [], []]
     y: list[float] = []
     for w, R, t in loads:
-        s, s1 = hw.compute_share(R, w.threads_per_rank), hw.time_slice(R, w.threads_per_rank)
-        it = w.iterations
-        block = w.n * math.ceil(w.p / R) * w.dtype_bytes / (hw.memory_bandwidth * s)  # one read of the block at M s
-        cols[0].append(it * base.block_reads * block)
-        cols[1].append(it * (2 + 2 * base.selection_rounds) * math.log2(R) if R > 1 else 0.0)
-        cols[2].append(it / s1)
-        cols[3].append(w.solves * block)
-        link_bw = base.collective_bandwidth or hw.link(R)[0]
-        y.append(max(0.0, t["solver"] - it * allreduce_seconds(8 * w.n, R, link_bw, 0.0)))
-    inv_em, lat, overhead, setup = _nnls(cols, y)
+        bandwidth = solver_at(w, R)  # the all-reduces' bytes at L
+        cols[0].append(solver_at(w, R, memory_efficiency=1.0) - bandwidth)
+        cols[1].append(solver_at(w, R, collective_latency=1.0) - bandwidth)
+        cols[2].append(solver_at(w, R, iteration_overhead=1.0) - bandwidth)
+        y.append(max(0.0, t["solver"] - bandwidth))
+    inv_em, lat, overhead = _nnls(cols, y, [t["solver"] for _, _, t in loads])
     mem_eff = 1.0 / inv_em if inv_em > 0 else base.memory_efficiency
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
-    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead,
-                                setup_reads=setup * mem_eff)
+    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
 
-    # fisher: gradient efficiency, exchange overhead and fixed term; the write and exchange bytes at the fitted rates
+    # fisher: gradient efficiency, exchange efficiency and the per-stage exchange overhead (R > 1); the row writes
+    # and the exchange's message latency at the rates fitted above. No fixed term: a single rank's fisher phase is
+    # its gradients (MLPNet at n = 250: 0.07 s for five stages)
     cols, y = [[], [], []], []
     for w, R, t in loads:
-        pred = predict(dataclasses.replace(w, iterations=0), R, hw,
-                       dataclasses.replace(rates, grad_efficiency=1.0, exchange_overhead=0.0))
+        wf = dataclasses.replace(w, iterations=0)
+        unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0)
+        pred = predict(wf, R, hw, unit)
         cols[0].append(pred.terms["fisher_gradients"])
-        cols[1].append(1.0)
-        cols[2].append(w.solves * (R - 1))
+        cols[1].append(predict(wf, R, hw, dataclasses.replace(unit, exchange_efficiency=1.0)).terms["fisher_exchange"]
+                       - pred.terms["fisher_exchange"])  # the exchanged bytes at L
+        cols[2].append(w.solves if R > 1 else 0.0)
         y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
-    inv_eg, fixed_fisher, x_over = _nnls(cols, y)
+    inv_eg, inv_ex, x_over = _nnls(cols, y, [t["fisher"] for _, _, t in loads])
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
-    if not any(cols[2]):  # every report at R = 1: the exchange overhead is not observed
-        x_over = base.exchange_overhead
-    rates = dataclasses.replace(rates, exchange_overhead=x_over)
+    ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
+    if not any(cols[2]):  # every report at R = 1: the exchange is not observed
+        ex_eff, x_over = base.exchange_efficiency, base.exchange_overhead
+    rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over)
 
     # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
     # bytes of their n x n float64 Gram all-reduces (multi-rank runs)
@@ -513,14 +630,16 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         cols[1].append(1.0)
         cols[2].append(pred.terms["backsolve_rows"])  # one pass over the kept rows at the fitted e_m
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"]))
-    inv_ea, fixed_back, row_passes = _nnls(cols, y)
+    inv_ea, fixed_back, row_passes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
     rates = dataclasses.replace(rates, backsolve_row_passes=row_passes)
 
-    fixed = {"fisher": fixed_fisher, "backsolve": fixed_back}
+    fixed = {"fisher": 0.0, "backsolve": fixed_back}
+    # writeback, save: the modelled bytes (2 * 4 p_R at M s; 4 P at the disk bandwidth) plus a fixed term, the mean
+    # of what the modelled bytes leave unexplained (>= 0)
     for ph in ("writeback", "save"):
-        fixed[ph] = sum(t[ph] for _, _, t in loads) / len(loads)
-    # the modelled writeback / save terms are subsumed in the fixed time
+        modelled = [predict(w, R, hw, dataclasses.replace(rates, fixed={})).seconds[ph] for w, R, _ in loads]
+        fixed[ph] = max(0.0, sum(t[ph] - m for (_, _, t), m in zip(loads, modelled, strict=True)) / len(loads))
     rates = dataclasses.replace(rates, grad_efficiency=grad_eff, linalg_efficiency=lin_eff, fixed=fixed)
     return rates
 
@@ -539,16 +658,25 @@ def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
         pairs.append(("sum", sum(meas.values()), pred.total))
         for ph, m, pr in pairs:
             rel = (pr - m) / m if m > 0 else None
-            rows.append({"world_size": R, "n": int(r["n"]), "phase": ph, "measured": m, "predicted": pr,
-                         "rel_error": rel})
+            row = {"world_size": R, "n": int(r["n"]), "phase": ph, "measured": m, "predicted": pr, "rel_error": rel}
+            if ph == "sum":
+                row["largest_part"] = max(meas.values())
+            rows.append(row)
     return rows
 
 
+def scored(row: dict, min_seconds: float) -> bool:
+    """Whether a :func:`compare` row counts: measured at ``min_seconds`` or more; a "sum" row also needs one of its
+    phases to count (a sum of phases that are each timer and launch noise is no better a measurement)."""
+    return (row["rel_error"] is not None and row["measured"] >= min_seconds
+            and row.get("largest_part", row["measured"]) >= min_seconds)
+
+
 def worst_errors(rows: list[dict], min_seconds: float) -> dict[str, float]:
-    """Largest |rel_error| per phase of :func:`compare` rows, over rows measured at ``min_seconds`` or more."""
+    """Largest |rel_error| per phase of :func:`compare` rows, over the rows that count (:func:`scored`)."""
     out: dict[str, float] = {}
     for row in rows:
-        if row["rel_error"] is not None and row["measured"] >= min_seconds:
+        if scored(row, min_seconds):
             out[row["phase"]] = max(out.get(row["phase"], 0.0), abs(row["rel_error"]))
     return out
 

@@ -28,23 +28,54 @@ def test_factor_memory_by_hand():
 
 
 def test_solver_iteration_terms_by_hand():
-    w = cm.Workload(p=10_000, n=100, model_params=10_000, iterations=10)
+    w = cm.Workload(p=10_000, n=100, model_params=10_000, iterations=10, kept=4000)
     rates = cm.Rates(memory_efficiency=0.5, iteration_overhead=1e-3)
     it = cm.solver_iteration_terms(w, 4, GPU, rates)
-    assert it["reads"] == pytest.approx(2 * 100 * 2500 * 4 / (2e12 * 0.5))
-    # all-reduce of 8n bytes inside a node: 2 (R-1)/R * 8n / L + 2 log2 R * l
-    assert it["allreduce"] == pytest.approx(2 * 3 / 4 * 800 / 200e9 + 2 * 2 * 5e-6)
-    assert it["selection"] == pytest.approx(4 * 2 * 2 * 5e-6)
+    # one fused float32 pass over the block: n p_R b bytes
+    assert it["reads"] == pytest.approx(1 * 100 * 2500 * 4 / (2e12 * 0.5))
+    # vector passes: 210 B per column + 2 trials x 500 B per column
+    assert it["vectors"] == pytest.approx((210 + 2 * 500) * 2500 / (2e12 * 0.5))
+    # 1 + T = 3 all-reduces of 8n bytes inside a node: 2 (R-1)/R * 8n / L + 2 log2 R * l each
+    assert it["allreduce"] == pytest.approx(3 * (2 * 3 / 4 * 800 / 200e9 + 2 * 2 * 5e-6))
+    # T (q + 3) + 2 = 2 * 6 + 2 = 14 small all-reduces of 2 log2 R = 4 hops
+    assert it["selection"] == pytest.approx(14 * 4 * 5e-6)
     assert it["overhead"] == pytest.approx(1e-3)
     # 16 ranks leave the node: the slower link
-    assert cm.solver_iteration_terms(w, 16, GPU, rates)["selection"] == pytest.approx(4 * 2 * 4 * 1e-5)
+    assert cm.solver_iteration_terms(w, 16, GPU, rates)["selection"] == pytest.approx(14 * 8 * 1e-5)
     assert cm.solver_iteration_terms(w, 1, GPU, rates)["allreduce"] == 0.0
     pred = cm.predict(w, 4, GPU, rates)
-    setup = 2.0 * 100 * 2500 * 4 / (2e12 * 0.5)  # c = 2 block reads once per solve (y = A w_bar, active set)
+    # once per solve: the exact A w over the support's k / p = 0.4 of the rows (b + 8 = 12 B per entry), 45 B per
+    # column, two all-reduces' latency
+    setup = (0.4 * 100 * 12 + 45) * 2500 / (2e12 * 0.5) + 2 * 4 * 5e-6
     assert pred.terms["solver_setup"] == pytest.approx(setup)
     assert pred.seconds["solver"] == pytest.approx(10 * sum(it.values()) + setup)
     five = cm.predict(dataclasses.replace(w, solves=5), 4, GPU, rates)  # CHITA++ with 5 stages: 5 solves
     assert five.seconds["solver"] == pytest.approx(10 * sum(it.values()) + 5 * setup)
+    # bfloat16: a pass moves b + 4 = 6 bytes per entry (the float32 copy of each chunk)
+    bf = cm.solver_iteration_terms(dataclasses.replace(w, storage_dtype="bfloat16"), 4, GPU, rates)
+    assert bf["reads"] == pytest.approx(100 * 2500 * 6 / (2e12 * 0.5))
+
+
+def test_solver_per_stage_columns():
+    """CHITA++ stage t solves on the columns stage t - 1 kept: its iterations read p_t columns, not p."""
+    w = cm.Workload(p=1000, n=50, model_params=1000, solves=2, stages=((1000, 400, 3, 1), (400, 100, 2, 2)))
+    rates = cm.Rates(memory_efficiency=0.25)
+    pred = cm.predict(w, 2, CPU, rates)
+    s = CPU.compute_share(2)
+    m = CPU.memory_bandwidth * s * 0.25
+    reads = (3 * 50 * 500 * 4 + 2 * 50 * 200 * 4) / m
+    assert pred.terms["solver_reads"] == pytest.approx(reads)
+    assert pred.terms["solver_vectors"] == pytest.approx((3 * 500 + 2 * 200) * 1210 / m)
+    lat = CPU.link_latency
+    setup = ((0.4 * 50 * 12 + 45) * 500 + (0.25 * 50 * 12 + 45) * 200) / m + 2 * (2 * 2 * lat)
+    assert pred.terms["solver_setup"] == pytest.approx(setup)
+    # backsolves: 1 on k = 400 and 2 on k = 100: Gram 2 n^2 k / R FLOPs each
+    assert pred.terms["backsolve_gram"] == pytest.approx((400 + 2 * 100) * 2 * 50 * 50 / 2 / (CPU.flops * s))
+    rep = {"p": 1000, "n": 50, "world_size": 2, "global": {"kept": 100},
+           "stages": [{"kept": 400, "iterations": 3, "backsolves": 1}, {"kept": 100, "iterations": 2, "backsolves": 2}]}
+    assert cm.workload_from_report(rep).stages == w.stages
+    with pytest.raises(ValueError, match="one .* per solve"):
+        cm.Workload(p=10, n=1, model_params=10, stages=((10, 5, 1, 1),), solves=2)
 
 
 def test_solver_communication_flat_in_p():
@@ -60,14 +91,15 @@ def test_solver_communication_flat_in_p():
 
 def test_fisher_and_backsolve_by_hand():
     w = cm.Workload(p=1000, n=64, model_params=3000, kept=100, micro_batch=16, layers=2)
-    rates = cm.Rates(persample_factor=2.0, grad_efficiency=0.5)
+    rates = cm.Rates(persample_factor=2.0, grad_efficiency=0.5, exchange_efficiency=0.25, exchange_overhead=0.01)
     pred = cm.predict(w, 2, GPU, rates)
     t = pred.terms
     assert t["fisher_gradients"] == pytest.approx(2 * 6 * 3000 * 32 / (1e14 * 0.5))
     assert t["fisher_write"] == pytest.approx(32 * 1000 * 4 / 2e12)
-    # each rank sends n p b (R-1)/R^2 bytes; messages: ceil(32 / 16) micro-batches x 2 layers x (R-1) peers
+    # each rank sends n p b (R-1)/R^2 bytes at e_x L; messages: ceil(32 / 16) micro-batches x 2 layers x (R-1)
+    # peers; x once per stage
     assert cm.exchange_bytes(64, 1000, 2, 4) == 64 * 1000 * 4 / 4
-    assert t["fisher_exchange"] == pytest.approx(64000 / 200e9 + 2 * 2 * 1 * 5e-6)
+    assert t["fisher_exchange"] == pytest.approx(64000 / (200e9 * 0.25) + 2 * 2 * 1 * 5e-6 + 0.01)
     assert t["backsolve_gram"] == pytest.approx(2 * 64 * 64 * 100 / 2 / 1e14)
     assert t["backsolve_cholesky"] == pytest.approx(64**3 / 3 / 1e14)
     assert t["backsolve_allreduce"] == pytest.approx(2 * 0.5 * 8 * 64 * 64 / 200e9 + 2 * 5e-6)
@@ -140,9 +172,8 @@ def synthetic_report(R: int, hw: cm.Hardware, rates: cm.Rates, w: cm.Workload) -
 
 def test_calibration_recovers_rates():
     truth = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
-                     backsolve_rounds=7,
-                     iteration_overhead=3e-3, fixed={"fisher": 0.2, "backsolve": 0.05, "writeback": 0.01,
-                                                     "save": 0.3})
+                     backsolve_rounds=7, exchange_efficiency=0.5, exchange_overhead=0.02,
+                     iteration_overhead=3e-3, fixed={"backsolve": 0.05, "writeback": 0.01, "save": 0.3})
     w = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
                     micro_batch=250, layers=3)
     reports = [synthetic_report(R, CPU, truth, w) for R in (1, 2, 4)]
@@ -152,9 +183,12 @@ def test_calibration_recovers_rates():
     assert fit.collective_latency == pytest.approx(2e-4, rel=1e-3)
     assert fit.iteration_overhead == pytest.approx(3e-3, rel=1e-3)
     assert fit.grad_efficiency == pytest.approx(0.25, rel=1e-3)
+    assert fit.exchange_efficiency == pytest.approx(0.5, rel=1e-3)
+    assert fit.exchange_overhead == pytest.approx(0.02, rel=1e-3)
     assert fit.backsolve_rounds == 7
+    assert fit.fixed["save"] == pytest.approx(0.3, rel=1e-3)  # the modelled 4 P / disk bytes are not counted twice
     for row in cm.compare(reports, CPU, fit):
-        if row["phase"] in ("fisher", "solver", "backsolve"):
+        if row["phase"] in ("fisher", "solver", "backsolve", "save"):
             assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
     # the model family holds the truth, so fitting without any one report still predicts it (within 5%)
     for row in cm.compare_held_out(reports, CPU):
@@ -187,17 +221,21 @@ def test_calibration_uses_reported_backsolve_counts():
 
 
 def test_fisher_per_stage_and_exchange_overhead():
-    """The gradient phase runs once per solve (CHITA++ stage); at R > 1 it pays a fitted exchange overhead per extra
-    rank and stage on top of the exchanged bytes, which a single rank (writing straight into its block) does not."""
+    """The gradient phase runs once per solve (CHITA++ stage); at R > 1 it pays the exchanged bytes at e_x L and a
+    fitted overhead x per stage, which a single rank (writing straight into its block) does not."""
     w = cm.Workload(p=32_360, n=1000, model_params=32_360, micro_batch=250, layers=3)
-    rates = cm.Rates(exchange_overhead=0.05)
+    rates = cm.Rates(exchange_overhead=0.05, exchange_efficiency=0.5)
     one, five = cm.predict(w, 2, CPU, rates), cm.predict(dataclasses.replace(w, solves=5), 2, CPU, rates)
     for term in ("fisher_gradients", "fisher_write", "fisher_exchange"):
         assert five.terms[term] == pytest.approx(5 * one.terms[term])
-    bare = cm.predict(w, 2, CPU, cm.Rates())
-    assert one.terms["fisher_exchange"] == pytest.approx(bare.terms["fisher_exchange"] + 0.05)
+    lat = CPU.link_latency
+    # bytes n p b (R - 1) / R^2 at 0.5 L; micro-batches (2 at R = 2, 1 at R = 4) x 3 layers x (R - 1) messages; x
+    for R, micro_batches in ((2, 2), (4, 1)):
+        by_hand = (1000 * 32_360 * 4 * (R - 1) / R**2 / (0.5 * CPU.link_bandwidth)
+                   + micro_batches * 3 * (R - 1) * lat + 0.05)
+        assert cm.predict(w, R, CPU, rates).terms["fisher_exchange"] == pytest.approx(by_hand)
     assert cm.predict(w, 1, CPU, rates).terms["fisher_exchange"] == 0.0
-    truth = cm.Rates(grad_efficiency=0.2, collective_latency=1e-4, exchange_overhead=0.12, fixed={"fisher": 0.3})
+    truth = cm.Rates(grad_efficiency=0.2, collective_latency=1e-4, exchange_overhead=0.12, exchange_efficiency=0.3)
     reports = [synthetic_report(R, CPU, truth, dataclasses.replace(w, n=n, solves=s, largest_layer=31_360,
                                                                   iterations=10, kept=3236))
                for R, n, s in ((1, 1000, 5), (2, 1000, 5), (4, 1000, 5), (1, 250, 1), (2, 500, 1))]
@@ -205,7 +243,24 @@ def test_fisher_per_stage_and_exchange_overhead():
         rep["stages"] = [{"iterations": 2}] * s
     fit = cm.calibrate(reports, CPU)
     assert fit.exchange_overhead == pytest.approx(0.12, rel=1e-3)
+    assert fit.exchange_efficiency == pytest.approx(0.3, rel=1e-3)
     assert fit.grad_efficiency == pytest.approx(0.2, rel=1e-3)
+
+
+def test_measured_fisher_includes_exchange():
+    """The report's "fisher" is the wall time of the gradient pass, exchange included: not added twice."""
+    rep = {"phase_seconds": {"fisher": [3.0, 2.5], "exchange": [1.0, 2.0], "solver": [1.0, 1.5]}}
+    meas = cm.measured_seconds(rep)
+    assert meas["fisher"] == 3.0 and meas["solver"] == 1.5 and meas["save"] == 0.0
+
+
+def test_sum_scored_only_with_a_scored_phase():
+    rows = [{"phase": "fisher", "measured": 0.3, "rel_error": 0.5},
+            {"phase": "sum", "measured": 0.6, "rel_error": 0.9, "largest_part": 0.3},
+            {"phase": "sum", "measured": 2.0, "rel_error": -0.2, "largest_part": 1.5},
+            {"phase": "solver", "measured": 0.8, "rel_error": 0.1}]
+    assert cm.worst_errors(rows, 0.5) == {"sum": 0.2, "solver": 0.1}
+    assert cm.worst_errors(rows, 0.0) == {"fisher": 0.5, "sum": 0.9, "solver": 0.1}
 
 
 def test_backsolve_row_passes_term():
