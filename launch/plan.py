@@ -19,9 +19,13 @@ import math
 import sys
 from pathlib import Path
 
-import yaml
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
 
-from dist_chita import costmodel as cm
+import yaml  # noqa: E402
+
+from dist_chita import costmodel as cm  # noqa: E402
 
 GB = 1e9
 
@@ -159,9 +163,9 @@ def format_plan(pl: dict) -> str:
     detail = {
         "fisher": f"per-sample gradients {t['fisher_gradients']:.3g} s, row writes {t['fisher_write']:.3g} s, "
                   f"exchange {t['fisher_exchange']:.3g} s",
-        "solver": f"block reads {t['solver_reads']:.3g} s, all-reduce {t['solver_allreduce']:.3g} s, "
-                  f"selection {t['solver_selection']:.3g} s, overhead {t['solver_overhead']:.3g} s, "
-                  f"setup reads {t['solver_setup']:.3g} s",
+        "solver": f"block reads {t['solver_reads']:.3g} s, vector passes {t['solver_vectors']:.3g} s, "
+                  f"all-reduce {t['solver_allreduce']:.3g} s, selection latency {t['solver_selection']:.3g} s, "
+                  f"overhead {t['solver_overhead']:.3g} s, per-solve set-up {t['solver_setup']:.3g} s",
         "backsolve": f"{pl['workload']['backsolves']} backsolve(s): Gram {t['backsolve_gram']:.3g} s, "
                      f"all-reduce {t['backsolve_allreduce']:.3g} s, "
                      f"Cholesky {t['backsolve_cholesky']:.3g} s",

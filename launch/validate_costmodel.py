@@ -71,7 +71,8 @@ def format_result(result: dict, min_seconds: float, target: float) -> str:
             if row["phase"] in ("writeback", "save"):
                 continue
             err = "-" if row["rel_error"] is None else f"{100 * row['rel_error']:+.0f}%"
-            mark = "" if row["measured"] >= min_seconds else " (short)"
+            mark = "" if costmodel.scored(row, min_seconds) else (
+                " (short)" if row["measured"] < min_seconds else " (short phases)")
             lines.append(f"{row['world_size']:>3} {row['n']:>6} {row['phase']:<10} {row['measured']:>11.3f} "
                          f"{row['predicted']:>12.3f} {err:>9}{mark}")
     worst = ", ".join(f"{ph} {100 * e:.0f}%" for ph, e in sorted(result["worst"].items()))

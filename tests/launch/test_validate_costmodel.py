@@ -8,7 +8,8 @@ from launch import validate_costmodel as vc
 from tests.dist_chita.test_costmodel import CPU, synthetic_report
 
 TRUTH = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
-                 iteration_overhead=3e-3, fixed={"fisher": 0.2, "backsolve": 0.05, "writeback": 0.01, "save": 0.3})
+                 iteration_overhead=3e-3, exchange_efficiency=0.4, exchange_overhead=0.03,
+                 fixed={"backsolve": 0.05, "writeback": 0.01, "save": 0.3})
 BASE = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
                    micro_batch=250, layers=3)
 
