@@ -9,7 +9,8 @@ and predicts every run from rates fitted to the *other* runs of its group (leave
 :func:`dist_chita.costmodel.compare_held_out`). Pooling a strong and a weak study gives runs that differ in both R
 and n, so each held-out run is predicted from rates that were fitted over both. Prints the table and, per phase,
 the worst absolute relative error over the phases that took at least ``--min-seconds`` (shorter phases are timer
-and launch noise), and whether it is within ``--target``. Exit status 0 when every such phase is within the
+and launch noise; the "sum" of a run counts only when one of its phases does, :func:`dist_chita.costmodel.scored`),
+and whether it is within ``--target``. Exit status 0 when every such phase is within the
 target, 1 when not, 2 on bad arguments.
 """
 
