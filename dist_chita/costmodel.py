@@ -200,9 +200,10 @@ class Rates:
         backsolve_rounds: backsolves per prune.
         exchange_efficiency: e_x, fraction of the link bandwidth L (times the core share s on shared CPU cores,
             where gloo's loopback copies run on the ranks' own cores) the row -> column exchange achieves.
-        exchange_overhead: x, seconds per extra rank and stage of the row -> column exchange beyond its bytes
-            (not fitted; 0 unless set).
-        fixed: fixed seconds per phase (launch / Python overhead).
+        exchange_overhead: x, seconds per stage that a multi-rank (R > 1) row -> column exchange pays beyond its
+            bytes (buffers, packing, a synchronisation per micro-batch step and layer). Until 2026-11-29 this was
+            per *extra rank* and stage; rates files fitted before then overstate it at R > 2.
+        fixed: fixed seconds per phase (launch / Python overhead; calibrate fits backsolve, writeback and save).
     """
 
     persample_factor: float = 2.0
