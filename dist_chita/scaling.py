@@ -2,13 +2,16 @@
 
 Per run (one row of the CSV), with every per-rank quantity reduced by its max over ranks:
 
-* time per phase T_phase (fisher = per-sample gradients + row -> column exchange of A, i.e. the max over
-  ranks of the report's "fisher" + "exchange" when it times the exchange apart; exchange alone; solver;
-  backsolve; writeback; save; total); bytes the same way;
+* time per phase T_phase: fisher = the report's "fisher", the wall time of ``fisher_block`` (per-sample
+  gradients of A = grad l_i(w_bar) / sqrt(n) AND the row -> column exchange of A, which it contains); exchange =
+  the report's "exchange", the part of "fisher" spent exchanging (shown apart, never added to fisher: fisher minus
+  exchange is the gradient computation); solver; backsolve; writeback; save; total;
+* bytes sent per phase the same way: "fisher" holds all bytes of the fisher collectives (the exchange included);
+  "exchange" is whatever a report records under that name (recorded reports have none, so 0);
 * speedup and parallel efficiency of the total time against the smallest world size R_0:
   strong scaling (same n): speedup = T_0 / T_R, efficiency = T_0 R_0 / (R T_R);
   weak scaling (n grows with R): efficiency = T_0 / T_R, speedup = (R / R_0) T_0 / T_R;
-* peak memory per rank, bytes sent per phase, bytes per solver iteration.
+* peak memory per rank, bytes per solver iteration.
 
 Also the mask comparison: every world size must produce the same mask (``mask_sha256``).
 """
@@ -35,17 +38,16 @@ def _max(values: list[float]) -> float:
 
 
 def per_rank(section: dict, phase: str) -> list[float]:
-    """Per-rank values of ``phase`` in a report section; "fisher" includes "exchange" when reported apart."""
+    """Per-rank values of ``phase`` in a report section (``phase_seconds`` or ``bytes_sent``), as recorded.
+
+    No phase is added to another: "fisher" already contains "exchange" (the exchange runs inside ``fisher_block``).
+    """
     vals = section.get(phase)
     if vals is None:
-        vals = []
-    elif isinstance(vals, (int, float)):
+        return []
+    if isinstance(vals, (int, float)):
         vals = [vals]
-    vals = [float(v) for v in vals]
-    if phase == "fisher" and section.get("exchange") is not None:
-        ex = per_rank(section, "exchange")
-        vals = [a + b for a, b in zip(vals or [0.0] * len(ex), ex, strict=True)]
-    return vals
+    return [float(v) for v in vals]
 
 
 def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) -> list[dict]:
@@ -163,7 +165,8 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
         plt.close(fig)
         paths.append(out_dir / name)
 
-    # time per phase: stacked (linear), and grouped per phase (log scale, so that small phases show)
+    # time per phase: stacked (linear), and grouped per phase (log scale, so that small phases show). In the stack,
+    # fisher is drawn as fisher - exchange (the gradient computation) with exchange on top: together time_fisher.
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(table)
     for ph in TIME_PHASES[:-1]:

@@ -63,15 +63,49 @@ def test_strong_rows_match_hand_computation():
     assert list(r1) == list(scaling.COLUMNS)
 
 
-def test_separate_exchange_phase_counts_in_fisher():
+def test_fisher_time_already_contains_the_exchange():
+    # the report's "fisher" is fisher_block's wall time, which contains its "exchange": per rank fisher >= exchange
+    # (as in docs/scaling/mlpnet/reports/ws2.json: fisher 0.81 / 0.80 s, exchange 0.67 / 0.64 s)
     rep = report(2, [4.0, 5.0])
-    rep["phase_seconds"]["fisher"] = [1.0, 0.5]
-    rep["phase_seconds"]["exchange"] = [0.2, 0.9]  # per rank sums 1.2, 1.4
+    rep["phase_seconds"]["fisher"] = [0.81, 0.80]
+    rep["phase_seconds"]["exchange"] = [0.67, 0.64]
+    rep["bytes_sent"]["fisher"] = [323600480, 313600480]  # all bytes of the fisher collectives, exchange included
+    (row,) = scaling.rows([rep])
+    assert row["time_fisher"] == pytest.approx(0.81)  # max over ranks of "fisher" alone (not 0.81 + 0.67)
+    assert row["time_exchange"] == pytest.approx(0.67)
+    assert row["time_fisher"] >= row["time_exchange"]
+    assert row["bytes_fisher"] == 323600480 and row["bytes_exchange"] == 0
+    # an "exchange" bytes entry, if a report had one, is its own column and is not added to fisher either
     rep["bytes_sent"]["exchange"] = [7, 9]
     (row,) = scaling.rows([rep])
-    assert row["time_fisher"] == pytest.approx(1.4) and row["time_exchange"] == pytest.approx(0.9)
-    assert row["bytes_fisher"] == 1009 and row["bytes_exchange"] == 9
+    assert row["bytes_fisher"] == 323600480 and row["bytes_exchange"] == 9
     assert scaling.rows([report(1, [1.0])])[0]["time_exchange"] == 0.0
+
+
+def test_stacked_fisher_bar_is_gradient_part_plus_exchange(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.axes
+
+    rep = report(2, [4.0, 5.0])
+    rep["phase_seconds"]["fisher"] = [0.81, 0.80]
+    rep["phase_seconds"]["exchange"] = [0.67, 0.64]
+    rows = scaling.rows([report(1, [8.0]), rep], "strong", cores=2)
+    bars = {}
+    real_bar = matplotlib.axes.Axes.bar
+
+    def record(self, x, height, *args, label=None, **kwargs):
+        bars.setdefault(label, list(height))  # the stacked time plot draws first: keep each label's first bars
+        return real_bar(self, x, height, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", record)
+    scaling.plot(rows, tmp_path, title="t")
+    gradients, exchange = bars["fisher (per-sample gradients)"], bars["exchange"]
+    # stacked: (fisher - exchange) + exchange = time_fisher, the reported fisher time
+    for g, e, row in zip(gradients, exchange, rows, strict=True):
+        assert g + e == pytest.approx(row["time_fisher"])
+    assert gradients[1] == pytest.approx(0.81 - 0.67)
 
 
 def test_weak_rows_and_non_unit_base():
