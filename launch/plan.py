@@ -80,6 +80,8 @@ def load_rates(path: str | None) -> cm.Rates:
         raise ValueError(f"rates file not found: {path}")
     data = json.loads(p.read_text())
     data = data.get("rates", data)
+    if isinstance(data, dict):  # null: a rate the fit left unbounded (written so that the file is strict JSON)
+        data = {k: math.inf if v is None else v for k, v in data.items()}
     try:
         return cm.Rates(**data)
     except TypeError as e:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -234,6 +235,18 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def strict_json(value):
+    """``value`` with every non-finite float replaced by None, so that the file is strict JSON (a rate the fit could
+    not pin down comes out infinite; ``null`` says so to any parser)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(exist_ok=True)
@@ -241,7 +254,7 @@ def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
         (out / "reports" / f"ws{rep['world_size']}.json").write_text(json.dumps(rep, indent=2, default=float))
     paths = [scaling.write_csv(summary["rows"], out / "scaling.csv")]
     paths += scaling.plot(summary["rows"], out, title=summary["name"])
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False))
     return paths + [out / "summary.json"]
 
 

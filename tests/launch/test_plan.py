@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -110,3 +111,13 @@ def test_command_line_exit_code():
     bad = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--gpus", "8"],
                          capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
+def test_null_rate_in_a_rates_file_is_unbounded(tmp_path, capsys):
+    """A study's summary.json writes a rate the fit left unbounded as null (strict JSON): read back as infinite."""
+    base = ["--params", "1e6", "--n", "100", "--gpus", "2", "--hardware", H100, "--json"]
+    rates = tmp_path / "summary.json"
+    rates.write_text(json.dumps({"rates": {"exchange_efficiency": None}}))
+    assert plan.load_rates(str(rates)).exchange_efficiency == math.inf
+    assert plan.main(base + ["--rates", str(rates)]) == 0
+    assert json.loads(capsys.readouterr().out)["terms"]["fisher_exchange"] >= 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,9 @@ def test_failed_run_exit_1(tmp_path, capsys):
     bad.write_text("import sys\nprint('boom')\nsys.exit(3)\n")
     proc, _ = run_study(tmp_path, capsys, "--world-sizes", "1", "--launcher", "python", "--prune-script", str(bad))
     assert proc.returncode == 1 and "exited with status 3" in proc.stderr and "boom" in proc.stderr
+
+
+def test_summary_is_strict_json():
+    """A rate the fit cannot pin down is infinite; the summary writes it as null, never as the non-JSON Infinity."""
+    assert st.strict_json({"a": [1.0, math.inf, {"b": math.nan}], "c": "x", "d": 2}) == {
+        "a": [1.0, None, {"b": None}], "c": "x", "d": 2}
