@@ -18,13 +18,20 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
 
       t = solves * ( c_g * f * (n / R) / (F s e_g)          (f = forward + backward FLOPs per sample, ~6 P)
         + (n / R) * p * b / (M s e_m)                        (writing the rows)
-        + [R > 1] (n p b (R - 1) / R^2 / (L e_x)             (all_to_all bytes at e_x times the link rate)
-                   + m (R - 1) l + x) )                      (m = micro-batches x layers messages; x: seconds
+        + [R > 1] (n p b (R - 1) / R^2 / (L s e_x)           (all_to_all bytes at e_x times the link rate; on
+                                                              shared CPU cores times s: gloo's loopback copies run
+                                                              on the ranks' own cores)
+                   + (m (R - 1) l + x) / s') )               (m = micro-batches x layers messages; x: seconds
                                                               per stage a multi-rank exchange pays beyond its
                                                               bytes: result buffers, packing, and one
                                                               synchronisation per micro-batch step and layer that
                                                               a single rank, writing straight into its block,
-                                                              does not have)
+                                                              does not have; single-threaded work and waiting,
+                                                              so it takes 1 / s' longer on a time-shared core)
+
+  Not modelled: the first touch of the factor's freshly mapped transparent huge pages in the first stage of a
+  fresh process (``dist_chita.fisher.empty_block``), which depends on the kernel's memory state rather than on
+  n, p or R (MLPNet at R = 1, n = 1000: 0.30 s for stage 1 against 0.06-0.08 s for the later stages).
 
 * solver (the timed IHT), per iteration::
 
@@ -53,11 +60,25 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   timed iterations). Their rate is the one fitted memory efficiency e_m: for the element-wise, gather and
   bincount passes it is well below the GEMV read rate M of the hardware file (about 0.2 x M on this machine).
 
-* backsolve, per backsolve of a solve keeping k_t: the Gram matrix of the kept columns, its all-reduce, a
-  Cholesky factorisation and rho passes over the kept rows (the gather and the preconditioned CG's products)::
+* backsolve, per backsolve of a solve keeping k_t (the dual path of ``dist_chita/backsolve.py``, k_t >= n), on
+  m = ceil(k_t / R) local kept rows (:func:`backsolve_terms`)::
 
-      t = 2 n^2 k_t / R / (F s e_a) + 2 (R - 1) / R * 8 n^2 / L + 2 log2(R) l + n^3 / 3 / (F s e_a)
-        + rho n ceil(k_t / R) b / (M s e_m)
+      t = f_syrk(n) 2 n^2 m / (F s e_a)                      (float32 Gram matrix of the kept rows by the blocked
+                                                              syrk: f_syrk = (nb + 1) / (2 nb), nb = min(4, n // 128)
+                                                              column blocks, 10/16 at n >= 512; 1 below 256)
+        + 2 n^3 / 3 / (F s e_a)                              (float64 Cholesky of lambda I + G at half the float32
+                                                              rate, redundantly on every rank: at R t > C the R
+                                                              copies share the C cores, s = C / R)
+        + (b + 4 + (rho + q) 4) n m / (M s e_b)              (gather of the kept rows into float32, then rho = 3
+                                                              passes (A_S^T y, A_S b, the first A_S A_S^T x_0) and
+                                                              q = 3 PCG steps, each one fused pass over the float32
+                                                              rows, converted to float64 in cache-sized chunks;
+                                                              rows too large to gather, 8 n m > 2^28 B: (rho + q) b)
+        + AR(8 n^2) + (2 + q) AR(8 n) + 4 AR(8)              (all-reduces of G, of the n-vectors and of 4 scalars)
+
+  with AR(B) = 2 (R - 1) / R * B / (L s) + 2 log2(R) l / s' (gloo's copies on the ranks' shared cores; a rank
+  that waits for a message also waits for its turn on a time-shared core). e_a is fitted; e_b is given (1: the
+  GEMV read rate M that ``benchmarks/machine_rates.py`` measures is what a streaming pass over float32 rows does).
 
 * writeback: 2 * 4 p_R / (M s); save: 4 P / disk bandwidth.
 
@@ -83,6 +104,7 @@ from dist_chita.memory import MemoryEstimate, estimate
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
+GATHER_BYTES = 1 << 28  # dist_chita.backsolve.GATHER_BYTES: kept rows gathered once when their float64 size fits
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 
 
@@ -173,9 +195,10 @@ class Rates:
     Attributes:
         persample_factor: c_g, cost of a per-sample gradient pass relative to 6 P FLOPs per sample.
         grad_efficiency: e_g, fraction of F the per-sample gradient pass achieves.
-        memory_efficiency: e_m, fraction of M the solver's passes (block reads and vector passes), the row writes
-            and the backsolve's kept-row passes achieve.
-        linalg_efficiency: e_a, fraction of F the backsolve's Gram / Cholesky achieve.
+        memory_efficiency: e_m, fraction of M the solver's passes (block reads and vector passes) and the
+            gradient phase's row writes achieve.
+        linalg_efficiency: e_a, fraction of F the backsolve's float32 Gram (and of F / 2 its float64 Cholesky)
+            achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
         block_reads: r, passes over the rank's block per solver iteration (1: the fused pass that forms
             g = A^T (A w - y) and u = A g_S together).
@@ -192,8 +215,13 @@ class Rates:
             before the timed iterations).
         solve_vector_bytes: v_s, bytes per column per solve of the exact recomputation of A w and f after the
             iterations (the support's indices and ||w - w_bar||^2; its gathered rows are counted as block reads).
-        backsolve_row_passes: passes over the kept rows A_{r,S} (n k / R entries) per backsolve: the gather and the
-            preconditioned CG's exact products, memory-bound.
+        backsolve_row_passes: rho, passes over the kept rows A_{r,S} (n k / R entries) per backsolve besides the PCG
+            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/backsolve.py``;
+            until 2026-11-29 a fitted count over the gather and all products, so older rates files differ).
+        pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows and one n-vector all-reduce
+            (about 3 with the float32-formed preconditioner on the recorded runs).
+        row_efficiency: e_b, fraction of M the backsolve's passes over the kept rows achieve (given, not fitted:
+            with n varying by 4x at most, the row bytes (n m) and the Gram FLOPs (n^2 m) are not separable).
         selection_rounds: q, histogram all-reduce rounds of one collective top-k (3 for one global budget, 4 for
             per-layer budgets; ``dist_chita/select.py``).
         iteration_overhead: o, fixed seconds per solver iteration.
@@ -218,7 +246,9 @@ class Rates:
     selection_bytes: float = 500.0
     selections_per_iteration: float = 2.0
     solve_vector_bytes: float = 45.0
-    backsolve_row_passes: float = 0.0
+    backsolve_row_passes: float = 3.0
+    pcg_steps: float = 3.0
+    row_efficiency: float = 1.0
     selection_rounds: int = 3
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
@@ -398,6 +428,49 @@ def solver_setup_seconds(w: Workload, ranks: int, hw: Hardware, rates: Rates, co
     return per_column * p_r / (hw.memory_bandwidth * s * rates.memory_efficiency) + 2 * hops * lat
 
 
+def syrk_fraction(n: int) -> float:
+    """Share of the 2 n^2 m FLOPs of R^T R (R: m x n) that ``dist_chita.backsolve._syrk`` computes: with nb =
+    min(4, n // 128) column blocks (nb >= 2) the lower block triangle, (nb + 1) / (2 nb) (10/16 at n >= 512); else
+    the full product."""
+    nb = min(4, n // 128)
+    return 1.0 if nb < 2 else (nb + 1) / (2 * nb)
+
+
+def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: float) -> dict[str, float]:
+    """Seconds of one backsolve keeping ``kept`` columns (dual path of ``dist_chita/backsolve.py``, |S| >= n), by
+    term, on m = ceil(kept / R) local kept rows:
+
+    * gram: the float32 Gram matrix A_{r,S} A_{r,S}^T by the blocked syrk, :func:`syrk_fraction` x 2 n^2 m FLOPs;
+    * cholesky: the float64 factor of lambda I + G, n^3 / 3 FLOPs at half the float32 rate F, computed redundantly
+      by every rank on its own share s of the cores (at R = 4 on 2 cores each rank gets half a core);
+    * rows: the gather of the kept rows into float32 (b + 4 B per entry, when their float64 size fits in
+      ``GATHER_BYTES``) and ``backsolve_row_passes`` + q passes over them (q = ``pcg_steps``; 4 B per entry from
+      the gathered float32 rows, else b from the block; each chunk's float64 copy stays in cache), at e_b M s;
+    * allreduce: the n x n float64 G, 2 + q n-vectors (A_S b, A_S A_S^T x_0 and one per PCG step) and 4 small
+      ones (the support size, the recall check, the change count and PCG's scale), at the link's rate times s
+      (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting for its turn on a shared core).
+    """
+    bw, lat = _link(hw, ranks, rates)
+    s = hw.compute_share(ranks, w.threads_per_rank)
+    slice_ = hw.time_slice(ranks, w.threads_per_rank)
+    n, b = w.n, w.dtype_bytes
+    m = math.ceil(kept / ranks)
+    linalg = hw.flops * rates.linalg_efficiency * s
+    gathered = n * m * 8 <= GATHER_BYTES
+    passes = rates.backsolve_row_passes + rates.pcg_steps
+    row_bytes = n * m * ((b + 4) + passes * 4 if gathered else passes * b)
+    q = rates.pcg_steps
+    collectives = (allreduce_seconds(8 * n * n, ranks, bw * s, lat / slice_)
+                   + (2 + q) * allreduce_seconds(8 * n, ranks, bw * s, lat / slice_)
+                   + 4 * allreduce_seconds(8, ranks, bw * s, lat / slice_))
+    return {
+        "gram": syrk_fraction(n) * 2 * n * n * m / linalg,
+        "allreduce": collectives,
+        "cholesky": 2 * n**3 / 3 / linalg,
+        "rows": row_bytes / (hw.memory_bandwidth * s * rates.row_efficiency),
+    }
+
+
 def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -> Prediction:
     """Seconds per phase and memory per rank for ``w`` on ``ranks`` ranks of ``hw`` (formulas: module docstring)."""
     if ranks < 1:
@@ -412,8 +485,9 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
 
     micro_batches = math.ceil(n / R / w.micro_batch)
     grad_flops = rates.persample_factor * w.sample_flops * (n / R)
-    exchange = (exchange_bytes(n, p, R, b) / (bw * rates.exchange_efficiency)
-                + micro_batches * w.layers * (R - 1) * lat + rates.exchange_overhead) if R > 1 else 0.0
+    slice_ = hw.time_slice(R, w.threads_per_rank)
+    exchange = (exchange_bytes(n, p, R, b) / (bw * s * rates.exchange_efficiency)
+                + (micro_batches * w.layers * (R - 1) * lat + rates.exchange_overhead) / slice_) if R > 1 else 0.0
     terms = {
         "fisher_gradients": w.solves * grad_flops / (hw.flops * s * rates.grad_efficiency),
         "fisher_write": w.solves * (n / R) * p * b / mem_bw,
@@ -423,17 +497,14 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     it_names = ("reads", "vectors", "allreduce", "selection", "overhead")
     terms.update({f"solver_{k}": 0.0 for k in it_names})
     terms["solver_setup"] = 0.0
-    linalg = hw.flops * rates.linalg_efficiency
     for k in ("gram", "allreduce", "cholesky", "rows"):
         terms[f"backsolve_{k}"] = 0.0
     for p_t, k_t, i_t, m_t in solves:
         for k, v in solver_iteration_terms(w, R, hw, rates, p_t).items():
             terms[f"solver_{k}"] += i_t * v
         terms["solver_setup"] += solver_setup_seconds(w, R, hw, rates, p_t, k_t)
-        terms["backsolve_gram"] += m_t * 2 * n * n * k_t / R / (linalg * s)
-        terms["backsolve_allreduce"] += m_t * allreduce_seconds(8 * n * n, R, bw, lat)
-        terms["backsolve_cholesky"] += m_t * n**3 / 3 / (linalg * s)
-        terms["backsolve_rows"] += m_t * rates.backsolve_row_passes * n * math.ceil(k_t / R) * b / mem_bw
+        for k, v in backsolve_terms(w, R, hw, rates, k_t).items():
+            terms[f"backsolve_{k}"] += m_t * v
 
     seconds = {
         "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
@@ -559,13 +630,14 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
 
     * solver: t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the
       all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
-    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / L * 1/e_x + x)) + row writes
-      and message latency at the fitted e_m and l; fitting 1/e_g, 1/e_x and x (e_x = inf when the fit gives the
-      bytes no cost beyond x). No fixed term: a single rank's gradient phase is its gradients;
-    * backsolve: t = sum_t m_t (2 n^2 k_t / R / (F s) + n^3 / 3 / (F s)) * 1/e_a + rho * (kept-row bytes at the
-      fitted e_m) + f_backsolve, fitting 1/e_a, rho and f_backsolve; m_t = the report's count of backsolves; for
-      reports without it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each),
-      median over the multi-rank reports, else the base value;
+    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s) * 1/e_x + x / s'))
+      + row writes and message latency at the fitted e_m and l; fitting 1/e_g, 1/e_x and x (e_x = inf when the
+      fit gives the bytes no cost beyond x). No fixed term: a single rank's gradient phase is its gradients;
+    * backsolve: t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s)) * 1/e_a + (counted
+      kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + (all-reduces at L s and the fitted l / s')
+      + f_backsolve, fitting 1/e_a and f_backsolve; m_t = the report's count of
+      backsolves; for reports without it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64
+      Gram all-reduce each), median over the multi-rank reports, else the base value;
     * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
 
     A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
@@ -606,7 +678,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         cols[0].append(pred.terms["fisher_gradients"])
         cols[1].append(predict(wf, R, hw, dataclasses.replace(unit, exchange_efficiency=1.0)).terms["fisher_exchange"]
                        - pred.terms["fisher_exchange"])  # the exchanged bytes at L
-        cols[2].append(w.solves if R > 1 else 0.0)
+        cols[2].append(w.solves / hw.time_slice(R, w.threads_per_rank) if R > 1 else 0.0)
         y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
     inv_eg, inv_ex, x_over = _nnls(cols, y, [t["fisher"] for _, _, t in loads])
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
@@ -624,16 +696,18 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
             counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))
     if counts:
         rates = dataclasses.replace(rates, backsolve_rounds=max(1, round(sorted(counts)[len(counts) // 2])))
-    cols, y = [[], [], []], []
+    # backsolve: the Gram / Cholesky FLOPs at F s (fitted 1/e_a) and a fixed term; the counted row passes at the
+    # base e_b (1: the GEMV read rate M the hardware file measured) and the all-reduces at the fitted l are given.
+    # e_b is not fitted: the row bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by a factor n, which
+    # the recorded runs vary too little to separate them (the fit gives one of the two no cost)
+    cols, y = [[], []], []
     for w, R, t in loads:
-        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}, backsolve_row_passes=1.0))
+        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
         cols[1].append(1.0)
-        cols[2].append(pred.terms["backsolve_rows"])  # one pass over the kept rows at the fitted e_m
-        y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"]))
-    inv_ea, fixed_back, row_passes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
+        y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
+    inv_ea, fixed_back = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
-    rates = dataclasses.replace(rates, backsolve_row_passes=row_passes)
 
     fixed = {"fisher": 0.0, "backsolve": fixed_back}
     # writeback, save: the modelled bytes (2 * 4 p_R at M s; 4 P at the disk bandwidth) plus a fixed term, the mean

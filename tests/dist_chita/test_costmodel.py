@@ -100,9 +100,15 @@ def test_fisher_and_backsolve_by_hand():
     # peers; x once per stage
     assert cm.exchange_bytes(64, 1000, 2, 4) == 64 * 1000 * 4 / 4
     assert t["fisher_exchange"] == pytest.approx(64000 / (200e9 * 0.25) + 2 * 2 * 1 * 5e-6 + 0.01)
+    # n = 64 < 256: the full product R^T R (2 n^2 m FLOPs, m = 50 kept rows per rank); float64 Cholesky at F / 2
     assert t["backsolve_gram"] == pytest.approx(2 * 64 * 64 * 100 / 2 / 1e14)
-    assert t["backsolve_cholesky"] == pytest.approx(64**3 / 3 / 1e14)
-    assert t["backsolve_allreduce"] == pytest.approx(2 * 0.5 * 8 * 64 * 64 / 200e9 + 2 * 5e-6)
+    assert t["backsolve_cholesky"] == pytest.approx(2 * 64**3 / 3 / 1e14)
+    # G, then 2 + 3 n-vectors (A_S b, the first A_S A_S^T x_0, 3 PCG steps), then 4 scalars
+    hop = 2 * 5e-6
+    assert t["backsolve_allreduce"] == pytest.approx(2 * 0.5 * 8 * 64 * 64 / 200e9 + hop
+                                                     + 5 * (2 * 0.5 * 8 * 64 / 200e9 + hop) + 4 * (8 / 200e9 + hop))
+    # gather (4 + 4 B per entry), then 3 + 3 passes of 4 B per entry over the 64 x 50 float32 rows
+    assert t["backsolve_rows"] == pytest.approx((8 + 6 * 4) * 64 * 50 / 2e12)
     assert pred.total == pytest.approx(sum(pred.seconds.values()))
     assert cm.predict(w, 1, GPU, rates).terms["fisher_exchange"] == 0.0
 
@@ -229,10 +235,11 @@ def test_fisher_per_stage_and_exchange_overhead():
     for term in ("fisher_gradients", "fisher_write", "fisher_exchange"):
         assert five.terms[term] == pytest.approx(5 * one.terms[term])
     lat = CPU.link_latency
-    # bytes n p b (R - 1) / R^2 at 0.5 L; micro-batches (2 at R = 2, 1 at R = 4) x 3 layers x (R - 1) messages; x
-    for R, micro_batches in ((2, 2), (4, 1)):
-        by_hand = (1000 * 32_360 * 4 * (R - 1) / R**2 / (0.5 * CPU.link_bandwidth)
-                   + micro_batches * 3 * (R - 1) * lat + 0.05)
+    # bytes n p b (R - 1) / R^2 at 0.5 L s; micro-batches (2 at R = 2, 1 at R = 4) x 3 layers x (R - 1) messages
+    # and x, both / s'; on 2 cores R = 4 gets s = s' = 1/2
+    for R, micro_batches, share in ((2, 2, 1.0), (4, 1, 0.5)):
+        by_hand = (1000 * 32_360 * 4 * (R - 1) / R**2 / (0.5 * CPU.link_bandwidth * share)
+                   + (micro_batches * 3 * (R - 1) * lat + 0.05) / share)
         assert cm.predict(w, R, CPU, rates).terms["fisher_exchange"] == pytest.approx(by_hand)
     assert cm.predict(w, 1, CPU, rates).terms["fisher_exchange"] == 0.0
     truth = cm.Rates(grad_efficiency=0.2, collective_latency=1e-4, exchange_overhead=0.12, exchange_efficiency=0.3)
@@ -264,11 +271,53 @@ def test_sum_scored_only_with_a_scored_phase():
 
 
 def test_backsolve_row_passes_term():
-    """Each backsolve also streams its kept rows (n k / R entries): the gather and PCG's exact products."""
+    """Each backsolve streams its kept rows (n k / R entries): a gather into float32, rho = 3 passes (A_S^T y, A_S b,
+    the first A_S A_S^T x_0) and one fused pass per PCG step; rows too large to gather are re-read from the block."""
     w = cm.Workload(p=10_000, n=64, model_params=10_000, kept=3000, backsolves=7)
-    rates = cm.Rates(memory_efficiency=0.5, backsolve_row_passes=3.0)
+    rates = cm.Rates(row_efficiency=0.5, pcg_steps=4.0)
     pred = cm.predict(w, 2, CPU, rates)
     s = CPU.compute_share(2)
-    assert pred.terms["backsolve_rows"] == pytest.approx(7 * 3.0 * 64 * 1500 * 4 / (CPU.memory_bandwidth * s * 0.5))
+    assert pred.terms["backsolve_rows"] == pytest.approx(7 * (8 + 7 * 4) * 64 * 1500 / (CPU.memory_bandwidth * s * 0.5))
     assert pred.seconds["backsolve"] == pytest.approx(sum(pred.terms[k] for k in (
         "backsolve_gram", "backsolve_allreduce", "backsolve_cholesky", "backsolve_rows")))
+    big = cm.Workload(p=20_000_000, n=32, model_params=20_000_000, storage_dtype="bfloat16", kept=10_000_000)
+    rows = cm.backsolve_terms(big, 1, CPU, cm.Rates(), big.k)["rows"]  # 8 n k = 2.6 GB > 2^28: not gathered
+    assert rows == pytest.approx(6 * 2 * 32 * 10_000_000 / CPU.memory_bandwidth)
+
+
+def test_syrk_fraction_counts_backsolve_products(monkeypatch):
+    """syrk_fraction(n) is the share of R^T R's 2 n^2 m FLOPs that dist_chita.backsolve._syrk computes (counted
+    from the matrix products it runs)."""
+    import torch
+
+    from dist_chita import backsolve
+
+    flops = []
+    matmul = torch.Tensor.__matmul__
+
+    def counting(a, b):
+        flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting)
+    m = 8
+    for n in (100, 255, 256, 500, 512, 1000):
+        flops.clear()
+        G = backsolve._syrk(torch.randn(m, n))
+        assert G.shape == (n, n)
+        assert sum(flops) / (2 * n * n * m) == pytest.approx(cm.syrk_fraction(n), rel=2e-2), n
+    assert cm.syrk_fraction(1000) == 10 / 16 and cm.syrk_fraction(100) == 1.0
+
+
+def test_backsolve_oversubscribed_cores():
+    """On 2 shared cores, R = 4 ranks each get half a core: the Gram products per rank cost what they cost at R = 2
+    (half the rows at half the speed), every rank's redundant Cholesky takes twice as long, and each all-reduce
+    hop waits for a time slice (l / s')."""
+    w = cm.Workload(p=32_360, n=1000, model_params=32_360, kept=16_000, backsolves=1)
+    r2, r4 = (cm.backsolve_terms(w, R, CPU, cm.Rates(), w.k) for R in (2, 4))
+    assert r4["gram"] == pytest.approx(r2["gram"])
+    assert r4["cholesky"] == pytest.approx(2 * r2["cholesky"])
+    r1 = cm.backsolve_terms(w, 1, CPU, cm.Rates(), w.k)
+    assert r1["cholesky"] == pytest.approx(r2["cholesky"]) and r1["allreduce"] == 0.0
+    hops4 = 4 * (2 * math.log2(4) * CPU.link_latency / 0.5)  # the 4 scalar all-reduces: latency / s' only
+    assert r4["allreduce"] > hops4
