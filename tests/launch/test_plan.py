@@ -36,6 +36,9 @@ def test_plan_7b_on_64_h100(capsys):
     assert "fits" in out and "DOES NOT FIT" not in out
     for ph in ("fisher", "solver", "backsolve", "writeback", "save", "total"):
         assert f"  {ph}" in out
+    # the backsolve line shows its four terms, the kept-row passes (gather, rho + q passes) among them
+    line = next(ln for ln in out.splitlines() if "backsolve(s)" in ln)
+    assert all(k in line for k in ("Gram", "all-reduce", "Cholesky", "kept-row passes"))
     w = cm.Workload(p=7_000_000_000, n=128, model_params=7_000_000_000, storage_dtype="bfloat16",
                     largest_layer=45088768)
     hw = plan.load_hardware(H100)
