@@ -63,7 +63,8 @@ def _chunk_rows(n: int, nbytes: int = CHUNK_BYTES) -> int:
 
 
 def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float64, nbytes: int = CHUNK_BYTES):
-    """Yield (start, stop, rows) with rows = At[idx[start:stop]] converted to ``dtype``, shape (stop - start, n).
+    """Yield (start, stop, rows) with rows = At[idx[start:stop]] converted to ``dtype``, shape (stop - start, n);
+    ``idx`` increasing without repeats (as ``torch.nonzero`` gives).
 
     The rows are written into one reused buffer (and a reused staging buffer for the gather): fresh large tensors
     per chunk cost page faults that took longer than the arithmetic. A range of rows is sliced, not gathered.
@@ -74,7 +75,7 @@ def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.floa
     if m == 0:
         return
     first = int(idx[0])
-    if torch.equal(idx, torch.arange(first, first + m, device=idx.device)):  # a range of rows (e.g. all of them)
+    if int(idx[-1]) - first == m - 1:  # a range of rows (e.g. all of them): idx is increasing and without repeats
         if At.dtype == dtype:
             for s in range(0, m, step):
                 yield s, min(s + step, m), At[first + s : first + min(s + step, m)]

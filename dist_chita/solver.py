@@ -358,12 +358,13 @@ def _iht(prob, st, *, method, max_iter, tol, trials, recompute_every, trace, pro
 
 def _restrict(budget: Budget, W: torch.Tensor) -> Budget:
     """The budget on the columns W only (same k per segment; columns outside W are dropped). Collective."""
-    allowed = None if budget.allowed is None else budget.allowed[W]
+    everything = bool(W.all())  # then no copies of p_r entries (the constructors' check is the same collective)
+    allowed = None if budget.allowed is None else (budget.allowed if everything else budget.allowed[W])
     if allowed is not None and bool(allowed.all()):
         allowed = None
     if budget.segment_ids is None:
-        return Budget.global_topk(int(W.sum()), int(budget.k[0]), allowed)
-    return Budget.per_segment(budget.segment_ids[W], budget.k, allowed)
+        return Budget.global_topk(W.numel() if everything else int(W.sum()), int(budget.k[0]), allowed)
+    return Budget.per_segment(budget.segment_ids if everything else budget.segment_ids[W], budget.k, allowed)
 
 
 def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace, reg_offset=0.0, **kw):
@@ -528,10 +529,13 @@ def solve(
             y = y.to(torch.float64)
         p_r, kept_rows, reg_offset = At.shape[0], None, 0.0
         if overwrite_at and budget.kind == "topk" and budget.allowed is not None:  # solve on the allowed rows only
-            kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
-            out = w_bar[~budget.allowed].double()
+            dropped = ~budget.allowed
+            out = w_bar[dropped].double()
             (reg_offset,) = _sum(float(torch.dot(out, out)))
-            At, w_bar, budget = compact_rows_(At, kept_rows), w_bar[kept_rows], _restrict(budget, budget.allowed)
+            if bool(dropped.any()):  # (no index copies of p_r entries when nothing is dropped on this rank)
+                kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
+                At, w_bar = compact_rows_(At, kept_rows), w_bar[kept_rows]
+            budget = _restrict(budget, budget.allowed)  # collective: on every rank
         full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
         S0 = budget.magnitude_support(w_bar)
         w0 = torch.where(S0, w_bar, torch.zeros_like(w_bar))
