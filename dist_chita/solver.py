@@ -518,8 +518,9 @@ def solve(
 
     with comm.phase(PHASE):
         if y is None:
-            nz = torch.nonzero(w_bar, as_tuple=True)[0]
+            nz = torch.nonzero(w_bar, as_tuple=True)[0]  # (p_r int64: not kept beyond this line)
             y = comm.all_reduce(rows_matvec(At, nz, w_bar[nz]))  # float64: exact to rounding
+            del nz
             if first_order:
                 y = y - 1.0 / math.sqrt(n)
         else:
@@ -535,6 +536,7 @@ def solve(
             if bool(dropped.any()):  # (no index copies of p_r entries when nothing is dropped on this rank)
                 kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
                 At, w_bar = compact_rows_(At, kept_rows), w_bar[kept_rows]
+            del dropped, out
             budget = _restrict(budget, budget.allowed)  # collective: on every rank
         full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
         S0 = budget.magnitude_support(w_bar)
