@@ -33,17 +33,22 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from dist_chita.fisher import fisher_block
-from dist_chita.layout import ColumnLayout
-from dist_chita.losses import cross_entropy, gauss_newton_probe
-from dist_chita.persample import PerSampleGrads
-from dist_chita.prunable import named_shapes, prunable_modules
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # runs from a checkout without the package installed, like the other benchmarks
+    sys.path.insert(0, str(ROOT))
+
+from dist_chita.fisher import fisher_block  # noqa: E402
+from dist_chita.layout import ColumnLayout  # noqa: E402
+from dist_chita.losses import cross_entropy, gauss_newton_probe  # noqa: E402
+from dist_chita.persample import PerSampleGrads  # noqa: E402
+from dist_chita.prunable import named_shapes, prunable_modules  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "persample_throughput.json"
 
