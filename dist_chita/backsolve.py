@@ -115,11 +115,16 @@ def rows_rmatvec(At: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> torch.
     return out
 
 
+def syrk_blocks(n: int) -> int:
+    """Column blocks nb of :func:`_syrk` for n columns (below 2: the plain product R.T @ R)."""
+    return min(4, n // 128)
+
+
 def _syrk(R: torch.Tensor) -> torch.Tensor:
     """R^T R for R (m, n), computing only the lower block triangle (torch has no syrk): with 4 column blocks 10 of
     the 16 block products, measured 1.5-1.7x faster than R.T @ R on the MLPNet factor. Returns (n, n), R's dtype."""
     n = R.shape[1]
-    nb = min(4, n // 128)
+    nb = syrk_blocks(n)
     if nb < 2:
         return R.T @ R
     G = torch.empty(n, n, dtype=R.dtype)

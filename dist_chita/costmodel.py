@@ -100,6 +100,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from dist_chita.backsolve import syrk_blocks
 from dist_chita.memory import MemoryEstimate, estimate
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -430,9 +431,9 @@ def solver_setup_seconds(w: Workload, ranks: int, hw: Hardware, rates: Rates, co
 
 def syrk_fraction(n: int) -> float:
     """Share of the 2 n^2 m FLOPs of R^T R (R: m x n) that ``dist_chita.backsolve._syrk`` computes: with nb =
-    min(4, n // 128) column blocks (nb >= 2) the lower block triangle, (nb + 1) / (2 nb) (10/16 at n >= 512); else
-    the full product."""
-    nb = min(4, n // 128)
+    :func:`~dist_chita.backsolve.syrk_blocks` column blocks (nb >= 2) the lower block triangle, (nb + 1) / (2 nb)
+    (10/16 at n >= 512); else the full product."""
+    nb = syrk_blocks(n)
     return 1.0 if nb < 2 else (nb + 1) / (2 * nb)
 
 
