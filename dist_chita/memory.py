@@ -8,9 +8,11 @@ entries of the storage dtype. Around it:
   three times over (computed, sent, received) while rows become columns;
 * the solver's vectors (about a dozen float32 vectors of p_r) and, when the
   active set is used, a gathered copy of its rows of the factor;
-* the backsolve's n x n Gram matrix in float64 (twice: G and its factor) and its gathered kept rows A_{r,S}^T, once
-  in float32 and once in float64 (12 |S_r| n bytes, gathered only while the float64 copy fits in 256 MiB, so at most
-  384 MiB; |S_r| <= p_r);
+* the backsolve's n x n Gram matrix in float64 (twice: G and its factor) and its gathered kept rows A_{r,S}^T,
+  counted at 12 |S_r| n bytes (|S_r| <= p_r), at most 1.5 x ``backsolve.GATHER_BYTES`` = 384 MiB. The backsolve now
+  keeps only the float32 gather (4 |S_r| n bytes; its float64 products convert cache-sized chunks), so 8 of the 12
+  bytes are headroom; the measured peaks (docs/resnet50_scale.md) are 0.2-0.3 GiB above the morning's code and
+  still use it;
 * a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
   other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned).
 
@@ -25,6 +27,8 @@ import resource
 from dataclasses import asdict, dataclass
 
 import torch
+
+from dist_chita.backsolve import GATHER_BYTES
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -79,7 +83,7 @@ def estimate(
     model = 4 * model_params // (world_size if model_sharded else 1)
     grads = 3 * 4 * micro_batch * largest_layer
     solver = 12 * 4 * p_r + int(active_fraction * factor)
-    backsolve = 2 * 8 * n * n + min(12 * p_r * n, 3 * 2**27)  # G + factor; kept rows gathered (<= 384 MiB)
+    backsolve = 2 * 8 * n * n + min(12 * p_r * n, 3 * GATHER_BYTES // 2)  # G + factor; kept rows (see above)
     return MemoryEstimate(factor, model, grads, solver, backsolve, max(0, int(baseline)))
 
 
