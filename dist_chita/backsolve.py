@@ -115,6 +115,12 @@ def rows_rmatvec(At: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> torch.
     return out
 
 
+def gathers(m: int, n: int) -> bool:
+    """Whether a backsolve gathers its m kept rows (n entries each) once (:class:`_Rows`): while their float64 size
+    fits in GATHER_BYTES; else each product re-reads them from At."""
+    return m * n * 8 <= GATHER_BYTES
+
+
 def syrk_blocks(n: int) -> int:
     """Column blocks nb of :func:`_syrk` for n columns (below 2: the plain product R.T @ R)."""
     return min(4, n // 128)
@@ -257,7 +263,7 @@ class _Rows:
 
     def __init__(self, At: torch.Tensor, idx: torch.Tensor) -> None:
         self.At, self.idx = At, idx
-        fits = idx.numel() * At.shape[1] * 8 <= GATHER_BYTES
+        fits = gathers(idx.numel(), At.shape[1])
         self.R32 = At.index_select(0, idx).float() if fits else None
         self._src = (self.R32, torch.arange(idx.numel())) if fits else (At, idx)
 

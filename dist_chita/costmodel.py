@@ -100,12 +100,11 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from dist_chita.backsolve import syrk_blocks
+from dist_chita.backsolve import gathers, syrk_blocks
 from dist_chita.memory import MemoryEstimate, estimate
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
-GATHER_BYTES = 1 << 28  # dist_chita.backsolve.GATHER_BYTES: kept rows gathered once when their float64 size fits
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 
 
@@ -444,9 +443,10 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     * gram: the float32 Gram matrix A_{r,S} A_{r,S}^T by the blocked syrk, :func:`syrk_fraction` x 2 n^2 m FLOPs;
     * cholesky: the float64 factor of lambda I + G, n^3 / 3 FLOPs at half the float32 rate F, computed redundantly
       by every rank on its own share s of the cores (at R = 4 on 2 cores each rank gets half a core);
-    * rows: the gather of the kept rows into float32 (b + 4 B per entry, when their float64 size fits in
-      ``GATHER_BYTES``) and ``backsolve_row_passes`` + q passes over them (q = ``pcg_steps``; 4 B per entry from
-      the gathered float32 rows, else b from the block; each chunk's float64 copy stays in cache), at e_b M s;
+    * rows: the gather of the kept rows into float32 (b + 4 B per entry, when :func:`~dist_chita.backsolve.gathers`
+      says their float64 size fits) and ``backsolve_row_passes`` + q passes over them (q = ``pcg_steps``; 4 B per
+      entry from the gathered float32 rows, else b from the block; each chunk's float64 copy stays in cache), at
+      e_b M s;
     * allreduce: the n x n float64 G, 2 + q n-vectors (A_S b, A_S A_S^T x_0 and one per PCG step) and 4 small
       ones (the support size, the recall check, the change count and PCG's scale), at the link's rate times s
       (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting for its turn on a shared core).
@@ -457,7 +457,7 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     n, b = w.n, w.dtype_bytes
     m = math.ceil(kept / ranks)
     linalg = hw.flops * rates.linalg_efficiency * s
-    gathered = n * m * 8 <= GATHER_BYTES
+    gathered = gathers(m, n)
     passes = rates.backsolve_row_passes + rates.pcg_steps
     row_bytes = n * m * ((b + 4) + passes * 4 if gathered else passes * b)
     q = rates.pcg_steps
