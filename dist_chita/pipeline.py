@@ -211,6 +211,7 @@ def prune(
             raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
         sample_ranges(n, world)  # fails early when n < world size
     reports = []
+    spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block
     for t, s in enumerate(targets):
         if t < start_stage:
             continue
@@ -238,7 +239,9 @@ def prune(
                 dtype=storage_dtype,
                 progress=None if progress is None else (lambda d, tot, t=t: progress(f"gradients {t + 1}", d, tot)),
                 stats=stats,
+                out=spare,
             )
+            spare = None
             if on_factor is not None and stats:
                 on_factor(t, At)
             seconds["fisher"] = stats.get("seconds", 0.0)
@@ -247,6 +250,8 @@ def prune(
             result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
                            overwrite_at=True, check_at=loaded,  # At is not used after the solve; fisher_block
                            **(solver_options or {}))  # checked every entry of a computed one
+            if t + 1 < len(targets) and At.is_contiguous():  # contents spent (the solve overwrote them), pages not
+                spare = At
             del At
             seconds["solver"] = result.timings.get("iht", 0.0)
             seconds["backsolve"] = result.timings.get("backsolve", 0.0)

@@ -71,7 +71,7 @@ def full_A(n, loss_name):
     return torch.stack(rows) / math.sqrt(n)
 
 
-def rank_block(n, micro, dtype, loss_name, align=1):
+def rank_block(n, micro, dtype, loss_name, align=1, reuse=False):
     torch.set_num_threads(1)
     model, x, y = setup(n)
     modules = prunable_modules(model)
@@ -82,6 +82,8 @@ def rank_block(n, micro, dtype, loss_name, align=1):
         for a in range(lo, hi, micro)
     ]
     stats, seen = {}, []
+    a, b = layout.block(comm.rank())
+    out = torch.full((b - a, n), float("nan"), dtype=dtype) if reuse else None  # a spent block's storage
     at = fisher_block(
         model,
         modules,
@@ -93,8 +95,10 @@ def rank_block(n, micro, dtype, loss_name, align=1):
         dtype=dtype,
         progress=lambda d, t: seen.append((d, t)),
         stats=stats,
+        out=out,
     )
     assert all(m.weight.grad is None and m.weight.requires_grad for _, m in modules)
+    assert not reuse or at is out
     return at, layout.block(comm.rank()), stats, seen, hi - lo
 
 
@@ -128,6 +132,15 @@ def test_block_matches_single_process_autograd(world, n):
     assert sum(r[0].shape[0] for r in results) == p
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_block_written_into_given_storage(world):
+    """``out`` (the previous CHITA++ stage's block, here full of NaN) is overwritten entirely and returned."""
+    n = 10
+    truth = full_A(n, "ce")
+    for at, (a, b), *_ in run(rank_block, world, n, 3, torch.float32, "ce", 1, True):
+        torch.testing.assert_close(at, truth[:, a:b].T, rtol=1e-5, atol=1e-7)
+
+
 def test_sampled_fisher_bfloat16_and_aligned_blocks():
     n = 10
     truth = full_A(n, "sampled")
@@ -137,7 +150,7 @@ def test_sampled_fisher_bfloat16_and_aligned_blocks():
         torch.testing.assert_close(at.float(), truth[:, a:b].T, rtol=1e-2, atol=1e-3)
     assert not torch.allclose(truth, full_A(n, "ce"))  # the sampled labels are not the given ones
     # one rank owns every layer: fc and gpt are computed straight into the bfloat16 At (cast on store)
-    (at, (a, b), stats, *_), = run(rank_block, 1, n, 4, torch.bfloat16, "sampled")
+    ((at, (a, b), stats, *_),) = run(rank_block, 1, n, 4, torch.bfloat16, "sampled")
     assert at.dtype == torch.bfloat16 and (a, b) == (0, truth.shape[1])
     torch.testing.assert_close(at.float(), truth.T, rtol=1e-2, atol=1e-3)
 
@@ -189,6 +202,10 @@ def test_bad_arguments():
         fisher_block(model, modules, layout, [({"x": x[:3], "labels": y[:3]}, range(3))], 0, 4, cross_entropy())
     with pytest.raises(ValueError, match="contiguous"):
         fisher_block(model, modules, layout, [({"x": x, "labels": y}, [0, 2, 1, 3])], 0, 4, cross_entropy())
+    p = layout.block(0)[1]
+    for bad in (torch.empty(p, 5), torch.empty(p, 4, dtype=torch.bfloat16), torch.empty(4, p).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            fisher_block(model, modules, layout, batches, 0, 4, cross_entropy(), out=bad)
     model.train()
     fisher_block(model, modules, layout, batches, 0, 4, cross_entropy())
     assert model.training  # mode restored
