@@ -8,8 +8,10 @@ block_start_r + j.
 
 The transpose from rows to columns happens layer by layer: when a layer's (b, numel) per-sample
 gradients of a micro-batch are ready (in the backward hook, :mod:`dist_chita.persample`), they
-are scaled by 1/sqrt(n), cast to the storage dtype, and sent with one ``comm.all_to_all`` to the
-ranks owning that layer's columns (uneven splits). No rank ever holds all n rows of all p
+are scaled by 1/sqrt(n) and checked for NaN/Inf by the rank that computed them; the rows over this
+rank's own columns are copied straight into At (transposed and cast in that one copy), the others
+are cast to the storage dtype and sent with one ``comm.all_to_all`` to the ranks owning those
+columns (uneven splits). No rank ever holds all n rows of all p
 columns: peak memory is about p_r * n * bytes (the block) + the model + one micro-batch of
 activations + the per-sample gradients of one layer (a few layers when the backward pass reaches
 them out of the exchange order, see below).
@@ -136,49 +138,65 @@ class _Exchange:
         self.seconds += time.perf_counter() - t0
 
     def _send(self, g: int, grads: torch.Tensor, direct: bool = False) -> None:
-        """Send layer g's local rows to the owners of its columns and write the received ones into At;
-        ``direct``: ``grads`` is already At's block of this rank's rows (only this rank owns layer g), so
-        this rank sends nothing and receives the other ranks' rows."""
+        """Write this rank's own columns of layer g's local rows into At, send the other columns' rows to their
+        owners and write the rows received into At; ``direct``: ``grads`` is already At's block of this rank's
+        rows (only this rank owns layer g), so this rank sends nothing and receives the other ranks' rows.
+
+        Each rank checks the rows it computed (one summing pass over ``grads``; NaN/Inf propagate), so received
+        rows are not checked again. Its own columns never go through the all_to_all: they are copied straight
+        from ``grads`` into At (transposing and casting in that one copy)."""
         t0 = time.perf_counter()
         seg = self.layout.segments[g]
         if grads.shape != (self.b, seg.size):
             raise ValueError(
                 f"layer {seg.name!r}: expected gradients of shape {(self.b, seg.size)}, got {tuple(grads.shape)}"
             )
-        send_counts = [0] * self.R
-        for q, _, cnt in self.owners[g]:
-            send_counts[q] = cnt * self.b
+        offset, local_start, my_cnt = self.mine.get(g, (0, 0, 0))
+        first = self.firsts[self.rank]
         columns = grads.t()  # (numel, b): owners hold consecutive row ranges, in rank order
-        bad = False
+        send_counts = [0] * self.R
         if direct:  # checked once at the end, over whole rows (a strided check here would cost 3x more)
-            send_counts = [0] * self.R
             send = columns.new_empty(0)
-            ranges, first = self.written.setdefault(g, []), self.firsts[self.rank]
+            ranges = self.written.setdefault(g, [])
             if ranges and ranges[-1][1] == first:
                 ranges[-1][1] = first + self.b
             else:
                 ranges.append([first, first + self.b])
-        elif columns.is_contiguous() and columns.dtype == self.at.dtype:
-            send = columns.reshape(-1)  # already in send order, no copy
-        else:  # transpose to (columns, samples) and cast to the storage dtype in one pass
-            send = self._buffer("send", seg.size * self.b)
-            send.view(seg.size, self.b).copy_(columns)
-        del grads
-        _, local_start, my_cnt = self.mine.get(g, (0, 0, 0))
-        froms = [0 if direct and q == self.rank else s for q, s in enumerate(self.sizes)]
+        else:
+            if self.b and not torch.isfinite(grads.sum()) and not torch.isfinite(grads).all():
+                self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
+            if my_cnt and self.b:
+                self.at[local_start : local_start + my_cnt, first : first + self.b] = columns[offset : offset + my_cnt]
+            others = [(q, off, cnt) for q, off, cnt in self.owners[g] if q != self.rank]
+            for q, _, cnt in others:
+                send_counts[q] = cnt * self.b
+            lo = others[0][1] if others else 0
+            hi = others[-1][1] + others[-1][2] if others else 0
+            if not others or not self.b:
+                send = columns.new_empty(0, dtype=self.at.dtype)
+            elif (
+                hi - lo == sum(cnt for _, _, cnt in others)
+                and columns.is_contiguous()
+                and columns.dtype == self.at.dtype
+            ):
+                send = columns[lo:hi].reshape(-1)  # the other ranks' rows are one range, in send order: no copy
+            else:  # transpose to (columns, samples) and cast to the storage dtype in one pass
+                send = self._buffer("send", sum(send_counts))
+                pos = 0
+                for _, off, cnt in others:
+                    send[pos : pos + cnt * self.b].view(cnt, self.b).copy_(columns[off : off + cnt])
+                    pos += cnt * self.b
+        del grads, columns
+        froms = [0 if q == self.rank else s for q, s in enumerate(self.sizes)]
         recv_counts = [my_cnt * s for s in froms]
         recv = comm.all_to_all(send, send_counts, recv_counts, out=self._buffer("recv", sum(recv_counts)))
-        if my_cnt:
-            # one summing pass (NaN/Inf propagate); the exact check only runs to confirm a hit
-            bad = bad or (not torch.isfinite(recv.sum()) and not torch.isfinite(recv).all())
-            pos = 0
-            for s, first in zip(froms, self.firsts, strict=True):
-                if s:
-                    chunk = recv[pos : pos + my_cnt * s].view(my_cnt, s)
-                    self.at[local_start : local_start + my_cnt, first : first + s] = chunk
-                    pos += my_cnt * s
-        if bad:
-            self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
+        pos = 0
+        for s, first in zip(froms, self.firsts, strict=True):
+            if s and my_cnt:
+                self.at[local_start : local_start + my_cnt, first : first + s] = recv[pos : pos + my_cnt * s].view(
+                    my_cnt, s
+                )
+                pos += my_cnt * s
         self.seconds += time.perf_counter() - t0
 
 
@@ -220,8 +238,7 @@ def _check_layout(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout
     for seg, (name, m) in zip(layout.segments, modules, strict=True):
         if seg.name != name or seg.shape != tuple(params.shape(m.weight)):
             raise ValueError(
-                f"layout layer {seg.name!r} {seg.shape} does not match module {name!r} "
-                f"{tuple(params.shape(m.weight))}"
+                f"layout layer {seg.name!r} {seg.shape} does not match module {name!r} {tuple(params.shape(m.weight))}"
             )
 
 
@@ -293,9 +310,10 @@ def fisher_block(
     for p, _ in grad_flags:
         p.requires_grad_(False)
     try:
-        with comm.phase(PHASE), PerSampleGrads(
-            modules, exchange.add, scale=1.0 / math.sqrt(n), target=exchange.target
-        ) as psg:
+        with (
+            comm.phase(PHASE),
+            PerSampleGrads(modules, exchange.add, scale=1.0 / math.sqrt(n), target=exchange.target) as psg,
+        ):
             it = iter(batches)
             error, done, local_exc = _OK, 0, None
             while True:
