@@ -6,9 +6,13 @@ Prints and writes benchmarks/results/machine_rates.json:
 * memory_bandwidth: A @ v over a 1 GiB float32 matrix (1 thread), bytes read per second -- the solver's block read;
 * link_latency: median time of an 8-byte all-reduce between 2 gloo processes on loopback (1 thread each);
 * link_bandwidth: bytes each rank sends per second in an all_to_all of 64 MiB per rank (2 processes), the row ->
-  column exchange's collective (all-reduce bandwidth is also recorded).
+  column exchange's collective (all-reduce bandwidth is also recorded);
+* page_population_bandwidth: bytes per second at which a fresh process maps and faults in a 1 GiB factor block
+  (``dist_chita.fisher.empty_block``, transparent huge pages, populated at allocation) -- paid once per prune.
 
-Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down).
+Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down),
+except the page population: the median of 3 fresh processes (it depends on the kernel's and the hypervisor's
+memory state: on this VM 0.17-1.6 s per GB, the slow end for memory no process has touched lately).
 ``configs/hardware/cpu_this_machine.yaml`` records these numbers for ``launch/scaling_study.py`` and
 ``launch/plan.py``.
 
@@ -52,6 +56,17 @@ def local_rates() -> dict:
     return {"flops": flops, "memory_bandwidth": bandwidth}
 
 
+def population_seconds(gib: float) -> float:
+    """Seconds to allocate (and fault in) a ``gib`` GiB factor block in this (fresh) process."""
+    from dist_chita.fisher import empty_block
+
+    t0 = time.perf_counter()
+    block = empty_block((int(gib * 2**30) // 4096, 1024), torch.float32, torch.device("cpu"))
+    seconds = time.perf_counter() - t0
+    del block
+    return seconds
+
+
 def link_rates(mib: int) -> dict:
     """On every rank of a 2-process gloo group: latency of tiny all-reduces, bandwidth of all_to_all / all_reduce."""
     torch.set_num_threads(1)
@@ -87,12 +102,17 @@ def link_rates(mib: int) -> dict:
 
 def main() -> None:
     local = local_rates()
+    fresh = [run(population_seconds, 1, 1.0, threads=1, timeout=600)[0] for _ in range(3)]
+    local["page_population_bandwidth"] = 2**30 / statistics.median(fresh)
+    local["page_population_seconds_per_gib"] = fresh
     links = run(link_rates, 2, 64, threads=1, timeout=600)
     link = {k: max(o[k] for o in links) if k == "latency" or k == "all_reduce_seconds" else min(o[k] for o in links)
             for k in links[0]}
     res = {"cpu": local, "gloo_2_processes": link, "torch": torch.__version__}
     print(f"float32 matmul (1 thread): {local['flops'] / 1e9:.1f} GFLOP/s")
     print(f"A @ v block read (1 thread): {local['memory_bandwidth'] / 1e9:.2f} GB/s")
+    print(f"fresh 1 GiB factor block, mapped and populated: {local['page_population_bandwidth'] / 1e9:.2f} GB/s "
+          f"(median of {', '.join(f'{t:.2f}' for t in fresh)} s)")
     print(f"gloo loopback, 2 processes: 8-byte all-reduce {link['latency'] * 1e6:.0f} us (median); all_to_all "
           f"{link['all_to_all_bytes_per_s'] / 1e9:.2f} GB/s sent per rank; all-reduce of "
           f"{link['all_reduce_bytes'] / 2**20:.0f} MiB {link['all_reduce_algbw'] / 1e9:.2f} GB/s (algorithm bandwidth)")

@@ -16,7 +16,10 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
 * fisher: per-sample gradients of this rank's n / R samples, written into rows, then exchanged so that every
   rank holds its column block, once per solve::
 
-      t = solves * ( c_g * f * (n / R) / (F s e_g)          (f = forward + backward FLOPs per sample, ~6 P)
+      t = n p_R b / (Z s e_p)                                (once per prune: mapping and faulting in the factor's
+                                                              storage, on CPUs whose hardware file gives Z; the
+                                                              CHITA++ stages after the first reuse it)
+        + solves * ( c_g * f * (n / R) / (F s e_g)          (f = forward + backward FLOPs per sample, ~6 P)
         + (n / R) * p * b / (M s e_m)                        (writing the rows)
         + [R > 1] (n p b (R - 1) / R^2 / (L s e_x)           (all_to_all bytes at e_x times the link rate; on
                                                               shared CPU cores times s: gloo's loopback copies run
@@ -29,13 +32,13 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               does not have; single-threaded work and waiting,
                                                               so it takes 1 / s' longer on a time-shared core)
 
-  Not modelled: the first touch of the factor's freshly mapped transparent huge pages in the first stage of a
-  fresh process (``dist_chita.fisher.empty_block``), which depends on the kernel's memory state rather than on
-  n, p or R (MLPNet at R = 1, n = 1000: 0.30 s for stage 1 against 0.06-0.08 s for the later stages).
+  The allocation term is the first stage's excess in the reports (MLPNet at R = 1, n = 1000: 0.26 s for stage 1
+  against 0.06 s for each later one); its rate depends on the kernel's and the hypervisor's memory state (this VM:
+  0.2-2 s per GB), so e_p is fitted.
 
 * solver (the timed IHT), per iteration::
 
-      t_it = r * n p_R b' / (M s e_m)                        (r = 1 fused pass over A: g = A^T (A w - y) and
+      t_it = r * n p_R b' / (M s e_r)                        (r = 1 fused pass over A: g = A^T (A w - y) and
                                                               u = A g_S; b' = b, + 4 for the float32 copy of a
                                                               bfloat16 / float16 chunk)
            + (v_it + T v_sel) p_R / (M s e_m)                (passes over p_R-vectors: v_it = 210 B per column
@@ -52,7 +55,7 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   plus, once per solve, the exact A w and f after the iterations (and c extra block reads, e.g. an active set's
   gathered rows; 0 in the recorded runs)::
 
-      t_solve = (c n b' + (k_t / p_t) n (b + 8) + v_s) p_R / (M s e_m) + 2 * 2 log2(R) l
+      t_solve = (c n b' / e_r + ((k_t / p_t) n (b + 8) + v_s) / e_m) p_R / (M s) + 2 * 2 log2(R) l
 
   (the support's k_t / p_t of the rows gathered and converted to float64; v_s = 45 B per column). The byte
   counts v_it, v_sel, v_s are counted from ``dist_chita/solver.py`` and ``dist_chita/select.py``; T = 2 is what the
@@ -123,6 +126,8 @@ class Hardware:
         node_bandwidth, node_latency: the link within a node (None: same as across).
         shared_cores: CPU only: cores shared by all ranks (one node; 0: one device per rank).
         disk_bandwidth: B/s for saving the pruned model.
+        page_population_bandwidth: Z, B/s at which a fresh process maps and faults in the factor's storage (CPU;
+            None: allocation is free, as with a GPU's caching allocator).
     """
 
     name: str
@@ -136,11 +141,14 @@ class Hardware:
     node_latency: float | None = None
     shared_cores: int = 0
     disk_bandwidth: float = 1e9
+    page_population_bandwidth: float | None = None
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "memory_bandwidth", "flops", "link_bandwidth", "disk_bandwidth"):
             if not getattr(self, f) > 0:
                 raise ValueError(f"hardware {f} must be > 0, got {getattr(self, f)}")
+        if self.page_population_bandwidth is not None and not self.page_population_bandwidth > 0:
+            raise ValueError(f"hardware page_population_bandwidth must be > 0, got {self.page_population_bandwidth}")
         if self.link_latency < 0 or (self.node_latency is not None and self.node_latency < 0):
             raise ValueError("hardware latency must be >= 0")
         if self.devices_per_node < 1 or self.shared_cores < 0:
@@ -195,8 +203,11 @@ class Rates:
     Attributes:
         persample_factor: c_g, cost of a per-sample gradient pass relative to 6 P FLOPs per sample.
         grad_efficiency: e_g, fraction of F the per-sample gradient pass achieves.
-        memory_efficiency: e_m, fraction of M the solver's passes (block reads and vector passes) and the
-            gradient phase's row writes achieve.
+        memory_efficiency: e_m, fraction of M the solver's vector passes (element-wise, gathers, selections) and
+            the gradient phase's row writes achieve (fitted).
+        read_efficiency: e_r, fraction of M the solver's streaming passes over the block achieve (given, 1: M is
+            measured as exactly such a read, A @ v; fitting it with e_m made a bfloat16 MiniLM solve, whose time
+            does not depend on n, look n-bound).
         linalg_efficiency: e_a, fraction of F the backsolve's float32 Gram (and of F / 2 its float64 Cholesky)
             achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
@@ -220,6 +231,8 @@ class Rates:
             until 2026-11-29 a fitted count over the gather and all products, so older rates files differ).
         pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows and one n-vector all-reduce
             (about 3 with the float32-formed preconditioner on the recorded runs).
+        row_gather_bytes: g_row, the cost of gathering one kept row (``index_select``) beyond its bytes, in bytes at
+            M (fitted: rows of 32-64 B, as in a bfloat16 factor with n = 16-32, cost several times their size).
         row_efficiency: e_b, fraction of M the backsolve's passes over the kept rows achieve (given, not fitted:
             with n varying by 4x at most, the row bytes (n m) and the Gram FLOPs (n^2 m) are not separable).
         selection_rounds: q, histogram all-reduce rounds of one collective top-k (3 for one global budget, 4 for
@@ -228,6 +241,8 @@ class Rates:
         backsolve_rounds: backsolves per prune.
         exchange_efficiency: e_x, fraction of the link bandwidth L (times the core share s on shared CPU cores,
             where gloo's loopback copies run on the ranks' own cores) the row -> column exchange achieves.
+        population_efficiency: e_p, fraction of the hardware's page population rate Z the factor's allocation
+            achieves (fitted; only on hardware that gives Z).
         exchange_overhead: x, seconds per stage that a multi-rank (R > 1) row -> column exchange pays beyond its
             bytes (buffers, packing, a synchronisation per micro-batch step and layer). Until 2026-11-29 this was
             per *extra rank* and stage; rates files fitted before then overstate it at R > 2.
@@ -237,6 +252,7 @@ class Rates:
     persample_factor: float = 2.0
     grad_efficiency: float = 1.0
     memory_efficiency: float = 1.0
+    read_efficiency: float = 1.0
     linalg_efficiency: float = 1.0
     collective_latency: float | None = None
     collective_bandwidth: float | None = None
@@ -249,11 +265,13 @@ class Rates:
     backsolve_row_passes: float = 3.0
     pcg_steps: float = 3.0
     row_efficiency: float = 1.0
+    row_gather_bytes: float = 0.0
     selection_rounds: int = 3
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
     exchange_efficiency: float = 1.0
     exchange_overhead: float = 0.0
+    population_efficiency: float = 1.0
     fixed: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -404,7 +422,8 @@ def solver_iteration_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates,
     hops = 2 * math.log2(ranks) if ranks > 1 else 0.0
     T = rates.selections_per_iteration
     return {
-        "reads": rates.block_reads * w.n * p_r * read_bytes_per_entry(w.dtype_bytes) / mem_bw,
+        "reads": rates.block_reads * w.n * p_r * read_bytes_per_entry(w.dtype_bytes)
+                 / (hw.memory_bandwidth * s * rates.read_efficiency),
         "vectors": (rates.iteration_vector_bytes + T * rates.selection_bytes) * p_r / mem_bw,
         "allreduce": (1 + T) * allreduce_seconds(8 * w.n, ranks, bw, lat),
         "selection": (T * (rates.selection_rounds + 3) + 2) * hops * lat,
@@ -422,10 +441,11 @@ def solver_setup_seconds(w: Workload, ranks: int, hw: Hardware, rates: Rates, co
     cols = w.p if columns is None else columns
     p_r = math.ceil(cols / ranks)
     frac = min(1.0, (w.k if kept is None else kept) / cols)
-    per_column = (rates.setup_reads * w.n * read_bytes_per_entry(w.dtype_bytes)
-                  + frac * w.n * (w.dtype_bytes + 8) + rates.solve_vector_bytes)
+    reads = (rates.setup_reads * w.n * read_bytes_per_entry(w.dtype_bytes)
+             + frac * (w.n * (w.dtype_bytes + 8) + rates.row_gather_bytes)) / rates.read_efficiency
+    per_column = rates.solve_vector_bytes
     hops = 2 * math.log2(ranks) if ranks > 1 else 0.0
-    return per_column * p_r / (hw.memory_bandwidth * s * rates.memory_efficiency) + 2 * hops * lat
+    return (reads + per_column / rates.memory_efficiency) * p_r / (hw.memory_bandwidth * s) + 2 * hops * lat
 
 
 def syrk_fraction(n: int) -> float:
@@ -446,7 +466,8 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     * rows: the gather of the kept rows into float32 (b + 4 B per entry, when :func:`~dist_chita.backsolve.gathers`
       says their float64 size fits) and ``backsolve_row_passes`` + q passes over them (q = ``pcg_steps``; 4 B per
       entry from the gathered float32 rows, else b from the block; each chunk's float64 copy stays in cache), at
-      e_b M s;
+      e_b M s; plus g_row bytes per row gathered (``row_gather_bytes``): once when gathered, else every pass and
+      the Gram's re-gather the kept rows from the block;
     * allreduce: the n x n float64 G, 2 + q n-vectors (A_S b, A_S A_S^T x_0 and one per PCG step) and 4 small
       ones (the support size, the recall check, the change count and PCG's scale), at the link's rate times s
       (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting for its turn on a shared core).
@@ -460,6 +481,8 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     gathered = gathers(m, n)
     passes = rates.backsolve_row_passes + rates.pcg_steps
     row_bytes = n * m * ((b + 4) + passes * 4 if gathered else passes * b)
+    gathers_per_row = 1 if gathered else passes + 1  # index_select of each kept row: once, or per pass and the Gram
+    row_bytes += gathers_per_row * m * rates.row_gather_bytes
     q = rates.pcg_steps
     collectives = (allreduce_seconds(8 * n * n, ranks, bw * s, lat / slice_)
                    + (2 + q) * allreduce_seconds(8 * n, ranks, bw * s, lat / slice_)
@@ -489,7 +512,10 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     slice_ = hw.time_slice(R, w.threads_per_rank)
     exchange = (exchange_bytes(n, p, R, b) / (bw * s * rates.exchange_efficiency)
                 + (micro_batches * w.layers * (R - 1) * lat + rates.exchange_overhead) / slice_) if R > 1 else 0.0
+    Z = hw.page_population_bandwidth
     terms = {
+        # once per prune: CHITA++ stages reuse the first stage's storage
+        "fisher_allocation": n * p_r * b / (Z * s * rates.population_efficiency) if Z else 0.0,
         "fisher_gradients": w.solves * grad_flops / (hw.flops * s * rates.grad_efficiency),
         "fisher_write": w.solves * (n / R) * p * b / mem_bw,
         "fisher_exchange": w.solves * exchange,
@@ -508,7 +534,8 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
             terms[f"backsolve_{k}"] += m_t * v
 
     seconds = {
-        "fisher": terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"],
+        "fisher": (terms["fisher_allocation"] + terms["fisher_gradients"] + terms["fisher_write"]
+                   + terms["fisher_exchange"]),
         "solver": sum(terms[f"solver_{k}"] for k in it_names) + terms["solver_setup"],
         "backsolve": (terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"]
                       + terms["backsolve_rows"]),
@@ -671,22 +698,27 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     # fisher: gradient efficiency, exchange efficiency and the per-stage exchange overhead (R > 1); the row writes
     # and the exchange's message latency at the rates fitted above. No fixed term: a single rank's fisher phase is
     # its gradients (MLPNet at n = 250: 0.07 s for five stages)
-    cols, y = [[], [], []], []
+    # and, on hardware that gives a page population rate Z, the factor's allocation at e_p Z (once per prune)
+    cols, y = [[], [], [], []], []
     for w, R, t in loads:
         wf = dataclasses.replace(w, iterations=0)
-        unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0)
+        unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0,
+                                   population_efficiency=1.0)
         pred = predict(wf, R, hw, unit)
         cols[0].append(pred.terms["fisher_gradients"])
         cols[1].append(predict(wf, R, hw, dataclasses.replace(unit, exchange_efficiency=1.0)).terms["fisher_exchange"]
                        - pred.terms["fisher_exchange"])  # the exchanged bytes at L
         cols[2].append(w.solves / hw.time_slice(R, w.threads_per_rank) if R > 1 else 0.0)
+        cols[3].append(pred.terms["fisher_allocation"])
         y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
-    inv_eg, inv_ex, x_over = _nnls(cols, y, [t["fisher"] for _, _, t in loads])
+    inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, [t["fisher"] for _, _, t in loads])
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
     ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
+    pop_eff = 1.0 / inv_ep if inv_ep > 0 else (math.inf if any(cols[3]) else base.population_efficiency)
     if not any(cols[2]):  # every report at R = 1: the exchange is not observed
         ex_eff, x_over = base.exchange_efficiency, base.exchange_overhead
-    rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over)
+    rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
+                                population_efficiency=pop_eff)
 
     # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
     # bytes of their n x n float64 Gram all-reduces (multi-rank runs)
@@ -701,14 +733,19 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     # base e_b (1: the GEMV read rate M the hardware file measured) and the all-reduces at the fitted l are given.
     # e_b is not fitted: the row bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by a factor n, which
     # the recorded runs vary too little to separate them (the fit gives one of the two no cost)
-    cols, y = [[], []], []
+    # and the per-row gather cost g_row (fitted: the rows' bytes are counted, their number of gathers is not small)
+    cols, y = [[], [], []], []
     for w, R, t in loads:
-        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, fixed={}))
+        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=0.0, fixed={}))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
         cols[1].append(1.0)
+        cols[2].append(predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=1.0,
+                                                             fixed={})).terms["backsolve_rows"]
+                       - pred.terms["backsolve_rows"])
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
-    inv_ea, fixed_back = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
+    inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
+    rates = dataclasses.replace(rates, row_gather_bytes=gather_bytes)
 
     fixed = {"fisher": 0.0, "backsolve": fixed_back}
     # writeback, save: the modelled bytes (2 * 4 p_R at M s; 4 P at the disk bandwidth) plus a fixed term, the mean

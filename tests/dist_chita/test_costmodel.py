@@ -29,10 +29,10 @@ def test_factor_memory_by_hand():
 
 def test_solver_iteration_terms_by_hand():
     w = cm.Workload(p=10_000, n=100, model_params=10_000, iterations=10, kept=4000)
-    rates = cm.Rates(memory_efficiency=0.5, iteration_overhead=1e-3)
+    rates = cm.Rates(memory_efficiency=0.5, read_efficiency=0.8, iteration_overhead=1e-3, row_gather_bytes=20.0)
     it = cm.solver_iteration_terms(w, 4, GPU, rates)
-    # one fused float32 pass over the block: n p_R b bytes
-    assert it["reads"] == pytest.approx(1 * 100 * 2500 * 4 / (2e12 * 0.5))
+    # one fused float32 pass over the block: n p_R b bytes, streamed at e_r M (not at the vector passes' e_m)
+    assert it["reads"] == pytest.approx(1 * 100 * 2500 * 4 / (2e12 * 0.8))
     # vector passes: 210 B per column + 2 trials x 500 B per column
     assert it["vectors"] == pytest.approx((210 + 2 * 500) * 2500 / (2e12 * 0.5))
     # 1 + T = 3 all-reduces of 8n bytes inside a node: 2 (R-1)/R * 8n / L + 2 log2 R * l each
@@ -44,16 +44,16 @@ def test_solver_iteration_terms_by_hand():
     assert cm.solver_iteration_terms(w, 16, GPU, rates)["selection"] == pytest.approx(14 * 8 * 1e-5)
     assert cm.solver_iteration_terms(w, 1, GPU, rates)["allreduce"] == 0.0
     pred = cm.predict(w, 4, GPU, rates)
-    # once per solve: the exact A w over the support's k / p = 0.4 of the rows (b + 8 = 12 B per entry), 45 B per
-    # column, two all-reduces' latency
-    setup = (0.4 * 100 * 12 + 45) * 2500 / (2e12 * 0.5) + 2 * 4 * 5e-6
+    # once per solve: the exact A w over the support's k / p = 0.4 of the rows, gathered (b + 8 = 12 B per entry and
+    # 20 B per row, at e_r M), 45 B per column at e_m M, two all-reduces' latency
+    setup = (0.4 * (100 * 12 + 20) / 0.8 + 45 / 0.5) * 2500 / 2e12 + 2 * 4 * 5e-6
     assert pred.terms["solver_setup"] == pytest.approx(setup)
     assert pred.seconds["solver"] == pytest.approx(10 * sum(it.values()) + setup)
     five = cm.predict(dataclasses.replace(w, solves=5), 4, GPU, rates)  # CHITA++ with 5 stages: 5 solves
     assert five.seconds["solver"] == pytest.approx(10 * sum(it.values()) + 5 * setup)
     # bfloat16: a pass moves b + 4 = 6 bytes per entry (the float32 copy of each chunk)
     bf = cm.solver_iteration_terms(dataclasses.replace(w, storage_dtype="bfloat16"), 4, GPU, rates)
-    assert bf["reads"] == pytest.approx(100 * 2500 * 6 / (2e12 * 0.5))
+    assert bf["reads"] == pytest.approx(100 * 2500 * 6 / (2e12 * 0.8))
 
 
 def test_solver_per_stage_columns():
@@ -63,11 +63,12 @@ def test_solver_per_stage_columns():
     pred = cm.predict(w, 2, CPU, rates)
     s = CPU.compute_share(2)
     m = CPU.memory_bandwidth * s * 0.25
-    reads = (3 * 50 * 500 * 4 + 2 * 50 * 200 * 4) / m
+    reads = (3 * 50 * 500 * 4 + 2 * 50 * 200 * 4) / (CPU.memory_bandwidth * s)  # streamed at e_r = 1
     assert pred.terms["solver_reads"] == pytest.approx(reads)
     assert pred.terms["solver_vectors"] == pytest.approx((3 * 500 + 2 * 200) * 1210 / m)
     lat = CPU.link_latency
-    setup = ((0.4 * 50 * 12 + 45) * 500 + (0.25 * 50 * 12 + 45) * 200) / m + 2 * (2 * 2 * lat)
+    setup = ((0.4 * 50 * 12 * 500 + 0.25 * 50 * 12 * 200) / (CPU.memory_bandwidth * s) + 45 * (500 + 200) / m
+             + 2 * (2 * 2 * lat))
     assert pred.terms["solver_setup"] == pytest.approx(setup)
     # backsolves: 1 on k = 400 and 2 on k = 100: Gram 2 n^2 k / R FLOPs each
     assert pred.terms["backsolve_gram"] == pytest.approx((400 + 2 * 100) * 2 * 50 * 50 / 2 / (CPU.flops * s))
@@ -111,6 +112,21 @@ def test_fisher_and_backsolve_by_hand():
     assert t["backsolve_rows"] == pytest.approx((8 + 6 * 4) * 64 * 50 / 2e12)
     assert pred.total == pytest.approx(sum(pred.seconds.values()))
     assert cm.predict(w, 1, GPU, rates).terms["fisher_exchange"] == 0.0
+    assert t["fisher_allocation"] == 0.0  # no page population rate: allocation is free (a GPU's caching allocator)
+
+
+def test_factor_allocation_once_per_prune():
+    """On hardware with a page population rate Z, mapping and faulting in the factor's n p_R b bytes costs
+    n p_R b / (Z s e_p), once: the CHITA++ stages after the first reuse the storage."""
+    cpu = dataclasses.replace(CPU, page_population_bandwidth=1e9)
+    w = cm.Workload(p=32_360, n=1000, model_params=32_360, micro_batch=250, layers=3, storage_dtype="bfloat16")
+    rates = cm.Rates(population_efficiency=0.25)
+    for R, share in ((1, 1.0), (2, 1.0), (4, 0.5)):
+        one = cm.predict(w, R, cpu, rates).terms["fisher_allocation"]
+        assert one == pytest.approx(1000 * math.ceil(32_360 / R) * 2 / (1e9 * share * 0.25))
+        assert cm.predict(dataclasses.replace(w, solves=5), R, cpu, rates).terms["fisher_allocation"] == one
+    with pytest.raises(ValueError, match="page_population_bandwidth"):
+        dataclasses.replace(CPU, page_population_bandwidth=0.0)
 
 
 def test_monotone_in_ranks():
@@ -180,6 +196,17 @@ def test_calibration_recovers_rates():
     truth = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
                      backsolve_rounds=7, exchange_efficiency=0.5, exchange_overhead=0.02,
                      iteration_overhead=3e-3, fixed={"backsolve": 0.05, "writeback": 0.01, "save": 0.3})
+    cpu = dataclasses.replace(CPU, page_population_bandwidth=2e9)
+    pop = dataclasses.replace(truth, population_efficiency=0.3)
+    w0 = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
+                     micro_batch=250, layers=3)
+    mixed = []
+    for R, n, s in ((1, 1000, 5), (2, 1000, 5), (4, 1000, 1), (1, 3000, 1), (2, 500, 3)):
+        mixed.append(synthetic_report(R, cpu, pop, dataclasses.replace(w0, n=n, solves=s, iterations=8 * s)))
+        mixed[-1]["stages"] = [{"iterations": 8}] * s
+    fit = cm.calibrate(mixed, cpu)
+    assert fit.population_efficiency == pytest.approx(0.3, rel=1e-3)
+    assert fit.grad_efficiency == pytest.approx(0.25, rel=1e-3)
     w = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=3236, largest_layer=31_360,
                     micro_batch=250, layers=3)
     reports = [synthetic_report(R, CPU, truth, w) for R in (1, 2, 4)]
@@ -283,6 +310,12 @@ def test_backsolve_row_passes_term():
     big = cm.Workload(p=20_000_000, n=32, model_params=20_000_000, storage_dtype="bfloat16", kept=10_000_000)
     rows = cm.backsolve_terms(big, 1, CPU, cm.Rates(), big.k)["rows"]  # 8 n k = 2.6 GB > 2^28: not gathered
     assert rows == pytest.approx(6 * 2 * 32 * 10_000_000 / CPU.memory_bandwidth)
+    # g_row bytes per gathered row: once when the rows are gathered, else on each of the 6 passes and the Gram's
+    g = cm.Rates(row_gather_bytes=100.0)
+    assert cm.backsolve_terms(big, 1, CPU, g, big.k)["rows"] == pytest.approx(rows + 7 * 100 * 10_000_000
+                                                                              / CPU.memory_bandwidth)
+    small = cm.backsolve_terms(w, 2, CPU, g, w.k)["rows"] - cm.backsolve_terms(w, 2, CPU, cm.Rates(), w.k)["rows"]
+    assert small == pytest.approx(1 * 100 * 1500 / (CPU.memory_bandwidth * s))
 
 
 def test_syrk_fraction_counts_backsolve_products(monkeypatch):

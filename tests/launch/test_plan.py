@@ -66,12 +66,13 @@ def test_backsolves_and_rates_file(tmp_path, capsys):
     ten = json.loads(capsys.readouterr().out)
     assert ten["terms"]["backsolve_gram"] == pytest.approx(10 * one["terms"]["backsolve_gram"])
     rates = tmp_path / "summary.json"
-    rates.write_text(json.dumps({"rates": {"memory_efficiency": 0.5, "fixed": {"solver": 2.0}}}))
+    rates.write_text(json.dumps({"rates": {"memory_efficiency": 0.5, "read_efficiency": 0.5,
+                                           "fixed": {"solver": 2.0}}}))
     assert plan.main(base + ["--rates", str(rates)]) == 0
     fitted = json.loads(capsys.readouterr().out)
     assert fitted["terms"]["solver_reads"] == pytest.approx(2 * one["terms"]["solver_reads"])
-    # the memory-bound terms halve in speed at e_m = 0.5: block reads, vector passes and the per-solve set-up but for
-    # its two all-reduces' latency (2 x 2 log2(2) hops of the node link)
+    # the memory-bound terms halve in speed at e_m = e_r = 0.5: block reads, vector passes and the per-solve set-up
+    # but for its two all-reduces' latency (2 x 2 log2(2) hops of the node link)
     lat = plan.load_hardware(H100).link(2)[1]
     t = one["terms"]
     memory_bound = t["solver_reads"] + t["solver_vectors"] + t["solver_setup"] - 2 * 2 * lat
