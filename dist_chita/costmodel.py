@@ -649,6 +649,20 @@ def _nnls(columns: list[list[float]], target: list[float], measured: list[float]
     return [float(v) for v in c / scale]
 
 
+def stage_one_share(report: dict, solves: int) -> float | None:
+    """Stage 1's share of the gradient phase (its "fisher" seconds over all stages') when the report times each of
+    its ``solves`` > 1 stages; else None."""
+    stages = report.get("stages") or []
+    if solves < 2 or len(stages) != solves:
+        return None
+    try:
+        secs = [float(st["seconds"]["fisher"]) for st in stages]
+    except (KeyError, TypeError, ValueError):
+        return None
+    total = sum(secs)
+    return secs[0] / total if total > 0 else None
+
+
 def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
     """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
     weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
@@ -659,8 +673,10 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     * solver: t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the
       all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
     * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s) * 1/e_x + x / s'))
-      + row writes and message latency at the fitted e_m and l; fitting 1/e_g, 1/e_x and x (e_x = inf when the
-      fit gives the bytes no cost beyond x). No fixed term: a single rank's gradient phase is its gradients;
+      + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and l; fitting 1/e_g,
+      1/e_x, x and 1/e_p (e_x = inf when the fit gives the bytes no cost beyond x); a CHITA++ report that times its
+      stages gives two rows (stage 1, which alone allocates, and the rest; :func:`stage_one_share`). No fixed term:
+      a single rank's gradient phase is its gradients;
     * backsolve: t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s)) * 1/e_a + (counted
       kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + (all-reduces at L s and the fitted l / s')
       + f_backsolve, fitting 1/e_a and f_backsolve; m_t = the report's count of
@@ -699,19 +715,30 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     # and the exchange's message latency at the rates fitted above. No fixed term: a single rank's fisher phase is
     # its gradients (MLPNet at n = 250: 0.07 s for five stages)
     # and, on hardware that gives a page population rate Z, the factor's allocation at e_p Z (once per prune)
-    cols, y = [[], [], [], []], []
-    for w, R, t in loads:
+    # A CHITA++ run whose report times every stage gives two rows, stage 1 (which alone pays the allocation) and the
+    # later stages together, with the measured phase split in the stages' proportions: that separates the
+    # allocation from the per-stage terms, which a run total with the same stage count in every run cannot
+    cols, y, meas = [[], [], [], []], [], []
+    for (w, R, t), rep in zip(loads, reports, strict=True):
         wf = dataclasses.replace(w, iterations=0)
         unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0,
                                    population_efficiency=1.0)
         pred = predict(wf, R, hw, unit)
-        cols[0].append(pred.terms["fisher_gradients"])
-        cols[1].append(predict(wf, R, hw, dataclasses.replace(unit, exchange_efficiency=1.0)).terms["fisher_exchange"]
-                       - pred.terms["fisher_exchange"])  # the exchanged bytes at L
-        cols[2].append(w.solves / hw.time_slice(R, w.threads_per_rank) if R > 1 else 0.0)
-        cols[3].append(pred.terms["fisher_allocation"])
-        y.append(max(0.0, t["fisher"] - pred.terms["fisher_write"] - pred.terms["fisher_exchange"]))
-    inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, [t["fisher"] for _, _, t in loads])
+        per_stage = [pred.terms["fisher_gradients"],
+                     predict(wf, R, hw, dataclasses.replace(unit, exchange_efficiency=1.0)).terms["fisher_exchange"]
+                     - pred.terms["fisher_exchange"],  # the exchanged bytes at L
+                     w.solves / hw.time_slice(R, w.threads_per_rank) if R > 1 else 0.0]
+        given = pred.terms["fisher_write"] + pred.terms["fisher_exchange"]
+        share = stage_one_share(rep, w.solves)
+        parts = [(1.0, 1.0, 1.0)] if share is None else [(1.0 / w.solves, 1.0, share),
+                                                         (1.0 - 1.0 / w.solves, 0.0, 1.0 - share)]
+        for frac, alloc, part in parts:
+            for c, v in zip(cols, [*(frac * v for v in per_stage), alloc * pred.terms["fisher_allocation"]],
+                            strict=True):
+                c.append(v)
+            y.append(max(0.0, part * t["fisher"] - frac * given))
+            meas.append(part * t["fisher"])
+    inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, meas)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
     ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
     pop_eff = 1.0 / inv_ep if inv_ep > 0 else (math.inf if any(cols[3]) else base.population_efficiency)

@@ -233,6 +233,31 @@ def test_calibration_recovers_rates():
         cm.calibrate([], CPU)
 
 
+def test_allocation_fitted_from_stage_times_when_every_run_has_the_same_stage_count():
+    """With 5 CHITA++ stages in every run, the run totals make the once-per-prune allocation proportional to the
+    per-stage gradient term; the reports' per-stage gradient times (stage 1 alone pays the allocation) separate them."""
+    cpu = dataclasses.replace(CPU, page_population_bandwidth=2e9)
+    truth = cm.Rates(grad_efficiency=0.2, population_efficiency=0.25, collective_latency=1e-4,
+                     exchange_efficiency=0.5, exchange_overhead=0.03)
+    reports = []
+    for R, n in ((1, 1000), (2, 1000), (4, 1000), (1, 250), (2, 500)):
+        w = cm.Workload(p=32_360, n=n, model_params=32_360, micro_batch=250, layers=3, solves=5, iterations=10,
+                        kept=3236, largest_layer=31_360)
+        rep = synthetic_report(R, cpu, truth, w)
+        terms = cm.predict(w, R, cpu, truth).terms
+        per = (terms["fisher_gradients"] + terms["fisher_write"] + terms["fisher_exchange"]) / 5
+        rep["stages"] = [{"iterations": 2, "seconds": {"fisher": per + (terms["fisher_allocation"] if i == 0 else 0)}}
+                         for i in range(5)]
+        reports.append(rep)
+    assert cm.stage_one_share(reports[0], 5) > 0.2 and cm.stage_one_share(reports[0], 4) is None
+    fit = cm.calibrate(reports, cpu)
+    assert fit.population_efficiency == pytest.approx(0.25, rel=1e-3)
+    assert fit.grad_efficiency == pytest.approx(0.2, rel=1e-3)
+    for rep in reports:  # without the stage times the totals are fitted too, but the split is arbitrary
+        del rep["stages"][0]["seconds"]
+    assert cm.stage_one_share(reports[0], 5) is None
+
+
 def test_calibration_uses_reported_backsolve_counts():
     """Reports that count their backsolves (stages[].backsolves) are modelled with their own count, so runs with
     different numbers of backsolves are fitted exactly (the byte-based inference would give them one count)."""
