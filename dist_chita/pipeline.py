@@ -211,7 +211,8 @@ def prune(
             raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
         sample_ranges(n, world)  # fails early when n < world size
     reports = []
-    spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block
+    spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block (a saved factor is
+    # only ever loaded for the first stage a resumed run computes, when there is no spare: no two blocks coexist)
     for t, s in enumerate(targets):
         if t < start_stage:
             continue
