@@ -47,7 +47,7 @@ from dist_chita import comm, params
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import LossFn
 from dist_chita.partition import sample_ranges
-from dist_chita.persample import PerSampleGrads
+from dist_chita.persample import PerSampleGrads, Scratch
 
 PHASE = "fisher"
 
@@ -68,17 +68,9 @@ class _Exchange:
         self.bad_layer = -1
         self.seconds = 0.0
         self.written: dict[int, list[list[int]]] = {}  # layer -> column ranges computed straight into At
-        self._bufs: dict[str, torch.Tensor] = {}
-
-    def _buffer(self, slot: str, numel: int) -> torch.Tensor:
-        """A reused flat buffer ("send" or "recv") in the storage dtype, grown on demand: fresh large
-        allocations cost first-touch page faults (measured on MLPNet at R = 2: a fresh 32 MB receive
-        buffer per all_to_all was about a third of the exchange)."""
-        buf = self._bufs.get(slot)
-        if buf is None or buf.numel() < numel:
-            self._bufs.pop(slot, None)
-            buf = self._bufs[slot] = torch.empty(numel, dtype=self.at.dtype, device=self.at.device)
-        return buf[:numel]
+        # reused "send" / "recv" buffers in the storage dtype: a fresh receive buffer per all_to_all cost about a
+        # third of MLPNet's exchange at R = 2 in first-touch page faults
+        self._scratch = Scratch()
 
     def start(self, sizes: list[int], firsts: list[int], b: int, discard: bool = False) -> None:
         """A new step; ``discard``: this rank runs a padding step (ZeRO-3) whose gradients are dropped, it
@@ -181,7 +173,7 @@ class _Exchange:
             ):
                 send = columns[lo:hi].reshape(-1)  # the other ranks' rows are one range, in send order: no copy
             else:  # transpose to (columns, samples) and cast to the storage dtype in one pass
-                send = self._buffer("send", sum(send_counts))
+                send = self._scratch.get("send", (sum(send_counts),), self.at)
                 pos = 0
                 for _, off, cnt in others:
                     send[pos : pos + cnt * self.b].view(cnt, self.b).copy_(columns[off : off + cnt])
@@ -189,7 +181,9 @@ class _Exchange:
         del grads, columns
         froms = [0 if q == self.rank else s for q, s in enumerate(self.sizes)]
         recv_counts = [my_cnt * s for s in froms]
-        recv = comm.all_to_all(send, send_counts, recv_counts, out=self._buffer("recv", sum(recv_counts)))
+        recv = comm.all_to_all(
+            send, send_counts, recv_counts, out=self._scratch.get("recv", (sum(recv_counts),), self.at)
+        )
         pos = 0
         for s, first in zip(froms, self.firsts, strict=True):
             if s and my_cnt:

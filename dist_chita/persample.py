@@ -143,7 +143,7 @@ class Scratch:
 
     On this kind of machine a fresh large allocation costs more in page faults (first touch of every
     4 KiB page) than the arithmetic done on it, so the transient tensors of a rule (padded input,
-    im2col columns) live here instead."""
+    im2col columns; the exchange buffers of :mod:`dist_chita.fisher`) live here instead."""
 
     def __init__(self) -> None:
         self._bufs: dict[str, torch.Tensor] = {}
