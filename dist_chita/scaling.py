@@ -18,7 +18,9 @@ Also the mask comparison: every world size must produce the same mask (``mask_sh
 
 from __future__ import annotations
 
+import copy
 import csv
+import statistics
 from pathlib import Path
 
 TIME_PHASES = ("fisher", "exchange", "solver", "backsolve", "writeback", "save", "total")
@@ -101,20 +103,69 @@ def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) ->
 
 
 def mask_statement(reports: list[dict]) -> tuple[bool, str]:
-    """(all equal, statement): "all N world sizes produced the same mask (sha256 ...)" or which differ."""
-    by_size = sorted((int(r["world_size"]), r.get("mask_sha256")) for r in reports)
+    """(all equal, statement): "all N world sizes produced the same mask (sha256 ...)" or which differ. Repeated
+    runs of a world size (:func:`median_of_runs`) may be passed together: "all M runs of the N world sizes ..."."""
+    by_size = sorted((int(r["world_size"]), r.get("mask_sha256") or "") for r in reports)
+    by_size = [(R, d or None) for R, d in by_size]
+    sizes = sorted({R for R, _ in by_size})
+    runs = "" if len(sizes) == len(by_size) else f"{len(by_size)} runs of the "
     digests = {d for _, d in by_size}
     if len(by_size) and len(digests) == 1 and None not in digests:
         d = by_size[0][1]
-        return True, f"all {len(by_size)} world sizes produced the same mask (sha256 {d[:16]}...)"
+        return True, f"all {runs}{len(sizes)} world sizes produced the same mask (sha256 {d[:16]}...)"
     if None in digests:
-        missing = [R for R, d in by_size if d is None]
+        missing = sorted({R for R, d in by_size if d is None})
         return False, f"mask digest missing for world size(s) {missing}; masks cannot be compared"
     ref_size, ref = by_size[0]
-    differ = [R for R, d in by_size if d != ref]
-    same = [R for R, d in by_size if d == ref]
+    differ = sorted({R for R, d in by_size if d != ref})
+    same = sorted({R for R, d in by_size if d == ref})
     return False, (f"masks differ: world size(s) {differ} produced a different mask from world size(s) {same} "
                    f"({len(digests)} distinct digests)")
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def median_of_runs(reports: list[dict]) -> dict:
+    """One report standing for repeated runs of the same prune (same world size, n and p): the first run's report
+    with every time replaced by its median over the runs, per rank and phase (``phase_seconds``) and per CHITA++
+    stage and phase (``stages[t]["seconds"]``), and the peak memory per rank by its max. Also records ``repeats``
+    (the number of runs) and ``total_seconds_runs`` (each run's total, max over ranks), so the spread stays visible.
+
+    On a shared or virtualised machine a single run's phase can be off by tens of percent (page faults served by
+    the hypervisor, another process on a core); the median of 3 runs is what the tables and the cost model use.
+    """
+    if not reports:
+        raise ValueError("no reports")
+    first = reports[0]
+    for key in ("world_size", "n", "p"):
+        vals = sorted({int(r[key]) for r in reports})
+        if len(vals) > 1:
+            raise ValueError(f"repeated runs differ in {key}: {vals}")
+    if len(reports) == 1:
+        return first
+    out = copy.deepcopy(first)
+    phases = sorted({ph for r in reports for ph in (r.get("phase_seconds") or {})})
+    out["phase_seconds"] = {}
+    for ph in phases:
+        runs = [per_rank(r.get("phase_seconds") or {}, ph) for r in reports]
+        runs = [v for v in runs if v]
+        if len({len(v) for v in runs}) != 1:
+            raise ValueError(f"repeated runs record phase {ph!r} for different numbers of ranks")
+        out["phase_seconds"][ph] = [_median([v[i] for v in runs]) for i in range(len(runs[0]))]
+    stages = [r.get("stages") or [] for r in reports]
+    if len({len(s) for s in stages}) != 1:
+        raise ValueError(f"repeated runs have different numbers of stages: {[len(s) for s in stages]}")
+    for t, stage in enumerate(out.get("stages") or []):
+        secs = [s[t].get("seconds") or {} for s in stages]
+        stage["seconds"] = {ph: _median([s[ph] for s in secs if ph in s]) for ph in secs[0]}
+    peaks = [r.get("peak_memory_bytes") or [] for r in reports]
+    if all(len(v) == len(peaks[0]) for v in peaks):
+        out["peak_memory_bytes"] = [max(v[i] for v in peaks) for i in range(len(peaks[0]))]
+    out["repeats"] = len(reports)
+    out["total_seconds_runs"] = [_max(per_rank(r.get("phase_seconds") or {}, "total")) for r in reports]
+    return out
 
 
 def write_csv(table: list[dict], path: str | Path) -> Path:

@@ -3,7 +3,7 @@
     python launch/scaling_study.py --config configs/mlpnet_mnist.yaml --world-sizes 1,2,4 \\
         [--mode strong|weak] [--launcher accelerate|torchrun|python] [--threads-per-rank 1] \\
         [--out docs/scaling/<name>] [--hardware configs/hardware/cpu_this_machine.yaml] \\
-        [--prune-script launch/prune.py] [--work-dir DIR] [key=value ...]
+        [--prune-script launch/prune.py] [--work-dir DIR] [--repeats N] [key=value ...]
 
 For every world size R it runs (on CPU, gloo)
 
@@ -19,6 +19,9 @@ oversubscription note (R t > cores: ranks share cores, so times do not show what
 and the cost model's predicted vs measured seconds per phase, with rates fitted to these runs.
 
 Strong scaling keeps the config's n; weak scaling runs n R samples at world size R (n per rank fixed).
+``--repeats N`` runs every world size N times, interleaved (1, 2, 4, 1, 2, 4, ...); the table, plots and cost model
+then use each world size's median per rank and phase (reports/ws<R>.json), every run is kept in reports/runs/, and
+the mask check covers all runs.
 """
 
 from __future__ import annotations
@@ -169,12 +172,15 @@ def collect_report(output_dir: Path, world_size: int, launcher: str) -> dict:
 
 
 def summarize(
-    reports: list[dict], mode: str, cores: int, hardware: costmodel.Hardware, title: str = ""
+    reports: list[dict], mode: str, cores: int, hardware: costmodel.Hardware, title: str = "",
+    runs: list[dict] | None = None,
 ) -> dict:
     """The study's summary (pure): table rows, mask statement, oversubscription note, fitted rates,
-    predicted vs measured seconds per phase."""
+    predicted vs measured seconds per phase. ``reports``: one per world size (the median of its repeated runs,
+    :func:`dist_chita.scaling.median_of_runs`); ``runs``: every run, repeats included, for the mask comparison
+    (default: ``reports``)."""
     table = scaling.rows(reports, mode, cores=cores)
-    same, statement = scaling.mask_statement(reports)
+    same, statement = scaling.mask_statement(runs or reports)
     ns = sorted({int(r["n"]) for r in reports})
     if mode == "weak" and len(ns) > 1:  # a different n is a different problem: masks need not agree
         same = None
@@ -190,9 +196,14 @@ def summarize(
     comparison = costmodel.compare(reports, hardware, rates)
     held_out = costmodel.compare_held_out(reports, hardware) if len(reports) >= 2 else []
 
+    repeats = sorted({int(r.get("repeats") or 1) for r in reports})
+    if repeats != [1]:
+        notes.append(f"times are medians over {'/'.join(map(str, repeats))} runs per world size (per rank and "
+                     "phase; peak memory: the max); reports/runs holds every run")
     return {
         "name": title or reports[0].get("name", ""),
         "mode": mode,
+        "repeats": repeats[-1],
         "world_sizes": [row["world_size"] for row in table],
         "threads_per_rank": sorted({row["threads_per_rank"] for row in table}),
         "cores": cores,
@@ -247,11 +258,17 @@ def strict_json(value):
     return value
 
 
-def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
+def write_outputs(summary: dict, reports: list[dict], out: Path, runs: dict[str, dict] | None = None) -> list[Path]:
+    """The CSV, plots and summary.json; reports/ws<R>.json (one per world size) and, for repeated runs,
+    reports/runs/<run>.json (``runs``: name -> report)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "reports").mkdir(exist_ok=True)
     for rep in reports:
         (out / "reports" / f"ws{rep['world_size']}.json").write_text(json.dumps(rep, indent=2, default=float))
+    if runs:
+        (out / "reports" / "runs").mkdir(exist_ok=True)
+        for name, rep in runs.items():
+            (out / "reports" / "runs" / f"{name}.json").write_text(json.dumps(rep, indent=2, default=float))
     paths = [scaling.write_csv(summary["rows"], out / "scaling.csv")]
     paths += scaling.plot(summary["rows"], out, title=summary["name"])
     (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False))
@@ -259,16 +276,19 @@ def write_outputs(summary: dict, reports: list[dict], out: Path) -> list[Path]:
 
 
 def rebuild(reports_dir: Path, out: Path, mode: str, hardware: costmodel.Hardware, sizes: list[int]) -> int:
-    """Outputs from recorded reports (<reports_dir>/ws<R>.json), without running anything."""
+    """Outputs from recorded reports (<reports_dir>/ws<R>.json and, if there, the repeated runs in
+    <reports_dir>/runs), without running anything."""
     paths = sorted(reports_dir.glob("ws*.json"))
     reports = [json.loads(p.read_text()) for p in paths]
     reports = [r for r in reports if int(r["world_size"]) in sizes]
+    runs = [json.loads(p.read_text()) for p in sorted((reports_dir / "runs").glob("ws*.json"))]
+    runs = [r for r in runs if int(r["world_size"]) in sizes] or None
     if not reports:
         print(f"scaling_study.py: error: no ws<R>.json reports for {sizes} in {reports_dir}", file=sys.stderr)
         return 2
     old = out / "summary.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
-    summary = summarize(reports, mode, machine_cores(), hardware, title=reports[0].get("name", ""))
+    summary = summarize(reports, mode, machine_cores(), hardware, title=reports[0].get("name", ""), runs=runs)
     for key in ("launcher", "commands", "load_average_1min", "git"):
         if key in previous:
             summary[key] = previous[key]
@@ -291,6 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prune-script", default="launch/prune.py", help="the prune script (or a stand-in)")
     ap.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary directory)")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs per world size, interleaved (1, 2, 4, 1, 2, 4, ...); times are the medians")
     ap.add_argument("--from-reports", default=None,
                     help="skip the runs: rebuild the outputs from a directory of recorded reports (ws<R>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
@@ -305,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = parse_world_sizes(args.world_sizes)
         if args.threads_per_rank < 1:
             raise StudyError(f"--threads-per-rank must be >= 1, got {args.threads_per_rank}")
+        if args.repeats < 1:
+            raise StudyError(f"--repeats must be >= 1, got {args.repeats}")
         for path in (args.config, args.hardware, args.prune_script):
             if not Path(path).is_file():
                 raise StudyError(f"file not found: {path}")
@@ -319,22 +343,27 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scaling_"))
     commands, loads, states = {}, {}, {}
     try:
-        reports = []
-        for R in sizes:
-            run_dir = (work / f"ws{R}").resolve()
-            n = study_n(args.mode, base_n, R)
-            cmd = prune_command(args.launcher, R, args.config, args.prune_script, str(run_dir),
-                                args.threads_per_rank, args.overrides, n)
-            commands[f"ws{R}"] = prune_command(args.launcher, R, args.config, args.prune_script, f"<work>/ws{R}",
-                                               args.threads_per_rank, args.overrides, n)
-            print(f"[ws{R}] {' '.join(cmd)}", flush=True)
-            states[f"ws{R}"] = git_state()
-            load_before = os.getloadavg()[0]
-            run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"ws{R}.log", args.timeout)
-            loads[f"ws{R}"] = {"before": load_before, "after": os.getloadavg()[0]}
-            reports.append(collect_report(run_dir, R, args.launcher))
-            print(f"[ws{R}] done: total {max(reports[-1]['phase_seconds']['total']):.2f} s", flush=True)
-        summary = summarize(reports, args.mode, machine_cores(), hardware, title=reports[0].get("name", ""))
+        runs: dict[str, dict] = {}
+        for j in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every world size
+            for R in sizes:
+                name = f"ws{R}" if args.repeats == 1 else f"ws{R}.run{j + 1}"
+                run_dir = (work / name).resolve()
+                n = study_n(args.mode, base_n, R)
+                cmd = prune_command(args.launcher, R, args.config, args.prune_script, str(run_dir),
+                                    args.threads_per_rank, args.overrides, n)
+                commands[f"ws{R}"] = prune_command(args.launcher, R, args.config, args.prune_script,
+                                                   f"<work>/{name}", args.threads_per_rank, args.overrides, n)
+                print(f"[{name}] {' '.join(cmd)}", flush=True)
+                states[name] = git_state()
+                load_before = os.getloadavg()[0]
+                run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"{name}.log", args.timeout)
+                loads[name] = {"before": load_before, "after": os.getloadavg()[0]}
+                runs[name] = collect_report(run_dir, R, args.launcher)
+                print(f"[{name}] done: total {max(runs[name]['phase_seconds']['total']):.2f} s", flush=True)
+        reports = [scaling.median_of_runs([rep for rep in runs.values() if int(rep["world_size"]) == R])
+                   for R in sizes]
+        summary = summarize(reports, args.mode, machine_cores(), hardware, title=reports[0].get("name", ""),
+                            runs=list(runs.values()))
         summary["launcher"] = args.launcher
         summary["commands"] = commands
         summary["load_average_1min"] = loads
@@ -347,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             summary["notes"].append(f"the machine was shared during the runs (1-minute load average above the "
                                     f"{summary['cores']} cores for {', '.join(busy)}): absolute times include "
                                     "contention from other processes")
-        paths = write_outputs(summary, reports, out)
+        paths = write_outputs(summary, reports, out, runs if args.repeats > 1 else None)
     except (StudyError, ValueError, OSError) as e:
         print(f"scaling_study.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

@@ -159,3 +159,44 @@ def test_plots_are_valid_png(tmp_path):
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+def test_median_of_runs_by_hand():
+    runs = [report(2, [4.0, 5.0]), report(2, [3.0, 9.0]), report(2, [6.0, 1.0])]
+    runs[1]["phase_seconds"]["fisher"] = [10.0, 0.0]  # an outlier run: the median ignores it per rank
+    runs[2]["peak_memory_bytes"] = [50, 900]
+    for r, (a, b) in zip(runs, [(0.3, 0.1), (0.2, 0.7), (0.9, 0.4)], strict=True):
+        r["stages"] = [{"kept": 5, "seconds": {"fisher": a, "solver": b}}, {"kept": 2, "seconds": {"fisher": b}}]
+    m = scaling.median_of_runs(runs)
+    assert m["phase_seconds"]["total"] == [4.0, 5.0]
+    assert m["phase_seconds"]["fisher"] == pytest.approx([1.0, 1.1])  # medians of (1, 10, 1) and (1.1, 0, 1.1)
+    assert m["stages"][0]["seconds"] == pytest.approx({"fisher": 0.3, "solver": 0.4})
+    assert m["stages"][1]["seconds"] == pytest.approx({"fisher": 0.4})
+    assert m["peak_memory_bytes"] == [100, 900]  # max per rank
+    assert m["repeats"] == 3 and m["total_seconds_runs"] == [5.0, 9.0, 6.0]
+    assert runs[0]["phase_seconds"]["total"] == [4.0, 5.0] and "repeats" not in runs[0]  # inputs untouched
+    assert scaling.median_of_runs(runs[:1]) is runs[0]
+    row = scaling.rows([m])[0]
+    assert row["time_total"] == 5.0 and row["time_fisher"] == pytest.approx(1.1)
+
+
+def test_median_of_runs_rejects_different_runs():
+    with pytest.raises(ValueError, match="world_size"):
+        scaling.median_of_runs([report(1, [1.0]), report(2, [1.0, 1.0])])
+    with pytest.raises(ValueError, match="n"):
+        scaling.median_of_runs([report(1, [1.0]), report(1, [1.0], n=500)])
+    a, b = report(1, [1.0]), report(1, [1.0])
+    a["stages"], b["stages"] = [{"seconds": {}}], []
+    with pytest.raises(ValueError, match="stages"):
+        scaling.median_of_runs([a, b])
+    with pytest.raises(ValueError, match="no reports"):
+        scaling.median_of_runs([])
+
+
+def test_mask_statement_over_repeated_runs():
+    runs = [report(R, [1.0] * R) for R in (1, 2) for _ in range(3)]
+    ok, msg = scaling.mask_statement(runs)
+    assert ok and msg.startswith("all 6 runs of the 2 world sizes produced the same mask")
+    runs[4]["mask_sha256"] = "cd" * 32  # one repeat of world size 2 differs
+    ok, msg = scaling.mask_statement(runs)
+    assert not ok and "[2]" in msg and "differ" in msg

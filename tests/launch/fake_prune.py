@@ -4,7 +4,8 @@
 
 World size and rank come from the launcher's environment (WORLD_SIZE, RANK), else from ``world_size=``; only rank 0
 writes. Phase times shrink like 1 / R (fisher like n / R); the mask digest is fixed unless FAKE_PRUNE_BAD_MASK_AT
-names this world size. The report records OMP_NUM_THREADS as threads_per_rank, so tests can check the environment.
+names this world size; with FAKE_PRUNE_JITTER set, repeated runs' solver times differ (run 2: 3x, run 3: 0.5x).
+The report records OMP_NUM_THREADS as threads_per_rank, so tests can check the environment.
 No torch import: it must start fast.
 """
 
@@ -30,6 +31,10 @@ def main(argv: list[str]) -> int:
     exchange = [0.01 * (R - 1)] * R
     fisher = [2.0e-3 * n / R + e for e in exchange]  # like fisher_block's wall time: the exchange is inside it
     solver = [4.0 / R + 0.05 * (R - 1)] * R
+    if os.environ.get("FAKE_PRUNE_JITTER"):  # repeated runs (output.dir .../ws<R>.run<j>): run j's solver times f_j
+        run = overrides["output.dir"].rsplit(".run", 1)
+        f = {"2": 3.0, "3": 0.5}.get(run[1], 1.0) if len(run) == 2 else 1.0
+        solver = [f * (s + 0.01 * r) for r, s in enumerate(solver)]
     seconds = {"load": [0.5] * R, "fisher": fisher, "exchange": exchange, "solver": solver,
                "backsolve": [0.2] * R, "writeback": [0.01] * R, "save": [0.1] + [0.0] * (R - 1)}
     seconds["total"] = [sum(v[r] for ph, v in seconds.items() if ph != "exchange") for r in range(R)]

@@ -141,3 +141,29 @@ def test_summary_is_strict_json():
     """A rate the fit cannot pin down is infinite; the summary writes it as null, never as the non-JSON Infinity."""
     assert st.strict_json({"a": [1.0, math.inf, {"b": math.nan}], "c": "x", "d": 2}) == {
         "a": [1.0, None, {"b": None}], "c": "x", "d": 2}
+
+
+def test_repeated_runs_give_medians_and_every_run_is_kept(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FAKE_PRUNE_JITTER", "1")  # run 2's solver 3x, run 3's 0.5x: median = run 1, mean is not
+    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python", "--repeats", "3")
+    assert proc.returncode == 0, proc.stderr
+    assert "all 6 runs of the 2 world sizes produced the same mask" in proc.stdout
+    assert "medians over 3 runs" in proc.stdout
+    names = sorted(p.name for p in (out / "reports" / "runs").glob("*.json"))
+    assert names == [f"ws{R}.run{j}.json" for R in (1, 2) for j in (1, 2, 3)]
+    med = json.loads((out / "reports" / "ws2.json").read_text())
+    raw = [json.loads((out / "reports" / "runs" / f"ws2.run{j}.json").read_text()) for j in (1, 2, 3)]
+    for ph, vals in med["phase_seconds"].items():  # the median per rank of the three recorded runs
+        for i, v in enumerate(vals):
+            assert v == pytest.approx(sorted(r["phase_seconds"][ph][i] for r in raw)[1])
+    assert med["phase_seconds"]["solver"] == pytest.approx([2.05, 2.06]) == raw[0]["phase_seconds"]["solver"]
+    assert raw[1]["phase_seconds"]["solver"][0] == pytest.approx(3 * 2.05)  # the runs did differ
+    assert float(st.scaling.read_csv(out / "scaling.csv")[1]["time_solver"]) == pytest.approx(2.06)
+    assert med["repeats"] == 3 and json.loads((out / "summary.json").read_text())["repeats"] == 3
+    # one repeat with a different mask is caught, also when rebuilding from the recorded runs
+    bad = out / "reports" / "runs" / "ws2.run3.json"
+    bad.write_text(json.dumps({**raw[2], "mask_sha256": "cd" * 32}))
+    assert st.main(["--config", CONFIG, "--from-reports", str(out / "reports"), "--out", str(tmp_path / "r")]) == 1
+    assert "masks differ: world size(s) [2]" in capsys.readouterr().out
+    proc, _ = run_study(tmp_path, capsys, "--world-sizes", "1", "--launcher", "python", "--repeats", "0")
+    assert proc.returncode == 2 and "--repeats must be >= 1" in proc.stderr
