@@ -8,7 +8,7 @@ Prints and writes benchmarks/results/machine_rates.json:
 * link_bandwidth: bytes each rank sends per second in an all_to_all of 64 MiB per rank (2 processes), the row ->
   column exchange's collective (all-reduce bandwidth is also recorded);
 * page_population_bandwidth: bytes per second at which a fresh process maps and faults in a 1 GiB factor block
-  (``dist_chita.fisher.empty_block``, transparent huge pages, populated at allocation) -- paid once per prune.
+  (``dist_chita.fisher.empty_block``, populated at allocation) -- paid once per prune.
 
 Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down),
 except the page population: the median of 3 fresh processes (it depends on the kernel's and the hypervisor's

@@ -20,8 +20,8 @@ Fast paths: a layer whose columns this rank owns entirely and whose per-sample g
 products (no token / spatial dimension) is computed straight into At's columns of the micro-batch
 (the ``target`` of :class:`PerSampleGrads`; cast to the storage dtype on store): no result buffer,
 no send, no copy; its finiteness is checked once, over whole rows, when this rank's batches are
-exhausted. At itself is mapped with transparent huge pages (:func:`empty_block`): its first-touch
-page faults otherwise cost more than the gradients.
+exhausted. At's pages are all faulted in, in order, when it is allocated (:func:`empty_block`): left to
+the column-wise writes, its first-touch page faults cost more than the gradients.
 
 Collective schedule (identical on every rank, even when sample counts differ): per step, one
 ``all_gather`` of (micro-batch size, first index, error flags), then one ``all_to_all`` per layer
@@ -194,42 +194,35 @@ class _Exchange:
         self.seconds += time.perf_counter() - t0
 
 
-_HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64, arm64 with 4 KiB base pages)
+_POPULATE_MIN_BYTES = 64 << 20  # smaller blocks: torch.empty (their page faults are cheap enough)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing from Python < 3.14's mmap
 
 
 def empty_block(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised (p_r, n) storage for At; ``torch.empty`` except for large CPU blocks on Linux, which are
-    an anonymous mapping aligned to 2 MiB and advised MADV_HUGEPAGE (transparent huge pages).
+    an anonymous mapping whose pages are all faulted in at once (MADV_POPULATE_WRITE, Linux >= 5.14), in order.
 
-    Why: the block is written once, column by column, and every page is touched first by that write. With
-    4 KiB pages the first-touch page faults of a block of hundreds of MB cost more than computing the
-    per-sample gradients (measured: ~0.45 s for 680 MB on a 2-core VM, against ~0.07 s to write it once
-    mapped; with huge pages the faults drop to ~0.05-0.1 s). The pages are faulted in at once (MADV_POPULATE_WRITE),
-    in order: left to the exchange's column-wise writes the faults cost 1.7x more (MiniLM-size encoder at R = 2,
-    1.36 GB per rank on a VM whose fresh memory is slow: 4.5 s against 2.6 s). The result is an ordinary contiguous
-    tensor (the mapping is released with its last reference); if the kernel refuses the advice, plain pages are used
-    (and faulted in by the writes).
+    Why: the block is written once, column by column, and every page is touched first by that write. Left to the
+    exchange's column-wise writes, the first-touch page faults cost more than computing the per-sample gradients
+    (MiniLM-size encoder at R = 2, 1.36 GB per rank: 4.5 s against 2.6 s populated in order). Transparent huge
+    pages (MADV_HUGEPAGE) are deliberately not asked for: on this project's VM they made the population 3x slower
+    (129 MB: 0.24 s against 0.085 s; 1 GB: 1.7 s against 0.58 s, medians of 3 fresh processes) and the block's
+    reads and column writes no faster. The result is an ordinary contiguous tensor (the mapping is released with
+    its last reference); if the kernel refuses the advice, the writes fault the pages in as usual.
     """
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes < 32 * _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if torch.device(device).type != "cpu" or nbytes < _POPULATE_MIN_BYTES or not hasattr(mmap, "MADV_DONTNEED"):
         return torch.empty(shape, dtype=dtype, device=device)
     try:
-        region = mmap.mmap(-1, nbytes + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:
         return torch.empty(shape, dtype=dtype, device=device)
     try:
-        region.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # kernel without transparent huge pages: the mapping still works with small pages
+        region.madvise(_MADV_POPULATE_WRITE)
+    except OSError:  # kernel before 5.14: the writes fault the pages in
         pass
-    try:  # fault every page in now, in one call: the block is written whole anyway, and the exchange's column-wise
-        region.madvise(_MADV_POPULATE_WRITE)  # writes faulted it in at 1.7x the cost (Linux >= 5.14)
-    except OSError:
-        pass
-    raw = torch.frombuffer(region, dtype=torch.uint8)
-    start = (-raw.data_ptr()) % _HUGE_PAGE
-    return raw[start : start + nbytes].view(dtype).view(shape)
+    return torch.frombuffer(region, dtype=dtype).view(shape)
 
 
 def _check_layout(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout) -> None:

@@ -1,6 +1,8 @@
+import gc
 import math
 import mmap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,17 +155,31 @@ def test_non_finite_gradient_raises_on_every_rank_naming_the_layer():
         rank_block(8, 3, torch.float32, "nan")
 
 
-def test_empty_block_maps_large_cpu_blocks_on_huge_page_boundaries():
-    """A 64 MB block is an anonymous mapping aligned to 2 MiB (Linux), an ordinary contiguous writable tensor."""
+def test_empty_block_is_an_ordinary_writable_tensor():
+    """A 64 MB block is an anonymous mapping (Linux), populated: an ordinary contiguous writable tensor, and it
+    is released with its last reference (its pages show in this process's resident memory from allocation on)."""
+
+    def resident() -> int:
+        return int(open("/proc/self/statm").read().split()[1]) * mmap.PAGESIZE
+
+    before = resident()
     at = empty_block((2048, 8192), torch.float32, torch.device("cpu"))
+    if hasattr(mmap, "MADV_DONTNEED") and Path("/proc/self/statm").exists():
+        assert resident() - before > 60 << 20  # populated before any write
+        probe = empty_block((2048, 8192), torch.float32, torch.device("cpu"))
+        mid = resident()
+        del probe
+        gc.collect()
+        assert mid - resident() > 60 << 20  # unmapped with its last reference
     assert at.shape == (2048, 8192) and at.dtype == torch.float32 and at.is_contiguous()
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        assert at.data_ptr() % (2 << 20) == 0
     at[:, 1::2] = 2.0
     at[:, ::2] = -1.0
     assert at.sum().item() == 2048 * 4096 and at[-1, -1].item() == 2.0
     small = empty_block((3, 5), torch.bfloat16, torch.device("cpu"))
     assert small.shape == (3, 5) and small.dtype == torch.bfloat16
+    half = empty_block((4096, 8192), torch.float16, torch.device("cpu"))
+    half.fill_(1.5)
+    assert half.dtype == torch.float16 and half.float().mean().item() == 1.5
 
 
 def test_overflow_in_a_layer_computed_straight_into_at_is_caught():
