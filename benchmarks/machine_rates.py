@@ -7,6 +7,8 @@ Prints and writes benchmarks/results/machine_rates.json:
 * link_latency: median time of an 8-byte all-reduce between 2 gloo processes on loopback (1 thread each);
 * link_bandwidth: bytes each rank sends per second in an all_to_all of 64 MiB per rank (2 processes), the row ->
   column exchange's collective (all-reduce bandwidth is also recorded);
+* gram_half_width: n_h of the Gram matrix's rate F n / (n + n_h): R^T R for tall float32 R (m x n, 64 MiB) at
+  n = 16 ... 512 (1 thread), fitted by least squares on the relative rates (``Hardware.gram_half_width``);
 * page_population_bandwidth: bytes per second at which a fresh process maps and faults in a 1 GiB factor block
   (``dist_chita.fisher.empty_block``, populated at allocation) -- paid once per prune.
 
@@ -44,6 +46,35 @@ def _best(f, repeats: int) -> float:
         t0 = time.perf_counter()
         f()
         best = min(best, time.perf_counter() - t0)
+    return best
+
+
+GRAM_WIDTHS = (16, 32, 64, 128, 256, 512)
+
+
+def gram_rates(sweeps: int = 3) -> dict:
+    """FLOP/s of R^T R (the backsolve's Gram matrix) for R of 64 MiB float32 and width n (the best of ``sweeps``
+    interleaved sweeps over the widths, 8 products each), and the fitted n_h."""
+    torch.set_num_threads(1)
+    mats = {n: torch.randn(2**24 // n, n) for n in GRAM_WIDTHS}
+    rates = dict.fromkeys(GRAM_WIDTHS, 0.0)
+    for _ in range(sweeps):
+        for n, R in mats.items():
+            rates[n] = max(rates[n], 2 * n * n * R.shape[0] / _best(lambda R=R: R.T @ R, 8))
+    return {"gram_flops_by_width": rates, "gram_half_width": fit_half_width(rates)}
+
+
+def fit_half_width(rates: dict[int, float]) -> float:
+    """n_h minimising sum_n (log r_n - log(c n / (n + n_h)))^2 over n_h in 0, 0.5, ..., 512 (c: its best scale)."""
+    import math
+
+    best, best_err = 0.0, math.inf
+    for h in (i / 2 for i in range(1025)):
+        logs = [math.log(r * (n + h) / n) for n, r in rates.items()]
+        mean = sum(logs) / len(logs)
+        err = sum((v - mean) ** 2 for v in logs)
+        if err < best_err:
+            best, best_err = h, err
     return best
 
 
@@ -102,6 +133,7 @@ def link_rates(mib: int) -> dict:
 
 def main() -> None:
     local = local_rates()
+    local.update(gram_rates())
     fresh = [run(population_seconds, 1, 1.0, threads=1, timeout=600)[0] for _ in range(3)]
     local["page_population_bandwidth"] = 2**30 / statistics.median(fresh)
     local["page_population_seconds_per_gib"] = fresh
@@ -111,6 +143,9 @@ def main() -> None:
     res = {"cpu": local, "gloo_2_processes": link, "torch": torch.__version__}
     print(f"float32 matmul (1 thread): {local['flops'] / 1e9:.1f} GFLOP/s")
     print(f"A @ v block read (1 thread): {local['memory_bandwidth'] / 1e9:.2f} GB/s")
+    print("Gram R^T R (1 thread), GFLOP/s by width n: "
+          + ", ".join(f"{n}: {r / 1e9:.1f}" for n, r in local["gram_flops_by_width"].items())
+          + f"; fitted F n / (n + n_h) with n_h = {local['gram_half_width']:.1f}")
     print(f"fresh 1 GiB factor block, mapped and populated: {local['page_population_bandwidth'] / 1e9:.2f} GB/s "
           f"(median of {', '.join(f'{t:.2f}' for t in fresh)} s)")
     print(f"gloo loopback, 2 processes: 8-byte all-reduce {link['latency'] * 1e6:.0f} us (median); all_to_all "

@@ -66,9 +66,10 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
 * backsolve, per backsolve of a solve keeping k_t (the dual path of ``dist_chita/backsolve.py``, k_t >= n), on
   m = ceil(k_t / R) local kept rows (:func:`backsolve_terms`)::
 
-      t = f_syrk(n) 2 n^2 m / (F s e_a)                      (float32 Gram matrix of the kept rows by the blocked
+      t = f_syrk(n) 2 n^2 m / (F s e_a) (n + n_h) / n        (float32 Gram matrix of the kept rows by the blocked
                                                               syrk: f_syrk = (nb + 1) / (2 nb), nb = min(4, n // 128)
-                                                              column blocks, 10/16 at n >= 512; 1 below 256)
+                                                              column blocks, 10/16 at n >= 512; 1 below 256; a thin
+                                                              product's rate F n / (n + n_h), n_h measured)
         + 2 n^3 / 3 / (F s e_a)                              (float64 Cholesky of lambda I + G at half the float32
                                                               rate, redundantly on every rank: at R t > C the R
                                                               copies share the C cores, s = C / R)
@@ -128,6 +129,9 @@ class Hardware:
         disk_bandwidth: B/s for saving the pruned model.
         page_population_bandwidth: Z, B/s at which a fresh process maps and faults in the factor's storage (CPU;
             None: allocation is free, as with a GPU's caching allocator).
+        gram_half_width: n_h, the Gram matrix R^T R of a tall R (m x n) runs at F n / (n + n_h): a skinny matrix
+            product's rate grows with its width n (``benchmarks/machine_rates.py`` fits n_h from R^T R at n = 16 ...
+            512; 24 on this machine's CPU core, whose rate at n = 32 is 0.58 of its rate at 512). 0: F at every n.
     """
 
     name: str
@@ -142,6 +146,7 @@ class Hardware:
     shared_cores: int = 0
     disk_bandwidth: float = 1e9
     page_population_bandwidth: float | None = None
+    gram_half_width: float = 0.0
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "memory_bandwidth", "flops", "link_bandwidth", "disk_bandwidth"):
@@ -149,6 +154,8 @@ class Hardware:
                 raise ValueError(f"hardware {f} must be > 0, got {getattr(self, f)}")
         if self.page_population_bandwidth is not None and not self.page_population_bandwidth > 0:
             raise ValueError(f"hardware page_population_bandwidth must be > 0, got {self.page_population_bandwidth}")
+        if not self.gram_half_width >= 0:
+            raise ValueError(f"hardware gram_half_width must be >= 0, got {self.gram_half_width}")
         if self.link_latency < 0 or (self.node_latency is not None and self.node_latency < 0):
             raise ValueError("hardware latency must be >= 0")
         if self.devices_per_node < 1 or self.shared_cores < 0:
@@ -460,7 +467,8 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     """Seconds of one backsolve keeping ``kept`` columns (dual path of ``dist_chita/backsolve.py``, |S| >= n), by
     term, on m = ceil(kept / R) local kept rows:
 
-    * gram: the float32 Gram matrix A_{r,S} A_{r,S}^T by the blocked syrk, :func:`syrk_fraction` x 2 n^2 m FLOPs;
+    * gram: the float32 Gram matrix A_{r,S} A_{r,S}^T by the blocked syrk, :func:`syrk_fraction` x 2 n^2 m FLOPs,
+      at F s e_a n / (n + n_h) (:attr:`Hardware.gram_half_width`: the product of m x n rows is thin for small n);
     * cholesky: the float64 factor of lambda I + G, n^3 / 3 FLOPs at half the float32 rate F, computed redundantly
       by every rank on its own share s of the cores (at R = 4 on 2 cores each rank gets half a core);
     * rows: the gather of the kept rows into float32 (b + 4 B per entry, when :func:`~dist_chita.backsolve.gathers`
@@ -488,7 +496,7 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
                    + (2 + q) * allreduce_seconds(8 * n, ranks, bw * s, lat / slice_)
                    + 4 * allreduce_seconds(8, ranks, bw * s, lat / slice_))
     return {
-        "gram": syrk_fraction(n) * 2 * n * n * m / linalg,
+        "gram": syrk_fraction(n) * 2 * n * n * m / linalg * (n + hw.gram_half_width) / n,
         "allreduce": collectives,
         "cholesky": 2 * n**3 / 3 / linalg,
         "rows": row_bytes / (hw.memory_bandwidth * s * rates.row_efficiency),

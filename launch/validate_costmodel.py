@@ -4,13 +4,17 @@
         [--hardware configs/hardware/cpu_this_machine.yaml] [--out docs/scaling/costmodel_validation.json] \\
         [--min-seconds 0.5] [--target 0.3]
 
-Pools the ``prune_report.json`` files (``ws<R>.json``) of the given directories, groups them by model (name and p),
-and predicts every run from rates fitted to the *other* runs of its group (leave-one-out,
-:func:`dist_chita.costmodel.compare_held_out`). Pooling a strong and a weak study gives runs that differ in both R
-and n, so each held-out run is predicted from rates that were fitted over both. Prints the table and, per phase,
-the worst absolute relative error over the phases that took at least ``--min-seconds`` (shorter phases are timer
-and launch noise; the "sum" of a run counts only when one of its phases does, :func:`dist_chita.costmodel.scored`),
-and whether it is within ``--target``. Exit status 0 when every such phase is within the
+Pools the ``prune_report.json`` files of the given directories (every run in ``<dir>/runs`` when a study repeated
+its runs, else ``<dir>/ws<R>.json``), groups them by model (name and p), merges the runs of one *condition* (world
+size, n, threads per rank, storage dtype, method and stage count: e.g. R = 2, n = 32 in both a strong and a weak
+study) into their median (:func:`dist_chita.scaling.median_of_runs`), and predicts every condition from rates
+fitted to the *other* conditions of its group (leave-one-out, :func:`dist_chita.costmodel.compare_held_out`): a
+held-out condition never has a twin among the runs its rates were fitted to. Pooling a strong and a weak study
+gives conditions that differ in both R and n, so each is predicted from rates fitted over both. Prints the table
+and, per phase, the worst absolute relative error over the phases that took at least ``--min-seconds`` (shorter
+phases are timer and launch noise; the "sum" of a run counts only when one of its phases does,
+:func:`dist_chita.costmodel.scored`), and whether it is within ``--target``. Exit status 0 when every such phase is
+within the
 target, 1 when not, 2 on bad arguments.
 """
 
@@ -27,23 +31,41 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita import costmodel  # noqa: E402
+from dist_chita import costmodel, scaling  # noqa: E402
 
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
 
 
 def load_reports(dirs: list[Path]) -> list[dict]:
-    """All ws<R>.json reports of ``dirs``."""
+    """Every run recorded in ``dirs``: <dir>/runs/ws*.json where a study kept its repeated runs, else
+    <dir>/ws<R>.json."""
     reports = []
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"not a directory of reports: {d}")
-        paths = sorted(d.glob("ws*.json"))
+        paths = sorted((d / "runs").glob("ws*.json")) or sorted(d.glob("ws*.json"))
         if not paths:
             raise ValueError(f"no ws<R>.json reports in {d}")
         for p in paths:
             reports.append(json.loads(p.read_text()))
     return reports
+
+
+def condition(rep: dict) -> tuple:
+    """What makes two runs of one model the same measurement: world size, n, threads per rank, storage dtype,
+    method, and per CHITA++ stage the weights kept, IHT iterations and backsolves (what the cost model's workload
+    is read from)."""
+    stages = tuple((s.get("kept"), s.get("iterations"), s.get("backsolves")) for s in rep.get("stages") or [])
+    return (int(rep["world_size"]), int(rep["n"]), int(rep.get("threads_per_rank") or 1),
+            str(rep.get("storage_dtype")), str(rep.get("method")), stages)
+
+
+def pool(reports: list[dict]) -> list[dict]:
+    """One report per :func:`condition` (the median of its runs), in the order conditions first appear."""
+    runs: dict[tuple, list[dict]] = {}
+    for rep in reports:
+        runs.setdefault(condition(rep), []).append(rep)
+    return [scaling.median_of_runs(reps) for reps in runs.values()]
 
 
 def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) -> dict:
@@ -53,11 +75,15 @@ def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) ->
         groups.setdefault((str(rep.get("name", "")), int(rep["p"])), []).append(rep)
     out = {"groups": [], "worst": {}}
     for (name, p), reps in sorted(groups.items()):
-        if len(reps) < 3:
-            raise ValueError(f"model {name!r} (p = {p}) has {len(reps)} run(s); leave-one-out needs at least 3")
-        rows = costmodel.compare_held_out(reps, hw)
+        conditions = pool(reps)
+        if len(conditions) < 3:
+            raise ValueError(f"model {name!r} (p = {p}) has {len(conditions)} distinct run condition(s); "
+                             "leave-one-out needs at least 3")
+        rows = costmodel.compare_held_out(conditions, hw)
         worst = costmodel.worst_errors(rows, min_seconds)
-        out["groups"].append({"name": name, "p": p, "runs": len(reps), "rows": rows, "worst": worst})
+        out["groups"].append({"name": name, "p": p, "runs": len(reps), "conditions": len(conditions),
+                              "runs_per_condition": [int(c.get("repeats") or 1) for c in conditions],
+                              "rows": rows, "worst": worst})
         for ph, e in worst.items():
             out["worst"][ph] = max(out["worst"].get(ph, 0.0), e)
     return out
@@ -66,7 +92,9 @@ def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) ->
 def format_result(result: dict, min_seconds: float, target: float) -> str:
     lines = []
     for g in result["groups"]:
-        lines.append(f"{g['name']} (p = {g['p']}): {g['runs']} runs, each predicted from rates fitted to the others")
+        lines.append(f"{g['name']} (p = {g['p']}): {g['runs']} runs in {g['conditions']} conditions (medians of "
+                     f"{'/'.join(map(str, g['runs_per_condition']))} runs), each condition predicted from rates "
+                     "fitted to the others")
         lines.append(f"{'R':>3} {'n':>6} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>9}")
         for row in g["rows"]:
             if row["phase"] in ("writeback", "save"):

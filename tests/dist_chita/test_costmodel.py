@@ -379,3 +379,23 @@ def test_backsolve_oversubscribed_cores():
     assert r1["cholesky"] == pytest.approx(r2["cholesky"]) and r1["allreduce"] == 0.0
     hops4 = 4 * (2 * math.log2(4) * CPU.link_latency / 0.5)  # the 4 scalar all-reduces: latency / s' only
     assert r4["allreduce"] > hops4
+
+
+def test_gram_of_thin_rows_runs_at_a_width_dependent_rate():
+    """With n_h (Hardware.gram_half_width) the Gram's f_syrk 2 n^2 m FLOPs run at F s e_a n / (n + n_h): at n = n_h
+    half the rate, so twice the time; doubling n from 32 to 64 then costs (64 + n_h) / (32 + n_h) x 2, not 4x."""
+    w = cm.Workload(p=100_000, n=32, model_params=100_000, kept=40_000)
+    rates = cm.Rates(linalg_efficiency=0.5)
+    thin = dataclasses.replace(CPU, gram_half_width=32.0)
+    plain = cm.backsolve_terms(w, 2, CPU, rates, w.k)["gram"]
+    assert plain == pytest.approx(2 * 32 * 32 * 20_000 / (CPU.flops * CPU.compute_share(2) * 0.5))
+    assert cm.backsolve_terms(w, 2, thin, rates, w.k)["gram"] == pytest.approx(2 * plain)
+    w64 = dataclasses.replace(w, n=64)
+    ratio = cm.backsolve_terms(w64, 2, thin, rates, w.k)["gram"] / cm.backsolve_terms(w, 2, thin, rates, w.k)["gram"]
+    assert ratio == pytest.approx(4 * (64 + 32) / 64 / 2)  # = 3, against 4 at n_h = 0
+    other = cm.backsolve_terms(w, 2, thin, rates, w.k)
+    assert {k: v for k, v in other.items() if k != "gram"} == {
+        k: v for k, v in cm.backsolve_terms(w, 2, CPU, rates, w.k).items() if k != "gram"}
+    with pytest.raises(ValueError, match="gram_half_width"):
+        dataclasses.replace(CPU, gram_half_width=-1.0)
+    assert cm.Hardware.from_dict({**dataclasses.asdict(CPU), "gram_half_width": 17.5}).gram_half_width == 17.5

@@ -14,13 +14,18 @@ BASE = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=40, kept=32
                    micro_batch=250, layers=3)
 
 
-def _write_study(d, runs):
+def _write_study(d, runs, repeats=None):
+    """ws<R>.json per (R, n, m); with ``repeats`` (factors f_j), runs/ws<R>.run<j>.json with every time times f_j."""
     d.mkdir(parents=True)
     for R, n, m in runs:
         w = dataclasses.replace(BASE, n=n, backsolves=m)
         rep = synthetic_report(R, CPU, TRUTH, w)
         rep.update(name="mlp", stages=[{"backsolves": m}])
         (d / f"ws{R}.json").write_text(json.dumps(rep))
+        for j, f in enumerate(repeats or []):
+            (d / "runs").mkdir(exist_ok=True)
+            run = {**rep, "phase_seconds": {ph: [f * v for v in vals] for ph, vals in rep["phase_seconds"].items()}}
+            (d / "runs" / f"ws{R}.run{j + 1}.json").write_text(json.dumps(run))
 
 
 def test_pooled_leave_one_out_recovers_truth(tmp_path):
@@ -28,11 +33,11 @@ def test_pooled_leave_one_out_recovers_truth(tmp_path):
     _write_study(tmp_path / "weak", [(1, 250, 4), (2, 500, 6), (4, 1000, 11)])
     result = vc.validate(vc.load_reports([tmp_path / "strong", tmp_path / "weak"]), CPU, 0.0)
     (g,) = result["groups"]
-    assert g["runs"] == 6 and len(g["rows"]) == 6 * (len(cm.PHASES) + 1)
+    assert g["runs"] == g["conditions"] == 6 and len(g["rows"]) == 6 * (len(cm.PHASES) + 1)
     for ph in ("fisher", "solver", "backsolve"):
         assert result["worst"][ph] < 0.05, (ph, result["worst"])
     text = vc.format_result(result, 0.0, 0.3)
-    assert "mlp (p = 32360): 6 runs" in text and "backsolve" in text
+    assert "mlp (p = 32360): 6 runs in 6 conditions" in text and "backsolve" in text
 
 
 def test_exit_status_and_errors(tmp_path, capsys):
@@ -57,3 +62,25 @@ def test_exit_status_and_errors(tmp_path, capsys):
         (tmp_path / "two" / f"ws{R}.json").write_text((tmp_path / "s" / f"ws{R}.json").read_text())
     assert vc.main([str(tmp_path / "two"), "--hardware", str(hw)]) == 2
     assert "leave-one-out needs at least 3" in capsys.readouterr().err
+
+
+def test_runs_of_one_condition_are_pooled_into_their_median(tmp_path):
+    """R = 2, n = 1000 is in two studies: its 2 x 3 runs (times x 0.6, 1, 1.7 and x 0.7, 1, 1.5) are one condition
+    whose times are their median (x 1): recovered as well as the others, and never held out against its own twin."""
+    _write_study(tmp_path / "strong", [(1, 1000, 9), (2, 1000, 9), (4, 1000, 9)], repeats=[0.6, 1.0, 1.7])
+    _write_study(tmp_path / "weak", [(1, 250, 4), (2, 500, 6), (4, 1000, 11)], repeats=[0.8, 1.0, 1.1])
+    _write_study(tmp_path / "again", [(2, 1000, 9)], repeats=[0.7, 1.0, 1.5])
+    dirs = [tmp_path / "strong", tmp_path / "weak", tmp_path / "again"]
+    reports = vc.load_reports(dirs)
+    assert len(reports) == 21  # the runs/, not the ws<R>.json
+    pooled = vc.pool(reports)
+    assert len(pooled) == 6 and sorted(int(r.get("repeats") or 1) for r in pooled) == [3, 3, 3, 3, 3, 6]
+    truth = synthetic_report(2, CPU, TRUTH, dataclasses.replace(BASE, n=1000, backsolves=9))
+    (two,) = [r for r in pooled if vc.condition(r)[:2] == (2, 1000)]
+    assert two["phase_seconds"]["backsolve"] == truth["phase_seconds"]["backsolve"]
+    result = vc.validate(reports, CPU, 0.0)
+    (g,) = result["groups"]
+    assert g["runs"] == 21 and g["conditions"] == 6
+    for ph in ("fisher", "solver", "backsolve"):
+        assert result["worst"][ph] < 0.05, (ph, result["worst"])
+    assert "21 runs in 6 conditions (medians of 3/6/3/3/3/3 runs)" in vc.format_result(result, 0.0, 0.3)
