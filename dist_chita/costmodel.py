@@ -32,9 +32,9 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               does not have; single-threaded work and waiting,
                                                               so it takes 1 / s' longer on a time-shared core)
 
-  The allocation term is the first stage's excess in the reports (MLPNet at R = 1, n = 1000: 0.26 s for stage 1
-  against 0.06 s for each later one); its rate depends on the kernel's and the hypervisor's memory state (this VM:
-  0.2-2 s per GB), so e_p is fitted.
+  The allocation term is the first stage's excess in the reports (MLPNet at R = 1, n = 1000: 0.11 s for stage 1
+  against 0.06 s for each later one; 0.26 s when the factor had transparent huge pages); its rate depends on the
+  kernel's and the hypervisor's memory state (this VM: 0.5-0.6 s per GB, 0.2-2 s with huge pages), so e_p is fitted.
 
 * solver (the timed IHT), per iteration::
 

@@ -14,8 +14,7 @@ gives conditions that differ in both R and n, so each is predicted from rates fi
 and, per phase, the worst absolute relative error over the phases that took at least ``--min-seconds`` (shorter
 phases are timer and launch noise; the "sum" of a run counts only when one of its phases does,
 :func:`dist_chita.costmodel.scored`), and whether it is within ``--target``. Exit status 0 when every such phase is
-within the
-target, 1 when not, 2 on bad arguments.
+within the target, 1 when not, 2 on bad arguments.
 """
 
 from __future__ import annotations
