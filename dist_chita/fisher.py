@@ -20,8 +20,8 @@ Fast paths: a layer whose columns this rank owns entirely and whose per-sample g
 products (no token / spatial dimension) is computed straight into At's columns of the micro-batch
 (the ``target`` of :class:`PerSampleGrads`; cast to the storage dtype on store): no result buffer,
 no send, no copy; its finiteness is checked once, over whole rows, when this rank's batches are
-exhausted. At's pages are all faulted in, in order, when it is allocated (:func:`empty_block`): left to
-the column-wise writes, its first-touch page faults cost more than the gradients.
+exhausted. At's pages are all faulted in, in order, when it is allocated (:func:`empty_block`; huge pages from
+1 GiB): left to the column-wise writes, its first-touch page faults cost more than the gradients.
 
 Collective schedule (identical on every rank, even when sample counts differ): per step, one
 ``all_gather`` of (micro-batch size, first index, error flags), then one ``all_to_all`` per layer
@@ -195,34 +195,51 @@ class _Exchange:
 
 
 _POPULATE_MIN_BYTES = 64 << 20  # smaller blocks: torch.empty (their page faults are cheap enough)
+_HUGE_PAGE_MIN_BYTES = 1 << 30  # blocks from this size on are also given transparent huge pages
+_HUGE_PAGE = 2 << 20  # bytes of a transparent huge page (x86-64, arm64 with 4 KiB base pages)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # the constant is missing from Python < 3.14's mmap
 
 
 def empty_block(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Uninitialised (p_r, n) storage for At; ``torch.empty`` except for large CPU blocks on Linux, which are
-    an anonymous mapping whose pages are all faulted in at once (MADV_POPULATE_WRITE, Linux >= 5.14), in order.
+    an anonymous mapping whose pages are all faulted in at once (MADV_POPULATE_WRITE, Linux >= 5.14), in order;
+    blocks of at least 1 GiB are also aligned to 2 MiB and advised MADV_HUGEPAGE (transparent huge pages).
 
-    Why: the block is written once, column by column, and every page is touched first by that write. Left to the
-    exchange's column-wise writes, the first-touch page faults cost more than computing the per-sample gradients
-    (MiniLM-size encoder at R = 2, 1.36 GB per rank: 4.5 s against 2.6 s populated in order). Transparent huge
-    pages (MADV_HUGEPAGE) are deliberately not asked for: on this project's VM they made the population 3x slower
-    (129 MB: 0.24 s against 0.085 s; 1 GB: 1.7 s against 0.58 s, medians of 3 fresh processes) and the block's
-    reads and column writes no faster. The result is an ordinary contiguous tensor (the mapping is released with
-    its last reference); if the kernel refuses the advice, the writes fault the pages in as usual.
+    Why populate: the block is written once, column by column, and every page is touched first by that write. Left
+    to the exchange's column-wise writes, the first-touch page faults cost more than computing the per-sample
+    gradients (MiniLM-size encoder at R = 2, 1.36 GB per rank: 4.5 s against 2.6 s populated in order).
+
+    Why huge pages only from 1 GiB (measured on this project's 2-core VM, whose fresh memory is served slowly by the
+    hypervisor): below, huge pages made the population 2.6-3x slower and nothing faster (129 MB: 0.24 s against
+    0.085 s, the MLPNet prune's stage 1 at R = 1 took 0.26 s against 0.11 s; 680 MB: 0.95-1.36 s against 0.37-0.42
+    s). For the default job's 2.75 GB per rank (2 ranks), huge pages gave the faster gradient phase in 5 of 5
+    alternated pairs (24.5-26.4 s against 27.0-28.3 s; populating took 5.7 s against 6.2 s in the job). Where between
+    0.7 and 2.75 GB the balance turns was not measured; 1 GiB is a round figure in that range.
+
+    The result is an ordinary contiguous tensor (the mapping is released with its last reference); if the kernel
+    refuses the advice, the writes fault the pages in as usual.
     """
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
     if torch.device(device).type != "cpu" or nbytes < _POPULATE_MIN_BYTES or not hasattr(mmap, "MADV_DONTNEED"):
         return torch.empty(shape, dtype=dtype, device=device)
+    huge = nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
     try:
-        region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        region = mmap.mmap(-1, nbytes + (_HUGE_PAGE if huge else 0), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:
         return torch.empty(shape, dtype=dtype, device=device)
+    if huge:
+        try:
+            region.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # kernel without transparent huge pages: the mapping still works with small pages
+            pass
     try:
         region.madvise(_MADV_POPULATE_WRITE)
     except OSError:  # kernel before 5.14: the writes fault the pages in
         pass
-    return torch.frombuffer(region, dtype=dtype).view(shape)
+    raw = torch.frombuffer(region, dtype=torch.uint8)
+    start = (-raw.data_ptr()) % _HUGE_PAGE if huge else 0
+    return raw[start : start + nbytes].view(dtype).view(shape)
 
 
 def _check_layout(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dist_chita import comm
+from dist_chita import comm, fisher
 from dist_chita.fisher import empty_block, fisher_block
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import cross_entropy, sampled_fisher
@@ -180,6 +180,36 @@ def test_empty_block_is_an_ordinary_writable_tensor():
     half = empty_block((4096, 8192), torch.float16, torch.device("cpu"))
     half.fill_(1.5)
     assert half.dtype == torch.float16 and half.float().mean().item() == 1.5
+
+
+def test_empty_block_huge_page_path(monkeypatch):
+    """Blocks from _HUGE_PAGE_MIN_BYTES on (1 GiB; lowered here to 64 MiB) are mapped on 2 MiB boundaries for
+    transparent huge pages, and are ordinary writable tensors too."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        pytest.skip("no transparent huge pages on this platform")
+    monkeypatch.setattr(fisher, "_HUGE_PAGE_MIN_BYTES", 64 << 20)
+    at = empty_block((2048, 8192), torch.float32, torch.device("cpu"))
+    assert at.data_ptr() % (2 << 20) == 0 and at.shape == (2048, 8192) and at.is_contiguous()
+    at.fill_(3.0)
+    assert at.sum().item() == 3.0 * 2048 * 8192
+    below = empty_block((2048, 8191), torch.float32, torch.device("cpu"))  # 64 MiB - 8 KiB: small pages
+    below.fill_(1.0)
+    assert below.sum().item() == 2048 * 8191
+
+    def advised_huge(t: torch.Tensor) -> bool:
+        """Whether the mapping holding t has the MADV_HUGEPAGE flag ("hg" in /proc/self/smaps VmFlags)."""
+        inside = False
+        for line in open("/proc/self/smaps"):
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= t.data_ptr() < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+        raise AssertionError("mapping not found")
+
+    if Path("/proc/self/smaps").exists():
+        assert advised_huge(at) and not advised_huge(below)
 
 
 def test_overflow_in_a_layer_computed_straight_into_at_is_caught():
