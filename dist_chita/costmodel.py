@@ -474,8 +474,9 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     * rows: the gather of the kept rows into float32 (b + 4 B per entry, when :func:`~dist_chita.backsolve.gathers`
       says their float64 size fits) and ``backsolve_row_passes`` + q passes over them (q = ``pcg_steps``; 4 B per
       entry from the gathered float32 rows, else b from the block; each chunk's float64 copy stays in cache), at
-      e_b M s; plus g_row bytes per row gathered (``row_gather_bytes``): once when gathered, else every pass and
-      the Gram's re-gather the kept rows from the block;
+      e_b M s; plus g_row bytes per row gathered (``row_gather_bytes``) when the rows are too large to keep
+      gathered: every pass and the Gram's re-gather the kept rows from the block (a single gather's per-row cost is
+      not counted);
     * allreduce: the n x n float64 G, 2 + q n-vectors (A_S b, A_S A_S^T x_0 and one per PCG step) and 4 small
       ones (the support size, the recall check, the change count and PCG's scale), at the link's rate times s
       (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting for its turn on a shared core).
@@ -489,7 +490,10 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     gathered = gathers(m, n)
     passes = rates.backsolve_row_passes + rates.pcg_steps
     row_bytes = n * m * ((b + 4) + passes * 4 if gathered else passes * b)
-    gathers_per_row = 1 if gathered else passes + 1  # index_select of each kept row: once, or per pass and the Gram
+    # index_select of each kept row per pass and for the Gram when the rows are too large to keep gathered; a single
+    # gather's per-row cost is not counted (next to the Gram's 2 n^2 FLOPs per row it is small, and a per-row term
+    # that only scales like the Gram's rows cannot be told apart from it by a fit)
+    gathers_per_row = 0 if gathered else passes + 1
     row_bytes += gathers_per_row * m * rates.row_gather_bytes
     q = rates.pcg_steps
     collectives = (allreduce_seconds(8 * n * n, ranks, bw * s, lat / slice_)
@@ -714,7 +718,8 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         cols[2].append(solver_at(w, R, iteration_overhead=1.0) - bandwidth)
         y.append(max(0.0, t["solver"] - bandwidth))
     inv_em, lat, overhead = _nnls(cols, y, [t["solver"] for _, _, t in loads])
-    mem_eff = 1.0 / inv_em if inv_em > 0 else base.memory_efficiency
+    # a zero coefficient on a feature that varied is the fit's answer (no cost: inf), not a missing one (base)
+    mem_eff = 1.0 / inv_em if inv_em > 0 else (math.inf if any(cols[0]) else base.memory_efficiency)
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
     rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
@@ -779,7 +784,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
                        - pred.terms["backsolve_rows"])
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
     inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
-    lin_eff = 1.0 / inv_ea if inv_ea > 0 else base.linalg_efficiency
+    lin_eff = 1.0 / inv_ea if inv_ea > 0 else (math.inf if any(cols[0]) else base.linalg_efficiency)
     rates = dataclasses.replace(rates, row_gather_bytes=gather_bytes)
 
     fixed = {"fisher": 0.0, "backsolve": fixed_back}
