@@ -14,7 +14,7 @@ Prints and writes benchmarks/results/machine_rates.json:
 
 Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down),
 except the page population: the median of 3 fresh processes (it depends on the kernel's and the hypervisor's
-memory state: on this VM 0.17-1.6 s per GB, the slow end for memory no process has touched lately).
+memory state: on this VM 0.45-0.65 s per GiB with small pages; 0.16-2.0 s with huge pages).
 ``configs/hardware/cpu_this_machine.yaml`` records these numbers for ``launch/scaling_study.py`` and
 ``launch/plan.py``.
 
@@ -24,6 +24,7 @@ memory state: on this VM 0.17-1.6 s per GB, the slow end for memory no process h
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -66,8 +67,6 @@ def gram_rates(sweeps: int = 3) -> dict:
 
 def fit_half_width(rates: dict[int, float]) -> float:
     """n_h minimising sum_n (log r_n - log(c n / (n + n_h)))^2 over n_h in 0, 0.5, ..., 512 (c: its best scale)."""
-    import math
-
     best, best_err = 0.0, math.inf
     for h in (i / 2 for i in range(1025)):
         logs = [math.log(r * (n + h) / n) for n, r in rates.items()]

@@ -131,7 +131,7 @@ class Hardware:
             None: allocation is free, as with a GPU's caching allocator).
         gram_half_width: n_h, the Gram matrix R^T R of a tall R (m x n) runs at F n / (n + n_h): a skinny matrix
             product's rate grows with its width n (``benchmarks/machine_rates.py`` fits n_h from R^T R at n = 16 ...
-            512; 24 on this machine's CPU core, whose rate at n = 32 is 0.58 of its rate at 512). 0: F at every n.
+            512; 17.5 on this machine's CPU core, whose rate at n = 32 is 0.63 of its rate at 512). 0: F at every n.
     """
 
     name: str
@@ -675,6 +675,14 @@ def stage_one_share(report: dict, solves: int) -> float | None:
     return secs[0] / total if total > 0 else None
 
 
+def _efficiency(inverse: float, feature: list[float], base: float) -> float:
+    """An efficiency from its fitted inverse: 1 / inverse; a zero coefficient on a ``feature`` that varied is the
+    fit's answer (no cost: inf); on a feature that was always 0 the fit says nothing (``base``)."""
+    if inverse > 0:
+        return 1.0 / inverse
+    return math.inf if any(feature) else base
+
+
 def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
     """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
     weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
@@ -718,8 +726,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         cols[2].append(solver_at(w, R, iteration_overhead=1.0) - bandwidth)
         y.append(max(0.0, t["solver"] - bandwidth))
     inv_em, lat, overhead = _nnls(cols, y, [t["solver"] for _, _, t in loads])
-    # a zero coefficient on a feature that varied is the fit's answer (no cost: inf), not a missing one (base)
-    mem_eff = 1.0 / inv_em if inv_em > 0 else (math.inf if any(cols[0]) else base.memory_efficiency)
+    mem_eff = _efficiency(inv_em, cols[0], base.memory_efficiency)
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
     rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
@@ -754,7 +761,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, meas)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
     ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
-    pop_eff = 1.0 / inv_ep if inv_ep > 0 else (math.inf if any(cols[3]) else base.population_efficiency)
+    pop_eff = _efficiency(inv_ep, cols[3], base.population_efficiency)
     if not any(cols[2]):  # every report at R = 1: the exchange is not observed
         ex_eff, x_over = base.exchange_efficiency, base.exchange_overhead
     rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
@@ -784,7 +791,7 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
                        - pred.terms["backsolve_rows"])
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
     inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
-    lin_eff = 1.0 / inv_ea if inv_ea > 0 else (math.inf if any(cols[0]) else base.linalg_efficiency)
+    lin_eff = _efficiency(inv_ea, cols[0], base.linalg_efficiency)
     rates = dataclasses.replace(rates, row_gather_bytes=gather_bytes)
 
     fixed = {"fisher": 0.0, "backsolve": fixed_back}

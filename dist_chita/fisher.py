@@ -221,7 +221,7 @@ def empty_block(shape: tuple[int, int], dtype: torch.dtype, device: torch.device
     """
     numel = math.prod(shape)
     nbytes = numel * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes < _POPULATE_MIN_BYTES or not hasattr(mmap, "MADV_DONTNEED"):
+    if torch.device(device).type != "cpu" or nbytes < _POPULATE_MIN_BYTES or not hasattr(mmap.mmap, "madvise"):
         return torch.empty(shape, dtype=dtype, device=device)
     huge = nbytes >= _HUGE_PAGE_MIN_BYTES and hasattr(mmap, "MADV_HUGEPAGE")
     try:

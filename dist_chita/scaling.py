@@ -105,8 +105,7 @@ def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) ->
 def mask_statement(reports: list[dict]) -> tuple[bool, str]:
     """(all equal, statement): "all N world sizes produced the same mask (sha256 ...)" or which differ. Repeated
     runs of a world size (:func:`median_of_runs`) may be passed together: "all M runs of the N world sizes ..."."""
-    by_size = sorted((int(r["world_size"]), r.get("mask_sha256") or "") for r in reports)
-    by_size = [(R, d or None) for R, d in by_size]
+    by_size = sorted(((int(r["world_size"]), r.get("mask_sha256") or None) for r in reports), key=lambda x: x[0])
     sizes = sorted({R for R, _ in by_size})
     runs = "" if len(sizes) == len(by_size) else f"{len(by_size)} runs of the "
     digests = {d for _, d in by_size}

@@ -6,7 +6,7 @@
 
 Pools the ``prune_report.json`` files of the given directories (every run in ``<dir>/runs`` when a study repeated
 its runs, else ``<dir>/ws<R>.json``), groups them by model (name and p), merges the runs of one *condition* (world
-size, n, threads per rank, storage dtype, method and stage count: e.g. R = 2, n = 32 in both a strong and a weak
+size, n, threads per rank, storage dtype, method and per-stage work: e.g. R = 2, n = 32 in both a strong and a weak
 study) into their median (:func:`dist_chita.scaling.median_of_runs`), and predicts every condition from rates
 fitted to the *other* conditions of its group (leave-one-out, :func:`dist_chita.costmodel.compare_held_out`): a
 held-out condition never has a twin among the runs its rates were fitted to. Pooling a strong and a weak study
