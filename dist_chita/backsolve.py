@@ -48,6 +48,7 @@ from dist_chita import comm
 PHASE = "backsolve"
 CHUNK_BYTES = 1 << 22  # float64 rows of At converted per chunk in rows_matvec / rows_rmatvec: cache-sized (4 MiB ran
 # 4x faster than 64 MiB on a 32k x 1000 factor: the converted chunk is multiplied before it leaves the cache)
+DEVICE_CHUNK_BYTES = 1 << 28  # chunks on an accelerator: each costs kernel launches and a host sync, not cache misses
 GATHER_BYTES = 1 << 28  # float64 copy of the rows A_{r,S}^T kept during one backsolve (else re-read per product)
 MEMO_SIZE = 4  # solutions remembered by a GramCache (each: |S_r| indices and values, 12 |S_r| bytes)
 MEMO_BYTES = 1 << 26  # a rank does not remember solutions larger than this (then no rank recalls them)
@@ -56,6 +57,12 @@ STALL_TOL = 1e-7  # PCG stalled at rounding level counts as converged when its e
 
 class IllConditionedError(ValueError):
     """lambda I + G is not (numerically) positive definite: lambda is too small for this support."""
+
+
+def chunk_bytes(device: torch.device, cpu_bytes: int) -> int:
+    """Bytes of rows of At per chunk of a chunked product: ``cpu_bytes`` (cache-sized) on the CPU, at least
+    :data:`DEVICE_CHUNK_BYTES` on an accelerator (where thousands of small chunks would be launch-bound)."""
+    return cpu_bytes if torch.device(device).type == "cpu" else max(cpu_bytes, DEVICE_CHUNK_BYTES)
 
 
 def _chunk_rows(n: int, nbytes: int = CHUNK_BYTES) -> int:
@@ -71,7 +78,7 @@ def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.floa
     ``rows`` is only valid until the next chunk and must not be written to.
     """
     m, n = idx.numel(), At.shape[1]
-    step = min(_chunk_rows(n, nbytes), max(m, 1))
+    step = min(_chunk_rows(n, chunk_bytes(At.device, nbytes)), max(m, 1))
     if m == 0:
         return
     first = int(idx[0])
@@ -80,15 +87,15 @@ def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.floa
             for s in range(0, m, step):
                 yield s, min(s + step, m), At[first + s : first + min(s + step, m)]
             return
-        buf = torch.empty(step, n, dtype=dtype)
+        buf = torch.empty(step, n, dtype=dtype, device=At.device)
         for s in range(0, m, step):
             e = min(s + step, m)
             buf[: e - s].copy_(At[first + s : first + e])
             yield s, e, buf[: e - s]
         return
     same = At.dtype == dtype
-    buf = torch.empty(step, n, dtype=dtype)
-    stage = buf if same else torch.empty(step, n, dtype=At.dtype)
+    buf = torch.empty(step, n, dtype=dtype, device=At.device)
+    stage = buf if same else torch.empty(step, n, dtype=At.dtype, device=At.device)
     for s in range(0, m, step):
         e = min(s + step, m)
         torch.index_select(At, 0, idx[s:e], out=stage[: e - s])
@@ -99,7 +106,7 @@ def _chunks(At: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.floa
 
 def rows_matvec(At: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Local A_{r,S} x = sum_j At[idx_j] x_j, shape (n,) float64 (x: (|idx|,)); not reduced."""
-    out = torch.zeros(At.shape[1], dtype=torch.float64)
+    out = torch.zeros(At.shape[1], dtype=torch.float64, device=At.device)
     x = x.to(torch.float64)
     for s, e, rows in _chunks(At, idx):
         out.addmv_(rows.T, x[s:e])
@@ -108,7 +115,7 @@ def rows_matvec(At: torch.Tensor, idx: torch.Tensor, x: torch.Tensor) -> torch.T
 
 def rows_rmatvec(At: torch.Tensor, idx: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A_{r,S}^T v = At[idx] @ v, shape (|idx|,) float64 (v: (n,))."""
-    out = torch.empty(idx.numel(), dtype=torch.float64)
+    out = torch.empty(idx.numel(), dtype=torch.float64, device=At.device)
     v = v.to(torch.float64)
     for s, e, rows in _chunks(At, idx):
         torch.mv(rows, v, out=out[s:e])
@@ -133,7 +140,7 @@ def _syrk(R: torch.Tensor) -> torch.Tensor:
     nb = syrk_blocks(n)
     if nb < 2:
         return R.T @ R
-    G = torch.empty(n, n, dtype=R.dtype)
+    G = torch.empty(n, n, dtype=R.dtype, device=R.device)
     e = [round(i * n / nb) for i in range(nb + 1)]
     for i in range(nb):
         G[e[i] : e[i + 1], : e[i + 1]] = R[:, e[i] : e[i + 1]].T @ R[:, : e[i + 1]]
@@ -145,7 +152,7 @@ def _syrk(R: torch.Tensor) -> torch.Tensor:
 def _local_gram(At: torch.Tensor, idx: torch.Tensor, exact: bool, sign: float = 1.0, out=None) -> torch.Tensor:
     """Local sign * A_{r,S} A_{r,S}^T over rows ``idx``, (n, n) float64; formed in float32 unless ``exact``."""
     n = At.shape[1]
-    G = torch.zeros(n, n, dtype=torch.float64) if out is None else out
+    G = torch.zeros(n, n, dtype=torch.float64, device=At.device) if out is None else out
     dtype = torch.float64 if exact else torch.float32
     for _, _, rows in _chunks(At, idx, dtype, nbytes=GATHER_BYTES):
         G.add_(_syrk(rows), alpha=sign)
@@ -163,18 +170,19 @@ def gram(At: torch.Tensor, idx: torch.Tensor, exact: bool = True, rows=None) -> 
 
 
 def _key(support: torch.Tensor) -> int:
-    return hash(support.numpy().tobytes())
+    return hash(support.cpu().numpy().tobytes())  # (a host copy on an accelerator)
 
 
 def _same_on_all_ranks(value: int) -> bool:
     """True when ``value`` is the same integer on every rank (one all-reduce of two int64 at world size > 1)."""
-    mx, neg_mn = (int(v) for v in comm.all_reduce(torch.tensor([value, -value], dtype=torch.int64), op="max"))
+    both = torch.tensor([value, -value], dtype=torch.int64, device=comm.device())
+    mx, neg_mn = (int(v) for v in comm.all_reduce(both, op="max"))
     return mx == -neg_mn
 
 
 def _all_true(flag: bool) -> bool:
     """True when ``flag`` holds on every rank (one scalar all-reduce at world size > 1)."""
-    return bool(int(comm.all_reduce(torch.tensor([int(flag)], dtype=torch.int64), op="min")[0]))
+    return bool(int(comm.all_reduce(torch.tensor([int(flag)], dtype=torch.int64, device=comm.device()), op="min")[0]))
 
 
 class GramCache:
@@ -203,7 +211,7 @@ class GramCache:
         if self.support is not None and self.support.shape == support.shape and (self.exact or not exact):
             drop, add = self.support & ~support, support & ~self.support
             changed, size = (int(v) for v in comm.all_reduce(torch.tensor(
-                [int(drop.sum() + add.sum()), int(support.sum())], dtype=torch.int64)))
+                [int(drop.sum() + add.sum()), int(support.sum())], dtype=torch.int64, device=comm.device())))
             if changed == 0:
                 return self.G.clone()
             if changed < size // 2:
@@ -239,7 +247,7 @@ class GramCache:
         mine = hit is not None and torch.equal(hit[1], idx)
         if not _same_on_all_ranks(hit[0] if mine else -1) or not mine:
             return None
-        w = torch.zeros(support.shape[0], dtype=torch.float32)
+        w = torch.zeros(support.shape[0], dtype=torch.float32, device=support.device)
         w[idx] = hit[2]
         return w
 
@@ -265,7 +273,7 @@ class _Rows:
         self.At, self.idx = At, idx
         fits = gathers(idx.numel(), At.shape[1])
         self.R32 = At.index_select(0, idx).float() if fits else None
-        self._src = (self.R32, torch.arange(idx.numel())) if fits else (At, idx)
+        self._src = (self.R32, torch.arange(idx.numel(), device=idx.device)) if fits else (At, idx)
 
     def gram32(self) -> torch.Tensor:
         """Local A_{r,S} A_{r,S}^T formed in float32, (n, n) float64."""
@@ -284,8 +292,8 @@ class _Rows:
     def normal_mv(self, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(local A_{r,S} A_{r,S}^T v (n,), A_{r,S}^T v (m,)), float64, in one pass: each chunk of rows is used
         for both products while it is in cache."""
-        u = torch.zeros(self.At.shape[1], dtype=torch.float64)
-        t = torch.empty(self.idx.numel(), dtype=torch.float64)
+        u = torch.zeros(self.At.shape[1], dtype=torch.float64, device=self.At.device)
+        t = torch.empty(self.idx.numel(), dtype=torch.float64, device=self.At.device)
         v = v.to(torch.float64)
         for s, e, rows in _chunks(*self._src):
             u.addmv_(rows.T, torch.mv(rows, v, out=t[s:e]))
@@ -400,9 +408,9 @@ def _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, max_iter, 
 def _gather_columns(R: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """All ranks' kept rows R (m_r, n) and a per-row value ``extra`` (m_r,), concatenated in rank order on every
     rank; returns (R_all, extra_all, offset of this rank's rows)."""
-    counts = [int(c) for c in comm.all_gather(torch.tensor([R.shape[0]], dtype=torch.int64))]
+    counts = [int(c) for c in comm.all_gather(torch.tensor([R.shape[0]], dtype=torch.int64, device=R.device))]
     top = max(counts)
-    pad = torch.zeros(top, R.shape[1] + 1, dtype=torch.float64)
+    pad = torch.zeros(top, R.shape[1] + 1, dtype=torch.float64, device=R.device)
     pad[: R.shape[0], :-1] = R
     pad[: R.shape[0], -1] = extra
     parts = [t[:c] for t, c in zip(comm.all_gather(pad), counts, strict=True)]
@@ -432,7 +440,8 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast):
         # about mu_min(P) (half the Rayleigh quotient after a few power steps on P^-1)
         mu = lam
         if lam == 0:
-            v = torch.randn(P.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+            v = torch.randn(P.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                            device="cpu").to(P.device)  # the same draw on every device
             for _ in range(8):
                 v = torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1)
                 v = v / v.norm().clamp(min=1e-300)
@@ -478,7 +487,7 @@ def backsolve(
         cache: a :class:`GramCache` (G updates across nearby supports, factor and solution reuse).
 
     Returns:
-        w: (p_r,) float32, zero off S.
+        w: (p_r,) float32 on At's device, zero off S.
     """
     if lam < 0 or not math.isfinite(lam):
         raise ValueError(f"lambda must be finite and >= 0, got {lam}")
@@ -486,6 +495,8 @@ def backsolve(
     if w_bar.shape != (p_r,) or support.shape != (p_r,) or y.shape != (n,):
         raise ValueError(f"shape mismatch: At {tuple(At.shape)}, w_bar {tuple(w_bar.shape)}, "
                          f"support {tuple(support.shape)}, y {tuple(y.shape)}")
+    w_bar, support, y = w_bar.to(At.device), support.to(At.device), y.to(At.device)  # computed where At lives
+    w0 = None if w0 is None else w0.to(At.device)
     with comm.phase(PHASE):
         if cache is not None and lam > 0:
             w = cache.recall(support, lam, y, w_bar)
@@ -494,7 +505,7 @@ def backsolve(
         idx = torch.nonzero(support, as_tuple=True)[0]
         y64 = y.to(torch.float64)
         wb = w_bar[idx].to(torch.float64)
-        size = int(comm.all_reduce(torch.tensor([idx.numel()], dtype=torch.int64))[0])
+        size = int(comm.all_reduce(torch.tensor([idx.numel()], dtype=torch.int64, device=idx.device))[0])
         w = None if size else wb
         if w is None and size < n:
             w = _solve_primal(At, idx, lam, y64, wb, max_cond, tol, pcg_max_iter, fast)
@@ -504,7 +515,7 @@ def backsolve(
             rows = _Rows(At, idx)
             w = (wb if w0 is None else w0[idx].to(torch.float64)).clone()
             w = _cg(rows, lam, rows.rmv(y64), w, cg_tol, cg_max_iter)
-    out = torch.zeros(p_r, dtype=torch.float32)
+    out = torch.zeros(p_r, dtype=torch.float32, device=At.device)
     out[idx] = w.to(torch.float32)
     if cache is not None and lam > 0:
         cache.remember(support, lam, y, w_bar, out)
@@ -539,7 +550,7 @@ def swap_curvatures(
 
     def quad(mask: torch.Tensor, fill: float) -> torch.Tensor:
         idx = torch.nonzero(mask, as_tuple=True)[0]
-        out = torch.full((At.shape[0],), fill, dtype=torch.float64)
+        out = torch.full((At.shape[0],), fill, dtype=torch.float64, device=At.device)
         for s, e, rows in _chunks(At, idx):
             z = torch.linalg.solve_triangular(L, rows.T, upper=False)  # (n, c): L^-1 a_i
             out[idx[s:e]] = (z * z).sum(0)

@@ -11,6 +11,9 @@ CHITA solves  min f(w)  subject to  w in C,  where C is one of
 
 Coordinates that are not ``allowed`` (weights already pruned) stay zero.
 
+Every tensor a :class:`Budget` holds or creates lives on one device (:attr:`Budget.device`, that of ``allowed``
+or ``segment_ids`` when given); :meth:`Budget.to` moves it next to the factor (the solver does).
+
 A :class:`Budget` holds this rank's share of the description. Its
 :meth:`project` returns the support of the hard-thresholding operator H(v),
 the coordinates kept when v is projected onto C; :meth:`tau_change` gives the
@@ -52,33 +55,54 @@ class Budget:
 
     # --- constructors -----------------------------------------------------
     @staticmethod
-    def global_topk(p_local: int, k: int, allowed: torch.Tensor | None = None) -> Budget:
-        """||w||_0 <= k over all ranks."""
-        b = Budget("topk", p_local, torch.tensor([int(k)], dtype=torch.int64), None, allowed=allowed)
+    def global_topk(p_local: int, k: int, allowed: torch.Tensor | None = None,
+                    device: torch.device | str | None = None) -> Budget:
+        """||w||_0 <= k over all ranks. ``device``: where the budget's tensors live (default: that of ``allowed``,
+        else the CPU)."""
+        device = allowed.device if allowed is not None else torch.device(device or "cpu")
+        b = Budget("topk", p_local, torch.tensor([int(k)], dtype=torch.int64, device=device), None, allowed=allowed)
         b._check_topk()
         return b
 
     @staticmethod
     def per_segment(segment_ids: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None = None) -> Budget:
         """||w_g||_0 <= k_g for every segment g (segments may straddle ranks)."""
-        k = torch.as_tensor(k, dtype=torch.int64).reshape(-1)
-        b = Budget("topk", segment_ids.numel(), k, segment_ids.to(torch.int64), allowed=allowed)
+        k = torch.as_tensor(k, dtype=torch.int64, device=segment_ids.device).reshape(-1)
+        b = Budget("topk", segment_ids.numel(), k, segment_ids.to(torch.int64),
+                   allowed=None if allowed is None else allowed.to(segment_ids.device))
         b._check_topk()
         return b
 
     @staticmethod
-    def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None) -> Budget:
+    def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None,
+            device: torch.device | str | None = None) -> Budget:
         """At most n nonzeros in every group of m consecutive local columns."""
         if not 0 < n < m:
             raise ValueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
         if p_local % m:
             raise ValueError(f"{p_local} columns on this rank are not a whole number of {m}-groups")
-        return Budget("nm", p_local, torch.zeros(0, dtype=torch.int64), None, n=n, m=m, allowed=allowed)
+        device = allowed.device if allowed is not None else torch.device(device or "cpu")
+        return Budget("nm", p_local, torch.zeros(0, dtype=torch.int64, device=device), None, n=n, m=m,
+                      allowed=allowed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def to(self, device: torch.device | str) -> Budget:
+        """The same budget with its tensors on ``device`` (itself when they are there already)."""
+        device = torch.device(device)
+        if self.device == device:
+            return self
+        move = (lambda t: None if t is None else t.to(device))  # noqa: E731
+        return Budget(self.kind, self.p_local, move(self.k), move(self.segment_ids), self.n, self.m,
+                      move(self.allowed))
 
     def _allowed_per_segment(self) -> torch.Tensor:
         seg = self._segments()
-        ones = torch.ones(self.p_local, dtype=torch.int64) if self.allowed is None else self.allowed.to(torch.int64)
-        counts = torch.zeros(self.k.numel(), dtype=torch.int64).index_add_(0, seg, ones)
+        ones = (torch.ones(self.p_local, dtype=torch.int64, device=self.device) if self.allowed is None
+                else self.allowed.to(torch.int64))
+        counts = torch.zeros(self.k.numel(), dtype=torch.int64, device=self.device).index_add_(0, seg, ones)
         return comm.all_reduce(counts)
 
     def _check_topk(self) -> None:
@@ -100,7 +124,7 @@ class Budget:
     def _segments(self) -> torch.Tensor:
         if self.segment_ids is not None:
             return self.segment_ids
-        return torch.zeros(self.p_local, dtype=torch.int64)
+        return torch.zeros(self.p_local, dtype=torch.int64, device=self.device)
 
     # --- queries ----------------------------------------------------------
     def total(self) -> int:
@@ -111,7 +135,7 @@ class Budget:
         return int(comm.all_reduce(groups.sum().reshape(1))[0])
 
     def _allowed_mask(self) -> torch.Tensor:
-        return torch.ones(self.p_local, dtype=torch.bool) if self.allowed is None else self.allowed
+        return torch.ones(self.p_local, dtype=torch.bool, device=self.device) if self.allowed is None else self.allowed
 
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """Support of H(v): (p_r,) bool mask of the coordinates kept. Collective."""
@@ -150,18 +174,25 @@ class Budget:
         denominator is positive; tau_change = min_i tau_i. Collective.
         """
         w, g = w.float(), g.float()
-        outside = (~support) & self._allowed_mask().to(w.device)
-        if self.kind == "topk":
-            seg = self._segments().to(w.device)
-            g_out = torch.full((self.k.numel(),), -math.inf, dtype=torch.float32, device=w.device)
-            g_out.scatter_reduce_(0, seg[outside], g.abs()[outside], reduce="amax")
+        blocked = support if self.allowed is None else support | ~self.allowed  # not outside: in S or fixed at 0
+        ga = g.abs().masked_fill_(blocked, -math.inf)  # |g_j| for j outside S, -inf elsewhere
+        if self.kind == "topk" and self.segment_ids is None:
+            g_out = ga.amax().reshape(1) if ga.numel() else torch.full((1,), -math.inf, device=w.device)
             comm.all_reduce(g_out, op="max")
-            g_out_i = g_out[seg]
+        elif self.kind == "topk":
+            g_out = torch.full((self.k.numel(),), -math.inf, dtype=torch.float32, device=w.device)
+            g_out.scatter_reduce_(0, self.segment_ids, ga, reduce="amax")
+            comm.all_reduce(g_out, op="max")
         else:
-            ga = torch.where(outside, g.abs(), torch.full_like(g, -math.inf)).reshape(-1, self.m)
-            g_out_i = ga.amax(1, keepdim=True).expand(-1, self.m).reshape(-1)
-        denom = g_out_i + torch.sign(w) * g
-        t = torch.where(support & (denom > 0), w.abs() / denom, torch.full_like(w, math.inf))
-        local = t.min() if t.numel() else torch.tensor(math.inf)
+            g_out = ga.reshape(-1, self.m).amax(1)
+        idx = torch.nonzero(support, as_tuple=True)[0]  # only S can leave first: tau_i for i in S
+        ws, gs = w[idx], g[idx]
+        if self.kind == "topk" and self.segment_ids is None:
+            g_out_i = g_out
+        else:
+            g_out_i = g_out[self.segment_ids[idx] if self.kind == "topk" else idx // self.m]
+        denom = g_out_i + torch.sign(ws) * gs
+        t = torch.where(denom > 0, ws.abs() / denom, torch.full_like(ws, math.inf))
+        local = t.min() if t.numel() else torch.tensor(math.inf, device=w.device)
         out = comm.all_reduce(local.reshape(1).double(), op="min")
         return float(out[0])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -45,6 +45,13 @@ def rank() -> int:
 def is_main() -> bool:
     """The one gate for all output: only rank 0 prints and writes."""
     return rank() == 0
+
+
+def device() -> torch.device:
+    """The device whose tensors the collectives take: the current CUDA device under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _count(t: torch.Tensor) -> None:
@@ -88,6 +95,12 @@ def all_reduce(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
         _count(t)
         dist.all_reduce(t, op=getattr(dist.ReduceOp, _OPS[op]))
     return t
+
+
+def all_reduce_floats(values: Sequence[float], op: str = "sum") -> list[float]:
+    """All-reduce a few Python numbers (as float64, on :func:`device`); returns them reduced."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device())
+    return [float(v) for v in all_reduce(t, op).tolist()]
 
 
 def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dist_chita import comm
-from dist_chita.backsolve import GramCache, rows_matvec, swap_curvatures
+from dist_chita.backsolve import GramCache, chunk_bytes, rows_matvec, swap_curvatures
 from dist_chita.backsolve import backsolve as ridge_backsolve
 from dist_chita.budget import Budget
 from dist_chita.select import check_finite, topk_mask
@@ -99,7 +99,7 @@ def at_matvec(At: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r = r.to(torch.float32)
     if At.dtype == torch.float32:
         return At @ r
-    out = torch.empty(At.shape[0], dtype=torch.float32)
+    out = torch.empty(At.shape[0], dtype=torch.float32, device=At.device)
     step = _row_chunks(*At.shape)
     for s in range(0, At.shape[0], step):
         out[s : s + step] = At[s : s + step].float() @ r
@@ -114,7 +114,7 @@ def compact_rows_(At: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     if m == At.shape[0]:
         return At
     step = _row_chunks(*At.shape)
-    buf = torch.empty(min(step, max(m, 1)), At.shape[1], dtype=At.dtype)
+    buf = torch.empty(min(step, max(m, 1)), At.shape[1], dtype=At.dtype, device=At.device)
     for s in range(0, m, step):
         e = min(s + step, m)
         torch.index_select(At, 0, rows[s:e], out=buf[: e - s])
@@ -127,7 +127,7 @@ def a_matvec(At: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     x = x.to(torch.float32)
     if At.dtype == torch.float32:
         return (At.T @ x).double()
-    out = torch.zeros(At.shape[1], dtype=torch.float32)
+    out = torch.zeros(At.shape[1], dtype=torch.float32, device=At.device)
     step = _row_chunks(*At.shape)
     for s in range(0, At.shape[0], step):
         out += At[s : s + step].float().T @ x[s : s + step]
@@ -136,7 +136,8 @@ def a_matvec(At: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _allreduce_vec_and_scalars(vec: torch.Tensor, *scalars: torch.Tensor | float) -> tuple[torch.Tensor, list[float]]:
     """One all-reduce of an n-vector plus float64 scalars (local partial sums)."""
-    buf = torch.cat([vec.to(torch.float64), torch.tensor([float(s) for s in scalars], dtype=torch.float64)])
+    buf = torch.cat([vec.to(torch.float64),
+                     torch.tensor([float(s) for s in scalars], dtype=torch.float64, device=vec.device)])
     comm.all_reduce(buf)
     n = vec.numel()
     return buf[:n], [float(v) for v in buf[n:]]
@@ -144,8 +145,7 @@ def _allreduce_vec_and_scalars(vec: torch.Tensor, *scalars: torch.Tensor | float
 
 def _sum(*scalars: float) -> list[float]:
     """All-reduce of a few local float64 partial sums."""
-    buf = comm.all_reduce(torch.tensor(scalars, dtype=torch.float64))
-    return [float(v) for v in buf]
+    return comm.all_reduce_floats(scalars)
 
 
 # ------------------------------------------------------------------------------------------------ the sub-problem
@@ -196,13 +196,14 @@ class _Problem:
         """
         At, m, n = self.At, self.At.shape[0], self.At.shape[1]
         r = (Aw - self.y).to(torch.float32)  # g = A^T (A w - y) + lambda (w - w_bar)
-        g = torch.empty(m, dtype=torch.float32)
-        u = torch.zeros(n, dtype=torch.float32)
+        g = torch.empty(m, dtype=torch.float32, device=At.device)
+        u = torch.zeros(n, dtype=torch.float32, device=At.device)
         reg = self.lam * (w - self.w_bar) if self.lam else None
         idx = torch.nonzero(S, as_tuple=True)[0]
-        step = max(1, _FUSED_CHUNK_BYTES * torch.get_num_threads() // (4 * max(n, 1)))
+        per_chunk = chunk_bytes(At.device, _FUSED_CHUNK_BYTES * torch.get_num_threads())  # cache-sized on a CPU
+        step = max(1, per_chunk // (4 * max(n, 1)))
         starts = list(range(0, m, step))
-        cuts = torch.searchsorted(idx, torch.tensor(starts + [m], dtype=idx.dtype)).tolist()
+        cuts = torch.searchsorted(idx, torch.tensor(starts + [m], dtype=idx.dtype, device=idx.device)).tolist()
         for j, s in enumerate(starts):
             e = min(s + step, m)
             c = At[s:e] if At.dtype == torch.float32 else At[s:e].float()
@@ -224,13 +225,14 @@ class _Problem:
         if self.col_sq is None:
             step = _row_chunks(*self.At.shape)
             self.col_sq = torch.cat([self.At[s : s + step].double().pow(2).sum(1)
-                                     for s in range(0, self.At.shape[0], step)] or [torch.zeros(0)])
+                                     for s in range(0, self.At.shape[0], step)]
+                                    or [torch.zeros(0, dtype=torch.float64, device=self.At.device)])
         return self.col_sq
 
     def L(self, iters: int = 30) -> float:
         """Largest eigenvalue of A^T A + lambda I by power iteration from the all-ones vector (cached)."""
         if self.lipschitz is None:
-            v = torch.ones(self.At.shape[0], dtype=torch.float32)
+            v = torch.ones(self.At.shape[0], dtype=torch.float32, device=self.At.device)
             (nv,) = _sum(float(torch.dot(v, v)))
             est = 0.0
             for _ in range(iters):
@@ -465,7 +467,8 @@ def solve(
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
     Args:
-        At: (p_r, n) A_r^T, this rank's rows of A^T (float32/bfloat16/float16 storage).
+        At: (p_r, n) A_r^T, this rank's rows of A^T (float32/bfloat16/float16 storage). The solve runs on its
+            device: w_bar, y and the budget are moved there, and the result's w and support live there.
         w_bar: (p_r,) dense weights w_bar of this rank.
         lam: lambda >= 0, the ridge weight.
         budget: the constraint C (:class:`dist_chita.budget.Budget`) on this rank's columns.
@@ -500,13 +503,17 @@ def solve(
         raise ValueError(f"lambda must be finite and >= 0, got {lam}")
     if budget.p_local != At.shape[0]:
         raise ValueError(f"the budget covers {budget.p_local} columns but At has {At.shape[0]} rows")
+    w_bar, budget = w_bar.to(At.device), budget.to(At.device)  # the solve runs where the factor lives
+    if y is not None:
+        y = y.to(At.device)
     # NaN/Inf anywhere in At makes its column sums A_r^T 1 non-finite (NaN and Inf propagate through + and *1): one
     # product instead of an elementwise pass; only then the exact chunked check (a finite overflow is not an error)
-    bad = check_at and not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0]))).all())
+    bad = check_at and not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0], device=At.device))).all())
     if bad:
         step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
         bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
-    check_finite(torch.tensor([math.nan if bad else 0.0]), "the Fisher factor A")  # collective: all ranks raise
+    # collective: all ranks raise
+    check_finite(torch.tensor([math.nan if bad else 0.0], device=comm.device()), "the Fisher factor A")
     check_finite(w_bar, "w_bar")
     total = budget.total()
     if total <= 0:
@@ -648,8 +655,8 @@ def solve(
     moved = {ph: bytes1.get(ph, 0) - bytes0.get(ph, 0) for ph in set(bytes1) | {PHASE, "backsolve"}}
     w, S = st.w, st.S.clone()
     if kept_rows is not None:  # back to all p_r columns: the dropped ones are zero
-        w = torch.zeros(p_r, dtype=st.w.dtype).index_copy_(0, kept_rows, st.w)
-        S = torch.zeros(p_r, dtype=torch.bool).index_copy_(0, kept_rows, st.S)
+        w = torch.zeros(p_r, dtype=st.w.dtype, device=st.w.device).index_copy_(0, kept_rows, st.w)
+        S = torch.zeros(p_r, dtype=torch.bool, device=st.S.device).index_copy_(0, kept_rows, st.S)
     return SolveResult(
         w=w,
         support=S,

@@ -283,3 +283,13 @@ def test_syrk_is_the_full_gram(n):
     R = torch.randn(70, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
     G = backsolve_module._syrk(R)
     assert torch.allclose(G, R.T @ R, rtol=0, atol=1e-10) and torch.allclose(G, G.T, rtol=0, atol=1e-10)
+
+
+def test_chunks_are_cache_sized_on_the_cpu_and_large_on_an_accelerator():
+    """On a GPU thousands of cache-sized chunks would each cost kernel launches: chunks there are at least
+    DEVICE_CHUNK_BYTES (no CUDA needed to ask: only the device type matters)."""
+    from dist_chita.backsolve import DEVICE_CHUNK_BYTES, chunk_bytes
+
+    assert chunk_bytes(torch.device("cpu"), 4096) == 4096
+    assert chunk_bytes(torch.device("cuda", 3), 4096) == DEVICE_CHUNK_BYTES
+    assert chunk_bytes("cuda", 2 * DEVICE_CHUNK_BYTES) == 2 * DEVICE_CHUNK_BYTES

@@ -3,6 +3,7 @@
 The quality test prints the project's acceptance figures (run with ``pytest -s`` or read the captured output).
 """
 
+import contextlib
 import itertools
 import math
 
@@ -321,3 +322,40 @@ def test_overwrite_at_solves_on_allowed_rows_with_the_same_answer(kind):
             assert o.magnitude_objective == pytest.approx(ref.magnitude_objective, rel=1e-6)
             assert o.plain_magnitude_objective == pytest.approx(ref.plain_magnitude_objective, rel=1e-6)
         assert not bool((w != 0)[~torch.rand(P, generator=torch.Generator().manual_seed(5)).lt(0.3)].any())
+
+
+# ------------------------------------------------------------------------------------------------ device placement
+def _solve_with_meta_default(kind, lam, splits, dtype, small_chunks):
+    """The same solve twice: plainly, and with torch's default device set to "meta". A tensor the solver made
+    without naming its device would then be a meta tensor, and using it with the (CPU) factor fails."""
+    from dist_chita import backsolve, solver
+
+    if small_chunks:  # every chunked path: fused pass, row gathers, backsolve products re-read from At
+        solver._FUSED_CHUNK_BYTES, solver._CHUNK_BYTES, backsolve.GATHER_BYTES = 4096, 4096, 0
+    At, w_bar, allowed = _big_problem()
+    lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
+    block = At[lo:hi].to(dtype).contiguous()
+    out = []
+    for default in (None, "meta"):
+        budget = _budget(kind, lo, hi, allowed)
+        with torch.device(default) if default else contextlib.nullcontext():
+            res = solve(block.clone(), w_bar[lo:hi], lam, budget, max_iter=60, overwrite_at=True)
+        out.append(res)
+    return out
+
+
+@pytest.mark.parametrize(("kind", "lam", "dtype", "small_chunks"), [
+    ("global", 0.05, torch.float32, False), ("segment", 0.05, torch.bfloat16, True), ("nm", 0.0, torch.float32, True),
+    ("global", 0.0, torch.bfloat16, True),
+])
+def test_solve_makes_every_tensor_on_the_factors_device(kind, lam, dtype, small_chunks):
+    """On a GPU the factor lives on the GPU: every tensor the solve creates (iterates, scalars for the collectives,
+    chunk buffers, the result) must be put on At's device, never on torch's default device. Checked on 1 and 2
+    gloo processes by making the default device "meta": the results must not change."""
+    for R in (1, 2):
+        splits = SPLITS[R] if R > 1 else SPLITS[1]
+        for plain, meta in run(_solve_with_meta_default, R, kind, lam, splits, dtype, small_chunks):
+            assert meta.w.device == plain.w.device == torch.device("cpu")
+            assert torch.equal(meta.support, plain.support)
+            assert torch.equal(meta.w, plain.w)
+            assert meta.objective_trace == plain.objective_trace
