@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dist_chita import comm
+from dist_chita.data import to_device
 from dist_chita.layout import ColumnLayout
 from dist_chita.persample import PerSampleGrads
 from dist_chita.pipeline import PruneOutcome, StageReport, prune
@@ -62,21 +63,23 @@ def diagonal_fisher(
     """diag(F) = sum_i g_i^2 / n per layer (float64, the layer's weight shape flattened), summed over all
     ranks' samples; per-sample gradients streamed from :class:`~dist_chita.persample.PerSampleGrads`, never
     stored. ``batches``: this rank's ``(batch, indices)`` micro-batches. Collective."""
-    diag = [torch.zeros(m.weight.numel(), dtype=torch.float64) for _, m in modules]
+    diag = [torch.zeros(m.weight.numel(), dtype=torch.float64, device="cpu") for _, m in modules]  # host memory
 
     def add(g: int, grads: torch.Tensor) -> None:
         diag[g] += grads.double().pow(2).sum(0).cpu()
 
+    device = modules[0][1].weight.device if modules else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
         with PerSampleGrads(modules, add) as psg:
             for batch, idx in batches:
-                psg.backward(loss_fn(model, batch, torch.as_tensor(idx, dtype=torch.long)))
+                idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").to(device)
+                psg.backward(loss_fn(model, to_device(batch, device), idx))
     finally:
         model.train(was_training)
-    for d in diag:
-        comm.all_reduce(d)
+    for d in diag:  # summed over the ranks on the collectives' device, one layer at a time
+        d.copy_(comm.all_reduce(d.to(comm.device())))
         d /= n
     return diag
 

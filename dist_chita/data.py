@@ -215,7 +215,7 @@ class Samples:
 
     def batch(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
         """The samples at positions ``indices`` (0..n-1) as a dict of tensors with first dim len(indices)."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")
         out = {k: v[idx] for k, v in self.fields.items()}
         if self.trim_padding and "attention_mask" in out:
             keep = out["attention_mask"].bool().any(0)
@@ -227,7 +227,7 @@ class Samples:
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> Samples:
         """A new Samples with only the samples at ``indices``."""
-        idx = torch.as_tensor(indices, dtype=torch.long)
+        idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")
         texts = None if self.texts is None else [self.texts[i] for i in idx.tolist()]
         return Samples({k: v[idx] for k, v in self.fields.items()}, self.rows[idx], texts, self.trim_padding)
 
@@ -387,6 +387,18 @@ def token_stream(texts: Sequence[str], tokenizer: Any, separator: str = "\n\n") 
     return torch.as_tensor(ids, dtype=torch.long)
 
 
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` (a tensor, or a dict / list / tuple of them and other values) with its tensors on ``device``:
+    the samples are prepared on the CPU and moved to the model's device one micro-batch at a time."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
 def iter_microbatches(
     samples: Samples, start: int, stop: int, batch_size: int
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
@@ -397,5 +409,5 @@ def iter_microbatches(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for lo in range(start, stop, batch_size):
-        idx = torch.arange(lo, min(lo + batch_size, stop))
+        idx = torch.arange(lo, min(lo + batch_size, stop), device="cpu")  # samples are prepared on the host
         yield samples.batch(idx), idx

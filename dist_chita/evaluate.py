@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dist_chita import comm, models, params
-from dist_chita.data import Samples, iter_microbatches
+from dist_chita.data import Samples, iter_microbatches, to_device
 from dist_chita.partition import even_counts, ranges_from_counts
 
 METRICS = ("accuracy", "perplexity", "embedding_fidelity", "none")
@@ -108,10 +108,11 @@ def _my_batches(model: nn.Module, samples: Samples, batch_size: int):
     """This rank's micro-batches ``(batch, real)`` of its even share; ``real`` False marks a padding batch
     (:func:`_padding_steps`; its output must be discarded)."""
     lo, hi = _my_range(len(samples))
+    device = models.device_of(model)
     for b, _ in iter_microbatches(samples, lo, hi, batch_size):
-        yield b, True
+        yield to_device(b, device), True
     for _ in range(_padding_steps(model, len(samples), batch_size)):
-        yield samples.batch(torch.arange(min(batch_size, len(samples)))), False
+        yield to_device(samples.batch(torch.arange(min(batch_size, len(samples)))), device), False
 
 
 @torch.no_grad()
@@ -140,13 +141,13 @@ def evaluate_accuracy(
     """Accuracy over all ``samples`` (they need ``labels``), each rank scoring its share."""
     if "labels" not in samples.fields:
         raise ValueError("accuracy needs labelled samples (no label column was given)")
-    counts = torch.zeros(2, dtype=torch.float64)  # (correct, total)
+    correct = total = 0.0
     for b, real in _my_batches(model, samples, batch_size):
         pred = forward(model, task, b).argmax(-1)
         if not real:
             continue
-        counts += torch.tensor([float((pred == b["labels"]).sum()), float(len(pred))], dtype=torch.float64)
-    comm.all_reduce(counts)
+        correct, total = correct + float((pred == b["labels"]).sum()), total + float(len(pred))
+    counts = comm.all_reduce_floats([correct, total])
     return float(counts[0] / counts[1])
 
 
@@ -166,7 +167,8 @@ def perplexity(
     stride = max(1, max_length // 2) if stride is None else stride
     windows = stride_windows(int(tokens.numel()), max_length, stride)
     lo, hi = _my_range(len(windows))
-    sums = torch.zeros(2, dtype=torch.float64)  # (nll sum, scored tokens)
+    tokens = tokens.to(models.device_of(model))
+    nll_sum = scored = 0.0
     padding = [None] * _padding_steps(model, len(windows), 1)  # forwards of window 0, discarded (ZeRO-3)
     for window in windows[lo:hi] + padding:
         begin, end, first = window or windows[0]
@@ -178,8 +180,8 @@ def perplexity(
         pred = logits[first - begin - 1 : end - begin - 1]
         target = tokens[first:end]
         nll = torch.nn.functional.cross_entropy(pred, target, reduction="sum")
-        sums += torch.tensor([float(nll), float(end - first)], dtype=torch.float64)
-    comm.all_reduce(sums)
+        nll_sum, scored = nll_sum + float(nll), scored + float(end - first)
+    sums = comm.all_reduce_floats([nll_sum, scored])
     mean = float(sums[0] / sums[1])
     return {"perplexity": math.exp(mean), "nll": mean, "tokens": float(sums[1])}
 

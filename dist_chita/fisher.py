@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from dist_chita import comm, params
+from dist_chita.data import to_device
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import LossFn
 from dist_chita.partition import sample_ranges
@@ -313,7 +314,7 @@ def fisher_block(
     exchange = _Exchange(at, layout)
     collective_forward = params.any_partitioned(model)  # ZeRO-3: every rank runs every step's forward
     pad_item = None  # the micro-batch a rank without samples in a step runs (discarded) when collective_forward
-    covered = torch.zeros(n, dtype=torch.bool)
+    covered = torch.zeros(n, dtype=torch.bool, device="cpu")  # host-side bookkeeping
     bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
 
     was_training = {m: m.training for m in model.modules()}
@@ -334,13 +335,14 @@ def fisher_block(
                 except Exception as exc:  # raised on every rank together at the next all_gather
                     item, local_exc, error = None, exc, _FAILED
                 if item is None:
-                    batch, idx = None, torch.empty(0, dtype=torch.long)
+                    batch, idx = None, torch.empty(0, dtype=torch.long, device="cpu")
                     exchange.check_direct()  # this rank's own columns are final now
                 else:
                     batch, idx = item
-                    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+                    idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").reshape(-1)
                 b, first = len(idx), int(idx[0]) if len(idx) else 0
-                if b and (not torch.equal(idx.cpu(), torch.arange(first, first + b)) or first < lo or first + b > hi):
+                expected = torch.arange(first, first + b, device="cpu")
+                if b and (not torch.equal(idx, expected) or first < lo or first + b > hi):
                     error = error or _BAD_INDICES
                 info = torch.tensor([b, first, exchange.bad_layer, error], dtype=torch.long, device=device)
                 rows = torch.stack(comm.all_gather(info)).cpu().tolist()
@@ -358,10 +360,10 @@ def fisher_block(
                 if b and pad_item is None:
                     pad_item = (batch, idx)
                 if pad:
-                    losses = loss_fn(model, pad_item[0], pad_item[1].to(device))
+                    losses = loss_fn(model, to_device(pad_item[0], device), pad_item[1].to(device))
                 elif b:
                     try:
-                        losses = loss_fn(model, batch, idx.to(device))
+                        losses = loss_fn(model, to_device(batch, device), idx.to(device))
                         if not torch.is_tensor(losses) or losses.shape != (b,):
                             raise ValueError(f"loss_fn must return a ({b},) tensor of per-sample losses")
                     except Exception as exc:  # keep the collective schedule; raised at the next all_gather

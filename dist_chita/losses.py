@@ -140,9 +140,9 @@ def sampled_fisher(
         logits = logits.float()
         probs = logits.detach().softmax(-1)
         targets = torch.zeros(valid.shape, dtype=torch.long, device=logits.device)
-        for row, index in enumerate(torch.as_tensor(indices).tolist()):
+        for row, index in enumerate(torch.as_tensor(indices, device="cpu").tolist()):
             pos = valid[row].nonzero().squeeze(-1)
-            u = torch.rand(len(pos), generator=sample_generator(seed, index), dtype=torch.float64)
+            u = torch.rand(len(pos), generator=sample_generator(seed, index), dtype=torch.float64, device="cpu")
             targets[row, pos] = _inverse_cdf(probs[row, pos], u.to(logits.device))
         tok = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
         return _check(_token_mean(tok, valid), indices)
@@ -163,8 +163,8 @@ def gauss_newton_probe(seed: int, forward: Forward = mean_pooled) -> LossFn:
         f = forward(model, batch)
         v = torch.stack(
             [
-                torch.randn(f.shape[1:], generator=sample_generator(seed, i), dtype=torch.float32)
-                for i in torch.as_tensor(indices).tolist()
+                torch.randn(f.shape[1:], generator=sample_generator(seed, i), dtype=torch.float32, device="cpu")
+                for i in torch.as_tensor(indices, device="cpu").tolist()
             ]
         ).to(f.device)
         return _check((f.float() * v).flatten(1).sum(1), indices)

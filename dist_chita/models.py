@@ -194,6 +194,11 @@ def is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameter: where its inputs must be; the CPU for a model without any."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
     """(args, kwargs) to call ``model`` with: HF models get the tensors they accept as keywords
     (never ``labels``: losses are computed outside); plain torch models get ``pixel_values``

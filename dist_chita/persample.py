@@ -169,15 +169,16 @@ def _im2col_index(
     stride: tuple[int, ...],
     dilation: tuple[int, ...],
     out_size: tuple[int, ...],
+    device: torch.device,
 ) -> torch.Tensor:
     """Flat positions in a contiguous image of shape ``spatial`` of the im2col entries, ordered
     (*kernel, *out_size): entry (t, o) reads position sum_d (t_d dilation_d + o_d stride_d) * step_d."""
     nd = len(spatial)
     steps = [math.prod(spatial[d + 1 :]) for d in range(nd)]
-    idx = torch.zeros((1,) * (2 * nd), dtype=torch.long)
+    idx = torch.zeros((1,) * (2 * nd), dtype=torch.long, device=device)
     for d in range(nd):
-        t = torch.arange(kernel[d]) * dilation[d] * steps[d]
-        o = torch.arange(out_size[d]) * stride[d] * steps[d]
+        t = torch.arange(kernel[d], device=device) * dilation[d] * steps[d]
+        o = torch.arange(out_size[d], device=device) * stride[d] * steps[d]
         idx = idx + t.view([-1 if a == d else 1 for a in range(2 * nd)])
         idx = idx + o.view([-1 if a == nd + d else 1 for a in range(2 * nd)])
     return idx.reshape(-1)
@@ -196,9 +197,9 @@ def unfold(
     times faster than aten im2col or a strided copy when the spatial sizes are small), written into ``out``
     (any tensor of that many elements, x's dtype) if given."""
     b, c = x.shape[:2]
-    idx = _im2col_index(tuple(x.shape[2:]), tuple(kernel), tuple(stride), tuple(dilation), tuple(out_size))
+    idx = _im2col_index(tuple(x.shape[2:]), tuple(kernel), tuple(stride), tuple(dilation), tuple(out_size), x.device)
     flat = x.reshape(b * c, -1)  # a view when x is contiguous (the padded copy always is)
-    cols = torch.index_select(flat, 1, idx.to(x.device), out=None if out is None else out.view(b * c, idx.numel()))
+    cols = torch.index_select(flat, 1, idx, out=None if out is None else out.view(b * c, idx.numel()))
     return cols.view(b, c * math.prod(kernel), math.prod(out_size))
 
 

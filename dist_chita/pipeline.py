@@ -67,14 +67,15 @@ class PruneOutcome:
 
 
 def local_weights(
-    modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int, check_finite: bool = False
+    modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int, check_finite: bool = False,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,).
+    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,), on ``device``.
 
     Partitioned (ZeRO-3) weights are gathered one layer at a time, every layer on every rank (collective).
     ``check_finite``: raise ValueError naming the first layer whose weights contain NaN or Inf."""
     lo, hi = layout.block(rank)
-    out = torch.empty(hi - lo, dtype=torch.float32)
+    out = torch.empty(hi - lo, dtype=torch.float32, device=device)
     pieces = {piece.segment: piece for piece in layout.pieces(rank)}
     for g, (name, m) in enumerate(modules):
         if g not in pieces and not check_finite and not params.is_partitioned(m.weight):
@@ -84,8 +85,7 @@ def local_weights(
             raise ValueError(f"the weights of layer {name!r} contain NaN or Inf")
         piece = pieces.get(g)
         if piece is not None:
-            w = full.reshape(-1)
-            out[piece.local_start : piece.local_stop] = w[piece.offset : piece.offset + piece.size].float().cpu()
+            out[piece.local_start : piece.local_stop] = full.reshape(-1)[piece.offset : piece.offset + piece.size]
     return out
 
 
@@ -125,10 +125,11 @@ def make_budget(
     if nm is not None:
         return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
     if per_layer:
-        seg = torch.empty(hi - lo, dtype=torch.int64)
+        seg = torch.empty(hi - lo, dtype=torch.int64, device=allowed.device)
         for piece in layout.pieces(rank):
             seg[piece.local_start : piece.local_stop] = piece.segment
-        k = torch.tensor([kept_count(s.size, sparsity) for s in layout.segments], dtype=torch.int64)
+        k = torch.tensor([kept_count(s.size, sparsity) for s in layout.segments], dtype=torch.int64,
+                         device=seg.device)
         return Budget.per_segment(seg, k, allowed=allowed)
     return Budget.global_topk(hi - lo, kept_count(layout.p, sparsity), allowed=allowed)
 
@@ -195,12 +196,14 @@ def prune(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
-    w = local_weights(modules, layout, rank, check_finite=True)
+    device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
+    w = local_weights(modules, layout, rank, check_finite=True, device=device)
     allowed = w != 0  # weights already zero stay zero
     if start_weights is not None:  # resume: the state after stage start_stage
         write_weights(modules, layout, start_weights)
         lo, hi = layout.block(rank)
-        w, allowed = start_weights[lo:hi].float().clone(), start_support[lo:hi].clone()
+        w = start_weights[lo:hi].to(device, torch.float32, copy=True)
+        allowed = start_support[lo:hi].to(device, copy=True)
     targets = [sparsity]
     if method == "chita++":
         targets = stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent)
@@ -229,6 +232,7 @@ def prune(
             stats: dict = {}
             At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
             loaded = At is not None
+            At = At.to(device) if loaded else None
             At = At if loaded else fisher_block(
                 model,
                 modules,

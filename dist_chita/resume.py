@@ -88,7 +88,7 @@ def _gather_full(local: torch.Tensor) -> torch.Tensor:
     sizes = [int(s) for s in comm.all_gather_object(int(local.numel()))]
     if len(sizes) == 1:
         return local.clone()
-    padded = torch.zeros(max(sizes), dtype=local.dtype)
+    padded = torch.zeros(max(sizes), dtype=local.dtype, device=local.device)
     padded[: local.numel()] = local
     return torch.cat([part[:s] for part, s in zip(comm.all_gather(padded), sizes, strict=True)])
 
@@ -157,7 +157,7 @@ class StageCheckpoint:
             if comm.is_main():
                 self.directory.mkdir(parents=True, exist_ok=True)
                 _atomic_save({"version": VERSION, "key": self.key, "settings": self.settings,
-                              "stages_done": stage + 1, "weights": w, "support": s,
+                              "stages_done": stage + 1, "weights": w.cpu(), "support": s.cpu(),
                               "reports": json.dumps(done, default=float), "world_size": comm.world_size()},
                              self.path)
 
@@ -184,7 +184,7 @@ class StageCheckpoint:
                     At = saved["At"]
             except Exception:  # noqa: BLE001 - a damaged factor is recomputed
                 At = None
-        ok = comm.all_reduce(torch.tensor([0 if At is None else 1], dtype=torch.int64), op="min")
+        ok = comm.all_reduce(torch.tensor([0 if At is None else 1], dtype=torch.int64, device=comm.device()), op="min")
         return At if int(ok.item()) == 1 else None
 
     def remove(self) -> None:

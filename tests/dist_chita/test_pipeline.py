@@ -91,3 +91,55 @@ def test_saved_model_reloads_with_identical_outputs(tmp_path):
     again = models.load_saved(tmp_path)
     x = digits_samples().fields["pixel_values"][:100]
     assert torch.equal(model(x), again.model(x))
+
+
+# ------------------------------------------------------------------------------------------------ device placement
+def _conv_digits(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(36, 10)).eval()
+
+
+def _prune_and_evaluate(conv, loss, method):
+    """Prune and evaluate twice: plainly, and with torch's default device set to "meta", while the model, the
+    samples and the data stay on the CPU."""
+    import contextlib
+
+    from dist_chita.evaluate import evaluate_accuracy
+
+    torch.set_num_threads(1)
+    calib = digits_samples().select(range(N))
+    lo, hi = sample_ranges(N, comm.world_size())[comm.rank()]
+    loss_fn = {"ce": losses.cross_entropy(_forward), "sampled": losses.sampled_fisher(3, _forward)}[loss]
+    out = []
+    for default in (None, "meta"):
+        model = _conv_digits() if conv else train_digits_mlp()
+        modules = prunable_modules(model, exclude_head=False)
+        with torch.device(default) if default else contextlib.nullcontext():
+            res = pipeline.prune(
+                model, modules, method, 0.7,
+                make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+                loss_fn=loss_fn, n=N, lam=1e-3, stages=2 if method == "chita++" else 1, base_sparsity=0.3,
+                per_layer=conv, solver_options=dict(max_iter=30),
+            )
+            acc = evaluate_accuracy(model, "image-classification", calib, 16)
+        weights = {name: m.weight.detach().clone() for name, m in modules}
+        out.append((weights, [s.objective_trace for s in res.stages], acc, {k: v.device for k, v in res.masks.items()}))
+    return out
+
+
+@pytest.mark.parametrize(("conv", "loss", "method", "world_size"), [
+    (False, "ce", "chita", 1), (True, "sampled", "chita++", 2), (False, "sampled", "magnitude", 2),
+])
+def test_prune_and_evaluate_put_every_tensor_on_the_models_device(conv, loss, method, world_size):
+    """On GPUs the model, the factor and the solve live on the GPU while the samples are prepared on the CPU: the
+    pipeline must move each micro-batch to the model's device and create every tensor of its own there (or
+    deliberately on the host), never on torch's default device. With the default device set to "meta", a tensor
+    made without naming its device would be a meta tensor and fail; the results must be the same."""
+    for plain, meta in multiproc.run(_prune_and_evaluate, world_size, conv, loss, method):
+        (w0, trace0, acc0, dev0), (w1, trace1, acc1, dev1) = plain, meta
+        assert set(dev1.values()) == {torch.device("cpu")} and dev0 == dev1
+        for name in w0:
+            assert torch.equal(w0[name], w1[name]), name
+        assert trace0 == trace1 and acc0 == acc1
