@@ -41,7 +41,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -55,7 +54,7 @@ from dist_chita.select import check_finite, topk_mask
 PHASE = "solver"
 METHODS = ("chita", "iht_1L")
 _CHUNK_BYTES = 1 << 25  # bytes of rows of At converted to float32 at once (non-float32 storage / gathers)
-_FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per chunk of the fused g / u pass (cache-resident)
+_FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per thread in the fused g / u pass (cache-resident)
 
 
 @dataclass
@@ -91,19 +90,6 @@ class SolveResult:
 
 
 # ----------------------------------------------------------------------------------------------- local linear algebra
-_POOL: tuple[int, ThreadPoolExecutor] | None = None
-
-
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads for the slabs of the fused pass (kept between calls; torch ops release the GIL)."""
-    global _POOL
-    if _POOL is None or _POOL[0] != workers:
-        if _POOL is not None:
-            _POOL[1].shutdown(wait=False)
-        _POOL = (workers, ThreadPoolExecutor(workers, thread_name_prefix="dist-chita-slab"))
-    return _POOL[1]
-
-
 def _row_chunks(m: int, n: int) -> int:
     return max(1, _CHUNK_BYTES // (4 * max(n, 1)))
 
@@ -207,46 +193,31 @@ class _Problem:
         At is read in row chunks of about ``_FUSED_CHUNK_BYTES``: g on a chunk is At_c (A w - y) (+ lambda (w -
         w_bar)_c), and while the chunk is still in cache its rows in S add At_c[S]^T g_c[S] to u. An IHT iteration
         then reads A once instead of once for g plus |S|/p of it (gathered into a temporary copy) for u = A g_S.
-        With T > 1 intra-op threads (CPU) the rows are split into T contiguous slabs of whole chunks, one per
-        thread, each with its own partial u (summed in slab order): the BLAS matrix-vector product does not use
-        more than one thread (measured: 2 threads read 4 GB in 0.41 s with it, 0.24 s as two slabs).
         """
         At, m, n = self.At, self.At.shape[0], self.At.shape[1]
         r = (Aw - self.y).to(torch.float32)  # g = A^T (A w - y) + lambda (w - w_bar)
         g = torch.empty(m, dtype=torch.float32, device=At.device)
+        u = torch.zeros(n, dtype=torch.float32, device=At.device)
         reg = self.lam * (w - self.w_bar) if self.lam else None
         idx = torch.nonzero(S, as_tuple=True)[0]
-        step = max(1, chunk_bytes(At.device, _FUSED_CHUNK_BYTES) // (4 * max(n, 1)))
-        chunks = -(-m // step)
-        slabs = min(torch.get_num_threads() if At.device.type == "cpu" else 1, chunks)
-        bounds = [min(m, chunks * i // max(slabs, 1) * step) for i in range(slabs + 1)]
-
-        def slab(lo: int, hi: int) -> torch.Tensor:
-            u = torch.zeros(n, dtype=torch.float32, device=At.device)
-            starts = list(range(lo, hi, step))
-            cuts = torch.searchsorted(idx, torch.tensor(starts + [hi], dtype=idx.dtype, device=idx.device)).tolist()
-            for j, s in enumerate(starts):
-                e = min(s + step, hi)
-                c = At[s:e] if At.dtype == torch.float32 else At[s:e].float()
-                gc = torch.mv(c, r, out=g[s:e])
-                if reg is not None:
-                    gc.add_(reg[s:e])
-                a, b = cuts[j], cuts[j + 1]
-                if b - a == 0:
-                    continue
-                if 3 * (b - a) < e - s:
-                    rows = idx[a:b] - s
-                    u.addmv_(c.index_select(0, rows).T, gc.index_select(0, rows))
-                else:
-                    u.addmv_(c.T, gc * S[s:e])
-            return u
-
-        if slabs <= 1:
-            return g, slab(0, m).double()
-        parts = list(_thread_pool(slabs).map(slab, bounds[:-1], bounds[1:]))
-        u = parts[0]
-        for part in parts[1:]:
-            u += part
+        per_chunk = chunk_bytes(At.device, _FUSED_CHUNK_BYTES * torch.get_num_threads())  # cache-sized on a CPU
+        step = max(1, per_chunk // (4 * max(n, 1)))
+        starts = list(range(0, m, step))
+        cuts = torch.searchsorted(idx, torch.tensor(starts + [m], dtype=idx.dtype, device=idx.device)).tolist()
+        for j, s in enumerate(starts):
+            e = min(s + step, m)
+            c = At[s:e] if At.dtype == torch.float32 else At[s:e].float()
+            gc = torch.mv(c, r, out=g[s:e])
+            if reg is not None:
+                gc.add_(reg[s:e])
+            a, b = cuts[j], cuts[j + 1]
+            if b - a == 0:
+                continue
+            if 3 * (b - a) < e - s:
+                rows = idx[a:b] - s
+                u.addmv_(c.index_select(0, rows).T, gc.index_select(0, rows))
+            else:
+                u.addmv_(c.T, gc * S[s:e])
         return g, u.double()
 
     def column_norms_sq(self) -> torch.Tensor:
