@@ -55,11 +55,9 @@ class Budget:
 
     # --- constructors -----------------------------------------------------
     @staticmethod
-    def global_topk(p_local: int, k: int, allowed: torch.Tensor | None = None,
-                    device: torch.device | str | None = None) -> Budget:
-        """||w||_0 <= k over all ranks. ``device``: where the budget's tensors live (default: that of ``allowed``,
-        else the CPU)."""
-        device = allowed.device if allowed is not None else torch.device(device or "cpu")
+    def global_topk(p_local: int, k: int, allowed: torch.Tensor | None = None) -> Budget:
+        """||w||_0 <= k over all ranks."""
+        device = allowed.device if allowed is not None else torch.device("cpu")
         b = Budget("topk", p_local, torch.tensor([int(k)], dtype=torch.int64, device=device), None, allowed=allowed)
         b._check_topk()
         return b
@@ -74,14 +72,13 @@ class Budget:
         return b
 
     @staticmethod
-    def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None,
-            device: torch.device | str | None = None) -> Budget:
+    def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None) -> Budget:
         """At most n nonzeros in every group of m consecutive local columns."""
         if not 0 < n < m:
             raise ValueError(f"N:M sparsity needs 0 < N < M, got {n}:{m}")
         if p_local % m:
             raise ValueError(f"{p_local} columns on this rank are not a whole number of {m}-groups")
-        device = allowed.device if allowed is not None else torch.device(device or "cpu")
+        device = allowed.device if allowed is not None else torch.device("cpu")
         return Budget("nm", p_local, torch.zeros(0, dtype=torch.int64, device=device), None, n=n, m=m,
                       allowed=allowed)
 

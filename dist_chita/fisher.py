@@ -341,8 +341,8 @@ def fisher_block(
                     batch, idx = item
                     idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").reshape(-1)
                 b, first = len(idx), int(idx[0]) if len(idx) else 0
-                expected = torch.arange(first, first + b, device="cpu")
-                if b and (not torch.equal(idx, expected) or first < lo or first + b > hi):
+                if b and (first < lo or first + b > hi
+                          or not torch.equal(idx, torch.arange(first, first + b, device="cpu"))):
                     error = error or _BAD_INDICES
                 info = torch.tensor([b, first, exchange.bad_layer, error], dtype=torch.long, device=device)
                 rows = torch.stack(comm.all_gather(info)).cpu().tolist()

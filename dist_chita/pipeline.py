@@ -232,8 +232,7 @@ def prune(
             stats: dict = {}
             At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
             loaded = At is not None
-            At = At.to(device) if loaded else None
-            At = At if loaded else fisher_block(
+            At = At.to(device) if loaded else fisher_block(
                 model,
                 modules,
                 layout,
