@@ -4,7 +4,9 @@ CHITA solves  min f(w)  subject to  w in C,  where C is one of
 
 * a global budget ||w||_0 <= k over all prunable weights (all ranks);
 * per-segment budgets ||w_g||_0 <= k_g, a segment being one layer's weights
-  (a layer may straddle ranks);
+  (a layer may straddle ranks), or one row of a layer (the weights of one output,
+  ``weight[i]``; the column blocks are then cut at rows, so a row never straddles
+  ranks and its projection needs no communication);
 * N:M sparsity: at most N nonzeros in every group of M consecutive weights of
   the flattened layer (for nn.Linear, M consecutive inputs of one output).
   Column blocks are aligned to M, so N:M groups never straddle ranks.
@@ -43,6 +45,8 @@ class Budget:
             a single global segment.
         n, m: N and M of N:M sparsity (kind "nm").
         allowed: (p_r,) bool, False for weights fixed at zero; None = all.
+        local: every segment lies on this rank alone (per-row budgets): ``k`` and
+            ``segment_ids`` are this rank's own, and projections communicate nothing.
     """
 
     kind: str
@@ -52,6 +56,7 @@ class Budget:
     n: int = 0
     m: int = 0
     allowed: torch.Tensor | None = None
+    local: bool = False
 
     # --- constructors -----------------------------------------------------
     @staticmethod
@@ -63,13 +68,35 @@ class Budget:
         return b
 
     @staticmethod
-    def per_segment(segment_ids: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None = None) -> Budget:
-        """||w_g||_0 <= k_g for every segment g (segments may straddle ranks)."""
+    def per_segment(
+        segment_ids: torch.Tensor, k: torch.Tensor, allowed: torch.Tensor | None = None, local: bool = False
+    ) -> Budget:
+        """||w_g||_0 <= k_g for every segment g (segments may straddle ranks). ``local``: every segment lies
+        on this rank alone; ``segment_ids`` and ``k`` then number this rank's segments only (not collective)."""
         k = torch.as_tensor(k, dtype=torch.int64, device=segment_ids.device).reshape(-1)
         b = Budget("topk", segment_ids.numel(), k, segment_ids.to(torch.int64),
-                   allowed=None if allowed is None else allowed.to(segment_ids.device))
+                   allowed=None if allowed is None else allowed.to(segment_ids.device), local=local)
         b._check_topk()
         return b
+
+    @staticmethod
+    def per_row(rows: list[tuple[int, int, int]], allowed: torch.Tensor | None = None,
+                device: torch.device | str = "cpu") -> Budget:
+        """||w_i||_0 <= keep for every row i of this rank's columns: ``rows`` lists them in column order as runs
+        ``(count, length, keep)`` of whole rows (the blocks of a row-cut layout, so no row straddles ranks;
+        sum of count * length = p_r); a row with fewer than ``keep`` allowed weights keeps those. Projections
+        then communicate nothing. Collective (the budget check)."""
+        if allowed is not None:
+            device = allowed.device
+        counts = torch.tensor([c for c, _, _ in rows], dtype=torch.int64, device=device)
+        lengths = torch.tensor([n for _, n, _ in rows], dtype=torch.int64, device=device)
+        keep = torch.tensor([k for _, _, k in rows], dtype=torch.int64, device=device)
+        seg = torch.repeat_interleave(torch.arange(int(counts.sum()), device=device),
+                                      torch.repeat_interleave(lengths, counts))
+        k = torch.repeat_interleave(keep, counts)
+        if allowed is not None:
+            k = torch.minimum(k, torch.zeros_like(k).index_add_(0, seg, allowed.to(torch.int64)))
+        return Budget.per_segment(seg, k, allowed, local=True)
 
     @staticmethod
     def n_m(p_local: int, n: int, m: int, allowed: torch.Tensor | None = None) -> Budget:
@@ -93,14 +120,14 @@ class Budget:
             return self
         move = (lambda t: None if t is None else t.to(device))  # noqa: E731
         return Budget(self.kind, self.p_local, move(self.k), move(self.segment_ids), self.n, self.m,
-                      move(self.allowed))
+                      move(self.allowed), self.local)
 
     def _allowed_per_segment(self) -> torch.Tensor:
         seg = self._segments()
         ones = (torch.ones(self.p_local, dtype=torch.int64, device=self.device) if self.allowed is None
                 else self.allowed.to(torch.int64))
         counts = torch.zeros(self.k.numel(), dtype=torch.int64, device=self.device).index_add_(0, seg, ones)
-        return comm.all_reduce(counts)
+        return counts if self.local else comm.all_reduce(counts)
 
     def _check_topk(self) -> None:
         if self.allowed is not None and self.allowed.shape != (self.p_local,):
@@ -108,7 +135,7 @@ class Budget:
         if bool((self.k < 0).any()):
             raise ValueError("sparsity budgets must be non-negative")
         counts = self._allowed_per_segment()
-        if int(self.k.sum()) == 0:
+        if self.total() == 0:
             raise ValueError("the budget k is 0: nothing would be kept (lower the sparsity)")
         over = torch.nonzero(self.k > counts).flatten()
         if over.numel():
@@ -126,6 +153,8 @@ class Budget:
     # --- queries ----------------------------------------------------------
     def total(self) -> int:
         """Number of coordinates a projection keeps, over all ranks."""
+        if self.kind == "topk" and self.local:
+            return int(comm.all_reduce(self.k.sum().reshape(1))[0])
         if self.kind == "topk":
             return int(self.k.sum())
         groups = self._allowed_mask().reshape(-1, self.m).sum(1).clamp(max=self.n)
@@ -137,7 +166,7 @@ class Budget:
     def project(self, v: torch.Tensor) -> torch.Tensor:
         """Support of H(v): (p_r,) bool mask of the coordinates kept. Collective."""
         if self.kind == "topk":
-            return topk_mask(v.abs(), self.k, self.segment_ids, self.allowed)
+            return topk_mask(v.abs(), self.k, self.segment_ids, self.allowed, self.local)
         return self._project_nm(v)
 
     def magnitude_support(self, w_bar: torch.Tensor) -> torch.Tensor:
@@ -160,7 +189,7 @@ class Budget:
             raise ValueError("an active set is defined for top-k budgets only")
         counts = self._allowed_per_segment()
         k = torch.minimum(torch.ceil(self.k.double() * factor).to(torch.int64), counts)
-        return Budget("topk", self.p_local, k, self.segment_ids, allowed=self.allowed)
+        return Budget("topk", self.p_local, k, self.segment_ids, allowed=self.allowed, local=self.local)
 
     def tau_change(self, w: torch.Tensor, g: torch.Tensor, support: torch.Tensor) -> float:
         """Smallest tau > 0 with support(H(w - tau g)) != ``support``; inf if none.
@@ -179,7 +208,8 @@ class Budget:
         elif self.kind == "topk":
             g_out = torch.full((self.k.numel(),), -math.inf, dtype=torch.float32, device=w.device)
             g_out.scatter_reduce_(0, self.segment_ids, ga, reduce="amax")
-            comm.all_reduce(g_out, op="max")
+            if not self.local:
+                comm.all_reduce(g_out, op="max")
         else:
             g_out = ga.reshape(-1, self.m).amax(1)
         idx = torch.nonzero(support, as_tuple=True)[0]  # only S can leave first: tau_i for i in S

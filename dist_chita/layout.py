@@ -4,7 +4,8 @@ The prunable weights of a model, in a fixed order, are flattened (row-major,
 as ``tensor.reshape(-1)``) and concatenated into w (length p). Layer ``g``
 occupies the global range [start_g, stop_g). Rank r owns the column block
 [block_start_r, block_stop_r) (see :mod:`dist_chita.partition`); a layer may
-straddle ranks.
+straddle ranks. With ``rows=True`` the blocks are cut at row boundaries (a row = the weights of one
+output of the stored weight tensor, ``weight[i]``), so that no row straddles ranks (per-row budgets).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dist_chita.partition import column_blocks
+from dist_chita.partition import column_blocks, row_blocks
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Segment:
     @property
     def stop(self) -> int:
         return self.start + self.size
+
+    @property
+    def row_length(self) -> int:
+        """Weights per row, ``weight[i].numel()`` (the whole tensor for a 1-D weight)."""
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else self.size
 
 
 @dataclass(frozen=True)
@@ -55,7 +61,13 @@ class ColumnLayout:
     blocks: tuple[tuple[int, int], ...]
 
     @staticmethod
-    def build(named_shapes: list[tuple[str, tuple[int, ...]]], world_size: int, align: int = 1) -> ColumnLayout:
+    def build(
+        named_shapes: list[tuple[str, tuple[int, ...]]], world_size: int, align: int = 1, rows: bool = False
+    ) -> ColumnLayout:
+        """``align``: blocks are multiples of it (N:M groups never straddle ranks); ``rows``: blocks are cut
+        at row boundaries (:func:`~dist_chita.partition.row_blocks`)."""
+        if rows and align > 1:
+            raise ValueError("column blocks are either aligned to N:M groups or cut at rows, not both")
         segments, start = [], 0
         for name, shape in named_shapes:
             seg = Segment(name, tuple(int(s) for s in shape), start)
@@ -63,7 +75,11 @@ class ColumnLayout:
                 raise ValueError(f"layer {name} has {seg.size} weights, not a multiple of the N:M group size {align}")
             segments.append(seg)
             start = seg.stop
-        return ColumnLayout(tuple(segments), tuple(column_blocks(start, world_size, align)))
+        if rows:
+            blocks = row_blocks([(s.size // s.row_length, s.row_length) for s in segments], world_size)
+        else:
+            blocks = column_blocks(start, world_size, align)
+        return ColumnLayout(tuple(segments), tuple(blocks))
 
     @property
     def p(self) -> int:

@@ -8,7 +8,8 @@ Two splits matter:
   A_r = A[:, start_r:stop_r] and the slice w[start_r:stop_r].
 
 Both are as even as possible; the first ``total % parts`` parts get one more
-unit. Column blocks can be *aligned* so that no N:M group straddles two ranks.
+unit. Column blocks can be *aligned* so that no N:M group straddles two ranks, or
+cut at row boundaries so that no row of a layer (one output's weights, a per-row budget's group) does.
 """
 
 from __future__ import annotations
@@ -54,3 +55,30 @@ def column_blocks(p: int, world_size: int, align: int = 1) -> list[tuple[int, in
     if align < 1 or p % align:
         raise ValueError(f"p = {p} is not a multiple of the alignment {align}")
     return [(a * align, b * align) for a, b in ranges_from_counts(even_counts(p // align, world_size))]
+
+
+def row_blocks(rows: list[tuple[int, int]], world_size: int) -> list[tuple[int, int]]:
+    """Column blocks cut only at row boundaries: ``rows`` lists every layer as (number of rows, row length) in
+    column order (p = sum of rows * length). Boundary r is the row boundary nearest to r * p / R (the lower one
+    on a tie), so each block is within one row of the even split, and no row straddles two ranks. A rank may get
+    an empty block."""
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if any(count < 0 or length < 1 for count, length in rows):
+        raise ValueError(f"rows must be (count >= 0, length >= 1) pairs, got {rows}")
+    p = sum(count * length for count, length in rows)
+    cuts, start, layer = [0], 0, 0
+    for r in range(1, world_size):
+        goal = r * p / world_size
+        while layer < len(rows) and start + rows[layer][0] * rows[layer][1] <= goal:  # the layer holding the goal
+            start += rows[layer][0] * rows[layer][1]
+            layer += 1
+        if layer == len(rows):
+            cuts.append(p)
+            continue
+        length = rows[layer][1]
+        below = start + int((goal - start) // length) * length
+        cut = below if goal - below <= below + length - goal else below + length
+        cuts.append(max(cut, cuts[-1]))
+    cuts.append(p)
+    return list(zip(cuts[:-1], cuts[1:], strict=True))

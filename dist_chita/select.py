@@ -17,7 +17,9 @@ order, then local order.
 
 Scores may be split into *segments* (one per layer, say), each with its own
 budget k_g; a segment may straddle ranks. One all-reduce per round serves
-all segments at once.
+all segments at once. When every segment lies on one rank (``local``: the rows
+of a row-cut layout, :func:`dist_chita.partition.row_blocks`), k and the
+segment ids are that rank's own and nothing is communicated.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def topk_mask(
     k: torch.Tensor | int,
     segment_ids: torch.Tensor | None = None,
     allowed: torch.Tensor | None = None,
+    local: bool = False,
 ) -> torch.Tensor:
     """Mask of the k_g largest ``scores`` of every segment g, over all ranks.
 
@@ -60,6 +63,8 @@ def topk_mask(
         segment_ids: (p_r,) int64 in [0, G), the segment of each local
             coordinate; None puts every coordinate in segment 0.
         allowed: (p_r,) bool; coordinates with False are never selected.
+        local: every segment lies on this rank alone (k and segment_ids are this
+            rank's own); then no collective is called.
 
     Returns:
         (p_r,) bool mask; over all ranks exactly min(k_g, allowed in g)
@@ -88,7 +93,8 @@ def topk_mask(
 
     # Budgets larger than a segment's allowed count keep the whole segment.
     total = torch.bincount(seg[cand], minlength=num_seg)[:num_seg]
-    comm.all_reduce(total)
+    if not local:
+        comm.all_reduce(total)
     need = torch.minimum(kk, total)
     whole = need == total
     take = whole[seg[cand]]
@@ -106,7 +112,8 @@ def topk_mask(
         s = seg[cand]
         digit = (keys[cand] >> shift) & (bins - 1)
         hist = torch.bincount(s * bins + digit, minlength=num_seg * bins).reshape(num_seg, bins)
-        comm.all_reduce(hist)
+        if not local:
+            comm.all_reduce(hist)
         # at_or_above[g, b] = number of candidates of segment g whose digit >= b.
         at_or_above = hist.flip(1).cumsum(1).flip(1)
         # The bin holding the need_g-th largest: the largest b with at_or_above >= need.
@@ -123,11 +130,14 @@ def topk_mask(
     # Keep the first need_g of them in global index order.
     s = seg[cand]
     ties = torch.bincount(s, minlength=num_seg)[:num_seg]
-    world, me = comm.world_size(), comm.rank()
-    table = torch.zeros(world, num_seg, dtype=torch.int64, device=device)
-    table[me] = ties
-    comm.all_reduce(table)
-    before = table[:me].sum(0)
+    if local:
+        before = torch.zeros_like(ties)
+    else:
+        world, me = comm.world_size(), comm.rank()
+        table = torch.zeros(world, num_seg, dtype=torch.int64, device=device)
+        table[me] = ties
+        comm.all_reduce(table)
+        before = table[:me].sum(0)
     quota = (need - before).clamp(min=0)
     # Position of each tied candidate among this rank's ties of its segment.
     order = torch.argsort(s * keys.numel() + cand)

@@ -4,7 +4,10 @@ Problem (paper eq. (4)/(6)), with A (n x p) the scaled per-sample gradients, w_b
 
     min_w  f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2   subject to  w in C  (the Budget: ||w||_0 <= k, ...)
 
-with y = A w_bar (the Fisher/OBS quadratic) or y = A w_bar - 1/sqrt(n) 1 (adds the first-order term). Rank r holds
+with y = A w_bar (the Fisher/OBS quadratic) or y = A w_bar - 1/sqrt(n) 1 (adds the first-order term). Optionally
+the ridge term is lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag(A^T A) + floor * mean(diag(A^T A)) instead of
+lambda/2 ||w - w_bar||^2 (``ridge="fisher_diagonal"``, a Levenberg-Marquardt damping; solved in z = D^1/2 w, where it is
+the problem above with A D^-1/2 and D^1/2 w_bar). Rank r holds
 ``At`` = A_r^T of shape (p_r, n) and the slices w_r, w_bar_r of length p_r; A w = sum_r A_r w_r is one all-reduce of
 an n-vector.
 
@@ -53,6 +56,7 @@ from dist_chita.select import check_finite, topk_mask
 
 PHASE = "solver"
 METHODS = ("chita", "iht_1L")
+RIDGES = ("identity", "fisher_diagonal")
 _CHUNK_BYTES = 1 << 25  # bytes of rows of At converted to float32 at once (non-float32 storage / gathers)
 _FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per thread in the fused g / u pass (cache-resident)
 
@@ -68,8 +72,9 @@ class SolveResult:
         objective_trace: f after the warm start and after every accepted step, backsolve or escape; non-increasing up
             to float32 rounding (A w is updated incrementally and recomputed exactly every ``recompute_every`` steps).
         iterations: number of IHT iterations (all rounds, active-set and full steps).
-        magnitude_objective: f of magnitude pruning followed by a backsolve (None when backsolve=False).
-        plain_magnitude_objective: f of magnitude pruning, H(w_bar), without backsolve.
+        magnitude_objective: f of magnitude pruning followed by a backsolve (None when backsolve=False); with the
+            ``fisher_diagonal`` ridge, magnitude pruning of z = D^1/2 w_bar, i.e. by the OBD saliency.
+        plain_magnitude_objective: f of magnitude pruning, H(w_bar), without backsolve (of z, likewise).
         timings: seconds spent in "iht" and "backsolve".
         bytes_communicated: payload bytes this rank sent during the solve, per comm phase ("solver", "backsolve").
         active_set_rounds: number of active-set rounds (0 when the active set was skipped).
@@ -104,6 +109,24 @@ def at_matvec(At: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     for s in range(0, At.shape[0], step):
         out[s : s + step] = At[s : s + step].float() @ r
     return out
+
+
+def column_norms_sq(At: torch.Tensor) -> torch.Tensor:
+    """||a_j||^2 = diag(A_r^T A_r), (p_r,) float64 (one chunked read of At)."""
+    step = _row_chunks(*At.shape)
+    return torch.cat([At[s : s + step].double().pow(2).sum(1) for s in range(0, At.shape[0], step)]
+                     or [torch.zeros(0, dtype=torch.float64, device=At.device)])
+
+
+def fisher_diagonal_scale(At: torch.Tensor, floor: float) -> torch.Tensor:
+    """D^1/2 of the ``fisher_diagonal`` ridge, (p_r,) float32: D_jj = ||a_j||^2 + floor * (mean over all p columns
+    of ||a||^2), or 1 when A is zero. Collective (the mean)."""
+    d = column_norms_sq(At)
+    total, count = _sum(float(d.sum()), float(d.numel()))
+    mean = total / count if count else 0.0
+    if mean <= 0.0:
+        return torch.ones(At.shape[0], dtype=torch.float32, device=At.device)
+    return (d + floor * mean).sqrt().float()
 
 
 def compact_rows_(At: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -223,10 +246,7 @@ class _Problem:
     def column_norms_sq(self) -> torch.Tensor:
         """||a_j||^2 = diag(A^T A) on these columns, (m,) float64 (cached; one full read of At)."""
         if self.col_sq is None:
-            step = _row_chunks(*self.At.shape)
-            self.col_sq = torch.cat([self.At[s : s + step].double().pow(2).sum(1)
-                                     for s in range(0, self.At.shape[0], step)]
-                                    or [torch.zeros(0, dtype=torch.float64, device=self.At.device)])
+            self.col_sq = column_norms_sq(self.At)
         return self.col_sq
 
     def L(self, iters: int = 30) -> float:
@@ -366,7 +386,8 @@ def _restrict(budget: Budget, W: torch.Tensor) -> Budget:
         allowed = None
     if budget.segment_ids is None:
         return Budget.global_topk(W.numel() if everything else int(W.sum()), int(budget.k[0]), allowed)
-    return Budget.per_segment(budget.segment_ids if everything else budget.segment_ids[W], budget.k, allowed)
+    return Budget.per_segment(budget.segment_ids if everything else budget.segment_ids[W], budget.k, allowed,
+                              local=budget.local)
 
 
 def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace, reg_offset=0.0, **kw):
@@ -463,6 +484,8 @@ def solve(
     max_active_rounds: int = 10,
     overwrite_at: bool = False,
     check_at: bool = True,
+    ridge: str = "identity",
+    ridge_floor: float = 1e-3,
 ) -> SolveResult:
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
@@ -489,6 +512,11 @@ def solve(
             front of At in place, and the problem is solved on those alone (same answer; IHT reads only them).
         check_at: check At for NaN/Inf (one extra read of At); False when the caller has checked every entry (the
             pipeline's :func:`~dist_chita.fisher.fisher_block` does, naming the layer).
+        ridge: the metric D of the ridge term lambda/2 (w - w_bar)^T D (w - w_bar): "identity" (the paper's, D = I)
+            or "fisher_diagonal": D = diag(A^T A) + ridge_floor * mean(diag(A^T A)), so that with n << p, where the
+            rank-n term can be fitted exactly on almost any support, each weight still costs its own curvature; the
+            warm start's magnitude pruning then ranks weights by the OBD saliency |w_j| sqrt(D_jj). Solved in
+            z = D^1/2 w: the rows of At are divided by D^1/2 (in place when ``overwrite_at``, else in a copy).
         swap_candidates: outside coordinates whose exact gain is computed in an escape (the best by approximate gain).
         pair_swaps, pair_swap_max_k: escape pair swaps (q x q backsolves), only when k <= pair_swap_max_k.
 
@@ -497,6 +525,10 @@ def solve(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if ridge not in RIDGES:
+        raise ValueError(f"unknown ridge {ridge!r}; expected one of {RIDGES}")
+    if not (ridge_floor > 0 and math.isfinite(ridge_floor)):
+        raise ValueError(f"ridge_floor must be finite and > 0, got {ridge_floor}")
     if At.dim() != 2 or w_bar.shape != (At.shape[0],):
         raise ValueError(f"At must be (p_r, n) and w_bar (p_r,), got {tuple(At.shape)} and {tuple(w_bar.shape)}")
     if not (lam >= 0 and math.isfinite(lam)):
@@ -524,6 +556,15 @@ def solve(
     timings = {"iht": 0.0, "backsolve": 0.0}
 
     with comm.phase(PHASE):
+        scale = None  # D^1/2 of the fisher_diagonal ridge: the solve runs in z = D^1/2 w
+        if ridge == "fisher_diagonal":
+            scale = fisher_diagonal_scale(At, ridge_floor)
+            if not overwrite_at:
+                At = At.clone()
+            step = _row_chunks(*At.shape)
+            for s in range(0, At.shape[0], step):  # in float32, then stored (one rounding in a 16-bit storage)
+                At[s : s + step] = At[s : s + step].float().div_(scale[s : s + step, None])
+            w_bar = w_bar * scale
         if y is None:
             nz = torch.nonzero(w_bar, as_tuple=True)[0]  # (p_r int64: not kept beyond this line)
             y = comm.all_reduce(rows_matvec(At, nz, w_bar[nz]))  # float64: exact to rounding
@@ -657,6 +698,8 @@ def solve(
     if kept_rows is not None:  # back to all p_r columns: the dropped ones are zero
         w = torch.zeros(p_r, dtype=st.w.dtype, device=st.w.device).index_copy_(0, kept_rows, st.w)
         S = torch.zeros(p_r, dtype=torch.bool, device=st.S.device).index_copy_(0, kept_rows, st.S)
+    if scale is not None:  # back from z = D^1/2 w
+        w = w / scale
     return SolveResult(
         w=w,
         support=S,

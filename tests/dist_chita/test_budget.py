@@ -8,7 +8,7 @@ import torch
 
 from dist_chita import comm
 from dist_chita.budget import Budget
-from dist_chita.partition import column_blocks
+from dist_chita.partition import column_blocks, row_blocks
 from tests import multiproc
 
 
@@ -34,6 +34,26 @@ def test_n_m_projection_matches_enumeration():
         assert torch.equal(mask, brute_force_nm(v.tolist(), n, m, allowed.tolist())), (n, m)
 
 
+def test_per_row_projection_matches_a_stable_sort_of_every_row():
+    g = torch.Generator().manual_seed(1)
+    runs = [(6, 8, 3), (4, 13, 5), (3, 1, 1), (2, 20, 19)]
+    p = sum(c * n for c, n, _ in runs)
+    v = torch.randn(p, generator=g)
+    v[::7] = 0.0
+    v[5::11] = -0.0
+    v[40:60] = v[40]  # ties within rows
+    allowed = torch.rand(p, generator=g) > 0.2
+    mask = Budget.per_row(runs, allowed).project(v)
+    expect, start = torch.zeros(p, dtype=torch.bool), 0
+    for count, length, keep in runs:
+        for _ in range(count):
+            row = [i for i in range(start, start + length) if allowed[i]]
+            order = sorted(row, key=lambda i: (-abs(float(v[i])), i))  # largest first, lower index on ties
+            expect[order[:keep]] = True
+            start += length
+    assert torch.equal(mask, expect)
+
+
 def test_budget_errors_name_the_problem():
     with pytest.raises(ValueError, match="budget k is 0"):
         Budget.global_topk(10, 0)
@@ -54,7 +74,7 @@ def support_at(budget, w, g, tau):
     return budget.project(w - tau * g)
 
 
-@pytest.mark.parametrize("kind", ["global", "segments", "nm"])
+@pytest.mark.parametrize("kind", ["global", "segments", "nm", "rows"])
 def test_tau_change_is_the_first_support_change(kind):
     """Scan tau finely: the support is unchanged just below tau_change and changes just above it."""
     p = 48
@@ -66,6 +86,8 @@ def test_tau_change_is_the_first_support_change(kind):
             budget = Budget.global_topk(p, 12)
         elif kind == "segments":
             budget = Budget.per_segment(torch.arange(p) // 16, torch.tensor([3, 5, 4]))
+        elif kind == "rows":
+            budget = Budget.per_row([(2, 8, 3), (4, 5, 2), (1, 12, 7)])
         else:
             budget = Budget.n_m(p, 2, 4)
         support = budget.project(w0)
@@ -78,10 +100,22 @@ def test_tau_change_is_the_first_support_change(kind):
             assert torch.equal(support_at(budget, w, grad, tau * frac), support)
 
 
+ROWS = [(25, 8, 3), (40, 15, 6), (10, 20, 11)]  # (count, length, keep): 1000 weights
+
+
 def _sharded(v, kind):
     p = v.numel()
     lo, hi = column_blocks(p, comm.world_size(), align=4)[comm.rank()]
-    if kind == "segments":
+    if kind == "rows":  # whole rows per rank, as in a row-cut layout
+        lo, hi = row_blocks([(c, n) for c, n, _ in ROWS], comm.world_size())[comm.rank()]
+        runs, start = [], 0
+        for count, length, keep in ROWS:
+            a, b = max(lo, start), min(hi, start + count * length)
+            if a < b:
+                runs.append(((b - a) // length, length, keep))
+            start += count * length
+        budget = Budget.per_row(runs)
+    elif kind == "segments":
         seg = (torch.arange(p) * 5 // p)[lo:hi]
         budget = Budget.per_segment(seg, torch.tensor([10, 0, 40, 7, 90]))
     elif kind == "nm":
@@ -94,7 +128,7 @@ def _sharded(v, kind):
     return mask, budget.tau_change(w, grad, mask), budget.total()
 
 
-@pytest.mark.parametrize("kind", ["global", "segments", "nm"])
+@pytest.mark.parametrize("kind", ["global", "segments", "nm", "rows"])
 def test_budget_same_on_every_world_size(kind):
     v = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     ref_mask, ref_tau, ref_total = _sharded(v, kind)
