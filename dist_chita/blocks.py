@@ -127,6 +127,7 @@ def prune_in_blocks(
     lam: float = 1e-3,
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
+    per_row: bool = False,
     base_sparsity: float = 0.0,
     progress: Callable[[str, int, int], None] | None = None,
     **prune_kwargs,
@@ -136,12 +137,13 @@ def prune_in_blocks(
     over all layers: the full layout, the stage reports of every group in order (their ``kept`` are the
     k_g) and the masks. Collective (every rank calls it with the same arguments)."""
     if method == "magnitude":  # nothing to gain from blocks
-        return prune(model, modules, method, sparsity, per_layer=per_layer, nm=nm, progress=progress)
+        return prune(model, modules, method, sparsity, per_layer=per_layer, nm=nm, per_row=per_row,
+                     progress=progress)
     sizes = [m.weight.numel() for _, m in modules]
     groups = layer_groups(sizes, block_size)
     group_sizes = [sum(sizes[i] for i in g) for g in groups]
     p = sum(sizes)
-    if per_layer or nm is not None:
+    if per_layer or per_row or nm is not None:
         budgets = [None] * len(groups)
     else:
         if not 0.0 <= sparsity < 1.0:
@@ -165,12 +167,13 @@ def prune_in_blocks(
         sub_progress = None if progress is None else (
             lambda name, done, total, gi=gi: progress(f"block {gi + 1}/{len(groups)} {name}", done, total))
         out = prune(model, sub, method, s_g, make_batches=make_batches, loss_fn=loss_fn, n=n, lam=lam,
-                    per_layer=per_layer, nm=nm, base_sparsity=min(base_sparsity, s_g), progress=sub_progress,
+                    per_layer=per_layer, nm=nm, per_row=per_row, base_sparsity=min(base_sparsity, s_g),
+                    progress=sub_progress,
                     **prune_kwargs)
         if k_g is not None and out.stages[-1].kept != k_g:
             raise RuntimeError(f"block {gi}: kept {out.stages[-1].kept}, allocated {k_g}")
         stages.extend(out.stages)
-    layout = ColumnLayout.build(named_shapes(modules), comm.world_size(), align=nm[1] if nm else 1)
+    layout = ColumnLayout.build(named_shapes(modules), comm.world_size(), align=nm[1] if nm else 1, rows=per_row)
     masks = {name: m.weight.detach() != 0 for name, m in modules}
     return PruneOutcome(layout, stages, masks)
 

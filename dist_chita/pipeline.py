@@ -119,11 +119,21 @@ def make_budget(
     allowed: torch.Tensor,
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
+    per_row: bool = False,
 ) -> Budget:
-    """The stage's constraint on this rank: N:M, one budget per layer, or one global budget k = (1 - s) p."""
+    """The stage's constraint on this rank: N:M, one budget per layer, one per row (``per_row``: every row of a
+    layer keeps (1 - s) of its weights; ``layout`` must be cut at rows), or one global budget k = (1 - s) p."""
     lo, hi = layout.block(rank)
     if nm is not None:
         return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
+    if per_row:
+        runs = []
+        for piece in layout.pieces(rank):
+            length = layout.segments[piece.segment].row_length
+            if piece.offset % length or piece.size % length:
+                raise ValueError("per-row budgets need column blocks cut at rows (ColumnLayout.build(rows=True))")
+            runs.append((piece.size // length, length, kept_count(length, sparsity)))
+        return Budget.per_row(runs, allowed=allowed)
     if per_layer:
         seg = torch.empty(hi - lo, dtype=torch.int64, device=allowed.device)
         for piece in layout.pieces(rank):
@@ -145,6 +155,7 @@ def prune(
     n: int = 0,
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
+    per_row: bool = False,
     lam: float = 1e-3,
     first_order: bool = False,
     stages: int = 1,
@@ -169,7 +180,8 @@ def prune(
         modules: ordered (name, module) prunable layers (:mod:`dist_chita.prunable`).
         method: "magnitude", "chita" or "chita++".
         sparsity: target fraction of zeros in [0, 1) (global, or per layer with
-            ``per_layer``); ignored for N:M (``nm`` = (N, M)).
+            ``per_layer``, or in every row of every layer with ``per_row``: the weights of one output, ``weight[i]``,
+            the comparison group of Wanda and of SparseGPT's unstructured mode); ignored for N:M (``nm`` = (N, M)).
         make_batches: returns a fresh iterable of this rank's calibration
             micro-batches ``(batch, global_indices)``; rank r owns samples
             ``sample_ranges(n, R)[r]``.
@@ -194,8 +206,10 @@ def prune(
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     if nm is None and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sum((per_layer, per_row, nm is not None)) > 1:
+        raise ValueError("choose at most one of per_layer, per_row and nm")
     world, rank = comm.world_size(), comm.rank()
-    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1)
+    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
     w = local_weights(modules, layout, rank, check_finite=True, device=device)
     allowed = w != 0  # weights already zero stay zero
@@ -221,7 +235,7 @@ def prune(
             continue
         bytes_before = comm.bytes_by_phase()
         seconds: dict[str, float] = {}
-        budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm)
+        budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm, per_row=per_row)
         report = StageReport(sparsity=s, kept=budget.total())
         if method == "magnitude":
             start = time.perf_counter()

@@ -55,10 +55,12 @@ def summary_lines(report: Mapping) -> list[str]:
     if metric.get("name") not in (None, "none"):
         parts = [f"{k} {v:.4f}" for k, v in metric.items() if k != "name" and isinstance(v, float)]
         lines.append(f"  {metric['name']}: " + ", ".join(parts))
+    ridge = (report.get("config") or {}).get("prune", {}).get("ridge", "identity")
+    warm = "OBD saliency" if ridge == "fisher_diagonal" else "magnitude"  # the solver's warm start
     for i, st in enumerate(report["stages"]):
         if st.get("objective") is not None:
             mag = st.get("magnitude_objective")
-            gain = f" (magnitude+backsolve {mag:.4g})" if mag is not None else ""
+            gain = f" ({warm}+backsolve {mag:.4g})" if mag is not None else ""
             lines.append(
                 f"  stage {i + 1}: sparsity {st['sparsity']:.4f}, objective {st['objective']:.4g}{gain}, "
                 f"{st['iterations']} IHT iterations"

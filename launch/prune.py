@@ -251,7 +251,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         measure("before")
     seconds["eval_before"] = time.perf_counter() - t
 
-    prune_kwargs = dict(per_layer=cfg.prune.per_layer, nm=nm)
+    prune_kwargs = dict(per_layer=cfg.prune.per_layer, per_row=cfg.prune.per_row, nm=nm)
     if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
@@ -278,7 +278,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
             solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
                                 active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
-                                escape_trials=cfg.solver.escape_trials),
+                                escape_trials=cfg.solver.escape_trials, ridge=cfg.prune.ridge),
             progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
         )
     finally:

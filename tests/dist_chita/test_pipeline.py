@@ -17,7 +17,7 @@ def _forward(model, batch):
     return models.forward(model, "image-classification", batch)
 
 
-def _prune(method, sparsity, per_layer=False, nm=None, stages=1):
+def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, ridge="identity"):
     torch.set_num_threads(1)
     model = train_digits_mlp()
     calib = digits_samples().select(range(N))
@@ -27,7 +27,7 @@ def _prune(method, sparsity, per_layer=False, nm=None, stages=1):
         model, modules, method, sparsity,
         make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
-        base_sparsity=0.3, solver_options=dict(max_iter=40),
+        per_row=per_row, base_sparsity=0.3, solver_options=dict(max_iter=40, ridge=ridge),
     )
     return {name: m.weight.detach().clone() for name, m in modules}, out.stages
 
@@ -77,6 +77,28 @@ def test_per_layer_and_n_m():
     weights, _ = _prune("chita", 0.0, nm=(2, 4))
     for w in weights.values():
         assert bool(((w != 0).reshape(-1, 4).sum(1) <= 2).all())
+
+
+def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_size():
+    """Every row keeps round((1 - s) * row length) weights (magnitude: its largest); CHITA++ stages with the
+    fisher_diagonal ridge give the same masks and weights on 1, 2 and 3 ranks (rows never straddle ranks)."""
+    weights, _ = _prune("magnitude", 0.7, per_row=True)  # trains (and caches) the model with 1 thread, as ranks do
+    dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
+    for name, w in weights.items():
+        keep = round(0.3 * w.shape[1])
+        top = torch.sort(dense[name].abs(), dim=1, descending=True, stable=True).indices[:, :keep]
+        assert torch.equal(w != 0, torch.zeros_like(w, dtype=torch.bool).scatter_(1, top, True)), name
+    ref, stages = _prune("chita++", 0.7, stages=2, per_row=True, ridge="fisher_diagonal")
+    assert stages[-1].objective <= stages[-1].magnitude_objective
+    for w in ref.values():
+        assert bool(((w != 0).sum(1) == round(0.3 * w.shape[1])).all())
+    for world_size in (2, 3):
+        for result, _ in multiproc.run(_prune, world_size, "chita++", 0.7, False, None, 2, True, "fisher_diagonal"):
+            for name, w in ref.items():
+                assert torch.equal(result[name] != 0, w != 0), (world_size, name)
+                assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
+    with pytest.raises(ValueError, match="at most one of"):
+        _prune("chita", 0.5, per_layer=True, per_row=True)
 
 
 def test_saved_model_reloads_with_identical_outputs(tmp_path):
