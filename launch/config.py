@@ -110,18 +110,19 @@ class EvalConfig:
 class PruneConfig:
     """What to prune and to what sparsity.
 
-    ``sparsity`` is the fraction of zeros over all prunable weights (global
-    budget k = (1 - sparsity) p), per layer when ``per_layer``, or per row
-    when ``per_row`` (every output of every layer, ``weight[i]``, keeps the same
-    share: Wanda's and SparseGPT's comparison group). ``nm`` ("N:M") keeps N of
-    every M consecutive weights instead. The candidates are
+    ``sparsity`` is the fraction of zeros, and ``granularity`` where it holds:
+    ``row`` (default: every output of every layer, ``weight[i]``, keeps the same
+    share, the comparison group of Wanda and SparseGPT), ``layer`` (each layer)
+    or ``global`` (over all prunable weights, k = (1 - sparsity) p, the CHITA
+    paper's). ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
+    ``sparsity`` and ``granularity`` are ignored). The candidates are
     the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
     (null: all) / ``exclude`` are fnmatch patterns on module names, and
     ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
-    weight lambda of the CHITA objective and ``ridge`` its metric: ``identity``
-    (the paper's lambda/2 ||w - w_bar||^2) or ``fisher_diagonal`` (lambda/2 (w - w_bar)^T D (w - w_bar) with
-    D = diag of the empirical Fisher + 1e-3 of its mean, a Levenberg-Marquardt damping that keeps each weight's
-    curvature when n << p; :func:`dist_chita.solver.solve`). chita++ prunes in ``stages`` steps
+    weight lambda of the CHITA objective and ``ridge`` its metric: ``fisher_diagonal`` (default:
+    lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag of the empirical Fisher + 1e-3 of its mean, a
+    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.solver.solve`)
+    or ``identity`` (the paper's lambda/2 ||w - w_bar||^2). chita++ prunes in ``stages`` steps
     from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
     degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
     layers of at most ``block_size`` weights one at a time, the global budget split among them by
@@ -130,15 +131,14 @@ class PruneConfig:
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
     sparsity: float = 0.5
-    per_layer: bool = False
-    per_row: bool = False
+    granularity: Literal["row", "layer", "global"] = "row"
     nm: str | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     exclude_head: bool = True
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
     lambda_: float = 1e-3
-    ridge: Literal["identity", "fisher_diagonal"] = "identity"
+    ridge: Literal["fisher_diagonal", "identity"] = "fisher_diagonal"
     stages: int = 1
     schedule: Literal["polynomial", "linear"] = "polynomial"
     exponent: float = 3.0
@@ -387,8 +387,6 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"prune.base_sparsity: must be in [0, prune.sparsity], got {p.base_sparsity}")
     if p.nm is not None:
         parse_nm(p.nm)
-    need(sum((p.per_layer, p.per_row, p.nm is not None)) <= 1,
-         "prune: choose at most one of per_layer, per_row and nm")
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
     need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")

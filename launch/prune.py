@@ -251,7 +251,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         measure("before")
     seconds["eval_before"] = time.perf_counter() - t
 
-    prune_kwargs = dict(per_layer=cfg.prune.per_layer, per_row=cfg.prune.per_row, nm=nm)
+    prune_kwargs = dict(per_layer=nm is None and cfg.prune.granularity == "layer",
+                        per_row=nm is None and cfg.prune.granularity == "row", nm=nm)
     if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]

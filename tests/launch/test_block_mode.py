@@ -24,7 +24,7 @@ def test_block_mode_run(tmp_path):
                            "label_column": "label", "n": 40, "batch_size": 16},
            "eval": {"metric": "accuracy", "n": 300, "compare_magnitude": False},
            "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False, "block_mode": True, "block_size": 700,
-                     "block_criterion": "obs"},
+                     "block_criterion": "obs", "granularity": "global", "ridge": "identity"},  # one global budget
            "solver": {"max_iter": 10}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
            "threads_per_rank": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))

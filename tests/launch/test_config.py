@@ -89,9 +89,8 @@ def test_int_is_accepted_for_float_and_converted():
         (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
         (["calibration.text_column=null"], r"one of text_column / image_column"),
-        (["prune.per_row=true", "prune.per_layer=true"], r"^prune: choose at most one of per_layer, per_row and nm$"),
-        (["prune.per_row=true", "prune.nm=2:4"], r"choose at most one of per_layer, per_row and nm"),
-        (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'identity', 'fisher_diagonal'"),
+        (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
+        (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'fisher_diagonal', 'identity'"),
     ],
 )
 def test_invalid_values(overrides, message):

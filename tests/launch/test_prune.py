@@ -31,7 +31,8 @@ def write_config(tmp_path, weights, **sections):
         "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                         "label_column": "label", "n": 40, "batch_size": 16},
         "eval": {"metric": "accuracy", "n": 400, "batch_size": 200},
-        "prune": {"method": "chita", "sparsity": 0.7, "loss": "ce", "exclude_head": False, "lambda": 1e-3},
+        "prune": {"method": "chita", "sparsity": 0.7, "loss": "ce", "exclude_head": False, "lambda": 1e-3,
+                  "granularity": "global", "ridge": "identity"},  # the paper's; the defaults are tested below too
         "solver": {"max_iter": 30},
         "output": {"dir": str(tmp_path / "out")},
         "world_size": None,
@@ -53,8 +54,9 @@ def run(args, processes=1, timeout=300):
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights):
-    cfg = write_config(tmp_path, weights)
+@pytest.mark.parametrize("granularity,ridge", [("global", "identity"), ("row", "fisher_diagonal")])
+def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights, granularity, ridge):
+    cfg = write_config(tmp_path, weights, prune={"granularity": granularity, "ridge": ridge})
     one = run(["--config", str(cfg), f"output.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
     two = run(["--config", str(cfg), f"output.dir={tmp_path / 'two'}"], processes=2)
@@ -68,7 +70,12 @@ def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights):
         assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
     # The report's numbers are those of the saved model.
     kept = sum(int((w1[f"{i}.weight"] != 0).sum()) for i in (0, 2, 4))
-    assert kept == r1["global"]["kept"] == round(0.3 * r1["p"])
+    if granularity == "global":
+        assert kept == r1["global"]["kept"] == round(0.3 * r1["p"])
+    else:  # every row of the (32, 64), (16, 32), (10, 16) layers keeps round(0.3 * its length)
+        assert kept == r1["global"]["kept"] == 32 * 19 + 16 * 10 + 10 * 5
+        for i in (0, 2, 4):
+            assert bool(((w1[f"{i}.weight"] != 0).sum(1) == round(0.3 * w1[f"{i}.weight"].shape[1])).all())
     assert len(r2["peak_memory_bytes"]) == 2 and all(v > 0 for v in r2["peak_memory_bytes"])
     assert r2["bytes_sent"]["solver"][0] > 0 and r1["metric"]["after"] > 0.5
     assert "kept" in one.stdout and "saved to" in two.stdout and two.stdout.count("saved to") == 1
