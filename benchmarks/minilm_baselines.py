@@ -1,0 +1,154 @@
+"""The embedded default job against the one-shot baselines a pruning researcher would try first.
+
+all-MiniLM-L6-v2 (real weights), the default job's data (128 calibration paragraphs of ``pydoc_data.topics``, the
+other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-out fidelity to the dense embeddings
+(mean cosine similarity, top-1 nearest-neighbour agreement) of:
+
+* magnitude pruning, global and per row (every output row keeps 50%);
+* Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded);
+* OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
+  Gauss-Newton probe), without any weight update;
+* dist-chita's default: CHITA with per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the OBD
+  saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
+
+    python benchmarks/minilm_baselines.py [--threads 2]
+
+Prints a table and writes benchmarks/results/minilm_baselines.json (about 6 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from dist_chita import blocks, data, evaluate, models, pipeline, prunable  # noqa: E402
+from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs  # noqa: E402
+from launch.prune import build_loss  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
+
+
+def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
+    """||X_j||_2 per input feature of every layer, over all non-padding calibration tokens (Wanda's statistic)."""
+    sq = [torch.zeros(m.weight.shape[1], dtype=torch.float64) for _, m in modules]
+    mask: dict[str, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(module, args, out):
+            x = args[0].detach()
+            rows = x.reshape(-1, x.shape[-1])
+            if x.dim() == 3:  # (b, T, d): drop padding tokens
+                rows = rows[mask["m"].reshape(-1).bool()]
+            sq[i] += rows.double().pow(2).sum(0)
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for batch, _ in data.iter_microbatches(calib, 0, len(calib), batch_size):
+                mask["m"] = batch["attention_mask"]
+                models.forward(model, task, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return [s.sqrt() for s in sq]
+
+
+def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Keep the largest scores of every row (ties: lower index), the same count per row as dist-chita."""
+    out = []
+    for s in scores:
+        keep = pipeline.kept_count(s.shape[1], sparsity)
+        top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :keep]
+        out.append(torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config(None)
+    s = cfg.prune.sparsity
+    loaded = models.load_model(**model_kwargs(cfg))
+    model, task = loaded.model, loaded.task
+    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
+    held = data.load_samples(**eval_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
+    modules = prunable.prunable_modules(model, cfg.prune.include, cfg.prune.exclude, cfg.prune.exclude_head)
+    dense = [m.weight.detach().clone() for _, m in modules]
+    reference = evaluate.collect_outputs(model, task, held, cfg.eval.batch_size)
+    loss_fn = build_loss(cfg, task)
+    n, bs = cfg.calibration.n, cfg.calibration.batch_size
+
+    def batches():
+        return data.iter_microbatches(calib, 0, n, bs)
+
+    def fidelity() -> dict[str, float]:
+        return evaluate.embedding_fidelity(reference, evaluate.collect_outputs(model, task, held, cfg.eval.batch_size))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for (_, m), w in zip(modules, dense, strict=True):
+                m.weight.copy_(w)
+
+    def apply(masks: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for (_, m), mk in zip(modules, masks, strict=True):
+                m.weight.mul_(mk.to(m.weight.dtype))
+
+    results: dict[str, dict] = {}
+
+    def record(name: str, seconds: float) -> None:
+        results[name] = {**fidelity(), "seconds": seconds}
+        restore()
+        r = results[name]
+        print(f"{name:48s} cosine {r['cosine']:.4f}  nn agreement {r['nn_agreement']:.4f}  ({seconds:.1f} s)",
+              flush=True)
+
+    t = time.perf_counter()
+    pipeline.prune(model, modules, "magnitude", s)
+    record("magnitude, global", time.perf_counter() - t)
+    t = time.perf_counter()
+    pipeline.prune(model, modules, "magnitude", s, per_row=True)
+    record("magnitude, per row", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    norms = input_norms(model, task, modules, calib, bs)
+    apply(row_masks([w.abs() * x.to(w.dtype)[None, :] for w, x in zip(dense, norms, strict=True)], s))
+    record("Wanda (|W| ||X||), per row", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    diag = blocks.diagonal_fisher(model, modules, batches(), n, loss_fn)
+    apply(row_masks([w.pow(2) * d.view_as(w).to(w.dtype) for w, d in zip(dense, diag, strict=True)], s))
+    record("OBD (W^2 diag F), per row, no update", time.perf_counter() - t)
+
+    common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_)
+    options = dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, escape_trials=cfg.solver.escape_trials)
+    t = time.perf_counter()
+    out = pipeline.prune(model, modules, "chita", s, per_row=True,
+                         solver_options={**options, "ridge": "fisher_diagonal"}, **common)
+    results_extra = {"objective": out.stages[-1].objective, "iterations": out.stages[-1].iterations}
+    record("dist-chita default: CHITA, per row, fisher_diagonal", time.perf_counter() - t)
+    results["dist-chita default: CHITA, per row, fisher_diagonal"].update(results_extra)
+    t = time.perf_counter()
+    out = pipeline.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
+    record("CHITA as in the paper: global, identity ridge", time.perf_counter() - t)
+
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "sparsity": s, "n": n, "held_out": len(held),
+                                   "threads": args.threads, "results": results}, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
