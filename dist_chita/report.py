@@ -55,8 +55,7 @@ def summary_lines(report: Mapping) -> list[str]:
     if metric.get("name") not in (None, "none"):
         parts = [f"{k} {v:.4f}" for k, v in metric.items() if k != "name" and isinstance(v, float)]
         lines.append(f"  {metric['name']}: " + ", ".join(parts))
-    ridge = (report.get("config") or {}).get("prune", {}).get("ridge", "identity")
-    warm = "OBD saliency" if ridge == "fisher_diagonal" else "magnitude"  # the solver's warm start
+    warm = "OBD saliency" if report.get("ridge") == "fisher_diagonal" else "magnitude"  # the solver's warm start
     for i, st in enumerate(report["stages"]):
         if st.get("objective") is not None:
             mag = st.get("magnitude_objective")

@@ -119,11 +119,12 @@ class PruneConfig:
     the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
     (null: all) / ``exclude`` are fnmatch patterns on module names, and
     ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
-    weight lambda of the CHITA objective and ``ridge`` its metric: ``fisher_diagonal`` (default:
-    lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag of the empirical Fisher + 1e-3 of its mean, a
-    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.solver.solve`)
-    or ``identity`` (the paper's lambda/2 ||w - w_bar||^2). chita++ prunes in ``stages`` steps
-    from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
+    weight lambda of the CHITA objective and ``ridge`` its metric: ``fisher_diagonal``
+    (lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag of the empirical Fisher + 1e-3 of its mean, a
+    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.solver.solve`),
+    ``identity`` (the paper's lambda/2 ||w - w_bar||^2), or ``auto`` (default, :func:`solver_ridge`): the Fisher
+    diagonal when there are fewer than 1e-3 calibration samples per prunable weight, else the identity. chita++
+    prunes in ``stages`` steps from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
     degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
     layers of at most ``block_size`` weights one at a time, the global budget split among them by
     ``block_criterion`` (:mod:`dist_chita.blocks`): memory is set by the largest group's factor.
@@ -138,7 +139,7 @@ class PruneConfig:
     exclude_head: bool = True
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
     lambda_: float = 1e-3
-    ridge: Literal["fisher_diagonal", "identity"] = "fisher_diagonal"
+    ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
     stages: int = 1
     schedule: Literal["polynomial", "linear"] = "polynomial"
     exponent: float = 3.0
@@ -428,6 +429,20 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 # --------------------------------------------------------------------------- config -> library arguments
+
+
+AUTO_RIDGE_SAMPLES_PER_WEIGHT = 1e-3  # ``auto``: the Fisher diagonal below n / p = 1e-3, the identity above
+
+
+def solver_ridge(ridge: str, n: int, p: int) -> str:
+    """The ridge metric the solver gets: ``ridge``, with ``auto`` resolved from n calibration samples and p prunable
+    weights: ``fisher_diagonal`` when n < 1e-3 p (then the back-solve fits the rank-n Fisher term exactly on almost any
+    support, and with the identity ridge the best support is magnitude's), else ``identity`` (the paper's). Measured:
+    MiniLM, n / p = 1.2e-5, the Fisher diagonal far better; MLPNet (n / p = 0.03) and the digits MLP (0.015), the
+    identity better."""
+    if ridge != "auto":
+        return ridge
+    return "fisher_diagonal" if n < AUTO_RIDGE_SAMPLES_PER_WEIGHT * p else "identity"
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:

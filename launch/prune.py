@@ -37,6 +37,7 @@ from launch.config import (  # noqa: E402
     model_kwargs,
     parse_nm,
     save_config,
+    solver_ridge,
 )
 
 PHASES = ("load", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve", "writeback",
@@ -279,7 +280,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
             solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
                                 active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
-                                escape_trials=cfg.solver.escape_trials, ridge=cfg.prune.ridge),
+                                escape_trials=cfg.solver.escape_trials,
+                                ridge=solver_ridge(cfg.prune.ridge, n, p)),
             progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
         )
     finally:
@@ -309,6 +311,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         "device": device.type,
         "backend": "gloo" if device.type == "cpu" else "nccl",
         "method": cfg.prune.method,
+        "ridge": solver_ridge(cfg.prune.ridge, n, p) if cfg.prune.method != "magnitude" else None,
         "n": n,
         "p": p,
         "model_params": sum(params.numel(x) for x in model.parameters()),

@@ -18,6 +18,7 @@ from launch.config import (
     parse_config,
     parse_nm,
     save_config,
+    solver_ridge,
     yaml_load,
 )
 
@@ -64,6 +65,18 @@ def test_wrong_type_names_key_and_expected_type(data, message):
         parse_config(data)
 
 
+@pytest.mark.parametrize(("ridge", "n", "p", "expected"), [
+    ("auto", 128, 10_764_288, "fisher_diagonal"),  # the default job: MiniLM
+    ("auto", 1000, 32_360, "identity"),  # MLPNet
+    ("auto", 999, 1_000_000, "fisher_diagonal"),
+    ("auto", 1000, 1_000_000, "identity"),
+    ("identity", 128, 10_764_288, "identity"),
+    ("fisher_diagonal", 1000, 32_360, "fisher_diagonal"),
+])
+def test_auto_ridge_is_the_fisher_diagonal_below_one_sample_per_thousand_weights(ridge, n, p, expected):
+    assert solver_ridge(ridge, n, p) == expected
+
+
 def test_int_is_accepted_for_float_and_converted():
     cfg = parse_config({"prune": {"lambda": 1}})
     assert cfg.prune.lambda_ == 1.0 and isinstance(cfg.prune.lambda_, float)
@@ -90,7 +103,7 @@ def test_int_is_accepted_for_float_and_converted():
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
         (["calibration.text_column=null"], r"one of text_column / image_column"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
-        (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'fisher_diagonal', 'identity'"),
+        (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
     ],
 )
 def test_invalid_values(overrides, message):
