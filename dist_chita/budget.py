@@ -6,7 +6,7 @@ CHITA solves  min f(w)  subject to  w in C,  where C is one of
 * per-segment budgets ||w_g||_0 <= k_g, a segment being one layer's weights
   (a layer may straddle ranks), or one row of a layer (the weights of one output,
   ``weight[i]``; the column blocks are then cut at rows, so a row never straddles
-  ranks and its projection needs no communication);
+  ranks and its projection needs no histogram all-reduce);
 * N:M sparsity: at most N nonzeros in every group of M consecutive weights of
   the flattened layer (for nn.Linear, M consecutive inputs of one output).
   Column blocks are aligned to M, so N:M groups never straddle ranks.
@@ -46,7 +46,7 @@ class Budget:
         n, m: N and M of N:M sparsity (kind "nm").
         allowed: (p_r,) bool, False for weights fixed at zero; None = all.
         local: every segment lies on this rank alone (per-row budgets): ``k`` and
-            ``segment_ids`` are this rank's own, and projections communicate nothing.
+            ``segment_ids`` are this rank's own, and projections need no histogram all-reduce.
     """
 
     kind: str
@@ -85,7 +85,7 @@ class Budget:
         """||w_i||_0 <= keep for every row i of this rank's columns: ``rows`` lists them in column order as runs
         ``(count, length, keep)`` of whole rows (the blocks of a row-cut layout, so no row straddles ranks;
         sum of count * length = p_r); a row with fewer than ``keep`` allowed weights keeps those. Projections
-        then communicate nothing. Collective (the budget check)."""
+        then need no histogram all-reduce (only the NaN/Inf check's one integer). Collective (the budget check)."""
         if allowed is not None:
             device = allowed.device
         counts = torch.tensor([c for c, _, _ in rows], dtype=torch.int64, device=device)

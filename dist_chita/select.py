@@ -19,7 +19,8 @@ Scores may be split into *segments* (one per layer, say), each with its own
 budget k_g; a segment may straddle ranks. One all-reduce per round serves
 all segments at once. When every segment lies on one rank (``local``: the rows
 of a row-cut layout, :func:`dist_chita.partition.row_blocks`), k and the
-segment ids are that rank's own and nothing is communicated.
+segment ids are that rank's own and only the finiteness check communicates
+(one integer).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def topk_mask(
             coordinate; None puts every coordinate in segment 0.
         allowed: (p_r,) bool; coordinates with False are never selected.
         local: every segment lies on this rank alone (k and segment_ids are this
-            rank's own); then no collective is called.
+            rank's own); then the only collective is the NaN/Inf check's.
 
     Returns:
         (p_r,) bool mask; over all ranks exactly min(k_g, allowed in g)
