@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from dist_chita import blocks, data, evaluate, models, pipeline, prunable  # noqa: E402
+from dist_chita.budget import Budget  # noqa: E402
 from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
 
@@ -65,13 +66,10 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
 
 
 def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Keep the largest scores of every row (ties: lower index), the same count per row as dist-chita."""
-    out = []
-    for s in scores:
-        keep = pipeline.kept_count(s.shape[1], sparsity)
-        top = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :keep]
-        out.append(torch.zeros_like(s, dtype=torch.bool).scatter_(1, top, True))
-    return out
+    """Keep the largest scores of every row: dist-chita's own per-row projection (:meth:`Budget.per_row`, ties to
+    the lower index), with its count per row."""
+    return [Budget.per_row([(s.shape[0], s.shape[1], pipeline.kept_count(s.shape[1], sparsity))])
+            .project(s.reshape(-1).float()).view_as(s) for s in scores]
 
 
 def main() -> None:
@@ -134,17 +132,17 @@ def main() -> None:
     apply(row_masks([w.pow(2) * d.view_as(w).to(w.dtype) for w, d in zip(dense, diag, strict=True)], s))
     record("OBD (W^2 diag F), per row, no update", time.perf_counter() - t)
 
-    common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_)
+    common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_,
+                  storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))
     options = dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, escape_trials=cfg.solver.escape_trials)
-    common["storage_dtype"] = models.torch_dtype(cfg.solver.storage_dtype)
     t = time.perf_counter()
     out = pipeline.prune(model, modules, "chita", s, per_row=True,
                          solver_options={**options, "ridge": "fisher_diagonal"}, **common)
-    results_extra = {"objective": out.stages[-1].objective, "iterations": out.stages[-1].iterations}
-    record("dist-chita default: CHITA, per row, fisher_diagonal", time.perf_counter() - t)
-    results["dist-chita default: CHITA, per row, fisher_diagonal"].update(results_extra)
+    name = "dist-chita default: CHITA, per row, fisher_diagonal"
+    record(name, time.perf_counter() - t)
+    results[name].update(objective=out.stages[-1].objective, iterations=out.stages[-1].iterations)
     t = time.perf_counter()
-    out = pipeline.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
+    pipeline.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
     record("CHITA as in the paper: global, identity ridge", time.perf_counter() - t)
 
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -563,7 +563,11 @@ def solve(
                 At = At.clone()
             step = _row_chunks(*At.shape)
             for s in range(0, At.shape[0], step):  # in float32, then stored (one rounding in a 16-bit storage)
-                At[s : s + step] = At[s : s + step].float().div_(scale[s : s + step, None])
+                c = At[s : s + step]
+                if c.dtype == torch.float32:
+                    c.div_(scale[s : s + step, None])
+                else:
+                    c.copy_(c.float().div_(scale[s : s + step, None]))
             w_bar = w_bar * scale
         if y is None:
             nz = torch.nonzero(w_bar, as_tuple=True)[0]  # (p_r int64: not kept beyond this line)

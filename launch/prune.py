@@ -252,6 +252,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         measure("before")
     seconds["eval_before"] = time.perf_counter() - t
 
+    ridge = solver_ridge(cfg.prune.ridge, n, p)  # auto resolved from n and p
     prune_kwargs = dict(per_layer=nm is None and cfg.prune.granularity == "layer",
                         per_row=nm is None and cfg.prune.granularity == "row", nm=nm)
     if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
@@ -281,7 +282,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
                                 active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
                                 escape_trials=cfg.solver.escape_trials,
-                                ridge=solver_ridge(cfg.prune.ridge, n, p)),
+                                ridge=ridge),
             progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
         )
     finally:
@@ -311,7 +312,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         "device": device.type,
         "backend": "gloo" if device.type == "cpu" else "nccl",
         "method": cfg.prune.method,
-        "ridge": solver_ridge(cfg.prune.ridge, n, p) if cfg.prune.method != "magnitude" else None,
+        "ridge": ridge if cfg.prune.method != "magnitude" else None,
         "n": n,
         "p": p,
         "model_params": sum(params.numel(x) for x in model.parameters()),
