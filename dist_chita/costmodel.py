@@ -48,8 +48,16 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               gathers, a bincount) and its updates of w, the
                                                               support difference and ||w - w_bar||^2)
            + (1 + T) * (2 (R - 1) / R * 8 n / L + 2 log2(R) l)   (n-vector all-reduces: u and each trial's A w)
-           + (T (q + 3) + 2) * 2 log2(R) l                   (small all-reduces: q histogram rounds and 3 counts
-                                                              per top-k, 2 for tau_c)
+           + (T c_H + c_tau) * 2 log2(R) l                   (small all-reduces of each trial's projection H and of
+                                                              tau_c, set by the budget's granularity
+                                                              (:attr:`Workload.granularity`): a collective top-k,
+                                                              one global budget or one per layer (segments that
+                                                              straddle ranks), makes c_H = q + 3 (q histogram
+                                                              rounds: 3 for one segment, 4 for several; the
+                                                              NaN/Inf check, the allowed counts, the ties) and
+                                                              c_tau = 2; per-row and N:M budgets, whose segments
+                                                              lie on one rank, select locally: c_H = 1 (the
+                                                              NaN/Inf check's integer) and c_tau = 1)
            + o / s'                                          (fixed per-iteration overhead)
 
   plus, once per solve, the exact A w and f after the iterations (and c extra block reads, e.g. an active set's
@@ -62,6 +70,9 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   recorded runs' solver bytes show (3 radix selects per solve, one of them the magnitude support before the
   timed iterations). Their rate is the one fitted memory efficiency e_m: for the element-wise, gather and
   bincount passes it is well below the GEMV read rate M of the hardware file (about 0.2 x M on this machine).
+  The all-reduces of one iteration and the payload bytes a rank sends in them (what ``dist_chita/comm.py`` counts,
+  :attr:`Prediction.solver_bytes_per_iteration`) are counted by :func:`iteration_collectives`; a test compares
+  them with the counters of real two-rank solves, per granularity.
 
 * backsolve, per backsolve of a solve keeping k_t (the dual path of ``dist_chita/backsolve.py``, k_t >= n), on
   m = ceil(k_t / R) local kept rows (:func:`backsolve_terms`)::
@@ -106,10 +117,15 @@ from dataclasses import dataclass, field
 
 from dist_chita.backsolve import gathers, syrk_blocks
 from dist_chita.memory import MemoryEstimate, estimate
+from dist_chita.select import radix_bits
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
+GRANULARITIES = ("global", "layer", "row", "nm")  # Workload.granularity: the sparsity budget the solver projects on
+# Rates fields no longer used, dropped by Rates.from_dict: selection_rounds (until 2026-11-30 the histogram rounds of
+# every projection, 3; they now follow from Workload.granularity, and per-row and N:M budgets have none)
+RETIRED_RATES = ("selection_rounds",)
 
 
 @dataclass(frozen=True)
@@ -242,8 +258,6 @@ class Rates:
             M (fitted: rows of 32-64 B, as in a bfloat16 factor with n = 16-32, cost several times their size).
         row_efficiency: e_b, fraction of M the backsolve's passes over the kept rows achieve (given, not fitted:
             with n varying by 4x at most, the row bytes (n m) and the Gram FLOPs (n^2 m) are not separable).
-        selection_rounds: q, histogram all-reduce rounds of one collective top-k (3 for one global budget, 4 for
-            per-layer budgets; ``dist_chita/select.py``).
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
         exchange_efficiency: e_x, fraction of the link bandwidth L (times the core share s on shared CPU cores,
@@ -273,7 +287,6 @@ class Rates:
     pcg_steps: float = 3.0
     row_efficiency: float = 1.0
     row_gather_bytes: float = 0.0
-    selection_rounds: int = 3
     iteration_overhead: float = 0.0
     backsolve_rounds: int = 1
     exchange_efficiency: float = 1.0
@@ -283,6 +296,18 @@ class Rates:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Rates:
+        """Build from a plain dict (a rates file, a study summary's "rates"). Keys of :data:`RETIRED_RATES` are
+        dropped (rates files written before they were retired hold them); other unknown keys raise ValueError."""
+        if not isinstance(data, dict):
+            raise ValueError(f"rates must be a mapping, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names - set(RETIRED_RATES))
+        if unknown:
+            raise ValueError(f"unknown rate {unknown[0]!r}")
+        return cls(**{k: v for k, v in data.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -306,6 +331,11 @@ class Workload:
             and the backsolves.
         flops_per_sample: forward + backward FLOPs of one sample (default 6 P; a causal LM on T tokens:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
+        granularity: the sparsity budget the solver projects onto (:data:`GRANULARITIES`), which sets what its
+            selections communicate (:func:`iteration_collectives`): "global" (one top-k over all ranks, the
+            default here: the CHITA paper's, and what runs recorded before ``prune.granularity`` existed used),
+            "layer" (one top-k per layer, ``layers`` segments straddling ranks), "row" (one per output row, each on
+            one rank: no histogram all-reduce) or "nm" (N:M groups, local too).
     """
 
     p: int
@@ -324,10 +354,13 @@ class Workload:
     solves: int = 1
     flops_per_sample: float | None = None
     stages: tuple[tuple[int, int, int, int], ...] | None = None
+    granularity: str = "global"
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPE_BYTES:
             raise ValueError(f"unknown storage dtype {self.storage_dtype!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"unknown granularity {self.granularity!r}; expected one of {', '.join(GRANULARITIES)}")
         for f in ("p", "n", "model_params", "micro_batch", "layers", "threads_per_rank"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
@@ -360,7 +393,11 @@ class Workload:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Predicted seconds per phase (``seconds``), their terms (``terms``), memory per rank and whether it fits."""
+    """Predicted seconds per phase (``seconds``), their terms (``terms``), memory per rank and whether it fits.
+
+    ``solver_bytes_per_iteration``: payload bytes one rank sends in the all-reduces of one IHT iteration with
+    ``Rates.selections_per_iteration`` trials (:func:`iteration_collectives`; 0 at R = 1), as ``dist_chita/comm.py``
+    counts them; the per-solve set-up's collectives are not in it."""
 
     ranks: int
     seconds: dict[str, float]
@@ -418,22 +455,70 @@ def _link(hw: Hardware, ranks: int, rates: Rates) -> tuple[float, float]:
     return bw, lat
 
 
+def projection_collectives(granularity: str, segments: int, ranks: int) -> tuple[int, int]:
+    """(all-reduces, payload bytes one rank sends) of one projection H onto a top-k / N:M budget
+    (``Budget.project`` -> :func:`dist_chita.select.topk_mask`) on ``ranks`` > 1 ranks.
+
+    "global" / "layer" (a collective top-k over G = ``segments`` segments; G = 1 for "global"): the NaN/Inf check
+    (one int64), the allowed count per segment (G int64), one histogram per radix round (G 2^bits int64 for each
+    round's bits, :func:`dist_chita.select.radix_bits`: 3 rounds for G = 1, 4 for more) and the ties per rank and
+    segment (R G int64). "row" / "nm" (every segment on one rank): the NaN/Inf check alone."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+    if granularity in ("row", "nm"):
+        return 1, 8
+    g = 1 if granularity == "global" else segments
+    bits = radix_bits(g)
+    return 3 + len(bits), 8 * (1 + g + g * sum(1 << b for b in bits) + ranks * g)
+
+
+def tau_change_collectives(granularity: str, segments: int) -> tuple[int, int]:
+    """(all-reduces, payload bytes one rank sends) of ``Budget.tau_change`` on more than one rank: the largest
+    |g| outside the support per segment (float32, max: 1 for "global", G = ``segments`` for "layer"; none for "row"
+    and "nm", whose segments are local) and the first support change tau_c (one float64, min)."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"unknown granularity {granularity!r}; expected one of {', '.join(GRANULARITIES)}")
+    if granularity in ("row", "nm"):
+        return 1, 8
+    return 2, 4 * (1 if granularity == "global" else segments) + 8
+
+
+def iteration_collectives(w: Workload, ranks: int, trials: float) -> tuple[float, float]:
+    """(all-reduces, payload bytes one rank sends) of one IHT iteration (``dist_chita.solver._step``) of ``w`` with
+    ``trials`` support-changing trials on ``ranks`` ranks (0, 0 at R = 1): the n-vector u = A g_S with ||g_S||^2
+    (n + 1 float64), tau_c (:func:`tau_change_collectives`) and per trial the projection H
+    (:func:`projection_collectives`) and the incremental A w with two scalars (n + 2 float64)::
+
+        calls = 1 + c_tau + T (c_H + 1),    bytes = 8 (n + 1) + b_tau + T (b_H + 8 (n + 2))
+
+    A global budget on R = 2 ranks with n = 32: c_H = 6, b_H = 51,232 B (the three histograms' 6,400 int64 bins),
+    so 17 all-reduces and 103,284 B at T = 2; a per-row budget: 6 all-reduces and 832 B."""
+    if ranks <= 1:
+        return 0.0, 0.0
+    c_h, b_h = projection_collectives(w.granularity, w.layers, ranks)
+    c_tau, b_tau = tau_change_collectives(w.granularity, w.layers)
+    return 1 + c_tau + trials * (c_h + 1), 8 * (w.n + 1) + b_tau + trials * (b_h + 8 * (w.n + 2))
+
+
 def solver_iteration_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates,
                            columns: float | None = None) -> dict[str, float]:
     """Seconds of one solver iteration on ``columns`` (default p) by term: block reads, vector passes
-    (selections), n-vector all-reduces, latency of the selections' small all-reduces, overhead."""
+    (selections), n-vector all-reduces, latency of the selections' small all-reduces (those of the budget's
+    granularity, :func:`iteration_collectives`), overhead."""
     bw, lat = _link(hw, ranks, rates)
     s = hw.compute_share(ranks, w.threads_per_rank)
     p_r = math.ceil((w.p if columns is None else columns) / ranks)
     mem_bw = hw.memory_bandwidth * s * rates.memory_efficiency
     hops = 2 * math.log2(ranks) if ranks > 1 else 0.0
     T = rates.selections_per_iteration
+    c_h, _ = projection_collectives(w.granularity, w.layers, ranks)
+    c_tau, _ = tau_change_collectives(w.granularity, w.layers)
     return {
         "reads": rates.block_reads * w.n * p_r * read_bytes_per_entry(w.dtype_bytes)
                  / (hw.memory_bandwidth * s * rates.read_efficiency),
         "vectors": (rates.iteration_vector_bytes + T * rates.selection_bytes) * p_r / mem_bw,
         "allreduce": (1 + T) * allreduce_seconds(8 * w.n, ranks, bw, lat),
-        "selection": (T * (rates.selection_rounds + 3) + 2) * hops * lat,
+        "selection": (T * c_h + c_tau) * hops * lat,
         "overhead": rates.iteration_overhead / hw.time_slice(ranks, w.threads_per_rank),
     }
 
@@ -561,7 +646,7 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
         terms=terms,
         memory=memory_per_rank(w, R),
         memory_available=hw.memory_bytes,
-        solver_bytes_per_iteration=8 * n * (1 + rates.selection_rounds) if R > 1 else 0.0,
+        solver_bytes_per_iteration=iteration_collectives(w, R, rates.selections_per_iteration)[1],
     )
 
 
@@ -596,6 +681,18 @@ def smallest_fitting_ranks(
 # ---------------------------------------------------------------- calibration from measured reports
 
 
+def report_granularity(report: dict) -> str:
+    """The budget granularity (:data:`GRANULARITIES`) a ``prune_report.json`` dict's run pruned with, read from the
+    config it records: "nm" when ``prune.nm`` is set, else ``prune.granularity``; reports written before that key
+    existed ran one global budget, or one per layer with ``prune.per_layer``."""
+    prune = (report.get("config") or {}).get("prune") or {}
+    if prune.get("nm"):
+        return "nm"
+    if "granularity" in prune:
+        return str(prune["granularity"])
+    return "layer" if prune.get("per_layer") else "global"
+
+
 def workload_from_report(report: dict) -> Workload:
     """The :class:`Workload` of a ``prune_report.json`` dict (format: docs/report-format.md)."""
     cfg = report.get("config") or {}
@@ -625,6 +722,7 @@ def workload_from_report(report: dict) -> Workload:
         backsolves=backsolves,
         solves=max(1, len(stages)),
         stages=per_solve,
+        granularity=report_granularity(report),
     )
 
 

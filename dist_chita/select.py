@@ -36,6 +36,13 @@ _ROUNDS_ONE_SEGMENT = (11, 12, 8)
 _ROUNDS_MANY_SEGMENTS = (7, 8, 8, 8)
 
 
+def radix_bits(num_segments: int) -> tuple[int, ...]:
+    """Bits of the float32 pattern that :func:`topk_mask` resolves per histogram round with ``num_segments``
+    segments: (11, 12, 8) for one, (7, 8, 8, 8) for more. Unless the segments are local, each round all-reduces a
+    (num_segments, 2^bits) int64 histogram."""
+    return _ROUNDS_ONE_SEGMENT if num_segments == 1 else _ROUNDS_MANY_SEGMENTS
+
+
 def check_finite(v: torch.Tensor, what: str) -> None:
     """Raise ValueError on every rank if any rank's ``v`` holds NaN or Inf.
 
@@ -70,6 +77,11 @@ def topk_mask(
     Returns:
         (p_r,) bool mask; over all ranks exactly min(k_g, allowed in g)
         coordinates of segment g are True.
+
+    Collectives (G segments, R ranks): the NaN/Inf check (1 int64), then, unless ``local``, the allowed count
+    per segment (G int64), one histogram per round ((G, 2^bits) int64 for the bits of :func:`radix_bits`) and
+    the ties per rank and segment ((R, G) int64): 3 + rounds all-reduces; with ``local`` the check's alone
+    (the cost model counts them: :func:`dist_chita.costmodel.projection_collectives`).
     """
     if scores.dim() != 1:
         raise ValueError(f"scores must be a vector, got shape {tuple(scores.shape)}")
@@ -103,7 +115,7 @@ def topk_mask(
     cand = cand[~take]
     need = torch.where(whole, torch.zeros_like(need), need)
 
-    rounds = _ROUNDS_ONE_SEGMENT if num_seg == 1 else _ROUNDS_MANY_SEGMENTS
+    rounds = radix_bits(num_seg)
     shift = sum(rounds)
     for bits in rounds:
         shift -= bits

@@ -2,12 +2,15 @@
 
     python launch/plan.py --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml \\
         [--dtype bfloat16] [--iterations 100] [--p P] [--largest-layer N] [--micro-batch B] [--layers L] \\
-        [--tokens T | --flops-per-sample F] [--kept-fraction 0.5] [--zero3] [--rates summary.json] [--json]
+        [--tokens T | --flops-per-sample F] [--kept-fraction 0.5] [--granularity row|layer|global|nm] [--zero3] \\
+        [--rates summary.json] [--json]
 
 The formulas are in ``dist_chita/costmodel.py``. ``--rates`` takes measured rates (a JSON file holding a
 ``Rates`` dict, or a scaling study's summary.json with a "rates" entry); without it the hardware file's
 numbers are used at face value (efficiency 1, per-sample gradients at twice the cost of 6 FLOPs per
-parameter). Bad arguments print one line and exit with status 2.
+parameter). ``--granularity`` is the run's ``prune.granularity`` (``nm`` when ``prune.nm`` is set; default ``row``,
+the config's default); it sets what the solver's selections communicate (global and per-layer budgets all-reduce
+histograms, per-row and N:M budgets select locally). Bad arguments print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import yaml  # noqa: E402
 from dist_chita import costmodel as cm  # noqa: E402
 
 GB = 1e9
+BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--flops-per-sample", type=float, default=None,
                     help="forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
     ap.add_argument("--kept-fraction", type=float, default=0.5, help="k / p (1 - sparsity)")
+    ap.add_argument("--granularity", default="row", choices=cm.GRANULARITIES,
+                    help="the sparsity budget, as prune.granularity (default row, as there; nm: prune.nm set): "
+                         "global and layer budgets select by histogram all-reduces, row and nm budgets locally")
     ap.add_argument("--zero3", action="store_true", help="model parameters sharded across ranks (ZeRO-3)")
     ap.add_argument("--backsolves", type=int, default=None,
                     help="backsolves per prune (default: from --rates, else 1; the solver's escape rounds can run "
@@ -83,8 +90,8 @@ def load_rates(path: str | None) -> cm.Rates:
     if isinstance(data, dict):  # null: a rate the fit left unbounded (written so that the file is strict JSON)
         data = {k: math.inf if v is None else v for k, v in data.items()}
     try:
-        return cm.Rates(**data)
-    except TypeError as e:
+        return cm.Rates.from_dict(data)
+    except (TypeError, ValueError) as e:
         raise ValueError(f"bad rates file {path}: {e}") from None
 
 
@@ -119,6 +126,7 @@ def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]
         layers=layers,
         model_sharded=args.zero3,
         flops_per_sample=args.flops_per_sample if args.flops_per_sample else 6.0 * params * args.tokens,
+        granularity=args.granularity,
     )
     rates = load_rates(args.rates)
     if args.backsolves is not None:
@@ -135,7 +143,8 @@ def plan(w: cm.Workload, hw: cm.Hardware, rates: cm.Rates, ranks: int) -> dict:
         "hardware": hw.name,
         "ranks": ranks,
         "workload": {"params": w.model_params, "p": w.p, "n": w.n, "storage_dtype": w.storage_dtype,
-                     "iterations": w.iterations, "kept": w.k, "largest_layer": w.largest_layer,
+                     "iterations": w.iterations, "kept": w.k, "granularity": w.granularity,
+                     "largest_layer": w.largest_layer,
                      "micro_batch": w.micro_batch, "layers": w.layers, "zero3": w.model_sharded,
                      "flops_per_sample": w.sample_flops, "backsolves": rates.backsolve_rounds},
         "memory_per_rank": pred.memory.as_dict(),
@@ -153,7 +162,7 @@ def format_plan(pl: dict) -> str:
     lines = [
         f"plan: {w['params']:.3g} parameters ({w['p']:.3g} prunable, largest layer {w['largest_layer']:.3g}), "
         f"n = {w['n']} ({w['flops_per_sample']:.3g} FLOPs each), factor in {w['storage_dtype']}, "
-        f"{w['iterations']} solver iterations, "
+        f"{w['iterations']} solver iterations ({BUDGETS[w['granularity']]}), "
         f"{pl['ranks']} x {pl['hardware']}" + (" (ZeRO-3)" if w["zero3"] else ""),
         "memory per rank:",
     ]

@@ -90,6 +90,150 @@ def test_solver_communication_flat_in_p():
     assert pa.solver_bytes_per_iteration == pb.solver_bytes_per_iteration > 0
 
 
+def test_selection_collectives_follow_the_budget_granularity():
+    """A collective top-k (global: 3 histogram rounds of 2^11, 2^12, 2^8 bins; per layer: 4 rounds of 2^7, 2^8,
+    2^8, 2^8 bins per layer) all-reduces its histograms, counts and ties; per-row and N:M budgets select locally and
+    send only the NaN/Inf check's integer, and tau_c's minimum."""
+    R, n = 4, 100
+    assert cm.projection_collectives("global", 37, R) == (6, 8 * (1 + 1 + 2048 + 4096 + 256 + R))
+    assert cm.projection_collectives("layer", 3, R) == (7, 8 * (1 + 3 + 3 * (128 + 3 * 256) + 3 * R))
+    assert cm.projection_collectives("layer", 1, R) == cm.projection_collectives("global", 1, R)  # one segment
+    assert cm.projection_collectives("row", 500, R) == cm.projection_collectives("nm", 1, R) == (1, 8)
+    assert cm.tau_change_collectives("global", 5) == (2, 4 + 8)
+    assert cm.tau_change_collectives("layer", 5) == (2, 4 * 5 + 8)
+    assert cm.tau_change_collectives("row", 5) == cm.tau_change_collectives("nm", 5) == (1, 8)
+    hops, lat = 2 * math.log2(R), GPU.node_latency
+    T = cm.Rates().selections_per_iteration
+    for gran, small in (("global", T * 6 + 2), ("layer", T * 7 + 2), ("row", T + 1), ("nm", T + 1)):
+        w = cm.Workload(p=10_000, n=n, model_params=10_000, layers=3, granularity=gran)
+        calls, nbytes = cm.iteration_collectives(w, R, T)
+        c_h, b_h = cm.projection_collectives(gran, 3, R)
+        c_tau, b_tau = cm.tau_change_collectives(gran, 3)
+        assert calls == 1 + small + T and calls == 1 + c_tau + T * (c_h + 1)
+        assert nbytes == 8 * (n + 1) + b_tau + T * (b_h + 8 * (n + 2))
+        # the latency term counts the small all-reduces, the bytes figure all of them
+        assert cm.solver_iteration_terms(w, R, GPU, cm.Rates())["selection"] == pytest.approx(small * hops * lat)
+        assert cm.predict(w, R, GPU).solver_bytes_per_iteration == nbytes
+        assert cm.iteration_collectives(w, 1, T) == (0.0, 0.0) and cm.predict(w, 1, GPU).solver_bytes_per_iteration == 0
+    row = cm.Workload(p=10_000, n=n, model_params=10_000, granularity="row")
+    assert cm.iteration_collectives(row, R, 2)[1] == 8 * 101 + 8 + 2 * (8 + 8 * 102)  # no histogram bytes
+    with pytest.raises(ValueError, match="granularity"):
+        cm.Workload(p=10, n=1, model_params=10, granularity="per_row")
+
+
+def test_granularity_and_rates_from_reports():
+    """A report's granularity comes from the config it records (older reports: per_layer, else global); a rates file
+    written before selection_rounds was retired still loads."""
+    base = {"p": 100, "n": 10, "world_size": 2}
+    for prune, gran in (({"granularity": "row", "nm": None}, "row"), ({"granularity": "layer"}, "layer"),
+                        ({"granularity": "row", "nm": "2:4"}, "nm"), ({"per_layer": False}, "global"),
+                        ({"per_layer": True}, "layer"), (None, "global")):
+        rep = {**base, "config": {} if prune is None else {"prune": prune}}
+        assert cm.report_granularity(rep) == gran
+        assert cm.workload_from_report(rep).granularity == gran
+    old = {**cm.Rates().as_dict(), "selection_rounds": 3, "memory_efficiency": 0.3}
+    assert cm.Rates.from_dict(old) == cm.Rates(memory_efficiency=0.3)
+    with pytest.raises(ValueError, match="unknown rate 'warp'"):
+        cm.Rates.from_dict({"warp": 1.0})
+
+
+def test_calibration_with_per_row_reports_recovers_latency():
+    """Per-row runs make T + 1 small all-reduces per iteration, global ones 6 T + 2 and per-layer ones 7 T + 2: the
+    fit recovers the latency from a mix of them only when each report's workload carries its granularity."""
+    truth = cm.Rates(memory_efficiency=0.4, collective_latency=2e-3, iteration_overhead=1e-3,
+                     fixed={"backsolve": 0.05, "writeback": 0.01, "save": 0.3})
+    w = cm.Workload(p=32_360, n=1000, model_params=32_360, iterations=200, kept=3236, largest_layer=31_360,
+                    micro_batch=250, layers=3)
+    reports = [synthetic_report(R, CPU, truth, dataclasses.replace(w, granularity=g))
+               for R, g in ((1, "row"), (2, "row"), (4, "row"), (2, "global"), (4, "layer"))]
+    fit = cm.calibrate(reports, CPU)
+    assert fit.collective_latency == pytest.approx(2e-3, rel=1e-3)
+    assert fit.iteration_overhead == pytest.approx(1e-3, rel=1e-3)
+
+
+# a real solve on 2 gloo ranks: p = 960 columns split at 480 (a multiple of the rows' 20 and of M = 4), three layers
+# of which the second straddles the ranks
+SOLVE_N, SOLVE_P, SOLVE_ROW, SOLVE_LAYERS = 24, 960, 20, (300, 420, 240)
+
+
+def _measured_iterations(granularity: str) -> tuple[list[tuple[int, int, int]], int]:
+    """On this rank: two real solves with a budget of ``granularity``; per IHT iteration (``solver._step``) that did not
+    compute the 1/L fallback's Lipschitz constant, (support-changing trials, all-reduces, payload bytes) as
+    :mod:`dist_chita.comm` counts them; and the solves' iteration count."""
+    import torch
+
+    from dist_chita import comm, solver
+    from dist_chita.budget import Budget
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(SOLVE_N, SOLVE_P, generator=g) + 0.8 * torch.randn(SOLVE_N, 1, generator=g)
+    w_bar = torch.randn(SOLVE_P, generator=g)
+    lo, hi = (0, SOLVE_P // 2) if comm.rank() == 0 else (SOLVE_P // 2, SOLVE_P)
+    if granularity == "global":
+        budget = Budget.global_topk(hi - lo, SOLVE_P // 10)
+    elif granularity == "layer":
+        seg = torch.repeat_interleave(torch.arange(len(SOLVE_LAYERS)), torch.tensor(SOLVE_LAYERS))
+        budget = Budget.per_segment(seg[lo:hi], torch.tensor([s // 10 for s in SOLVE_LAYERS]))
+    elif granularity == "row":
+        budget = Budget.per_row([((hi - lo) // SOLVE_ROW, SOLVE_ROW, 2)])
+    else:
+        budget = Budget.n_m(hi - lo, 2, 4)
+
+    steps: list[tuple[int, int, int]] = []
+    seen = {"trials": 0, "fresh_L": False}
+    step, trial, lipschitz = solver._step, solver._trial, solver._Problem.L
+
+    def counted_trial(*args, **kwargs):
+        seen["trials"] += 1
+        return trial(*args, **kwargs)
+
+    def counted_L(self, *args, **kwargs):
+        seen["fresh_L"] |= self.lipschitz is None  # the power iteration's all-reduces, once per problem
+        return lipschitz(self, *args, **kwargs)
+
+    def counted_step(*args, **kwargs):
+        seen.update(trials=0, fresh_L=False)
+        calls0, bytes0 = sum(comm.calls_by_phase().values()), sum(comm.bytes_by_phase().values())
+        out = step(*args, **kwargs)
+        if not seen["fresh_L"]:
+            steps.append((seen["trials"], sum(comm.calls_by_phase().values()) - calls0,
+                          sum(comm.bytes_by_phase().values()) - bytes0))
+        return out
+
+    solver._step, solver._trial, solver._Problem.L = counted_step, counted_trial, counted_L
+    iterations = 0
+    for trials in (1, 6):  # at most one support-changing trial per iteration, then up to 6 (the default)
+        res = solver.solve(A.T[lo:hi].contiguous(), w_bar[lo:hi], 0.05, budget, max_iter=60, tol=1e-9, trials=trials)
+        iterations += res.iterations
+    return steps, iterations
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("granularity", ["row", "global", "layer", "nm"])
+def test_iteration_collectives_match_a_real_two_rank_solve(granularity):
+    """The all-reduces and payload bytes the model counts per IHT iteration are those a real solve on 2 gloo ranks
+    makes (dist_chita.comm's counters), iteration by iteration, for the number of trials each one ran: per-row and
+    N:M budgets without histogram all-reduces, global and per-layer budgets with them. The prediction's bytes per
+    iteration and its selection latency follow the same count at the mean number of trials."""
+    from tests.multiproc import run
+
+    w = cm.Workload(p=SOLVE_P, n=SOLVE_N, model_params=SOLVE_P, layers=len(SOLVE_LAYERS), granularity=granularity)
+    out = run(_measured_iterations, 2, granularity)
+    assert out[0][0] == out[1][0]  # every rank makes the same collectives
+    steps, iterations = out[0]
+    assert len(steps) >= 6 and len(steps) >= iterations - 2, (len(steps), iterations)
+    # iterations with one and with two trials: the per-iteration and the per-trial counts are both pinned down
+    assert {1, 2} <= {t for t, _, _ in steps}, steps
+    for t, calls, nbytes in steps:
+        assert (calls, nbytes) == cm.iteration_collectives(w, 2, t), (granularity, t, calls, nbytes)
+    T = sum(t for t, _, _ in steps) / len(steps)
+    pred = cm.predict(dataclasses.replace(w, iterations=1), 2, CPU,
+                      cm.Rates(selections_per_iteration=T, collective_latency=1.0))
+    assert pred.solver_bytes_per_iteration == pytest.approx(sum(b for _, _, b in steps) / len(steps))
+    # the latency term: every all-reduce but the 1 + T n-vector ones, at 2 log2(2) = 2 hops of latency 1
+    assert pred.terms["solver_selection"] / 2 + 1 + T == pytest.approx(sum(c for _, c, _ in steps) / len(steps))
+
+
 def test_fisher_and_backsolve_by_hand():
     w = cm.Workload(p=1000, n=64, model_params=3000, kept=100, micro_batch=16, layers=2)
     rates = cm.Rates(persample_factor=2.0, grad_efficiency=0.5, exchange_efficiency=0.25, exchange_overhead=0.01)
@@ -187,7 +331,9 @@ def synthetic_report(R: int, hw: cm.Hardware, rates: cm.Rates, w: cm.Workload) -
         "world_size": R, "threads_per_rank": 1, "n": w.n, "p": w.p, "model_params": w.model_params,
         "storage_dtype": w.storage_dtype, "solver_iterations": w.iterations,
         "global": {"kept": w.kept}, "layers": [{"size": w.largest_layer}] * w.layers,
-        "config": {"calibration": {"batch_size": w.micro_batch}},
+        "config": {"calibration": {"batch_size": w.micro_batch},
+                   "prune": {"granularity": "global" if w.granularity == "nm" else w.granularity,
+                             "nm": "2:4" if w.granularity == "nm" else None}},
         "phase_seconds": {ph: [pred.seconds[ph]] * R for ph in cm.PHASES},
     }
 

@@ -125,3 +125,29 @@ def test_null_rate_in_a_rates_file_is_unbounded(tmp_path, capsys):
     assert plan.load_rates(str(rates)).exchange_efficiency == math.inf
     assert plan.main(base + ["--rates", str(rates)]) == 0
     assert json.loads(capsys.readouterr().out)["terms"]["fisher_exchange"] >= 0
+
+
+def test_granularity_sets_the_selection_collectives(tmp_path, capsys):
+    """--granularity (default row, as prune.granularity): a per-row plan's selections make T + 1 small all-reduces
+    per iteration, a global one's T (3 + 3) + 2; a rates file that still holds the retired selection_rounds loads."""
+    base = ["--params", "1e8", "--n", "128", "--gpus", "16", "--hardware", H100, "--json"]
+    plans = {}
+    for g in (None, "row", "global", "layer", "nm"):
+        assert plan.main(base + ([] if g is None else ["--granularity", g])) == 0
+        plans[g] = json.loads(capsys.readouterr().out)
+    assert plans[None] == plans["row"] and plans["row"]["workload"]["granularity"] == "row"
+    T = cm.Rates().selections_per_iteration
+    row, glob = plans["row"]["terms"]["solver_selection"], plans["global"]["terms"]["solver_selection"]
+    assert row == pytest.approx(glob * (T + 1) / (T * 6 + 2))
+    assert plans["layer"]["terms"]["solver_selection"] == pytest.approx(glob * (T * 7 + 2) / (T * 6 + 2))
+    assert plans["nm"]["terms"]["solver_selection"] == pytest.approx(row)
+    for key in ("solver_reads", "solver_vectors", "solver_allreduce"):
+        assert plans["row"]["terms"][key] == plans["global"]["terms"][key]
+    rates = tmp_path / "summary.json"
+    rates.write_text(json.dumps({"rates": {"selection_rounds": 3, "memory_efficiency": 0.5}}))
+    assert plan.load_rates(str(rates)) == cm.Rates(memory_efficiency=0.5)
+    rates.write_text(json.dumps({"rates": {"warp_drive": 3}}))
+    assert plan.main(base + ["--rates", str(rates)]) == 2
+    assert "unknown rate 'warp_drive'" in capsys.readouterr().err
+    assert plan.main(base + ["--granularity", "per_row"]) == 2
+    assert "--granularity" in capsys.readouterr().err

@@ -84,3 +84,11 @@ def test_runs_of_one_condition_are_pooled_into_their_median(tmp_path):
     for ph in ("fisher", "solver", "backsolve"):
         assert result["worst"][ph] < 0.05, (ph, result["worst"])
     assert "21 runs in 6 conditions (medians of 3/6/3/3/3/3 runs)" in vc.format_result(result, 0.0, 0.3)
+
+
+def test_runs_with_different_budgets_are_different_conditions():
+    """Per-row and global runs of one model at the same R and n are different measurements (a per-row solve makes no
+    histogram all-reduces): never pooled into one median."""
+    reps = [synthetic_report(2, CPU, TRUTH, dataclasses.replace(BASE, granularity=g)) for g in ("row", "global")]
+    assert vc.condition(reps[0]) != vc.condition(reps[1])
+    assert len(vc.pool(reps)) == 2
