@@ -128,6 +128,12 @@ class PruneConfig:
     degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
     layers of at most ``block_size`` weights one at a time, the global budget split among them by
     ``block_criterion`` (:mod:`dist_chita.blocks`): memory is set by the largest group's factor.
+
+    ``objective`` is the quadratic model pruned: ``fisher`` (the paper's: the empirical Fisher of the model's
+    loss, from n per-sample gradients, one problem over all layers) or ``layerwise`` (each layer's output
+    reconstruction over every calibration token, H = X^T X, its rows solved by CHITA one block of layers after
+    another on the inputs of the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean
+    of diag H; granularity ``row`` or ``nm``, method ``chita``; ``loss``, ``lambda`` and ``ridge`` are unused).
     """
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
@@ -148,6 +154,8 @@ class PruneConfig:
     block_mode: bool = False
     block_size: int = 4_000_000
     block_criterion: Literal["magnitude", "obs"] = "magnitude"
+    objective: Literal["fisher", "layerwise"] = "fisher"
+    damp: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -390,6 +398,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         parse_nm(p.nm)
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
+    need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")
+    if p.objective == "layerwise":
+        need(p.method != "chita++",
+             "prune.objective: layerwise prunes in one pass; use prune.method chita or magnitude")
+        need(p.nm is not None or p.granularity == "row",
+             f"prune.objective: layerwise needs prune.granularity row (or prune.nm), got {p.granularity}")
+        need(not p.block_mode, "prune.objective: layerwise needs no block mode (it holds one block's H at a time); "
+                               "set prune.block_mode=false")
     need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")
     need(p.exponent > 0.0, f"prune.exponent: must be > 0, got {p.exponent}")
     need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")

@@ -169,7 +169,7 @@ def load_eval(cfg: RunConfig, loaded):
 
 def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
-    from dist_chita import blocks, comm, data, evaluate, memory, models, params, pipeline, prunable, report
+    from dist_chita import blocks, comm, data, evaluate, memory, models, params, pipeline, prunable, report, sequential
     from dist_chita.output import atomic_directory, check_target
     from dist_chita.partition import sample_ranges
     from launch import faults, watchdog
@@ -224,7 +224,11 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                                                                         * (1 - cfg.prune.sparsity)),
         baseline=memory.baseline_bytes(device, full_bytes),
     )
-    if cfg.prune.method == "magnitude":
+    layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
+    if partition is not None and layerwise:
+        raise ValueError("prune.objective layerwise is not supported with ZeRO-3 partitioning yet; "
+                         "set prune.objective=fisher or launch without DeepSpeed")
+    if cfg.prune.method == "magnitude" or layerwise:
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     avail = memory.available_bytes(device, local_ranks)
@@ -268,7 +272,13 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     lo, hi = sample_ranges(n, world)[rank]
     try:
         prune_fn = pipeline.prune
-        if cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
+        if layerwise:  # each layer's reconstruction, block by block (dist_chita.sequential)
+            def prune_fn(model, modules, method, sparsity, *, make_batches, nm, progress, **_fisher_only):
+                return sequential.prune_layerwise(
+                    model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
+                    make_batches=make_batches, nm=nm, damp=cfg.prune.damp,
+                    solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol), progress=progress)
+        elif cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
             def prune_fn(*a, **kw):
                 return blocks.prune_in_blocks(*a, block_size=cfg.prune.block_size,
                                               criterion=cfg.prune.block_criterion, **kw)
@@ -312,7 +322,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         "device": device.type,
         "backend": "gloo" if device.type == "cpu" else "nccl",
         "method": cfg.prune.method,
-        "ridge": ridge if cfg.prune.method != "magnitude" else None,
+        "objective": cfg.prune.objective if cfg.prune.method != "magnitude" else None,
+        "ridge": ridge if cfg.prune.method != "magnitude" and not layerwise else None,
         "n": n,
         "p": p,
         "model_params": sum(params.numel(x) for x in model.parameters()),

@@ -104,6 +104,11 @@ def test_int_is_accepted_for_float_and_converted():
         (["calibration.text_column=null"], r"one of text_column / image_column"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
         (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
+        (["prune.objective=hessian"], r"prune\.objective: expected one of 'fisher', 'layerwise'"),
+        (["prune.damp=0"], r"prune\.damp: must be > 0"),
+        (["prune.objective=layerwise", "prune.method=chita++"], r"layerwise prunes in one pass"),
+        (["prune.objective=layerwise", "prune.granularity=layer"], r"layerwise needs prune\.granularity row"),
+        (["prune.objective=layerwise", "prune.block_mode=true"], r"layerwise needs no block mode"),
     ],
 )
 def test_invalid_values(overrides, message):

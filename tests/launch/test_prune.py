@@ -81,6 +81,30 @@ def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights, gra
     assert "kept" in one.stdout and "saved to" in two.stdout and two.stdout.count("saved to") == 1
 
 
+def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights):
+    """prune.objective=layerwise: the same pruned model on 1 and 2 processes, 30% of every row kept, better than
+    magnitude pruning, and no Fisher factor (no per-sample gradients, no solver exchange)."""
+    cfg = write_config(tmp_path, weights, prune={"granularity": "row", "objective": "layerwise"})
+    one = run(["--config", str(cfg), f"output.dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr
+    two = run(["--config", str(cfg), f"output.dir={tmp_path / 'two'}"], processes=2)
+    assert two.returncode == 0, two.stderr
+    r1 = json.loads((tmp_path / "one" / "prune_report.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "prune_report.json").read_text())
+    assert (r1["world_size"], r2["world_size"]) == (1, 2)
+    assert r1["objective"] == "layerwise" and r1["ridge"] is None
+    assert r1["mask_sha256"] == r2["mask_sha256"]
+    w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5), k
+    for i in (0, 2, 4):
+        assert bool(((w1[f"{i}.weight"] != 0).sum(1) == round(0.3 * w1[f"{i}.weight"].shape[1])).all())
+    st = r1["stages"][0]
+    assert st["objective"] < st["magnitude_objective"]
+    assert r1["metric"]["after"] > r1["metric"]["magnitude"]
+    assert r1["phase_seconds"]["fisher"] == [0.0] and r1["phase_seconds"]["curvature"][0] > 0
+
+
 def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
     cfg = write_config(tmp_path, weights, eval={"n": None})
     res = run(["--config", str(cfg)])
@@ -108,6 +132,8 @@ BAD_INPUTS = [
     ("missing checkpoint", ["model.weights=/nonexistent/w.safetensors"], 1, "/nonexistent/w.safetensors"),
     ("unreadable data", ["calibration.source=/nonexistent/data.csv"], 1, "/nonexistent/data.csv"),
     ("pattern matching no layer", ["prune.include=[nomatch*]"], 1, "nomatch*"),
+    ("layerwise with a global budget", ["prune.objective=layerwise", "prune.granularity=global"], 2,
+     "prune.objective: layerwise needs prune.granularity row"),
     ("missing column", ["calibration.label_column=digit"], 1, "'digit'"),
 ]
 

@@ -1,0 +1,236 @@
+"""CHITA on one layer's reconstruction curvature: the sparse ridge problem of every output row, solved together.
+
+The per-sample Fisher of the whole model (:mod:`dist_chita.solver`) has rank n, the number of calibration samples;
+with n << p it cannot tell most supports apart. A layer's own reconstruction error has far more information: with
+the layer's calibration inputs X (N x d, every token of every sample, N >> n) and dense weights W_bar (r x d, row i
+= output i), the change of its outputs is
+
+    1/(2N) ||X (W - W_bar)^T||_F^2 = sum_i 1/2 (w_i - w_bar_i)^T H (w_i - w_bar_i),    H = X^T X / N  (d x d),
+
+the curvature of OBS and SparseGPT (the layer's Gauss-Newton matrix). With the ridge it is CHITA's problem (paper
+eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gram matrix:
+
+    min_{w_i}  f_i(w_i) = 1/2 (w_i - w_bar_i)^T Q (w_i - w_bar_i),   Q = H + lambda I,
+    subject to ||w_i||_0 <= k_i (per row), or N:M in every group of M consecutive inputs.
+
+Solved for all rows at once, as in the paper: a warm start (the better per row of the OBS saliency
+w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT steps w+ = H_k(w - tau g), g = Q (w - w_bar),
+with CHITA's step rule per row (the exact line minimiser on the support, and steps from 1/L doubling; the lowest f
+wins, the current point included, so f never increases), and after each step the exact re-fit of the kept weights
+on their support (the paper's back-solve, here conjugate gradients on Q_SS, started from the IHT point).
+
+Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
+Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+_MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 noise in H (inputs computed in
+# differently sized micro-batches on different numbers of ranks) would decide between nearly equal candidates
+
+
+@dataclass
+class RowsResult:
+    """W: (r, d) float32 pruned and re-fitted weights; support: (r, d) bool. Objectives are sum_i f_i."""
+
+    W: torch.Tensor
+    support: torch.Tensor
+    objective: float
+    warm_objective: float
+    magnitude_objective: float
+    iterations: int
+    trace: list[float] = field(default_factory=list)
+
+
+def keep_mask(score: torch.Tensor, k: int | None, nm: tuple[int, int] | None,
+              allowed: torch.Tensor | None) -> torch.Tensor:
+    """The support of the projection: the k largest ``score`` of every row (or the N largest of every group of M
+    consecutive entries), among ``allowed`` entries only; ties to the lower index. score: (r, d); returns (r, d)
+    bool."""
+    if allowed is not None:
+        score = torch.where(allowed, score, torch.full_like(score, -math.inf))
+    if nm is not None:
+        N, M = nm
+        r, d = score.shape
+        if d % M:
+            raise ValueError(f"N:M needs the input size ({d}) to be a multiple of M = {M}")
+        return keep_mask(score.reshape(r * d // M, M), N, None, None).reshape(r, d) & (
+            True if allowed is None else allowed)
+    k = min(int(k), score.shape[1])
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    mask.scatter_(1, order[:, :k], True)
+    return mask if allowed is None else mask & allowed
+
+
+def objectives(D: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """f_i = 1/2 d_i^T Q d_i for every row of D = W - W_bar (r, d); returns (r,) float64."""
+    return 0.5 * (D @ Q).mul_(D).double().sum(1)
+
+
+def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
+          rtol: float = 1e-5) -> torch.Tensor:
+    """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS started
+    from W (zero off S). Each iteration is one (r, d) x (d, d) product. Returns the new W (zero off S)."""
+    Sf = S.to(W.dtype)
+    X = W * Sf
+    R = -((X - W_bar) @ Q) * Sf  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
+    P = R.clone()
+    rr = (R * R).sum(1)
+    stop = (rtol**2) * rr.clamp_min(1e-30)
+    for _ in range(iters):
+        live = rr > stop  # a converged row stops moving: its result does not depend on the other rows
+        if not bool(live.any()):
+            break
+        QP = (P @ Q) * Sf
+        pq = (P * QP).sum(1)
+        alpha = torch.where(live & (pq > 0), rr / pq.clamp_min(1e-30), torch.zeros_like(rr))
+        X += alpha[:, None] * P
+        R -= alpha[:, None] * QP
+        rr_new = (R * R).sum(1)
+        beta = torch.where(live & (rr > 0), rr_new / rr.clamp_min(1e-30), torch.zeros_like(rr))
+        P = R + beta[:, None] * P
+        rr = rr_new
+    return X
+
+
+def lipschitz(Q: torch.Tensor, iters: int = 50) -> float:
+    """The largest eigenvalue of Q by power iteration (times 1.01)."""
+    v = torch.ones(Q.shape[0], dtype=Q.dtype, device=Q.device)
+    est = 0.0
+    for _ in range(iters):
+        v = v / v.norm().clamp_min(1e-30)
+        Qv = Q @ v
+        est = float(v @ Qv)
+        v = Qv
+    return 1.01 * est
+
+
+def solve_rows(
+    W_bar: torch.Tensor,
+    H: torch.Tensor,
+    lam: float,
+    *,
+    k: int | None = None,
+    nm: tuple[int, int] | None = None,
+    allowed: torch.Tensor | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    trials: int = 4,
+    refit_iters: int = 25,
+) -> RowsResult:
+    """Prune every row of one layer (module docstring).
+
+    Args:
+        W_bar: (r, d) dense weights w_bar_i.
+        H: (d, d) symmetric PSD curvature X^T X / N (any float dtype).
+        lam: ridge lambda (> 0 keeps Q_SS definite; callers use a fraction of mean(diag H)).
+        k: weights kept per row (with ``allowed``: at most that many of the allowed ones); or ``nm`` = (N, M).
+        allowed: (r, d) bool, False for weights fixed at zero; None = all.
+        max_iter: IHT steps at most; stop when the relative decrease of sum_i f_i is below ``tol``.
+        trials: IHT step sizes tried per step, 1/L doubling (plus the exact line minimiser on the support).
+        refit_iters: conjugate-gradient iterations of each back-solve.
+    """
+    if (k is None) == (nm is None):
+        raise ValueError("give exactly one of k (per row) and nm")
+    if not (bool(torch.isfinite(W_bar).all()) and bool(torch.isfinite(H).all())):
+        raise ValueError("non-finite weights or curvature")
+    W_bar = W_bar.float()
+    d = W_bar.shape[1]
+    Q = H.float() + lam * torch.eye(d, dtype=torch.float32, device=W_bar.device)
+
+    def project(score: torch.Tensor) -> torch.Tensor:
+        return keep_mask(score, k, nm, allowed)
+
+    def f(W: torch.Tensor) -> torch.Tensor:
+        return objectives(W - W_bar, Q)
+
+    # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
+    q_inv_diag = torch.linalg.inv(Q.double()).diagonal().float().clamp_min(1e-30)
+    S_mag = project(W_bar.abs())
+    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters)
+    f_mag = f(W_mag)
+    S_obs = project(W_bar.pow(2) / q_inv_diag)
+    W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters)
+    f_obs = f(W_obs)
+    take = (f_obs < f_mag)[:, None]
+    W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
+    fi = torch.minimum(f_obs, f_mag)
+    warm = float(fi.sum())
+    trace = [warm]
+
+    L = lipschitz(Q)
+    active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+    its = 0
+    while its < max_iter:
+        its += 1
+        G = (W - W_bar) @ Q
+        best_W, best_S, best_f = W, S, fi
+        # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
+        gS = G * S
+        gg = (gS * gS).sum(1)
+        curv = (gS @ Q).mul_(gS).sum(1)
+        tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
+        cand = [(W - tau[:, None] * gS, S)]
+        # support-changing steps H_k(w - t g): from tau_c (where the first outside weight would overtake the
+        # smallest kept one) and from 1/L, doubling
+        out = torch.where(S, torch.zeros_like(G), G.abs())
+        if allowed is not None:
+            out = out.masked_fill(~allowed, 0.0)
+        kept = torch.where(S, W.abs(), torch.full_like(W, math.inf))
+        if nm is not None:
+            groups = (W.shape[0], d // nm[1], nm[1])
+            tau_c = (kept.reshape(groups).amin(2) / out.reshape(groups).amax(2)).amin(1)
+        else:
+            tau_c = kept.amin(1) / out.amax(1)
+        # just past tau_c: at tau_c itself the entering and the leaving weight tie, and float noise would decide
+        tau_c = torch.where(torch.isfinite(tau_c), tau_c * (1.0 + 1e-3), torch.full_like(tau_c, 1.0 / L))
+        for base in (tau_c[:, None], torch.full_like(tau_c[:, None], 1.0 / L)):
+            t = base
+            for _ in range(trials):
+                V = W - t * G
+                S_t = project(V.abs())
+                cand.append((V * S_t, S_t))
+                t = 2.0 * t
+        if nm is None:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
+            qd = Q.diagonal()[None, :]
+            cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
+            gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
+            if allowed is not None:
+                gain = gain.masked_fill(~allowed, -1.0)
+            outs = torch.argsort(cost, dim=1, stable=True)
+            ins = torch.argsort(gain, dim=1, descending=True, stable=True)
+            for n_swap in (1, 2, 4, 8)[:trials]:
+                o, i_ = outs[:, :n_swap], ins[:, :n_swap]
+                ok = (torch.gather(gain, 1, i_) > 0).all(1, keepdim=True) & torch.isfinite(
+                    torch.gather(cost, 1, o)).all(1, keepdim=True)
+                S_c = S.scatter(1, o, False).scatter(1, i_, True)
+                W_c = W.scatter(1, o, 0.0).scatter(1, i_, torch.gather(W - G / qd, 1, i_))
+                cand.append((torch.where(ok, W_c, W), torch.where(ok, S_c, S)))
+        for W_c, S_c in cand:
+            f_c = f(W_c)
+            better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
+            b = better[:, None]
+            best_W, best_S, best_f = torch.where(b, W_c, best_W), torch.where(b, S_c, best_S), torch.where(
+                better, f_c, best_f)
+        W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
+        f_new = f(W_new)
+        # a row moves only while active and if it improves (CG from a better point cannot end worse, but guard
+        # float noise); it stops for good once its own relative decrease is below tol, so every row's path is
+        # its own and the result does not depend on which other rows are solved with it
+        step = active & (f_new < fi - _MARGIN * fi.abs())
+        W = torch.where(step[:, None], W_new, W)
+        S = torch.where(step[:, None], best_S, S)
+        f_next = torch.where(step, f_new, fi)
+        active &= (fi - f_next) > tol * fi.clamp_min(0.0)
+        fi = f_next
+        trace.append(float(fi.sum()))
+        if not bool(active.any()):
+            break
+    return RowsResult(W=W * S, support=S, objective=float(fi.sum()), warm_objective=warm,
+                      magnitude_objective=float(f_mag.sum()), iterations=its, trace=trace)

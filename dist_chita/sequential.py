@@ -1,0 +1,191 @@
+"""Layer-wise CHITA over a whole model: blocks pruned in order, each on the inputs of the already pruned model.
+
+The orchestration of ``objective: layerwise`` (:mod:`dist_chita.layerwise` is the math), on every rank:
+
+1. the prunable layers are grouped into blocks, in model order: the layers whose names share the prefix up to
+   their first numeric component (``encoder.layer.3``; a layer without one is a block of its own);
+2. for each block, every rank runs its share of the calibration samples through the model (earlier blocks
+   already pruned, as SparseGPT does) and accumulates each layer's H = X^T X over its input rows (tokens, padding
+   excluded; Conv2d: unfolded patches); one all-reduce of every H (d x d per layer, independent of n and of the
+   layer's output count) gives the curvature of all N rows of all ranks;
+3. each layer's output rows are shared among the ranks in contiguous ranges; every rank solves its rows
+   (:func:`~dist_chita.layerwise.solve_rows`) and one all-reduce of the (r, d) weights (zeros elsewhere, so the
+   sum is exact) gives every rank the pruned layer, which is written back (under ZeRO-3 into the partition).
+
+Rows are independent problems, so the result does not depend on the number of ranks. No per-sample gradients and
+no Fisher factor: peak memory is the model plus one block's H matrices. Nothing here parses a config or prints.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_chita import comm, params
+from dist_chita.layerwise import solve_rows
+from dist_chita.layout import ColumnLayout
+from dist_chita.pipeline import PruneOutcome, StageReport
+from dist_chita.prunable import named_shapes
+from dist_chita.schedule import kept_count
+
+
+def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]:
+    """Indices of ``modules`` grouped by the name prefix up to the first numeric component, in order of first
+    appearance (``a.layer.0.q``, ``a.layer.0.k`` -> one block; ``fc1`` -> a block of its own)."""
+    keys: dict[str, list[int]] = {}
+    for i, (name, _) in enumerate(modules):
+        m = re.match(r"(.*?(?:^|\.)\d+)(?:\.|$)", name)
+        keys.setdefault(m.group(1) if m else name, []).append(i)
+    return list(keys.values())
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def weight_rows(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weights as (outputs, inputs): Linear as is, transformers' Conv1D transposed, Conv2d flattened
+    over (in_channels, kh, kw) in unfold's order."""
+    if _is_conv1d(module):
+        return weight.T
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return rows.T.contiguous() if _is_conv1d(module) else rows.reshape(shape)
+
+
+def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows of X that ``module`` sees in this forward: (N_batch, inputs) float64. Sequences: one row per
+    token where ``token_mask`` (b, T) is set; Conv2d: one row per output position (unfolded patch)."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
+            raise ValueError("objective layerwise supports Conv2d with groups=1 and numeric zero padding only")
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)  # (b, Cin*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+    if x.dim() == 3 and token_mask is not None and token_mask.shape == x.shape[:2]:
+        return x[token_mask.bool()].double()
+    return x.reshape(-1, x.shape[-1]).double()
+
+
+def layer_curvature(
+    modules: Sequence[tuple[str, nn.Module]],
+    forward: Callable[[object], object],
+    batches: Iterable[tuple[object, object]],
+) -> list[torch.Tensor]:
+    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows. ``forward(batch)``
+    runs the model; ``batches`` yields this rank's ``(batch, indices)``; a dict batch's ``attention_mask`` marks
+    the tokens that count. Collective: one all-reduce of all H."""
+    dims = [weight_rows(m, params.read(m.weight)).shape[1] for _, m in modules]
+    device = modules[0][1].weight.device
+    H = [torch.zeros(d, d, dtype=torch.float64, device=device) for d in dims]
+    count = torch.zeros(len(modules), dtype=torch.float64, device=device)
+    mask: dict[str, torch.Tensor | None] = {"m": None}
+
+    def hook(i: int):
+        def fn(module, args, out):
+            rows = input_rows(module, args[0].detach(), mask["m"])
+            H[i].addmm_(rows.T, rows)
+            count[i] += rows.shape[0]
+        return fn
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for batch, _ in batches:
+                mask["m"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    flat = comm.all_reduce(torch.cat([h.reshape(-1) for h in H] + [count]))
+    out, at = [], 0
+    for i, d in enumerate(dims):
+        n_rows = float(flat[-len(modules) + i])
+        if n_rows == 0:
+            raise ValueError(f"layer {modules[i][0]} saw no calibration inputs")
+        out.append(flat[at:at + d * d].view(d, d) / n_rows)
+        at += d * d
+    return out
+
+
+def prune_layerwise(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    sparsity: float,
+    *,
+    forward: Callable[[object], object],
+    make_batches: Callable[[], Iterable],
+    nm: tuple[int, int] | None = None,
+    damp: float = 0.01,
+    solver_options: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PruneOutcome:
+    """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
+    ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)``.
+
+    ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
+    rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`.
+    Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
+    objective, with the magnitude-support + re-fit objective beside it).
+    """
+    if nm is None and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if damp <= 0:
+        raise ValueError(f"damp must be > 0, got {damp}")
+    world, rank = comm.world_size(), comm.rank()
+    report = StageReport(sparsity=sparsity if nm is None else 0.0, kept=0, objective=0.0, magnitude_objective=0.0)
+    seconds = {"curvature": 0.0, "solver": 0.0, "writeback": 0.0}
+    bytes_before = comm.bytes_by_phase()
+    warm = 0.0
+    done = 0
+    for group in blocks_in_order(modules):
+        t = time.perf_counter()
+        members = [modules[i] for i in group]
+        with comm.phase("curvature"):
+            Hs = layer_curvature(members, forward, make_batches())
+        seconds["curvature"] += time.perf_counter() - t
+        for (_, m), H in zip(members, Hs, strict=True):
+            t = time.perf_counter()
+            weight = params.read(m.weight)
+            W_bar = weight_rows(m, weight).float()
+            r, d = W_bar.shape
+            lo, hi = r * rank // world, r * (rank + 1) // world
+            W = torch.zeros_like(W_bar)
+            allowed = W_bar != 0
+            k = None if nm is not None else kept_count(d, sparsity)
+            lam = damp * float(H.diagonal().mean().clamp_min(1e-30))
+            objective = torch.zeros(3, dtype=torch.float64, device=W.device)
+            if hi > lo:
+                res = solve_rows(W_bar[lo:hi], H, lam, k=k, nm=nm, allowed=allowed[lo:hi], **(solver_options or {}))
+                W[lo:hi] = res.W
+                objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
+                                          dtype=torch.float64, device=W.device)
+                report.iterations = max(report.iterations, res.iterations)
+            seconds["solver"] += time.perf_counter() - t
+            t = time.perf_counter()
+            with comm.phase("writeback"):
+                W = comm.all_reduce(W)
+                objective = comm.all_reduce(objective)
+                params.write(m.weight, _from_rows(m, W, weight.shape))
+            seconds["writeback"] += time.perf_counter() - t
+            report.objective += float(objective[0])
+            report.magnitude_objective += float(objective[1])
+            warm += float(objective[2])
+            report.kept += int((W != 0).sum())
+            done += 1
+            if progress is not None:
+                progress("layers", done, len(modules))
+    (report.iterations,) = [int(v) for v in comm.all_reduce_floats([report.iterations], op="max")]
+    report.objective_trace = [warm, report.objective]
+    report.seconds = seconds
+    report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
+    masks = {name: params.read(m.weight) != 0 for name, m in modules}
+    layout = ColumnLayout.build(named_shapes(modules), world, rows=True)
+    return PruneOutcome(layout, [report], masks)

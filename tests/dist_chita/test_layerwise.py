@@ -1,0 +1,126 @@
+import itertools
+import statistics
+
+import pytest
+import torch
+
+from dist_chita.layerwise import keep_mask, objectives, refit, solve_rows
+
+
+def _instance(seed, d=10, N=30, rows=3, mix=0.8):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, d, generator=g, dtype=torch.float64) @ (
+        torch.eye(d, dtype=torch.float64) + mix * torch.randn(d, d, generator=g, dtype=torch.float64))
+    H = X.T @ X / N
+    W_bar = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    return X, H, W_bar, 0.01 * float(H.diagonal().mean())
+
+
+def _exact_on_support(Q, w_bar, S):
+    """min 1/2 (w - w_bar)^T Q (w - w_bar) with w zero off S, by a direct solve; returns (w, f)."""
+    S = list(S)
+    P = [j for j in range(len(w_bar)) if j not in S]
+    w = torch.zeros_like(w_bar)
+    w[S] = w_bar[S] + torch.linalg.solve(Q[S][:, S], Q[S][:, P] @ w_bar[P])
+    D = w - w_bar
+    return w, 0.5 * float(D @ Q @ D)
+
+
+def test_keep_mask_is_a_stable_per_row_top_k_among_allowed():
+    g = torch.Generator().manual_seed(0)
+    score = torch.randint(0, 4, (50, 12), generator=g).float()  # many ties
+    score[0] = -0.0
+    allowed = torch.rand(50, 12, generator=g) > 0.3
+    mask = keep_mask(score, 5, None, allowed)
+    for i in range(50):
+        cand = [j for j in range(12) if allowed[i, j]]
+        order = sorted(cand, key=lambda j: (-float(score[i, j]), j))  # ties to the lower index
+        assert mask[i].nonzero().flatten().tolist() == sorted(order[:5])
+
+
+def test_keep_mask_n_m_keeps_n_of_every_m():
+    g = torch.Generator().manual_seed(1)
+    score = torch.rand(7, 16, generator=g)
+    mask = keep_mask(score, None, (2, 4), None)
+    groups = score.reshape(7, 4, 4)
+    expected = torch.zeros_like(groups, dtype=torch.bool)
+    expected.scatter_(2, groups.topk(2, dim=2).indices, True)
+    assert torch.equal(mask, expected.reshape(7, 16))
+    with pytest.raises(ValueError, match="multiple of M"):
+        keep_mask(torch.rand(2, 6), None, (2, 4), None)
+
+
+def test_objective_is_the_reconstruction_error_plus_the_ridge():
+    X, H, W_bar, lam = _instance(2)
+    W = torch.randn_like(W_bar)
+    Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    direct = 0.5 * ((X @ (W - W_bar).T) ** 2).sum(0) / X.shape[0] + 0.5 * lam * ((W - W_bar) ** 2).sum(1)
+    torch.testing.assert_close(objectives(W - W_bar, Q), direct)
+
+
+def test_refit_is_the_exact_least_squares_solution_on_the_support():
+    for seed in range(5):
+        _, H, W_bar, lam = _instance(seed)
+        Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+        S = keep_mask(W_bar.abs(), 4, None, None)
+        W = refit(W_bar * S, W_bar, Q, S, iters=100, rtol=1e-12)
+        for i in range(W_bar.shape[0]):
+            w, _ = _exact_on_support(Q, W_bar[i], S[i].nonzero().flatten().tolist())
+            torch.testing.assert_close(W[i], w, rtol=1e-9, atol=1e-10)
+
+
+def test_quality_against_brute_force_on_tiny_layers(capsys):
+    """Every row of 60 tiny correlated layers (d = 10, k = 4) against the best of all 210 supports."""
+    gaps, mag_gaps, optimal = [], [], 0
+    for seed in range(20):
+        _, H, W_bar, lam = _instance(seed)
+        Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+        res = solve_rows(W_bar.float(), H, lam, k=4, refit_iters=100)
+        f_rows = objectives(res.W.double() - W_bar, Q)
+        assert res.objective <= res.magnitude_objective * (1 + 1e-6)  # never worse than magnitude + back-solve
+        assert res.objective <= res.warm_objective * (1 + 1e-6)
+        assert all(a >= b - 1e-9 * abs(a) for a, b in itertools.pairwise(res.trace))  # monotone
+        assert (res.support.sum(1) == 4).all() and torch.equal(res.W != 0, res.support)
+        for i in range(W_bar.shape[0]):
+            best = min(_exact_on_support(Q, W_bar[i], S)[1] for S in itertools.combinations(range(10), 4))
+            mag = _exact_on_support(Q, W_bar[i], W_bar[i].abs().topk(4).indices.tolist())[1]
+            f = float(f_rows[i])
+            assert f >= best * (1 - 1e-5)  # the brute force is the truth
+            optimal += f <= best * (1 + 1e-4)
+            gaps.append(f / best - 1)
+            mag_gaps.append(mag / best - 1)
+    share, median, mag_median = optimal / len(gaps), statistics.median(gaps), statistics.median(mag_gaps)
+    with capsys.disabled():
+        print(f"\nlayerwise CHITA on 60 tiny rows: {share:.0%} optimal, median gap {median:.3f} "
+              f"(magnitude + back-solve: median gap {mag_median:.3f})")
+    assert share >= 0.35 and median < mag_median / 2
+
+
+def test_rows_are_independent_problems():
+    """A row's result does not depend on the other rows solved with it (what makes any world size equal)."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(400, 24, generator=g)
+    H = (X.T @ X / 400).double()
+    W_bar = torch.randn(9, 24, generator=g)
+    lam = 0.01 * float(H.diagonal().mean())
+    whole = solve_rows(W_bar, H, lam, k=8)
+    parts = [solve_rows(W_bar[a:b], H, lam, k=8) for a, b in ((0, 2), (2, 7), (7, 9))]
+    assert torch.equal(whole.support, torch.cat([p.support for p in parts]))
+    torch.testing.assert_close(whole.W, torch.cat([p.W for p in parts]), rtol=1e-5, atol=1e-6)
+
+
+def test_allowed_weights_stay_zero_and_n_m_holds():
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(200, 16, generator=g)
+    H = X.T @ X / 200
+    W_bar = torch.randn(6, 16, generator=g)
+    allowed = torch.rand(6, 16, generator=g) > 0.25
+    res = solve_rows(W_bar, H, 0.01, k=6, allowed=allowed)
+    assert not (res.support & ~allowed).any()
+    assert (res.support.sum(1) == torch.clamp(allowed.sum(1), max=6)).all()
+    res = solve_rows(W_bar, H, 0.01, nm=(2, 4))
+    assert (res.support.reshape(6, 4, 4).sum(2) == 2).all()
+    with pytest.raises(ValueError, match="exactly one"):
+        solve_rows(W_bar, H, 0.01)
+    with pytest.raises(ValueError, match="non-finite"):
+        solve_rows(W_bar, H * float("nan"), 0.01, k=4)

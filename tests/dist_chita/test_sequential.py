@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from dist_chita.layerwise import objectives, solve_rows
+from dist_chita.schedule import kept_count
+from dist_chita.sequential import blocks_in_order, input_rows, layer_curvature, prune_layerwise, weight_rows
+from tests import multiproc
+
+
+def test_blocks_follow_the_first_numeric_component():
+    names = ["enc.layer.0.q", "enc.layer.0.k", "enc.layer.1.q", "enc.layer.10.q", "fc1", "pool.dense",
+             "enc.layer.1.out"]
+    groups = blocks_in_order([(n, None) for n in names])
+    assert groups == [[0, 1], [2, 6], [3], [4], [5]]
+
+
+def test_rows_and_inputs_reproduce_each_layer_type():
+    """weight_rows(W) applied to input_rows(x) gives the layer's own output (so H = X^T X is the curvature of the
+    rows the solver prunes): Linear on padded sequences, Conv2d with stride/padding/dilation, transformers' Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5, bias=False)
+    x = torch.randn(3, 4, 6)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    rows = input_rows(lin, x, mask)
+    assert rows.shape == (9, 6)
+    torch.testing.assert_close(rows @ weight_rows(lin, lin.weight).double().T, lin(x)[mask.bool()].double())
+
+    conv = nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=(1, 2), bias=False)
+    img = torch.randn(2, 3, 9, 8)
+    out = conv(img)  # (2, 4, H', W')
+    rows = input_rows(conv, img, None)
+    expected = out.permute(0, 2, 3, 1).reshape(-1, 4).double()
+    torch.testing.assert_close(rows @ weight_rows(conv, conv.weight).double().T, expected)
+
+    c1d = Conv1D(5, 6)  # weight stored (in, out)
+    torch.nn.init.normal_(c1d.bias, std=0.0)
+    y = c1d(x)
+    rows = input_rows(c1d, x, None)
+    torch.testing.assert_close(rows @ weight_rows(c1d, c1d.weight).double().T, y.reshape(-1, 5).double())
+
+    with pytest.raises(ValueError, match="groups=1"):
+        input_rows(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5), None)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+
+
+def _batches(x, lo, hi, bs=5):
+    return [(x[s:min(s + bs, hi)], list(range(s, min(s + bs, hi)))) for s in range(lo, hi, bs)]
+
+
+def test_sequential_prune_matches_an_independent_recomputation():
+    """Every layer of a small MLP pruned to 50% of each row, and the same result recomputed here: layer l's H from
+    the inputs of the model with layers < l already pruned, solved with solve_rows."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 12)
+    model, ref = _mlp(), _mlp()
+    modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40))
+    h = x
+    for i in (0, 2, 4):
+        W_bar = ref[i].weight.detach()
+        H = (h.double().T @ h.double()) / h.shape[0]
+        lam = 0.01 * float(H.diagonal().mean())
+        res = solve_rows(W_bar, H, lam, k=kept_count(W_bar.shape[1], 0.5))
+        torch.testing.assert_close(model[i].weight.detach(), res.W, rtol=1e-4, atol=1e-5)
+        Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+        top = torch.zeros_like(W_bar).scatter_(1, W_bar.abs().topk(kept_count(W_bar.shape[1], 0.5), 1).indices, 1.0)
+        f_mag = float(objectives((W_bar * top - W_bar).double(), Q).sum())
+        assert res.objective < f_mag  # better than plain magnitude pruning of the layer
+        with torch.no_grad():
+            ref[i].weight.copy_(res.W)
+            h = ref[: i + 2](x) if i < 4 else h
+    assert (out.masks["0"].sum(1) == 6).all() and (out.masks["2"].sum(1) == 8).all()
+    assert out.stages[0].kept == 16 * 6 + 8 * 8 + 3 * 4
+    assert out.stages[0].objective <= out.stages[0].magnitude_objective
+
+
+def test_curvature_skips_padding_tokens():
+    lin = nn.Linear(4, 2, bias=False)
+    x = torch.randn(2, 3, 4)
+    batch = {"x": x, "attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}
+    (H,) = layer_curvature([("lin", lin)], lambda b: lin(b["x"]), [(batch, [0, 1])])
+    rows = torch.stack([x[0, 0], x[0, 1], x[1, 0]]).double()
+    torch.testing.assert_close(H, rows.T @ rows / 3)
+
+
+def _prune_mlp(nm):
+    torch.manual_seed(2)
+    x = torch.randn(37, 12)
+    model = _mlp(3)
+    from dist_chita import comm
+    from dist_chita.partition import sample_ranges
+
+    lo, hi = sample_ranges(37, comm.world_size())[comm.rank()]
+    modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
+    out = prune_layerwise(model, modules, 0.6, forward=model, make_batches=lambda: _batches(x, lo, hi, 4), nm=nm)
+    return [m.weight.detach().clone() for _, m in modules], out.stages[0].objective
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_same_masks_and_weights_on_any_world_size(nm):
+    (base, f1), = multiproc.run(_prune_mlp, 1, nm)
+    for world_size in (2, 3, 4):
+        results = multiproc.run(_prune_mlp, world_size, nm)
+        for weights, f in results:
+            assert f == pytest.approx(f1, rel=1e-5)
+            for w, b in zip(weights, base, strict=True):
+                assert torch.equal(w != 0, b != 0)
+                torch.testing.assert_close(w, b, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_input_is_refused():
+    model = _mlp()
+    with pytest.raises(ValueError, match="sparsity"):
+        prune_layerwise(model, [("0", model[0])], 1.0, forward=model, make_batches=list)
+    with pytest.raises(ValueError, match="saw no calibration inputs"):
+        prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=list)
