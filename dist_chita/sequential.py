@@ -18,15 +18,17 @@ no Fisher factor: peak memory is the model plus one block's H matrices. Nothing 
 
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dist_chita import comm, params
+from dist_chita.data import to_device
 from dist_chita.layerwise import solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
@@ -56,6 +58,11 @@ def weight_rows(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def input_size(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """d, the length of a row of :func:`weight_rows` for a weight of ``shape``."""
+    return shape[0] if _is_conv1d(module) else math.prod(shape[1:])
+
+
 def _from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return rows.T.contiguous() if _is_conv1d(module) else rows.reshape(shape)
 
@@ -74,32 +81,49 @@ def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | No
     return x.reshape(-1, x.shape[-1]).double()
 
 
+def my_microbatches(batches: Iterable) -> Iterator:
+    """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank): every R-th,
+    from the rank's index. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
+    layer inputs X are computed bit for bit alike and only the order of the float64 sums of H differs."""
+    world, rank = comm.world_size(), comm.rank()
+    return (b for j, b in enumerate(batches) if j % world == rank)
+
+
 def layer_curvature(
     modules: Sequence[tuple[str, nn.Module]],
     forward: Callable[[object], object],
     batches: Iterable[tuple[object, object]],
 ) -> list[torch.Tensor]:
     """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows. ``forward(batch)``
-    runs the model; ``batches`` yields this rank's ``(batch, indices)``; a dict batch's ``attention_mask`` marks
-    the tokens that count. Collective: one all-reduce of all H."""
-    dims = [weight_rows(m, params.read(m.weight)).shape[1] for _, m in modules]
+    runs the model; ``batches`` yields this rank's ``(batch, indices)``, moved to the layers' device here; a dict
+    batch's ``attention_mask`` marks the tokens that count. Collective: one all-reduce of all H. Under ZeRO-3 (the
+    layers' weights partitioned) the forward pass is collective too: a rank with fewer micro-batches than another
+    runs padding forwards of its first one, which add nothing."""
+    dims = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]
     device = modules[0][1].weight.device
     H = [torch.zeros(d, d, dtype=torch.float64, device=device) for d in dims]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
-    mask: dict[str, torch.Tensor | None] = {"m": None}
+    state: dict = {"mask": None, "record": True}
+    mine = [to_device(batch, device) for batch, _ in batches]
+    padding = 0
+    if any(params.is_partitioned(m.weight) for _, m in modules):
+        (most,) = comm.all_reduce_floats([len(mine)], op="max")
+        padding = int(most) - len(mine)
 
     def hook(i: int):
         def fn(module, args, out):
-            rows = input_rows(module, args[0].detach(), mask["m"])
-            H[i].addmm_(rows.T, rows)
-            count[i] += rows.shape[0]
+            if state["record"]:
+                rows = input_rows(module, args[0].detach(), state["mask"])
+                H[i].addmm_(rows.T, rows)
+                count[i] += rows.shape[0]
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
     try:
         with torch.no_grad():
-            for batch, _ in batches:
-                mask["m"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+            for j, batch in enumerate(mine + mine[:1] * padding):
+                state["record"] = j < len(mine)
+                state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 forward(batch)
     finally:
         for h in handles:

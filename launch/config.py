@@ -129,11 +129,12 @@ class PruneConfig:
     layers of at most ``block_size`` weights one at a time, the global budget split among them by
     ``block_criterion`` (:mod:`dist_chita.blocks`): memory is set by the largest group's factor.
 
-    ``objective`` is the quadratic model pruned: ``fisher`` (the paper's: the empirical Fisher of the model's
-    loss, from n per-sample gradients, one problem over all layers) or ``layerwise`` (each layer's output
-    reconstruction over every calibration token, H = X^T X, its rows solved by CHITA one block of layers after
-    another on the inputs of the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean
-    of diag H; granularity ``row`` or ``nm``, method ``chita``; ``loss``, ``lambda`` and ``ridge`` are unused).
+    ``objective`` is the quadratic model pruned: ``layerwise`` (default: each layer's output reconstruction over
+    every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
+    the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean of diag H; granularity
+    ``row`` or ``nm``, method ``chita``; ``loss``, ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA
+    paper's: the empirical Fisher of the model's loss from n per-sample gradients, one problem over all layers;
+    needed for layer or global budgets, chita++ and block mode).
     """
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
@@ -154,7 +155,7 @@ class PruneConfig:
     block_mode: bool = False
     block_size: int = 4_000_000
     block_criterion: Literal["magnitude", "obs"] = "magnitude"
-    objective: Literal["fisher", "layerwise"] = "fisher"
+    objective: Literal["layerwise", "fisher"] = "layerwise"
     damp: float = 0.01
 
 
@@ -400,12 +401,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
     need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")
     if p.objective == "layerwise":
-        need(p.method != "chita++",
-             "prune.objective: layerwise prunes in one pass; use prune.method chita or magnitude")
+        need(p.method != "chita++", "prune.objective: layerwise prunes in one pass; chita++ needs "
+                                    "prune.objective=fisher")
         need(p.nm is not None or p.granularity == "row",
-             f"prune.objective: layerwise needs prune.granularity row (or prune.nm), got {p.granularity}")
+             f"prune.objective: layerwise needs prune.granularity row (or prune.nm), got {p.granularity}; "
+             "set prune.objective=fisher for a layer or global budget")
         need(not p.block_mode, "prune.objective: layerwise needs no block mode (it holds one block's H at a time); "
-                               "set prune.block_mode=false")
+                               "block mode is for prune.objective=fisher")
     need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")
     need(p.exponent > 0.0, f"prune.exponent: must be > 0, got {p.exponent}")
     need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")

@@ -225,9 +225,6 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         baseline=memory.baseline_bytes(device, full_bytes),
     )
     layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
-    if partition is not None and layerwise:
-        raise ValueError("prune.objective layerwise is not supported with ZeRO-3 partitioning yet; "
-                         "set prune.objective=fisher or launch without DeepSpeed")
     if cfg.prune.method == "magnitude" or layerwise:
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
@@ -276,7 +273,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             def prune_fn(model, modules, method, sparsity, *, make_batches, nm, progress, **_fisher_only):
                 return sequential.prune_layerwise(
                     model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
-                    make_batches=make_batches, nm=nm, damp=cfg.prune.damp,
+                    make_batches=lambda: sequential.my_microbatches(
+                        data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size)), nm=nm, damp=cfg.prune.damp,
                     solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol), progress=progress)
         elif cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
             def prune_fn(*a, **kw):

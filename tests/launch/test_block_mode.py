@@ -23,7 +23,8 @@ def test_block_mode_run(tmp_path):
            "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                            "label_column": "label", "n": 40, "batch_size": 16},
            "eval": {"metric": "accuracy", "n": 300, "compare_magnitude": False},
-           "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False, "block_mode": True, "block_size": 700,
+           "prune": {"objective": "fisher",
+                     "sparsity": 0.7, "loss": "ce", "exclude_head": False, "block_mode": True, "block_size": 700,
                      "block_criterion": "obs", "granularity": "global", "ridge": "identity"},  # one global budget
            "solver": {"max_iter": 10}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
            "threads_per_rank": 1}

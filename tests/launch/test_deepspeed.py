@@ -50,14 +50,14 @@ def gpt2(tmp_path_factory):
     return root / "model", root / "calib.txt"
 
 
-def write_config(tmp_path, model_dir, calib):
+def write_config(tmp_path, model_dir, calib, objective="fisher"):
     cfg = {
         "name": "gpt2_zero3",
         "model": {"source": "hf", "path": str(model_dir), "task": "causal-lm"},
         "calibration": {"source": str(calib), "format": "text", "text_column": "text", "n": 9, "batch_size": 4,
                         "max_length": 16},
         "eval": {"metric": "perplexity", "n": 30, "max_length": 16, "stride": 8, "compare_magnitude": True},
-        "prune": {"method": "chita", "sparsity": 0.6, "loss": "causal_lm", "lambda": 1e-3},
+        "prune": {"method": "chita", "sparsity": 0.6, "loss": "causal_lm", "lambda": 1e-3, "objective": objective},
         "solver": {"max_iter": 30},
         "output": {"dir": str(tmp_path / "out")},
         "world_size": 2,
@@ -86,9 +86,10 @@ print(json.dumps({"kept": sum(int((mods[n].weight != 0).sum()) for n in names),
 """
 
 
-def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2):
+@pytest.mark.parametrize("objective", ["fisher", "layerwise"])
+def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2, objective):
     model_dir, calib = gpt2
-    cfg = write_config(tmp_path, model_dir, calib)
+    cfg = write_config(tmp_path, model_dir, calib, objective)
     plain = run(["--config", str(cfg), f"output.dir={tmp_path / 'plain'}"])
     assert plain.returncode == 0, plain.stderr
     z3 = run_zero3(["--config", str(cfg), f"output.dir={tmp_path / 'z3'}"])
@@ -100,8 +101,12 @@ def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2):
 
     # the same mask, exactly, and the same weights
     assert r1["mask_sha256"] == r3["mask_sha256"]
-    # the default per-row budget: every row (of GPT-2's Conv1D weights (in, out): one input's) keeps 40%
-    per_row = sum(layer["shape"][0] * kept_count(math.prod(layer["shape"][1:]), 0.6) for layer in r1["layers"])
+    # the per-row budget: every row keeps 40%; a row of GPT-2's Conv1D weights (in, out) is one input's in the
+    # Fisher objective's flat layout, one output's in the layerwise objective's (its rows are outputs)
+    if objective == "fisher":
+        per_row = sum(layer["shape"][0] * kept_count(math.prod(layer["shape"][1:]), 0.6) for layer in r1["layers"])
+    else:
+        per_row = sum(layer["shape"][1] * kept_count(layer["shape"][0], 0.6) for layer in r1["layers"])
     assert r1["global"] == r3["global"] and r1["global"]["kept"] == per_row
     w1, w3 = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
     assert sorted(w1) == sorted(w3)

@@ -24,7 +24,8 @@ def _config(tmp_path):
                      "task": "image-classification"},
            "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                            "label_column": "label", "n": 40, "batch_size": 16},
-           "eval": {"metric": "none"}, "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False},
+           "eval": {"metric": "none"},
+           "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False, "objective": "fisher"},
            "solver": {"max_iter": 5}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
            "threads_per_rank": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))

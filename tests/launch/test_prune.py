@@ -32,7 +32,8 @@ def write_config(tmp_path, weights, **sections):
                         "label_column": "label", "n": 40, "batch_size": 16},
         "eval": {"metric": "accuracy", "n": 400, "batch_size": 200},
         "prune": {"method": "chita", "sparsity": 0.7, "loss": "ce", "exclude_head": False, "lambda": 1e-3,
-                  "granularity": "global", "ridge": "identity"},  # the paper's; the defaults are tested below too
+                  "granularity": "global", "ridge": "identity", "objective": "fisher"},  # the paper's (the default
+        # objective, layerwise, is tested below)
         "solver": {"max_iter": 30},
         "output": {"dir": str(tmp_path / "out")},
         "world_size": None,
