@@ -121,8 +121,8 @@ def solve_rows(
     allowed: torch.Tensor | None = None,
     max_iter: int = 20,
     tol: float = 1e-4,
-    trials: int = 4,
-    refit_iters: int = 25,
+    trials: int = 3,
+    refit_iters: int = 10,
 ) -> RowsResult:
     """Prune every row of one layer (module docstring).
 
@@ -169,68 +169,80 @@ def solve_rows(
     its = 0
     while its < max_iter:
         its += 1
-        G = (W - W_bar) @ Q
-        best_W, best_S, best_f = W, S, fi
-        # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
-        gS = G * S
-        gg = (gS * gS).sum(1)
-        curv = (gS @ Q).mul_(gS).sum(1)
-        tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
-        cand = [(W - tau[:, None] * gS, S)]
-        # support-changing steps H_k(w - t g): from tau_c (where the first outside weight would overtake the
-        # smallest kept one) and from 1/L, doubling
-        out = torch.where(S, torch.zeros_like(G), G.abs())
-        if allowed is not None:
-            out = out.masked_fill(~allowed, 0.0)
-        kept = torch.where(S, W.abs(), torch.full_like(W, math.inf))
-        if nm is not None:
-            groups = (W.shape[0], d // nm[1], nm[1])
-            tau_c = (kept.reshape(groups).amin(2) / out.reshape(groups).amax(2)).amin(1)
-        else:
-            tau_c = kept.amin(1) / out.amax(1)
-        # just past tau_c: at tau_c itself the entering and the leaving weight tie, and float noise would decide
-        tau_c = torch.where(torch.isfinite(tau_c), tau_c * (1.0 + 1e-3), torch.full_like(tau_c, 1.0 / L))
-        for base in (tau_c[:, None], torch.full_like(tau_c[:, None], 1.0 / L)):
-            t = base
-            for _ in range(trials):
-                V = W - t * G
-                S_t = project(V.abs())
-                cand.append((V * S_t, S_t))
-                t = 2.0 * t
-        if nm is None:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
-            qd = Q.diagonal()[None, :]
-            cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
-            gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
-            if allowed is not None:
-                gain = gain.masked_fill(~allowed, -1.0)
-            outs = torch.argsort(cost, dim=1, stable=True)
-            ins = torch.argsort(gain, dim=1, descending=True, stable=True)
-            for n_swap in (1, 2, 4, 8)[:trials]:
-                o, i_ = outs[:, :n_swap], ins[:, :n_swap]
-                ok = (torch.gather(gain, 1, i_) > 0).all(1, keepdim=True) & torch.isfinite(
-                    torch.gather(cost, 1, o)).all(1, keepdim=True)
-                S_c = S.scatter(1, o, False).scatter(1, i_, True)
-                W_c = W.scatter(1, o, 0.0).scatter(1, i_, torch.gather(W - G / qd, 1, i_))
-                cand.append((torch.where(ok, W_c, W), torch.where(ok, S_c, S)))
-        for W_c, S_c in cand:
-            f_c = f(W_c)
-            better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
-            b = better[:, None]
-            best_W, best_S, best_f = torch.where(b, W_c, best_W), torch.where(b, S_c, best_S), torch.where(
-                better, f_c, best_f)
-        W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
-        f_new = f(W_new)
-        # a row moves only while active and if it improves (CG from a better point cannot end worse, but guard
-        # float noise); it stops for good once its own relative decrease is below tol, so every row's path is
-        # its own and the result does not depend on which other rows are solved with it
-        step = active & (f_new < fi - _MARGIN * fi.abs())
-        W = torch.where(step[:, None], W_new, W)
-        S = torch.where(step[:, None], best_S, S)
-        f_next = torch.where(step, f_new, fi)
-        active &= (fi - f_next) > tol * fi.clamp_min(0.0)
-        fi = f_next
+        rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
+        f_a = fi[rows]
+        W_a, S_a, f_new = _iht_step(W[rows], S[rows], f_a, W_bar[rows], None if allowed is None else allowed[rows],
+                                    Q, L, k, nm, trials, refit_iters)
+        # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
+        # stops for good once its own relative decrease is below tol: every row's path is its own, and the result
+        # does not depend on which other rows are solved with it
+        step = f_new < f_a - _MARGIN * f_a.abs()
+        W[rows] = torch.where(step[:, None], W_a, W[rows])
+        S[rows] = torch.where(step[:, None], S_a, S[rows])
+        f_next = torch.where(step, f_new, f_a)
+        fi[rows] = f_next
+        active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
         trace.append(float(fi.sum()))
         if not bool(active.any()):
             break
     return RowsResult(W=W * S, support=S, objective=float(fi.sum()), warm_objective=warm,
                       magnitude_objective=float(f_mag.sum()), iterations=its, trace=trace)
+
+
+def _iht_step(W, S, fi, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
+    """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient g = Q (w - w_bar) (the
+    support-keeping exact line step, support-changing steps from just past tau_c and from 1/L doubling, and for
+    per-row budgets swaps of the s cheapest kept for the s most promising outside weights), the best per row
+    (the current point included), then its back-solve. Returns (W, S, f) of the new points."""
+    d = W.shape[1]
+    G = (W - W_bar) @ Q
+    best_W, best_S, best_f = W, S, fi
+    # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
+    gS = G * S
+    gg = (gS * gS).sum(1)
+    curv = (gS @ Q).mul_(gS).sum(1)
+    tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
+    cand = [(W - tau[:, None] * gS, S)]
+    # support-changing steps H(w - t g): from tau_c (where the first outside weight would overtake the smallest
+    # kept one) and from 1/L, doubling
+    out = torch.where(S, torch.zeros_like(G), G.abs())
+    if allowed is not None:
+        out = out.masked_fill(~allowed, 0.0)
+    kept = torch.where(S, W.abs(), torch.full_like(W, math.inf))
+    if nm is not None:
+        groups = (W.shape[0], d // nm[1], nm[1])
+        tau_c = (kept.reshape(groups).amin(2) / out.reshape(groups).amax(2)).amin(1)
+    else:
+        tau_c = kept.amin(1) / out.amax(1)
+    # just past tau_c: at tau_c itself the entering and the leaving weight tie, and float noise would decide
+    tau_c = torch.where(torch.isfinite(tau_c), tau_c * (1.0 + 1e-3), torch.full_like(tau_c, 1.0 / L))
+    for base in (tau_c[:, None], torch.full_like(tau_c[:, None], 1.0 / L)):
+        t = base
+        for _ in range(trials):
+            V = W - t * G
+            S_t = keep_mask(V.abs(), k, nm, allowed)
+            cand.append((V * S_t, S_t))
+            t = 2.0 * t
+    if nm is None:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
+        qd = Q.diagonal()[None, :]
+        cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
+        gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
+        if allowed is not None:
+            gain = gain.masked_fill(~allowed, -1.0)
+        outs = torch.argsort(cost, dim=1, stable=True)
+        ins = torch.argsort(gain, dim=1, descending=True, stable=True)
+        for n_swap in (1, 2, 4, 8)[:trials]:
+            o, i_ = outs[:, :n_swap], ins[:, :n_swap]
+            ok = (torch.gather(gain, 1, i_) > 0).all(1, keepdim=True) & torch.isfinite(
+                torch.gather(cost, 1, o)).all(1, keepdim=True)
+            S_c = S.scatter(1, o, False).scatter(1, i_, True)
+            W_c = W.scatter(1, o, 0.0).scatter(1, i_, torch.gather(W - G / qd, 1, i_))
+            cand.append((torch.where(ok, W_c, W), torch.where(ok, S_c, S)))
+    for W_c, S_c in cand:
+        f_c = objectives(W_c - W_bar, Q)
+        better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
+        b = better[:, None]
+        best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
+                                  torch.where(better, f_c, best_f))
+    W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
+    return W_new, best_S, objectives(W_new - W_bar, Q)
