@@ -8,19 +8,24 @@ other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-ou
 * Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded);
 * OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
   Gauss-Newton probe), without any weight update;
-* dist-chita's default: CHITA with per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the OBD
-  saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
+* SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1, written here
+  from the paper);
+* dist-chita's ``objective: layerwise``: CHITA per row on each layer's H = X^T X, blocks in order
+  (:mod:`dist_chita.sequential`);
+* dist-chita with the Fisher objective: per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the
+  OBD saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
 
     python benchmarks/minilm_baselines.py [--threads 2] [key=value ...]   # e.g. prune.sparsity=0.7
 
 Overrides apply to the default config (sparsity, calibration.n, solver.storage_dtype, ...). Prints a table and
-writes its run into benchmarks/results/minilm_baselines.json, keyed by the overrides (about 5 minutes on 2 cores).
+writes its run into benchmarks/results/minilm_baselines.json, keyed by the overrides (about 15 minutes on 2 cores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -31,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_chita import blocks, data, evaluate, models, pipeline, prunable  # noqa: E402
+from dist_chita import blocks, data, evaluate, models, pipeline, prunable, sequential  # noqa: E402
 from dist_chita.budget import Budget  # noqa: E402
 from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
@@ -39,9 +44,9 @@ from launch.prune import build_loss  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
 
 
-def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
-    """||X_j||_2 per input feature of every layer, over all non-padding calibration tokens (Wanda's statistic)."""
-    sq = [torch.zeros(m.weight.shape[1], dtype=torch.float64) for _, m in modules]
+def each_input(model, task, modules, calib, batch_size: int, accumulate) -> None:
+    """Run the calibration samples through ``model`` and call ``accumulate(i, rows)`` with the input rows (tokens x
+    in-features, padding tokens dropped) that reach ``modules[i]``."""
     mask: dict[str, torch.Tensor] = {}
 
     def hook(i):
@@ -50,7 +55,7 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
             rows = x.reshape(-1, x.shape[-1])
             if x.dim() == 3:  # (b, T, d): drop padding tokens
                 rows = rows[mask["m"].reshape(-1).bool()]
-            sq[i] += rows.double().pow(2).sum(0)
+            accumulate(i, rows.double())
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
@@ -62,7 +67,73 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
     finally:
         for h in handles:
             h.remove()
+
+
+def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
+    """||X_j||_2 per input feature of every layer, over all non-padding calibration tokens (Wanda's statistic)."""
+    sq = [torch.zeros(m.weight.shape[1], dtype=torch.float64) for _, m in modules]
+
+    def add(i: int, rows: torch.Tensor) -> None:
+        sq[i] += rows.pow(2).sum(0)
+
+    each_input(model, task, modules, calib, batch_size, add)
     return [s.sqrt() for s in sq]
+
+
+def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: int = 128,
+                    damp: float = 0.01) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023, Algorithm 1) on one layer: W (rows, d) float64, H = X^T X (d, d) over
+    the calibration tokens. Columns are processed left to right in blocks of ``block``; at the start of each block
+    the mask is chosen over the whole block (the ``sparsity`` share of its smallest w^2 / [H^-1]_jj^2); each
+    pruned or kept column's error is spread onto the later columns through the Cholesky factor of H^-1 (the OBS
+    update). Returns the pruned, updated W."""
+    W, H = W.clone(), H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
+    d = W.shape[1]
+    for a in range(0, d, block):
+        b = min(a + block, d)
+        W1, U1 = W[:, a:b].clone(), U[a:b, a:b]
+        E1 = torch.zeros_like(W1)
+        score = W1.pow(2) / torch.diag(U1).pow(2)[None, :]
+        cut = int(score.numel() * sparsity)
+        pruned = torch.zeros_like(W1, dtype=torch.bool)
+        if cut:
+            pruned.view(-1)[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
+        for j in range(b - a):
+            w = W1[:, j]
+            q = torch.where(pruned[:, j], torch.zeros_like(w), w)
+            err = (w - q) / U1[j, j]
+            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
+            W1[:, j] = q
+            E1[:, j] = err
+        W[:, a:b] = W1
+        W[:, b:] -= E1 @ U[a:b, b:]
+    return W
+
+
+def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float) -> None:
+    """SparseGPT's sequential one-shot pruning, in place: the encoder blocks in order (layers outside the numbered
+    blocks last); each block's Linear layers get H = X^T X from inputs computed through the already pruned earlier
+    blocks (one calibration pass per block, as in the reference implementation)."""
+    def block_of(name: str) -> int:
+        m = re.search(r"layer\.(\d+)\.", name)
+        return int(m.group(1)) if m else 1 << 30
+
+    for key in sorted({block_of(name) for name, _ in modules}):
+        group = [(name, m) for name, m in modules if block_of(name) == key]
+        H = [torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for _, m in group]
+
+        def add(i: int, rows: torch.Tensor, H=H) -> None:
+            H[i] += rows.T @ rows
+
+        each_input(model, task, group, calib, batch_size, add)
+        with torch.no_grad():
+            for (_, m), h in zip(group, H, strict=True):
+                m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity).to(m.weight.dtype))
 
 
 def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -132,13 +203,25 @@ def main() -> None:
     apply(row_masks([w.pow(2) * d.view_as(w).to(w.dtype) for w, d in zip(dense, diag, strict=True)], s))
     record("OBD (W^2 diag F), per row, no update", time.perf_counter() - t)
 
+    t = time.perf_counter()
+    sparsegpt(model, task, modules, calib, bs, s)
+    record("SparseGPT (sequential, blocks of 128)", time.perf_counter() - t)
+
+    t = time.perf_counter()
+    out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
+                                     make_batches=batches, damp=cfg.prune.damp)
+    name = "dist-chita layerwise: CHITA per row on H = X^T X"
+    record(name, time.perf_counter() - t)
+    results[name].update(objective=out.stages[0].objective, magnitude_objective=out.stages[0].magnitude_objective,
+                         iterations=out.stages[0].iterations)
+
     common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_,
                   storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))
     options = dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, escape_trials=cfg.solver.escape_trials)
     t = time.perf_counter()
     out = pipeline.prune(model, modules, "chita", s, per_row=True,
                          solver_options={**options, "ridge": "fisher_diagonal"}, **common)
-    name = "dist-chita default: CHITA, per row, fisher_diagonal"
+    name = "dist-chita Fisher objective: CHITA, per row, fisher_diagonal"
     record(name, time.perf_counter() - t)
     results[name].update(objective=out.stages[-1].objective, iterations=out.stages[-1].iterations)
     t = time.perf_counter()

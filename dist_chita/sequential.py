@@ -139,6 +139,17 @@ def layer_curvature(
     return out
 
 
+def memory_bytes(modules: Sequence[tuple[str, nn.Module]], world_size: int) -> int:
+    """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
+    twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and its inverse in
+    float64, and about 40 float32 (r_R, d) matrices for r_R = ceil(r / R) rows: iterates, candidates, CG)."""
+    shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
+    dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
+    curvature = max(sum(2 * 8 * dims[i][1] ** 2 for i in group) for group in blocks_in_order(modules))
+    solve = max(20 * d * d + 40 * 4 * math.ceil(r / world_size) * d + 8 * r * d for r, d in dims)
+    return curvature + solve
+
+
 def prune_layerwise(
     model: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],

@@ -225,8 +225,11 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         baseline=memory.baseline_bytes(device, full_bytes),
     )
     layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
-    if cfg.prune.method == "magnitude" or layerwise:
+    if cfg.prune.method == "magnitude":
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
+    elif layerwise:  # no factor either: one block's H and one layer's solve
+        est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
+                                  solver=sequential.memory_bytes(modules, world))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     avail = memory.available_bytes(device, local_ranks)
     say(f"  {len(modules)} prunable layers, p = {p:,} weights, n = {n} calibration samples; "
