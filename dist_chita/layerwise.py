@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+ROW_CHUNK = 64  # rows solved together (see solve_rows)
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 noise in H (inputs computed in
 # differently sized micro-batches on different numbers of ranks) would decide between nearly equal candidates
 
@@ -123,6 +124,7 @@ def solve_rows(
     tol: float = 1e-4,
     trials: int = 3,
     refit_iters: int = 10,
+    row_chunk: int = ROW_CHUNK,
 ) -> RowsResult:
     """Prune every row of one layer (module docstring).
 
@@ -132,9 +134,12 @@ def solve_rows(
         lam: ridge lambda (> 0 keeps Q_SS definite; callers use a fraction of mean(diag H)).
         k: weights kept per row (with ``allowed``: at most that many of the allowed ones); or ``nm`` = (N, M).
         allowed: (r, d) bool, False for weights fixed at zero; None = all.
-        max_iter: IHT steps at most; stop when the relative decrease of sum_i f_i is below ``tol``.
-        trials: IHT step sizes tried per step, 1/L doubling (plus the exact line minimiser on the support).
+        max_iter: IHT steps at most; a row stops when its relative decrease of f_i is below ``tol``.
+        trials: step sizes tried per IHT step from tau_c and from 1/L, doubling, and swap sizes 1, 2, 4, ...
         refit_iters: conjugate-gradient iterations of each back-solve.
+        row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
+            alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
+            every chunk (float products are not the same bits for different numbers of rows).
     """
     if (k is None) == (nm is None):
         raise ValueError("give exactly one of k (per row) and nm")
@@ -143,28 +148,42 @@ def solve_rows(
     W_bar = W_bar.float()
     d = W_bar.shape[1]
     Q = H.float() + lam * torch.eye(d, dtype=torch.float32, device=W_bar.device)
+    q_inv_diag = torch.linalg.inv(Q.double()).diagonal().float().clamp_min(1e-30)
+    L = lipschitz(Q)
+    parts = []
+    for a in range(0, W_bar.shape[0], row_chunk):
+        b = min(a + row_chunk, W_bar.shape[0])
+        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, k, nm,
+                                  max_iter, tol, trials, refit_iters))
+    if not parts:
+        empty = torch.zeros_like(W_bar)
+        return RowsResult(W=empty, support=empty.bool(), objective=0.0, warm_objective=0.0, magnitude_objective=0.0,
+                          iterations=0, trace=[0.0])
+    steps = max(len(p[5]) for p in parts)
+    trace = [sum(p[5][min(j, len(p[5]) - 1)] for p in parts) for j in range(steps)]
+    return RowsResult(W=torch.cat([p[0] for p in parts]), support=torch.cat([p[1] for p in parts]),
+                      objective=sum(p[2] for p in parts), warm_objective=trace[0],
+                      magnitude_objective=sum(p[3] for p in parts), iterations=max(p[4] for p in parts), trace=trace)
 
-    def project(score: torch.Tensor) -> torch.Tensor:
-        return keep_mask(score, k, nm, allowed)
+
+def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials, refit_iters):
+    """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
 
     def f(W: torch.Tensor) -> torch.Tensor:
         return objectives(W - W_bar, Q)
 
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
-    q_inv_diag = torch.linalg.inv(Q.double()).diagonal().float().clamp_min(1e-30)
-    S_mag = project(W_bar.abs())
+    S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
     W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters)
     f_mag = f(W_mag)
-    S_obs = project(W_bar.pow(2) / q_inv_diag)
+    S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
     W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters)
     f_obs = f(W_obs)
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
-    warm = float(fi.sum())
-    trace = [warm]
+    trace = [float(fi.sum())]
 
-    L = lipschitz(Q)
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
     its = 0
     while its < max_iter:
@@ -174,8 +193,7 @@ def solve_rows(
         W_a, S_a, f_new = _iht_step(W[rows], S[rows], f_a, W_bar[rows], None if allowed is None else allowed[rows],
                                     Q, L, k, nm, trials, refit_iters)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
-        # stops for good once its own relative decrease is below tol: every row's path is its own, and the result
-        # does not depend on which other rows are solved with it
+        # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()
         W[rows] = torch.where(step[:, None], W_a, W[rows])
         S[rows] = torch.where(step[:, None], S_a, S[rows])
@@ -185,9 +203,7 @@ def solve_rows(
         trace.append(float(fi.sum()))
         if not bool(active.any()):
             break
-    return RowsResult(W=W * S, support=S, objective=float(fi.sum()), warm_objective=warm,
-                      magnitude_objective=float(f_mag.sum()), iterations=its, trace=trace)
-
+    return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
 
 def _iht_step(W, S, fi, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
     """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient g = Q (w - w_bar) (the

@@ -8,7 +8,8 @@ The orchestration of ``objective: layerwise`` (:mod:`dist_chita.layerwise` is th
    already pruned, as SparseGPT does) and accumulates each layer's H = X^T X over its input rows (tokens, padding
    excluded; Conv2d: unfolded patches); one all-reduce of every H (d x d per layer, independent of n and of the
    layer's output count) gives the curvature of all N rows of all ranks;
-3. each layer's output rows are shared among the ranks in contiguous ranges; every rank solves its rows
+3. each layer's output rows are shared among the ranks in whole chunks of ``layerwise.ROW_CHUNK`` rows (each
+   chunk is solved alone, so its bits do not depend on the number of ranks); every rank solves its rows
    (:func:`~dist_chita.layerwise.solve_rows`) and one all-reduce of the (r, d) weights (zeros elsewhere, so the
    sum is exact) gives every rank the pruned layer, which is written back (under ZeRO-3 into the partition).
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.data import to_device
-from dist_chita.layerwise import solve_rows
+from dist_chita.layerwise import ROW_CHUNK, keep_mask, solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import named_shapes
@@ -139,15 +140,35 @@ def layer_curvature(
     return out
 
 
+def _my_rows(r: int, world: int, rank: int, chunk: int) -> tuple[int, int]:
+    """This rank's rows of a layer with r rows: whole chunks of ``chunk`` rows (the last one shorter), shared as
+    evenly as chunks allow, so every chunk is solved alike on any number of ranks."""
+    chunks = -(-r // chunk)
+    return min(r, chunks * rank // world * chunk), min(r, chunks * (rank + 1) // world * chunk)
+
+
 def memory_bytes(modules: Sequence[tuple[str, nn.Module]], world_size: int) -> int:
     """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
     twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and its inverse in
-    float64, and about 40 float32 (r_R, d) matrices for r_R = ceil(r / R) rows: iterates, candidates, CG)."""
+    float64, about 40 float32 (c, d) matrices for a chunk of c rows: iterates, candidates, CG; the layer's
+    weights and their pruned copy)."""
     shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
     dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
     curvature = max(sum(2 * 8 * dims[i][1] ** 2 for i in group) for group in blocks_in_order(modules))
-    solve = max(20 * d * d + 40 * 4 * math.ceil(r / world_size) * d + 8 * r * d for r, d in dims)
+    solve = max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
     return curvature + solve
+
+
+def prune_magnitude(modules: Sequence[tuple[str, nn.Module]], sparsity: float,
+                    nm: tuple[int, int] | None = None) -> None:
+    """Magnitude pruning on the rows :func:`prune_layerwise` uses (one output's weights; or N:M along them), in
+    place, one layer at a time (the baseline of a layerwise run). Every rank computes the same (collective under
+    ZeRO-3)."""
+    for _, m in modules:
+        weight = params.read(m.weight)
+        W = weight_rows(m, weight).float()
+        mask = keep_mask(W.abs(), None if nm else kept_count(W.shape[1], sparsity), nm, W != 0)
+        params.write(m.weight, _from_rows(m, W * mask, weight.shape))
 
 
 def prune_layerwise(
@@ -161,12 +182,14 @@ def prune_layerwise(
     damp: float = 0.01,
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
+    row_chunk: int = ROW_CHUNK,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
     ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)``.
 
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
-    rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`.
+    rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
+    ``row_chunk``: rows solved together (and the unit in which rows are shared among ranks).
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
     objective, with the magnitude-support + re-fit objective beside it).
     """
@@ -191,14 +214,15 @@ def prune_layerwise(
             weight = params.read(m.weight)
             W_bar = weight_rows(m, weight).float()
             r, d = W_bar.shape
-            lo, hi = r * rank // world, r * (rank + 1) // world
+            lo, hi = _my_rows(r, world, rank, row_chunk)
             W = torch.zeros_like(W_bar)
             allowed = W_bar != 0
             k = None if nm is not None else kept_count(d, sparsity)
             lam = damp * float(H.diagonal().mean().clamp_min(1e-30))
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
             if hi > lo:
-                res = solve_rows(W_bar[lo:hi], H, lam, k=k, nm=nm, allowed=allowed[lo:hi], **(solver_options or {}))
+                res = solve_rows(W_bar[lo:hi], H, lam, k=k, nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk,
+                                 **(solver_options or {}))
                 W[lo:hi] = res.W
                 objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
                                           dtype=torch.float64, device=W.device)

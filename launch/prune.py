@@ -262,7 +262,10 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
-        pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
+        if layerwise:  # the same rows (outputs) as the layerwise solve, one layer at a time
+            sequential.prune_magnitude(modules, cfg.prune.sparsity, nm)
+        else:
+            pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
         measure("magnitude", reference)
         for (_, m), w in zip(modules, dense, strict=True):
             params.write(m.weight, w)

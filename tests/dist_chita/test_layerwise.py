@@ -103,10 +103,14 @@ def test_rows_are_independent_problems():
     H = (X.T @ X / 400).double()
     W_bar = torch.randn(9, 24, generator=g)
     lam = 0.01 * float(H.diagonal().mean())
-    whole = solve_rows(W_bar, H, lam, k=8)
+    whole = solve_rows(W_bar, H, lam, k=8, row_chunk=9)
     parts = [solve_rows(W_bar[a:b], H, lam, k=8) for a, b in ((0, 2), (2, 7), (7, 9))]
     assert torch.equal(whole.support, torch.cat([p.support for p in parts]))
     torch.testing.assert_close(whole.W, torch.cat([p.W for p in parts]), rtol=1e-5, atol=1e-6)
+    # split at multiples of row_chunk, every chunk is computed alike: the same bits
+    chunked = solve_rows(W_bar, H, lam, k=8, row_chunk=3)
+    pieces = [solve_rows(W_bar[a:b], H, lam, k=8, row_chunk=3) for a, b in ((0, 3), (3, 9))]
+    assert torch.equal(chunked.W, torch.cat([p.W for p in pieces]))
 
 
 def test_allowed_weights_stay_zero_and_n_m_holds():

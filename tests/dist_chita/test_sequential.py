@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -102,7 +104,7 @@ def _prune_mlp(nm):
     x = torch.randn(37, 12)
     model = _mlp(3)
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
-    out = prune_layerwise(model, modules, 0.6, forward=model, nm=nm,
+    out = prune_layerwise(model, modules, 0.6, forward=model, nm=nm, row_chunk=3,  # rows of a layer on every rank
                           make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)))
     return [m.weight.detach().clone() for _, m in modules], out.stages[0].objective
 
@@ -116,13 +118,42 @@ def test_same_masks_and_weights_on_any_world_size(nm):
             assert f == pytest.approx(f1, rel=1e-6)  # the same micro-batches; only the order of the sums of H differs
             for w, b in zip(weights, base, strict=True):
                 assert torch.equal(w != 0, b != 0)
-                torch.testing.assert_close(w, b, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(w, b, rtol=1e-6, atol=1e-7)
 
 
 def test_each_rank_takes_every_r_th_micro_batch():
     assert list(my_microbatches(iter(range(7)))) == list(range(7))  # world size 1
     got = multiproc.run(lambda: list(my_microbatches(iter(range(7)))), 3)
     assert got == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_rows_are_shared_in_whole_chunks():
+    from dist_chita.sequential import _my_rows
+
+    for r in (1, 5, 64, 100, 384, 1536):
+        for world in (1, 2, 3, 4):
+            ranges = [_my_rows(r, world, k, 64) for k in range(world)]
+            assert ranges[0][0] == 0 and ranges[-1][1] == r
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, covering
+            assert all(lo % 64 == 0 for lo, hi in ranges if hi > lo)  # cut at chunk boundaries
+            sizes = [-(-(hi - lo) // 64) for lo, hi in ranges]
+            assert max(sizes) - min(sizes) <= 1  # balanced in chunks
+
+
+def test_magnitude_baseline_keeps_the_largest_of_every_output():
+    from transformers.pytorch_utils import Conv1D
+
+    from dist_chita.sequential import prune_magnitude
+
+    torch.manual_seed(5)
+    lin, c1d = nn.Linear(10, 6, bias=False), Conv1D(6, 10)  # Conv1D: weight (in, out); an output is a column
+    ref_lin, ref_c1d = lin.weight.detach().clone(), c1d.weight.detach().clone()
+    prune_magnitude([("lin", lin), ("c1d", c1d)], 0.7)
+    top = ref_lin.abs().topk(3, dim=1).indices
+    assert torch.equal(lin.weight != 0, torch.zeros_like(ref_lin, dtype=torch.bool).scatter_(1, top, True))
+    assert torch.equal(lin.weight[lin.weight != 0], ref_lin[lin.weight != 0])
+    top = ref_c1d.abs().topk(3, dim=0).indices
+    assert torch.equal(c1d.weight != 0, torch.zeros_like(ref_c1d, dtype=torch.bool).scatter_(0, top, True))
 
 
 def test_bad_input_is_refused():
