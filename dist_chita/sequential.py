@@ -147,7 +147,7 @@ def _my_rows(r: int, world: int, rank: int, chunk: int) -> tuple[int, int]:
     return min(r, chunks * rank // world * chunk), min(r, chunks * (rank + 1) // world * chunk)
 
 
-def memory_bytes(modules: Sequence[tuple[str, nn.Module]], world_size: int) -> int:
+def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
     """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
     twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and its inverse in
     float64, about 40 float32 (c, d) matrices for a chunk of c rows: iterates, candidates, CG; the layer's

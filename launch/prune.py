@@ -229,7 +229,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     elif layerwise:  # no factor either: one block's H and one layer's solve
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
-                                  solver=sequential.memory_bytes(modules, world))
+                                  solver=sequential.memory_bytes(modules))
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     avail = memory.available_bytes(device, local_ranks)
     say(f"  {len(modules)} prunable layers, p = {p:,} weights, n = {n} calibration samples; "
@@ -275,30 +275,31 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     lo, hi = sample_ranges(n, world)[rank]
     try:
         prune_fn = pipeline.prune
-        if layerwise:  # each layer's reconstruction, block by block (dist_chita.sequential)
-            def prune_fn(model, modules, method, sparsity, *, make_batches, nm, progress, **_fisher_only):
-                return sequential.prune_layerwise(
-                    model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
-                    make_batches=lambda: sequential.my_microbatches(
-                        data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size)), nm=nm, damp=cfg.prune.damp,
-                    solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol), progress=progress)
-        elif cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
+        if cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
             def prune_fn(*a, **kw):
                 return blocks.prune_in_blocks(*a, block_size=cfg.prune.block_size,
                                               criterion=cfg.prune.block_criterion, **kw)
-        outcome = prune_fn(
-            model, modules, cfg.prune.method, cfg.prune.sparsity,
-            make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
-            loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
-            stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
-            schedule=cfg.prune.schedule, exponent=cfg.prune.exponent,
-            storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
-            solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
-                                active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
-                                escape_trials=cfg.solver.escape_trials,
-                                ridge=ridge),
-            progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
-        )
+        if layerwise:  # each layer's reconstruction, block by block, every rank on every R-th global micro-batch
+            outcome = sequential.prune_layerwise(
+                model, modules, cfg.prune.sparsity, forward=lambda batch: models.forward(model, task, batch),
+                make_batches=lambda: sequential.my_microbatches(
+                    data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size)),
+                nm=nm, damp=cfg.prune.damp, solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
+                progress=faults.watch(progress))
+        else:  # the Fisher objective: rank r computes the rows of A for samples [lo, hi)
+            outcome = prune_fn(
+                model, modules, cfg.prune.method, cfg.prune.sparsity,
+                make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
+                loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
+                stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,
+                schedule=cfg.prune.schedule, exponent=cfg.prune.exponent,
+                storage_dtype=models.torch_dtype(cfg.solver.storage_dtype),
+                solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol,
+                                    active_set_factor=cfg.solver.active_set_factor, backsolve=cfg.solver.backsolve,
+                                    escape_trials=cfg.solver.escape_trials,
+                                    ridge=ridge),
+                progress=faults.watch(progress), **prune_kwargs, **resume_kwargs,
+            )
     finally:
         progress.close()
     for st in outcome.stages:
