@@ -13,11 +13,14 @@ eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gra
     min_{w_i}  f_i(w_i) = 1/2 (w_i - w_bar_i)^T Q (w_i - w_bar_i),   Q = H + lambda I,
     subject to ||w_i||_0 <= k_i (per row), or N:M in every group of M consecutive inputs.
 
-Solved for all rows at once, as in the paper: a warm start (the better per row of the OBS saliency
-w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT steps w+ = H_k(w - tau g), g = Q (w - w_bar),
-with CHITA's step rule per row (the exact line minimiser on the support, and steps from 1/L doubling; the lowest f
-wins, the current point included, so f never increases), and after each step the exact re-fit of the kept weights
-on their support (the paper's back-solve, here conjugate gradients on Q_SS, started from the IHT point).
+Solved for a chunk of rows at once (``row_chunk``, (c, d) x (d, d) products), CHITA's scheme per row: a warm start
+(the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT
+steps w+ = H_k(w - tau g), g = Q (w - w_bar), with CHITA's step rule per row (the exact line minimiser on the
+support, and steps from just past tau_c, the first support change, and from 1/L, doubling), swaps of the cheapest
+kept weights for the most promising outside ones (per-row budgets), the lowest f winning (the current point
+included, so f never increases), and after each step the re-fit of the kept weights on their support (the
+paper's back-solve, here conjugate gradients on Q_SS started from the IHT point). A row stops when its own
+relative decrease is below ``tol``; only the rows still improving are computed.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
