@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -44,49 +43,22 @@ from launch.prune import build_loss  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
 
 
-def each_input(model, task, modules, calib, batch_size: int, accumulate) -> None:
-    """Run the calibration samples through ``model`` and call ``accumulate(i, rows)`` with the input rows (tokens x
-    in-features, padding tokens dropped) that reach ``modules[i]``."""
-    mask: dict[str, torch.Tensor] = {}
-
-    def hook(i):
-        def fn(module, args, out):
-            x = args[0].detach()
-            rows = x.reshape(-1, x.shape[-1])
-            if x.dim() == 3:  # (b, T, d): drop padding tokens
-                rows = rows[mask["m"].reshape(-1).bool()]
-            accumulate(i, rows.double())
-        return fn
-
-    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
-    try:
-        with torch.no_grad():
-            for batch, _ in data.iter_microbatches(calib, 0, len(calib), batch_size):
-                mask["m"] = batch["attention_mask"]
-                models.forward(model, task, batch)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
-    """||X_j||_2 per input feature of every layer, over all non-padding calibration tokens (Wanda's statistic)."""
-    sq = [torch.zeros(m.weight.shape[1], dtype=torch.float64) for _, m in modules]
-
-    def add(i: int, rows: torch.Tensor) -> None:
-        sq[i] += rows.pow(2).sum(0)
-
-    each_input(model, task, modules, calib, batch_size, add)
-    return [s.sqrt() for s in sq]
+    """Wanda's statistic up to a factor per layer (which leaves per-row masks unchanged): ||X_j||_2 / sqrt(N) per
+    input feature of every layer over the N non-padding calibration tokens, the square root of the diagonal of
+    dist-chita's H = X^T X / N (:func:`dist_chita.sequential.layer_curvature`)."""
+    H = sequential.layer_curvature(modules, lambda batch: models.forward(model, task, batch),
+                                   data.iter_microbatches(calib, 0, len(calib), batch_size))
+    return [h.diagonal().sqrt() for h in H]
 
 
 def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: int = 128,
                     damp: float = 0.01) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023, Algorithm 1) on one layer: W (rows, d) float64, H = X^T X (d, d) over
-    the calibration tokens. Columns are processed left to right in blocks of ``block``; at the start of each block
-    the mask is chosen over the whole block (the ``sparsity`` share of its smallest w^2 / [H^-1]_jj^2); each
-    pruned or kept column's error is spread onto the later columns through the Cholesky factor of H^-1 (the OBS
-    update). Returns the pruned, updated W."""
+    the calibration tokens (any positive scale: the damping is relative). Columns are processed left to right in
+    blocks of ``block``; at the start of each block the mask is chosen over the whole block (the ``sparsity`` share
+    of its smallest w^2 / [H^-1]_jj^2); each pruned or kept column's error is spread onto the later columns through
+    the Cholesky factor of H^-1 (the OBS update). Returns the pruned, updated W."""
     W, H = W.clone(), H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -116,23 +88,16 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: in
 
 
 def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float) -> None:
-    """SparseGPT's sequential one-shot pruning, in place: the encoder blocks in order (layers outside the numbered
-    blocks last); each block's Linear layers get H = X^T X from inputs computed through the already pruned earlier
-    blocks (one calibration pass per block, as in the reference implementation)."""
-    def block_of(name: str) -> int:
-        m = re.search(r"layer\.(\d+)\.", name)
-        return int(m.group(1)) if m else 1 << 30
-
-    for key in sorted({block_of(name) for name, _ in modules}):
-        group = [(name, m) for name, m in modules if block_of(name) == key]
-        H = [torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for _, m in group]
-
-        def add(i: int, rows: torch.Tensor, H=H) -> None:
-            H[i] += rows.T @ rows
-
-        each_input(model, task, group, calib, batch_size, add)
+    """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
+    :func:`dist_chita.sequential.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
+    layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (one calibration pass
+    per block, as in the reference implementation; :func:`dist_chita.sequential.layer_curvature`)."""
+    for group in sequential.blocks_in_order(modules):
+        members = [modules[i] for i in group]
+        H = sequential.layer_curvature(members, lambda batch: models.forward(model, task, batch),
+                                       data.iter_microbatches(calib, 0, len(calib), batch_size))
         with torch.no_grad():
-            for (_, m), h in zip(group, H, strict=True):
+            for (_, m), h in zip(members, H, strict=True):
                 m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity).to(m.weight.dtype))
 
 

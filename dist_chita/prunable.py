@@ -33,7 +33,8 @@ from dist_chita import params
 HEAD_NAMES = ("classifier", "lm_head", "score")
 
 
-def _conv1d_type() -> tuple[type, ...]:
+def conv1d_types() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` (weight stored (in, out)), or () without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -43,7 +44,7 @@ def _conv1d_type() -> tuple[type, ...]:
 
 def default_types() -> tuple[type, ...]:
     """Module types whose ``.weight`` is prunable by default."""
-    return (nn.Linear, nn.Conv1d, nn.Conv2d, *_conv1d_type())
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, *conv1d_types())
 
 
 def _is_hf(model: nn.Module) -> bool:

@@ -33,7 +33,7 @@ from dist_chita.data import to_device
 from dist_chita.layerwise import ROW_CHUNK, keep_mask, solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
-from dist_chita.prunable import named_shapes
+from dist_chita.prunable import conv1d_types, named_shapes
 from dist_chita.schedule import kept_count
 
 
@@ -48,7 +48,7 @@ def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    return isinstance(module, conv1d_types())
 
 
 def weight_rows(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
@@ -95,17 +95,18 @@ def layer_curvature(
     forward: Callable[[object], object],
     batches: Iterable[tuple[object, object]],
 ) -> list[torch.Tensor]:
-    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows. ``forward(batch)``
-    runs the model; ``batches`` yields this rank's ``(batch, indices)``, moved to the layers' device here; a dict
-    batch's ``attention_mask`` marks the tokens that count. Collective: one all-reduce of all H. Under ZeRO-3 (the
-    layers' weights partitioned) the forward pass is collective too: a rank with fewer micro-batches than another
-    runs padding forwards of its first one, which add nothing."""
+    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows.
+
+    ``forward(batch)`` runs the model; ``batches`` yields this rank's ``(batch, indices)`` (host tensors, moved to
+    the layers' device one at a time); a dict batch's ``attention_mask`` marks the tokens that count. Collective:
+    one all-reduce of all H. Under ZeRO-3 (the layers' weights partitioned) the forward pass is collective too: a
+    rank with fewer micro-batches than another runs padding forwards of its first one, which add nothing."""
     dims = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]
     device = modules[0][1].weight.device
     H = [torch.zeros(d, d, dtype=torch.float64, device=device) for d in dims]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
     state: dict = {"mask": None, "record": True}
-    mine = [to_device(batch, device) for batch, _ in batches]
+    mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
     padding = 0
     if any(params.is_partitioned(m.weight) for _, m in modules):
         (most,) = comm.all_reduce_floats([len(mine)], op="max")
@@ -123,6 +124,7 @@ def layer_curvature(
     try:
         with torch.no_grad():
             for j, batch in enumerate(mine + mine[:1] * padding):
+                batch = to_device(batch, device)
                 state["record"] = j < len(mine)
                 state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 forward(batch)
