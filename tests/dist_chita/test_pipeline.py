@@ -82,7 +82,7 @@ def test_per_layer_and_n_m():
 def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_size():
     """Every row keeps round((1 - s) * row length) weights (magnitude: its largest); CHITA++ stages with the
     fisher_diagonal ridge give the same masks and weights on 1, 2 and 3 ranks (rows never straddle ranks)."""
-    weights, _ = _prune("magnitude", 0.7, per_row=True)  # trains (and caches) the model with 1 thread, as ranks do
+    weights, _ = _prune("magnitude", 0.7, per_row=True)
     dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
     for name, w in weights.items():
         keep = round(0.3 * w.shape[1])
