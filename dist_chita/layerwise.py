@@ -16,11 +16,13 @@ eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gra
 Solved for a chunk of rows at once (``row_chunk``, (c, d) x (d, d) products), CHITA's scheme per row: a warm start
 (the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT
 steps w+ = H_k(w - tau g), g = Q (w - w_bar), with CHITA's step rule per row (the exact line minimiser on the
-support, and steps from just past tau_c, the first support change, and from 1/L, doubling), swaps of the cheapest
-kept weights for the most promising outside ones (per-row budgets), the lowest f winning (the current point
-included, so f never increases), and after each step the re-fit of the kept weights on their support (the
-paper's back-solve, here conjugate gradients on Q_SS started from the IHT point). A row stops when its own
-relative decrease is below ``tol``; only the rows still improving are computed.
+support, and steps from just past tau_c, the first support change, and from 1/L), swaps of the s cheapest kept
+weights for the s most promising outside ones (per-row budgets, s = 1, 2, 4, 8, 16), the lowest f winning (the
+current point included, so f never increases), and after each step the re-fit of the kept weights on their
+support (the paper's back-solve, here conjugate gradients on Q_SS with a Jacobi preconditioner, started from the
+IHT point). The line step and the swaps are scored from the gradient alone (f(w + delta) = f(w) + delta . g +
+1/2 delta^T Q delta, delta sparse); only the support-changing steps and the re-fit cost products. A row stops when
+its own relative decrease is below ``tol``; only the rows still improving are computed.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
@@ -34,6 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 ROW_CHUNK = 64  # rows solved together (see solve_rows)
+_SWAPS = (1, 2, 4, 8, 16)  # swap sizes tried per IHT step (per-row budgets); each costs no (r, d) x (d, d) product
+_PAIR_POOL = 32  # the best single swap is searched among this many cheapest kept x most promising outside weights
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 noise in H (inputs computed in
 # differently sized micro-batches on different numbers of ranks) would decide between nearly equal candidates
 
@@ -65,10 +69,14 @@ def keep_mask(score: torch.Tensor, k: int | None, nm: tuple[int, int] | None,
             raise ValueError(f"N:M needs the input size ({d}) to be a multiple of M = {M}")
         return keep_mask(score.reshape(r * d // M, M), N, None, None).reshape(r, d) & (
             True if allowed is None else allowed)
-    k = min(int(k), score.shape[1])
-    order = torch.argsort(score, dim=1, descending=True, stable=True)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    mask.scatter_(1, order[:, :k], True)
+    d = score.shape[1]
+    k = min(int(k), d)
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    # the k-th largest per row by selection (O(d), not a sort); of the entries equal to it, the lowest-index ones
+    thr = score.kthvalue(d - k + 1, dim=1, keepdim=True).values
+    above, tied = score > thr, score == thr
+    mask = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
     return mask if allowed is None else mask & allowed
 
 
@@ -79,27 +87,31 @@ def objectives(D: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
 
 def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
           rtol: float = 1e-5) -> torch.Tensor:
-    """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS started
-    from W (zero off S). Each iteration is one (r, d) x (d, d) product. Returns the new W (zero off S)."""
+    """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS
+    preconditioned with its diagonal (Jacobi), started from W (zero off S). Each iteration is one (r, d) x (d, d)
+    product. Returns the new W (zero off S)."""
     Sf = S.to(W.dtype)
+    M_inv = 1.0 / Q.diagonal().clamp_min(1e-30)[None, :]
     X = W * Sf
     R = -((X - W_bar) @ Q) * Sf  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
-    P = R.clone()
-    rr = (R * R).sum(1)
-    stop = (rtol**2) * rr.clamp_min(1e-30)
+    Z = R * M_inv
+    P = Z.clone()
+    rz = (R * Z).sum(1)
+    stop = (rtol**2) * (R * R).sum(1).clamp_min(1e-30)
     for _ in range(iters):
-        live = rr > stop  # a converged row stops moving: its result does not depend on the other rows
+        live = (R * R).sum(1) > stop  # a converged row stops moving: its result does not depend on the other rows
         if not bool(live.any()):
             break
         QP = (P @ Q) * Sf
         pq = (P * QP).sum(1)
-        alpha = torch.where(live & (pq > 0), rr / pq.clamp_min(1e-30), torch.zeros_like(rr))
+        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), torch.zeros_like(rz))
         X += alpha[:, None] * P
         R -= alpha[:, None] * QP
-        rr_new = (R * R).sum(1)
-        beta = torch.where(live & (rr > 0), rr_new / rr.clamp_min(1e-30), torch.zeros_like(rr))
-        P = R + beta[:, None] * P
-        rr = rr_new
+        Z = R * M_inv
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_new
     return X
 
 
@@ -125,7 +137,7 @@ def solve_rows(
     allowed: torch.Tensor | None = None,
     max_iter: int = 20,
     tol: float = 1e-4,
-    trials: int = 3,
+    trials: int = 1,
     refit_iters: int = 10,
     row_chunk: int = ROW_CHUNK,
 ) -> RowsResult:
@@ -138,7 +150,8 @@ def solve_rows(
         k: weights kept per row (with ``allowed``: at most that many of the allowed ones); or ``nm`` = (N, M).
         allowed: (r, d) bool, False for weights fixed at zero; None = all.
         max_iter: IHT steps at most; a row stops when its relative decrease of f_i is below ``tol``.
-        trials: step sizes tried per IHT step from tau_c and from 1/L, doubling, and swap sizes 1, 2, 4, ...
+        trials: step sizes tried per IHT step from tau_c and from 1/L, doubling (each costs a product; on real
+            layers they rarely beat the line step and the swaps, which cost none: ``_SWAPS``).
         refit_iters: conjugate-gradient iterations of each back-solve.
         row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
             alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
@@ -185,6 +198,7 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials,
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
+    G = (W - W_bar) @ Q  # the gradient, kept up to date for every row
     trace = [float(fi.sum())]
 
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
@@ -193,13 +207,14 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials,
         its += 1
         rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
         f_a = fi[rows]
-        W_a, S_a, f_new = _iht_step(W[rows], S[rows], f_a, W_bar[rows], None if allowed is None else allowed[rows],
-                                    Q, L, k, nm, trials, refit_iters)
+        W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
+                                         None if allowed is None else allowed[rows], Q, L, k, nm, trials, refit_iters)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
         # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()
         W[rows] = torch.where(step[:, None], W_a, W[rows])
         S[rows] = torch.where(step[:, None], S_a, S[rows])
+        G[rows] = torch.where(step[:, None], G_a, G[rows])
         f_next = torch.where(step, f_new, f_a)
         fi[rows] = f_next
         active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
@@ -208,20 +223,23 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials,
             break
     return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
 
-def _iht_step(W, S, fi, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
-    """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient g = Q (w - w_bar) (the
+def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
+    """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient G = (W - W_bar) Q (the
     support-keeping exact line step, support-changing steps from just past tau_c and from 1/L doubling, and for
     per-row budgets swaps of the s cheapest kept for the s most promising outside weights), the best per row
-    (the current point included), then its back-solve. Returns (W, S, f) of the new points."""
+    (the current point included), then its back-solve. The line step's and the swaps' f follow from G without a
+    product: f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta. Returns (W, S, f, G) of the new points."""
     d = W.shape[1]
-    G = (W - W_bar) @ Q
-    best_W, best_S, best_f = W, S, fi
     # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
     gS = G * S
     gg = (gS * gS).sum(1)
     curv = (gS @ Q).mul_(gS).sum(1)
     tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
-    cand = [(W - tau[:, None] * gS, S)]
+    f_keep = fi - 0.5 * (tau * gg).double()  # at tau*: f - tau gg + tau^2 curv / 2 = f - tau gg / 2
+    better = f_keep < fi - _MARGIN * fi.abs()
+    best_W = torch.where(better[:, None], W - tau[:, None] * gS, W)
+    best_S, best_f = S, torch.where(better, f_keep, fi)
+    cand = []
     # support-changing steps H(w - t g): from tau_c (where the first outside weight would overtake the smallest
     # kept one) and from 1/L, doubling
     out = torch.where(S, torch.zeros_like(G), G.abs())
@@ -240,7 +258,7 @@ def _iht_step(W, S, fi, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
         for _ in range(trials):
             V = W - t * G
             S_t = keep_mask(V.abs(), k, nm, allowed)
-            cand.append((V * S_t, S_t))
+            cand.append((V * S_t, S_t))  # f by a product below
             t = 2.0 * t
     if nm is None:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
         qd = Q.diagonal()[None, :]
@@ -248,20 +266,52 @@ def _iht_step(W, S, fi, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
         gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
         if allowed is not None:
             gain = gain.masked_fill(~allowed, -1.0)
-        outs = torch.argsort(cost, dim=1, stable=True)
-        ins = torch.argsort(gain, dim=1, descending=True, stable=True)
-        for n_swap in (1, 2, 4, 8)[:trials]:
+        pool = min(max(_PAIR_POOL, _SWAPS[-1]), d)
+        outs = torch.topk(cost, pool, dim=1, largest=False).indices  # cheapest first
+        ins = torch.topk(gain, pool, dim=1).indices  # most promising first
+        cand.append(_best_pair_swap(W, S, fi, G, Q, qd, cost, gain, outs[:, :_PAIR_POOL], ins[:, :_PAIR_POOL]))
+        for n_swap in _SWAPS:
             o, i_ = outs[:, :n_swap], ins[:, :n_swap]
-            ok = (torch.gather(gain, 1, i_) > 0).all(1, keepdim=True) & torch.isfinite(
-                torch.gather(cost, 1, o)).all(1, keepdim=True)
+            ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
             S_c = S.scatter(1, o, False).scatter(1, i_, True)
-            W_c = W.scatter(1, o, 0.0).scatter(1, i_, torch.gather(W - G / qd, 1, i_))
-            cand.append((torch.where(ok, W_c, W), torch.where(ok, S_c, S)))
-    for W_c, S_c in cand:
-        f_c = objectives(W_c - W_bar, Q)
+            added = torch.gather(-G / qd, 1, i_)  # W is zero there
+            W_c = W.scatter(1, o, 0.0).scatter(1, i_, added)
+            # delta = -w on o, the added values on i_: f changes by delta . g + 1/2 delta^T Q_(o,i) delta
+            idx = torch.cat([o, i_], 1)
+            delta = torch.cat([-torch.gather(W, 1, o), added], 1)
+            quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
+            f_c = fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double()
+            cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    for W_c, S_c, *f_c in cand:
+        f_c = f_c[0] if f_c else objectives(W_c - W_bar, Q)
         better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
         b = better[:, None]
         best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
                                   torch.where(better, f_c, best_f))
     W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
-    return W_new, best_S, objectives(W_new - W_bar, Q)
+    G_new = (W_new - W_bar) @ Q
+    return W_new, best_S, 0.5 * (G_new * (W_new - W_bar)).double().sum(1), G_new
+
+
+def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
+    """The best single swap among the kept weights ``o`` (r, m) and the outside ones ``i_`` (r, m), each pair
+    scored exactly: removing o changes f by -w_o g_o + w_o^2 Q_oo / 2 and the gradient at i to
+    g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by that squared over 2 Q_ii. Returns (W, S, f)."""
+    r, m = o.shape
+    w_o, q_i = torch.gather(W, 1, o), torch.gather(qd.expand_as(W), 1, i_)
+    remove = -w_o * torch.gather(G, 1, o) + 0.5 * w_o.pow(2) * torch.gather(qd.expand_as(W), 1, o)  # (r, m)
+    g_i = torch.gather(G, 1, i_)[:, None, :] - w_o[:, :, None] * Q[o[:, :, None], i_[:, None, :]]  # (r, m, m)
+    delta = remove[:, :, None] - g_i.pow(2) / (2.0 * q_i[:, None, :])
+    valid = torch.isfinite(torch.gather(cost, 1, o))[:, :, None] & (torch.gather(gain, 1, i_) >= 0)[:, None, :]
+    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, m * m)
+    best = delta.argmin(1)
+    rows = torch.arange(r, device=W.device)
+    a, b = best // m, best % m
+    out_j, in_j = o[rows, a], i_[rows, b]
+    value = -g_i.reshape(r, m * m)[rows, best] / q_i[rows, b]
+    ok = torch.isfinite(delta[rows, best])
+    W_c, S_c = W.clone(), S.clone()
+    W_c[rows, out_j], S_c[rows, out_j] = 0.0, False
+    W_c[rows, in_j], S_c[rows, in_j] = value, True
+    f_c = fi + delta[rows, best].double()
+    return W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))
