@@ -85,7 +85,7 @@ def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | No
 def my_microbatches(batches: Iterable) -> Iterator:
     """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank): every R-th,
     from the rank's index. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
-    layer inputs X are computed bit for bit alike and only the order of the float64 sums of H differs."""
+    layer inputs X are computed bit for bit alike (and :func:`layer_curvature` sums them exactly)."""
     world, rank = comm.world_size(), comm.rank()
     return (b for j, b in enumerate(batches) if j % world == rank)
 
@@ -95,7 +95,9 @@ def layer_curvature(
     forward: Callable[[object], object],
     batches: Iterable[tuple[object, object]],
 ) -> list[torch.Tensor]:
-    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows.
+    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows; each
+    micro-batch's X_b^T X_b is rounded to float32 before it is summed, which makes the sum exact and so the same
+    bits on any number of ranks.
 
     ``forward(batch)`` runs the model; ``batches`` yields this rank's ``(batch, indices)`` (host tensors, moved to
     the layers' device one at a time); a dict batch's ``attention_mask`` marks the tokens that count. Collective:
@@ -116,7 +118,9 @@ def layer_curvature(
         def fn(module, args, out):
             if state["record"]:
                 rows = input_rows(module, args[0].detach(), state["mask"])
-                H[i].addmm_(rows.T, rows)
+                # rounded to float32 per micro-batch: float64 sums of float32 values are exact (short of a 2^29
+                # spread of magnitudes), so H has the same bits on any number of ranks, whatever the order
+                H[i].add_(torch.mm(rows.T, rows).float())
                 count[i] += rows.shape[0]
         return fn
 
