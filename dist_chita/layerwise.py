@@ -38,6 +38,7 @@ import torch
 ROW_CHUNK = 64  # rows solved together (see solve_rows)
 _SWAPS = (1, 2, 4, 8, 16)  # swap sizes tried per IHT step (per-row budgets); each costs no (r, d) x (d, d) product
 _PAIR_POOL = 32  # the best single swap is searched among this many cheapest kept x most promising outside weights
+_GROUP_SWAPS = (1, 4, 16, 64)  # N:M: how many groups' best swaps are tried together
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 noise in H (inputs computed in
 # differently sized micro-batches on different numbers of ranks) would decide between nearly equal candidates
 
@@ -260,8 +261,10 @@ def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
             S_t = keep_mask(V.abs(), k, nm, allowed)
             cand.append((V * S_t, S_t))  # f by a product below
             t = 2.0 * t
-    if nm is None:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
-        qd = Q.diagonal()[None, :]
+    qd = Q.diagonal()[None, :]
+    if nm is not None:  # swaps inside the groups of M
+        cand.extend(_group_swaps(W, S, fi, G, Q, qd, allowed, nm))
+    else:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
         cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
         gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
         if allowed is not None:
@@ -273,14 +276,8 @@ def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
         for n_swap in _SWAPS:
             o, i_ = outs[:, :n_swap], ins[:, :n_swap]
             ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
+            W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(-G / qd, 1, i_))  # each at its 1-D optimum
             S_c = S.scatter(1, o, False).scatter(1, i_, True)
-            added = torch.gather(-G / qd, 1, i_)  # W is zero there
-            W_c = W.scatter(1, o, 0.0).scatter(1, i_, added)
-            # delta = -w on o, the added values on i_: f changes by delta . g + 1/2 delta^T Q_(o,i) delta
-            idx = torch.cat([o, i_], 1)
-            delta = torch.cat([-torch.gather(W, 1, o), added], 1)
-            quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
-            f_c = fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double()
             cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
     for W_c, S_c, *f_c in cand:
         f_c = f_c[0] if f_c else objectives(W_c - W_bar, Q)
@@ -315,3 +312,48 @@ def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
     W_c[rows, in_j], S_c[rows, in_j] = value, True
     f_c = fi + delta[rows, best].double()
     return W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))
+
+
+
+def _sparse_change(W, fi, G, Q, out_j, in_j, values):
+    """W with the weights ``out_j`` (r, s) zeroed and ``in_j`` (r, s) set to ``values``, and its f exactly:
+    f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta, delta on the 2s changed weights. Returns (W, f)."""
+    idx = torch.cat([out_j, in_j], 1)
+    delta = torch.cat([-torch.gather(W, 1, out_j), values], 1)
+    quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
+    return (W.scatter(1, out_j, 0.0).scatter(1, in_j, values),
+            fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double())
+
+
+def _group_swaps(W, S, fi, G, Q, qd, allowed, nm):
+    """N:M candidates: in every group of M the best single swap of a kept weight for an outside one of the same
+    group (scored exactly as in :func:`_best_pair_swap`), then the s groups with the largest decreases swapped
+    together (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(W, S, f)]."""
+    r, d = W.shape
+    M = nm[1]
+    g = d // M
+    Wg, Gg, Sg, qg = W.view(r, g, M), G.view(r, g, M), S.view(r, g, M), qd.view(1, g, M)
+    blocks = Q.view(g, M, g, M).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (g, M, M): Q inside each group
+    remove = -Wg * Gg + 0.5 * Wg.pow(2) * qg  # (r, g, M): f change from zeroing a kept weight
+    g_in = Gg[:, :, None, :] - Wg[:, :, :, None] * blocks[None]  # (r, g, M_out, M_in): gradient after removal
+    delta = remove[..., None] - g_in.pow(2) / (2.0 * qg[:, :, None, :])
+    inside = ~Sg if allowed is None else (~Sg & allowed.view(r, g, M))
+    valid = Sg[..., :, None] & inside[..., None, :]
+    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, g, M * M)
+    best_delta, best = delta.min(2)  # (r, g)
+    value = -torch.gather(g_in.reshape(r, g, M * M), 2, best[..., None])[..., 0] / torch.gather(
+        qg.expand(r, g, M), 2, (best % M)[..., None])[..., 0]
+    base = torch.arange(g, device=W.device)[None, :] * M
+    out_j, in_j = base + torch.div(best, M, rounding_mode="floor"), base + best % M  # (r, g) positions in the row
+    order = torch.argsort(best_delta, dim=1, stable=True)
+    cand = []
+    for n_groups in _GROUP_SWAPS:
+        if n_groups > g:
+            break
+        chosen = order[:, :n_groups]
+        ok = (torch.gather(best_delta, 1, chosen) < 0).all(1)  # inf (no valid swap) is not < 0
+        o, i_ = torch.gather(out_j, 1, chosen), torch.gather(in_j, 1, chosen)
+        W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(value, 1, chosen))
+        S_c = S.scatter(1, o, False).scatter(1, i_, True)
+        cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    return cand
