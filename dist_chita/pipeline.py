@@ -236,7 +236,7 @@ def prune(
         bytes_before = comm.bytes_by_phase()
         seconds: dict[str, float] = {}
         budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm, per_row=per_row)
-        report = StageReport(sparsity=s, kept=budget.total())
+        report = StageReport(sparsity=s if nm is None else 1.0 - nm[0] / nm[1], kept=budget.total())
         if method == "magnitude":
             start = time.perf_counter()
             support = budget.project(w)

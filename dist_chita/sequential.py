@@ -204,7 +204,8 @@ def prune_layerwise(
     if damp <= 0:
         raise ValueError(f"damp must be > 0, got {damp}")
     world, rank = comm.world_size(), comm.rank()
-    report = StageReport(sparsity=sparsity if nm is None else 0.0, kept=0, objective=0.0, magnitude_objective=0.0)
+    report = StageReport(sparsity=sparsity if nm is None else 1.0 - nm[0] / nm[1], kept=0, objective=0.0,
+                         magnitude_objective=0.0)
     seconds = {"curvature": 0.0, "solver": 0.0, "writeback": 0.0}
     bytes_before = comm.bytes_by_phase()
     warm = 0.0
