@@ -36,6 +36,8 @@ from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
 from dist_chita.schedule import kept_count
 
+_PRODUCT_ELEMENTS = 1 << 22  # the float64 X_b^T X_b is formed in column chunks of about this many entries
+
 
 def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]:
     """Indices of ``modules`` grouped by the name prefix up to the first numeric component, in order of first
@@ -119,8 +121,12 @@ def layer_curvature(
             if state["record"]:
                 rows = input_rows(module, args[0].detach(), state["mask"])
                 # rounded to float32 per micro-batch: float64 sums of float32 values are exact (short of a 2^29
-                # spread of magnitudes), so H has the same bits on any number of ranks, whatever the order
-                H[i].add_(torch.mm(rows.T, rows).float())
+                # spread of magnitudes), so H has the same bits on any number of ranks, whatever the order;
+                # column chunks bound the temporary (12 bytes x d x chunk)
+                d = rows.shape[1]
+                chunk = max(64, _PRODUCT_ELEMENTS // d)
+                for a in range(0, d, chunk):
+                    H[i][:, a:a + chunk].add_(torch.mm(rows.T, rows[:, a:a + chunk]).float())
                 count[i] += rows.shape[0]
         return fn
 
