@@ -70,12 +70,19 @@ def _from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torc
     return rows.T.contiguous() if _is_conv1d(module) else rows.reshape(shape)
 
 
+def _check_conv(module: nn.Module, name: str = "a Conv2d layer") -> None:
+    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
+                                          or isinstance(module.padding, str)):
+        raise ValueError(f"{name}: objective layerwise supports Conv2d with groups=1 and numeric zero padding only "
+                         f"(groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
+                         "leave it out of the prunable layers or use the Fisher objective")
+
+
 def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """The rows of X that ``module`` sees in this forward: (N_batch, inputs) float64. Sequences: one row per
     token where ``token_mask`` (b, T) is set; Conv2d: one row per output position (unfolded patch)."""
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise ValueError("objective layerwise supports Conv2d with groups=1 and numeric zero padding only")
+        _check_conv(module)
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                         stride=module.stride)  # (b, Cin*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
@@ -209,6 +216,8 @@ def prune_layerwise(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if damp <= 0:
         raise ValueError(f"damp must be > 0, got {damp}")
+    for name, m in modules:  # before any work
+        _check_conv(m, name)
     world, rank = comm.world_size(), comm.rank()
     report = StageReport(sparsity=sparsity if nm is None else 1.0 - nm[0] / nm[1], kept=0, objective=0.0,
                          magnitude_objective=0.0)

@@ -176,3 +176,7 @@ def test_bad_input_is_refused():
         prune_layerwise(model, [("0", model[0])], 1.0, forward=model, make_batches=list)
     with pytest.raises(ValueError, match="saw no calibration inputs"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=list)
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=4))
+    never = pytest.fail  # refused before any forward pass
+    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with groups=1 .*groups=4"):
+        prune_layerwise(conv, [("0", conv[0]), ("1", conv[1])], 0.5, forward=never, make_batches=never)
