@@ -117,7 +117,8 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
 
 
 def lipschitz(Q: torch.Tensor, iters: int = 50) -> float:
-    """The largest eigenvalue of Q by power iteration (times 1.01)."""
+    """The largest eigenvalue of Q by power iteration (times 1.01), in float64 (no underflow for tiny Q)."""
+    Q = Q.double()
     v = torch.ones(Q.shape[0], dtype=Q.dtype, device=Q.device)
     est = 0.0
     for _ in range(iters):

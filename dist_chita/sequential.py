@@ -6,10 +6,12 @@ The orchestration of ``objective: layerwise`` (:mod:`dist_chita.layerwise` is th
    their first numeric component (``encoder.layer.3``; a layer without one is a block of its own);
 2. for each block, every rank runs its share of the calibration samples through the model (earlier blocks
    already pruned, as SparseGPT does) and accumulates each layer's H = X^T X over its input rows (tokens, padding
-   excluded; Conv2d: unfolded patches); one all-reduce of every H (d x d per layer, independent of n and of the
-   layer's output count) gives the curvature of all N rows of all ranks;
+   excluded; Conv2d: unfolded patches; a grouped Conv2d has one H per group of output rows, over that group's
+   inputs); one all-reduce of every H (d x d per layer, independent of n and of the layer's output count) gives
+   the curvature of all N rows of all ranks;
 3. each layer's output rows are shared among the ranks in whole chunks of ``layerwise.ROW_CHUNK`` rows (each
-   chunk is solved alone, so its bits do not depend on the number of ranks); every rank solves its rows
+   chunk is solved alone, so its bits do not depend on the number of ranks; a chunk never mixes groups of a
+   grouped Conv2d); every rank solves its rows
    (:func:`~dist_chita.layerwise.solve_rows`) and one all-reduce of the (r, d) weights (zeros elsewhere, so the
    sum is exact) gives every rank the pruned layer, which is written back (under ZeRO-3 into the partition).
 
@@ -71,16 +73,21 @@ def _from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torc
 
 
 def _check_conv(module: nn.Module, name: str = "a Conv2d layer") -> None:
-    if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
-                                          or isinstance(module.padding, str)):
-        raise ValueError(f"{name}: objective layerwise supports Conv2d with groups=1 and numeric zero padding only "
-                         f"(groups={module.groups}, padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
+    if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        raise ValueError(f"{name}: objective layerwise supports Conv2d with numeric zero padding only "
+                         f"(padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
                          "leave it out of the prunable layers or use the Fisher objective")
+
+
+def groups(module: nn.Module) -> int:
+    """g: a grouped Conv2d's output rows form g groups, group j seeing only its own inputs (its own H); else 1."""
+    return module.groups if isinstance(module, nn.Conv2d) else 1
 
 
 def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
     """The rows of X that ``module`` sees in this forward: (N_batch, inputs) float64. Sequences: one row per
-    token where ``token_mask`` (b, T) is set; Conv2d: one row per output position (unfolded patch)."""
+    token where ``token_mask`` (b, T) is set; Conv2d: one row per output position (unfolded patch, all channels:
+    with g groups, columns [j d, (j + 1) d) are group j's inputs, d = :func:`input_size`)."""
     if isinstance(module, nn.Conv2d):
         _check_conv(module)
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
@@ -106,7 +113,7 @@ def layer_curvature(
 ) -> list[torch.Tensor]:
     """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows; each
     micro-batch's X_b^T X_b is rounded to float32 before it is summed, which makes the sum exact and so the same
-    bits on any number of ranks.
+    bits on any number of ranks. A grouped Conv2d (g > 1 :func:`groups`) gets (g, d, d): each group's own H.
 
     ``forward(batch)`` runs the model; ``batches`` yields this rank's ``(batch, indices)`` (host tensors, moved to
     the layers' device one at a time); a dict batch's ``attention_mask`` marks the tokens that count. Collective:
@@ -114,7 +121,8 @@ def layer_curvature(
     rank with fewer micro-batches than another runs padding forwards of its first one, which add nothing."""
     dims = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]
     device = modules[0][1].weight.device
-    H = [torch.zeros(d, d, dtype=torch.float64, device=device) for d in dims]
+    H = [torch.zeros(groups(m), d, d, dtype=torch.float64, device=device)
+         for (_, m), d in zip(modules, dims, strict=True)]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
     state: dict = {"mask": None, "record": True}
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
@@ -127,13 +135,15 @@ def layer_curvature(
         def fn(module, args, out):
             if state["record"]:
                 rows = input_rows(module, args[0].detach(), state["mask"])
+                g, d = H[i].shape[:2]
+                by_group = rows.view(rows.shape[0], g, d).transpose(0, 1)  # (g, N_b, d)
                 # rounded to float32 per micro-batch: float64 sums of float32 values are exact (short of a 2^29
                 # spread of magnitudes), so H has the same bits on any number of ranks, whatever the order;
-                # column chunks bound the temporary (12 bytes x d x chunk)
-                d = rows.shape[1]
-                chunk = max(64, _PRODUCT_ELEMENTS // d)
+                # column chunks bound the temporary (12 bytes x g x d x chunk)
+                chunk = max(64, _PRODUCT_ELEMENTS // (g * d))
                 for a in range(0, d, chunk):
-                    H[i][:, a:a + chunk].add_(torch.mm(rows.T, rows[:, a:a + chunk]).float())
+                    H[i][:, :, a:a + chunk].add_(
+                        torch.bmm(by_group.transpose(1, 2), by_group[:, :, a:a + chunk]).float())
                 count[i] += rows.shape[0]
         return fn
 
@@ -150,20 +160,31 @@ def layer_curvature(
             h.remove()
     flat = comm.all_reduce(torch.cat([h.reshape(-1) for h in H] + [count]))
     out, at = [], 0
-    for i, d in enumerate(dims):
+    for i, h in enumerate(H):
         n_rows = float(flat[-len(modules) + i])
         if n_rows == 0:
             raise ValueError(f"layer {modules[i][0]} saw no calibration inputs")
-        out.append(flat[at:at + d * d].view(d, d) / n_rows)
-        at += d * d
+        shape = h.shape if h.shape[0] > 1 else h.shape[1:]
+        out.append(flat[at:at + h.numel()].view(shape) / n_rows)
+        at += h.numel()
     return out
 
 
-def _my_rows(r: int, world: int, rank: int, chunk: int) -> tuple[int, int]:
-    """This rank's rows of a layer with r rows: whole chunks of ``chunk`` rows (the last one shorter), shared as
-    evenly as chunks allow, so every chunk is solved alike on any number of ranks."""
-    chunks = -(-r // chunk)
-    return min(r, chunks * rank // world * chunk), min(r, chunks * (rank + 1) // world * chunk)
+def _my_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int) -> list[tuple[int, int, int]]:
+    """This rank's rows of a layer whose rows form ``parts`` (consecutive [lo, hi) ranges, one per H): every part
+    is cut into whole chunks of ``chunk`` rows (the last one of a part shorter), the chunks of all parts are shared
+    among the ranks in order as evenly as they allow, and this rank's chunks are merged into runs
+    (part, lo, hi) that start at a chunk boundary of their part, so every chunk is solved alike on any number of
+    ranks."""
+    chunks = [(j, a, min(a + chunk, hi)) for j, (lo, hi) in enumerate(parts) for a in range(lo, hi, chunk)]
+    mine = chunks[len(chunks) * rank // world: len(chunks) * (rank + 1) // world]
+    runs: list[tuple[int, int, int]] = []
+    for j, a, b in mine:
+        if runs and runs[-1][0] == j and runs[-1][2] == a:
+            runs[-1] = (j, runs[-1][1], b)
+        else:
+            runs.append((j, a, b))
+    return runs
 
 
 def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
@@ -173,7 +194,8 @@ def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
     weights and their pruned copy)."""
     shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
     dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
-    curvature = max(sum(2 * 8 * dims[i][1] ** 2 for i in group) for group in blocks_in_order(modules))
+    curvature = max(sum(2 * 8 * groups(shapes[i][0]) * dims[i][1] ** 2 for i in group)
+                    for group in blocks_in_order(modules))
     solve = max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
     return curvature + solve
 
@@ -236,15 +258,18 @@ def prune_layerwise(
             weight = params.read(m.weight)
             W_bar = weight_rows(m, weight).float()
             r, d = W_bar.shape
-            lo, hi = _my_rows(r, world, rank, row_chunk)
+            H_parts = H.reshape(-1, d, d)  # one H per group of rows (grouped Conv2d), else one for all rows
+            per_part = r // H_parts.shape[0]
+            parts = [(j * per_part, (j + 1) * per_part) for j in range(H_parts.shape[0])]
             W = torch.zeros_like(W_bar)
             allowed = W_bar != 0
             k = None if nm is not None else kept_count(d, sparsity)
-            lam = damp * float(H.diagonal().mean().clamp_min(1e-30))
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
-            if hi > lo:
-                res = solve_rows(W_bar[lo:hi], H, lam, k=k, nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk,
-                                 **(solver_options or {}))
+            for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
+                scale = float(H_parts[j].diagonal().mean())
+                lam = damp * scale if scale > 0 else 1.0  # inputs all zero (a dead group): f is the ridge alone
+                res = solve_rows(W_bar[lo:hi], H_parts[j], lam, k=k, nm=nm, allowed=allowed[lo:hi],
+                                 row_chunk=row_chunk, **(solver_options or {}))
                 W[lo:hi] = res.W
                 objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
                                           dtype=torch.float64, device=W.device)

@@ -1,10 +1,9 @@
-import itertools
 
 import pytest
 import torch
 from torch import nn
 
-from dist_chita.layerwise import objectives, solve_rows
+from dist_chita.layerwise import keep_mask, objectives, solve_rows
 from dist_chita.schedule import kept_count
 from dist_chita.sequential import (
     blocks_in_order,
@@ -26,7 +25,8 @@ def test_blocks_follow_the_first_numeric_component():
 
 def test_rows_and_inputs_reproduce_each_layer_type():
     """weight_rows(W) applied to input_rows(x) gives the layer's own output (so H = X^T X is the curvature of the
-    rows the solver prunes): Linear on padded sequences, Conv2d with stride/padding/dilation, transformers' Conv1D."""
+    rows the solver prunes): Linear on padded sequences, Conv2d with stride/padding/dilation and with groups (each
+    group's rows on its own inputs), transformers' Conv1D."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -50,8 +50,16 @@ def test_rows_and_inputs_reproduce_each_layer_type():
     rows = input_rows(c1d, x, None)
     torch.testing.assert_close(rows @ weight_rows(c1d, c1d.weight).double().T, y.reshape(-1, 5).double())
 
-    with pytest.raises(ValueError, match="groups=1"):
-        input_rows(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5), None)
+    grouped = nn.Conv2d(6, 9, 3, padding=1, groups=3, bias=False)  # 3 groups: 3 outputs, 2 x 3 x 3 inputs each
+    img = torch.randn(2, 6, 5, 4)
+    rows = input_rows(grouped, img, None)  # all channels; group j's inputs are columns [18 j, 18 (j + 1))
+    per_group = rows.view(-1, 3, 18)
+    W_rows = weight_rows(grouped, grouped.weight).double().view(3, 3, 18)  # (group, output in group, input)
+    got = torch.einsum("ngd,god->ngo", per_group, W_rows).reshape(-1, 9)
+    torch.testing.assert_close(got, grouped(img).permute(0, 2, 3, 1).reshape(-1, 9).double())
+
+    with pytest.raises(ValueError, match="numeric zero padding"):
+        input_rows(nn.Conv2d(4, 4, 3, padding="same"), torch.randn(1, 4, 5, 5), None)
 
 
 def _mlp(seed=0):
@@ -88,6 +96,74 @@ def test_sequential_prune_matches_an_independent_recomputation():
     assert (out.masks["0"].sum(1) == 6).all() and (out.masks["2"].sum(1) == 8).all()
     assert out.stages[0].kept == 16 * 6 + 8 * 8 + 3 * 4
     assert out.stages[0].objective <= out.stages[0].magnitude_objective
+
+
+def _grouped_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.ReLU(),
+                         nn.Conv2d(6, 6, 3, groups=6), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).eval()
+
+
+def test_grouped_conv_prune_matches_an_independent_recomputation():
+    """Grouped and depthwise Conv2d: each group of output rows is pruned on its own group's H (built here from
+    F.unfold of the group's input channels), on the inputs of the already pruned earlier layers."""
+    torch.manual_seed(4)
+    x = torch.randn(30, 2, 6, 6)
+    model, ref = _grouped_net(), _grouped_net()
+    idx = (0, 2, 4, 7)
+    modules = [(str(i), model[i]) for i in idx]
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 30, 7))
+    dead = []
+    for i in idx:
+        layer = ref[i]
+        with torch.no_grad():
+            h = ref[:i](x)
+        W_bar = weight_rows(layer, layer.weight.detach())
+        g = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        if isinstance(layer, nn.Conv2d):
+            cols = torch.nn.functional.unfold(h, layer.kernel_size, padding=layer.padding).transpose(1, 2)
+            X = cols.reshape(-1, cols.shape[-1]).double()
+        else:
+            X = h.double()
+        per_out = W_bar.shape[0] // g
+        d = W_bar.shape[1]
+        pruned = torch.empty_like(W_bar)
+        for j in range(g):
+            Xj = X[:, j * d:(j + 1) * d]
+            H = Xj.T @ Xj / Xj.shape[0]
+            rows = slice(j * per_out, (j + 1) * per_out)
+            if float(H.diagonal().mean()) == 0:  # a dead group (its inputs are all zero): magnitude is optimal
+                dead.append((i, j))
+                pruned[rows] = W_bar[rows] * keep_mask(W_bar[rows].abs(), kept_count(d, 0.5), None, None)
+                continue
+            res = solve_rows(W_bar[rows], H, 0.01 * float(H.diagonal().mean()), k=kept_count(d, 0.5))
+            pruned[rows] = res.W
+        got = weight_rows(model[i], model[i].weight.detach())
+        assert torch.equal(got != 0, pruned != 0), i
+        # the back-solve stops after 10 CG steps, so float differences of the inputs show up in the 4th digit
+        torch.testing.assert_close(got, pruned, rtol=0, atol=1e-3 * float(pruned.abs().max()))
+        with torch.no_grad():
+            layer.weight.copy_(pruned.view_as(layer.weight))
+    assert out.stages[0].objective <= out.stages[0].magnitude_objective
+    assert (out.masks["4"].view(6, -1).sum(1) == kept_count(9, 0.5)).all()  # depthwise: 5 of 9 per channel
+    assert dead == [(4, 2)]  # this seed has a depthwise channel whose input ReLU is always 0: that path is covered
+
+
+def _prune_grouped():
+    torch.manual_seed(5)
+    x = torch.randn(23, 2, 6, 6)
+    model = _grouped_net(1)
+    modules = [(str(i), model[i]) for i in (0, 2, 4, 7)]
+    prune_layerwise(model, modules, 0.6, forward=model, row_chunk=2,
+                    make_batches=lambda: my_microbatches(_batches(x, 0, 23, 4)))
+    return [m.weight.detach().clone() for _, m in modules]
+
+
+def test_grouped_conv_same_weights_on_any_world_size():
+    (base,) = multiproc.run(_prune_grouped, 1)
+    for world_size in (2, 3):
+        for weights in multiproc.run(_prune_grouped, world_size):
+            assert all(torch.equal(w, b) for w, b in zip(weights, base, strict=True)), world_size
 
 
 def test_curvature_skips_padding_tokens():
@@ -142,16 +218,19 @@ def test_each_rank_takes_every_r_th_micro_batch():
 
 
 def test_rows_are_shared_in_whole_chunks():
-    from dist_chita.sequential import _my_rows
+    from dist_chita.sequential import _my_runs
 
-    for r in (1, 5, 64, 100, 384, 1536):
+    for parts in ([(0, 1)], [(0, 5)], [(0, 64)], [(0, 100)], [(0, 384)], [(0, 1536)],
+                  [(0, 3), (3, 6), (6, 9)], [(j * 96, (j + 1) * 96) for j in range(8)], [(j, j + 1) for j in range(7)]):
         for world in (1, 2, 3, 4):
-            ranges = [_my_rows(r, world, k, 64) for k in range(world)]
-            assert ranges[0][0] == 0 and ranges[-1][1] == r
-            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))  # contiguous, covering
-            assert all(lo % 64 == 0 for lo, hi in ranges if hi > lo)  # cut at chunk boundaries
-            sizes = [-(-(hi - lo) // 64) for lo, hi in ranges]
-            assert max(sizes) - min(sizes) <= 1  # balanced in chunks
+            runs = [_my_runs(parts, world, k, 64) for k in range(world)]
+            flat = [run for rank_runs in runs for run in rank_runs]
+            rows = [i for j, lo, hi in flat for i in range(lo, hi)]
+            assert rows == list(range(parts[-1][1]))  # every row once, in order, ranks in order
+            for j, lo, hi in flat:  # inside one part, starting at a chunk boundary of that part
+                assert parts[j][0] <= lo < hi <= parts[j][1] and (lo - parts[j][0]) % 64 == 0
+            chunks = [sum(-(-(hi - lo) // 64) for _, lo, hi in rank_runs) for rank_runs in runs]
+            assert max(chunks) - min(chunks) <= 1  # balanced in chunks
 
 
 def test_magnitude_baseline_keeps_the_largest_of_every_output():
@@ -176,7 +255,7 @@ def test_bad_input_is_refused():
         prune_layerwise(model, [("0", model[0])], 1.0, forward=model, make_batches=list)
     with pytest.raises(ValueError, match="saw no calibration inputs"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=list)
-    conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, groups=4))
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding="same"))
     never = pytest.fail  # refused before any forward pass
-    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with groups=1 .*groups=4"):
+    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with numeric zero padding only"):
         prune_layerwise(conv, [("0", conv[0]), ("1", conv[1])], 0.5, forward=never, make_batches=never)
