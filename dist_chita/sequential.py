@@ -73,9 +73,9 @@ def _from_rows(module: nn.Module, rows: torch.Tensor, shape: torch.Size) -> torc
 
 
 def _check_conv(module: nn.Module, name: str = "a Conv2d layer") -> None:
-    if isinstance(module, nn.Conv2d) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-        raise ValueError(f"{name}: objective layerwise supports Conv2d with numeric zero padding only "
-                         f"(padding={module.padding!r}, padding_mode={module.padding_mode!r}); "
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        raise ValueError(f"{name}: objective layerwise supports Conv2d with zero padding only "
+                         f"(padding_mode={module.padding_mode!r}); "
                          "leave it out of the prunable layers or use the Fisher objective")
 
 
@@ -90,7 +90,14 @@ def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | No
     with g groups, columns [j d, (j + 1) d) are group j's inputs, d = :func:`input_size`)."""
     if isinstance(module, nn.Conv2d):
         _check_conv(module)
-        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+        padding = module.padding
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":  # stride 1; torch puts the odd pixel of an even total at the end
+            total = [dil * (k - 1) for dil, k in zip(module.dilation, module.kernel_size, strict=True)]
+            x = F.pad(x, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            padding = 0
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (b, Cin*kh*kw, L)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
     if x.dim() == 3 and token_mask is not None and token_mask.shape == x.shape[:2]:

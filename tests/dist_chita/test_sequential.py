@@ -23,6 +23,7 @@ def test_blocks_follow_the_first_numeric_component():
     assert groups == [[0, 1], [2, 6], [3], [4], [5]]
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's note on its own padding
 def test_rows_and_inputs_reproduce_each_layer_type():
     """weight_rows(W) applied to input_rows(x) gives the layer's own output (so H = X^T X is the curvature of the
     rows the solver prunes): Linear on padded sequences, Conv2d with stride/padding/dilation and with groups (each
@@ -58,8 +59,14 @@ def test_rows_and_inputs_reproduce_each_layer_type():
     got = torch.einsum("ngd,god->ngo", per_group, W_rows).reshape(-1, 9)
     torch.testing.assert_close(got, grouped(img).permute(0, 2, 3, 1).reshape(-1, 9).double())
 
-    with pytest.raises(ValueError, match="numeric zero padding"):
-        input_rows(nn.Conv2d(4, 4, 3, padding="same"), torch.randn(1, 4, 5, 5), None)
+    for same in (nn.Conv2d(3, 2, (4, 3), padding="same", dilation=(1, 2), bias=False),  # even kernel: uneven pad
+                 nn.Conv2d(3, 2, 3, padding="valid", bias=False)):
+        rows = input_rows(same, img[:, :3], None)
+        expected = same(img[:, :3]).permute(0, 2, 3, 1).reshape(-1, 2).double()
+        torch.testing.assert_close(rows @ weight_rows(same, same.weight).double().T, expected, rtol=1e-5, atol=1e-6)
+
+    with pytest.raises(ValueError, match="zero padding only"):
+        input_rows(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.randn(1, 4, 5, 5), None)
 
 
 def _mlp(seed=0):
@@ -255,7 +262,7 @@ def test_bad_input_is_refused():
         prune_layerwise(model, [("0", model[0])], 1.0, forward=model, make_batches=list)
     with pytest.raises(ValueError, match="saw no calibration inputs"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=list)
-    conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding="same"))
+    conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
     never = pytest.fail  # refused before any forward pass
-    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with numeric zero padding only"):
+    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with zero padding only"):
         prune_layerwise(conv, [("0", conv[0]), ("1", conv[1])], 0.5, forward=never, make_batches=never)
