@@ -15,7 +15,7 @@ other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-ou
 * dist-chita with the Fisher objective: per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the
   OBD saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
 
-    python benchmarks/minilm_baselines.py [--threads 2] [key=value ...]   # e.g. prune.sparsity=0.7
+    python benchmarks/minilm_baselines.py [--threads 2] [--nm 2:4] [key=value ...]   # e.g. prune.sparsity=0.7
 
 Overrides apply to the default config (sparsity, calibration.n, solver.storage_dtype, ...). Prints a table and
 writes its run into benchmarks/results/minilm_baselines.json, keyed by the overrides (about 15 minutes on 2 cores).
@@ -37,7 +37,8 @@ if str(ROOT) not in sys.path:
 
 from dist_chita import blocks, data, evaluate, models, pipeline, prunable, sequential  # noqa: E402
 from dist_chita.budget import Budget  # noqa: E402
-from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs  # noqa: E402
+from dist_chita.layerwise import keep_mask  # noqa: E402
+from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs, parse_nm  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
@@ -53,12 +54,14 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
 
 
 def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: int = 128,
-                    damp: float = 0.01) -> torch.Tensor:
+                    damp: float = 0.01, nm: tuple[int, int] | None = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023, Algorithm 1) on one layer: W (rows, d) float64, H = X^T X (d, d) over
     the calibration tokens (any positive scale: the damping is relative). Columns are processed left to right in
     blocks of ``block``; at the start of each block the mask is chosen over the whole block (the ``sparsity`` share
-    of its smallest w^2 / [H^-1]_jj^2); each pruned or kept column's error is spread onto the later columns through
-    the Cholesky factor of H^-1 (the OBS update). Returns the pruned, updated W."""
+    of its smallest w^2 / [H^-1]_jj^2); with ``nm`` = (N, M), instead, at every M-th column the M - N smallest of
+    the next M columns of every row (the paper's N:M variant, on the already updated weights); each pruned or kept
+    column's error is spread onto the later columns through the Cholesky factor of H^-1 (the OBS update). Returns
+    the pruned, updated W."""
     W, H = W.clone(), H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -71,11 +74,14 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: in
         W1, U1 = W[:, a:b].clone(), U[a:b, a:b]
         E1 = torch.zeros_like(W1)
         score = W1.pow(2) / torch.diag(U1).pow(2)[None, :]
-        cut = int(score.numel() * sparsity)
+        cut = int(score.numel() * sparsity) if nm is None else 0
         pruned = torch.zeros_like(W1, dtype=torch.bool)
         if cut:
             pruned.view(-1)[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
         for j in range(b - a):
+            if nm is not None and j % nm[1] == 0:
+                group = W1[:, j:j + nm[1]].pow(2) / torch.diag(U1)[j:j + nm[1]].pow(2)[None, :]
+                pruned[:, j:j + nm[1]].scatter_(1, torch.argsort(group, dim=1, stable=True)[:, :nm[1] - nm[0]], True)
             w = W1[:, j]
             q = torch.where(pruned[:, j], torch.zeros_like(w), w)
             err = (w - q) / U1[j, j]
@@ -87,7 +93,8 @@ def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: in
     return W
 
 
-def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float) -> None:
+def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
+              nm: tuple[int, int] | None = None) -> None:
     """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
     :func:`dist_chita.sequential.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
     layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (one calibration pass
@@ -98,7 +105,7 @@ def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float) -> 
                                        data.iter_microbatches(calib, 0, len(calib), batch_size))
         with torch.no_grad():
             for (_, m), h in zip(members, H, strict=True):
-                m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity).to(m.weight.dtype))
+                m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
 
 
 def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
@@ -111,6 +118,8 @@ def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nm", default=None, help="N:M (e.g. 2:4): run the N:M variants of magnitude, Wanda, SparseGPT "
+                                               "and layerwise CHITA instead")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the default config")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,6 +159,28 @@ def main() -> None:
         r = results[name]
         print(f"{name:48s} cosine {r['cosine']:.4f}  nn agreement {r['nn_agreement']:.4f}  ({seconds:.1f} s)",
               flush=True)
+
+    if args.nm:
+        nm = parse_nm(args.nm)
+        t = time.perf_counter()
+        sequential.prune_magnitude(modules, s, nm)
+        record(f"magnitude, {args.nm}", time.perf_counter() - t)
+        t = time.perf_counter()
+        norms = input_norms(model, task, modules, calib, bs)
+        apply([keep_mask(w.abs() * x.to(w.dtype)[None, :], None, nm, None) for w, x in zip(dense, norms, strict=True)])
+        record(f"Wanda (|W| ||X||), {args.nm}", time.perf_counter() - t)
+        t = time.perf_counter()
+        sparsegpt(model, task, modules, calib, bs, s, nm)
+        record(f"SparseGPT (sequential, blocks of 128), {args.nm}", time.perf_counter() - t)
+        t = time.perf_counter()
+        out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
+                                         make_batches=batches, nm=nm, damp=cfg.prune.damp)
+        name = f"dist-chita layerwise: CHITA {args.nm} on H = X^T X"
+        record(name, time.perf_counter() - t)
+        results[name].update(objective=out.stages[0].objective, magnitude_objective=out.stages[0].magnitude_objective,
+                             iterations=out.stages[0].iterations)
+        save(args, cfg, s, n, held, results, f"nm={args.nm}")
+        return
 
     t = time.perf_counter()
     pipeline.prune(model, modules, "magnitude", s)
@@ -193,9 +224,14 @@ def main() -> None:
     pipeline.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
     record("CHITA as in the paper: global, identity ridge", time.perf_counter() - t)
 
+    save(args, cfg, s, n, held, results)
+
+
+def save(args, cfg, s, n, held, results, *key) -> None:
+    """Add this run to the results file, keyed by its overrides (and ``key``)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(RESULTS.read_text()).get("runs", {}) if RESULTS.exists() else {}
-    runs[" ".join(args.overrides) or "default"] = {
+    runs[" ".join([*key, *args.overrides]) or "default"] = {
         "sparsity": s, "n": n, "storage_dtype": cfg.solver.storage_dtype, "held_out": len(held),
         "threads": args.threads, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "results": results}
     RESULTS.write_text(json.dumps({"model": "all-MiniLM-L6-v2", "runs": runs}, indent=2) + "\n")
