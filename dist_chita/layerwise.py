@@ -39,8 +39,8 @@ ROW_CHUNK = 64  # rows solved together (see solve_rows)
 _SWAPS = (1, 2, 4, 8, 16)  # swap sizes tried per IHT step (per-row budgets); each costs no (r, d) x (d, d) product
 _PAIR_POOL = 32  # the best single swap is searched among this many cheapest kept x most promising outside weights
 _GROUP_SWAPS = (1, 4, 16, 64)  # N:M: how many groups' best swaps are tried together
-_MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 noise in H (inputs computed in
-# differently sized micro-batches on different numbers of ranks) would decide between nearly equal candidates
+_MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 rounding (of f computed
+# directly or from the gradient) rather than the problem would decide between nearly equal candidates
 
 
 @dataclass
@@ -313,7 +313,6 @@ def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
     W_c[rows, in_j], S_c[rows, in_j] = value, True
     f_c = fi + delta[rows, best].double()
     return W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))
-
 
 
 def _sparse_change(W, fi, G, Q, out_j, in_j, values):

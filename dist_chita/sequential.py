@@ -272,9 +272,12 @@ def prune_layerwise(
             allowed = W_bar != 0
             k = None if nm is not None else kept_count(d, sparsity)
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
+            layer_scale = float(H_parts.diagonal(dim1=1, dim2=2).mean())
             for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
-                scale = float(H_parts[j].diagonal().mean())
-                lam = damp * scale if scale > 0 else 1.0  # inputs all zero (a dead group): f is the ridge alone
+                # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
+                # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
+                scale = float(H_parts[j].diagonal().mean()) or layer_scale or 1.0 / damp
+                lam = damp * scale
                 res = solve_rows(W_bar[lo:hi], H_parts[j], lam, k=k, nm=nm, allowed=allowed[lo:hi],
                                  row_chunk=row_chunk, **(solver_options or {}))
                 W[lo:hi] = res.W
