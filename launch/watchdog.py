@@ -38,8 +38,15 @@ class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt: not cau
     """SIGTERM arrived (the launcher was stopped, or another rank failed)."""
 
 
+_lost_at_sigterm: list[int] = []  # ranks already ended when the SIGTERM arrived: the launcher's reason for it
+
+
 def _on_sigterm(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    # the launcher stops every rank once one has failed; a killed rank that this rank had not yet noticed (no
+    # collective since) is then the cause, not the signal. Taken at once: the launcher signals rank 0 first, so
+    # on a plain stop the other ranks are still alive here.
+    _lost_at_sigterm[:] = lost_ranks() if _peers else []
     if not _stopping:
         raise Terminated("terminated by SIGTERM")
 
@@ -50,6 +57,7 @@ def install(timeout_seconds: int, output_dir: str | os.PathLike | None = None, g
 
     global _timeout, _stopping
     _timeout, _stopping = timeout_seconds, False
+    _lost_at_sigterm.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     _peers[:] = [tuple(x) for x in comm.all_gather_object((socket.gethostname(), os.getpid()))]
@@ -137,7 +145,9 @@ def describe(exc: BaseException) -> str:
     low = text.lower()
     comm_error = isinstance(exc, RuntimeError) and any(k in low for k in _CONNECTION + _TIMEOUT)
     if isinstance(exc, Terminated) or comm_error:
-        if isinstance(exc, Terminated):  # the launcher stops every rank: the cause is the signal
+        if isinstance(exc, Terminated):  # the launcher stops every rank: the cause is a lost rank, or the signal
+            if _lost_at_sigterm:
+                return f"{_lost_line(_lost_at_sigterm)}; stopped without writing output"
             return f"terminated by SIGTERM during {faults.current_phase()}; stopped without writing output"
         for _ in range(20):  # a killed peer's sockets close a moment before it is a zombie
             lost = lost_ranks()

@@ -458,3 +458,15 @@ def test_watchdog_finds_ended_peers_and_describes_errors(tmp_path):
     assert watchdog.describe(ValueError("bad\nsecond line")) == "bad"
     assert "timeout_seconds" in watchdog.describe(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
     assert watchdog.describe(watchdog.Terminated("x")).startswith("terminated by SIGTERM during")
+    # the launcher's SIGTERM after a rank was killed: the killed rank is named, not the signal
+    old_handler, old_peers = signal.getsignal(signal.SIGTERM), watchdog._peers[:]
+    try:
+        watchdog._peers[:] = peers  # rank 1 (the child) has ended
+        watchdog._stopping = False
+        with pytest.raises(watchdog.Terminated) as caught:
+            watchdog._on_sigterm(signal.SIGTERM, None)
+        assert watchdog.describe(caught.value).startswith(f"lost rank 1 (process {child.pid} ended) during ")
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        watchdog._peers[:] = old_peers
+        watchdog._lost_at_sigterm.clear()
