@@ -160,6 +160,15 @@ def main() -> None:
         print(f"{name:48s} cosine {r['cosine']:.4f}  nn agreement {r['nn_agreement']:.4f}  ({seconds:.1f} s)",
               flush=True)
 
+    def layerwise(name: str, nm: tuple[int, int] | None) -> None:
+        t = time.perf_counter()
+        out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
+                                         make_batches=batches, nm=nm, damp=cfg.prune.damp)
+        record(name, time.perf_counter() - t)
+        stage = out.stages[0]
+        results[name].update(objective=stage.objective, magnitude_objective=stage.magnitude_objective,
+                             iterations=stage.iterations)
+
     if args.nm:
         nm = parse_nm(args.nm)
         t = time.perf_counter()
@@ -172,13 +181,7 @@ def main() -> None:
         t = time.perf_counter()
         sparsegpt(model, task, modules, calib, bs, s, nm)
         record(f"SparseGPT (sequential, blocks of 128), {args.nm}", time.perf_counter() - t)
-        t = time.perf_counter()
-        out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
-                                         make_batches=batches, nm=nm, damp=cfg.prune.damp)
-        name = f"dist-chita layerwise: CHITA {args.nm} on H = X^T X"
-        record(name, time.perf_counter() - t)
-        results[name].update(objective=out.stages[0].objective, magnitude_objective=out.stages[0].magnitude_objective,
-                             iterations=out.stages[0].iterations)
+        layerwise(f"dist-chita layerwise: CHITA {args.nm} on H = X^T X", nm)
         save(args, cfg, s, n, held, results, f"nm={args.nm}")
         return
 
@@ -203,13 +206,7 @@ def main() -> None:
     sparsegpt(model, task, modules, calib, bs, s)
     record("SparseGPT (sequential, blocks of 128)", time.perf_counter() - t)
 
-    t = time.perf_counter()
-    out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
-                                     make_batches=batches, damp=cfg.prune.damp)
-    name = "dist-chita layerwise: CHITA per row on H = X^T X"
-    record(name, time.perf_counter() - t)
-    results[name].update(objective=out.stages[0].objective, magnitude_objective=out.stages[0].magnitude_objective,
-                         iterations=out.stages[0].iterations)
+    layerwise("dist-chita layerwise: CHITA per row on H = X^T X", None)
 
     common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_,
                   storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))

@@ -187,20 +187,17 @@ def solve_rows(
 def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials, refit_iters):
     """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
 
-    def f(W: torch.Tensor) -> torch.Tensor:
-        return objectives(W - W_bar, Q)
-
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
     S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
     W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters)
-    f_mag = f(W_mag)
+    f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
     S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
     W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters)
-    f_obs = f(W_obs)
+    f_obs, G_obs = _objective_and_gradient(W_obs, W_bar, Q)
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
-    G = (W - W_bar) @ Q  # the gradient, kept up to date for every row
+    G = torch.where(take, G_obs, G_mag)  # the gradient, kept up to date for every row
     trace = [float(fi.sum())]
 
     active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
@@ -224,6 +221,14 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials,
         if not bool(active.any()):
             break
     return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
+
+
+def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor):
+    """f_i (float64) and the gradient G = (W - W_bar) Q of every row, from one product."""
+    D = W - W_bar
+    G = D @ Q
+    return 0.5 * (G * D).double().sum(1), G
+
 
 def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
     """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient G = (W - W_bar) Q (the
@@ -287,8 +292,7 @@ def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
         best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
                                   torch.where(better, f_c, best_f))
     W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
-    G_new = (W_new - W_bar) @ Q
-    return W_new, best_S, 0.5 * (G_new * (W_new - W_bar)).double().sum(1), G_new
+    return W_new, best_S, *_objective_and_gradient(W_new, W_bar, Q)
 
 
 def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):

@@ -233,7 +233,8 @@ def prune_layerwise(
     row_chunk: int = ROW_CHUNK,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
-    ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)``.
+    ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)`` (of each group's H for
+    a grouped Conv2d).
 
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;

@@ -46,7 +46,7 @@ def _on_sigterm(signum, frame):
     # the launcher stops every rank once one has failed; a killed rank that this rank had not yet noticed (no
     # collective since) is then the cause, not the signal. Taken at once: the launcher signals rank 0 first, so
     # on a plain stop the other ranks are still alive here.
-    _lost_at_sigterm[:] = lost_ranks() if _peers else []
+    _lost_at_sigterm[:] = lost_ranks()
     if not _stopping:
         raise Terminated("terminated by SIGTERM")
 
