@@ -113,10 +113,16 @@ def my_microbatches(batches: Iterable) -> Iterator:
     return (b for j, b in enumerate(batches) if j % world == rank)
 
 
+class _BlockSeen(Exception):
+    """Raised inside a forward pass once every layer of the block has recorded its inputs (the rest of the model
+    is not needed)."""
+
+
 def layer_curvature(
     modules: Sequence[tuple[str, nn.Module]],
     forward: Callable[[object], object],
     batches: Iterable[tuple[object, object]],
+    later: Sequence[nn.Module] = (),
 ) -> list[torch.Tensor]:
     """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows; each
     micro-batch's X_b^T X_b is rounded to float32 before it is summed, which makes the sum exact and so the same
@@ -125,21 +131,34 @@ def layer_curvature(
     ``forward(batch)`` runs the model; ``batches`` yields this rank's ``(batch, indices)`` (host tensors, moved to
     the layers' device one at a time); a dict batch's ``attention_mask`` marks the tokens that count. Collective:
     one all-reduce of all H. Under ZeRO-3 (the layers' weights partitioned) the forward pass is collective too: a
-    rank with fewer micro-batches than another runs padding forwards of its first one, which add nothing."""
+    rank with fewer micro-batches than another runs padding forwards of its first one, which add nothing.
+
+    ``later``: modules that run after the block (the later blocks' layers). The first micro-batch runs the whole
+    model and checks that no layer of ``modules`` runs after one of ``later`` has started; if so, every further
+    forward stops when the first of ``later`` is about to run (the inputs of the block are then all seen). Not
+    under ZeRO-3, whose forward must not be cut short."""
     dims = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]
     device = modules[0][1].weight.device
     H = [torch.zeros(groups(m), d, d, dtype=torch.float64, device=device)
          for (_, m), d in zip(modules, dims, strict=True)]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
-    state: dict = {"mask": None, "record": True}
+    # "after": one of ``later`` has started in this forward; "in_order": no layer of the block ran after that
+    state: dict = {"mask": None, "record": True, "after": False, "in_order": True, "cut": False}
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
     padding = 0
     if any(params.is_partitioned(m.weight) for _, m in modules):
         (most,) = comm.all_reduce_floats([len(mine)], op="max")
         padding = int(most) - len(mine)
+        later = ()
+
+    def at_later(module, args):
+        state["after"] = True
+        if state["cut"]:
+            raise _BlockSeen
 
     def hook(i: int):
         def fn(module, args, out):
+            state["in_order"] &= not state["after"]
             if state["record"]:
                 rows = input_rows(module, args[0].detach(), state["mask"])
                 g, d = H[i].shape[:2]
@@ -155,13 +174,19 @@ def layer_curvature(
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
+    handles += [m.register_forward_pre_hook(at_later) for m in later]
     try:
         with torch.no_grad():
             for j, batch in enumerate(mine + mine[:1] * padding):
                 batch = to_device(batch, device)
                 state["record"] = j < len(mine)
                 state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
-                forward(batch)
+                state["after"] = False
+                try:
+                    forward(batch)
+                except _BlockSeen:
+                    pass
+                state["cut"] = bool(later) and state["in_order"]  # from the second forward on
     finally:
         for h in handles:
             h.remove()
@@ -255,11 +280,13 @@ def prune_layerwise(
     bytes_before = comm.bytes_by_phase()
     warm = 0.0
     done = 0
-    for group in blocks_in_order(modules):
+    order = blocks_in_order(modules)
+    for b, group in enumerate(order):
         t = time.perf_counter()
         members = [modules[i] for i in group]
+        later = [modules[i][1] for g in order[b + 1:] for i in g]
         with comm.phase("curvature"):
-            Hs = layer_curvature(members, forward, make_batches())
+            Hs = layer_curvature(members, forward, make_batches(), later)
         seconds["curvature"] += time.perf_counter() - t
         for (_, m), H in zip(members, Hs, strict=True):
             t = time.perf_counter()

@@ -197,6 +197,41 @@ def test_curvature_has_the_same_bits_in_any_order_of_micro_batches():
     assert bool(((H - ref).abs() <= 1e-6 * scale).all())
 
 
+class _Chain(nn.Module):
+    """a -> b -> c, counting the forwards that reach c; ``reuse_a``: a runs again after b (out of block order)."""
+
+    def __init__(self, reuse_a: bool = False):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+        self.reuse_a, self.reached_c = reuse_a, 0
+
+    def forward(self, x):
+        h = self.b(torch.tanh(self.a(x)))
+        if self.reuse_a:
+            h = self.a(h)
+        self.reached_c += 1
+        return self.c(torch.relu(h))
+
+
+@pytest.mark.parametrize("reuse_a", [False, True])
+def test_curvature_stops_the_forward_after_the_block_only_when_that_is_safe(reuse_a):
+    """With the later layers named, forwards after the first stop before them, and H has the same bits as from
+    whole forwards; a block layer that also runs after a later one (a shared module) keeps every forward whole."""
+    torch.manual_seed(1)
+    net = _Chain(reuse_a)
+    batches = _batches(torch.randn(40, 5), 0, 40, 8)  # 5 micro-batches
+    whole = layer_curvature([("a", net.a)], net, batches)
+    assert net.reached_c == 5
+    net.reached_c = 0
+    cut = layer_curvature([("a", net.a)], net, batches, later=[net.b, net.c])
+    assert net.reached_c == (5 if reuse_a else 1)
+    assert torch.equal(whole[0], cut[0])
+    rows = [batch for batch, _ in batches]
+    X = torch.cat(rows + ([torch.tanh(net.a(r)) @ net.b.weight.T + net.b.bias for r in rows] if reuse_a else []))
+    X = X.detach().double()
+    torch.testing.assert_close(whole[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+
+
 def _prune_mlp(nm):
     torch.manual_seed(2)
     x = torch.randn(37, 12)
