@@ -38,7 +38,7 @@ from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
 from dist_chita.schedule import kept_count
 
-_PRODUCT_ELEMENTS = 1 << 22  # the float64 X_b^T X_b is formed in column chunks of about this many entries
+_PRODUCT_ELEMENTS = 1 << 22  # X_b^T X_b is formed in column chunks of at most about this many entries
 
 
 def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]:
@@ -85,7 +85,7 @@ def groups(module: nn.Module) -> int:
 
 
 def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """The rows of X that ``module`` sees in this forward: (N_batch, inputs) float64. Sequences: one row per
+    """The rows of X that ``module`` sees in this forward: (N_batch, inputs) float32. Sequences: one row per
     token where ``token_mask`` (b, T) is set; Conv2d: one row per output position (unfolded patch, all channels:
     with g groups, columns [j d, (j + 1) d) are group j's inputs, d = :func:`input_size`)."""
     if isinstance(module, nn.Conv2d):
@@ -99,10 +99,10 @@ def input_rows(module: nn.Module, x: torch.Tensor, token_mask: torch.Tensor | No
             padding = 0
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding,
                         stride=module.stride)  # (b, Cin*kh*kw, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).double()
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
     if x.dim() == 3 and token_mask is not None and token_mask.shape == x.shape[:2]:
-        return x[token_mask.bool()].double()
-    return x.reshape(-1, x.shape[-1]).double()
+        return x[token_mask.bool()].float()
+    return x.reshape(-1, x.shape[-1]).float()
 
 
 def my_microbatches(batches: Iterable) -> Iterator:
@@ -118,15 +118,28 @@ class _BlockSeen(Exception):
     is not needed)."""
 
 
+def _add_products(H: torch.Tensor, rows: torch.Tensor) -> None:
+    """H (g, d, d) float64 += the upper triangle (diagonal included) of each group's X_b^T X_b, for ``rows``
+    (N_b, g d) float32: products in float32, column chunk [a, b) over rows [0, b) only (about half the flops of
+    the full product; the chunks also bound the temporary to 12 bytes x g x d x chunk)."""
+    g, d = H.shape[:2]
+    by_group = rows.view(rows.shape[0], g, d).transpose(0, 1)  # (g, N_b, d)
+    chunk = max(128, min(-(-d // 8), _PRODUCT_ELEMENTS // (g * d)))
+    for a in range(0, d, chunk):
+        b = min(a + chunk, d)
+        H[:, :b, a:b].add_(torch.bmm(by_group[:, :, :b].transpose(1, 2), by_group[:, :, a:b]))
+
+
 def layer_curvature(
     modules: Sequence[tuple[str, nn.Module]],
     forward: Callable[[object], object],
     batches: Iterable[tuple[object, object]],
     later: Sequence[nn.Module] = (),
+    share_inputs: bool = True,
 ) -> list[torch.Tensor]:
-    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows; each
-    micro-batch's X_b^T X_b is rounded to float32 before it is summed, which makes the sum exact and so the same
-    bits on any number of ranks. A grouped Conv2d (g > 1 :func:`groups`) gets (g, d, d): each group's own H.
+    """H = X^T X / N (float64, inputs x inputs) of every module over all ranks' calibration rows. Each
+    micro-batch's X_b^T X_b is computed in float32 and summed in float64, which is exact, so H has the same bits
+    on any number of ranks. A grouped Conv2d (g > 1 :func:`groups`) gets (g, d, d): each group's own H.
 
     ``forward(batch)`` runs the model; ``batches`` yields this rank's ``(batch, indices)`` (host tensors, moved to
     the layers' device one at a time); a dict batch's ``attention_mask`` marks the tokens that count. Collective:
@@ -136,17 +149,26 @@ def layer_curvature(
     ``later``: modules that run after the block (the later blocks' layers). The first micro-batch runs the whole
     model and checks that no layer of ``modules`` runs after one of ``later`` has started; if so, every further
     forward stops when the first of ``later`` is about to run (the inputs of the block are then all seen). Not
-    under ZeRO-3, whose forward must not be cut short."""
+    under ZeRO-3, whose forward must not be cut short.
+
+    ``share_inputs``: a Linear or Conv1D that receives the very tensor an earlier layer of ``modules`` received
+    in the first forward (query, key and value; gate and up projections) takes that layer's H (the same tensor
+    object) instead of forming it again, as long as every forward does so; if one does not, on any rank, H is
+    formed again with every layer on its own."""
     dims = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]
     device = modules[0][1].weight.device
     H = [torch.zeros(groups(m), d, d, dtype=torch.float64, device=device)
          for (_, m), d in zip(modules, dims, strict=True)]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
-    # "after": one of ``later`` has started in this forward; "in_order": no layer of the block ran after that
-    state: dict = {"mask": None, "record": True, "after": False, "in_order": True, "cut": False}
+    # "after": one of ``later`` has started in this forward; "in_order": no layer of the block ran after that;
+    # "inputs": (input, layer) of this forward's layers that formed their product; "first": the first forward
+    state: dict = {"mask": None, "record": True, "after": False, "in_order": True, "cut": False, "inputs": [],
+                   "first": True, "broken": False}
+    shared: dict[int, int] = {}  # layer -> the earlier layer whose H it takes
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
     padding = 0
-    if any(params.is_partitioned(m.weight) for _, m in modules):
+    partitioned = any(params.is_partitioned(m.weight) for _, m in modules)
+    if partitioned:
         (most,) = comm.all_reduce_floats([len(mine)], op="max")
         padding = int(most) - len(mine)
         later = ()
@@ -159,18 +181,21 @@ def layer_curvature(
     def hook(i: int):
         def fn(module, args, out):
             state["in_order"] &= not state["after"]
-            if state["record"]:
-                rows = input_rows(module, args[0].detach(), state["mask"])
-                g, d = H[i].shape[:2]
-                by_group = rows.view(rows.shape[0], g, d).transpose(0, 1)  # (g, N_b, d)
-                # rounded to float32 per micro-batch: float64 sums of float32 values are exact (short of a 2^29
-                # spread of magnitudes), so H has the same bits on any number of ranks, whatever the order;
-                # column chunks bound the temporary (12 bytes x g x d x chunk)
-                chunk = max(64, _PRODUCT_ELEMENTS // (g * d))
-                for a in range(0, d, chunk):
-                    H[i][:, :, a:a + chunk].add_(
-                        torch.bmm(by_group.transpose(1, 2), by_group[:, :, a:a + chunk]).float())
-                count[i] += rows.shape[0]
+            if not state["record"]:
+                return
+            x = args[0]
+            same = next((j for y, j in state["inputs"] if y is x and H[j].shape == H[i].shape), None)
+            if state["first"] and same is not None and share_inputs:
+                shared[i] = same
+            if i in shared:
+                if same == shared[i]:
+                    return
+                state["broken"] = True  # no longer the same input: all H are formed again, unshared
+            rows = input_rows(module, x.detach(), state["mask"])
+            _add_products(H[i], rows)
+            count[i] += rows.shape[0]
+            if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
+                state["inputs"].append((x, i))
         return fn
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
@@ -186,19 +211,34 @@ def layer_curvature(
                     forward(batch)
                 except _BlockSeen:
                     pass
+                state["inputs"] = []
+                state["first"] = state["first"] and not state["record"]
                 state["cut"] = bool(later) and state["in_order"]  # from the second forward on
     finally:
         for h in handles:
             h.remove()
-    flat = comm.all_reduce(torch.cat([h.reshape(-1) for h in H] + [count]))
-    out, at = [], 0
-    for i, h in enumerate(H):
+    if share_inputs:  # every rank that ran a forward must have found the same sharing
+        code = [shared.get(i, -1) + 1.0 for i in range(len(modules))] if mine else [0.0] * len(modules)
+        agreed = comm.all_reduce_floats(code + [-c if mine else -1e9 for c in code] + [state["broken"]], op="max")
+        most, least = agreed[:len(modules)], [-v for v in agreed[len(modules):-1]]
+        if agreed[-1] or most != least:
+            return layer_curvature(modules, forward, [(b, None) for b in mine], later, share_inputs=False)
+        shared = {i: int(v) - 1 for i, v in enumerate(most) if v > 0}
+    owners = [i for i in range(len(modules)) if i not in shared]
+    flat = comm.all_reduce(torch.cat([H[i].reshape(-1) for i in owners] + [count]))
+    out: list[torch.Tensor] = [torch.empty(0)] * len(modules)
+    at = 0
+    for i in owners:
+        h = H[i]
         n_rows = float(flat[-len(modules) + i])
         if n_rows == 0:
             raise ValueError(f"layer {modules[i][0]} saw no calibration inputs")
-        shape = h.shape if h.shape[0] > 1 else h.shape[1:]
-        out.append(flat[at:at + h.numel()].view(shape) / n_rows)
+        upper = flat[at:at + h.numel()].view(h.shape).triu()
+        full = (upper + upper.triu(1).transpose(1, 2)) / n_rows  # the strict lower triangle mirrors the upper
+        out[i] = full if h.shape[0] > 1 else full[0]
         at += h.numel()
+    for i, j in sorted(shared.items()):
+        out[i] = out[j]
     return out
 
 

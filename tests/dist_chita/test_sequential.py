@@ -36,34 +36,35 @@ def test_rows_and_inputs_reproduce_each_layer_type():
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
     rows = input_rows(lin, x, mask)
     assert rows.shape == (9, 6)
-    torch.testing.assert_close(rows @ weight_rows(lin, lin.weight).double().T, lin(x)[mask.bool()].double())
+    torch.testing.assert_close(rows.double() @ weight_rows(lin, lin.weight).double().T, lin(x)[mask.bool()].double())
 
     conv = nn.Conv2d(3, 4, (3, 2), stride=2, padding=1, dilation=(1, 2), bias=False)
     img = torch.randn(2, 3, 9, 8)
     out = conv(img)  # (2, 4, H', W')
     rows = input_rows(conv, img, None)
     expected = out.permute(0, 2, 3, 1).reshape(-1, 4).double()
-    torch.testing.assert_close(rows @ weight_rows(conv, conv.weight).double().T, expected)
+    torch.testing.assert_close(rows.double() @ weight_rows(conv, conv.weight).double().T, expected)
 
     c1d = Conv1D(5, 6)  # weight stored (in, out)
     torch.nn.init.normal_(c1d.bias, std=0.0)
     y = c1d(x)
     rows = input_rows(c1d, x, None)
-    torch.testing.assert_close(rows @ weight_rows(c1d, c1d.weight).double().T, y.reshape(-1, 5).double())
+    torch.testing.assert_close(rows.double() @ weight_rows(c1d, c1d.weight).double().T, y.reshape(-1, 5).double())
 
     grouped = nn.Conv2d(6, 9, 3, padding=1, groups=3, bias=False)  # 3 groups: 3 outputs, 2 x 3 x 3 inputs each
     img = torch.randn(2, 6, 5, 4)
     rows = input_rows(grouped, img, None)  # all channels; group j's inputs are columns [18 j, 18 (j + 1))
     per_group = rows.view(-1, 3, 18)
     W_rows = weight_rows(grouped, grouped.weight).double().view(3, 3, 18)  # (group, output in group, input)
-    got = torch.einsum("ngd,god->ngo", per_group, W_rows).reshape(-1, 9)
+    got = torch.einsum("ngd,god->ngo", per_group.double(), W_rows).reshape(-1, 9)
     torch.testing.assert_close(got, grouped(img).permute(0, 2, 3, 1).reshape(-1, 9).double())
 
     for same in (nn.Conv2d(3, 2, (4, 3), padding="same", dilation=(1, 2), bias=False),  # even kernel: uneven pad
                  nn.Conv2d(3, 2, 3, padding="valid", bias=False)):
         rows = input_rows(same, img[:, :3], None)
         expected = same(img[:, :3]).permute(0, 2, 3, 1).reshape(-1, 2).double()
-        torch.testing.assert_close(rows @ weight_rows(same, same.weight).double().T, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rows.double() @ weight_rows(same, same.weight).double().T, expected,
+                                   rtol=1e-5, atol=1e-6)
 
     with pytest.raises(ValueError, match="zero padding only"):
         input_rows(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.randn(1, 4, 5, 5), None)
@@ -230,6 +231,58 @@ def test_curvature_stops_the_forward_after_the_block_only_when_that_is_safe(reus
     X = torch.cat(rows + ([torch.tanh(net.a(r)) @ net.b.weight.T + net.b.bias for r in rows] if reuse_a else []))
     X = X.detach().double()
     torch.testing.assert_close(whole[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+
+
+class _Fork(nn.Module):
+    """a and b read the same tensor (as query and key do); ``split_after``: from that many forwards on, b reads a
+    copy of it instead."""
+
+    def __init__(self, split_after: int | None = None):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(4, 2)
+        self.split_after, self.forwards = split_after, 0
+
+    def forward(self, x):
+        h = torch.tanh(x)
+        split = self.split_after is not None and self.forwards >= self.split_after
+        self.forwards += 1
+        return self.c(self.a(h) * self.b(h.clone() if split else h))
+
+
+@pytest.mark.parametrize("split_after", [None, 0, 2])
+def test_layers_reading_the_same_tensor_share_one_curvature(split_after):
+    """a and b share one H (the same object) while every forward hands them the same tensor; when a later forward
+    does not, each gets its own. Either way H has the bits of H formed for every layer on its own."""
+    torch.manual_seed(4)
+    batches = _batches(torch.randn(30, 6), 0, 30, 7)
+    net = _Fork(split_after)
+    layers = [("a", net.a), ("b", net.b), ("c", net.c)]
+    H = layer_curvature(layers, net, batches)
+    net.forwards = 0
+    alone = layer_curvature(layers, net, batches, share_inputs=False)
+    assert all(torch.equal(h, r) for h, r in zip(H, alone, strict=True))
+    assert (H[1] is H[0]) == (split_after is None)
+    assert H[2] is not H[0]
+    X = torch.tanh(torch.cat([x for x, _ in batches])).double()
+    torch.testing.assert_close(H[0], X.T @ X / 30, rtol=1e-5, atol=1e-6)
+    assert torch.equal(H[0], H[0].T)  # exactly symmetric
+
+
+def _fork_curvature(n):
+    torch.manual_seed(4)
+    net = _Fork()
+    batches = list(my_microbatches(_batches(torch.randn(n, 6), 0, n, 7)))
+    H = layer_curvature([("a", net.a), ("b", net.b), ("c", net.c)], net, batches)
+    return [h.clone() for h in H], H[1] is H[0]
+
+
+def test_shared_curvature_on_ranks_with_and_without_micro_batches():
+    """3 ranks, 2 micro-batches (rank 2 has none and sees no sharing): every rank gets H[b] = H[a], with the
+    bits of one process."""
+    (base, _), = multiproc.run(_fork_curvature, 1, 12)
+    for H, is_shared in multiproc.run(_fork_curvature, 3, 12):
+        assert is_shared
+        assert all(torch.equal(h, b) for h, b in zip(H, base, strict=True))
 
 
 def _prune_mlp(nm):
