@@ -225,6 +225,15 @@ class Samples:
                         out[k] = out[k][:, keep]
         return out
 
+    def largest_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The ``batch_size`` samples with the most attended tokens (the first ones without an attention mask) as
+        one batch: the largest any micro-batch of this size can be (to measure a forward's memory)."""
+        size = min(batch_size, len(self))
+        if "attention_mask" not in self.fields:
+            return self.batch(torch.arange(size))
+        tokens = self.fields["attention_mask"].sum(1)
+        return self.batch(torch.sort(torch.argsort(tokens, descending=True, stable=True)[:size]).values)
+
     def select(self, indices: Sequence[int] | torch.Tensor) -> Samples:
         """A new Samples with only the samples at ``indices``."""
         idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")

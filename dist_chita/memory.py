@@ -14,7 +14,9 @@ entries of the storage dtype. Around it:
   bytes are headroom; the measured peaks (docs/resnet50_scale.md) are 0.2-0.3 GiB above the morning's code and
   still use it;
 * a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
-  other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned).
+  other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned);
+* the activations of the largest forward pass the run makes (a calibration micro-batch, an evaluation batch),
+  measured before the run on one such pass (:func:`peak_growth`).
 
 ``DIST_CHITA_AVAILABLE_BYTES`` in the environment overrides the available memory (tests of the refusal).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -43,10 +46,12 @@ class MemoryEstimate:
     solver: int
     backsolve: int
     baseline: int = 0
+    activations: int = 0
 
     @property
     def total(self) -> int:
-        return self.factor + self.model + self.gradient_buffer + self.solver + self.backsolve + self.baseline
+        return (self.factor + self.model + self.gradient_buffer + self.solver + self.backsolve + self.baseline
+                + self.activations)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -118,11 +123,61 @@ def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
     return int(avail // max(1, ranks_on_device))
 
 
-def peak_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: device allocations on GPU, resident set size on CPU."""
+_earlier_peak = {"cuda": 0, "cpu": 0}  # the peak before :func:`peak_growth` reset the counter
+
+
+def _current_peak(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: device allocations on GPU, resident set size on CPU."""
+    key = "cuda" if device.type == "cuda" else "cpu"
+    return max(_earlier_peak[key], _current_peak(device))
+
+
+def _in_use(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak(device: torch.device) -> bool:
+    """Restart the peak counter at the memory in use now (keeping the old peak for :func:`peak_bytes`); False
+    where that is not possible."""
+    key = "cuda" if device.type == "cuda" else "cpu"
+    before = peak_bytes(device)
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        else:  # Linux: "5" resets the resident set's high-water mark, which getrusage reports
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+    except OSError:
+        return False
+    _earlier_peak[key] = before
+    return True
+
+
+def peak_growth(run: Callable[[], object], device: torch.device) -> int:
+    """Bytes by which the memory in use rises at most while ``run()`` runs (its temporaries: e.g. a forward
+    pass's activations), on the device (allocations) or the host (resident set). Where the peak counter cannot be
+    reset (not Linux), the rise of the process's peak, which may be less."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    try:
+        start = _in_use(device)
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        start = peak_bytes(device)
+    if not _reset_peak(device):  # pragma: no cover - not Linux
+        start = peak_bytes(device)
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(0, _current_peak(device) - start)
 
 
 def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage_dtype: str) -> str:

@@ -152,6 +152,29 @@ def build_loss(cfg: RunConfig, task: str):
     return losses.gauss_newton_probe(cfg.solver.seed, forward)
 
 
+def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_out: dict, grad: bool) -> int:
+    """Bytes the largest forward pass of the run adds: the calibration micro-batch with the most tokens (with
+    autograd's saved activations if ``grad``: the Fisher objective's backward follows) and the largest evaluation
+    batch, each measured on one forward (collective under ZeRO-3, like every forward)."""
+    from dist_chita import data, memory, models
+
+    probes = []
+    if cfg.prune.method != "magnitude":
+        probes.append((calib.largest_batch(cfg.calibration.batch_size), grad))
+    if "samples" in held_out:
+        probes.append((held_out["samples"].largest_batch(cfg.eval.batch_size), False))
+    elif "tokens" in held_out:
+        ids = held_out["tokens"][: cfg.eval.max_length or cfg.calibration.max_length][None]
+        probes.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, False))
+
+    def forwards() -> None:  # one peak over all: memory one probe frees may be kept by the process for the next
+        for batch, with_grad in probes:
+            with torch.set_grad_enabled(with_grad):
+                models.forward(model, task, data.to_device(batch, device))
+
+    return memory.peak_growth(forwards, device) if probes else 0
+
+
 def load_eval(cfg: RunConfig, loaded):
     """Held-out data for the metric: samples (accuracy, embedding fidelity) or a token stream (perplexity)."""
     from dist_chita import data
@@ -225,15 +248,21 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         baseline=memory.baseline_bytes(device, full_bytes),
     )
     layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
+    est = dataclasses.replace(est, activations=forward_activations(  # the backward's saved activations: not ZeRO-3
+        cfg, model, task, device, calib, held_out, grad=not layerwise and partition is None))
     if cfg.prune.method == "magnitude":
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     elif layerwise:  # no factor either: one block's H and one layer's solve
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
                                   solver=sequential.memory_bytes(modules))
+    compare = cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude
+    if compare:  # the dense prunable weights are kept while the magnitude baseline is measured
+        est = dataclasses.replace(est, model=est.model + 4 * p)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     avail = memory.available_bytes(device, local_ranks)
     say(f"  {len(modules)} prunable layers, p = {p:,} weights, n = {n} calibration samples; "
-        f"memory estimate per rank {est.total / 2**30:.2f} GiB (factor {est.factor / 2**30:.2f} GiB), "
+        f"memory estimate per rank {est.total / 2**30:.2f} GiB (factor {est.factor / 2**30:.2f} GiB, "
+        f"activations {est.activations / 2**30:.2f} GiB), "
         f"available {avail / 2**30:.2f} GiB")
     if est.total > avail:
         raise MemoryError(memory.advice(est, avail, n, world, cfg.solver.storage_dtype))
@@ -259,7 +288,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     ridge = solver_ridge(cfg.prune.ridge, n, p)  # auto resolved from n and p
     prune_kwargs = dict(per_layer=nm is None and cfg.prune.granularity == "layer",
                         per_row=nm is None and cfg.prune.granularity == "row", nm=nm)
-    if cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude:
+    if compare:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
         if layerwise:  # the same rows (outputs) as the layerwise solve, one layer at a time

@@ -90,6 +90,19 @@ def test_text_tokenized_with_dynamic_padding(tokenizer):
     assert fixed.batch([0, 1])["input_ids"].shape == (2, 64)
 
 
+def test_largest_batch_holds_the_samples_with_most_tokens(tokenizer):
+    s = data.load_samples("builtin:pydoc", n=40, seed=0, text_column="text", tokenizer=tokenizer, max_length=64)
+    tokens = s.fields["attention_mask"].sum(1)
+    b = s.largest_batch(6)
+    assert b["input_ids"].shape[0] == 6
+    assert sorted(b["attention_mask"].sum(1).tolist()) == sorted(tokens.tolist())[-6:]
+    assert int(b["attention_mask"].sum()) >= max(int(s.batch(i)["attention_mask"].sum())
+                                                 for _, i in data.iter_microbatches(s, 0, 40, 6))
+    assert s.largest_batch(100)["input_ids"].shape[0] == 40
+    digits = _mnist(n=9, seed=0)
+    torch.testing.assert_close(digits.largest_batch(4)["pixel_values"], digits.fields["pixel_values"][:4])
+
+
 def test_token_stream(tokenizer):
     texts = ["Hello world.", "Second text here."]
     ids = data.token_stream(texts, tokenizer)

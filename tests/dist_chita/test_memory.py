@@ -1,6 +1,6 @@
 import torch
 
-from dist_chita.memory import advice, estimate, peak_bytes
+from dist_chita.memory import advice, estimate, peak_bytes, peak_growth
 
 
 def test_factor_term_is_n_times_block_times_dtype():
@@ -32,6 +32,25 @@ def test_peak_grows_with_an_allocation():
     x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MiB, touched
     after = peak_bytes(torch.device("cpu"))
     assert after >= before and after > 0 and x.sum() > 0
+
+
+def test_peak_growth_measures_a_temporary_below_an_earlier_peak():
+    """A 64 MiB temporary is measured as such although the process peaked higher before (a freed 256 MiB), and
+    the process's peak is still reported."""
+    cpu = torch.device("cpu")
+    big = torch.ones(256 * 2**20 // 4)
+    high = peak_bytes(cpu)
+    assert big.sum() > 0
+    del big
+
+    def temporary():
+        x = torch.ones(64 * 2**20 // 4)  # touched
+        return float(x.sum())
+
+    grown = peak_growth(temporary, cpu)
+    assert 60 * 2**20 < grown < 80 * 2**20
+    assert peak_bytes(cpu) >= high
+    assert peak_growth(lambda: None, cpu) < 8 * 2**20
 
 
 def test_advice_names_remedies():

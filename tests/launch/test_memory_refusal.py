@@ -70,3 +70,41 @@ def test_baseline_term_is_the_resident_memory_without_the_model():
 def test_available_memory_override(monkeypatch):
     monkeypatch.setenv("DIST_CHITA_AVAILABLE_BYTES", "12345")
     assert memory.available_bytes(torch.device("cpu"), 2) == 12345
+
+
+
+_PROBE = """
+import json, sys, torch
+from launch.config import parse_config
+from launch.prune import forward_activations
+from dist_chita.data import Samples
+torch.manual_seed(0)
+wide = torch.nn.Sequential(torch.nn.Linear(8, 2**17), torch.nn.ReLU(), torch.nn.Linear(2**17, 2))
+samples = Samples({"pixel_values": torch.randn(64, 8)}, torch.arange(64))
+out = []
+for overrides, held_out in json.loads(sys.argv[1]):
+    cfg = parse_config(None, overrides)
+    out.append(forward_activations(cfg, wide, "image-classification", torch.device("cpu"), samples,
+                                   {"samples": samples} if held_out else {}, False) / 2**20)
+print(json.dumps(out))
+"""
+
+
+def test_forward_activations_measures_the_largest_forward():
+    """A forward of 1 MiB of activations per sample (two 2^17-wide float32 tensors alive at once): the probe sees
+    the largest batch, calibration or evaluation, and nothing for a run that makes no forward. A process of its
+    own, with a fixed mmap threshold (freed batches go back to the system, so each measurement starts afresh)."""
+    import json
+
+    runs = [(["calibration.batch_size=1", "eval.batch_size=1"], True),  # one-time costs (kernels) out of the way
+            (["calibration.batch_size=48", "eval.batch_size=8"], True),
+            (["calibration.batch_size=8", "eval.batch_size=48"], True),
+            (["calibration.batch_size=8", "eval.batch_size=8"], True),
+            (["prune.method=magnitude", "eval.metric=none", "eval.batch_size=48"], False)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(runs)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    _, calibration, evaluation, small, none = json.loads(res.stdout)
+    assert 40 < calibration < 80 and 40 < evaluation < 80, (calibration, evaluation)  # MiB: 2 x 48 x 0.5
+    assert small < 20 and none == 0, (small, none)
