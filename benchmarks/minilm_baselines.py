@@ -49,7 +49,7 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
     input feature of every layer over the N non-padding calibration tokens, the square root of the diagonal of
     dist-chita's H = X^T X / N (:func:`dist_chita.sequential.layer_curvature`)."""
     H = sequential.layer_curvature(modules, lambda batch: models.forward(model, task, batch),
-                                   data.iter_microbatches(calib, 0, len(calib), batch_size))
+                                   data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True))
     return [h.diagonal().sqrt() for h in H]
 
 
@@ -102,7 +102,8 @@ def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
     for group in sequential.blocks_in_order(modules):
         members = [modules[i] for i in group]
         H = sequential.layer_curvature(members, lambda batch: models.forward(model, task, batch),
-                                       data.iter_microbatches(calib, 0, len(calib), batch_size))
+                                       data.iter_microbatches(calib, 0, len(calib), batch_size,
+                                                              longest_first=True))
         with torch.no_grad():
             for (_, m), h in zip(members, H, strict=True):
                 m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
@@ -135,8 +136,11 @@ def main() -> None:
     loss_fn = build_loss(cfg, task)
     n, bs = cfg.calibration.n, cfg.calibration.batch_size
 
-    def batches():
+    def batches():  # consecutive, as the Fisher factor's exchange needs
         return data.iter_microbatches(calib, 0, n, bs)
+
+    def by_length():  # the curvature passes: longest first, as launch/prune.py runs them
+        return data.iter_microbatches(calib, 0, n, bs, longest_first=True)
 
     def fidelity() -> dict[str, float]:
         return evaluate.embedding_fidelity(reference, evaluate.collect_outputs(model, task, held, cfg.eval.batch_size))
@@ -163,7 +167,7 @@ def main() -> None:
     def layerwise(name: str, nm: tuple[int, int] | None) -> None:
         t = time.perf_counter()
         out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
-                                         make_batches=batches, nm=nm, damp=cfg.prune.damp)
+                                         make_batches=by_length, nm=nm, damp=cfg.prune.damp)
         record(name, time.perf_counter() - t)
         stage = out.stages[0]
         results[name].update(objective=stage.objective, magnitude_objective=stage.magnitude_objective,

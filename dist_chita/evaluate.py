@@ -105,14 +105,14 @@ def _padding_steps(model: nn.Module, total: int, per_step: int) -> int:
 
 
 def _my_batches(model: nn.Module, samples: Samples, batch_size: int):
-    """This rank's micro-batches ``(batch, real)`` of its even share; ``real`` False marks a padding batch
-    (:func:`_padding_steps`; its output must be discarded)."""
+    """This rank's micro-batches ``(batch, indices)`` of its even share, longest first (:func:`iter_microbatches`);
+    ``indices`` None marks a padding batch (:func:`_padding_steps`; its output must be discarded)."""
     lo, hi = _my_range(len(samples))
     device = models.device_of(model)
-    for b, _ in iter_microbatches(samples, lo, hi, batch_size):
-        yield to_device(b, device), True
+    for b, idx in iter_microbatches(samples, lo, hi, batch_size, longest_first=True):
+        yield to_device(b, device), idx
     for _ in range(_padding_steps(model, len(samples), batch_size)):
-        yield to_device(samples.batch(torch.arange(min(batch_size, len(samples)))), device), False
+        yield to_device(samples.batch(torch.arange(min(batch_size, len(samples)))), device), None
 
 
 @torch.no_grad()
@@ -124,12 +124,13 @@ def collect_outputs(
     Rank r computes an even contiguous share; the shares are all-gathered (so the result is
     (N, C) logits or (N, d) embeddings; per-token outputs of unequal lengths are not supported).
     """
-    parts = []
-    for b, real in _my_batches(model, samples, batch_size):
+    parts, indices = [], []
+    for b, idx in _my_batches(model, samples, batch_size):
         out = forward(model, task, b)
-        if real:
+        if idx is not None:
             parts.append(out.float().cpu())
-    mine = torch.cat(parts) if parts else None
+            indices.append(idx)
+    mine = torch.cat(parts)[torch.argsort(torch.cat(indices))] if parts else None  # back in sample order
     gathered = [p for p in comm.all_gather_object(mine) if p is not None]
     return torch.cat(gathered)
 
@@ -142,9 +143,9 @@ def evaluate_accuracy(
     if "labels" not in samples.fields:
         raise ValueError("accuracy needs labelled samples (no label column was given)")
     correct = total = 0.0
-    for b, real in _my_batches(model, samples, batch_size):
+    for b, idx in _my_batches(model, samples, batch_size):
         pred = forward(model, task, b).argmax(-1)
-        if not real:
+        if idx is None:
             continue
         correct, total = correct + float((pred == b["labels"]).sum()), total + float(len(pred))
     counts = comm.all_reduce_floats([correct, total])

@@ -312,7 +312,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             outcome = sequential.prune_layerwise(
                 model, modules, cfg.prune.sparsity, forward=lambda batch: models.forward(model, task, batch),
                 make_batches=lambda: sequential.my_microbatches(
-                    data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size)),
+                    data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size, longest_first=True)),
                 nm=nm, damp=cfg.prune.damp, solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
                 progress=faults.watch(progress))
         else:  # the Fisher objective: rank r computes the rows of A for samples [lo, hi)

@@ -121,6 +121,21 @@ def test_iter_microbatches_covers_slice_once():
         list(data.iter_microbatches(s, 0, 24, 5))
 
 
+def test_longest_first_micro_batches_cover_the_slice_with_less_padding(tokenizer):
+    s = data.load_samples("builtin:pydoc", n=60, seed=0, text_column="text", tokenizer=tokenizer, max_length=128)
+    tokens = s.fields["attention_mask"].sum(1)
+    got = list(data.iter_microbatches(s, 7, 53, 8, longest_first=True))
+    idx = torch.cat([i for _, i in got])
+    assert sorted(idx.tolist()) == list(range(7, 53))  # every sample of the slice once
+    assert tokens[idx].tolist() == sorted(tokens[7:53].tolist(), reverse=True)  # longest first
+    for batch, i in got:
+        assert torch.equal(batch["input_ids"], s.batch(i)["input_ids"])
+    in_order = list(data.iter_microbatches(s, 7, 53, 8))
+    assert torch.cat([i for _, i in in_order]).tolist() == list(range(7, 53))
+    positions = [sum(b["input_ids"].numel() for b, _ in batches) for batches in (got, in_order)]
+    assert positions[0] < 0.8 * positions[1], positions
+
+
 @pytest.fixture()
 def table():
     return {"sentence": ["a first line of text", "second", "third one", "fourth and last"], "y": [0, 1, 1, 0]}

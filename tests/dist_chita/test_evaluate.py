@@ -137,6 +137,43 @@ def test_model_runners_match_by_hand_and_across_ranks():
         assert rank_result[3] == pytest.approx(single[3])
 
 
+class _BagOfTokens(torch.nn.Module):
+    """Sum of token embeddings; padding (id 0) embeds to zero, so a sample's output does not depend on its batch."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 4, padding_idx=0)
+
+    def forward(self, input_ids):
+        return self.emb(input_ids).sum(1)
+
+
+def _text_samples():
+    lengths = [3, 9, 1, 5, 9, 2, 7, 4, 6, 2, 8]
+    ids = torch.zeros(len(lengths), 9, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = torch.arange(1, n + 1) * (i + 1) % 49 + 1
+    return Samples({"input_ids": ids, "attention_mask": (ids != 0).long()}, torch.arange(len(lengths)),
+                   trim_padding=True)
+
+
+def _text_outputs():
+    torch.set_num_threads(1)
+    return evaluate.collect_outputs(_BagOfTokens(), "image-classification", _text_samples(), batch_size=3)
+
+
+def test_outputs_come_back_in_sample_order_from_length_sorted_batches():
+    """Evaluation batches hold samples of about one length (longest first), and the outputs still come back in
+    sample order, on 1 and 2 ranks."""
+    s = _text_samples()
+    with torch.no_grad():
+        expected = _BagOfTokens()(s.fields["input_ids"])
+    torch.testing.assert_close(_text_outputs(), expected)
+    for out in run(_text_outputs, 2):
+        torch.testing.assert_close(out, expected)
+
+
 def test_evaluate_dispatch_errors():
     model, s = Linear2(), _samples()
     assert evaluate.evaluate(model, "image-classification", "none") == {}
