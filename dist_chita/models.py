@@ -19,7 +19,9 @@ the losses and metrics use, per task:
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -199,12 +201,21 @@ def device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    return "use_cache" in inspect.signature(cls.forward).parameters
+
+
 def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
     """(args, kwargs) to call ``model`` with: HF models get the tensors they accept as keywords
-    (never ``labels``: losses are computed outside); plain torch models get ``pixel_values``
-    (else ``input_ids``) as the one positional argument."""
+    (never ``labels``: losses are computed outside), and ``use_cache=False`` where the forward takes it (no
+    key/value cache of every layer, which a decoder otherwise builds and returns on every forward); plain torch
+    models get ``pixel_values`` (else ``input_ids``) as the one positional argument."""
     if is_hf(model):
-        return (), {k: batch[k] for k in _HF_INPUTS if k in batch}
+        kwargs = {k: batch[k] for k in _HF_INPUTS if k in batch}
+        if _takes_use_cache(type(model)):
+            kwargs["use_cache"] = False
+        return (), kwargs
     for k in ("pixel_values", "input_ids", "inputs"):
         if k in batch:
             return (batch[k],), {}

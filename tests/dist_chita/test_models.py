@@ -214,6 +214,25 @@ def test_errors(tmp_path):
         models.load_model("hf", task="embedding", path="builtin:gpt-5")
 
 
+def test_decoders_build_no_key_value_cache():
+    """A causal LM's forward gets use_cache=False (it would otherwise build and return every layer's keys and
+    values); the logits are those of the model's own forward. Models whose forward takes no use_cache get none."""
+    from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=50, n_positions=16)).eval()
+    batch = {"input_ids": torch.randint(0, 50, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    args, kwargs = models.model_inputs(gpt2, batch)
+    assert kwargs["use_cache"] is False
+    with torch.no_grad():
+        assert gpt2(*args, **kwargs).past_key_values is None
+        assert gpt2(**batch).past_key_values is not None  # what the config's use_cache=True would do
+        torch.testing.assert_close(models.forward(gpt2, "causal-lm", batch), gpt2(**batch).logits)
+    vit = ViTForImageClassification(ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                              intermediate_size=64, image_size=16, patch_size=8))
+    assert "use_cache" not in models.model_inputs(vit, {"pixel_values": torch.randn(1, 3, 16, 16)})[1]
+
+
 def test_model_inputs_and_mean_pool():
     net = mlpnet()
     x, ids = torch.randn(2, 784), torch.tensor([[1, 2]])
