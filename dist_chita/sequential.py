@@ -41,14 +41,23 @@ from dist_chita.schedule import kept_count
 _PRODUCT_ELEMENTS = 1 << 22  # X_b^T X_b is formed in column chunks of at most about this many entries
 
 
-def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]:
-    """Indices of ``modules`` grouped by the name prefix up to the first numeric component, in order of first
-    appearance (``a.layer.0.q``, ``a.layer.0.k`` -> one block; ``fc1`` -> a block of its own)."""
+def _blocks(modules: Sequence[tuple[str, nn.Module]]) -> dict[str, list[int]]:
     keys: dict[str, list[int]] = {}
     for i, (name, _) in enumerate(modules):
         m = re.match(r"(.*?(?:^|\.)\d+)(?:\.|$)", name)
         keys.setdefault(m.group(1) if m else name, []).append(i)
-    return list(keys.values())
+    return keys
+
+
+def blocks_in_order(modules: Sequence[tuple[str, nn.Module]]) -> list[list[int]]:
+    """Indices of ``modules`` grouped by the name prefix up to the first numeric component, in order of first
+    appearance (``a.layer.0.q``, ``a.layer.0.k`` -> one block; ``fc1`` -> a block of its own)."""
+    return list(_blocks(modules).values())
+
+
+def block_names(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The name of each block of :func:`blocks_in_order` (its prefix: the submodule holding its layers)."""
+    return list(_blocks(modules))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -242,6 +251,74 @@ def layer_curvature(
     return out
 
 
+def _same(a, b) -> bool:
+    """Equal structures of the same tensors (bit for bit) and the same other values."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        return (torch.is_tensor(a) and torch.is_tensor(b) and a.shape == b.shape and a.dtype == b.dtype
+                and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or (type(a) in (int, float, bool, str) and type(a) is type(b) and a == b)
+
+
+def _next_inputs(out, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The call of the next block when it takes this block's output ``out`` (or its first element) as hidden
+    states, everything else unchanged; None when ``out`` has no such tensor or the call has no hidden states."""
+    hidden = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not torch.is_tensor(hidden):
+        return None
+    if args:
+        return (hidden, *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": hidden}
+    return None
+
+
+def _record_calls(blocks: Sequence[nn.Module], calls: list, stop_after: int | None = None) -> list:
+    """Forward pre-hooks appending ``(block index, args, kwargs)`` of every call of ``blocks``; with
+    ``stop_after`` the call of block ``stop_after`` also ends the forward (:class:`_BlockSeen`). Returns the
+    handles."""
+    def hook(j: int):
+        def fn(module, args, kwargs):
+            calls.append((j, args, kwargs))
+            if j == stop_after:
+                raise _BlockSeen
+        return fn
+    return [m.register_forward_pre_hook(hook(j), with_kwargs=True) for j, m in enumerate(blocks)]
+
+
+@torch.no_grad()
+def chained_blocks(blocks: Sequence[nn.Module], forward: Callable[[object], object], batch) -> tuple[int, int]:
+    """The longest run [start, stop) of at least two ``blocks`` whose calls follow one from another: one forward
+    of ``batch`` records every block's call (each block must be called exactly once, in order), and block j + 1's
+    call must be what block j's output gives (:func:`_next_inputs`, compared bit for bit); (0, 0) when there is
+    none. Every block but the last runs once more here."""
+    calls: list = []
+    handles = _record_calls(blocks, calls)
+    try:
+        forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    if [j for j, _, _ in calls] != list(range(len(blocks))):
+        return 0, 0
+    follows = [_same(_next_inputs(blocks[j](*calls[j][1], **calls[j][2]), *calls[j][1:]), calls[j + 1][1:])
+               for j in range(len(blocks) - 1)]
+    best, j = (0, 0), 0
+    while j < len(follows):
+        if follows[j]:
+            end = j
+            while end < len(follows) and follows[end]:
+                end += 1
+            if end + 1 - j > best[1] - best[0]:
+                best = (j, end + 1)
+            j = end
+        j += 1
+    return best
+
+
 def _my_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int) -> list[tuple[int, int, int]]:
     """This rank's rows of a layer whose rows form ``parts`` (consecutive [lo, hi) ranges, one per H): every part
     is cut into whole chunks of ``chunk`` rows (the last one of a part shorter), the chunks of all parts are shared
@@ -257,6 +334,54 @@ def _my_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int
         else:
             runs.append((j, a, b))
     return runs
+
+
+def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[object], object],
+                  make_batches: Callable[[], Iterable], enabled: bool) -> tuple[list[nn.Module], int, int]:
+    """The blocks (submodules named ``names``) and the run [start, stop) of them that :func:`prune_layerwise`
+    computes on cached inputs (:func:`chained_blocks` on this rank's first micro-batch, the same on every rank,
+    else none); none under ZeRO-3."""
+    blocks = []
+    for name in names:
+        try:
+            blocks.append(model.get_submodule(name))
+        except AttributeError:
+            return [], 0, 0
+    if not enabled or len(blocks) < 2 or any(params.is_partitioned(p) for p in model.parameters()):
+        return blocks, 0, 0
+    first = next(iter(make_batches()), None)
+    if first is None:  # no micro-batch here: the others decide
+        votes = [-1e9] * 4
+    else:
+        start, stop = chained_blocks(blocks, forward, to_device(first[0], next(model.parameters()).device))
+        votes = [start, -start, stop, -stop]
+    most = comm.all_reduce_floats(votes, op="max")
+    if most[0] != -most[1] or most[2] != -most[3] or most[2] <= -1e9:
+        return blocks, 0, 0
+    return blocks, int(most[0]), int(most[2])
+
+
+@torch.no_grad()
+def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], object],
+             make_batches: Callable[[], Iterable]) -> list[dict]:
+    """For each of this rank's micro-batches ``{"attention_mask": ..., "call": (args, kwargs)}`` of block j, from
+    a forward that stops there."""
+    device = next(blocks[j].parameters()).device
+    inputs = []
+    for batch, _ in make_batches():
+        batch = to_device(batch, device)
+        calls: list = []
+        handles = _record_calls(blocks, calls, stop_after=j)
+        try:
+            forward(batch)
+        except _BlockSeen:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        inputs.append({"attention_mask": mask, "call": calls[-1][1:]})
+    return inputs
 
 
 def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
@@ -296,6 +421,7 @@ def prune_layerwise(
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     row_chunk: int = ROW_CHUNK,
+    cache_inputs: bool = True,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
     ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)`` (of each group's H for
@@ -304,6 +430,12 @@ def prune_layerwise(
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
     ``row_chunk``: rows solved together (and the unit in which rows are shared among ranks).
+    ``cache_inputs``: run the longest run of blocks that allows it (:func:`chained_blocks`, the same on every
+    rank; not under ZeRO-3) on cached inputs, as SparseGPT does: every micro-batch's call of the run's first block
+    is kept (one forward of the model up to it), and after each block is pruned its outputs become the next
+    block's inputs. Each block of the run is computed twice (its curvature, its pruned outputs) instead of the
+    model up to it; the other blocks take the model's forward. The calls are checked to be bit for bit those of
+    the model's own forward.
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
     objective, with the magnitude-support + re-fit objective beside it).
     """
@@ -321,12 +453,23 @@ def prune_layerwise(
     warm = 0.0
     done = 0
     order = blocks_in_order(modules)
+    t = time.perf_counter()
+    with comm.phase("curvature"):
+        blocks, start, stop = _cached_range(model, block_names(modules), forward, make_batches, cache_inputs)
+    seconds["curvature"] += time.perf_counter() - t
+    inputs: list[dict] = []
     for b, group in enumerate(order):
         t = time.perf_counter()
         members = [modules[i] for i in group]
         later = [modules[i][1] for g in order[b + 1:] for i in g]
         with comm.phase("curvature"):
-            Hs = layer_curvature(members, forward, make_batches(), later)
+            if b == start < stop:  # through the model (earlier blocks pruned) once
+                inputs = _capture(blocks, b, forward, make_batches)
+            if start <= b < stop:  # the block alone, on its cached inputs; later its (pruned) outputs are the next's
+                Hs = layer_curvature(members, lambda x, blk=blocks[b]: blk(*x["call"][0], **x["call"][1]),
+                                     [(x, None) for x in inputs])
+            else:
+                Hs = layer_curvature(members, forward, make_batches(), later)
         seconds["curvature"] += time.perf_counter() - t
         for (_, m), H in zip(members, Hs, strict=True):
             t = time.perf_counter()
@@ -366,6 +509,15 @@ def prune_layerwise(
             done += 1
             if progress is not None:
                 progress("layers", done, len(modules))
+        if start <= b < stop - 1:
+            t = time.perf_counter()
+            with comm.phase("curvature"), torch.no_grad():
+                for x in inputs:
+                    args, kwargs = x["call"]
+                    x["call"] = _next_inputs(blocks[b](*args, **kwargs), args, kwargs)
+            seconds["curvature"] += time.perf_counter() - t
+        elif b == stop - 1:
+            inputs = []
     (report.iterations,) = [int(v) for v in comm.all_reduce_floats([report.iterations], op="max")]
     report.objective_trace = [warm, report.objective]
     report.seconds = seconds

@@ -222,16 +222,27 @@ def test_padded_sample_has_the_gradient_of_the_unpadded_one(tmp_path, family):
 def test_layerwise_objective_prunes_every_family(tmp_path, family):
     """The default objective on each family: every output row of every prunable layer keeps its share (Conv1D's
     rows are its columns; a depthwise conv's row is one channel's kernel), the reconstruction objective beats the
-    magnitude supports re-fitted, and the pruned model still gives finite outputs."""
+    magnitude supports re-fitted, and the pruned model still gives finite outputs. The blocks whose inputs follow
+    from the previous block's output (the transformer layers; the ResNet and ConvNeXt stages) run on cached
+    inputs, with the weights of the model's own forwards bit for bit."""
     from dist_chita import sequential
 
     torch.set_num_threads(1)
     task, path = _checkpoint(family, tmp_path)
-    model = models.load_hf_model(str(path), task).model
-    modules = prunable_modules(model)
     calib = _inputs(task, N, seed=1)
-    out = sequential.prune_layerwise(model, modules, SPARSITY, forward=lambda b: models.forward(model, task, b),
-                                     make_batches=lambda: _batches(calib))
+    weights = []
+    for cache in (False, True):
+        model = models.load_hf_model(str(path), task).model
+        modules = prunable_modules(model)
+        forward = lambda b, model=model: models.forward(model, task, b)  # noqa: E731
+        if cache:
+            blocks = [model.get_submodule(name) for name in sequential.block_names(modules)]
+            chained = sequential.chained_blocks(blocks, forward, next(_batches(calib))[0])
+            assert chained == {"vit": (0, 0), "resnet": (1, 3), "convnext": (1, 3)}.get(family, (0, 2)), family
+        out = sequential.prune_layerwise(model, modules, SPARSITY, forward=forward,
+                                         make_batches=lambda: _batches(calib), cache_inputs=cache)
+        weights.append([m.weight.detach().clone() for _, m in modules])
+    assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True)), family
     grouped = 0
     for name, m in modules:
         rows = sequential.weight_rows(m, m.weight.detach())

@@ -7,6 +7,7 @@ from dist_chita.layerwise import keep_mask, objectives, solve_rows
 from dist_chita.schedule import kept_count
 from dist_chita.sequential import (
     blocks_in_order,
+    chained_blocks,
     input_rows,
     layer_curvature,
     my_microbatches,
@@ -283,6 +284,58 @@ def test_shared_curvature_on_ranks_with_and_without_micro_batches():
     for H, is_shared in multiproc.run(_fork_curvature, 3, 12):
         assert is_shared
         assert all(torch.equal(h, b) for h, b in zip(H, base, strict=True))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(6, 9), nn.Linear(9, 6)
+
+    def forward(self, h, gate=None):
+        return (h + self.down(torch.tanh(self.up(h)) * gate),)
+
+
+class _Stack(nn.Module):
+    """Four blocks called as block(h, gate=...), returning (h,); between blocks 0 and 1 the hidden states are
+    scaled, so block 1's call does not follow from block 0's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block() for _ in range(4))
+
+    def forward(self, x):
+        gate = torch.sigmoid(x[:, :1].repeat(1, 9))
+        h = x
+        for j, block in enumerate(self.layers):
+            (h,) = block(h, gate=gate)
+            if j == 0:
+                h = 0.5 * h
+        return h
+
+
+def _prune_stack(cache):
+    torch.manual_seed(5)
+    x = torch.randn(45, 6)
+    model = _Stack()
+    modules = [(f"layers.{j}.{part}", getattr(model.layers[j], part)) for j in range(4) for part in ("up", "down")]
+    forward = model
+    chained = chained_blocks(list(model.layers), forward, x[:7])
+    prune_layerwise(model, modules, 0.5, forward=forward, row_chunk=4, cache_inputs=cache,
+                    make_batches=lambda: my_microbatches(_batches(x, 0, 45, 7)))
+    return chained, [m.weight.detach().clone() for _, m in modules]
+
+
+def test_blocks_run_on_cached_inputs_where_their_calls_follow():
+    """Blocks 1-3 (called with a keyword tensor, returning a tuple) run on cached inputs; block 0's output is
+    scaled before block 1 so block 0 takes the model's forward. The weights are those of the model's forwards
+    bit for bit, on 1-3 ranks (rank 2 of 3 has 2 of the 7 micro-batches)."""
+    (chained, cached), = multiproc.run(_prune_stack, 1, True)
+    assert chained == (1, 4)
+    (_, whole), = multiproc.run(_prune_stack, 1, False)
+    assert all(torch.equal(a, b) for a, b in zip(cached, whole, strict=True))
+    for world_size in (2, 3):
+        for _, weights in multiproc.run(_prune_stack, world_size, True):
+            assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
 def _prune_mlp(nm):
