@@ -336,6 +336,38 @@ def _my_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int
     return runs
 
 
+def _tensor_bytes(x) -> int:
+    if torch.is_tensor(x):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_tensor_bytes(v) for v in x)
+    if isinstance(x, dict):
+        return sum(_tensor_bytes(v) for v in x.values())
+    return 0
+
+
+@torch.no_grad()
+def block_call_bytes(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], forward: Callable[[object], object],
+                     batch) -> int:
+    """The bytes of the tensors in the largest call of a block (:func:`block_names`) in one forward of ``batch``:
+    what caching one micro-batch's inputs of a block costs (:func:`prune_layerwise` keeps them for every
+    micro-batch of the rank, and the next block's beside them)."""
+    blocks = []
+    for name in block_names(modules):
+        try:
+            blocks.append(model.get_submodule(name))
+        except AttributeError:
+            return 0
+    calls: list = []
+    handles = _record_calls(blocks, calls)
+    try:
+        forward(batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return max((_tensor_bytes(call[1:]) for call in calls), default=0)
+
+
 def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[object], object],
                   make_batches: Callable[[], Iterable], enabled: bool) -> tuple[list[nn.Module], int, int]:
     """The blocks (submodules named ``names``) and the run [start, stop) of them that :func:`prune_layerwise`

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -252,9 +253,13 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         cfg, model, task, device, calib, held_out, grad=not layerwise and partition is None))
     if cfg.prune.method == "magnitude":
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
-    elif layerwise:  # no factor either: one block's H and one layer's solve
+    elif layerwise:  # no factor either: one block's H and one layer's solve, and the cached block inputs
+        per_batch = 0 if partition is not None else sequential.block_call_bytes(  # no cache under ZeRO-3
+            model, modules, lambda b: models.forward(model, task, b),
+            data.to_device(calib.largest_batch(cfg.calibration.batch_size), device))
+        batches = math.ceil(math.ceil(n / cfg.calibration.batch_size) / world)
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
-                                  solver=sequential.memory_bytes(modules))
+                                  solver=sequential.memory_bytes(modules) + 2 * batches * per_batch)
     compare = cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude
     if compare:  # the dense prunable weights are kept while the magnitude baseline is measured
         est = dataclasses.replace(est, model=est.model + 4 * p)

@@ -6,6 +6,7 @@ from torch import nn
 from dist_chita.layerwise import keep_mask, objectives, solve_rows
 from dist_chita.schedule import kept_count
 from dist_chita.sequential import (
+    block_call_bytes,
     blocks_in_order,
     chained_blocks,
     input_rows,
@@ -331,6 +332,9 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
     bit for bit, on 1-3 ranks (rank 2 of 3 has 2 of the 7 micro-batches)."""
     (chained, cached), = multiproc.run(_prune_stack, 1, True)
     assert chained == (1, 4)
+    stack = _Stack()
+    modules = [(f"layers.{j}.up", stack.layers[j].up) for j in range(4)]
+    assert block_call_bytes(stack, modules, stack, torch.randn(7, 6)) == 4 * 7 * (6 + 9)  # h and the gate
     (_, whole), = multiproc.run(_prune_stack, 1, False)
     assert all(torch.equal(a, b) for a, b in zip(cached, whole, strict=True))
     for world_size in (2, 3):
