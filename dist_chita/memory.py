@@ -127,9 +127,18 @@ _earlier_peak = {"cuda": 0, "cpu": 0}  # the peak before :func:`peak_growth` res
 
 
 def _current_peak(device: torch.device) -> int:
+    """The peak counter: device allocations, or this process's resident high-water mark (VmHWM; getrusage's
+    maxrss would also count the parent's resident set at the fork before this process's exec)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # pragma: no cover
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -49,7 +49,7 @@ def test_peak_growth_measures_a_temporary_below_an_earlier_peak():
 
     grown = peak_growth(temporary, cpu)
     assert 60 * 2**20 < grown < 80 * 2**20
-    assert peak_bytes(cpu) >= high
+    assert peak_bytes(cpu) >= high - 2**20  # the kernel's resident counts lag by a few pages
     assert peak_growth(lambda: None, cpu) < 8 * 2**20
 
 
