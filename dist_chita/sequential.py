@@ -276,17 +276,36 @@ def _next_inputs(out, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     return None
 
 
-def _record_calls(blocks: Sequence[nn.Module], calls: list, stop_after: int | None = None) -> list:
-    """Forward pre-hooks appending ``(block index, args, kwargs)`` of every call of ``blocks``; with
-    ``stop_after`` the call of block ``stop_after`` also ends the forward (:class:`_BlockSeen`). Returns the
-    handles."""
+def _submodules(model: nn.Module, names: Sequence[str]) -> list[nn.Module] | None:
+    try:
+        return [model.get_submodule(name) for name in names]
+    except AttributeError:
+        return None
+
+
+@torch.no_grad()
+def _block_calls(blocks: Sequence[nn.Module], forward: Callable[[object], object], batch,
+                 stop_at: int | None = None) -> list[tuple[int, tuple, dict]]:
+    """``(block index, args, kwargs)`` of every call of ``blocks`` in one forward of ``batch``; with ``stop_at``
+    the forward ends when block ``stop_at`` is called (its call the last one)."""
+    calls: list = []
+
     def hook(j: int):
         def fn(module, args, kwargs):
             calls.append((j, args, kwargs))
-            if j == stop_after:
+            if j == stop_at:
                 raise _BlockSeen
         return fn
-    return [m.register_forward_pre_hook(hook(j), with_kwargs=True) for j, m in enumerate(blocks)]
+
+    handles = [m.register_forward_pre_hook(hook(j), with_kwargs=True) for j, m in enumerate(blocks)]
+    try:
+        forward(batch)
+    except _BlockSeen:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
 
 
 @torch.no_grad()
@@ -295,13 +314,7 @@ def chained_blocks(blocks: Sequence[nn.Module], forward: Callable[[object], obje
     of ``batch`` records every block's call (each block must be called exactly once, in order), and block j + 1's
     call must be what block j's output gives (:func:`_next_inputs`, compared bit for bit); (0, 0) when there is
     none. Every block but the last runs once more here."""
-    calls: list = []
-    handles = _record_calls(blocks, calls)
-    try:
-        forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    calls = _block_calls(blocks, forward, batch)
     if [j for j, _, _ in calls] != list(range(len(blocks))):
         return 0, 0
     follows = [_same(_next_inputs(blocks[j](*calls[j][1], **calls[j][2]), *calls[j][1:]), calls[j + 1][1:])
@@ -352,20 +365,10 @@ def block_call_bytes(model: nn.Module, modules: Sequence[tuple[str, nn.Module]],
     """The bytes of the tensors in the largest call of a block (:func:`block_names`) in one forward of ``batch``:
     what caching one micro-batch's inputs of a block costs (:func:`prune_layerwise` keeps them for every
     micro-batch of the rank, and the next block's beside them)."""
-    blocks = []
-    for name in block_names(modules):
-        try:
-            blocks.append(model.get_submodule(name))
-        except AttributeError:
-            return 0
-    calls: list = []
-    handles = _record_calls(blocks, calls)
-    try:
-        forward(batch)
-    finally:
-        for h in handles:
-            h.remove()
-    return max((_tensor_bytes(call[1:]) for call in calls), default=0)
+    blocks = _submodules(model, block_names(modules))
+    if blocks is None:
+        return 0
+    return max((_tensor_bytes(call[1:]) for call in _block_calls(blocks, forward, batch)), default=0)
 
 
 def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[object], object],
@@ -373,12 +376,9 @@ def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[obj
     """The blocks (submodules named ``names``) and the run [start, stop) of them that :func:`prune_layerwise`
     computes on cached inputs (:func:`chained_blocks` on this rank's first micro-batch, the same on every rank,
     else none); none under ZeRO-3."""
-    blocks = []
-    for name in names:
-        try:
-            blocks.append(model.get_submodule(name))
-        except AttributeError:
-            return [], 0, 0
+    blocks = _submodules(model, names)
+    if blocks is None:
+        return [], 0, 0
     if not enabled or len(blocks) < 2 or any(params.is_partitioned(p) for p in model.parameters()):
         return blocks, 0, 0
     first = next(iter(make_batches()), None)
@@ -393,7 +393,6 @@ def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[obj
     return blocks, int(most[0]), int(most[2])
 
 
-@torch.no_grad()
 def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], object],
              make_batches: Callable[[], Iterable]) -> list[dict]:
     """For each of this rank's micro-batches ``{"attention_mask": ..., "call": (args, kwargs)}`` of block j, from
@@ -402,15 +401,10 @@ def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], ob
     inputs = []
     for batch, _ in make_batches():
         batch = to_device(batch, device)
-        calls: list = []
-        handles = _record_calls(blocks, calls, stop_after=j)
-        try:
-            forward(batch)
-        except _BlockSeen:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        calls = _block_calls(blocks, forward, batch, stop_at=j)
+        if not calls or calls[-1][0] != j:
+            raise RuntimeError(f"layerwise: block {j} was not called in the forward of a calibration micro-batch, "
+                               "as it was in the first one, so its inputs cannot be cached")
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
         inputs.append({"attention_mask": mask, "call": calls[-1][1:]})
     return inputs
