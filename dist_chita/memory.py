@@ -162,7 +162,7 @@ def _reset_peak(device: torch.device) -> bool:
     try:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        else:  # Linux: "5" resets the resident set's high-water mark, which getrusage reports
+        else:  # Linux: "5" resets the resident set's high-water mark (VmHWM)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
     except OSError:
