@@ -97,15 +97,15 @@ def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
               nm: tuple[int, int] | None = None) -> None:
     """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
     :func:`dist_chita.sequential.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
-    layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (one calibration pass
-    per block, as in the reference implementation; :func:`dist_chita.sequential.layer_curvature`)."""
-    for group in sequential.blocks_in_order(modules):
-        members = [modules[i] for i in group]
-        H = sequential.layer_curvature(members, lambda batch: models.forward(model, task, batch),
-                                       data.iter_microbatches(calib, 0, len(calib), batch_size,
-                                                              longest_first=True))
+    layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (the encoder blocks
+    on cached inputs, as in the reference implementation; the same passes as the layerwise objective:
+    :func:`dist_chita.sequential.block_curvatures`)."""
+    for group, H in sequential.block_curvatures(
+            model, modules, lambda batch: models.forward(model, task, batch),
+            lambda: data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True)):
         with torch.no_grad():
-            for (_, m), h in zip(members, H, strict=True):
+            for i, h in zip(group, H, strict=True):
+                m = modules[i][1]
                 m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
 
 

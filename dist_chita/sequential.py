@@ -5,7 +5,8 @@ The orchestration of ``objective: layerwise`` (:mod:`dist_chita.layerwise` is th
 1. the prunable layers are grouped into blocks, in model order: the layers whose names share the prefix up to
    their first numeric component (``encoder.layer.3``; a layer without one is a block of its own);
 2. for each block, every rank runs its share of the calibration samples through the model (earlier blocks
-   already pruned, as SparseGPT does) and accumulates each layer's H = X^T X over its input rows (tokens, padding
+   already pruned, as SparseGPT does; or only through the block, from cached inputs:
+   :func:`block_curvatures`) and accumulates each layer's H = X^T X over its input rows (tokens, padding
    excluded; Conv2d: unfolded patches; a grouped Conv2d has one H per group of output rows, over that group's
    inputs); one all-reduce of every H (d x d per layer, independent of n and of the layer's output count) gives
    the curvature of all N rows of all ranks;
@@ -410,6 +411,45 @@ def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], ob
     return inputs
 
 
+def block_curvatures(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    forward: Callable[[object], object],
+    make_batches: Callable[[], Iterable],
+    cache_inputs: bool = True,
+) -> Iterator[tuple[list[int], list[torch.Tensor]]]:
+    """The blocks of :func:`blocks_in_order` in order, each as (its indices into ``modules``, their H of
+    :func:`layer_curvature`), on the inputs through the earlier blocks as the caller has left them (pruned) when
+    it asks for the next block. Collective (every rank asks for every block).
+
+    ``cache_inputs``: the longest run of blocks that allows it (:func:`chained_blocks`, the same on every rank;
+    not under ZeRO-3) runs on cached inputs, as SparseGPT does: every micro-batch's call of the run's first block
+    is kept (one forward of the model up to it), and when the next block is asked for, each cached call goes
+    through the (pruned) block and its output becomes the next block's input. Each block of the run is computed
+    twice (its H, its outputs) instead of the model up to it; the other blocks take the model's forward, which
+    stops before the later blocks. The calls are checked to be bit for bit those of the model's own forward."""
+    order = blocks_in_order(modules)
+    blocks, start, stop = _cached_range(model, block_names(modules), forward, make_batches, cache_inputs)
+    inputs: list[dict] = []
+    for b, group in enumerate(order):
+        members = [modules[i] for i in group]
+        if b == start < stop:  # through the model (earlier blocks pruned) once
+            inputs = _capture(blocks, b, forward, make_batches)
+        if start <= b < stop:  # the block alone, on its cached inputs
+            Hs = layer_curvature(members, lambda x, blk=blocks[b]: blk(*x["call"][0], **x["call"][1]),
+                                 [(x, None) for x in inputs])
+        else:
+            Hs = layer_curvature(members, forward, make_batches(), [modules[i][1] for g in order[b + 1:] for i in g])
+        yield group, Hs
+        if start <= b < stop - 1:  # the caller has pruned block b: its outputs are block b + 1's inputs
+            with torch.no_grad():
+                for x in inputs:
+                    args, kwargs = x["call"]
+                    x["call"] = _next_inputs(blocks[b](*args, **kwargs), args, kwargs)
+        elif b == stop - 1:
+            inputs = []
+
+
 def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
     """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
     twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and its inverse in
@@ -456,12 +496,7 @@ def prune_layerwise(
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
     ``row_chunk``: rows solved together (and the unit in which rows are shared among ranks).
-    ``cache_inputs``: run the longest run of blocks that allows it (:func:`chained_blocks`, the same on every
-    rank; not under ZeRO-3) on cached inputs, as SparseGPT does: every micro-batch's call of the run's first block
-    is kept (one forward of the model up to it), and after each block is pruned its outputs become the next
-    block's inputs. Each block of the run is computed twice (its curvature, its pruned outputs) instead of the
-    model up to it; the other blocks take the model's forward. The calls are checked to be bit for bit those of
-    the model's own forward.
+    ``cache_inputs``: run the blocks that allow it on cached inputs (:func:`block_curvatures`).
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
     objective, with the magnitude-support + re-fit objective beside it).
     """
@@ -478,25 +513,16 @@ def prune_layerwise(
     bytes_before = comm.bytes_by_phase()
     warm = 0.0
     done = 0
-    order = blocks_in_order(modules)
-    t = time.perf_counter()
-    with comm.phase("curvature"):
-        blocks, start, stop = _cached_range(model, block_names(modules), forward, make_batches, cache_inputs)
-    seconds["curvature"] += time.perf_counter() - t
-    inputs: list[dict] = []
-    for b, group in enumerate(order):
+    curvatures = block_curvatures(model, modules, forward, make_batches, cache_inputs)
+    while True:
         t = time.perf_counter()
-        members = [modules[i] for i in group]
-        later = [modules[i][1] for g in order[b + 1:] for i in g]
-        with comm.phase("curvature"):
-            if b == start < stop:  # through the model (earlier blocks pruned) once
-                inputs = _capture(blocks, b, forward, make_batches)
-            if start <= b < stop:  # the block alone, on its cached inputs; later its (pruned) outputs are the next's
-                Hs = layer_curvature(members, lambda x, blk=blocks[b]: blk(*x["call"][0], **x["call"][1]),
-                                     [(x, None) for x in inputs])
-            else:
-                Hs = layer_curvature(members, forward, make_batches(), later)
+        with comm.phase("curvature"):  # the forwards for the next block (through the pruned earlier ones) and H
+            item = next(curvatures, None)
         seconds["curvature"] += time.perf_counter() - t
+        if item is None:
+            break
+        group, Hs = item
+        members = [modules[i] for i in group]
         for (_, m), H in zip(members, Hs, strict=True):
             t = time.perf_counter()
             weight = params.read(m.weight)
@@ -535,15 +561,6 @@ def prune_layerwise(
             done += 1
             if progress is not None:
                 progress("layers", done, len(modules))
-        if start <= b < stop - 1:
-            t = time.perf_counter()
-            with comm.phase("curvature"), torch.no_grad():
-                for x in inputs:
-                    args, kwargs = x["call"]
-                    x["call"] = _next_inputs(blocks[b](*args, **kwargs), args, kwargs)
-            seconds["curvature"] += time.perf_counter() - t
-        elif b == stop - 1:
-            inputs = []
     (report.iterations,) = [int(v) for v in comm.all_reduce_floats([report.iterations], op="max")]
     report.objective_trace = [warm, report.objective]
     report.seconds = seconds
