@@ -97,12 +97,7 @@ def baseline_bytes(device: torch.device, model_bytes: int = 0) -> int:
     resident memory on CPU (interpreter, libraries, data), 0 on GPU (only allocations count there)."""
     if device.type == "cuda":
         return 0
-    try:
-        with open("/proc/self/statm") as f:
-            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
-        rss = peak_bytes(device)
-    return max(0, rss - int(model_bytes))
+    return max(0, _in_use(device) - int(model_bytes))
 
 
 def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
@@ -148,10 +143,14 @@ def peak_bytes(device: torch.device) -> int:
 
 
 def _in_use(device: torch.device) -> int:
+    """Memory held now: device allocations, or the resident set on the host (its peak where /proc is missing)."""
     if device.type == "cuda":
         return int(torch.cuda.memory_allocated(device))
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return peak_bytes(device)
 
 
 def _reset_peak(device: torch.device) -> bool:
@@ -177,10 +176,7 @@ def peak_growth(run: Callable[[], object], device: torch.device) -> int:
     reset (not Linux), the rise of the process's peak, which may be less."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    try:
-        start = _in_use(device)
-    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
-        start = peak_bytes(device)
+    start = _in_use(device)
     if not _reset_peak(device):  # pragma: no cover - not Linux
         start = peak_bytes(device)
     run()
