@@ -153,25 +153,30 @@ def build_loss(cfg: RunConfig, task: str):
     return losses.gauss_newton_probe(cfg.solver.seed, forward)
 
 
-def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_out: dict, grad: bool) -> int:
+def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_out: dict, grad: bool,
+                        calibration_forward=None) -> int:
     """Bytes the largest forward pass of the run adds: the calibration micro-batch with the most tokens (with
     autograd's saved activations if ``grad``: the Fisher objective's backward follows) and the largest evaluation
-    batch, each measured on one forward (collective under ZeRO-3, like every forward)."""
+    batch, each measured on one forward (collective under ZeRO-3, like every forward). ``calibration_forward``
+    (batch): runs the calibration probe instead of the model's forward (to measure something else in it too)."""
     from dist_chita import data, memory, models
+
+    def forward(batch) -> None:
+        models.forward(model, task, batch)
 
     probes = []
     if cfg.prune.method != "magnitude":
-        probes.append((calib.largest_batch(cfg.calibration.batch_size), grad))
+        probes.append((calib.largest_batch(cfg.calibration.batch_size), grad, calibration_forward or forward))
     if "samples" in held_out:
-        probes.append((held_out["samples"].largest_batch(cfg.eval.batch_size), False))
+        probes.append((held_out["samples"].largest_batch(cfg.eval.batch_size), False, forward))
     elif "tokens" in held_out:
         ids = held_out["tokens"][: cfg.eval.max_length or cfg.calibration.max_length][None]
-        probes.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, False))
+        probes.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, False, forward))
 
     def forwards() -> None:  # one peak over all: memory one probe frees may be kept by the process for the next
-        for batch, with_grad in probes:
+        for batch, with_grad, run in probes:
             with torch.set_grad_enabled(with_grad):
-                models.forward(model, task, data.to_device(batch, device))
+                run(data.to_device(batch, device))
 
     return memory.peak_growth(forwards, device) if probes else 0
 
@@ -249,14 +254,18 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         baseline=memory.baseline_bytes(device, full_bytes),
     )
     layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
+    block_bytes = [0]  # the largest block call of the calibration probe: what a cached block input costs
+
+    def calibration_probe(batch) -> None:
+        block_bytes[0] = sequential.block_call_bytes(model, modules, lambda b: models.forward(model, task, b), batch)
+
     est = dataclasses.replace(est, activations=forward_activations(  # the backward's saved activations: not ZeRO-3
-        cfg, model, task, device, calib, held_out, grad=not layerwise and partition is None))
+        cfg, model, task, device, calib, held_out, grad=not layerwise and partition is None,
+        calibration_forward=calibration_probe if layerwise and partition is None else None))  # no cache: ZeRO-3
     if cfg.prune.method == "magnitude":
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0)  # no Fisher factor
     elif layerwise:  # no factor either: one block's H and one layer's solve, and the cached block inputs
-        per_batch = 0 if partition is not None else sequential.block_call_bytes(  # no cache under ZeRO-3
-            model, modules, lambda b: models.forward(model, task, b),
-            data.to_device(calib.largest_batch(cfg.calibration.batch_size), device))
+        per_batch = block_bytes[0]
         batches = math.ceil(math.ceil(n / cfg.calibration.batch_size) / world)
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
                                   solver=sequential.memory_bytes(modules) + 2 * batches * per_batch)
