@@ -226,13 +226,10 @@ class Samples:
         return out
 
     def largest_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
-        """The ``batch_size`` samples with the most attended tokens (the first ones without an attention mask) as
-        one batch: the largest any micro-batch of this size can be (to measure a forward's memory)."""
-        size = min(batch_size, len(self))
-        if "attention_mask" not in self.fields:
-            return self.batch(torch.arange(size))
-        tokens = self.fields["attention_mask"].sum(1)
-        return self.batch(torch.sort(torch.argsort(tokens, descending=True, stable=True)[:size]).values)
+        """The largest micro-batch of ``batch_size`` samples any pass makes (to measure a forward's memory): the
+        first of :func:`iter_microbatches` longest first (with dynamic padding the samples with the most attended
+        tokens, else the first ones, all of one size)."""
+        return next(iter_microbatches(self, 0, len(self), batch_size, longest_first=True))[0]
 
     def select(self, indices: Sequence[int] | torch.Tensor) -> Samples:
         """A new Samples with only the samples at ``indices``."""
