@@ -19,10 +19,11 @@ steps w+ = H_k(w - tau g), g = Q (w - w_bar), with CHITA's step rule per row (th
 support, and steps from just past tau_c, the first support change, and from 1/L), swaps of the s cheapest kept
 weights for the s most promising outside ones (per-row budgets, s = 1, 2, 4, 8, 16), the lowest f winning (the
 current point included, so f never increases), and after each step the re-fit of the kept weights on their
-support (the paper's back-solve, here conjugate gradients on Q_SS with a Jacobi preconditioner, started from the
-IHT point). The line step and the swaps are scored from the gradient alone (f(w + delta) = f(w) + delta . g +
-1/2 delta^T Q delta, delta sparse); only the support-changing steps and the re-fit cost products. A row stops when
-its own relative decrease is below ``tol``; only the rows still improving are computed.
+support (the paper's back-solve, here conjugate gradients on Q_SS, started from the IHT point, preconditioned by
+the diagonal plus Q's leading directions restricted to each row's support: :class:`Preconditioner`). The line
+step and the swaps are scored from the gradient alone (f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta,
+delta sparse); only the support-changing steps and the re-fit cost products. A row stops when its own relative
+decrease is below ``tol``; only the rows still improving are computed.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
@@ -31,6 +32,7 @@ Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +43,8 @@ _PAIR_POOL = 32  # the best single swap is searched among this many cheapest kep
 _GROUP_SWAPS = (1, 4, 16, 64)  # N:M: how many groups' best swaps are tried together
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 rounding (of f computed
 # directly or from the gradient) rather than the problem would decide between nearly equal candidates
+DEFLATE = 32  # directions of the back-solve's preconditioner (Preconditioner), at most sqrt(d / 2)
+_SUBSPACE_ITERS = 8  # products of the subspace iteration that finds them
 
 
 @dataclass
@@ -86,16 +90,94 @@ def objectives(D: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
     return 0.5 * (D @ Q).mul_(D).double().sum(1)
 
 
+@dataclass(frozen=True)
+class Preconditioner:
+    """The back-solve's preconditioner, one per Q: Q ~ D^1/2 (c I + V (E - c I) V^T) D^1/2 with D = diag(Q), V (d, m)
+    the leading eigenvectors of the Jacobi-scaled J = D^-1/2 Q D^-1/2, E (m,) their eigenvalues and c the mean of
+    J's other eigenvalues (trace J = d). Q's spectrum is spread wide (condition numbers of 10^3 to 10^5 on MiniLM's
+    layers, a few directions holding a fifth of the trace), which diagonal scaling alone leaves. Restricted to a
+    row's support S the approximation is inverted exactly (Woodbury): M_S^-1 = D_S^-1/2 (I - V_S C^-1 V_S^T)
+    D_S^-1/2 / c, C = c (E - c I)^-1 + V_S^T V_S, one m x m Cholesky per row and back-solve.
+
+    scale: (d,) D^-1/2; V: (d, m); ridge: (m,) c / (E - c); c: the mean; outer: (d, m (m + 1) / 2) the upper
+    triangle of v_j v_j^T for every input j (v_j = row j of V), so that every row's V_S^T V_S is one product."""
+
+    scale: torch.Tensor
+    V: torch.Tensor
+    ridge: torch.Tensor
+    c: float
+    outer: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[1]
+
+    def on_support(self, S: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """M_S^-1 for every row's support S (r, d) bool: a function of R (r, d), zero off S, returning
+        M_{S_i}^-1 r_i in every row (zero off S). Forms every row's C (one (r, d) x (d, m (m + 1) / 2) product) and
+        its Cholesky factor; each application then costs two (r, d) x (d, m) products."""
+        Sf = S.to(self.V.dtype)
+        post = (self.scale / self.c)[None, :] * Sf
+        m = self.rank
+        if m == 0:
+            return lambda R: R * self.scale[None, :] * post
+        iu = torch.triu_indices(m, m, device=S.device)
+        C = torch.zeros(S.shape[0], m, m, dtype=Sf.dtype, device=S.device)
+        C[:, iu[0], iu[1]] = Sf @ self.outer  # V_S^T V_S, upper triangle
+        C = C + C.triu(1).transpose(1, 2)
+        C.diagonal(dim1=1, dim2=2).add_(self.ridge)
+        L_C = torch.linalg.cholesky(C)
+
+        def apply(R):
+            y = R * self.scale[None, :]
+            t = torch.cholesky_solve((y @ self.V)[:, :, None], L_C)[:, :, 0]
+            return (y - t @ self.V.T) * post
+        return apply
+
+
+def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITERS) -> Preconditioner:
+    """:class:`Preconditioner` of Q (d, d) with at most ``rank`` directions, found by subspace iteration on J in
+    float64 (block of rank + rank // 2 vectors from a fixed seed, ``power_iters`` products, then Rayleigh-Ritz); only
+    eigenvalues above c are kept. Stored in Q's dtype. Deterministic: the same Q gives the same bits on every
+    rank."""
+    d = Q.shape[0]
+    Qd = Q.double()
+    scale = Qd.diagonal().clamp_min(1e-30).rsqrt()
+    rank = min(rank, math.isqrt(d // 2))  # forming every row's C (m^2 / 2 per input) costs <= 1/4 of a product
+    if rank <= 0:
+        V, E = Qd.new_zeros(d, 0), Qd.new_zeros(0)
+    else:
+        J = scale[:, None] * Qd * scale[None, :]
+        block = min(d, rank + rank // 2)
+        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(Q.device)
+        for _ in range(power_iters):
+            X = torch.linalg.qr(J @ X).Q
+        E, U = torch.linalg.eigh(X.T @ J @ X)
+        E, V = E.flip(0)[:rank], (X @ U).flip(1)[:, :rank]
+    c = (d - float(E.sum())) / (d - E.numel())
+    keep = E > 1.01 * c
+    E, V = E[keep], V[:, keep]
+    iu = torch.triu_indices(V.shape[1], V.shape[1], device=Q.device)
+    return Preconditioner(scale=scale.to(Q.dtype), V=V.to(Q.dtype).contiguous(), ridge=(c / (E - c)).to(Q.dtype),
+                          c=c, outer=(V[:, iu[0]] * V[:, iu[1]]).to(Q.dtype).contiguous())
+
+
 def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
-          rtol: float = 1e-5) -> torch.Tensor:
+          rtol: float = 1e-5, pre: Preconditioner | None = None) -> torch.Tensor:
     """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS
-    preconditioned with its diagonal (Jacobi), started from W (zero off S). Each iteration is one (r, d) x (d, d)
-    product. Returns the new W (zero off S)."""
+    preconditioned with ``pre`` restricted to S_i (:class:`Preconditioner`; None: the diagonal, Jacobi), started
+    from W (zero off S). Each iteration is one (r, d) x (d, d) product. Returns the new W (zero off S)."""
     Sf = S.to(W.dtype)
-    M_inv = 1.0 / Q.diagonal().clamp_min(1e-30)[None, :]
+    if pre is None:
+        M_inv = (1.0 / Q.diagonal().clamp_min(1e-30))[None, :]
+
+        def precondition(R):
+            return R * M_inv
+    else:
+        precondition = pre.on_support(S)
     X = W * Sf
     R = -((X - W_bar) @ Q) * Sf  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
-    Z = R * M_inv
+    Z = precondition(R)
     P = Z.clone()
     rz = (R * Z).sum(1)
     stop = (rtol**2) * (R * R).sum(1).clamp_min(1e-30)
@@ -108,12 +190,23 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
         alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), torch.zeros_like(rz))
         X += alpha[:, None] * P
         R -= alpha[:, None] * QP
-        Z = R * M_inv
+        Z = precondition(R)
         rz_new = (R * Z).sum(1)
         beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
         P = Z + beta[:, None] * P
         rz = rz_new
     return X
+
+
+def inverse_diagonal(Q: torch.Tensor) -> torch.Tensor:
+    """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work); through
+    the LU inverse when Q is not numerically definite."""
+    Qd = Q.double()
+    L, info = torch.linalg.cholesky_ex(Qd)
+    if int(info) != 0:
+        return torch.linalg.inv(Qd).diagonal()
+    eye = torch.eye(Q.shape[0], dtype=Qd.dtype, device=Q.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).pow(2).sum(0)
 
 
 def lipschitz(Q: torch.Tensor, iters: int = 50) -> float:
@@ -141,6 +234,7 @@ def solve_rows(
     tol: float = 1e-4,
     trials: int = 1,
     refit_iters: int = 10,
+    deflate: int = DEFLATE,
     row_chunk: int = ROW_CHUNK,
 ) -> RowsResult:
     """Prune every row of one layer (module docstring).
@@ -155,6 +249,7 @@ def solve_rows(
         trials: step sizes tried per IHT step from tau_c and from 1/L, doubling (each costs a product; on real
             layers they rarely beat the line step and the swaps, which cost none: ``_SWAPS``).
         refit_iters: conjugate-gradient iterations of each back-solve.
+        deflate: directions of the back-solve's preconditioner at most (:func:`preconditioner`; 0: Jacobi).
         row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
             alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
             every chunk (float products are not the same bits for different numbers of rows).
@@ -166,12 +261,13 @@ def solve_rows(
     W_bar = W_bar.float()
     d = W_bar.shape[1]
     Q = H.float() + lam * torch.eye(d, dtype=torch.float32, device=W_bar.device)
-    q_inv_diag = torch.linalg.inv(Q.double()).diagonal().float().clamp_min(1e-30)
+    q_inv_diag = inverse_diagonal(Q).float().clamp_min(1e-30)
     L = lipschitz(Q)
+    pre = preconditioner(Q, deflate)
     parts = []
     for a in range(0, W_bar.shape[0], row_chunk):
         b = min(a + row_chunk, W_bar.shape[0])
-        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, k, nm,
+        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, pre, k, nm,
                                   max_iter, tol, trials, refit_iters))
     if not parts:
         empty = torch.zeros_like(W_bar)
@@ -184,15 +280,15 @@ def solve_rows(
                       magnitude_objective=sum(p[3] for p in parts), iterations=max(p[4] for p in parts), trace=trace)
 
 
-def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials, refit_iters):
+def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, trials, refit_iters):
     """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
 
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
     S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
-    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters)
+    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, pre=pre)
     f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
     S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
-    W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters)
+    W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters, pre=pre)
     f_obs, G_obs = _objective_and_gradient(W_obs, W_bar, Q)
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
@@ -207,7 +303,8 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, k, nm, max_iter, tol, trials,
         rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
         f_a = fi[rows]
         W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
-                                         None if allowed is None else allowed[rows], Q, L, k, nm, trials, refit_iters)
+                                         None if allowed is None else allowed[rows], Q, L, pre, k, nm, trials,
+                                         refit_iters)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
         # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()
@@ -230,7 +327,7 @@ def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tenso
     return 0.5 * (G * D).double().sum(1), G
 
 
-def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
+def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters):
     """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient G = (W - W_bar) Q (the
     support-keeping exact line step, support-changing steps from just past tau_c and from 1/L doubling, and for
     per-row budgets swaps of the s cheapest kept for the s most promising outside weights), the best per row
@@ -291,7 +388,7 @@ def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials, refit_iters):
         b = better[:, None]
         best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
                                   torch.where(better, f_c, best_f))
-    W_new = refit(best_W, W_bar, Q, best_S, refit_iters)
+    W_new = refit(best_W, W_bar, Q, best_S, refit_iters, pre=pre)
     return W_new, best_S, *_objective_and_gradient(W_new, W_bar, Q)
 
 

@@ -4,7 +4,7 @@ import statistics
 import pytest
 import torch
 
-from dist_chita.layerwise import keep_mask, objectives, refit, solve_rows
+from dist_chita.layerwise import keep_mask, objectives, preconditioner, refit, solve_rows
 
 
 def _instance(seed, d=10, N=30, rows=3, mix=0.8):
@@ -67,6 +67,74 @@ def test_refit_is_the_exact_least_squares_solution_on_the_support():
         for i in range(W_bar.shape[0]):
             w, _ = _exact_on_support(Q, W_bar[i], S[i].nonzero().flatten().tolist())
             torch.testing.assert_close(W[i], w, rtol=1e-9, atol=1e-10)
+
+
+
+def _spiked(seed, d, spikes, N=None):
+    """H of inputs with a few dominant directions and per-input scales spread over two decades (a layer's
+    covariance: ill-conditioned, and not fixed by diagonal scaling)."""
+    g = torch.Generator().manual_seed(seed)
+    N = N or 4 * d
+    X = torch.randn(N, d, generator=g, dtype=torch.float64)
+    X += torch.randn(N, spikes, generator=g, dtype=torch.float64) @ (
+        10.0 * torch.randn(spikes, d, generator=g, dtype=torch.float64))
+    X *= torch.logspace(-1, 1, d, dtype=torch.float64)[torch.randperm(d, generator=g)]
+    H = X.T @ X / N
+    return H, 1e-3 * float(H.diagonal().mean())
+
+
+def test_preconditioner_finds_the_leading_directions_of_the_scaled_curvature():
+    H, lam = _spiked(0, 60, 4)
+    Q = H + lam * torch.eye(60, dtype=H.dtype)
+    pre = preconditioner(Q, 5)
+    scale = Q.diagonal().rsqrt()
+    ev, U = torch.linalg.eigh(scale[:, None] * Q * scale[None, :])
+    m = pre.rank
+    assert m == 5  # isqrt(60 / 2) = 5 allowed; all five above the mean of the rest
+    E = pre.c + pre.c / pre.ridge  # ridge = c / (E - c)
+    torch.testing.assert_close(E, ev.flip(0)[:m], rtol=1e-3, atol=0)
+    assert pre.c == pytest.approx(float(ev[:-m].mean()), rel=1e-3)  # trace J = d
+    # the first four (the spikes, far above the rest) span the same space as the exact eigenvectors
+    overlap = torch.linalg.svdvals(pre.V[:, :4].T @ U[:, -4:])
+    assert float(overlap.min()) > 1 - 1e-6
+
+
+def test_preconditioner_inverts_its_approximation_on_every_rows_support():
+    """M_S^-1 r by Woodbury against a dense solve with M built from the stored parts."""
+    H, lam = _spiked(1, 50, 3)
+    Q = H + lam * torch.eye(50, dtype=H.dtype)
+    pre = preconditioner(Q, 8)
+    D_half = torch.diag(1.0 / pre.scale)
+    M = D_half @ (pre.c * torch.eye(50, dtype=Q.dtype) + pre.V @ torch.diag(pre.c / pre.ridge) @ pre.V.T) @ D_half
+    g = torch.Generator().manual_seed(2)
+    S = torch.rand(7, 50, generator=g) < 0.5
+    S[0] = False  # an empty support
+    R = torch.randn(7, 50, generator=g, dtype=Q.dtype) * S
+    Z = pre.on_support(S)(R)
+    for i in range(7):
+        s = S[i]
+        expected = torch.zeros(50, dtype=Q.dtype)
+        if s.any():
+            expected[s] = torch.linalg.solve(M[s][:, s], R[i, s])
+        torch.testing.assert_close(Z[i], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_preconditioned_refit_is_exact_and_converges_in_fewer_steps():
+    H, lam = _spiked(3, 200, 6)
+    Q = H + lam * torch.eye(200, dtype=H.dtype)
+    W_bar = torch.randn(5, 200, generator=torch.Generator().manual_seed(4), dtype=H.dtype)
+    S = keep_mask(W_bar.abs(), 100, None, None)
+    pre = preconditioner(Q, 10)
+    exact = refit(W_bar * S, W_bar, Q, S, iters=400, rtol=1e-14)
+    W = refit(W_bar * S, W_bar, Q, S, iters=400, rtol=1e-14, pre=pre)
+    for i in range(5):
+        w, _ = _exact_on_support(Q, W_bar[i], S[i].nonzero().flatten().tolist())
+        torch.testing.assert_close(W[i], w, rtol=1e-7, atol=1e-9)
+        torch.testing.assert_close(exact[i], w, rtol=1e-7, atol=1e-9)
+    f_star = objectives(exact - W_bar, Q)
+    gap = {name: objectives(refit(W_bar * S, W_bar, Q, S, iters=8, pre=p) - W_bar, Q) / f_star - 1
+           for name, p in (("jacobi", None), ("deflated", pre))}
+    assert bool((gap["deflated"] < gap["jacobi"] / 4).all()), gap  # measured: 6 to 7 times smaller
 
 
 def test_quality_against_brute_force_on_tiny_layers(capsys):

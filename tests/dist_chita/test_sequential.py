@@ -122,7 +122,9 @@ def test_grouped_conv_prune_matches_an_independent_recomputation():
     model, ref = _grouped_net(), _grouped_net()
     idx = (0, 2, 4, 7)
     modules = [(str(i), model[i]) for i in idx]
-    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 30, 7))
+    exact = dict(refit_iters=60)  # back-solves run to convergence, so float noise of H stays in the noise
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 30, 7),
+                          solver_options=exact)
     dead = []
     for i in idx:
         layer = ref[i]
@@ -146,12 +148,11 @@ def test_grouped_conv_prune_matches_an_independent_recomputation():
                 dead.append((i, j))
                 pruned[rows] = W_bar[rows] * keep_mask(W_bar[rows].abs(), kept_count(d, 0.5), None, None)
                 continue
-            res = solve_rows(W_bar[rows], H, 0.01 * float(H.diagonal().mean()), k=kept_count(d, 0.5))
+            res = solve_rows(W_bar[rows], H, 0.01 * float(H.diagonal().mean()), k=kept_count(d, 0.5), **exact)
             pruned[rows] = res.W
         got = weight_rows(model[i], model[i].weight.detach())
         assert torch.equal(got != 0, pruned != 0), i
-        # the back-solve stops after 10 CG steps, so float differences of the inputs show up in the 4th digit
-        torch.testing.assert_close(got, pruned, rtol=0, atol=1e-3 * float(pruned.abs().max()))
+        torch.testing.assert_close(got, pruned, rtol=0, atol=1e-4 * float(pruned.abs().max()))
         with torch.no_grad():
             layer.weight.copy_(pruned.view_as(layer.weight))
     assert out.stages[0].objective <= out.stages[0].magnitude_objective
