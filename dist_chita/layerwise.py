@@ -137,19 +137,18 @@ class Preconditioner:
 
 def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITERS) -> Preconditioner:
     """:class:`Preconditioner` of Q (d, d) with at most ``rank`` directions, found by subspace iteration on J in
-    float64 (block of rank + rank // 2 vectors from a fixed seed, ``power_iters`` products, then Rayleigh-Ritz); only
-    eigenvalues above c are kept. Stored in Q's dtype. Deterministic: the same Q gives the same bits on every
-    rank."""
+    Q's dtype (block of rank + rank // 2 vectors from a fixed seed, ``power_iters`` products, then Rayleigh-Ritz;
+    a preconditioner needs no more precision); only eigenvalues above c are kept. Deterministic: the same Q gives
+    the same bits on every rank."""
     d = Q.shape[0]
-    Qd = Q.double()
-    scale = Qd.diagonal().clamp_min(1e-30).rsqrt()
+    scale = Q.diagonal().double().clamp_min(1e-30).rsqrt().to(Q.dtype)
     rank = min(rank, math.isqrt(d // 2))  # forming every row's C (m^2 / 2 per input) costs <= 1/4 of a product
     if rank <= 0:
-        V, E = Qd.new_zeros(d, 0), Qd.new_zeros(0)
+        V, E = Q.new_zeros(d, 0), Q.new_zeros(0)
     else:
-        J = scale[:, None] * Qd * scale[None, :]
+        J = scale[:, None] * Q * scale[None, :]
         block = min(d, rank + rank // 2)
-        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(Q.device)
+        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=Q.dtype).to(Q.device)
         for _ in range(power_iters):
             X = torch.linalg.qr(J @ X).Q
         E, U = torch.linalg.eigh(X.T @ J @ X)
@@ -158,8 +157,8 @@ def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITER
     keep = E > 1.01 * c
     E, V = E[keep], V[:, keep]
     iu = torch.triu_indices(V.shape[1], V.shape[1], device=Q.device)
-    return Preconditioner(scale=scale.to(Q.dtype), V=V.to(Q.dtype).contiguous(), ridge=(c / (E - c)).to(Q.dtype),
-                          c=c, outer=(V[:, iu[0]] * V[:, iu[1]]).to(Q.dtype).contiguous())
+    return Preconditioner(scale=scale, V=V.contiguous(), ridge=c / (E - c), c=c,
+                          outer=(V[:, iu[0]] * V[:, iu[1]]).contiguous())
 
 
 def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
@@ -198,15 +197,20 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     return X
 
 
-def inverse_diagonal(Q: torch.Tensor) -> torch.Tensor:
-    """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work); through
-    the LU inverse when Q is not numerically definite."""
-    Qd = Q.double()
-    L, info = torch.linalg.cholesky_ex(Qd)
+def inverse_diagonal(Q: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work), for
+    ``block`` columns at a time (column j of L^-1 is zero above j), so that the float64 work space is L and one
+    (d, block) panel; through the LU inverse when Q is not numerically definite."""
+    L, info = torch.linalg.cholesky_ex(Q.double())
     if int(info) != 0:
-        return torch.linalg.inv(Qd).diagonal()
-    eye = torch.eye(Q.shape[0], dtype=Qd.dtype, device=Q.device)
-    return torch.linalg.solve_triangular(L, eye, upper=False).pow(2).sum(0)
+        return torch.linalg.inv(Q.double()).diagonal()
+    d = Q.shape[0]
+    out = torch.empty(d, dtype=L.dtype, device=L.device)
+    for a in range(0, d, block):
+        b = min(a + block, d)
+        eye = torch.eye(d - a, b - a, dtype=L.dtype, device=L.device)
+        out[a:b] = torch.linalg.solve_triangular(L[a:, a:], eye, upper=False).pow(2).sum(0)
+    return out
 
 
 def lipschitz(Q: torch.Tensor, iters: int = 50) -> float:

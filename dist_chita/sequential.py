@@ -452,9 +452,9 @@ def block_curvatures(
 
 def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
     """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
-    twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and its inverse in
-    float64, about 40 float32 (c, d) matrices for a chunk of c rows: iterates, candidates, CG; the layer's
-    weights and their pruned copy)."""
+    twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and, at most at once,
+    its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a chunk of c rows: iterates,
+    candidates, CG; the layer's weights and their pruned copy)."""
     shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
     dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
     curvature = max(sum(2 * 8 * groups(shapes[i][0]) * dims[i][1] ** 2 for i in group)

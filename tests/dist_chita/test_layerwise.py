@@ -4,7 +4,7 @@ import statistics
 import pytest
 import torch
 
-from dist_chita.layerwise import keep_mask, objectives, preconditioner, refit, solve_rows
+from dist_chita.layerwise import inverse_diagonal, keep_mask, objectives, preconditioner, refit, solve_rows
 
 
 def _instance(seed, d=10, N=30, rows=3, mix=0.8):
@@ -81,6 +81,16 @@ def _spiked(seed, d, spikes, N=None):
     X *= torch.logspace(-1, 1, d, dtype=torch.float64)[torch.randperm(d, generator=g)]
     H = X.T @ X / N
     return H, 1e-3 * float(H.diagonal().mean())
+
+
+def test_inverse_diagonal_matches_the_inverse_in_panels_and_without_definiteness():
+    H, lam = _spiked(5, 23, 2)
+    Q = (H + lam * torch.eye(23, dtype=H.dtype)).float()
+    expected = torch.linalg.inv(Q.double()).diagonal()
+    for block in (1, 5, 23, 64):
+        torch.testing.assert_close(inverse_diagonal(Q, block=block), expected, rtol=1e-9, atol=0)
+    indefinite = torch.diag(torch.tensor([2.0, -1.0, 4.0], dtype=torch.float64))
+    torch.testing.assert_close(inverse_diagonal(indefinite), torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64))
 
 
 def test_preconditioner_finds_the_leading_directions_of_the_scaled_curvature():
