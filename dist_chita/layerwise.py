@@ -60,11 +60,11 @@ class RowsResult:
     trace: list[float] = field(default_factory=list)
 
 
-def keep_mask(score: torch.Tensor, k: int | None, nm: tuple[int, int] | None,
+def keep_mask(score: torch.Tensor, k: int | torch.Tensor | None, nm: tuple[int, int] | None,
               allowed: torch.Tensor | None) -> torch.Tensor:
-    """The support of the projection: the k largest ``score`` of every row (or the N largest of every group of M
-    consecutive entries), among ``allowed`` entries only; ties to the lower index. score: (r, d); returns (r, d)
-    bool."""
+    """The support of the projection: the k largest ``score`` of every row (k an int, or (r,) integers: one budget
+    per row), or the N largest of every group of M consecutive entries, among ``allowed`` entries only; ties to the
+    lower index. score: (r, d); returns (r, d) bool."""
     if allowed is not None:
         score = torch.where(allowed, score, torch.full_like(score, -math.inf))
     if nm is not None:
@@ -75,6 +75,11 @@ def keep_mask(score: torch.Tensor, k: int | None, nm: tuple[int, int] | None,
         return keep_mask(score.reshape(r * d // M, M), N, None, None).reshape(r, d) & (
             True if allowed is None else allowed)
     d = score.shape[1]
+    if isinstance(k, torch.Tensor):  # one budget per row: a stable sort (descending, ties keep the lower index)
+        order = score.sort(dim=1, descending=True, stable=True).indices
+        ranks = torch.arange(d, device=score.device).expand_as(order)
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, ranks < k.to(score.device)[:, None])
+        return mask if allowed is None else mask & allowed
     k = min(int(k), d)
     if k <= 0:
         return torch.zeros_like(score, dtype=torch.bool)
@@ -197,6 +202,16 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     return X
 
 
+def row_budgets(saliency: torch.Tensor, kept: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's budget shared among its rows: the number of weights of every row (r,) among the ``kept`` largest
+    ``saliency`` (r, d) of the whole layer, ``allowed`` entries only; ties to the lower (row-major) index. With the
+    OBS saliency w_j^2 / [Q^-1]_jj (the increase of f_i when w_j alone is removed and the row re-fitted), in the
+    same units in every row, as SparseGPT's layer-wide masks."""
+    r, d = saliency.shape
+    flat = keep_mask(saliency.reshape(1, r * d), kept, None, None if allowed is None else allowed.reshape(1, r * d))
+    return flat.reshape(r, d).sum(1)
+
+
 def inverse_diagonal(Q: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work), for
     ``block`` columns at a time (column j of L^-1 is zero above j), so that the float64 work space is L and one
@@ -231,7 +246,7 @@ def solve_rows(
     H: torch.Tensor,
     lam: float,
     *,
-    k: int | None = None,
+    k: int | torch.Tensor | None = None,
     nm: tuple[int, int] | None = None,
     allowed: torch.Tensor | None = None,
     max_iter: int = 20,
@@ -247,7 +262,8 @@ def solve_rows(
         W_bar: (r, d) dense weights w_bar_i.
         H: (d, d) symmetric PSD curvature X^T X / N (any float dtype).
         lam: ridge lambda (> 0 keeps Q_SS definite; callers use a fraction of mean(diag H)).
-        k: weights kept per row (with ``allowed``: at most that many of the allowed ones); or ``nm`` = (N, M).
+        k: weights kept per row, an int or (r,) integers (:func:`row_budgets`) (with ``allowed``: at most that
+            many of the allowed ones); or ``nm`` = (N, M).
         allowed: (r, d) bool, False for weights fixed at zero; None = all.
         max_iter: IHT steps at most; a row stops when its relative decrease of f_i is below ``tol``.
         trials: step sizes tried per IHT step from tau_c and from 1/L, doubling (each costs a product; on real
@@ -271,8 +287,9 @@ def solve_rows(
     parts = []
     for a in range(0, W_bar.shape[0], row_chunk):
         b = min(a + row_chunk, W_bar.shape[0])
-        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, pre, k, nm,
-                                  max_iter, tol, trials, refit_iters))
+        k_ab = k[a:b] if isinstance(k, torch.Tensor) else k
+        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, pre, k_ab,
+                                  nm, max_iter, tol, trials, refit_iters))
     if not parts:
         empty = torch.zeros_like(W_bar)
         return RowsResult(W=empty, support=empty.bool(), objective=0.0, warm_objective=0.0, magnitude_objective=0.0,
@@ -307,8 +324,8 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
         rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
         f_a = fi[rows]
         W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
-                                         None if allowed is None else allowed[rows], Q, L, pre, k, nm, trials,
-                                         refit_iters)
+                                         None if allowed is None else allowed[rows], Q, L, pre,
+                                         k[rows] if isinstance(k, torch.Tensor) else k, nm, trials, refit_iters)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
         # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()

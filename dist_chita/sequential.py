@@ -33,7 +33,7 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.data import to_device
-from dist_chita.layerwise import ROW_CHUNK, keep_mask, solve_rows
+from dist_chita.layerwise import ROW_CHUNK, inverse_diagonal, keep_mask, row_budgets, solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
@@ -464,14 +464,17 @@ def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
 
 
 def prune_magnitude(modules: Sequence[tuple[str, nn.Module]], sparsity: float,
-                    nm: tuple[int, int] | None = None) -> None:
-    """Magnitude pruning on the rows :func:`prune_layerwise` uses (one output's weights; or N:M along them), in
-    place, one layer at a time (the baseline of a layerwise run). Every rank computes the same (collective under
-    ZeRO-3)."""
+                    nm: tuple[int, int] | None = None, per_layer: bool = False) -> None:
+    """Magnitude pruning on the rows :func:`prune_layerwise` uses (one output's weights; or N:M along them; or,
+    with ``per_layer``, the layer's largest), in place, one layer at a time (the baseline of a layerwise run).
+    Every rank computes the same (collective under ZeRO-3)."""
     for _, m in modules:
         weight = params.read(m.weight)
         W = weight_rows(m, weight).float()
-        mask = keep_mask(W.abs(), None if nm else kept_count(W.shape[1], sparsity), nm, W != 0)
+        r, d = W.shape
+        k = None if nm else (row_budgets(W.abs(), kept_count(r * d, sparsity), W != 0) if per_layer
+                             else kept_count(d, sparsity))
+        mask = keep_mask(W.abs(), k, nm, W != 0)
         params.write(m.weight, _from_rows(m, W * mask, weight.shape))
 
 
@@ -483,6 +486,7 @@ def prune_layerwise(
     forward: Callable[[object], object],
     make_batches: Callable[[], Iterable],
     nm: tuple[int, int] | None = None,
+    per_layer: bool = False,
     damp: float = 0.01,
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
@@ -490,8 +494,9 @@ def prune_layerwise(
     cache_inputs: bool = True,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
-    ``sparsity`` (or N:M with ``nm``); the ridge of layer l is ``damp * mean(diag H_l)`` (of each group's H for
-    a grouped Conv2d).
+    ``sparsity`` (or N:M with ``nm``); with ``per_layer`` every layer to ``sparsity``, its budget shared among its
+    rows by the layer-wide OBS saliency (:func:`~dist_chita.layerwise.row_budgets`), each row then solved with its
+    share. The ridge of layer l is ``damp * mean(diag H_l)`` (of each group's H for a grouped Conv2d).
 
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
@@ -533,16 +538,23 @@ def prune_layerwise(
             parts = [(j * per_part, (j + 1) * per_part) for j in range(H_parts.shape[0])]
             W = torch.zeros_like(W_bar)
             allowed = W_bar != 0
-            k = None if nm is not None else kept_count(d, sparsity)
-            objective = torch.zeros(3, dtype=torch.float64, device=W.device)
             layer_scale = float(H_parts.diagonal(dim1=1, dim2=2).mean())
+            # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
+            # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
+            lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
+            if nm is not None:
+                k = None
+            elif per_layer:  # the same budgets on every rank: computed from the whole layer
+                saliency = torch.cat([W_bar[lo:hi].pow(2) / inverse_diagonal(
+                    h.float() + lam * torch.eye(d, device=h.device)).float().clamp_min(1e-30)
+                    for (lo, hi), h, lam in zip(parts, H_parts, lams, strict=True)])
+                k = row_budgets(saliency, kept_count(r * d, sparsity), allowed)
+            else:
+                k = kept_count(d, sparsity)
+            objective = torch.zeros(3, dtype=torch.float64, device=W.device)
             for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
-                # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
-                # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
-                scale = float(H_parts[j].diagonal().mean()) or layer_scale or 1.0 / damp
-                lam = damp * scale
-                res = solve_rows(W_bar[lo:hi], H_parts[j], lam, k=k, nm=nm, allowed=allowed[lo:hi],
-                                 row_chunk=row_chunk, **(solver_options or {}))
+                res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if per_layer and nm is None else k,
+                                 nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk, **(solver_options or {}))
                 W[lo:hi] = res.W
                 objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
                                           dtype=torch.float64, device=W.device)

@@ -132,9 +132,10 @@ class PruneConfig:
     ``objective`` is the quadratic model pruned: ``layerwise`` (default: each layer's output reconstruction over
     every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
     the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean of diag H; granularity
-    ``row`` or ``nm``, method ``chita``; ``loss``, ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA
-    paper's: the empirical Fisher of the model's loss from n per-sample gradients, one problem over all layers;
-    needed for layer or global budgets, chita++ and block mode).
+    ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``;
+    ``loss``, ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA paper's: the empirical Fisher of the
+    model's loss from n per-sample gradients, one problem over all layers; needed for global budgets, chita++ and
+    block mode).
     """
 
     method: Literal["chita", "chita++", "magnitude"] = "chita"
@@ -403,9 +404,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if p.objective == "layerwise":
         need(p.method != "chita++", "prune.objective: layerwise prunes in one pass; chita++ needs "
                                     "prune.objective=fisher")
-        need(p.nm is not None or p.granularity == "row",
-             f"prune.objective: layerwise needs prune.granularity row (or prune.nm), got {p.granularity}; "
-             "set prune.objective=fisher for a layer or global budget")
+        need(p.nm is not None or p.granularity != "global",
+             "prune.objective: layerwise prunes one layer at a time, so it needs prune.granularity row or layer "
+             "(or prune.nm), got global; set prune.objective=fisher for a global budget")
         need(not p.block_mode, "prune.objective: layerwise needs no block mode (it holds one block's H at a time); "
                                "block mode is for prune.objective=fisher")
     need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")

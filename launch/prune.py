@@ -306,7 +306,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
         if layerwise:  # the same rows (outputs) as the layerwise solve, one layer at a time
-            sequential.prune_magnitude(modules, cfg.prune.sparsity, nm)
+            sequential.prune_magnitude(modules, cfg.prune.sparsity, nm, per_layer=prune_kwargs["per_layer"])
         else:
             pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
         measure("magnitude", reference)
@@ -327,7 +327,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                 model, modules, cfg.prune.sparsity, forward=lambda batch: models.forward(model, task, batch),
                 make_batches=lambda: sequential.my_microbatches(
                     data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size, longest_first=True)),
-                nm=nm, damp=cfg.prune.damp, solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
+                nm=nm, per_layer=prune_kwargs["per_layer"], damp=cfg.prune.damp,
+                solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
                 progress=faults.watch(progress))
         else:  # the Fisher objective: rank r computes the rows of A for samples [lo, hi)
             outcome = prune_fn(

@@ -4,7 +4,15 @@ import statistics
 import pytest
 import torch
 
-from dist_chita.layerwise import inverse_diagonal, keep_mask, objectives, preconditioner, refit, solve_rows
+from dist_chita.layerwise import (
+    inverse_diagonal,
+    keep_mask,
+    objectives,
+    preconditioner,
+    refit,
+    row_budgets,
+    solve_rows,
+)
 
 
 def _instance(seed, d=10, N=30, rows=3, mix=0.8):
@@ -32,10 +40,27 @@ def test_keep_mask_is_a_stable_per_row_top_k_among_allowed():
     score[0] = -0.0
     allowed = torch.rand(50, 12, generator=g) > 0.3
     mask = keep_mask(score, 5, None, allowed)
+    budgets = torch.randint(0, 14, (50,), generator=g)  # one budget per row: none, some, more than allowed
+    per_row = keep_mask(score, budgets, None, allowed)
     for i in range(50):
         cand = [j for j in range(12) if allowed[i, j]]
         order = sorted(cand, key=lambda j: (-float(score[i, j]), j))  # ties to the lower index
         assert mask[i].nonzero().flatten().tolist() == sorted(order[:5])
+        assert per_row[i].nonzero().flatten().tolist() == sorted(order[:int(budgets[i])])
+    assert torch.equal(keep_mask(score, torch.full((50,), 5), None, allowed), mask)
+
+
+def test_row_budgets_share_the_layers_top_k_among_its_rows():
+    g = torch.Generator().manual_seed(6)
+    saliency = torch.rand(7, 30, generator=g)
+    allowed = torch.rand(7, 30, generator=g) > 0.2
+    for kept in (1, 50, 120):
+        budgets = row_budgets(saliency, kept, allowed)
+        top = torch.where(allowed, saliency, -1.0).flatten().topk(kept).indices  # distinct values: no ties
+        expected = torch.zeros(7 * 30).scatter_(0, top, 1.0).view(7, 30).sum(1).long()
+        assert torch.equal(budgets, expected) and int(budgets.sum()) == kept
+    tied = torch.ones(3, 4)  # all equal: the lower row-major index first
+    assert row_budgets(tied, 6).tolist() == [4, 2, 0]
 
 
 def test_keep_mask_n_m_keeps_n_of_every_m():
@@ -189,6 +214,23 @@ def test_rows_are_independent_problems():
     chunked = solve_rows(W_bar, H, lam, k=8, row_chunk=3)
     pieces = [solve_rows(W_bar[a:b], H, lam, k=8, row_chunk=3) for a, b in ((0, 3), (3, 9))]
     assert torch.equal(chunked.W, torch.cat([p.W for p in pieces]))
+
+
+def test_a_budget_per_row_solves_every_row_with_its_own_budget():
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(400, 24, generator=g)
+    H = (X.T @ X / 400).double()
+    W_bar = torch.randn(9, 24, generator=g)
+    lam = 0.01 * float(H.diagonal().mean())
+    budgets = torch.tensor([0, 1, 5, 8, 12, 23, 24, 3, 8])
+    res = solve_rows(W_bar, H, lam, k=budgets, row_chunk=4)
+    assert torch.equal(res.support.sum(1), budgets) and torch.equal(res.W != 0, res.support)
+    for i, k in enumerate(budgets.tolist()):  # each row as if solved alone with its budget
+        alone = solve_rows(W_bar[i:i + 1], H, lam, k=k)
+        assert torch.equal(res.support[i], alone.support[0]), i
+        torch.testing.assert_close(res.W[i], alone.W[0], rtol=1e-5, atol=1e-6)
+    dense = budgets == 24
+    torch.testing.assert_close(res.W[dense], W_bar[dense])  # a row keeping every weight keeps w_bar
 
 
 def test_allowed_weights_stay_zero_and_n_m_holds():

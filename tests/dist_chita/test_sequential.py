@@ -81,29 +81,44 @@ def _batches(x, lo, hi, bs=5):
     return [(x[s:min(s + bs, hi)], list(range(s, min(s + bs, hi)))) for s in range(lo, hi, bs)]
 
 
-def test_sequential_prune_matches_an_independent_recomputation():
-    """Every layer of a small MLP pruned to 50% of each row, and the same result recomputed here: layer l's H from
-    the inputs of the model with layers < l already pruned, solved with solve_rows."""
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_sequential_prune_matches_an_independent_recomputation(per_layer):
+    """Every layer of a small MLP pruned to 50% (of each row, or of each layer with the budget shared among its
+    rows by the OBS saliency), and the same result recomputed here: layer l's H from the inputs of the model with
+    layers < l already pruned, the row budgets from an inverse and a top-k of the whole layer, solved with
+    solve_rows."""
     torch.manual_seed(1)
     x = torch.randn(40, 12)
     model, ref = _mlp(), _mlp()
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
-    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40))
+    exact = dict(refit_iters=60)
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40),
+                          per_layer=per_layer, solver_options=exact)
     h = x
     for i in (0, 2, 4):
         W_bar = ref[i].weight.detach()
+        r, d = W_bar.shape
         H = (h.double().T @ h.double()) / h.shape[0]
         lam = 0.01 * float(H.diagonal().mean())
-        res = solve_rows(W_bar, H, lam, k=kept_count(W_bar.shape[1], 0.5))
-        torch.testing.assert_close(model[i].weight.detach(), res.W, rtol=1e-4, atol=1e-5)
         Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
-        top = torch.zeros_like(W_bar).scatter_(1, W_bar.abs().topk(kept_count(W_bar.shape[1], 0.5), 1).indices, 1.0)
+        if per_layer:
+            saliency = W_bar.double().pow(2) / torch.linalg.inv(Q).diagonal()
+            top = saliency.flatten().topk(kept_count(r * d, 0.5)).indices
+            k = torch.zeros(r * d).scatter_(0, top, 1.0).view(r, d).sum(1).long()
+            assert not torch.equal(k, torch.full_like(k, kept_count(d, 0.5)))  # the rows do share the budget
+        else:
+            k = kept_count(d, 0.5)
+        res = solve_rows(W_bar, H, lam, k=k, **exact)
+        torch.testing.assert_close(model[i].weight.detach(), res.W, rtol=1e-4, atol=1e-5)
+        assert torch.equal(out.masks[str(i)].sum(1), res.support.sum(1))
+        top = keep_mask(W_bar.abs(), k, None, None)
         f_mag = float(objectives((W_bar * top - W_bar).double(), Q).sum())
-        assert res.objective < f_mag  # better than plain magnitude pruning of the layer
+        assert res.objective < f_mag  # better than plain magnitude pruning of the layer with the same budgets
         with torch.no_grad():
             ref[i].weight.copy_(res.W)
             h = ref[: i + 2](x) if i < 4 else h
-    assert (out.masks["0"].sum(1) == 6).all() and (out.masks["2"].sum(1) == 8).all()
+    if not per_layer:
+        assert (out.masks["0"].sum(1) == 6).all() and (out.masks["2"].sum(1) == 8).all()
     assert out.stages[0].kept == 16 * 6 + 8 * 8 + 3 * 4
     assert out.stages[0].objective <= out.stages[0].magnitude_objective
 
@@ -160,20 +175,24 @@ def test_grouped_conv_prune_matches_an_independent_recomputation():
     assert dead == [(4, 2)]  # this seed has a depthwise channel whose input ReLU is always 0: that path is covered
 
 
-def _prune_grouped():
+def _prune_grouped(per_layer=False):
     torch.manual_seed(5)
     x = torch.randn(23, 2, 6, 6)
     model = _grouped_net(1)
     modules = [(str(i), model[i]) for i in (0, 2, 4, 7)]
-    prune_layerwise(model, modules, 0.6, forward=model, row_chunk=2,
+    prune_layerwise(model, modules, 0.6, forward=model, row_chunk=2, per_layer=per_layer,
                     make_batches=lambda: my_microbatches(_batches(x, 0, 23, 4)))
     return [m.weight.detach().clone() for _, m in modules]
 
 
-def test_grouped_conv_same_weights_on_any_world_size():
-    (base,) = multiproc.run(_prune_grouped, 1)
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_grouped_conv_same_weights_on_any_world_size(per_layer):
+    (base,) = multiproc.run(_prune_grouped, 1, per_layer)
+    if per_layer:  # one budget per layer, across its groups
+        for w in base:
+            assert int((w != 0).sum()) == kept_count(w.numel(), 0.6)
     for world_size in (2, 3):
-        for weights in multiproc.run(_prune_grouped, world_size):
+        for weights in multiproc.run(_prune_grouped, world_size, per_layer):
             assert all(torch.equal(w, b) for w, b in zip(weights, base, strict=True)), world_size
 
 
@@ -343,21 +362,21 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
             assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
-def _prune_mlp(nm):
+def _prune_mlp(nm, per_layer=False):
     torch.manual_seed(2)
     x = torch.randn(37, 12)
     model = _mlp(3)
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
     out = prune_layerwise(model, modules, 0.6, forward=model, nm=nm, row_chunk=3,  # rows of a layer on every rank
-                          make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)))
+                          per_layer=per_layer, make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)))
     return [m.weight.detach().clone() for _, m in modules], out.stages[0].objective
 
 
-@pytest.mark.parametrize("nm", [None, (2, 4)])
-def test_same_masks_and_weights_on_any_world_size(nm):
-    (base, f1), = multiproc.run(_prune_mlp, 1, nm)
+@pytest.mark.parametrize("nm,per_layer", [(None, False), ((2, 4), False), (None, True)])
+def test_same_masks_and_weights_on_any_world_size(nm, per_layer):
+    (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer)
     for world_size in (2, 3, 4):
-        results = multiproc.run(_prune_mlp, world_size, nm)
+        results = multiproc.run(_prune_mlp, world_size, nm, per_layer)
         for weights, f in results:
             assert f == pytest.approx(f1, rel=1e-12)  # the objective's float64 sum over ranks is in another order
             for w, b in zip(weights, base, strict=True):
@@ -400,6 +419,11 @@ def test_magnitude_baseline_keeps_the_largest_of_every_output():
     assert torch.equal(lin.weight[lin.weight != 0], ref_lin[lin.weight != 0])
     top = ref_c1d.abs().topk(3, dim=0).indices
     assert torch.equal(c1d.weight != 0, torch.zeros_like(ref_c1d, dtype=torch.bool).scatter_(0, top, True))
+    lin.weight.data.copy_(ref_lin)
+    prune_magnitude([("lin", lin)], 0.7, per_layer=True)  # the layer's 18 largest, wherever they are
+    top = ref_lin.abs().flatten().topk(18).indices
+    expected = torch.zeros(60, dtype=torch.bool).scatter_(0, top, True).view(6, 10)
+    assert torch.equal(lin.weight != 0, expected) and torch.equal(lin.weight[expected], ref_lin[expected])
 
 
 def test_bad_input_is_refused():

@@ -107,7 +107,8 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.objective=hessian"], r"prune\.objective: expected one of 'layerwise', 'fisher'"),
         (["prune.damp=0"], r"prune\.damp: must be > 0"),
         (["prune.objective=layerwise", "prune.method=chita++"], r"layerwise prunes in one pass"),
-        (["prune.objective=layerwise", "prune.granularity=layer"], r"layerwise needs prune\.granularity row"),
+        (["prune.objective=layerwise", "prune.granularity=global"],
+         r"layerwise prunes one layer at a time, so it needs prune\.granularity row or layer"),
         (["prune.objective=layerwise", "prune.block_mode=true"], r"layerwise needs no block mode"),
     ],
 )

@@ -89,14 +89,22 @@ def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights, gra
     assert "kept" in out1 and "saved to" in out2 and out2.count("saved to") == 1
 
 
-def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights):
-    """prune.objective=layerwise: the same pruned model on 1 and 2 processes, 30% of every row kept, better than
-    magnitude pruning, and no Fisher factor (no per-sample gradients, no solver exchange)."""
-    cfg = write_config(tmp_path, weights, prune={"granularity": "row", "objective": "layerwise"})
+@pytest.mark.parametrize("granularity", ["row", "layer"])
+def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights, granularity):
+    """prune.objective=layerwise: the same pruned model on 1 and 2 processes, 30% of every row (or of every layer)
+    kept, better than magnitude pruning (with the same granularity), and no Fisher factor (no per-sample
+    gradients, no solver exchange)."""
+    cfg = write_config(tmp_path, weights, prune={"granularity": granularity, "objective": "layerwise"})
     (r1, _), (w1, _), _ = run_one_and_two(tmp_path, cfg)
     assert r1["objective"] == "layerwise" and r1["ridge"] is None
     for i in (0, 2, 4):
-        assert bool(((w1[f"{i}.weight"] != 0).sum(1) == round(0.3 * w1[f"{i}.weight"].shape[1])).all())
+        w = w1[f"{i}.weight"]
+        per_row = (w != 0).sum(1)
+        if granularity == "row":
+            assert bool((per_row == round(0.3 * w.shape[1])).all())
+        else:  # the layer's budget, shared unevenly among its rows
+            assert int(per_row.sum()) == round(0.3 * w.numel()) and int(per_row.max()) > int(per_row.min())
+            assert {x["name"]: x["kept"] for x in r1["layers"]}[str(i)] == int(per_row.sum())
     st = r1["stages"][0]
     assert st["objective"] < st["magnitude_objective"]
     assert r1["metric"]["after"] > r1["metric"]["magnitude"]
@@ -131,7 +139,7 @@ BAD_INPUTS = [
     ("unreadable data", ["calibration.source=/nonexistent/data.csv"], 1, "/nonexistent/data.csv"),
     ("pattern matching no layer", ["prune.include=[nomatch*]"], 1, "nomatch*"),
     ("layerwise with a global budget", ["prune.objective=layerwise", "prune.granularity=global"], 2,
-     "prune.objective: layerwise needs prune.granularity row"),
+     "prune.objective: layerwise prunes one layer at a time"),
     ("missing column", ["calibration.label_column=digit"], 1, "'digit'"),
 ]
 
