@@ -4,14 +4,15 @@ all-MiniLM-L6-v2 (real weights), the default job's data (128 calibration paragra
 other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-out fidelity to the dense embeddings
 (mean cosine similarity, top-1 nearest-neighbour agreement) of:
 
-* magnitude pruning, global and per row (every output row keeps 50%);
+* magnitude pruning, global, per layer and per row (every output row keeps 50%);
 * Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded);
 * OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
   Gauss-Newton probe), without any weight update;
 * SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1, written here
   from the paper);
 * dist-chita's ``objective: layerwise``: CHITA per row on each layer's H = X^T X, blocks in order
-  (:mod:`dist_chita.sequential`);
+  (:mod:`dist_chita.sequential`); and with ``granularity: layer`` (each layer's budget shared among its rows by
+  the OBS saliency);
 * dist-chita with the Fisher objective: per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the
   OBD saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
 
@@ -164,10 +165,10 @@ def main() -> None:
         print(f"{name:48s} cosine {r['cosine']:.4f}  nn agreement {r['nn_agreement']:.4f}  ({seconds:.1f} s)",
               flush=True)
 
-    def layerwise(name: str, nm: tuple[int, int] | None) -> None:
+    def layerwise(name: str, nm: tuple[int, int] | None, per_layer: bool = False) -> None:
         t = time.perf_counter()
         out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
-                                         make_batches=by_length, nm=nm, damp=cfg.prune.damp)
+                                         make_batches=by_length, nm=nm, per_layer=per_layer, damp=cfg.prune.damp)
         record(name, time.perf_counter() - t)
         stage = out.stages[0]
         results[name].update(objective=stage.objective, magnitude_objective=stage.magnitude_objective,
@@ -193,6 +194,9 @@ def main() -> None:
     pipeline.prune(model, modules, "magnitude", s)
     record("magnitude, global", time.perf_counter() - t)
     t = time.perf_counter()
+    pipeline.prune(model, modules, "magnitude", s, per_layer=True)
+    record("magnitude, per layer", time.perf_counter() - t)
+    t = time.perf_counter()
     pipeline.prune(model, modules, "magnitude", s, per_row=True)
     record("magnitude, per row", time.perf_counter() - t)
 
@@ -211,6 +215,7 @@ def main() -> None:
     record("SparseGPT (sequential, blocks of 128)", time.perf_counter() - t)
 
     layerwise("dist-chita layerwise: CHITA per row on H = X^T X", None)
+    layerwise("dist-chita layerwise: CHITA per layer (OBS-saliency row budgets)", None, per_layer=True)
 
     common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_,
                   storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))
