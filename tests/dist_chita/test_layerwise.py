@@ -199,13 +199,17 @@ def test_quality_against_brute_force_on_tiny_layers(capsys):
     assert share >= 0.4 and median < 0.15 < mag_median / 2
 
 
-def test_rows_are_independent_problems():
-    """A row's result does not depend on the other rows solved with it (what makes any world size equal)."""
-    g = torch.Generator().manual_seed(3)
+def _rows(seed):
+    """Nine rows of 24 inputs on the curvature of 400 random tokens: (H, W_bar, lam)."""
+    g = torch.Generator().manual_seed(seed)
     X = torch.randn(400, 24, generator=g)
     H = (X.T @ X / 400).double()
-    W_bar = torch.randn(9, 24, generator=g)
-    lam = 0.01 * float(H.diagonal().mean())
+    return H, torch.randn(9, 24, generator=g), 0.01 * float(H.diagonal().mean())
+
+
+def test_rows_are_independent_problems():
+    """A row's result does not depend on the other rows solved with it (what makes any world size equal)."""
+    H, W_bar, lam = _rows(3)
     whole = solve_rows(W_bar, H, lam, k=8, row_chunk=9)
     parts = [solve_rows(W_bar[a:b], H, lam, k=8) for a, b in ((0, 2), (2, 7), (7, 9))]
     assert torch.equal(whole.support, torch.cat([p.support for p in parts]))
@@ -217,11 +221,7 @@ def test_rows_are_independent_problems():
 
 
 def test_a_budget_per_row_solves_every_row_with_its_own_budget():
-    g = torch.Generator().manual_seed(7)
-    X = torch.randn(400, 24, generator=g)
-    H = (X.T @ X / 400).double()
-    W_bar = torch.randn(9, 24, generator=g)
-    lam = 0.01 * float(H.diagonal().mean())
+    H, W_bar, lam = _rows(7)
     budgets = torch.tensor([0, 1, 5, 8, 12, 23, 24, 3, 8])
     res = solve_rows(W_bar, H, lam, k=budgets, row_chunk=4)
     assert torch.equal(res.support.sum(1), budgets) and torch.equal(res.W != 0, res.support)
