@@ -386,6 +386,45 @@ def load_texts(
     return [str(t) for t in rows.select(idx)[text_column]]
 
 
+def load_windows(
+    source: str,
+    *,
+    fmt: str | None = None,
+    config_name: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    tokenizer: Any,
+    n: int,
+    max_length: int,
+    seed: int = 0,
+    rows_per_read: int = 256,
+) -> Samples:
+    """n windows of exactly ``max_length`` tokens: the source's texts in the seeded order, joined as in
+    :func:`token_stream` and cut into consecutive windows (how SparseGPT and Wanda calibrate language models: no
+    padding, no short or empty lines). Texts are tokenized ``rows_per_read`` at a time until n windows are full.
+    ``rows`` of the result are the window numbers; fields ``input_ids`` and ``attention_mask`` (n, max_length)."""
+    rows = load_rows(source, fmt, config_name, split)
+    if text_column not in rows.column_names:
+        raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    if tokenizer is None:
+        raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
+    order, need = select_indices(len(rows), None, seed), n * max_length
+    sep = torch.as_tensor(tokenizer("\n\n", add_special_tokens=False)["input_ids"], dtype=torch.long)
+    parts, have = [], 0
+    for a in range(0, len(order), rows_per_read):
+        if have >= need:
+            break
+        chunk = token_stream([str(t) for t in rows.select(order[a:a + rows_per_read])[text_column]], tokenizer)
+        parts += [sep, chunk] if parts else [chunk]
+        have += chunk.numel() + (sep.numel() if len(parts) > 1 else 0)
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    if stream.numel() < need:
+        raise ValueError(f"{source}: {stream.numel():,} tokens in all, fewer than n x max_length = {n} x "
+                         f"{max_length} = {need:,} for the calibration windows")
+    ids = stream[:need].view(n, max_length).clone()
+    return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(n))
+
+
 def token_stream(texts: Sequence[str], tokenizer: Any, separator: str = "\n\n") -> torch.Tensor:
     """All ``texts`` joined by ``separator`` and tokenized without truncation: (T,) int64,
     the input of stride-based perplexity (:func:`dist_chita.evaluate.perplexity`)."""

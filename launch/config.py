@@ -65,7 +65,9 @@ class DataConfig:
     parquet/json/csv/text/imagefolder, or ``disk`` for ``save_to_disk``
     output), or ``builtin:mnist`` / ``builtin:digits`` / ``builtin:pydoc``.
     ``format: null`` infers it from the source. Samples are drawn without
-    replacement with ``seed``.
+    replacement with ``seed``. ``windows: true`` (text only) makes the n samples windows of exactly
+    ``max_length`` tokens cut from the texts joined in the seeded order, as language models are calibrated
+    (SparseGPT, Wanda); the held-out data must then come from another source or split.
     """
 
     source: str = "builtin:pydoc"
@@ -80,6 +82,7 @@ class DataConfig:
     max_length: int = 128
     padding: Literal["max_length", "longest"] = "longest"
     flatten_images: bool = True
+    windows: bool = False
     batch_size: int = 16
 
 
@@ -387,6 +390,13 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
     need(c.text_column is not None or c.image_column is not None,
          "calibration: one of text_column / image_column must be set")
+    if c.windows:
+        need(c.text_column is not None and c.image_column is None and c.label_column is None,
+             "calibration.windows: needs text_column only (windows of tokens; no image_column or label_column)")
+        held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
+        need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
+             "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
+             "windows take a variable number of the calibration rows)")
     need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
     need(e.max_length is None or e.max_length >= 1, f"eval.max_length: must be >= 1, got {e.max_length}")
     window = e.max_length or c.max_length

