@@ -120,7 +120,9 @@ class Preconditioner:
     def on_support(self, S: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """M_S^-1 for every row's support S (r, d) bool: a function of R (r, d), zero off S, returning
         M_{S_i}^-1 r_i in every row (zero off S). Forms every row's C (one (r, d) x (d, m (m + 1) / 2) product) and
-        its Cholesky factor; each application then costs two (r, d) x (d, m) products."""
+        its Cholesky factor; each application then costs two (r, d) x (d, m) products. A row whose C is not
+        numerically definite (a direction far above the rest, c / (E - c) below the rounding of V_S^T V_S) is
+        preconditioned by the diagonal alone instead of failing the run."""
         Sf = S.to(self.V.dtype)
         post = (self.scale / self.c)[None, :] * Sf
         m = self.rank
@@ -131,12 +133,13 @@ class Preconditioner:
         C[:, iu[0], iu[1]] = Sf @ self.outer  # V_S^T V_S, upper triangle
         C = C + C.triu(1).transpose(1, 2)
         C.diagonal(dim1=1, dim2=2).add_(self.ridge)
-        L_C = torch.linalg.cholesky(C)
+        L_C, info = torch.linalg.cholesky_ex(C)
+        jacobi = (info != 0)[:, None]
 
         def apply(R):
             y = R * self.scale[None, :]
             t = torch.cholesky_solve((y @ self.V)[:, :, None], L_C)[:, :, 0]
-            return (y - t @ self.V.T) * post
+            return (y - torch.where(jacobi, 0.0, t) @ self.V.T) * post
         return apply
 
 

@@ -172,6 +172,33 @@ def test_preconditioned_refit_is_exact_and_converges_in_fewer_steps():
     assert bool((gap["deflated"] < gap["jacobi"] / 4).all()), gap  # measured: 6 to 7 times smaller
 
 
+def test_a_row_whose_c_is_not_definite_falls_back_to_the_diagonal():
+    """Two directions on disjoint inputs with c / (E - c) = 0 (E far above c): a row whose support meets both has a
+    definite C and gets M_S^-1 exactly; a row that misses the second has a singular C and gets the diagonal."""
+    from dist_chita.layerwise import Preconditioner
+
+    d = 20
+    V = torch.zeros(d, 2, dtype=torch.float64)
+    V[:10, 0], V[10:, 1] = 1 / 10**0.5, 1 / 10**0.5
+    iu = torch.triu_indices(2, 2)
+    scale = torch.linspace(0.5, 2.0, d, dtype=torch.float64)
+    pre = Preconditioner(scale=scale, V=V, ridge=torch.zeros(2, dtype=torch.float64), c=0.7,
+                         outer=V[:, iu[0]] * V[:, iu[1]])
+    S = torch.zeros(2, d, dtype=torch.bool)
+    S[0, ::2] = True  # both blocks
+    S[1, :10] = True  # the first block only: V_S^T V_S = diag(1, 0)
+    R = torch.randn(2, d, generator=torch.Generator().manual_seed(9), dtype=torch.float64) * S
+    Z = pre.on_support(S)(R)
+    assert bool(torch.isfinite(Z).all())
+    s0 = S[0]
+    # row 0: M_S^-1 r = D^-1/2 (I - V_S C^-1 V_S^T) D^-1/2 r / c with C = V_S^T V_S (ridge 0)
+    y = R[0, s0] * scale[s0]
+    VS = V[s0]
+    expected = (y - VS @ torch.linalg.solve(VS.T @ VS, VS.T @ y)) * scale[s0] / 0.7
+    torch.testing.assert_close(Z[0, s0], expected)
+    torch.testing.assert_close(Z[1], R[1] * scale**2 / 0.7)  # the diagonal, as with no directions
+
+
 def test_quality_against_brute_force_on_tiny_layers(capsys):
     """Every row of 60 tiny correlated layers (d = 10, k = 4) against the best of all 210 supports."""
     gaps, mag_gaps, optimal = [], [], 0
