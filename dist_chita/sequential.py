@@ -13,8 +13,10 @@ The orchestration of ``objective: layerwise`` (:mod:`dist_chita.layerwise` is th
 3. each layer's output rows are shared among the ranks in whole chunks of ``layerwise.ROW_CHUNK`` rows (each
    chunk is solved alone, so its bits do not depend on the number of ranks; a chunk never mixes groups of a
    grouped Conv2d); every rank solves its rows
-   (:func:`~dist_chita.layerwise.solve_rows`) and one all-reduce of the (r, d) weights (zeros elsewhere, so the
-   sum is exact) gives every rank the pruned layer, which is written back (under ZeRO-3 into the partition).
+   (:func:`~dist_chita.layerwise.solve_rows`; with a layer budget each row with its share of it, computed by
+   every rank from the whole layer: :func:`~dist_chita.layerwise.row_budgets`) and one all-reduce of the (r, d)
+   weights (zeros elsewhere, so the sum is exact) gives every rank the pruned layer, which is written back (under
+   ZeRO-3 into the partition).
 
 Rows are independent problems, so the result does not depend on the number of ranks. No per-sample gradients and
 no Fisher factor: peak memory is the model plus one block's H matrices. Nothing here parses a config or prints.
