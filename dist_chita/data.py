@@ -367,6 +367,14 @@ def load_samples(
     )
 
 
+def _text_rows(source: str, fmt: str | None, config_name: str | None, split: str, text_column: str):
+    """The rows of a source, checked to have ``text_column``."""
+    rows = load_rows(source, fmt, config_name, split)
+    if text_column not in rows.column_names:
+        raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    return rows
+
+
 def load_texts(
     source: str,
     *,
@@ -379,9 +387,7 @@ def load_texts(
     offset: int = 0,
 ) -> list[str]:
     """The raw texts ``perm[offset : offset + n]`` of a source (for :func:`token_stream`)."""
-    rows = load_rows(source, fmt, config_name, split)
-    if text_column not in rows.column_names:
-        raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    rows = _text_rows(source, fmt, config_name, split, text_column)
     idx = select_indices(len(rows), n, seed, offset)
     return [str(t) for t in rows.select(idx)[text_column]]
 
@@ -403,9 +409,7 @@ def load_windows(
     :func:`token_stream` and cut into consecutive windows (how SparseGPT and Wanda calibrate language models: no
     padding, no short or empty lines). Texts are tokenized ``rows_per_read`` at a time until n windows are full.
     ``rows`` of the result are the window numbers; fields ``input_ids`` and ``attention_mask`` (n, max_length)."""
-    rows = load_rows(source, fmt, config_name, split)
-    if text_column not in rows.column_names:
-        raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    rows = _text_rows(source, fmt, config_name, split, text_column)
     if tokenizer is None:
         raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
     order, need = select_indices(len(rows), None, seed), n * max_length
