@@ -215,6 +215,16 @@ def row_budgets(saliency: torch.Tensor, kept: int, allowed: torch.Tensor | None 
     return flat.reshape(r, d).sum(1)
 
 
+def ridged(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """Q = H + lambda I (d, d) in float32, as :func:`solve_rows` forms it."""
+    return H.float() + lam * torch.eye(H.shape[0], dtype=torch.float32, device=H.device)
+
+
+def obs_denominator(Q: torch.Tensor) -> torch.Tensor:
+    """[Q^-1]_jj (d,) float32, floored at 1e-30: the OBS saliency of w_j is w_j^2 / [Q^-1]_jj."""
+    return inverse_diagonal(Q).float().clamp_min(1e-30)
+
+
 def inverse_diagonal(Q: torch.Tensor, block: int = 1024) -> torch.Tensor:
     """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work), for
     ``block`` columns at a time (column j of L^-1 is zero above j), so that the float64 work space is L and one
@@ -258,6 +268,7 @@ def solve_rows(
     refit_iters: int = 10,
     deflate: int = DEFLATE,
     row_chunk: int = ROW_CHUNK,
+    q_inv_diag: torch.Tensor | None = None,
 ) -> RowsResult:
     """Prune every row of one layer (module docstring).
 
@@ -276,15 +287,15 @@ def solve_rows(
         row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
             alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
             every chunk (float products are not the same bits for different numbers of rows).
+        q_inv_diag: :func:`obs_denominator` of ``ridged(H, lam)`` when the caller has it already (else computed).
     """
     if (k is None) == (nm is None):
         raise ValueError("give exactly one of k (per row) and nm")
     if not (bool(torch.isfinite(W_bar).all()) and bool(torch.isfinite(H).all())):
         raise ValueError("non-finite weights or curvature")
     W_bar = W_bar.float()
-    d = W_bar.shape[1]
-    Q = H.float() + lam * torch.eye(d, dtype=torch.float32, device=W_bar.device)
-    q_inv_diag = inverse_diagonal(Q).float().clamp_min(1e-30)
+    Q = ridged(H, lam)
+    q_inv_diag = obs_denominator(Q) if q_inv_diag is None else q_inv_diag
     L = lipschitz(Q)
     pre = preconditioner(Q, deflate)
     parts = []

@@ -35,7 +35,7 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.data import to_device
-from dist_chita.layerwise import ROW_CHUNK, inverse_diagonal, keep_mask, row_budgets, solve_rows
+from dist_chita.layerwise import ROW_CHUNK, keep_mask, obs_denominator, ridged, row_budgets, solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
@@ -544,19 +544,20 @@ def prune_layerwise(
             # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
             # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
             lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
+            q_inv_diags = [None] * len(parts)  # each part's [Q^-1]_jj, when the budgets need it (else solve_rows)
             if nm is not None:
                 k = None
             elif per_layer:  # the same budgets on every rank: computed from the whole layer
-                saliency = torch.cat([W_bar[lo:hi].pow(2) / inverse_diagonal(
-                    h.float() + lam * torch.eye(d, device=h.device)).float().clamp_min(1e-30)
-                    for (lo, hi), h, lam in zip(parts, H_parts, lams, strict=True)])
+                q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
+                saliency = torch.cat([W_bar[lo:hi].pow(2) / q for (lo, hi), q in zip(parts, q_inv_diags, strict=True)])
                 k = row_budgets(saliency, kept_count(r * d, sparsity), allowed)
             else:
                 k = kept_count(d, sparsity)
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
             for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
-                res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if per_layer and nm is None else k,
-                                 nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk, **(solver_options or {}))
+                res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if isinstance(k, torch.Tensor) else k,
+                                 nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk, q_inv_diag=q_inv_diags[j],
+                                 **(solver_options or {}))
                 W[lo:hi] = res.W
                 objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
                                           dtype=torch.float64, device=W.device)
