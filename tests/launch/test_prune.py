@@ -57,7 +57,7 @@ def run(args, processes=1, timeout=300):
 
 def run_one_and_two(tmp_path, cfg):
     """Run ``cfg`` on 1 and on 2 processes; check both succeed with the same mask and weights; returns
-    (reports, weights, stdouts) of the two runs."""
+    (reports, weights, completed processes) of the two runs."""
     one = run(["--config", str(cfg), f"output.dir={tmp_path / 'one'}"])
     assert one.returncode == 0, one.stderr
     two = run(["--config", str(cfg), f"output.dir={tmp_path / 'two'}"], processes=2)
@@ -69,13 +69,14 @@ def run_one_and_two(tmp_path, cfg):
     w1, w2 = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     for k in w1:
         assert torch.allclose(w1[k], w2[k], rtol=1e-5, atol=1e-6), k
-    return (r1, r2), (w1, w2), (one.stdout, two.stdout)
+    return (r1, r2), (w1, w2), (one, two)
 
 
 @pytest.mark.parametrize("granularity,ridge", [("global", "identity"), ("row", "fisher_diagonal")])
 def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights, granularity, ridge):
     cfg = write_config(tmp_path, weights, prune={"granularity": granularity, "ridge": ridge})
-    (r1, r2), (w1, _), (out1, out2) = run_one_and_two(tmp_path, cfg)
+    (r1, r2), (w1, _), (one, two) = run_one_and_two(tmp_path, cfg)
+    out1, out2 = one.stdout, two.stdout
     # The report's numbers are those of the saved model.
     kept = sum(int((w1[f"{i}.weight"] != 0).sum()) for i in (0, 2, 4))
     if granularity == "global":
@@ -179,6 +180,14 @@ def test_existing_output_refused_and_input_untouched(tmp_path, weights):
     assert weights.read_bytes() == before
 
 
+def test_config_error_is_said_once_on_two_processes(tmp_path, weights):
+    cfg = write_config(tmp_path, weights)
+    res = run(["--config", str(cfg), "solver.max_iterz=3"], processes=2)
+    ours = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert res.returncode != 0 and ours == ["error: unknown key 'solver.max_iterz'"], res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+
+
 def test_fewer_samples_than_ranks(tmp_path, weights):
     cfg = write_config(tmp_path, weights)
     res = run(["--config", str(cfg), "calibration.n=1"], processes=2)
@@ -218,7 +227,10 @@ def test_language_model_recipe_on_a_tiny_model(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     calib = load_calibration(load_config(str(path), []), type("Loaded", (), {"tokenizer": tok})())
     assert calib.fields["input_ids"].shape == (8, 32) and bool((calib.fields["attention_mask"] == 1).all())
-    (r1, _), (w1, _), _ = run_one_and_two(tmp_path, path)
+    (r1, _), (w1, _), (one, two) = run_one_and_two(tmp_path, path)
+    # transformers' own progress bar (loading the checkpoint) comes from the main process only
+    assert one.stderr.count("Loading weights") > 0 and two.stderr.count("Loading weights") == one.stderr.count(
+        "Loading weights"), two.stderr
     assert r1["n"] == 8 and r1["objective"] == "layerwise"
     assert math.isfinite(r1["metric"]["before"]) and math.isfinite(r1["metric"]["after"])
     pruned = [k for k in w1 if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))]
