@@ -3,7 +3,7 @@
 ``load_config(path, overrides)`` reads a YAML file, applies ``key=value``
 command-line overrides (dotted paths, values parsed as YAML scalars), then
 converts the nested dict into a :class:`RunConfig`, rejecting unknown keys
-(``unknown key 'solver.max_iterz'``), wrong types (``solver.max_iter: expected
+(``unknown key 'solver.max_iterz' (did you mean 'solver.max_iter'?)``), wrong types (``solver.max_iter: expected
 int, got str``) and invalid values, each with a one-line ``ConfigError``.
 
 The dataclass <-> dict conversion is generic (:func:`from_dict`,
@@ -20,6 +20,7 @@ started from (the repository root).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -240,7 +241,9 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         fields = {_key(f): f for f in dataclasses.fields(cls)}
         for k in data:
             if k not in fields:
-                raise ConfigError(f"unknown key '{path + '.' if path else ''}{k}'")
+                near = difflib.get_close_matches(str(k), list(fields), n=1)
+                hint = f" (did you mean '{path + '.' if path else ''}{near[0]}'?)" if near else ""
+                raise ConfigError(f"unknown key '{path + '.' if path else ''}{k}'{hint}")
         kwargs = {
             f.name: from_dict(hints[f.name], data[k], f"{path + '.' if path else ''}{k}")
             for k, f in fields.items()
@@ -511,6 +514,11 @@ def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
+def config_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML: every key, in declaration order (what :func:`load_config` reads back)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the resolved config as YAML (what the run actually used)."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(config_yaml(cfg))

@@ -33,6 +33,7 @@ from launch.config import (  # noqa: E402
     ConfigError,
     RunConfig,
     calibration_kwargs,
+    config_yaml,
     eval_kwargs,
     load_config,
     model_kwargs,
@@ -48,6 +49,9 @@ PHASES = ("load", "eval_before", "magnitude_baseline", "fisher", "exchange", "so
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="run config (YAML); default: the embedded default run")
+    ap.add_argument("--print-config", action="store_true",
+                    help="print the resolved config (every key: the defaults, the file, the overrides) as YAML and "
+                         "exit without running")
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. prune.sparsity=0.9")
     return ap.parse_args(argv)
 
@@ -498,6 +502,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # every rank parsed the same arguments: one of them says so
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        if os.environ.get("RANK", "0") == "0":
+            print(config_yaml(cfg), end="")
+        return 0
     from dist_chita import comm
     from launch import watchdog
 

@@ -36,13 +36,15 @@ def test_defaults_equal_default_yaml():
     assert load_config(ROOT / "configs" / "default.yaml") == parse_config({}) == load_config(None)
 
 
-def test_unknown_key_names_full_path():
-    with pytest.raises(ConfigError, match=r"^unknown key 'solver\.max_iterz'$"):
+def test_unknown_key_names_full_path_and_the_nearest_key():
+    with pytest.raises(ConfigError, match=r"^unknown key 'solver\.max_iterz' \(did you mean 'solver\.max_iter'\?\)$"):
         parse_config({"solver": {"max_iterz": 3}})
-    with pytest.raises(ConfigError, match=r"^unknown key 'colour'$"):
+    with pytest.raises(ConfigError, match=r"^unknown key 'colour'$"):  # nothing close: no suggestion
         parse_config({"colour": 1})
-    with pytest.raises(ConfigError, match=r"unknown key 'prune\.sparsityy'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'prune\.sparsityy' \(did you mean 'prune\.sparsity'\?\)"):
         parse_config({}, ["prune.sparsityy=0.5"])
+    with pytest.raises(ConfigError, match=r"^unknown key 'calibraton' \(did you mean 'calibration'\?\)$"):
+        parse_config({"calibraton": {"n": 4}})
 
 
 @pytest.mark.parametrize(

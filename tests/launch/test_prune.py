@@ -184,7 +184,22 @@ def test_config_error_is_said_once_on_two_processes(tmp_path, weights):
     cfg = write_config(tmp_path, weights)
     res = run(["--config", str(cfg), "solver.max_iterz=3"], processes=2)
     ours = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    assert res.returncode != 0 and ours == ["error: unknown key 'solver.max_iterz'"], res.stderr
+    said = "error: unknown key 'solver.max_iterz' (did you mean 'solver.max_iter'?)"
+    assert res.returncode != 0 and ours == [said], res.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
+
+
+def test_print_config_shows_every_resolved_key_and_runs_nothing(tmp_path, weights):
+    from launch.config import load_config, parse_config
+
+    cfg = write_config(tmp_path, weights)
+    overrides = ["prune.sparsity=0.9", "solver.max_iter=7"]
+    res = run(["--config", str(cfg), "--print-config", *overrides])
+    assert res.returncode == 0 and res.stderr == "", res.stderr
+    shown = yaml.safe_load(res.stdout)
+    assert parse_config(shown) == load_config(cfg, overrides)
+    assert shown["prune"]["sparsity"] == 0.9 and shown["solver"]["max_iter"] == 7
+    assert "escape_trials" in shown["solver"]  # keys the file does not set appear with their defaults
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
