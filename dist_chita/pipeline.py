@@ -38,7 +38,14 @@ from dist_chita.fisher import fisher_block
 from dist_chita.layout import ColumnLayout
 from dist_chita.partition import sample_ranges
 from dist_chita.prunable import named_shapes
-from dist_chita.schedule import kept_count, stage_sparsities
+from dist_chita.schedule import (
+    Sparsity,
+    kept_count,
+    layer_sparsities,
+    mean_sparsity,
+    stage_sparsities,
+    stage_targets,
+)
 from dist_chita.solver import solve
 
 METHODS = ("magnitude", "chita", "chita++")
@@ -115,31 +122,35 @@ def _solver_progress(progress: Callable, name: str, options: dict | None) -> Cal
 def make_budget(
     layout: ColumnLayout,
     rank: int,
-    sparsity: float,
+    sparsity: Sparsity,
     allowed: torch.Tensor,
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
     per_row: bool = False,
 ) -> Budget:
     """The stage's constraint on this rank: N:M, one budget per layer, one per row (``per_row``: every row of a
-    layer keeps (1 - s) of its weights; ``layout`` must be cut at rows), or one global budget k = (1 - s) p."""
+    layer keeps (1 - s) of its weights; ``layout`` must be cut at rows), or one global budget k = (1 - s) p.
+    With one budget per layer or per row, ``sparsity`` may give every layer (segment of ``layout``) its own s."""
     lo, hi = layout.block(rank)
     if nm is not None:
         return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
+    if not isinstance(sparsity, int | float) and not (per_row or per_layer):
+        raise ValueError("per-layer sparsities need per-layer or per-row budgets (a global budget has one)")
+    targets = layer_sparsities(sparsity, len(layout.segments))
     if per_row:
         runs = []
         for piece in layout.pieces(rank):
             length = layout.segments[piece.segment].row_length
             if piece.offset % length or piece.size % length:
                 raise ValueError("per-row budgets need column blocks cut at rows (ColumnLayout.build(rows=True))")
-            runs.append((piece.size // length, length, kept_count(length, sparsity)))
+            runs.append((piece.size // length, length, kept_count(length, targets[piece.segment])))
         return Budget.per_row(runs, allowed=allowed)
     if per_layer:
         seg = torch.empty(hi - lo, dtype=torch.int64, device=allowed.device)
         for piece in layout.pieces(rank):
             seg[piece.local_start : piece.local_stop] = piece.segment
-        k = torch.tensor([kept_count(s.size, sparsity) for s in layout.segments], dtype=torch.int64,
-                         device=seg.device)
+        k = torch.tensor([kept_count(sg.size, s) for sg, s in zip(layout.segments, targets, strict=True)],
+                         dtype=torch.int64, device=seg.device)
         return Budget.per_segment(seg, k, allowed=allowed)
     return Budget.global_topk(hi - lo, kept_count(layout.p, sparsity), allowed=allowed)
 
@@ -148,7 +159,7 @@ def prune(
     model: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],
     method: str,
-    sparsity: float,
+    sparsity: Sparsity,
     *,
     make_batches: Callable[[], Iterable] | None = None,
     loss_fn: Callable | None = None,
@@ -182,6 +193,8 @@ def prune(
         sparsity: target fraction of zeros in [0, 1) (global, or per layer with
             ``per_layer``, or in every row of every layer with ``per_row``: the weights of one output, ``weight[i]``,
             the comparison group of Wanda and of SparseGPT's unstructured mode); ignored for N:M (``nm`` = (N, M)).
+            With ``per_layer`` or ``per_row`` also one target per module (a sequence as long as ``modules``);
+            CHITA++ then takes every layer along its own schedule (:func:`~dist_chita.schedule.stage_targets`).
         make_batches: returns a fresh iterable of this rank's calibration
             micro-batches ``(batch, global_indices)``; rank r owns samples
             ``sample_ranges(n, R)[r]``.
@@ -204,10 +217,15 @@ def prune(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
-    if nm is None and not 0.0 <= sparsity < 1.0:
+    uniform = isinstance(sparsity, int | float)
+    if nm is None and uniform and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if sum((per_layer, per_row, nm is not None)) > 1:
         raise ValueError("choose at most one of per_layer, per_row and nm")
+    if not uniform:
+        if not (per_layer or per_row):
+            raise ValueError("per-layer sparsities need per_layer or per_row budgets (a global budget has one)")
+        sparsity = layer_sparsities(sparsity, len(modules))
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
@@ -220,7 +238,8 @@ def prune(
         allowed = start_support[lo:hi].to(device, copy=True)
     targets = [sparsity]
     if method == "chita++":
-        targets = stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent)
+        targets = (stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent) if uniform
+                   else stage_targets(sparsity, stages, base_sparsity, schedule, exponent))
     if nm is not None:
         targets = [0.0] * len(targets)
     if method != "magnitude":
@@ -236,7 +255,8 @@ def prune(
         bytes_before = comm.bytes_by_phase()
         seconds: dict[str, float] = {}
         budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm, per_row=per_row)
-        report = StageReport(sparsity=s if nm is None else 1.0 - nm[0] / nm[1], kept=budget.total())
+        report = StageReport(sparsity=(s if uniform else mean_sparsity(s, [sg.size for sg in layout.segments]))
+                             if nm is None else 1.0 - nm[0] / nm[1], kept=budget.total())
         if method == "magnitude":
             start = time.perf_counter()
             support = budget.project(w)

@@ -131,6 +131,15 @@ def prunable_modules(
     return out
 
 
+def layer_targets(names: Sequence[str], default: float, rules: Sequence[tuple[str, float]]) -> list[float]:
+    """One sparsity per layer of ``names``: that of the first (fnmatch pattern, sparsity) rule whose pattern
+    matches the layer's name, else ``default``. Raises ValueError for a pattern that matches none of them."""
+    for pat, _ in rules:
+        if not any(fnmatch.fnmatchcase(name, pat) for name in names):
+            raise ValueError(f"pattern {pat!r} matches no prunable layer (of {len(names)} layers)")
+    return [next((s for pat, s in rules if fnmatch.fnmatchcase(name, pat)), default) for name in names]
+
+
 def named_shapes(modules: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:
     """[(name, weight shape)] in the input for :meth:`dist_chita.layout.ColumnLayout.build`."""
     return [(name, tuple(params.shape(m.weight))) for name, m in modules]

@@ -39,7 +39,7 @@ from dist_chita.layerwise import ROW_CHUNK, keep_mask, obs_denominator, ridged, 
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
-from dist_chita.schedule import kept_count
+from dist_chita.schedule import Sparsity, kept_count, layer_sparsities, mean_sparsity
 
 _PRODUCT_ELEMENTS = 1 << 22  # X_b^T X_b is formed in column chunks of at most about this many entries
 
@@ -465,17 +465,18 @@ def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
     return curvature + solve
 
 
-def prune_magnitude(modules: Sequence[tuple[str, nn.Module]], sparsity: float,
+def prune_magnitude(modules: Sequence[tuple[str, nn.Module]], sparsity: Sparsity,
                     nm: tuple[int, int] | None = None, per_layer: bool = False) -> None:
     """Magnitude pruning on the rows :func:`prune_layerwise` uses (one output's weights; or N:M along them; or,
-    with ``per_layer``, the layer's largest), in place, one layer at a time (the baseline of a layerwise run).
-    Every rank computes the same (collective under ZeRO-3)."""
-    for _, m in modules:
+    with ``per_layer``, the layer's largest), in place, one layer at a time (the baseline of a layerwise run);
+    ``sparsity``: one target, or one per module. Every rank computes the same (collective under ZeRO-3)."""
+    targets = layer_sparsities(sparsity, len(modules)) if nm is None else [0.0] * len(modules)
+    for (_, m), s in zip(modules, targets, strict=True):
         weight = params.read(m.weight)
         W = weight_rows(m, weight).float()
         r, d = W.shape
-        k = None if nm else (row_budgets(W.abs(), kept_count(r * d, sparsity), W != 0) if per_layer
-                             else kept_count(d, sparsity))
+        k = None if nm else (row_budgets(W.abs(), kept_count(r * d, s), W != 0) if per_layer
+                             else kept_count(d, s))
         mask = keep_mask(W.abs(), k, nm, W != 0)
         params.write(m.weight, _from_rows(m, W * mask, weight.shape))
 
@@ -483,7 +484,7 @@ def prune_magnitude(modules: Sequence[tuple[str, nn.Module]], sparsity: float,
 def prune_layerwise(
     model: nn.Module,
     modules: Sequence[tuple[str, nn.Module]],
-    sparsity: float,
+    sparsity: Sparsity,
     *,
     forward: Callable[[object], object],
     make_batches: Callable[[], Iterable],
@@ -498,7 +499,8 @@ def prune_layerwise(
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
     ``sparsity`` (or N:M with ``nm``); with ``per_layer`` every layer to ``sparsity``, its budget shared among its
     rows by the layer-wide OBS saliency (:func:`~dist_chita.layerwise.row_budgets`), each row then solved with its
-    share. The ridge of layer l is ``damp * mean(diag H_l)`` (of each group's H for a grouped Conv2d).
+    share. ``sparsity`` may also give every module its own target (a sequence as long as ``modules``). The ridge
+    of layer l is ``damp * mean(diag H_l)`` (of each group's H for a grouped Conv2d).
 
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
@@ -507,14 +509,15 @@ def prune_layerwise(
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
     objective, with the magnitude-support + re-fit objective beside it).
     """
-    if nm is None and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    targets = layer_sparsities(sparsity, len(modules)) if nm is None else [0.0] * len(modules)
     if damp <= 0:
         raise ValueError(f"damp must be > 0, got {damp}")
     for name, m in modules:  # before any work
         _check_conv(m, name)
     world, rank = comm.world_size(), comm.rank()
-    report = StageReport(sparsity=sparsity if nm is None else 1.0 - nm[0] / nm[1], kept=0, objective=0.0,
+    sizes = [params.numel(m.weight) for _, m in modules]
+    target = float(sparsity) if isinstance(sparsity, int | float) else mean_sparsity(targets, sizes)
+    report = StageReport(sparsity=target if nm is None else 1.0 - nm[0] / nm[1], kept=0, objective=0.0,
                          magnitude_objective=0.0)
     seconds = {"curvature": 0.0, "solver": 0.0, "writeback": 0.0}
     bytes_before = comm.bytes_by_phase()
@@ -529,8 +532,8 @@ def prune_layerwise(
         if item is None:
             break
         group, Hs = item
-        members = [modules[i] for i in group]
-        for (_, m), H in zip(members, Hs, strict=True):
+        for i, H in zip(group, Hs, strict=True):
+            m, sparsity_i = modules[i][1], targets[i]
             t = time.perf_counter()
             weight = params.read(m.weight)
             W_bar = weight_rows(m, weight).float()
@@ -550,9 +553,9 @@ def prune_layerwise(
             elif per_layer:  # the same budgets on every rank: computed from the whole layer
                 q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
                 saliency = torch.cat([W_bar[lo:hi].pow(2) / q for (lo, hi), q in zip(parts, q_inv_diags, strict=True)])
-                k = row_budgets(saliency, kept_count(r * d, sparsity), allowed)
+                k = row_budgets(saliency, kept_count(r * d, sparsity_i), allowed)
             else:
-                k = kept_count(d, sparsity)
+                k = kept_count(d, sparsity_i)
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
             for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
                 res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if isinstance(k, torch.Tensor) else k,

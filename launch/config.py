@@ -111,6 +111,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LayerSparsity:
+    """The sparsity of the prunable layers whose names match ``pattern`` (fnmatch, e.g. ``"*.attention.*"``)."""
+
+    pattern: str
+    sparsity: float
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """What to prune and to what sparsity.
 
@@ -118,7 +126,10 @@ class PruneConfig:
     ``row`` (default: every output of every layer, ``weight[i]``, keeps the same
     share, the comparison group of Wanda and SparseGPT), ``layer`` (each layer)
     or ``global`` (over all prunable weights, k = (1 - sparsity) p, the CHITA
-    paper's). ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
+    paper's). ``layer_sparsity`` (a list of ``{pattern, sparsity}``) sets other
+    targets for some layers: the first pattern a layer's name matches gives its
+    sparsity (with granularity row or layer; chita++ takes every layer along its
+    own schedule). ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
     ``sparsity`` and ``granularity`` are ignored). The candidates are
     the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
     (null: all) / ``exclude`` are fnmatch patterns on module names, and
@@ -145,6 +156,7 @@ class PruneConfig:
     method: Literal["chita", "chita++", "magnitude"] = "chita"
     sparsity: float = 0.5
     granularity: Literal["row", "layer", "global"] = "row"
+    layer_sparsity: tuple[LayerSparsity, ...] = ()
     nm: str | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -411,6 +423,14 @@ def validate(cfg: RunConfig) -> RunConfig:
          f"prune.base_sparsity: must be in [0, prune.sparsity], got {p.base_sparsity}")
     if p.nm is not None:
         parse_nm(p.nm)
+    for i, rule in enumerate(p.layer_sparsity):
+        need(bool(rule.pattern), f"prune.layer_sparsity[{i}].pattern: must not be empty")
+        need(0.0 <= rule.sparsity < 1.0, f"prune.layer_sparsity[{i}].sparsity: must be in [0, 1), got {rule.sparsity}")
+    if p.layer_sparsity:
+        need(p.nm is None, "prune.layer_sparsity: sets per-layer sparsities, which N:M (prune.nm) does not use")
+        need(p.granularity != "global", "prune.layer_sparsity: needs prune.granularity row or layer (a global "
+                                        "budget has one sparsity)")
+        need(not p.block_mode, "prune.layer_sparsity: is not supported with prune.block_mode")
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
     need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")

@@ -221,7 +221,20 @@ def load_eval(cfg: RunConfig, loaded):
 
 def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
-    from dist_chita import blocks, comm, data, evaluate, memory, models, params, pipeline, prunable, report, sequential
+    from dist_chita import (
+        blocks,
+        comm,
+        data,
+        evaluate,
+        memory,
+        models,
+        params,
+        pipeline,
+        prunable,
+        report,
+        schedule,
+        sequential,
+    )
     from dist_chita.output import atomic_directory, check_target
     from dist_chita.partition import sample_ranges
     from launch import faults, watchdog
@@ -266,13 +279,25 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     n = cfg.calibration.n
     sizes = [params.numel(m.weight) for _, m in modules]
     p = sum(sizes)
+    sparsity: float | list[float] = cfg.prune.sparsity  # the library's target: one, or one per layer
+    if cfg.prune.layer_sparsity:
+        try:
+            sparsity = prunable.layer_targets([name for name, _ in modules], cfg.prune.sparsity,
+                                              [(r.pattern, r.sparsity) for r in cfg.prune.layer_sparsity])
+        except ValueError as e:
+            raise ValueError(f"prune.layer_sparsity: {e}") from None
+    mean_target = schedule.mean_sparsity(sparsity, sizes)
+    if cfg.prune.layer_sparsity:
+        other = sum(s != cfg.prune.sparsity for s in sparsity)
+        say(f"  prune.layer_sparsity: {other} of {len(modules)} layers at their own targets, {mean_target:.4f} "
+            "over all prunable weights")
     est = memory.estimate(
         p=blocks.largest_group(sizes, cfg.prune.block_size)
         if cfg.prune.block_mode else p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
         model_params=sum(params.numel(x) for x in model.parameters()),
         largest_layer=max(sizes), micro_batch=cfg.calibration.batch_size,
         active_fraction=0.0 if cfg.prune.method == "magnitude" else min(1.0, cfg.solver.active_set_factor
-                                                                        * (1 - cfg.prune.sparsity)),
+                                                                        * (1 - mean_target)),
         baseline=memory.baseline_bytes(device, full_bytes),
     )
     layerwise = cfg.prune.objective == "layerwise" and cfg.prune.method != "magnitude"
@@ -328,9 +353,9 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
         if layerwise:  # the same rows (outputs) as the layerwise solve, one layer at a time
-            sequential.prune_magnitude(modules, cfg.prune.sparsity, nm, per_layer=prune_kwargs["per_layer"])
+            sequential.prune_magnitude(modules, sparsity, nm, per_layer=prune_kwargs["per_layer"])
         else:
-            pipeline.prune(model, modules, "magnitude", cfg.prune.sparsity, **prune_kwargs)
+            pipeline.prune(model, modules, "magnitude", sparsity, **prune_kwargs)
         measure("magnitude", reference)
         for (_, m), w in zip(modules, dense, strict=True):
             params.write(m.weight, w)
@@ -346,7 +371,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                                               criterion=cfg.prune.block_criterion, **kw)
         if layerwise:  # each layer's reconstruction, block by block, every rank on every R-th global micro-batch
             outcome = sequential.prune_layerwise(
-                model, modules, cfg.prune.sparsity, forward=lambda batch: models.forward(model, task, batch),
+                model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
                 make_batches=lambda: sequential.my_microbatches(
                     data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size, longest_first=True)),
                 nm=nm, per_layer=prune_kwargs["per_layer"], damp=cfg.prune.damp,
@@ -354,7 +379,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                 progress=faults.watch(progress))
         else:  # the Fisher objective: rank r computes the rows of A for samples [lo, hi)
             outcome = prune_fn(
-                model, modules, cfg.prune.method, cfg.prune.sparsity,
+                model, modules, cfg.prune.method, sparsity,
                 make_batches=lambda: data.iter_microbatches(calib, lo, hi, cfg.calibration.batch_size),
                 loss_fn=build_loss(cfg, task), n=n, lam=cfg.prune.lambda_, first_order=cfg.prune.first_order_term,
                 stages=cfg.prune.stages if cfg.prune.method == "chita++" else 1, base_sparsity=cfg.prune.base_sparsity,

@@ -7,6 +7,7 @@ from dist_chita import comm, losses, models, pipeline
 from dist_chita.data import iter_microbatches
 from dist_chita.partition import sample_ranges
 from dist_chita.prunable import prunable_modules
+from dist_chita.schedule import kept_count, stage_targets
 from tests import multiproc
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
@@ -17,7 +18,7 @@ def _forward(model, batch):
     return models.forward(model, "image-classification", batch)
 
 
-def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, ridge="identity"):
+def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, ridge="identity", base_sparsity=0.3):
     torch.set_num_threads(1)
     model = train_digits_mlp()
     calib = digits_samples().select(range(N))
@@ -27,7 +28,7 @@ def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, 
         model, modules, method, sparsity,
         make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
-        per_row=per_row, base_sparsity=0.3, solver_options=dict(max_iter=40, ridge=ridge),
+        per_row=per_row, base_sparsity=base_sparsity, solver_options=dict(max_iter=40, ridge=ridge),
     )
     return {name: m.weight.detach().clone() for name, m in modules}, out.stages
 
@@ -99,6 +100,49 @@ def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_
                 assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
     with pytest.raises(ValueError, match="at most one of"):
         _prune("chita", 0.5, per_layer=True, per_row=True)
+
+
+TARGETS = [0.3, 0.8, 0.5]  # one sparsity per layer of the digits MLP (64 -> 32 -> 16 -> 10)
+
+
+def test_per_layer_targets_set_every_layers_budget():
+    """One target per layer: per layer, layer l keeps round((1 - s_l) size_l); per row, every row of layer l keeps
+    round((1 - s_l) row length); the same target for every layer gives the float's bits; a global budget refuses."""
+    weights, stages = _prune("chita", TARGETS, per_layer=True)
+    sizes = [w.numel() for w in weights.values()]
+    for w, s in zip(weights.values(), TARGETS, strict=True):
+        assert int((w != 0).sum()) == kept_count(w.numel(), s)
+    assert stages[0].kept == sum(kept_count(n, s) for n, s in zip(sizes, TARGETS, strict=True))
+    assert stages[0].sparsity == pytest.approx(sum(n * s for n, s in zip(sizes, TARGETS, strict=True)) / sum(sizes))
+    weights, _ = _prune("chita", TARGETS, per_row=True)
+    for w, s in zip(weights.values(), TARGETS, strict=True):
+        assert bool(((w != 0).sum(1) == kept_count(w.shape[1], s)).all())
+    same, _ = _prune("chita", [0.6] * 3, per_row=True)
+    ref, _ = _prune("chita", 0.6, per_row=True)
+    assert all(torch.equal(same[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="per-layer sparsities need per_layer or per_row"):
+        _prune("chita", TARGETS)
+    with pytest.raises(ValueError, match="got 2 per-layer sparsities for 3 layers"):
+        _prune("chita", TARGETS[:2], per_row=True)
+
+
+def test_per_layer_targets_with_chita_plus_plus_follow_each_layers_schedule_on_any_world_size():
+    """CHITA++ (3 stages from base 0.4): stage t keeps, in layer l, the count of stage_targets' s_l(t) (layer 0's
+    target 0.3 is below the base: it stays at 0.3 throughout); 1, 2 and 3 ranks give the same model."""
+    ref, stages = _prune("chita++", TARGETS, stages=3, per_row=True, base_sparsity=0.4)
+    plan = stage_targets(TARGETS, 3, 0.4)
+    assert [row[0] for row in plan] == [0.3] * 3 and plan[-1] == TARGETS
+    shapes = [w.shape for w in ref.values()]
+    for st, targets in zip(stages, plan, strict=True):
+        assert st.kept == sum(r * kept_count(d, s) for (r, d), s in zip(shapes, targets, strict=True))
+    for w, s in zip(ref.values(), TARGETS, strict=True):
+        assert bool(((w != 0).sum(1) == kept_count(w.shape[1], s)).all())
+    for world_size in (2, 3):
+        for result, _ in multiproc.run(_prune, world_size, "chita++", TARGETS, False, None, 3, True, "identity",
+                                       0.4):
+            for name, w in ref.items():
+                assert torch.equal(result[name] != 0, w != 0), (world_size, name)
+                assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
 
 
 def test_saved_model_reloads_with_identical_outputs(tmp_path):

@@ -12,7 +12,7 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 from dist_chita.layout import ColumnLayout
-from dist_chita.prunable import named_shapes, prunable_modules
+from dist_chita.prunable import layer_targets, named_shapes, prunable_modules
 
 
 def names(mods):
@@ -46,6 +46,15 @@ def test_patterns_and_unmatched_pattern():
         prunable_modules(m, exclude=["fc2"])
     with pytest.raises(ValueError, match="no prunable layer selected"):
         prunable_modules(m, exclude=["*"])
+
+
+def test_layer_targets_first_matching_pattern_wins():
+    names = ["enc.0.attn.q", "enc.0.ffn.up", "enc.1.attn.q", "head"]
+    rules = [("enc.0.*", 0.2), ("*.attn.*", 0.6)]
+    assert layer_targets(names, 0.5, rules) == [0.2, 0.2, 0.6, 0.5]
+    assert layer_targets(names, 0.5, []) == [0.5] * 4
+    with pytest.raises(ValueError, match=r"pattern 'dec\.\*' matches no prunable layer \(of 4 layers\)"):
+        layer_targets(names, 0.5, [("dec.*", 0.1)])
 
 
 def test_tied_weights_listed_once_and_embedding_tie_excluded():

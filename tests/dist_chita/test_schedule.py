@@ -1,6 +1,6 @@
 import pytest
 
-from dist_chita.schedule import kept_count, stage_sparsities
+from dist_chita.schedule import kept_count, layer_sparsities, mean_sparsity, stage_sparsities, stage_targets
 
 
 def test_polynomial_schedule_is_increasing_and_ends_at_target():
@@ -28,3 +28,18 @@ def test_rejects_bad_arguments(kwargs):
 def test_kept_count():
     assert kept_count(1000, 0.9) == 100
     assert kept_count(10, 0.999) == 1
+
+
+def test_layer_sparsities_and_their_schedules():
+    assert layer_sparsities(0.5, 3) == [0.5, 0.5, 0.5]
+    assert layer_sparsities((0.2, 0.9), 2) == [0.2, 0.9]
+    with pytest.raises(ValueError, match="got 2 per-layer sparsities for 3 layers"):
+        layer_sparsities([0.2, 0.3], 3)
+    with pytest.raises(ValueError, match=r"sparsity of layer 1 must be in \[0, 1\), got 1.0"):
+        layer_sparsities([0.2, 1.0], 2)
+    plan = stage_targets([0.9, 0.2, 0.6], 4, base=0.5)
+    assert len(plan) == 4 and plan[-1] == [0.9, 0.2, 0.6]
+    for layer, s in enumerate([0.9, 0.2, 0.6]):  # each layer along its own schedule, from min(base, s_l)
+        assert [row[layer] for row in plan] == stage_sparsities(s, 4, min(0.5, s))
+    assert mean_sparsity([0.5, 0.8], [300, 100]) == pytest.approx((150 + 80) / 400)
+    assert mean_sparsity(0.25, [7, 9]) == pytest.approx(0.25)

@@ -81,21 +81,25 @@ def _batches(x, lo, hi, bs=5):
     return [(x[s:min(s + bs, hi)], list(range(s, min(s + bs, hi)))) for s in range(lo, hi, bs)]
 
 
-@pytest.mark.parametrize("per_layer", [False, True])
-def test_sequential_prune_matches_an_independent_recomputation(per_layer):
-    """Every layer of a small MLP pruned to 50% (of each row, or of each layer with the budget shared among its
-    rows by the OBS saliency), and the same result recomputed here: layer l's H from the inputs of the model with
-    layers < l already pruned, the row budgets from an inverse and a top-k of the whole layer, solved with
-    solve_rows."""
+@pytest.mark.parametrize("per_layer,targets", [(False, 0.5), (True, 0.5), (False, (0.3, 0.7, 0.5)),
+                                               (True, (0.3, 0.7, 0.5))])
+def test_sequential_prune_matches_an_independent_recomputation(per_layer, targets):
+    """Every layer of a small MLP pruned to 50% (or to its own target: 30%, 70%, 50%) of each row, or of each layer
+    with the budget shared among its rows by the OBS saliency, and the same result recomputed here: layer l's H
+    from the inputs of the model with layers < l already pruned, the row budgets from an inverse and a top-k of
+    the whole layer, solved with solve_rows."""
     torch.manual_seed(1)
     x = torch.randn(40, 12)
     model, ref = _mlp(), _mlp()
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
     exact = dict(refit_iters=60)
-    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40),
+    out = prune_layerwise(model, modules, targets, forward=model, make_batches=lambda: _batches(x, 0, 40),
                           per_layer=per_layer, solver_options=exact)
+    sparsity = dict(zip((0, 2, 4), targets if isinstance(targets, tuple) else (targets,) * 3, strict=True))
+    kept = 0
     h = x
     for i in (0, 2, 4):
+        s = sparsity[i]
         W_bar = ref[i].weight.detach()
         r, d = W_bar.shape
         H = (h.double().T @ h.double()) / h.shape[0]
@@ -103,11 +107,14 @@ def test_sequential_prune_matches_an_independent_recomputation(per_layer):
         Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
         if per_layer:
             saliency = W_bar.double().pow(2) / torch.linalg.inv(Q).diagonal()
-            top = saliency.flatten().topk(kept_count(r * d, 0.5)).indices
+            top = saliency.flatten().topk(kept_count(r * d, s)).indices
             k = torch.zeros(r * d).scatter_(0, top, 1.0).view(r, d).sum(1).long()
-            assert not torch.equal(k, torch.full_like(k, kept_count(d, 0.5)))  # the rows do share the budget
+            assert not torch.equal(k, torch.full_like(k, kept_count(d, s)))  # the rows do share the budget
+            kept += int(k.sum())
         else:
-            k = kept_count(d, 0.5)
+            k = kept_count(d, s)
+            kept += r * k
+            assert (out.masks[str(i)].sum(1) == k).all()
         res = solve_rows(W_bar, H, lam, k=k, **exact)
         torch.testing.assert_close(model[i].weight.detach(), res.W, rtol=1e-4, atol=1e-5)
         assert torch.equal(out.masks[str(i)].sum(1), res.support.sum(1))
@@ -117,9 +124,7 @@ def test_sequential_prune_matches_an_independent_recomputation(per_layer):
         with torch.no_grad():
             ref[i].weight.copy_(res.W)
             h = ref[: i + 2](x) if i < 4 else h
-    if not per_layer:
-        assert (out.masks["0"].sum(1) == 6).all() and (out.masks["2"].sum(1) == 8).all()
-    assert out.stages[0].kept == 16 * 6 + 8 * 8 + 3 * 4
+    assert out.stages[0].kept == kept
     assert out.stages[0].objective <= out.stages[0].magnitude_objective
 
 
@@ -362,21 +367,22 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
             assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
-def _prune_mlp(nm, per_layer=False):
+def _prune_mlp(nm, per_layer=False, sparsity=0.6):
     torch.manual_seed(2)
     x = torch.randn(37, 12)
     model = _mlp(3)
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
-    out = prune_layerwise(model, modules, 0.6, forward=model, nm=nm, row_chunk=3,  # rows of a layer on every rank
+    out = prune_layerwise(model, modules, sparsity, forward=model, nm=nm, row_chunk=3,  # rows of a layer on every rank
                           per_layer=per_layer, make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)))
     return [m.weight.detach().clone() for _, m in modules], out.stages[0].objective
 
 
-@pytest.mark.parametrize("nm,per_layer", [(None, False), ((2, 4), False), (None, True)])
-def test_same_masks_and_weights_on_any_world_size(nm, per_layer):
-    (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer)
+@pytest.mark.parametrize("nm,per_layer,sparsity", [(None, False, 0.6), ((2, 4), False, 0.6), (None, True, 0.6),
+                                                    (None, True, (0.3, 0.7, 0.5))])
+def test_same_masks_and_weights_on_any_world_size(nm, per_layer, sparsity):
+    (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer, sparsity)
     for world_size in (2, 3, 4):
-        results = multiproc.run(_prune_mlp, world_size, nm, per_layer)
+        results = multiproc.run(_prune_mlp, world_size, nm, per_layer, sparsity)
         for weights, f in results:
             assert f == pytest.approx(f1, rel=1e-12)  # the objective's float64 sum over ranks is in another order
             for w, b in zip(weights, base, strict=True):
@@ -424,6 +430,11 @@ def test_magnitude_baseline_keeps_the_largest_of_every_output():
     top = ref_lin.abs().flatten().topk(18).indices
     expected = torch.zeros(60, dtype=torch.bool).scatter_(0, top, True).view(6, 10)
     assert torch.equal(lin.weight != 0, expected) and torch.equal(lin.weight[expected], ref_lin[expected])
+    lin.weight.data.copy_(ref_lin)
+    c1d.weight.data.copy_(ref_c1d)
+    prune_magnitude([("lin", lin), ("c1d", c1d)], [0.2, 0.9])  # one target per layer: 8 and 1 of each output
+    assert bool(((lin.weight != 0).sum(1) == 8).all()) and bool(((c1d.weight != 0).sum(0) == 1).all())
+    assert torch.equal(c1d.weight.abs().amax(0), ref_c1d.abs().amax(0))
 
 
 def test_bad_input_is_refused():

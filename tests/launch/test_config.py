@@ -36,6 +36,31 @@ def test_defaults_equal_default_yaml():
     assert load_config(ROOT / "configs" / "default.yaml") == parse_config({}) == load_config(None)
 
 
+def test_layer_sparsity_rules():
+    cfg = parse_config({"prune": {"layer_sparsity": [{"pattern": "*.attention.*", "sparsity": 0.3},
+                                                     {"pattern": "encoder.layer.0.*", "sparsity": 0}]}})
+    assert [(r.pattern, r.sparsity) for r in cfg.prune.layer_sparsity] == [("*.attention.*", 0.3),
+                                                                          ("encoder.layer.0.*", 0.0)]
+    assert parse_config(cfg.to_dict()) == cfg
+    over = parse_config({}, ['prune.layer_sparsity=[{pattern: "fc*", sparsity: 0.7}]'])
+    assert over.prune.layer_sparsity[0].pattern == "fc*"
+    bad = [
+        ({"layer_sparsity": [{"pattern": "a*", "sparsity": 1.0}]},
+         r"^prune\.layer_sparsity\[0\]\.sparsity: must be in \[0, 1\), got 1\.0$"),
+        ({"layer_sparsity": [{"pattern": "", "sparsity": 0.1}]}, r"prune\.layer_sparsity\[0\]\.pattern: must not"),
+        ({"layer_sparsity": [{"patern": "a*", "sparsity": 0.1}]},
+         r"unknown key 'prune\.layer_sparsity\[0\]\.patern' \(did you mean 'prune\.layer_sparsity\[0\]\.pattern'"),
+        ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "granularity": "global", "objective": "fisher"},
+         "needs prune.granularity row or layer"),
+        ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "nm": "2:4"}, "N:M"),
+        ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "block_mode": True, "objective": "fisher"},
+         "block_mode"),
+    ]
+    for prune, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            parse_config({"prune": prune})
+
+
 def test_unknown_key_names_full_path_and_the_nearest_key():
     with pytest.raises(ConfigError, match=r"^unknown key 'solver\.max_iterz' \(did you mean 'solver\.max_iter'\?\)$"):
         parse_config({"solver": {"max_iterz": 3}})

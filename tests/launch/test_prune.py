@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_model
 
+from dist_chita.schedule import kept_count
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,6 +113,29 @@ def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights, granula
     assert r1["phase_seconds"]["fisher"] == [0.0] and r1["phase_seconds"]["curvature"][0] > 0
 
 
+@pytest.mark.parametrize("objective,granularity", [("layerwise", "row"), ("fisher", "layer")])
+def test_layer_sparsity_sets_the_matching_layers_targets(tmp_path, weights, objective, granularity):
+    """prune.layer_sparsity: layer 0 at 20% and layer 4 at 90% (the first matching pattern wins; layer 2 keeps
+    prune.sparsity = 70%), by both objectives; the saved model has exactly those counts and the report says so."""
+    rules = [{"pattern": "0", "sparsity": 0.2}, {"pattern": "[04]", "sparsity": 0.9}]
+    cfg = write_config(tmp_path, weights, prune={"objective": objective, "granularity": granularity,
+                                                 "layer_sparsity": rules})
+    res = run(["--config", str(cfg)])
+    assert res.returncode == 0, res.stderr
+    assert "prune.layer_sparsity: 2 of 3 layers at their own targets" in res.stdout
+    out = tmp_path / "out"
+    w = load_file(out / "model.safetensors")
+    report = json.loads((out / "prune_report.json").read_text())
+    for i, s in ((0, 0.2), (2, 0.7), (4, 0.9)):
+        W = w[f"{i}.weight"]
+        if granularity == "row":
+            assert bool(((W != 0).sum(1) == kept_count(W.shape[1], s)).all()), i
+        else:
+            assert int((W != 0).sum()) == kept_count(W.numel(), s), i
+        assert {x["name"]: x["kept"] for x in report["layers"]}[str(i)] == int((W != 0).sum())
+    assert report["global"]["kept"] == sum(int((w[f"{i}.weight"] != 0).sum()) for i in (0, 2, 4))
+
+
 def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
     cfg = write_config(tmp_path, weights, eval={"n": None})
     res = run(["--config", str(cfg)])
@@ -142,6 +166,8 @@ BAD_INPUTS = [
     ("layerwise with a global budget", ["prune.objective=layerwise", "prune.granularity=global"], 2,
      "prune.objective: layerwise prunes one layer at a time"),
     ("missing column", ["calibration.label_column=digit"], 1, "'digit'"),
+    ("layer_sparsity pattern matching no layer", ["prune.granularity=layer",
+     "prune.layer_sparsity=[{pattern: fc9, sparsity: 0.1}]"], 1, "prune.layer_sparsity: pattern 'fc9' matches no"),
 ]
 
 
