@@ -129,7 +129,10 @@ class PruneConfig:
     paper's). ``layer_sparsity`` (a list of ``{pattern, sparsity}``) sets other
     targets for some layers: the first pattern a layer's name matches gives its
     sparsity (with granularity row or layer; chita++ takes every layer along its
-    own schedule). ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
+    own schedule). ``allocation: owl`` sets every block's sparsity from the dense
+    model's outliers instead (OWL: :mod:`dist_chita.allocation`, threshold ``owl_m``,
+    spread 2 ``owl_lambda``, mean ``sparsity``; granularity row or layer).
+    ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
     ``sparsity`` and ``granularity`` are ignored). The candidates are
     the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
     (null: all) / ``exclude`` are fnmatch patterns on module names, and
@@ -157,6 +160,9 @@ class PruneConfig:
     sparsity: float = 0.5
     granularity: Literal["row", "layer", "global"] = "row"
     layer_sparsity: tuple[LayerSparsity, ...] = ()
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
     nm: str | None = None
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -431,6 +437,12 @@ def validate(cfg: RunConfig) -> RunConfig:
         need(p.granularity != "global", "prune.layer_sparsity: needs prune.granularity row or layer (a global "
                                         "budget has one sparsity)")
         need(not p.block_mode, "prune.layer_sparsity: is not supported with prune.block_mode")
+    if p.allocation == "owl":
+        need(not p.layer_sparsity, "prune.allocation: owl sets every layer's sparsity; drop prune.layer_sparsity")
+        need(p.nm is None and p.granularity != "global" and not p.block_mode,
+             "prune.allocation: owl needs prune.granularity row or layer (no N:M, no block mode)")
+        need(p.owl_m > 0.0, f"prune.owl_m: must be > 0, got {p.owl_m}")
+        need(p.owl_lambda >= 0.0, f"prune.owl_lambda: must be >= 0, got {p.owl_lambda}")
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
     need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")

@@ -42,8 +42,8 @@ from launch.config import (  # noqa: E402
     solver_ridge,
 )
 
-PHASES = ("load", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve", "writeback",
-          "eval_after", "save")
+PHASES = ("load", "allocation", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve",
+          "writeback", "eval_after", "save")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -222,6 +222,7 @@ def load_eval(cfg: RunConfig, loaded):
 def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
     from dist_chita import (
+        allocation,
         blocks,
         comm,
         data,
@@ -286,6 +287,16 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                                               [(r.pattern, r.sparsity) for r in cfg.prune.layer_sparsity])
         except ValueError as e:
             raise ValueError(f"prune.layer_sparsity: {e}") from None
+    if cfg.prune.allocation == "owl":  # every block's sparsity from the dense model's outliers, before any pruning
+        t = time.perf_counter()
+        norms = allocation.input_norms(modules, lambda batch: models.forward(model, task, batch),
+                                       sequential.my_microbatches(data.iter_microbatches(
+                                           calib, 0, n, cfg.calibration.batch_size, longest_first=True)))
+        sparsity = allocation.owl_layer_targets(modules, norms, cfg.prune.sparsity, cfg.prune.owl_m,
+                                                cfg.prune.owl_lambda)
+        seconds["allocation"] = time.perf_counter() - t
+        say(f"  OWL: block sparsities {min(sparsity):.4f}..{max(sparsity):.4f} (M {cfg.prune.owl_m}, lambda "
+            f"{cfg.prune.owl_lambda})")
     mean_target = schedule.mean_sparsity(sparsity, sizes)
     if cfg.prune.layer_sparsity:
         other = sum(s != cfg.prune.sparsity for s in sparsity)

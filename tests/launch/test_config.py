@@ -56,6 +56,15 @@ def test_layer_sparsity_rules():
         ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "block_mode": True, "objective": "fisher"},
          "block_mode"),
     ]
+    owl = {"allocation": "owl"}
+    bad += [
+        ({**owl, "layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}]}, "drop prune.layer_sparsity"),
+        ({**owl, "granularity": "global", "objective": "fisher"}, "owl needs prune.granularity row or layer"),
+        ({**owl, "nm": "2:4"}, "owl needs"),
+        ({**owl, "owl_m": 0.0}, r"prune\.owl_m: must be > 0"),
+        ({**owl, "owl_lambda": -0.1}, r"prune\.owl_lambda: must be >= 0"),
+        ({"allocation": "owl2"}, r"prune\.allocation: expected one of 'uniform', 'owl'"),
+    ]
     for prune, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_config({"prune": prune})

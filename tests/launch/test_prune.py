@@ -136,6 +136,22 @@ def test_layer_sparsity_sets_the_matching_layers_targets(tmp_path, weights, obje
     assert report["global"]["kept"] == sum(int((w[f"{i}.weight"] != 0).sum()) for i in (0, 2, 4))
 
 
+def test_owl_allocation_spreads_the_layers_around_the_target(tmp_path, weights):
+    """prune.allocation=owl (layerwise, per row): every layer (each its own block here) gets its own sparsity, 2
+    lambda = 0.2 apart at the extremes and 0.7 over all prunable weights (up to the rounding of row counts),
+    reported per layer."""
+    cfg = write_config(tmp_path, weights, prune={"objective": "layerwise", "granularity": "row", "allocation": "owl",
+                                                 "owl_m": 2.0, "owl_lambda": 0.1})
+    res = run(["--config", str(cfg)])
+    assert res.returncode == 0, res.stderr
+    assert "OWL: block sparsities" in res.stdout
+    report = json.loads((tmp_path / "out" / "prune_report.json").read_text())
+    got = [x["sparsity"] for x in report["layers"]]
+    assert max(got) - min(got) == pytest.approx(0.2, abs=0.07)
+    assert report["global"]["sparsity"] == pytest.approx(0.7, abs=0.01)  # over all prunable weights
+    assert report["phase_seconds"]["allocation"][0] > 0
+
+
 def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
     cfg = write_config(tmp_path, weights, eval={"n": None})
     res = run(["--config", str(cfg)])
