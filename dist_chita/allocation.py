@@ -26,7 +26,7 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.data import to_device
-from dist_chita.sequential import blocks_in_order, input_rows, weight_rows
+from dist_chita.sequential import blocks_in_order, input_rows, input_size, weight_rows
 
 
 def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[object], object],
@@ -66,7 +66,7 @@ def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[obj
     finally:
         for h in handles:
             h.remove()
-    sizes = [weight_rows(m, params.read(m.weight)).shape[1] for _, m in modules]
+    sizes = [input_size(m, tuple(params.shape(m.weight))) for _, m in modules]  # no gather under ZeRO-3
     flat = torch.cat([torch.zeros(d, dtype=torch.float64, device=device) if s is None else s
                       for s, d in zip(sums, sizes, strict=True)])
     return list(comm.all_reduce(flat).split(sizes))

@@ -50,14 +50,15 @@ def gpt2(tmp_path_factory):
     return root / "model", root / "calib.txt"
 
 
-def write_config(tmp_path, model_dir, calib, objective="fisher"):
+def write_config(tmp_path, model_dir, calib, objective="fisher", allocation="uniform"):
     cfg = {
         "name": "gpt2_zero3",
         "model": {"source": "hf", "path": str(model_dir), "task": "causal-lm"},
         "calibration": {"source": str(calib), "format": "text", "text_column": "text", "n": 9, "batch_size": 4,
                         "max_length": 16},
         "eval": {"metric": "perplexity", "n": 30, "max_length": 16, "stride": 8, "compare_magnitude": True},
-        "prune": {"method": "chita", "sparsity": 0.6, "loss": "causal_lm", "lambda": 1e-3, "objective": objective},
+        "prune": {"method": "chita", "sparsity": 0.6, "loss": "causal_lm", "lambda": 1e-3, "objective": objective,
+                  "allocation": allocation},
         "solver": {"max_iter": 30},
         "output": {"dir": str(tmp_path / "out")},
         "world_size": 2,
@@ -86,10 +87,13 @@ print(json.dumps({"kept": sum(int((mods[n].weight != 0).sum()) for n in names),
 """
 
 
-@pytest.mark.parametrize("objective", ["fisher", "layerwise"])
-def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2, objective):
+@pytest.mark.parametrize("objective,allocation", [("fisher", "uniform"), ("layerwise", "uniform"),
+                                                   ("layerwise", "owl")])
+def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2, objective, allocation):
+    """Also OWL's targets (allocation owl): derived from the partitioned model's forwards and weights, the same as
+    the plain run's (the same mask)."""
     model_dir, calib = gpt2
-    cfg = write_config(tmp_path, model_dir, calib, objective)
+    cfg = write_config(tmp_path, model_dir, calib, objective, allocation)
     plain = run(["--config", str(cfg), f"output.dir={tmp_path / 'plain'}"])
     assert plain.returncode == 0, plain.stderr
     z3 = run_zero3(["--config", str(cfg), f"output.dir={tmp_path / 'z3'}"])
@@ -107,7 +111,13 @@ def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2, obje
         per_row = sum(layer["shape"][0] * kept_count(math.prod(layer["shape"][1:]), 0.6) for layer in r1["layers"])
     else:
         per_row = sum(layer["shape"][1] * kept_count(layer["shape"][0], 0.6) for layer in r1["layers"])
-    assert r1["global"] == r3["global"] and r1["global"]["kept"] == per_row
+    assert r1["global"] == r3["global"]
+    if allocation == "uniform":
+        assert r1["global"]["kept"] == per_row
+    else:  # the blocks' own targets, 0.6 over all prunable weights
+        assert len({round(layer["sparsity"], 2) for layer in r1["layers"]}) > 1
+        assert r1["global"]["sparsity"] == pytest.approx(0.6, abs=0.02)
+        assert "OWL: block sparsities" in z3.stdout
     w1, w3 = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
     assert sorted(w1) == sorted(w3)
     for k in w1:
