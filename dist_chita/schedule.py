@@ -45,7 +45,11 @@ def kept_count(total: int, sparsity: float) -> int:
 def layer_sparsities(sparsity: Sparsity, layers: int) -> list[float]:
     """``sparsity`` as one target per layer: a float for all ``layers``, or a sequence of exactly that many; each
     in [0, 1)."""
-    targets = [float(sparsity)] * layers if isinstance(sparsity, int | float) else [float(s) for s in sparsity]
+    if isinstance(sparsity, int | float):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        return [float(sparsity)] * layers
+    targets = [float(s) for s in sparsity]
     if len(targets) != layers:
         raise ValueError(f"got {len(targets)} per-layer sparsities for {layers} layers")
     for i, s in enumerate(targets):

@@ -37,6 +37,8 @@ def test_layer_sparsities_and_their_schedules():
         layer_sparsities([0.2, 0.3], 3)
     with pytest.raises(ValueError, match=r"sparsity of layer 1 must be in \[0, 1\), got 1.0"):
         layer_sparsities([0.2, 1.0], 2)
+    with pytest.raises(ValueError, match=r"^sparsity must be in \[0, 1\), got -0.1$"):
+        layer_sparsities(-0.1, 2)
     plan = stage_targets([0.9, 0.2, 0.6], 4, base=0.5)
     assert len(plan) == 4 and plan[-1] == [0.9, 0.2, 0.6]
     for layer, s in enumerate([0.9, 0.2, 0.6]):  # each layer along its own schedule, from min(base, s_l)
