@@ -219,10 +219,35 @@ def load_eval(cfg: RunConfig, loaded):
     return {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)}
 
 
+def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float]:
+    """The library's sparsity target: ``prune.sparsity``, or one per layer from ``prune.layer_sparsity`` (patterns)
+    or ``prune.allocation: owl`` (a forward pass of the dense model over the calibration data; collective)."""
+    from dist_chita import allocation, data, params, prunable, schedule, sequential
+
+    sizes = [params.numel(m.weight) for _, m in modules]
+    if cfg.prune.layer_sparsity:
+        try:
+            targets = prunable.layer_targets([name for name, _ in modules], cfg.prune.sparsity,
+                                             [(r.pattern, r.sparsity) for r in cfg.prune.layer_sparsity])
+        except ValueError as e:
+            raise ValueError(f"prune.layer_sparsity: {e}") from None
+        say(f"  prune.layer_sparsity: {sum(s != cfg.prune.sparsity for s in targets)} of {len(modules)} layers at "
+            f"their own targets, {schedule.mean_sparsity(targets, sizes):.4f} over all prunable weights")
+        return targets
+    if cfg.prune.allocation == "owl":  # every block's sparsity from the dense model's outliers, before any pruning
+        norms = allocation.input_norms(modules, forward, sequential.my_microbatches(data.iter_microbatches(
+            calib, 0, cfg.calibration.n, cfg.calibration.batch_size, longest_first=True)))
+        targets = allocation.owl_layer_targets(modules, norms, cfg.prune.sparsity, cfg.prune.owl_m,
+                                               cfg.prune.owl_lambda)
+        say(f"  OWL: block sparsities {min(targets):.4f}..{max(targets):.4f} (M {cfg.prune.owl_m}, lambda "
+            f"{cfg.prune.owl_lambda})")
+        return targets
+    return cfg.prune.sparsity
+
+
 def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
     from dist_chita import (
-        allocation,
         blocks,
         comm,
         data,
@@ -280,28 +305,10 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     n = cfg.calibration.n
     sizes = [params.numel(m.weight) for _, m in modules]
     p = sum(sizes)
-    sparsity: float | list[float] = cfg.prune.sparsity  # the library's target: one, or one per layer
-    if cfg.prune.layer_sparsity:
-        try:
-            sparsity = prunable.layer_targets([name for name, _ in modules], cfg.prune.sparsity,
-                                              [(r.pattern, r.sparsity) for r in cfg.prune.layer_sparsity])
-        except ValueError as e:
-            raise ValueError(f"prune.layer_sparsity: {e}") from None
-    if cfg.prune.allocation == "owl":  # every block's sparsity from the dense model's outliers, before any pruning
-        t = time.perf_counter()
-        norms = allocation.input_norms(modules, lambda batch: models.forward(model, task, batch),
-                                       sequential.my_microbatches(data.iter_microbatches(
-                                           calib, 0, n, cfg.calibration.batch_size, longest_first=True)))
-        sparsity = allocation.owl_layer_targets(modules, norms, cfg.prune.sparsity, cfg.prune.owl_m,
-                                                cfg.prune.owl_lambda)
-        seconds["allocation"] = time.perf_counter() - t
-        say(f"  OWL: block sparsities {min(sparsity):.4f}..{max(sparsity):.4f} (M {cfg.prune.owl_m}, lambda "
-            f"{cfg.prune.owl_lambda})")
+    t = time.perf_counter()
+    sparsity = layer_targets(cfg, modules, lambda batch: models.forward(model, task, batch), calib)
+    seconds["allocation"] = time.perf_counter() - t if cfg.prune.allocation == "owl" else 0.0
     mean_target = schedule.mean_sparsity(sparsity, sizes)
-    if cfg.prune.layer_sparsity:
-        other = sum(s != cfg.prune.sparsity for s in sparsity)
-        say(f"  prune.layer_sparsity: {other} of {len(modules)} layers at their own targets, {mean_target:.4f} "
-            "over all prunable weights")
     est = memory.estimate(
         p=blocks.largest_group(sizes, cfg.prune.block_size)
         if cfg.prune.block_mode else p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
