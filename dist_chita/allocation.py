@@ -25,8 +25,7 @@ import torch
 from torch import nn
 
 from dist_chita import comm, params
-from dist_chita.data import to_device
-from dist_chita.sequential import blocks_in_order, input_rows, input_size, weight_rows
+from dist_chita.sequential import blocks_in_order, collective_batches, input_rows, input_size, weight_rows
 
 
 def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[object], object],
@@ -51,16 +50,11 @@ def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[obj
         return fn
 
     mine = [batch for batch, _ in batches]
-    padding = 0
-    if any(params.is_partitioned(m.weight) for _, m in modules):
-        (most,) = comm.all_reduce_floats([len(mine)], op="max")
-        padding = int(most) - len(mine)
+    partitioned = any(params.is_partitioned(m.weight) for _, m in modules)
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(modules)]
     try:
         with torch.no_grad():
-            for j, batch in enumerate(mine + mine[:1] * padding):
-                batch = to_device(batch, device)
-                state["record"] = j < len(mine)
+            for batch, state["record"] in collective_batches(mine, device, partitioned):
                 state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 forward(batch)
     finally:

@@ -125,6 +125,18 @@ def my_microbatches(batches: Iterable) -> Iterator:
     return (b for j, b in enumerate(batches) if j % world == rank)
 
 
+def collective_batches(mine: Sequence, device: torch.device, partitioned: bool) -> Iterator[tuple[object, bool]]:
+    """This rank's micro-batches ``mine`` moved to ``device`` one at a time, each with whether it counts. Under
+    ZeRO-3 (``partitioned``) a forward is collective, so a rank with fewer micro-batches than another follows them
+    with forwards of its first one, which do not count (collective: one all-reduce first)."""
+    padding = 0
+    if partitioned:
+        (most,) = comm.all_reduce_floats([len(mine)], op="max")
+        padding = int(most) - len(mine)
+    for j, batch in enumerate([*mine, *mine[:1] * padding]):
+        yield to_device(batch, device), j < len(mine)
+
+
 class _BlockSeen(Exception):
     """Raised inside a forward pass once every layer of the block has recorded its inputs (the rest of the model
     is not needed)."""
@@ -178,11 +190,8 @@ def layer_curvature(
                    "first": True, "broken": False}
     shared: dict[int, int] = {}  # layer -> the earlier layer whose H it takes
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
-    padding = 0
     partitioned = any(params.is_partitioned(m.weight) for _, m in modules)
     if partitioned:
-        (most,) = comm.all_reduce_floats([len(mine)], op="max")
-        padding = int(most) - len(mine)
         later = ()
 
     def at_later(module, args):
@@ -214,9 +223,7 @@ def layer_curvature(
     handles += [m.register_forward_pre_hook(at_later) for m in later]
     try:
         with torch.no_grad():
-            for j, batch in enumerate(mine + mine[:1] * padding):
-                batch = to_device(batch, device)
-                state["record"] = j < len(mine)
+            for batch, state["record"] in collective_batches(mine, device, partitioned):
                 state["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 state["after"] = False
                 try:
