@@ -72,8 +72,8 @@ def start_processes(cfg: RunConfig):
         torch.set_num_threads(cfg.threads_per_rank)
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if deepspeed and not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before accelerate imports deepspeed
+    if not torch.cuda.is_available():  # before anything imports deepspeed (accelerate; transformers when saving),
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which otherwise warns that it found no GPU
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from dist_chita import comm
