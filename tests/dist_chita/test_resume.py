@@ -8,6 +8,7 @@ from dist_chita import comm, losses, models, pipeline, resume
 from dist_chita.data import iter_microbatches
 from dist_chita.partition import sample_ranges
 from dist_chita.prunable import prunable_modules
+from dist_chita.schedule import kept_count
 from tests import multiproc
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
@@ -23,11 +24,12 @@ def _forward(model, batch):
     return models.forward(model, "image-classification", batch)
 
 
-def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False, factor_stop=None):
+def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False, factor_stop=None, sparsity=SPARSITY):
     """CHITA++ on the digits MLP with stage checkpoints in ``state_dir``; ``stop_after``: raise after that many
     stages (the state of the completed ones is on disk); ``resume_run``: continue from the saved state;
-    ``factor_stop``: save the Fisher factors and raise right after stage ``factor_stop``'s (0-based) is saved.
-    Returns the weights, the kept counts of the stages run and the number of gradient passes."""
+    ``factor_stop``: save the Fisher factors and raise right after stage ``factor_stop``'s (0-based) is saved;
+    ``sparsity``: a list gives every layer its own target, per row. Returns the weights, the kept counts of the
+    stages run and the number of gradient passes."""
     torch.set_num_threads(1)
     model = train_digits_mlp()
     calib = digits_samples().select(range(N))
@@ -53,8 +55,10 @@ def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False, fact
         kw.update(on_factor=on_factor, load_factor=ckpt.load_factor)
     if saved is not None:
         kw.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
+    if not isinstance(sparsity, float):
+        kw.update(per_row=True)
     out = pipeline.prune(
-        model, modules, "chita++", SPARSITY,
+        model, modules, "chita++", sparsity,
         make_batches=lambda: passes.append(1) or iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, stages=STAGES, base_sparsity=0.3,
         solver_options=dict(max_iter=10, escape_trials=0, pair_swaps=0), on_stage_end=on_stage_end, **kw,
@@ -95,6 +99,23 @@ def test_resume_after_stage_two_equals_the_uninterrupted_run(tmp_path, reference
         assert torch.equal(weights[name], w), name
     after = resume.StageCheckpoint(state, SETTINGS).load()
     assert after.stages_done == STAGES and [r["kept"] for r in after.reports] == ref_kept
+
+
+def test_resume_with_per_layer_targets_equals_the_uninterrupted_run(tmp_path):
+    """Per-layer targets (per row; every layer along its own schedule): stopped after stage 2 and resumed, the
+    same model and stage counts as the uninterrupted run."""
+    targets = [0.9, 0.6, 0.75]
+    settings = {**SETTINGS, "layer_targets": targets}
+    ref_w, ref_kept, _ = _prune(tmp_path / "ref", settings, sparsity=targets)
+    state = tmp_path / "state"
+    with pytest.raises(Interrupted):
+        _prune(state, settings, stop_after=2, sparsity=targets)
+    weights, kept, passes = _prune(state, settings, resume_run=True, sparsity=targets)
+    assert kept == ref_kept[2:] and passes == STAGES - 2 and len(set(ref_kept)) == STAGES
+    for name, w in ref_w.items():
+        assert torch.equal(weights[name], w), name
+    for w, s in zip(ref_w.values(), targets, strict=True):  # every row of layer l at its own target
+        assert bool(((w != 0).sum(1) == kept_count(w.shape[1], s)).all())
 
 
 @pytest.mark.parametrize("saved_on,resumed_on", [(2, 1), (1, 3)])
