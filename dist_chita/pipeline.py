@@ -135,7 +135,7 @@ def make_budget(
     if nm is not None:
         return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
     if not isinstance(sparsity, int | float) and not (per_row or per_layer):
-        raise ValueError("per-layer sparsities need per-layer or per-row budgets (a global budget has one)")
+        raise ValueError("per-layer sparsities need per_layer or per_row budgets (a global budget has one)")
     targets = layer_sparsities(sparsity, len(layout.segments))
     if per_row:
         runs = []
@@ -222,9 +222,7 @@ def prune(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if sum((per_layer, per_row, nm is not None)) > 1:
         raise ValueError("choose at most one of per_layer, per_row and nm")
-    if not uniform:
-        if not (per_layer or per_row):
-            raise ValueError("per-layer sparsities need per_layer or per_row budgets (a global budget has one)")
+    if not uniform:  # checked again, with the budget kind, by make_budget before any stage's work
         sparsity = layer_sparsities(sparsity, len(modules))
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)

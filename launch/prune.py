@@ -219,10 +219,19 @@ def load_eval(cfg: RunConfig, loaded):
     return {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)}
 
 
+def rank_microbatches(cfg: RunConfig, calib):
+    """This rank's share of the calibration micro-batches, every R-th of one global sequence (longest first): the
+    same micro-batches on any number of ranks, so sums over them have the same bits (the layerwise objective, OWL)."""
+    from dist_chita import data, sequential
+
+    return sequential.my_microbatches(
+        data.iter_microbatches(calib, 0, cfg.calibration.n, cfg.calibration.batch_size, longest_first=True))
+
+
 def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float]:
     """The library's sparsity target: ``prune.sparsity``, or one per layer from ``prune.layer_sparsity`` (patterns)
     or ``prune.allocation: owl`` (a forward pass of the dense model over the calibration data; collective)."""
-    from dist_chita import allocation, data, params, prunable, schedule, sequential
+    from dist_chita import allocation, params, prunable, schedule
 
     sizes = [params.numel(m.weight) for _, m in modules]
     if cfg.prune.layer_sparsity:
@@ -235,8 +244,7 @@ def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float
             f"their own targets, {schedule.mean_sparsity(targets, sizes):.4f} over all prunable weights")
         return targets
     if cfg.prune.allocation == "owl":  # every block's sparsity from the dense model's outliers, before any pruning
-        norms = allocation.input_norms(modules, forward, sequential.my_microbatches(data.iter_microbatches(
-            calib, 0, cfg.calibration.n, cfg.calibration.batch_size, longest_first=True)))
+        norms = allocation.input_norms(modules, forward, rank_microbatches(cfg, calib))
         targets = allocation.owl_layer_targets(modules, norms, cfg.prune.sparsity, cfg.prune.owl_m,
                                                cfg.prune.owl_lambda)
         say(f"  OWL: block sparsities {min(targets):.4f}..{max(targets):.4f} (M {cfg.prune.owl_m}, lambda "
@@ -390,8 +398,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         if layerwise:  # each layer's reconstruction, block by block, every rank on every R-th global micro-batch
             outcome = sequential.prune_layerwise(
                 model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
-                make_batches=lambda: sequential.my_microbatches(
-                    data.iter_microbatches(calib, 0, n, cfg.calibration.batch_size, longest_first=True)),
+                make_batches=lambda: rank_microbatches(cfg, calib),
                 nm=nm, per_layer=prune_kwargs["per_layer"], damp=cfg.prune.damp,
                 solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
                 progress=faults.watch(progress))
