@@ -34,6 +34,8 @@ from dist_chita import comm
 # bins, to keep the histogram all-reduce small when it carries every layer.
 _ROUNDS_ONE_SEGMENT = (11, 12, 8)
 _ROUNDS_MANY_SEGMENTS = (7, 8, 8, 8)
+# A round works on the index list of the candidates once fewer than 1 / _SPARSE_BELOW of the coordinates are left.
+_SPARSE_BELOW = 16
 
 
 def radix_bits(num_segments: int) -> tuple[int, ...]:
@@ -94,37 +96,60 @@ def topk_mask(
     if bool((kk < 0).any()):
         raise ValueError("budgets must be non-negative")
 
-    keys = scores.detach().float().abs().view(torch.int32).to(torch.int64)  # abs: -0.0 -> 0.0
-    seg = torch.zeros_like(keys) if segment_ids is None else segment_ids.to(device=device, dtype=torch.int64)
-    if seg.shape != keys.shape:
+    # int32 bit patterns: monotone in the value for non-negative floats (abs: -0.0 -> 0.0)
+    keys = scores.detach().float().abs().view(torch.int32)
+    p = keys.numel()
+    # int32 ids while the histogram index seg * bins + digit fits in int32: no widening passes over p
+    small = num_seg << max(radix_bits(num_seg)) < 2**31
+    seg = None if segment_ids is None else segment_ids.to(device=device, dtype=torch.int32 if small else torch.int64)
+    if seg is not None and seg.shape != keys.shape:
         raise ValueError("segment_ids must have the shape of scores")
 
-    selected = torch.zeros(keys.shape, dtype=torch.bool, device=device)
-    cand = torch.arange(keys.numel(), device=device)
-    if allowed is not None:
-        cand = cand[allowed.to(device)]
+    def per_coordinate(table: torch.Tensor) -> torch.Tensor:
+        """A per-segment value for every coordinate (a broadcastable (1,) with one segment)."""
+        return table if seg is None else table[seg]
 
-    # Budgets larger than a segment's allowed count keep the whole segment.
-    total = torch.bincount(seg[cand], minlength=num_seg)[:num_seg]
+    # Rounds work on a mask over all coordinates (elementwise passes) while many candidates are left, then on the
+    # index list of those left: a gather costs several elementwise passes per element.
+    live = None if allowed is None else allowed.to(device=device, dtype=torch.bool)  # None: every coordinate
+    dump = num_seg  # the histogram bin past the last: coordinates that take no part
+    if seg is None:
+        total = torch.tensor([p], dtype=torch.int64, device=device) if live is None else live.sum().reshape(1)
+    else:
+        total = torch.bincount(seg if live is None else torch.where(live, seg, dump), minlength=num_seg + 1)
+        total = total[:num_seg]  # allowed coordinates per segment
     if not local:
         comm.all_reduce(total)
+    # Budgets larger than a segment's allowed count keep the whole segment.
     need = torch.minimum(kk, total)
     whole = need == total
-    take = whole[seg[cand]]
-    selected[cand[take]] = True
-    cand = cand[~take]
-    need = torch.where(whole, torch.zeros_like(need), need)
+    selected = torch.zeros(p, dtype=torch.bool, device=device)
+    if bool(whole.any()):
+        in_whole = per_coordinate(whole).expand(p)
+        selected = in_whole.clone() if live is None else in_whole & live
+        live = ~in_whole if live is None else live & ~in_whole
+        need = torch.where(whole, torch.zeros_like(need), need)
 
+    cand: torch.Tensor | None = None  # None: the candidates are ``live`` (a mask, or None for all)
     rounds = radix_bits(num_seg)
     shift = sum(rounds)
     for bits in rounds:
         shift -= bits
         bins = 1 << bits
         active = need > 0
-        cand = cand[active[seg[cand]]]
-        s = seg[cand]
-        digit = (keys[cand] >> shift) & (bins - 1)
-        hist = torch.bincount(s * bins + digit, minlength=num_seg * bins).reshape(num_seg, bins)
+        if cand is None:
+            key_c, seg_c = keys, seg
+            if num_seg > 1 and not bool(active.all()):
+                live = active[seg] if live is None else live & active[seg]
+        else:
+            if num_seg > 1:
+                cand = cand[active[seg[cand]]]
+            key_c, seg_c = keys[cand], None if seg is None else seg[cand]
+        digit = (key_c >> shift) & (bins - 1)
+        flat = digit if seg_c is None else seg_c * bins + digit
+        if cand is None and live is not None:
+            flat = torch.where(live, flat, num_seg * bins)
+        hist = torch.bincount(flat, minlength=num_seg * bins + 1)[: num_seg * bins].reshape(num_seg, bins)
         if not local:
             comm.all_reduce(hist)
         # at_or_above[g, b] = number of candidates of segment g whose digit >= b.
@@ -133,15 +158,26 @@ def topk_mask(
         b = (at_or_above >= need[:, None]).sum(1) - 1
         b = b.clamp(min=0)
         above = at_or_above.gather(1, b[:, None]).squeeze(1) - hist.gather(1, b[:, None]).squeeze(1)
-        bs = b[s]
-        win = digit > bs
-        selected[cand[win]] = True
-        cand = cand[digit == bs]
+        b = b.to(digit.dtype)
+        bs = b if seg_c is None else b[seg_c]
+        win, tie = digit > bs, digit == bs
+        if cand is None:
+            if live is not None:
+                win, tie = win & live, tie & live
+            selected |= win
+            live = tie
+            if _SPARSE_BELOW * int(tie.sum()) < p:
+                cand = torch.nonzero(tie, as_tuple=True)[0]
+        else:
+            selected[cand[win]] = True
+            cand = cand[tie]
         need = torch.where(active, need - above, need)
 
     # cand now holds, per active segment, the coordinates equal to the threshold.
     # Keep the first need_g of them in global index order.
-    s = seg[cand]
+    if cand is None:
+        cand = torch.nonzero(live, as_tuple=True)[0]
+    s = torch.zeros_like(cand) if seg is None else seg[cand]
     ties = torch.bincount(s, minlength=num_seg)[:num_seg]
     if local:
         before = torch.zeros_like(ties)
@@ -153,7 +189,7 @@ def topk_mask(
         before = table[:me].sum(0)
     quota = (need - before).clamp(min=0)
     # Position of each tied candidate among this rank's ties of its segment.
-    order = torch.argsort(s * keys.numel() + cand)
+    order = torch.argsort(s.long() * p + cand)
     s_sorted = s[order]
     starts = torch.cumsum(ties, 0) - ties
     pos = torch.arange(cand.numel(), device=device) - starts[s_sorted]

@@ -110,3 +110,32 @@ def test_nan_on_one_rank_fails_every_rank():
     assert multiproc.run(_nan_on_rank1, 2) == ["the values to threshold contains NaN or Inf"] * 2
     with pytest.raises(ValueError, match="NaN or Inf"):
         topk_mask(torch.tensor([1.0, float("inf")]), 1)
+
+
+@pytest.mark.parametrize("case", ["equal", "few_distinct", "wide", "segments_whole_and_empty", "local_rows"])
+def test_large_inputs_through_every_round(case):
+    """Inputs large enough that the rounds run on masks over all coordinates before switching to candidate lists
+    (and, with equal or few distinct values, never switch): the same mask as the stable sort."""
+    g = torch.Generator().manual_seed(7)
+    p = 20_000
+    seg, allowed, local = None, None, False
+    if case == "equal":
+        v, k = torch.full((p,), 0.5), 12_345
+    elif case == "few_distinct":
+        v, k = torch.randint(0, 4, (p,), generator=g).float(), 9_000
+    elif case == "wide":
+        v = torch.randn(p, generator=g).exp() ** 8  # magnitudes over many binades
+        k, allowed = 3_000, torch.rand(p, generator=g) > 0.5
+    elif case == "segments_whole_and_empty":
+        num_seg = 40
+        v = nasty_values(3, p)
+        seg = torch.randint(0, num_seg, (p,), generator=g)
+        k = torch.randint(0, 400, (num_seg,), generator=g)
+        k[::5] = 0  # empty budgets
+        k[1::5] = p  # larger than the segment: it is kept whole
+    else:  # one segment per row of a (200, 100) weight, all on this rank
+        v = nasty_values(4, p)
+        seg = torch.arange(p) // 100
+        k, local = torch.randint(0, 101, (200,), generator=g), True
+    mask = topk_mask(v.abs(), k, seg, allowed, local=local)
+    assert torch.equal(mask, reference_mask(v.abs(), k, seg, allowed))
