@@ -59,7 +59,10 @@ def summary_lines(report: Mapping) -> list[str]:
     for i, st in enumerate(report["stages"]):
         if st.get("objective") is not None:
             mag = st.get("magnitude_objective")
-            gain = f" ({warm}+backsolve {mag:.4g})" if mag is not None else ""
+            gain = ""
+            if mag is not None:  # the warm start's objective, and how much lower the solver ended
+                lower = f", {(mag - st['objective']) / mag:.2%} lower" if mag > 0 else ""
+                gain = f" ({warm}+backsolve {mag:.4g}{lower})"
             lines.append(
                 f"  stage {i + 1}: sparsity {st['sparsity']:.4f}, objective {st['objective']:.4g}{gain}, "
                 f"{st['iterations']} IHT iterations"
