@@ -63,10 +63,8 @@ def summary_lines(report: Mapping) -> list[str]:
             if mag is not None:  # the warm start's objective, and how much lower the solver ended
                 lower = f", {(mag - st['objective']) / mag:.2%} lower" if mag > 0 else ""
                 gain = f" ({warm}+backsolve {mag:.4g}{lower})"
-            lines.append(
-                f"  stage {i + 1}: sparsity {st['sparsity']:.4f}, objective {st['objective']:.4g}{gain}, "
-                f"{st['iterations']} IHT iterations"
-            )
+            its = f", {st['iterations']} IHT iterations" if st.get("iterations") else ""  # none: a baseline
+            lines.append(f"  stage {i + 1}: sparsity {st['sparsity']:.4f}, objective {st['objective']:.4g}{gain}{its}")
     ph = report["phase_seconds"]
     lines.append("  time (s, max over ranks): " + ", ".join(f"{k} {max(v):.2f}" for k, v in ph.items()))
     peak = max(report["peak_memory_bytes"]) / 2**30

@@ -35,11 +35,13 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.data import to_device
-from dist_chita.layerwise import ROW_CHUNK, keep_mask, obs_denominator, ridged, row_budgets, solve_rows
+from dist_chita.layerwise import ROW_CHUNK, keep_mask, objectives, obs_denominator, ridged, row_budgets, solve_rows
 from dist_chita.layout import ColumnLayout
 from dist_chita.pipeline import PruneOutcome, StageReport
 from dist_chita.prunable import conv1d_types, named_shapes
 from dist_chita.schedule import Sparsity, kept_count, layer_sparsities, mean_sparsity
+from dist_chita.sparsegpt import sparsegpt_rows
+from dist_chita.wanda import wanda_scores
 
 _PRODUCT_ELEMENTS = 1 << 22  # X_b^T X_b is formed in column chunks of at most about this many entries
 
@@ -342,6 +344,19 @@ def chained_blocks(blocks: Sequence[nn.Module], forward: Callable[[object], obje
     return best
 
 
+LAYERWISE_METHODS = ("chita", "wanda", "sparsegpt")
+
+
+def _baseline_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int, method: str,
+                   layer: int) -> list[tuple[int, int, int]]:
+    """This rank's (part, lo, hi) of layer number ``layer`` for a baseline: Wanda's rows are independent (shared as
+    :func:`_my_runs` shares CHITA's); SparseGPT chooses masks over all rows of a part, so part j goes whole to rank
+    (layer + j) mod world."""
+    if method == "wanda":
+        return _my_runs(parts, world, rank, chunk)
+    return [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if (layer + j) % world == rank]
+
+
 def _my_runs(parts: Sequence[tuple[int, int]], world: int, rank: int, chunk: int) -> list[tuple[int, int, int]]:
     """This rank's rows of a layer whose rows form ``parts`` (consecutive [lo, hi) ranges, one per H): every part
     is cut into whole chunks of ``chunk`` rows (the last one of a part shorter), the chunks of all parts are shared
@@ -459,16 +474,20 @@ def block_curvatures(
             inputs = []
 
 
-def memory_bytes(modules: Sequence[tuple[str, nn.Module]]) -> int:
+def memory_bytes(modules: Sequence[tuple[str, nn.Module]], method: str = "chita") -> int:
     """Peak bytes per rank of :func:`prune_layerwise` besides the model: the largest block's H matrices (float64,
     twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and, at most at once,
     its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a chunk of c rows: iterates,
-    candidates, CG; the layer's weights and their pruned copy)."""
+    candidates, CG; the layer's weights and their pruned copy). ``method="sparsegpt"``: four float64 (d, d)
+    matrices (H, its factor, the inverse, U) and three float64 copies of the weights instead."""
     shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
     dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
     curvature = max(sum(2 * 8 * groups(shapes[i][0]) * dims[i][1] ** 2 for i in group)
                     for group in blocks_in_order(modules))
-    solve = max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
+    if method == "sparsegpt":
+        solve = max(32 * d * d + 24 * r * d + 16 * r * d for r, d in dims)
+    else:
+        solve = max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
     return curvature + solve
 
 
@@ -502,6 +521,7 @@ def prune_layerwise(
     progress: Callable[[str, int, int], None] | None = None,
     row_chunk: int = ROW_CHUNK,
     cache_inputs: bool = True,
+    method: str = "chita",
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place with layer-wise CHITA (module docstring), every output row to
     ``sparsity`` (or N:M with ``nm``); with ``per_layer`` every layer to ``sparsity``, its budget shared among its
@@ -513,9 +533,17 @@ def prune_layerwise(
     rank's ``(batch, indices)``; ``solver_options``: keywords of :func:`~dist_chita.layerwise.solve_rows`;
     ``row_chunk``: rows solved together (and the unit in which rows are shared among ranks).
     ``cache_inputs``: run the blocks that allow it on cached inputs (:func:`block_curvatures`).
+    ``method``: ``"chita"``, or a baseline on the same inputs and blocks: ``"wanda"`` (:mod:`dist_chita.wanda`:
+    rows shared among ranks as CHITA's) or ``"sparsegpt"`` (:mod:`dist_chita.sparsegpt`, which chooses its masks
+    over all rows of 128-column blocks, so it needs ``per_layer`` or ``nm``; each layer on one rank, by turns).
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
-    objective, with the magnitude-support + re-fit objective beside it).
+    objective, with, for CHITA, the magnitude-support + re-fit objective beside it).
     """
+    if method not in LAYERWISE_METHODS:
+        raise ValueError(f"unknown layerwise method {method!r} (one of {', '.join(LAYERWISE_METHODS)})")
+    if method == "sparsegpt" and not (per_layer or nm is not None):
+        raise ValueError("sparsegpt chooses its masks over all rows of 128-column blocks: it needs a per-layer "
+                         "budget or N:M, not one per row")
     targets = layer_sparsities(sparsity, len(modules)) if nm is None else [0.0] * len(modules)
     if damp <= 0:
         raise ValueError(f"damp must be > 0, got {damp}")
@@ -555,8 +583,11 @@ def prune_layerwise(
             # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
             lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
             q_inv_diags = [None] * len(parts)  # each part's [Q^-1]_jj, when the budgets need it (else solve_rows)
-            if nm is not None:
+            if nm is not None or method == "sparsegpt":
                 k = None
+            elif per_layer and method == "wanda":  # the layer's largest scores, counted per row
+                scores = torch.cat([wanda_scores(W_bar[lo:hi], h) for (lo, hi), h in zip(parts, H_parts, strict=True)])
+                k = row_budgets(scores, kept_count(r * d, sparsity_i), allowed)
             elif per_layer:  # the same budgets on every rank: computed from the whole layer
                 q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
                 saliency = torch.cat([W_bar[lo:hi].pow(2) / q for (lo, hi), q in zip(parts, q_inv_diags, strict=True)])
@@ -564,7 +595,19 @@ def prune_layerwise(
             else:
                 k = kept_count(d, sparsity_i)
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
-            for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
+            if method != "chita":
+                for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i):
+                    if method == "wanda":
+                        k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
+                        W[lo:hi] = W_bar[lo:hi] * keep_mask(wanda_scores(W_bar[lo:hi], H_parts[j]), k_j, nm,
+                                                            allowed[lo:hi])
+                    else:
+                        W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
+                                                  allowed=allowed[lo:hi])
+                    Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
+                    f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
+                    objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)
+            for j, lo, hi in _my_runs(parts, world, rank, row_chunk) if method == "chita" else []:
                 res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if isinstance(k, torch.Tensor) else k,
                                  nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk, q_inv_diag=q_inv_diags[j],
                                  **(solver_options or {}))
@@ -587,7 +630,9 @@ def prune_layerwise(
             if progress is not None:
                 progress("layers", done, len(modules))
     (report.iterations,) = [int(v) for v in comm.all_reduce_floats([report.iterations], op="max")]
-    report.objective_trace = [warm, report.objective]
+    report.objective_trace = [warm, report.objective] if method == "chita" else [report.objective]
+    if method != "chita":
+        report.magnitude_objective = None
     report.seconds = seconds
     report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
     masks = {name: params.read(m.weight) != 0 for name, m in modules}

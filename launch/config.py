@@ -150,13 +150,15 @@ class PruneConfig:
     ``objective`` is the quadratic model pruned: ``layerwise`` (default: each layer's output reconstruction over
     every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
     the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean of diag H; granularity
-    ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``;
-    ``loss``, ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA paper's: the empirical Fisher of the
+    ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``,
+    or the baselines ``wanda`` (any of these granularities) and ``sparsegpt`` (``layer``, its masks chosen over
+    all rows of 128-column blocks, or ``nm``) on the same inputs; ``loss``, ``lambda`` and ``ridge`` are unused)
+    or ``fisher`` (the CHITA paper's: the empirical Fisher of the
     model's loss from n per-sample gradients, one problem over all layers; needed for global budgets, chita++ and
     block mode).
     """
 
-    method: Literal["chita", "chita++", "magnitude"] = "chita"
+    method: Literal["chita", "chita++", "magnitude", "wanda", "sparsegpt"] = "chita"
     sparsity: float = 0.5
     granularity: Literal["row", "layer", "global"] = "row"
     layer_sparsity: tuple[LayerSparsity, ...] = ()
@@ -446,6 +448,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
     need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
     need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")
+    if p.method in ("wanda", "sparsegpt"):
+        need(p.objective == "layerwise", f"prune.method: {p.method} prunes each layer on its inputs; it needs "
+                                         "prune.objective=layerwise")
+        need(p.method != "sparsegpt" or p.granularity == "layer" or p.nm is not None,
+             "prune.method: sparsegpt chooses its masks over all rows of 128-column blocks; it needs "
+             "prune.granularity=layer or prune.nm")
     if p.objective == "layerwise":
         need(p.method != "chita++", "prune.objective: layerwise prunes in one pass; chita++ needs "
                                     "prune.objective=fisher")

@@ -341,7 +341,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         per_batch = block_bytes[0]
         batches = math.ceil(math.ceil(n / cfg.calibration.batch_size) / world)
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
-                                  solver=sequential.memory_bytes(modules) + 2 * batches * per_batch)
+                                  solver=sequential.memory_bytes(modules, cfg.prune.method) + 2 * batches * per_batch)
     compare = cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude
     if compare:  # the dense prunable weights are kept while the magnitude baseline is measured
         est = dataclasses.replace(est, model=est.model + 4 * p)
@@ -401,7 +401,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
                 make_batches=lambda: rank_microbatches(cfg, calib),
                 nm=nm, per_layer=prune_kwargs["per_layer"], damp=cfg.prune.damp,
                 solver_options=dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol),
-                progress=faults.watch(progress))
+                progress=faults.watch(progress), method=cfg.prune.method)
         else:  # the Fisher objective: rank r computes the rows of A for samples [lo, hi)
             outcome = prune_fn(
                 model, modules, cfg.prune.method, sparsity,

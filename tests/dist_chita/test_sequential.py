@@ -15,6 +15,7 @@ from dist_chita.sequential import (
     prune_layerwise,
     weight_rows,
 )
+from dist_chita.sparsegpt import sparsegpt_rows
 from tests import multiproc
 
 
@@ -126,6 +127,58 @@ def test_sequential_prune_matches_an_independent_recomputation(per_layer, target
             h = ref[: i + 2](x) if i < 4 else h
     assert out.stages[0].kept == kept
     assert out.stages[0].objective <= out.stages[0].magnitude_objective
+
+
+@pytest.mark.parametrize("method,per_layer,nm", [("wanda", False, None), ("wanda", True, None),
+                                                 ("wanda", False, (2, 4)), ("sparsegpt", True, None),
+                                                 ("sparsegpt", False, (2, 4))])
+def test_baselines_match_an_independent_recomputation(method, per_layer, nm):
+    """Wanda and SparseGPT through prune_layerwise, and the same recomputed here: layer l's inputs X from the model
+    with layers < l already pruned; Wanda keeps the largest |W_ij| ||X_j||_2 of every row (of the layer, or 2 of
+    every 4) by torch.topk, with no update; SparseGPT is sparsegpt_rows on X^T X (tested against a direct OBS in
+    test_sparsegpt.py). The report's objective is the reconstruction objective of the result."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 12)
+    model, ref = _mlp(), _mlp()
+    modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40),
+                          per_layer=per_layer, nm=nm, method=method)
+    h, f = x, 0.0
+    for i in (0, 2, 4):
+        W_bar = ref[i].weight.detach()
+        r, d = W_bar.shape
+        H = (h.double().T @ h.double()) / h.shape[0]
+        if method == "wanda":
+            score = W_bar.abs() * h.norm(dim=0)[None, :]
+            keep = torch.zeros(r, d, dtype=torch.bool)
+            if nm is not None:
+                groups = score.view(-1, 4)
+                keep.view(-1, 4).scatter_(1, groups.topk(2, dim=1).indices, True)
+            elif per_layer:
+                keep.view(-1)[score.flatten().topk(kept_count(r * d, 0.5)).indices] = True
+            else:
+                keep.scatter_(1, score.topk(kept_count(d, 0.5), dim=1).indices, True)
+            W = W_bar * keep
+            torch.testing.assert_close(model[i].weight.detach(), W, rtol=0, atol=0)
+        else:
+            W = sparsegpt_rows(W_bar, H, 0.5, nm=nm)
+            torch.testing.assert_close(model[i].weight.detach(), W, rtol=1e-5, atol=1e-6)
+        Q = H + 0.01 * float(H.diagonal().mean()) * torch.eye(d, dtype=H.dtype)
+        f += float(objectives((model[i].weight.detach() - W_bar).double(), Q).sum())
+        with torch.no_grad():
+            ref[i].weight.copy_(model[i].weight)
+            h = ref[: i + 2](x) if i < 4 else h
+    st = out.stages[0]
+    assert st.objective == pytest.approx(f, rel=1e-5) and st.magnitude_objective is None
+    assert st.iterations == 0 and st.objective_trace == [st.objective]
+
+
+def test_sparsegpt_needs_masks_over_rows_of_a_layer():
+    model = _mlp()
+    with pytest.raises(ValueError, match="sparsegpt chooses its masks"):
+        prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=lambda: [], method="sparsegpt")
+    with pytest.raises(ValueError, match="unknown layerwise method"):
+        prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=lambda: [], method="obs")
 
 
 def _grouped_net(seed=0):
@@ -367,22 +420,25 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
             assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
-def _prune_mlp(nm, per_layer=False, sparsity=0.6):
+def _prune_mlp(nm, per_layer=False, sparsity=0.6, method="chita"):
     torch.manual_seed(2)
     x = torch.randn(37, 12)
     model = _mlp(3)
     modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
     out = prune_layerwise(model, modules, sparsity, forward=model, nm=nm, row_chunk=3,  # rows of a layer on every rank
-                          per_layer=per_layer, make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)))
+                          per_layer=per_layer, make_batches=lambda: my_microbatches(_batches(x, 0, 37, 4)),
+                          method=method)
     return [m.weight.detach().clone() for _, m in modules], out.stages[0].objective
 
 
-@pytest.mark.parametrize("nm,per_layer,sparsity", [(None, False, 0.6), ((2, 4), False, 0.6), (None, True, 0.6),
-                                                    (None, True, (0.3, 0.7, 0.5))])
-def test_same_masks_and_weights_on_any_world_size(nm, per_layer, sparsity):
-    (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer, sparsity)
+@pytest.mark.parametrize("nm,per_layer,sparsity,method", [
+    (None, False, 0.6, "chita"), ((2, 4), False, 0.6, "chita"), (None, True, 0.6, "chita"),
+    (None, True, (0.3, 0.7, 0.5), "chita"), (None, False, 0.6, "wanda"), (None, True, (0.3, 0.7, 0.5), "wanda"),
+    (None, True, 0.6, "sparsegpt"), ((2, 4), False, 0.6, "sparsegpt")])
+def test_same_masks_and_weights_on_any_world_size(nm, per_layer, sparsity, method):
+    (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer, sparsity, method)
     for world_size in (2, 3, 4):
-        results = multiproc.run(_prune_mlp, world_size, nm, per_layer, sparsity)
+        results = multiproc.run(_prune_mlp, world_size, nm, per_layer, sparsity, method)
         for weights, f in results:
             assert f == pytest.approx(f1, rel=1e-12)  # the objective's float64 sum over ranks is in another order
             for w, b in zip(weights, base, strict=True):

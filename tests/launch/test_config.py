@@ -124,7 +124,11 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.sparsity=1.0"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["prune.sparsity=-0.1"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["calibration.n=0"], r"calibration\.n: must be >= 1"),
-        (["prune.method=obs"], r"prune\.method: expected one of 'chita', 'chita\+\+', 'magnitude'"),
+        (["prune.method=obs"], r"prune\.method: expected one of 'chita', 'chita\+\+', 'magnitude', 'wanda', "
+                               r"'sparsegpt'"),
+        (["prune.method=sparsegpt"], r"prune\.method: sparsegpt chooses its masks over all rows of 128-column "
+                                     r"blocks; it needs prune\.granularity=layer or prune\.nm"),
+        (["prune.method=wanda", "prune.objective=fisher"], r"prune\.method: wanda prunes each layer on its inputs"),
         (["prune.loss=mse"], r"prune\.loss: expected one of"),
         (["eval.metric=f1"], r"eval\.metric: expected one of"),
         (["prune.nm=4:2"], r"prune\.nm: expected 'N:M' with 1 <= N < M, got '4:2'"),
@@ -154,6 +158,13 @@ def test_int_is_accepted_for_float_and_converted():
 def test_invalid_values(overrides, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({}, overrides)
+
+
+def test_baselines_parse_where_they_apply():
+    for overrides in (["prune.method=wanda"], ["prune.method=wanda", "prune.granularity=layer"],
+                      ["prune.method=sparsegpt", "prune.granularity=layer"], ["prune.method=sparsegpt", "prune.nm=2:4"],
+                      ["prune.method=wanda", "prune.allocation=owl"]):
+        assert parse_config({}, overrides).prune.method == overrides[0].split("=")[1]
 
 
 def test_overrides_flat_nested_and_yaml_scalars():

@@ -113,6 +113,30 @@ def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights, granula
     assert r1["phase_seconds"]["fisher"] == [0.0] and r1["phase_seconds"]["curvature"][0] > 0
 
 
+@pytest.mark.parametrize("method,granularity", [("wanda", "row"), ("sparsegpt", "layer")])
+def test_baseline_methods_on_one_and_two_processes(tmp_path, weights, method, granularity):
+    """prune.method=wanda / sparsegpt: the baselines on the layerwise objective's inputs, the same pruned model on 1
+    and 2 processes, their budgets met, the reconstruction objective reported (no magnitude re-fit, no IHT), and
+    the layerwise CHITA run of the same budgets ends at a lower objective."""
+    cfg = write_config(tmp_path, weights, prune={"method": method, "granularity": granularity,
+                                                 "objective": "layerwise"})
+    (r1, _), (w1, _), (one, _) = run_one_and_two(tmp_path, cfg)
+    assert r1["method"] == method
+    for i in (0, 2, 4):
+        w = w1[f"{i}.weight"]
+        if granularity == "row":
+            assert bool(((w != 0).sum(1) == round(0.3 * w.shape[1])).all())
+        else:  # SparseGPT: 70% of every 128-column block over all rows (here each layer is one block)
+            assert int((w != 0).sum()) == w.numel() - int(w.numel() * 0.7)
+    st = r1["stages"][0]
+    assert st["objective"] > 0 and st["magnitude_objective"] is None and st["iterations"] == 0
+    assert f"stage 1: sparsity 0.7000, objective {st['objective']:.4g}\n" in one.stdout
+    chita = run(["--config", str(cfg), "prune.method=chita", f"output.dir={tmp_path / 'chita'}"])
+    assert chita.returncode == 0, chita.stderr
+    assert json.loads((tmp_path / "chita" / "prune_report.json").read_text())["stages"][0]["objective"] < \
+        st["objective"]
+
+
 @pytest.mark.parametrize("objective,granularity", [("layerwise", "row"), ("fisher", "layer")])
 def test_layer_sparsity_sets_the_matching_layers_targets(tmp_path, weights, objective, granularity):
     """prune.layer_sparsity: layer 0 at 20% and layer 4 at 90% (the first matching pattern wins; layer 2 keeps
