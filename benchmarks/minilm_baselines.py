@@ -5,11 +5,13 @@ other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-ou
 (mean cosine similarity, top-1 nearest-neighbour agreement) of:
 
 * magnitude pruning, global, per layer and per row (every output row keeps 50%);
-* Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded);
+* Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded), the
+  norms from one pass of the dense model (the tool's ``prune.method: wanda`` takes them block by block on the
+  already pruned model, as Wanda's own code does);
 * OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
   Gauss-Newton probe), without any weight update;
-* SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1, written here
-  from the paper);
+* SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1,
+  :mod:`dist_chita.sparsegpt`, the tool's ``prune.method: sparsegpt``);
 * dist-chita's ``objective: layerwise``: CHITA per row on each layer's H = X^T X, blocks in order
   (:mod:`dist_chita.sequential`); and with ``granularity: layer`` (each layer's budget shared among its rows by
   the OBS saliency);
@@ -40,6 +42,7 @@ if str(ROOT) not in sys.path:
 from dist_chita import blocks, data, evaluate, models, pipeline, prunable, sequential  # noqa: E402
 from dist_chita.budget import Budget  # noqa: E402
 from dist_chita.layerwise import keep_mask  # noqa: E402
+from dist_chita.sparsegpt import sparsegpt_rows  # noqa: E402
 from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs, parse_nm  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
 
@@ -55,46 +58,6 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
     return [h.diagonal().sqrt() for h in H]
 
 
-def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float, block: int = 128,
-                    damp: float = 0.01, nm: tuple[int, int] | None = None) -> torch.Tensor:
-    """SparseGPT (Frantar & Alistarh, 2023, Algorithm 1) on one layer: W (rows, d) float64, H = X^T X (d, d) over
-    the calibration tokens (any positive scale: the damping is relative). Columns are processed left to right in
-    blocks of ``block``; at the start of each block the mask is chosen over the whole block (the ``sparsity`` share
-    of its smallest w^2 / [H^-1]_jj^2); with ``nm`` = (N, M), instead, at every M-th column the M - N smallest of
-    the next M columns of every row (the paper's N:M variant, on the already updated weights); each pruned or kept
-    column's error is spread onto the later columns through the Cholesky factor of H^-1 (the OBS update). Returns
-    the pruned, updated W."""
-    W, H = W.clone(), H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # H^-1 = U^T U
-    d = W.shape[1]
-    for a in range(0, d, block):
-        b = min(a + block, d)
-        W1, U1 = W[:, a:b].clone(), U[a:b, a:b]
-        E1 = torch.zeros_like(W1)
-        score = W1.pow(2) / torch.diag(U1).pow(2)[None, :]
-        cut = int(score.numel() * sparsity) if nm is None else 0
-        pruned = torch.zeros_like(W1, dtype=torch.bool)
-        if cut:
-            pruned.view(-1)[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
-        for j in range(b - a):
-            if nm is not None and j % nm[1] == 0:
-                group = W1[:, j:j + nm[1]].pow(2) / torch.diag(U1)[j:j + nm[1]].pow(2)[None, :]
-                pruned[:, j:j + nm[1]].scatter_(1, torch.argsort(group, dim=1, stable=True)[:, :nm[1] - nm[0]], True)
-            w = W1[:, j]
-            q = torch.where(pruned[:, j], torch.zeros_like(w), w)
-            err = (w - q) / U1[j, j]
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]
-            W1[:, j] = q
-            E1[:, j] = err
-        W[:, a:b] = W1
-        W[:, b:] -= E1 @ U[a:b, b:]
-    return W
-
-
 def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
               nm: tuple[int, int] | None = None) -> None:
     """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
@@ -108,7 +71,7 @@ def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
         with torch.no_grad():
             for i, h in zip(group, H, strict=True):
                 m = modules[i][1]
-                m.weight.copy_(sparsegpt_layer(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
+                m.weight.copy_(sparsegpt_rows(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
 
 
 def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
