@@ -595,7 +595,16 @@ def prune_layerwise(
             else:
                 k = kept_count(d, sparsity_i)
             objective = torch.zeros(3, dtype=torch.float64, device=W.device)
-            if method != "chita":
+            if method == "chita":
+                for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
+                    res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j],
+                                     k=k[lo:hi] if isinstance(k, torch.Tensor) else k, nm=nm, allowed=allowed[lo:hi],
+                                     row_chunk=row_chunk, q_inv_diag=q_inv_diags[j], **(solver_options or {}))
+                    W[lo:hi] = res.W
+                    objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
+                                              dtype=torch.float64, device=W.device)
+                    report.iterations = max(report.iterations, res.iterations)
+            else:  # a baseline: its result and the reconstruction objective of it
                 for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i):
                     if method == "wanda":
                         k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
@@ -607,14 +616,6 @@ def prune_layerwise(
                     Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
                     f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
                     objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)
-            for j, lo, hi in _my_runs(parts, world, rank, row_chunk) if method == "chita" else []:
-                res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j], k=k[lo:hi] if isinstance(k, torch.Tensor) else k,
-                                 nm=nm, allowed=allowed[lo:hi], row_chunk=row_chunk, q_inv_diag=q_inv_diags[j],
-                                 **(solver_options or {}))
-                W[lo:hi] = res.W
-                objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
-                                          dtype=torch.float64, device=W.device)
-                report.iterations = max(report.iterations, res.iterations)
             seconds["solver"] += time.perf_counter() - t
             t = time.perf_counter()
             with comm.phase("writeback"):
