@@ -479,13 +479,15 @@ def memory_bytes(modules: Sequence[tuple[str, nn.Module]], method: str = "chita"
     twice: accumulated and the all-reduced copy) plus the largest layer's solve (Q in float32 and, at most at once,
     its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a chunk of c rows: iterates,
     candidates, CG; the layer's weights and their pruned copy). ``method="sparsegpt"``: four float64 (d, d)
-    matrices (H, its factor, the inverse, U) and three float64 copies of the weights instead."""
+    matrices (H, its factor, the inverse, U) and three float64 copies of the weights instead, plus every layer of
+    the largest block read and solved at once (its weights and their pruned copy, float32)."""
     shapes = [(m, tuple(params.shape(m.weight))) for _, m in modules]
     dims = [(math.prod(shape) // input_size(m, shape), input_size(m, shape)) for m, shape in shapes]
     curvature = max(sum(2 * 8 * groups(shapes[i][0]) * dims[i][1] ** 2 for i in group)
                     for group in blocks_in_order(modules))
     if method == "sparsegpt":
-        solve = max(32 * d * d + 24 * r * d + 16 * r * d for r, d in dims)
+        solve = max(32 * d * d + 24 * r * d for r, d in dims) + max(
+            sum(8 * dims[i][0] * dims[i][1] for i in group) for group in blocks_in_order(modules))
     else:
         solve = max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
     return curvature + solve
@@ -558,6 +560,61 @@ def prune_layerwise(
     bytes_before = comm.bytes_by_phase()
     warm = 0.0
     done = 0
+
+    def solve_layer(i: int, H: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer i's rows of this rank solved on its H: (i, its weight, W (r, d) with this rank's rows, zero
+        elsewhere, this rank's [objective, magnitude objective, warm objective])."""
+        m, sparsity_i = modules[i][1], targets[i]
+        t = time.perf_counter()
+        weight = params.read(m.weight)
+        W_bar = weight_rows(m, weight).float()
+        r, d = W_bar.shape
+        H_parts = H.reshape(-1, d, d)  # one H per group of rows (grouped Conv2d), else one for all rows
+        per_part = r // H_parts.shape[0]
+        parts = [(j * per_part, (j + 1) * per_part) for j in range(H_parts.shape[0])]
+        W = torch.zeros_like(W_bar)
+        allowed = W_bar != 0
+        layer_scale = float(H_parts.diagonal(dim1=1, dim2=2).mean())
+        # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
+        # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
+        lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
+        q_inv_diags = [None] * len(parts)  # each part's [Q^-1]_jj, when the budgets need it (else solve_rows)
+        if nm is not None or method == "sparsegpt":
+            k = None
+        elif per_layer and method == "wanda":  # the layer's largest scores, counted per row
+            scores = torch.cat([wanda_scores(W_bar[lo:hi], h) for (lo, hi), h in zip(parts, H_parts, strict=True)])
+            k = row_budgets(scores, kept_count(r * d, sparsity_i), allowed)
+        elif per_layer:  # the same budgets on every rank: computed from the whole layer
+            q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
+            saliency = torch.cat([W_bar[lo:hi].pow(2) / q for (lo, hi), q in zip(parts, q_inv_diags, strict=True)])
+            k = row_budgets(saliency, kept_count(r * d, sparsity_i), allowed)
+        else:
+            k = kept_count(d, sparsity_i)
+        objective = torch.zeros(3, dtype=torch.float64, device=W.device)
+        if method == "chita":
+            for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
+                res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j],
+                                 k=k[lo:hi] if isinstance(k, torch.Tensor) else k, nm=nm, allowed=allowed[lo:hi],
+                                 row_chunk=row_chunk, q_inv_diag=q_inv_diags[j], **(solver_options or {}))
+                W[lo:hi] = res.W
+                objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
+                                          dtype=torch.float64, device=W.device)
+                report.iterations = max(report.iterations, res.iterations)
+        else:  # a baseline: its result and the reconstruction objective of it
+            for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i):
+                if method == "wanda":
+                    k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
+                    W[lo:hi] = W_bar[lo:hi] * keep_mask(wanda_scores(W_bar[lo:hi], H_parts[j]), k_j, nm,
+                                                        allowed[lo:hi])
+                else:
+                    W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
+                                              allowed=allowed[lo:hi])
+                Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
+                f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
+                objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)
+        seconds["solver"] += time.perf_counter() - t
+        return i, weight, W, objective
+
     curvatures = block_curvatures(model, modules, forward, make_batches, cache_inputs)
     while True:
         t = time.perf_counter()
@@ -567,56 +624,11 @@ def prune_layerwise(
         if item is None:
             break
         group, Hs = item
-        for i, H in zip(group, Hs, strict=True):
-            m, sparsity_i = modules[i][1], targets[i]
-            t = time.perf_counter()
-            weight = params.read(m.weight)
-            W_bar = weight_rows(m, weight).float()
-            r, d = W_bar.shape
-            H_parts = H.reshape(-1, d, d)  # one H per group of rows (grouped Conv2d), else one for all rows
-            per_part = r // H_parts.shape[0]
-            parts = [(j * per_part, (j + 1) * per_part) for j in range(H_parts.shape[0])]
-            W = torch.zeros_like(W_bar)
-            allowed = W_bar != 0
-            layer_scale = float(H_parts.diagonal(dim1=1, dim2=2).mean())
-            # the ridge scales with the group's mean diag H; a dead group (inputs all zero, f the ridge alone:
-            # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
-            lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
-            q_inv_diags = [None] * len(parts)  # each part's [Q^-1]_jj, when the budgets need it (else solve_rows)
-            if nm is not None or method == "sparsegpt":
-                k = None
-            elif per_layer and method == "wanda":  # the layer's largest scores, counted per row
-                scores = torch.cat([wanda_scores(W_bar[lo:hi], h) for (lo, hi), h in zip(parts, H_parts, strict=True)])
-                k = row_budgets(scores, kept_count(r * d, sparsity_i), allowed)
-            elif per_layer:  # the same budgets on every rank: computed from the whole layer
-                q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
-                saliency = torch.cat([W_bar[lo:hi].pow(2) / q for (lo, hi), q in zip(parts, q_inv_diags, strict=True)])
-                k = row_budgets(saliency, kept_count(r * d, sparsity_i), allowed)
-            else:
-                k = kept_count(d, sparsity_i)
-            objective = torch.zeros(3, dtype=torch.float64, device=W.device)
-            if method == "chita":
-                for j, lo, hi in _my_runs(parts, world, rank, row_chunk):
-                    res = solve_rows(W_bar[lo:hi], H_parts[j], lams[j],
-                                     k=k[lo:hi] if isinstance(k, torch.Tensor) else k, nm=nm, allowed=allowed[lo:hi],
-                                     row_chunk=row_chunk, q_inv_diag=q_inv_diags[j], **(solver_options or {}))
-                    W[lo:hi] = res.W
-                    objective += torch.tensor([res.objective, res.magnitude_objective, res.warm_objective],
-                                              dtype=torch.float64, device=W.device)
-                    report.iterations = max(report.iterations, res.iterations)
-            else:  # a baseline: its result and the reconstruction objective of it
-                for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i):
-                    if method == "wanda":
-                        k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
-                        W[lo:hi] = W_bar[lo:hi] * keep_mask(wanda_scores(W_bar[lo:hi], H_parts[j]), k_j, nm,
-                                                            allowed[lo:hi])
-                    else:
-                        W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
-                                                  allowed=allowed[lo:hi])
-                    Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
-                    f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
-                    objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)
-            seconds["solver"] += time.perf_counter() - t
+        solved = (solve_layer(i, H) for i, H in zip(group, Hs, strict=True))
+        if method == "sparsegpt":  # layers go whole to one rank each: all of the block's are solved before writing
+            solved = list(solved)
+        for i, weight, W, objective in solved:
+            m = modules[i][1]
             t = time.perf_counter()
             with comm.phase("writeback"):
                 W = comm.all_reduce(W)

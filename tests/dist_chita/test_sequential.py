@@ -181,6 +181,59 @@ def test_sparsegpt_needs_masks_over_rows_of_a_layer():
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=lambda: [], method="obs")
 
 
+class _Pair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+
+    def forward(self, x):
+        return torch.relu(self.a(x)) + self.b(x)
+
+
+class _Pairs(nn.Module):
+    """Two blocks of two layers each (blocks.0.a, blocks.0.b, blocks.1.a, blocks.1.b)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.blocks = nn.ModuleList([_Pair(), _Pair()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _sparsegpt_events():
+    """prune_layerwise(method="sparsegpt") on _Pairs, recording this rank's SparseGPT solves and layer writes."""
+    from dist_chita import sequential
+
+    events, solve, write = [], sequential.sparsegpt_rows, sequential._from_rows
+    sequential.sparsegpt_rows = lambda *a, **kw: (events.append("solve"), solve(*a, **kw))[1]
+    sequential._from_rows = lambda *a, **kw: (events.append("write"), write(*a, **kw))[1]
+    try:
+        model = _Pairs().eval()
+        modules = [(f"blocks.{b}.{n}", getattr(model.blocks[b], n)) for b in (0, 1) for n in "ab"]
+        x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
+        prune_layerwise(model, modules, 0.5, forward=model, per_layer=True, method="sparsegpt",
+                        make_batches=lambda: my_microbatches(_batches(x, 0, 30, 5)))
+    finally:
+        sequential.sparsegpt_rows, sequential._from_rows = solve, write
+    return events, [m.weight.detach().clone() for _, m in modules]
+
+
+def test_sparsegpt_solves_a_blocks_layers_on_all_ranks_at_once():
+    """SparseGPT's layers go whole to the ranks by turns; every rank solves its layers of a block before the block
+    is written back (a layer at a time, the ranks would wait for each other): on 2 ranks, rank 1 solves
+    blocks.0.b before blocks.0.a (rank 0's) is written. Same weights as on one rank."""
+    (one, base), = multiproc.run(_sparsegpt_events, 1)
+    assert one == ["solve", "solve", "write", "write"] * 2
+    (e0, w0), (e1, w1) = multiproc.run(_sparsegpt_events, 2)
+    assert e0 == e1 == ["solve", "write", "write"] * 2
+    for w in (w0, w1):
+        assert all(torch.equal(a, b) for a, b in zip(w, base, strict=True))
+
+
 def _grouped_net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1, groups=3), nn.ReLU(),
