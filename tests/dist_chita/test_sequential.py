@@ -222,6 +222,22 @@ def _sparsegpt_events():
     return events, [m.weight.detach().clone() for _, m in modules]
 
 
+def test_sparsegpt_owners_balance_the_block_by_cost():
+    """A transformer block's six layers (d (r + d): four 384 x 384, one 1536 x 384, one 384 x 1536) on 2 ranks: the
+    largest alone on one rank, the rest on the other; 3 ranks; a grouped conv's parts spread; the same owners
+    whatever the order of the calls (a pure function)."""
+    from dist_chita.sequential import sparsegpt_owners
+
+    mods = [(n, nn.Linear(a, b, bias=False)) for n, a, b in [("q", 384, 384), ("k", 384, 384), ("v", 384, 384),
+                                                             ("o", 384, 384), ("up", 384, 1536), ("down", 1536, 384)]]
+    assert sparsegpt_owners(mods, range(6), 2) == {(5, 0): 0, (4, 0): 1, (0, 0): 1, (1, 0): 1, (2, 0): 1, (3, 0): 1}
+    three = sparsegpt_owners(mods, range(6), 3)
+    assert three[(5, 0)] == 0 and three[(4, 0)] == 1 and sorted(three.values()) == [0, 1, 1, 2, 2, 2]
+    assert set(sparsegpt_owners(mods, range(6), 1).values()) == {0}
+    conv = [("c", nn.Conv2d(8, 8, 3, groups=4, bias=False))]  # 4 parts of 2 rows, equal cost
+    assert sparsegpt_owners(conv, [0], 2) == {(0, 0): 0, (0, 1): 1, (0, 2): 0, (0, 3): 1}
+
+
 def test_sparsegpt_solves_a_blocks_layers_on_all_ranks_at_once():
     """SparseGPT's layers go whole to the ranks by turns; every rank solves its layers of a block before the block
     is written back (a layer at a time, the ranks would wait for each other): on 2 ranks, rank 1 solves
