@@ -45,7 +45,7 @@ def sparsegpt_rows(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, damp: f
         b = min(a + block, d)
         W1, U1 = W[:, a:b].clone(), U[a:b, a:b]
         E1 = torch.zeros_like(W1)
-        pruned = fixed[:, a:b].clone()
+        pruned = fixed[:, a:b].clone(memory_format=torch.contiguous_format)  # W may be a transposed view
         if nm is None:  # the block's mask at once: its smallest w^2 / U_jj^2 over all rows (fixed zeros first)
             cut = int(W1.numel() * sparsity)
             score = (W1.pow(2) / U1.diagonal().pow(2)[None, :]).masked_fill(pruned, -1.0)

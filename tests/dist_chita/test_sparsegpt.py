@@ -80,6 +80,9 @@ def test_fixed_zeros_stay_zero_and_bad_input_is_refused():
         got = sparsegpt_rows(W * allowed, H, 0.5, allowed=allowed, block=5, nm=nm)
         assert bool((got[~allowed] == 0).all())
     assert sparsegpt_rows(W.float(), H, 0.5).dtype == torch.float32
+    # a transposed view (transformers' Conv1D stores its rows as columns): the same result
+    Wt = W.T.contiguous().T
+    assert not Wt.is_contiguous() and torch.equal(sparsegpt_rows(Wt, H, 0.5), sparsegpt_rows(W, H, 0.5))
     with pytest.raises(ValueError, match="sparsity"):
         sparsegpt_rows(W, H, 1.0)
     with pytest.raises(ValueError, match="damp"):

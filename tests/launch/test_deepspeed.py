@@ -141,3 +141,23 @@ def test_zero3_prunes_partitioned_and_matches_the_plain_run(tmp_path, gpt2, obje
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got == {"kept": r3["global"]["kept"], "p": r3["p"], "dist_chita": False}
     assert 1 - got["kept"] / got["p"] == pytest.approx(r3["global"]["sparsity"], abs=0)
+
+
+def test_zero3_runs_the_sparsegpt_baseline_as_the_plain_run(tmp_path, gpt2):
+    """prune.method=sparsegpt under ZeRO-3: the block's layers go whole to the two ranks, each reading the gathered
+    weights and writing its result into the partitions; the same mask and weights as one plain process."""
+    model_dir, calib = gpt2
+    cfg = write_config(tmp_path, model_dir, calib, "layerwise")
+    args = ["--config", str(cfg), "prune.method=sparsegpt", "prune.granularity=layer"]
+    plain = run([*args, f"output.dir={tmp_path / 'plain'}"])
+    assert plain.returncode == 0, plain.stderr
+    z3 = run_zero3([*args, f"output.dir={tmp_path / 'z3'}"])
+    assert z3.returncode == 0, z3.stderr[-4000:]
+    r1 = json.loads((tmp_path / "plain" / "prune_report.json").read_text())
+    r3 = json.loads((tmp_path / "z3" / "prune_report.json").read_text())
+    assert (r3["world_size"], r3["zero_stage"], r3["method"]) == (2, 3, "sparsegpt")
+    assert r1["mask_sha256"] == r3["mask_sha256"] and r1["global"] == r3["global"]
+    assert r3["stages"][0]["objective"] == pytest.approx(r1["stages"][0]["objective"], rel=1e-6)
+    w1, w3 = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "z3" / "model.safetensors")
+    for k in w1:
+        assert float((w1[k] - w3[k]).norm()) <= 1e-5 * float(w1[k].norm()), k
