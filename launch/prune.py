@@ -567,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, MemoryError, RuntimeError, ImportError, watchdog.Terminated) as e:
         if watchdog.should_print(comm.rank(), e):
             print(f"error: {watchdog.describe(e)}", file=sys.stderr)
+        elif not isinstance(e, watchdog.Terminated) and not watchdog.wait_for_rank0():
+            # rank 0 did not fail in turn: the cause may be this rank's alone, so this rank says it
+            print(f"error (rank {comm.rank()}): {watchdog.describe(e)}", file=sys.stderr)
         return 1
     finally:
         comm.shutdown()

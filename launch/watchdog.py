@@ -97,6 +97,22 @@ def should_print(rank: int, exc: BaseException | None = None) -> bool:
     return 0 in lost and all(r in lost for r in range(rank))
 
 
+def wait_for_rank0(grace: float = 5.0, poll: float = 0.05) -> bool:
+    """On a rank other than 0 that failed and does not print (:func:`should_print`): give rank 0 up to ``grace``
+    seconds to end (on this host), so that an error every rank meets (bad input) is reported by rank 0 as itself.
+    Otherwise this rank could end first, the launcher would stop rank 0 and rank 0 would report this rank as lost.
+    A SIGTERM no longer interrupts (the run is failing). Returns whether rank 0 ended; False also where rank 0
+    cannot be seen (another host, or before :func:`install`), after the whole ``grace``."""
+    global _stopping
+    _stopping = True
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if _peers and 0 in lost_ranks():
+            return True
+        time.sleep(poll)
+    return False
+
+
 def remove_dead_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary directories (``.<name>.tmp-<pid>``) that killed runs left beside ``output_dir``,
     those whose process no longer runs on this host; returns them."""

@@ -470,3 +470,31 @@ def test_watchdog_finds_ended_peers_and_describes_errors(tmp_path):
         signal.signal(signal.SIGTERM, old_handler)
         watchdog._peers[:] = old_peers
         watchdog._lost_at_sigterm.clear()
+
+
+def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
+    """wait_for_rank0 (a rank other than 0 failed on input every rank sees): returns as soon as rank 0's process
+    has ended (rank 0 then reported the error itself), and after the grace when rank 0 lives on or cannot be
+    seen; meanwhile a SIGTERM from the launcher no longer raises."""
+    from launch import watchdog
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    host = os.uname().nodename
+    old_handler, old_peers = signal.getsignal(signal.SIGTERM), watchdog._peers[:]
+    try:
+        watchdog._peers[:] = [(host, child.pid), (host, os.getpid())]  # rank 0 is the child
+        t = time.monotonic()
+        assert watchdog.wait_for_rank0(grace=0.3) is False and time.monotonic() - t >= 0.3  # rank 0 lives on
+        child.kill()
+        child.wait()
+        t = time.monotonic()
+        assert watchdog.wait_for_rank0(grace=10.0) is True and time.monotonic() - t < 2.0
+        watchdog._peers[:] = []  # before install, or rank 0 on another host: the whole grace
+        assert watchdog.wait_for_rank0(grace=0.1) is False
+        signal.signal(signal.SIGTERM, watchdog._on_sigterm)
+        watchdog._on_sigterm(signal.SIGTERM, None)  # the run is failing: no Terminated
+    finally:
+        signal.signal(signal.SIGTERM, old_handler)
+        watchdog._peers[:] = old_peers
+        watchdog._stopping = False
+
