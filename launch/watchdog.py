@@ -9,6 +9,8 @@
 * :func:`describe` turns an exception into the one-line message the user sees: a collective that failed because a
   peer died names that rank (``lost rank 1 (process 4242 ended) during gradients 2``); a collective that timed
   out names ``timeout_seconds``.
+* :func:`wait_for_rank0`: a rank other than 0 that failed gives rank 0 a moment to fail in turn and say why, so
+  that bad input every rank sees is reported as itself, not as the lost rank that met it first.
 
 Ranks on other hosts cannot be polled; there the gloo/NCCL connection error or the process group timeout
 (``timeout_seconds``) bounds the wait. A rank that is alive but stuck is bounded by the timeout only.
