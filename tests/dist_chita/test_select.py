@@ -86,6 +86,21 @@ def test_collective_selection_equals_single_process(world_size):
         assert torch.equal(mask, reference_mask(v.abs(), k, seg, allowed)), (world_size, k)
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_large_inputs_on_several_ranks(world_size):
+    """Inputs large enough that the rounds work on masks over all coordinates (with few distinct values, through
+    every round; ranks may switch to candidate lists at different rounds): the single process's mask."""
+    g = torch.Generator().manual_seed(5)
+    p = 20_000
+    few = torch.randint(0, 3, (p,), generator=g).float()
+    wide = torch.randn(p, generator=g).exp() ** 6
+    wide[: p // 2] = 1.0  # one rank's block all equal, the other's spread out
+    for v, k, seg in [(few, 7_001, None), (wide, 9_000, None),
+                      (few, torch.tensor([3_000, 1, 2_500]), torch.arange(p) * 3 // p)]:
+        results = multiproc.run(_sharded_select, world_size, v, k, seg, None)
+        assert torch.equal(torch.cat([m for m, _ in results]), reference_mask(v.abs(), k, seg)), (world_size, k)
+
+
 def test_communication_does_not_grow_with_p():
     sent = []
     for p in (10_000, 1_000_000):
