@@ -558,17 +558,14 @@ def prune_layerwise(
     ``row_chunk``: rows solved together (and the unit in which rows are shared among ranks).
     ``cache_inputs``: run the blocks that allow it on cached inputs (:func:`block_curvatures`).
     ``method``: ``"chita"``, or a baseline on the same inputs and blocks: ``"wanda"`` (:mod:`dist_chita.wanda`:
-    rows shared among ranks as CHITA's) or ``"sparsegpt"`` (:mod:`dist_chita.sparsegpt`, which chooses its masks
-    over all rows of 128-column blocks, so it needs ``per_layer`` or ``nm``; each layer whole on one rank,
-    :func:`sparsegpt_owners`, a block's layers solved at once on all ranks).
+    rows shared among ranks as CHITA's) or ``"sparsegpt"`` (:mod:`dist_chita.sparsegpt`: with ``per_layer`` its
+    masks are chosen over all rows of 128-column blocks, as in the paper, else per row; each layer whole on one
+    rank, :func:`sparsegpt_owners`, a block's layers solved at once on all ranks).
     Returns one :class:`StageReport` for the whole model (objective: the sum over layers of the reconstruction
     objective, with, for CHITA, the magnitude-support + re-fit objective beside it).
     """
     if method not in LAYERWISE_METHODS:
         raise ValueError(f"unknown layerwise method {method!r} (one of {', '.join(LAYERWISE_METHODS)})")
-    if method == "sparsegpt" and not (per_layer or nm is not None):
-        raise ValueError("sparsegpt chooses its masks over all rows of 128-column blocks: it needs a per-layer "
-                         "budget or N:M, not one per row")
     targets = layer_sparsities(sparsity, len(modules)) if nm is None else [0.0] * len(modules)
     if damp <= 0:
         raise ValueError(f"damp must be > 0, got {damp}")
@@ -631,7 +628,7 @@ def prune_layerwise(
                                                         allowed[lo:hi])
                 else:
                     W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
-                                              allowed=allowed[lo:hi])
+                                              allowed=allowed[lo:hi], per_row=not per_layer)
                 Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
                 f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
                 objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)

@@ -151,11 +151,10 @@ class PruneConfig:
     every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
     the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean of diag H; granularity
     ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``,
-    or the baselines ``wanda`` (any of these granularities) and ``sparsegpt`` (``layer``, its masks chosen over
-    all rows of 128-column blocks, or ``nm``) on the same inputs; ``loss``, ``lambda`` and ``ridge`` are unused)
-    or ``fisher`` (the CHITA paper's: the empirical Fisher of the
-    model's loss from n per-sample gradients, one problem over all layers; needed for global budgets, chita++ and
-    block mode).
+    or the baselines ``wanda`` and ``sparsegpt`` (with ``layer`` its masks are chosen over all rows of 128-column
+    blocks, as in its paper; with ``row`` every row's share of each block) on the same inputs; ``loss``,
+    ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA paper's: the empirical Fisher of the model's loss
+    from n per-sample gradients, one problem over all layers; needed for global budgets, chita++ and block mode).
     """
 
     method: Literal["chita", "chita++", "magnitude", "wanda", "sparsegpt"] = "chita"
@@ -451,9 +450,6 @@ def validate(cfg: RunConfig) -> RunConfig:
     if p.method in ("wanda", "sparsegpt"):
         need(p.objective == "layerwise", f"prune.method: {p.method} prunes each layer on its inputs; it needs "
                                          "prune.objective=layerwise")
-        need(p.method != "sparsegpt" or p.granularity == "layer" or p.nm is not None,
-             "prune.method: sparsegpt chooses its masks over all rows of 128-column blocks; it needs "
-             "prune.granularity=layer or prune.nm")
     if p.objective == "layerwise":
         need(p.method != "chita++", "prune.objective: layerwise prunes in one pass; chita++ needs "
                                     "prune.objective=fisher")

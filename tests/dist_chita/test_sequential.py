@@ -131,7 +131,7 @@ def test_sequential_prune_matches_an_independent_recomputation(per_layer, target
 
 @pytest.mark.parametrize("method,per_layer,nm", [("wanda", False, None), ("wanda", True, None),
                                                  ("wanda", False, (2, 4)), ("sparsegpt", True, None),
-                                                 ("sparsegpt", False, (2, 4))])
+                                                 ("sparsegpt", False, None), ("sparsegpt", False, (2, 4))])
 def test_baselines_match_an_independent_recomputation(method, per_layer, nm):
     """Wanda and SparseGPT through prune_layerwise, and the same recomputed here: layer l's inputs X from the model
     with layers < l already pruned; Wanda keeps the largest |W_ij| ||X_j||_2 of every row (of the layer, or 2 of
@@ -161,7 +161,7 @@ def test_baselines_match_an_independent_recomputation(method, per_layer, nm):
             W = W_bar * keep
             torch.testing.assert_close(model[i].weight.detach(), W, rtol=0, atol=0)
         else:
-            W = sparsegpt_rows(W_bar, H, 0.5, nm=nm)
+            W = sparsegpt_rows(W_bar, H, 0.5, nm=nm, per_row=not per_layer)
             torch.testing.assert_close(model[i].weight.detach(), W, rtol=1e-5, atol=1e-6)
         Q = H + 0.01 * float(H.diagonal().mean()) * torch.eye(d, dtype=H.dtype)
         f += float(objectives((model[i].weight.detach() - W_bar).double(), Q).sum())
@@ -173,10 +173,8 @@ def test_baselines_match_an_independent_recomputation(method, per_layer, nm):
     assert st.iterations == 0 and st.objective_trace == [st.objective]
 
 
-def test_sparsegpt_needs_masks_over_rows_of_a_layer():
+def test_an_unknown_layerwise_method_is_refused():
     model = _mlp()
-    with pytest.raises(ValueError, match="sparsegpt chooses its masks"):
-        prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=lambda: [], method="sparsegpt")
     with pytest.raises(ValueError, match="unknown layerwise method"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=lambda: [], method="obs")
 
@@ -503,7 +501,7 @@ def _prune_mlp(nm, per_layer=False, sparsity=0.6, method="chita"):
 @pytest.mark.parametrize("nm,per_layer,sparsity,method", [
     (None, False, 0.6, "chita"), ((2, 4), False, 0.6, "chita"), (None, True, 0.6, "chita"),
     (None, True, (0.3, 0.7, 0.5), "chita"), (None, False, 0.6, "wanda"), (None, True, (0.3, 0.7, 0.5), "wanda"),
-    (None, True, 0.6, "sparsegpt"), ((2, 4), False, 0.6, "sparsegpt")])
+    (None, True, 0.6, "sparsegpt"), (None, False, (0.3, 0.7, 0.5), "sparsegpt"), ((2, 4), False, 0.6, "sparsegpt")])
 def test_same_masks_and_weights_on_any_world_size(nm, per_layer, sparsity, method):
     (base, f1), = multiproc.run(_prune_mlp, 1, nm, per_layer, sparsity, method)
     for world_size in (2, 3, 4):

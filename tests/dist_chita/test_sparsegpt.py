@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dist_chita.layerwise import keep_mask, objectives
+from dist_chita.schedule import kept_count
 from dist_chita.sparsegpt import sparsegpt_rows
 
 
@@ -14,11 +15,12 @@ def _layer(seed, r=6, d=10, N=40):
     return torch.randn(r, d, generator=g, dtype=torch.float64), X.T @ X / N
 
 
-def direct_obs(W, H, sparsity, block, damp=0.01, nm=None):
+def direct_obs(W, H, sparsity, block, damp=0.01, nm=None, per_row=False):
     """Columns left to right; column j's pruning error is spread over columns j.. through row 0 of
     (H_{j:, j:})^-1, the inverse of the damped curvature of the columns not yet processed, divided by its [0, 0]
-    (OBS); the mask of each block is chosen at its start from w^2 / [(H_{j:, j:})^-1]_00 (over all rows), or for
-    N:M at every M-th column from the current weights."""
+    (OBS); the mask of each block is chosen at its start from w^2 / [(H_{j:, j:})^-1]_00 (over all rows; per row:
+    each row prunes round(P e / d) - round(P a / d) of block [a, e), P = d - kept_count(d, sparsity)), or for N:M
+    at every M-th column from the current weights."""
     W, H = W.clone(), H.clone()
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -31,10 +33,16 @@ def direct_obs(W, H, sparsity, block, damp=0.01, nm=None):
         if nm is None and j % block == 0:
             b = min(j + block, d)
             score = torch.stack([W[:, c].pow(2) / inv0[c][0, 0] for c in range(j, b)], 1)
-            cut = int(score.numel() * sparsity)
-            flat = torch.zeros(score.numel(), dtype=torch.bool)
-            flat[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
-            pruned[:, j:b] = flat.view(score.shape)
+            if per_row:
+                P = d - kept_count(d, sparsity)
+                cut = round(P * b / d + 1e-9) - round(P * j / d + 1e-9)
+                for row in range(W.shape[0]):
+                    pruned[row, j + torch.argsort(score[row], stable=True)[:cut]] = True
+            else:
+                cut = int(score.numel() * sparsity)
+                flat = torch.zeros(score.numel(), dtype=torch.bool)
+                flat[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
+                pruned[:, j:b] = flat.view(score.shape)
         if nm is not None and j % nm[1] == 0:
             score = torch.stack([W[:, c].pow(2) / inv0[c][0, 0] for c in range(j, j + nm[1])], 1)
             drop = torch.argsort(score, dim=1, stable=True)[:, : nm[1] - nm[0]]
@@ -61,6 +69,17 @@ def test_matches_the_direct_obs_sequence(seed, sparsity, block, nm):
     else:
         assert bool(((got.view(-1, 5) != 0).sum(1) <= 2).all())
     assert bool((got[:, 3] == 0).all())  # the dead input is pruned
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("sparsity,block,d", [(0.5, 4, 10), (0.3, 4, 10), (0.7, 3, 11), (0.45, 32, 10)])
+def test_per_row_masks_match_the_direct_obs_and_keep_each_rows_count(seed, sparsity, block, d):
+    W, H = _layer(seed, d=d)
+    got = sparsegpt_rows(W, H, sparsity, block=block, per_row=True)
+    torch.testing.assert_close(got, direct_obs(W, H, sparsity, block, per_row=True), rtol=1e-9, atol=1e-10)
+    # every row keeps kept_count(d, sparsity), the dead input among its pruned ones when the first blocks allow
+    kept = (got != 0).sum(1)
+    assert bool((kept <= kept_count(d, sparsity)).all()) and int(kept.max()) == kept_count(d, sparsity)
 
 
 def test_the_update_lowers_the_reconstruction_error_of_its_mask():
