@@ -32,6 +32,7 @@ from launch import faults
 _peers: list[tuple[str, int]] = []
 _timeout = 0
 _stopping = False  # set once the run is failing: a SIGTERM then no longer interrupts the error report
+_stopped_by_launcher = False  # a SIGTERM came while _stopping: the launcher is ending the run (another rank ended)
 _CONNECTION = ("connection closed", "connection reset", "broken pipe", "connection refused", "econnreset")
 _TIMEOUT = ("timed out",)
 
@@ -48,17 +49,19 @@ def _on_sigterm(signum, frame):
     # the launcher stops every rank once one has failed; a killed rank that this rank had not yet noticed (no
     # collective since) is then the cause, not the signal. Taken at once: the launcher signals rank 0 first, so
     # on a plain stop the other ranks are still alive here.
+    global _stopped_by_launcher
     _lost_at_sigterm[:] = lost_ranks()
     if not _stopping:
         raise Terminated("terminated by SIGTERM")
+    _stopped_by_launcher = True
 
 
 def install(timeout_seconds: int, output_dir: str | os.PathLike | None = None, grace: float = 15.0) -> None:
     """Collective: record the ranks' (host, PID), handle SIGTERM, start the watchdog thread (world size > 1)."""
     from dist_chita import comm
 
-    global _timeout, _stopping
-    _timeout, _stopping = timeout_seconds, False
+    global _timeout, _stopping, _stopped_by_launcher
+    _timeout, _stopping, _stopped_by_launcher = timeout_seconds, False, False
     _lost_at_sigterm.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
@@ -103,13 +106,15 @@ def wait_for_rank0(grace: float = 5.0, poll: float = 0.05) -> bool:
     """On a rank other than 0 that failed and does not print (:func:`should_print`): give rank 0 up to ``grace``
     seconds to end (on this host), so that an error every rank meets (bad input) is reported by rank 0 as itself.
     Otherwise this rank could end first, the launcher would stop rank 0 and rank 0 would report this rank as lost.
-    A SIGTERM no longer interrupts (the run is failing). Returns whether rank 0 ended; False also where rank 0
-    cannot be seen (another host, or before :func:`install`), after the whole ``grace``."""
+    A SIGTERM no longer interrupts (the run is failing) but ends the wait: the launcher stops the run because a
+    rank ended (rank 0 on another host, say), and that rank reports. Returns whether rank 0 ended (or the launcher
+    stopped this rank); False where neither happened within ``grace`` (rank 0 on another host and alive, or
+    before :func:`install`)."""
     global _stopping
     _stopping = True
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
-        if _peers and 0 in lost_ranks():
+        if _stopped_by_launcher or (_peers and 0 in lost_ranks()):
             return True
         time.sleep(poll)
     return False

@@ -474,8 +474,8 @@ def test_watchdog_finds_ended_peers_and_describes_errors(tmp_path):
 
 def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
     """wait_for_rank0 (a rank other than 0 failed on input every rank sees): returns as soon as rank 0's process
-    has ended (rank 0 then reported the error itself), and after the grace when rank 0 lives on or cannot be
-    seen; meanwhile a SIGTERM from the launcher no longer raises."""
+    has ended (rank 0 then reported the error itself) or the launcher sent SIGTERM (which no longer raises), and
+    after the grace when rank 0 lives on or cannot be seen."""
     from launch import watchdog
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -492,9 +492,11 @@ def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
         watchdog._peers[:] = []  # before install, or rank 0 on another host: the whole grace
         assert watchdog.wait_for_rank0(grace=0.1) is False
         signal.signal(signal.SIGTERM, watchdog._on_sigterm)
-        watchdog._on_sigterm(signal.SIGTERM, None)  # the run is failing: no Terminated
+        watchdog._on_sigterm(signal.SIGTERM, None)  # the run is failing: no Terminated, but the wait ends
+        t = time.monotonic()
+        assert watchdog.wait_for_rank0(grace=10.0) is True and time.monotonic() - t < 1.0
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         watchdog._peers[:] = old_peers
-        watchdog._stopping = False
+        watchdog._stopping = watchdog._stopped_by_launcher = False
 
