@@ -26,6 +26,7 @@ from torch import nn
 
 from dist_chita import comm, params
 from dist_chita.sequential import blocks_in_order, collective_batches, input_rows, input_size, weight_rows
+from dist_chita.wanda import wanda_scores
 
 
 def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[object], object],
@@ -72,8 +73,8 @@ def outlier_ratios(modules: Sequence[tuple[str, nn.Module]], norms: Sequence[tor
     |W_ij| sqrt(norms_j) exceeds ``m`` times the mean score over the block."""
     ratios = []
     for block in blocks:
-        scores = torch.cat([(weight_rows(modules[i][1], params.read(modules[i][1].weight)).double().abs()
-                             * norms[i].sqrt()[None, :]).reshape(-1) for i in block])
+        scores = torch.cat([wanda_scores(weight_rows(modules[i][1], params.read(modules[i][1].weight)).double(),
+                                         norms[i]).reshape(-1) for i in block])
         ratios.append(float((scores > m * scores.mean()).double().mean()))
     return ratios
 

@@ -105,10 +105,6 @@ def topk_mask(
     if seg is not None and seg.shape != keys.shape:
         raise ValueError("segment_ids must have the shape of scores")
 
-    def per_coordinate(table: torch.Tensor) -> torch.Tensor:
-        """A per-segment value for every coordinate (a broadcastable (1,) with one segment)."""
-        return table if seg is None else table[seg]
-
     # Rounds work on a mask over all coordinates (elementwise passes) while many candidates are left, then on the
     # index list of those left: a gather costs several elementwise passes per element.
     live = None if allowed is None else allowed.to(device=device, dtype=torch.bool)  # None: every coordinate
@@ -125,7 +121,7 @@ def topk_mask(
     whole = need == total
     selected = torch.zeros(p, dtype=torch.bool, device=device)
     if bool(whole.any()):
-        in_whole = per_coordinate(whole).expand(p)
+        in_whole = (whole if seg is None else whole[seg]).expand(p)
         selected = in_whole.clone() if live is None else in_whole & live
         live = ~in_whole if live is None else live & ~in_whole
         need = torch.where(whole, torch.zeros_like(need), need)

@@ -602,7 +602,8 @@ def prune_layerwise(
         if nm is not None or method == "sparsegpt":
             k = None
         elif per_layer and method == "wanda":  # the layer's largest scores, counted per row
-            scores = torch.cat([wanda_scores(W_bar[lo:hi], h) for (lo, hi), h in zip(parts, H_parts, strict=True)])
+            scores = torch.cat([wanda_scores(W_bar[lo:hi], h.diagonal().float())
+                                for (lo, hi), h in zip(parts, H_parts, strict=True)])
             k = row_budgets(scores, kept_count(r * d, sparsity_i), allowed)
         elif per_layer:  # the same budgets on every rank: computed from the whole layer
             q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
@@ -624,8 +625,8 @@ def prune_layerwise(
             for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i, owners):
                 if method == "wanda":
                     k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
-                    W[lo:hi] = W_bar[lo:hi] * keep_mask(wanda_scores(W_bar[lo:hi], H_parts[j]), k_j, nm,
-                                                        allowed[lo:hi])
+                    score = wanda_scores(W_bar[lo:hi], H_parts[j].diagonal().float())
+                    W[lo:hi] = W_bar[lo:hi] * keep_mask(score, k_j, nm, allowed[lo:hi])
                 else:
                     W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
                                               allowed=allowed[lo:hi], per_row=not per_layer)
