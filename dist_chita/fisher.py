@@ -16,8 +16,9 @@ columns: peak memory is about p_r * n * bytes (the block) + the model + one micr
 activations + the per-sample gradients of one layer (a few layers when the backward pass reaches
 them out of the exchange order, see below).
 
-Fast paths: a layer whose columns this rank owns entirely and whose per-sample gradients are outer
-products (no token / spatial dimension) is computed straight into At's columns of the micro-batch
+Fast paths: a layer whose columns this rank owns entirely and whose per-sample gradients are computed
+sample-minor (outer products: no token / spatial dimension, see :mod:`dist_chita.persample`) is computed
+straight into At's columns of the micro-batch
 (the ``target`` of :class:`PerSampleGrads`; cast to the storage dtype on store): no result buffer,
 no send, no copy; its finiteness is checked once, over whole rows, when this rank's batches are
 exhausted. At's pages are all faulted in, in order, when it is allocated (:func:`empty_block`; huge pages from

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from dist_chita import nt_outer, persample
 from dist_chita.persample import PerSampleGrads, Scratch, check_no_batch_coupling, grad_fn_for, unfold, zero_pad
 
 
@@ -77,7 +78,17 @@ def check(model, x, modules=None):
     return modules
 
 
-def test_linear_2d():
+@pytest.fixture(params=["native", "torch"])
+def native(request, monkeypatch):
+    """Run a test with the streaming-store kernel of dist_chita.nt_outer and with torch alone."""
+    if request.param == "torch":
+        monkeypatch.setattr(nt_outer, "_lib", False)
+    elif not nt_outer.available():
+        pytest.skip("streaming-store kernel unavailable")
+    return request.param == "native"
+
+
+def test_linear_2d(native):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     check(model, torch.randn(7, 5))
@@ -107,10 +118,31 @@ def test_conv2d(conv):
     check(model, x)
 
 
-def test_conv2d_single_output_position():
+def test_conv2d_single_output_position(native):
     torch.manual_seed(9)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Tanh(), nn.Conv2d(4, 5, 3), nn.Flatten(), nn.Linear(5, 2))
     check(model, torch.randn(4, 3, 3, 3))
+
+
+@pytest.mark.parametrize("size", [4, 5, 6])  # output maps 2 x 2 (L = 4), 2 x 3 (6), 3 x 3 (9: beyond the limit)
+def test_conv2d_few_output_positions(native, size):
+    """Convolutions with at most MINOR_MAX_POSITIONS output positions are summed outer products, laid out
+    sample-minor with the kernel; more positions, or torch alone, the batched product, sample-major."""
+    torch.manual_seed(12)
+    conv = nn.Conv2d(3, 5, 3, stride=(2, 1 if size == 5 else 2), padding=1)
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten(), nn.LazyLinear(2))
+    x = torch.randn(6, 3, size, size if size != 5 else 2)
+    L = math.prod(model[0](x).shape[2:])
+    model(x)
+    layouts = []
+
+    def cb(i, g):
+        layouts.append(persample.sample_minor(g))
+
+    modules = check(model, x)
+    with PerSampleGrads(modules[:1], cb) as psg:
+        psg.backward(per_sample_losses(model(x)))
+    assert layouts == [native and L <= persample.MINOR_MAX_POSITIONS]
 
 
 @pytest.mark.parametrize(
@@ -121,8 +153,10 @@ def test_conv2d_single_output_position():
         ((2, 5, 1, 1), (3, 3), (1, 1), (1, 1), (1, 1, 1, 1)),
     ],
 )
-def test_unfold_and_zero_pad_match_torch(shape, kernel, stride, dilation, pads):
-    """index_select im2col into a scratch buffer == F.unfold (2-D; 1-D as a height-1 image); zero_pad == F.pad."""
+def test_unfold_and_zero_pad_match_torch(shape, kernel, stride, dilation, pads, monkeypatch):
+    """index_select im2col into a scratch buffer == F.unfold (2-D; 1-D as a height-1 image); zero_pad == F.pad,
+    also in the scratch buffer (used for large inputs only: the threshold lowered to 0 here)."""
+    monkeypatch.setattr(persample, "PAD_SCRATCH_MIN_BYTES", 0)
     x = torch.randn(shape)
     scratch = Scratch()
     scratch.get("pad", (10**4,), x).fill_(float("nan"))  # stale contents must not leak into the border
@@ -163,15 +197,20 @@ def test_buffers_reused_across_steps_of_other_sizes():
                 assert rel_err(g, truth[i]) <= 1e-5, i
 
 
-def test_target_takes_outer_product_layers_in_place():
-    """``target`` is asked for token-free layers only; their gradients are written straight into it (here
-    columns of a (numel, n) float16 block, as At), the callback receives the target itself."""
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_target_takes_sample_minor_layers_in_place(native, dtype):
+    """``target`` is asked for the layers computed sample-minor only (token-free Linear layers; with the
+    kernel also a convolution with 4 output positions); their gradients are written straight into it (here
+    columns of a (numel, n) block, as At: float32 by the kernel, float16 by torch), the callback receives the
+    target itself. Another layout (tokens) does not ask."""
     torch.manual_seed(11)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).eval()
-    modules = [("0", model[0]), ("2", model[2])]
-    x = torch.randn(4, 5)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(16, 6), nn.Tanh(), nn.Linear(6, 3)
+    ).eval()
+    modules = [("0", model[0]), ("3", model[3]), ("5", model[5])]
+    x = torch.randn(4, 2, 4, 4)
     truth = autograd_truth(model, modules, x)
-    blocks = [torch.full((m.weight.numel(), 7), float("nan"), dtype=torch.float16) for _, m in modules]
+    blocks = [torch.full((m.weight.numel(), 7), float("nan"), dtype=dtype) for _, m in modules]
     asked, got = [], {}
 
     def target(i, b):
@@ -180,14 +219,19 @@ def test_target_takes_outer_product_layers_in_place():
 
     with PerSampleGrads(modules, lambda i, g: got.update({i: g}), target=target) as psg:
         psg.backward(per_sample_losses(model(x)))
-    assert sorted(asked) == [0, 1]
-    for i, block in enumerate(blocks):
-        assert got[i].data_ptr() == block[:, 2:].data_ptr() and got[i].dtype == torch.float16
-        torch.testing.assert_close(block[:, 2:6].t().float(), truth[i], rtol=2e-3, atol=1e-4)
+    assert sorted(asked) == ([0, 1, 2] if native else [1, 2])
+    tol = dict(rtol=2e-3, atol=1e-4) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-6)
+    for i in sorted(asked):
+        block = blocks[i]
+        assert got[i].data_ptr() == block[:, 2:].data_ptr() and got[i].dtype == dtype
+        torch.testing.assert_close(block[:, 2:6].t().float(), truth[i], **tol)
         assert block[:, :2].isnan().all() and block[:, 6:].isnan().all()  # nothing written outside
-    with PerSampleGrads(modules, lambda i, g: None, target=target) as psg:  # tokens: the target is not asked
+    if not native:
+        assert blocks[0].isnan().all() and rel_err(got[0], truth[0]) <= 1e-5
+    linears = modules[1:]
+    with PerSampleGrads(linears, lambda i, g: None, target=target) as psg:  # tokens: the target is not asked
         asked.clear()
-        psg.backward(per_sample_losses(model(torch.randn(4, 3, 5))))
+        psg.backward(per_sample_losses(model[3:](torch.randn(4, 3, 16))))
     assert asked == []
 
 
