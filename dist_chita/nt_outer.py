@@ -65,22 +65,38 @@ static float one(const float* ai, const float* cj, int64_t L, int64_t B, int64_t
 }
 
 /* out[(i K + j) ldo + s] = sum_{l < L} a[(i L + l) B + s] c[(j L + l) B + s] for i0 <= i < i1, j < K, s < B.
-   Whole vectors at vector-aligned addresses are streamed; the rest of a row is stored the ordinary way. */
+   c is taken in blocks of about 16 KiB (L1-resident while every i uses them). Whole vectors at vector-aligned
+   addresses are streamed, two at a time (two independent sums over l); the rest of a row is stored the
+   ordinary way. */
 void outer_sum(const float* a, const float* c, float* out, int64_t i0, int64_t i1, int64_t K, int64_t L,
                int64_t B, int64_t ldo) {
-  for (int64_t i = i0; i < i1; i++) {
-    const float* ai = a + i * L * B;
-    for (int64_t j = 0; j < K; j++) {
-      const float* cj = c + j * L * B;
-      float* o = out + (i * K + j) * ldo;
-      int64_t s = 0;
-      for (; s < B && (((uintptr_t)(o + s)) & ALIGN); s++) o[s] = one(ai, cj, L, B, s);
-      for (; s + W <= B; s += W) {
-        VEC acc = MUL(LOAD(ai + s), LOAD(cj + s));
-        for (int64_t l = 1; l < L; l++) acc = FMA(LOAD(ai + l * B + s), LOAD(cj + l * B + s), acc);
-        STREAM(o + s, acc);
+  int64_t JB = 4096 / (L * B);
+  if (JB < 1) JB = 1;
+  for (int64_t j0 = 0; j0 < K; j0 += JB) {
+    int64_t j1 = j0 + JB < K ? j0 + JB : K;
+    for (int64_t i = i0; i < i1; i++) {
+      const float* ai = a + i * L * B;
+      for (int64_t j = j0; j < j1; j++) {
+        const float* cj = c + j * L * B;
+        float* o = out + (i * K + j) * ldo;
+        int64_t s = 0;
+        for (; s < B && (((uintptr_t)(o + s)) & ALIGN); s++) o[s] = one(ai, cj, L, B, s);
+        for (; s + 2 * W <= B; s += 2 * W) {
+          VEC acc0 = MUL(LOAD(ai + s), LOAD(cj + s)), acc1 = MUL(LOAD(ai + s + W), LOAD(cj + s + W));
+          for (int64_t l = 1; l < L; l++) {
+            acc0 = FMA(LOAD(ai + l * B + s), LOAD(cj + l * B + s), acc0);
+            acc1 = FMA(LOAD(ai + l * B + s + W), LOAD(cj + l * B + s + W), acc1);
+          }
+          STREAM(o + s, acc0);
+          STREAM(o + s + W, acc1);
+        }
+        for (; s + W <= B; s += W) {
+          VEC acc = MUL(LOAD(ai + s), LOAD(cj + s));
+          for (int64_t l = 1; l < L; l++) acc = FMA(LOAD(ai + l * B + s), LOAD(cj + l * B + s), acc);
+          STREAM(o + s, acc);
+        }
+        for (; s < B; s++) o[s] = one(ai, cj, L, B, s);
       }
-      for (; s < B; s++) o[s] = one(ai, cj, L, B, s);
     }
   }
   _mm_sfence();
