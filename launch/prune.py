@@ -139,8 +139,7 @@ class Progress:
             self.close()
             self.bar, self.name = tqdm(total=total, desc=name, leave=False, dynamic_ncols=True), name
         self.bar.total = total
-        self.bar.n = done
-        self.bar.refresh()
+        self.bar.update(done - self.bar.n)  # through update(), so tqdm's rate is samples (iterations) per second
 
     def close(self) -> None:
         if self.bar is not None:
