@@ -28,7 +28,7 @@ padded 1x1 map).
     python benchmarks/persample_throughput.py [--threads 1] [--seconds 6]
 
 (``DIST_CHITA_NATIVE=0`` in the environment measures torch alone, without the streaming-store kernel of
-dist_chita.nt_outer.)
+dist_chita.ntstore.)
 
 Prints a table and writes benchmarks/results/persample_throughput.json.
 """

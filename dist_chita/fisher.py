@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dist_chita import comm, params
+from dist_chita import comm, ntstore, params
 from dist_chita.data import to_device
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import LossFn
@@ -160,7 +160,10 @@ class _Exchange:
             if self.b and not torch.isfinite(grads.sum()) and not torch.isfinite(grads).all():
                 self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
             if my_cnt and self.b:
-                self.at[local_start : local_start + my_cnt, first : first + self.b] = columns[offset : offset + my_cnt]
+                _write(
+                    self.at[local_start : local_start + my_cnt, first : first + self.b],
+                    columns[offset : offset + my_cnt],
+                )
             others = [(q, off, cnt) for q, off, cnt in self.owners[g] if q != self.rank]
             for q, _, cnt in others:
                 send_counts[q] = cnt * self.b
@@ -178,7 +181,7 @@ class _Exchange:
                 send = self._scratch.get("send", (sum(send_counts),), self.at)
                 pos = 0
                 for _, off, cnt in others:
-                    send[pos : pos + cnt * self.b].view(cnt, self.b).copy_(columns[off : off + cnt])
+                    _write(send[pos : pos + cnt * self.b].view(cnt, self.b), columns[off : off + cnt])
                     pos += cnt * self.b
         del grads, columns
         froms = [0 if q == self.rank else s for q, s in enumerate(self.sizes)]
@@ -189,11 +192,19 @@ class _Exchange:
         pos = 0
         for s, first in zip(froms, self.firsts, strict=True):
             if s and my_cnt:
-                self.at[local_start : local_start + my_cnt, first : first + s] = recv[pos : pos + my_cnt * s].view(
-                    my_cnt, s
+                _write(
+                    self.at[local_start : local_start + my_cnt, first : first + s],
+                    recv[pos : pos + my_cnt * s].view(my_cnt, s),
                 )
                 pos += my_cnt * s
         self.seconds += time.perf_counter() - t0
+
+
+def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)``, cast to dst's dtype; float32 on x86 CPUs with streaming stores (:mod:`dist_chita.ntstore`:
+    a transposed (b, numel) block into At's columns at 10-18 GB/s against 2-2.5 GB/s, b = 16-32)."""
+    if not ntstore.copy_into(dst, src):
+        dst.copy_(src)
 
 
 _POPULATE_MIN_BYTES = 64 << 20  # smaller blocks: torch.empty (their page faults are cheap enough)

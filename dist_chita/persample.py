@@ -19,7 +19,7 @@ is then formed from (x, dy):
   scratch buffers) to (b, C_in k, L) and, per group, g_i = dy_i (C_out/G, L) @ cols_i^T
   (one bmm into the result buffer); for L = 1 (one output position) an outer product, and for a few
   positions (L <= ``MINOR_MAX_POSITIONS``, groups = 1) a sum of L outer products laid out sample-minor, when
-  the streaming-store kernel of :mod:`dist_chita.nt_outer` is available;
+  the streaming-store kernel of :mod:`dist_chita.ntstore` is available;
 * any other module with a ``.weight``: torch.func fallback, per sample
   grad_W <dy_i, f_W(x_i)> with ``functional_call`` + ``vmap`` + ``grad``
   (the module must treat dim 0 of its positional tensor inputs as the batch).
@@ -32,7 +32,7 @@ faults than the arithmetic), valid only during the callback; layers computed
 sample-minor (outer products) can instead be written straight into a caller's
 destination (``target``, e.g. the columns of At in :func:`dist_chita.fisher.fisher_block`).
 On x86 CPUs the sample-minor products are written with streaming stores
-(:mod:`dist_chita.nt_outer`, about 1.9x torch's write rate); elsewhere with torch.
+(:mod:`dist_chita.ntstore`, about 1.9x torch's write rate); elsewhere with torch.
 
 The model must be in eval mode: in train mode BatchNorm couples the samples of
 a batch and dy[i] would no longer be dl_i/dy[i] (:func:`check_no_batch_coupling`).
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from dist_chita import nt_outer, params
+from dist_chita import ntstore, params
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 """callback(layer_index, grads): grads is (b, numel) float32 (or the dtype of a ``target`` it was written into),
@@ -119,11 +119,11 @@ def _outer(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.
         aT, cT = a[:, 0].t().contiguous(), c[:, 0].t().contiguous()  # (m, b), (k, b)
         if out is None:
             res = torch.empty((m * k, b), dtype=aT.dtype, device=aT.device)
-            if nt_outer.outer_sum(aT[:, None, :], cT[:, None, :], res):
+            if ntstore.outer_sum(aT[:, None, :], cT[:, None, :], res):
                 return res.t()
             return torch.mul(aT[:, None, :], cT[None, :, :], out=res.view(m, k, b)).view(m * k, b).t()
         if sample_minor(out):  # written in place, any strides (e.g. a column block of At), cast on store
-            if not nt_outer.outer_sum(aT[:, None, :], cT[:, None, :], out.t()):
+            if not ntstore.outer_sum(aT[:, None, :], cT[:, None, :], out.t()):
                 torch.mul(aT[:, None, :], cT[None, :, :], out=out.t().view(m, k, b))
             return out
         return out.copy_((aT[:, None, :] * cT[None, :, :]).view(m * k, b).t())
@@ -132,7 +132,7 @@ def _outer(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor | None) -> torch.
 
 MINOR_MAX_POSITIONS = 8
 """A convolution (groups = 1) with at most this many output positions L is computed sample-minor, as a sum of
-L outer products, when :mod:`dist_chita.nt_outer` is available: written with streaming stores that beats the
+L outer products, when :mod:`dist_chita.ntstore` is available: written with streaming stores that beats the
 batched matrix product's sample-major writes up to about 8 positions (the 2 x 2 maps of a ResNet's third stage on
 32 x 32 images: 22-24 against 15-17 GB/s; 8 positions: 12 against 12; 9: 10.7 against 11.1)."""
 
@@ -140,7 +140,7 @@ batched matrix product's sample-major writes up to about 8 positions (the 2 x 2 
 def minor_conv(positions: int, device: torch.device) -> bool:
     """Whether a convolution (groups = 1) with ``positions`` output positions per sample has its gradients
     computed sample-minor (then ``target`` / the shared buffer are laid out that way)."""
-    return positions == 1 or (positions <= MINOR_MAX_POSITIONS and device.type == "cpu" and nt_outer.available())
+    return positions == 1 or (positions <= MINOR_MAX_POSITIONS and device.type == "cpu" and ntstore.available())
 
 
 def linear_grad(module: nn.Module, x: torch.Tensor, gy: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -285,7 +285,7 @@ def conv_grad(
         return _outer(gy.reshape(b, 1, -1), cols.view(b, 1, -1), out)
     if G == 1 and out is not None and sample_minor(out):  # few positions (minor_conv): a sum of outer products
         a = gy.reshape(b, -1, L).permute(1, 2, 0).contiguous()  # (C_out, L, b)
-        if nt_outer.outer_sum(a, cols.permute(1, 2, 0).contiguous(), out.t()):
+        if ntstore.outer_sum(a, cols.permute(1, 2, 0).contiguous(), out.t()):
             return out
     return _bmm(gy.reshape(b * G, -1, L), cols.view(b * G, -1, L).transpose(1, 2), b, out)
 
@@ -361,7 +361,7 @@ class PerSampleGrads:
 
     ``target``: optional ``target(layer_index, b) -> (b, numel) tensor or None``, asked for layers called
     once whose gradients are computed sample-minor (outer products: no token / spatial dimension; with
-    :mod:`dist_chita.nt_outer` also convolutions with few output positions, :func:`minor_conv`): a
+    :mod:`dist_chita.ntstore` also convolutions with few output positions, :func:`minor_conv`): a
     destination of any strides and float dtype (e.g. a column block of At, so the gradients are computed
     straight into it: no buffer, no copy). The callback then receives that tensor itself. Other layers use a
     reused buffer.

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dist_chita import comm, fisher
+from dist_chita import comm, fisher, ntstore
 from dist_chita.fisher import empty_block, fisher_block
 from dist_chita.layout import ColumnLayout
 from dist_chita.losses import cross_entropy, sampled_fisher
@@ -123,6 +123,20 @@ def test_block_matches_single_process_autograd(world, n):
             assert stats["bytes"] == 0
         assert stats["seconds"] >= stats["exchange_seconds"] > 0
     assert sum(r[0].shape[0] for r in results) == p
+
+
+def kernel_in_use():
+    return ntstore.available()
+
+
+def test_block_without_the_streaming_store_kernel(monkeypatch):
+    """The same factor with torch's copies and products alone (the ranks are forked: they inherit the switch)."""
+    monkeypatch.setattr(ntstore, "_lib", False)
+    assert run(kernel_in_use, 3) == [False] * 3
+    n = 10
+    truth = full_A(n, "ce")
+    for at, (a, b), *_ in run(rank_block, 3, n, 3, torch.float32, "ce"):
+        torch.testing.assert_close(at, truth[:, a:b].T, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("world", [1, 3])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from dist_chita import nt_outer, persample
+from dist_chita import ntstore, persample
 from dist_chita.persample import PerSampleGrads, Scratch, check_no_batch_coupling, grad_fn_for, unfold, zero_pad
 
 
@@ -80,10 +80,10 @@ def check(model, x, modules=None):
 
 @pytest.fixture(params=["native", "torch"])
 def native(request, monkeypatch):
-    """Run a test with the streaming-store kernel of dist_chita.nt_outer and with torch alone."""
+    """Run a test with the streaming-store kernel of dist_chita.ntstore and with torch alone."""
     if request.param == "torch":
-        monkeypatch.setattr(nt_outer, "_lib", False)
-    elif not nt_outer.available():
+        monkeypatch.setattr(ntstore, "_lib", False)
+    elif not ntstore.available():
         pytest.skip("streaming-store kernel unavailable")
     return request.param == "native"
 
