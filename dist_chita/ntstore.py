@@ -178,6 +178,7 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
 _I64 = ctypes.c_int64
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _pool: ThreadPoolExecutor | None = None
+_pool_pid = 0
 
 
 def _cpu_key() -> str:
@@ -288,9 +289,9 @@ def _split(fn, pointers: tuple, rows: int, rest: tuple) -> None:
     if threads <= 1:
         fn(*pointers, 0, rows, *rest)
         return
-    global _pool
-    if _pool is None or _pool._max_workers < threads:
-        _pool = ThreadPoolExecutor(threads)
+    global _pool, _pool_pid
+    if _pool is None or _pool._max_workers < threads or _pool_pid != os.getpid():  # a forked child has no workers
+        _pool, _pool_pid = ThreadPoolExecutor(threads), os.getpid()
     bounds = [rows * t // threads for t in range(threads + 1)]
     jobs = [_pool.submit(fn, *pointers, bounds[t], bounds[t + 1], *rest) for t in range(threads)]
     for job in jobs:

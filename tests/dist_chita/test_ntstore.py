@@ -1,10 +1,15 @@
+import os
 import platform
 import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 from dist_chita import ntstore
+from tests.multiproc import run
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -150,3 +155,27 @@ def test_copy_into_threads_split_the_rows():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0], src) and torch.equal(outs[1], src)
+
+
+def threaded_copy():
+    torch.set_num_threads(2)
+    src = torch.randn(30, 20)
+    dst = torch.zeros(30, 20)
+    assert ntstore.copy_into(dst, src)
+    return torch.equal(dst, src)
+
+
+def test_threads_in_a_forked_process(monkeypatch):
+    """A process forked after the thread pool was made (the tests' ranks are) gets its own pool: the parent's
+    has no threads there, and jobs queued on it would never run."""
+    if not ntstore.available():
+        pytest.skip("kernel unavailable")
+    pool = ThreadPoolExecutor(2)
+    both = threading.Barrier(2)
+    for job in [pool.submit(both.wait) for _ in range(2)]:  # both worker threads started, then idle
+        job.result()
+    time.sleep(0.1)
+    monkeypatch.setattr(ntstore, "_pool", pool)
+    monkeypatch.setattr(ntstore, "_pool_pid", os.getpid())
+    assert run(threaded_copy, 1, timeout=20) == [True]
+    pool.shutdown()
