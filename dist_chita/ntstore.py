@@ -9,7 +9,7 @@ Two kernels, for outputs that are large, written once and not read again soon:
   L = 1 for a Linear layer);
 * :func:`copy_into`: ``dst.copy_(src)`` for float32 (R, C) tensors whose rows of dst are contiguous, with src's
   rows contiguous too (a row copy) or its columns contiguous (a transposing copy, through 16 x 16 register
-  transposes; AVX-512 only): the column exchange's writes into At and its send buffer (:mod:`dist_chita.fisher`).
+  transposes; 8 x 8 with AVX2): the column exchange's writes into At and its send buffer (:mod:`dist_chita.fisher`).
 
 With ordinary stores every written cache line is first read from memory (read for ownership), so writing costs
 two transfers: on the 2-core AMD EPYC development machine ``torch.mul`` writes the outer products at 14-16 GB/s, a
@@ -149,8 +149,8 @@ static inline void transpose16(__m512 r[16]) {
   }
 }
 
-/* dst[r ldd + c] = src[r + c sc] for r0 <= r < r1, c < C (a transposing copy), in 16 x 16 blocks; returns 1 */
-int copy_t(const float* src, float* dst, int64_t r0, int64_t r1, int64_t C, int64_t sc, int64_t ldd) {
+/* dst[r ldd + c] = src[r + c sc] for r0 <= r < r1, c < C (a transposing copy), in 16 x 16 blocks */
+void copy_t(const float* src, float* dst, int64_t r0, int64_t r1, int64_t C, int64_t sc, int64_t ldd) {
   for (int64_t rb = r0; rb < r1; rb += 16) {
     int64_t rn = r1 - rb < 16 ? r1 - rb : 16;
     __mmask16 rm = (__mmask16)((1u << rn) - 1);
@@ -168,13 +168,53 @@ int copy_t(const float* src, float* dst, int64_t r0, int64_t r1, int64_t C, int6
     }
   }
   _mm_sfence();
-  return 1;
 }
 #else
-int copy_t(const float* src, float* dst, int64_t r0, int64_t r1, int64_t C, int64_t sc, int64_t ldd) { return 0; }
+/* the 8 x 8 block in r[0..7] (row i in r[i]) transposed in place */
+static inline void transpose8(__m256 r[8]) {
+  __m256 t[8], s[8];
+  for (int i = 0; i < 4; i++) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; i++) {
+    s[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    s[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    s[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; i++) {
+    r[i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(s[i], s[4 + i], 0x31);
+  }
+}
+
+/* as the AVX-512 copy_t, in 8 x 8 blocks; partial blocks (the last rows or columns) element by element */
+void copy_t(const float* src, float* dst, int64_t r0, int64_t r1, int64_t C, int64_t sc, int64_t ldd) {
+  for (int64_t rb = r0; rb < r1; rb += 8) {
+    int64_t rn = r1 - rb < 8 ? r1 - rb : 8;
+    for (int64_t cb = 0; cb < C; cb += 8) {
+      int64_t cn = C - cb < 8 ? C - cb : 8;
+      if (rn < 8 || cn < 8) {
+        for (int64_t r = 0; r < rn; r++)
+          for (int64_t c = 0; c < cn; c++) dst[(rb + r) * ldd + cb + c] = src[(cb + c) * sc + rb + r];
+        continue;
+      }
+      __m256 v[8];
+      for (int c = 0; c < 8; c++) v[c] = _mm256_loadu_ps(src + (cb + c) * sc + rb);
+      transpose8(v);
+      for (int r = 0; r < 8; r++) {
+        float* d = dst + (rb + r) * ldd + cb;
+        if (((uintptr_t)d) & 31) _mm256_storeu_ps(d, v[r]);
+        else _mm256_stream_ps(d, v[r]);
+      }
+    }
+  }
+  _mm_sfence();
+}
 #endif
 """
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-std=c99"]
+_FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
 _I64 = ctypes.c_int64
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 _pool: ThreadPoolExecutor | None = None
@@ -193,7 +233,9 @@ def _cpu_key() -> str:
     return key
 
 
-def _build() -> ctypes.CDLL | bool:
+def _build(arch: str = "native") -> ctypes.CDLL | bool:
+    """The compiled library for ``-march=arch`` (built, or loaded from the cache), or False. The tests also build
+    it for an AVX2-only architecture (``haswell``) to check that variant on an AVX-512 machine."""
     if os.environ.get("DIST_CHITA_NATIVE", "1").lower() in ("0", "false", "no", "off"):
         return False
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -201,7 +243,8 @@ def _build() -> ctypes.CDLL | bool:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         return False
-    digest = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, _cpu_key()]).encode()).hexdigest()[:16]
+    flags = [f"-march={arch}", *_FLAGS]
+    digest = hashlib.sha256("\0".join([_SOURCE, cc, *flags, _cpu_key()]).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("DIST_CHITA_CACHE") or Path.home() / ".cache" / "dist_chita")
     path = cache / f"ntstore-{digest}.so"
     try:
@@ -210,7 +253,7 @@ def _build() -> ctypes.CDLL | bool:
             with tempfile.TemporaryDirectory(dir=cache) as tmp:  # ranks may build at once: each its own file
                 src, so = Path(tmp) / "ntstore.c", Path(tmp) / "ntstore.so"
                 src.write_text(_SOURCE)
-                subprocess.run([cc, *_FLAGS, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
+                subprocess.run([cc, *flags, str(src), "-o", str(so)], check=True, capture_output=True, timeout=120)
                 os.replace(so, path)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
@@ -220,9 +263,8 @@ def _build() -> ctypes.CDLL | bool:
     lib.outer_sum.argtypes = [ctypes.c_void_p] * 3 + [_I64] * 6
     lib.copy_rows.restype = None
     lib.copy_rows.argtypes = [ctypes.c_void_p] * 2 + [_I64] * 5
-    lib.copy_t.restype = ctypes.c_int
+    lib.copy_t.restype = None
     lib.copy_t.argtypes = [ctypes.c_void_p] * 2 + [_I64] * 5
-    lib.transposes = bool(lib.copy_t(None, None, 0, 0, 0, 1, 1))  # 0 without AVX-512
     return lib
 
 
@@ -260,7 +302,7 @@ def outer_sum(a: torch.Tensor, c: torch.Tensor, out: torch.Tensor) -> bool:
 def copy_into(dst: torch.Tensor, src: torch.Tensor) -> bool:
     """``dst.copy_(src)`` with streaming stores. dst: (R, C) float32 with unit stride along its columns (any row
     stride, e.g. a column block of At); src: (R, C) float32 with unit stride along its columns (a row copy) or
-    along its rows (a transposing copy, AVX-512 only), on the CPU, not overlapping dst. Returns False, writing
+    along its rows (a transposing copy), on the CPU, not overlapping dst. Returns False, writing
     nothing, when the kernel does not apply or is unavailable."""
     R, C = dst.shape
     if not (
@@ -275,7 +317,7 @@ def copy_into(dst: torch.Tensor, src: torch.Tensor) -> bool:
         return False
     if C == 1 or src.stride(1) == 1:
         fn, sr = _lib.copy_rows, src.stride(0)
-    elif (R == 1 or src.stride(0) == 1) and _lib.transposes:
+    elif R == 1 or src.stride(0) == 1:
         fn, sr = _lib.copy_t, src.stride(1)
     else:
         return False
