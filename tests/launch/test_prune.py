@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_model
 
+from dist_chita import ntstore
 from dist_chita.schedule import kept_count
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
@@ -47,13 +49,14 @@ def write_config(tmp_path, weights, **sections):
     return path
 
 
-def run(args, processes=1, timeout=300):
+def run(args, processes=1, timeout=300, env=None):
     if processes == 1:
         cmd = [sys.executable, "launch/prune.py", *args]
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                f"launch/accelerate/cpu_{processes}.yaml", "launch/prune.py", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def run_one_and_two(tmp_path, cfg):
@@ -174,6 +177,22 @@ def test_owl_allocation_spreads_the_layers_around_the_target(tmp_path, weights):
     assert max(got) - min(got) == pytest.approx(0.2, abs=0.07)
     assert report["global"]["sparsity"] == pytest.approx(0.7, abs=0.01)  # over all prunable weights
     assert report["phase_seconds"]["allocation"][0] > 0
+
+
+def test_streaming_store_kernel_changes_no_result(tmp_path, weights):
+    """The Fisher prune on 2 processes with the compiled kernel and with torch alone (DIST_CHITA_NATIVE=0): the same
+    mask and weights, and the report says which wrote the gradients."""
+    cfg = write_config(tmp_path, weights)
+    reports, tensors = [], []
+    for name, env in (("native", {}), ("torch", {"DIST_CHITA_NATIVE": "0"})):
+        res = run(["--config", str(cfg), f"output.dir={tmp_path / name}"], processes=2, env=env)
+        assert res.returncode == 0, res.stderr
+        reports.append(json.loads((tmp_path / name / "prune_report.json").read_text()))
+        tensors.append(load_file(tmp_path / name / "model.safetensors"))
+    assert [r["streaming_stores"] for r in reports] == [ntstore.available(), False]
+    assert reports[0]["mask_sha256"] == reports[1]["mask_sha256"]
+    for k in tensors[0]:
+        assert torch.equal(tensors[0][k], tensors[1][k]), k
 
 
 def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
