@@ -599,11 +599,12 @@ def prune_layerwise(
         # magnitude is optimal) takes the layer's, or 1 when the whole layer is dead
         lams = [damp * (float(h.diagonal().mean()) or layer_scale or 1.0 / damp) for h in H_parts]
         q_inv_diags = [None] * len(parts)  # each part's [Q^-1]_jj, when the budgets need it (else solve_rows)
+        if method == "wanda":  # the scores of every row: the per-layer budgets and every run's masks
+            scores = torch.cat([wanda_scores(W_bar[lo:hi], h.diagonal().float())
+                                for (lo, hi), h in zip(parts, H_parts, strict=True)])
         if nm is not None or method == "sparsegpt":
             k = None
         elif per_layer and method == "wanda":  # the layer's largest scores, counted per row
-            scores = torch.cat([wanda_scores(W_bar[lo:hi], h.diagonal().float())
-                                for (lo, hi), h in zip(parts, H_parts, strict=True)])
             k = row_budgets(scores, kept_count(r * d, sparsity_i), allowed)
         elif per_layer:  # the same budgets on every rank: computed from the whole layer
             q_inv_diags = [obs_denominator(ridged(h, lam)) for h, lam in zip(H_parts, lams, strict=True)]
@@ -622,16 +623,17 @@ def prune_layerwise(
                                           dtype=torch.float64, device=W.device)
                 report.iterations = max(report.iterations, res.iterations)
         else:  # a baseline: its result and the reconstruction objective of it
+            Qs: dict[int, torch.Tensor] = {}  # part -> Q in float64 (the same sum on any split of the rows)
             for j, lo, hi in _baseline_runs(parts, world, rank, row_chunk, method, i, owners):
                 if method == "wanda":
                     k_j = k[lo:hi] if isinstance(k, torch.Tensor) else k
-                    score = wanda_scores(W_bar[lo:hi], H_parts[j].diagonal().float())
-                    W[lo:hi] = W_bar[lo:hi] * keep_mask(score, k_j, nm, allowed[lo:hi])
+                    W[lo:hi] = W_bar[lo:hi] * keep_mask(scores[lo:hi], k_j, nm, allowed[lo:hi])
                 else:
                     W[lo:hi] = sparsegpt_rows(W_bar[lo:hi], H_parts[j], sparsity_i, damp=damp, nm=nm,
                                               allowed=allowed[lo:hi], per_row=not per_layer)
-                Q = ridged(H_parts[j], lams[j]).double()  # float64: the same sum on any split of the rows
-                f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Q).sum())
+                if j not in Qs:  # once per part, not per chunk of rows
+                    Qs[j] = ridged(H_parts[j], lams[j]).double()
+                f = float(objectives((W[lo:hi] - W_bar[lo:hi]).double(), Qs[j]).sum())
                 objective += torch.tensor([f, 0.0, f], dtype=torch.float64, device=W.device)
         seconds["solver"] += time.perf_counter() - t
         return i, weight, W, objective
