@@ -10,7 +10,7 @@ Prints and writes benchmarks/results/machine_rates.json:
 * gram_half_width: n_h of the Gram matrix's rate F n / (n + n_h): R^T R for tall float32 R (m x n, 64 MiB) at
   n = 16 ... 512 (1 thread), fitted by least squares on the relative rates (``Hardware.gram_half_width``);
 * page_population_bandwidth: bytes per second at which a fresh process maps and faults in a factor block of just
-  under 1 GiB (``dist_chita.fisher.empty_block``, populated at allocation, small pages) -- paid once per prune.
+  under 1 GiB (``dist_chita.fisher.factor.empty_block``, populated at allocation, small pages) -- paid once per prune.
 
 Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down),
 except the page population: the median of 3 fresh processes (it depends on the kernel's and the hypervisor's
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_chita import comm  # noqa: E402
+from dist_chita.distributed import comm  # noqa: E402
 from tests.multiproc import run  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def local_rates() -> dict:
 
 def population_seconds(gib: float) -> float:
     """Seconds to allocate (and fault in) a ``gib`` GiB factor block in this (fresh) process."""
-    from dist_chita.fisher import empty_block
+    from dist_chita.fisher.factor import empty_block
 
     t0 = time.perf_counter()
     block = empty_block((int(gib * 2**30) // 4096, 1024), torch.float32, torch.device("cpu"))

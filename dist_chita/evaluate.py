@@ -15,9 +15,9 @@ Pure metrics on tensors:
 
 Model-running helpers split the samples (or windows) evenly over the ranks, run the
 model under ``torch.no_grad`` (the caller puts the model in eval mode) and combine the
-ranks' parts through :mod:`dist_chita.comm`, so every rank returns the same value; at
+ranks' parts through :mod:`dist_chita.distributed.comm`, so every rank returns the same value; at
 world size 1 they run alone. When the model's parameters are partitioned (DeepSpeed ZeRO-3,
-:mod:`dist_chita.params`) a forward pass is collective, so a rank with fewer micro-batches than
+:mod:`dist_chita.io.params`) a forward pass is collective, so a rank with fewer micro-batches than
 another runs padding forwards (outputs discarded) until every rank ran the same number.
 """
 
@@ -29,9 +29,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dist_chita import comm, models, params
-from dist_chita.data import Samples, iter_microbatches, to_device
-from dist_chita.partition import even_counts, ranges_from_counts
+from dist_chita.distributed import comm
+from dist_chita.distributed.partition import even_counts, ranges_from_counts
+from dist_chita.io import models, params
+from dist_chita.io.data import Samples, iter_microbatches, to_device
 
 METRICS = ("accuracy", "perplexity", "embedding_fidelity", "none")
 Forward = Callable[[nn.Module, str, dict], torch.Tensor]

@@ -1,7 +1,7 @@
 """Which weight tensors of a model are pruned.
 
 The prunable weights are the ``.weight`` of the selected modules; their order
-here is the global flat order of w (length p, see :mod:`dist_chita.layout`).
+here is the global flat order of w (length p, see :mod:`dist_chita.distributed.layout`).
 
 Default selection: every ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and
 ``transformers.pytorch_utils.Conv1D`` (weight stored (in, out)), except
@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from dist_chita import params
+from dist_chita.io import params
 
 HEAD_NAMES = ("classifier", "lm_head", "score")
 
@@ -100,7 +100,7 @@ def prunable_modules(
         candidates are kept. exclude: patterns removed afterwards.
     extra_types: further module types whose ``.weight`` is prunable (their
         per-sample gradients use the torch.func fallback of
-        :mod:`dist_chita.persample`).
+        :mod:`dist_chita.fisher.persample`).
 
     Raises ValueError if a pattern matches no candidate layer or nothing is left.
     """
@@ -141,5 +141,5 @@ def layer_targets(names: Sequence[str], default: float, rules: Sequence[tuple[st
 
 
 def named_shapes(modules: Sequence[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:
-    """[(name, weight shape)] in the input for :meth:`dist_chita.layout.ColumnLayout.build`."""
+    """[(name, weight shape)] in the input for :meth:`dist_chita.distributed.layout.ColumnLayout.build`."""
     return [(name, tuple(params.shape(m.weight))) for name, m in modules]

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from dist_chita import comm
+from dist_chita.distributed import comm
 
 
 def mask_digest(masks: Mapping[str, torch.Tensor], order: Sequence[str]) -> str:

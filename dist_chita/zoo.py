@@ -11,7 +11,7 @@ class MLPNet(nn.Module):
 
     Input (B, 784) or (B, 1, 28, 28) normalised MNIST pixels, output (B, 10) logits.
     Parameters ``fc1.weight`` (40, 784), ``fc2.weight`` (20, 40), ``fc3.weight`` (10, 20): p = 32,360,
-    as in the official checkpoint ``/work/shared/models/mlpnet-mnist/model.safetensors``.
+    as in the official checkpoint shipped as ``builtin:mlpnet-mnist`` (``dist_chita/checkpoints/mlpnet-mnist``).
     """
 
     def __init__(self, sizes: tuple[int, ...] = (784, 40, 20, 10)):

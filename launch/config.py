@@ -130,7 +130,7 @@ class PruneConfig:
     targets for some layers: the first pattern a layer's name matches gives its
     sparsity (with granularity row or layer; chita++ takes every layer along its
     own schedule). ``allocation: owl`` sets every block's sparsity from the dense
-    model's outliers instead (OWL: :mod:`dist_chita.allocation`, threshold ``owl_m``,
+    model's outliers instead (OWL: :mod:`dist_chita.layerwise.allocation`, threshold ``owl_m``,
     spread 2 ``owl_lambda``, mean ``sparsity``; granularity row or layer).
     ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
     ``sparsity`` and ``granularity`` are ignored). The candidates are
@@ -139,17 +139,17 @@ class PruneConfig:
     ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
     weight lambda of the CHITA objective and ``ridge`` its metric: ``fisher_diagonal``
     (lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag of the empirical Fisher + 1e-3 of its mean, a
-    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.solver.solve`),
+    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.fisher.solver.solve`),
     ``identity`` (the paper's lambda/2 ||w - w_bar||^2), or ``auto`` (default, :func:`solver_ridge`): the Fisher
     diagonal when there are fewer than 1e-3 calibration samples per prunable weight, else the identity. chita++
     prunes in ``stages`` steps from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
     degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
     layers of at most ``block_size`` weights one at a time, the global budget split among them by
-    ``block_criterion`` (:mod:`dist_chita.blocks`): memory is set by the largest group's factor.
+    ``block_criterion`` (:mod:`dist_chita.fisher.groups`): memory is set by the largest group's factor.
 
     ``objective`` is the quadratic model pruned: ``layerwise`` (default: each layer's output reconstruction over
     every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
-    the already pruned model, :mod:`dist_chita.sequential`; ridge ``damp`` times the mean of diag H; granularity
+    the already pruned model, :mod:`dist_chita.layerwise.driver`; ridge ``damp`` times the mean of diag H; granularity
     ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``,
     or the baselines ``wanda`` and ``sparsegpt`` (with ``layer`` its masks are chosen over all rows of 128-column
     blocks, as in its paper; with ``row`` every row's share of each block) on the same inputs; ``loss``,
@@ -187,7 +187,7 @@ class PruneConfig:
 class SolverConfig:
     """Iterative hard thresholding with active-set refinement and back-solve. ``escape_trials``: candidate
     supports tried (one back-solve each) when IHT stalls; 0 (default) skips these escapes, which cost minutes
-    on a factor of millions of columns (:func:`dist_chita.solver.solve`)."""
+    on a factor of millions of columns (:func:`dist_chita.fisher.solver.solve`)."""
 
     max_iter: int = 200
     tol: float = 1e-4
@@ -514,14 +514,14 @@ def solver_ridge(ridge: str, n: int, p: int) -> str:
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Keyword arguments of ``dist_chita.models.load_model``."""
+    """Keyword arguments of ``dist_chita.io.models.load_model``."""
     m = cfg.model
     return {"kind": m.source, "task": m.task, "path": m.path, "factory": m.factory, "weights": m.weights,
             "dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
 
 
 def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Keyword arguments of ``dist_chita.data.load_samples`` for the calibration samples
+    """Keyword arguments of ``dist_chita.io.data.load_samples`` for the calibration samples
     (add ``tokenizer`` / ``image_processor``); samples perm[0:n] of the seeded permutation."""
     c = cfg.calibration
     return {"source": c.source, "fmt": c.format, "config_name": c.config_name, "split": c.split, "n": c.n,
@@ -531,12 +531,12 @@ def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 
 def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    """Keyword arguments of ``dist_chita.data.load_samples`` for the held-out samples.
+    """Keyword arguments of ``dist_chita.io.data.load_samples`` for the held-out samples.
 
     Unset eval fields inherit the calibration ones. When the held-out data come from the same
     rows as the calibration data (same source, format, config and split), ``offset`` is
     calibration.n with the same seed, so the two sets are disjoint; otherwise offset is 0.
-    For ``dist_chita.data.load_texts`` keep source, fmt, config_name, split, text_column, n, seed, offset.
+    For ``dist_chita.io.data.load_texts`` keep source, fmt, config_name, split, text_column, n, seed, offset.
     """
     c, e = cfg.calibration, cfg.eval
     out = calibration_kwargs(cfg)

@@ -29,7 +29,7 @@ def point(phase: str) -> None:
     spec = os.environ.get("DIST_CHITA_FAULT")
     if not spec:
         return
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     if spec != f"{comm.rank()}:{phase}":
         return

@@ -5,7 +5,7 @@
         [--tokens T | --flops-per-sample F] [--kept-fraction 0.5] [--granularity row|layer|global|nm] [--zero3] \\
         [--rates summary.json] [--json]
 
-The formulas are in ``dist_chita/costmodel.py``. ``--rates`` takes measured rates (a JSON file holding a
+The formulas are in ``dist_chita/planning/costmodel.py``. ``--rates`` takes measured rates (a JSON file holding a
 ``Rates`` dict, or a scaling study's summary.json with a "rates" entry); without it the hardware file's
 numbers are used at face value (efficiency 1, per-sample gradients at twice the cost of 6 FLOPs per
 parameter). ``--granularity`` is the run's ``prune.granularity`` (``nm`` when ``prune.nm`` is set; default ``row``,
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita import costmodel as cm  # noqa: E402
+from dist_chita.planning import costmodel as cm  # noqa: E402
 
 GB = 1e9
 BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}

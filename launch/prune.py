@@ -7,7 +7,7 @@ Without ``--config`` the embedded default runs (configs/default.yaml: all-MiniLM
 own documentation). The same script runs under plain ``python`` (one process), ``accelerate launch`` and
 ``torchrun``. Under Accelerate's DeepSpeed plugin with ZeRO stage 3
 (``--config_file launch/accelerate/deepspeed_zero3_cpu.yaml``) the model's parameters stay partitioned across
-the ranks for the whole run (:func:`zero3_partitioner`, :mod:`dist_chita.params`). This recipe is the only
+the ranks for the whole run (:func:`zero3_partitioner`, :mod:`dist_chita.io.params`). This recipe is the only
 place that reads the config and creates the process group; the library (``dist_chita``) gets plain arguments.
 Only the main process prints and writes.
 """
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def say(*lines: str) -> None:
     """The one gate for output: only the main process prints."""
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     if comm.is_main():
         for line in lines:
@@ -76,7 +76,7 @@ def start_processes(cfg: RunConfig):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which otherwise warns that it found no GPU
     from accelerate import Accelerator, InitProcessGroupKwargs
 
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     handlers = []
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,7 +109,7 @@ def zero3_partitioner(accelerator, cfg: RunConfig):
         return None
 
     def partition(model):
-        from dist_chita import comm
+        from dist_chita.distributed import comm
 
         ds = plugin.deepspeed_config  # prepare() needs the batch sizes; nothing here trains
         ds["train_micro_batch_size_per_gpu"] = cfg.calibration.batch_size
@@ -148,8 +148,9 @@ class Progress:
 
 
 def build_loss(cfg: RunConfig, task: str):
-    """The per-sample loss l_i of the config (:mod:`dist_chita.losses`), on the model's task output."""
-    from dist_chita import losses, models
+    """The per-sample loss l_i of the config (:mod:`dist_chita.fisher.losses`), on the model's task output."""
+    from dist_chita.fisher import losses
+    from dist_chita.io import models
 
     def forward(model, batch):
         return models.forward(model, task, batch)
@@ -170,7 +171,8 @@ def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_ou
     autograd's saved activations if ``grad``: the Fisher objective's backward follows) and the largest evaluation
     batch, each measured on one forward (collective under ZeRO-3, like every forward). ``calibration_forward``
     (batch): runs the calibration probe instead of the model's forward (to measure something else in it too)."""
-    from dist_chita import data, memory, models
+    from dist_chita.io import data, models
+    from dist_chita.planning import memory
 
     def forward(batch) -> None:
         models.forward(model, task, batch)
@@ -194,7 +196,7 @@ def forward_activations(cfg: RunConfig, model, task: str, device, calib, held_ou
 
 def load_calibration(cfg: RunConfig, loaded):
     """The calibration samples: rows of the source, or windows of its tokens (``calibration.windows``)."""
-    from dist_chita import data
+    from dist_chita.io import data
 
     kw = calibration_kwargs(cfg)
     if cfg.calibration.windows:
@@ -205,7 +207,7 @@ def load_calibration(cfg: RunConfig, loaded):
 
 def load_eval(cfg: RunConfig, loaded):
     """Held-out data for the metric: samples (accuracy, embedding fidelity) or a token stream (perplexity)."""
-    from dist_chita import data
+    from dist_chita.io import data
 
     metric = cfg.eval.metric
     if metric == "none":
@@ -221,16 +223,19 @@ def load_eval(cfg: RunConfig, loaded):
 def rank_microbatches(cfg: RunConfig, calib):
     """This rank's share of the calibration micro-batches, every R-th of one global sequence (longest first): the
     same micro-batches on any number of ranks, so sums over them have the same bits (the layerwise objective, OWL)."""
-    from dist_chita import data, sequential
+    from dist_chita.io import data
+    from dist_chita.layerwise import driver as layerwise_driver
 
-    return sequential.my_microbatches(
+    return layerwise_driver.my_microbatches(
         data.iter_microbatches(calib, 0, cfg.calibration.n, cfg.calibration.batch_size, longest_first=True))
 
 
 def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float]:
     """The library's sparsity target: ``prune.sparsity``, or one per layer from ``prune.layer_sparsity`` (patterns)
     or ``prune.allocation: owl`` (a forward pass of the dense model over the calibration data; collective)."""
-    from dist_chita import allocation, params, prunable, schedule
+    from dist_chita import prunable, sparsity
+    from dist_chita.io import params
+    from dist_chita.layerwise import allocation
 
     sizes = [params.numel(m.weight) for _, m in modules]
     if cfg.prune.layer_sparsity:
@@ -240,7 +245,7 @@ def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float
         except ValueError as e:
             raise ValueError(f"prune.layer_sparsity: {e}") from None
         say(f"  prune.layer_sparsity: {sum(s != cfg.prune.sparsity for s in targets)} of {len(modules)} layers at "
-            f"their own targets, {schedule.mean_sparsity(targets, sizes):.4f} over all prunable weights")
+            f"their own targets, {sparsity.mean_sparsity(targets, sizes):.4f} over all prunable weights")
         return targets
     if cfg.prune.allocation == "owl":  # every block's sparsity from the dense model's outliers, before any pruning
         norms = allocation.input_norms(modules, forward, rank_microbatches(cfg, calib))
@@ -254,23 +259,16 @@ def layer_targets(cfg: RunConfig, modules, forward, calib) -> float | list[float
 
 def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     """One prune run on this rank. ``partition``: :func:`zero3_partitioner`'s function under ZeRO-3, else None."""
-    from dist_chita import (
-        blocks,
-        comm,
-        data,
-        evaluate,
-        memory,
-        models,
-        ntstore,
-        params,
-        pipeline,
-        prunable,
-        report,
-        schedule,
-        sequential,
-    )
-    from dist_chita.output import atomic_directory, check_target
-    from dist_chita.partition import sample_ranges
+    from dist_chita import evaluate, prunable, report
+    from dist_chita.distributed import comm
+    from dist_chita.distributed.partition import sample_ranges
+    from dist_chita.fisher import driver as fisher_driver
+    from dist_chita.fisher import groups, ntstore
+    from dist_chita.io import data, models, params
+    from dist_chita.io.output import atomic_directory, check_target
+    from dist_chita.layerwise import driver as layerwise_driver
+    from dist_chita.planning import memory
+    from dist_chita.sparsity import mean_sparsity
     from launch import faults, watchdog
 
     t_run = time.perf_counter()
@@ -282,7 +280,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         say(f"note: the config asks for world_size {cfg.world_size} but {world} process(es) started "
             f"(results do not depend on it; use --config_file launch/accelerate/cpu_{cfg.world_size}.yaml "
             "or --num_processes to match)")
-    protected = [p for p in (cfg.model.path, cfg.model.weights, cfg.calibration.source) if p and os.path.exists(p)]
+    weights = cfg.model.weights and str(models.resolve_weights(cfg.model.weights))
+    protected = [p for p in (cfg.model.path, weights, cfg.calibration.source) if p and os.path.exists(p)]
     out_dir = check_target(cfg.output.dir, cfg.output.overwrite, protected)
     if comm.is_main():
         for stale in watchdog.remove_dead_temporaries(out_dir):
@@ -316,9 +315,9 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     t = time.perf_counter()
     sparsity = layer_targets(cfg, modules, lambda batch: models.forward(model, task, batch), calib)
     seconds["allocation"] = time.perf_counter() - t if cfg.prune.allocation == "owl" else 0.0
-    mean_target = schedule.mean_sparsity(sparsity, sizes)
+    mean_target = mean_sparsity(sparsity, sizes)
     est = memory.estimate(
-        p=blocks.largest_group(sizes, cfg.prune.block_size)
+        p=groups.largest_group(sizes, cfg.prune.block_size)
         if cfg.prune.block_mode else p, n=n, world_size=world, storage_dtype=cfg.solver.storage_dtype,
         model_params=sum(params.numel(x) for x in model.parameters()),
         largest_layer=max(sizes), micro_batch=cfg.calibration.batch_size,
@@ -330,7 +329,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     block_bytes = [0]  # the largest block call of the calibration probe: what a cached block input costs
 
     def calibration_probe(batch) -> None:
-        block_bytes[0] = sequential.block_call_bytes(model, modules, lambda b: models.forward(model, task, b), batch)
+        block_bytes[0] = layerwise_driver.block_call_bytes(model, modules,
+                                                           lambda b: models.forward(model, task, b), batch)
 
     est = dataclasses.replace(est, activations=forward_activations(  # the backward's saved activations: not ZeRO-3
         cfg, model, task, device, calib, held_out, grad=not layerwise and partition is None,
@@ -341,7 +341,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         per_batch = block_bytes[0]
         batches = math.ceil(math.ceil(n / cfg.calibration.batch_size) / world)
         est = dataclasses.replace(est, factor=0, gradient_buffer=0, backsolve=0,
-                                  solver=sequential.memory_bytes(modules, cfg.prune.method) + 2 * batches * per_batch)
+                                  solver=layerwise_driver.memory_bytes(modules, cfg.prune.method)
+                                  + 2 * batches * per_batch)
     compare = cfg.eval.metric != "none" and cfg.prune.method != "magnitude" and cfg.eval.compare_magnitude
     if compare:  # the dense prunable weights are kept while the magnitude baseline is measured
         est = dataclasses.replace(est, model=est.model + 4 * p)
@@ -379,9 +380,9 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         t = time.perf_counter()
         dense = [params.read(m.weight).clone() for _, m in modules]
         if layerwise:  # the same rows (outputs) as the layerwise solve, one layer at a time
-            sequential.prune_magnitude(modules, sparsity, nm, per_layer=prune_kwargs["per_layer"])
+            layerwise_driver.prune_magnitude(modules, sparsity, nm, per_layer=prune_kwargs["per_layer"])
         else:
-            pipeline.prune(model, modules, "magnitude", sparsity, **prune_kwargs)
+            fisher_driver.prune(model, modules, "magnitude", sparsity, **prune_kwargs)
         measure("magnitude", reference)
         for (_, m), w in zip(modules, dense, strict=True):
             params.write(m.weight, w)
@@ -390,13 +391,13 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
 
     lo, hi = sample_ranges(n, world)[rank]
     try:
-        prune_fn = pipeline.prune
-        if cfg.prune.block_mode:  # one group of layers at a time (dist_chita.blocks)
+        prune_fn = fisher_driver.prune
+        if cfg.prune.block_mode:  # one group of layers at a time (dist_chita.fisher.groups)
             def prune_fn(*a, **kw):
-                return blocks.prune_in_blocks(*a, block_size=cfg.prune.block_size,
+                return groups.prune_in_blocks(*a, block_size=cfg.prune.block_size,
                                               criterion=cfg.prune.block_criterion, **kw)
         if layerwise:  # each layer's reconstruction, block by block, every rank on every R-th global micro-batch
-            outcome = sequential.prune_layerwise(
+            outcome = layerwise_driver.prune_layerwise(
                 model, modules, sparsity, forward=lambda batch: models.forward(model, task, batch),
                 make_batches=lambda: rank_microbatches(cfg, calib),
                 nm=nm, per_layer=prune_kwargs["per_layer"], damp=cfg.prune.damp,
@@ -494,9 +495,12 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
 
 
 def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
-    """chita++: the stage checkpoint (:mod:`dist_chita.resume`), the pipeline's resume arguments and the restored
+    """chita++: the stage checkpoint (:mod:`dist_chita.fisher.resume`), the pipeline's resume arguments and the restored
     stage reports; (None, {}, []) for other methods. Without ``resume`` an old state is discarded."""
-    from dist_chita import comm, pipeline, prunable, resume
+    from dist_chita import prunable
+    from dist_chita.distributed import comm
+    from dist_chita.fisher import driver as fisher_driver
+    from dist_chita.fisher import resume
 
     if cfg.prune.method != "chita++":
         if cfg.resume:
@@ -520,13 +524,15 @@ def stage_checkpoint(cfg: RunConfig, modules, out_dir: Path):
         kwargs.update(on_factor=checkpoint.save_factor, load_factor=checkpoint.load_factor)
     if saved is not None:
         kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
-    return checkpoint, kwargs, [pipeline.StageReport(**r) for r in (saved.reports if saved else [])]
+    return checkpoint, kwargs, [fisher_driver.StageReport(**r) for r in (saved.reports if saved else [])]
 
 
 def finish_report(rep: dict, seconds: dict, device: torch.device, param_bytes: int = 0) -> None:
     """Add the per-rank figures (collective: every rank must call it once); ``param_bytes``: bytes of parameters
     resident on this rank (its ZeRO-3 partition, else the whole model)."""
-    from dist_chita import comm, memory, report
+    from dist_chita import report
+    from dist_chita.distributed import comm
+    from dist_chita.planning import memory
 
     per_rank = report.gather_per_rank({**{f"t.{k}": v for k, v in seconds.items()},
                                        **{f"b.{k}": v for k, v in comm.bytes_by_phase().items()},
@@ -557,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(config_yaml(cfg), end="")
         return 0
-    from dist_chita import comm
+    from dist_chita.distributed import comm
     from launch import watchdog
 
     accelerator = None

@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita import costmodel, scaling  # noqa: E402
+from dist_chita.planning import costmodel, scaling  # noqa: E402
 
 LAUNCHERS = ("accelerate", "torchrun", "python")
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
@@ -177,7 +177,7 @@ def summarize(
 ) -> dict:
     """The study's summary (pure): table rows, mask statement, oversubscription note, fitted rates,
     predicted vs measured seconds per phase. ``reports``: one per world size (the median of its repeated runs,
-    :func:`dist_chita.scaling.median_of_runs`); ``runs``: every run, repeats included, for the mask comparison
+    :func:`dist_chita.planning.scaling.median_of_runs`); ``runs``: every run, repeats included, for the mask comparison
     (default: ``reports``)."""
     table = scaling.rows(reports, mode, cores=cores)
     same, statement = scaling.mask_statement(runs or reports)

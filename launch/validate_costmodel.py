@@ -7,14 +7,14 @@
 Pools the ``prune_report.json`` files of the given directories (every run in ``<dir>/runs`` when a study repeated
 its runs, else ``<dir>/ws<R>.json``), groups them by model (name and p), merges the runs of one *condition* (world
 size, n, threads per rank, storage dtype, method, budget granularity and per-stage work: e.g. R = 2, n = 32 in both
-a strong and a weak study) into their median (:func:`dist_chita.scaling.median_of_runs`), and predicts every
+a strong and a weak study) into their median (:func:`dist_chita.planning.scaling.median_of_runs`), and predicts every
 condition from rates fitted to the *other* conditions of its group (leave-one-out,
-:func:`dist_chita.costmodel.compare_held_out`): a held-out condition never has a twin among the runs its rates were
-fitted to. Pooling a strong and a weak study gives conditions that differ in both R and n, so each is predicted from
-rates fitted over both. Prints the table and, per phase, the worst absolute relative error over the phases that took
-at least ``--min-seconds`` (shorter phases are timer and launch noise; the "sum" of a run counts only when one of
-its phases does, :func:`dist_chita.costmodel.scored`), and whether it is within ``--target``. Exit status 0 when
-every such phase is within the target, 1 when not, 2 on bad arguments.
+:func:`dist_chita.planning.costmodel.compare_held_out`): a held-out condition never has a twin among the runs its rates
+were fitted to. Pooling a strong and a weak study gives conditions that differ in both R and n, so each is predicted
+from rates fitted over both. Prints the table and, per phase, the worst absolute relative error over the phases that
+took at least ``--min-seconds`` (shorter phases are timer and launch noise; the "sum" of a run counts only when one of
+its phases does, :func:`dist_chita.planning.costmodel.scored`), and whether it is within ``--target``. Exit status 0
+when every such phase is within the target, 1 when not, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita import costmodel, scaling  # noqa: E402
+from dist_chita.planning import costmodel, scaling  # noqa: E402
 
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
 

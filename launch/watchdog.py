@@ -58,7 +58,7 @@ def _on_sigterm(signum, frame):
 
 def install(timeout_seconds: int, output_dir: str | os.PathLike | None = None, grace: float = 15.0) -> None:
     """Collective: record the ranks' (host, PID), handle SIGTERM, start the watchdog thread (world size > 1)."""
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     global _timeout, _stopping, _stopped_by_launcher
     _timeout, _stopping, _stopped_by_launcher = timeout_seconds, False, False
@@ -134,7 +134,7 @@ def remove_dead_temporaries(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def _watch(grace: float, output_dir) -> None:
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     since: float | None = None
     while True:

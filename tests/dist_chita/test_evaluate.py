@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dist_chita import evaluate
-from dist_chita.data import Samples
+from dist_chita.io.data import Samples
 from tests.multiproc import run
 
 

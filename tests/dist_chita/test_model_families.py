@@ -19,11 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_chita import losses, models, pipeline
-from dist_chita.fisher import fisher_block
-from dist_chita.layout import ColumnLayout
+from dist_chita.distributed.layout import ColumnLayout
+from dist_chita.fisher import driver as fisher_driver
+from dist_chita.fisher import losses
+from dist_chita.fisher.factor import fisher_block
+from dist_chita.io import models
 from dist_chita.prunable import named_shapes, prunable_modules
-from dist_chita.schedule import kept_count
+from dist_chita.sparsity import kept_count
 
 N, SPARSITY, VOCAB, SEQ = 8, 0.5, 96, 10
 
@@ -126,7 +128,7 @@ def pruned(tmp_path_factory):
         model = loaded.model
         modules = prunable_modules(model)
         calib = _inputs(task, N, seed=1)
-        outcome = pipeline.prune(model, modules, "chita", SPARSITY, make_batches=lambda c=calib: _batches(c),
+        outcome = fisher_driver.prune(model, modules, "chita", SPARSITY, make_batches=lambda c=calib: _batches(c),
                                  loss_fn=_loss(task), n=N, lam=1e-3, solver_options=dict(max_iter=20))
         out_dir = root / f"{family}-pruned"
         models.save_model(loaded, out_dir)
@@ -225,7 +227,7 @@ def test_layerwise_objective_prunes_every_family(tmp_path, family):
     magnitude supports re-fitted, and the pruned model still gives finite outputs. The blocks whose inputs follow
     from the previous block's output (the transformer layers; the ResNet and ConvNeXt stages) run on cached
     inputs, with the weights of the model's own forwards bit for bit."""
-    from dist_chita import sequential
+    from dist_chita.layerwise import driver as layerwise_driver
 
     torch.set_num_threads(1)
     task, path = _checkpoint(family, tmp_path)
@@ -236,18 +238,18 @@ def test_layerwise_objective_prunes_every_family(tmp_path, family):
         modules = prunable_modules(model)
         forward = lambda b, model=model: models.forward(model, task, b)  # noqa: E731
         if cache:
-            blocks = [model.get_submodule(name) for name in sequential.block_names(modules)]
-            chained = sequential.chained_blocks(blocks, forward, next(_batches(calib))[0])
+            blocks = [model.get_submodule(name) for name in layerwise_driver.block_names(modules)]
+            chained = layerwise_driver.chained_blocks(blocks, forward, next(_batches(calib))[0])
             assert chained == {"vit": (0, 0), "resnet": (1, 3), "convnext": (1, 3)}.get(family, (0, 2)), family
-        out = sequential.prune_layerwise(model, modules, SPARSITY, forward=forward,
+        out = layerwise_driver.prune_layerwise(model, modules, SPARSITY, forward=forward,
                                          make_batches=lambda: _batches(calib), cache_inputs=cache)
         weights.append([m.weight.detach().clone() for _, m in modules])
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True)), family
     grouped = 0
     for name, m in modules:
-        rows = sequential.weight_rows(m, m.weight.detach())
+        rows = layerwise_driver.weight_rows(m, m.weight.detach())
         assert bool(((rows != 0).sum(1) == kept_count(rows.shape[1], SPARSITY)).all()), (family, name)
-        grouped += sequential.groups(m) > 1
+        grouped += layerwise_driver.groups(m) > 1
     assert grouped > 0 if family == "convnext" else grouped == 0
     stage = out.stages[0]
     assert 0 < stage.objective < stage.magnitude_objective

@@ -11,7 +11,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from dist_chita.layout import ColumnLayout
+from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.prunable import layer_targets, named_shapes, prunable_modules
 
 

@@ -19,7 +19,7 @@ def test_layer_table_counts():
 
 
 def _gather():
-    from dist_chita import comm
+    from dist_chita.distributed import comm
 
     return gather_per_rank({"t": float(comm.rank()), "only0": 1} if comm.rank() == 0 else {"t": 5.0})
 

@@ -242,7 +242,7 @@ def test_configs_present():
 def test_library_kwargs_match_signatures():
     import inspect
 
-    from dist_chita import data, models
+    from dist_chita.io import data, models
 
     cfg = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
     for fn, kwargs in [(models.load_model, model_kwargs(cfg)), (data.load_samples, calibration_kwargs(cfg)),

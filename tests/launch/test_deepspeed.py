@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from dist_chita.schedule import kept_count
+from dist_chita.sparsity import kept_count
 from tests.launch.test_prune import ROOT, run
 
 WORDS = "the cat sat on mat a dog ran far away big small red blue tree house".split()

@@ -10,7 +10,7 @@ import torch
 import yaml
 from safetensors.torch import save_model
 
-from dist_chita import memory
+from dist_chita.planning import memory
 from tests.fixtures.tiny_models import digits_mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,7 +77,7 @@ _PROBE = """
 import json, sys, torch
 from launch.config import parse_config
 from launch.prune import forward_activations
-from dist_chita.data import Samples
+from dist_chita.io.data import Samples
 torch.manual_seed(0)
 wide = torch.nn.Sequential(torch.nn.Linear(8, 2**17), torch.nn.ReLU(), torch.nn.Linear(2**17, 2))
 samples = Samples({"pixel_values": torch.randn(64, 8)}, torch.arange(64))

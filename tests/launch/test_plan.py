@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_chita import costmodel as cm
+from dist_chita.planning import costmodel as cm
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "launch"))

@@ -12,8 +12,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_model
 
-from dist_chita import ntstore
-from dist_chita.schedule import kept_count
+from dist_chita.fisher import ntstore
+from dist_chita.sparsity import kept_count
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -201,12 +201,12 @@ def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
     assert res.returncode == 0, res.stderr
     out = tmp_path / "out"
     report = json.loads((out / "prune_report.json").read_text())
-    from dist_chita.models import load_saved
+    from dist_chita.io.models import load_saved
 
     model = load_saved(out).model
     # the held-out samples are the digits after the 40 calibration ones in the same seeded permutation
-    from dist_chita.data import load_samples
     from dist_chita.evaluate import evaluate_accuracy
+    from dist_chita.io.data import load_samples
 
     held_out = load_samples("builtin:digits", n=None, offset=40, seed=0, image_column="image", label_column="label")
     assert len(held_out) == len(digits_samples()) - 40

@@ -244,9 +244,13 @@ def test_kill_during_stage_3_then_resume_equals_the_uninterrupted_run(tmp_path, 
 
 def _digest(stages):
     """mask_sha256 (as in prune_report.json) of a chita++ prune of the digits MLP on this process group."""
-    from dist_chita import comm, losses, models, pipeline, report
-    from dist_chita.data import iter_microbatches
-    from dist_chita.partition import sample_ranges
+    from dist_chita import report
+    from dist_chita.distributed import comm
+    from dist_chita.distributed.partition import sample_ranges
+    from dist_chita.fisher import driver as fisher_driver
+    from dist_chita.fisher import losses
+    from dist_chita.io import models
+    from dist_chita.io.data import iter_microbatches
     from dist_chita.prunable import prunable_modules
     from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
@@ -255,7 +259,7 @@ def _digest(stages):
     calib = digits_samples().select(range(n))
     modules = prunable_modules(model, exclude_head=False)
     lo, hi = sample_ranges(n, comm.world_size())[comm.rank()]
-    out = pipeline.prune(model, modules, "chita++", 0.8, make_batches=lambda: iter_microbatches(calib, lo, hi, 8),
+    out = fisher_driver.prune(model, modules, "chita++", 0.8, make_batches=lambda: iter_microbatches(calib, lo, hi, 8),
                          loss_fn=losses.cross_entropy(lambda m, b: models.forward(m, "image-classification", b)),
                          n=n, lam=1e-3, stages=stages, base_sparsity=0.3,
                          solver_options=dict(max_iter=10, escape_trials=0, pair_swaps=0))
@@ -366,7 +370,7 @@ def test_bad_input(tmp_path, weights, capsys, monkeypatch, key, category, tried,
     elif setup == "overlap":
         args += [f"output.dir={Path(ckpt).parent}", "output.overwrite=true"]
     elif setup == "memory":
-        monkeypatch.setattr("dist_chita.memory.available_bytes", lambda *a, **k: 2**20)
+        monkeypatch.setattr("dist_chita.planning.memory.available_bytes", lambda *a, **k: 2**20)
     elif setup == "state":
         _saved_state_of_sparsity(cfg, ["prune.method=chita++", "prune.stages=2", "prune.sparsity=0.9"])
     got, line = _main(args, capsys)
@@ -379,7 +383,9 @@ def test_bad_input(tmp_path, weights, capsys, monkeypatch, key, category, tried,
 
 def _saved_state_of_sparsity(cfg, overrides):
     """A chita++ stage checkpoint as an interrupted run with ``overrides`` leaves it (after stage 1)."""
-    from dist_chita import models, pipeline, prunable
+    from dist_chita import prunable
+    from dist_chita.fisher import driver as fisher_driver
+    from dist_chita.io import models
     from launch import prune
     from launch.config import load_config, model_kwargs
 
@@ -387,9 +393,9 @@ def _saved_state_of_sparsity(cfg, overrides):
     model = models.load_model(**model_kwargs(other)).model
     modules = prunable.prunable_modules(model, other.prune.include, other.prune.exclude, other.prune.exclude_head)
     checkpoint, kwargs, _ = prune.stage_checkpoint(other, modules, Path(other.output.dir).resolve())
-    w = pipeline.local_weights(modules, pipeline.ColumnLayout.build(
+    w = fisher_driver.local_weights(modules, fisher_driver.ColumnLayout.build(
         [(n, m.weight.shape) for n, m in modules], 1), 0)
-    kwargs["on_stage_end"](0, w, w != 0, pipeline.StageReport(sparsity=0.5, kept=int((w != 0).sum())))
+    kwargs["on_stage_end"](0, w, w != 0, fisher_driver.StageReport(sparsity=0.5, kept=int((w != 0).sum())))
     assert checkpoint.path.exists()
 
 
@@ -420,9 +426,9 @@ def test_nan_weights_and_fewer_samples_than_ranks(tmp_path, weights, capsys):
 
 def test_library_guard_rails():
     """Numerical guard rails below the recipe: k = 0, NaN/Inf in the solver input, singular backsolve."""
-    from dist_chita.backsolve import IllConditionedError, backsolve
-    from dist_chita.budget import Budget
-    from dist_chita.solver import solve
+    from dist_chita.fisher.backsolve import IllConditionedError, backsolve
+    from dist_chita.fisher.budget import Budget
+    from dist_chita.fisher.solver import solve
 
     with pytest.raises(ValueError, match="the budget k is 0") as e:
         Budget.global_topk(10, 0)

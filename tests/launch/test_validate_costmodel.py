@@ -3,9 +3,9 @@
 import dataclasses
 import json
 
-from dist_chita import costmodel as cm
+from dist_chita.planning import costmodel as cm
 from launch import validate_costmodel as vc
-from tests.dist_chita.test_costmodel import CPU, synthetic_report
+from tests.dist_chita.planning.test_costmodel import CPU, synthetic_report
 
 TRUTH = cm.Rates(grad_efficiency=0.25, memory_efficiency=0.4, linalg_efficiency=0.5, collective_latency=2e-4,
                  iteration_overhead=3e-3, exchange_efficiency=0.4, exchange_overhead=0.03,

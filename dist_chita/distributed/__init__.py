@@ -1,0 +1,3 @@
+"""Everything that crosses ranks: the collectives (comm), how work is split (partition), where each weight lives
+(layout).
+"""

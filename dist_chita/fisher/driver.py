@@ -1,0 +1,313 @@
+"""One-shot pruning of a model's prunable layers: magnitude, CHITA, CHITA++.
+
+The orchestration of one run, on every rank, with plain arguments:
+
+1. the prunable weights are flattened into w_bar (p,) and laid out in column
+   blocks (:class:`~dist_chita.distributed.layout.ColumnLayout`); rank r holds
+   w_bar[start_r:stop_r];
+2. for each stage t (one for CHITA, T for CHITA++ along
+   :func:`~dist_chita.sparsity.stage_sparsities`):
+   a. the rank's column block of the Fisher factor, A_r^T (p_r, n), is built
+      from per-sample gradients at the current weights
+      (:func:`~dist_chita.fisher.factor.fisher_block`);
+   b. the budget for the stage's sparsity is set up (global, per layer or
+      N:M), with the weights pruned by earlier stages fixed at zero;
+   c. :func:`~dist_chita.fisher.solver.solve` finds the new w_r;
+   d. the pruned weights are gathered and written back into every rank's copy
+      of the model (O(p) once per stage; the solver itself never gathers w);
+      under DeepSpeed ZeRO-3 into the partitioned parameters, one layer at a
+      time (:mod:`dist_chita.io.params`);
+3. a report of what happened is returned.
+
+Magnitude pruning needs no Fisher factor: it keeps the largest |w_bar|.
+Nothing here parses a config, prints, or writes files.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dist_chita.distributed import comm
+from dist_chita.distributed.layout import ColumnLayout
+from dist_chita.distributed.partition import sample_ranges
+from dist_chita.fisher.budget import Budget
+from dist_chita.fisher.factor import fisher_block
+from dist_chita.fisher.solver import solve
+from dist_chita.io import params
+from dist_chita.prunable import named_shapes
+from dist_chita.sparsity import (
+    Sparsity,
+    kept_count,
+    layer_sparsities,
+    mean_sparsity,
+    stage_sparsities,
+    stage_targets,
+)
+
+METHODS = ("magnitude", "chita", "chita++")
+
+
+@dataclass
+class StageReport:
+    """What one stage did (objective values are of the stage's quadratic model)."""
+
+    sparsity: float
+    kept: int
+    objective_trace: list[float] = field(default_factory=list)
+    iterations: int = 0
+    backsolves: int = 0
+    objective: float | None = None
+    magnitude_objective: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class PruneOutcome:
+    layout: ColumnLayout
+    stages: list[StageReport]
+    masks: dict[str, torch.Tensor]  # layer name -> bool mask of kept weights, full shape
+
+
+def local_weights(
+    modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, rank: int, check_finite: bool = False,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """This rank's slice w[start_r:stop_r] of the flattened prunable weights, float32 (p_r,), on ``device``.
+
+    Partitioned (ZeRO-3) weights are gathered one layer at a time, every layer on every rank (collective).
+    ``check_finite``: raise ValueError naming the first layer whose weights contain NaN or Inf."""
+    lo, hi = layout.block(rank)
+    out = torch.empty(hi - lo, dtype=torch.float32, device=device)
+    pieces = {piece.segment: piece for piece in layout.pieces(rank)}
+    for g, (name, m) in enumerate(modules):
+        if g not in pieces and not check_finite and not params.is_partitioned(m.weight):
+            continue
+        full = params.read(m.weight)
+        if check_finite and not bool(torch.isfinite(full).all()):
+            raise ValueError(f"the weights of layer {name!r} contain NaN or Inf")
+        piece = pieces.get(g)
+        if piece is not None:
+            out[piece.local_start : piece.local_stop] = full.reshape(-1)[piece.offset : piece.offset + piece.size]
+    return out
+
+
+def gather_weights(w_local: torch.Tensor, layout: ColumnLayout) -> torch.Tensor:
+    """All ranks' slices concatenated into the full w (p,), on every rank."""
+    sizes = [hi - lo for lo, hi in layout.blocks]
+    if len(sizes) == 1:
+        return w_local
+    padded = torch.zeros(max(sizes), dtype=w_local.dtype, device=w_local.device)
+    padded[: w_local.numel()] = w_local
+    parts = comm.all_gather(padded)
+    return torch.cat([part[:s] for part, s in zip(parts, sizes, strict=True)])
+
+
+def write_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout, w: torch.Tensor) -> None:
+    """Copy the full flattened w (p,) into the modules' weights (the same w on every rank; one layer at a time,
+    collective for partitioned weights)."""
+    for (_, m), seg in zip(modules, layout.segments, strict=True):
+        params.write(m.weight, w[seg.start : seg.stop].reshape(seg.shape))
+
+
+def _solver_progress(progress: Callable, name: str, options: dict | None) -> Callable[[dict], None]:
+    cap = (options or {}).get("max_iter", 500)
+    return lambda info: progress(name, min(info["iteration"], cap), cap)
+
+
+def make_budget(
+    layout: ColumnLayout,
+    rank: int,
+    sparsity: Sparsity,
+    allowed: torch.Tensor,
+    per_layer: bool = False,
+    nm: tuple[int, int] | None = None,
+    per_row: bool = False,
+) -> Budget:
+    """The stage's constraint on this rank: N:M, one budget per layer, one per row (``per_row``: every row of a
+    layer keeps (1 - s) of its weights; ``layout`` must be cut at rows), or one global budget k = (1 - s) p.
+    With one budget per layer or per row, ``sparsity`` may give every layer (segment of ``layout``) its own s."""
+    lo, hi = layout.block(rank)
+    if nm is not None:
+        return Budget.n_m(hi - lo, nm[0], nm[1], allowed=allowed)
+    if not isinstance(sparsity, int | float) and not (per_row or per_layer):
+        raise ValueError("per-layer sparsities need per_layer or per_row budgets (a global budget has one)")
+    targets = layer_sparsities(sparsity, len(layout.segments))
+    if per_row:
+        runs = []
+        for piece in layout.pieces(rank):
+            length = layout.segments[piece.segment].row_length
+            if piece.offset % length or piece.size % length:
+                raise ValueError("per-row budgets need column blocks cut at rows (ColumnLayout.build(rows=True))")
+            runs.append((piece.size // length, length, kept_count(length, targets[piece.segment])))
+        return Budget.per_row(runs, allowed=allowed)
+    if per_layer:
+        seg = torch.empty(hi - lo, dtype=torch.int64, device=allowed.device)
+        for piece in layout.pieces(rank):
+            seg[piece.local_start : piece.local_stop] = piece.segment
+        k = torch.tensor([kept_count(sg.size, s) for sg, s in zip(layout.segments, targets, strict=True)],
+                         dtype=torch.int64, device=seg.device)
+        return Budget.per_segment(seg, k, allowed=allowed)
+    return Budget.global_topk(hi - lo, kept_count(layout.p, sparsity), allowed=allowed)
+
+
+def prune(
+    model: nn.Module,
+    modules: Sequence[tuple[str, nn.Module]],
+    method: str,
+    sparsity: Sparsity,
+    *,
+    make_batches: Callable[[], Iterable] | None = None,
+    loss_fn: Callable | None = None,
+    n: int = 0,
+    per_layer: bool = False,
+    nm: tuple[int, int] | None = None,
+    per_row: bool = False,
+    lam: float = 1e-3,
+    first_order: bool = False,
+    stages: int = 1,
+    base_sparsity: float = 0.0,
+    schedule: str = "polynomial",
+    exponent: float = 3.0,
+    storage_dtype: torch.dtype = torch.float32,
+    solver_options: dict | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+    start_stage: int = 0,
+    start_weights: torch.Tensor | None = None,
+    start_support: torch.Tensor | None = None,
+    on_stage_end: Callable[[int, torch.Tensor, torch.Tensor, StageReport], None] | None = None,
+    load_factor: Callable[[int], torch.Tensor | None] | None = None,
+    on_factor: Callable[[int, torch.Tensor], None] | None = None,
+) -> PruneOutcome:
+    """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
+
+    Args:
+        model: the model; every rank holds the same copy (evaluation mode), or its ZeRO-3 partition
+            (:mod:`dist_chita.io.params`).
+        modules: ordered (name, module) prunable layers (:mod:`dist_chita.prunable`).
+        method: "magnitude", "chita" or "chita++".
+        sparsity: target fraction of zeros in [0, 1) (global, or per layer with
+            ``per_layer``, or in every row of every layer with ``per_row``: the weights of one output, ``weight[i]``,
+            the comparison group of Wanda and of SparseGPT's unstructured mode); ignored for N:M (``nm`` = (N, M)).
+            With ``per_layer`` or ``per_row`` also one target per module (a sequence as long as ``modules``);
+            CHITA++ then takes every layer along its own schedule (:func:`~dist_chita.sparsity.stage_targets`).
+        make_batches: returns a fresh iterable of this rank's calibration
+            micro-batches ``(batch, global_indices)``; rank r owns samples
+            ``sample_ranges(n, R)[r]``.
+        loss_fn: per-sample loss ``loss_fn(model, batch, indices) -> (b,)``.
+        n: number of calibration samples over all ranks.
+        lam: ridge lambda of the quadratic model.
+        first_order: include the mean-gradient term (y = A w_bar - 1/sqrt(n)).
+        stages, base_sparsity, schedule, exponent: CHITA++'s stages
+            (:func:`~dist_chita.sparsity.stage_sparsities`).
+        storage_dtype: dtype of the stored factor (arithmetic is float32).
+        solver_options: keyword arguments for :func:`~dist_chita.fisher.solver.solve`.
+        progress: ``progress(phase, done, total)`` callback.
+        start_stage, start_weights, start_support: resume (:mod:`dist_chita.fisher.resume`) after ``start_stage``
+            complete stages, from their full weights w (p,) and support S (p,) bool; only the later stages
+            run and are reported.
+        on_stage_end: ``on_stage_end(t, w_local (p_r,), support_local (p_r,) bool, report)`` after stage t
+            (0-based), on every rank (collectives allowed).
+        load_factor, on_factor: ``load_factor(t)`` returns stage t's saved A_r^T (p_r, n) or None (then it is
+            computed); ``on_factor(t, At)`` is called after a computed one (collective calls, every rank).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
+    uniform = isinstance(sparsity, int | float)
+    if nm is None and uniform and not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    if sum((per_layer, per_row, nm is not None)) > 1:
+        raise ValueError("choose at most one of per_layer, per_row and nm")
+    if not uniform:  # checked again, with the budget kind, by make_budget before any stage's work
+        sparsity = layer_sparsities(sparsity, len(modules))
+    world, rank = comm.world_size(), comm.rank()
+    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
+    device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
+    w = local_weights(modules, layout, rank, check_finite=True, device=device)
+    allowed = w != 0  # weights already zero stay zero
+    if start_weights is not None:  # resume: the state after stage start_stage
+        write_weights(modules, layout, start_weights)
+        lo, hi = layout.block(rank)
+        w = start_weights[lo:hi].to(device, torch.float32, copy=True)
+        allowed = start_support[lo:hi].to(device, copy=True)
+    targets = [sparsity]
+    if method == "chita++":
+        targets = (stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent) if uniform
+                   else stage_targets(sparsity, stages, base_sparsity, schedule, exponent))
+    if nm is not None:
+        targets = [0.0] * len(targets)
+    if method != "magnitude":
+        if make_batches is None or loss_fn is None or n < 1:
+            raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
+        sample_ranges(n, world)  # fails early when n < world size
+    reports = []
+    spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block (a saved factor is
+    # only ever loaded for the first stage a resumed run computes, when there is no spare: no two blocks coexist)
+    for t, s in enumerate(targets):
+        if t < start_stage:
+            continue
+        bytes_before = comm.bytes_by_phase()
+        seconds: dict[str, float] = {}
+        budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm, per_row=per_row)
+        report = StageReport(sparsity=(s if uniform else mean_sparsity(s, [sg.size for sg in layout.segments]))
+                             if nm is None else 1.0 - nm[0] / nm[1], kept=budget.total())
+        if method == "magnitude":
+            start = time.perf_counter()
+            support = budget.project(w)
+            w = torch.where(support, w, torch.zeros_like(w))
+            seconds["magnitude"] = time.perf_counter() - start
+        else:
+            stats: dict = {}
+            At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
+            loaded = At is not None
+            At = At.to(device) if loaded else fisher_block(
+                model,
+                modules,
+                layout,
+                make_batches(),
+                sample_ranges(n, world)[rank][0],
+                n,
+                loss_fn,
+                dtype=storage_dtype,
+                progress=None if progress is None else (lambda d, tot, t=t: progress(f"gradients {t + 1}", d, tot)),
+                stats=stats,
+                out=spare,
+            )
+            spare = None
+            if on_factor is not None and stats:
+                on_factor(t, At)
+            seconds["fisher"] = stats.get("seconds", 0.0)
+            seconds["exchange"] = stats.get("exchange_seconds", 0.0)
+            solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
+            result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
+                           overwrite_at=True, check_at=loaded,  # At is not used after the solve; fisher_block
+                           **(solver_options or {}))  # checked every entry of a computed one
+            if t + 1 < len(targets) and At.is_contiguous():  # contents spent (the solve overwrote them), pages not
+                spare = At
+            del At
+            seconds["solver"] = result.timings.get("iht", 0.0)
+            seconds["backsolve"] = result.timings.get("backsolve", 0.0)
+            w, support = result.w.float(), result.support
+            report.objective_trace = [float(f) for f in result.objective_trace]
+            report.iterations = int(result.iterations)
+            report.backsolves = int(result.backsolves)
+            report.objective = float(result.objective)
+            if result.magnitude_objective is not None:
+                report.magnitude_objective = float(result.magnitude_objective)
+        start = time.perf_counter()
+        with comm.phase("writeback"):
+            write_weights(modules, layout, gather_weights(w, layout))
+        seconds["writeback"] = time.perf_counter() - start
+        allowed = support.clone()
+        report.seconds = seconds
+        report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
+        reports.append(report)
+        if on_stage_end is not None:
+            on_stage_end(t, w, support, report)
+    masks = {name: params.read(m.weight) != 0 for name, m in modules}
+    return PruneOutcome(layout, reports, masks)

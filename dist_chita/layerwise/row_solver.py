@@ -1,0 +1,495 @@
+"""CHITA on one layer's reconstruction curvature: the sparse ridge problem of every output row, solved together.
+
+The per-sample Fisher of the whole model (:mod:`dist_chita.fisher.solver`) has rank n, the number of calibration
+samples; with n << p it cannot tell most supports apart. A layer's own reconstruction error has far more information:
+with the layer's calibration inputs X (N x d, every token of every sample, N >> n) and dense weights W_bar (r x d, row i
+= output i), the change of its outputs is
+
+    1/(2N) ||X (W - W_bar)^T||_F^2 = sum_i 1/2 (w_i - w_bar_i)^T H (w_i - w_bar_i),    H = X^T X / N  (d x d),
+
+the curvature of OBS and SparseGPT (the layer's Gauss-Newton matrix). With the ridge it is CHITA's problem (paper
+eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gram matrix:
+
+    min_{w_i}  f_i(w_i) = 1/2 (w_i - w_bar_i)^T Q (w_i - w_bar_i),   Q = H + lambda I,
+    subject to ||w_i||_0 <= k_i (per row), or N:M in every group of M consecutive inputs.
+
+Solved for a chunk of rows at once (``row_chunk``, (c, d) x (d, d) products), CHITA's scheme per row: a warm start
+(the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT
+steps w+ = H_k(w - tau g), g = Q (w - w_bar), with CHITA's step rule per row (the exact line minimiser on the
+support, and steps from just past tau_c, the first support change, and from 1/L), swaps of the s cheapest kept
+weights for the s most promising outside ones (per-row budgets, s = 1, 2, 4, 8, 16), the lowest f winning (the
+current point included, so f never increases), and after each step the re-fit of the kept weights on their
+support (the paper's back-solve, here conjugate gradients on Q_SS, started from the IHT point, preconditioned by
+the diagonal plus Q's leading directions restricted to each row's support: :class:`Preconditioner`). The line
+step and the swaps are scored from the gradient alone (f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta,
+delta sparse); only the support-changing steps and the re-fit cost products. A row stops when its own relative
+decrease is below ``tol``; only the rows still improving are computed.
+
+Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
+Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+ROW_CHUNK = 64  # rows solved together (see solve_rows)
+_SWAPS = (1, 2, 4, 8, 16)  # swap sizes tried per IHT step (per-row budgets); each costs no (r, d) x (d, d) product
+_PAIR_POOL = 32  # the best single swap is searched among this many cheapest kept x most promising outside weights
+_GROUP_SWAPS = (1, 4, 16, 64)  # N:M: how many groups' best swaps are tried together
+_MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 rounding (of f computed
+# directly or from the gradient) rather than the problem would decide between nearly equal candidates
+DEFLATE = 32  # directions of the back-solve's preconditioner (Preconditioner), at most sqrt(d / 2)
+_SUBSPACE_ITERS = 8  # products of the subspace iteration that finds them
+
+
+@dataclass
+class RowsResult:
+    """W: (r, d) float32 pruned and re-fitted weights; support: (r, d) bool. Objectives are sum_i f_i."""
+
+    W: torch.Tensor
+    support: torch.Tensor
+    objective: float
+    warm_objective: float
+    magnitude_objective: float
+    iterations: int
+    trace: list[float] = field(default_factory=list)
+
+
+def keep_mask(score: torch.Tensor, k: int | torch.Tensor | None, nm: tuple[int, int] | None,
+              allowed: torch.Tensor | None) -> torch.Tensor:
+    """The support of the projection: the k largest ``score`` of every row (k an int, or (r,) integers: one budget
+    per row), or the N largest of every group of M consecutive entries, among ``allowed`` entries only; ties to the
+    lower index. score: (r, d); returns (r, d) bool."""
+    if allowed is not None:
+        score = torch.where(allowed, score, torch.full_like(score, -math.inf))
+    if nm is not None:
+        N, M = nm
+        r, d = score.shape
+        if d % M:
+            raise ValueError(f"N:M needs the input size ({d}) to be a multiple of M = {M}")
+        return keep_mask(score.reshape(r * d // M, M), N, None, None).reshape(r, d) & (
+            True if allowed is None else allowed)
+    d = score.shape[1]
+    if isinstance(k, torch.Tensor):  # one budget per row: a stable sort (descending, ties keep the lower index)
+        order = score.sort(dim=1, descending=True, stable=True).indices
+        ranks = torch.arange(d, device=score.device).expand_as(order)
+        mask = torch.zeros_like(score, dtype=torch.bool).scatter_(1, order, ranks < k.to(score.device)[:, None])
+        return mask if allowed is None else mask & allowed
+    k = min(int(k), d)
+    if k <= 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    # the k-th largest per row by selection (O(d), not a sort); of the entries equal to it, the lowest-index ones
+    thr = score.kthvalue(d - k + 1, dim=1, keepdim=True).values
+    above, tied = score > thr, score == thr
+    mask = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    return mask if allowed is None else mask & allowed
+
+
+def objectives(D: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """f_i = 1/2 d_i^T Q d_i for every row of D = W - W_bar (r, d); returns (r,) float64."""
+    return 0.5 * (D @ Q).mul_(D).double().sum(1)
+
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """The back-solve's preconditioner, one per Q: Q ~ D^1/2 (c I + V (E - c I) V^T) D^1/2 with D = diag(Q), V (d, m)
+    the leading eigenvectors of the Jacobi-scaled J = D^-1/2 Q D^-1/2, E (m,) their eigenvalues and c the mean of
+    J's other eigenvalues (trace J = d). Q's spectrum is spread wide (condition numbers of 10^3 to 10^5 on MiniLM's
+    layers, a few directions holding a fifth of the trace), which diagonal scaling alone leaves. Restricted to a
+    row's support S the approximation is inverted exactly (Woodbury): M_S^-1 = D_S^-1/2 (I - V_S C^-1 V_S^T)
+    D_S^-1/2 / c, C = c (E - c I)^-1 + V_S^T V_S, one m x m Cholesky per row and back-solve.
+
+    scale: (d,) D^-1/2; V: (d, m); ridge: (m,) c / (E - c); c: the mean; outer: (d, m (m + 1) / 2) the upper
+    triangle of v_j v_j^T for every input j (v_j = row j of V), so that every row's V_S^T V_S is one product."""
+
+    scale: torch.Tensor
+    V: torch.Tensor
+    ridge: torch.Tensor
+    c: float
+    outer: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.V.shape[1]
+
+    def on_support(self, S: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """M_S^-1 for every row's support S (r, d) bool: a function of R (r, d), zero off S, returning
+        M_{S_i}^-1 r_i in every row (zero off S). Forms every row's C (one (r, d) x (d, m (m + 1) / 2) product) and
+        its Cholesky factor; each application then costs two (r, d) x (d, m) products. A row whose C is not
+        numerically definite (a direction far above the rest, c / (E - c) below the rounding of V_S^T V_S) is
+        preconditioned by the diagonal alone instead of failing the run."""
+        Sf = S.to(self.V.dtype)
+        post = (self.scale / self.c)[None, :] * Sf
+        m = self.rank
+        if m == 0:
+            return lambda R: R * self.scale[None, :] * post
+        iu = torch.triu_indices(m, m, device=S.device)
+        C = torch.zeros(S.shape[0], m, m, dtype=Sf.dtype, device=S.device)
+        C[:, iu[0], iu[1]] = Sf @ self.outer  # V_S^T V_S, upper triangle
+        C = C + C.triu(1).transpose(1, 2)
+        C.diagonal(dim1=1, dim2=2).add_(self.ridge)
+        L_C, info = torch.linalg.cholesky_ex(C)
+        jacobi = (info != 0)[:, None]
+
+        def apply(R):
+            y = R * self.scale[None, :]
+            t = torch.cholesky_solve((y @ self.V)[:, :, None], L_C)[:, :, 0]
+            return (y - torch.where(jacobi, 0.0, t) @ self.V.T) * post
+        return apply
+
+
+def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITERS) -> Preconditioner:
+    """:class:`Preconditioner` of Q (d, d) with at most ``rank`` directions, found by subspace iteration on J in
+    Q's dtype (block of rank + rank // 2 vectors from a fixed seed, ``power_iters`` products, then Rayleigh-Ritz;
+    a preconditioner needs no more precision); only eigenvalues above c are kept. Deterministic: the same Q gives
+    the same bits on every rank."""
+    d = Q.shape[0]
+    scale = Q.diagonal().double().clamp_min(1e-30).rsqrt().to(Q.dtype)
+    rank = min(rank, math.isqrt(d // 2))  # forming every row's C (m^2 / 2 per input) costs <= 1/4 of a product
+    if rank <= 0:
+        V, E = Q.new_zeros(d, 0), Q.new_zeros(0)
+    else:
+        J = scale[:, None] * Q * scale[None, :]
+        block = min(d, rank + rank // 2)
+        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=Q.dtype).to(Q.device)
+        for _ in range(power_iters):
+            X = torch.linalg.qr(J @ X).Q
+        E, U = torch.linalg.eigh(X.T @ J @ X)
+        E, V = E.flip(0)[:rank], (X @ U).flip(1)[:, :rank]
+    c = (d - float(E.sum())) / (d - E.numel())
+    keep = E > 1.01 * c
+    E, V = E[keep], V[:, keep]
+    iu = torch.triu_indices(V.shape[1], V.shape[1], device=Q.device)
+    return Preconditioner(scale=scale, V=V.contiguous(), ridge=c / (E - c), c=c,
+                          outer=(V[:, iu[0]] * V[:, iu[1]]).contiguous())
+
+
+def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
+          rtol: float = 1e-5, pre: Preconditioner | None = None) -> torch.Tensor:
+    """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS
+    preconditioned with ``pre`` restricted to S_i (:class:`Preconditioner`; None: the diagonal, Jacobi), started
+    from W (zero off S). Each iteration is one (r, d) x (d, d) product. Returns the new W (zero off S)."""
+    Sf = S.to(W.dtype)
+    if pre is None:
+        M_inv = (1.0 / Q.diagonal().clamp_min(1e-30))[None, :]
+
+        def precondition(R):
+            return R * M_inv
+    else:
+        precondition = pre.on_support(S)
+    X = W * Sf
+    R = -((X - W_bar) @ Q) * Sf  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
+    Z = precondition(R)
+    P = Z.clone()
+    rz = (R * Z).sum(1)
+    stop = (rtol**2) * (R * R).sum(1).clamp_min(1e-30)
+    for _ in range(iters):
+        live = (R * R).sum(1) > stop  # a converged row stops moving: its result does not depend on the other rows
+        if not bool(live.any()):
+            break
+        QP = (P @ Q) * Sf
+        pq = (P * QP).sum(1)
+        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), torch.zeros_like(rz))
+        X += alpha[:, None] * P
+        R -= alpha[:, None] * QP
+        Z = precondition(R)
+        rz_new = (R * Z).sum(1)
+        beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        P = Z + beta[:, None] * P
+        rz = rz_new
+    return X
+
+
+def row_budgets(saliency: torch.Tensor, kept: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """A layer's budget shared among its rows: the number of weights of every row (r,) among the ``kept`` largest
+    ``saliency`` (r, d) of the whole layer, ``allowed`` entries only; ties to the lower (row-major) index. With the
+    OBS saliency w_j^2 / [Q^-1]_jj (the increase of f_i when w_j alone is removed and the row re-fitted), in the
+    same units in every row, as SparseGPT's layer-wide masks."""
+    r, d = saliency.shape
+    flat = keep_mask(saliency.reshape(1, r * d), kept, None, None if allowed is None else allowed.reshape(1, r * d))
+    return flat.reshape(r, d).sum(1)
+
+
+def ridged(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """Q = H + lambda I (d, d) in float32, as :func:`solve_rows` forms it."""
+    return H.float() + lam * torch.eye(H.shape[0], dtype=torch.float32, device=H.device)
+
+
+def obs_denominator(Q: torch.Tensor) -> torch.Tensor:
+    """[Q^-1]_jj (d,) float32, floored at 1e-30: the OBS saliency of w_j is w_j^2 / [Q^-1]_jj."""
+    return inverse_diagonal(Q).float().clamp_min(1e-30)
+
+
+def inverse_diagonal(Q: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """diag(Q^-1) (d,) in float64: squared column norms of L^-1, Q = L L^T (a third of an inverse's work), for
+    ``block`` columns at a time (column j of L^-1 is zero above j), so that the float64 work space is L and one
+    (d, block) panel; through the LU inverse when Q is not numerically definite."""
+    L, info = torch.linalg.cholesky_ex(Q.double())
+    if int(info) != 0:
+        return torch.linalg.inv(Q.double()).diagonal()
+    d = Q.shape[0]
+    out = torch.empty(d, dtype=L.dtype, device=L.device)
+    for a in range(0, d, block):
+        b = min(a + block, d)
+        eye = torch.eye(d - a, b - a, dtype=L.dtype, device=L.device)
+        out[a:b] = torch.linalg.solve_triangular(L[a:, a:], eye, upper=False).pow(2).sum(0)
+    return out
+
+
+def lipschitz(Q: torch.Tensor, iters: int = 50) -> float:
+    """The largest eigenvalue of Q by power iteration (times 1.01), in float64 (no underflow for tiny Q)."""
+    Q = Q.double()
+    v = torch.ones(Q.shape[0], dtype=Q.dtype, device=Q.device)
+    est = 0.0
+    for _ in range(iters):
+        v = v / v.norm().clamp_min(1e-30)
+        Qv = Q @ v
+        est = float(v @ Qv)
+        v = Qv
+    return 1.01 * est
+
+
+def solve_rows(
+    W_bar: torch.Tensor,
+    H: torch.Tensor,
+    lam: float,
+    *,
+    k: int | torch.Tensor | None = None,
+    nm: tuple[int, int] | None = None,
+    allowed: torch.Tensor | None = None,
+    max_iter: int = 20,
+    tol: float = 1e-4,
+    trials: int = 1,
+    refit_iters: int = 10,
+    deflate: int = DEFLATE,
+    row_chunk: int = ROW_CHUNK,
+    q_inv_diag: torch.Tensor | None = None,
+) -> RowsResult:
+    """Prune every row of one layer (module docstring).
+
+    Args:
+        W_bar: (r, d) dense weights w_bar_i.
+        H: (d, d) symmetric PSD curvature X^T X / N (any float dtype).
+        lam: ridge lambda (> 0 keeps Q_SS definite; callers use a fraction of mean(diag H)).
+        k: weights kept per row, an int or (r,) integers (:func:`row_budgets`) (with ``allowed``: at most that
+            many of the allowed ones); or ``nm`` = (N, M).
+        allowed: (r, d) bool, False for weights fixed at zero; None = all.
+        max_iter: IHT steps at most; a row stops when its relative decrease of f_i is below ``tol``.
+        trials: step sizes tried per IHT step from tau_c and from 1/L, doubling (each costs a product; on real
+            layers they rarely beat the line step and the swaps, which cost none: ``_SWAPS``).
+        refit_iters: conjugate-gradient iterations of each back-solve.
+        deflate: directions of the back-solve's preconditioner at most (:func:`preconditioner`; 0: Jacobi).
+        row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
+            alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
+            every chunk (float products are not the same bits for different numbers of rows).
+        q_inv_diag: :func:`obs_denominator` of ``ridged(H, lam)`` when the caller has it already (else computed).
+    """
+    if (k is None) == (nm is None):
+        raise ValueError("give exactly one of k (per row) and nm")
+    if not (bool(torch.isfinite(W_bar).all()) and bool(torch.isfinite(H).all())):
+        raise ValueError("non-finite weights or curvature")
+    W_bar = W_bar.float()
+    Q = ridged(H, lam)
+    q_inv_diag = obs_denominator(Q) if q_inv_diag is None else q_inv_diag
+    L = lipschitz(Q)
+    pre = preconditioner(Q, deflate)
+    parts = []
+    for a in range(0, W_bar.shape[0], row_chunk):
+        b = min(a + row_chunk, W_bar.shape[0])
+        k_ab = k[a:b] if isinstance(k, torch.Tensor) else k
+        parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, pre, k_ab,
+                                  nm, max_iter, tol, trials, refit_iters))
+    if not parts:
+        empty = torch.zeros_like(W_bar)
+        return RowsResult(W=empty, support=empty.bool(), objective=0.0, warm_objective=0.0, magnitude_objective=0.0,
+                          iterations=0, trace=[0.0])
+    steps = max(len(p[5]) for p in parts)
+    trace = [sum(p[5][min(j, len(p[5]) - 1)] for p in parts) for j in range(steps)]
+    return RowsResult(W=torch.cat([p[0] for p in parts]), support=torch.cat([p[1] for p in parts]),
+                      objective=sum(p[2] for p in parts), warm_objective=trace[0],
+                      magnitude_objective=sum(p[3] for p in parts), iterations=max(p[4] for p in parts), trace=trace)
+
+
+def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, trials, refit_iters):
+    """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
+
+    # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
+    S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
+    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, pre=pre)
+    f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
+    S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
+    W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters, pre=pre)
+    f_obs, G_obs = _objective_and_gradient(W_obs, W_bar, Q)
+    take = (f_obs < f_mag)[:, None]
+    W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
+    fi = torch.minimum(f_obs, f_mag)
+    G = torch.where(take, G_obs, G_mag)  # the gradient, kept up to date for every row
+    trace = [float(fi.sum())]
+
+    active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+    its = 0
+    while its < max_iter:
+        its += 1
+        rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
+        f_a = fi[rows]
+        W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
+                                         None if allowed is None else allowed[rows], Q, L, pre,
+                                         k[rows] if isinstance(k, torch.Tensor) else k, nm, trials, refit_iters)
+        # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
+        # stops for good once its own relative decrease is below tol
+        step = f_new < f_a - _MARGIN * f_a.abs()
+        W[rows] = torch.where(step[:, None], W_a, W[rows])
+        S[rows] = torch.where(step[:, None], S_a, S[rows])
+        G[rows] = torch.where(step[:, None], G_a, G[rows])
+        f_next = torch.where(step, f_new, f_a)
+        fi[rows] = f_next
+        active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
+        trace.append(float(fi.sum()))
+        if not bool(active.any()):
+            break
+    return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
+
+
+def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor):
+    """f_i (float64) and the gradient G = (W - W_bar) Q of every row, from one product."""
+    D = W - W_bar
+    G = D @ Q
+    return 0.5 * (G * D).double().sum(1), G
+
+
+def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters):
+    """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient G = (W - W_bar) Q (the
+    support-keeping exact line step, support-changing steps from just past tau_c and from 1/L doubling, and for
+    per-row budgets swaps of the s cheapest kept for the s most promising outside weights), the best per row
+    (the current point included), then its back-solve. The line step's and the swaps' f follow from G without a
+    product: f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta. Returns (W, S, f, G) of the new points."""
+    d = W.shape[1]
+    # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
+    gS = G * S
+    gg = (gS * gS).sum(1)
+    curv = (gS @ Q).mul_(gS).sum(1)
+    tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
+    f_keep = fi - 0.5 * (tau * gg).double()  # at tau*: f - tau gg + tau^2 curv / 2 = f - tau gg / 2
+    better = f_keep < fi - _MARGIN * fi.abs()
+    best_W = torch.where(better[:, None], W - tau[:, None] * gS, W)
+    best_S, best_f = S, torch.where(better, f_keep, fi)
+    cand = []
+    # support-changing steps H(w - t g): from tau_c (where the first outside weight would overtake the smallest
+    # kept one) and from 1/L, doubling
+    out = torch.where(S, torch.zeros_like(G), G.abs())
+    if allowed is not None:
+        out = out.masked_fill(~allowed, 0.0)
+    kept = torch.where(S, W.abs(), torch.full_like(W, math.inf))
+    if nm is not None:
+        groups = (W.shape[0], d // nm[1], nm[1])
+        tau_c = (kept.reshape(groups).amin(2) / out.reshape(groups).amax(2)).amin(1)
+    else:
+        tau_c = kept.amin(1) / out.amax(1)
+    # just past tau_c: at tau_c itself the entering and the leaving weight tie, and float noise would decide
+    tau_c = torch.where(torch.isfinite(tau_c), tau_c * (1.0 + 1e-3), torch.full_like(tau_c, 1.0 / L))
+    for base in (tau_c[:, None], torch.full_like(tau_c[:, None], 1.0 / L)):
+        t = base
+        for _ in range(trials):
+            V = W - t * G
+            S_t = keep_mask(V.abs(), k, nm, allowed)
+            cand.append((V * S_t, S_t))  # f by a product below
+            t = 2.0 * t
+    qd = Q.diagonal()[None, :]
+    if nm is not None:  # swaps inside the groups of M
+        cand.extend(_group_swaps(W, S, fi, G, Q, qd, allowed, nm))
+    else:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
+        cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
+        gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
+        if allowed is not None:
+            gain = gain.masked_fill(~allowed, -1.0)
+        pool = min(max(_PAIR_POOL, _SWAPS[-1]), d)
+        outs = torch.topk(cost, pool, dim=1, largest=False).indices  # cheapest first
+        ins = torch.topk(gain, pool, dim=1).indices  # most promising first
+        cand.append(_best_pair_swap(W, S, fi, G, Q, qd, cost, gain, outs[:, :_PAIR_POOL], ins[:, :_PAIR_POOL]))
+        for n_swap in _SWAPS:
+            o, i_ = outs[:, :n_swap], ins[:, :n_swap]
+            ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
+            W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(-G / qd, 1, i_))  # each at its 1-D optimum
+            S_c = S.scatter(1, o, False).scatter(1, i_, True)
+            cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    for W_c, S_c, *f_c in cand:
+        f_c = f_c[0] if f_c else objectives(W_c - W_bar, Q)
+        better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
+        b = better[:, None]
+        best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
+                                  torch.where(better, f_c, best_f))
+    W_new = refit(best_W, W_bar, Q, best_S, refit_iters, pre=pre)
+    return W_new, best_S, *_objective_and_gradient(W_new, W_bar, Q)
+
+
+def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
+    """The best single swap among the kept weights ``o`` (r, m) and the outside ones ``i_`` (r, m), each pair
+    scored exactly: removing o changes f by -w_o g_o + w_o^2 Q_oo / 2 and the gradient at i to
+    g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by that squared over 2 Q_ii. Returns (W, S, f)."""
+    r, m = o.shape
+    w_o, q_i = torch.gather(W, 1, o), torch.gather(qd.expand_as(W), 1, i_)
+    remove = -w_o * torch.gather(G, 1, o) + 0.5 * w_o.pow(2) * torch.gather(qd.expand_as(W), 1, o)  # (r, m)
+    g_i = torch.gather(G, 1, i_)[:, None, :] - w_o[:, :, None] * Q[o[:, :, None], i_[:, None, :]]  # (r, m, m)
+    delta = remove[:, :, None] - g_i.pow(2) / (2.0 * q_i[:, None, :])
+    valid = torch.isfinite(torch.gather(cost, 1, o))[:, :, None] & (torch.gather(gain, 1, i_) >= 0)[:, None, :]
+    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, m * m)
+    best = delta.argmin(1)
+    rows = torch.arange(r, device=W.device)
+    a, b = best // m, best % m
+    out_j, in_j = o[rows, a], i_[rows, b]
+    value = -g_i.reshape(r, m * m)[rows, best] / q_i[rows, b]
+    ok = torch.isfinite(delta[rows, best])
+    W_c, S_c = W.clone(), S.clone()
+    W_c[rows, out_j], S_c[rows, out_j] = 0.0, False
+    W_c[rows, in_j], S_c[rows, in_j] = value, True
+    f_c = fi + delta[rows, best].double()
+    return W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))
+
+
+def _sparse_change(W, fi, G, Q, out_j, in_j, values):
+    """W with the weights ``out_j`` (r, s) zeroed and ``in_j`` (r, s) set to ``values``, and its f exactly:
+    f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta, delta on the 2s changed weights. Returns (W, f)."""
+    idx = torch.cat([out_j, in_j], 1)
+    delta = torch.cat([-torch.gather(W, 1, out_j), values], 1)
+    quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
+    return (W.scatter(1, out_j, 0.0).scatter(1, in_j, values),
+            fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double())
+
+
+def _group_swaps(W, S, fi, G, Q, qd, allowed, nm):
+    """N:M candidates: in every group of M the best single swap of a kept weight for an outside one of the same
+    group (scored exactly as in :func:`_best_pair_swap`), then the s groups with the largest decreases swapped
+    together (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(W, S, f)]."""
+    r, d = W.shape
+    M = nm[1]
+    g = d // M
+    Wg, Gg, Sg, qg = W.view(r, g, M), G.view(r, g, M), S.view(r, g, M), qd.view(1, g, M)
+    blocks = Q.view(g, M, g, M).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (g, M, M): Q inside each group
+    remove = -Wg * Gg + 0.5 * Wg.pow(2) * qg  # (r, g, M): f change from zeroing a kept weight
+    g_in = Gg[:, :, None, :] - Wg[:, :, :, None] * blocks[None]  # (r, g, M_out, M_in): gradient after removal
+    delta = remove[..., None] - g_in.pow(2) / (2.0 * qg[:, :, None, :])
+    inside = ~Sg if allowed is None else (~Sg & allowed.view(r, g, M))
+    valid = Sg[..., :, None] & inside[..., None, :]
+    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, g, M * M)
+    best_delta, best = delta.min(2)  # (r, g)
+    value = -torch.gather(g_in.reshape(r, g, M * M), 2, best[..., None])[..., 0] / torch.gather(
+        qg.expand(r, g, M), 2, (best % M)[..., None])[..., 0]
+    base = torch.arange(g, device=W.device)[None, :] * M
+    out_j, in_j = base + torch.div(best, M, rounding_mode="floor"), base + best % M  # (r, g) positions in the row
+    order = torch.argsort(best_delta, dim=1, stable=True)
+    cand = []
+    for n_groups in _GROUP_SWAPS:
+        if n_groups > g:
+            break
+        chosen = order[:, :n_groups]
+        ok = (torch.gather(best_delta, 1, chosen) < 0).all(1)  # inf (no valid swap) is not < 0
+        o, i_ = torch.gather(out_j, 1, chosen), torch.gather(in_j, 1, chosen)
+        W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(value, 1, chosen))
+        S_c = S.scatter(1, o, False).scatter(1, i_, True)
+        cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    return cand

@@ -1,0 +1,1 @@
+"""Per-layer pruning methods on the layerwise objective's curvature: the baselines next to CHITA."""

@@ -1,0 +1,214 @@
+"""End-to-end pruning of a small trained model, in process and on real gloo process groups."""
+
+import pytest
+import torch
+
+from dist_chita.distributed import comm
+from dist_chita.distributed.partition import sample_ranges
+from dist_chita.fisher import driver as fisher_driver
+from dist_chita.fisher import losses
+from dist_chita.io import models
+from dist_chita.io.data import iter_microbatches
+from dist_chita.prunable import prunable_modules
+from dist_chita.sparsity import kept_count, stage_targets
+from tests import multiproc
+from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
+
+N = 48
+
+
+def _forward(model, batch):
+    return models.forward(model, "image-classification", batch)
+
+
+def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, ridge="identity", base_sparsity=0.3):
+    torch.set_num_threads(1)
+    model = train_digits_mlp()
+    calib = digits_samples().select(range(N))
+    modules = prunable_modules(model, exclude_head=False)
+    lo, hi = sample_ranges(N, comm.world_size())[comm.rank()]
+    out = fisher_driver.prune(
+        model, modules, method, sparsity,
+        make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+        loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
+        per_row=per_row, base_sparsity=base_sparsity, solver_options=dict(max_iter=40, ridge=ridge),
+    )
+    return {name: m.weight.detach().clone() for name, m in modules}, out.stages
+
+
+def test_magnitude_keeps_the_global_largest():
+    dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
+    weights, _ = _prune("magnitude", 0.8)
+    flat = torch.cat([w.reshape(-1) for w in dense.values()])
+    k = round(0.2 * flat.numel())
+    threshold = torch.topk(flat.abs(), k).values[-1]
+    for name, w in weights.items():
+        assert torch.equal(w != 0, dense[name].abs() >= threshold)
+        assert torch.equal(w[w != 0], dense[name][w != 0])
+
+
+def test_chita_beats_magnitude_on_its_objective_and_hits_the_budget():
+    weights, stages = _prune("chita", 0.8)
+    kept = sum(int((w != 0).sum()) for w in weights.values())
+    total = sum(w.numel() for w in weights.values())
+    assert kept == round(0.2 * total)
+    st = stages[0]
+    assert st.objective <= st.magnitude_objective
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(st.objective_trace, st.objective_trace[1:], strict=False))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_same_masks_and_weights_on_any_world_size(world_size):
+    ref, _ = _prune("chita", 0.75)
+    for result, _ in multiproc.run(_prune, world_size, "chita", 0.75):
+        for name, w in ref.items():
+            assert torch.equal(result[name] != 0, w != 0), name
+            assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), name
+
+
+def test_chita_plus_plus_supports_shrink_stage_by_stage():
+    weights, stages = _prune("chita++", 0.85, stages=3)
+    assert [round(s.sparsity, 6) for s in stages][-1] == 0.85
+    kept = [s.kept for s in stages]
+    assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3
+    assert sum(int((w != 0).sum()) for w in weights.values()) == kept[-1]
+
+
+def test_per_layer_and_n_m():
+    weights, _ = _prune("chita", 0.5, per_layer=True)
+    for w in weights.values():
+        assert int((w != 0).sum()) == round(0.5 * w.numel())
+    weights, _ = _prune("chita", 0.0, nm=(2, 4))
+    for w in weights.values():
+        assert bool(((w != 0).reshape(-1, 4).sum(1) <= 2).all())
+
+
+def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_size():
+    """Every row keeps round((1 - s) * row length) weights (magnitude: its largest); CHITA++ stages with the
+    fisher_diagonal ridge give the same masks and weights on 1, 2 and 3 ranks (rows never straddle ranks)."""
+    weights, _ = _prune("magnitude", 0.7, per_row=True)
+    dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
+    for name, w in weights.items():
+        keep = round(0.3 * w.shape[1])
+        top = torch.sort(dense[name].abs(), dim=1, descending=True, stable=True).indices[:, :keep]
+        assert torch.equal(w != 0, torch.zeros_like(w, dtype=torch.bool).scatter_(1, top, True)), name
+    ref, stages = _prune("chita++", 0.7, stages=2, per_row=True, ridge="fisher_diagonal")
+    assert stages[-1].objective <= stages[-1].magnitude_objective
+    for w in ref.values():
+        assert bool(((w != 0).sum(1) == round(0.3 * w.shape[1])).all())
+    for world_size in (2, 3):
+        for result, _ in multiproc.run(_prune, world_size, "chita++", 0.7, False, None, 2, True, "fisher_diagonal"):
+            for name, w in ref.items():
+                assert torch.equal(result[name] != 0, w != 0), (world_size, name)
+                assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
+    with pytest.raises(ValueError, match="at most one of"):
+        _prune("chita", 0.5, per_layer=True, per_row=True)
+
+
+TARGETS = [0.3, 0.8, 0.5]  # one sparsity per layer of the digits MLP (64 -> 32 -> 16 -> 10)
+
+
+def test_per_layer_targets_set_every_layers_budget():
+    """One target per layer: per layer, layer l keeps round((1 - s_l) size_l); per row, every row of layer l keeps
+    round((1 - s_l) row length); the same target for every layer gives the float's bits; a global budget refuses."""
+    weights, stages = _prune("chita", TARGETS, per_layer=True)
+    sizes = [w.numel() for w in weights.values()]
+    for w, s in zip(weights.values(), TARGETS, strict=True):
+        assert int((w != 0).sum()) == kept_count(w.numel(), s)
+    assert stages[0].kept == sum(kept_count(n, s) for n, s in zip(sizes, TARGETS, strict=True))
+    assert stages[0].sparsity == pytest.approx(sum(n * s for n, s in zip(sizes, TARGETS, strict=True)) / sum(sizes))
+    weights, _ = _prune("chita", TARGETS, per_row=True)
+    for w, s in zip(weights.values(), TARGETS, strict=True):
+        assert bool(((w != 0).sum(1) == kept_count(w.shape[1], s)).all())
+    same, _ = _prune("chita", [0.6] * 3, per_row=True)
+    ref, _ = _prune("chita", 0.6, per_row=True)
+    assert all(torch.equal(same[k], ref[k]) for k in ref)
+    with pytest.raises(ValueError, match="per-layer sparsities need per_layer or per_row"):
+        _prune("chita", TARGETS)
+    with pytest.raises(ValueError, match="got 2 per-layer sparsities for 3 layers"):
+        _prune("chita", TARGETS[:2], per_row=True)
+
+
+def test_per_layer_targets_with_chita_plus_plus_follow_each_layers_schedule_on_any_world_size():
+    """CHITA++ (3 stages from base 0.4): stage t keeps, in layer l, the count of stage_targets' s_l(t) (layer 0's
+    target 0.3 is below the base: it stays at 0.3 throughout); 1, 2 and 3 ranks give the same model."""
+    ref, stages = _prune("chita++", TARGETS, stages=3, per_row=True, base_sparsity=0.4)
+    plan = stage_targets(TARGETS, 3, 0.4)
+    assert [row[0] for row in plan] == [0.3] * 3 and plan[-1] == TARGETS
+    shapes = [w.shape for w in ref.values()]
+    for st, targets in zip(stages, plan, strict=True):
+        assert st.kept == sum(r * kept_count(d, s) for (r, d), s in zip(shapes, targets, strict=True))
+    for w, s in zip(ref.values(), TARGETS, strict=True):
+        assert bool(((w != 0).sum(1) == kept_count(w.shape[1], s)).all())
+    for world_size in (2, 3):
+        for result, _ in multiproc.run(_prune, world_size, "chita++", TARGETS, False, None, 3, True, "identity",
+                                       0.4):
+            for name, w in ref.items():
+                assert torch.equal(result[name] != 0, w != 0), (world_size, name)
+                assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
+
+
+def test_saved_model_reloads_with_identical_outputs(tmp_path):
+    weights, _ = _prune("chita", 0.7)
+    model = train_digits_mlp()
+    modules = dict(prunable_modules(model, exclude_head=False))
+    with torch.no_grad():
+        for name, w in weights.items():
+            modules[name].weight.copy_(w)
+    loaded = models.LoadedModel(model, "image-classification", "torch", "tests.fixtures.tiny_models:digits_mlp")
+    models.save_model(loaded, tmp_path)
+    again = models.load_saved(tmp_path)
+    x = digits_samples().fields["pixel_values"][:100]
+    assert torch.equal(model(x), again.model(x))
+
+
+# ------------------------------------------------------------------------------------------------ device placement
+def _conv_digits(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Unflatten(1, (1, 8, 8)), torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(36, 10)).eval()
+
+
+def _prune_and_evaluate(conv, loss, method):
+    """Prune and evaluate twice: plainly, and with torch's default device set to "meta", while the model, the
+    samples and the data stay on the CPU."""
+    import contextlib
+
+    from dist_chita.evaluate import evaluate_accuracy
+
+    torch.set_num_threads(1)
+    calib = digits_samples().select(range(N))
+    lo, hi = sample_ranges(N, comm.world_size())[comm.rank()]
+    loss_fn = {"ce": losses.cross_entropy(_forward), "sampled": losses.sampled_fisher(3, _forward)}[loss]
+    out = []
+    for default in (None, "meta"):
+        model = _conv_digits() if conv else train_digits_mlp()
+        modules = prunable_modules(model, exclude_head=False)
+        with torch.device(default) if default else contextlib.nullcontext():
+            res = fisher_driver.prune(
+                model, modules, method, 0.7,
+                make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+                loss_fn=loss_fn, n=N, lam=1e-3, stages=2 if method == "chita++" else 1, base_sparsity=0.3,
+                per_layer=conv, solver_options=dict(max_iter=30),
+            )
+            acc = evaluate_accuracy(model, "image-classification", calib, 16)
+        weights = {name: m.weight.detach().clone() for name, m in modules}
+        out.append((weights, [s.objective_trace for s in res.stages], acc, {k: v.device for k, v in res.masks.items()}))
+    return out
+
+
+@pytest.mark.parametrize(("conv", "loss", "method", "world_size"), [
+    (False, "ce", "chita", 1), (True, "sampled", "chita++", 2), (False, "sampled", "magnitude", 2),
+])
+def test_prune_and_evaluate_put_every_tensor_on_the_models_device(conv, loss, method, world_size):
+    """On GPUs the model, the factor and the solve live on the GPU while the samples are prepared on the CPU: the
+    pipeline must move each micro-batch to the model's device and create every tensor of its own there (or
+    deliberately on the host), never on torch's default device. With the default device set to "meta", a tensor
+    made without naming its device would be a meta tensor and fail; the results must be the same."""
+    for plain, meta in multiproc.run(_prune_and_evaluate, world_size, conv, loss, method):
+        (w0, trace0, acc0, dev0), (w1, trace1, acc1, dev1) = plain, meta
+        assert set(dev1.values()) == {torch.device("cpu")} and dev0 == dev1
+        for name in w0:
+            assert torch.equal(w0[name], w1[name]), name
+        assert trace0 == trace1 and acc0 == acc1

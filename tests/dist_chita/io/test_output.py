@@ -1,0 +1,65 @@
+import os
+
+import pytest
+
+from dist_chita.io.output import atomic_directory, check_target
+
+
+def test_success_renames_into_place(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as d:
+        (d / "a.txt").write_text("x")
+        assert not target.exists()
+    assert (target / "a.txt").read_text() == "x"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_failure_leaves_nothing(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError), atomic_directory(target) as d:
+        (d / "half.bin").write_bytes(b"12")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_refused_unless_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        with atomic_directory(target):
+            pass
+    with pytest.raises(ValueError), atomic_directory(target, overwrite=True) as d:
+        (d / "new.txt").write_text("new")
+        raise ValueError("fail")
+    assert (target / "old.txt").read_text() == "old"  # untouched by a failed overwrite
+    with atomic_directory(target, overwrite=True) as d:
+        (d / "new.txt").write_text("new")
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+def test_output_may_not_overlap_inputs(tmp_path):
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    for bad in (ckpt, ckpt / "pruned", tmp_path):
+        with pytest.raises(ValueError, match="overlaps the input"):
+            check_target(bad, overwrite=True, protected=[ckpt])
+    check_target(tmp_path / "pruned", overwrite=False, protected=[ckpt])
+
+
+def test_unwritable_location_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
+            (tmp_path / "file").write_text("x")
+            target = tmp_path / "file" / "out"
+            with pytest.raises(PermissionError, match="is not writable"):
+                check_target(target, overwrite=False)
+        else:
+            with pytest.raises(PermissionError, match="is not writable"):
+                check_target(locked / "a" / "out", overwrite=False)
+        assert not (tmp_path / "file" / "out").exists() and not (locked / "a").exists()
+    finally:
+        locked.chmod(0o700)
