@@ -223,3 +223,37 @@ def evaluate(
             raise ValueError("embedding_fidelity needs samples and the dense reference embeddings")
         return embedding_fidelity(reference, collect_outputs(model, task, samples, batch_size, forward))
     raise ValueError(f"unknown metric {metric!r} (one of {', '.join(METRICS)})")
+
+
+class Evaluator:
+    """The held-out metric of one run at its stages (the ``evaluate`` of :func:`dist_chita.prune`): called with
+    ``"before"`` (the dense model; for ``embedding_fidelity`` this collects the dense embeddings, the reference,
+    and returns nothing), ``"magnitude"`` and ``"after"``. ``samples`` (accuracy, embedding fidelity) or ``tokens``
+    (perplexity) are the held-out data. Collective, like :func:`evaluate`."""
+
+    def __init__(self, model: nn.Module, task: str, metric: str, *, samples: Samples | None = None,
+                 tokens: torch.Tensor | None = None, batch_size: int = 32, max_length: int = 512,
+                 stride: int | None = None):
+        self.model, self.task, self.metric = model, task, metric
+        self.samples, self.tokens, self.batch_size = samples, tokens, batch_size
+        self.max_length, self.stride = max_length, stride
+        self.reference: torch.Tensor | None = None
+
+    def __call__(self, stage: str) -> dict[str, float]:
+        if self.metric == "embedding_fidelity" and self.reference is None:
+            if stage != "before":
+                raise ValueError("embedding_fidelity needs the dense embeddings: evaluate 'before' first")
+            self.reference = collect_outputs(self.model, self.task, self.samples, self.batch_size)
+            return {}
+        return evaluate(self.model, self.task, self.metric, samples=self.samples, tokens=self.tokens,
+                        reference=self.reference, batch_size=self.batch_size, max_length=self.max_length,
+                        stride=self.stride)
+
+    def probe_batches(self) -> list[dict[str, torch.Tensor]]:
+        """The largest batch an evaluation runs (what its forward adds to memory)."""
+        if self.samples is not None:
+            return [self.samples.largest_batch(self.batch_size)]
+        if self.tokens is not None:
+            ids = self.tokens[: self.max_length][None]
+            return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+        return []

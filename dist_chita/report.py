@@ -1,19 +1,189 @@
-"""What a run did, as ``prune_report.json`` (docs/report-format.md) and a short human summary.
+"""What a run did: the typed :class:`Report` behind ``prune_report.json``, and a short human summary.
 
-Per-rank figures (phase times, bytes sent, peak memory) are collected from
-every rank with one ``all_gather_object`` at the end; everything else is
-identical on all ranks.
+:func:`dist_chita.prune` returns a :class:`Report`; the launcher adds its own phases and the resolved config and
+writes it with :meth:`Report.to_json`; :meth:`Report.from_json` reads it back (the cost model and the scaling
+studies do). ``docs/report-format.md`` is :func:`format_markdown`'s output, checked by a test. Per-rank figures
+(phase times, bytes sent, peak memory) are lists indexed by rank, collected with one ``all_gather_object``
+(:meth:`Report.add_rank_figures`); everything else is identical on all ranks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from dist_chita.distributed import comm
+from dist_chita.fisher.driver import StageReport
+
+VERSION = 1
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass
+class LayerRow:
+    """One prunable layer."""
+
+    name: str = _doc("module name")
+    shape: list[int] = _doc("weight shape", factory=list)
+    size: int = _doc("weights in the layer", 0)
+    kept: int = _doc("weights kept (non-zero)", 0)
+    sparsity: float = _doc("share of zeros, 1 - kept / size", 0.0)
+
+
+@dataclass
+class Totals:
+    """Over all prunable weights."""
+
+    p: int = _doc("prunable weights", 0)
+    kept: int = _doc("weights kept", 0)
+    sparsity: float = _doc("share of zeros over all prunable weights", 0.0)
+
+
+@dataclass
+class Report:
+    """``prune_report.json``. Times in seconds, sizes in bytes; lists under per-rank keys are indexed by rank."""
+
+    version: int = _doc("format version", VERSION)
+    name: str | None = _doc("the run's name (run config ``name``; null from the Python API)", None)
+    config: dict | None = _doc("the resolved run config, as saved in dist_chita_config.yaml (null from the API)",
+                               None)
+    world_size: int = _doc("ranks that ran", 1)
+    threads_per_rank: int = _doc("torch threads per rank", 1)
+    device: str = _doc("device type the ranks ran on (cpu, cuda)", "cpu")
+    backend: str = _doc("collective backend (gloo on CPU, nccl on GPU)", "gloo")
+    streaming_stores: bool = _doc("whether the per-sample gradients and the factor's columns were written with the "
+                                  "compiled streaming-store kernel (dist_chita/fisher/ntstore.py: x86 CPUs with a "
+                                  "C compiler, unless DIST_CHITA_NATIVE=0); torch computes the same values without "
+                                  "it", False)
+    method: str = _doc("pruning method (chita, chita++, sparsegpt, wanda, magnitude, obd)", "chita")
+    objective: str | None = _doc("layerwise or fisher (null for magnitude pruning)", None)
+    ridge: str | None = _doc("the Fisher objective's ridge metric with auto resolved (identity or fisher_diagonal); "
+                             "null for magnitude pruning and the layerwise objective", None)
+    n: int = _doc("calibration samples", 0)
+    p: int = _doc("prunable weights", 0)
+    model_params: int = _doc("all parameters of the model", 0)
+    zero_stage: int | None = _doc("3 when DeepSpeed ZeRO-3 partitioned the parameters, else null", None)
+    param_bytes_full: int = _doc("bytes of all parameters (tied ones once)", 0)
+    storage_dtype: str = _doc("storage dtype of the Fisher factor", "float32")
+    global_: Totals = _doc("kept weights and sparsity over all prunable weights (JSON key ``global``)",
+                           factory=Totals)
+    layers: list[LayerRow] = _doc("per prunable layer, in layout order", factory=list)
+    stages: list[StageReport] = _doc(
+        "one per CHITA++ stage (one for other methods): ``sparsity`` the stage's target share of zeros (1 - N/M "
+        "for N:M; with per-layer targets their mean over the prunable weights), ``kept``, ``objective`` the "
+        "objective at the stage's result, ``magnitude_objective`` that of the solver's warm start followed by a "
+        "back-solve (Fisher: magnitude pruning with the identity ridge, the OBD saliency |w_j| sqrt(D_jj) with "
+        "the Fisher-diagonal one; layerwise CHITA: the magnitude support of every row re-fitted; null for the "
+        "baselines), ``objective_trace``, ``iterations`` (IHT; layerwise: the most any layer took), "
+        "``backsolves``, ``seconds`` and ``bytes_sent`` by phase. Layerwise: one stage whose objective is the sum "
+        "over layers and rows of 1/2 (w - w_bar)^T (H + lambda I) (w - w_bar), H = X^T X / N over the layer's "
+        "inputs through the already pruned earlier blocks", factory=list)
+    metric: dict[str, Any] = _doc("``name`` (accuracy, perplexity, embedding_fidelity, none) and the values "
+                                  "``before`` (dense), ``magnitude`` (magnitude pruning at the same targets), "
+                                  "``after``, and e.g. ``after_nn_agreement``", factory=dict)
+    phase_seconds: dict[str, list[float]] = _doc(
+        "per phase, per rank: load, allocation (OWL's pass), eval_before, magnitude_baseline, curvature "
+        "(layerwise passes), fisher (per-sample gradients with the exchange), exchange, solver, backsolve, "
+        "writeback, eval_after, save, total", factory=dict)
+    bytes_sent: dict[str, list[int]] = _doc("payload bytes each rank sent in collectives, per phase",
+                                            factory=dict)
+    solver_iterations: int = _doc("IHT iterations over all stages", 0)
+    bytes_per_solver_iteration: float = _doc("the most bytes a rank sent in phase solver, per iteration", 0.0)
+    peak_memory_bytes: list[int] = _doc("peak memory per rank (device allocations on GPU, resident set on CPU)",
+                                        factory=list)
+    param_bytes: list[int] = _doc("bytes of parameter values each rank holds at the end (its ZeRO-3 partition, "
+                                  "else the whole model)", factory=list)
+    memory_estimate_bytes: dict[str, int] = _doc(
+        "the estimate printed before the run, by part (dist_chita/planning/memory.py): factor, model, "
+        "gradient_buffer, solver, backsolve, baseline (the process's resident memory besides the model at the "
+        "start: interpreter, libraries, data; 0 on GPU), activations (the most one forward pass added, measured "
+        "before the run), total", factory=dict)
+    mask_sha256: str = _doc("sha256 of the kept-weight masks, layer by layer in layout order, as packed bits", "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=float)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Report:
+        kw = {f.name: data[f.name.rstrip("_")] for f in dataclasses.fields(cls) if f.name.rstrip("_") in data}
+        kw["global_"] = Totals(**kw.get("global_", {}))
+        kw["layers"] = [LayerRow(**row) for row in kw.get("layers", [])]
+        kw["stages"] = [StageReport(**st) for st in kw.get("stages", [])]
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
+
+    def add_rank_figures(self, seconds: Mapping[str, float], device: torch.device, param_bytes: int) -> None:
+        """Merge this rank's ``seconds`` by phase into ``phase_seconds`` (added to what is there) and set the
+        per-rank bytes sent, peak memory and parameter bytes. Collective: every rank calls it."""
+        from dist_chita.planning import memory
+
+        everyone = comm.all_gather_object({"t": dict(seconds), "b": comm.bytes_by_phase(),
+                                           "peak": memory.peak_bytes(device), "params": param_bytes})
+        for key in sorted({k for d in everyone for k in d["t"]}):
+            old = self.phase_seconds.get(key, [0.0] * len(everyone))
+            self.phase_seconds[key] = [o + d["t"].get(key, 0.0) for o, d in zip(old, everyone, strict=True)]
+        self.bytes_sent = {k: [d["b"].get(k, 0) for d in everyone] for k in sorted({k for d in everyone
+                                                                                    for k in d["b"]})}
+        self.peak_memory_bytes = [d["peak"] for d in everyone]
+        self.param_bytes = [d["params"] for d in everyone]
+        self.bytes_per_solver_iteration = max(self.bytes_sent.get("solver", [0])) / max(1, self.solver_iterations)
+
+    def summary_lines(self) -> list[str]:
+        """A few lines a person reads at the end of a run."""
+        g = self.global_
+        lines = [f"dist-chita: {self.method} on {self.world_size} rank(s), n = {self.n}, p = {g.p:,} prunable weights",
+                 f"  kept {g.kept:,} ({1 - g.sparsity:.2%}), sparsity {g.sparsity:.4f}"]
+        if self.metric.get("name") not in (None, "none"):
+            parts = [f"{k} {v:.4f}" for k, v in self.metric.items() if k != "name" and isinstance(v, float)]
+            lines.append(f"  {self.metric['name']}: " + ", ".join(parts))
+        warm = "OBD saliency" if self.ridge == "fisher_diagonal" else "magnitude"  # the solver's warm start
+        for i, st in enumerate(self.stages):
+            if st.objective is not None:
+                lines.append(f"  stage {i + 1}: " + _stage_line(st, warm))
+        ph = self.phase_seconds
+        lines.append("  time (s, max over ranks): " + ", ".join(f"{k} {max(v):.2f}" for k, v in sorted(ph.items())))
+        peak = max(self.peak_memory_bytes or [0]) / 2**30
+        est = self.memory_estimate_bytes.get("total")
+        lines.append(f"  peak memory per rank {peak:.2f} GiB" + (f" (estimate {est / 2**30:.2f} GiB)" if est else ""))
+        return lines
+
+
+def _stage_line(st: StageReport, warm: str) -> str:
+    gain = ""
+    mag = st.magnitude_objective
+    if mag is not None:  # the warm start's objective, and how much lower the solver ended
+        lower = f", {(mag - st.objective) / mag:.2%} lower" if mag > 0 else ""
+        gain = f" ({warm}+backsolve {mag:.4g}{lower})"
+    its = f", {st.iterations} IHT iterations" if st.iterations else ""  # none: a baseline
+    return f"sparsity {st.sparsity:.4f}, objective {st.objective:.4g}{gain}{its}"
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name.rstrip("_"): _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, list | tuple):
+        return [_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    return obj
 
 
 def mask_digest(masks: Mapping[str, torch.Tensor], order: Sequence[str]) -> str:
@@ -26,48 +196,32 @@ def mask_digest(masks: Mapping[str, torch.Tensor], order: Sequence[str]) -> str:
     return h.hexdigest()
 
 
-def layer_table(masks: Mapping[str, torch.Tensor], order: Sequence[str]) -> list[dict]:
+def layer_table(masks: Mapping[str, torch.Tensor], order: Sequence[str]) -> list[LayerRow]:
     """Per-layer size, kept count and sparsity."""
     rows = []
     for name in order:
         m = masks[name]
         size, kept = m.numel(), int(m.sum())
-        rows.append({"name": name, "shape": list(m.shape), "size": size, "kept": kept, "sparsity": 1 - kept / size})
+        rows.append(LayerRow(name, list(m.shape), size, kept, 1 - kept / size))
     return rows
 
 
-def gather_per_rank(local: Mapping[str, float | int]) -> dict[str, list]:
-    """{key: value on this rank} -> {key: [value on rank 0, rank 1, ...]} on every rank (collective)."""
-    everyone = comm.all_gather_object(dict(local))
-    keys = sorted({k for d in everyone for k in d})
-    return {k: [d.get(k, 0) for d in everyone] for k in keys}
+def format_markdown() -> str:
+    """``docs/report-format.md``: every key of ``prune_report.json`` with its type and meaning."""
+    out = ["# `prune_report.json`", "",
+           "Written into the output directory by `launch/prune.py` (main process only); `dist_chita.prune` returns "
+           "the same object (`dist_chita.report.Report`). Generated from `dist_chita/report.py` "
+           "(`python3 -m dist_chita.report > docs/report-format.md`).", ""]
+    for cls in (Report, Totals, LayerRow):
+        out += [f"## {cls.__name__}", "", (cls.__doc__ or "").strip(), "", "| key | type | meaning |",
+                "|---|---|---|"]
+        hints = {f.name: f.type for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):
+            doc = " ".join(f.metadata.get("doc", "").split())
+            out.append(f"| `{f.name.rstrip('_')}` | `{hints[f.name]}` | {doc} |")
+        out.append("")
+    return "\n".join(out)
 
 
-def summary_lines(report: Mapping) -> list[str]:
-    """A few lines a person reads at the end of a run."""
-    g = report["global"]
-    lines = [
-        f"dist-chita: {report['method']} on {report['world_size']} rank(s), n = {report['n']}, "
-        f"p = {g['p']:,} prunable weights",
-        f"  kept {g['kept']:,} ({1 - g['sparsity']:.2%}), sparsity {g['sparsity']:.4f}",
-    ]
-    metric = report.get("metric") or {}
-    if metric.get("name") not in (None, "none"):
-        parts = [f"{k} {v:.4f}" for k, v in metric.items() if k != "name" and isinstance(v, float)]
-        lines.append(f"  {metric['name']}: " + ", ".join(parts))
-    warm = "OBD saliency" if report.get("ridge") == "fisher_diagonal" else "magnitude"  # the solver's warm start
-    for i, st in enumerate(report["stages"]):
-        if st.get("objective") is not None:
-            mag = st.get("magnitude_objective")
-            gain = ""
-            if mag is not None:  # the warm start's objective, and how much lower the solver ended
-                lower = f", {(mag - st['objective']) / mag:.2%} lower" if mag > 0 else ""
-                gain = f" ({warm}+backsolve {mag:.4g}{lower})"
-            its = f", {st['iterations']} IHT iterations" if st.get("iterations") else ""  # none: a baseline
-            lines.append(f"  stage {i + 1}: sparsity {st['sparsity']:.4f}, objective {st['objective']:.4g}{gain}{its}")
-    ph = report["phase_seconds"]
-    lines.append("  time (s, max over ranks): " + ", ".join(f"{k} {max(v):.2f}" for k, v in ph.items()))
-    peak = max(report["peak_memory_bytes"]) / 2**30
-    est = report.get("memory_estimate_bytes", {}).get("total")
-    lines.append(f"  peak memory per rank {peak:.2f} GiB" + (f" (estimate {est / 2**30:.2f} GiB)" if est else ""))
-    return lines
+if __name__ == "__main__":
+    print(format_markdown(), end="")

@@ -30,6 +30,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from dist_chita.options import Fisher, Layerwise, Target
+from dist_chita.options import parse_nm as _parse_nm
+
 Dtype = Literal["float32", "bfloat16", "float16"]
 Task = Literal["causal-lm", "sequence-classification", "image-classification", "embedding"]
 DataFormat = Literal["hub", "builtin", "parquet", "json", "csv", "text", "imagefolder", "disk"]
@@ -111,91 +114,15 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class LayerSparsity:
-    """The sparsity of the prunable layers whose names match ``pattern`` (fnmatch, e.g. ``"*.attention.*"``)."""
+class PruneConfig(Target):
+    """What to prune and to what sparsity (:class:`dist_chita.options.Target`), with which quadratic model and
+    method. ``objective``: ``layerwise`` (each layer's reconstruction curvature; settings in ``layerwise:``) or
+    ``fisher`` (the CHITA paper's empirical Fisher of the loss; settings in ``fisher:``). ``method``: on the
+    layerwise objective ``chita``, ``sparsegpt``, ``wanda``, ``magnitude`` or ``obd``; on the Fisher objective
+    ``chita``, ``chita++`` or ``magnitude``."""
 
-    pattern: str
-    sparsity: float
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """What to prune and to what sparsity.
-
-    ``sparsity`` is the fraction of zeros, and ``granularity`` where it holds:
-    ``row`` (default: every output of every layer, ``weight[i]``, keeps the same
-    share, the comparison group of Wanda and SparseGPT), ``layer`` (each layer)
-    or ``global`` (over all prunable weights, k = (1 - sparsity) p, the CHITA
-    paper's). ``layer_sparsity`` (a list of ``{pattern, sparsity}``) sets other
-    targets for some layers: the first pattern a layer's name matches gives its
-    sparsity (with granularity row or layer; chita++ takes every layer along its
-    own schedule). ``allocation: owl`` sets every block's sparsity from the dense
-    model's outliers instead (OWL: :mod:`dist_chita.layerwise.allocation`, threshold ``owl_m``,
-    spread 2 ``owl_lambda``, mean ``sparsity``; granularity row or layer).
-    ``nm`` ("N:M") keeps N of every M consecutive weights instead (then
-    ``sparsity`` and ``granularity`` are ignored). The candidates are
-    the weights of Linear/Conv layers (:mod:`dist_chita.prunable`); ``include``
-    (null: all) / ``exclude`` are fnmatch patterns on module names, and
-    ``exclude_head`` leaves the output head dense. ``lambda`` is the ridge
-    weight lambda of the CHITA objective and ``ridge`` its metric: ``fisher_diagonal``
-    (lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag of the empirical Fisher + 1e-3 of its mean, a
-    Levenberg-Marquardt damping that keeps each weight's curvature when n << p; :func:`dist_chita.fisher.solver.solve`),
-    ``identity`` (the paper's lambda/2 ||w - w_bar||^2), or ``auto`` (default, :func:`solver_ridge`): the Fisher
-    diagonal when there are fewer than 1e-3 calibration samples per prunable weight, else the identity. chita++
-    prunes in ``stages`` steps from ``base_sparsity`` to ``sparsity`` along a polynomial schedule of
-    degree ``exponent`` (or a linear one). ``block_mode`` prunes consecutive groups of
-    layers of at most ``block_size`` weights one at a time, the global budget split among them by
-    ``block_criterion`` (:mod:`dist_chita.fisher.groups`): memory is set by the largest group's factor.
-
-    ``objective`` is the quadratic model pruned: ``layerwise`` (default: each layer's output reconstruction over
-    every calibration token, H = X^T X, its rows solved by CHITA one block of layers after another on the inputs of
-    the already pruned model, :mod:`dist_chita.layerwise.driver`; ridge ``damp`` times the mean of diag H; granularity
-    ``row``, ``layer`` (the layer's budget shared among its rows by the OBS saliency) or ``nm``, method ``chita``,
-    or the baselines ``wanda`` and ``sparsegpt`` (with ``layer`` its masks are chosen over all rows of 128-column
-    blocks, as in its paper; with ``row`` every row's share of each block) on the same inputs; ``loss``,
-    ``lambda`` and ``ridge`` are unused) or ``fisher`` (the CHITA paper's: the empirical Fisher of the model's loss
-    from n per-sample gradients, one problem over all layers; needed for global budgets, chita++ and block mode).
-    """
-
-    method: Literal["chita", "chita++", "magnitude", "wanda", "sparsegpt"] = "chita"
-    sparsity: float = 0.5
-    granularity: Literal["row", "layer", "global"] = "row"
-    layer_sparsity: tuple[LayerSparsity, ...] = ()
-    allocation: Literal["uniform", "owl"] = "uniform"
-    owl_m: float = 5.0
-    owl_lambda: float = 0.08
-    nm: str | None = None
-    include: tuple[str, ...] | None = None
-    exclude: tuple[str, ...] = ()
-    exclude_head: bool = True
-    loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
-    lambda_: float = 1e-3
-    ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
-    stages: int = 1
-    schedule: Literal["polynomial", "linear"] = "polynomial"
-    exponent: float = 3.0
-    base_sparsity: float = 0.0
-    first_order_term: bool = False
-    block_mode: bool = False
-    block_size: int = 4_000_000
-    block_criterion: Literal["magnitude", "obs"] = "magnitude"
     objective: Literal["layerwise", "fisher"] = "layerwise"
-    damp: float = 0.01
-
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """Iterative hard thresholding with active-set refinement and back-solve. ``escape_trials``: candidate
-    supports tried (one back-solve each) when IHT stalls; 0 (default) skips these escapes, which cost minutes
-    on a factor of millions of columns (:func:`dist_chita.fisher.solver.solve`)."""
-
-    max_iter: int = 200
-    tol: float = 1e-4
-    active_set_factor: float = 1.5
-    storage_dtype: Dtype = "float32"
-    backsolve: bool = True
-    escape_trials: int = 0
-    seed: int = 0
+    method: Literal["chita", "chita++", "sparsegpt", "wanda", "magnitude", "obd"] = "chita"
 
 
 @dataclass(frozen=True)
@@ -212,18 +139,44 @@ class RunConfig:
     calibration: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
-    solver: SolverConfig = field(default_factory=SolverConfig)
+    layerwise: Layerwise = field(default_factory=Layerwise)
+    fisher: Fisher = field(default_factory=Fisher)
     output: OutputConfig = field(default_factory=OutputConfig)
     world_size: int | None = 2
     threads_per_rank: int | None = None
     timeout_seconds: int = 1800
-    resume: bool = False  # chita++: continue from the last complete stage saved in resume_dir
-    resume_dir: str | None = None  # stage checkpoints of chita++; null: <output.dir>.state
-    resume_save_factor: bool = False  # also save each rank's Fisher factor after the gradient phase
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML-ready) that :func:`parse_config` turns back into an equal object."""
         return to_dict(self)
+
+    @property
+    def objective(self) -> Layerwise | Fisher:
+        """The options of the objective ``prune.objective`` names."""
+        return self.fisher if self.prune.objective == "fisher" else self.layerwise
+
+    def sections(self) -> tuple[str, ...]:
+        """The top-level keys this run reads: the objective's section and not the other's (``fisher:`` also for
+        ``method: obd``, whose saliency is the Fisher diagonal of ``fisher.loss``)."""
+        uses_fisher = self.prune.objective == "fisher" or self.prune.method == "obd"
+        skip = {"fisher"} if not uses_fisher else set()
+        if self.prune.objective == "fisher":
+            skip.add("layerwise")
+        return tuple(_key(f) for f in dataclasses.fields(self) if _key(f) not in skip)
+
+
+# Keys of the earlier flat layout, and where each went: a config written for it fails naming the new key.
+MOVED = {
+    **{f"prune.{k}": f"fisher.{k}" for k in ("loss", "lambda", "ridge", "stages", "schedule", "exponent",
+                                               "base_sparsity", "first_order_term")},
+    "prune.block_mode": "fisher.group_size (an int: prune layer groups of at most that many weights)",
+    "prune.block_size": "fisher.group_size", "prune.block_criterion": "fisher.group_criterion",
+    "prune.damp": "layerwise.damp",
+    "solver.max_iter": "fisher.max_iter or layerwise.max_iter", "solver.tol": "fisher.tol or layerwise.tol",
+    **{f"solver.{k}": f"fisher.{k}" for k in ("active_set_factor", "storage_dtype", "backsolve", "escape_trials",
+                                                "seed")},
+    **{k: f"fisher.{k}" for k in ("resume", "resume_dir", "resume_save_factor")},
+}
 
 
 # --------------------------------------------------------------------------- generic conversion
@@ -310,8 +263,10 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Inverse of :func:`from_dict`: dataclasses become dicts (keys without trailing
     underscores), tuples become lists."""
-    if dataclasses.is_dataclass(obj):
-        return {_key(f): to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if dataclasses.is_dataclass(obj):  # a class's own fields first, then those it inherits
+        own = set(type(obj).__dict__.get("__annotations__", {}))
+        fields = sorted(dataclasses.fields(obj), key=lambda f: f.name not in own)
+        return {_key(f): to_dict(getattr(obj, f.name)) for f in fields}
     if isinstance(obj, list | tuple):
         return [to_dict(x) for x in obj]
     return obj
@@ -380,97 +335,87 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-_NM = re.compile(r"^(\d+):(\d+)$")
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
 def parse_nm(nm: str) -> tuple[int, int]:
-    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights, 1 <= N < M."""
-    m = _NM.match(nm)
-    if not m or not 1 <= int(m.group(1)) < int(m.group(2)):
-        raise ConfigError(f"prune.nm: expected 'N:M' with 1 <= N < M, got {nm!r}")
-    return int(m.group(1)), int(m.group(2))
+    """``"2:4"`` -> (2, 4) (:func:`dist_chita.options.parse_nm`), a ConfigError naming ``prune.nm`` otherwise."""
+    try:
+        return _parse_nm(nm)
+    except ValueError as e:
+        raise ConfigError(f"prune.{e}") from None
+
+
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
+def _validate_data(cfg: RunConfig) -> None:
+    m, c, e = cfg.model, cfg.calibration, cfg.eval
+    if m.source == "hf":
+        _need(bool(m.path), "model.path: required when model.source is 'hf'")
+    else:
+        _need(m.factory is not None and bool(_FACTORY.match(m.factory)),
+              f"model.factory: expected 'module:function' when model.source is 'torch', got {m.factory!r}")
+        _need(bool(m.weights), "model.weights: required when model.source is 'torch'")
+    _need(bool(c.source), "calibration.source: must not be empty")
+    _need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
+    _need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
+    _need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
+    _need(c.text_column is not None or c.image_column is not None,
+          "calibration: one of text_column / image_column must be set")
+    if c.windows:
+        _need(c.text_column is not None and c.image_column is None and c.label_column is None,
+              "calibration.windows: needs text_column only (windows of tokens; no image_column or label_column)")
+        held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
+        _need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
+              "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
+              "windows take a variable number of the calibration rows)")
+    _need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
+    _need(e.max_length is None or e.max_length >= 1, f"eval.max_length: must be >= 1, got {e.max_length}")
+    window = e.max_length or c.max_length
+    _need(e.stride is None or 1 <= e.stride < window,
+          f"eval.stride: must be in [1, max_length = {window}), got {e.stride}")
+    _need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
+
+
+def _validate_prune(cfg: RunConfig) -> None:
+    p = cfg.prune
+    problems = [f"prune.{msg}" for msg in p.problems()]
+    if p.objective == "layerwise":
+        problems += [f"{'prune' if msg.startswith('method') else 'layerwise'}.{msg}"
+                     for msg in cfg.layerwise.problems(p.method)]
+        _need(p.nm is not None or p.granularity != "global",
+              "prune.granularity: global needs prune.objective=fisher (the layerwise objective prunes one layer at "
+              "a time: use granularity row or layer, or prune.nm)")
+    else:
+        problems += [f"{'prune' if msg.startswith('method') else 'fisher'}.{msg}"
+                     for msg in cfg.fisher.problems(p.method, p)]
+    _need(not problems, problems[0] if problems else "")
 
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check value ranges and cross-field consistency; return ``cfg`` unchanged."""
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
-    m, c, e, p, s = cfg.model, cfg.calibration, cfg.eval, cfg.prune, cfg.solver
-    if m.source == "hf":
-        need(bool(m.path), "model.path: required when model.source is 'hf'")
-    else:
-        need(m.factory is not None and bool(_FACTORY.match(m.factory)),
-             f"model.factory: expected 'module:function' when model.source is 'torch', got {m.factory!r}")
-        need(bool(m.weights), "model.weights: required when model.source is 'torch'")
-    need(bool(c.source), "calibration.source: must not be empty")
-    need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
-    need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
-    need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
-    need(c.text_column is not None or c.image_column is not None,
-         "calibration: one of text_column / image_column must be set")
-    if c.windows:
-        need(c.text_column is not None and c.image_column is None and c.label_column is None,
-             "calibration.windows: needs text_column only (windows of tokens; no image_column or label_column)")
-        held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
-        need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
-             "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
-             "windows take a variable number of the calibration rows)")
-    need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
-    need(e.max_length is None or e.max_length >= 1, f"eval.max_length: must be >= 1, got {e.max_length}")
-    window = e.max_length or c.max_length
-    need(e.stride is None or 1 <= e.stride < window,
-         f"eval.stride: must be in [1, max_length = {window}), got {e.stride}")
-    need(e.batch_size >= 1, f"eval.batch_size: must be >= 1, got {e.batch_size}")
-    need(0.0 <= p.sparsity < 1.0, f"prune.sparsity: must be in [0, 1), got {p.sparsity}")
-    need(0.0 <= p.base_sparsity <= p.sparsity,
-         f"prune.base_sparsity: must be in [0, prune.sparsity], got {p.base_sparsity}")
-    if p.nm is not None:
-        parse_nm(p.nm)
-    for i, rule in enumerate(p.layer_sparsity):
-        need(bool(rule.pattern), f"prune.layer_sparsity[{i}].pattern: must not be empty")
-        need(0.0 <= rule.sparsity < 1.0, f"prune.layer_sparsity[{i}].sparsity: must be in [0, 1), got {rule.sparsity}")
-    if p.layer_sparsity:
-        need(p.nm is None, "prune.layer_sparsity: sets per-layer sparsities, which N:M (prune.nm) does not use")
-        need(p.granularity != "global", "prune.layer_sparsity: needs prune.granularity row or layer (a global "
-                                        "budget has one sparsity)")
-        need(not p.block_mode, "prune.layer_sparsity: is not supported with prune.block_mode")
-    if p.allocation == "owl":
-        need(not p.layer_sparsity, "prune.allocation: owl sets every layer's sparsity; drop prune.layer_sparsity")
-        need(p.nm is None and p.granularity != "global" and not p.block_mode,
-             "prune.allocation: owl needs prune.granularity row or layer (no N:M, no block mode)")
-        need(p.owl_m > 0.0, f"prune.owl_m: must be > 0, got {p.owl_m}")
-        need(p.owl_lambda >= 0.0, f"prune.owl_lambda: must be >= 0, got {p.owl_lambda}")
-    need(p.lambda_ >= 0.0, f"prune.lambda: must be >= 0, got {p.lambda_}")
-    need(p.stages >= 1, f"prune.stages: must be >= 1, got {p.stages}")
-    need(p.damp > 0.0, f"prune.damp: must be > 0, got {p.damp}")
-    if p.method in ("wanda", "sparsegpt"):
-        need(p.objective == "layerwise", f"prune.method: {p.method} prunes each layer on its inputs; it needs "
-                                         "prune.objective=layerwise")
-    if p.objective == "layerwise":
-        need(p.method != "chita++", "prune.objective: layerwise prunes in one pass; chita++ needs "
-                                    "prune.objective=fisher")
-        need(p.nm is not None or p.granularity != "global",
-             "prune.objective: layerwise prunes one layer at a time, so it needs prune.granularity row or layer "
-             "(or prune.nm), got global; set prune.objective=fisher for a global budget")
-        need(not p.block_mode, "prune.objective: layerwise needs no block mode (it holds one block's H at a time); "
-                               "block mode is for prune.objective=fisher")
-    need(p.block_size >= 1, f"prune.block_size: must be >= 1, got {p.block_size}")
-    need(p.exponent > 0.0, f"prune.exponent: must be > 0, got {p.exponent}")
-    need(p.include is None or len(p.include) > 0, "prune.include: must list at least one pattern (or be null)")
-    need(s.max_iter >= 1, f"solver.max_iter: must be >= 1, got {s.max_iter}")
-    need(s.tol >= 0.0, f"solver.tol: must be >= 0, got {s.tol}")
-    need(s.escape_trials >= 0, f"solver.escape_trials: must be >= 0, got {s.escape_trials}")
-    need(s.active_set_factor >= 1.0, f"solver.active_set_factor: must be >= 1, got {s.active_set_factor}")
-    need(bool(cfg.output.dir), "output.dir: must not be empty")
-    need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
-    need(cfg.timeout_seconds >= 1, f"timeout_seconds: must be >= 1, got {cfg.timeout_seconds}")
-    need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,
-         f"threads_per_rank: must be >= 1, got {cfg.threads_per_rank}")
+    _validate_data(cfg)
+    _validate_prune(cfg)
+    _need(bool(cfg.output.dir), "output.dir: must not be empty")
+    _need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
+    _need(cfg.timeout_seconds >= 1, f"timeout_seconds: must be >= 1, got {cfg.timeout_seconds}")
+    _need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,
+          f"threads_per_rank: must be >= 1, got {cfg.threads_per_rank}")
     return cfg
+
+
+def _check_moved(data: dict[str, Any]) -> None:
+    """A key of the earlier flat layout (:data:`MOVED`) fails with its new name."""
+    for old, new in MOVED.items():
+        section, _, key = old.rpartition(".")
+        node = data.get(section) if section else data
+        if isinstance(node, dict) and key in node:
+            raise ConfigError(f"'{old}' moved to '{new}' (each objective's settings have their own section)")
+    if isinstance(data.get("solver"), dict):
+        raise ConfigError("the 'solver' section was split into 'fisher' and 'layerwise' (each objective's settings)")
 
 
 def parse_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -478,7 +423,9 @@ def parse_config(data: dict[str, Any] | None, overrides: list[str] | tuple[str, 
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"config must be a mapping at the top level, got {type(data).__name__}")
-    return validate(from_dict(RunConfig, apply_overrides(data, list(overrides))))
+    data = apply_overrides(data, list(overrides))
+    _check_moved(data)
+    return validate(from_dict(RunConfig, data))
 
 
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -497,20 +444,6 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 
 
 # --------------------------------------------------------------------------- config -> library arguments
-
-
-AUTO_RIDGE_SAMPLES_PER_WEIGHT = 1e-3  # ``auto``: the Fisher diagonal below n / p = 1e-3, the identity above
-
-
-def solver_ridge(ridge: str, n: int, p: int) -> str:
-    """The ridge metric the solver gets: ``ridge``, with ``auto`` resolved from n calibration samples and p prunable
-    weights: ``fisher_diagonal`` when n < 1e-3 p (then the back-solve fits the rank-n Fisher term exactly on almost any
-    support, and with the identity ridge the best support is magnitude's), else ``identity`` (the paper's). Measured:
-    MiniLM, n / p = 1.2e-5, the Fisher diagonal far better; MLPNet (n / p = 0.03) and the digits MLP (0.015), the
-    identity better."""
-    if ridge != "auto":
-        return ridge
-    return "fisher_diagonal" if n < AUTO_RIDGE_SAMPLES_PER_WEIGHT * p else "identity"
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -550,9 +483,13 @@ def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
     return out
 
 
-def config_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML: every key, in declaration order (what :func:`load_config` reads back)."""
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+def config_yaml(cfg: RunConfig, applicable: bool = False) -> str:
+    """The resolved config as YAML: every key, in declaration order (what :func:`load_config` reads back); with
+    ``applicable`` only the sections this run reads (:meth:`RunConfig.sections`)."""
+    d = cfg.to_dict()
+    if applicable:
+        d = {k: v for k, v in d.items() if k in cfg.sections()}
+    return yaml.safe_dump(d, sort_keys=False)
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:

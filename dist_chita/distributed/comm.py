@@ -17,6 +17,7 @@ communication per phase and per solver iteration.
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,11 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def local_world_size() -> int:
+    """Ranks on this node (the launcher's ``LOCAL_WORLD_SIZE``; all of them when it does not say)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def is_main() -> bool:

@@ -231,11 +231,62 @@ class Samples:
         tokens, else the first ones, all of one size)."""
         return next(iter_microbatches(self, 0, len(self), batch_size, longest_first=True))[0]
 
+    def digest(self) -> str:
+        """sha256 of the samples' tensors (names, shapes, dtypes, values): the same data, the same digest."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for k in sorted(self.fields):
+            v = self.fields[k].contiguous()
+            h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+            h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        return h.hexdigest()
+
     def select(self, indices: Sequence[int] | torch.Tensor) -> Samples:
         """A new Samples with only the samples at ``indices``."""
         idx = torch.as_tensor(indices, dtype=torch.long, device="cpu")
         texts = None if self.texts is None else [self.texts[i] for i in idx.tolist()]
         return Samples({k: v[idx] for k, v in self.fields.items()}, self.rows[idx], texts, self.trim_padding)
+
+
+def as_samples(calibration) -> Samples:
+    """The calibration samples of :func:`dist_chita.prune` as :class:`Samples`: a Samples as it is; a mapping of
+    tensors with first dimension n (a tokenizer's padded output, ``pixel_values``, ``labels``: token fields are
+    trimmed to each micro-batch's attended positions); or a sequence of per-sample mappings of tensors (token
+    fields of different lengths are right-padded with 0 and given an ``attention_mask`` where missing)."""
+    if isinstance(calibration, Samples):
+        return calibration
+    if isinstance(calibration, dict) or hasattr(calibration, "keys"):
+        fields = {k: torch.as_tensor(v) for k, v in dict(calibration).items()}
+    elif isinstance(calibration, Sequence) and calibration and all(hasattr(x, "keys") for x in calibration):
+        fields = _stack_samples(calibration)
+    else:
+        raise ValueError("calibration: expected Samples, a mapping of tensors with first dimension n, or a "
+                         f"non-empty sequence of per-sample mappings; got {type(calibration).__name__}")
+    sizes = {k: v.shape[0] if v.dim() else 0 for k, v in fields.items()}
+    if not fields or len(set(sizes.values())) != 1 or 0 in sizes.values():
+        raise ValueError(f"calibration: every field needs the same first dimension n >= 1, got {sizes}")
+    n = next(iter(sizes.values()))
+    return Samples(fields, torch.arange(n), trim_padding="attention_mask" in fields)
+
+
+_TOKEN_FIELDS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _stack_samples(items: Sequence) -> dict[str, torch.Tensor]:
+    keys = list(items[0].keys())
+    if any(list(x.keys()) != keys for x in items):
+        raise ValueError("calibration: every sample needs the same fields")
+    rows = {k: [torch.as_tensor(x[k]) for x in items] for k in keys}
+    if "input_ids" in rows and "attention_mask" not in rows:
+        rows["attention_mask"] = [torch.ones_like(t) for t in rows["input_ids"]]
+    fields = {}
+    for k, vals in rows.items():
+        if k in _TOKEN_FIELDS:
+            width = max(v.shape[-1] for v in vals)
+            vals = [torch.nn.functional.pad(v.reshape(-1), (0, width - v.numel())) for v in vals]
+        fields[k] = torch.stack(vals)
+    return fields
 
 
 def prepare_samples(

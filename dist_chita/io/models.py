@@ -93,6 +93,21 @@ def _check_task(task: str) -> None:
         raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
 
 
+def infer_task(model: nn.Module) -> str:
+    """The task of a model given without one: from a Hugging Face model's class (``...ForCausalLM`` ->
+    ``causal-lm``, ``...ForSequenceClassification``, ``...ForImageClassification``; a bare encoder ->
+    ``embedding``); a plain torch model's output is used as it is, as a classifier's logits."""
+    if not is_hf(model):
+        return "image-classification"
+    name = type(model).__name__
+    for suffix, task in (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"),
+                         ("ForSequenceClassification", "sequence-classification"),
+                         ("ForImageClassification", "image-classification")):
+        if name.endswith(suffix):
+            return task
+    return "embedding"
+
+
 def resolve_hf_path(path: str) -> str:
     """A builtin model name -> its local directory; a local path must exist; anything else is a hub id."""
     if path in BUILTIN_MODELS:

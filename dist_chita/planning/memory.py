@@ -27,7 +27,7 @@ import math
 import os
 import resource
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -189,11 +189,62 @@ def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage
     """One line saying how to make a run that does not fit, fit."""
     tips = [f"use fewer calibration samples (n = {n})"]
     if storage_dtype == "float32":
-        tips.append("store the factor in bfloat16 (solver.storage_dtype=bfloat16, halves it)")
+        tips.append("store the factor in bfloat16 (storage_dtype bfloat16 halves it)")
     tips.append(f"run on more ranks (now {world_size})")
-    tips.append("prune in block mode (prune.block_mode=true: one group of layers at a time)")
+    tips.append("prune one group of layers at a time (group_size: the most weights in a group)")
     gib = 1024**3
     return (
         f"estimated {est.total / gib:.2f} GiB per rank (factor {est.factor / gib:.2f} GiB) exceeds the "
         f"{available / gib:.2f} GiB available: " + "; ".join(tips)
     )
+
+
+def estimate_run(
+    *,
+    objective: str,
+    p: int,
+    n: int,
+    world_size: int,
+    sizes: list[int],
+    model_params: int,
+    micro_batch: int,
+    storage_dtype: str = "float32",
+    active_set_factor: float = 1.5,
+    mean_sparsity: float = 0.5,
+    group_size: int | None = None,
+    layerwise_solver: int = 0,
+    cached_block_bytes: int = 0,
+    activations: int = 0,
+    dense_copy: bool = False,
+    model_sharded: bool = False,
+    baseline: int = 0,
+) -> MemoryEstimate:
+    """The estimate of one prune per rank, by objective:
+
+    * ``fisher``: :func:`estimate` for the factor of all p weights, or of the largest layer group with
+      ``group_size`` (:func:`dist_chita.fisher.groups.largest_group`);
+    * ``layerwise``: no factor, no per-sample gradients and no back-solve; the solver part is
+      ``layerwise_solver`` (one block's H and one layer's solve, :func:`dist_chita.layerwise.driver.memory_bytes`)
+      plus the cached inputs of two blocks for this rank's micro-batches (``cached_block_bytes`` per micro-batch);
+    * ``magnitude``: the model and the baseline only.
+
+    ``activations``: the largest forward's measured growth; ``dense_copy``: the dense prunable weights are kept
+    (float32) while a magnitude baseline is evaluated."""
+    from dist_chita.fisher.groups import largest_group
+
+    est = estimate(p=largest_group(sizes, group_size) if group_size is not None else p, n=n,
+                   world_size=world_size, storage_dtype=storage_dtype, model_params=model_params,
+                   largest_layer=max(sizes), micro_batch=micro_batch,
+                   active_fraction=0.0 if objective == "magnitude" else min(1.0, active_set_factor
+                                                                            * (1 - mean_sparsity)),
+                   model_sharded=model_sharded, baseline=baseline)
+    est = replace(est, activations=activations)
+    if objective == "magnitude":
+        est = replace(est, factor=0, gradient_buffer=0, backsolve=0)
+    elif objective == "layerwise":
+        batches = math.ceil(math.ceil(n / micro_batch) / world_size)
+        est = replace(est, factor=0, gradient_buffer=0, backsolve=0,
+                      solver=layerwise_solver + 2 * batches * cached_block_bytes)
+    if dense_copy:
+        est = replace(est, model=est.model + 4 * p)
+    return est

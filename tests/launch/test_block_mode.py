@@ -1,5 +1,5 @@
-"""launch/prune.py with prune.block_mode: the layers are pruned one group at a time, the budget is met exactly,
-and the memory estimate is that of the largest group's factor."""
+"""launch/prune.py with fisher.group_size (layer groups): the layers are pruned one group at a time, the budget is
+met exactly, and the memory estimate is that of the largest group's factor."""
 
 import json
 import subprocess
@@ -23,10 +23,10 @@ def test_block_mode_run(tmp_path):
            "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                            "label_column": "label", "n": 40, "batch_size": 16},
            "eval": {"metric": "accuracy", "n": 300, "compare_magnitude": False},
-           "prune": {"objective": "fisher",
-                     "sparsity": 0.7, "loss": "ce", "exclude_head": False, "block_mode": True, "block_size": 700,
-                     "block_criterion": "obs", "granularity": "global", "ridge": "identity"},  # one global budget
-           "solver": {"max_iter": 10}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
+           "prune": {"objective": "fisher", "sparsity": 0.7, "exclude_head": False,
+                     "granularity": "global"},  # one global budget
+           "fisher": {"loss": "ce", "group_size": 700, "group_criterion": "obs", "ridge": "identity", "max_iter": 10},
+           "output": {"dir": str(tmp_path / "out")}, "world_size": None,
            "threads_per_rank": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     res = subprocess.run([sys.executable, "launch/prune.py", "--config", str(tmp_path / "run.yaml")], cwd=ROOT,

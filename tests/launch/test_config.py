@@ -7,18 +7,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_chita.options import resolve_ridge
 from launch.config import (
     ConfigError,
     ModelConfig,
     RunConfig,
     calibration_kwargs,
+    config_yaml,
     eval_kwargs,
     load_config,
     model_kwargs,
     parse_config,
     parse_nm,
     save_config,
-    solver_ridge,
     yaml_load,
 )
 
@@ -51,15 +52,13 @@ def test_layer_sparsity_rules():
         ({"layer_sparsity": [{"patern": "a*", "sparsity": 0.1}]},
          r"unknown key 'prune\.layer_sparsity\[0\]\.patern' \(did you mean 'prune\.layer_sparsity\[0\]\.pattern'"),
         ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "granularity": "global", "objective": "fisher"},
-         "needs prune.granularity row or layer"),
+         "needs granularity row or layer"),
         ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "nm": "2:4"}, "N:M"),
-        ({"layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}], "block_mode": True, "objective": "fisher"},
-         "block_mode"),
     ]
     owl = {"allocation": "owl"}
     bad += [
-        ({**owl, "layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}]}, "drop prune.layer_sparsity"),
-        ({**owl, "granularity": "global", "objective": "fisher"}, "owl needs prune.granularity row or layer"),
+        ({**owl, "layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}]}, "drop layer_sparsity"),
+        ({**owl, "granularity": "global", "objective": "fisher"}, "owl needs granularity row or layer"),
         ({**owl, "nm": "2:4"}, "owl needs"),
         ({**owl, "owl_m": 0.0}, r"prune\.owl_m: must be > 0"),
         ({**owl, "owl_lambda": -0.1}, r"prune\.owl_lambda: must be >= 0"),
@@ -68,11 +67,14 @@ def test_layer_sparsity_rules():
     for prune, message in bad:
         with pytest.raises(ConfigError, match=message):
             parse_config({"prune": prune})
+    with pytest.raises(ConfigError, match="fisher.group_size: layer groups share one global budget"):
+        parse_config({"prune": {"objective": "fisher", "layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}]},
+                      "fisher": {"group_size": 1000}})
 
 
 def test_unknown_key_names_full_path_and_the_nearest_key():
-    with pytest.raises(ConfigError, match=r"^unknown key 'solver\.max_iterz' \(did you mean 'solver\.max_iter'\?\)$"):
-        parse_config({"solver": {"max_iterz": 3}})
+    with pytest.raises(ConfigError, match=r"^unknown key 'fisher\.max_iterz' \(did you mean 'fisher\.max_iter'\?\)$"):
+        parse_config({"fisher": {"max_iterz": 3}})
     with pytest.raises(ConfigError, match=r"^unknown key 'colour'$"):  # nothing close: no suggestion
         parse_config({"colour": 1})
     with pytest.raises(ConfigError, match=r"unknown key 'prune\.sparsityy' \(did you mean 'prune\.sparsity'\?\)"):
@@ -84,16 +86,16 @@ def test_unknown_key_names_full_path_and_the_nearest_key():
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"solver": {"max_iter": "ten"}}, r"^solver\.max_iter: expected int, got str$"),
-        ({"solver": {"max_iter": 2.5}}, r"solver\.max_iter: expected int, got float"),
-        ({"solver": {"max_iter": True}}, r"solver\.max_iter: expected int, got bool"),
-        ({"solver": {"backsolve": "yes"}}, r"solver\.backsolve: expected bool, got str"),
+        ({"fisher": {"max_iter": "ten"}}, r"^fisher\.max_iter: expected int, got str$"),
+        ({"layerwise": {"max_iter": 2.5}}, r"layerwise\.max_iter: expected int, got float"),
+        ({"fisher": {"max_iter": True}}, r"fisher\.max_iter: expected int, got bool"),
+        ({"fisher": {"backsolve": "yes"}}, r"fisher\.backsolve: expected bool, got str"),
         ({"prune": {"sparsity": "half"}}, r"prune\.sparsity: expected float, got str"),
         ({"prune": {"include": "fc1*"}}, r"prune\.include: expected list of str, got str"),
         ({"prune": {"include": ["a", 3]}}, r"prune\.include\[1\]: expected str, got int"),
         ({"prune": 0.5}, r"^prune: expected a mapping, got float$"),
         ({"model": {"dtype": "int8"}}, r"model\.dtype: expected one of 'float32', 'bfloat16', 'float16', got 'int8'"),
-        ({"solver": {"tol": None}}, r"solver\.tol: expected float, got NoneType"),
+        ({"fisher": {"tol": None}}, r"fisher\.tol: expected float, got NoneType"),
     ],
 )
 def test_wrong_type_names_key_and_expected_type(data, message):
@@ -110,12 +112,12 @@ def test_wrong_type_names_key_and_expected_type(data, message):
     ("fisher_diagonal", 1000, 32_360, "fisher_diagonal"),
 ])
 def test_auto_ridge_is_the_fisher_diagonal_below_one_sample_per_thousand_weights(ridge, n, p, expected):
-    assert solver_ridge(ridge, n, p) == expected
+    assert resolve_ridge(ridge, n, p) == expected
 
 
 def test_int_is_accepted_for_float_and_converted():
-    cfg = parse_config({"prune": {"lambda": 1}})
-    assert cfg.prune.lambda_ == 1.0 and isinstance(cfg.prune.lambda_, float)
+    cfg = parse_config({"fisher": {"lambda": 1}})
+    assert cfg.fisher.lambda_ == 1.0 and isinstance(cfg.fisher.lambda_, float)
 
 
 @pytest.mark.parametrize(
@@ -124,30 +126,33 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.sparsity=1.0"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["prune.sparsity=-0.1"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["calibration.n=0"], r"calibration\.n: must be >= 1"),
-        (["prune.method=obs"], r"prune\.method: expected one of 'chita', 'chita\+\+', 'magnitude', 'wanda', "
-                               r"'sparsegpt'"),
-        (["prune.method=wanda", "prune.objective=fisher"], r"prune\.method: wanda prunes each layer on its inputs"),
-        (["prune.loss=mse"], r"prune\.loss: expected one of"),
+        (["prune.method=obs"], r"prune\.method: expected one of 'chita', 'chita\+\+', 'sparsegpt', 'wanda', "
+                               r"'magnitude', 'obd'"),
+        (["prune.method=wanda", "prune.objective=fisher"],
+         r"prune\.method: 'wanda' is not a Fisher-objective method \(one of chita, chita\+\+, magnitude\)"),
+        (["fisher.loss=mse"], r"fisher\.loss: expected one of"),
         (["eval.metric=f1"], r"eval\.metric: expected one of"),
         (["prune.nm=4:2"], r"prune\.nm: expected 'N:M' with 1 <= N < M, got '4:2'"),
         (["prune.nm=2:2"], r"prune\.nm: expected 'N:M'"),
         (["prune.nm=two"], r"prune\.nm: expected 'N:M'"),
-        (["solver.active_set_factor=0.5"], r"solver\.active_set_factor: must be >= 1"),
-        (["solver.max_iter=0"], r"solver\.max_iter: must be >= 1"),
-        (["prune.lambda=-1"], r"prune\.lambda: must be >= 0"),
-        (["prune.base_sparsity=0.8"], r"prune\.base_sparsity"),
+        (["prune.objective=fisher", "fisher.active_set_factor=0.5"], r"fisher\.active_set_factor: must be >= 1"),
+        (["layerwise.max_iter=0"], r"layerwise\.max_iter: must be >= 1"),
+        (["prune.objective=fisher", "fisher.max_iter=0"], r"fisher\.max_iter: must be >= 1"),
+        (["prune.objective=fisher", "fisher.lambda=-1"], r"fisher\.lambda: must be >= 0"),
+        (["prune.objective=fisher", "fisher.base_sparsity=0.8"], r"fisher\.base_sparsity"),
+        (["prune.objective=fisher", "fisher.group_size=0"], r"fisher\.group_size: must be >= 1"),
         (["world_size=0"], r"world_size: must be >= 1"),
         (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
         (["calibration.text_column=null"], r"one of text_column / image_column"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
-        (["prune.ridge=diagonal"], r"prune\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
+        (["fisher.ridge=diagonal"], r"fisher\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
         (["prune.objective=hessian"], r"prune\.objective: expected one of 'layerwise', 'fisher'"),
-        (["prune.damp=0"], r"prune\.damp: must be > 0"),
-        (["prune.objective=layerwise", "prune.method=chita++"], r"layerwise prunes in one pass"),
+        (["layerwise.damp=0"], r"layerwise\.damp: must be > 0"),
+        (["prune.objective=layerwise", "prune.method=chita++"],
+         r"prune\.method: 'chita\+\+' is not a layerwise method"),
         (["prune.objective=layerwise", "prune.granularity=global"],
-         r"layerwise prunes one layer at a time, so it needs prune\.granularity row or layer"),
-        (["prune.objective=layerwise", "prune.block_mode=true"], r"layerwise needs no block mode"),
+         r"prune\.granularity: global needs prune\.objective=fisher"),
         (["calibration.windows=true"], r"calibration\.windows: the held-out data must come from another"),
         (["calibration.windows=true", "calibration.label_column=label", "eval.split=test"],
          r"calibration\.windows: needs text_column only"),
@@ -166,11 +171,11 @@ def test_baselines_parse_where_they_apply():
 
 
 def test_overrides_flat_nested_and_yaml_scalars():
-    cfg = parse_config(MLP, ["prune.sparsity=0.75", "solver.max_iter=7", "prune.nm=2:4", "world_size=4",
-                             "eval.n=null", "prune.include=[fc1*, fc2*]", "name=x", "prune.lambda=1e-2"])
-    assert cfg.prune.sparsity == 0.75 and cfg.solver.max_iter == 7 and cfg.world_size == 4
+    cfg = parse_config(MLP, ["prune.sparsity=0.75", "fisher.max_iter=7", "prune.nm=2:4", "world_size=4",
+                             "eval.n=null", "prune.include=[fc1*, fc2*]", "name=x", "fisher.lambda=1e-2"])
+    assert cfg.prune.sparsity == 0.75 and cfg.fisher.max_iter == 7 and cfg.world_size == 4
     assert cfg.prune.nm == "2:4" and parse_nm(cfg.prune.nm) == (2, 4)
-    assert cfg.prune.include == ("fc1*", "fc2*") and cfg.prune.lambda_ == 0.01 and cfg.name == "x"
+    assert cfg.prune.include == ("fc1*", "fc2*") and cfg.fisher.lambda_ == 0.01 and cfg.name == "x"
     assert cfg.eval.n is None
     # untouched values survive, and the input dict is not modified
     assert cfg.model.factory == "dist_chita.zoo:mlpnet" and "prune" not in MLP
@@ -194,10 +199,11 @@ def test_nm_stays_a_string_in_yaml():
 
 
 def test_round_trip(tmp_path):
-    cfg = parse_config(MLP, ["prune.nm=2:4", "prune.method=chita++", "prune.objective=fisher", "prune.stages=3",
+    cfg = parse_config(MLP, ["prune.nm=2:4", "prune.method=chita++", "prune.objective=fisher", "fisher.stages=3",
                              "eval.n=100", "threads_per_rank=1", "prune.include=[a*]"])
     d = cfg.to_dict()
-    assert d["prune"]["lambda"] == cfg.prune.lambda_ and "lambda_" not in d["prune"]
+    assert d["fisher"]["lambda"] == cfg.fisher.lambda_ and "lambda_" not in d["fisher"]
+    assert list(d["prune"])[:2] == ["objective", "method"]
     assert isinstance(d["prune"]["include"], list)
     assert parse_config(d) == cfg
     save_config(cfg, tmp_path / "resolved.yaml")
@@ -236,7 +242,9 @@ def test_configs_present():
     mlp = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
     assert (mlp.model.factory, mlp.calibration.source, mlp.calibration.n, mlp.prune.sparsity) == (
         "dist_chita.zoo:mlpnet", "builtin:mnist", 1000, 0.9)
-    assert (ROOT / mlp.model.weights).resolve() == (ROOT.parent / "shared/models/mlpnet-mnist/model.safetensors")
+    from dist_chita.io.models import resolve_weights
+
+    assert resolve_weights(mlp.model.weights).is_file()  # shipped with the package: a fresh clone runs it
 
 
 def test_library_kwargs_match_signatures():
@@ -263,3 +271,32 @@ def test_eval_kwargs_disjoint_from_calibration():
     other_source = eval_kwargs(parse_config({}, ["eval.source=held.parquet", "eval.text_column=body"]))
     assert (other_source["source"], other_source["offset"], other_source["text_column"]) == ("held.parquet", 0, "body")
     assert eval_kwargs(parse_config({}))["offset"] == 128  # default: the pydoc paragraphs after the calibration ones
+
+
+def test_keys_of_the_earlier_flat_layout_name_their_new_home():
+    from launch.config import MOVED
+
+    for old, new in MOVED.items():
+        with pytest.raises(ConfigError, match=f"^'{old}' moved to '{new.split()[0]}"):
+            parse_config({}, [f"{old}=1"])
+        for key in new.replace(" or ", " ").split(" (")[0].split():  # the new key exists
+            section, name = key.split(".")
+            assert name in parse_config({}).to_dict()[section], key
+    with pytest.raises(ConfigError, match="'solver' section was split into 'fisher' and 'layerwise'"):
+        parse_config({"solver": {}})
+
+
+def test_printed_config_holds_the_sections_the_run_reads():
+    default = yaml.safe_load(config_yaml(parse_config({}), applicable=True))
+    assert "layerwise" in default and "fisher" not in default  # the default objective is layerwise
+    fisher = yaml.safe_load(config_yaml(parse_config({}, ["prune.objective=fisher"]), applicable=True))
+    assert "fisher" in fisher and "layerwise" not in fisher
+    obd = yaml.safe_load(config_yaml(parse_config({}, ["prune.method=obd"]), applicable=True))
+    assert {"fisher", "layerwise"} <= set(obd)  # OBD's saliency is the Fisher diagonal of fisher.loss
+    full = yaml.safe_load(config_yaml(parse_config({})))
+    assert {"fisher", "layerwise"} <= set(full) and parse_config(full) == parse_config({})
+
+
+def test_default_yaml_sets_only_what_its_run_reads():
+    text = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    assert set(text) <= set(parse_config({}).sections())

@@ -25,8 +25,8 @@ def _config(tmp_path):
            "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                            "label_column": "label", "n": 40, "batch_size": 16},
            "eval": {"metric": "none"},
-           "prune": {"sparsity": 0.7, "loss": "ce", "exclude_head": False, "objective": "fisher"},
-           "solver": {"max_iter": 5}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
+           "prune": {"sparsity": 0.7, "exclude_head": False, "objective": "fisher"},
+           "fisher": {"loss": "ce", "max_iter": 5}, "output": {"dir": str(tmp_path / "out")}, "world_size": None,
            "threads_per_rank": 1}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     return tmp_path / "run.yaml"
@@ -44,7 +44,7 @@ def test_refuses_with_advice_when_the_estimate_exceeds_available_memory(tmp_path
     assert "memory estimate per rank" in res.stdout  # printed before refusing
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: estimated "), res.stderr
-    for remedy in ("fewer calibration samples (n = 40)", "bfloat16", "more ranks", "block mode"):
+    for remedy in ("fewer calibration samples (n = 40)", "bfloat16", "more ranks", "one group of layers at a time"):
         assert remedy in err[0]
     assert not (tmp_path / "out").exists()
 
@@ -75,17 +75,17 @@ def test_available_memory_override(monkeypatch):
 
 _PROBE = """
 import json, sys, torch
-from launch.config import parse_config
-from launch.prune import forward_activations
+from dist_chita.api import largest_forward_bytes
 from dist_chita.io.data import Samples
 torch.manual_seed(0)
 wide = torch.nn.Sequential(torch.nn.Linear(8, 2**17), torch.nn.ReLU(), torch.nn.Linear(2**17, 2))
 samples = Samples({"pixel_values": torch.randn(64, 8)}, torch.arange(64))
 out = []
-for overrides, held_out in json.loads(sys.argv[1]):
-    cfg = parse_config(None, overrides)
-    out.append(forward_activations(cfg, wide, "image-classification", torch.device("cpu"), samples,
-                                   {"samples": samples} if held_out else {}, False) / 2**20)
+for calibration_batch, eval_batch in json.loads(sys.argv[1]):
+    calibration = samples.largest_batch(calibration_batch) if calibration_batch else None
+    probes = [samples.largest_batch(eval_batch)] if eval_batch else []
+    forward = lambda batch: wide(batch["pixel_values"])
+    out.append(largest_forward_bytes(forward, calibration, probes, torch.device("cpu")) / 2**20)
 print(json.dumps(out))
 """
 
@@ -96,11 +96,11 @@ def test_forward_activations_measures_the_largest_forward():
     own, with a fixed mmap threshold (freed batches go back to the system, so each measurement starts afresh)."""
     import json
 
-    runs = [(["calibration.batch_size=1", "eval.batch_size=1"], True),  # one-time costs (kernels) out of the way
-            (["calibration.batch_size=48", "eval.batch_size=8"], True),
-            (["calibration.batch_size=8", "eval.batch_size=48"], True),
-            (["calibration.batch_size=8", "eval.batch_size=8"], True),
-            (["prune.method=magnitude", "eval.metric=none", "eval.batch_size=48"], False)]
+    runs = [(1, 1),  # one-time costs (kernels) out of the way
+            (48, 8),  # (calibration micro-batch, evaluation batch)
+            (8, 48),
+            (8, 8),
+            (None, None)]  # no calibration pass (magnitude pruning) and no metric
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(runs)], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)

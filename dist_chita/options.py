@@ -1,0 +1,218 @@
+"""What to prune and how: the typed options of :func:`dist_chita.prune`.
+
+Three frozen dataclasses, each with the defaults users get (the run config's sections are these classes, so a
+default lives in one place):
+
+* :class:`Target`: which weights and to what sparsity (``prune:`` in a run config);
+* :class:`Layerwise`: the layerwise objective, each layer's reconstruction curvature H = X^T X solved row by row
+  (``layerwise:``);
+* :class:`Fisher`: the CHITA paper's objective, the empirical Fisher of the loss from n per-sample gradients, one
+  problem over all layers (``fisher:``).
+
+Methods per objective: :data:`LAYERWISE_METHODS` and :data:`FISHER_METHODS`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Granularity = Literal["row", "layer", "global"]
+StorageDtype = Literal["float32", "bfloat16", "float16"]
+LAYERWISE_METHODS = ("chita", "sparsegpt", "wanda", "magnitude", "obd")
+FISHER_METHODS = ("chita", "chita++", "magnitude")
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(nm: str) -> tuple[int, int]:
+    """``"2:4"`` -> (2, 4): keep N of every M consecutive weights, 1 <= N < M."""
+    m = _NM.match(nm)
+    if not m or not 1 <= int(m.group(1)) < int(m.group(2)):
+        raise ValueError(f"nm: expected 'N:M' with 1 <= N < M, got {nm!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    """The sparsity of the prunable layers whose names match ``pattern`` (fnmatch, e.g. ``"*.attention.*"``)."""
+
+    pattern: str
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """Which weights are pruned and to what sparsity.
+
+    ``sparsity`` is the share of zeros and ``granularity`` where it holds: ``row`` (every output row of every layer,
+    ``weight[i]``, keeps the same share: Wanda's comparison group), ``layer`` (each layer) or ``global`` (over all
+    prunable weights, k = (1 - sparsity) p, the CHITA paper's; Fisher objective only). ``nm`` ("N:M") keeps N of
+    every M consecutive weights of a row instead (``sparsity`` and ``granularity`` are then unused).
+    ``layer_sparsity`` gives the layers whose name matches a pattern their own target (the first match wins);
+    ``allocation: owl`` sets every block's sparsity from the dense model's outliers (OWL, Yin et al. 2024: layers
+    whose |W_ij| ||X_j|| exceed ``owl_m`` times the block's mean keep more, spread 2 ``owl_lambda``, mean
+    ``sparsity``). The candidates are the weights of Linear, Conv and transformers' Conv1D layers; ``include``
+    (None: all) and ``exclude`` are fnmatch patterns on module names, and ``exclude_head`` leaves an output head
+    dense (embeddings are never pruned).
+    """
+
+    sparsity: float = 0.5
+    granularity: Granularity = "row"
+    nm: str | None = None
+    layer_sparsity: tuple[LayerSparsity, ...] = ()
+    allocation: Literal["uniform", "owl"] = "uniform"
+    owl_m: float = 5.0
+    owl_lambda: float = 0.08
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    exclude_head: bool = True
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values (empty when nothing), each naming its field."""
+        out = []
+        if not 0.0 <= self.sparsity < 1.0:
+            out.append(f"sparsity: must be in [0, 1), got {self.sparsity}")
+        if self.nm is not None:
+            try:
+                parse_nm(self.nm)
+            except ValueError as e:
+                out.append(str(e))
+        for i, rule in enumerate(self.layer_sparsity):
+            if not rule.pattern:
+                out.append(f"layer_sparsity[{i}].pattern: must not be empty")
+            if not 0.0 <= rule.sparsity < 1.0:
+                out.append(f"layer_sparsity[{i}].sparsity: must be in [0, 1), got {rule.sparsity}")
+        if self.layer_sparsity and self.nm is not None:
+            out.append("layer_sparsity: sets per-layer sparsities, which N:M (nm) does not use")
+        if self.layer_sparsity and self.granularity == "global":
+            out.append("layer_sparsity: needs granularity row or layer (a global budget has one sparsity)")
+        if self.allocation == "owl":
+            if self.layer_sparsity:
+                out.append("allocation: owl sets every layer's sparsity; drop layer_sparsity")
+            if self.nm is not None or self.granularity == "global":
+                out.append("allocation: owl needs granularity row or layer (no N:M)")
+            if not self.owl_m > 0.0:
+                out.append(f"owl_m: must be > 0, got {self.owl_m}")
+            if not self.owl_lambda >= 0.0:
+                out.append(f"owl_lambda: must be >= 0, got {self.owl_lambda}")
+        if self.include is not None and not self.include:
+            out.append("include: must list at least one pattern (or be null)")
+        return out
+
+    @property
+    def nm_pair(self) -> tuple[int, int] | None:
+        """``nm`` as (N, M), or None."""
+        return parse_nm(self.nm) if self.nm else None
+
+
+@dataclass(frozen=True)
+class Layerwise:
+    """The layerwise objective: each layer's output reconstruction over every calibration token,
+    1/(2N) ||X (W - W_bar)^T||^2 with H = X^T X (the curvature of SparseGPT and OBS), pruned block after block on
+    the inputs of the already pruned model. Needs no per-sample gradients: memory is the model plus one block's H.
+
+    ``damp``: the ridge lambda of a layer is ``damp`` times the mean of diag H (SparseGPT's damping too);
+    ``max_iter``: IHT steps of CHITA per chunk of rows; ``tol``: a row stops when its objective decreases by less
+    than ``tol`` times itself.
+    """
+
+    damp: float = 0.01
+    max_iter: int = 200
+    tol: float = 1e-4
+
+    def problems(self, method: str) -> list[str]:
+        out = []
+        if method not in LAYERWISE_METHODS:
+            out.append(f"method: {method!r} is not a layerwise method (one of {', '.join(LAYERWISE_METHODS)})")
+        if not self.damp > 0.0:
+            out.append(f"damp: must be > 0, got {self.damp}")
+        if self.max_iter < 1:
+            out.append(f"max_iter: must be >= 1, got {self.max_iter}")
+        if not self.tol >= 0.0:
+            out.append(f"tol: must be >= 0, got {self.tol}")
+        return out
+
+
+@dataclass(frozen=True)
+class Fisher:
+    """The CHITA paper's objective: the local quadratic model of the loss from n per-sample gradients,
+    min 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 subject to the budget, one problem over all layers.
+
+    ``loss``: the per-sample loss l_i whose gradients are the rows of A: ``ce`` (labels), ``causal_lm``,
+    ``sampled`` (labels drawn from the model's own predictive distribution) or ``gn_probe`` (models without
+    labels: g_i = grad of v_i . f(x_i) with seeded random v_i, whose expectation is the Gauss-Newton matrix).
+    ``lambda_`` (``lambda`` in YAML) and ``ridge``: the ridge term, ``identity`` (the paper's
+    lambda/2 ||w - w_bar||^2), ``fisher_diagonal`` (lambda/2 (w - w_bar)^T D (w - w_bar), D = diag(A^T A) + 1e-3 of
+    its mean, which keeps each weight's curvature when n << p) or ``auto`` (the Fisher diagonal below 1e-3
+    calibration samples per prunable weight, else the identity). ``first_order_term``: keep the gradient term
+    (y = A w_bar - 1/sqrt(n)). CHITA++ (method ``chita++``) prunes in ``stages`` steps from ``base_sparsity``
+    along a ``schedule`` (polynomial of degree ``exponent``, or linear), recomputing the gradients at the pruned
+    weights. ``group_size``: prune consecutive groups of layers of at most this many weights one at a time (the
+    budget split among them by ``group_criterion``), so memory is set by the largest group's factor; None: all at
+    once. ``storage_dtype``: the factor's storage. Solver: ``max_iter`` IHT iterations over the whole solve, stop
+    when f decreases by less than ``tol`` f, an active set of ``active_set_factor`` k coordinates, ``backsolve``
+    the ridge problem exactly on the support, ``escape_trials`` candidate supports tried (one back-solve each) when
+    IHT stalls. ``seed``: the seed of sampled labels and probe vectors. ``resume``: continue a CHITA++ run from
+    the last stage saved in ``resume_dir`` (None: beside the output directory); ``resume_save_factor`` also saves
+    each rank's factor after its gradient phase.
+    """
+
+    loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
+    lambda_: float = 1e-3
+    ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
+    first_order_term: bool = False
+    stages: int = 1
+    schedule: Literal["polynomial", "linear"] = "polynomial"
+    exponent: float = 3.0
+    base_sparsity: float = 0.0
+    group_size: int | None = None
+    group_criterion: Literal["magnitude", "obs"] = "magnitude"
+    storage_dtype: StorageDtype = "float32"
+    max_iter: int = 200
+    tol: float = 1e-4
+    active_set_factor: float = 1.5
+    backsolve: bool = True
+    escape_trials: int = 0
+    seed: int = 0
+    resume: bool = False
+    resume_dir: str | None = None
+    resume_save_factor: bool = False
+
+    def problems(self, method: str, target: Target) -> list[str]:
+        out = []
+        if method not in FISHER_METHODS:
+            out.append(f"method: {method!r} is not a Fisher-objective method (one of {', '.join(FISHER_METHODS)})")
+        checks = [(self.lambda_ >= 0.0, f"lambda: must be >= 0, got {self.lambda_}"),
+                  (self.stages >= 1, f"stages: must be >= 1, got {self.stages}"),
+                  (self.exponent > 0.0, f"exponent: must be > 0, got {self.exponent}"),
+                  (0.0 <= self.base_sparsity <= target.sparsity,
+                   f"base_sparsity: must be in [0, sparsity = {target.sparsity}], got {self.base_sparsity}"),
+                  (self.group_size is None or self.group_size >= 1,
+                   f"group_size: must be >= 1 (or null), got {self.group_size}"),
+                  (self.max_iter >= 1, f"max_iter: must be >= 1, got {self.max_iter}"),
+                  (self.tol >= 0.0, f"tol: must be >= 0, got {self.tol}"),
+                  (self.active_set_factor >= 1.0, f"active_set_factor: must be >= 1, got {self.active_set_factor}"),
+                  (self.escape_trials >= 0, f"escape_trials: must be >= 0, got {self.escape_trials}")]
+        out += [msg for ok, msg in checks if not ok]
+        if self.group_size is not None and (target.layer_sparsity or target.allocation == "owl"):
+            out.append("group_size: layer groups share one global budget; per-layer targets are not supported")
+        return out
+
+
+AUTO_RIDGE_SAMPLES_PER_WEIGHT = 1e-3  # ``ridge: auto``: the Fisher diagonal below n / p = 1e-3, the identity above
+
+
+def resolve_ridge(ridge: str, n: int, p: int) -> str:
+    """The ridge metric the solver gets: ``ridge``, with ``auto`` resolved from n calibration samples and p prunable
+    weights: ``fisher_diagonal`` when n < 1e-3 p (then the back-solve fits the rank-n Fisher term exactly on almost
+    any support, and with the identity ridge the best support is magnitude's), else ``identity`` (the paper's)."""
+    if ridge != "auto":
+        return ridge
+    return "fisher_diagonal" if n < AUTO_RIDGE_SAMPLES_PER_WEIGHT * p else "identity"
+
+
+def objective_name(objective: Layerwise | Fisher) -> str:
+    """``"layerwise"`` or ``"fisher"``."""
+    return "fisher" if isinstance(objective, Fisher) else "layerwise"
+
