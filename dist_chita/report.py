@@ -217,8 +217,9 @@ def format_markdown() -> str:
                 "|---|---|---|"]
         hints = {f.name: f.type for f in dataclasses.fields(cls)}
         for f in dataclasses.fields(cls):
-            doc = " ".join(f.metadata.get("doc", "").split())
-            out.append(f"| `{f.name.rstrip('_')}` | `{hints[f.name]}` | {doc} |")
+            doc = " ".join(f.metadata.get("doc", "").split()).replace("``", "`").replace("|", "\\|")
+            kind = str(hints[f.name]).replace(" | ", " or ")
+            out.append(f"| `{f.name.rstrip('_')}` | `{kind}` | {doc} |")
         out.append("")
     return "\n".join(out)
 

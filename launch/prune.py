@@ -291,13 +291,28 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
     return 0
 
 
+def say_error(line: str, first: bool = True) -> None:
+    """Print the one error line (``first``: this process reports; otherwise it gives the reporting rank time to
+    print before this one ends, since the launcher stops every rank when the first one exits) and hand it to the
+    launcher's failure summary."""
+    from launch import watchdog
+
+    if first:
+        print(line, file=sys.stderr, flush=True)
+        watchdog.record_for_launcher(line)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(_REPORT_GRACE_SECONDS)  # the launcher ends this process as soon as rank 0 has failed
+
+
+_REPORT_GRACE_SECONDS = 10.0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank parsed the same arguments: one of them says so
-            print(f"error: {e}", file=sys.stderr)
+    except ConfigError as e:  # every rank parsed the same arguments: rank 0 says so
+        say_error(f"error: {e}", first=os.environ.get("RANK", "0") == "0")
         return 2
     if args.print_config:
         if os.environ.get("RANK", "0") == "0":
@@ -313,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, accelerator.device, zero3_partitioner(accelerator, cfg))
     except (ValueError, OSError, MemoryError, RuntimeError, ImportError, watchdog.Terminated) as e:
         if watchdog.should_print(comm.rank(), e):
-            print(f"error: {watchdog.describe(e)}", file=sys.stderr)
+            say_error(f"error: {watchdog.describe(e)}")
         elif not isinstance(e, watchdog.Terminated) and not watchdog.wait_for_rank0():
             # rank 0 did not fail in turn: the cause may be this rank's alone, so this rank says it
-            print(f"error (rank {comm.rank()}): {watchdog.describe(e)}", file=sys.stderr)
+            say_error(f"error (rank {comm.rank()}): {watchdog.describe(e)}")
         return 1
     finally:
         comm.shutdown()

@@ -91,15 +91,40 @@ def _lost_line(lost: list[int]) -> str:
     return f"lost {who} during {faults.current_phase()}"
 
 
+def is_comm_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed (a peer ended or did not answer), not an error of its own."""
+    low = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(k in low for k in _CONNECTION + _TIMEOUT)
+
+
 def should_print(rank: int, exc: BaseException | None = None) -> bool:
-    """Rank 0 prints; if rank 0 is lost, the lowest surviving rank does (unless ``exc`` is a SIGTERM: the
-    launcher stops the others after rank 0 failed, and rank 0 has said why)."""
+    """Rank 0 prints. Another rank prints only when its collective failed because rank 0 (and every rank below it)
+    is lost: an error of its own (bad input every rank meets) is rank 0's to report, even when rank 0 has ended
+    by the time this rank looks (it ended after saying so), and a SIGTERM means the launcher is stopping the run
+    after another rank failed."""
     if rank == 0:
         return True
-    if isinstance(exc, Terminated):
+    if exc is None or isinstance(exc, Terminated) or not is_comm_error(exc):
         return False
     lost = set(lost_ranks())
     return 0 in lost and all(r in lost for r in range(rank))
+
+
+def record_for_launcher(message: str) -> None:
+    """Write ``message`` into torchelastic's error file (``TORCHELASTIC_ERROR_FILE``, set by ``torchrun`` and
+    ``accelerate launch`` for each rank), so that the launcher's failure summary names the cause instead of
+    ``error_file: <N/A>``. Nothing without the variable."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message + "\n",
+                                                           "timestamp": str(int(time.time()))}}}
+    try:
+        Path(path).write_text(json.dumps(data))
+    except OSError:
+        pass
 
 
 def wait_for_rank0(grace: float = 5.0, poll: float = 0.05) -> bool:
@@ -166,8 +191,7 @@ def describe(exc: BaseException) -> str:
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     low = text.lower()
-    comm_error = isinstance(exc, RuntimeError) and any(k in low for k in _CONNECTION + _TIMEOUT)
-    if isinstance(exc, Terminated) or comm_error:
+    if isinstance(exc, Terminated) or is_comm_error(exc):
         if isinstance(exc, Terminated):  # the launcher stops every rank: the cause is a lost rank, or the signal
             if _lost_at_sigterm:
                 return f"{_lost_line(_lost_at_sigterm)}; stopped without writing output"

@@ -1,7 +1,15 @@
+"""dist_chita/report.py: the typed report, its JSON round trip, the per-rank figures, the summary and the
+generated format document."""
+
+from pathlib import Path
+
 import torch
 
-from dist_chita.report import gather_per_rank, layer_table, mask_digest, summary_lines
+from dist_chita.fisher.driver import StageReport
+from dist_chita.report import LayerRow, Report, Totals, format_markdown, layer_table, mask_digest
 from tests import multiproc
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_mask_digest_sees_every_bit_and_the_order():
@@ -15,31 +23,56 @@ def test_mask_digest_sees_every_bit_and_the_order():
 
 def test_layer_table_counts():
     rows = layer_table({"w": torch.tensor([[True, False], [False, False]])}, ["w"])
-    assert rows == [{"name": "w", "shape": [2, 2], "size": 4, "kept": 1, "sparsity": 0.75}]
+    assert rows == [LayerRow(name="w", shape=[2, 2], size=4, kept=1, sparsity=0.75)]
 
 
-def _gather():
+def _example() -> Report:
+    return Report(method="chita", world_size=2, n=10, p=100, global_=Totals(100, 10, 0.9),
+                  layers=[LayerRow("fc", [10, 10], 100, 10, 0.9)],
+                  stages=[StageReport(sparsity=0.9, kept=10, objective=1.5, magnitude_objective=2.0, iterations=3,
+                                      seconds={"solver": 0.5})],
+                  metric={"name": "accuracy", "before": 0.9, "after": 0.8},
+                  phase_seconds={"fisher": [1.0, 2.0]}, peak_memory_bytes=[2**30, 2**31])
+
+
+def test_json_round_trip_keeps_every_field_and_spells_global():
+    rep = _example()
+    text = rep.to_json()
+    assert '"global": {' in text and "global_" not in text
+    back = Report.from_json(text)
+    assert back == rep and isinstance(back.stages[0], StageReport) and isinstance(back.global_, Totals)
+
+
+def _ranks(seconds):
     from dist_chita.distributed import comm
 
-    return gather_per_rank({"t": float(comm.rank()), "only0": 1} if comm.rank() == 0 else {"t": 5.0})
+    rep = _example()
+    rep.phase_seconds = {}
+    with comm.phase("solver"):
+        comm.all_reduce(torch.ones(4))  # 16 bytes sent by each rank in phase "solver" (4 float32)
+    rep.solver_iterations = 2
+    rep.add_rank_figures({"load": seconds[comm.rank()]}, torch.device("cpu"), 10 + comm.rank())
+    rep.add_rank_figures({"load": 1.0, "save": 2.0}, torch.device("cpu"), 20 + comm.rank())
+    return rep
 
 
-def test_gather_per_rank_on_two_processes():
-    out = multiproc.run(_gather, 2)
-    assert out[0] == out[1] == {"only0": [1, 0], "t": [0.0, 5.0]}
+def test_rank_figures_are_gathered_in_rank_order_and_phases_add_up():
+    out = multiproc.run(_ranks, 2, [0.25, 0.5])
+    assert out[0] == out[1]
+    rep = out[0]
+    assert rep.phase_seconds == {"load": [1.25, 1.5], "save": [2.0, 2.0]}
+    assert rep.param_bytes == [20, 21] and len(rep.peak_memory_bytes) == 2 and min(rep.peak_memory_bytes) > 0
+    assert rep.bytes_sent["solver"][0] > 0 and rep.bytes_per_solver_iteration == max(rep.bytes_sent["solver"]) / 2
 
 
 def test_summary_mentions_the_essentials():
-    report = {
-        "method": "chita",
-        "world_size": 2,
-        "n": 10,
-        "global": {"p": 100, "kept": 10, "sparsity": 0.9},
-        "metric": {"name": "accuracy", "before": 0.9, "after": 0.8},
-        "stages": [{"sparsity": 0.9, "objective": 1.5, "magnitude_objective": 2.0, "iterations": 3}],
-        "phase_seconds": {"fisher": [1.0, 2.0]},
-        "peak_memory_bytes": [2**30, 2**31],
-    }
-    text = "\n".join(summary_lines(report))
+    text = "\n".join(_example().summary_lines())
     assert "sparsity 0.9000" in text and "after 0.8000" in text and "fisher 2.00" in text and "2.00 GiB" in text
     assert "objective 1.5 (magnitude+backsolve 2, 25.00% lower)" in text  # the solver's gain over its warm start
+
+
+def test_format_document_is_generated_from_the_report_class():
+    text = (ROOT / "docs" / "report-format.md").read_text()
+    assert text == format_markdown(), "regenerate: python3 -m dist_chita.report > docs/report-format.md"
+    for key in Report().to_dict():
+        assert f"| `{key}` |" in text, key

@@ -20,6 +20,7 @@ EXPECTED = {
     "cpu_2.yaml": ("MULTI_GPU", 2, True),
     "cpu_4.yaml": ("MULTI_GPU", 4, True),
     "multi_gpu.yaml": ("MULTI_GPU", 8, False),
+    "multi_node_gpu.yaml": ("MULTI_GPU", 16, False),
     "deepspeed_zero3_cpu.yaml": ("DEEPSPEED", 2, True),
     "deepspeed_zero3_gpu.yaml": ("DEEPSPEED", 8, False),
 }
@@ -36,6 +37,15 @@ def test_config_is_read_by_accelerate(name):
         assert cfg.deepspeed_config["zero_stage"] == 3
     # MULTI_CPU silently starts a single process with `accelerate launch`; none of ours may use it.
     assert yaml.safe_load((CONFIG_DIR / name).read_text())["distributed_type"] != "MULTI_CPU"
+
+
+def test_every_config_is_listed():
+    assert {p.name for p in CONFIG_DIR.glob("*.yaml")} == set(EXPECTED)
+
+
+def test_multi_node_config_splits_its_ranks_over_the_nodes():
+    cfg = ClusterConfig.from_yaml_file(str(CONFIG_DIR / "multi_node_gpu.yaml"))
+    assert cfg.num_machines == 2 and cfg.num_processes % cfg.num_machines == 0 and cfg.machine_rank == 0
 
 
 def _launch(config: str, probe: str = "worldsize_probe.py", timeout: float = 60.0, **env_extra) -> list[dict]:
