@@ -782,36 +782,13 @@ def _efficiency(inverse: float, feature: list[float], base: float) -> float:
     return math.inf if any(feature) else base
 
 
-def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
-    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
-    weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
+Load = tuple[Workload, int, dict[str, float]]  # a report's workload, world size R and measured seconds per phase
 
-    Only efficiencies, latency and overheads are fitted; the byte and selection counts per column (v_it, v_sel, T,
-    v_s, r, c) and the hardware's M, F, L stay as given (module docstring):
 
-    * solver: t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the
-      all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
-    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s) * 1/e_x + x / s'))
-      + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and l; fitting 1/e_g,
-      1/e_x, x and 1/e_p (e_x = inf when the fit gives the bytes no cost beyond x); a CHITA++ report that times its
-      stages gives two rows (stage 1, which alone allocates, and the rest; :func:`stage_one_share`). No fixed term:
-      a single rank's gradient phase is its gradients;
-    * backsolve: t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s)) * 1/e_a + (counted
-      kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + (all-reduces at L s and the fitted l / s')
-      + f_backsolve, fitting 1/e_a and f_backsolve; m_t = the report's count of
-      backsolves; for reports without it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64
-      Gram all-reduce each), median over the multi-rank reports, else the base value;
-    * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
+def _fit_solver(loads: list[Load], hw: Hardware, base: Rates) -> Rates:
+    """``base`` with the solver's fitted e_m, latency l and per-iteration overhead o: t = (all bytes of the passes
+    at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the all-reduces' bandwidth part at L (given)."""
 
-    A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
-    """
-    if not reports:
-        raise ValueError("calibrate needs at least one report")
-    base = base or Rates()
-    loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
-
-    # solver: the bytes of the passes (block reads, vector passes, the exact recomputation) at M s, latency hops,
-    # per-iteration overhead; the all-reduces' bandwidth part at the hardware's L
     def solver_at(w: Workload, R: int, **kw) -> float:
         zero = dict(memory_efficiency=math.inf, collective_latency=0.0, iteration_overhead=0.0)
         return predict(w, R, hw, dataclasses.replace(base, **{**zero, **kw}, fixed={})).seconds["solver"]
@@ -828,16 +805,20 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     mem_eff = _efficiency(inv_em, cols[0], base.memory_efficiency)
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
-    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
+    return dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
 
-    # fisher: gradient efficiency, exchange efficiency and the per-stage exchange overhead (R > 1); the row writes
-    # and the exchange's message latency at the rates fitted above. No fixed term: a single rank's fisher phase is
-    # its gradients (MLPNet at n = 250: 0.07 s for five stages)
-    # and, on hardware that gives a page population rate Z, the factor's allocation at e_p Z (once per prune)
-    # A CHITA++ run whose report times every stage gives two rows, stage 1 (which alone pays the allocation) and the
-    # later stages together, with the measured phase split in the stages' proportions: that separates the
-    # allocation from the per-stage terms, which a run total with the same stage count in every run cannot
-    cols, y, meas = [[], [], [], []], [], []
+
+def _fisher_rows(loads: list[Load], reports: list[dict], hw: Hardware,
+                 rates: Rates) -> tuple[list[list[float]], list[float], list[float]]:
+    """Least-squares rows of the gradient phase: columns (gradients at F s, exchanged bytes at L s, stages / s',
+    allocation at Z s), targets net of the row writes and message latency at ``rates``, and the measured seconds.
+
+    A CHITA++ report that times every stage gives two rows, stage 1 (which alone pays the allocation) and the later
+    stages together, the measured phase split in the stages' proportions (:func:`stage_one_share`): that separates
+    the allocation from the per-stage terms, which a run total with the same stage count in every run cannot."""
+    cols: list[list[float]] = [[], [], [], []]
+    y: list[float] = []
+    meas: list[float] = []
     for (w, R, t), rep in zip(loads, reports, strict=True):
         wf = dataclasses.replace(w, iterations=0)
         unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0,
@@ -857,17 +838,29 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
                 c.append(v)
             y.append(max(0.0, part * t["fisher"] - frac * given))
             meas.append(part * t["fisher"])
+    return cols, y, meas
+
+
+def _fit_fisher(loads: list[Load], reports: list[dict], hw: Hardware, rates: Rates,
+                base: Rates) -> tuple[Rates, float]:
+    """``rates`` with the fitted exchange efficiency e_x, exchange overhead x and population efficiency e_p, and
+    the fitted gradient efficiency e_g (applied by :func:`calibrate`). No fixed term: a single rank's gradient
+    phase is its gradients. e_x is inf when the fit gives the exchanged bytes no cost beyond x."""
+    cols, y, meas = _fisher_rows(loads, reports, hw, rates)
     inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, meas)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
-    ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
+    ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf
     pop_eff = _efficiency(inv_ep, cols[3], base.population_efficiency)
     if not any(cols[2]):  # every report at R = 1: the exchange is not observed
         ex_eff, x_over = base.exchange_efficiency, base.exchange_overhead
-    rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
-                                population_efficiency=pop_eff)
+    return dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
+                               population_efficiency=pop_eff), grad_eff
 
-    # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
-    # bytes of their n x n float64 Gram all-reduces (multi-rank runs)
+
+def _with_backsolve_rounds(loads: list[Load], reports: list[dict], rates: Rates) -> Rates:
+    """``rates`` with ``backsolve_rounds`` the median count of backsolves the reports give; for reports without
+    it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each) over the
+    multi-rank reports; unchanged when neither is there."""
     counts = [float(w.backsolves) for w, _, _ in loads if w.backsolves is not None]
     for rep in reports if not counts else []:
         sent = (rep.get("bytes_sent") or {}).get("backsolve")
@@ -875,12 +868,20 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
             counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))
     if counts:
         rates = dataclasses.replace(rates, backsolve_rounds=max(1, round(sorted(counts)[len(counts) // 2])))
-    # backsolve: the Gram / Cholesky FLOPs at F s (fitted 1/e_a) and a fixed term; the counted row passes at the
-    # base e_b (1: the GEMV read rate M the hardware file measured) and the all-reduces at the fitted l are given.
-    # e_b is not fitted: the row bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by a factor n, which
-    # the recorded runs vary too little to separate them (the fit gives one of the two no cost)
-    # and the per-row gather cost g_row (fitted: the rows' bytes are counted, their number of gathers is not small)
-    cols, y = [[], [], []], []
+    return rates
+
+
+def _fit_backsolve(loads: list[Load], hw: Hardware, rates: Rates, base: Rates) -> tuple[Rates, float, float]:
+    """``rates`` with the fitted per-row gather cost g_row, the fitted e_a (applied by :func:`calibrate`) and the
+    backsolve's fixed term.
+
+    The Gram and Cholesky FLOPs at F s are fitted (1/e_a); the counted row passes at the base e_b (1: the GEMV
+    read rate M the hardware file gives) and the all-reduces at the fitted l are given. e_b is not fitted: the row
+    bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by the factor n, which the recorded runs vary too
+    little to separate (a fit gives one of the two no cost). g_row is fitted: the rows' bytes are counted, but
+    the cost of their many small gathers is not."""
+    cols: list[list[float]] = [[], [], []]
+    y: list[float] = []
     for w, R, t in loads:
         pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=0.0, fixed={}))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
@@ -891,16 +892,51 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
     inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = _efficiency(inv_ea, cols[0], base.linalg_efficiency)
-    rates = dataclasses.replace(rates, row_gather_bytes=gather_bytes)
+    return dataclasses.replace(rates, row_gather_bytes=gather_bytes), lin_eff, fixed_back
 
-    fixed = {"fisher": 0.0, "backsolve": fixed_back}
-    # writeback, save: the modelled bytes (2 * 4 p_R at M s; 4 P at the disk bandwidth) plus a fixed term, the mean
-    # of what the modelled bytes leave unexplained (>= 0)
+
+def _fixed_transfer_terms(loads: list[Load], hw: Hardware, rates: Rates) -> dict[str, float]:
+    """Fixed seconds of writeback and save: the mean of what their modelled bytes (2 * 4 p_R at M s; 4 P at the
+    disk bandwidth) leave unexplained (>= 0)."""
+    fixed = {}
     for ph in ("writeback", "save"):
         modelled = [predict(w, R, hw, dataclasses.replace(rates, fixed={})).seconds[ph] for w, R, _ in loads]
         fixed[ph] = max(0.0, sum(t[ph] - m for (_, _, t), m in zip(loads, modelled, strict=True)) / len(loads))
-    rates = dataclasses.replace(rates, grad_efficiency=grad_eff, linalg_efficiency=lin_eff, fixed=fixed)
-    return rates
+    return fixed
+
+
+def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
+    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
+    weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
+
+    Only efficiencies, latency and overheads are fitted; the byte and selection counts per column (v_it, v_sel, T,
+    v_s, r, c) and the hardware's M, F, L stay as given (module docstring):
+
+    * solver (:func:`_fit_solver`): t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l
+      + sum_t i_t / s' * o, plus the all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
+    * fisher (:func:`_fit_fisher`): t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s)
+      * 1/e_x + x / s')) + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and
+      l; fitting 1/e_g, 1/e_x, x and 1/e_p; a CHITA++ report that times its stages gives two rows (stage 1, which
+      alone allocates, and the rest; :func:`stage_one_share`);
+    * backsolve (:func:`_fit_backsolve`): t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s))
+      * 1/e_a + (counted kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + g_row per re-gathered
+      row + (all-reduces at L s and the fitted l / s') + f_backsolve, fitting 1/e_a, g_row and f_backsolve; m_t =
+      the report's count of backsolves (:func:`_with_backsolve_rounds`);
+    * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
+
+    A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value; one whose
+    feature varied but which the fit gave no cost is infinite (:func:`_efficiency`).
+    """
+    if not reports:
+        raise ValueError("calibrate needs at least one report")
+    base = base or Rates()
+    loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
+    rates = _fit_solver(loads, hw, base)
+    rates, grad_eff = _fit_fisher(loads, reports, hw, rates, base)
+    rates = _with_backsolve_rounds(loads, reports, rates)
+    rates, lin_eff, fixed_back = _fit_backsolve(loads, hw, rates, base)
+    fixed = {"fisher": 0.0, "backsolve": fixed_back, **_fixed_transfer_terms(loads, hw, rates)}
+    return dataclasses.replace(rates, grad_efficiency=grad_eff, linalg_efficiency=lin_eff, fixed=fixed)
 
 
 def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:
