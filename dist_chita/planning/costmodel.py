@@ -32,9 +32,8 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               does not have; single-threaded work and waiting,
                                                               so it takes 1 / s' longer on a time-shared core)
 
-  The allocation term is the first stage's excess in the reports (MLPNet at R = 1, n = 1000: 0.11 s for stage 1
-  against 0.06 s for each later one; 0.26 s when the factor had transparent huge pages); its rate depends on the
-  kernel's and the hypervisor's memory state (this VM: 0.5-0.6 s per GB, 0.2-2 s with huge pages), so e_p is fitted.
+  The allocation term is what a report's first CHITA++ stage takes beyond each later one; its rate depends on the
+  kernel's and the hypervisor's memory state (small or transparent huge pages), so e_p is fitted.
 
 * solver (the timed IHT), per iteration::
 
@@ -68,10 +67,9 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   (the support's k_t / p_t of the rows gathered and converted to float64; v_s = 45 B per column). The byte
   counts v_it, v_sel, v_s are counted from ``dist_chita/fisher/solver.py`` and ``dist_chita/fisher/select.py``; T = 2
   is what the recorded runs' solver bytes show (3 radix selects per solve, one of them the magnitude support before the
-  timed iterations). Their rate is the one fitted memory efficiency e_m: for the element-wise, gather and
-  bincount passes it is well below the GEMV read rate M of the hardware file (about 0.2 x M on this machine).
-  The all-reduces of one iteration and the payload bytes a rank sends in them (what ``dist_chita/distributed/comm.py``
-  counts,
+  timed iterations). Their rate is the one fitted memory efficiency e_m: the element-wise, gather and bincount
+  passes run well below the GEMV read rate M of the hardware file. The all-reduces of one iteration and the payload
+  bytes a rank sends in them (what ``dist_chita/distributed/comm.py`` counts,
   :attr:`Prediction.solver_bytes_per_iteration`) are counted by :func:`iteration_collectives`; a test compares
   them with the counters of real two-rank solves, per granularity.
 
@@ -124,8 +122,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 GRANULARITIES = ("global", "layer", "row", "nm")  # Workload.granularity: the sparsity budget the solver projects on
-# Rates fields no longer used, dropped by Rates.from_dict: selection_rounds (until 2026-11-30 the histogram rounds of
-# every projection, 3; they now follow from Workload.granularity, and per-row and N:M budgets have none)
+# Keys of rates files that Rates.from_dict accepts and drops: selection_rounds (the histogram rounds of a projection
+# follow from Workload.granularity, :func:`projection_collectives`)
 RETIRED_RATES = ("selection_rounds",)
 
 
@@ -148,7 +146,7 @@ class Hardware:
             None: allocation is free, as with a GPU's caching allocator).
         gram_half_width: n_h, the Gram matrix R^T R of a tall R (m x n) runs at F n / (n + n_h): a skinny matrix
             product's rate grows with its width n (``benchmarks/machine_rates.py`` fits n_h from R^T R at n = 16 ...
-            512; 17.5 on this machine's CPU core, whose rate at n = 32 is 0.63 of its rate at 512). 0: F at every n.
+            512). 0: F at every n.
     """
 
     name: str
@@ -230,8 +228,8 @@ class Rates:
         memory_efficiency: e_m, fraction of M the solver's vector passes (element-wise, gathers, selections) and
             the gradient phase's row writes achieve (fitted).
         read_efficiency: e_r, fraction of M the solver's streaming passes over the block achieve (given, 1: M is
-            measured as exactly such a read, A @ v; fitting it with e_m made a bfloat16 MiniLM solve, whose time
-            does not depend on n, look n-bound).
+            measured as exactly such a read, A @ v; a fit of e_r next to e_m would charge the time of solves whose
+            time does not depend on n to the n-proportional reads).
         linalg_efficiency: e_a, fraction of F the backsolve's float32 Gram (and of F / 2 its float64 Cholesky)
             achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
@@ -251,8 +249,7 @@ class Rates:
         solve_vector_bytes: v_s, bytes per column per solve of the exact recomputation of A w and f after the
             iterations (the support's indices and ||w - w_bar||^2; its gathered rows are counted as block reads).
         backsolve_row_passes: rho, passes over the kept rows A_{r,S} (n k / R entries) per backsolve besides the PCG
-            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/fisher/backsolve.py``;
-            until 2026-11-29 a fitted count over the gather and all products, so older rates files differ).
+            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/fisher/backsolve.py``).
         pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows and one n-vector all-reduce
             (about 3 with the float32-formed preconditioner on the recorded runs).
         row_gather_bytes: g_row, the cost of gathering one kept row (``index_select``) beyond its bytes, in bytes at
@@ -266,8 +263,7 @@ class Rates:
         population_efficiency: e_p, fraction of the hardware's page population rate Z the factor's allocation
             achieves (fitted; only on hardware that gives Z).
         exchange_overhead: x, seconds per stage that a multi-rank (R > 1) row -> column exchange pays beyond its
-            bytes (buffers, packing, a synchronisation per micro-batch step and layer). Until 2026-11-29 this was
-            per *extra rank* and stage; rates files fitted before then overstate it at R > 2.
+            bytes (buffers, packing, a synchronisation per micro-batch step and layer).
         fixed: fixed seconds per phase (launch / Python overhead; calibrate fits backsolve, writeback and save).
     """
 
@@ -301,7 +297,7 @@ class Rates:
     @classmethod
     def from_dict(cls, data: dict) -> Rates:
         """Build from a plain dict (a rates file, a study summary's "rates"). Keys of :data:`RETIRED_RATES` are
-        dropped (rates files written before they were retired hold them); other unknown keys raise ValueError."""
+        dropped; other unknown keys raise ValueError."""
         if not isinstance(data, dict):
             raise ValueError(f"rates must be a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -334,7 +330,7 @@ class Workload:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
         granularity: the sparsity budget the solver projects onto (:data:`GRANULARITIES`), which sets what its
             selections communicate (:func:`iteration_collectives`): "global" (one top-k over all ranks, the
-            default here: the CHITA paper's, and what runs recorded before ``prune.granularity`` existed used),
+            default here: the CHITA paper's, and that of reports whose config has no ``prune.granularity``),
             "layer" (one top-k per layer, ``layers`` segments straddling ranks), "row" (one per output row, each on
             one rank: no histogram all-reduce) or "nm" (N:M groups, local too).
     """
@@ -684,8 +680,8 @@ def smallest_fitting_ranks(
 
 def report_granularity(report: dict) -> str:
     """The budget granularity (:data:`GRANULARITIES`) a ``prune_report.json`` dict's run pruned with, read from the
-    config it records: "nm" when ``prune.nm`` is set, else ``prune.granularity``; reports written before that key
-    existed ran one global budget, or one per layer with ``prune.per_layer``."""
+    config it records: "nm" when ``prune.nm`` is set, else ``prune.granularity``; a config without that key means
+    one global budget, or one per layer with ``prune.per_layer``."""
     prune = (report.get("config") or {}).get("prune") or {}
     if prune.get("nm"):
         return "nm"
@@ -731,8 +727,8 @@ def measured_seconds(report: dict) -> dict[str, float]:
     """Max over ranks of each phase of ``phase_seconds`` (0 when missing).
 
     The report's "fisher" is the wall time of :func:`dist_chita.fisher.factor.fisher_block`, which already contains the
-    row -> column exchange; its "exchange" entry is the part of that time spent packing, exchanging and unpacking
-    (``docs/default_run.md``: "per-sample gradients 51.1 (of which exchange 26.5)"), so it is not added again."""
+    row -> column exchange; its "exchange" entry is the part of that time spent packing, exchanging and unpacking,
+    so it is not added again."""
     ps = report.get("phase_seconds") or {}
     return {ph: max(float(v) for v in ps[ph]) if ps.get(ph) else 0.0 for ph in PHASES}
 
