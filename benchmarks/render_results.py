@@ -109,6 +109,60 @@ class Page:
         return f"# {self.title}\n\n{GENERATED.format(source=source)}\n\n{self.body.strip()}\n"
 
 
+# ---------------------------------------------------------------- the default job
+
+DEFAULT_JOB_PHASES = ("load", "eval_before", "magnitude_baseline", "allocation", "curvature", "fisher", "exchange",
+                      "solver", "backsolve", "writeback", "eval_after", "save", "total")
+
+
+def _fidelity(metric: dict, prefix: str) -> str:
+    """cosine / agreement of an embedding-fidelity metric (``after`` or ``magnitude``), else the metric's value."""
+    if metric.get("name") == "embedding_fidelity":
+        return f"{metric[prefix]:.4f} / {metric[prefix + '_nn_agreement']:.4f}"
+    return _g(metric[prefix]) if prefix in metric else ""
+
+
+def render_default_job(data: dict) -> Page:
+    runs = data["runs"]
+    rows, phases = [], []
+    shown = [ph for ph in DEFAULT_JOB_PHASES if any(max(r["phase_seconds"].get(ph) or [0.0]) > 0 for r in runs)]
+    for r in runs:
+        peak, est = max(r["peak_memory_bytes"]), r["memory_estimate_bytes"]["total"]
+        rows.append([str(r["world_size"]), f"`{shlex.join(r['command'])}`", str(r["threads_per_rank"]),
+                     _fidelity(r["metric"], "after"), _fidelity(r["metric"], "magnitude"),
+                     f"{_g(r['stage']['objective'])} ({_g(r['stage']['magnitude_objective'])})",
+                     f"{peak / GIB:.2f} / {est / GIB:.2f} = {peak / est:.2f}"])
+        phases.append([str(r["world_size"]), *(_s(max(r["phase_seconds"].get(ph) or [0.0])) for ph in shown)])
+    machine = data.get("machine") or {}
+    facts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in machine.items() if v is not None)
+    first = runs[0]
+    what = (f"`{first['method']}`, objective `{first['objective']}`, {first['global']['kept']:,} of "
+            f"{first['global']['p']:,} prunable weights kept (sparsity {first['global']['sparsity']:g}), n = "
+            f"{first['n']} calibration samples")
+    same = "the same mask on every run" if data["same_mask"] else "NOT the same mask on every run"
+    body = "\n\n".join([
+        "`benchmarks/default_job.py` runs the embedded default (`launch/prune.py` without a config) as a user does, "
+        "on each world size, and keeps what each run's `prune_report.json` says.",
+        _command(["python", "benchmarks/default_job.py", "--world-sizes", *(str(r["world_size"]) for r in runs)]),
+        f"Recorded: {facts}." if facts else "", f"The runs: {what}; {same} (sha256 {first['mask_sha256'][:16]}...).",
+        "Held-out fidelity to the dense model (embeddings: cosine / nearest-neighbour agreement), the objective "
+        "(in brackets: of the magnitude supports re-fitted) and memory per rank (the peak, max over ranks, against "
+        "the estimate printed before the run), GiB:",
+        _table(["processes", "command", "threads per rank", "pruned", "magnitude", "objective",
+                "peak / estimate"], rows),
+        "Seconds per phase (max over ranks):", _table(["processes", *shown], phases)])
+    sizes = " and ".join(str(r["world_size"]) for r in runs)
+    masks = (f"; {'the same' if data['same_mask'] else 'NOT the same'} mask on {sizes} processes"
+             if len(runs) > 1 else "")
+    headline = [(f"default job, {_n(first['world_size'], 'process')}",
+                 "held-out fidelity (cosine / agreement); memory", f"{_fidelity(first['metric'], 'after')} (magnitude "
+                 f"{_fidelity(first['metric'], 'magnitude')}); peak "
+                 f"{max(first['peak_memory_bytes']) / first['memory_estimate_bytes']['total']:.2f} of the estimate"
+                 + masks)]
+    return Page("default_job", "The embedded default job", "the default job on each world size: fidelity, memory "
+                "against the estimate, seconds per phase, masks", body, headline)
+
+
 # ---------------------------------------------------------------- MiniLM baselines
 
 MINILM_LABELS = {  # labels of the results file -> what they are
@@ -466,6 +520,7 @@ def render_generic(name: str, data: dict) -> Page:
 
 
 RENDERERS: dict[str, Callable[[dict], Page]] = {
+    "default_job": render_default_job,
     "minilm_baselines": render_minilm,
     "mlpnet_mnist": render_mlpnet,
     "solver_iteration": render_solver,
