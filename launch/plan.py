@@ -65,8 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "global and layer budgets select by histogram all-reduces, row and nm budgets locally")
     ap.add_argument("--zero3", action="store_true", help="model parameters sharded across ranks (ZeRO-3)")
     ap.add_argument("--backsolves", type=int, default=None,
-                    help="backsolves per prune (default: from --rates, else 1; the solver's escape rounds can run "
-                         "hundreds: MLPNet here ran ~270)")
+                    help="backsolves per prune (default: from --rates, else 1; every escape trial of the solver "
+                         "runs one, so a solve with escapes can run hundreds)")
     ap.add_argument("--rates", default=None, help="JSON file of measured rates (or a study summary.json)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap.parse_args(argv)

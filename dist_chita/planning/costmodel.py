@@ -32,9 +32,8 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               does not have; single-threaded work and waiting,
                                                               so it takes 1 / s' longer on a time-shared core)
 
-  The allocation term is the first stage's excess in the reports (MLPNet at R = 1, n = 1000: 0.11 s for stage 1
-  against 0.06 s for each later one; 0.26 s when the factor had transparent huge pages); its rate depends on the
-  kernel's and the hypervisor's memory state (this VM: 0.5-0.6 s per GB, 0.2-2 s with huge pages), so e_p is fitted.
+  The allocation term is what a report's first CHITA++ stage takes beyond each later one; its rate depends on the
+  kernel's and the hypervisor's memory state (small or transparent huge pages), so e_p is fitted.
 
 * solver (the timed IHT), per iteration::
 
@@ -68,10 +67,9 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   (the support's k_t / p_t of the rows gathered and converted to float64; v_s = 45 B per column). The byte
   counts v_it, v_sel, v_s are counted from ``dist_chita/fisher/solver.py`` and ``dist_chita/fisher/select.py``; T = 2
   is what the recorded runs' solver bytes show (3 radix selects per solve, one of them the magnitude support before the
-  timed iterations). Their rate is the one fitted memory efficiency e_m: for the element-wise, gather and
-  bincount passes it is well below the GEMV read rate M of the hardware file (about 0.2 x M on this machine).
-  The all-reduces of one iteration and the payload bytes a rank sends in them (what ``dist_chita/distributed/comm.py``
-  counts,
+  timed iterations). Their rate is the one fitted memory efficiency e_m: the element-wise, gather and bincount
+  passes run well below the GEMV read rate M of the hardware file. The all-reduces of one iteration and the payload
+  bytes a rank sends in them (what ``dist_chita/distributed/comm.py`` counts,
   :attr:`Prediction.solver_bytes_per_iteration`) are counted by :func:`iteration_collectives`; a test compares
   them with the counters of real two-rank solves, per granularity.
 
@@ -124,8 +122,8 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 GRANULARITIES = ("global", "layer", "row", "nm")  # Workload.granularity: the sparsity budget the solver projects on
-# Rates fields no longer used, dropped by Rates.from_dict: selection_rounds (until 2026-11-30 the histogram rounds of
-# every projection, 3; they now follow from Workload.granularity, and per-row and N:M budgets have none)
+# Keys of rates files that Rates.from_dict accepts and drops: selection_rounds (the histogram rounds of a projection
+# follow from Workload.granularity, :func:`projection_collectives`)
 RETIRED_RATES = ("selection_rounds",)
 
 
@@ -148,7 +146,7 @@ class Hardware:
             None: allocation is free, as with a GPU's caching allocator).
         gram_half_width: n_h, the Gram matrix R^T R of a tall R (m x n) runs at F n / (n + n_h): a skinny matrix
             product's rate grows with its width n (``benchmarks/machine_rates.py`` fits n_h from R^T R at n = 16 ...
-            512; 17.5 on this machine's CPU core, whose rate at n = 32 is 0.63 of its rate at 512). 0: F at every n.
+            512). 0: F at every n.
     """
 
     name: str
@@ -230,8 +228,8 @@ class Rates:
         memory_efficiency: e_m, fraction of M the solver's vector passes (element-wise, gathers, selections) and
             the gradient phase's row writes achieve (fitted).
         read_efficiency: e_r, fraction of M the solver's streaming passes over the block achieve (given, 1: M is
-            measured as exactly such a read, A @ v; fitting it with e_m made a bfloat16 MiniLM solve, whose time
-            does not depend on n, look n-bound).
+            measured as exactly such a read, A @ v; a fit of e_r next to e_m would charge the time of solves whose
+            time does not depend on n to the n-proportional reads).
         linalg_efficiency: e_a, fraction of F the backsolve's float32 Gram (and of F / 2 its float64 Cholesky)
             achieve.
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
@@ -251,8 +249,7 @@ class Rates:
         solve_vector_bytes: v_s, bytes per column per solve of the exact recomputation of A w and f after the
             iterations (the support's indices and ||w - w_bar||^2; its gathered rows are counted as block reads).
         backsolve_row_passes: rho, passes over the kept rows A_{r,S} (n k / R entries) per backsolve besides the PCG
-            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/fisher/backsolve.py``;
-            until 2026-11-29 a fitted count over the gather and all products, so older rates files differ).
+            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/fisher/backsolve.py``).
         pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows and one n-vector all-reduce
             (about 3 with the float32-formed preconditioner on the recorded runs).
         row_gather_bytes: g_row, the cost of gathering one kept row (``index_select``) beyond its bytes, in bytes at
@@ -266,8 +263,7 @@ class Rates:
         population_efficiency: e_p, fraction of the hardware's page population rate Z the factor's allocation
             achieves (fitted; only on hardware that gives Z).
         exchange_overhead: x, seconds per stage that a multi-rank (R > 1) row -> column exchange pays beyond its
-            bytes (buffers, packing, a synchronisation per micro-batch step and layer). Until 2026-11-29 this was
-            per *extra rank* and stage; rates files fitted before then overstate it at R > 2.
+            bytes (buffers, packing, a synchronisation per micro-batch step and layer).
         fixed: fixed seconds per phase (launch / Python overhead; calibrate fits backsolve, writeback and save).
     """
 
@@ -301,7 +297,7 @@ class Rates:
     @classmethod
     def from_dict(cls, data: dict) -> Rates:
         """Build from a plain dict (a rates file, a study summary's "rates"). Keys of :data:`RETIRED_RATES` are
-        dropped (rates files written before they were retired hold them); other unknown keys raise ValueError."""
+        dropped; other unknown keys raise ValueError."""
         if not isinstance(data, dict):
             raise ValueError(f"rates must be a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -334,7 +330,7 @@ class Workload:
             6 P T; a convolutional net: 3x its forward FLOPs, since weights are reused across positions).
         granularity: the sparsity budget the solver projects onto (:data:`GRANULARITIES`), which sets what its
             selections communicate (:func:`iteration_collectives`): "global" (one top-k over all ranks, the
-            default here: the CHITA paper's, and what runs recorded before ``prune.granularity`` existed used),
+            default here: the CHITA paper's, and that of reports whose config has no ``prune.granularity``),
             "layer" (one top-k per layer, ``layers`` segments straddling ranks), "row" (one per output row, each on
             one rank: no histogram all-reduce) or "nm" (N:M groups, local too).
     """
@@ -684,8 +680,8 @@ def smallest_fitting_ranks(
 
 def report_granularity(report: dict) -> str:
     """The budget granularity (:data:`GRANULARITIES`) a ``prune_report.json`` dict's run pruned with, read from the
-    config it records: "nm" when ``prune.nm`` is set, else ``prune.granularity``; reports written before that key
-    existed ran one global budget, or one per layer with ``prune.per_layer``."""
+    config it records: "nm" when ``prune.nm`` is set, else ``prune.granularity``; a config without that key means
+    one global budget, or one per layer with ``prune.per_layer``."""
     prune = (report.get("config") or {}).get("prune") or {}
     if prune.get("nm"):
         return "nm"
@@ -731,8 +727,8 @@ def measured_seconds(report: dict) -> dict[str, float]:
     """Max over ranks of each phase of ``phase_seconds`` (0 when missing).
 
     The report's "fisher" is the wall time of :func:`dist_chita.fisher.factor.fisher_block`, which already contains the
-    row -> column exchange; its "exchange" entry is the part of that time spent packing, exchanging and unpacking
-    (``docs/default_run.md``: "per-sample gradients 51.1 (of which exchange 26.5)"), so it is not added again."""
+    row -> column exchange; its "exchange" entry is the part of that time spent packing, exchanging and unpacking,
+    so it is not added again."""
     ps = report.get("phase_seconds") or {}
     return {ph: max(float(v) for v in ps[ph]) if ps.get(ph) else 0.0 for ph in PHASES}
 
@@ -782,36 +778,13 @@ def _efficiency(inverse: float, feature: list[float], base: float) -> float:
     return math.inf if any(feature) else base
 
 
-def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
-    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
-    weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
+Load = tuple[Workload, int, dict[str, float]]  # a report's workload, world size R and measured seconds per phase
 
-    Only efficiencies, latency and overheads are fitted; the byte and selection counts per column (v_it, v_sel, T,
-    v_s, r, c) and the hardware's M, F, L stay as given (module docstring):
 
-    * solver: t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the
-      all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
-    * fisher: t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s) * 1/e_x + x / s'))
-      + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and l; fitting 1/e_g,
-      1/e_x, x and 1/e_p (e_x = inf when the fit gives the bytes no cost beyond x); a CHITA++ report that times its
-      stages gives two rows (stage 1, which alone allocates, and the rest; :func:`stage_one_share`). No fixed term:
-      a single rank's gradient phase is its gradients;
-    * backsolve: t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s)) * 1/e_a + (counted
-      kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + (all-reduces at L s and the fitted l / s')
-      + f_backsolve, fitting 1/e_a and f_backsolve; m_t = the report's count of
-      backsolves; for reports without it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64
-      Gram all-reduce each), median over the multi-rank reports, else the base value;
-    * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
+def _fit_solver(loads: list[Load], hw: Hardware, base: Rates) -> Rates:
+    """``base`` with the solver's fitted e_m, latency l and per-iteration overhead o: t = (all bytes of the passes
+    at M s) * 1/e_m + (latency hops) * l + sum_t i_t / s' * o, plus the all-reduces' bandwidth part at L (given)."""
 
-    A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value.
-    """
-    if not reports:
-        raise ValueError("calibrate needs at least one report")
-    base = base or Rates()
-    loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
-
-    # solver: the bytes of the passes (block reads, vector passes, the exact recomputation) at M s, latency hops,
-    # per-iteration overhead; the all-reduces' bandwidth part at the hardware's L
     def solver_at(w: Workload, R: int, **kw) -> float:
         zero = dict(memory_efficiency=math.inf, collective_latency=0.0, iteration_overhead=0.0)
         return predict(w, R, hw, dataclasses.replace(base, **{**zero, **kw}, fixed={})).seconds["solver"]
@@ -828,16 +801,20 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
     mem_eff = _efficiency(inv_em, cols[0], base.memory_efficiency)
     if not any(cols[1]):
         lat = base.collective_latency if base.collective_latency is not None else hw.link(1)[1]
-    rates = dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
+    return dataclasses.replace(base, memory_efficiency=mem_eff, collective_latency=lat, iteration_overhead=overhead)
 
-    # fisher: gradient efficiency, exchange efficiency and the per-stage exchange overhead (R > 1); the row writes
-    # and the exchange's message latency at the rates fitted above. No fixed term: a single rank's fisher phase is
-    # its gradients (MLPNet at n = 250: 0.07 s for five stages)
-    # and, on hardware that gives a page population rate Z, the factor's allocation at e_p Z (once per prune)
-    # A CHITA++ run whose report times every stage gives two rows, stage 1 (which alone pays the allocation) and the
-    # later stages together, with the measured phase split in the stages' proportions: that separates the
-    # allocation from the per-stage terms, which a run total with the same stage count in every run cannot
-    cols, y, meas = [[], [], [], []], [], []
+
+def _fisher_rows(loads: list[Load], reports: list[dict], hw: Hardware,
+                 rates: Rates) -> tuple[list[list[float]], list[float], list[float]]:
+    """Least-squares rows of the gradient phase: columns (gradients at F s, exchanged bytes at L s, stages / s',
+    allocation at Z s), targets net of the row writes and message latency at ``rates``, and the measured seconds.
+
+    A CHITA++ report that times every stage gives two rows, stage 1 (which alone pays the allocation) and the later
+    stages together, the measured phase split in the stages' proportions (:func:`stage_one_share`): that separates
+    the allocation from the per-stage terms, which a run total with the same stage count in every run cannot."""
+    cols: list[list[float]] = [[], [], [], []]
+    y: list[float] = []
+    meas: list[float] = []
     for (w, R, t), rep in zip(loads, reports, strict=True):
         wf = dataclasses.replace(w, iterations=0)
         unit = dataclasses.replace(rates, grad_efficiency=1.0, exchange_efficiency=math.inf, exchange_overhead=0.0,
@@ -857,17 +834,29 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
                 c.append(v)
             y.append(max(0.0, part * t["fisher"] - frac * given))
             meas.append(part * t["fisher"])
+    return cols, y, meas
+
+
+def _fit_fisher(loads: list[Load], reports: list[dict], hw: Hardware, rates: Rates,
+                base: Rates) -> tuple[Rates, float]:
+    """``rates`` with the fitted exchange efficiency e_x, exchange overhead x and population efficiency e_p, and
+    the fitted gradient efficiency e_g (applied by :func:`calibrate`). No fixed term: a single rank's gradient
+    phase is its gradients. e_x is inf when the fit gives the exchanged bytes no cost beyond x."""
+    cols, y, meas = _fisher_rows(loads, reports, hw, rates)
     inv_eg, inv_ex, x_over, inv_ep = _nnls(cols, y, meas)
     grad_eff = 1.0 / inv_eg if inv_eg > 0 else base.grad_efficiency
-    ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf  # inf: the fit gives the bytes no cost beyond x
+    ex_eff = 1.0 / inv_ex if inv_ex > 0 else math.inf
     pop_eff = _efficiency(inv_ep, cols[3], base.population_efficiency)
     if not any(cols[2]):  # every report at R = 1: the exchange is not observed
         ex_eff, x_over = base.exchange_efficiency, base.exchange_overhead
-    rates = dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
-                                population_efficiency=pop_eff)
+    return dataclasses.replace(rates, exchange_efficiency=ex_eff, exchange_overhead=x_over,
+                               population_efficiency=pop_eff), grad_eff
 
-    # backsolve: the number of backsolves as counted in the reports; older reports without the count: from the
-    # bytes of their n x n float64 Gram all-reduces (multi-rank runs)
+
+def _with_backsolve_rounds(loads: list[Load], reports: list[dict], rates: Rates) -> Rates:
+    """``rates`` with ``backsolve_rounds`` the median count of backsolves the reports give; for reports without
+    it, the payload bytes of the backsolve phase / 8 n^2 (one n x n float64 Gram all-reduce each) over the
+    multi-rank reports; unchanged when neither is there."""
     counts = [float(w.backsolves) for w, _, _ in loads if w.backsolves is not None]
     for rep in reports if not counts else []:
         sent = (rep.get("bytes_sent") or {}).get("backsolve")
@@ -875,12 +864,20 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
             counts.append(max(float(v) for v in sent) / (8.0 * int(rep["n"]) ** 2))
     if counts:
         rates = dataclasses.replace(rates, backsolve_rounds=max(1, round(sorted(counts)[len(counts) // 2])))
-    # backsolve: the Gram / Cholesky FLOPs at F s (fitted 1/e_a) and a fixed term; the counted row passes at the
-    # base e_b (1: the GEMV read rate M the hardware file measured) and the all-reduces at the fitted l are given.
-    # e_b is not fitted: the row bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by a factor n, which
-    # the recorded runs vary too little to separate them (the fit gives one of the two no cost)
-    # and the per-row gather cost g_row (fitted: the rows' bytes are counted, their number of gathers is not small)
-    cols, y = [[], [], []], []
+    return rates
+
+
+def _fit_backsolve(loads: list[Load], hw: Hardware, rates: Rates, base: Rates) -> tuple[Rates, float, float]:
+    """``rates`` with the fitted per-row gather cost g_row, the fitted e_a (applied by :func:`calibrate`) and the
+    backsolve's fixed term.
+
+    The Gram and Cholesky FLOPs at F s are fitted (1/e_a); the counted row passes at the base e_b (1: the GEMV
+    read rate M the hardware file gives) and the all-reduces at the fitted l are given. e_b is not fitted: the row
+    bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by the factor n, which the recorded runs vary too
+    little to separate (a fit gives one of the two no cost). g_row is fitted: the rows' bytes are counted, but
+    the cost of their many small gathers is not."""
+    cols: list[list[float]] = [[], [], []]
+    y: list[float] = []
     for w, R, t in loads:
         pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=0.0, fixed={}))
         cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
@@ -891,16 +888,51 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
         y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
     inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = _efficiency(inv_ea, cols[0], base.linalg_efficiency)
-    rates = dataclasses.replace(rates, row_gather_bytes=gather_bytes)
+    return dataclasses.replace(rates, row_gather_bytes=gather_bytes), lin_eff, fixed_back
 
-    fixed = {"fisher": 0.0, "backsolve": fixed_back}
-    # writeback, save: the modelled bytes (2 * 4 p_R at M s; 4 P at the disk bandwidth) plus a fixed term, the mean
-    # of what the modelled bytes leave unexplained (>= 0)
+
+def _fixed_transfer_terms(loads: list[Load], hw: Hardware, rates: Rates) -> dict[str, float]:
+    """Fixed seconds of writeback and save: the mean of what their modelled bytes (2 * 4 p_R at M s; 4 P at the
+    disk bandwidth) leave unexplained (>= 0)."""
+    fixed = {}
     for ph in ("writeback", "save"):
         modelled = [predict(w, R, hw, dataclasses.replace(rates, fixed={})).seconds[ph] for w, R, _ in loads]
         fixed[ph] = max(0.0, sum(t[ph] - m for (_, _, t), m in zip(loads, modelled, strict=True)) / len(loads))
-    rates = dataclasses.replace(rates, grad_efficiency=grad_eff, linalg_efficiency=lin_eff, fixed=fixed)
-    return rates
+    return fixed
+
+
+def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> Rates:
+    """Fit the machine rates to measured runs (non-negative least squares per phase, over all reports, each row
+    weighted by 1 / max(measured, ``WEIGHT_FLOOR_SECONDS``) so that relative errors count).
+
+    Only efficiencies, latency and overheads are fitted; the byte and selection counts per column (v_it, v_sel, T,
+    v_s, r, c) and the hardware's M, F, L stay as given (module docstring):
+
+    * solver (:func:`_fit_solver`): t = (all bytes of the passes at M s) * 1/e_m + (latency hops) * l
+      + sum_t i_t / s' * o, plus the all-reduces' bandwidth part at L; fitting 1/e_m, l and o;
+    * fisher (:func:`_fit_fisher`): t = solves (c_g f n / R / (F s) * 1/e_g + [R > 1] (n p b (R - 1) / R^2 / (L s)
+      * 1/e_x + x / s')) + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and
+      l; fitting 1/e_g, 1/e_x, x and 1/e_p; a CHITA++ report that times its stages gives two rows (stage 1, which
+      alone allocates, and the rest; :func:`stage_one_share`);
+    * backsolve (:func:`_fit_backsolve`): t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s))
+      * 1/e_a + (counted kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + g_row per re-gathered
+      row + (all-reduces at L s and the fitted l / s') + f_backsolve, fitting 1/e_a, g_row and f_backsolve; m_t =
+      the report's count of backsolves (:func:`_with_backsolve_rounds`);
+    * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
+
+    A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value; one whose
+    feature varied but which the fit gave no cost is infinite (:func:`_efficiency`).
+    """
+    if not reports:
+        raise ValueError("calibrate needs at least one report")
+    base = base or Rates()
+    loads = [(workload_from_report(r), int(r["world_size"]), measured_seconds(r)) for r in reports]
+    rates = _fit_solver(loads, hw, base)
+    rates, grad_eff = _fit_fisher(loads, reports, hw, rates, base)
+    rates = _with_backsolve_rounds(loads, reports, rates)
+    rates, lin_eff, fixed_back = _fit_backsolve(loads, hw, rates, base)
+    fixed = {"fisher": 0.0, "backsolve": fixed_back, **_fixed_transfer_terms(loads, hw, rates)}
+    return dataclasses.replace(rates, grad_efficiency=grad_eff, linalg_efficiency=lin_eff, fixed=fixed)
 
 
 def compare(reports: list[dict], hw: Hardware, rates: Rates) -> list[dict]:

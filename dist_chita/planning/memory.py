@@ -9,12 +9,11 @@ entries of the storage dtype. Around it:
 * the solver's vectors (about a dozen float32 vectors of p_r) and, when the
   active set is used, a gathered copy of its rows of the factor;
 * the backsolve's n x n Gram matrix in float64 (twice: G and its factor) and its gathered kept rows A_{r,S}^T,
-  counted at 12 |S_r| n bytes (|S_r| <= p_r), at most 1.5 x ``backsolve.GATHER_BYTES`` = 384 MiB. The backsolve now
+  counted at 12 |S_r| n bytes (|S_r| <= p_r), at most 1.5 x ``backsolve.GATHER_BYTES`` = 384 MiB. The backsolve
   keeps only the float32 gather (4 |S_r| n bytes; its float64 products convert cache-sized chunks), so 8 of the 12
-  bytes are headroom; the measured peaks (docs/resnet50_scale.md) are 0.2-0.3 GiB above the morning's code and
-  still use it;
+  bytes are headroom for what the estimate does not count (allocator slack, freed heap still resident);
 * a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
-  other libraries, the data (about 0.4-0.5 GB of resident memory on CPU before anything is pruned);
+  other libraries, the data (the resident memory on CPU before anything is pruned);
 * the activations of the largest forward pass the run makes (a calibration micro-batch, an evaluation batch),
   measured before the run on one such pass (:func:`peak_growth`).
 

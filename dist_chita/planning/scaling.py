@@ -185,39 +185,45 @@ def read_csv(path: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
-    """Write time_per_phase.png, speedup_efficiency.png, peak_memory.png and bytes_per_phase.png into ``out_dir``."""
-    import matplotlib
+class _Figures:
+    """Axes labelling and saving shared by the plots of one table."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, table: list[dict], out_dir: Path, title: str, plt) -> None:
+        self.table, self.out_dir, self.title, self.plt = table, out_dir, title, plt
+        self.x = list(range(len(table)))
+        self.labels = [str(row["world_size"]) + ("*" if row["oversubscribed"] else "") for row in table]
+        self.mode = table[0]["mode"] if table else "strong"
+        self.note = " (* oversubscribed cores)" if any(row["oversubscribed"] for row in table) else ""
+        self.paths: list[Path] = []
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes = [row["world_size"] for row in table]
-    labels = [str(R) + ("*" if row["oversubscribed"] else "") for R, row in zip(sizes, table, strict=True)]
-    x = list(range(len(sizes)))
-    mode = table[0]["mode"] if table else "strong"
-    note = " (* oversubscribed cores)" if any(row["oversubscribed"] for row in table) else ""
-    paths = []
-
-    def label_axes(ax, ylabel: str, subtitle: str = "") -> None:
-        ax.set_xticks(x, labels)
-        ax.set_xlabel("world size R (ranks)" + note)
+    def label_axes(self, ax, ylabel: str, subtitle: str = "") -> None:
+        ax.set_xticks(self.x, self.labels)
+        ax.set_xlabel("world size R (ranks)" + self.note)
         ax.set_ylabel(ylabel)
-        ax.set_title(subtitle or f"{title} {mode} scaling".strip(), fontsize=10)
+        ax.set_title(subtitle or f"{self.title} {self.mode} scaling".strip(), fontsize=10)
 
-    def finish(fig, ax, name: str, ylabel: str) -> None:
+    def finish(self, fig, ax, name: str, ylabel: str) -> None:
         if ax is not None:
-            label_axes(ax, ylabel)
+            self.label_axes(ax, ylabel)
         fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=100)
-        plt.close(fig)
-        paths.append(out_dir / name)
+        fig.savefig(self.out_dir / name, dpi=100)
+        self.plt.close(fig)
+        self.paths.append(self.out_dir / name)
 
-    # time per phase: stacked (linear), and grouped per phase (log scale, so that small phases show). In the stack,
-    # fisher is drawn as fisher - exchange (the gradient computation) with exchange on top: together time_fisher.
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    def grouped_bars(self, ax, phases, values, label) -> None:
+        """One bar per phase side by side at each world size: ``values(row, phase)``, ``label(phase)``."""
+        width = 0.8 / len(phases)
+        for i, ph in enumerate(phases):
+            ax.bar([xi + (i - (len(phases) - 1) / 2) * width for xi in self.x],
+                   [values(row, ph) for row in self.table], width, label=label(ph))
+
+
+def _plot_time_per_phase(f: _Figures) -> None:
+    """Time per phase: stacked (linear), and grouped per phase (log scale, so that small phases show). In the
+    stack, fisher is drawn as fisher - exchange (the gradient computation) with exchange on top: together
+    time_fisher."""
+    table, x = f.table, f.x
+    fig, (ax, ax2) = f.plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(table)
     for ph in TIME_PHASES[:-1]:
         vals = [row[f"time_{ph}"] for row in table]
@@ -230,37 +236,43 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     other = [max(0.0, row["time_total"] - b) for row, b in zip(table, bottom, strict=True)]
     ax.bar(x, other, bottom=bottom, label="other (load, eval)", color="lightgray")
     ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
-    label_axes(ax, "seconds (max over ranks)", f"{title} {mode} scaling: time per phase (stacked)".strip())
-    phases = TIME_PHASES[:-1]
-    width = 0.8 / len(phases)
-    for i, ph in enumerate(phases):
-        label = "fisher (incl. exchange)" if ph == "fisher" else ph
-        ax2.bar([xi + (i - (len(phases) - 1) / 2) * width for xi in x],
-                [max(row[f"time_{ph}"], 1e-4) for row in table], width, label=label)
+    f.label_axes(ax, "seconds (max over ranks)", f"{f.title} {f.mode} scaling: time per phase (stacked)".strip())
+    f.grouped_bars(ax2, TIME_PHASES[:-1], lambda row, ph: max(row[f"time_{ph}"], 1e-4),
+                   lambda ph: "fisher (incl. exchange)" if ph == "fisher" else ph)
     ax2.set_yscale("log")
     ax2.legend(fontsize=7, framealpha=0.6)
-    label_axes(ax2, "seconds (max over ranks, log)", "per phase (log scale)")
-    finish(fig, None, "time_per_phase.png", "")
+    f.label_axes(ax2, "seconds (max over ranks, log)", "per phase (log scale)")
+    f.finish(fig, None, "time_per_phase.png", "")
+
+
+def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
+    """Write time_per_phase.png, speedup_efficiency.png, peak_memory.png and bytes_per_phase.png into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    f = _Figures(table, out_dir, title, plt)
+    _plot_time_per_phase(f)
 
     # speedup and efficiency vs ideal
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.plot(x, [row["ideal_speedup"] for row in table], "k--", label="ideal speedup")
-    ax.plot(x, [row["speedup"] or 0.0 for row in table], "o-", label="speedup")
-    ax.plot(x, [row["efficiency"] or 0.0 for row in table], "s-", label="parallel efficiency")
+    ax.plot(f.x, [row["ideal_speedup"] for row in table], "k--", label="ideal speedup")
+    ax.plot(f.x, [row["speedup"] or 0.0 for row in table], "o-", label="speedup")
+    ax.plot(f.x, [row["efficiency"] or 0.0 for row in table], "s-", label="parallel efficiency")
     ax.axhline(1.0, color="gray", lw=0.5)
     ax.legend(fontsize=8)
-    finish(fig, ax, "speedup_efficiency.png", "speedup / efficiency (total time)")
+    f.finish(fig, ax, "speedup_efficiency.png", "speedup / efficiency (total time)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.bar(x, [row["peak_memory_per_rank"] / 2**20 for row in table])
-    finish(fig, ax, "peak_memory.png", "peak memory per rank (MiB, max over ranks)")
+    ax.bar(f.x, [row["peak_memory_per_rank"] / 2**20 for row in table])
+    f.finish(fig, ax, "peak_memory.png", "peak memory per rank (MiB, max over ranks)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    width = 0.8 / len(BYTE_PHASES)
-    for i, ph in enumerate(BYTE_PHASES):
-        label = "fisher (incl. exchange)" if ph == "fisher" else ph
-        ax.bar([xi + (i - (len(BYTE_PHASES) - 1) / 2) * width for xi in x],
-               [row[f"bytes_{ph}"] / 2**20 for row in table], width, label=label)
+    f.grouped_bars(ax, BYTE_PHASES, lambda row, ph: row[f"bytes_{ph}"] / 2**20,
+                   lambda ph: "fisher (incl. exchange)" if ph == "fisher" else ph)
     ax.legend(fontsize=8)
-    finish(fig, ax, "bytes_per_phase.png", "MiB sent per rank (max over ranks)")
-    return paths
+    f.finish(fig, ax, "bytes_per_phase.png", "MiB sent per rank (max over ranks)")
+    return f.paths

@@ -6,9 +6,15 @@ import dataclasses
 import math
 
 import pytest
+import torch
 
+from dist_chita.distributed import comm
+from dist_chita.distributed.layout import ColumnLayout
+from dist_chita.distributed.partition import sample_ranges
+from dist_chita.fisher import losses
+from dist_chita.fisher.factor import fisher_block  # imported here, so that the forked ranks of tests.multiproc have it
 from dist_chita.planning import costmodel as cm
-from dist_chita.planning.memory import estimate
+from dist_chita.prunable import named_shapes, prunable_modules
 
 GPU = cm.Hardware(name="g", memory_bytes=80e9, memory_bandwidth=2e12, flops=1e14, link_bandwidth=25e9,
                   link_latency=1e-5, devices_per_node=8, node_bandwidth=200e9, node_latency=5e-6)
@@ -16,15 +22,45 @@ CPU = cm.Hardware(name="c", memory_bytes=16e9, memory_bandwidth=5e9, flops=5e10,
                   link_latency=5e-5, shared_cores=2)
 
 
-def test_factor_memory_by_hand():
-    w = cm.Workload(p=1000, n=100, model_params=2000, storage_dtype="bfloat16", largest_layer=600, micro_batch=10)
-    m = cm.memory_per_rank(w, 3)
-    assert m.factor == 100 * 334 * 2  # n * ceil(p / R) * bytes
-    assert m.model == 4 * 2000
-    assert m.gradient_buffer == 3 * 4 * 10 * 600
-    assert m.backsolve == 2 * 8 * 100 * 100 + 12 * 334 * 100  # G and factor; the gathered kept rows (<= p_r)
-    assert m == estimate(1000, 100, 3, "bfloat16", 2000, 600, 10)
-    assert cm.memory_per_rank(dataclasses.replace(w, model_sharded=True), 4).model == 2000
+FACTOR_N = 10  # calibration samples of the factor-allocation probe
+FACTOR_ROW = 13  # the longest row of its MLP: Linear(13, 7) then Linear(7, 5), p = 91 + 35 = 126
+
+
+def _allocated_factor(dtype_name: str, per_row: bool) -> tuple[int, int]:
+    """On this rank: bytes of the block At that :func:`dist_chita.fisher.factor.fisher_block` allocates for a
+    13-7-5 MLP (the layout the driver builds: an even column split, or cut at rows for per-row budgets), and the
+    model's parameter bytes as its tensors hold them."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(13, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5))
+    x, labels = torch.randn(FACTOR_N, 13), torch.randint(0, 5, (FACTOR_N,))
+    modules = prunable_modules(model, exclude_head=False)
+    layout = ColumnLayout.build(named_shapes(modules), comm.world_size(), rows=per_row)
+    lo, hi = sample_ranges(FACTOR_N, comm.world_size())[comm.rank()]
+    cuts = [(i, min(i + 4, hi)) for i in range(lo, hi, 4)]
+    batches = [({"pixel_values": x[i:j], "labels": labels[i:j]}, torch.arange(i, j)) for i, j in cuts]
+    loss = losses.cross_entropy(lambda m, batch: m(batch["pixel_values"]))
+    at = fisher_block(model, modules, layout, batches, lo, FACTOR_N, loss, dtype=getattr(torch, dtype_name))
+    return at.numel() * at.element_size(), sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 4])  # 126 columns: 4 ranks split them unevenly
+def test_factor_and_model_memory_are_what_the_code_allocates(ranks):
+    """The factor term is the largest block At any rank's ``fisher_block`` allocates (``At.numel() *
+    At.element_size()``, float32 and bfloat16) for the even column split; blocks cut at rows (per-row budgets) may
+    pass the even split by less than one row of n entries. The model term is the parameters' bytes."""
+    from tests.multiproc import run
+
+    for dtype_name in ("float32", "bfloat16"):
+        even = run(_allocated_factor, ranks, dtype_name, False)
+        params = even[0][1]
+        w = cm.Workload(p=126, n=FACTOR_N, model_params=params // 4, storage_dtype=dtype_name)
+        mem = cm.memory_per_rank(w, ranks)
+        assert mem.factor == max(nbytes for nbytes, _ in even), (dtype_name, even)
+        assert mem.model == params
+        one_row = FACTOR_N * FACTOR_ROW * cm.DTYPE_BYTES[dtype_name]
+        rows = [nbytes for nbytes, _ in run(_allocated_factor, ranks, dtype_name, True)]
+        assert sum(rows) == sum(nbytes for nbytes, _ in even) and max(rows) < mem.factor + one_row, rows
 
 
 def test_solver_iteration_terms_by_hand():

@@ -1,0 +1,186 @@
+"""benchmarks/render_results.py: the repository's generated pages are current; on a synthetic checkout every table
+cell is the JSON's number, the README block is replaced and nothing else, and --check tells current from stale."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import render_results as rr  # noqa: E402
+
+
+def test_the_repository_is_current():
+    """What `python benchmarks/render_results.py` would write is what is committed (pages, index, the blocks of
+    docs/scaling and, when it has the markers, README.md)."""
+    res = subprocess.run([sys.executable, "benchmarks/render_results.py", "--check"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    for study in sorted(p.parent.name for p in (ROOT / "docs" / "scaling").glob("*/summary.json")):
+        assert f"<!-- scaling-{study}:start -->" in (ROOT / "docs" / "scaling" / "README.md").read_text(), study
+
+
+def _mlpnet() -> dict:
+    def method(acc: float, secs: float, obj: float | None) -> dict:
+        return {"accuracy": acc, "seconds": secs, "stages": [], "phases": {}, "objective": obj,
+                "magnitude_backsolve_objective": None if obj is None else 1.5 * obj}
+
+    rows = [{"sparsity": 0.5, "lambda": 2e-5, "magnitude": method(0.91234, 0.0042, None),
+             "chita": method(0.93456, 0.731, 3.25e-4), "chita++ 2@0.1": method(0.92111, 1.917, 1.5e-5)},
+            {"sparsity": 0.9, "lambda": 0.5, "magnitude": method(0.51005, 0.0038, None),
+             "chita": method(0.62347, 0.412, 0.0175), "chita++ 2@0.1": method(0.70009, 2.555, 0.0113),
+             "official": {"chita": 0.6543, "magnitude": 0.5123}}]
+    return {"dense_accuracy": 0.95551, "load_seconds": 1.0, "threads": 3, "lambda": 2e-5, "lambda_at": {"0.9": 0.5},
+            "solver_options": {"rounds": 2}, "chita_plus_plus": [{"name": "chita++ 2@0.1", "stages": 2,
+                                                                  "base_sparsity": 0.1}],
+            "rows": rows, "official_solver_seconds": [7.0, 70.0],
+            "beats_official_at_every_reference_sparsity": {"chita": False, "chita++ 2@0.1": True},
+            "slowest_prune_seconds_at_reference_sparsities": {"chita": 0.412, "chita++ 2@0.1": 2.555},
+            "speedup_vs_fastest_official_solver": {"chita": 7.0 / 0.412, "chita++ 2@0.1": 7.0 / 2.555},
+            "judged": "chita++ 2@0.1"}
+
+
+def _minilm() -> dict:
+    results = {"magnitude, per row": {"cosine": 0.61111, "nn_agreement": 0.42222, "seconds": 1.5},
+               "SparseGPT (sequential, blocks of 128)": {"cosine": 0.81234, "nn_agreement": 0.65432, "seconds": 9.0},
+               "dist-chita layerwise: CHITA per row on H = X^T X": {"cosine": 0.90001, "nn_agreement": 0.77777,
+                                                                   "seconds": 50.0, "objective": 12.345,
+                                                                   "magnitude_objective": 23.456, "iterations": 7}}
+    run = {"sparsity": 0.6, "n": 64, "storage_dtype": "float32", "held_out": 99, "threads": 2, "results": results}
+    return {"model": "tiny-encoder", "runs": {"default": run}}
+
+
+def _table_rows(text: str, first_header: str) -> list[list[str]]:
+    """The body rows of the Markdown table whose header starts with ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {first_header} |"))
+    rows = []
+    for ln in lines[start + 2:]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split(" | ")])
+    return rows
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "mlpnet_mnist.json").write_text(json.dumps(_mlpnet()))
+    (tmp_path / "benchmarks" / "results" / "minilm_baselines.json").write_text(json.dumps(_minilm()))
+    (tmp_path / "benchmarks" / "results" / "new_thing.json").write_text(json.dumps({"a": {"b": 1.25}, "c": [3, 4]}))
+    (tmp_path / "README.md").write_text("# x\n\nbefore\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\n"
+                                        "after\n")
+    return tmp_path
+
+
+def test_tables_hold_the_json_numbers(checkout, capsys):
+    assert rr.main(["--root", str(checkout)]) == 0
+    printed = capsys.readouterr().out
+    data = _mlpnet()
+    page = (checkout / "docs" / "results" / "mlpnet_mnist.md").read_text()
+    methods = ["magnitude", "chita", "chita++ 2@0.1"]
+    acc = _table_rows(page, "sparsity | lambda")
+    assert len(acc) == len(data["rows"])
+    for cells, row in zip(acc, data["rows"], strict=True):
+        assert float(cells[0]) == row["sparsity"] and float(cells[1]) == row["lambda"]
+        shown = [float(c.rstrip("%")) / 100 for c in cells[2:5]]
+        assert shown == pytest.approx([row[m]["accuracy"] for m in methods], abs=5e-5)  # 2 decimals of a percent
+        official = row.get("official")
+        assert (cells[5], cells[6]) == (("", "") if official is None else
+                                        (f"{100 * official['chita']:.2f}%", f"{100 * official['magnitude']:.2f}%"))
+    secs = _table_rows(page, "sparsity | magnitude")
+    for cells, row in zip(secs, data["rows"], strict=True):
+        assert [float(c) for c in cells[1:]] == pytest.approx([row[m]["seconds"] for m in methods], rel=5e-3)
+    assert "python benchmarks/mlpnet_mnist.py --sparsities 0.5,0.9 --threads 3" in page
+    assert "--lam-at 0.9:0.5" in page and "--plus 2@0.1" in page
+    minilm = _table_rows((checkout / "docs" / "results" / "minilm_baselines.md").read_text(), "method")
+    for cells, (label, r) in zip(minilm, _minilm()["runs"]["default"]["results"].items(), strict=True):
+        assert cells[0] == label and float(cells[1]) == pytest.approx(r["cosine"], abs=5e-5)
+        assert float(cells[2]) == pytest.approx(r["nn_agreement"], abs=5e-5)
+        assert cells[3] == ("" if "objective" not in r else f"{r['objective']:.4g}")
+    generic = (checkout / "docs" / "results" / "new_thing.md").read_text()
+    assert "| `a.b` | 1.25 |" in generic and "| `c` | [3, 4] |" in generic
+    index = (checkout / "docs" / "results" / "README.md").read_text()
+    assert all(f"]({name}.md)" in index for name in ("mlpnet_mnist", "minilm_baselines", "new_thing"))
+    readme = (checkout / "README.md").read_text()
+    assert readme.startswith("# x\n\nbefore\n\n<!-- results:start -->\n") and readme.endswith(
+        "<!-- results:end -->\n\nafter\n") and "old table" not in readme
+    head = _table_rows(readme, "benchmark")
+    accuracy = next(r for r in head if r[1] == "held-out accuracy")
+    assert "70.01%" in accuracy[2] and "65.43%" in accuracy[2]  # the judged and the official accuracy at 0.9
+    fidelity = next(r for r in head if r[0].startswith("MiniLM"))
+    assert fidelity[0] == "MiniLM 60% (n = 64, one process)"
+    assert fidelity[2] == "CHITA layerwise 0.9000 / 0.7778; SparseGPT 0.8123 / 0.6543; magnitude 0.6111 / 0.4222"
+    assert readme.split("<!-- results:start -->\n")[1].split("\n<!-- results:end -->")[0] in printed
+
+
+def test_check_tells_current_from_stale(checkout, capsys):
+    assert rr.main(["--root", str(checkout), "--check"]) == 1  # nothing generated yet
+    assert rr.main(["--root", str(checkout)]) == 0
+    assert rr.main(["--root", str(checkout), "--check"]) == 0
+    readme = checkout / "README.md"
+    current = readme.read_text()
+    readme.write_text(current.replace("70.01%", "70.02%"))  # a hand-edited figure in the block
+    assert rr.main(["--root", str(checkout), "--check"]) == 1
+    readme.write_text(current)
+    data = _mlpnet()
+    data["rows"][0]["chita"]["accuracy"] = 0.93556  # a new result: the page is stale until rendered again
+    (checkout / "benchmarks" / "results" / "mlpnet_mnist.json").write_text(json.dumps(data))
+    capsys.readouterr()
+    assert rr.main(["--root", str(checkout), "--check"]) == 1
+    assert "docs/results/mlpnet_mnist.md" in capsys.readouterr().err
+    assert rr.main(["--root", str(checkout)]) == 0 and "93.56%" in (
+        checkout / "docs" / "results" / "mlpnet_mnist.md").read_text()
+    (checkout / "benchmarks" / "results" / "new_thing.json").unlink()  # its page is stale, then removed
+    assert rr.main(["--root", str(checkout), "--check"]) == 1
+    assert rr.main(["--root", str(checkout)]) == 0 and not (checkout / "docs" / "results" / "new_thing.md").exists()
+    assert rr.main(["--root", str(checkout), "--check"]) == 0
+
+
+def test_scaling_blocks_from_a_recorded_study(tmp_path):
+    """The repository's MLPNet study copied into a checkout: its block's rows are the summary's rows."""
+    study = tmp_path / "docs" / "scaling" / "mlpnet"
+    shutil.copytree(ROOT / "docs" / "scaling" / "mlpnet", study, ignore=shutil.ignore_patterns("*.png", "runs"))
+    (tmp_path / "docs" / "scaling" / "README.md").write_text("<!-- scaling-mlpnet:start -->\n"
+                                                             "<!-- scaling-mlpnet:end -->\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    rows = _table_rows((tmp_path / "docs" / "scaling" / "README.md").read_text(), "R")
+    summary = json.loads((study / "summary.json").read_text())
+    assert len(rows) == len(summary["rows"])
+    for cells, row in zip(rows, summary["rows"], strict=True):
+        assert cells[0] == f"{row['world_size']}{'*' if row['oversubscribed'] else ''}"
+        fisher, exchange = cells[1].rstrip(")").split(" (")
+        assert float(fisher) == pytest.approx(row["time_fisher"], rel=1e-2)
+        assert float(exchange) == pytest.approx(row["time_exchange"], rel=1e-2)
+        assert float(cells[4]) == pytest.approx(row["time_total"], rel=1e-2)
+        assert float(cells[5]) == pytest.approx(row["speedup"], abs=5e-3)
+        assert int(cells[7]) == round(row["peak_memory_per_rank"] / 2**20)
+
+
+def test_readme_copy_gets_the_headline_block(tmp_path):
+    """A copy of the repository's README.md with the markers added: the block becomes the headline table (one row per
+    headline of the results pages and the studies), the rest of the file stays as it was."""
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
+    shutil.copytree(ROOT / "docs" / "scaling", tmp_path / "docs" / "scaling", ignore=shutil.ignore_patterns("*.png"))
+    shutil.copytree(ROOT / "configs" / "hardware", tmp_path / "configs" / "hardware")  # the plans' hardware
+    text = (ROOT / "README.md").read_text()
+    head, tail = text[: len(text) // 2], text[len(text) // 2:]
+    (tmp_path / "README.md").write_text(f"{head}\n<!-- results:start -->\n<!-- results:end -->\n{tail}")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    out = (tmp_path / "README.md").read_text()
+    before, rest = out.split("\n<!-- results:start -->\n")
+    block, after = rest.split("\n<!-- results:end -->\n")
+    assert (before, after) == (head, tail)
+    _, headline = rr.render_all(tmp_path)
+    assert block == headline
+    rows = _table_rows(block, "benchmark")
+    pages = [p for _, p in rr._pages(tmp_path)]
+    assert len(rows) == sum(len(p.headline) for p in pages) + 2  # and the scaling studies' and the cost model's
+    assert rr.main(["--root", str(tmp_path), "--check"]) == 0
