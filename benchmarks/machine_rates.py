@@ -14,7 +14,7 @@ Prints and writes benchmarks/results/machine_rates.json:
 
 Each figure is the best of several repeats (other processes on a shared machine only ever slow a repeat down),
 except the page population: the median of 3 fresh processes (it depends on the kernel's and the hypervisor's
-memory state: on this VM 0.45-0.65 s per GiB with small pages; 0.16-2.0 s with huge pages).
+memory state).
 ``configs/hardware/cpu_this_machine.yaml`` records these numbers for ``launch/scaling_study.py`` and
 ``launch/plan.py``.
 
