@@ -43,7 +43,7 @@ from dist_chita.methods.magnitude import Magnitude
 from dist_chita.prunable import named_shapes
 from dist_chita.sparsity import Sparsity, layer_sparsities, mean_sparsity
 
-__all__ = ["block_call_bytes", "memory_bytes", "my_microbatches", "prune_layerwise", "prune_magnitude"]
+__all__ = ["block_call_bytes", "fisher_rows", "memory_bytes", "my_microbatches", "prune_layerwise", "prune_magnitude"]
 # block_call_bytes and my_microbatches live in dist_chita.layerwise.curvature; launch/prune.py imports them from here
 
 
