@@ -2,21 +2,25 @@
 
 all-MiniLM-L6-v2 (real weights), the default job's data (128 calibration paragraphs of ``pydoc_data.topics``, the
 other ~450 held out), 50% sparsity of the 37 Linear layers, one process. Held-out fidelity to the dense embeddings
-(mean cosine similarity, top-1 nearest-neighbour agreement) of:
+(mean cosine similarity, top-1 nearest-neighbour agreement) of the tool's own methods, nothing re-implemented here:
 
-* magnitude pruning, global, per layer and per row (every output row keeps 50%);
-* Wanda (Sun et al., 2023): per row, score |W_ij| * ||X_j||_2 over the calibration tokens (padding excluded), the
-  norms from one pass of the dense model (the tool's ``prune.method: wanda`` takes them block by block on the
-  already pruned model, as Wanda's own code does);
-* OBD per row: score W_ij^2 * F_jj with F the diagonal of the empirical Fisher of the default job's loss (the
-  Gauss-Newton probe), without any weight update;
-* SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns, 1% damping (Algorithm 1,
-  :mod:`dist_chita.methods.sparsegpt`, the tool's ``prune.method: sparsegpt``);
+* magnitude pruning, global (:func:`dist_chita.fisher.driver.prune`, method ``magnitude``: the only global budget),
+  per layer and per row (every output row keeps 50%) (the layerwise method ``magnitude``,
+  :mod:`dist_chita.methods.magnitude`, through :func:`dist_chita.layerwise.driver.prune_layerwise`: no data);
+* Wanda (Sun et al., 2023): per row, score |W_ij| ||X_j||_2 over the calibration tokens (padding excluded); the
+  tool's sequential Wanda (:mod:`dist_chita.methods.wanda`, ``prune.method: wanda``): the norms taken block by
+  block on the inputs of the already pruned model, as Wanda's own code does, not from one pass of the dense model;
+* OBD (LeCun et al., 1990) per row: score F_jj W_ij^2 / 2 with F the diagonal of the empirical Fisher of the default
+  job's loss (the Gauss-Newton probe) on the dense model, without any weight update (:mod:`dist_chita.methods.obd`);
+* SparseGPT (Frantar & Alistarh, 2023): sequential, blocks of 128 columns whose masks are chosen over all rows of a
+  layer, 1% damping (Algorithm 1, :mod:`dist_chita.methods.sparsegpt`, the tool's ``prune.method: sparsegpt`` with
+  ``granularity: layer``);
 * dist-chita's ``objective: layerwise``: CHITA per row on each layer's H = X^T X, blocks in order
-  (:mod:`dist_chita.layerwise.driver`); and with ``granularity: layer`` (each layer's budget shared among its rows by
+  (:mod:`dist_chita.methods.chita`); and with ``granularity: layer`` (each layer's budget shared among its rows by
   the OBS saliency);
-* dist-chita with the Fisher objective: per-row budgets and the ``fisher_diagonal`` ridge (its warm start is the
-  OBD saliency, then IHT and the ridge back-solve), and CHITA as in the paper (global budget, identity ridge).
+* dist-chita with the Fisher objective (:func:`dist_chita.fisher.driver.prune`): per-row budgets and the
+  ``fisher_diagonal`` ridge (its warm start is the OBD saliency, then IHT and the ridge back-solve), and CHITA as in
+  the paper (global budget, identity ridge).
 
     python benchmarks/minilm_baselines.py [--threads 2] [--nm 2:4] [key=value ...]   # e.g. prune.sparsity=0.7
 
@@ -41,48 +45,12 @@ if str(ROOT) not in sys.path:
 
 from dist_chita import evaluate, prunable  # noqa: E402
 from dist_chita.fisher import driver as fisher_driver  # noqa: E402
-from dist_chita.fisher import groups  # noqa: E402
-from dist_chita.fisher.budget import Budget  # noqa: E402
 from dist_chita.io import data, models  # noqa: E402
 from dist_chita.layerwise import driver as layerwise_driver  # noqa: E402
-from dist_chita.layerwise.row_solver import keep_mask  # noqa: E402
-from dist_chita.methods.sparsegpt import sparsegpt_rows  # noqa: E402
 from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs, parse_nm  # noqa: E402
 from launch.prune import build_loss  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
-
-
-def input_norms(model, task, modules, calib, batch_size: int) -> list[torch.Tensor]:
-    """Wanda's statistic up to a factor per layer (which leaves per-row masks unchanged): ||X_j||_2 / sqrt(N) per
-    input feature of every layer over the N non-padding calibration tokens, the square root of the diagonal of
-    dist-chita's H = X^T X / N (:func:`dist_chita.layerwise.driver.layer_curvature`)."""
-    H = layerwise_driver.layer_curvature(modules, lambda batch: models.forward(model, task, batch),
-                                   data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True))
-    return [h.diagonal().sqrt() for h in H]
-
-
-def sparsegpt(model, task, modules, calib, batch_size: int, sparsity: float,
-              nm: tuple[int, int] | None = None) -> None:
-    """SparseGPT's sequential one-shot pruning, in place: the blocks of layers in order (those of
-    :func:`dist_chita.layerwise.driver.blocks_in_order`, the encoder blocks here, the pooler last); each block's Linear
-    layers get H = X^T X / N from inputs computed through the already pruned earlier blocks (the encoder blocks
-    on cached inputs, as in the reference implementation; the same passes as the layerwise objective:
-    :func:`dist_chita.layerwise.driver.block_curvatures`)."""
-    for group, H in layerwise_driver.block_curvatures(
-            model, modules, lambda batch: models.forward(model, task, batch),
-            lambda: data.iter_microbatches(calib, 0, len(calib), batch_size, longest_first=True)):
-        with torch.no_grad():
-            for i, h in zip(group, H, strict=True):
-                m = modules[i][1]
-                m.weight.copy_(sparsegpt_rows(m.weight.double(), h, sparsity, nm=nm).to(m.weight.dtype))
-
-
-def row_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Keep the largest scores of every row: dist-chita's own per-row projection (:meth:`Budget.per_row`, ties to
-    the lower index), with its count per row."""
-    return [Budget.per_row([(s.shape[0], s.shape[1], fisher_driver.kept_count(s.shape[1], sparsity))])
-            .project(s.reshape(-1).float()).view_as(s) for s in scores]
 
 
 def main() -> None:
@@ -119,11 +87,6 @@ def main() -> None:
             for (_, m), w in zip(modules, dense, strict=True):
                 m.weight.copy_(w)
 
-    def apply(masks: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for (_, m), mk in zip(modules, masks, strict=True):
-                m.weight.mul_(mk.to(m.weight.dtype))
-
     results: dict[str, dict] = {}
 
     def record(name: str, seconds: float) -> None:
@@ -133,58 +96,38 @@ def main() -> None:
         print(f"{name:48s} cosine {r['cosine']:.4f}  nn agreement {r['nn_agreement']:.4f}  ({seconds:.1f} s)",
               flush=True)
 
-    def layerwise(name: str, nm: tuple[int, int] | None, per_layer: bool = False) -> None:
+    def layerwise(name: str, method: str, nm: tuple[int, int] | None = None, per_layer: bool = False) -> None:
+        """One run of the tool's layerwise driver with ``method`` (:mod:`dist_chita.methods`)."""
         t = time.perf_counter()
         out = layerwise_driver.prune_layerwise(model, modules, s,
                                                forward=lambda batch: models.forward(model, task, batch),
-                                               make_batches=by_length, nm=nm, per_layer=per_layer, damp=cfg.prune.damp)
+                                               make_batches=by_length, nm=nm, per_layer=per_layer, damp=cfg.prune.damp,
+                                               method=method, loss_fn=loss_fn)
         record(name, time.perf_counter() - t)
         stage = out.stages[0]
-        results[name].update(objective=stage.objective, magnitude_objective=stage.magnitude_objective,
-                             iterations=stage.iterations)
+        figures = dict(objective=stage.objective, magnitude_objective=stage.magnitude_objective,
+                       iterations=stage.iterations or None)
+        results[name].update({k: v for k, v in figures.items() if v is not None})
 
     if args.nm:
         nm = parse_nm(args.nm)
-        t = time.perf_counter()
-        layerwise_driver.prune_magnitude(modules, s, nm)
-        record(f"magnitude, {args.nm}", time.perf_counter() - t)
-        t = time.perf_counter()
-        norms = input_norms(model, task, modules, calib, bs)
-        apply([keep_mask(w.abs() * x.to(w.dtype)[None, :], None, nm, None) for w, x in zip(dense, norms, strict=True)])
-        record(f"Wanda (|W| ||X||), {args.nm}", time.perf_counter() - t)
-        t = time.perf_counter()
-        sparsegpt(model, task, modules, calib, bs, s, nm)
-        record(f"SparseGPT (sequential, blocks of 128), {args.nm}", time.perf_counter() - t)
-        layerwise(f"dist-chita layerwise: CHITA {args.nm} on H = X^T X", nm)
+        layerwise(f"magnitude, {args.nm}", "magnitude", nm)
+        layerwise(f"Wanda (|W| ||X||), {args.nm}", "wanda", nm)
+        layerwise(f"SparseGPT (sequential, blocks of 128), {args.nm}", "sparsegpt", nm)
+        layerwise(f"dist-chita layerwise: CHITA {args.nm} on H = X^T X", "chita", nm)
         save(args, cfg, s, n, held, results, f"nm={args.nm}")
         return
 
     t = time.perf_counter()
     fisher_driver.prune(model, modules, "magnitude", s)
     record("magnitude, global", time.perf_counter() - t)
-    t = time.perf_counter()
-    fisher_driver.prune(model, modules, "magnitude", s, per_layer=True)
-    record("magnitude, per layer", time.perf_counter() - t)
-    t = time.perf_counter()
-    fisher_driver.prune(model, modules, "magnitude", s, per_row=True)
-    record("magnitude, per row", time.perf_counter() - t)
-
-    t = time.perf_counter()
-    norms = input_norms(model, task, modules, calib, bs)
-    apply(row_masks([w.abs() * x.to(w.dtype)[None, :] for w, x in zip(dense, norms, strict=True)], s))
-    record("Wanda (|W| ||X||), per row", time.perf_counter() - t)
-
-    t = time.perf_counter()
-    diag = groups.diagonal_fisher(model, modules, batches(), n, loss_fn)
-    apply(row_masks([w.pow(2) * d.view_as(w).to(w.dtype) for w, d in zip(dense, diag, strict=True)], s))
-    record("OBD (W^2 diag F), per row, no update", time.perf_counter() - t)
-
-    t = time.perf_counter()
-    sparsegpt(model, task, modules, calib, bs, s)
-    record("SparseGPT (sequential, blocks of 128)", time.perf_counter() - t)
-
-    layerwise("dist-chita layerwise: CHITA per row on H = X^T X", None)
-    layerwise("dist-chita layerwise: CHITA per layer (OBS-saliency row budgets)", None, per_layer=True)
+    layerwise("magnitude, per layer", "magnitude", per_layer=True)
+    layerwise("magnitude, per row", "magnitude")
+    layerwise("Wanda (|W| ||X||), per row", "wanda")
+    layerwise("OBD (W^2 diag F), per row, no update", "obd")
+    layerwise("SparseGPT (sequential, blocks of 128)", "sparsegpt", per_layer=True)
+    layerwise("dist-chita layerwise: CHITA per row on H = X^T X", "chita")
+    layerwise("dist-chita layerwise: CHITA per layer (OBS-saliency row budgets)", "chita", per_layer=True)
 
     common = dict(make_batches=batches, loss_fn=loss_fn, n=n, lam=cfg.prune.lambda_,
                   storage_dtype=models.torch_dtype(cfg.solver.storage_dtype))

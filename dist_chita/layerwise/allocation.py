@@ -7,14 +7,14 @@ block's outlier ratio D_b: the share of its weights scoring above M times the bl
 
     keep_b = 2 lambda (D_b - min D) / (max D - min D) - mean(...) + 1 - S,     s_b = 1 - keep_b,
 
-every layer of block b taking s_b (blocks: :func:`dist_chita.layerwise.driver.blocks_in_order`, the layers up to the
+every layer of block b taking s_b (blocks: :func:`dist_chita.layerwise.curvature.blocks_in_order`, the layers up to the
 first numeric component of their names, a transformer layer). OWL's mean is over blocks, which is the mean over weights
 when the blocks are the same size; here it is weighted by the blocks' sizes, so that S is the share of zeros over
 all prunable weights also when a small block stands apart (MiniLM's pooler). OWL's defaults: M = 5, lambda = 0.08.
 
 :func:`input_norms` runs the calibration samples through the dense model once (no pruning, no curvature): one
 float64 (d,) sum of squares per layer, summed exactly over ranks like
-:func:`dist_chita.layerwise.driver.layer_curvature`, so every rank derives the same targets. Nothing here parses a
+:func:`dist_chita.layerwise.curvature.layer_curvature`, so every rank derives the same targets. Nothing here parses a
 config.
 """
 
@@ -27,7 +27,8 @@ from torch import nn
 
 from dist_chita.distributed import comm
 from dist_chita.io import params
-from dist_chita.layerwise.driver import blocks_in_order, collective_batches, input_rows, input_size, weight_rows
+from dist_chita.layerwise.curvature import blocks_in_order, collective_batches
+from dist_chita.layerwise.geometry import input_rows, input_size, weight_rows
 from dist_chita.methods.wanda import wanda_scores
 
 
@@ -35,7 +36,7 @@ def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[obj
                 batches: Iterable) -> list[torch.Tensor]:
     """||X_j||^2 of every input feature j of every module over all ranks' calibration rows: (d,) float64 each (a
     dict batch's ``attention_mask`` marks the tokens that count; Conv2d: unfolded patches). ``batches`` yields this
-    rank's ``(batch, indices)`` (:func:`~dist_chita.layerwise.driver.my_microbatches`); each micro-batch's sums are
+    rank's ``(batch, indices)`` (:func:`~dist_chita.layerwise.curvature.my_microbatches`); each micro-batch's sums are
     formed in float32 and added in float64, the same bits on any number of ranks. Collective (one all-reduce; under
     ZeRO-3 the forwards too: a rank with fewer micro-batches runs padding forwards that add nothing)."""
     for name, m in modules:

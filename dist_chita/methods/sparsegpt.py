@@ -9,12 +9,19 @@ over all rows; with ``per_row``, every row's own share of the block, the compari
 instead, at every M-th column the M - N smallest of the next M columns of every row, on
 the already updated weights. Each column's error (w_j - q_j) / U_jj is spread onto the later columns through row j
 of U (the OBS update), inside the block at once and to the later blocks in one product.
+
+In the layerwise driver (:class:`SparseGPT`): the masks of a block of columns are chosen over all rows of a part of
+the layer (with ``per_layer``, as in the paper) or per row; a part's rows are not independent problems, so every part
+goes whole to one rank (:func:`sparsegpt_owners`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
+from dist_chita.methods.base import LayerMethod, LayerProblem, LayerResult, reconstruction_objective, register
 from dist_chita.sparsity import kept_count
 
 BLOCK = 128  # columns B_s whose mask is chosen together (the paper's and its code's)
@@ -78,3 +85,43 @@ def sparsegpt_rows(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, damp: f
         W[:, a:b] = W1
         W[:, b:] -= E1 @ U[a:b, b:]
     return W.to(out_dtype)
+
+
+def sparsegpt_owners(shapes: Mapping[tuple[int, int], tuple[int, int]], world: int) -> dict[tuple[int, int], int]:
+    """The rank that runs SparseGPT on part j (a grouped Conv2d's group of rows, else all rows) of layer i, for
+    every (i, j) of a block (``shapes``: (i, j) -> (rows r, inputs d) of the part): largest first, by the cost
+    d (r + d) of a part (a column loop of d steps over the r rows, and the factorisation of a (d, d) matrix), each
+    to the least loaded rank (ties: the earlier layer and part, the lower rank), so every rank derives the same
+    owners."""
+    items = sorted(((d * (r + d), i, j) for (i, j), (r, d) in shapes.items()), key=lambda t: (-t[0], t[1], t[2]))
+    load, owners = [0] * world, {}
+    for cost, i, j in items:
+        rank = min(range(world), key=lambda q: (load[q], q))
+        owners[(i, j)] = rank
+        load[rank] += cost
+    return owners
+
+
+@register
+class SparseGPT(LayerMethod):
+    """:func:`sparsegpt_rows` on every part of the layer this rank owns, on the part's H with the driver's damping;
+    per row unless ``per_layer`` (then the masks of each block of 128 columns over all the part's rows)."""
+
+    name = "sparsegpt"
+
+    def owners(self, shapes: Mapping[tuple[int, int], tuple[int, int]], world: int) -> dict[tuple[int, int], int]:
+        return sparsegpt_owners(shapes, world)
+
+    def solve_bytes(self, dims: Sequence[tuple[int, int]], blocks: Sequence[Sequence[int]]) -> int:
+        """Four float64 (d, d) matrices (H, its factor, the inverse, U) and three float64 copies of the weights,
+        plus every layer of the largest block read and solved at once (its weights and their pruned copy,
+        float32)."""
+        return max(32 * d * d + 24 * r * d for r, d in dims) + max(
+            sum(8 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+
+    def prune(self, layer: LayerProblem) -> LayerResult:
+        W = torch.zeros_like(layer.W_bar)
+        for j, lo, hi in layer.runs:
+            W[lo:hi] = sparsegpt_rows(layer.W_bar[lo:hi], layer.H[j], layer.sparsity, damp=layer.damp, nm=layer.nm,
+                                      allowed=layer.allowed[lo:hi], per_row=not layer.per_layer)
+        return LayerResult(W=W, objective=reconstruction_objective(layer, W))

@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from dist_chita.methods.base import LayerProblem, ScoreMethod, register
+
 
 def wanda_scores(W: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """S = |W| * sqrt(sq_norms) (r, d) for W (r, d) and the inputs' squared norms (d,) (diag H, or ||X_j||^2), in
     the dtype the two give."""
     return W.abs() * sq_norms.clamp_min(0.0).sqrt()[None, :]
+
+
+@register
+class Wanda(ScoreMethod):
+    """S = |W_bar| sqrt(diag H_j) on the rows of part j (:func:`wanda_scores`), on the inputs of the already pruned
+    model (as Wanda's own code runs it, block after block)."""
+
+    name = "wanda"
+
+    def scores(self, layer: LayerProblem) -> torch.Tensor:
+        return torch.cat([wanda_scores(layer.W_bar[lo:hi], h.diagonal().float())
+                          for (lo, hi), h in zip(layer.parts, layer.H, strict=True)])

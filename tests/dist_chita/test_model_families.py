@@ -227,6 +227,7 @@ def test_layerwise_objective_prunes_every_family(tmp_path, family):
     magnitude supports re-fitted, and the pruned model still gives finite outputs. The blocks whose inputs follow
     from the previous block's output (the transformer layers; the ResNet and ConvNeXt stages) run on cached
     inputs, with the weights of the model's own forwards bit for bit."""
+    from dist_chita.layerwise import curvature, geometry
     from dist_chita.layerwise import driver as layerwise_driver
 
     torch.set_num_threads(1)
@@ -238,8 +239,8 @@ def test_layerwise_objective_prunes_every_family(tmp_path, family):
         modules = prunable_modules(model)
         forward = lambda b, model=model: models.forward(model, task, b)  # noqa: E731
         if cache:
-            blocks = [model.get_submodule(name) for name in layerwise_driver.block_names(modules)]
-            chained = layerwise_driver.chained_blocks(blocks, forward, next(_batches(calib))[0])
+            blocks = [model.get_submodule(name) for name in curvature.block_names(modules)]
+            chained = curvature.chained_blocks(blocks, forward, next(_batches(calib))[0])
             assert chained == {"vit": (0, 0), "resnet": (1, 3), "convnext": (1, 3)}.get(family, (0, 2)), family
         out = layerwise_driver.prune_layerwise(model, modules, SPARSITY, forward=forward,
                                          make_batches=lambda: _batches(calib), cache_inputs=cache)
@@ -247,9 +248,9 @@ def test_layerwise_objective_prunes_every_family(tmp_path, family):
     assert all(torch.equal(a, b) for a, b in zip(*weights, strict=True)), family
     grouped = 0
     for name, m in modules:
-        rows = layerwise_driver.weight_rows(m, m.weight.detach())
+        rows = geometry.weight_rows(m, m.weight.detach())
         assert bool(((rows != 0).sum(1) == kept_count(rows.shape[1], SPARSITY)).all()), (family, name)
-        grouped += layerwise_driver.groups(m) > 1
+        grouped += geometry.groups(m) > 1
     assert grouped > 0 if family == "convnext" else grouped == 0
     stage = out.stages[0]
     assert 0 < stage.objective < stage.magnitude_objective

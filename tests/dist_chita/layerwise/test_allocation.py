@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dist_chita.layerwise.allocation import input_norms, outlier_ratios, owl_layer_targets, owl_targets
-from dist_chita.layerwise.driver import my_microbatches
+from dist_chita.layerwise.curvature import my_microbatches
 from tests import multiproc
 
 

@@ -2,10 +2,15 @@
 
 import pytest
 import torch
+from torch import nn
 
+from dist_chita.layerwise.driver import _part_shapes, prune_layerwise
 from dist_chita.layerwise.row_solver import keep_mask, objectives
-from dist_chita.methods.sparsegpt import sparsegpt_rows
+from dist_chita.methods.base import LayerProblem
+from dist_chita.methods.sparsegpt import SparseGPT, sparsegpt_owners, sparsegpt_rows
 from dist_chita.sparsity import kept_count
+from tests.fixtures.layerwise_nets import batches as _batches
+from tests.fixtures.layerwise_nets import mlp as _mlp
 
 
 def _layer(seed, r=6, d=10, N=40):
@@ -106,3 +111,64 @@ def test_fixed_zeros_stay_zero_and_bad_input_is_refused():
         sparsegpt_rows(W, H, 1.0)
     with pytest.raises(ValueError, match="damp"):
         sparsegpt_rows(W, H, 0.5, damp=0.0)
+
+
+@pytest.mark.parametrize("per_layer,nm", [(True, None), (False, None), (False, (2, 4))])
+def test_through_the_driver_matches_an_independent_recomputation(per_layer, nm):
+    """SparseGPT through prune_layerwise, and the same recomputed here: layer l's inputs X from the model with
+    layers < l already pruned; sparsegpt_rows on X^T X (tested against the direct OBS above). The report's objective
+    is the reconstruction objective of the result."""
+    torch.manual_seed(1)
+    x = torch.randn(40, 12)
+    model, ref = _mlp(), _mlp()
+    modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
+    out = prune_layerwise(model, modules, 0.5, forward=model, make_batches=lambda: _batches(x, 0, 40),
+                          per_layer=per_layer, nm=nm, method="sparsegpt")
+    h, f = x, 0.0
+    for i in (0, 2, 4):
+        W_bar = ref[i].weight.detach()
+        r, d = W_bar.shape
+        H = (h.double().T @ h.double()) / h.shape[0]
+        W = sparsegpt_rows(W_bar, H, 0.5, nm=nm, per_row=not per_layer)
+        torch.testing.assert_close(model[i].weight.detach(), W, rtol=1e-5, atol=1e-6)
+        Q = H + 0.01 * float(H.diagonal().mean()) * torch.eye(d, dtype=H.dtype)
+        f += float(objectives((model[i].weight.detach() - W_bar).double(), Q).sum())
+        with torch.no_grad():
+            ref[i].weight.copy_(model[i].weight)
+            h = ref[: i + 2](x) if i < 4 else h
+    st = out.stages[0]
+    assert st.objective == pytest.approx(f, rel=1e-5) and st.magnitude_objective is None
+    assert st.iterations == 0 and st.objective_trace == [st.objective]
+
+
+def test_the_method_prunes_the_parts_it_is_given():
+    """SparseGPT.prune on a layer of two parts (a grouped conv's groups, each on its own H) given only part 1:
+    sparsegpt_rows of that part on its H, zeros elsewhere; its objective is that part's f."""
+    W0, H0 = _layer(1, r=4)
+    W1, H1 = _layer(2, r=4)
+    W_bar = torch.cat([W0, W1]).float()
+    H = torch.stack([H0, H1])
+    lams = tuple(0.01 * float(h.diagonal().mean()) for h in H)
+    layer = LayerProblem(W_bar=W_bar, sparsity=0.5, per_layer=True, parts=((0, 4), (4, 8)), runs=((1, 4, 8),), H=H,
+                         lams=lams)
+    got = SparseGPT().prune(layer)
+    expected = sparsegpt_rows(W_bar[4:], H1, 0.5)
+    assert torch.equal(got.W[:4], torch.zeros(4, 10)) and torch.equal(got.W[4:], expected)
+    Q = H1 + lams[1] * torch.eye(10, dtype=H1.dtype)
+    assert got.objective == pytest.approx(float(objectives((expected - W_bar[4:]).double(), Q).sum()), rel=1e-6)
+
+
+def test_sparsegpt_owners_balance_the_block_by_cost():
+    """A transformer block's six layers (d (r + d): four 384 x 384, one 1536 x 384, one 384 x 1536) on 2 ranks: the
+    largest alone on one rank, the rest on the other; 3 ranks; a grouped conv's parts spread; the same owners
+    whatever the order of the calls (a pure function). The shapes are those the driver gives the method."""
+    mods = [(n, nn.Linear(a, b, bias=False)) for n, a, b in [("q", 384, 384), ("k", 384, 384), ("v", 384, 384),
+                                                             ("o", 384, 384), ("up", 384, 1536), ("down", 1536, 384)]]
+    block = _part_shapes(mods, range(6))  # (layer, part) -> (rows, inputs)
+    assert sparsegpt_owners(block, 2) == {(5, 0): 0, (4, 0): 1, (0, 0): 1, (1, 0): 1, (2, 0): 1, (3, 0): 1}
+    three = sparsegpt_owners(block, 3)
+    assert three[(5, 0)] == 0 and three[(4, 0)] == 1 and sorted(three.values()) == [0, 1, 1, 2, 2, 2]
+    assert set(sparsegpt_owners(block, 1).values()) == {0}
+    conv = [("c", nn.Conv2d(8, 8, 3, groups=4, bias=False))]  # 4 parts of 2 rows, equal cost
+    assert sparsegpt_owners(_part_shapes(conv, [0]), 2) == {(0, 0): 0, (0, 1): 1, (0, 2): 0, (0, 3): 1}
+    assert SparseGPT().owners(block, 3) == three and block[(4, 0)] == (1536, 384)
