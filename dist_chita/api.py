@@ -24,7 +24,7 @@ from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher import driver as fisher_driver
 from dist_chita.fisher import groups, losses, ntstore, resume
 from dist_chita.io import data, models, params
-from dist_chita.layerwise import allocation
+from dist_chita.layerwise import allocation, curvature
 from dist_chita.layerwise import driver as layerwise_driver
 from dist_chita.options import Fisher, Layerwise, Target, objective_name, resolve_ridge
 from dist_chita.planning import memory
@@ -52,6 +52,7 @@ class _Run:
     modules: list[tuple[str, nn.Module]]
     log: Log
     progress: Progress | None
+    fisher_options: Fisher
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
     @property
@@ -69,7 +70,7 @@ class _Run:
     def rank_microbatches(self):
         """This rank's calibration micro-batches: every R-th of one global sequence, longest first (the same
         micro-batches on any number of ranks, so sums over them have the same bits)."""
-        return layerwise_driver.my_microbatches(
+        return curvature.my_microbatches(
             data.iter_microbatches(self.samples, 0, self.n, self.batch_size, longest_first=True))
 
     @contextmanager
@@ -88,6 +89,7 @@ def prune(
     target: Target | None = None,
     objective: Layerwise | Fisher | None = None,
     method: str = "chita",
+    fisher: Fisher | None = None,
     task: str | None = None,
     batch_size: int = 16,
     evaluate: Evaluate | None = None,
@@ -108,8 +110,10 @@ def prune(
         target: which weights and to what sparsity (:class:`~dist_chita.options.Target`; None: its defaults).
         objective: :class:`~dist_chita.options.Layerwise` (None: its defaults) or
             :class:`~dist_chita.options.Fisher`, with their settings.
-        method: layerwise ``chita``, ``sparsegpt``, ``wanda``, ``magnitude``, ``obd``; Fisher ``chita``,
-            ``chita++``, ``magnitude``.
+        method: layerwise ``chita``, ``sparsegpt``, ``wanda``, ``magnitude``, ``obd`` (and any method registered
+            in :mod:`dist_chita.methods`); Fisher ``chita``, ``chita++``, ``magnitude``.
+        fisher: with the layerwise method ``obd``, the empirical Fisher whose diagonal is its saliency (its
+            ``loss`` and ``seed``; None: :class:`~dist_chita.options.Fisher`'s defaults).
         task: how the model's output is used (``causal-lm``, ``sequence-classification``, ``image-classification``,
             ``embedding``); None: inferred (:func:`dist_chita.io.models.infer_task`).
         batch_size: calibration samples per forward/backward pass.
@@ -134,7 +138,7 @@ def prune(
         raise ValueError("group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
     run = _Run(model, task or models.infer_task(model), samples, target, objective, method, batch_size,
                prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
-               log or (lambda line: None), progress)
+               log or (lambda line: None), progress, fisher or Fisher())
     with run.phase("allocation" if target.allocation == "owl" else "_targets"):
         targets = _targets(run)
     run.seconds.pop("_targets", None)
@@ -193,7 +197,7 @@ def _estimate(run: _Run, targets: Sparsity, probe_batches, partitioned: bool, co
 
     def calibration_probe(batch) -> None:
         if layerwise and not partitioned:  # no cached inputs under ZeRO-3
-            block_bytes[0] = layerwise_driver.block_call_bytes(run.model, run.modules, run.forward, batch)
+            block_bytes[0] = curvature.block_call_bytes(run.model, run.modules, run.forward, batch)
         else:
             run.forward(batch)
 
@@ -274,11 +278,12 @@ def _prune(run: _Run, targets: Sparsity) -> tuple[fisher_driver.PruneOutcome, li
     budget = _budget(run.target)
     if run.fisher:
         return _prune_fisher(run, targets, budget)
-    o = run.objective  # each layer's reconstruction, block by block
+    o, f = run.objective, run.fisher_options  # each layer's reconstruction, block by block
     outcome = layerwise_driver.prune_layerwise(
         run.model, run.modules, targets, forward=run.forward, make_batches=run.rank_microbatches,
         nm=budget["nm"], per_layer=budget["per_layer"], damp=o.damp, method=run.method,
-        solver_options=dict(max_iter=o.max_iter, tol=o.tol), progress=run.progress)
+        solver_options=dict(max_iter=o.max_iter, tol=o.tol), progress=run.progress,
+        loss_fn=loss_function(f.loss, run.task, f.seed) if run.method == "obd" else None)
     return outcome, []
 
 

@@ -9,7 +9,8 @@ default lives in one place):
 * :class:`Fisher`: the CHITA paper's objective, the empirical Fisher of the loss from n per-sample gradients, one
   problem over all layers (``fisher:``).
 
-Methods per objective: :data:`LAYERWISE_METHODS` and :data:`FISHER_METHODS`.
+Methods per objective: :func:`layerwise_methods` (those registered in :mod:`dist_chita.methods`) and
+:data:`FISHER_METHODS`.
 """
 
 from __future__ import annotations
@@ -20,8 +21,14 @@ from typing import Literal
 
 Granularity = Literal["row", "layer", "global"]
 StorageDtype = Literal["float32", "bfloat16", "float16"]
-LAYERWISE_METHODS = ("chita", "sparsegpt", "wanda", "magnitude", "obd")
 FISHER_METHODS = ("chita", "chita++", "magnitude")
+
+
+def layerwise_methods() -> list[str]:
+    """The layerwise methods: every method registered in :mod:`dist_chita.methods` (one module each)."""
+    from dist_chita.methods.base import method_names
+
+    return method_names()
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -123,8 +130,8 @@ class Layerwise:
 
     def problems(self, method: str) -> list[str]:
         out = []
-        if method not in LAYERWISE_METHODS:
-            out.append(f"method: {method!r} is not a layerwise method (one of {', '.join(LAYERWISE_METHODS)})")
+        if method not in layerwise_methods():
+            out.append(f"method: {method!r} is not a layerwise method (one of {', '.join(layerwise_methods())})")
         if not self.damp > 0.0:
             out.append(f"damp: must be > 0, got {self.damp}")
         if self.max_iter < 1:

@@ -122,7 +122,7 @@ class PruneConfig(Target):
     ``chita``, ``chita++`` or ``magnitude``."""
 
     objective: Literal["layerwise", "fisher"] = "layerwise"
-    method: Literal["chita", "chita++", "sparsegpt", "wanda", "magnitude", "obd"] = "chita"
+    method: str = "chita"
 
 
 @dataclass(frozen=True)

@@ -241,8 +241,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     try:
         rep = dist_chita.prune(
             loaded.model, calib, target=cfg.prune, objective=objective_options(cfg, out_dir),
-            method=cfg.prune.method, task=loaded.task, batch_size=cfg.calibration.batch_size, evaluate=evaluator,
-            compare_magnitude=cfg.eval.compare_magnitude,
+            method=cfg.prune.method, fisher=cfg.fisher, task=loaded.task, batch_size=cfg.calibration.batch_size,
+            evaluate=evaluator, compare_magnitude=cfg.eval.compare_magnitude,
             probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress))
     finally:
         progress.close()

@@ -35,7 +35,7 @@ from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.fisher.driver import PruneOutcome, StageReport
 from dist_chita.fisher.groups import diagonal_fisher
 from dist_chita.io import params
-from dist_chita.layerwise.curvature import block_call_bytes, block_curvatures, blocks_in_order, my_microbatches
+from dist_chita.layerwise.curvature import block_curvatures, blocks_in_order
 from dist_chita.layerwise.geometry import check_zero_padding, from_rows, groups, input_size, weight_rows
 from dist_chita.layerwise.row_solver import ROW_CHUNK
 from dist_chita.methods.base import LayerMethod, LayerProblem, LayerResult, resolve_method
@@ -43,8 +43,7 @@ from dist_chita.methods.magnitude import Magnitude
 from dist_chita.prunable import named_shapes
 from dist_chita.sparsity import Sparsity, layer_sparsities, mean_sparsity
 
-__all__ = ["block_call_bytes", "fisher_rows", "memory_bytes", "my_microbatches", "prune_layerwise", "prune_magnitude"]
-# block_call_bytes and my_microbatches live in dist_chita.layerwise.curvature; launch/prune.py imports them from here
+__all__ = ["fisher_rows", "memory_bytes", "prune_layerwise", "prune_magnitude"]
 
 
 @dataclass(frozen=True)
