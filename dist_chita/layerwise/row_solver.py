@@ -262,7 +262,7 @@ def solve_rows(
     k: int | torch.Tensor | None = None,
     nm: tuple[int, int] | None = None,
     allowed: torch.Tensor | None = None,
-    max_iter: int = 20,
+    max_iter: int = 200,
     tol: float = 1e-4,
     trials: int = 1,
     refit_iters: int = 10,

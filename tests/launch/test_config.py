@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_chita.options import resolve_ridge
 from launch.config import (
     ConfigError,
     ModelConfig,
@@ -101,18 +100,6 @@ def test_unknown_key_names_full_path_and_the_nearest_key():
 def test_wrong_type_names_key_and_expected_type(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
-
-
-@pytest.mark.parametrize(("ridge", "n", "p", "expected"), [
-    ("auto", 128, 10_764_288, "fisher_diagonal"),  # the default job: MiniLM
-    ("auto", 1000, 32_360, "identity"),  # MLPNet
-    ("auto", 999, 1_000_000, "fisher_diagonal"),
-    ("auto", 1000, 1_000_000, "identity"),
-    ("identity", 128, 10_764_288, "identity"),
-    ("fisher_diagonal", 1000, 32_360, "fisher_diagonal"),
-])
-def test_auto_ridge_is_the_fisher_diagonal_below_one_sample_per_thousand_weights(ridge, n, p, expected):
-    assert resolve_ridge(ridge, n, p) == expected
 
 
 def test_int_is_accepted_for_float_and_converted():

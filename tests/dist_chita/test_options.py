@@ -1,0 +1,74 @@
+"""dist_chita/options.py: the options of dist_chita.prune are the run config's sections, so their defaults are what
+users get; the library functions they feed must have the same defaults (one source of defaults)."""
+
+import inspect
+
+import pytest
+
+from dist_chita.fisher import driver as fisher_driver
+from dist_chita.fisher import groups, solver
+from dist_chita.layerwise import allocation, row_solver
+from dist_chita.layerwise import driver as layerwise_driver
+from dist_chita.options import Fisher, Layerwise, Target, layerwise_methods, parse_nm, resolve_ridge
+from dist_chita.prunable import prunable_modules
+
+
+def defaults(fn) -> dict:
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
+def test_layerwise_defaults_are_the_drivers_and_the_row_solvers():
+    lw = Layerwise()
+    assert defaults(layerwise_driver.prune_layerwise)["damp"] == lw.damp
+    rows = defaults(row_solver.solve_rows)
+    assert (rows["max_iter"], rows["tol"]) == (lw.max_iter, lw.tol)
+
+
+def test_fisher_defaults_are_the_solvers_and_the_drivers():
+    f, solve, prune = Fisher(), defaults(solver.solve), defaults(fisher_driver.prune)
+    for name in ("max_iter", "tol", "active_set_factor", "backsolve", "escape_trials"):
+        assert solve[name] == getattr(f, name), name
+    assert (prune["lam"], prune["first_order"], prune["stages"], prune["base_sparsity"], prune["schedule"],
+            prune["exponent"]) == (f.lambda_, f.first_order_term, f.stages, f.base_sparsity, f.schedule, f.exponent)
+    assert str(prune["storage_dtype"]) == f"torch.{f.storage_dtype}"
+    assert defaults(groups.prune_in_blocks)["criterion"] == f.group_criterion
+
+
+def test_target_defaults_are_the_selection_and_the_allocations():
+    t = Target()
+    assert defaults(prunable_modules)["exclude_head"] == t.exclude_head
+    owl = defaults(allocation.owl_layer_targets)
+    assert (owl["m"], owl["lam"]) == (t.owl_m, t.owl_lambda)
+
+
+def test_problems_name_the_field():
+    assert Target().problems() == [] and Layerwise().problems("chita") == [] and Fisher().problems("chita++",
+                                                                                                   Target()) == []
+    assert Target(sparsity=1.0).problems() == ["sparsity: must be in [0, 1), got 1.0"]
+    assert Target(nm="3:2").problems() == ["nm: expected 'N:M' with 1 <= N < M, got '3:2'"]
+    assert Layerwise(damp=0).problems("chita") == ["damp: must be > 0, got 0"]
+    assert Layerwise().problems("chita++")[0].startswith("method: 'chita++' is not a layerwise method")
+    assert Fisher().problems("wanda", Target())[0].startswith("method: 'wanda' is not a Fisher-objective method")
+    assert Fisher(base_sparsity=0.6).problems("chita++", Target(sparsity=0.5))[0].startswith("base_sparsity")
+
+
+def test_every_registered_method_is_a_layerwise_method():
+    assert {"chita", "sparsegpt", "wanda", "magnitude", "obd"} <= set(layerwise_methods())
+
+
+@pytest.mark.parametrize(("ridge", "n", "p", "expected"), [
+    ("auto", 128, 10_764_288, "fisher_diagonal"),  # MiniLM: 1.2e-5 samples per weight
+    ("auto", 1000, 32_360, "identity"),  # MLPNet: 0.03
+    ("auto", 999, 1_000_000, "fisher_diagonal"),
+    ("auto", 1000, 1_000_000, "identity"),
+    ("identity", 128, 10_764_288, "identity"),
+])
+def test_auto_ridge_switches_at_one_sample_per_thousand_weights(ridge, n, p, expected):
+    assert resolve_ridge(ridge, n, p) == expected
+
+
+def test_parse_nm():
+    assert parse_nm("2:4") == (2, 4) and Target(nm="2:4").nm_pair == (2, 4) and Target().nm_pair is None
+    for bad in ("4:2", "2:2", "two", "0:4"):
+        with pytest.raises(ValueError, match="expected 'N:M'"):
+            parse_nm(bad)
