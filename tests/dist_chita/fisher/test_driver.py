@@ -12,6 +12,7 @@ from dist_chita.io.data import iter_microbatches
 from dist_chita.prunable import prunable_modules
 from dist_chita.sparsity import kept_count, stage_targets
 from tests import multiproc
+from tests.fixtures.solver_settings import THOROUGH
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 N = 48
@@ -31,7 +32,7 @@ def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, 
         model, modules, method, sparsity,
         make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
-        per_row=per_row, base_sparsity=base_sparsity, solver_options=dict(max_iter=40, ridge=ridge),
+        per_row=per_row, base_sparsity=base_sparsity, solver_options={**THOROUGH, "max_iter": 40, "ridge": ridge},
     )
     return {name: m.weight.detach().clone() for name, m in modules}, out.stages
 
@@ -190,7 +191,7 @@ def _prune_and_evaluate(conv, loss, method):
                 model, modules, method, 0.7,
                 make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
                 loss_fn=loss_fn, n=N, lam=1e-3, stages=2 if method == "chita++" else 1, base_sparsity=0.3,
-                per_layer=conv, solver_options=dict(max_iter=30),
+                per_layer=conv, solver_options={**THOROUGH, "max_iter": 30},
             )
             acc = evaluate_accuracy(model, "image-classification", calib, 16)
         weights = {name: m.weight.detach().clone() for name, m in modules}

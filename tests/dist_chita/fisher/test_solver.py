@@ -13,6 +13,7 @@ import torch
 from dist_chita.distributed import comm
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.solver import solve
+from tests.fixtures.solver_settings import THOROUGH
 from tests.multiproc import run
 
 
@@ -73,7 +74,7 @@ def test_quality_against_brute_force(one_thread):
         A, w_bar, y, lam = _tiny(seed)
         best = _brute_force(A, w_bar, y, lam, combos)
         At, wb32, y32 = A.T.contiguous().float(), w_bar.float(), y.float()
-        res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32)
+        res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, **THOROUGH)
         base = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, method="iht_1L", backsolve=False,
                      max_iter=50, tol=1e-6)
         f, f_1l = _objective(A, res.w, w_bar, y, lam), _objective(A, base.w, w_bar, y, lam)
@@ -134,7 +135,8 @@ def test_fisher_diagonal_ridge_against_brute_force(one_thread):
         D = _fisher_diagonal(A)
         At = A.T.contiguous().float()
         before = At.clone()
-        res = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal")
+        res = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal",
+                    **THOROUGH)
         assert torch.equal(At, before)
         w = res.w.double()
         f = 0.5 * float((y - A @ w) @ (y - A @ w)) + 0.5 * lam * float((D * (w - w_bar) ** 2).sum())
@@ -144,7 +146,7 @@ def test_fisher_diagonal_ridge_against_brute_force(one_thread):
         obd = torch.zeros(p, dtype=torch.bool)
         obd[torch.sort(w_bar.abs() * D.sqrt(), descending=True, stable=True).indices[:k]] = True
         warm = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal",
-                     max_iter=1, rounds=1, tol=1.0)
+                     max_iter=1, rounds=1, tol=1.0, escape_trials=6)
         assert warm.plain_magnitude_objective == pytest.approx(
             0.5 * float((y - A[:, obd] @ w_bar[obd]) @ (y - A[:, obd] @ w_bar[obd]))
             + 0.5 * lam * float((D[~obd] * w_bar[~obd] ** 2).sum()), rel=1e-5)
@@ -164,7 +166,8 @@ def test_lambda_zero_and_first_order():
         A = _correlated(30, p, 0.7, g)
         w_bar = torch.randn(p, generator=g, dtype=torch.float64).float().double()
         y = A @ w_bar - 1 / math.sqrt(30)
-        res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True)
+        res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True,
+                    **THOROUGH)
         f = _objective(A, res.w, w_bar, y, 0.0)
         assert f == pytest.approx(res.objective, rel=1e-5)
         assert f <= res.magnitude_objective * (1 + 1e-6) and res.magnitude_objective <= res.plain_magnitude_objective
@@ -176,7 +179,7 @@ def test_bfloat16_storage_and_timings():
     g = torch.Generator().manual_seed(5)
     A = _correlated(48, 300, 0.8, g)
     w_bar = torch.randn(300, generator=g)
-    res = solve(A.T.contiguous().to(torch.bfloat16), w_bar, 0.1, Budget.global_topk(300, 30))
+    res = solve(A.T.contiguous().to(torch.bfloat16), w_bar, 0.1, Budget.global_topk(300, 30), **THOROUGH)
     A_bf = A.to(torch.bfloat16).double()
     assert _objective(A_bf, res.w, w_bar.double(), A_bf @ w_bar.double(), 0.1) == pytest.approx(res.objective, rel=1e-5)
     assert res.objective < res.magnitude_objective < res.plain_magnitude_objective
@@ -207,7 +210,7 @@ def test_bad_input_raises():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(solver_module, "a_matvec", overflowing)
-        assert solve(At, w_bar, 0.1, budget).objective >= 0 and len(calls) >= 1
+        assert solve(At, w_bar, 0.1, budget, **THOROUGH).objective >= 0 and len(calls) >= 1
     bad_w = w_bar.clone()
     bad_w[0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -253,7 +256,7 @@ def _solve_block(kind, lam, splits):
     lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
     comm.reset_stats()
     res = solve(At[lo:hi].contiguous(), w_bar[lo:hi], lam, _budget(kind, lo, hi, allowed),
-                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity")
+                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity", **THOROUGH)
     return res
 
 
@@ -322,9 +325,9 @@ def test_backsolve_count_is_reported(monkeypatch):
     monkeypatch.setattr(solver, "ridge_backsolve", counting)
     A, w_bar, y, lam = _tiny(5, n=30, p=16)
     At = A.float().T.contiguous()
-    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), escape_trials=4)
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), **{**THOROUGH, "escape_trials": 4})
     assert res.backsolves == len(calls) >= 2  # the warm start and at least one more
-    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False)
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False, **THOROUGH)
     assert res.backsolves == 0
 
 
@@ -353,7 +356,8 @@ def _solve_sparse_allowed(kind, lam, splits, overwrite):
         seg = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
         budget = Budget.per_segment(seg[lo:hi], torch.tensor([40, 60, 20]), a)
     block = At[lo:hi].clone()
-    res = solve(block, w_bar[lo:hi], lam, budget, overwrite_at=overwrite, escape_trials=2, pair_swaps=0)
+    res = solve(block, w_bar[lo:hi], lam, budget, overwrite_at=overwrite, pair_swaps=0,
+                **{**THOROUGH, "escape_trials": 2})
     moved = torch.equal(block[: int(a.sum())], At[lo:hi][a]) if overwrite else torch.equal(block, At[lo:hi])
     return res, moved
 
@@ -396,7 +400,7 @@ def _solve_with_meta_default(kind, lam, splits, dtype, small_chunks):
     for default in (None, "meta"):
         budget = _budget(kind, lo, hi, allowed)
         with torch.device(default) if default else contextlib.nullcontext():
-            res = solve(block.clone(), w_bar[lo:hi], lam, budget, max_iter=60, overwrite_at=True)
+            res = solve(block.clone(), w_bar[lo:hi], lam, budget, overwrite_at=True, **{**THOROUGH, "max_iter": 60})
         out.append(res)
     return out
 
