@@ -1,4 +1,4 @@
-"""Block mode: groups, budget allocation against a brute-force top-k, the diagonal Fisher against the factor,
+"""Layer groups (block mode): groups, budget allocation against a brute-force top-k, the diagonal Fisher against the factor,
 equality with the global run when one block holds everything, exact budgets, and 1 vs 2 ranks."""
 
 import pytest
