@@ -1,5 +1,5 @@
-"""Layer groups (block mode): groups, budget allocation against a brute-force top-k, the diagonal Fisher against the factor,
-equality with the global run when one block holds everything, exact budgets, and 1 vs 2 ranks."""
+"""Layer groups (block mode): groups, budget allocation against a brute-force top-k, the diagonal Fisher against the
+factor, equality with the global run when one block holds everything, exact budgets, and 1 vs 2 ranks."""
 
 import pytest
 import torch
