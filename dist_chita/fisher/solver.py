@@ -17,9 +17,11 @@ The steps, one function each (paper Alg. 1 "IHT with line search" and Sec. 3's a
   worse than magnitude pruning + back-solve.
 * :func:`iht_step`, one iteration of Alg. 1: g = grad f(w) = -A^T (y - A w) + lambda (w - w_bar); along -g_S the
   exact minimiser tau* = ||g_S||^2 / (||A g_S||^2 + lambda ||g_S||^2); tau_c = the first tau at which the support of
-  H(w - tau g) changes. If tau* <= tau_c the step keeps S and is exact. Otherwise trials t = tau_c, 2 tau_c,
-  4 tau_c, ... (support-changing) compete with the support-keeping step tau*; the trial of lowest f wins, and only a
-  decrease of f is accepted (monotone). 1/L (L the largest eigenvalue of A^T A + lambda I) is a last resort.
+  H(w - tau g) changes. If tau* <= tau_c the step keeps S and is exact. Otherwise trials t = tau_c+, 2 tau_c+,
+  4 tau_c+, ... (support-changing; tau_c+ = (1 + 2^-10) tau_c, just past the crossing, where the leaving and the
+  entering coordinate tie, see :func:`trial_steps`) compete with the support-keeping step tau*; the trial of lowest
+  f wins, and only a decrease of f is accepted (monotone). 1/L (L the largest eigenvalue of A^T A + lambda I) is a
+  last resort.
   A w is maintained incrementally: for a trial w_t = H(w - t g) with support S_t,
   A w_t = A w - t u + A_{S \\ S_t} (t g - w) - t A_{S_t \\ S} g with u = A g_S: only the rows of At in the symmetric
   difference of the supports are read.
@@ -32,7 +34,7 @@ The steps, one function each (paper Alg. 1 "IHT with line search" and Sec. 3's a
 * :func:`backsolve_support` (:mod:`dist_chita.fisher.backsolve`): the exact ridge solution on a fixed support; after
   an IHT run that changed S, then IHT again from there until the support stops changing.
 * :func:`escape` (lambda > 0 mostly): when IHT keeps the support of a back-solved point, candidate supports are
-  back-solved and the best is taken if it lowers f: the IHT path H(w - t g) for t = tau_c, 2 tau_c, ...; the same path
+  back-solved and the best is taken if it lowers f: the IHT path H(w - t g) for t = tau_c+, 2 tau_c+, ...; the same path
   on OBS scores (|w_i| / sqrt([(A_S^T A_S + lambda I)^-1]_ii) inside S, the exact single-coordinate gain
   |g_j| / sqrt(s_j) outside, see :func:`dist_chita.fisher.backsolve.swap_curvatures`); for k <= :data:`PAIR_SWAP_MAX_K`
   the ``pair_swaps``^2 single swaps of the cheapest removals with the best additions. The Gram matrix of nearby
@@ -74,6 +76,7 @@ MAX_ACTIVE_ROUNDS = 10  # active-set growth rounds per IHT run
 SWAP_CANDIDATES = 4096  # outside coordinates whose exact single-coordinate gain an escape computes
 PAIR_SWAP_MAX_K = 4096  # escapes try pair swaps only up to this k (every pair costs a back-solve)
 RIDGE_FLOOR = 1e-3  # the fisher_diagonal metric's floor, in units of mean(diag(A^T A))
+PAST_CROSSING = 2.0**-10  # support-changing trials start this far (relative) past tau_c: see trial_steps
 _CHUNK_BYTES = 1 << 25  # bytes of rows of At converted to float32 at once (non-float32 storage / gathers)
 _FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per thread in the fused g / u pass (cache-resident)
 
@@ -381,19 +384,30 @@ def _converged(f_old: float, f_new: float, tol: float) -> bool:
     return f_old - f_new <= tol * max(f_old, 0.0) or f_new <= 0.0
 
 
-def _support_changing_trials(prob: _Problem, st: _State, g, u, tau_c: float, trials: int, best: _State) -> _State:
-    """The best of ``best`` and the trials H(w - t g), t = tau_c, 2 tau_c, ... (at most ``trials``, stopping once f
-    rises along the doubling path)."""
+def trial_steps(tau_c: float, count: int) -> list[float]:
+    """The support-changing step sizes t_j = 2^j tau_c+, j < ``count``, with tau_c+ = (1 + :data:`PAST_CROSSING`)
+    tau_c; none when tau_c is not a finite positive step.
+
+    At tau_c itself the coordinate i leaving S and the best one j outside tie, |w_i - tau_c g_i| = tau_c |g_j|, and
+    H would choose between them by the last bits of w, g and tau_c, which differ with the column split (sums over
+    columns rounded in another order); just past the crossing the swap wins by PAST_CROSSING |w_i|."""
     if not (math.isfinite(tau_c) and tau_c > 0):
-        return best
-    t, prev = tau_c, math.inf
-    for _ in range(trials):
+        return []
+    first = tau_c * (1.0 + PAST_CROSSING)
+    return [first * 2.0**j for j in range(count)]
+
+
+def _support_changing_trials(prob: _Problem, st: _State, g, u, tau_c: float, trials: int, best: _State) -> _State:
+    """The best of ``best`` and the trials H(w - t g), t in :func:`trial_steps` (at most ``trials``, stopping once f
+    rises along the doubling path)."""
+    prev = math.inf
+    for t in trial_steps(tau_c, trials):
         cand = _trial(prob, st, g, u, t)
         if cand.f < best.f:
             best = cand
         if cand.f > prev:  # past the minimum along the doubling path
             break
-        prev, t = cand.f, 2 * t
+        prev = cand.f
     return best
 
 
@@ -587,17 +601,16 @@ def _pair_swap_supports(budget, S, v_in, v_out, allowed_out, q, offset):
 
 
 def _escape_path(ctx: _Context, st: _State, v: torch.Tensor, dv: torch.Tensor, best: _State) -> _State:
-    """The best of ``best`` and the back-solved supports of H(v - t dv), t = tau_c, 2 tau_c, ... (at most
-    ``escape_trials``; steps that add no coordinate are skipped; stops once f rises)."""
+    """The best of ``best`` and the back-solved supports of H(v - t dv), t in :func:`trial_steps` of this path's tau_c
+    (at most ``escape_trials``; steps that add no coordinate are skipped; stops once f rises)."""
     budget = ctx.full.budget
     with comm.phase(PHASE):
-        t = budget.tau_change(v, dv, st.S)
+        tau_c = budget.tau_change(v, dv, st.S)
     prev, f_prev = st.S, math.inf
-    for _ in range(ctx.escape_trials if math.isfinite(t) and t > 0 else 0):
+    for t in trial_steps(tau_c, ctx.escape_trials):
         with comm.phase(PHASE):
             S_t = budget.project(v - t * dv)
             new_coords = int(_sum(float((S_t & ~prev).sum()))[0])
-        t *= 2
         if new_coords == 0:
             continue
         prev = S_t

@@ -226,6 +226,28 @@ def test_bad_input_raises():
 
 
 # ------------------------------------------------------------------------------------- equality across ranks
+@pytest.mark.parametrize("kind", ["global", "segment", "rows", "nm"])
+def test_first_support_changing_trial_changes_the_support_at_an_exact_tie(kind):
+    """w = (1, 0, 3, 0) with S = {0, 2}, g = (0, -1, 0, 0), keep 2 of 4: coordinate 0 meets the best outside one, 1,
+    at tau_c = |w_0| / |g_1| = 1 exactly, where |w_0 - tau_c g_0| = tau_c |g_1| = 1 is a tie that H breaks by index
+    (0 stays). Trials at tau_c would keep S (and ties computed in floats go either way with the column split); the
+    first trial step must swap 0 for 1, and the later ones double it."""
+    from dist_chita.fisher.solver import trial_steps
+
+    budget = {"global": Budget.global_topk(4, 2), "segment": Budget.per_segment(torch.zeros(4, dtype=torch.int64),
+                                                                                   torch.tensor([2])),
+              "rows": Budget.per_row([(1, 4, 2)]), "nm": Budget.n_m(4, 2, 4)}[kind]
+    w, g = torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([0.0, -1.0, 0.0, 0.0])
+    S = torch.tensor([True, False, True, False])
+    tau_c = budget.tau_change(w, g, S)
+    assert tau_c == 1.0
+    assert torch.equal(budget.project(w - tau_c * g), S)  # the tie at tau_c itself keeps S
+    steps = trial_steps(tau_c, 3)
+    assert steps == [steps[0], 2 * steps[0], 4 * steps[0]] and 1.0 < steps[0] < 1.01
+    assert torch.equal(budget.project(w - steps[0] * g), torch.tensor([False, True, True, False]))
+    assert trial_steps(math.inf, 3) == [] and trial_steps(0.0, 3) == []
+
+
 P, N = 2000, 48
 SEGMENTS = [700, 900, 400]  # segment 0 and 1 straddle ranks for every split below
 SPLITS = {1: [0, P], 2: [0, 1200, P], 3: [0, 400, 1500, P], 4: [0, 100, 900, 1700, P]}  # uneven, multiples of 4
