@@ -89,7 +89,7 @@ def main() -> None:
                 model, modules, "chita++" if method.startswith("chita++") else method, s,
                 make_batches=lambda: data.iter_microbatches(calib, 0, 1000, 250),
                 loss_fn=loss, n=1000, lam=lam, stages=stages, base_sparsity=base if base < s else 0.0,
-                solver_options=dict(max_iter=500, tol=1e-5, **json.loads(args.solver_options)),
+                solver_options={"max_iter": 500, "tol": 1e-5, "escape_trials": 6, **json.loads(args.solver_options)},
             )
             seconds = time.perf_counter() - start
             phases: dict[str, float] = {}

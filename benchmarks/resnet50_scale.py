@@ -118,7 +118,7 @@ def worker(args: argparse.Namespace) -> None:
         make_batches=lambda: random_images(lo, hi, args.image_size, model.config.num_labels, args.batch_size),
         loss_fn=losses.cross_entropy(forward), n=args.n, lam=1e-3,
         storage_dtype=models.torch_dtype(args.storage_dtype),
-        solver_options=dict(max_iter=args.max_iter, rounds=1, escape_trials=0), progress=progress,
+        solver_options=dict(max_iter=args.max_iter, tol=1e-7, rounds=1, escape_trials=0), progress=progress,
     )
     t_prune = time.perf_counter() - t1
     st = outcome.stages[0]

@@ -16,7 +16,7 @@ whose normal equations are M w_S = b with M = A_S^T A_S + lambda I and b = A_S^T
   point (the minimiser is not unique; CG moves only within the row space).
 
 Speed with exactness (measured on the MLPNet Fisher factor, n = 1000, |S| = 16,180, 2 threads): forming G is the
-dominating cost, |S| n^2 flops. It is formed in float32 (sgemm, lower block triangle only; about 3x less time than
+dominating cost, |S| n^2 flops. It is formed in float32 (sgemm, lower tile triangle only; about 3x less time than
 the float64 dgemm of the full product) and factored in float64 (Cholesky of lambda I + G~). G~ is only a
 preconditioner: the system is then solved by preconditioned conjugate gradient (PCG) with exact matrix-vector
 products (float64 copies of the float32/bfloat16 rows of A_S, float64 accumulation) until PCG's bound on the error
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -129,16 +130,17 @@ def gathers(m: int, n: int) -> bool:
     return m * n * 8 <= GATHER_BYTES
 
 
-def syrk_blocks(n: int) -> int:
-    """Column blocks nb of :func:`_syrk` for n columns (below 2: the plain product R.T @ R)."""
+def syrk_tiles(n: int) -> int:
+    """Column tiles nb of :func:`_syrk` for n columns, the tiling of the Gram product (below 2: the plain product
+    R.T @ R)."""
     return min(4, n // 128)
 
 
 def _syrk(R: torch.Tensor) -> torch.Tensor:
-    """R^T R for R (m, n), computing only the lower block triangle (torch has no syrk): with 4 column blocks 10 of
-    the 16 block products, measured 1.5-1.7x faster than R.T @ R on the MLPNet factor. Returns (n, n), R's dtype."""
+    """R^T R for R (m, n), computing only the lower tile triangle (torch has no syrk): with 4 column tiles 10 of
+    the 16 tile products, measured 1.5-1.7x faster than R.T @ R on the MLPNet factor. Returns (n, n), R's dtype."""
     n = R.shape[1]
-    nb = syrk_blocks(n)
+    nb = syrk_tiles(n)
     if nb < 2:
         return R.T @ R
     G = torch.empty(n, n, dtype=R.dtype, device=R.device)
@@ -454,6 +456,35 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast):
     return None
 
 
+@dataclass(frozen=True)
+class _Accuracy:
+    """The numerical settings of one :func:`backsolve` (its keyword arguments of the same names)."""
+
+    max_cond: float
+    tol: float
+    pcg_max_iter: int
+    fast: bool
+    cg_tol: float
+    cg_max_iter: int
+
+
+def _solve_on_support(At, idx, support, lam, y64, wb, w0, acc: _Accuracy, cache) -> torch.Tensor:
+    """w_S (|idx|,) float64 on this rank's rows ``idx`` of S: w_bar_S when S is empty everywhere; the primal system
+    when |S| < n (unless singular); the dual (Woodbury) system when lambda > 0; else CG from w0 (default w_bar)."""
+    n = At.shape[1]
+    size = int(comm.all_reduce(torch.tensor([idx.numel()], dtype=torch.int64, device=idx.device))[0])
+    w = None if size else wb
+    if w is None and size < n:
+        w = _solve_primal(At, idx, lam, y64, wb, acc.max_cond, acc.tol, acc.pcg_max_iter, acc.fast)
+    if w is None and lam > 0:
+        w = _solve_dual(At, idx, support, lam, y64, wb, acc.max_cond, cache, acc.tol, acc.pcg_max_iter, acc.fast)
+    elif w is None:
+        rows = _Rows(At, idx)
+        w = (wb if w0 is None else w0[idx].to(torch.float64)).clone()
+        w = _cg(rows, lam, rows.rmv(y64), w, acc.cg_tol, acc.cg_max_iter)
+    return w
+
+
 def backsolve(
     At: torch.Tensor,
     w_bar: torch.Tensor,
@@ -498,24 +529,15 @@ def backsolve(
                          f"support {tuple(support.shape)}, y {tuple(y.shape)}")
     w_bar, support, y = w_bar.to(At.device), support.to(At.device), y.to(At.device)  # computed where At lives
     w0 = None if w0 is None else w0.to(At.device)
+    accuracy = _Accuracy(max_cond, tol, pcg_max_iter, fast, cg_tol, cg_max_iter)
     with comm.phase(PHASE):
         if cache is not None and lam > 0:
             w = cache.recall(support, lam, y, w_bar)
             if w is not None:
                 return w
         idx = torch.nonzero(support, as_tuple=True)[0]
-        y64 = y.to(torch.float64)
-        wb = w_bar[idx].to(torch.float64)
-        size = int(comm.all_reduce(torch.tensor([idx.numel()], dtype=torch.int64, device=idx.device))[0])
-        w = None if size else wb
-        if w is None and size < n:
-            w = _solve_primal(At, idx, lam, y64, wb, max_cond, tol, pcg_max_iter, fast)
-        if w is None and lam > 0:
-            w = _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, pcg_max_iter, fast)
-        elif w is None:
-            rows = _Rows(At, idx)
-            w = (wb if w0 is None else w0[idx].to(torch.float64)).clone()
-            w = _cg(rows, lam, rows.rmv(y64), w, cg_tol, cg_max_iter)
+        w = _solve_on_support(At, idx, support, lam, y.to(torch.float64), w_bar[idx].to(torch.float64), w0, accuracy,
+                              cache)
     out = torch.zeros(p_r, dtype=torch.float32, device=At.device)
     out[idx] = w.to(torch.float32)
     if cache is not None and lam > 0:

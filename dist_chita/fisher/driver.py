@@ -37,7 +37,7 @@ from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.factor import fisher_block
-from dist_chita.fisher.solver import solve
+from dist_chita.fisher.solver import MAX_ITER, solve
 from dist_chita.io import params
 from dist_chita.prunable import named_shapes
 from dist_chita.sparsity import (
@@ -116,7 +116,7 @@ def write_weights(modules: Sequence[tuple[str, nn.Module]], layout: ColumnLayout
 
 
 def _solver_progress(progress: Callable, name: str, options: dict | None) -> Callable[[dict], None]:
-    cap = (options or {}).get("max_iter", 500)
+    cap = (options or {}).get("max_iter", MAX_ITER)
     return lambda info: progress(name, min(info["iteration"], cap), cap)
 
 
@@ -216,6 +216,54 @@ def prune(
         load_factor, on_factor: ``load_factor(t)`` returns stage t's saved A_r^T (p_r, n) or None (then it is
             computed); ``on_factor(t, At)`` is called after a computed one (collective calls, every rank).
     """
+    sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
+    world, rank = comm.world_size(), comm.rank()
+    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
+    device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
+    w, allowed = _starting_weights(modules, layout, rank, device, start_weights, start_support)
+    targets = _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedule, exponent)
+    if method != "magnitude":
+        if make_batches is None or loss_fn is None or n < 1:
+            raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
+        sample_ranges(n, world)  # fails early when n < world size
+    run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
+               make_batches, loss_fn, n, lam, first_order, storage_dtype, solver_options, progress, load_factor,
+               on_factor)
+    reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end)
+    masks = {name: params.read(m.weight) != 0 for name, m in modules}
+    return PruneOutcome(layout, reports, masks)
+
+
+@dataclass
+class _Run:
+    """The fixed inputs of one :func:`prune` that every stage reads (its plain arguments, resolved once)."""
+
+    model: nn.Module
+    modules: Sequence[tuple[str, nn.Module]]
+    method: str
+    layout: ColumnLayout
+    rank: int
+    world: int
+    device: torch.device
+    uniform: bool  # one sparsity for all layers (else a per-layer list)
+    per_layer: bool
+    nm: tuple[int, int] | None
+    per_row: bool
+    stages: int
+    make_batches: Callable[[], Iterable] | None
+    loss_fn: Callable | None
+    n: int
+    lam: float
+    first_order: bool
+    storage_dtype: torch.dtype
+    solver_options: dict | None
+    progress: Callable[[str, int, int], None] | None
+    load_factor: Callable[[int], torch.Tensor | None] | None
+    on_factor: Callable[[int, torch.Tensor], None] | None
+
+
+def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
+    """(sparsity, uniform) after the argument checks: one float, or one per layer (``uniform`` False)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (one of {', '.join(METHODS)})")
     uniform = isinstance(sparsity, int | float)
@@ -224,10 +272,13 @@ def prune(
     if sum((per_layer, per_row, nm is not None)) > 1:
         raise ValueError("choose at most one of per_layer, per_row and nm")
     if not uniform:  # checked again, with the budget kind, by make_budget before any stage's work
-        sparsity = layer_sparsities(sparsity, len(modules))
-    world, rank = comm.world_size(), comm.rank()
-    layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
-    device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
+        sparsity = layer_sparsities(sparsity, layers)
+    return sparsity, uniform
+
+
+def _starting_weights(modules, layout: ColumnLayout, rank: int, device, start_weights, start_support):
+    """(w (p_r,) float32, allowed (p_r,) bool) this rank starts from: the model's weights (checked for NaN/Inf; those
+    already zero stay zero), or on resume the state after the completed stages (written into the model too)."""
     w = local_weights(modules, layout, rank, check_finite=True, device=device)
     allowed = w != 0  # weights already zero stay zero
     if start_weights is not None:  # resume: the state after stage start_stage
@@ -235,79 +286,97 @@ def prune(
         lo, hi = layout.block(rank)
         w = start_weights[lo:hi].to(device, torch.float32, copy=True)
         allowed = start_support[lo:hi].to(device, copy=True)
+    return w, allowed
+
+
+def _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedule, exponent) -> list:
+    """The sparsity of every stage: one for magnitude and CHITA, CHITA++'s schedule (per layer when not
+    ``uniform``); 0 for N:M (the budget is N:M itself)."""
     targets = [sparsity]
     if method == "chita++":
         targets = (stage_sparsities(sparsity, stages, base_sparsity, schedule, exponent) if uniform
                    else stage_targets(sparsity, stages, base_sparsity, schedule, exponent))
     if nm is not None:
         targets = [0.0] * len(targets)
-    if method != "magnitude":
-        if make_batches is None or loss_fn is None or n < 1:
-            raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
-        sample_ranges(n, world)  # fails early when n < world size
+    return targets
+
+
+def _run_stages(run: _Run, targets: list, start_stage: int, w: torch.Tensor, allowed: torch.Tensor,
+                on_stage_end) -> list[StageReport]:
+    """The stages from ``start_stage`` on, each from the previous one's weights and support; their reports."""
     reports = []
     spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block (a saved factor is
     # only ever loaded for the first stage a resumed run computes, when there is no spare: no two blocks coexist)
     for t, s in enumerate(targets):
         if t < start_stage:
             continue
-        bytes_before = comm.bytes_by_phase()
-        seconds: dict[str, float] = {}
-        budget = make_budget(layout, rank, s, allowed, per_layer=per_layer, nm=nm, per_row=per_row)
-        report = StageReport(sparsity=(s if uniform else mean_sparsity(s, [sg.size for sg in layout.segments]))
-                             if nm is None else 1.0 - nm[0] / nm[1], kept=budget.total())
-        if method == "magnitude":
-            start = time.perf_counter()
-            support = budget.project(w)
-            w = torch.where(support, w, torch.zeros_like(w))
-            seconds["magnitude"] = time.perf_counter() - start
-        else:
-            stats: dict = {}
-            At = None if load_factor is None else load_factor(t)  # resume: the factor saved before the stop
-            loaded = At is not None
-            At = At.to(device) if loaded else fisher_block(
-                model,
-                modules,
-                layout,
-                make_batches(),
-                sample_ranges(n, world)[rank][0],
-                n,
-                loss_fn,
-                dtype=storage_dtype,
-                progress=None if progress is None else (lambda d, tot, t=t: progress(f"gradients {t + 1}", d, tot)),
-                stats=stats,
-                out=spare,
-            )
-            spare = None
-            if on_factor is not None and stats:
-                on_factor(t, At)
-            seconds["fisher"] = stats.get("seconds", 0.0)
-            seconds["exchange"] = stats.get("exchange_seconds", 0.0)
-            solver_progress = progress and _solver_progress(progress, f"solver {t + 1}", solver_options)
-            result = solve(At, w, lam, budget, first_order=first_order, progress=solver_progress,
-                           overwrite_at=True, check_at=loaded,  # At is not used after the solve; fisher_block
-                           **(solver_options or {}))  # checked every entry of a computed one
-            if t + 1 < len(targets) and At.is_contiguous():  # contents spent (the solve overwrote them), pages not
-                spare = At
-            del At
-            seconds["solver"] = result.timings.get("iht", 0.0)
-            seconds["backsolve"] = result.timings.get("backsolve", 0.0)
-            w, support = result.w.float(), result.support
-            report.objective_trace = [float(f) for f in result.objective_trace]
-            report.iterations = int(result.iterations)
-            report.backsolves = int(result.backsolves)
-            report.objective = float(result.objective)
-            if result.magnitude_objective is not None:
-                report.magnitude_objective = float(result.magnitude_objective)
-        start = time.perf_counter()
-        with comm.phase("writeback"):
-            write_weights(modules, layout, gather_weights(w, layout))
-        seconds["writeback"] = time.perf_counter() - start
+        w, support, report, spare = _stage(run, t, s, w, allowed, spare)
         allowed = support.clone()
-        report.seconds = seconds
-        report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
         reports.append(report)
         if on_stage_end is not None:
             on_stage_end(t, w, support, report)
-    masks = {name: params.read(m.weight) != 0 for name, m in modules}
-    return PruneOutcome(layout, reports, masks)
+    return reports
+
+
+def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: torch.Tensor | None):
+    """Stage t at sparsity ``s`` from this rank's w (p_r,) with the columns ``allowed``: the budget, magnitude
+    pruning or the CHITA solve, and the write-back of the pruned weights into every rank's model. Returns (w,
+    support, report, the factor storage the next stage may reuse)."""
+    bytes_before = comm.bytes_by_phase()
+    seconds: dict[str, float] = {}
+    budget = make_budget(run.layout, run.rank, s, allowed, per_layer=run.per_layer, nm=run.nm, per_row=run.per_row)
+    sizes = [sg.size for sg in run.layout.segments]
+    report = StageReport(sparsity=(s if run.uniform else mean_sparsity(s, sizes))
+                         if run.nm is None else 1.0 - run.nm[0] / run.nm[1], kept=budget.total())
+    if run.method == "magnitude":
+        start = time.perf_counter()
+        support = budget.project(w)
+        w = torch.where(support, w, torch.zeros_like(w))
+        seconds["magnitude"] = time.perf_counter() - start
+    else:
+        w, support, spare = _solve_stage(run, t, w, budget, report, seconds, spare)
+    start = time.perf_counter()
+    with comm.phase("writeback"):
+        write_weights(run.modules, run.layout, gather_weights(w, run.layout))
+    seconds["writeback"] = time.perf_counter() - start
+    report.seconds = seconds
+    report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
+    return w, support, report, spare
+
+
+def _stage_factor(run: _Run, t: int, seconds: dict[str, float], spare: torch.Tensor | None):
+    """(At (p_r, n), loaded): stage t's factor block, saved before a stop (``load_factor``) or computed by
+    :func:`fisher_block` into ``spare`` when given; a computed one is handed to ``on_factor``."""
+    stats: dict = {}
+    At = None if run.load_factor is None else run.load_factor(t)  # resume: the factor saved before the stop
+    loaded = At is not None
+    progress = None if run.progress is None else (lambda d, tot: run.progress(f"gradients {t + 1}", d, tot))
+    At = At.to(run.device) if loaded else fisher_block(
+        run.model, run.modules, run.layout, run.make_batches(), sample_ranges(run.n, run.world)[run.rank][0], run.n,
+        run.loss_fn, dtype=run.storage_dtype, progress=progress, stats=stats, out=spare,
+    )
+    if run.on_factor is not None and stats:
+        run.on_factor(t, At)
+    seconds["fisher"] = stats.get("seconds", 0.0)
+    seconds["exchange"] = stats.get("exchange_seconds", 0.0)
+    return At, loaded
+
+
+def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare):
+    """CHITA on stage t: the factor, then :func:`~dist_chita.fisher.solver.solve` (which may overwrite At: it is not
+    used after the solve). Fills ``report`` and ``seconds``; returns (w, support, At's storage for the next stage)."""
+    At, loaded = _stage_factor(run, t, seconds, spare)
+    solver_progress = run.progress and _solver_progress(run.progress, f"solver {t + 1}", run.solver_options)
+    result = solve(At, w, run.lam, budget, first_order=run.first_order, progress=solver_progress,
+                   overwrite_at=True, check_at=loaded,  # fisher_block checked every entry of a computed At
+                   **(run.solver_options or {}))
+    spare = At if t + 1 < run.stages and At.is_contiguous() else None  # contents spent (overwritten), pages not
+    seconds["solver"] = result.timings.get("iht", 0.0)
+    seconds["backsolve"] = result.timings.get("backsolve", 0.0)
+    report.objective_trace = [float(f) for f in result.objective_trace]
+    report.iterations = int(result.iterations)
+    report.backsolves = int(result.backsolves)
+    report.objective = float(result.objective)
+    if result.magnitude_objective is not None:
+        report.magnitude_objective = float(result.magnitude_objective)
+    return result.w.float(), result.support, spare

@@ -35,6 +35,7 @@ rank also runs a padding step (forward + backward of its first micro-batch, grad
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import time
@@ -150,14 +151,9 @@ class _Exchange:
         offset, local_start, my_cnt = self.mine.get(g, (0, 0, 0))
         first = self.firsts[self.rank]
         columns = grads.t()  # (numel, b): owners hold consecutive row ranges, in rank order
-        send_counts = [0] * self.R
         if direct:  # checked once at the end, over whole rows (a strided check here would cost 3x more)
-            send = columns.new_empty(0)
-            ranges = self.written.setdefault(g, [])
-            if ranges and ranges[-1][1] == first:
-                ranges[-1][1] = first + self.b
-            else:
-                ranges.append([first, first + self.b])
+            self._record_direct(g, first)
+            send, send_counts = columns.new_empty(0), [0] * self.R
         else:
             if self.b and not torch.isfinite(grads.sum()) and not torch.isfinite(grads).all():
                 self.bad_layer = g if self.bad_layer < 0 else min(self.bad_layer, g)
@@ -166,26 +162,43 @@ class _Exchange:
                     self.at[local_start : local_start + my_cnt, first : first + self.b],
                     columns[offset : offset + my_cnt],
                 )
-            others = [(q, off, cnt) for q, off, cnt in self.owners[g] if q != self.rank]
-            for q, _, cnt in others:
-                send_counts[q] = cnt * self.b
-            lo = others[0][1] if others else 0
-            hi = others[-1][1] + others[-1][2] if others else 0
-            if not others or not self.b:
-                send = columns.new_empty(0, dtype=self.at.dtype)
-            elif (
-                hi - lo == sum(cnt for _, _, cnt in others)
-                and columns.is_contiguous()
-                and columns.dtype == self.at.dtype
-            ):
-                send = columns[lo:hi].reshape(-1)  # the other ranks' rows are one range, in send order: no copy
-            else:  # transpose to (columns, samples) and cast to the storage dtype in one pass
-                send = self._scratch.get("send", (sum(send_counts),), self.at)
-                pos = 0
-                for _, off, cnt in others:
-                    _write(send[pos : pos + cnt * self.b].view(cnt, self.b), columns[off : off + cnt])
-                    pos += cnt * self.b
+            send, send_counts = self._pack(g, columns)
         del grads, columns
+        self._receive(send, send_counts, local_start, my_cnt)
+        self.seconds += time.perf_counter() - t0
+
+    def _record_direct(self, g: int, first: int) -> None:
+        """Note that this rank's samples [first, first + b) of layer g were computed straight into At (checked for
+        NaN/Inf by :meth:`check_direct`); consecutive steps extend one range."""
+        ranges = self.written.setdefault(g, [])
+        if ranges and ranges[-1][1] == first:
+            ranges[-1][1] = first + self.b
+        else:
+            ranges.append([first, first + self.b])
+
+    def _pack(self, g: int, columns: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """(send buffer, per-rank element counts) of the other owners' columns of layer g, (numel_g, b) ``columns``
+        in rank order, in the storage dtype: a view when they are one contiguous range already in that dtype."""
+        send_counts = [0] * self.R
+        others = [(q, off, cnt) for q, off, cnt in self.owners[g] if q != self.rank]
+        for q, _, cnt in others:
+            send_counts[q] = cnt * self.b
+        lo = others[0][1] if others else 0
+        hi = others[-1][1] + others[-1][2] if others else 0
+        if not others or not self.b:
+            return columns.new_empty(0, dtype=self.at.dtype), send_counts
+        if hi - lo == sum(cnt for _, _, cnt in others) and columns.is_contiguous() and columns.dtype == self.at.dtype:
+            return columns[lo:hi].reshape(-1), send_counts  # the other ranks' rows are one range, in send order
+        send = self._scratch.get("send", (sum(send_counts),), self.at)  # transpose and cast in one pass
+        pos = 0
+        for _, off, cnt in others:
+            _write(send[pos : pos + cnt * self.b].view(cnt, self.b), columns[off : off + cnt])
+            pos += cnt * self.b
+        return send, send_counts
+
+    def _receive(self, send: torch.Tensor, send_counts: list[int], local_start: int, my_cnt: int) -> None:
+        """The all_to_all of one layer; writes the rows received from every other rank (its samples of the step)
+        into this rank's ``my_cnt`` rows of At from ``local_start``."""
         froms = [0 if q == self.rank else s for q, s in enumerate(self.sizes)]
         recv_counts = [my_cnt * s for s in froms]
         recv = comm.all_to_all(
@@ -199,7 +212,6 @@ class _Exchange:
                     recv[pos : pos + my_cnt * s].view(my_cnt, s),
                 )
                 pos += my_cnt * s
-        self.seconds += time.perf_counter() - t0
 
 
 def _write(dst: torch.Tensor, src: torch.Tensor) -> None:
@@ -319,85 +331,12 @@ def fisher_block(
         raise ValueError(f"rank {r} owns samples [{lo}, {hi}) of n = {n}, got sample_start = {sample_start}")
     device = modules[0][1].weight.device
     block_lo, block_hi = layout.block(r)
-    shape = (block_hi - block_lo, n)
-    if out is None:
-        at = empty_block(shape, dtype, device)
-    elif out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}")
-    else:
-        at = out
-    exchange = _Exchange(at, layout)
-    collective_forward = params.any_partitioned(model)  # ZeRO-3: every rank runs every step's forward
-    pad_item = None  # the micro-batch a rank without samples in a step runs (discarded) when collective_forward
-    covered = torch.zeros(n, dtype=torch.bool, device="cpu")  # host-side bookkeeping
+    exchange = _Exchange(_block_storage((block_hi - block_lo, n), dtype, device, out), layout)
+    feed = _Feed(model, loss_fn, exchange, lo, hi, n, device)
     bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
-
-    was_training = {m: m.training for m in model.modules()}
-    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
-    for p, _ in grad_flags:
-        p.requires_grad_(False)
-    try:
-        with (
-            comm.phase(PHASE),
-            PerSampleGrads(modules, exchange.add, scale=1.0 / math.sqrt(n), target=exchange.target) as psg,
-        ):
-            it = iter(batches)
-            error, done, local_exc = _OK, 0, None
-            while True:
-                try:
-                    item = next(it, None)
-                except Exception as exc:  # raised on every rank together at the next all_gather
-                    item, local_exc, error = None, exc, _FAILED
-                if item is None:
-                    batch, idx = None, torch.empty(0, dtype=torch.long, device="cpu")
-                    exchange.check_direct()  # this rank's own columns are final now
-                else:
-                    batch, idx = item
-                    idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").reshape(-1)
-                b, first = len(idx), int(idx[0]) if len(idx) else 0
-                if b and (first < lo or first + b > hi
-                          or not torch.equal(idx, torch.arange(first, first + b, device="cpu"))):
-                    error = error or _BAD_INDICES
-                info = torch.tensor([b, first, exchange.bad_layer, error], dtype=torch.long, device=device)
-                rows = torch.stack(comm.all_gather(info)).cpu().tolist()
-                _raise_collective_errors(rows, layout, local_exc)
-                sizes, firsts = [row[0] for row in rows], [row[1] for row in rows]
-                if sum(sizes) == 0:
-                    break
-                for s, f in zip(sizes, firsts, strict=True):
-                    if covered[f : f + s].any():
-                        raise ValueError(f"sample indices [{f}, {f + s}) were given twice")
-                    covered[f : f + s] = True
-                pad = collective_forward and not b and pad_item is not None and local_exc is None
-                exchange.start(sizes, firsts, b, discard=pad)
-                losses = None
-                if b and pad_item is None:
-                    pad_item = (batch, idx)
-                if pad:
-                    losses = loss_fn(model, to_device(pad_item[0], device), pad_item[1].to(device))
-                elif b:
-                    try:
-                        losses = loss_fn(model, to_device(batch, device), idx.to(device))
-                        if not torch.is_tensor(losses) or losses.shape != (b,):
-                            raise ValueError(f"loss_fn must return a ({b},) tensor of per-sample losses")
-                    except Exception as exc:  # keep the collective schedule; raised at the next all_gather
-                        losses, local_exc, error = None, exc, _FAILED
-                if losses is not None:
-                    psg.backward(losses)
-                else:
-                    exchange.finish_zeros()
-                done += sum(sizes)
-                if progress is not None:
-                    progress(done, n)
-            if not covered.all():
-                missing = (~covered).nonzero().squeeze(-1)
-                raise ValueError(f"{len(missing)} of n = {n} samples were never given (first: {int(missing[0])})")
-    finally:
-        for m, flag in was_training.items():
-            m.train(flag)
-        for p, flag in grad_flags:
-            p.requires_grad_(flag)
+    with _gradients_only(model), comm.phase(PHASE):
+        with PerSampleGrads(modules, exchange.add, scale=1.0 / math.sqrt(n), target=exchange.target) as psg:
+            feed.run(iter(batches), psg, progress)
     if stats is not None:
         stats.update(
             seconds=time.perf_counter() - t_start,
@@ -405,7 +344,116 @@ def fisher_block(
             bytes=comm.bytes_by_phase().get(PHASE, 0) - bytes0,
             calls=comm.calls_by_phase().get(PHASE, 0) - calls0,
         )
-    return at
+    return exchange.at
+
+
+def _block_storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, out: torch.Tensor | None):
+    """``out`` after checking it is a contiguous ``shape`` tensor of ``dtype`` on ``device``, else fresh storage."""
+    if out is None:
+        return empty_block(shape, dtype, device)
+    if out.shape != shape or out.dtype != dtype or out.device != device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {device}")
+    return out
+
+
+@contextlib.contextmanager
+def _gradients_only(model: nn.Module):
+    """The model in eval mode with ``requires_grad=False`` on its parameters (per-sample gradients come from hooks,
+    nothing is written to ``.grad``); both restored on exit."""
+    was_training = {m: m.training for m in model.modules()}
+    grad_flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    for p, _ in grad_flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for m, flag in was_training.items():
+            m.train(flag)
+        for p, flag in grad_flags:
+            p.requires_grad_(flag)
+
+
+class _Feed:
+    """This rank's side of fisher_block's step protocol: per step it takes its next micro-batch (or none), gathers
+    every rank's (micro-batch size, first index, error flags), raises collectively, then runs the forward and
+    backward pass whose hooks feed the exchange (a padding step under ZeRO-3, zeros after a failure)."""
+
+    def __init__(self, model, loss_fn, exchange: _Exchange, lo: int, hi: int, n: int, device: torch.device):
+        self.model, self.loss_fn, self.exchange = model, loss_fn, exchange
+        self.lo, self.hi, self.n, self.device = lo, hi, n, device
+        self.collective_forward = params.any_partitioned(model)  # ZeRO-3: every rank runs every step's forward
+        self.pad_item = None  # the micro-batch a rank without samples in a step runs (discarded) under ZeRO-3
+        self.covered = torch.zeros(n, dtype=torch.bool, device="cpu")  # host-side bookkeeping
+        self.error, self.local_exc = _OK, None
+
+    def run(self, it, psg: PerSampleGrads, progress: Callable[[int, int], None] | None) -> None:
+        """Steps until no rank has samples left; then every sample must have been given once."""
+        done = 0
+        while True:
+            batch, idx = self._next(it)
+            sizes, firsts = self._announce(idx)
+            if sum(sizes) == 0:
+                break
+            self._step(psg, batch, idx, sizes, firsts)
+            done += sum(sizes)
+            if progress is not None:
+                progress(done, self.n)
+        if not self.covered.all():
+            missing = (~self.covered).nonzero().squeeze(-1)
+            raise ValueError(f"{len(missing)} of n = {self.n} samples were never given (first: {int(missing[0])})")
+
+    def _next(self, it) -> tuple[Any, torch.Tensor]:
+        """(batch, indices (b,) int64 on the host); (None, empty) once exhausted or if the iterator raised."""
+        try:
+            item = next(it, None)
+        except Exception as exc:  # raised on every rank together at the next all_gather
+            item, self.local_exc, self.error = None, exc, _FAILED
+        if item is None:
+            self.exchange.check_direct()  # this rank's own columns are final now
+            return None, torch.empty(0, dtype=torch.long, device="cpu")
+        batch, idx = item
+        return batch, torch.as_tensor(idx, dtype=torch.long, device="cpu").reshape(-1)
+
+    def _announce(self, idx: torch.Tensor) -> tuple[list[int], list[int]]:
+        """All ranks' micro-batch sizes and first indices of this step, after raising (on every rank) any rank's
+        error and marking the samples covered."""
+        b, first = len(idx), int(idx[0]) if len(idx) else 0
+        if b and (first < self.lo or first + b > self.hi
+                  or not torch.equal(idx, torch.arange(first, first + b, device="cpu"))):
+            self.error = self.error or _BAD_INDICES
+        info = torch.tensor([b, first, self.exchange.bad_layer, self.error], dtype=torch.long, device=self.device)
+        rows = torch.stack(comm.all_gather(info)).cpu().tolist()
+        _raise_collective_errors(rows, self.exchange.layout, self.local_exc)
+        sizes, firsts = [row[0] for row in rows], [row[1] for row in rows]
+        for s, f in zip(sizes, firsts, strict=True):
+            if self.covered[f : f + s].any():
+                raise ValueError(f"sample indices [{f}, {f + s}) were given twice")
+            self.covered[f : f + s] = True
+        return sizes, firsts
+
+    def _step(self, psg: PerSampleGrads, batch, idx: torch.Tensor, sizes: list[int], firsts: list[int]) -> None:
+        """This rank's forward and backward pass of the step (the hooks send every layer), or its empty sends."""
+        b = len(idx)
+        pad = self.collective_forward and not b and self.pad_item is not None and self.local_exc is None
+        self.exchange.start(sizes, firsts, b, discard=pad)
+        losses = None
+        if b and self.pad_item is None:
+            self.pad_item = (batch, idx)
+        if pad:
+            pad_batch, pad_idx = self.pad_item
+            losses = self.loss_fn(self.model, to_device(pad_batch, self.device), pad_idx.to(self.device))
+        elif b:
+            try:
+                losses = self.loss_fn(self.model, to_device(batch, self.device), idx.to(self.device))
+                if not torch.is_tensor(losses) or losses.shape != (b,):
+                    raise ValueError(f"loss_fn must return a ({b},) tensor of per-sample losses")
+            except Exception as exc:  # keep the collective schedule; raised at the next all_gather
+                losses, self.local_exc, self.error = None, exc, _FAILED
+        if losses is not None:
+            psg.backward(losses)
+        else:
+            self.exchange.finish_zeros()
 
 
 def _raise_collective_errors(rows: list[list[int]], layout: ColumnLayout, local_exc: BaseException | None) -> None:

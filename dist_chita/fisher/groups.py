@@ -1,9 +1,10 @@
-"""Block mode: prune one group of layers at a time when even the sharded Fisher factor is too large.
+"""Layer groups: prune one group of layers at a time when even the sharded Fisher factor is too large.
 
-The global problem (paper eq. (4)) over all p prunable weights needs the factor A (n x p). In block mode
-the layers (in the global flat order of :mod:`dist_chita.distributed.layout`) are packed into consecutive groups of at
-most ``block_size`` weights (a layer larger than that is a group of its own), and each group g is pruned
-on its own block-diagonal piece of the Fisher, A_g (n x p_g), with the weights of the other groups fixed:
+The global problem (paper eq. (4)) over all p prunable weights needs the factor A (n x p). With layer groups (the
+run config's ``prune.block_mode``) the layers (in the global flat order of :mod:`dist_chita.distributed.layout`) are
+packed into consecutive groups of at most ``block_size`` weights (a layer larger than that is a group of its own),
+and each group g is pruned on its own block-diagonal piece of the Fisher, A_g (n x p_g), with the weights of the
+other groups fixed:
 
 1. a cheap global criterion scores every weight (``"magnitude"``: |w_bar_j|; ``"obs"``: the diagonal OBS
    saliency w_bar_j^2 (F_jj + lambda) with F_jj = sum_i g_ij^2 / n from one streaming pass of per-sample
@@ -136,24 +137,16 @@ def prune_in_blocks(
     plus ``block_size`` (weights per group) and ``criterion`` ("magnitude" or "obs"). Returns the outcome
     over all layers: the full layout, the stage reports of every group in order (their ``kept`` are the
     k_g) and the masks. Collective (every rank calls it with the same arguments)."""
-    if method == "magnitude":  # nothing to gain from blocks
+    if method == "magnitude":  # nothing to gain from groups
         return prune(model, modules, method, sparsity, per_layer=per_layer, nm=nm, per_row=per_row,
                      progress=progress)
     sizes = [m.weight.numel() for _, m in modules]
     groups = layer_groups(sizes, block_size)
     group_sizes = [sum(sizes[i] for i in g) for g in groups]
-    p = sum(sizes)
-    if per_layer or per_row or nm is not None:
+    if per_layer or per_row or nm is not None:  # every group keeps its layers' own budgets
         budgets = [None] * len(groups)
     else:
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-        diag = None
-        if criterion == "obs":
-            if make_batches is None or loss_fn is None or n < 1:
-                raise ValueError("the obs criterion needs calibration batches, a loss and n >= 1")
-            diag = diagonal_fisher(model, modules, make_batches(), n, loss_fn)
-        budgets = allocate(criterion_scores(modules, criterion, lam, diag), group_sizes, kept_count(p, sparsity))
+        budgets = _group_budgets(model, modules, sparsity, criterion, make_batches, loss_fn, n, lam, group_sizes)
     stages: list[StageReport] = []
     for gi, (group, k_g, p_g) in enumerate(zip(groups, budgets, group_sizes, strict=True)):
         sub = [modules[i] for i in group]
@@ -168,8 +161,7 @@ def prune_in_blocks(
             lambda name, done, total, gi=gi: progress(f"block {gi + 1}/{len(groups)} {name}", done, total))
         out = prune(model, sub, method, s_g, make_batches=make_batches, loss_fn=loss_fn, n=n, lam=lam,
                     per_layer=per_layer, nm=nm, per_row=per_row, base_sparsity=min(base_sparsity, s_g),
-                    progress=sub_progress,
-                    **prune_kwargs)
+                    progress=sub_progress, **prune_kwargs)
         if k_g is not None and out.stages[-1].kept != k_g:
             raise RuntimeError(f"block {gi}: kept {out.stages[-1].kept}, allocated {k_g}")
         stages.extend(out.stages)
@@ -178,7 +170,22 @@ def prune_in_blocks(
     return PruneOutcome(layout, stages, masks)
 
 
+def _group_budgets(model, modules, sparsity: float, criterion: str, make_batches, loss_fn, n: int, lam: float,
+                   group_sizes: Sequence[int]) -> list[int]:
+    """k_g of every group for the global budget k = (1 - s) p, split by the criterion's global top-k (the obs
+    criterion's diagonal Fisher takes one pass over the calibration data). Collective."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    diag = None
+    if criterion == "obs":
+        if make_batches is None or loss_fn is None or n < 1:
+            raise ValueError("the obs criterion needs calibration batches, a loss and n >= 1")
+        diag = diagonal_fisher(model, modules, make_batches(), n, loss_fn)
+    k = kept_count(sum(group_sizes), sparsity)
+    return allocate(criterion_scores(modules, criterion, lam, diag), group_sizes, k)
+
+
 def largest_group(sizes: Sequence[int], block_size: int) -> int:
-    """Weights in the largest group: the p that sets block mode's factor size (memory estimate)."""
+    """Weights in the largest group: the p that sets the factor size with layer groups (memory estimate)."""
     return max(sum(sizes[i] for i in g) for g in layer_groups(sizes, block_size)) if sizes else 0
 

@@ -25,6 +25,8 @@ segment ids are that rank's own and only the finiteness check communicates
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dist_chita.distributed import comm
@@ -98,16 +100,47 @@ def topk_mask(
 
     # int32 bit patterns: monotone in the value for non-negative floats (abs: -0.0 -> 0.0)
     keys = scores.detach().float().abs().view(torch.int32)
-    p = keys.numel()
     # int32 ids while the histogram index seg * bins + digit fits in int32: no widening passes over p
     small = num_seg << max(radix_bits(num_seg)) < 2**31
     seg = None if segment_ids is None else segment_ids.to(device=device, dtype=torch.int32 if small else torch.int64)
     if seg is not None and seg.shape != keys.shape:
         raise ValueError("segment_ids must have the shape of scores")
-
-    # Rounds work on a mask over all coordinates (elementwise passes) while many candidates are left, then on the
-    # index list of those left: a gather costs several elementwise passes per element.
     live = None if allowed is None else allowed.to(device=device, dtype=torch.bool)  # None: every coordinate
+    sel = _start(keys, seg, kk, live, local)
+    rounds = radix_bits(num_seg)
+    shift = sum(rounds)
+    for bits in rounds:
+        shift -= bits
+        _radix_round(sel, bits, shift)
+    _break_ties(sel)
+    return sel.selected
+
+
+@dataclass
+class _Selection:
+    """The state of one :func:`topk_mask` between its rounds.
+
+    keys: (p,) int32 bit patterns of the scores; seg: (p,) segment ids or None (one segment); need: (G,) int64, how
+    many each segment still has to pick; selected: (p,) bool, picked so far. The candidates left are ``live`` (a
+    mask over all p, None for every coordinate) while many are left, then ``cand`` (their indices): a gather costs
+    several elementwise passes per element, so the index list pays off only once few are left.
+    """
+
+    keys: torch.Tensor
+    seg: torch.Tensor | None
+    num_seg: int
+    local: bool
+    need: torch.Tensor
+    selected: torch.Tensor
+    live: torch.Tensor | None
+    cand: torch.Tensor | None = None
+
+
+def _start(keys: torch.Tensor, seg: torch.Tensor | None, kk: torch.Tensor, live: torch.Tensor | None,
+           local: bool) -> _Selection:
+    """The allowed count per segment (all-reduced unless ``local``); a segment whose budget covers all of it is
+    selected whole and takes no part in the rounds."""
+    p, num_seg, device = keys.numel(), kk.numel(), keys.device
     dump = num_seg  # the histogram bin past the last: coordinates that take no part
     if seg is None:
         total = torch.tensor([p], dtype=torch.int64, device=device) if live is None else live.sum().reshape(1)
@@ -125,70 +158,70 @@ def topk_mask(
         selected = in_whole.clone() if live is None else in_whole & live
         live = ~in_whole if live is None else live & ~in_whole
         need = torch.where(whole, torch.zeros_like(need), need)
+    return _Selection(keys, seg, num_seg, local, need, selected, live)
 
-    cand: torch.Tensor | None = None  # None: the candidates are ``live`` (a mask, or None for all)
-    rounds = radix_bits(num_seg)
-    shift = sum(rounds)
-    for bits in rounds:
-        shift -= bits
-        bins = 1 << bits
-        active = need > 0
-        if cand is None:
-            key_c, seg_c = keys, seg
-            if num_seg > 1 and not bool(active.all()):
-                live = active[seg] if live is None else live & active[seg]
-        else:
-            if num_seg > 1:
-                cand = cand[active[seg[cand]]]
-            key_c, seg_c = keys[cand], None if seg is None else seg[cand]
-        digit = (key_c >> shift) & (bins - 1)
-        flat = digit if seg_c is None else seg_c * bins + digit
-        if cand is None and live is not None:
-            flat = torch.where(live, flat, num_seg * bins)
-        hist = torch.bincount(flat, minlength=num_seg * bins + 1)[: num_seg * bins].reshape(num_seg, bins)
-        if not local:
-            comm.all_reduce(hist)
-        # at_or_above[g, b] = number of candidates of segment g whose digit >= b.
-        at_or_above = hist.flip(1).cumsum(1).flip(1)
-        # The bin holding the need_g-th largest: the largest b with at_or_above >= need.
-        b = (at_or_above >= need[:, None]).sum(1) - 1
-        b = b.clamp(min=0)
-        above = at_or_above.gather(1, b[:, None]).squeeze(1) - hist.gather(1, b[:, None]).squeeze(1)
-        b = b.to(digit.dtype)
-        bs = b if seg_c is None else b[seg_c]
-        win, tie = digit > bs, digit == bs
-        if cand is None:
-            if live is not None:
-                win, tie = win & live, tie & live
-            selected |= win
-            live = tie
-            if _SPARSE_BELOW * int(tie.sum()) < p:
-                cand = torch.nonzero(tie, as_tuple=True)[0]
-        else:
-            selected[cand[win]] = True
-            cand = cand[tie]
-        need = torch.where(active, need - above, need)
 
-    # cand now holds, per active segment, the coordinates equal to the threshold.
-    # Keep the first need_g of them in global index order.
-    if cand is None:
-        cand = torch.nonzero(live, as_tuple=True)[0]
-    s = torch.zeros_like(cand) if seg is None else seg[cand]
-    ties = torch.bincount(s, minlength=num_seg)[:num_seg]
-    if local:
+def _radix_round(sel: _Selection, bits: int, shift: int) -> None:
+    """One histogram round over the digit (keys >> shift) & (2^bits - 1) of the candidates: per segment, those above
+    the bin holding the need_g-th largest are selected, those in it stay candidates."""
+    bins, num_seg, seg = 1 << bits, sel.num_seg, sel.seg
+    active = sel.need > 0
+    if sel.cand is None:
+        key_c, seg_c = sel.keys, seg
+        if num_seg > 1 and not bool(active.all()):
+            sel.live = active[seg] if sel.live is None else sel.live & active[seg]
+    else:
+        if num_seg > 1:
+            sel.cand = sel.cand[active[seg[sel.cand]]]
+        key_c, seg_c = sel.keys[sel.cand], None if seg is None else seg[sel.cand]
+    digit = (key_c >> shift) & (bins - 1)
+    flat = digit if seg_c is None else seg_c * bins + digit
+    if sel.cand is None and sel.live is not None:
+        flat = torch.where(sel.live, flat, num_seg * bins)
+    hist = torch.bincount(flat, minlength=num_seg * bins + 1)[: num_seg * bins].reshape(num_seg, bins)
+    if not sel.local:
+        comm.all_reduce(hist)
+    # at_or_above[g, b] = number of candidates of segment g whose digit >= b.
+    at_or_above = hist.flip(1).cumsum(1).flip(1)
+    # The bin holding the need_g-th largest: the largest b with at_or_above >= need.
+    b = (at_or_above >= sel.need[:, None]).sum(1) - 1
+    b = b.clamp(min=0)
+    above = at_or_above.gather(1, b[:, None]).squeeze(1) - hist.gather(1, b[:, None]).squeeze(1)
+    b = b.to(digit.dtype)
+    bs = b if seg_c is None else b[seg_c]
+    win, tie = digit > bs, digit == bs
+    if sel.cand is None:
+        if sel.live is not None:
+            win, tie = win & sel.live, tie & sel.live
+        sel.selected |= win
+        sel.live = tie
+        if _SPARSE_BELOW * int(tie.sum()) < sel.keys.numel():
+            sel.cand = torch.nonzero(tie, as_tuple=True)[0]
+    else:
+        sel.selected[sel.cand[win]] = True
+        sel.cand = sel.cand[tie]
+    sel.need = torch.where(active, sel.need - above, sel.need)
+
+
+def _break_ties(sel: _Selection) -> None:
+    """The candidates left all equal their segment's threshold: keep the first need_g of them in global index order
+    (rank order, then local order; unless ``local``, one all-reduce of the ties per rank and segment)."""
+    cand = torch.nonzero(sel.live, as_tuple=True)[0] if sel.cand is None else sel.cand
+    s = torch.zeros_like(cand) if sel.seg is None else sel.seg[cand]
+    ties = torch.bincount(s, minlength=sel.num_seg)[: sel.num_seg]
+    if sel.local:
         before = torch.zeros_like(ties)
     else:
         world, me = comm.world_size(), comm.rank()
-        table = torch.zeros(world, num_seg, dtype=torch.int64, device=device)
+        table = torch.zeros(world, sel.num_seg, dtype=torch.int64, device=cand.device)
         table[me] = ties
         comm.all_reduce(table)
         before = table[:me].sum(0)
-    quota = (need - before).clamp(min=0)
+    quota = (sel.need - before).clamp(min=0)
     # Position of each tied candidate among this rank's ties of its segment.
-    order = torch.argsort(s.long() * p + cand)
+    order = torch.argsort(s.long() * sel.keys.numel() + cand)
     s_sorted = s[order]
     starts = torch.cumsum(ties, 0) - ties
-    pos = torch.arange(cand.numel(), device=device) - starts[s_sorted]
+    pos = torch.arange(cand.numel(), device=cand.device) - starts[s_sorted]
     keep = pos < quota[s_sorted]
-    selected[cand[order[keep]]] = True
-    return selected
+    sel.selected[cand[order[keep]]] = True

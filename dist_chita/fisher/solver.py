@@ -9,30 +9,38 @@ the ridge term is lambda/2 (w - w_bar)^T D (w - w_bar) with D = diag(A^T A) + fl
 lambda/2 ||w - w_bar||^2 (``ridge="fisher_diagonal"``, a Levenberg-Marquardt damping; solved in z = D^1/2 w, where it is
 the problem above with A D^-1/2 and D^1/2 w_bar). Rank r holds
 ``At`` = A_r^T of shape (p_r, n) and the slices w_r, w_bar_r of length p_r; A w = sum_r A_r w_r is one all-reduce of
-an n-vector.
+an n-vector. H is the projection onto C (:meth:`dist_chita.fisher.budget.Budget.project`), S the support of w.
 
-Algorithm (paper Sec. 3, Alg. 1 "IHT with line search", plus active sets and backsolve):
+The steps, one function each (paper Alg. 1 "IHT with line search" and Sec. 3's active set and back-solve):
 
-* IHT: w+ = H(w - tau g), g = grad f(w) = -A^T (y - A w) + lambda (w - w_bar), H the projection onto C.
-* Step size tau: along -g_S (S = support of w) the exact minimiser tau* = ||g_S||^2 / (||A g_S||^2 + lambda ||g_S||^2);
-  tau_c = the first tau at which the support of H(w - tau g) changes. If tau* <= tau_c the step keeps S and is exact.
-  Otherwise trials t = tau_c, 2 tau_c, 4 tau_c, ... (support-changing) compete with the support-keeping step tau*;
-  the trial of lowest f wins, and only a decrease of f is accepted (monotone). 1/L is a last resort.
-* A w is maintained incrementally: for a trial w_t = H(w - t g) with support S_t,
+* :func:`warm_start`: w^0 = H(w_bar) (magnitude pruning), then the back-solve on its support, so the result is never
+  worse than magnitude pruning + back-solve.
+* :func:`iht_step`, one iteration of Alg. 1: g = grad f(w) = -A^T (y - A w) + lambda (w - w_bar); along -g_S the
+  exact minimiser tau* = ||g_S||^2 / (||A g_S||^2 + lambda ||g_S||^2); tau_c = the first tau at which the support of
+  H(w - tau g) changes. If tau* <= tau_c the step keeps S and is exact. Otherwise trials t = tau_c+, 2 tau_c+,
+  4 tau_c+, ... (support-changing; tau_c+ = (1 + 2^-10) tau_c, just past the crossing, where the leaving and the
+  entering coordinate tie, see :func:`trial_steps`) compete with the support-keeping step tau*; the trial of lowest
+  f wins, and only a decrease of f is accepted (monotone). 1/L (L the largest eigenvalue of A^T A + lambda I) is a
+  last resort.
+  A w is maintained incrementally: for a trial w_t = H(w - t g) with support S_t,
   A w_t = A w - t u + A_{S \\ S_t} (t g - w) - t A_{S_t \\ S} g with u = A g_S: only the rows of At in the symmetric
-  difference of the supports are read. A w is recomputed exactly every ``recompute_every`` iterations.
-* Active set: IHT runs on the rows W (about active_set_factor * k coordinates: the support and the largest |w - tau g|
-  outside it); after convergence one full step over all p decides whether W must grow.
-* Backsolve (:mod:`dist_chita.fisher.backsolve`): the exact ridge solution on the final support, then IHT again from
-  there until the support stops changing. The warm start is magnitude pruning H(w_bar) followed by a backsolve, so the
-  result is never worse than magnitude pruning + backsolve. IHT also hands over to the backsolve once ``patience``
-  steps in a row kept the support (steepest descent on a fixed support is slow; the backsolve is exact).
-* Escapes (lambda > 0 mostly): when IHT keeps the support of a backsolved point, candidate supports are backsolved and
-  the best is taken if it lowers f: the IHT path H(w - t g) for t = tau_c, 2 tau_c, ...; the same path on OBS scores
-  (|w_i| / sqrt([(A_S^T A_S + lambda I)^-1]_ii) inside S, the exact single-coordinate gain |g_j| / sqrt(s_j) outside,
-  see :func:`dist_chita.fisher.backsolve.swap_curvatures`); for k <= ``pair_swap_max_k`` the ``pair_swaps``^2 single
-  swaps of the cheapest removals with the best additions. The Gram matrix of nearby supports is updated, not recomputed
-  (:class:`dist_chita.fisher.backsolve.GramCache`).
+  difference of the supports are read.
+* :func:`iht`: iht_step until f decreases by less than tol * f; A w is recomputed exactly every
+  :data:`RECOMPUTE_EVERY` steps; after :data:`PATIENCE` support-keeping steps in a row IHT hands over to the
+  back-solve (steepest descent on a fixed support is slow; the back-solve is exact).
+* :func:`iht_active_set` and :func:`active_set_round`: IHT runs on the rows W (about active_set_factor * k
+  coordinates: the support and the largest |w - tau g| outside it); after convergence one full iht_step over all p
+  decides whether W must grow.
+* :func:`backsolve_support` (:mod:`dist_chita.fisher.backsolve`): the exact ridge solution on a fixed support; after
+  an IHT run that changed S, then IHT again from there until the support stops changing.
+* :func:`escape` (lambda > 0 mostly): when IHT keeps the support of a back-solved point, candidate supports are
+  back-solved and the best is taken if it lowers f: the IHT path H(w - t g) for t = tau_c+, 2 tau_c+, ...; the same path
+  on OBS scores (|w_i| / sqrt([(A_S^T A_S + lambda I)^-1]_ii) inside S, the exact single-coordinate gain
+  |g_j| / sqrt(s_j) outside, see :func:`dist_chita.fisher.backsolve.swap_curvatures`); for k <= :data:`PAIR_SWAP_MAX_K`
+  the ``pair_swaps``^2 single swaps of the cheapest removals with the best additions. The Gram matrix of nearby
+  supports is updated, not recomputed (:class:`dist_chita.fisher.backsolve.GramCache`).
+* :func:`solve`: the warm start, then up to ``rounds`` rounds of IHT -> back-solve (or escape). CHITA++ calls it once
+  per stage (:mod:`dist_chita.fisher.driver`).
 
 Every decision is taken from all-reduced quantities (scalars reduced in float64), so all ranks agree and the result
 does not depend on the number of ranks beyond float rounding. Collectives are counted under the phases "solver" and
@@ -57,6 +65,18 @@ from dist_chita.fisher.select import check_finite, topk_mask
 PHASE = "solver"
 METHODS = ("chita", "iht_1L")
 RIDGES = ("identity", "fisher_diagonal")
+# Defaults of solve(): the run config's (launch/config.py SolverConfig), so the library and a run agree.
+MAX_ITER = 200
+TOL = 1e-4
+ESCAPE_TRIALS = 0
+# Settings no caller varies.
+PATIENCE = 10  # support-keeping IHT steps in a row after which the back-solve (exact on a fixed support) takes over
+RECOMPUTE_EVERY = 20  # IHT steps between exact recomputations of the incrementally updated A w
+MAX_ACTIVE_ROUNDS = 10  # active-set growth rounds per IHT run
+SWAP_CANDIDATES = 4096  # outside coordinates whose exact single-coordinate gain an escape computes
+PAIR_SWAP_MAX_K = 4096  # escapes try pair swaps only up to this k (every pair costs a back-solve)
+RIDGE_FLOOR = 1e-3  # the fisher_diagonal metric's floor, in units of mean(diag(A^T A))
+PAST_CROSSING = 2.0**-10  # support-changing trials start this far (relative) past tau_c: see trial_steps
 _CHUNK_BYTES = 1 << 25  # bytes of rows of At converted to float32 at once (non-float32 storage / gathers)
 _FUSED_CHUNK_BYTES = 1 << 22  # bytes of rows of At per thread in the fused g / u pass (cache-resident)
 
@@ -70,7 +90,8 @@ class SolveResult:
         support: (p_r,) bool, the kept coordinates of this rank.
         objective: f(w).
         objective_trace: f after the warm start and after every accepted step, backsolve or escape; non-increasing up
-            to float32 rounding (A w is updated incrementally and recomputed exactly every ``recompute_every`` steps).
+            to float32 rounding (A w is updated incrementally and recomputed exactly every :data:`RECOMPUTE_EVERY`
+            steps).
         iterations: number of IHT iterations (all rounds, active-set and full steps).
         magnitude_objective: f of magnitude pruning followed by a backsolve (None when backsolve=False); with the
             ``fisher_diagonal`` ridge, magnitude pruning of z = D^1/2 w_bar, i.e. by the OBD saliency.
@@ -267,15 +288,72 @@ class _Problem:
         return self.lipschitz
 
 
+# ------------------------------------------------------------------------------------------------- state of a solve
 @dataclass
 class _State:
-    w: torch.Tensor  # (m,) float32, zero off S
-    S: torch.Tensor  # (m,) bool
-    Aw: torch.Tensor  # (n,) float64, global A w
+    """An iterate: w (m,) float32, zero off S; S (m,) bool; A w (n,) float64 (global); f = f(w)."""
+
+    w: torch.Tensor
+    S: torch.Tensor
+    Aw: torch.Tensor
     f: float
     moved: int = 0  # coordinates that entered the support in the step that produced this state (global)
 
 
+@dataclass
+class _Step:
+    """What :func:`iht_step` returns: the new iterate, whether it was accepted (it decreased f), g = grad f at the
+    previous iterate (m,) and tau, the step size the active set is widened with."""
+
+    state: _State
+    accepted: bool
+    g: torch.Tensor
+    tau: float
+
+
+@dataclass
+class _Context:
+    """One solve's fixed settings and running tallies (the same on every rank but for the rank-local tensors of
+    ``full``).
+
+    full: f on this rank's columns (all of them, or the allowed ones with ``overwrite_at``); k: the budget's total;
+    offset: global index of this rank's first column of ``full.At``; patience: :data:`PATIENCE`, or 0 without
+    back-solves; trace, iterations, backsolves, active_set_rounds, timings: what :class:`SolveResult` reports.
+    """
+
+    full: _Problem
+    method: str
+    max_iter: int
+    tol: float
+    trials: int
+    patience: int
+    active_set_factor: float | None
+    escape_trials: int
+    pair_swaps: int
+    k: int
+    offset: int
+    progress: Callable[[dict], None] | None
+    gram_cache: GramCache = field(default_factory=GramCache)
+    trace: list[float] = field(default_factory=list)
+    iterations: int = 0
+    backsolves: int = 0
+    active_set_rounds: int = 0
+    timings: dict[str, float] = field(default_factory=lambda: {"iht": 0.0, "backsolve": 0.0})
+    magnitude_objective: float | None = None
+    plain_magnitude_objective: float = math.nan
+
+    def exhausted(self) -> bool:
+        """Whether the solve's IHT iterations (``max_iter``, over all rounds) are used up."""
+        return self.iterations >= self.max_iter
+
+
+def _exact_state(prob: _Problem, st: _State) -> _State:
+    """``st`` with A w and f recomputed from scratch (one n-vector all-reduce)."""
+    Aw, f = prob.exact(st.w, st.S)
+    return _State(st.w, st.S, Aw, f)
+
+
+# ------------------------------------------------------------------------------------------------- one IHT step
 def _trial(prob: _Problem, st: _State, g: torch.Tensor, u: torch.Tensor, t: float, S_t: torch.Tensor | None = None):
     """w_t = H(w - t g) (support S_t, default from the budget) with A w_t updated incrementally; one all-reduce."""
     v = st.w - t * g
@@ -292,48 +370,6 @@ def _trial(prob: _Problem, st: _State, g: torch.Tensor, u: torch.Tensor, t: floa
     return _State(w_t, S_t, Aw, prob.objective(Aw, reg), int(moved))
 
 
-def _step(prob: _Problem, st: _State, method: str, trials: int, tol: float) -> tuple[_State, bool, torch.Tensor, float]:
-    """One IHT iteration. Returns (new state, accepted, g, tau used for candidates).
-
-    The support-keeping step is taken alone when tau* <= tau_c and it decreases f by more than tol * f; otherwise
-    (also at a minimiser on S, where it stalls) the support-changing trials compete with it.
-    """
-    g, u, gg, uu = _gradient_and_u(prob, st)
-    if method == "iht_1L":
-        t = 1.0 / prob.L()
-        new = _trial(prob, st, g, u, t)
-        return (new, True, g, t) if new.f < st.f else (st, False, g, t)
-
-    curv = uu + prob.lam * gg
-    tau_star = gg / curv if gg > 0 and curv > 0 else math.inf
-    tau_c = prob.budget.tau_change(st.w, g, st.S)
-    best = st
-    if math.isfinite(tau_star):
-        # the support-keeping step, exact line minimiser on S: f(w - tau g_S) is a quadratic in tau
-        w_keep = torch.where(st.S, st.w - tau_star * g, torch.zeros_like(st.w))
-        f_keep = st.f - tau_star * gg + 0.5 * tau_star**2 * curv
-        keep = _State(w_keep, st.S, st.Aw - tau_star * u, f_keep)
-        if tau_star <= tau_c and not _converged(st.f, f_keep, tol):
-            return keep, True, g, tau_star
-        best = keep if f_keep < st.f else st
-    if math.isfinite(tau_c) and tau_c > 0:
-        t, prev = tau_c, math.inf
-        for _ in range(trials):
-            cand = _trial(prob, st, g, u, t)
-            if cand.f < best.f:
-                best = cand
-            if cand.f > prev:  # past the minimum along the doubling path
-                break
-            prev, t = cand.f, 2 * t
-    if best is st:  # nothing decreased f: last resort, the majorisation step 1/L
-        t = 1.0 / prob.L()
-        cand = _trial(prob, st, g, u, t)
-        if cand.f < st.f:
-            best = cand
-    tau = tau_star if math.isfinite(tau_star) else (tau_c if math.isfinite(tau_c) else 1.0 / prob.L())
-    return best, best is not st, g, tau
-
-
 def _gradient_and_u(prob: _Problem, st: _State) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """g = grad f(w) (local, (m,)), u = A g_S (global, (n,) float64), ||g_S||^2 and ||u||^2.
 
@@ -348,34 +384,92 @@ def _converged(f_old: float, f_new: float, tol: float) -> bool:
     return f_old - f_new <= tol * max(f_old, 0.0) or f_new <= 0.0
 
 
-def _iht(prob, st, *, method, max_iter, tol, trials, recompute_every, trace, progress, counter, patience):
-    """IHT iterations on ``prob`` until the relative decrease of f is below tol (or max_iter / the global cap).
+def trial_steps(tau_c: float, count: int) -> list[float]:
+    """The support-changing step sizes t_j = 2^j tau_c+, j < ``count``, with tau_c+ = (1 + :data:`PAST_CROSSING`)
+    tau_c; none when tau_c is not a finite positive step.
 
-    With ``patience`` set, also stop once that many consecutive steps kept the support: the caller then backsolves,
-    which solves the problem on the fixed support exactly instead of by steepest descent.
+    At tau_c itself the coordinate i leaving S and the best one j outside tie, |w_i - tau_c g_i| = tau_c |g_j|, and
+    H would choose between them by the last bits of w, g and tau_c, which differ with the column split (sums over
+    columns rounded in another order); just past the crossing the swap wins by PAST_CROSSING |w_i|."""
+    if not (math.isfinite(tau_c) and tau_c > 0):
+        return []
+    first = tau_c * (1.0 + PAST_CROSSING)
+    return [first * 2.0**j for j in range(count)]
+
+
+def _support_changing_trials(prob: _Problem, st: _State, g, u, tau_c: float, trials: int, best: _State) -> _State:
+    """The best of ``best`` and the trials H(w - t g), t in :func:`trial_steps` (at most ``trials``, stopping once f
+    rises along the doubling path)."""
+    prev = math.inf
+    for t in trial_steps(tau_c, trials):
+        cand = _trial(prob, st, g, u, t)
+        if cand.f < best.f:
+            best = cand
+        if cand.f > prev:  # past the minimum along the doubling path
+            break
+        prev = cand.f
+    return best
+
+
+def iht_step(prob: _Problem, st: _State, method: str, trials: int, tol: float) -> _Step:
+    """One iteration of Alg. 1 on ``prob`` from ``st`` (module docstring): g, tau*, tau_c, the trials, and the
+    monotone acceptance.
+
+    The support-keeping step tau* is taken alone when tau* <= tau_c and it decreases f by more than tol * f; otherwise
+    (also at a minimiser on S, where it stalls) the support-changing trials compete with it. ``method`` "iht_1L" takes
+    the plain step 1/L instead (a baseline).
     """
-    kept = 0
-    for it in range(max_iter):
-        if counter["left"] <= 0:
+    g, u, gg, uu = _gradient_and_u(prob, st)
+    if method == "iht_1L":
+        t = 1.0 / prob.L()
+        new = _trial(prob, st, g, u, t)
+        return _Step(new, True, g, t) if new.f < st.f else _Step(st, False, g, t)
+
+    curv = uu + prob.lam * gg
+    tau_star = gg / curv if gg > 0 and curv > 0 else math.inf
+    tau_c = prob.budget.tau_change(st.w, g, st.S)
+    best = st
+    if math.isfinite(tau_star):
+        # the support-keeping step, exact line minimiser on S: f(w - tau g_S) is a quadratic in tau
+        w_keep = torch.where(st.S, st.w - tau_star * g, torch.zeros_like(st.w))
+        f_keep = st.f - tau_star * gg + 0.5 * tau_star**2 * curv
+        keep = _State(w_keep, st.S, st.Aw - tau_star * u, f_keep)
+        if tau_star <= tau_c and not _converged(st.f, f_keep, tol):
+            return _Step(keep, True, g, tau_star)
+        best = keep if f_keep < st.f else st
+    best = _support_changing_trials(prob, st, g, u, tau_c, trials, best)
+    if best is st:  # nothing decreased f: last resort, the majorisation step 1/L
+        cand = _trial(prob, st, g, u, 1.0 / prob.L())
+        if cand.f < st.f:
+            best = cand
+    tau = tau_star if math.isfinite(tau_star) else (tau_c if math.isfinite(tau_c) else 1.0 / prob.L())
+    return _Step(best, best is not st, g, tau)
+
+
+# ------------------------------------------------------------------------------------------------- IHT runs
+def iht(ctx: _Context, prob: _Problem, st: _State) -> _State:
+    """IHT iterations on ``prob`` until the relative decrease of f is below tol (or the solve's ``max_iter`` is used
+    up); with ``ctx.patience`` also once that many consecutive steps kept the support (the caller then back-solves,
+    which solves the problem on the fixed support exactly instead of by steepest descent). Returns the last iterate
+    with A w and f recomputed exactly."""
+    kept = it = 0
+    while not ctx.exhausted():
+        if it and it % RECOMPUTE_EVERY == 0:
+            st = _exact_state(prob, st)
+        step = iht_step(prob, st, ctx.method, ctx.trials, ctx.tol)
+        ctx.iterations += 1
+        it += 1
+        if not step.accepted:
             break
-        if it and it % recompute_every == 0:
-            Aw, f = prob.exact(st.w, st.S)
-            st = _State(st.w, st.S, Aw, f)
-        new, accepted, _, _ = _step(prob, st, method, trials, tol)
-        counter["left"] -= 1
-        counter["iterations"] += 1
-        if not accepted:
+        done = _converged(st.f, step.state.f, ctx.tol)
+        kept = kept + 1 if step.state.moved == 0 else 0
+        st = step.state
+        ctx.trace.append(st.f)
+        if ctx.progress is not None:
+            ctx.progress({"iteration": ctx.iterations, "objective": st.f, "entered": st.moved})
+        if done or (ctx.patience and kept >= ctx.patience):
             break
-        done = _converged(st.f, new.f, tol)
-        kept = kept + 1 if new.moved == 0 else 0
-        st = new
-        trace.append(st.f)
-        if progress is not None:
-            progress({"iteration": counter["iterations"], "objective": st.f, "entered": st.moved})
-        if done or (patience and kept >= patience):
-            break
-    Aw, f = prob.exact(st.w, st.S)
-    return _State(st.w, st.S, Aw, f)
+    return _exact_state(prob, st)
 
 
 def _restrict(budget: Budget, W: torch.Tensor) -> Budget:
@@ -390,47 +484,95 @@ def _restrict(budget: Budget, W: torch.Tensor) -> Budget:
                               local=budget.local)
 
 
-def _iht_active_set(At, w_bar, y, lam, budget, st, *, factor, max_rounds, trace, reg_offset=0.0, **kw):
-    """IHT with an active set W of ~factor*k rows; returns (state, rounds). Falls back to plain IHT when W ~ p.
-    ``reg_offset``: ||w_bar||^2 over columns not in At (see :class:`_Problem`)."""
-    full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
-    p_allowed = int(_sum(float(At.shape[0] if budget.allowed is None else budget.allowed.sum()))[0])
+def active_set_round(ctx: _Context, st: _State, wide: Budget, g: torch.Tensor, tau: float):
+    """IHT on the active set W = S | H_wide(w - tau g) (H_wide: the budget widened to active_set_factor * k), the
+    other columns fixed at zero; f stays the full objective (lambda/2 ||w_bar||^2 over the columns left out is added
+    as a constant). Returns (the iterate on all m columns, W)."""
+    full = ctx.full
+    W = st.S | wide.project(st.w - tau * g)
+    rows = torch.nonzero(W, as_tuple=True)[0]
+    wb_out = full.w_bar[~W].double()
+    (left_out,) = _sum(float(torch.dot(wb_out, wb_out)))
+    sub = _Problem(full.At.index_select(0, rows), full.w_bar[rows], full.y, full.lam, _restrict(full.budget, W),
+                   reg_offset=left_out + full.reg_offset)
+    sub_st = iht(ctx, sub, _State(st.w[rows], st.S[rows], st.Aw, st.f))
+    w = torch.zeros_like(st.w)
+    w[rows] = sub_st.w
+    S = torch.zeros_like(st.S)
+    S[rows] = sub_st.S
+    return _State(w, S, sub_st.Aw, sub_st.f), W
+
+
+def iht_active_set(ctx: _Context, st: _State) -> _State:
+    """IHT with an active set W of about active_set_factor * k rows, grown until a full step over all p keeps to W
+    (at most :data:`MAX_ACTIVE_ROUNDS` rounds); plain :func:`iht` when W would be most of p or the budget is N:M."""
+    full, factor = ctx.full, ctx.active_set_factor
+    budget = full.budget
+    p_allowed = int(_sum(float(full.At.shape[0] if budget.allowed is None else budget.allowed.sum()))[0])
     if factor is None or factor <= 1 or budget.kind != "topk" or factor * budget.total() >= 0.5 * p_allowed:
-        return _iht(full, st, trace=trace, **kw), 0
+        return iht(ctx, full, st)
     wide = budget.widened(factor)
     g, u, gg, uu = _gradient_and_u(full, st)
-    tau = gg / (uu + lam * gg) if gg > 0 else 1.0 / full.L()
-    rounds = 0
-    for rounds in range(1, max_rounds + 1):  # noqa: B007
-        W = st.S | wide.project(st.w - tau * g)
-        rows = torch.nonzero(W, as_tuple=True)[0]
-        wb_out = w_bar[~W].double()
-        (offset,) = _sum(float(torch.dot(wb_out, wb_out)))
-        sub = _Problem(At.index_select(0, rows), w_bar[rows], y, lam, _restrict(budget, W),
-                       reg_offset=offset + reg_offset)
-        sub_st = _iht(sub, _State(st.w[rows], st.S[rows], st.Aw, st.f), trace=trace, **kw)
-        w = torch.zeros_like(st.w)
-        w[rows] = sub_st.w
-        S = torch.zeros_like(st.S)
-        S[rows] = sub_st.S
-        st = _State(w, S, sub_st.Aw, sub_st.f)
-        del sub
-        if kw["counter"]["left"] <= 0:
+    tau = gg / (uu + full.lam * gg) if gg > 0 else 1.0 / full.L()
+    for _ in range(MAX_ACTIVE_ROUNDS):
+        ctx.active_set_rounds += 1
+        st, W = active_set_round(ctx, st, wide, g, tau)
+        if ctx.exhausted():
             break
-        # one full step over all p: does it want coordinates outside W?
-        new, accepted, g, tau = _step(full, st, kw["method"], kw["trials"], kw["tol"])
-        kw["counter"]["left"] -= 1
-        kw["counter"]["iterations"] += 1
-        if not accepted:
+        step = iht_step(full, st, ctx.method, ctx.trials, ctx.tol)  # one full step over all p: does it leave W?
+        ctx.iterations += 1
+        if not step.accepted:
             break
-        outside = int(_sum(float((new.S & ~W).sum()))[0])
-        done = _converged(st.f, new.f, kw["tol"])
-        st = new
-        trace.append(st.f)
+        outside = int(_sum(float((step.state.S & ~W).sum()))[0])
+        done = _converged(st.f, step.state.f, ctx.tol)
+        st, g, tau = step.state, step.g, step.tau
+        ctx.trace.append(st.f)
         if outside == 0 or done:
             break
-    Aw, f = full.exact(st.w, st.S)
-    return _State(st.w, st.S, Aw, f), rounds
+    return _exact_state(full, st)
+
+
+def _timed_iht(ctx: _Context, st: _State) -> _State:
+    """One IHT run of the solve (on active sets for CHITA), timed as "iht"; the trace ends with the exact f."""
+    t0 = time.perf_counter()
+    with comm.phase(PHASE):
+        st = iht_active_set(ctx, st) if ctx.method == "chita" else iht(ctx, ctx.full, st)
+    ctx.timings["iht"] += time.perf_counter() - t0
+    if ctx.trace[-1] != st.f:  # the exact recomputation at the end of IHT
+        ctx.trace.append(st.f)
+    return st
+
+
+# ------------------------------------------------------------------------------------------ back-solve and escapes
+def backsolve_support(ctx: _Context, st: _State) -> _State:
+    """The exact ridge solution on the support of ``st`` (Sec. 3's back-solve), taken when it does not increase f."""
+    t0 = time.perf_counter()
+    ctx.backsolves += 1
+    full = ctx.full
+    w = ridge_backsolve(full.At, full.w_bar, full.lam, st.S, full.y, w0=st.w, cache=ctx.gram_cache)
+    with comm.phase("backsolve"):
+        Aw, f = full.exact(w, st.S)
+    ctx.timings["backsolve"] += time.perf_counter() - t0
+    return _State(w, st.S, Aw, f) if f <= st.f else st
+
+
+def _obs_scores(ctx: _Context, st: _State, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(v_in, v_out, allowed_out), (p_r,) each: the exact removal cost score |w_i| / sqrt(d_inv_i) on S, the gain
+    score |g_j| / sqrt(s_j) outside (exact for the :data:`SWAP_CANDIDATES` best by the approximate gain
+    |g_j| / sqrt(||a_j||^2 + lambda), that approximation elsewhere), and the outside columns that may enter."""
+    full = ctx.full
+    t0 = time.perf_counter()
+    ga = g.double().abs()
+    v_out = ga / (full.column_norms_sq() + full.lam).sqrt()  # gain without re-optimisation (a lower bound)
+    allowed_out = ~st.S if full.budget.allowed is None else (~st.S & full.budget.allowed)
+    with comm.phase(PHASE):
+        m = min(int(_sum(float(allowed_out.sum()))[0]), max(SWAP_CANDIDATES, 1))
+        scored = topk_mask(v_out.float(), m, None, allowed_out)
+    d_inv, s_add = swap_curvatures(full.At, st.S, full.lam, scored, cache=ctx.gram_cache)
+    ctx.timings["backsolve"] += time.perf_counter() - t0
+    v_in = st.w.double().abs() / d_inv.clamp(min=1e-300).sqrt()
+    v_out = torch.where(scored, ga / s_add.sqrt(), v_out)
+    return v_in, v_out, allowed_out
 
 
 def _pair_swap_supports(budget, S, v_in, v_out, allowed_out, q, offset):
@@ -458,7 +600,205 @@ def _pair_swap_supports(budget, S, v_in, v_out, allowed_out, q, offset):
                 yield budget.project(v)
 
 
+def _escape_path(ctx: _Context, st: _State, v: torch.Tensor, dv: torch.Tensor, best: _State) -> _State:
+    """The best of ``best`` and the back-solved supports of H(v - t dv), t in :func:`trial_steps` of this path's tau_c
+    (at most ``escape_trials``; steps that add no coordinate are skipped; stops once f rises)."""
+    budget = ctx.full.budget
+    with comm.phase(PHASE):
+        tau_c = budget.tau_change(v, dv, st.S)
+    prev, f_prev = st.S, math.inf
+    for t in trial_steps(tau_c, ctx.escape_trials):
+        with comm.phase(PHASE):
+            S_t = budget.project(v - t * dv)
+            new_coords = int(_sum(float((S_t & ~prev).sum()))[0])
+        if new_coords == 0:
+            continue
+        prev = S_t
+        cand = backsolve_support(ctx, _State(st.w, S_t, st.Aw, math.inf))
+        if cand.f < best.f:
+            best = cand
+        if cand.f > f_prev:  # larger steps swap more coordinates; stop once that gets worse
+            break
+        f_prev = cand.f
+    return best
+
+
+def escape(ctx: _Context, st: _State) -> _State | None:
+    """At a stall (IHT keeps the support of a back-solved point), back-solve candidate supports and return the best if
+    it improves f by more than tol * f, else None. Candidates: the IHT path H(w - t g); with lambda > 0 the pair swaps
+    (k <= :data:`PAIR_SWAP_MAX_K`) and the same path on the OBS scores of :func:`_obs_scores`."""
+    full = ctx.full
+    with comm.phase(PHASE):
+        g = full.gradient(st.w, st.Aw)
+    paths = [(st.w, g)]
+    best = st
+    if full.lam > 0:
+        v_in, v_out, allowed_out = _obs_scores(ctx, st, g)
+        paths.append((torch.where(st.S, v_in, 0.0).float(), torch.where(st.S, 0.0, -v_out).float()))
+        if ctx.pair_swaps > 0 and ctx.k <= PAIR_SWAP_MAX_K:
+            for S_t in _pair_swap_supports(full.budget, st.S, v_in, v_out, allowed_out, ctx.pair_swaps, ctx.offset):
+                cand = backsolve_support(ctx, _State(st.w, S_t, st.Aw, math.inf))
+                if cand.f < best.f:
+                    best = cand
+    for v, dv in paths:
+        best = _escape_path(ctx, st, v, dv, best)
+    return best if best is not st and not _converged(st.f, best.f, ctx.tol) else None
+
+
 # -------------------------------------------------------------------------------------------------------- solve
+@dataclass
+class _Prepared:
+    """The problem as solved, and how to map its answer back: ``problem`` holds At (scaled rows in z = D^1/2 w with
+    the fisher_diagonal ridge; only the allowed rows when they were compacted), w_bar, y, lambda, the budget;
+    ``p_r`` the caller's row count, ``kept_rows`` the rows kept by compaction (None: all), ``scale`` D^1/2 (or None).
+    """
+
+    problem: _Problem
+    p_r: int
+    kept_rows: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
+def _checked_inputs(At, w_bar, lam, budget, y, method, ridge, check_at):
+    """(w_bar, budget, y) on At's device (the solve runs where the factor lives) and k = the budget's total, after
+    the checks of the arguments and, collectively, of At (``check_at``) and w_bar for NaN/Inf."""
+    _check_arguments(At, w_bar, lam, budget, method, ridge)
+    w_bar, budget = w_bar.to(At.device), budget.to(At.device)
+    y = None if y is None else y.to(At.device)
+    _check_factor(At, check_at)
+    check_finite(w_bar, "w_bar")
+    k = budget.total()
+    if k <= 0:
+        raise ValueError("the budget keeps no weight (k = 0)")
+    return w_bar, budget, y, k
+
+
+def _check_arguments(At: torch.Tensor, w_bar: torch.Tensor, lam: float, budget: Budget, method: str, ridge: str):
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if ridge not in RIDGES:
+        raise ValueError(f"unknown ridge {ridge!r}; expected one of {RIDGES}")
+    if At.dim() != 2 or w_bar.shape != (At.shape[0],):
+        raise ValueError(f"At must be (p_r, n) and w_bar (p_r,), got {tuple(At.shape)} and {tuple(w_bar.shape)}")
+    if not (lam >= 0 and math.isfinite(lam)):
+        raise ValueError(f"lambda must be finite and >= 0, got {lam}")
+    if budget.p_local != At.shape[0]:
+        raise ValueError(f"the budget covers {budget.p_local} columns but At has {At.shape[0]} rows")
+
+
+def _check_factor(At: torch.Tensor, check_at: bool) -> None:
+    """Raise ValueError on every rank if ``check_at`` and some rank's At holds NaN or Inf. Collective."""
+    # NaN/Inf anywhere in At makes its column sums A_r^T 1 non-finite (NaN and Inf propagate through + and *1): one
+    # product instead of an elementwise pass; only then the exact chunked check (a finite overflow is not an error)
+    bad = check_at and not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0], device=At.device))).all())
+    if bad:
+        step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
+        bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
+    check_finite(torch.tensor([math.nan if bad else 0.0], device=comm.device()), "the Fisher factor A")
+
+
+def _divide_rows(At: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """At[j] /= scale[j] in place, chunked: in float32, then stored (one rounding in a 16-bit storage)."""
+    step = _row_chunks(*At.shape)
+    for s in range(0, At.shape[0], step):
+        c = At[s : s + step]
+        if c.dtype == torch.float32:
+            c.div_(scale[s : s + step, None])
+        else:
+            c.copy_(c.float().div_(scale[s : s + step, None]))
+    return At
+
+
+def _target(At: torch.Tensor, w_bar: torch.Tensor, y: torch.Tensor | None, first_order: bool) -> torch.Tensor:
+    """y (n,) float64: the given one (checked), else A w_bar, minus 1/sqrt(n) with ``first_order``. Collective."""
+    n = At.shape[1]
+    if y is None:
+        nz = torch.nonzero(w_bar, as_tuple=True)[0]
+        y = comm.all_reduce(rows_matvec(At, nz, w_bar[nz]))  # float64: exact to rounding
+        return y - 1.0 / math.sqrt(n) if first_order else y
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
+    check_finite(y, "y")
+    return y.to(torch.float64)
+
+
+def _drop_fixed_columns(At: torch.Tensor, w_bar: torch.Tensor, budget: Budget):
+    """Solve on the allowed rows only: returns (At compacted in place, w_bar on them, the budget restricted to them,
+    the kept rows or None when none is dropped on this rank, lambda-free ||w_bar||^2 over the dropped columns)."""
+    dropped = ~budget.allowed
+    out = w_bar[dropped].double()
+    (reg_offset,) = _sum(float(torch.dot(out, out)))
+    kept_rows = None
+    if bool(dropped.any()):  # (no index copies of p_r entries when nothing is dropped on this rank)
+        kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
+        At, w_bar = compact_rows_(At, kept_rows), w_bar[kept_rows]
+    return At, w_bar, _restrict(budget, budget.allowed), kept_rows, reg_offset  # _restrict: collective, every rank
+
+
+def _prepare(At, w_bar, lam, budget, y, first_order, overwrite_at, ridge) -> _Prepared:
+    """The problem :func:`solve` iterates on: At in z = D^1/2 w for the fisher_diagonal ridge (rows divided by
+    D^1/2, in place with ``overwrite_at``, else in a copy), y, and with ``overwrite_at`` and a top-k budget with
+    columns fixed at zero, only the allowed rows (moved to the front of At in place). Collective."""
+    with comm.phase(PHASE):
+        scale = None
+        if ridge == "fisher_diagonal":
+            scale = fisher_diagonal_scale(At, RIDGE_FLOOR)
+            At = _divide_rows(At if overwrite_at else At.clone(), scale)
+            w_bar = w_bar * scale
+        y = _target(At, w_bar, y, first_order)
+        p_r, kept_rows, reg_offset = At.shape[0], None, 0.0
+        if overwrite_at and budget.kind == "topk" and budget.allowed is not None:
+            At, w_bar, budget, kept_rows, reg_offset = _drop_fixed_columns(At, w_bar, budget)
+        return _Prepared(_Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset), p_r, kept_rows, scale)
+
+
+def _column_offset(At: torch.Tensor) -> int:
+    """Global index of this rank's first row of At (rank order). Collective."""
+    with comm.phase(PHASE):
+        return sum(comm.all_gather_object(At.shape[0])[: comm.rank()])
+
+
+def warm_start(ctx: _Context, with_backsolve: bool) -> _State:
+    """w^0 = H(w_bar), magnitude pruning (of z with the fisher_diagonal ridge: the OBD saliency); with
+    ``with_backsolve`` the back-solve on its support. Records both objectives and starts the trace."""
+    full = ctx.full
+    with comm.phase(PHASE):
+        S0 = full.budget.magnitude_support(full.w_bar)
+        st = _exact_state(full, _State(torch.where(S0, full.w_bar, torch.zeros_like(full.w_bar)), S0, None, math.nan))
+    ctx.plain_magnitude_objective = st.f
+    ctx.trace.append(st.f)
+    if with_backsolve:
+        st = backsolve_support(ctx, st)
+        ctx.magnitude_objective = st.f
+        ctx.trace.append(st.f)
+    return st
+
+
+def _result(ctx: _Context, st: _State, prep: _Prepared, bytes0: dict[str, int]) -> SolveResult:
+    """The :class:`SolveResult` on the caller's p_r columns and in w (not z)."""
+    bytes1 = comm.bytes_by_phase()
+    moved = {ph: bytes1.get(ph, 0) - bytes0.get(ph, 0) for ph in set(bytes1) | {PHASE, "backsolve"}}
+    w, S = st.w, st.S.clone()
+    if prep.kept_rows is not None:  # back to all p_r columns: the dropped ones are zero
+        w = torch.zeros(prep.p_r, dtype=st.w.dtype, device=st.w.device).index_copy_(0, prep.kept_rows, st.w)
+        S = torch.zeros(prep.p_r, dtype=torch.bool, device=st.S.device).index_copy_(0, prep.kept_rows, st.S)
+    if prep.scale is not None:  # back from z = D^1/2 w
+        w = w / prep.scale
+    return SolveResult(
+        w=w,
+        support=S,
+        objective=st.f,
+        objective_trace=ctx.trace,
+        iterations=ctx.iterations,
+        magnitude_objective=ctx.magnitude_objective,
+        plain_magnitude_objective=ctx.plain_magnitude_objective,
+        timings=ctx.timings,
+        bytes_communicated={ph: b for ph, b in moved.items() if b or ph in (PHASE, "backsolve")},
+        active_set_rounds=ctx.active_set_rounds,
+        backsolves=ctx.backsolves,
+    )
+
+
 def solve(
     At: torch.Tensor,
     w_bar: torch.Tensor,
@@ -466,26 +806,20 @@ def solve(
     budget: Budget,
     y: torch.Tensor | None = None,
     first_order: bool = False,
-    max_iter: int = 500,
-    tol: float = 1e-7,
+    max_iter: int = MAX_ITER,
+    tol: float = TOL,
     active_set_factor: float | None = 1.5,
     backsolve: bool = True,
     progress: Callable[[dict], None] | None = None,
     *,
     method: str = "chita",
     rounds: int = 10,
-    patience: int = 10,
-    escape_trials: int = 6,
-    swap_candidates: int = 4096,
+    escape_trials: int = ESCAPE_TRIALS,
     pair_swaps: int = 4,
-    pair_swap_max_k: int = 4096,
     trials: int = 6,
-    recompute_every: int = 20,
-    max_active_rounds: int = 10,
     overwrite_at: bool = False,
     check_at: bool = True,
     ridge: str = "identity",
-    ridge_floor: float = 1e-3,
 ) -> SolveResult:
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
@@ -502,218 +836,45 @@ def solve(
         progress: called as progress({"iteration", "objective", "entered"}) after each accepted IHT step (every rank;
             "entered" = coordinates that joined the support in that step).
         method: "chita" (line search above) or "iht_1L" (plain IHT with step 1/L from magnitude pruning: a baseline).
-        rounds: cap on IHT -> backsolve/escape rounds; patience: consecutive support-keeping steps before a backsolve.
-        trials: support-changing step sizes tried per IHT step (tau_c doubling); escape_trials: the same per escape
-            path (0 disables escapes).
-        recompute_every: IHT steps between exact recomputations of A w.
-        max_active_rounds: cap on active-set growth rounds.
+        rounds: cap on IHT -> backsolve/escape rounds.
+        escape_trials: support-changing candidates tried per escape path (0 disables escapes, pair swaps included).
+        pair_swaps: q of the escapes' q x q pair swaps (0: none).
+        trials: support-changing step sizes tried per IHT step (tau_c doubling).
         overwrite_at: allow At to be overwritten: with a top-k budget that fixes columns at zero (``allowed``, e.g.
             the weights pruned by earlier CHITA++ stages), their rows are dropped by moving the allowed rows to the
             front of At in place, and the problem is solved on those alone (same answer; IHT reads only them).
         check_at: check At for NaN/Inf (one extra read of At); False when the caller has checked every entry (the
             pipeline's :func:`~dist_chita.fisher.factor.fisher_block` does, naming the layer).
         ridge: the metric D of the ridge term lambda/2 (w - w_bar)^T D (w - w_bar): "identity" (the paper's, D = I)
-            or "fisher_diagonal": D = diag(A^T A) + ridge_floor * mean(diag(A^T A)), so that with n << p, where the
-            rank-n term can be fitted exactly on almost any support, each weight still costs its own curvature; the
-            warm start's magnitude pruning then ranks weights by the OBD saliency |w_j| sqrt(D_jj). Solved in
-            z = D^1/2 w: the rows of At are divided by D^1/2 (in place when ``overwrite_at``, else in a copy).
-        swap_candidates: outside coordinates whose exact gain is computed in an escape (the best by approximate gain).
-        pair_swaps, pair_swap_max_k: escape pair swaps (q x q backsolves), only when k <= pair_swap_max_k.
+            or "fisher_diagonal": D = diag(A^T A) + :data:`RIDGE_FLOOR` * mean(diag(A^T A)), so that with n << p,
+            where the rank-n term can be fitted exactly on almost any support, each weight still costs its own
+            curvature; the warm start's magnitude pruning then ranks weights by the OBD saliency |w_j| sqrt(D_jj).
+            Solved in z = D^1/2 w: the rows of At are divided by D^1/2 (in place when ``overwrite_at``, else in a
+            copy).
 
     Returns:
         :class:`SolveResult`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if ridge not in RIDGES:
-        raise ValueError(f"unknown ridge {ridge!r}; expected one of {RIDGES}")
-    if not (ridge_floor > 0 and math.isfinite(ridge_floor)):
-        raise ValueError(f"ridge_floor must be finite and > 0, got {ridge_floor}")
-    if At.dim() != 2 or w_bar.shape != (At.shape[0],):
-        raise ValueError(f"At must be (p_r, n) and w_bar (p_r,), got {tuple(At.shape)} and {tuple(w_bar.shape)}")
-    if not (lam >= 0 and math.isfinite(lam)):
-        raise ValueError(f"lambda must be finite and >= 0, got {lam}")
-    if budget.p_local != At.shape[0]:
-        raise ValueError(f"the budget covers {budget.p_local} columns but At has {At.shape[0]} rows")
-    w_bar, budget = w_bar.to(At.device), budget.to(At.device)  # the solve runs where the factor lives
-    if y is not None:
-        y = y.to(At.device)
-    # NaN/Inf anywhere in At makes its column sums A_r^T 1 non-finite (NaN and Inf propagate through + and *1): one
-    # product instead of an elementwise pass; only then the exact chunked check (a finite overflow is not an error)
-    bad = check_at and not bool(torch.isfinite(a_matvec(At, torch.ones(At.shape[0], device=At.device))).all())
-    if bad:
-        step = _row_chunks(*At.shape)  # chunked: torch.isfinite on all of At would allocate p_r * n bools
-        bad = any(not bool(torch.isfinite(At[i : i + step]).all()) for i in range(0, At.shape[0], step))
-    # collective: all ranks raise
-    check_finite(torch.tensor([math.nan if bad else 0.0], device=comm.device()), "the Fisher factor A")
-    check_finite(w_bar, "w_bar")
-    total = budget.total()
-    if total <= 0:
-        raise ValueError("the budget keeps no weight (k = 0)")
-    n = At.shape[1]
-    w_bar = w_bar.to(torch.float32)
+    w_bar, budget, y, k = _checked_inputs(At, w_bar, lam, budget, y, method, ridge, check_at)
     bytes0 = comm.bytes_by_phase()
-    timings = {"iht": 0.0, "backsolve": 0.0}
-
-    with comm.phase(PHASE):
-        scale = None  # D^1/2 of the fisher_diagonal ridge: the solve runs in z = D^1/2 w
-        if ridge == "fisher_diagonal":
-            scale = fisher_diagonal_scale(At, ridge_floor)
-            if not overwrite_at:
-                At = At.clone()
-            step = _row_chunks(*At.shape)
-            for s in range(0, At.shape[0], step):  # in float32, then stored (one rounding in a 16-bit storage)
-                c = At[s : s + step]
-                if c.dtype == torch.float32:
-                    c.div_(scale[s : s + step, None])
-                else:
-                    c.copy_(c.float().div_(scale[s : s + step, None]))
-            w_bar = w_bar * scale
-        if y is None:
-            nz = torch.nonzero(w_bar, as_tuple=True)[0]  # (p_r int64: not kept beyond this line)
-            y = comm.all_reduce(rows_matvec(At, nz, w_bar[nz]))  # float64: exact to rounding
-            del nz
-            if first_order:
-                y = y - 1.0 / math.sqrt(n)
-        else:
-            if y.shape != (n,):
-                raise ValueError(f"y must have shape ({n},), got {tuple(y.shape)}")
-            check_finite(y, "y")
-            y = y.to(torch.float64)
-        p_r, kept_rows, reg_offset = At.shape[0], None, 0.0
-        if overwrite_at and budget.kind == "topk" and budget.allowed is not None:  # solve on the allowed rows only
-            dropped = ~budget.allowed
-            out = w_bar[dropped].double()
-            (reg_offset,) = _sum(float(torch.dot(out, out)))
-            if bool(dropped.any()):  # (no index copies of p_r entries when nothing is dropped on this rank)
-                kept_rows = torch.nonzero(budget.allowed, as_tuple=True)[0]
-                At, w_bar = compact_rows_(At, kept_rows), w_bar[kept_rows]
-            del dropped, out
-            budget = _restrict(budget, budget.allowed)  # collective: on every rank
-        full = _Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset)
-        S0 = budget.magnitude_support(w_bar)
-        w0 = torch.where(S0, w_bar, torch.zeros_like(w_bar))
-        Aw0, f_plain = full.exact(w0, S0)
-    st = _State(w0, S0, Aw0, f_plain)
-    trace = [f_plain]
-
-    gram_cache = GramCache()
-    backsolves = [0]
-
-    def do_backsolve(st: _State) -> _State:
-        t0 = time.perf_counter()
-        backsolves[0] += 1
-        w = ridge_backsolve(At, w_bar, lam, st.S, y, w0=st.w, cache=gram_cache)
-        with comm.phase("backsolve"):
-            Aw, f = full.exact(w, st.S)
-        timings["backsolve"] += time.perf_counter() - t0
-        return _State(w, st.S, Aw, f) if f <= st.f else st
-
-    def escape(st: _State) -> _State | None:
-        """At a stall (IHT keeps the support of a backsolved point), backsolve candidate supports and return the
-        best if it improves f by more than tol * f. Candidates: H(w - t g) for t = tau_c, 2 tau_c, ... (the IHT
-        path); the same path on OBS scores (exact removal cost inside S against exact single-coordinate gain
-        outside); and, for small k, the pair swaps of the ``pair_swaps`` cheapest removals with the as many best
-        additions."""
-        with comm.phase(PHASE):
-            g = full.gradient(st.w, st.Aw)
-        families = [(st.w, g)]  # the IHT path H(w - t g)
-        if lam > 0:  # the OBS path: exact removal cost on S against the single-coordinate gain outside
-            t0 = time.perf_counter()
-            ga = g.double().abs()
-            v_out = ga / (full.column_norms_sq() + lam).sqrt()  # gain without re-optimisation (a lower bound)
-            allowed_out = ~st.S if budget.allowed is None else (~st.S & budget.allowed)
-            with comm.phase(PHASE):
-                m = min(int(_sum(float(allowed_out.sum()))[0]), max(swap_candidates, 1))
-                scored = topk_mask(v_out.float(), m, None, allowed_out)
-            d_inv, s_add = swap_curvatures(At, st.S, lam, scored, cache=gram_cache)
-            timings["backsolve"] += time.perf_counter() - t0
-            v_in = st.w.double().abs() / d_inv.clamp(min=1e-300).sqrt()
-            v_out = torch.where(scored, ga / s_add.sqrt(), v_out)
-            families.append((torch.where(st.S, v_in, 0.0).float(), torch.where(st.S, 0.0, -v_out).float()))
-        best = st
-        if lam > 0 and pair_swaps > 0 and total <= pair_swap_max_k:
-            for S_t in _pair_swap_supports(budget, st.S, v_in, v_out, allowed_out, pair_swaps, offset):
-                cand = do_backsolve(_State(st.w, S_t, st.Aw, math.inf))
-                if cand.f < best.f:
-                    best = cand
-        for v, dv in families:
-            with comm.phase(PHASE):
-                t = budget.tau_change(v, dv, st.S)
-            prev, f_prev = st.S, math.inf
-            for _ in range(escape_trials if math.isfinite(t) and t > 0 else 0):
-                with comm.phase(PHASE):
-                    S_t = budget.project(v - t * dv)
-                    new_coords = int(_sum(float((S_t & ~prev).sum()))[0])
-                t *= 2
-                if new_coords == 0:
-                    continue
-                prev = S_t
-                cand = do_backsolve(_State(st.w, S_t, st.Aw, math.inf))
-                if cand.f < best.f:
-                    best = cand
-                if cand.f > f_prev:  # larger steps swap more coordinates; stop once that gets worse
-                    break
-                f_prev = cand.f
-        return best if best is not st and not _converged(st.f, best.f, tol) else None
-
-    with comm.phase(PHASE):
-        offset = sum(comm.all_gather_object(At.shape[0])[: comm.rank()])  # global index of this rank's first column
-
-    f_mag_bs = None
-    if backsolve and method == "chita":
-        st = do_backsolve(st)
-        f_mag_bs = st.f
-        trace.append(st.f)
-
-    counter = {"left": max_iter, "iterations": 0}
-    kw = dict(method=method, max_iter=max_iter, tol=tol, trials=trials, recompute_every=recompute_every,
-              patience=patience if backsolve and method == "chita" else 0,
-              progress=progress, counter=counter)
-    active_rounds = 0
-    for _ in range(max(1, rounds) if backsolve and method == "chita" else 1):
+    chita = backsolve and method == "chita"  # CHITA's rounds: IHT, then back-solve or escape
+    prep = _prepare(At, w_bar.to(torch.float32), lam, budget, y, first_order, overwrite_at, ridge)
+    ctx = _Context(prep.problem, method, max_iter, tol, trials, PATIENCE if chita else 0, active_set_factor,
+                   escape_trials, pair_swaps, k, _column_offset(prep.problem.At), progress)
+    st = warm_start(ctx, chita)
+    for _ in range(max(1, rounds) if chita else 1):
         S_before = st.S
-        t0 = time.perf_counter()
-        with comm.phase(PHASE):
-            if method == "chita":
-                st, r = _iht_active_set(At, w_bar, y, lam, budget, st, factor=active_set_factor,
-                                        max_rounds=max_active_rounds, trace=trace, reg_offset=reg_offset, **kw)
-                active_rounds += r
-            else:
-                st = _iht(full, st, trace=trace, **kw)
-        timings["iht"] += time.perf_counter() - t0
-        if trace[-1] != st.f:  # the exact recomputation at the end of IHT
-            trace.append(st.f)
-        changed = int(_sum(float((st.S ^ S_before).sum()))[0]) if backsolve else 0
-        if backsolve and method == "chita":
-            if changed:
-                st = do_backsolve(st)
-            else:
-                esc = escape(st) if escape_trials else None
-                if esc is None:
-                    break
-                st = esc
-            trace.append(st.f)
-            if counter["left"] <= 0:
+        st = _timed_iht(ctx, st)
+        if not chita:
+            break
+        if int(_sum(float((st.S ^ S_before).sum()))[0]):  # IHT changed the support: back-solve the new one
+            st = backsolve_support(ctx, st)
+        else:
+            escaped = escape(ctx, st) if escape_trials else None
+            if escaped is None:
                 break
-    bytes1 = comm.bytes_by_phase()
-    moved = {ph: bytes1.get(ph, 0) - bytes0.get(ph, 0) for ph in set(bytes1) | {PHASE, "backsolve"}}
-    w, S = st.w, st.S.clone()
-    if kept_rows is not None:  # back to all p_r columns: the dropped ones are zero
-        w = torch.zeros(p_r, dtype=st.w.dtype, device=st.w.device).index_copy_(0, kept_rows, st.w)
-        S = torch.zeros(p_r, dtype=torch.bool, device=st.S.device).index_copy_(0, kept_rows, st.S)
-    if scale is not None:  # back from z = D^1/2 w
-        w = w / scale
-    return SolveResult(
-        w=w,
-        support=S,
-        objective=st.f,
-        objective_trace=trace,
-        iterations=counter["iterations"],
-        magnitude_objective=f_mag_bs,
-        plain_magnitude_objective=f_plain,
-        timings=timings,
-        bytes_communicated={ph: b for ph, b in moved.items() if b or ph in (PHASE, "backsolve")},
-        active_set_rounds=active_rounds,
-        backsolves=backsolves[0],
-    )
+            st = escaped
+        ctx.trace.append(st.f)
+        if ctx.exhausted():
+            break
+    return _result(ctx, st, prep, bytes0)

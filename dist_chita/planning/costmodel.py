@@ -114,7 +114,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from dist_chita.fisher.backsolve import gathers, syrk_blocks
+from dist_chita.fisher.backsolve import gathers, syrk_tiles
 from dist_chita.fisher.select import radix_bits
 from dist_chita.planning.memory import MemoryEstimate, estimate
 
@@ -539,9 +539,9 @@ def solver_setup_seconds(w: Workload, ranks: int, hw: Hardware, rates: Rates, co
 
 def syrk_fraction(n: int) -> float:
     """Share of the 2 n^2 m FLOPs of R^T R (R: m x n) that ``dist_chita.fisher.backsolve._syrk`` computes: with nb =
-    :func:`~dist_chita.fisher.backsolve.syrk_blocks` column blocks (nb >= 2) the lower block triangle, (nb + 1) / (2 nb)
+    :func:`~dist_chita.fisher.backsolve.syrk_tiles` column tiles (nb >= 2) the lower tile triangle, (nb + 1) / (2 nb)
     (10/16 at n >= 512); else the full product."""
-    nb = syrk_blocks(n)
+    nb = syrk_tiles(n)
     return 1.0 if nb < 2 else (nb + 1) / (2 * nb)
 
 

@@ -26,6 +26,7 @@ from dist_chita.fisher.factor import fisher_block
 from dist_chita.io import models
 from dist_chita.prunable import named_shapes, prunable_modules
 from dist_chita.sparsity import kept_count
+from tests.fixtures.solver_settings import THOROUGH
 
 N, SPARSITY, VOCAB, SEQ = 8, 0.5, 96, 10
 
@@ -129,7 +130,7 @@ def pruned(tmp_path_factory):
         modules = prunable_modules(model)
         calib = _inputs(task, N, seed=1)
         outcome = fisher_driver.prune(model, modules, "chita", SPARSITY, make_batches=lambda c=calib: _batches(c),
-                                 loss_fn=_loss(task), n=N, lam=1e-3, solver_options=dict(max_iter=20))
+                                 loss_fn=_loss(task), n=N, lam=1e-3, solver_options={**THOROUGH, "max_iter": 20})
         out_dir = root / f"{family}-pruned"
         models.save_model(loaded, out_dir)
         test_inputs = _inputs(task, 3, seed=2)

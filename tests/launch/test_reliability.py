@@ -263,7 +263,7 @@ def _digest(stages):
     out = fisher_driver.prune(model, modules, "chita++", 0.8, make_batches=lambda: iter_microbatches(calib, lo, hi, 8),
                          loss_fn=losses.cross_entropy(lambda m, b: models.forward(m, "image-classification", b)),
                          n=n, lam=1e-3, stages=stages, base_sparsity=0.3,
-                         solver_options=dict(max_iter=10, escape_trials=0, pair_swaps=0))
+                         solver_options=dict(max_iter=10, tol=1e-7, escape_trials=0, pair_swaps=0))
     return report.mask_digest(out.masks, [name for name, _ in modules])
 
 

@@ -12,6 +12,7 @@ from dist_chita.io.data import iter_microbatches
 from dist_chita.prunable import prunable_modules
 from dist_chita.sparsity import kept_count, stage_targets
 from tests import multiproc
+from tests.fixtures.solver_settings import THOROUGH
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 N = 48
@@ -31,7 +32,7 @@ def _prune(method, sparsity, per_layer=False, nm=None, stages=1, per_row=False, 
         model, modules, method, sparsity,
         make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, per_layer=per_layer, nm=nm, stages=stages,
-        per_row=per_row, base_sparsity=base_sparsity, solver_options=dict(max_iter=40, ridge=ridge),
+        per_row=per_row, base_sparsity=base_sparsity, solver_options={**THOROUGH, "max_iter": 40, "ridge": ridge},
     )
     return {name: m.weight.detach().clone() for name, m in modules}, out.stages
 
@@ -85,7 +86,9 @@ def test_per_layer_and_n_m():
 
 def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_size():
     """Every row keeps round((1 - s) * row length) weights (magnitude: its largest); CHITA++ stages with the
-    fisher_diagonal ridge give the same masks and weights on 1, 2 and 3 ranks (rows never straddle ranks)."""
+    fisher_diagonal ridge give the same masks on 1, 2 and 3 ranks (rows never straddle ranks), the same stage
+    objectives and the same weights up to float rounding (sums over another column split round differently: the
+    back-solve's float64 solution can round to a neighbouring float32 in a few coordinates)."""
     weights, _ = _prune("magnitude", 0.7, per_row=True)
     dense = {n: m.weight.detach() for n, m in prunable_modules(train_digits_mlp(), exclude_head=False)}
     for name, w in weights.items():
@@ -97,7 +100,10 @@ def test_per_row_budget_with_the_fisher_diagonal_ridge_is_the_same_on_any_world_
     for w in ref.values():
         assert bool(((w != 0).sum(1) == round(0.3 * w.shape[1])).all())
     for world_size in (2, 3):
-        for result, _ in multiproc.run(_prune, world_size, "chita++", 0.7, False, None, 2, True, "fisher_diagonal"):
+        for result, result_stages in multiproc.run(_prune, world_size, "chita++", 0.7, False, None, 2, True,
+                                                   "fisher_diagonal"):
+            for st, ref_st in zip(result_stages, stages, strict=True):
+                assert st.objective == pytest.approx(ref_st.objective, rel=1e-6), (world_size, st.sparsity)
             for name, w in ref.items():
                 assert torch.equal(result[name] != 0, w != 0), (world_size, name)
                 assert torch.allclose(result[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), (world_size, name)
@@ -190,7 +196,7 @@ def _prune_and_evaluate(conv, loss, method):
                 model, modules, method, 0.7,
                 make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
                 loss_fn=loss_fn, n=N, lam=1e-3, stages=2 if method == "chita++" else 1, base_sparsity=0.3,
-                per_layer=conv, solver_options=dict(max_iter=30),
+                per_layer=conv, solver_options={**THOROUGH, "max_iter": 30},
             )
             acc = evaluate_accuracy(model, "image-classification", calib, 16)
         weights = {name: m.weight.detach().clone() for name, m in modules}

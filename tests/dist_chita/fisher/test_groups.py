@@ -1,5 +1,5 @@
-"""Block mode: groups, budget allocation against a brute-force top-k, the diagonal Fisher against the factor,
-equality with the global run when one block holds everything, exact budgets, and 1 vs 2 ranks."""
+"""Layer groups (block mode): groups, budget allocation against a brute-force top-k, the diagonal Fisher against the
+factor, equality with the global run when one block holds everything, exact budgets, and 1 vs 2 ranks."""
 
 import pytest
 import torch
@@ -15,6 +15,7 @@ from dist_chita.io.data import iter_microbatches
 from dist_chita.prunable import named_shapes, prunable_modules
 from dist_chita.sparsity import kept_count
 from tests import multiproc
+from tests.fixtures.solver_settings import THOROUGH
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 N = 32
@@ -37,7 +38,7 @@ def _blocks(block_size, criterion="magnitude", sparsity=0.8, method="chita"):
     model, modules, batches = _setup()
     out = groups.prune_in_blocks(model, modules, method, sparsity, block_size=block_size, criterion=criterion,
                                  make_batches=batches, loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3,
-                                 solver_options=dict(max_iter=10))
+                                 solver_options={**THOROUGH, "max_iter": 10})
     return {name: m.weight.detach().clone() for name, m in modules}, out
 
 
@@ -73,7 +74,7 @@ def test_one_block_with_everything_is_the_global_run():
     weights, _ = _blocks(block_size=10**9)
     model, modules, batches = _setup()
     fisher_driver.prune(model, modules, "chita", 0.8, make_batches=batches, loss_fn=losses.cross_entropy(_forward), n=N,
-                   lam=1e-3, solver_options=dict(max_iter=10))
+                   lam=1e-3, solver_options={**THOROUGH, "max_iter": 10})
     for name, m in modules:
         assert torch.equal(weights[name], m.weight.detach()), name
 

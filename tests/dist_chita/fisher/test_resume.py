@@ -64,7 +64,7 @@ def _prune(state_dir, settings=SETTINGS, stop_after=None, resume_run=False, fact
         model, modules, "chita++", sparsity,
         make_batches=lambda: passes.append(1) or iter_microbatches(calib, lo, hi, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=1e-3, stages=STAGES, base_sparsity=0.3,
-        solver_options=dict(max_iter=10, escape_trials=0, pair_swaps=0), on_stage_end=on_stage_end, **kw,
+        solver_options=dict(max_iter=10, tol=1e-7, escape_trials=0, pair_swaps=0), on_stage_end=on_stage_end, **kw,
     )
     return {name: m.weight.detach().clone() for name, m in modules}, [s.kept for s in out.stages], len(passes)
 

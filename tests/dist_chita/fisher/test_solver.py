@@ -13,6 +13,7 @@ import torch
 from dist_chita.distributed import comm
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.solver import solve
+from tests.fixtures.solver_settings import THOROUGH
 from tests.multiproc import run
 
 
@@ -73,7 +74,7 @@ def test_quality_against_brute_force(one_thread):
         A, w_bar, y, lam = _tiny(seed)
         best = _brute_force(A, w_bar, y, lam, combos)
         At, wb32, y32 = A.T.contiguous().float(), w_bar.float(), y.float()
-        res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32)
+        res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, **THOROUGH)
         base = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, method="iht_1L", backsolve=False,
                      max_iter=50, tol=1e-6)
         f, f_1l = _objective(A, res.w, w_bar, y, lam), _objective(A, base.w, w_bar, y, lam)
@@ -134,7 +135,8 @@ def test_fisher_diagonal_ridge_against_brute_force(one_thread):
         D = _fisher_diagonal(A)
         At = A.T.contiguous().float()
         before = At.clone()
-        res = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal")
+        res = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal",
+                    **THOROUGH)
         assert torch.equal(At, before)
         w = res.w.double()
         f = 0.5 * float((y - A @ w) @ (y - A @ w)) + 0.5 * lam * float((D * (w - w_bar) ** 2).sum())
@@ -144,7 +146,7 @@ def test_fisher_diagonal_ridge_against_brute_force(one_thread):
         obd = torch.zeros(p, dtype=torch.bool)
         obd[torch.sort(w_bar.abs() * D.sqrt(), descending=True, stable=True).indices[:k]] = True
         warm = solve(At, w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), ridge="fisher_diagonal",
-                     max_iter=1, rounds=1, tol=1.0)
+                     max_iter=1, rounds=1, tol=1.0, escape_trials=6)
         assert warm.plain_magnitude_objective == pytest.approx(
             0.5 * float((y - A[:, obd] @ w_bar[obd]) @ (y - A[:, obd] @ w_bar[obd]))
             + 0.5 * lam * float((D[~obd] * w_bar[~obd] ** 2).sum()), rel=1e-5)
@@ -164,7 +166,8 @@ def test_lambda_zero_and_first_order():
         A = _correlated(30, p, 0.7, g)
         w_bar = torch.randn(p, generator=g, dtype=torch.float64).float().double()
         y = A @ w_bar - 1 / math.sqrt(30)
-        res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True)
+        res = solve(A.T.contiguous().float(), w_bar.float(), 0.0, Budget.global_topk(p, k), first_order=True,
+                    **THOROUGH)
         f = _objective(A, res.w, w_bar, y, 0.0)
         assert f == pytest.approx(res.objective, rel=1e-5)
         assert f <= res.magnitude_objective * (1 + 1e-6) and res.magnitude_objective <= res.plain_magnitude_objective
@@ -176,7 +179,7 @@ def test_bfloat16_storage_and_timings():
     g = torch.Generator().manual_seed(5)
     A = _correlated(48, 300, 0.8, g)
     w_bar = torch.randn(300, generator=g)
-    res = solve(A.T.contiguous().to(torch.bfloat16), w_bar, 0.1, Budget.global_topk(300, 30))
+    res = solve(A.T.contiguous().to(torch.bfloat16), w_bar, 0.1, Budget.global_topk(300, 30), **THOROUGH)
     A_bf = A.to(torch.bfloat16).double()
     assert _objective(A_bf, res.w, w_bar.double(), A_bf @ w_bar.double(), 0.1) == pytest.approx(res.objective, rel=1e-5)
     assert res.objective < res.magnitude_objective < res.plain_magnitude_objective
@@ -207,7 +210,7 @@ def test_bad_input_raises():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(solver_module, "a_matvec", overflowing)
-        assert solve(At, w_bar, 0.1, budget).objective >= 0 and len(calls) >= 1
+        assert solve(At, w_bar, 0.1, budget, **THOROUGH).objective >= 0 and len(calls) >= 1
     bad_w = w_bar.clone()
     bad_w[0] = float("inf")
     with pytest.raises(ValueError, match="NaN or Inf"):
@@ -223,6 +226,28 @@ def test_bad_input_raises():
 
 
 # ------------------------------------------------------------------------------------- equality across ranks
+@pytest.mark.parametrize("kind", ["global", "segment", "rows", "nm"])
+def test_first_support_changing_trial_changes_the_support_at_an_exact_tie(kind):
+    """w = (1, 0, 3, 0) with S = {0, 2}, g = (0, -1, 0, 0), keep 2 of 4: coordinate 0 meets the best outside one, 1,
+    at tau_c = |w_0| / |g_1| = 1 exactly, where |w_0 - tau_c g_0| = tau_c |g_1| = 1 is a tie that H breaks by index
+    (0 stays). Trials at tau_c would keep S (and ties computed in floats go either way with the column split); the
+    first trial step must swap 0 for 1, and the later ones double it."""
+    from dist_chita.fisher.solver import trial_steps
+
+    budget = {"global": Budget.global_topk(4, 2), "segment": Budget.per_segment(torch.zeros(4, dtype=torch.int64),
+                                                                                   torch.tensor([2])),
+              "rows": Budget.per_row([(1, 4, 2)]), "nm": Budget.n_m(4, 2, 4)}[kind]
+    w, g = torch.tensor([1.0, 0.0, 3.0, 0.0]), torch.tensor([0.0, -1.0, 0.0, 0.0])
+    S = torch.tensor([True, False, True, False])
+    tau_c = budget.tau_change(w, g, S)
+    assert tau_c == 1.0
+    assert torch.equal(budget.project(w - tau_c * g), S)  # the tie at tau_c itself keeps S
+    steps = trial_steps(tau_c, 3)
+    assert steps == [steps[0], 2 * steps[0], 4 * steps[0]] and 1.0 < steps[0] < 1.01
+    assert torch.equal(budget.project(w - steps[0] * g), torch.tensor([False, True, True, False]))
+    assert trial_steps(math.inf, 3) == [] and trial_steps(0.0, 3) == []
+
+
 P, N = 2000, 48
 SEGMENTS = [700, 900, 400]  # segment 0 and 1 straddle ranks for every split below
 SPLITS = {1: [0, P], 2: [0, 1200, P], 3: [0, 400, 1500, P], 4: [0, 100, 900, 1700, P]}  # uneven, multiples of 4
@@ -253,7 +278,7 @@ def _solve_block(kind, lam, splits):
     lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
     comm.reset_stats()
     res = solve(At[lo:hi].contiguous(), w_bar[lo:hi], lam, _budget(kind, lo, hi, allowed),
-                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity")
+                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity", **THOROUGH)
     return res
 
 
@@ -322,9 +347,9 @@ def test_backsolve_count_is_reported(monkeypatch):
     monkeypatch.setattr(solver, "ridge_backsolve", counting)
     A, w_bar, y, lam = _tiny(5, n=30, p=16)
     At = A.float().T.contiguous()
-    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), escape_trials=4)
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), **{**THOROUGH, "escape_trials": 4})
     assert res.backsolves == len(calls) >= 2  # the warm start and at least one more
-    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False)
+    res = solve(At, w_bar.float(), lam, Budget.global_topk(16, 5), backsolve=False, **THOROUGH)
     assert res.backsolves == 0
 
 
@@ -353,7 +378,8 @@ def _solve_sparse_allowed(kind, lam, splits, overwrite):
         seg = torch.repeat_interleave(torch.arange(len(SEGMENTS)), torch.tensor(SEGMENTS))
         budget = Budget.per_segment(seg[lo:hi], torch.tensor([40, 60, 20]), a)
     block = At[lo:hi].clone()
-    res = solve(block, w_bar[lo:hi], lam, budget, overwrite_at=overwrite, escape_trials=2, pair_swaps=0)
+    res = solve(block, w_bar[lo:hi], lam, budget, overwrite_at=overwrite, pair_swaps=0,
+                **{**THOROUGH, "escape_trials": 2})
     moved = torch.equal(block[: int(a.sum())], At[lo:hi][a]) if overwrite else torch.equal(block, At[lo:hi])
     return res, moved
 
@@ -396,7 +422,7 @@ def _solve_with_meta_default(kind, lam, splits, dtype, small_chunks):
     for default in (None, "meta"):
         budget = _budget(kind, lo, hi, allowed)
         with torch.device(default) if default else contextlib.nullcontext():
-            res = solve(block.clone(), w_bar[lo:hi], lam, budget, max_iter=60, overwrite_at=True)
+            res = solve(block.clone(), w_bar[lo:hi], lam, budget, overwrite_at=True, **{**THOROUGH, "max_iter": 60})
         out.append(res)
     return out
 

@@ -193,8 +193,8 @@ SOLVE_N, SOLVE_P, SOLVE_ROW, SOLVE_LAYERS = 24, 960, 20, (300, 420, 240)
 
 
 def _measured_iterations(granularity: str) -> tuple[list[tuple[int, int, int]], int]:
-    """On this rank: two real solves with a budget of ``granularity``; per IHT iteration (``solver._step``) that did not
-    compute the 1/L fallback's Lipschitz constant, (support-changing trials, all-reduces, payload bytes) as
+    """On this rank: two real solves with a budget of ``granularity``; per IHT iteration (``solver.iht_step``) that did
+    not compute the 1/L fallback's Lipschitz constant, (support-changing trials, all-reduces, payload bytes) as
     :mod:`dist_chita.distributed.comm` counts them; and the solves' iteration count."""
     import torch
 
@@ -218,7 +218,7 @@ def _measured_iterations(granularity: str) -> tuple[list[tuple[int, int, int]], 
 
     steps: list[tuple[int, int, int]] = []
     seen = {"trials": 0, "fresh_L": False}
-    step, trial, lipschitz = solver._step, solver._trial, solver._Problem.L
+    step, trial, lipschitz = solver.iht_step, solver._trial, solver._Problem.L
 
     def counted_trial(*args, **kwargs):
         seen["trials"] += 1
@@ -237,10 +237,11 @@ def _measured_iterations(granularity: str) -> tuple[list[tuple[int, int, int]], 
                           sum(comm.bytes_by_phase().values()) - bytes0))
         return out
 
-    solver._step, solver._trial, solver._Problem.L = counted_step, counted_trial, counted_L
+    solver.iht_step, solver._trial, solver._Problem.L = counted_step, counted_trial, counted_L
     iterations = 0
     for trials in (1, 6):  # at most one support-changing trial per iteration, then up to 6 (the default)
-        res = solver.solve(A.T[lo:hi].contiguous(), w_bar[lo:hi], 0.05, budget, max_iter=60, tol=1e-9, trials=trials)
+        res = solver.solve(A.T[lo:hi].contiguous(), w_bar[lo:hi], 0.05, budget, max_iter=60, tol=1e-9, trials=trials,
+                           escape_trials=6)
         iterations += res.iterations
     return steps, iterations
 
