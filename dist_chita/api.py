@@ -126,11 +126,7 @@ def prune(
             total)``.
     """
     target, objective = target or Target(), objective or Layerwise()
-    objective_problems = (objective.problems(method, target) if isinstance(objective, Fisher)
-                          else objective.problems(method))
-    problems = target.problems() + objective_problems
-    if problems:
-        raise ValueError(problems[0])
+    _check(target, objective, method)
     samples = data.as_samples(calibration)
     sample_ranges(len(samples), comm.world_size())  # n >= number of ranks, before any work
     partitioned = params.any_partitioned(model)
@@ -163,6 +159,14 @@ def prune(
     rep = _report(run, outcome, restored, metric, estimate, partitioned)
     rep.add_rank_figures(run.seconds, models.device_of(model), params.resident_bytes(model.parameters()))
     return rep
+
+
+def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
+    """A one-line ValueError for the first problem of the options, before any work."""
+    problems = target.problems() + (objective.problems(method, target) if isinstance(objective, Fisher)
+                                    else objective.problems(method))
+    if problems:
+        raise ValueError(problems[0])
 
 
 def _targets(run: _Run) -> Sparsity:
