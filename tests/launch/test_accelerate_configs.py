@@ -39,6 +39,14 @@ def test_config_is_read_by_accelerate(name):
     assert yaml.safe_load((CONFIG_DIR / name).read_text())["distributed_type"] != "MULTI_CPU"
 
 
+def test_single_node_configs_take_a_free_port():
+    """A fixed port collides with another job on the machine ("Port 29502 is already in use"); 0 lets accelerate
+    pick a free one. Only the multi-node config names a port, which every node must agree on."""
+    for name in EXPECTED:
+        port = yaml.safe_load((CONFIG_DIR / name).read_text())["main_process_port"]
+        assert port == 0 or name == "multi_node_gpu.yaml", (name, port)
+
+
 def test_every_config_is_listed():
     assert {p.name for p in CONFIG_DIR.glob("*.yaml")} == set(EXPECTED)
 

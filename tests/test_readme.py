@@ -1,0 +1,46 @@
+"""The README's Python example runs as printed, on one process and on two (under torchrun, the process group made
+first as the README says), and both prune to the same weights."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRELUDE = "import torch.distributed as dist\ndist.init_process_group('gloo')\n"  # what a user's launch script does
+EPILOGUE = ("\nimport hashlib\n"
+            "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
+            "print('mask', report.mask_sha256)\n"
+            "print('weights', hashlib.sha256(b''.join(state[k].numpy().tobytes() for k in sorted(state)))"
+            ".hexdigest())\n")
+
+
+def readme_example() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) == 1, "the README has one Python example"
+    return blocks[0]
+
+
+def run(code: str, processes: int, tmp_path: Path) -> str:
+    script = tmp_path / f"example_{processes}.py"
+    script.write_text((PRELUDE if processes > 1 else "") + code + EPILOGUE)
+    cmd = ([sys.executable, str(script)] if processes == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+            str(script)])
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_readme_python_example_on_one_and_two_processes(tmp_path):
+    code = readme_example()
+    one, two = run(code, 1, tmp_path), run(code, 2, tmp_path)
+    assert "on 1 rank(s)" in one and "on 2 rank(s)" in two
+    kept = [line for line in one.splitlines() if line.strip().startswith("kept ")]
+    assert kept and kept[0].strip().startswith("kept 3,236 (10.00%)")  # 90% of MLPNet's 32,360 weights, globally
+    masks = [[line for line in out.splitlines() if line.startswith("mask ")] for out in (one, two)]
+    assert len(masks[0]) == 1 and masks[1] == masks[0] * 2  # the same mask on 1 and 2 processes
+    weights = [line for line in two.splitlines() if line.startswith("weights ")]
+    assert len(weights) == 2 and weights[0] == weights[1]  # every rank holds the same pruned model
