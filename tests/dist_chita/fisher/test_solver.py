@@ -249,8 +249,13 @@ def test_first_support_changing_trial_changes_the_support_at_an_exact_tie(kind):
 
 
 P, N = 2000, 48
-SEGMENTS = [700, 900, 400]  # segment 0 and 1 straddle ranks for every split below
-SPLITS = {1: [0, P], 2: [0, 1200, P], 3: [0, 400, 1500, P], 4: [0, 100, 900, 1700, P]}  # uneven, multiples of 4
+SEGMENTS = [700, 900, 400]  # segment 1 straddles ranks for every split below, segment 0 for 3 and 4 ranks
+SPLITS = {1: [0, P], 2: [0, 1200, P], 3: [0, 400, 1500, P], 4: [0, 100, 900, 1700, P]}  # uneven, multiples of 20
+KINDS = ["global", "segment", "nm", "rows", "rows, fisher_diagonal"]
+# The full search in fewer rounds and pair swaps: every step (IHT with active sets, back-solves, both escape paths,
+# the pair swaps) still runs several times per solve, and more rounds only repeat them. A multi-process solve's time
+# is its collectives', which grow with rounds x pair_swaps^2.
+RANKS_SOLVE = {**THOROUGH, "rounds": 3, "pair_swaps": 2}
 
 
 def _big_problem():
@@ -273,26 +278,36 @@ def _budget(kind, lo, hi, allowed):
     return Budget.n_m(hi - lo, 2, 4, a)
 
 
-def _solve_block(kind, lam, splits):
+def _solve_block(kind, lam, splits, settings=THOROUGH):
     At, w_bar, allowed = _big_problem()
     lo, hi = splits[comm.rank()], splits[comm.rank() + 1]
     comm.reset_stats()
     res = solve(At[lo:hi].contiguous(), w_bar[lo:hi], lam, _budget(kind, lo, hi, allowed),
-                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity", **THOROUGH)
+                ridge="fisher_diagonal" if kind.endswith("fisher_diagonal") else "identity", **settings)
     return res
 
 
+def _solve_every_kind(lam, splits):
+    return {kind: _solve_block(kind, lam, splits, RANKS_SOLVE) for kind in KINDS}
+
+
+@pytest.fixture(scope="module")
+def every_kind_on_1_to_4_ranks():
+    """{R: [per-rank {kind: SolveResult}]}: every budget kind solved on 1, 2, 3 and 4 gloo processes, one forked run
+    per world size."""
+    return {R: run(_solve_every_kind, R, 0.05, SPLITS[R]) for R in (1, 2, 3, 4)}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["global", "segment", "nm", "rows", "rows, fisher_diagonal"])
-def test_ranks_agree_with_single_process(kind):
-    lam = 0.05
-    (single,) = run(_solve_block, 1, kind, lam, SPLITS[1])
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_agree_with_single_process(kind, every_kind_on_1_to_4_ranks):
+    single = every_kind_on_1_to_4_ranks[1][0][kind]
     assert single.objective < single.magnitude_objective < single.plain_magnitude_objective
     assert _monotone(single.objective_trace)
     if kind != "nm":
         assert single.active_set_rounds > 0
     for R in (2, 3, 4):
-        out = run(_solve_block, R, kind, lam, SPLITS[R])
+        out = [per_rank[kind] for per_rank in every_kind_on_1_to_4_ranks[R]]
         w = torch.cat([o.w for o in out])
         support = torch.cat([o.support for o in out])
         assert torch.equal(support, single.support), (kind, R, int((support ^ single.support).sum()))
