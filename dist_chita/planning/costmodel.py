@@ -481,9 +481,9 @@ def tau_change_collectives(granularity: str, segments: int) -> tuple[int, int]:
 
 
 def iteration_collectives(w: Workload, ranks: int, trials: float) -> tuple[float, float]:
-    """(all-reduces, payload bytes one rank sends) of one IHT iteration (``dist_chita.fisher.solver._step``) of ``w``
-    with ``trials`` support-changing trials on ``ranks`` ranks (0, 0 at R = 1): the n-vector u = A g_S with ||g_S||^2
-    (n + 1 float64), tau_c (:func:`tau_change_collectives`) and per trial the projection H
+    """(all-reduces, payload bytes one rank sends) of one IHT iteration (``dist_chita.fisher.solver.iht_step``) of
+    ``w`` with ``trials`` support-changing trials on ``ranks`` ranks (0, 0 at R = 1): the n-vector u = A g_S with
+    ||g_S||^2 (n + 1 float64), tau_c (:func:`tau_change_collectives`) and per trial the projection H
     (:func:`projection_collectives`) and the incremental A w with two scalars (n + 2 float64)::
 
         calls = 1 + c_tau + T (c_H + 1),    bytes = 8 (n + 1) + b_tau + T (b_H + 8 (n + 2))

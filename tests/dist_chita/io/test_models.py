@@ -17,7 +17,7 @@ from dist_chita.zoo import MLPNet, mlpnet
 @pytest.fixture
 def mlpnet_weights(tmp_path):
     """MLPNet weights in the layout of the official checkpoint (fc1/fc2/fc3, no bias), random values:
-    tests must not need the benchmark checkpoint in ../shared."""
+    independent of the shipped checkpoint."""
     g = torch.Generator().manual_seed(0)
     shapes = {"fc1.weight": (40, 784), "fc2.weight": (20, 40), "fc3.weight": (10, 20)}
     path = tmp_path / "mlpnet.safetensors"
