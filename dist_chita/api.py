@@ -294,7 +294,7 @@ def _prune(run: _Run, targets: Sparsity) -> tuple[fisher_driver.PruneOutcome, li
 def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_driver.PruneOutcome, list]:
     """The Fisher objective: rank r computes the rows of A for its samples [lo, hi)."""
     f = run.objective if isinstance(run.objective, Fisher) else Fisher()
-    lo, hi = sample_ranges(run.n, comm.world_size())[comm.rank()]
+    lo, hi = sample_ranges(run.n, comm.world_size(), run.batch_size)[comm.rank()]
     p = sum(params.numel(m.weight) for _, m in run.modules)
     checkpoint, resume_kwargs, restored = _checkpoint(run, f)
     prune_fn = fisher_driver.prune
@@ -304,7 +304,8 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
     outcome = prune_fn(
         run.model, run.modules, run.method, targets,
         make_batches=lambda: data.iter_microbatches(run.samples, lo, hi, run.batch_size),
-        loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, lam=f.lambda_, first_order=f.first_order_term,
+        loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size, lam=f.lambda_,
+        first_order=f.first_order_term,
         stages=f.stages if run.method == "chita++" else 1, base_sparsity=f.base_sparsity, schedule=f.schedule,
         exponent=f.exponent, storage_dtype=models.torch_dtype(f.storage_dtype),
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,

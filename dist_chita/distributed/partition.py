@@ -3,7 +3,9 @@
 Two splits matter:
 
 * **samples** (rows of the Fisher factor A): rank r computes per-sample
-  gradients for a contiguous share of the n calibration samples;
+  gradients for a contiguous share of the n calibration samples, cut at micro-batch boundaries, so that every
+  micro-batch holds the same samples on any number of ranks (a product's rounding can depend on how many rows it
+  has: the factor is then the same bits on any world size);
 * **columns** (the p prunable weights): rank r owns the contiguous column block
   A_r = A[:, start_r:stop_r] and the slice w[start_r:stop_r].
 
@@ -34,14 +36,22 @@ def ranges_from_counts(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def sample_ranges(n: int, world_size: int) -> list[tuple[int, int]]:
-    """Rows of A computed by each rank: contiguous, as even as possible.
+def sample_ranges(n: int, world_size: int, batch_size: int = 1) -> list[tuple[int, int]]:
+    """Rows of A computed by each rank: contiguous, as even as possible in whole micro-batches.
 
-    Every rank must get at least one sample.
+    The n samples form ceil(n / batch_size) micro-batches [j b, min((j + 1) b, n)); when there are at least
+    ``world_size`` of them, rank r gets a contiguous run of them (the counts differing by at most one), so each
+    micro-batch is the same on any world size. With fewer micro-batches than ranks the samples are split evenly
+    (then the micro-batches a rank forms depend on the world size). Every rank must get at least one sample.
     """
     if n < world_size:
         raise ValueError(f"n = {n} calibration samples is smaller than the number of ranks ({world_size})")
-    return ranges_from_counts(even_counts(n, world_size))
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = -(-n // batch_size)
+    if batches < world_size:
+        return ranges_from_counts(even_counts(n, world_size))
+    return [(a * batch_size, min(b * batch_size, n)) for a, b in ranges_from_counts(even_counts(batches, world_size))]
 
 
 def column_blocks(p: int, world_size: int, align: int = 1) -> list[tuple[int, int]]:

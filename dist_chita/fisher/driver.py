@@ -165,6 +165,7 @@ def prune(
     make_batches: Callable[[], Iterable] | None = None,
     loss_fn: Callable | None = None,
     n: int = 0,
+    batch_size: int = 1,
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
     per_row: bool = False,
@@ -198,9 +199,11 @@ def prune(
             CHITA++ then takes every layer along its own schedule (:func:`~dist_chita.sparsity.stage_targets`).
         make_batches: returns a fresh iterable of this rank's calibration
             micro-batches ``(batch, global_indices)``; rank r owns samples
-            ``sample_ranges(n, R)[r]``.
+            ``sample_ranges(n, R, batch_size)[r]``.
         loss_fn: per-sample loss ``loss_fn(model, batch, indices) -> (b,)``.
         n: number of calibration samples over all ranks.
+        batch_size: the micro-batch size the samples are split over the ranks by
+            (:func:`~dist_chita.distributed.partition.sample_ranges`).
         lam: ridge lambda of the quadratic model.
         first_order: include the mean-gradient term (y = A w_bar - 1/sqrt(n)).
         stages, base_sparsity, schedule, exponent: CHITA++'s stages
@@ -227,8 +230,8 @@ def prune(
             raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
-               make_batches, loss_fn, n, lam, first_order, storage_dtype, solver_options, progress, load_factor,
-               on_factor)
+               make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
+               load_factor, on_factor)
     reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
@@ -253,6 +256,7 @@ class _Run:
     make_batches: Callable[[], Iterable] | None
     loss_fn: Callable | None
     n: int
+    batch_size: int
     lam: float
     first_order: bool
     storage_dtype: torch.dtype
@@ -352,8 +356,9 @@ def _stage_factor(run: _Run, t: int, seconds: dict[str, float], spare: torch.Ten
     loaded = At is not None
     progress = None if run.progress is None else (lambda d, tot: run.progress(f"gradients {t + 1}", d, tot))
     At = At.to(run.device) if loaded else fisher_block(
-        run.model, run.modules, run.layout, run.make_batches(), sample_ranges(run.n, run.world)[run.rank][0], run.n,
-        run.loss_fn, dtype=run.storage_dtype, progress=progress, stats=stats, out=spare,
+        run.model, run.modules, run.layout, run.make_batches(),
+        sample_ranges(run.n, run.world, run.batch_size)[run.rank][0], run.n, run.loss_fn, dtype=run.storage_dtype,
+        progress=progress, stats=stats, out=spare, batch_size=run.batch_size,
     )
     if run.on_factor is not None and stats:
         run.on_factor(t, At)

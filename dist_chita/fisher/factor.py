@@ -2,7 +2,7 @@
 
 A is n x p with row i = grad l_i(w_bar) / sqrt(n) over the prunable weights w (global flat order
 of :mod:`dist_chita.distributed.layout`). Samples (rows) are split across ranks (rank r computes the gradients
-of its samples ``sample_ranges(n, R)[r]``) while A is stored by columns: rank r keeps
+of its samples ``sample_ranges(n, R, b)[r]``, whole micro-batches of b) while A is stored by columns: rank r keeps
 ``At`` = A[:, block_r]^T, shape (p_r, n), row j = the n scaled per-sample gradients of weight
 block_start_r + j.
 
@@ -294,6 +294,7 @@ def fisher_block(
     progress: Callable[[int, int], None] | None = None,
     stats: dict | None = None,
     out: torch.Tensor | None = None,
+    batch_size: int = 1,
 ) -> torch.Tensor:
     """This rank's block At = A[:, block_start_r:block_stop_r]^T, shape (p_r, n), dtype ``dtype``.
 
@@ -303,9 +304,9 @@ def fisher_block(
     layout: ``ColumnLayout.build(named_shapes(modules), R, align)``; names and shapes must match.
     batches: this rank's micro-batches as ``(batch, indices)``, indices the GLOBAL sample indices of
         the batch rows, contiguous and ascending (a range, list or int tensor), together covering
-        exactly this rank's samples ``sample_ranges(n, R)[r]``; micro-batch counts may differ between
-        ranks.
-    sample_start: first global sample index of this rank (= ``sample_ranges(n, R)[r][0]``), checked.
+        exactly this rank's samples ``sample_ranges(n, R, batch_size)[r]``; micro-batch counts may differ
+        between ranks.
+    sample_start: first global sample index of this rank (= ``sample_ranges(n, R, batch_size)[r][0]``), checked.
     n: total number of calibration samples (columns of At); row i of A is divided by sqrt(n).
     loss_fn: ``loss_fn(model, batch, indices) -> (b,)`` per-sample losses l_i (:mod:`dist_chita.fisher.losses`).
     dtype: storage dtype of At (float32, bfloat16, float16); gradients are computed in float32.
@@ -316,6 +317,9 @@ def fisher_block(
         model's device, typically the previous CHITA++ stage's block (its fresh pages' first touch costs as much
         as the exchange: measured on MLPNet at R = 2, unpacking into a fresh block took 50-65 ms a stage, into a
         reused one 18 ms).
+    batch_size: the micro-batch size b the samples are split over the ranks by (:func:`sample_ranges`: rank
+        boundaries at multiples of b, so that every micro-batch, and with it the factor, is the same on any
+        number of ranks).
 
     All collectives run under ``comm.phase("fisher")``. Errors are raised on every rank at the same
     step, so no rank is left waiting in a collective: ValueError for non-finite gradients (naming the
@@ -326,7 +330,7 @@ def fisher_block(
     t_start = time.perf_counter()
     R, r = comm.world_size(), comm.rank()
     _check_layout(modules, layout)
-    lo, hi = sample_ranges(n, R)[r]
+    lo, hi = sample_ranges(n, R, batch_size)[r]
     if sample_start != lo:
         raise ValueError(f"rank {r} owns samples [{lo}, {hi}) of n = {n}, got sample_start = {sample_start}")
     device = modules[0][1].weight.device

@@ -54,3 +54,15 @@ def test_row_blocks_cut_at_the_row_boundary_nearest_the_even_split(rows, world):
 def test_row_blocks_reject_bad_rows():
     with pytest.raises(ValueError, match="length >= 1"):
         row_blocks([(2, 0)], 2)
+
+
+def test_sample_ranges_cut_at_micro_batches():
+    # 56 samples = micro-batches of 16, 16, 16, 8: whole micro-batches per rank, counts differing by at most one
+    assert sample_ranges(56, 2, 16) == [(0, 32), (32, 56)]
+    assert sample_ranges(56, 3, 16) == [(0, 32), (32, 48), (48, 56)]
+    assert sample_ranges(56, 4, 16) == [(0, 16), (16, 32), (32, 48), (48, 56)]
+    # fewer micro-batches than ranks: the even split of the samples
+    assert sample_ranges(20, 3, 16) == sample_ranges(20, 3) == [(0, 7), (7, 14), (14, 20)]
+    assert sample_ranges(7, 3, 1) == sample_ranges(7, 3)
+    with pytest.raises(ValueError, match="batch_size"):
+        sample_ranges(7, 3, 0)

@@ -280,3 +280,33 @@ def test_error_on_one_rank_is_raised_on_every_rank_at_once():
     errors = run(rank_error, 3, 9, 2, torch.float32, "nan")
     assert all(e[0] == "ValueError" and "non-finite" in e[1] and "'conv'" in e[1] for e in errors)
     assert time.perf_counter() - t0 < 60  # nobody waited for the gloo timeout
+
+
+def mlp_block(n, micro):
+    """This rank's factor block of an MLPNet-sized network (784-40-20-10: products whose rounding depends on the
+    number of rows, MKL's small-batch kernels), its samples cut into micro-batches as the library cuts them."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(784, 40, bias=False), nn.ReLU(), nn.Linear(40, 20, bias=False), nn.ReLU(),
+                          nn.Linear(20, 10, bias=False))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 784, generator=g), torch.randint(0, 10, (n,), generator=g)
+    modules = prunable_modules(model, exclude_head=False)
+    layout = ColumnLayout.build(named_shapes(modules), comm.world_size())
+    lo, hi = sample_ranges(n, comm.world_size(), micro)[comm.rank()]
+    batches = [({"x": x[a : min(a + micro, hi)], "labels": y[a : min(a + micro, hi)]}, range(a, min(a + micro, hi)))
+               for a in range(lo, hi, micro)]
+    at = fisher_block(model, modules, layout, batches, lo, n, cross_entropy(lambda m, b: m(b["x"])),
+                      batch_size=micro)
+    return layout.block(comm.rank()), at
+
+
+def test_factor_is_the_same_bits_on_any_world_size():
+    """n = 56 is not a multiple of R x 16 for R = 2, 3: an even split of the samples would give the ranks
+    micro-batches of 16 + 12 and 16 + 3 rows instead of the single process's 16, 16, 16, 8, whose products round
+    differently; rank boundaries at multiples of the micro-batch keep every micro-batch, and so every bit."""
+    n, micro = 56, 16
+    (_, ref), = run(mlp_block, 1, n, micro)
+    for world in (2, 3):
+        for (a, b), at in run(mlp_block, world, n, micro):
+            assert torch.equal(at, ref[a:b]), (world, a, b)
