@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -22,17 +22,19 @@ from dist_chita import prunable, report
 from dist_chita.distributed import comm
 from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher import driver as fisher_driver
-from dist_chita.fisher import groups, losses, ntstore, resume
+from dist_chita.fisher import groups, losses, ntstore, resume, tuning
 from dist_chita.io import data, models, params
 from dist_chita.layerwise import allocation, curvature
 from dist_chita.layerwise import driver as layerwise_driver
 from dist_chita.options import Fisher, Layerwise, Target, objective_name, resolve_ridge
 from dist_chita.planning import memory
 from dist_chita.sparsity import Sparsity, mean_sparsity
+from dist_chita.validation import Validation
 
 # the phases of the report's ``phase_seconds`` timed here (every run reports each, 0 when it did not happen)
 PHASES = ("allocation", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve",
           "writeback", "eval_after")
+AUTO_VALIDATION = 0.2  # the share of the calibration samples held out when a setting is auto and none is given
 Evaluate = Callable[[str], Mapping[str, float]]
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
@@ -54,6 +56,8 @@ class _Run:
     progress: Progress | None
     fisher_options: Fisher
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    validation: Validation | None = None  # the score on the samples held out of the calibration data
+    tuning: dict = field(default_factory=dict)  # what was chosen on them, for the report
 
     @property
     def n(self) -> int:
@@ -66,6 +70,9 @@ class _Run:
 
     def forward(self, batch):
         return models.forward(self.model, self.task, batch)
+
+    def forward_fn(self, model, batch):
+        return models.forward(model, self.task, batch)
 
     def rank_microbatches(self):
         """This rank's calibration micro-batches: every R-th of one global sequence, longest first (the same
@@ -98,6 +105,8 @@ def prune(
     check_memory: bool = True,
     log: Log | None = None,
     progress: Progress | None = None,
+    validation=None,
+    validation_seed: int = 0,
 ) -> report.Report:
     """Prune ``model`` in place and return the :class:`~dist_chita.report.Report`. Collective.
 
@@ -124,10 +133,15 @@ def prune(
         check_memory: refuse with advice (MemoryError) when the estimate exceeds the memory available to the rank.
         log: receives human-readable lines (what was chosen, the memory estimate); progress: ``(phase, done,
             total)``.
+        validation: samples held out to choose settings by (:mod:`dist_chita.validation`; the Fisher objective's
+            ``auto`` settings): a share in (0, 1) or a count of the calibration samples, drawn with
+            ``validation_seed`` and left out of the factor (:func:`dist_chita.io.data.split_validation`), or
+            samples of their own (as ``calibration``); None: 0.2 of the calibration samples when a setting is
+            ``auto``, else none. Never the evaluation data.
     """
     target, objective = target or Target(), objective or Layerwise()
     _check(target, objective, method)
-    samples = data.as_samples(calibration)
+    samples, held = _held_out(data.as_samples(calibration), validation, validation_seed, objective, log)
     sample_ranges(len(samples), comm.world_size())  # n >= number of ranks, before any work
     partitioned = params.any_partitioned(model)
     if partitioned and isinstance(objective, Fisher) and objective.group_size is not None:
@@ -135,6 +149,8 @@ def prune(
     run = _Run(model, task or models.infer_task(model), samples, target, objective, method, batch_size,
                prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
                log or (lambda line: None), progress, fisher or Fisher())
+    if held is not None:
+        run.validation = _validation(run, held, partitioned)
     with run.phase("allocation" if target.allocation == "owl" else "_targets"):
         targets = _targets(run)
     run.seconds.pop("_targets", None)
@@ -147,6 +163,8 @@ def prune(
                                             getattr(objective, "storage_dtype", "float32")))
     with run.phase("eval_before"):
         metric = _measure(evaluate, "before")
+        if run.validation is not None:
+            run.tuning["dense"] = run.validation.score(model)
     if compare_magnitude and evaluate is not None and method != "magnitude":
         with run.phase("magnitude_baseline"):
             metric.update(_magnitude_metric(run, targets, evaluate))
@@ -156,9 +174,37 @@ def prune(
             run.seconds[k] = run.seconds.get(k, 0.0) + v
     with run.phase("eval_after"):
         metric.update(_measure(evaluate, "after"))
+        if run.validation is not None:
+            run.tuning["after"] = run.validation.score(model)
     rep = _report(run, outcome, restored, metric, estimate, partitioned)
     rep.add_rank_figures(run.seconds, models.device_of(model), params.resident_bytes(model.parameters()))
     return rep
+
+
+def _held_out(samples: data.Samples, validation, seed: int, objective: Layerwise | Fisher, log: Log | None):
+    """(calibration samples, validation samples or None): ``validation`` of :func:`prune`."""
+    tuned = objective.tuned if isinstance(objective, Fisher) else ()
+    if validation is None and tuned:
+        validation = AUTO_VALIDATION
+        (log or (lambda line: None))(f"  validation: {AUTO_VALIDATION:.0%} of the calibration samples held out to "
+                                     f"choose {', '.join(tuned)}")
+    if validation is None:
+        return samples, None
+    if isinstance(validation, int | float) and not isinstance(validation, bool):
+        return data.split_validation(samples, validation, seed)
+    return samples, data.as_samples(validation)
+
+
+def _validation(run: _Run, held: data.Samples, partitioned: bool) -> Validation:
+    """The score on the held-out samples: the loss on their labels (the Fisher loss ``ce`` or ``causal_lm``, a
+    causal LM's next tokens, or labels present with ``sampled``), else the distance of the outputs to the dense
+    model's (collective: one pass now)."""
+    f = run.objective if isinstance(run.objective, Fisher) else run.fisher_options
+    causal = f.loss == "causal_lm" or run.task == "causal-lm"
+    if causal or f.loss == "ce" or (f.loss == "sampled" and "labels" in held.fields):
+        return Validation(held, loss_function("causal_lm" if causal else "ce", run.task, f.seed), run.batch_size,
+                          partitioned=partitioned)
+    return Validation.output_distance(held, run.forward_fn, run.model, run.batch_size, partitioned)
 
 
 def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
@@ -292,26 +338,43 @@ def _prune(run: _Run, targets: Sparsity) -> tuple[fisher_driver.PruneOutcome, li
 
 
 def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_driver.PruneOutcome, list]:
-    """The Fisher objective: rank r computes the rows of A for its samples [lo, hi)."""
+    """The Fisher objective: rank r computes the rows of A for its samples [lo, hi) (whole micro-batches); with
+    ``stages``, ``base_sparsity`` or ``first_order_term`` auto, once per candidate schedule
+    (:mod:`dist_chita.fisher.tuning`), the one of the lowest validation score kept."""
     f = run.objective if isinstance(run.objective, Fisher) else Fisher()
     lo, hi = sample_ranges(run.n, comm.world_size(), run.batch_size)[comm.rank()]
     p = sum(params.numel(m.weight) for _, m in run.modules)
-    checkpoint, resume_kwargs, restored = _checkpoint(run, f)
+    search = run.method != "magnitude" and bool(set(f.tuned) - {"lambda"})
+    checkpoint, resume_kwargs, restored = _checkpoint(run, f) if not search else (None, {}, [])
     prune_fn = fisher_driver.prune
     if f.group_size is not None:  # one group of layers at a time
         def prune_fn(*a, **kw):
             return groups.prune_in_blocks(*a, block_size=f.group_size, criterion=f.group_criterion, **kw)
-    outcome = prune_fn(
-        run.model, run.modules, run.method, targets,
+    validate = None
+    if run.validation is not None and run.method != "magnitude":
+        def validate():
+            return run.validation.score(run.model)
+    kwargs = dict(
         make_batches=lambda: data.iter_microbatches(run.samples, lo, hi, run.batch_size),
-        loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size, lam=f.lambda_,
-        first_order=f.first_order_term,
+        loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size,
+        lam=list(f.lambda_path) if f.lambda_ == "auto" else f.lambda_, first_order=f.first_order_term,
         stages=f.stages if run.method == "chita++" else 1, base_sparsity=f.base_sparsity, schedule=f.schedule,
         exponent=f.exponent, storage_dtype=models.torch_dtype(f.storage_dtype),
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,
                             backsolve=f.backsolve, escape_trials=f.escape_trials,
                             ridge=resolve_ridge(f.ridge, run.n, p)),
-        progress=run.progress, **budget, **resume_kwargs)
+        progress=run.progress, validate=validate, lambda_search=f.lambda_search, **budget, **resume_kwargs)
+    if not search:
+        outcome = prune_fn(run.model, run.modules, run.method, targets, **kwargs)
+    else:
+        def prune_with(c: tuning.Schedule) -> fisher_driver.PruneOutcome:
+            return prune_fn(run.model, run.modules, run.method, targets, **{
+                **kwargs, "stages": c.stages, "base_sparsity": c.base_sparsity, "first_order": c.first_order_term})
+
+        sizes = [params.numel(m.weight) for _, m in run.modules]
+        outcome, chosen, rows = tuning.choose_schedule(
+            run.modules, tuning.schedule_candidates(f, targets, sizes), prune_with, validate, run.log)
+        run.tuning.update(schedules=rows, schedule=asdict(chosen))
     if checkpoint is not None:
         checkpoint.remove()
     return outcome, restored
@@ -387,6 +450,17 @@ def _report(run: _Run, outcome, restored: list, metric: dict, estimate, partitio
         n=run.n, p=p, model_params=sum(params.numel(x) for x in run.model.parameters()),
         zero_stage=3 if partitioned else None, param_bytes_full=params.full_bytes(run.model.parameters()),
         storage_dtype=(fisher or Fisher()).storage_dtype, global_=report.Totals(p, kept, 1 - kept / p),
-        layers=layers, stages=outcome.stages, metric=metric,
+        layers=layers, stages=outcome.stages, metric=metric, validation=_validation_report(run, outcome),
         solver_iterations=sum(st.iterations for st in outcome.stages), memory_estimate_bytes=estimate.as_dict(),
         mask_sha256=report.mask_digest(outcome.masks, order))
+
+
+def _validation_report(run: _Run, outcome) -> dict | None:
+    """The report's ``validation``: the held-out samples' score before and after, and what was chosen on them."""
+    if run.validation is None:
+        return None
+    f = run.objective if isinstance(run.objective, Fisher) else None
+    return {"n": len(run.validation), "score": run.validation.kind, "dense": run.tuning.get("dense"),
+            "after": run.tuning.get("after"), "lambda_auto": f is not None and f.lambda_ == "auto",
+            "lambda": [st.lam for st in outcome.stages], "schedules": run.tuning.get("schedules", []),
+            "schedule": run.tuning.get("schedule")}

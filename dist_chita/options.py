@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 Granularity = Literal["row", "layer", "global"]
+Auto = Literal["auto"]
 StorageDtype = Literal["float32", "bfloat16", "float16"]
 FISHER_METHODS = ("chita", "chita++", "magnitude")
 
@@ -153,9 +154,21 @@ class Fisher:
     lambda/2 ||w - w_bar||^2), ``fisher_diagonal`` (lambda/2 (w - w_bar)^T D (w - w_bar), D = diag(A^T A) + 1e-3 of
     its mean, which keeps each weight's curvature when n << p) or ``auto`` (the Fisher diagonal below 1e-3
     calibration samples per prunable weight, else the identity). ``first_order_term``: keep the gradient term
-    (y = A w_bar - 1/sqrt(n)). CHITA++ (method ``chita++``) prunes in ``stages`` steps from ``base_sparsity``
+    (y = A w_bar - 1/sqrt(n)); CHITA++'s later stages start from pruned weights, where the loss's gradient is not
+    zero. CHITA++ (method ``chita++``) prunes in ``stages`` steps from ``base_sparsity``
     along a ``schedule`` (polynomial of degree ``exponent``, or linear), recomputing the gradients at the pruned
-    weights. ``group_size``: prune consecutive groups of layers of at most this many weights one at a time (the
+    weights.
+
+    Settings chosen on validation samples (held out of the calibration data, see :func:`dist_chita.prune`'s
+    ``validation``): ``lambda: auto`` scores every stage's solution for each lambda of ``lambda_path`` and keeps
+    the lowest validation score (:mod:`dist_chita.validation`): with ``lambda_search: warm_start`` each lambda is
+    judged at the solver's back-solved warm start (one back-solve each) and the chosen one solved in full, with
+    ``solve`` each is solved in full (warm-started from the previous one's support). ``stages: auto`` tries each
+    of ``stage_candidates``, ``base_sparsity: auto`` each of ``base_candidates`` (shares of the target
+    sparsity), ``first_order_term: auto`` both, every combination a whole CHITA++ run judged by its final
+    validation score.
+
+    ``group_size``: prune consecutive groups of layers of at most this many weights one at a time (the
     budget split among them by ``group_criterion``), so memory is set by the largest group's factor; None: all at
     once. ``storage_dtype``: the factor's storage. Solver: ``max_iter`` IHT iterations over the whole solve, stop
     when f decreases by less than ``tol`` f, an active set of ``active_set_factor`` k coordinates, ``backsolve``
@@ -166,13 +179,17 @@ class Fisher:
     """
 
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
-    lambda_: float = 1e-3
+    lambda_: float | Auto = 1e-3
+    lambda_path: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    lambda_search: Literal["warm_start", "solve"] = "warm_start"
     ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
-    first_order_term: bool = False
-    stages: int = 1
+    first_order_term: bool | Auto = False
+    stages: int | Auto = 1
+    stage_candidates: tuple[int, ...] = (2, 4, 8)
     schedule: Literal["polynomial", "linear"] = "polynomial"
     exponent: float = 3.0
-    base_sparsity: float = 0.0
+    base_sparsity: float | Auto = 0.0
+    base_candidates: tuple[float, ...] = (0.0, 0.5, 0.8)
     group_size: int | None = None
     group_criterion: Literal["magnitude", "obs"] = "magnitude"
     storage_dtype: StorageDtype = "float32"
@@ -186,15 +203,34 @@ class Fisher:
     resume_dir: str | None = None
     resume_save_factor: bool = False
 
+    @property
+    def tuned(self) -> tuple[str, ...]:
+        """The settings set to ``auto`` (chosen on validation samples), in YAML spelling."""
+        names = {"lambda_": "lambda", "stages": "stages", "base_sparsity": "base_sparsity",
+                 "first_order_term": "first_order_term"}
+        return tuple(key for name, key in names.items() if getattr(self, name) == "auto")
+
     def problems(self, method: str, target: Target) -> list[str]:
         out = []
         if method not in FISHER_METHODS:
             out.append(f"method: {method!r} is not a Fisher-objective method (one of {', '.join(FISHER_METHODS)})")
-        checks = [(self.lambda_ >= 0.0, f"lambda: must be >= 0, got {self.lambda_}"),
-                  (self.stages >= 1, f"stages: must be >= 1, got {self.stages}"),
+        auto = self.tuned
+        checks = [(_auto_or(self.lambda_, float, lambda x: x >= 0.0),
+                   f"lambda: must be >= 0 or auto, got {self.lambda_}"),
+                  (bool(self.lambda_path) and all(x >= 0.0 for x in self.lambda_path),
+                   f"lambda_path: must list lambdas >= 0, got {list(self.lambda_path)}"),
+                  (_auto_or(self.stages, int, lambda x: x >= 1), f"stages: must be >= 1 or auto, got {self.stages}"),
+                  (bool(self.stage_candidates) and all(t >= 1 for t in self.stage_candidates),
+                   f"stage_candidates: must list stage counts >= 1, got {list(self.stage_candidates)}"),
                   (self.exponent > 0.0, f"exponent: must be > 0, got {self.exponent}"),
-                  (0.0 <= self.base_sparsity <= target.sparsity,
-                   f"base_sparsity: must be in [0, sparsity = {target.sparsity}], got {self.base_sparsity}"),
+                  (_auto_or(self.base_sparsity, float, lambda x: 0.0 <= x <= target.sparsity),
+                   f"base_sparsity: must be in [0, sparsity = {target.sparsity}] or auto, got {self.base_sparsity}"),
+                  (bool(self.base_candidates) and all(0.0 <= b < 1.0 for b in self.base_candidates),
+                   f"base_candidates: must list shares of the sparsity in [0, 1), got {list(self.base_candidates)}"),
+                  (not (set(auto) & {"stages", "base_sparsity"}) or method == "chita++",
+                   f"{' and '.join(sorted(set(auto) & {'stages', 'base_sparsity'}))}: auto needs method chita++"),
+                  (self.group_size is None or not auto,
+                   f"group_size: layer groups do not take auto settings ({', '.join(auto)})"),
                   (self.group_size is None or self.group_size >= 1,
                    f"group_size: must be >= 1 (or null), got {self.group_size}"),
                   (self.max_iter >= 1, f"max_iter: must be >= 1, got {self.max_iter}"),
@@ -205,6 +241,14 @@ class Fisher:
         if self.group_size is not None and (target.layer_sparsity or target.allocation == "owl"):
             out.append("group_size: layer groups share one global budget; per-layer targets are not supported")
         return out
+
+
+def _auto_or(value, kind: type, ok) -> bool:
+    """Whether ``value`` is ``"auto"`` or a number of ``kind`` (an int for a float too; no bool) that is ``ok``."""
+    if value == "auto":
+        return True
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return number and (kind is float or isinstance(value, int)) and bool(ok(value))
 
 
 AUTO_RIDGE_SAMPLES_PER_WEIGHT = 1e-3  # ``ridge: auto``: the Fisher diagonal below n / p = 1e-3, the identity above

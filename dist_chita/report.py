@@ -87,9 +87,19 @@ class Report:
         "back-solve (Fisher: magnitude pruning with the identity ridge, the OBD saliency |w_j| sqrt(D_jj) with "
         "the Fisher-diagonal one; layerwise CHITA: the magnitude support of every row re-fitted; null for the "
         "baselines), ``objective_trace``, ``iterations`` (IHT; layerwise: the most any layer took), "
-        "``backsolves``, ``seconds`` and ``bytes_sent`` by phase. Layerwise: one stage whose objective is the sum "
+        "``backsolves``, ``seconds`` and ``bytes_sent`` by phase, ``lam`` the ridge lambda solved with, "
+        "``validation`` the validation score after the stage (with validation samples), and with lambda auto "
+        "``lambda_path`` the lambdas tried and ``validation_path`` the score of each. Layerwise: one stage whose "
+        "objective is the sum "
         "over layers and rows of 1/2 (w - w_bar)^T (H + lambda I) (w - w_bar), H = X^T X / N over the layer's "
         "inputs through the already pruned earlier blocks", factory=list)
+    validation: dict[str, Any] | None = _doc(
+        "with validation samples (held out of the calibration data, never the evaluation data; not in ``n``): "
+        "``n`` of them, ``score`` what is measured on them (``loss``: the mean loss on their labels; ``output``: "
+        "the outputs' squared distance to the dense model's over their energy), its value ``dense`` and ``after`` "
+        "pruning, ``lambda`` the lambda of every stage, and with a schedule chosen on them ``schedules`` (every "
+        "candidate's stages, base_sparsity, first_order_term and score) and ``schedule`` (the one kept); null "
+        "without", None)
     metric: dict[str, Any] = _doc("``name`` (accuracy, perplexity, embedding_fidelity, none) and the values "
                                   "``before`` (dense), ``magnitude`` (magnitude pruning at the same targets), "
                                   "``after``, and e.g. ``after_nn_agreement``", factory=dict)
@@ -154,6 +164,7 @@ class Report:
         if self.metric.get("name") not in (None, "none"):
             parts = [f"{k} {v:.4f}" for k, v in self.metric.items() if k != "name" and isinstance(v, float)]
             lines.append(f"  {self.metric['name']}: " + ", ".join(parts))
+        lines += _validation_lines(self.validation)
         warm = "OBD saliency" if self.ridge == "fisher_diagonal" else "magnitude"  # the solver's warm start
         for i, st in enumerate(self.stages):
             if st.objective is not None:
@@ -164,6 +175,21 @@ class Report:
         est = self.memory_estimate_bytes.get("total")
         lines.append(f"  peak memory per rank {peak:.2f} GiB" + (f" (estimate {est / 2**30:.2f} GiB)" if est else ""))
         return lines
+
+
+def _validation_lines(v: Mapping[str, Any] | None) -> list[str]:
+    """What was chosen on the validation samples, and their score before and after."""
+    if not v:
+        return []
+    lines = [f"  validation ({v['n']} samples held out of the calibration data, {v['score']}): dense "
+             f"{v['dense']:.4g}, pruned {v['after']:.4g}"]
+    if v.get("schedule"):
+        c = v["schedule"]
+        lines.append(f"  schedule chosen on validation: {c['stages']} stage(s) from {c['base_sparsity']:.4g}, "
+                     f"first-order term {'on' if c['first_order_term'] else 'off'} (of {len(v['schedules'])} tried)")
+    if v.get("lambda_auto"):
+        lines.append("  lambda chosen on validation per stage: " + ", ".join(f"{x:g}" for x in v["lambda"]))
+    return lines
 
 
 def _stage_line(st: StageReport, warm: str) -> str:

@@ -71,7 +71,9 @@ class DataConfig:
     ``format: null`` infers it from the source. Samples are drawn without
     replacement with ``seed``. ``windows: true`` (text only) makes the n samples windows of exactly
     ``max_length`` tokens cut from the texts joined in the seeded order, as language models are calibrated
-    (SparseGPT, Wanda); the held-out data must then come from another source or split.
+    (SparseGPT, Wanda); the held-out data must then come from another source or split. ``validation``: a share
+    in (0, 1) or a count of the n samples held out (seeded with ``seed``, left out of the calibration) to choose
+    the Fisher objective's ``auto`` settings on; null: 0.2 when a setting is auto, else none.
     """
 
     source: str = "builtin:pydoc"
@@ -88,6 +90,7 @@ class DataConfig:
     flatten_images: bool = True
     windows: bool = False
     batch_size: int = 16
+    validation: int | float | None = None
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,12 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             if data is None:
                 raise ConfigError(f"{where}: expected {_type_name(cls)}, got null")
             return from_dict(inner[0], data, path)
-        raise TypeError(f"unsupported union type {cls}")
+        for alternative in inner:  # e.g. float | Literal["auto"]: the first that takes the value
+            try:
+                return from_dict(alternative, data, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
     if origin in (list, tuple):
         if not isinstance(data, list | tuple):
             raise ConfigError(f"{where}: expected {_type_name(cls)}, got {type(data).__name__}")
@@ -363,6 +371,13 @@ def _validate_data(cfg: RunConfig) -> None:
     _need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
     _need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
     _need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
+    if c.validation is not None:
+        from dist_chita.io.data import validation_count
+
+        try:
+            validation_count(c.n, c.validation)
+        except ValueError as e:
+            raise ConfigError(f"calibration.{e}") from None
     _need(c.text_column is not None or c.image_column is not None,
           "calibration: one of text_column / image_column must be set")
     if c.windows:

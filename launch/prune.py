@@ -243,7 +243,8 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             loaded.model, calib, target=cfg.prune, objective=objective_options(cfg, out_dir),
             method=cfg.prune.method, fisher=cfg.fisher, task=loaded.task, batch_size=cfg.calibration.batch_size,
             evaluate=evaluator, compare_magnitude=cfg.eval.compare_magnitude,
-            probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress))
+            probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress),
+            validation=cfg.calibration.validation, validation_seed=cfg.calibration.seed)
     finally:
         progress.close()
     if engine is not None:  # modules the backward pass does not reach (embeddings) keep their gathered weights

@@ -25,6 +25,7 @@ Nothing here parses a config, prints, or writes files.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from torch import nn
 from dist_chita.distributed import comm
 from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.distributed.partition import sample_ranges
+from dist_chita.fisher.backsolve import GramCache
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.factor import fisher_block
 from dist_chita.fisher.solver import MAX_ITER, solve
@@ -50,6 +52,7 @@ from dist_chita.sparsity import (
 )
 
 METHODS = ("magnitude", "chita", "chita++")
+LAMBDA_SEARCHES = ("warm_start", "solve")
 
 
 @dataclass
@@ -65,6 +68,10 @@ class StageReport:
     magnitude_objective: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_sent: dict[str, int] = field(default_factory=dict)
+    lam: float | None = None  # the ridge lambda of the stage's solve
+    validation: float | None = None  # the validation score after the stage (with validation samples)
+    lambda_path: list[float] = field(default_factory=list)  # lambda auto: the lambdas tried, in order,
+    validation_path: list[float] = field(default_factory=list)  # and the validation score of each
 
 
 @dataclass
@@ -169,7 +176,7 @@ def prune(
     per_layer: bool = False,
     nm: tuple[int, int] | None = None,
     per_row: bool = False,
-    lam: float = 1e-3,
+    lam: float | Sequence[float] = 1e-3,
     first_order: bool = False,
     stages: int = 1,
     base_sparsity: float = 0.0,
@@ -184,6 +191,8 @@ def prune(
     on_stage_end: Callable[[int, torch.Tensor, torch.Tensor, StageReport], None] | None = None,
     load_factor: Callable[[int], torch.Tensor | None] | None = None,
     on_factor: Callable[[int, torch.Tensor], None] | None = None,
+    validate: Callable[[], float] | None = None,
+    lambda_search: str = "warm_start",
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -204,7 +213,9 @@ def prune(
         n: number of calibration samples over all ranks.
         batch_size: the micro-batch size the samples are split over the ranks by
             (:func:`~dist_chita.distributed.partition.sample_ranges`).
-        lam: ridge lambda of the quadratic model.
+        lam: ridge lambda of the quadratic model; a sequence of lambdas (a path, needs ``validate``): every stage
+            is solved for each in turn, warm-started from the previous one's support, and the solution of the
+            lowest validation score is kept.
         first_order: include the mean-gradient term (y = A w_bar - 1/sqrt(n)).
         stages, base_sparsity, schedule, exponent: CHITA++'s stages
             (:func:`~dist_chita.sparsity.stage_sparsities`).
@@ -218,8 +229,17 @@ def prune(
             (0-based), on every rank (collectives allowed).
         load_factor, on_factor: ``load_factor(t)`` returns stage t's saved A_r^T (p_r, n) or None (then it is
             computed); ``on_factor(t, At)`` is called after a computed one (collective calls, every rank).
+        validate: ``validate() -> float``, the validation score of the model as it is (lower is better;
+            collective, the same on every rank, :class:`dist_chita.validation.Validation`): chooses along a
+            lambda path, and every stage reports its own.
+        lambda_search: how a lambda path is judged: ``warm_start`` (each lambda at the solver's back-solved warm
+            start, then the chosen one solved in full) or ``solve`` (each lambda solved in full).
     """
     sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
+    if not isinstance(lam, int | float) and (validate is None or not lam):
+        raise ValueError("a lambda path needs validation samples to choose by (validate) and at least one lambda")
+    if lambda_search not in LAMBDA_SEARCHES:
+        raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
@@ -231,7 +251,7 @@ def prune(
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
                make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
-               load_factor, on_factor)
+               load_factor, on_factor, validate, lambda_search)
     reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
@@ -257,13 +277,15 @@ class _Run:
     loss_fn: Callable | None
     n: int
     batch_size: int
-    lam: float
+    lam: float | Sequence[float]  # one lambda, or the path lambda auto chooses along
     first_order: bool
     storage_dtype: torch.dtype
     solver_options: dict | None
     progress: Callable[[str, int, int], None] | None
     load_factor: Callable[[int], torch.Tensor | None] | None
     on_factor: Callable[[int, torch.Tensor], None] | None
+    validate: Callable[[], float] | None
+    lambda_search: str
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
@@ -343,6 +365,8 @@ def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: 
     with comm.phase("writeback"):
         write_weights(run.modules, run.layout, gather_weights(w, run.layout))
     seconds["writeback"] = time.perf_counter() - start
+    if run.validate is not None:
+        report.validation = run.validate()
     report.seconds = seconds
     report.bytes_sent = {k: v - bytes_before.get(k, 0) for k, v in comm.bytes_by_phase().items()}
     return w, support, report, spare
@@ -369,12 +393,17 @@ def _stage_factor(run: _Run, t: int, seconds: dict[str, float], spare: torch.Ten
 
 def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare):
     """CHITA on stage t: the factor, then :func:`~dist_chita.fisher.solver.solve` (which may overwrite At: it is not
-    used after the solve). Fills ``report`` and ``seconds``; returns (w, support, At's storage for the next stage)."""
+    used after the solve; along a lambda path it is kept). Fills ``report`` and ``seconds``; returns (w, support,
+    At's storage for the next stage)."""
     At, loaded = _stage_factor(run, t, seconds, spare)
     solver_progress = run.progress and _solver_progress(run.progress, f"solver {t + 1}", run.solver_options)
-    result = solve(At, w, run.lam, budget, first_order=run.first_order, progress=solver_progress,
-                   overwrite_at=True, check_at=loaded,  # fisher_block checked every entry of a computed At
-                   **(run.solver_options or {}))
+    if isinstance(run.lam, int | float):
+        result = solve(At, w, float(run.lam), budget, first_order=run.first_order, progress=solver_progress,
+                       overwrite_at=True, check_at=loaded,  # fisher_block checked every entry of a computed At
+                       **(run.solver_options or {}))
+        report.lam = float(run.lam)
+    else:
+        result = _solve_path(run, At, w, budget, report, loaded, solver_progress)
     spare = At if t + 1 < run.stages and At.is_contiguous() else None  # contents spent (overwritten), pages not
     seconds["solver"] = result.timings.get("iht", 0.0)
     seconds["backsolve"] = result.timings.get("backsolve", 0.0)
@@ -385,3 +414,40 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     if result.magnitude_objective is not None:
         report.magnitude_objective = float(result.magnitude_objective)
     return result.w.float(), result.support, spare
+
+
+def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, report: StageReport, loaded: bool,
+                solver_progress):
+    """Lambda auto: the stage's solution for every lambda of ``run.lam``, written into the model and scored by
+    ``run.validate``; returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lowest score (the first on
+    a tie) and records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda is scored at
+    the solver's back-solved warm start (one back-solve each, the Gram matrix shared) and only the chosen lambda is
+    solved in full; with ``solve`` each is solved (At kept intact, each solve also starting from the previous
+    lambda's support when that is better). Iterations and seconds in the result are the whole path's."""
+    options = run.solver_options or {}
+    proxy = run.lambda_search == "warm_start"
+    best, best_score, support, cache = None, math.inf, None, GramCache()
+    iterations, backsolves, timings = 0, 0, {}
+    for lam in run.lam:
+        if proxy:
+            kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
+        else:
+            kw = {**options, "start_support": support}
+        result = solve(At, w, float(lam), budget, first_order=run.first_order, progress=None if proxy else
+                       solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
+        iterations, backsolves = iterations + result.iterations, backsolves + result.backsolves
+        timings = {k: timings.get(k, 0.0) + v for k, v in result.timings.items()}
+        with comm.phase("writeback"):
+            write_weights(run.modules, run.layout, gather_weights(result.w.float(), run.layout))
+        score = run.validate()
+        report.lambda_path.append(float(lam))
+        report.validation_path.append(score)
+        if score < best_score:
+            best, best_score, report.lam = result, score, float(lam)
+        support = result.support
+    if proxy:  # the chosen lambda solved in full (At is not needed after)
+        best = solve(At, w, report.lam, budget, first_order=run.first_order, progress=solver_progress,
+                     overwrite_at=True, check_at=False, **options)
+    best.iterations, best.backsolves = iterations + best.iterations, backsolves + best.backsolves
+    best.timings = {k: timings.get(k, 0.0) + v for k, v in best.timings.items()}
+    return best

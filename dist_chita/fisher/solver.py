@@ -752,15 +752,25 @@ def _prepare(At, w_bar, lam, budget, y, first_order, overwrite_at, ridge) -> _Pr
         return _Prepared(_Problem(At, w_bar, y, lam, budget, reg_offset=reg_offset), p_r, kept_rows, scale)
 
 
+def _on_problem_rows(support: torch.Tensor | None, prep: _Prepared) -> torch.Tensor | None:
+    """A (p_r,) support of the caller's columns on the rows the problem is solved on (None stays None)."""
+    if support is None:
+        return None
+    support = support.to(prep.problem.At.device)
+    return support if prep.kept_rows is None else support[prep.kept_rows]
+
+
 def _column_offset(At: torch.Tensor) -> int:
     """Global index of this rank's first row of At (rank order). Collective."""
     with comm.phase(PHASE):
         return sum(comm.all_gather_object(At.shape[0])[: comm.rank()])
 
 
-def warm_start(ctx: _Context, with_backsolve: bool) -> _State:
+def warm_start(ctx: _Context, with_backsolve: bool, start_support: torch.Tensor | None = None) -> _State:
     """w^0 = H(w_bar), magnitude pruning (of z with the fisher_diagonal ridge: the OBD saliency); with
-    ``with_backsolve`` the back-solve on its support. Records both objectives and starts the trace."""
+    ``with_backsolve`` the back-solve on its support. Records both objectives and starts the trace. With
+    ``start_support`` (a support the budget allows, e.g. the solution of a neighbouring lambda) that support,
+    back-solved, is the start instead when its f is lower."""
     full = ctx.full
     with comm.phase(PHASE):
         S0 = full.budget.magnitude_support(full.w_bar)
@@ -771,6 +781,15 @@ def warm_start(ctx: _Context, with_backsolve: bool) -> _State:
         st = backsolve_support(ctx, st)
         ctx.magnitude_objective = st.f
         ctx.trace.append(st.f)
+    if start_support is not None:
+        with comm.phase(PHASE):
+            given = _exact_state(full, _State(torch.where(start_support, full.w_bar, torch.zeros_like(full.w_bar)),
+                                              start_support, None, math.nan))
+        if with_backsolve:
+            given = backsolve_support(ctx, given)
+        if given.f < st.f:
+            st = given
+            ctx.trace.append(st.f)
     return st
 
 
@@ -820,6 +839,8 @@ def solve(
     overwrite_at: bool = False,
     check_at: bool = True,
     ridge: str = "identity",
+    start_support: torch.Tensor | None = None,
+    gram_cache: GramCache | None = None,
 ) -> SolveResult:
     """Prune: minimise f(w) = 1/2 ||y - A w||^2 + lambda/2 ||w - w_bar||^2 over the constraint set C. Collective.
 
@@ -830,7 +851,8 @@ def solve(
         lam: lambda >= 0, the ridge weight.
         budget: the constraint C (:class:`dist_chita.fisher.budget.Budget`) on this rank's columns.
         y: (n,) target; default y = A w_bar, minus 1/sqrt(n) when ``first_order`` (ignored when y is given).
-        max_iter: cap on IHT iterations over the whole solve; tol: stop when f decreases by less than tol * f.
+        max_iter: cap on IHT iterations over the whole solve (0: the warm start alone); tol: stop when f decreases
+            by less than tol * f.
         active_set_factor: W holds about factor * k coordinates; None or <= 1 disables the active set.
         backsolve: warm start with magnitude + backsolve, backsolve the final support and re-run IHT (``rounds``).
         progress: called as progress({"iteration", "objective", "entered"}) after each accepted IHT step (every rank;
@@ -851,6 +873,10 @@ def solve(
             curvature; the warm start's magnitude pruning then ranks weights by the OBD saliency |w_j| sqrt(D_jj).
             Solved in z = D^1/2 w: the rows of At are divided by D^1/2 (in place when ``overwrite_at``, else in a
             copy).
+        start_support: (p_r,) bool, a support the budget allows to start from besides magnitude pruning's (e.g. the
+            solution of a neighbouring lambda): the warm start is the one of lower f after its back-solve.
+        gram_cache: a :class:`~dist_chita.fisher.backsolve.GramCache` shared by solves on the same At, w_bar and y
+            (e.g. one per lambda of a path: the Gram matrix of a support is formed once); default a fresh one.
 
     Returns:
         :class:`SolveResult`.
@@ -860,9 +886,10 @@ def solve(
     chita = backsolve and method == "chita"  # CHITA's rounds: IHT, then back-solve or escape
     prep = _prepare(At, w_bar.to(torch.float32), lam, budget, y, first_order, overwrite_at, ridge)
     ctx = _Context(prep.problem, method, max_iter, tol, trials, PATIENCE if chita else 0, active_set_factor,
-                   escape_trials, pair_swaps, k, _column_offset(prep.problem.At), progress)
-    st = warm_start(ctx, chita)
-    for _ in range(max(1, rounds) if chita else 1):
+                   escape_trials, pair_swaps, k, _column_offset(prep.problem.At), progress,
+                   gram_cache=gram_cache or GramCache())
+    st = warm_start(ctx, chita, _on_problem_rows(start_support, prep))
+    for _ in range(max(1, rounds) if chita and max_iter > 0 else int(max_iter > 0)):
         S_before = st.S
         st = _timed_iht(ctx, st)
         if not chita:

@@ -249,6 +249,34 @@ class Samples:
         return Samples({k: v[idx] for k, v in self.fields.items()}, self.rows[idx], texts, self.trim_padding)
 
 
+def validation_count(n: int, validation: float | int) -> int:
+    """Samples a validation setting holds out of n: a float in (0, 1) is a share (rounded, at least 1), an int >= 1
+    a count; at least one sample must stay for calibration. ValueError naming ``validation`` otherwise."""
+    if isinstance(validation, bool) or not isinstance(validation, int | float):
+        raise ValueError(f"validation: expected a share in (0, 1) or a count >= 1, got {validation!r}")
+    if isinstance(validation, float):
+        if not 0.0 < validation < 1.0:
+            raise ValueError(f"validation: a share must be in (0, 1), got {validation}")
+        m = max(1, round(validation * n))
+    else:
+        m = int(validation)
+        if m < 1:
+            raise ValueError(f"validation: a count must be >= 1, got {validation}")
+    if m >= n:
+        raise ValueError(f"validation: {m} of the n = {n} calibration samples leaves none to calibrate on")
+    return m
+
+
+def split_validation(samples: Samples, validation: float | int, seed: int = 0) -> tuple[Samples, Samples]:
+    """(calibration, validation): ``validation`` (:func:`validation_count`) of the samples, drawn with a permutation
+    seeded by ``seed``, held out; both keep the samples' order. Disjoint, the same on every rank."""
+    m = validation_count(len(samples), validation)
+    perm = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    held = torch.zeros(len(samples), dtype=torch.bool)
+    held[perm[:m]] = True
+    return samples.select(torch.nonzero(~held).flatten()), samples.select(torch.nonzero(held).flatten())
+
+
 def as_samples(calibration) -> Samples:
     """The calibration samples of :func:`dist_chita.prune` as :class:`Samples`: a Samples as it is; a mapping of
     tensors with first dimension n (a tokenizer's padded output, ``pixel_values``, ``labels``: token fields are

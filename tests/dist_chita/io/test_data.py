@@ -249,3 +249,25 @@ def test_hub_source_goes_to_load_dataset(monkeypatch):
     assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
     with pytest.raises(ValueError, match=r"^cannot read hub data nobody/missing: ConnectionError: could not reach"):
         data.load_rows("nobody/missing")
+
+
+def test_validation_split_is_seeded_disjoint_and_keeps_the_order():
+    s = data.as_samples({"x": torch.arange(50.0).unsqueeze(1), "labels": torch.arange(50)})
+    fit, val = data.split_validation(s, 0.2, seed=5)
+    assert (len(fit), len(val)) == (40, 10)
+    a, b = fit.fields["labels"].tolist(), val.fields["labels"].tolist()
+    assert sorted(a + b) == list(range(50)) and not set(a) & set(b)
+    assert a == sorted(a) and b == sorted(b)
+    expected = sorted(torch.randperm(50, generator=torch.Generator().manual_seed(5))[:10].tolist())
+    assert b == expected  # the first 10 of the seeded permutation, independently drawn here
+    again, other = data.split_validation(s, 10, seed=5)[1], data.split_validation(s, 10, seed=6)[1]
+    assert again.fields["labels"].tolist() == b and other.fields["labels"].tolist() != b
+    assert len(data.split_validation(s, 0.001)[1]) == 1  # rounds up to one sample
+
+
+@pytest.mark.parametrize("bad,match", [(0.0, r"share must be in \(0, 1\)"), (1.5, r"share must be in \(0, 1\)"),
+                                       (50, "leaves none"), (-3, "count must be >= 1"), ("x", "expected a share")])
+def test_validation_split_rejects_bad_sizes(bad, match):
+    s = data.as_samples({"x": torch.zeros(50, 1)})
+    with pytest.raises(ValueError, match=match):
+        data.split_validation(s, bad)
