@@ -277,6 +277,16 @@ def test_config_error_is_said_once_on_two_processes(tmp_path, weights):
     assert [p.name for p in tmp_path.iterdir()] == ["run.yaml"]
 
 
+@pytest.mark.skipif(not os.environ.get("DIST_CHITA_SLOW"), reason="20 launches, about a minute; DIST_CHITA_SLOW=1")
+def test_a_config_error_reaches_the_user_in_every_launch(tmp_path, weights):
+    """The launcher stops every rank as soon as one exits; rank 0's line must come out before that, every time."""
+    cfg = write_config(tmp_path, weights)
+    said = "error: unknown key 'prune.sparsty' (did you mean 'prune.sparsity'?)"
+    for _ in range(20):
+        res = run(["--config", str(cfg), "prune.sparsty=0.7"], processes=2)
+        assert res.returncode != 0 and [x for x in res.stderr.splitlines() if x.startswith("error")] == [said]
+
+
 def test_print_config_shows_the_sections_that_apply_and_runs_nothing(tmp_path, weights):
     from launch.config import load_config, parse_config
 
