@@ -118,7 +118,8 @@ def test_layerwise_objective_on_one_and_two_processes(tmp_path, weights, granula
     assert r1["phase_seconds"]["fisher"] == [0.0] and r1["phase_seconds"]["curvature"][0] > 0
 
 
-@pytest.mark.parametrize("method,granularity", [("wanda", "row"), ("sparsegpt", "layer"), ("sparsegpt", "row")])
+@pytest.mark.parametrize("method,granularity", [("wanda", "row"), ("sparsegpt", "layer")])  # every method and
+# budget kind on 1-4 ranks: tests/dist_chita/methods
 def test_baseline_methods_on_one_and_two_processes(tmp_path, weights, method, granularity):
     """prune.method=wanda / sparsegpt: the baselines on the layerwise objective's inputs, the same pruned model on 1
     and 2 processes, their budgets met, the reconstruction objective reported (no magnitude re-fit, no IHT), and
