@@ -361,7 +361,7 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
         stages=f.stages if run.method == "chita++" else 1, base_sparsity=f.base_sparsity, schedule=f.schedule,
         exponent=f.exponent, storage_dtype=models.torch_dtype(f.storage_dtype),
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,
-                            backsolve=f.backsolve, escape_trials=f.escape_trials,
+                            backsolve=f.backsolve, escape_trials=f.escape_trials, pair_swaps=f.pair_swaps,
                             ridge=resolve_ridge(f.ridge, run.n, p)),
         progress=run.progress, validate=validate, lambda_search=f.lambda_search, **budget, **resume_kwargs)
     if not search:

@@ -173,9 +173,10 @@ class Fisher:
     once. ``storage_dtype``: the factor's storage. Solver: ``max_iter`` IHT iterations over the whole solve, stop
     when f decreases by less than ``tol`` f, an active set of ``active_set_factor`` k coordinates, ``backsolve``
     the ridge problem exactly on the support, ``escape_trials`` candidate supports tried (one back-solve each) when
-    IHT stalls. ``seed``: the seed of sampled labels and probe vectors. ``resume``: continue a CHITA++ run from
-    the last stage saved in ``resume_dir`` (None: beside the output directory); ``resume_save_factor`` also saves
-    each rank's factor after its gradient phase.
+    IHT stalls, and among them the ``pair_swaps``^2 single swaps of the support's cheapest weights (OBS) with the
+    best outside ones (0: none). ``seed``: the seed of sampled labels and probe vectors. ``resume``: continue a
+    CHITA++ run from the last stage saved in ``resume_dir`` (None: beside the output directory);
+    ``resume_save_factor`` also saves each rank's factor after its gradient phase.
     """
 
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
@@ -198,6 +199,7 @@ class Fisher:
     active_set_factor: float = 1.5
     backsolve: bool = True
     escape_trials: int = 0
+    pair_swaps: int = 4
     seed: int = 0
     resume: bool = False
     resume_dir: str | None = None
@@ -236,7 +238,8 @@ class Fisher:
                   (self.max_iter >= 1, f"max_iter: must be >= 1, got {self.max_iter}"),
                   (self.tol >= 0.0, f"tol: must be >= 0, got {self.tol}"),
                   (self.active_set_factor >= 1.0, f"active_set_factor: must be >= 1, got {self.active_set_factor}"),
-                  (self.escape_trials >= 0, f"escape_trials: must be >= 0, got {self.escape_trials}")]
+                  (self.escape_trials >= 0, f"escape_trials: must be >= 0, got {self.escape_trials}"),
+                  (self.pair_swaps >= 0, f"pair_swaps: must be >= 0, got {self.pair_swaps}")]
         out += [msg for ok, msg in checks if not ok]
         if self.group_size is not None and (target.layer_sparsity or target.allocation == "owl"):
             out.append("group_size: layer groups share one global budget; per-layer targets are not supported")

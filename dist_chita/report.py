@@ -98,7 +98,7 @@ class Report:
         "``n`` of them, ``score`` what is measured on them (``loss``: the mean loss on their labels; ``output``: "
         "the outputs' squared distance to the dense model's over their energy), its value ``dense`` and ``after`` "
         "pruning, ``lambda`` the lambda of every stage, and with a schedule chosen on them ``schedules`` (every "
-        "candidate's stages, base_sparsity, first_order_term and score) and ``schedule`` (the one kept); null "
+        "candidate's stages, base_sparsity, first_order_term, score and seconds) and ``schedule`` (the one kept); null "
         "without", None)
     metric: dict[str, Any] = _doc("``name`` (accuracy, perplexity, embedding_fidelity, none) and the values "
                                   "``before`` (dense), ``magnitude`` (magnitude pruning at the same targets), "

@@ -9,6 +9,7 @@ lambda path), not here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -55,16 +56,18 @@ def choose_schedule(modules: Sequence[tuple[str, nn.Module]], candidates: Sequen
                     log: Callable[[str], None] = lambda line: None) -> tuple[PruneOutcome, Schedule, list[dict]]:
     """Prune with each candidate schedule from the same dense weights (``run(candidate)`` prunes ``modules`` in
     place), score each result, and leave the weights of the lowest score in the modules. Returns (its outcome, its
-    schedule, one row per candidate: the schedule's fields and ``score``). Collective."""
+    schedule, one row per candidate: the schedule's fields, ``score`` and the ``seconds`` of its prune). Collective."""
     dense = [params.read(m.weight).clone() for _, m in modules]
     best: tuple[float, PruneOutcome, Schedule, list[torch.Tensor]] | None = None
     rows = []
     for cand in candidates:
         for (_, m), w in zip(modules, dense, strict=True):
             params.write(m.weight, w)
+        start = time.perf_counter()
         outcome = run(cand)
+        seconds = time.perf_counter() - start
         value = score()
-        rows.append({**asdict(cand), "score": value})
+        rows.append({**asdict(cand), "score": value, "seconds": seconds})
         log(f"  schedule {cand.stages} stage(s) from {cand.base_sparsity:.4g}, first-order term "
             f"{'on' if cand.first_order_term else 'off'}: validation {value:.6g}")
         if best is None or value < best[0]:

@@ -107,6 +107,13 @@ def test_int_is_accepted_for_float_and_converted():
     assert cfg.fisher.lambda_ == 1.0 and isinstance(cfg.fisher.lambda_, float)
 
 
+def test_auto_settings_and_the_validation_split_parse():
+    cfg = parse_config({"calibration": {"validation": 0.2}, "prune": {"objective": "fisher", "method": "chita++"},
+                        "fisher": {"lambda": "auto", "stages": "auto", "base_sparsity": 0.1}})
+    assert cfg.calibration.validation == 0.2 and cfg.fisher.tuned == ("lambda", "stages")
+    assert parse_config({"calibration": {"validation": 100}}).calibration.validation == 100
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -127,6 +134,11 @@ def test_int_is_accepted_for_float_and_converted():
         (["prune.objective=fisher", "fisher.lambda=-1"], r"fisher\.lambda: must be >= 0"),
         (["prune.objective=fisher", "fisher.base_sparsity=0.8"], r"fisher\.base_sparsity"),
         (["prune.objective=fisher", "fisher.group_size=0"], r"fisher\.group_size: must be >= 1"),
+        (["prune.objective=fisher", "fisher.lambda=often"], r"fisher\.lambda: expected"),
+        (["prune.objective=fisher", "fisher.stages=auto"], r"fisher\.stages: auto needs method chita\+\+"),
+        (["prune.objective=fisher", "fisher.pair_swaps=-1"], r"fisher\.pair_swaps: must be >= 0"),
+        (["calibration.validation=1.5"], r"calibration\.validation: a share must be in \(0, 1\)"),
+        (["calibration.validation=2000"], r"calibration\.validation: .* leaves none"),
         (["world_size=0"], r"world_size: must be >= 1"),
         (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),

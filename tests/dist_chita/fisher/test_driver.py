@@ -218,3 +218,58 @@ def test_prune_and_evaluate_put_every_tensor_on_the_models_device(conv, loss, me
         for name in w0:
             assert torch.equal(w0[name], w1[name]), name
         assert trace0 == trace1 and acc0 == acc1
+
+
+LAMBDAS = (1e-5, 1e-2, 100.0)
+
+
+def _lambda_run(lam, search="warm_start", solver_options=None):
+    """Prune the digits MLP to 0.85 with ``lam`` (one lambda or a path), scored on the 48 digits after the
+    calibration ones by their mean cross-entropy, a plain re-implementation of the validation loss."""
+    torch.set_num_threads(1)
+    model = train_digits_mlp()
+    samples = digits_samples()
+    calib, val = samples.select(range(N)), samples.select(range(N, 2 * N))
+    modules = prunable_modules(model, exclude_head=False)
+    lo, hi = sample_ranges(N, comm.world_size())[comm.rank()]
+
+    def validate():
+        with torch.no_grad():
+            logits = _forward(model, val.fields)
+        return float(torch.nn.functional.cross_entropy(logits.double(), val.fields["labels"]))
+
+    out = fisher_driver.prune(
+        model, modules, "chita", 0.85, make_batches=lambda: iter_microbatches(calib, lo, hi, 16),
+        loss_fn=losses.cross_entropy(_forward), n=N, lam=lam, validate=validate, lambda_search=search,
+        solver_options={**THOROUGH, "max_iter": 40, **(solver_options or {})})
+    return {name: m.weight.detach().clone() for name, m in modules}, out.stages[0], validate()
+
+
+def test_lambda_path_keeps_the_lambda_of_lowest_validation_loss():
+    """Each lambda's score is the validation loss at its back-solved warm start (the same prune with that lambda
+    alone and no IHT iteration); the kept lambda is their argmin and its full solve is the result."""
+    truth = [_lambda_run(lam, solver_options={"max_iter": 0})[2] for lam in LAMBDAS]
+    assert len(set(truth)) == len(truth)  # the lambdas do lead to different models here
+    weights, stage, score = _lambda_run(list(LAMBDAS))
+    assert stage.lambda_path == list(LAMBDAS)
+    assert stage.validation_path == pytest.approx(truth, rel=1e-9)
+    best = LAMBDAS[min(range(len(truth)), key=truth.__getitem__)]
+    assert stage.lam == best
+    ref, _, ref_score = _lambda_run(best)
+    for name, w in ref.items():
+        assert torch.equal(weights[name], w), name
+    assert score == ref_score
+
+
+def test_lambda_path_solved_in_full_keeps_the_best_it_scored():
+    _, stage, score = _lambda_run(list(LAMBDAS), search="solve")
+    assert stage.lambda_path == list(LAMBDAS)
+    assert stage.lam == LAMBDAS[min(range(len(LAMBDAS)), key=stage.validation_path.__getitem__)]
+    assert score == pytest.approx(min(stage.validation_path), rel=1e-12)
+
+
+def test_lambda_path_needs_a_validation_score():
+    model = train_digits_mlp()
+    with pytest.raises(ValueError, match="lambda path needs validation samples"):
+        fisher_driver.prune(model, prunable_modules(model, exclude_head=False), "chita", 0.5,
+                            make_batches=lambda: iter([]), loss_fn=None, n=N, lam=[1e-3, 1e-2])

@@ -1,0 +1,48 @@
+"""dist_chita.fisher.tuning: the candidate schedules, and the choice of the lowest validation score with its
+weights left in the model."""
+
+import pytest
+import torch
+from torch import nn
+
+from dist_chita.fisher import tuning
+from dist_chita.fisher.driver import PruneOutcome
+from dist_chita.options import Fisher
+from dist_chita.sparsity import mean_sparsity
+
+
+def test_candidates_are_every_combination_once():
+    f = Fisher(stages="auto", base_sparsity="auto", first_order_term="auto", stage_candidates=(1, 3),
+               base_candidates=(0.0, 0.5))
+    got = tuning.schedule_candidates(f, 0.8, [10])
+    S = tuning.Schedule
+    assert got == [S(1, 0.0, False), S(1, 0.0, True),  # one stage has no base sparsity: no repeats
+                   S(3, 0.0, False), S(3, 0.0, True), S(3, 0.4, False), S(3, 0.4, True)]
+    fixed = Fisher(stages=4, base_sparsity="auto", base_candidates=(0.5,))
+    sizes = [30, 10]
+    assert tuning.schedule_candidates(fixed, [0.9, 0.5], sizes) == [
+        S(4, pytest.approx(0.5 * mean_sparsity([0.9, 0.5], sizes)), False)]
+
+
+def test_the_lowest_score_wins_and_its_weights_stay():
+    layer = nn.Linear(3, 2, bias=False)
+    dense = layer.weight.detach().clone()
+    modules = [("layer", layer)]
+    starts = []
+
+    def run(c: tuning.Schedule) -> PruneOutcome:
+        starts.append(layer.weight.detach().clone())  # every candidate starts from the dense weights
+        with torch.no_grad():
+            layer.weight.mul_(c.stages)
+        return PruneOutcome(None, [c.stages], {})
+
+    def score() -> float:  # lowest for 3 stages
+        return float((layer.weight.detach().sum() - 3 * dense.sum()).abs())
+
+    candidates = [tuning.Schedule(t, 0.0, False) for t in (1, 3, 5)]
+    outcome, chosen, rows = tuning.choose_schedule(modules, candidates, run, score)
+    assert chosen == candidates[1] and outcome.stages == [3]
+    assert torch.equal(layer.weight.detach(), 3 * dense)
+    assert all(torch.equal(s, dense) for s in starts)
+    assert [r["stages"] for r in rows] == [1, 3, 5] and rows[1]["score"] == min(r["score"] for r in rows)
+    assert all(r["seconds"] >= 0.0 for r in rows)
