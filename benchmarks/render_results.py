@@ -226,6 +226,60 @@ def render_minilm(data: dict) -> Page:
                 "magnitude pruning", body, headline)
 
 
+# ---------------------------------------------------------------- layerwise CHITA's speed and objective
+
+LAYERWISE_METHODS = (("chita", "CHITA (layerwise, per row)"), ("sparsegpt", "SparseGPT (per row)"),
+                     ("wanda", "Wanda (per row)"))
+
+
+def _setting_name(setting: str) -> str:
+    return setting if ":" in setting else f"{100 * float(setting):g}%"
+
+
+def _layerwise_setting(setting: str, s: dict) -> str:
+    rows = [[shown, f"{m['cosine']:.4f} / {m['nn_agreement']:.4f}", _g(m["objective"]),
+             *(_s(m["seconds"][ph]) for ph in ("curvature", "solver", "writeback")), _s(m["prune_seconds"]),
+             _x(m["prune_ratio_to_sparsegpt"])]
+            for key, shown in LAYERWISE_METHODS for m in [s["methods"][key]]]
+    layers = s["layers"]
+    worse = s["layers_chita_above_sparsegpt"]
+    ratios = sorted(lay["chita"] / lay["sparsegpt"] for lay in layers if lay["sparsegpt"] > 0)
+    paired = (f"On the same problems (every layer's H from the inputs of the model pruned by CHITA so far), CHITA's "
+              f"final objective is at most SparseGPT's on {len(layers) - len(worse)} of {len(layers)} layers"
+              + (f" (above it on layers {', '.join(str(i) for i in worse)})" if worse else "")
+              + f"; summed {_g(s['paired_objective_chita'])} against {_g(s['paired_objective_sparsegpt'])}; "
+              f"per layer CHITA / SparseGPT from {ratios[0]:.3f} to {ratios[-1]:.3f} (median "
+              f"{ratios[len(ratios) // 2]:.3f}). Solve seconds in that run: CHITA "
+              f"{_s(s['paired_solve_seconds_chita'])}, SparseGPT {_s(s['paired_solve_seconds_sparsegpt'])}. "
+              f"Load average {s['load_before']:.1f} before, {s['load_after']:.1f} after.")
+    return "\n\n".join([f"## {_setting_name(setting)}",
+                        _table(["method", "cosine / agreement", "objective", "curvature s", "solve s",
+                                "write-back s", "prune s", "prune time / SparseGPT's"], rows), paired])
+
+
+def render_layerwise_speed(data: dict) -> Page:
+    intro = (f"`benchmarks/layerwise_speed.py` prunes {data['model']} as the default job does (layerwise objective, "
+             f"granularity `{data['granularity']}`, damping {data['damp']:g}, n = {data['n']} calibration samples, "
+             f"{data['held_out']} held out) with CHITA, SparseGPT and Wanda, each through `dist_chita.prune` on "
+             f"{_n(data['processes'], 'process')} with {_n(data['threads'], 'thread')}: held-out fidelity to the "
+             "dense embeddings (cosine / nearest-neighbour agreement), the summed reconstruction objective, and "
+             "the prune time (curvature passes + solve + write-back) as the driver measures it, as a ratio to "
+             f"SparseGPT's within the run (torch {data['torch']}, {data['machine']}; the machine is shared).")
+    body = "\n\n".join([intro, _command(["python", "benchmarks/layerwise_speed.py", "--threads",
+                                         str(data["threads"]), "--settings", *data["settings"]]),
+                        *(_layerwise_setting(k, s) for k, s in data["settings"].items())])
+    parts = []
+    for k, s in data["settings"].items():
+        c = s["methods"]["chita"]
+        parts.append(f"{_setting_name(k)}: {_x(c['prune_ratio_to_sparsegpt'])}, objective <= SparseGPT's on "
+                     f"{len(s['layers']) - len(s['layers_chita_above_sparsegpt'])} of {len(s['layers'])} layers")
+    headline = [("MiniLM layerwise CHITA against SparseGPT (one process)",
+                 "prune time / SparseGPT's; layers where CHITA's objective is at most SparseGPT's", "; ".join(parts))]
+    return Page("layerwise_speed", "Layerwise CHITA against SparseGPT and Wanda: time and objective per layer",
+                f"{data['model']}: CHITA's prune time against SparseGPT's, each layer's objective, fidelity", body,
+                headline)
+
+
 # ---------------------------------------------------------------- MLPNet on MNIST
 
 
@@ -554,6 +608,7 @@ def render_generic(name: str, data: dict) -> Page:
 RENDERERS: dict[str, Callable[[dict], Page]] = {
     "default_job": render_default_job,
     "minilm_baselines": render_minilm,
+    "layerwise_speed": render_layerwise_speed,
     "mlpnet_mnist": render_mlpnet,
     "solver_iteration": render_solver,
     "persample_throughput": render_persample,
