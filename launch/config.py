@@ -127,9 +127,15 @@ class PruneConfig(Target):
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """Where and how the result is written. ``format``: ``dense`` (every weight stored, zeros included: what
+    transformers and vLLM load) or ``compressed-tensors`` (Hugging Face models: the pruned layers stored as their
+    non-zero values and a bitmask, ``sparse-bitmask`` or for 2:4 ``sparse-24-bitmask``, with the
+    ``sparsity_config`` in config.json; see dist_chita/io/compressed.py for who reads it)."""
+
     dir: str = "runs/default"
     overwrite: bool = False
     save_model: bool = True
+    format: Literal["dense", "compressed-tensors"] = "dense"
 
 
 @dataclass(frozen=True)
@@ -400,6 +406,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_data(cfg)
     _validate_prune(cfg)
     _need(bool(cfg.output.dir), "output.dir: must not be empty")
+    _need(cfg.output.format == "dense" or cfg.model.source == "hf",
+          "output.format: compressed-tensors needs a Hugging Face model (model.source: hf); use dense")
     _need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
     _need(cfg.timeout_seconds >= 1, f"timeout_seconds: must be >= 1, got {cfg.timeout_seconds}")
     _need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,

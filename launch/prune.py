@@ -40,14 +40,20 @@ from launch.config import (  # noqa: E402
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+def make_parser(prog: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a prune (``launch/prune.py``, ``dist-chita prune``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=epilog,
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="run config (YAML); default: the embedded default run")
     ap.add_argument("--print-config", action="store_true",
                     help="print the resolved config (every key of the sections this run reads: the defaults, the "
                          "file, the overrides) as YAML and exit without running")
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. prune.sparsity=0.9")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def say(*lines: str) -> None:
@@ -279,16 +285,51 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
         with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
             if cfg.output.save_model:
                 models.save_model(loaded, tmp, state_dict=state)
+                write_format(cfg, loaded, rep, tmp)
             save_config(cfg, tmp / "dist_chita_config.yaml")
             finish()
             faults.point("save")
             (tmp / "prune_report.json").write_text(rep.to_json())
+            (tmp / "README.md").write_text(card(cfg, loaded, rep))
     except BaseException:
         comm.broadcast_object(False)
         raise
     comm.broadcast_object(True)
     say(*rep.summary_lines(), f"  saved to {out_dir}")
     return 0
+
+
+def write_format(cfg: RunConfig, loaded, rep, out: Path) -> None:
+    """Rewrite the saved checkpoint in ``output.format`` and record the format and the weight files' sizes in the
+    report (``output_format``, ``weights_bytes``, ``dense_weights_bytes``)."""
+    from dist_chita.io import compressed
+
+    if cfg.output.format == "compressed-tensors":
+        done = compressed.compress_checkpoint(out, loaded.model, [row.name for row in rep.layers],
+                                              cfg.prune.nm_pair, rep.global_.sparsity)
+        rep.output_format, rep.weights_bytes, rep.dense_weights_bytes = done.format, done.bytes, done.dense_bytes
+    else:
+        rep.output_format = "dense"
+        rep.weights_bytes = rep.dense_weights_bytes = compressed.weights_bytes(out)
+
+
+def card(cfg: RunConfig, loaded, rep) -> str:
+    """The model card (README.md) of the output directory."""
+    from dist_chita.io.card import CardInfo, model_card
+
+    m, c, p = cfg.model, cfg.calibration, cfg.prune
+    target = p.nm or (f"{p.sparsity} per {p.granularity}" if p.granularity != "global" else f"{p.sparsity} overall")
+    again = "dist-chita prune --config dist_chita_config.yaml output.dir=<new directory>"
+    commands = [again]
+    if rep.world_size > 1:
+        commands.append(f"torchrun --nproc-per-node {rep.world_size} $(command -v dist-chita) prune "
+                        "--config dist_chita_config.yaml output.dir=<new directory>   # as it ran")
+    data = f"`{c.source}`" + (f" ({c.config_name})" if c.config_name else "") + f", split {c.split}"
+    info = CardInfo(base_model=m.path if m.source == "hf" else f"{m.factory} ({m.weights})", task=loaded.task,
+                    hf=m.source == "hf", target=target,
+                    calibration=data + (f", windows of {c.max_length} tokens" if c.windows else ""),
+                    commands=commands)
+    return model_card(rep, info)
 
 
 def say_error(line: str, first: bool = True) -> None:
