@@ -69,8 +69,13 @@ class DataConfig:
     parquet/json/csv/text/imagefolder, or ``disk`` for ``save_to_disk``
     output), or ``builtin:mnist`` / ``builtin:digits`` / ``builtin:pydoc``.
     ``format: null`` infers it from the source. Samples are drawn without
-    replacement with ``seed``. ``windows: true`` (text only) makes the n samples windows of exactly
-    ``max_length`` tokens cut from the texts joined in the seeded order, as language models are calibrated
+    replacement with ``seed``. Columns left null are inferred from ``model.task`` (an image task reads the image
+    column and no text; a text task the text column; classification tasks the labels:
+    dist_chita.io.data.infer_columns). Images go through the model's image processor unless ``image_size`` (square
+    resize), ``mean`` or ``std`` (one value, or one per channel) is set: then pixels / 255 (8-bit), resized,
+    minus ``mean``, over ``std``; they are converted to the channels the model takes. ``windows: true`` (text
+    only) makes the n samples windows of exactly ``max_length`` tokens cut from the texts joined in the seeded
+    order by the tokenizer's end-of-text token, as language models are calibrated
     (SparseGPT, Wanda); the held-out data must then come from another source or split.
     """
 
@@ -78,9 +83,12 @@ class DataConfig:
     format: DataFormat | None = None
     config_name: str | None = None
     split: str = "train"
-    text_column: str | None = "text"
+    text_column: str | None = None
     image_column: str | None = None
     label_column: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     n: int = 128
     seed: int = 0
     max_length: int = 128
@@ -369,11 +377,11 @@ def _validate_data(cfg: RunConfig) -> None:
     _need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
     _need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
     _need(c.batch_size >= 1, f"calibration.batch_size: must be >= 1, got {c.batch_size}")
-    _need(c.text_column is not None or c.image_column is not None,
-          "calibration: one of text_column / image_column must be set")
+    _need(c.image_size is None or c.image_size >= 1, f"calibration.image_size: must be >= 1, got {c.image_size}")
+    _need(c.std is None or all(v > 0 for v in c.std), f"calibration.std: must be > 0, got {c.std}")
     if c.windows:
-        _need(c.text_column is not None and c.image_column is None and c.label_column is None,
-              "calibration.windows: needs text_column only (windows of tokens; no image_column or label_column)")
+        _need(m.task != "image-classification" and c.image_column is None and c.label_column is None,
+              "calibration.windows: needs text (windows of tokens; no image task, image_column or label_column)")
         held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
         _need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
               "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
@@ -463,12 +471,12 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """Keyword arguments of ``dist_chita.io.data.load_samples`` for the calibration samples
-    (add ``tokenizer`` / ``image_processor``); samples perm[0:n] of the seeded permutation."""
+    (add ``tokenizer`` / ``image_processor`` / ``channels``); samples perm[0:n] of the seeded permutation."""
     c = cfg.calibration
     return {"source": c.source, "fmt": c.format, "config_name": c.config_name, "split": c.split, "n": c.n,
             "seed": c.seed, "offset": 0, "text_column": c.text_column, "image_column": c.image_column,
-            "label_column": c.label_column, "max_length": c.max_length, "padding": c.padding,
-            "flatten_images": c.flatten_images}
+            "label_column": c.label_column, "task": cfg.model.task, "max_length": c.max_length, "padding": c.padding,
+            "flatten_images": c.flatten_images, "image_size": c.image_size, "mean": c.mean, "std": c.std}
 
 
 def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -151,22 +151,23 @@ def load_data(cfg: RunConfig, loaded) -> tuple[object, dict]:
     """The calibration samples (rows of the source, or windows of its tokens with ``calibration.windows``) and the
     held-out data for the metric: ``{"samples": ...}`` (accuracy, embedding fidelity), ``{"tokens": ...}``
     (perplexity) or nothing."""
-    from dist_chita.io import data
+    from dist_chita.io import data, models
 
     kw = calibration_kwargs(cfg)
+    model_side = {"tokenizer": loaded.tokenizer, "image_processor": loaded.image_processor,
+                  "channels": models.input_channels(loaded.model)}
     if cfg.calibration.windows:
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "max_length")
         calib = data.load_windows(**{k: kw[k] for k in keep}, tokenizer=loaded.tokenizer)
     else:
-        calib = data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)
+        calib = data.load_samples(**kw, **model_side)
     metric, kw = cfg.eval.metric, eval_kwargs(cfg)
     if metric == "none":
         return calib, {}
     if metric == "perplexity":
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "offset")
         return calib, {"tokens": data.token_stream(data.load_texts(**{k: kw[k] for k in keep}), loaded.tokenizer)}
-    return calib, {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer,
-                                                image_processor=loaded.image_processor)}
+    return calib, {"samples": data.load_samples(**kw, **model_side)}
 
 
 def load(cfg: RunConfig, device: torch.device, partition=None):
@@ -202,6 +203,32 @@ def objective_options(cfg: RunConfig, out_dir: Path):
         return cfg.layerwise
     where = cfg.fisher.resume_dir or str(resume.state_dir_for(out_dir))
     return dataclasses.replace(cfg.fisher, resume_dir=str(Path(where).resolve()))
+
+
+def chance_accuracy(labels) -> float:
+    """The accuracy of always answering the most frequent class of ``labels`` (n,): what a model that learnt nothing
+    from its input gets."""
+    return float(labels.bincount().max()) / len(labels)
+
+
+def warn_near_chance(evaluator, log):
+    """``evaluator`` that also says, after evaluating the dense model (``"before"``), when its accuracy is near
+    chance: below chance + (1 - chance) / 4 (0.325 for 10 balanced classes). A model that was trained for its task
+    scoring so low on held-out data usually means the data are not prepared as in its training (image size,
+    mean and std, channels, or the label column)."""
+    labels = getattr(getattr(evaluator, "samples", None), "fields", {}).get("labels")
+
+    def evaluate(stage: str):
+        values = evaluator(stage)
+        if stage == "before" and evaluator.metric == "accuracy" and labels is not None and len(labels):
+            acc, chance = values["accuracy"], chance_accuracy(labels)
+            if acc < chance + (1 - chance) / 4:
+                log(f"warning: the dense model's accuracy on the evaluation data is {acc:.4f}, near chance "
+                    f"({chance:.4f}: always the most frequent class); the data are likely not prepared as in its "
+                    "training (calibration.image_size, mean, std, the image processor, or the label column)")
+        return values
+
+    return evaluate
 
 
 def prepare_output(cfg: RunConfig) -> Path:
@@ -248,7 +275,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         rep = dist_chita.prune(
             loaded.model, calib, target=cfg.prune, objective=objective_options(cfg, out_dir),
             method=cfg.prune.method, fisher=cfg.fisher, task=loaded.task, batch_size=cfg.calibration.batch_size,
-            evaluate=evaluator, compare_magnitude=cfg.eval.compare_magnitude,
+            evaluate=evaluator and warn_near_chance(evaluator, say), compare_magnitude=cfg.eval.compare_magnitude,
             probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress))
     finally:
         progress.close()

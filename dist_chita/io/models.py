@@ -230,6 +230,16 @@ def is_hf(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def input_channels(model: nn.Module) -> int | None:
+    """The image channels a model takes: a Hugging Face config's ``num_channels``, else the ``in_channels`` of the
+    first 2-D convolution; None for models without either (an MLP on flattened pixels takes them as they come)."""
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(channels, int):
+        return channels
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
+
+
 def device_of(model: nn.Module) -> torch.device:
     """The device of the model's (first) parameter: where its inputs must be; the CPU for a model without any."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))

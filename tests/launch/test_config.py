@@ -130,7 +130,13 @@ def test_int_is_accepted_for_float_and_converted():
         (["world_size=0"], r"world_size: must be >= 1"),
         (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
-        (["calibration.text_column=null"], r"one of text_column / image_column"),
+        (["calibration.image_size=0"], r"calibration\.image_size: must be >= 1, got 0"),
+        (["calibration.std=[0.5, 0]"], r"calibration\.std: must be > 0"),
+        (["calibration.mean=0.5"], r"calibration\.mean: expected list of float, got float"),
+        (["model.task=image-classification", "calibration.windows=true", "eval.split=test"],
+         r"calibration\.windows: needs text"),
+        (["model.source=torch", "model.factory=m:f", "model.weights=w", "output.format=compressed-tensors"],
+         r"output\.format: compressed-tensors needs a Hugging Face model"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
         (["fisher.ridge=diagonal"], r"fisher\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
         (["prune.objective=hessian"], r"prune\.objective: expected one of 'layerwise', 'fisher'"),
@@ -141,7 +147,7 @@ def test_int_is_accepted_for_float_and_converted():
          r"prune\.granularity: global needs prune\.objective=fisher"),
         (["calibration.windows=true"], r"calibration\.windows: the held-out data must come from another"),
         (["calibration.windows=true", "calibration.label_column=label", "eval.split=test"],
-         r"calibration\.windows: needs text_column only"),
+         r"calibration\.windows: needs text"),
     ],
 )
 def test_invalid_values(overrides, message):
