@@ -384,9 +384,13 @@ def prepare_samples(
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
         fields.update({k: torch.as_tensor(v) for k, v in enc.items()})
     if image_column is not None:
+        import datasets
+
         path = Path(source)
+        encoded = isinstance(rows.features.get(image_column), datasets.Image)  # decoded to PIL images
+        values = subset[image_column] if encoded else subset.with_format("numpy")[image_column]  # dtype kept
         fields["pixel_values"] = images.pixel_values(
-            subset[image_column], column=image_column, source=source, rows=indices, channels=channels,
+            values, column=image_column, source=source, rows=indices, channels=channels,
             processor=image_processor, size=image_size, scale=scale, mean=mean, std=std,
             flatten=flatten_images and channels is None,
             base=path.parent if path.is_file() else path if path.is_dir() else None)

@@ -14,7 +14,7 @@ Values of an image column, each decoded to an array (H, W, C) by :func:`decode`:
 * with the checkpoint's image processor (and none of ``size`` / ``mean`` / ``std`` given): images converted to
   the channels the model takes (``L`` for 1, ``RGB`` for 3, ``RGBA`` for 4) and passed to it;
 * otherwise: channels converted to the model's (grey replicated, colour to luminance L = 0.299 R + 0.587 G +
-  0.114 B, alpha dropped), integer pixels divided by ``scale`` (None: the dtype's maximum, 255 for 8 bits; float
+  0.114 B, alpha dropped), integer pixels divided by ``scale`` (None: 65535 for 16-bit pixels, else 255; float
   pixels are used as they are), resized to ``size`` (bilinear, antialiased), then ``(x - mean) / std`` per channel
   (one value, or one per channel), as float32 (N, C, H, W), or (N, C*H*W) with ``flatten``.
 
@@ -111,8 +111,11 @@ def _opaque(arr: np.ndarray):
 
 
 def default_scale(dtype: np.dtype) -> float:
-    """What integer pixels are divided by: the dtype's maximum (255 for 8 bits); 1 for float pixels."""
-    return float(np.iinfo(dtype).max) if dtype.kind in "ui" else 1.0
+    """What integer pixels are divided by: 65535 for 16-bit pixels, 255 for other integers (8-bit values however
+    they are stored); 1 for float pixels."""
+    if dtype.kind not in "ui":
+        return 1.0
+    return 65535.0 if dtype == np.uint16 else 255.0
 
 
 def _per_channel(values: Sequence[float] | None, channels: int, name: str) -> torch.Tensor | None:

@@ -355,3 +355,16 @@ def test_column_inference_and_its_errors(tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"^label column 'label' of .*l.parquet must hold integer class ids, got str "
                                          r"'pos'$"):
         data.load_samples(str(tmp_path / "l.parquet"), n=2, task="sequence-classification", tokenizer=tokenizer)
+
+
+def test_array_images_keep_their_dtype(tmp_path):
+    """8-bit pixels stored as an Array2D feature (not the Image feature) are scaled by 255 like decoded images."""
+    import datasets
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(4, 5, 6), dtype=np.uint8)
+    feats = datasets.Features({"image": datasets.Array2D((5, 6), "uint8"), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": pixels, "label": [0, 1, 0, 1]}, features=feats).save_to_disk(
+        str(tmp_path / "arr"))
+    s = data.load_samples(str(tmp_path / "arr"), n=4, seed=0, task="image-classification", flatten_images=False)
+    want = torch.tensor(pixels[s.rows.numpy()], dtype=torch.float32)[:, None] / 255
+    torch.testing.assert_close(s.fields["pixel_values"], want)
