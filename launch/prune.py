@@ -153,21 +153,23 @@ def load_data(cfg: RunConfig, loaded) -> tuple[object, dict]:
     (perplexity) or nothing."""
     from dist_chita.io import data, models
 
+    def samples(kw: dict):  # preprocessed for the model: its tokenizer, image processor, input channels
+        return data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor,
+                                 channels=models.input_channels(loaded.model))
+
     kw = calibration_kwargs(cfg)
-    model_side = {"tokenizer": loaded.tokenizer, "image_processor": loaded.image_processor,
-                  "channels": models.input_channels(loaded.model)}
     if cfg.calibration.windows:
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "max_length")
         calib = data.load_windows(**{k: kw[k] for k in keep}, tokenizer=loaded.tokenizer)
     else:
-        calib = data.load_samples(**kw, **model_side)
+        calib = samples(kw)
     metric, kw = cfg.eval.metric, eval_kwargs(cfg)
     if metric == "none":
         return calib, {}
     if metric == "perplexity":
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "offset")
         return calib, {"tokens": data.token_stream(data.load_texts(**{k: kw[k] for k in keep}), loaded.tokenizer)}
-    return calib, {"samples": data.load_samples(**kw, **model_side)}
+    return calib, {"samples": samples(kw)}
 
 
 def load(cfg: RunConfig, device: torch.device, partition=None):

@@ -189,15 +189,18 @@ def pixel_values(values: Sequence[Any], *, column: str, source: str = "data", ro
                  std: Sequence[float] | None = None, flatten: bool = False,
                  base: Path | None = None) -> torch.Tensor:
     """The ``pixel_values`` of the images ``values`` of ``column`` (module docstring). ``channels``: what the model
-    takes (None: as they come; all images must then have the same channel count); ``rows``: the row numbers, for
-    error messages; ``base``: the directory relative image paths are under."""
+    takes (None: those the image processor normalises, else as the images come, grey and colour mixed made colour);
+    ``rows``: the row numbers, for error messages; ``base``: the directory relative image paths are under."""
     rows = list(range(len(values))) if rows is None else list(rows)
+    use_processor = processor is not None and size is None and mean is None and std is None
+    if use_processor and channels is None:
+        channels = processor_channels(processor)  # the model's channels unknown: those the processor normalises
     arrays = [convert_channels(decode(v, column, source, r, base), channels, column, source)
               for v, r in zip(values, rows, strict=True)]
     if len({a.shape[-1] for a in arrays}) > 1:  # grey and colour mixed: all colour (alpha dropped)
         target = 3 if any(a.shape[-1] >= 3 for a in arrays) else 1
         arrays = [convert_channels(a, target, column, source) for a in arrays]
-    if processor is not None and size is None and mean is None and std is None:
+    if use_processor:
         return process(arrays, processor, channels, column, source)
     return normalise(arrays, size=size, scale=scale, mean=mean, std=std, flatten=flatten, column=column,
                      source=source)

@@ -84,6 +84,9 @@ def test_image_processor_of_the_model_channels(channels, grey, rgb):
     assert x.shape == (2, channels, 8, 8)
     direct = proc(images=[Image.fromarray(grey).convert(images.PIL_MODES[channels])], return_tensors="pt")
     torch.testing.assert_close(x[:1], direct["pixel_values"])
+    # the model's channels unknown (a plain torch module): the images take the processor's channels
+    z = images.pixel_values([Image.fromarray(grey), {"bytes": png(rgb), "path": None}], column="img", processor=proc)
+    torch.testing.assert_close(z, x)
     other = 4 - channels  # 1 <-> 3: the processor's mean does not fit the model
     with pytest.raises(ValueError, match=rf"^the image processor normalises {channels} channels but the model takes "
                                          rf"{other}: set calibration.mean"):
