@@ -215,7 +215,8 @@ def _type_name(tp: Any) -> str:
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Convert ``data`` to type ``cls`` (a dataclass, int, float, str, bool,
-    Optional, list, tuple[X, ...] or Literal), raising ConfigError naming ``path``."""
+    Optional, list, tuple[X, ...] or Literal; a single number is a list of one number), raising ConfigError
+    naming ``path``."""
     where = path or "<root>"
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
@@ -251,6 +252,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
             return from_dict(inner[0], data, path)
         raise TypeError(f"unsupported union type {cls}")
     if origin in (list, tuple):
+        if typing.get_args(cls)[0] in (int, float) and isinstance(data, int | float) and not isinstance(data, bool):
+            data = [data]  # one number where numbers are expected (calibration.mean=0.286): a list of one
         if not isinstance(data, list | tuple):
             raise ConfigError(f"{where}: expected {_type_name(cls)}, got {type(data).__name__}")
         items = [from_dict(typing.get_args(cls)[0], x, f"{path}[{i}]") for i, x in enumerate(data)]

@@ -107,6 +107,12 @@ def test_int_is_accepted_for_float_and_converted():
     assert cfg.fisher.lambda_ == 1.0 and isinstance(cfg.fisher.lambda_, float)
 
 
+def test_one_number_where_numbers_are_expected_is_a_list_of_one():
+    cfg = parse_config({}, ["calibration.mean=0.286", "calibration.std=1"])
+    assert cfg.calibration.mean == (0.286,) and cfg.calibration.std == (1.0,)
+    assert isinstance(cfg.calibration.std[0], float)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -132,7 +138,8 @@ def test_int_is_accepted_for_float_and_converted():
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
         (["calibration.image_size=0"], r"calibration\.image_size: must be >= 1, got 0"),
         (["calibration.std=[0.5, 0]"], r"calibration\.std: must be > 0"),
-        (["calibration.mean=0.5"], r"calibration\.mean: expected list of float, got float"),
+        (["calibration.mean=[0.5, x]"], r"calibration\.mean\[1\]: expected float, got str"),
+        (["calibration.std=true"], r"calibration\.std: expected list of float, got bool"),
         (["model.task=image-classification", "calibration.windows=true", "eval.split=test"],
          r"calibration\.windows: needs text"),
         (["model.source=torch", "model.factory=m:f", "model.weights=w", "output.format=compressed-tensors"],
