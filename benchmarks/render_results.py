@@ -557,6 +557,47 @@ def render_resnet50(data: dict) -> Page:
                 body, headline)
 
 
+# ---------------------------------------------------------------- sparse checkpoints
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def render_sparse_checkpoint(data: dict) -> Page:
+    header = ["target", "format", "sparsity", "compressed layers", "dense file", "compressed file", "ratio",
+              "reloaded through transformers: same weights", "compressed-tensors' own compressor"]
+    rows, parts = [], []
+    for name, r in data["runs"].items():
+        lib = r.get("library_check")
+        check = "not importable" if lib is None else (
+            f"{lib['compressed_tensors']}: decompresses to the dense weights: "
+            f"{'yes' if lib['decompresses_to_the_dense_weights'] else 'NO'}; writes the same tensors: "
+            f"{'yes' if lib['writes_the_same_tensors'] else 'NO'}")
+        rows.append([name, f"`{r['format']}`", f"{r['sparsity']:.4f}", f"{r['compressed_layers']} of {r['layers']}",
+                     _mb(r["dense_bytes"]), _mb(r["compressed_bytes"]), f"{r['ratio']:.3f}",
+                     "yes" if r["reloaded_weights_equal"] else "NO", check])
+        parts.append(f"{name} {_mb(r['compressed_bytes'])} ({r['ratio']:.2f} of dense {_mb(r['dense_bytes'])})")
+    intro = (f"`benchmarks/sparse_checkpoint.py` prunes {data['model']} ({data['method']}) at 50% of every row and "
+             "at 2:4, saves each result dense and as compressed-tensors (`output.format`), reads both back through "
+             "transformers' `from_pretrained` (the sparse layers decompressed by `dist_chita.io.compressed`) and "
+             "compares them tensor by tensor. The embeddings (about half of the parameters) are "
+             "not pruned and stay dense in both files. compressed-tensors' own sparse compressors exist only up "
+             "to release 0.14 (which needs transformers 4); the check with them runs when such a copy is on "
+             "PYTHONPATH.")
+    load = f"torch {data['torch']}" + (f"; 1-minute load average {data['load_before']:.1f} before, "
+                                       f"{data['load_after']:.1f} after (the sizes do not depend on it)."
+                                       if "load_before" in data else ".")
+    body = "\n\n".join([intro, _command(["python", "benchmarks/sparse_checkpoint.py", "--threads",
+                                           str(data["threads"])]), load, _table(header, rows)])
+    headline = [(f"{data['model']} on disk, 50% and 2:4", "compressed-tensors file against the dense file",
+                 "; ".join(parts) + ("; reloaded weights identical" if all(
+                     r["reloaded_weights_equal"] for r in data["runs"].values()) else "; reloaded weights DIFFER"))]
+    return Page("sparse_checkpoint", "Sparse checkpoints: dense against compressed-tensors",
+                "file sizes of the pruned MiniLM dense and as compressed-tensors, reloaded weights compared", body,
+                headline)
+
+
 # ---------------------------------------------------------------- machine rates and other files
 
 
@@ -614,6 +655,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "persample_throughput": render_persample,
     "resnet50_scale": render_resnet50,
     "machine_rates": render_machine_rates,
+    "sparse_checkpoint": render_sparse_checkpoint,
 }
 
 

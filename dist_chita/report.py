@@ -121,6 +121,14 @@ class Report:
         "start: interpreter, libraries, data; 0 on GPU), activations (the most one forward pass added, measured "
         "before the run), total", factory=dict)
     mask_sha256: str = _doc("sha256 of the kept-weight masks, layer by layer in layout order, as packed bits", "")
+    output_format: str | None = _doc(
+        "how the model's weights were saved: ``dense`` (zeros stored), or the compressed-tensors sparse format "
+        "``sparse-bitmask`` (unstructured, N:M other than 2:4) or ``sparse-24-bitmask`` (2:4) (output.format: "
+        "compressed-tensors; dist_chita/io/compressed.py); null when no model was saved (and from the API)", None)
+    weights_bytes: int | None = _doc("bytes of the saved model's weight files (safetensors); null when none was "
+                                     "saved", None)
+    dense_weights_bytes: int | None = _doc("bytes the same weights take in the dense format (equal to "
+                                           "``weights_bytes`` for dense output); null when no model was saved", None)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

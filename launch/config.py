@@ -69,20 +69,28 @@ class DataConfig:
     parquet/json/csv/text/imagefolder, or ``disk`` for ``save_to_disk``
     output), or ``builtin:mnist`` / ``builtin:digits`` / ``builtin:pydoc``.
     ``format: null`` infers it from the source. Samples are drawn without
-    replacement with ``seed``. ``windows: true`` (text only) makes the n samples windows of exactly
-    ``max_length`` tokens cut from the texts joined in the seeded order, as language models are calibrated
-    (SparseGPT, Wanda); the held-out data must then come from another source or split. ``validation``: a share
-    in (0, 1) or a count of the n samples held out (seeded with ``seed``, left out of the calibration) to choose
-    the Fisher objective's ``auto`` settings on; null: 0.2 when a setting is auto, else none.
+    replacement with ``seed``. Columns left null are inferred from ``model.task`` (an image task reads the image
+    column and no text; a text task the text column; classification tasks the labels:
+    dist_chita.io.data.infer_columns). Images go through the model's image processor unless ``image_size`` (square
+    resize), ``mean`` or ``std`` (one value, or one per channel) is set: then pixels / 255 (8-bit), resized,
+    minus ``mean``, over ``std``; they are converted to the channels the model takes. ``windows: true`` (text
+    only) makes the n samples windows of exactly ``max_length`` tokens cut from the texts joined in the seeded
+    order by the tokenizer's end-of-text token, as language models are calibrated
+    (SparseGPT, Wanda); the held-out data must then come from another source or split. ``validation``: a
+    share in (0, 1) or a count of the n samples held out (seeded with ``seed``, left out of the calibration) to
+    choose the Fisher objective's ``auto`` settings on; null: 0.2 when a setting is auto, else none.
     """
 
     source: str = "builtin:pydoc"
     format: DataFormat | None = None
     config_name: str | None = None
     split: str = "train"
-    text_column: str | None = "text"
+    text_column: str | None = None
     image_column: str | None = None
     label_column: str | None = None
+    image_size: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
     n: int = 128
     seed: int = 0
     max_length: int = 128
@@ -130,9 +138,15 @@ class PruneConfig(Target):
 
 @dataclass(frozen=True)
 class OutputConfig:
+    """Where and how the result is written. ``format``: ``dense`` (every weight stored, zeros included: what
+    transformers and vLLM load) or ``compressed-tensors`` (Hugging Face models: the pruned layers stored as their
+    non-zero values and a bitmask, ``sparse-bitmask`` or for 2:4 ``sparse-24-bitmask``, with the
+    ``sparsity_config`` in config.json; see dist_chita/io/compressed.py for who reads it)."""
+
     dir: str = "runs/default"
     overwrite: bool = False
     save_model: bool = True
+    format: Literal["dense", "compressed-tensors"] = "dense"
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,8 @@ def _type_name(tp: Any) -> str:
 
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Convert ``data`` to type ``cls`` (a dataclass, int, float, str, bool,
-    Optional, list, tuple[X, ...] or Literal), raising ConfigError naming ``path``."""
+    Optional, list, tuple[X, ...] or Literal; a single number is a list of one number), raising ConfigError
+    naming ``path``."""
     where = path or "<root>"
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
@@ -245,6 +260,8 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
                 continue
         raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
     if origin in (list, tuple):
+        if typing.get_args(cls)[0] in (int, float) and isinstance(data, int | float) and not isinstance(data, bool):
+            data = [data]  # one number where numbers are expected (calibration.mean=0.286): a list of one
         if not isinstance(data, list | tuple):
             raise ConfigError(f"{where}: expected {_type_name(cls)}, got {type(data).__name__}")
         items = [from_dict(typing.get_args(cls)[0], x, f"{path}[{i}]") for i, x in enumerate(data)]
@@ -376,13 +393,13 @@ def _validate_data(cfg: RunConfig) -> None:
 
         try:
             validation_count(c.n, c.validation)
-        except ValueError as e:
-            raise ConfigError(f"calibration.{e}") from None
-    _need(c.text_column is not None or c.image_column is not None,
-          "calibration: one of text_column / image_column must be set")
+        except ValueError as err:
+            raise ConfigError(f"calibration.{err}") from None
+    _need(c.image_size is None or c.image_size >= 1, f"calibration.image_size: must be >= 1, got {c.image_size}")
+    _need(c.std is None or all(v > 0 for v in c.std), f"calibration.std: must be > 0, got {c.std}")
     if c.windows:
-        _need(c.text_column is not None and c.image_column is None and c.label_column is None,
-              "calibration.windows: needs text_column only (windows of tokens; no image_column or label_column)")
+        _need(m.task != "image-classification" and c.image_column is None and c.label_column is None,
+              "calibration.windows: needs text (windows of tokens; no image task, image_column or label_column)")
         held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
         _need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
               "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
@@ -415,6 +432,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _validate_data(cfg)
     _validate_prune(cfg)
     _need(bool(cfg.output.dir), "output.dir: must not be empty")
+    _need(cfg.output.format == "dense" or cfg.model.source == "hf",
+          "output.format: compressed-tensors needs a Hugging Face model (model.source: hf); use dense")
     _need(cfg.world_size is None or cfg.world_size >= 1, f"world_size: must be >= 1, got {cfg.world_size}")
     _need(cfg.timeout_seconds >= 1, f"timeout_seconds: must be >= 1, got {cfg.timeout_seconds}")
     _need(cfg.threads_per_rank is None or cfg.threads_per_rank >= 1,
@@ -470,12 +489,12 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
 
 def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """Keyword arguments of ``dist_chita.io.data.load_samples`` for the calibration samples
-    (add ``tokenizer`` / ``image_processor``); samples perm[0:n] of the seeded permutation."""
+    (add ``tokenizer`` / ``image_processor`` / ``channels``); samples perm[0:n] of the seeded permutation."""
     c = cfg.calibration
     return {"source": c.source, "fmt": c.format, "config_name": c.config_name, "split": c.split, "n": c.n,
             "seed": c.seed, "offset": 0, "text_column": c.text_column, "image_column": c.image_column,
-            "label_column": c.label_column, "max_length": c.max_length, "padding": c.padding,
-            "flatten_images": c.flatten_images}
+            "label_column": c.label_column, "task": cfg.model.task, "max_length": c.max_length, "padding": c.padding,
+            "flatten_images": c.flatten_images, "image_size": c.image_size, "mean": c.mean, "std": c.std}
 
 
 def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:

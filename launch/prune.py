@@ -40,14 +40,20 @@ from launch.config import (  # noqa: E402
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawTextHelpFormatter)
+def make_parser(prog: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a prune (``launch/prune.py``, ``dist-chita prune``)."""
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0], epilog=epilog,
+                                 formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--config", help="run config (YAML); default: the embedded default run")
     ap.add_argument("--print-config", action="store_true",
                     help="print the resolved config (every key of the sections this run reads: the defaults, the "
                          "file, the overrides) as YAML and exit without running")
     ap.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. prune.sparsity=0.9")
-    return ap.parse_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return make_parser().parse_args(argv)
 
 
 def say(*lines: str) -> None:
@@ -145,22 +151,25 @@ def load_data(cfg: RunConfig, loaded) -> tuple[object, dict]:
     """The calibration samples (rows of the source, or windows of its tokens with ``calibration.windows``) and the
     held-out data for the metric: ``{"samples": ...}`` (accuracy, embedding fidelity), ``{"tokens": ...}``
     (perplexity) or nothing."""
-    from dist_chita.io import data
+    from dist_chita.io import data, models
+
+    def samples(kw: dict):  # preprocessed for the model: its tokenizer, image processor, input channels
+        return data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor,
+                                 channels=models.input_channels(loaded.model))
 
     kw = calibration_kwargs(cfg)
     if cfg.calibration.windows:
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "max_length")
         calib = data.load_windows(**{k: kw[k] for k in keep}, tokenizer=loaded.tokenizer)
     else:
-        calib = data.load_samples(**kw, tokenizer=loaded.tokenizer, image_processor=loaded.image_processor)
+        calib = samples(kw)
     metric, kw = cfg.eval.metric, eval_kwargs(cfg)
     if metric == "none":
         return calib, {}
     if metric == "perplexity":
         keep = ("source", "fmt", "config_name", "split", "text_column", "n", "seed", "offset")
         return calib, {"tokens": data.token_stream(data.load_texts(**{k: kw[k] for k in keep}), loaded.tokenizer)}
-    return calib, {"samples": data.load_samples(**kw, tokenizer=loaded.tokenizer,
-                                                image_processor=loaded.image_processor)}
+    return calib, {"samples": samples(kw)}
 
 
 def load(cfg: RunConfig, device: torch.device, partition=None):
@@ -196,6 +205,32 @@ def objective_options(cfg: RunConfig, out_dir: Path):
         return cfg.layerwise
     where = cfg.fisher.resume_dir or str(resume.state_dir_for(out_dir))
     return dataclasses.replace(cfg.fisher, resume_dir=str(Path(where).resolve()))
+
+
+def chance_accuracy(labels) -> float:
+    """The accuracy of always answering the most frequent class of ``labels`` (n,): what a model that learnt nothing
+    from its input gets."""
+    return float(labels.bincount().max()) / len(labels)
+
+
+def warn_near_chance(evaluator, log):
+    """``evaluator`` that also says, after evaluating the dense model (``"before"``), when its accuracy is near
+    chance: below chance + (1 - chance) / 4 (0.325 for 10 balanced classes). A model that was trained for its task
+    scoring so low on held-out data usually means the data are not prepared as in its training (image size,
+    mean and std, channels, or the label column)."""
+    labels = getattr(getattr(evaluator, "samples", None), "fields", {}).get("labels")
+
+    def evaluate(stage: str):
+        values = evaluator(stage)
+        if stage == "before" and evaluator.metric == "accuracy" and labels is not None and len(labels):
+            acc, chance = values["accuracy"], chance_accuracy(labels)
+            if acc < chance + (1 - chance) / 4:
+                log(f"warning: the dense model's accuracy on the evaluation data is {acc:.4f}, near chance "
+                    f"({chance:.4f}: always the most frequent class); the data are likely not prepared as in its "
+                    "training (calibration.image_size, mean, std, the image processor, or the label column)")
+        return values
+
+    return evaluate
 
 
 def prepare_output(cfg: RunConfig) -> Path:
@@ -242,7 +277,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         rep = dist_chita.prune(
             loaded.model, calib, target=cfg.prune, objective=objective_options(cfg, out_dir),
             method=cfg.prune.method, fisher=cfg.fisher, task=loaded.task, batch_size=cfg.calibration.batch_size,
-            evaluate=evaluator, compare_magnitude=cfg.eval.compare_magnitude,
+            evaluate=evaluator and warn_near_chance(evaluator, say), compare_magnitude=cfg.eval.compare_magnitude,
             probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress),
             validation=cfg.calibration.validation, validation_seed=cfg.calibration.seed)
     finally:
@@ -280,16 +315,51 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
         with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
             if cfg.output.save_model:
                 models.save_model(loaded, tmp, state_dict=state)
+                write_format(cfg, loaded, rep, tmp)
             save_config(cfg, tmp / "dist_chita_config.yaml")
             finish()
             faults.point("save")
             (tmp / "prune_report.json").write_text(rep.to_json())
+            (tmp / "README.md").write_text(card(cfg, loaded, rep))
     except BaseException:
         comm.broadcast_object(False)
         raise
     comm.broadcast_object(True)
     say(*rep.summary_lines(), f"  saved to {out_dir}")
     return 0
+
+
+def write_format(cfg: RunConfig, loaded, rep, out: Path) -> None:
+    """Rewrite the saved checkpoint in ``output.format`` and record the format and the weight files' sizes in the
+    report (``output_format``, ``weights_bytes``, ``dense_weights_bytes``)."""
+    from dist_chita.io import compressed
+
+    if cfg.output.format == "compressed-tensors":
+        done = compressed.compress_checkpoint(out, loaded.model, [row.name for row in rep.layers],
+                                              cfg.prune.nm_pair, rep.global_.sparsity)
+        rep.output_format, rep.weights_bytes, rep.dense_weights_bytes = done.format, done.bytes, done.dense_bytes
+    else:
+        rep.output_format = "dense"
+        rep.weights_bytes = rep.dense_weights_bytes = compressed.weights_bytes(out)
+
+
+def card(cfg: RunConfig, loaded, rep) -> str:
+    """The model card (README.md) of the output directory."""
+    from dist_chita.io.card import CardInfo, model_card
+
+    m, c, p = cfg.model, cfg.calibration, cfg.prune
+    target = p.nm or (f"{p.sparsity} per {p.granularity}" if p.granularity != "global" else f"{p.sparsity} overall")
+    again = "dist-chita prune --config dist_chita_config.yaml output.dir=<new directory>"
+    commands = [again]
+    if rep.world_size > 1:
+        commands.append(f"torchrun --nproc-per-node {rep.world_size} $(command -v dist-chita) prune "
+                        "--config dist_chita_config.yaml output.dir=<new directory>   # as it ran")
+    data = f"`{c.source}`" + (f" ({c.config_name})" if c.config_name else "") + f", split {c.split}"
+    info = CardInfo(base_model=m.path if m.source == "hf" else f"{m.factory} ({m.weights})", task=loaded.task,
+                    hf=m.source == "hf", target=target,
+                    calibration=data + (f", windows of {c.max_length} tokens" if c.windows else ""),
+                    commands=commands)
+    return model_card(rep, info)
 
 
 def say_error(line: str, first: bool = True) -> None:

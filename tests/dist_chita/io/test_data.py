@@ -104,10 +104,35 @@ def test_largest_batch_holds_the_samples_with_most_tokens(tokenizer):
 
 
 def test_token_stream(tokenizer):
+    """WordPiece drops blank lines, so the texts are joined by [SEP]; a byte-level tokenizer keeps WikiText's
+    "\\n\\n" between texts tokenized together."""
     texts = ["Hello world.", "Second text here."]
     ids = data.token_stream(texts, tokenizer)
     assert ids.dtype == torch.long and ids.dim() == 1
-    assert ids.tolist() == tokenizer("Hello world.\n\nSecond text here.", add_special_tokens=False)["input_ids"]
+    assert tokenizer("\n\n", add_special_tokens=False)["input_ids"] == []
+    each = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert ids.tolist() == each[0] + [tokenizer.sep_token_id] + each[1] and tokenizer.sep_token_id == 102
+    gpt2 = byte_level_tokenizer()
+    assert data.token_stream(texts, gpt2).tolist() == gpt2("Hello world.\n\nSecond text here.")["input_ids"]
+    assert data.token_stream(texts, gpt2, separator=None).tolist() == (
+        gpt2(texts[0])["input_ids"] + [gpt2.eos_token_id] + gpt2(texts[1])["input_ids"])
+    assert data.separator_ids(gpt2).tolist() == [gpt2.eos_token_id]
+
+
+def byte_level_tokenizer():
+    """A GPT-2-style byte-level BPE tokenizer with an end-of-text token, trained here on a few texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Hello world.", "Second text here.", "some more words\n\n"], trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
 def test_token_stream_longer_than_the_model_says_nothing(capfd):
@@ -125,12 +150,15 @@ def test_token_stream_longer_than_the_model_says_nothing(capfd):
 def test_windows_cut_the_seeded_token_stream_into_full_windows(tokenizer):
     rows = data.load_rows("builtin:pydoc")
     order = data.select_indices(len(rows), None, 3)
-    texts = [str(t) for t in rows.select(order)["text"]]
-    stream = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]  # the independent truth
-    for per_read in (1, 7, len(rows)):  # WordPiece: "\n\n" has no tokens, so reading in chunks changes nothing
+    texts = [str(t) for t in rows.select(order[:40])["text"]]
+    stream = []  # the independent truth: every text tokenized alone, [SEP] between texts
+    for t in texts:
+        stream += ([tokenizer.sep_token_id] if stream else []) + tokenizer(t, add_special_tokens=False)["input_ids"]
+    for per_read in (1, 7, len(rows)):  # the same stream however many texts are tokenized at a time
         s = data.load_windows("builtin:pydoc", text_column="text", tokenizer=tokenizer, n=6, max_length=32, seed=3,
                               rows_per_read=per_read)
         assert s.fields["input_ids"].tolist() == torch.tensor(stream[:192]).view(6, 32).tolist()
+        assert tokenizer.sep_token_id in s.fields["input_ids"].view(-1).tolist()  # documents stay apart
         assert bool((s.fields["attention_mask"] == 1).all()) and s.rows.tolist() == list(range(6))
         assert not s.trim_padding and len(s) == 6
     other = data.load_windows("builtin:pydoc", text_column="text", tokenizer=tokenizer, n=6, max_length=32, seed=4)
@@ -209,6 +237,8 @@ def test_imagefolder(tmp_path):
     for img, lab in zip(x, s.fields["labels"].tolist(), strict=True):
         raw = (img[0] * 255).round().to(torch.uint8).numpy().tobytes()
         assert ["cat", "dog"][lab] == pixels[raw]
+    inferred = data.load_samples(str(tmp_path), n=6, seed=0, task="image-classification", flatten_images=False)
+    assert inferred.digest() == s.digest()
 
 
 def test_errors_name_file_or_column(tmp_path, table):
@@ -271,3 +301,92 @@ def test_validation_split_rejects_bad_sizes(bad, match):
     s = data.as_samples({"x": torch.zeros(50, 1)})
     with pytest.raises(ValueError, match=match):
         data.split_validation(s, bad)
+
+
+def image_dataset(tmp_path, modes=("L",) * 6):
+    """6 PNG images (8 x 8, of the given PIL modes) with ClassLabel labels, written as the datasets Image feature to
+    parquet (Dataset.to_parquet) and save_to_disk, and as a parquet file of {bytes, path} structs without the
+    feature's metadata (as pyarrow writes it); returns (paths, pixels (6, 8, 8, 3) uint8, labels)."""
+    import io
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    pixels = rng.integers(0, 256, size=(6, 8, 8, 3), dtype=np.uint8)
+    imgs = [Image.fromarray(p).convert(m) for p, m in zip(pixels, modes, strict=True)]
+    labels = [0, 1, 2, 0, 1, 2]
+    feats = datasets.Features({"img": datasets.Image(), "caption": datasets.Value("string"),
+                               "fine": datasets.ClassLabel(names=["a", "b", "c"])})
+    ds = datasets.Dataset.from_dict({"img": imgs, "caption": ["x"] * 6, "fine": labels}, features=feats)
+    ds.to_parquet(str(tmp_path / "hf.parquet"))
+    ds.save_to_disk(str(tmp_path / "disk"))
+
+    def encoded(img):
+        out = io.BytesIO()
+        img.save(out, format="PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    pq.write_table(pa.table({"image": [encoded(i) for i in imgs], "label": labels}), str(tmp_path / "plain.parquet"))
+    return [tmp_path / "hf.parquet", tmp_path / "disk", tmp_path / "plain.parquet"], pixels, labels
+
+
+def test_image_datasets_as_they_come_with_columns_from_the_task(tmp_path):
+    """The datasets Image feature in parquet and save_to_disk, and {bytes, path} structs in a plain parquet file: the
+    image task finds the image column and the labels (the ClassLabel column, else 'label'), reads no text column
+    (there is a string column 'caption'), and converts to the model's channels (PIL's L conversion as truth)."""
+    from PIL import Image
+
+    paths, pixels, labels = image_dataset(tmp_path, modes=("L", "RGB") * 3)
+    want_grey = np.stack([np.asarray(Image.fromarray(p).convert("L")) for p in pixels])
+    for path in paths:
+        s = data.load_samples(str(path), n=6, seed=0, task="image-classification", channels=1,
+                              flatten_images=False)
+        assert set(s.fields) == {"pixel_values", "labels"} and s.texts is None, path
+        rows = s.rows.tolist()
+        assert s.fields["labels"].tolist() == [labels[r] for r in rows]
+        got = (s.fields["pixel_values"][:, 0] * 255).round().to(torch.uint8).numpy()
+        assert np.abs(got.astype(int) - want_grey[rows].astype(int)).max() <= 1, path
+        rgb = data.load_samples(str(path), n=6, seed=0, task="image-classification", channels=3,
+                                flatten_images=False, mean=[0.5], std=[0.5])
+        assert rgb.fields["pixel_values"].shape == (6, 3, 8, 8)
+    assert data.infer_columns(data.load_rows(str(paths[0])), "image-classification") == (None, "img", "fine")
+    assert data.infer_columns(data.load_rows(str(paths[0])), "image-classification", text_column="caption") == (
+        "caption", None, None)  # told: only what is given
+
+
+def test_column_inference_and_its_errors(tmp_path, tokenizer):
+    import datasets
+
+    rows = datasets.Dataset.from_dict({"body": ["some words"] * 3, "n": [1, 2, 3]})
+    assert data.infer_columns(rows, "embedding") == ("body", None, None)  # the one string column
+    assert data.infer_columns(rows, "sequence-classification") == ("body", None, None)  # no label column
+    with pytest.raises(ValueError, match=r"^data has no image column \(a datasets Image feature or one named image"):
+        data.infer_columns(rows, "image-classification")
+    two = datasets.Dataset.from_dict({"a": ["x"], "b": ["y"]})
+    with pytest.raises(ValueError, match=r"^src has no text column .*columns: a, b\): set text_column$"):
+        data.infer_columns(two, "causal-lm", source="src")
+    with pytest.raises(ValueError, match="one of text_column / image_column is needed"):
+        data.infer_columns(rows, None)
+    s = data.load_samples("builtin:pydoc", n=3, task="embedding", tokenizer=tokenizer)
+    assert "input_ids" in s.fields and len(s.texts) == 3
+    labelled = datasets.Dataset.from_dict({"text": ["a", "b"], "label": ["pos", "neg"]})
+    labelled.to_parquet(str(tmp_path / "l.parquet"))
+    with pytest.raises(ValueError, match=r"^label column 'label' of .*l.parquet must hold integer class ids, got str "
+                                         r"'pos'$"):
+        data.load_samples(str(tmp_path / "l.parquet"), n=2, task="sequence-classification", tokenizer=tokenizer)
+
+
+def test_array_images_keep_their_dtype(tmp_path):
+    """8-bit pixels stored as an Array2D feature (not the Image feature) are scaled by 255 like decoded images."""
+    import datasets
+
+    pixels = np.random.default_rng(2).integers(0, 256, size=(4, 5, 6), dtype=np.uint8)
+    feats = datasets.Features({"image": datasets.Array2D((5, 6), "uint8"), "label": datasets.Value("int64")})
+    datasets.Dataset.from_dict({"image": pixels, "label": [0, 1, 0, 1]}, features=feats).save_to_disk(
+        str(tmp_path / "arr"))
+    s = data.load_samples(str(tmp_path / "arr"), n=4, seed=0, task="image-classification", flatten_images=False)
+    want = torch.tensor(pixels[s.rows.numpy()], dtype=torch.float32)[:, None] / 255
+    torch.testing.assert_close(s.fields["pixel_values"], want)

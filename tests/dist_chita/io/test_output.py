@@ -63,3 +63,25 @@ def test_unwritable_location_is_refused_before_any_work(tmp_path):
         assert not (tmp_path / "file" / "out").exists() and not (locked / "a").exists()
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_output_modes_follow_the_umask(tmp_path, umask, file_mode, dir_mode):
+    """Files written with a private mode (a 0600 temporary file, as safetensors writes) and plain files end with
+    the mode a new file gets under the umask, as does the directory itself and its subdirectories."""
+    import stat
+    import tempfile
+
+    old = os.umask(umask)
+    try:
+        target = tmp_path / "out"
+        with atomic_directory(target) as d:
+            fd, private = tempfile.mkstemp(dir=d)
+            os.close(fd)
+            os.replace(private, d / "model.safetensors")
+            (d / "sub").mkdir(mode=0o700)
+            (d / "sub" / "report.json").write_text("{}")
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [target, *target.rglob("*")]}
+    finally:
+        os.umask(old)
+    assert modes == {"out": dir_mode, "model.safetensors": file_mode, "sub": dir_mode, "report.json": file_mode}

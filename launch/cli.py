@@ -1,0 +1,157 @@
+"""The ``dist-chita`` console command (installed by pip): the launcher's scripts as subcommands.
+
+    dist-chita prune [--config configs/<run>.yaml] [--launch-config cpu_2] [--print-config] [key=value ...]
+    dist-chita plan --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml [...]
+    dist-chita decompress <sparse checkpoint> <output directory>
+
+``prune`` is ``launch/prune.py`` and runs the same way under ``accelerate launch`` and ``torchrun`` (give them the
+command's path, ``$(command -v dist-chita)``, or ``-m launch.cli``); ``--launch-config NAME`` starts it under
+``accelerate launch --config_file launch/accelerate/NAME.yaml`` itself. ``plan`` is ``launch/plan.py``.
+``decompress`` writes a sparse (compressed-tensors) checkpoint back as a dense one, which any transformers
+version and vLLM load.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+ROOT = PACKAGE.parent
+if str(ROOT) not in sys.path:  # run as a script from a source checkout
+    sys.path.insert(0, str(ROOT))
+
+LAUNCH_CONFIGS = PACKAGE / "accelerate"
+RUN_CONFIGS = ROOT / "configs"  # beside the launch package in a checkout (an editable install)
+COMMANDS = {"prune": "prune a model (launch/prune.py)", "plan": "plan a prune on a cluster (launch/plan.py)",
+            "decompress": "write a sparse compressed-tensors checkpoint as a dense one"}
+
+
+def _summary(path: Path, width: int = 88) -> str:
+    """The first sentence of a YAML file's leading comment, cut to ``width`` characters."""
+    text = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text.append(line.lstrip("# ").strip())
+    first = " ".join(text).split(". ")[0].split(": ")[0].rstrip(".")
+    return first if len(first) <= width else first[:width - 3].rsplit(" ", 1)[0] + "..."
+
+
+def listing() -> str:
+    """The run configs (configs/*.yaml beside the launch package) and the launch configs, one per line."""
+    runs = sorted(RUN_CONFIGS.glob("*.yaml")) if RUN_CONFIGS.is_dir() else []
+    lines = [f"run configs in {RUN_CONFIGS} (--config):"]
+    lines += [f"  {p.name:22s} {_summary(p)}" for p in runs] or ["  (none: not a source checkout)"]
+    lines.append(f"launch configs in {LAUNCH_CONFIGS} (--launch-config NAME, or accelerate launch --config_file):")
+    lines += [f"  {p.stem:22s} {_summary(p)}" for p in sorted(LAUNCH_CONFIGS.glob("*.yaml"))]
+    return "\n".join(lines)
+
+
+def usage() -> str:
+    lines = ["usage: dist-chita {" + ",".join(COMMANDS) + "} [options]", "",
+             "Distributed one-shot pruning with CHITA (dist-chita).", "", "commands:"]
+    lines += [f"  {name:12s} {what}" for name, what in COMMANDS.items()]
+    lines += ["", "dist-chita COMMAND --help shows a command's options.", "", listing()]
+    return "\n".join(lines)
+
+
+def relaunch(name: str, argv: list[str]) -> int:
+    """Run ``dist-chita prune argv`` under ``accelerate launch --config_file launch/accelerate/<name>.yaml``."""
+    path = LAUNCH_CONFIGS / f"{name}.yaml"
+    if not path.is_file():
+        names = ", ".join(p.stem for p in sorted(LAUNCH_CONFIGS.glob("*.yaml")))
+        print(f"error: no launch config {name!r} (one of {names})", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "launch.cli",
+           "prune", *argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, env=env).returncode
+
+
+def prune(argv: list[str]) -> int:
+    from launch import prune as recipe
+
+    if "--launch-config" in argv or any(a.startswith("--launch-config=") for a in argv):
+        rest, name = _take_option(argv, "--launch-config")
+        if name is None:
+            print("error: --launch-config needs a name (e.g. cpu_2)", file=sys.stderr)
+            return 2
+        return relaunch(name, rest)
+    if "-h" in argv or "--help" in argv:
+        epilog = ("--launch-config NAME   run under accelerate launch --config_file launch/accelerate/NAME.yaml\n\n"
+                  + listing())
+        recipe.make_parser("dist-chita prune", epilog).print_help()
+        return 0
+    return recipe.main(argv)
+
+
+def _take_option(argv: list[str], flag: str) -> tuple[list[str], str | None]:
+    """``argv`` without ``flag VALUE`` / ``flag=VALUE``, and VALUE (None when missing)."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == flag:
+            value = argv[i + 1] if i + 1 < len(argv) else None
+            i += 2
+            continue
+        if a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return rest, value
+
+
+def decompress(argv: list[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="dist-chita decompress", description=COMMANDS["decompress"])
+    ap.add_argument("source", help="a directory written with output.format: compressed-tensors")
+    ap.add_argument("target", help="the new directory (must not exist)")
+    args = ap.parse_args(argv)
+    from dist_chita.io import compressed
+
+    try:
+        compressed.decompress_checkpoint(args.source, args.target)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.target}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "prune":
+        return prune(rest)
+    if command == "plan":
+        from launch import plan
+
+        return plan.main(rest)
+    if command == "decompress":
+        return decompress(rest)
+    print(f"error: unknown command {command!r} (one of {', '.join(COMMANDS)}); dist-chita --help lists them",
+          file=sys.stderr)
+    return 2
+
+
+def entry() -> None:
+    """The console script: exit with :func:`main`'s status (as launch/prune.py does, a multi-process run skips the
+    interpreter's teardown once everything is written)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,103 @@
+"""The ``dist-chita`` console command as pip installs it (an editable install of this checkout into a throw-away
+virtual environment that sees the installed dependencies), run in subprocesses: help, errors, a prune on a 2-rank
+process group under torchrun and under its own --launch-config, decompress."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.multiproc import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory):
+    """A virtual environment with this checkout installed (editable, no dependencies: they come from the system
+    site-packages); returns its bin directory."""
+    where = tmp_path_factory.mktemp("venv") / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(where)], check=True)
+    py = where / "bin" / "python"
+    res = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--no-index", "-e", str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    return where / "bin"
+
+
+def cli(venv, *args, timeout=300, cwd=ROOT):
+    return subprocess.run([str(venv / "dist-chita"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_help_lists_commands_and_configs(venv, tmp_path):
+    res = cli(venv, "--help", cwd=tmp_path)  # found from the installed package, wherever it is run
+    assert res.returncode == 0, res.stderr
+    for name in ("prune", "plan", "decompress"):
+        assert f"\n  {name} " in res.stdout
+    for path in [*(ROOT / "configs").glob("*.yaml"), *(ROOT / "launch" / "accelerate").glob("*.yaml")]:
+        assert f"\n  {path.name if path.parent.name == 'configs' else path.stem} " in res.stdout, path
+    res = cli(venv, "prune", "--help", cwd=tmp_path)
+    assert res.returncode == 0 and "--print-config" in res.stdout and "--launch-config" in res.stdout
+    assert "default.yaml" in res.stdout and "cpu_2" in res.stdout
+    res = cli(venv, "plan", "--help")
+    assert res.returncode == 0 and "--hardware" in res.stdout
+
+
+def test_errors_are_one_line(venv, tmp_path):
+    res = cli(venv, "prnue")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: unknown command 'prnue' (one of prune, plan, decompress); dist-chita --help lists them"]
+    res = cli(venv, "prune", "prune.sparsty=0.7")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: unknown key 'prune.sparsty' (did you mean 'prune.sparsity'?)"]
+    res = cli(venv, "prune", "--launch-config", "cpu_3")
+    assert res.returncode == 2 and res.stderr.startswith("error: no launch config 'cpu_3' (one of cpu_1, cpu_2")
+    res = cli(venv, "decompress", str(tmp_path), str(tmp_path / "x"))
+    assert res.returncode == 1 and res.stderr.strip() == f"error: {tmp_path} is not a sparse compressed-tensors " \
+                                                         "checkpoint"
+
+
+def tiny_run(tmp_path, name):
+    return ["prune", "--config", "configs/tiny_mlp.yaml", f"output.dir={tmp_path / name}", "threads_per_rank=1"]
+
+
+def test_prune_under_torchrun_and_under_its_own_launch_config(venv, tmp_path):
+    """The installed command as the script runs (torchrun starts it on 2 processes), and started by itself under
+    accelerate launch with launch/accelerate/cpu_2.yaml: two 2-process runs with the same mask."""
+    torchrun = subprocess.run([str(venv / "python"), "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                               "--master-port", str(free_port()), str(venv / "dist-chita"), *tiny_run(tmp_path, "tr")],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    own = cli(venv, "prune", "--launch-config", "cpu_2", *tiny_run(tmp_path, "acc")[1:])
+    assert own.returncode == 0, own.stderr
+    reports = [json.loads((tmp_path / k / "prune_report.json").read_text()) for k in ("tr", "acc")]
+    assert [r["world_size"] for r in reports] == [2, 2] and reports[0]["mask_sha256"] == reports[1]["mask_sha256"]
+    for res in (torchrun, own):  # the main process prints
+        assert res.stdout.count("dist-chita: tiny_mlp") == 1 and "saved to" in res.stdout
+
+
+def test_decompress_writes_a_dense_checkpoint(venv, tmp_path):
+    import transformers as tf
+
+    from dist_chita.io import compressed
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
+    w = model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        w[w.abs() < w.abs().median()] = 0
+    model.save_pretrained(tmp_path / "dense")
+    model.save_pretrained(tmp_path / "sparse")
+    compressed.compress_checkpoint(tmp_path / "sparse", model, ["model.layers.0.mlp.up_proj"], None, 0.5)
+    res = cli(venv, "decompress", str(tmp_path / "sparse"), str(tmp_path / "back"))
+    assert res.returncode == 0, res.stderr
+    a = tf.LlamaForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    b = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dense").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert os.listdir(tmp_path / "back") and not compressed.sparsity_config(tmp_path / "back")
