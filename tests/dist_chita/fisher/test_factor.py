@@ -1,7 +1,6 @@
 import gc
 import math
 import mmap
-import time
 from pathlib import Path
 
 import pytest
@@ -273,10 +272,10 @@ def rank_error(*args):
 
 
 def test_error_on_one_rank_is_raised_on_every_rank_at_once():
-    t0 = time.perf_counter()
+    """The other ranks raise at once with the failing rank's name (had they waited for the process group's timeout,
+    their error would be the collective's timeout instead)."""
     errors = run(rank_error, 2, 8, 2, torch.float32, "bad_shape")  # rank 1's loss has the wrong shape
     assert errors[1][0] == "ValueError" and "loss_fn must return a (2,) tensor" in errors[1][1]
     assert errors[0] == ("RuntimeError", "rank 1: its batches or loss_fn raised during fisher_block")
     errors = run(rank_error, 3, 9, 2, torch.float32, "nan")
     assert all(e[0] == "ValueError" and "non-finite" in e[1] and "'conv'" in e[1] for e in errors)
-    assert time.perf_counter() - t0 < 60  # nobody waited for the gloo timeout
