@@ -329,6 +329,11 @@ def _resnet_choices(data: dict) -> str:
                             [[f"`{t['loss']}`", f"{t['lambda']:g}", _pct(t["validation"])]
                              for t in ch["fisher"]["tried"]]))
     if "recipe" in ch:
+        if "recipe_command" in ch:
+            load = ch["recipe_load_average_1min"]
+            parts += ["The recipe's questions were answered by a second run (1-minute load average "
+                      f"{load['start']:.1f} at its start, {load['end']:.1f} at its end):",
+                      _command(ch["recipe_command"])]
         parts += ["The recipe's questions (layerwise CHITA, global budget; validation accuracy with BatchNorm "
                   "re-estimated, and with the dense statistics):",
                   _table(["variant", "target", "validation", "stale BatchNorm"],

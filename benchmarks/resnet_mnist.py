@@ -16,8 +16,8 @@ with the global budget, the layers' shares from their reconstruction-error curve
 CHITA++ (stages fixed at ``--stages``, not swept) with the global budget. Every prune reports the accuracy with the
 dense model's BatchNorm statistics and after their re-estimation on the calibration digits. Chosen on the
 validation digits, at sparsity ``--sweep-sparsity``: the Fisher objective's loss and lambda (when a Fisher prune
-runs), and the recipe's questions (is the stem convolution pruned, is the classifier; unless
-``--no-recipe-questions``). The JSON is rewritten after every sparsity
+runs), and the recipe's questions (is the stem convolution pruned, is the classifier; unless ``--no-recipe-questions``;
+``--recipe-questions-only`` adds them to the JSON of an earlier run). The JSON is rewritten after every sparsity
 (``complete`` false until the last): benchmarks/results/resnet_mnist.json; ``render_results.py`` makes
 docs/results/resnet_mnist.md from it.
 """
@@ -195,11 +195,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", default="all", help="the prunes of every row, comma-separated, of " + ",".join(SHORT))
     ap.add_argument("--no-recipe-questions", action="store_true", help="skip the stem / classifier questions")
+    ap.add_argument("--recipe-questions-only", action="store_true",
+                    help="only the recipe's questions, added to the JSON at --out of an earlier run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "resnet_mnist.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0, load_before = time.perf_counter(), os.getloadavg()[0]
     bench = Bench()
+    if args.recipe_questions_only:
+        data = json.loads(Path(args.out).read_text())
+        data["choices"]["recipe"] = recipe_questions(bench, data["choices"]["sparsity"])
+        data["choices"]["recipe_command"] = ["python3", "benchmarks/resnet_mnist.py", "--threads", str(args.threads),
+                                             "--recipe-questions-only"]
+        data["choices"]["recipe_load_average_1min"] = {"start": load_before, "end": os.getloadavg()[0]}
+        Path(args.out).write_text(json.dumps(data, indent=2))
+        return
     model = bench.fresh()
     dense = {"test": bench.accuracy(model, bench.test), "validation": bench.accuracy(model, bench.validation)}
     print(f"dense: test {dense['test']:.4f}, validation {dense['validation']:.4f}", flush=True)

@@ -252,6 +252,20 @@ def test_resnet_page_without_fisher_prunes_or_choices(tmp_path):
         del row["Fisher CHITA++, global"]
     data["choices"] = {"sparsity": 0.9}
     data["verdicts"]["layerwise_global_minus_fisher_chita_pp"] = {}
+    (tmp_path / "later").mkdir()
+    later = tmp_path / "later"
+    (later / "benchmarks" / "results").mkdir(parents=True)
+    with_questions = {**data, "choices": {"sparsity": 0.9, "recipe": [
+        {"variant": "stem convolution dense", "target": {"exclude": ["resnet.embedder.*"]}, "validation": 0.91234,
+         "validation_stale_bn": 0.5}], "recipe_command": ["python3", "benchmarks/resnet_mnist.py",
+                                                          "--recipe-questions-only"],
+        "recipe_load_average_1min": {"start": 3.0, "end": 4.0}}}
+    (later / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(with_questions))
+    assert rr.main(["--root", str(later)]) == 0
+    page = (later / "docs" / "results" / "resnet_mnist.md").read_text()
+    assert "    python3 benchmarks/resnet_mnist.py --recipe-questions-only" in page and "This run chose" not in page
+    assert _table_rows(page, "variant") == [["stem convolution dense", '`{"exclude": ["resnet.embedder.*"]}`',
+                                             "91.23%", "50.00%"]]
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
     (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
