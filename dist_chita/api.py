@@ -13,18 +13,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from dist_chita import prunable, report
+from dist_chita import batchnorm, prunable, recipes, report
 from dist_chita.distributed import comm
 from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher import driver as fisher_driver
 from dist_chita.fisher import groups, losses, ntstore, resume, tuning
 from dist_chita.io import data, models, params
-from dist_chita.layerwise import allocation, curvature
+from dist_chita.layerwise import allocation, budgets, curvature
 from dist_chita.layerwise import driver as layerwise_driver
 from dist_chita.options import Fisher, Layerwise, Target, objective_name, resolve_ridge
 from dist_chita.planning import memory
@@ -33,7 +33,7 @@ from dist_chita.validation import Validation
 
 # the phases of the report's ``phase_seconds`` timed here (every run reports each, 0 when it did not happen)
 PHASES = ("allocation", "eval_before", "magnitude_baseline", "fisher", "exchange", "solver", "backsolve",
-          "writeback", "eval_after")
+           "writeback", "batchnorm", "eval_after")
 AUTO_VALIDATION = 0.2  # the share of the calibration samples held out when a setting is auto and none is given
 Evaluate = Callable[[str], Mapping[str, float]]
 Log = Callable[[str], None]
@@ -55,6 +55,7 @@ class _Run:
     log: Log
     progress: Progress | None
     fisher_options: Fisher
+    reestimate_batchnorm: bool = True
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     validation: Validation | None = None  # the score on the samples held out of the calibration data
     tuning: dict = field(default_factory=dict)  # what was chosen on them, for the report
@@ -95,7 +96,7 @@ def prune(
     *,
     target: Target | None = None,
     objective: Layerwise | Fisher | None = None,
-    method: str = "chita",
+    method: str | None = None,
     fisher: Fisher | None = None,
     task: str | None = None,
     batch_size: int = 16,
@@ -107,6 +108,7 @@ def prune(
     progress: Progress | None = None,
     validation=None,
     validation_seed: int = 0,
+    reestimate_batchnorm: bool = True,
 ) -> report.Report:
     """Prune ``model`` in place and return the :class:`~dist_chita.report.Report`. Collective.
 
@@ -116,13 +118,14 @@ def prune(
         calibration: the n calibration samples: a :class:`dist_chita.io.data.Samples`, a mapping of tensors with
             first dimension n (e.g. a tokenizer's output: ``input_ids``, ``attention_mask``; or ``pixel_values``,
             ``labels``), or a sequence of such per-sample mappings (:func:`dist_chita.io.data.as_samples`).
-        target: which weights and to what sparsity (:class:`~dist_chita.options.Target`; None: its defaults).
-        objective: :class:`~dist_chita.options.Layerwise` (None: its defaults) or
-            :class:`~dist_chita.options.Fisher`, with their settings.
+        target: which weights and to what sparsity (:class:`~dist_chita.options.Target`; None: its defaults;
+            ``granularity`` None: the recipe's without an objective, else ``row``).
+        objective: :class:`~dist_chita.options.Layerwise` or :class:`~dist_chita.options.Fisher`, with their
+            settings; None: the model family's recipe (:func:`dist_chita.recipes.resolve`, logged with why).
         method: layerwise ``chita``, ``sparsegpt``, ``wanda``, ``magnitude``, ``obd`` (and any method registered
-            in :mod:`dist_chita.methods`); Fisher ``chita``, ``chita++``, ``magnitude``.
-        fisher: with the layerwise method ``obd``, the empirical Fisher whose diagonal is its saliency (its
-            ``loss`` and ``seed``; None: :class:`~dist_chita.options.Fisher`'s defaults).
+            in :mod:`dist_chita.methods`); Fisher ``chita``, ``chita++``, ``magnitude``; None: the recipe's.
+        fisher: the Fisher options of the layerwise method ``obd`` (its ``loss`` and ``seed``) and of a recipe
+            that chooses the Fisher objective (None: :class:`~dist_chita.options.Fisher`'s defaults).
         task: how the model's output is used (``causal-lm``, ``sequence-classification``, ``image-classification``,
             ``embedding``); None: inferred (:func:`dist_chita.io.models.infer_task`).
         batch_size: calibration samples per forward/backward pass.
@@ -138,29 +141,29 @@ def prune(
             ``validation_seed`` and left out of the factor (:func:`dist_chita.io.data.split_validation`), or
             samples of their own (as ``calibration``); None: 0.2 of the calibration samples when a setting is
             ``auto``, else none. Never the evaluation data.
+        reestimate_batchnorm: then recompute every BatchNorm layer's running statistics on the calibration samples
+            (:mod:`dist_chita.batchnorm`; the metric before: ``after_stale_bn``; the magnitude baseline's too).
     """
-    target, objective = target or Target(), objective or Layerwise()
-    _check(target, objective, method)
+    task = task or models.infer_task(model)
+    log = log or (lambda line: None)
+    chosen, target, objective = _resolve(model, task, target or Target(), objective, method, fisher, log)
+    method = chosen.method
     samples, held = _held_out(data.as_samples(calibration), validation, validation_seed, objective, log)
     sample_ranges(len(samples), comm.world_size())  # n >= number of ranks, before any work
     partitioned = params.any_partitioned(model)
     if partitioned and isinstance(objective, Fisher) and objective.group_size is not None:
         raise ValueError("group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
-    run = _Run(model, task or models.infer_task(model), samples, target, objective, method, batch_size,
+    run = _Run(model, task, samples, target, objective, method, batch_size,
                prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
-               log or (lambda line: None), progress, fisher or Fisher())
+               log, progress, fisher or Fisher(), reestimate_batchnorm)
     if held is not None:
         run.validation = _validation(run, held, partitioned)
-    with run.phase("allocation" if target.allocation == "owl" else "_targets"):
+    with run.phase("allocation" if _allocates(run) else "_targets"):
         targets = _targets(run)
     run.seconds.pop("_targets", None)
     estimate = _estimate(run, targets, probe_batches, partitioned, compare_magnitude and evaluate is not None)
     if check_memory:
-        available = memory.available_bytes(models.device_of(model), comm.local_world_size())
-        run.log(_estimate_line(run, estimate, available))
-        if estimate.total > available:
-            raise MemoryError(memory.advice(estimate, available, run.n, comm.world_size(),
-                                            getattr(objective, "storage_dtype", "float32")))
+        _refuse_beyond_memory(run, estimate)
     with run.phase("eval_before"):
         metric = _measure(evaluate, "before")
         if run.validation is not None:
@@ -169,14 +172,15 @@ def prune(
         with run.phase("magnitude_baseline"):
             metric.update(_magnitude_metric(run, targets, evaluate))
     outcome, restored = _prune(run, targets)
-    for st in outcome.stages:
-        for k, v in st.seconds.items():
-            run.seconds[k] = run.seconds.get(k, 0.0) + v
+    for k, v in ((k, v) for st in outcome.stages for k, v in st.seconds.items()):
+        run.seconds[k] = run.seconds.get(k, 0.0) + v
+    renormalised = _renormalise(run, evaluate, metric)
     with run.phase("eval_after"):
         metric.update(_measure(evaluate, "after"))
         if run.validation is not None:
             run.tuning["after"] = run.validation.score(model)
     rep = _report(run, outcome, restored, metric, estimate, partitioned)
+    rep.batchnorm_reestimated, rep.recipe = renormalised, chosen.line and chosen.line.strip()
     rep.add_rank_figures(run.seconds, models.device_of(model), params.resident_bytes(model.parameters()))
     return rep
 
@@ -207,6 +211,42 @@ def _validation(run: _Run, held: data.Samples, partitioned: bool) -> Validation:
     return Validation.output_distance(held, run.forward_fn, run.model, run.batch_size, partitioned)
 
 
+def _refuse_beyond_memory(run: _Run, estimate: memory.MemoryEstimate) -> None:
+    """Log the estimate; MemoryError with advice when it exceeds the memory available to the rank."""
+    available = memory.available_bytes(models.device_of(run.model), comm.local_world_size())
+    run.log(_estimate_line(run, estimate, available))
+    if estimate.total > available:
+        raise MemoryError(memory.advice(estimate, available, run.n, comm.world_size(),
+                                        getattr(run.objective, "storage_dtype", "float32")))
+
+
+def _resolve(model: nn.Module, task: str, target: Target, objective: Layerwise | Fisher | None, method: str | None,
+             fisher: Fisher | None, log: Log) -> tuple[recipes.Resolved, Target, Layerwise | Fisher]:
+    """The objective, method and granularity the run uses (the model family's recipe for those not given, logged),
+    checked: (what was resolved, the target with its granularity, the objective's options)."""
+    chosen = recipes.resolve(model, task, objective and objective_name(objective), method, target.granularity)
+    if objective is None:
+        objective = (fisher or Fisher()) if chosen.objective == "fisher" else Layerwise()
+    target = replace(target, granularity=chosen.granularity)
+    _check(target, objective, chosen.method)
+    if chosen.line is not None:
+        log(chosen.line)
+    return chosen, target, objective
+
+
+def _renormalise(run: _Run, evaluate: Evaluate | None, metric: dict) -> int:
+    """BatchNorm re-estimation after pruning (:mod:`dist_chita.batchnorm`), when asked and the model has
+    BatchNorm, with the metric before it as ``after_stale_bn``: the number of layers re-estimated."""
+    if not (run.reestimate_batchnorm and batchnorm.batchnorm_layers(run.model)):
+        return 0
+    with run.phase("eval_after"):
+        metric.update(_measure(evaluate, "after_stale_bn"))
+    with run.phase("batchnorm"):
+        done = batchnorm.reestimate(run.model, run.forward, run.samples, run.batch_size, run.progress)
+    run.log(f"  BatchNorm: running statistics of {done} layers re-estimated on the calibration data")
+    return done
+
+
 def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
     """A one-line ValueError for the first problem of the options, before any work."""
     problems = target.problems() + (objective.problems(method, target) if isinstance(objective, Fisher)
@@ -234,7 +274,22 @@ def _targets(run: _Run) -> Sparsity:
         run.log(f"  OWL: block sparsities {min(targets):.4f}..{max(targets):.4f} (M {t.owl_m}, lambda "
                 f"{t.owl_lambda})")
         return targets
+    if _allocates(run):  # layer shares of one budget from the dense layers' reconstruction-error curves
+        damp = run.objective.damp if isinstance(run.objective, Layerwise) else Layerwise().damp
+        targets = budgets.global_targets(run.model, run.modules, run.forward, run.rank_microbatches, t.sparsity,
+                                         damp, run.progress)
+        run.log(f"  allocation by reconstruction error: layer sparsities {min(targets):.4f}..{max(targets):.4f}, "
+                f"{mean_sparsity(targets, sizes):.4f} over all prunable weights")
+        return targets
     return t.sparsity
+
+
+def _allocates(run: _Run) -> bool:
+    """Whether the layers' sparsities come from a pass over the dense model: OWL, or the reconstruction-error
+    allocation (``allocation: reconstruction``, and a layerwise run with ``granularity: global``)."""
+    t = run.target
+    layerwise_global = not run.fisher and t.granularity == "global" and t.nm is None
+    return t.allocation in ("owl", "reconstruction") or (layerwise_global and not t.layer_sparsity)
 
 
 def _estimate(run: _Run, targets: Sparsity, probe_batches, partitioned: bool, compare: bool) -> memory.MemoryEstimate:
@@ -302,30 +357,40 @@ def _measure(evaluate: Evaluate | None, stage: str) -> dict[str, float]:
 
 
 def _magnitude_metric(run: _Run, targets: Sparsity, evaluate: Evaluate) -> dict[str, float]:
-    """The metric of magnitude pruning at the same targets, on the rows the objective prunes; the dense weights
-    are restored after."""
+    """The metric of magnitude pruning at the same targets, on the rows the objective prunes, with the BatchNorm
+    statistics re-estimated as the run's will be (``magnitude``; before that ``magnitude_stale_bn``); the dense
+    weights and statistics are restored after."""
     dense = [params.read(m.weight).clone() for _, m in run.modules]
+    statistics = batchnorm.buffers(run.model)
     t = run.target
-    if run.fisher:
-        fisher_driver.prune(run.model, run.modules, "magnitude", targets, **_budget(t))
+    if run.fisher or (t.granularity == "global" and t.nm is None):  # a global budget: global magnitude
+        fisher_driver.prune(run.model, run.modules, "magnitude", t.sparsity if not run.fisher else targets,
+                            **_budget(t, fisher=True))
     else:
         layerwise_driver.prune_magnitude(run.modules, targets, t.nm_pair, per_layer=_budget(t)["per_layer"])
-    values = _measure(evaluate, "magnitude")
+    values = {}
+    if run.reestimate_batchnorm and statistics:
+        values = _measure(evaluate, "magnitude_stale_bn")
+        batchnorm.reestimate(run.model, run.forward, run.samples, run.batch_size)
+    values.update(_measure(evaluate, "magnitude"))
     for (_, m), w in zip(run.modules, dense, strict=True):
         params.write(m.weight, w)
+    batchnorm.restore(run.model, statistics)
     return values
 
 
-def _budget(t: Target) -> dict:
+def _budget(t: Target, fisher: bool = True) -> dict:
+    """The drivers' budget keywords: per row, per layer (the layerwise objective's global budget is per layer once
+    the layers' shares are allocated), N:M, or else global (the Fisher objective's)."""
     nm = t.nm_pair
-    return {"per_layer": nm is None and t.granularity == "layer", "per_row": nm is None and t.granularity == "row",
-            "nm": nm}
+    per_layer = t.granularity == "layer" or (not fisher and t.granularity == "global")
+    return {"per_layer": nm is None and per_layer, "per_row": nm is None and t.granularity == "row", "nm": nm}
 
 
 def _prune(run: _Run, targets: Sparsity) -> tuple[fisher_driver.PruneOutcome, list]:
     """The objective's driver on the model, with the stages an interrupted CHITA++ run completed (restored from
     its checkpoint) first."""
-    budget = _budget(run.target)
+    budget = _budget(run.target, run.fisher)
     if run.fisher:
         return _prune_fisher(run, targets, budget)
     o, f = run.objective, run.fisher_options  # each layer's reconstruction, block by block

@@ -55,21 +55,25 @@ class Target:
 
     ``sparsity`` is the share of zeros and ``granularity`` where it holds: ``row`` (every output row of every layer,
     ``weight[i]``, keeps the same share: Wanda's comparison group), ``layer`` (each layer) or ``global`` (over all
-    prunable weights, k = (1 - sparsity) p, the CHITA paper's; Fisher objective only). ``nm`` ("N:M") keeps N of
-    every M consecutive weights of a row instead (``sparsity`` and ``granularity`` are then unused).
-    ``layer_sparsity`` gives the layers whose name matches a pattern their own target (the first match wins);
-    ``allocation: owl`` sets every block's sparsity from the dense model's outliers (OWL, Yin et al. 2024: layers
-    whose |W_ij| ||X_j|| exceed ``owl_m`` times the block's mean keep more, spread 2 ``owl_lambda``, mean
-    ``sparsity``). The candidates are the weights of Linear, Conv and transformers' Conv1D layers; ``include``
-    (None: all) and ``exclude`` are fnmatch patterns on module names, and ``exclude_head`` leaves an output head
-    dense (embeddings are never pruned).
+    prunable weights, k = (1 - sparsity) p: the CHITA paper's on the Fisher objective; on the layerwise objective
+    the layers' shares of k follow their reconstruction-error curves, :mod:`dist_chita.layerwise.budgets`, and each
+    layer's rows share its count); None: the model family's recipe when no objective is given
+    (:mod:`dist_chita.recipes`), else ``row``. ``nm`` ("N:M") keeps N of every M consecutive weights of a row
+    instead (``sparsity`` and ``granularity`` are then unused). ``layer_sparsity`` gives the layers whose name
+    matches a pattern their own target (the first match wins); ``allocation: owl`` sets every block's sparsity from
+    the dense model's outliers (OWL, Yin et al. 2024: layers whose |W_ij| ||X_j|| exceed ``owl_m`` times the
+    block's mean keep more, spread 2 ``owl_lambda``, mean ``sparsity``); ``allocation: reconstruction`` sets every
+    layer's sparsity as ``granularity: global`` does on the layerwise objective, with ``granularity`` row or layer
+    holding inside each layer. The candidates are the weights of Linear, Conv and transformers' Conv1D layers;
+    ``include`` (None: all) and ``exclude`` are fnmatch patterns on module names, and ``exclude_head`` leaves an
+    output head dense (embeddings are never pruned).
     """
 
     sparsity: float = 0.5
-    granularity: Granularity = "row"
+    granularity: Granularity | None = None
     nm: str | None = None
     layer_sparsity: tuple[LayerSparsity, ...] = ()
-    allocation: Literal["uniform", "owl"] = "uniform"
+    allocation: Literal["uniform", "owl", "reconstruction"] = "uniform"
     owl_m: float = 5.0
     owl_lambda: float = 0.08
     include: tuple[str, ...] | None = None
@@ -104,6 +108,12 @@ class Target:
                 out.append(f"owl_m: must be > 0, got {self.owl_m}")
             if not self.owl_lambda >= 0.0:
                 out.append(f"owl_lambda: must be >= 0, got {self.owl_lambda}")
+        if self.allocation == "reconstruction":
+            if self.layer_sparsity:
+                out.append("allocation: reconstruction sets every layer's sparsity; drop layer_sparsity")
+            if self.nm is not None or self.granularity == "global":
+                out.append("allocation: reconstruction needs granularity row or layer (no N:M); granularity: global "
+                           "allocates by reconstruction error on the layerwise objective by itself")
         if self.include is not None and not self.include:
             out.append("include: must list at least one pattern (or be null)")
         return out

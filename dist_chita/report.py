@@ -102,11 +102,18 @@ class Report:
         "without", None)
     metric: dict[str, Any] = _doc("``name`` (accuracy, perplexity, embedding_fidelity, none) and the values "
                                   "``before`` (dense), ``magnitude`` (magnitude pruning at the same targets), "
-                                  "``after``, and e.g. ``after_nn_agreement``", factory=dict)
+                                  "``after``, and e.g. ``after_nn_agreement``; with BatchNorm re-estimation also "
+                                  "``after_stale_bn`` and ``magnitude_stale_bn`` (the pruned model before its "
+                                  "BatchNorm statistics were re-estimated)", factory=dict)
+    recipe: str | None = _doc("with no objective given (``prune.objective: auto``): the objective, method and "
+                              "granularity the model family's recipe chose, and why (dist_chita/recipes.py); "
+                              "else null", None)
+    batchnorm_reestimated: int = _doc("BatchNorm layers whose running statistics were recomputed on the "
+                                      "calibration data after pruning (0: none, or re-estimation off)", 0)
     phase_seconds: dict[str, list[float]] = _doc(
         "per phase, per rank: load, allocation (OWL's pass), eval_before, magnitude_baseline, curvature "
         "(layerwise passes), fisher (per-sample gradients with the exchange), exchange, solver, backsolve, "
-        "writeback, eval_after, save, total", factory=dict)
+        "writeback, batchnorm (re-estimation), eval_after, save, total", factory=dict)
     bytes_sent: dict[str, list[int]] = _doc("payload bytes each rank sent in collectives, per phase",
                                             factory=dict)
     solver_iterations: int = _doc("IHT iterations over all stages", 0)

@@ -30,7 +30,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dist_chita.options import Fisher, Layerwise, Target
+from dist_chita.options import FISHER_METHODS, Fisher, Layerwise, Target, layerwise_methods
 from dist_chita.options import parse_nm as _parse_nm
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -127,13 +127,18 @@ class EvalConfig:
 @dataclass(frozen=True)
 class PruneConfig(Target):
     """What to prune and to what sparsity (:class:`dist_chita.options.Target`), with which quadratic model and
-    method. ``objective``: ``layerwise`` (each layer's reconstruction curvature; settings in ``layerwise:``) or
-    ``fisher`` (the CHITA paper's empirical Fisher of the loss; settings in ``fisher:``). ``method``: on the
-    layerwise objective ``chita``, ``sparsegpt``, ``wanda``, ``magnitude`` or ``obd``; on the Fisher objective
-    ``chita``, ``chita++`` or ``magnitude``."""
+    method. ``objective``: ``layerwise`` (each layer's reconstruction curvature; settings in ``layerwise:``),
+    ``fisher`` (the CHITA paper's empirical Fisher of the loss; settings in ``fisher:``) or ``auto`` (the model
+    family's recipe, :mod:`dist_chita.recipes`, printed with why; with ``method`` and ``granularity`` left unset
+    the recipe chooses them too). ``method``: on the layerwise objective ``chita``, ``sparsegpt``, ``wanda``,
+    ``magnitude`` or ``obd``; on the Fisher objective ``chita``, ``chita++`` or ``magnitude``; null: the recipe's
+    (``chita`` with an objective given). ``reestimate_batchnorm``: after pruning, recompute every BatchNorm
+    layer's running statistics on the calibration data (:mod:`dist_chita.batchnorm`; models without BatchNorm are
+    not touched)."""
 
-    objective: Literal["layerwise", "fisher"] = "layerwise"
-    method: str = "chita"
+    objective: Literal["auto", "layerwise", "fisher"] = "auto"
+    method: str | None = None
+    reestimate_batchnorm: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,13 +174,15 @@ class RunConfig:
 
     @property
     def objective(self) -> Layerwise | Fisher:
-        """The options of the objective ``prune.objective`` names."""
+        """The options of the objective ``prune.objective`` names (``auto``: those of the layerwise objective until
+        the recipe is resolved, :func:`resolve_auto`)."""
         return self.fisher if self.prune.objective == "fisher" else self.layerwise
 
     def sections(self) -> tuple[str, ...]:
         """The top-level keys this run reads: the objective's section and not the other's (``fisher:`` also for
-        ``method: obd``, whose saliency is the Fisher diagonal of ``fisher.loss``)."""
-        uses_fisher = self.prune.objective == "fisher" or self.prune.method == "obd"
+        ``method: obd``, whose saliency is the Fisher diagonal of ``fisher.loss``; both with ``objective: auto``)."""
+        auto = self.prune.objective == "auto"
+        uses_fisher = auto or self.prune.objective == "fisher" or self.prune.method == "obd"
         skip = {"fisher"} if not uses_fisher else set()
         if self.prune.objective == "fisher":
             skip.add("layerwise")
@@ -413,18 +420,36 @@ def _validate_data(cfg: RunConfig) -> None:
 
 
 def _validate_prune(cfg: RunConfig) -> None:
+    """The prune section and its objective's; with ``objective: auto``, the method is checked to exist and each
+    objective's settings as far as they do not depend on the method (the rest once the recipe is resolved)."""
     p = cfg.prune
     problems = [f"prune.{msg}" for msg in p.problems()]
-    if p.objective == "layerwise":
+    if p.objective == "auto":
+        known = [*layerwise_methods(), *(m for m in FISHER_METHODS if m not in layerwise_methods())]
+        if p.method is not None and p.method not in known:
+            problems.append(f"prune.method: {p.method!r} is neither a layerwise nor a Fisher-objective method (one "
+                            f"of {', '.join(known)})")
+        problems += [f"layerwise.{msg}" for msg in cfg.layerwise.problems("chita")]
+        problems += [f"fisher.{msg}" for msg in cfg.fisher.problems("chita", p)]
+    elif p.objective == "layerwise":
         problems += [f"{'prune' if msg.startswith('method') else 'layerwise'}.{msg}"
-                     for msg in cfg.layerwise.problems(p.method)]
-        _need(p.nm is not None or p.granularity != "global",
-              "prune.granularity: global needs prune.objective=fisher (the layerwise objective prunes one layer at "
-              "a time: use granularity row or layer, or prune.nm)")
+                     for msg in cfg.layerwise.problems(p.method or "chita")]
     else:
         problems += [f"{'prune' if msg.startswith('method') else 'fisher'}.{msg}"
-                     for msg in cfg.fisher.problems(p.method, p)]
+                     for msg in cfg.fisher.problems(p.method or "chita", p)]
     _need(not problems, problems[0] if problems else "")
+
+
+def resolve_auto(cfg: RunConfig, model, task: str) -> tuple[RunConfig, str | None]:
+    """``cfg`` with ``prune.objective``, ``prune.method`` and ``prune.granularity`` set as the run uses them (the
+    recipe of ``model``'s family for those left unset, :func:`dist_chita.recipes.resolve`), validated again; and
+    the line saying what the recipe chose and why (None when nothing was left to it)."""
+    from dist_chita.recipes import resolve
+
+    p = cfg.prune
+    chosen = resolve(model, task, p.objective, p.method, p.granularity)
+    prune = dataclasses.replace(p, objective=chosen.objective, method=chosen.method, granularity=chosen.granularity)
+    return validate(dataclasses.replace(cfg, prune=prune)), chosen.line
 
 
 def validate(cfg: RunConfig) -> RunConfig:

@@ -36,6 +36,7 @@ from launch.config import (  # noqa: E402
     eval_kwargs,
     load_config,
     model_kwargs,
+    resolve_auto,
     save_config,
 )
 
@@ -259,7 +260,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
 
     t_run = time.perf_counter()
     world = comm.world_size()
-    say(f"dist-chita: {cfg.name}: {cfg.prune.method} to sparsity {cfg.prune.nm or cfg.prune.sparsity} "
+    say(f"dist-chita: {cfg.name}: {cfg.prune.method or 'auto'} to sparsity {cfg.prune.nm or cfg.prune.sparsity} "
         f"on {world} process(es), {torch.get_num_threads()} thread(s) each")
     if cfg.world_size is not None and cfg.world_size != world:
         say(f"note: the config asks for world_size {cfg.world_size} but {world} process(es) started "
@@ -272,6 +273,11 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     t = time.perf_counter()
     loaded, engine, calib, evaluator = load(cfg, device, partition)
     seconds = {"load": time.perf_counter() - t}
+    cfg, recipe = resolve_auto(cfg, loaded.model, loaded.task)  # objective auto: the model family's recipe
+    if recipe is not None:
+        say(recipe)
+    if partition is not None and cfg.prune.objective == "fisher" and cfg.fisher.group_size is not None:
+        raise ValueError("fisher.group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
     progress = Progress(comm.is_main())
     try:
         rep = dist_chita.prune(
@@ -279,12 +285,14 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             method=cfg.prune.method, fisher=cfg.fisher, task=loaded.task, batch_size=cfg.calibration.batch_size,
             evaluate=evaluator and warn_near_chance(evaluator, say), compare_magnitude=cfg.eval.compare_magnitude,
             probe_batches=evaluator.probe_batches() if evaluator else (), log=say, progress=faults.watch(progress),
-            validation=cfg.calibration.validation, validation_seed=cfg.calibration.seed)
+            validation=cfg.calibration.validation, validation_seed=cfg.calibration.seed,
+            reestimate_batchnorm=cfg.prune.reestimate_batchnorm)
     finally:
         progress.close()
     if engine is not None:  # modules the backward pass does not reach (embeddings) keep their gathered weights
         engine.empty_partition_cache()
     rep.name, rep.config, rep.metric = cfg.name, cfg.to_dict(), {"name": cfg.eval.metric, **rep.metric}
+    rep.recipe = recipe and recipe.strip()
     return save(cfg, loaded, rep, out_dir, seconds, t_run, device, partitioned=engine is not None)
 
 

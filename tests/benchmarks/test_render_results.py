@@ -213,3 +213,92 @@ def test_sparse_checkpoint_rows_hold_the_json_sizes():
         assert row[4:6] == [f"{r['dense_bytes'] / 1e6:.1f} MB", f"{r['compressed_bytes'] / 1e6:.1f} MB"]
         assert row[7] == ("yes" if r["reloaded_weights_equal"] else "NO")
     assert page.headline[0][2].endswith("reloaded weights DIFFER")
+
+
+def _resnet() -> dict:
+    def run(acc: float, stale: float, val: float, secs: float, obj: float | None, warm: float | None) -> dict:
+        return {"accuracy": acc, "accuracy_stale_bn": stale, "validation": val, "validation_stale_bn": stale,
+                "seconds": secs, "batchnorm_seconds": 0.25, "stage_objective": obj, "warm_start_objective": warm,
+                "iterations": 7, "recipe": None}
+
+    methods = ["magnitude, global", "defaults: layerwise CHITA, global", "Fisher CHITA++, global"]
+    rows = [{"sparsity": 0.8, methods[0]: run(0.81234, 0.5, 0.8, 1.5, None, None),
+             methods[1]: run(0.96789, 0.91, 0.97, 40.0, 30.0, 120.0), methods[2]: run(0.95111, 0.9, 0.95, 80.0, 1.0,
+                                                                                         1.0)},
+            {"sparsity": 0.9, methods[0]: run(0.40001, 0.3, 0.41, 1.4, None, None),
+             methods[1]: run(0.93333, 0.8, 0.94, 41.0, 40.0, 100.0), methods[2]: run(0.92222, 0.7, 0.93, 90.0, 0.5,
+                                                                                         1.0)}]
+    return {"model": "builtin:resnet-mnist", "command": ["python3", "benchmarks/resnet_mnist.py", "--threads", "2"],
+            "threads": 2, "torch": "9.9", "load_average_1min": {"start": 4.0, "end": 6.5},
+            "digits": {"calibration": 1600, "validation": 400, "test": 3000},
+            "dense": {"test": 0.97801, "validation": 0.9825}, "chita++_stages": 3, "complete": True,
+            "choices": {"sparsity": 0.9, "fisher": {"tried": [{"loss": "ce", "lambda": 0.01, "validation": 0.5}],
+                                                    "chosen": {"loss": "ce", "lambda": 0.01}},
+                        "recipe": [{"variant": "recipe", "target": {}, "validation": 0.9675,
+                                    "validation_stale_bn": 0.8}]},
+            "rows": rows,
+            "verdicts": {"defaults_share_of_dense": {"0.8": 0.96789 / 0.97801, "0.9": 0.93333 / 0.97801},
+                         "defaults_never_below_global_magnitude": True,
+                         "layerwise_global_minus_fisher_chita_pp": {"0.8": 0.01678, "0.9": 0.01111}}}
+
+
+def test_resnet_page_holds_the_json_numbers(tmp_path, capsys):
+    """Every accuracy, second and objective drop of the ResNet page is the JSON's; the headline row too."""
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    data = _resnet()
+    (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "results" / "resnet_mnist.md").read_text()
+    methods = [k for k in data["rows"][0] if k != "sparsity"]
+    tables = [t for t in page.split("\n\n") if t.startswith("| method | 0.8 | 0.9 |")]
+    assert len(tables) == 4  # held-out, validation, seconds, objective drops
+    cells = {name: [ln.strip("|").split(" | ")[1:] for ln in t.splitlines()[2:]] for name, t in
+             zip(("test", "validation", "seconds", "drop"), tables, strict=True)}
+    for i, m in enumerate(methods):
+        for j, row in enumerate(data["rows"]):
+            r = row[m]
+            acc, stale = cells["test"][i][j].strip().rstrip(")").split(" (")
+            assert (float(acc.rstrip("%")), float(stale.rstrip("%"))) == pytest.approx(
+                (100 * r["accuracy"], 100 * r["accuracy_stale_bn"]), abs=5e-3)
+            assert float(cells["validation"][i][j].strip().rstrip("%")) == pytest.approx(100 * r["validation"],
+                                                                                        abs=5e-3)
+            assert float(cells["seconds"][i][j].split(" (")[0]) == pytest.approx(r["seconds"], rel=5e-3)
+    drops = [[c.strip() for c in row] for row in cells["drop"]]
+    assert drops == [["75.00% (7)", "60.00% (7)"], ["0.00% (7)", "50.00% (7)"]]  # 1 - obj / warm; magnitude none
+    assert "`ce`, lambda 0.01 chosen" in page and "torch 9.9" in page and "4.0 at the start, 6.5 at the end" in page
+    head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
+    assert head[0][:3] == ["ResNet on MNIST digits, sparsity 0.8 / 0.9", "held-out accuracy, BatchNorm re-estimated",
+                           "defaults 96.79% / 93.33%; Fisher CHITA++ 95.11% / 92.22%; global magnitude 81.23% / "
+                           "40.00% (dense 97.80%)"]
+
+
+def test_resnet_page_without_fisher_prunes_or_choices(tmp_path):
+    """A run of the layerwise prunes only: no Fisher column, no choice table, and the page says nothing was chosen."""
+    data = _resnet()
+    for row in data["rows"]:
+        del row["Fisher CHITA++, global"]
+    data["choices"] = {"sparsity": 0.9}
+    data["verdicts"]["layerwise_global_minus_fisher_chita_pp"] = {}
+    (tmp_path / "later").mkdir()
+    later = tmp_path / "later"
+    (later / "benchmarks" / "results").mkdir(parents=True)
+    with_questions = {**data, "choices": {"sparsity": 0.9, "recipe": [
+        {"variant": "stem convolution dense", "target": {"exclude": ["resnet.embedder.*"]}, "validation": 0.91234,
+         "validation_stale_bn": 0.5}], "recipe_command": ["python3", "benchmarks/resnet_mnist.py",
+                                                          "--recipe-questions-only"],
+        "recipe_load_average_1min": {"start": 3.0, "end": 4.0}}}
+    (later / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(with_questions))
+    assert rr.main(["--root", str(later)]) == 0
+    page = (later / "docs" / "results" / "resnet_mnist.md").read_text()
+    assert "    python3 benchmarks/resnet_mnist.py --recipe-questions-only" in page and "This run chose" not in page
+    assert _table_rows(page, "variant") == [["stem convolution dense", '`{"exclude": ["resnet.embedder.*"]}`',
+                                             "91.23%", "50.00%"]]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "results" / "resnet_mnist.md").read_text()
+    assert "Fisher" not in page and "This run chose nothing" in page and "| loss |" not in page
+    head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
+    assert head[0][2] == "defaults 96.79% / 93.33%; global magnitude 81.23% / 40.00% (dense 97.80%)"

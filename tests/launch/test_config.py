@@ -126,7 +126,9 @@ def test_one_number_where_numbers_are_expected_is_a_list_of_one():
         (["prune.sparsity=1.0"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["prune.sparsity=-0.1"], r"prune\.sparsity: must be in \[0, 1\)"),
         (["calibration.n=0"], r"calibration\.n: must be >= 1"),
-        (["prune.method=obs"], r"prune\.method: 'obs' is not a layerwise method \(one of "),
+        (["prune.method=obs"], r"prune\.method: 'obs' is neither a layerwise nor a Fisher-objective method \(one of "),
+        (["prune.objective=layerwise", "prune.method=obs"],
+         r"prune\.method: 'obs' is not a layerwise method \(one of "),
         (["prune.method=wanda", "prune.objective=fisher"],
          r"prune\.method: 'wanda' is not a Fisher-objective method \(one of chita, chita\+\+, magnitude\)"),
         (["fisher.loss=mse"], r"fisher\.loss: expected one of"),
@@ -158,12 +160,14 @@ def test_one_number_where_numbers_are_expected_is_a_list_of_one():
          r"output\.format: compressed-tensors needs a Hugging Face model"),
         (["prune.granularity=per_row"], r"prune\.granularity: expected one of 'row', 'layer', 'global'"),
         (["fisher.ridge=diagonal"], r"fisher\.ridge: expected one of 'auto', 'fisher_diagonal', 'identity'"),
-        (["prune.objective=hessian"], r"prune\.objective: expected one of 'layerwise', 'fisher'"),
+        (["prune.objective=hessian"], r"prune\.objective: expected one of 'auto', 'layerwise', 'fisher'"),
         (["layerwise.damp=0"], r"layerwise\.damp: must be > 0"),
         (["prune.objective=layerwise", "prune.method=chita++"],
          r"prune\.method: 'chita\+\+' is not a layerwise method"),
-        (["prune.objective=layerwise", "prune.granularity=global"],
-         r"prune\.granularity: global needs prune\.objective=fisher"),
+        (["prune.allocation=reconstruction", "prune.granularity=global"],
+         r"prune\.allocation: reconstruction needs granularity row or layer"),
+        (["prune.allocation=reconstruction", "prune.nm=2:4"],
+         r"prune\.allocation: reconstruction needs granularity row or layer \(no N:M\)"),
         (["calibration.windows=true"], r"calibration\.windows: the held-out data must come from another"),
         (["calibration.windows=true", "calibration.label_column=label", "eval.split=test"],
          r"calibration\.windows: needs text"),
@@ -299,7 +303,9 @@ def test_keys_of_the_earlier_flat_layout_name_their_new_home():
 
 def test_printed_config_holds_the_sections_the_run_reads():
     default = yaml.safe_load(config_yaml(parse_config({}), applicable=True))
-    assert "layerwise" in default and "fisher" not in default  # the default objective is layerwise
+    assert {"fisher", "layerwise"} <= set(default)  # objective auto: the recipe may choose either
+    layerwise = yaml.safe_load(config_yaml(parse_config({}, ["prune.objective=layerwise"]), applicable=True))
+    assert "layerwise" in layerwise and "fisher" not in layerwise
     fisher = yaml.safe_load(config_yaml(parse_config({}, ["prune.objective=fisher"]), applicable=True))
     assert "fisher" in fisher and "layerwise" not in fisher
     obd = yaml.safe_load(config_yaml(parse_config({}, ["prune.method=obd"]), applicable=True))
