@@ -688,6 +688,26 @@ def render_sparse_checkpoint(data: dict) -> Page:
                 headline)
 
 
+def render_readme_commands(data: dict) -> Page:
+    """The README's two commands: wall time, exit status, last line printed, the load around each."""
+    names = {"default_job": "the default job (2 processes)", "tests": "the tests"}
+    rows, parts = [], []
+    for key, r in data["runs"].items():
+        rows.append([names.get(key, key), f"`{r['command']}`", f"{r['seconds']:.0f} s", str(r["exit_status"]),
+                     f"{r['load_before']:.1f} / {r['load_after']:.1f}", f"`{r['last_line']}`"])
+        parts.append(f"{names.get(key, key)} {r['seconds'] / 60:.1f} min (load {r['load_before']:.1f})")
+    m = data["machine"]
+    intro = ("`benchmarks/readme_commands.py` runs the README's two commands from the repository root after "
+             "`./setup.sh` (which installs nothing when everything is installed), each in one go, and records its "
+             f"wall time and the last line it printed. Machine: {m['cpu_model']}, {m['cores']} cores; the "
+             "1-minute load average before and after each command says how much else ran.")
+    header = ["command", "run as", "wall time", "exit status", "load before / after", "last line printed"]
+    body = "\n\n".join([intro, _command(["python3", "benchmarks/readme_commands.py"]), _table(header, rows)])
+    headline = [("the README's two commands", "wall time on 2 cores (1-minute load before)", "; ".join(parts))]
+    return Page("readme_commands", "The README's two commands: how long they take",
+                "wall time of the default job and of the tests on this project's machine", body, headline)
+
+
 # ---------------------------------------------------------------- machine rates and other files
 
 
@@ -737,6 +757,7 @@ def render_generic(name: str, data: dict) -> Page:
 
 
 RENDERERS: dict[str, Callable[[dict], Page]] = {
+    "readme_commands": render_readme_commands,
     "default_job": render_default_job,
     "minilm_baselines": render_minilm,
     "layerwise_speed": render_layerwise_speed,

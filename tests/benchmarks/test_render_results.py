@@ -302,3 +302,26 @@ def test_resnet_page_without_fisher_prunes_or_choices(tmp_path):
     assert "Fisher" not in page and "This run chose nothing" in page and "| loss |" not in page
     head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
     assert head[0][2] == "defaults 96.79% / 93.33%; global magnitude 81.23% / 40.00% (dense 97.80%)"
+
+
+def test_readme_commands_row_holds_the_json_times(tmp_path):
+    """The README's two commands: every wall time, exit status and last line as the JSON records them; the headline
+    in minutes with the load before."""
+    data = {"machine": {"cpu_model": "Some CPU", "cores": 2},
+            "runs": {"default_job": {"command": "accelerate launch x", "seconds": 123.4, "exit_status": 0,
+                                     "last_line": "saved to /tmp/x", "load_before": 0.25, "load_after": 1.5},
+                     "tests": {"command": "python3 -m pytest -q", "seconds": 540.0, "exit_status": 1,
+                               "last_line": "1 failed, 9 passed in 540.00s", "load_before": 2.0, "load_after": 2.5}}}
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "readme_commands.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "results" / "readme_commands.md").read_text()
+    rows = _table_rows(page, "command | run as")
+    assert rows == [["the default job (2 processes)", "`accelerate launch x`", "123 s", "0", "0.2 / 1.5",
+                     "`saved to /tmp/x`"],
+                    ["the tests", "`python3 -m pytest -q`", "540 s", "1", "2.0 / 2.5",
+                     "`1 failed, 9 passed in 540.00s`"]]
+    head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
+    assert head[0][2] == "the default job (2 processes) 2.1 min (load 0.2); the tests 9.0 min (load 2.0)"
+    assert "Some CPU, 2 cores" in page
