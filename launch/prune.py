@@ -75,6 +75,8 @@ def start_processes(cfg: RunConfig):
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     if not torch.cuda.is_available():  # before anything imports deepspeed (accelerate; transformers when saving),
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # which otherwise warns that it found no GPU
+    if deepspeed and use_cpu:
+        skip_deepspeed_shm_build()
     from accelerate import Accelerator, InitProcessGroupKwargs
 
     from dist_chita.distributed import comm
@@ -98,6 +100,18 @@ def start_processes(cfg: RunConfig):
         datasets.utils.logging.set_verbosity_error()
         datasets.utils.logging.disable_progress_bar()
     return accelerator
+
+
+def skip_deepspeed_shm_build() -> None:
+    """On CPU, DeepSpeed compiles an optional shared-memory all-reduce the first time a process group starts under
+    it: about a minute, and a process killed during it leaves the build's lock file behind, on which every later
+    run waits for ever. The prune's collectives go through torch.distributed (gloo) either way, so the build is
+    skipped (DeepSpeed then uses torch.distributed for its own collectives too)."""
+    import importlib
+
+    backend = importlib.import_module("deepspeed.comm.torch")  # (the attribute deepspeed.comm.torch is torch itself)
+    if hasattr(backend, "build_shm_op"):
+        backend.build_shm_op = lambda: None
 
 
 def zero3_partitioner(accelerator, cfg: RunConfig):

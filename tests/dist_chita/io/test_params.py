@@ -43,6 +43,10 @@ def _zero3_worker():
                       LOCAL_WORLD_SIZE=str(comm.world_size()))
     import deepspeed
 
+    from launch.prune import skip_deepspeed_shm_build
+
+    skip_deepspeed_shm_build()  # as the launcher does on CPU
+
     deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group tests.multiproc created
     torch.manual_seed(0)
     with deepspeed.zero.Init(config_dict_or_path={"train_micro_batch_size_per_gpu": 1,
@@ -64,7 +68,13 @@ def _zero3_worker():
     return out
 
 
-def test_zero3_parameters_over_two_ranks():
+def test_zero3_parameters_over_two_ranks(tmp_path, monkeypatch):
+    """Also: DeepSpeed's CPU op is not built, so a lock file left by a killed build (as a process killed while
+    building leaves it) cannot stall the run."""
+    stale = tmp_path / "torch_extensions" / "deepspeed_shm_comm"
+    stale.mkdir(parents=True)
+    (stale / "lock").touch()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "torch_extensions"))
     r0, r1 = run(_zero3_worker, 2, timeout=240)
     for r in (r0, r1):
         assert r["partitioned"] and r["any"] and r["shape"] == (7, 5) and r["torch_shape"] == (0,)
