@@ -53,6 +53,17 @@ PLANS = (
      ["--params", "6.74e9", "--p", "6.48e9", "--n", "128", "--tokens", "2048", "--gpus", "8", "--hardware",
       "configs/hardware/h100.yaml", "--dtype", "bfloat16", "--largest-layer", "45088768", "--layers", "224",
       "--micro-batch", "1", "--kept-fraction", "0.5", "--iterations", "100", "--backsolves", "20", "--zero3"]),
+    ("plan-7b-layerwise", "Llama-architecture 7B, layerwise CHITA (what configs/llm_wikitext.yaml runs), "
+     "128 windows of 2048 tokens, bfloat16 weights, H100; 50% and 2:4 alike",
+     ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64"]),
+    ("plan-7b-layerwise-sparsegpt", "The same 7B job with SparseGPT on the same curvature",
+     ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64", "--method", "sparsegpt"]),
+    ("plan-70b-layerwise", "Llama-architecture 70B (grouped-query attention), layerwise CHITA, 128 windows of 2048 "
+     "tokens, bfloat16 weights, H100",
+     ["--objective", "layerwise", "--model", "llama-70b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64"]),
 )
 
 
@@ -913,10 +924,8 @@ def render_plan(root: Path, what: str, argv: list[str]) -> str:
     """``launch/plan.py`` on ``argv`` (paths relative to ``root``): the command and what it prints."""
     from launch import plan
 
-    args = plan.parse_args([str(root / a) if a.startswith("configs/") else a for a in argv])
     with contextlib.redirect_stdout(io.StringIO()):
-        w, hw, rates = plan.build(args)
-        text = plan.format_plan(plan.plan(w, hw, rates, args.gpus))
+        _, text = plan.render([str(root / a) if a.startswith("configs/") else a for a in argv])
     return "\n\n".join([GENERATED.format(source="launch/plan.py"), f"{what}:",
                         "```\n$ " + shlex.join(["python", "launch/plan.py", *argv]) + "\n" + text + "\n```"])
 
