@@ -767,6 +767,40 @@ def render_generic(name: str, data: dict) -> Page:
     return Page(name, name, f"every value of benchmarks/results/{name}.json", _table(["key", "value"], rows))
 
 
+def render_layerwise_costmodel(data: dict) -> Page:
+    """The layerwise cost model's held-out validation (benchmarks/layerwise_costmodel.py)."""
+    held = set(data["held_out"])
+    rows = []
+    for run, cmp in zip(data["runs"], data["comparison"], strict=True):
+        s = run["shape"]
+        shape = (f"{s['layers']} x (d {s['hidden']}, I {s['intermediate']}, {s['heads']} heads), "
+                 f"{run['n']} x {run['tokens']} tokens")
+        cells = [f"{p['measured']:.2f} / {p['predicted']:.2f}" + (f" ({100 * p['error']:+.0f}%)" if p["scored"]
+                                                                   else "") for p in cmp["phases"].values()]
+        rows.append([run["name"], "held out" if run["name"] in held else "fit", shape, *cells,
+                     f"{cmp['memory_predicted'] / MIB:.0f} / {cmp['memory_peak'] / MIB:.0f}"])
+    f = data["fitted"]
+    worst = data["worst_held_out_error"]
+    load = " -> ".join(f"{x:.2f}" for x in data["load_average"])
+    body = "\n\n".join([
+        "`benchmarks/layerwise_costmodel.py`: tiny random-weight Llama models pruned by the layerwise driver (CHITA, "
+        "50% per row, one process, one thread); each phase's seconds against `dist_chita/planning/layerwise.py`'s "
+        "prediction from `configs/hardware/cpu_this_machine.yaml`, with the rates fitted on the fitting runs only.",
+        _command(["python", "benchmarks/layerwise_costmodel.py"]),
+        f"Fitted on {', '.join(data['fit'])}: {f['steps']:.1f} IHT steps per row, "
+        f"{1e3 * f['chunk_step_seconds']:.2f} ms per chunk step; curvature {f['curvature_scale']:.2f} x its formula + "
+        f"{1e3 * f['curvature_call_seconds']:.2f} ms per block forward of a micro-batch. Worst held-out error on "
+        f"phases of at least {data['min_seconds']} s: {100 * worst:.0f}%. Load average {load}; torch {data['torch']}.",
+        _table(["run", "role", "model, calibration", *(f"{ph} s measured / predicted" for ph in
+                                                       data["comparison"][0]["phases"]),
+                "memory MiB planned / peak"], rows),
+        "Memory: the plan's total plus the process's resident set besides the weights "
+        "(`dist_chita.planning.memory.baseline_bytes`) against the peak resident set (VmHWM)."])
+    return Page("layerwise_costmodel", "Layerwise cost model: held-out validation",
+                "the layerwise objective's time per phase predicted against tiny Llama runs not used for fitting",
+                body)
+
+
 RENDERERS: dict[str, Callable[[dict], Page]] = {
     "readme_commands": render_readme_commands,
     "default_job": render_default_job,
@@ -779,6 +813,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "resnet50_scale": render_resnet50,
     "machine_rates": render_machine_rates,
     "sparse_checkpoint": render_sparse_checkpoint,
+    "layerwise_costmodel": render_layerwise_costmodel,
 }
 
 
