@@ -3,9 +3,11 @@
     python benchmarks/layerwise_costmodel.py
 
 Random-weight Llama models built from a config (transformers' LlamaForCausalLM), pruned on one process, one thread
-(the hardware file's rates are per core), by ``dist_chita.layerwise.driver.prune_layerwise`` with CHITA at 50%
-per row; random token windows as calibration data. Per run: the seconds per phase the driver reports, the peak
-resident memory, and the plan's prediction from ``configs/hardware/cpu_this_machine.yaml``.
+(the hardware file's rates are per core), or on two (``accelerate launch --config_file
+launch/accelerate/cpu_2.yaml``, gloo, one thread each; held out only: the rows and micro-batches are shared as the
+formulas say, with the rates fitted on one process), by ``dist_chita.layerwise.driver.prune_layerwise`` with CHITA
+at 50% per row; random token windows as calibration data. Per run: the seconds per phase the driver reports, the
+peak resident memory, and the plan's prediction from ``configs/hardware/cpu_this_machine.yaml``.
 
 Fitting: on the first runs (``FIT``) only, CHITA's mean IHT steps per row s and the fixed seconds per chunk step
 (least squares on the solve phase, non-negative), and the curvature phase as a scale of its formula plus fixed
@@ -35,24 +37,38 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
+from dist_chita.distributed import comm  # noqa: E402
+from dist_chita.layerwise.curvature import my_microbatches  # noqa: E402
 from dist_chita.layerwise.driver import prune_layerwise  # noqa: E402
 from dist_chita.planning import layerwise as lw  # noqa: E402
 from dist_chita.planning.costmodel import Hardware  # noqa: E402
 from dist_chita.planning.memory import baseline_bytes, peak_bytes  # noqa: E402
 from dist_chita.prunable import prunable_modules  # noqa: E402
 
-# (name, layers, hidden, intermediate, heads, n windows, tokens): fitting runs first, then the held-out ones
-FIT = (("fit-a", 2, 128, 344, 4, 64, 256), ("fit-b", 2, 256, 688, 4, 32, 256))
-HELD_OUT = (("held-a", 3, 192, 512, 4, 48, 256), ("held-b", 2, 320, 864, 5, 32, 256),
-            ("held-c", 4, 128, 344, 4, 64, 192))
+# (name, layers, hidden, intermediate, heads, n windows, tokens, processes): fitting runs first, then the held-out
+# ones (on 2 processes: the rows and micro-batches shared as the formulas say, rates fitted on 1)
+FIT = (("fit-a", 2, 128, 344, 4, 64, 256, 1), ("fit-b", 2, 256, 688, 4, 32, 256, 1))
+HELD_OUT = (("held-a", 3, 192, 512, 4, 48, 256, 1), ("held-b", 2, 320, 864, 5, 32, 256, 1),
+            ("held-c", 4, 128, 344, 4, 64, 192, 1), ("held-a-2p", 3, 192, 512, 4, 48, 256, 2),
+            ("held-b-2p", 2, 320, 864, 5, 32, 256, 2))
 MIN_SECONDS = 0.5
 REPEATS = 3  # each run repeated; each phase's fastest counts (the machine is shared: slower repeats wait for a core)
 
 
-def run(name: str, layers: int, hidden: int, inter: int, heads: int, n: int, tokens: int) -> dict:
-    """One prune: the driver's seconds per phase and the peak resident bytes."""
+def _start(processes: int) -> None:
+    """The gloo process group when launched as several processes (as launch/prune.py creates it)."""
+    if processes > 1:
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+
+
+def run(name: str, layers: int, hidden: int, inter: int, heads: int, n: int, tokens: int, processes: int) -> dict:
+    """One prune: the driver's seconds per phase (of the rank with the most solve time, the one the plan predicts)
+    and the peak resident bytes (the largest)."""
     import transformers
 
+    _start(processes)
     cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=1000)
     torch.manual_seed(0)
@@ -63,12 +79,18 @@ def run(name: str, layers: int, hidden: int, inter: int, heads: int, n: int, tok
     batches = [({"input_ids": torch.randint(0, 1000, (1, tokens), generator=g)}, [i]) for i in range(n)]
     t = time.perf_counter()
     with torch.no_grad():
-        out = prune_layerwise(model, modules, 0.5, forward=lambda b: model(**b), make_batches=lambda: batches)
+        out = prune_layerwise(model, modules, 0.5, forward=lambda b: model(**b),
+                              make_batches=lambda: my_microbatches(batches))
     wall = time.perf_counter() - t
+    # the busiest rank's phases (the most solve time): the others wait for it in their writeback's all-reduce
+    ranks = comm.all_gather_object({"seconds": out.stages[0].seconds, "peak": peak_bytes(torch.device("cpu")),
+                                    "before": before})
+    busiest = max(ranks, key=lambda x: x["seconds"]["solver"])
     shape = lw.TransformerShape.from_hf_config(cfg.to_dict())
     return {"name": name, "shape": {"layers": layers, "hidden": hidden, "intermediate": inter, "heads": heads},
-            "n": n, "tokens": tokens, "measured": out.stages[0].seconds, "wall": wall,
-            "peak_bytes": peak_bytes(torch.device("cpu")), "baseline_bytes": before,
+            "n": n, "tokens": tokens, "processes": processes, "wall": wall,
+            "measured": busiest["seconds"], "per_rank": [x["seconds"] for x in ranks],
+            "peak_bytes": max(x["peak"] for x in ranks), "baseline_bytes": max(x["before"] for x in ranks),
             "iterations_max": out.stages[0].iterations, "params": shape.params}
 
 
@@ -76,12 +98,13 @@ def _job(r: dict) -> tuple[lw.TransformerShape, lw.Job]:
     s = r["shape"]
     shape = lw.TransformerShape(layers=s["layers"], hidden=s["hidden"], intermediate=s["intermediate"],
                                 heads=s["heads"], kv_heads=s["heads"], vocab=1000)
-    return shape, lw.Job(n=r["n"], tokens=r["tokens"], ranks=1, model_bytes=4, act_bytes=4)
+    return shape, lw.Job(n=r["n"], tokens=r["tokens"], ranks=r["processes"], model_bytes=4, act_bytes=4)
 
 
 def _forward_calls(r: dict) -> int:
-    """Block forwards of micro-batches in the curvature phase: (2 L - 1) n (one window per micro-batch)."""
-    return (2 * r["shape"]["layers"] - 1) * r["n"]
+    """Block forwards of micro-batches in the curvature phase on the busiest rank: (2 L - 1) ceil(n / R) (one window
+    per micro-batch)."""
+    return (2 * r["shape"]["layers"] - 1) * -(-r["n"] // r["processes"])
 
 
 def _lstsq(rows: list[list[float]], target: list[float]) -> list[float]:
@@ -131,19 +154,23 @@ def main() -> None:
     torch.set_num_threads(1)
     specs = {spec[0]: spec for spec in (*FIT, *HELD_OUT)}
     if args.one:
-        print(json.dumps(run(*specs[args.one])))
+        result = run(*specs[args.one])
+        if comm.is_main():
+            print(json.dumps(result))
         return
     hw = Hardware.from_dict(yaml.safe_load((ROOT / "configs" / "hardware" / "cpu_this_machine.yaml").read_text()))
     hw = replace(hw, shared_cores=0)
     runs, load = [], [os.getloadavg()[0]]
     for spec in (*FIT, *HELD_OUT):  # each in a fresh process: its own peak resident set
-        tries = []
+        tries, load_before = [], os.getloadavg()[0]
         for _ in range(REPEATS):
-            done = subprocess.run([sys.executable, __file__, "--one", spec[0]], check=True, capture_output=True,
-                                  text=True)
+            launcher = [sys.executable] if spec[-1] == 1 else [
+                "accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / f"cpu_{spec[-1]}.yaml")]
+            done = subprocess.run([*launcher, __file__, "--one", spec[0]], check=True, capture_output=True, text=True)
             tries.append(json.loads(done.stdout.strip().splitlines()[-1]))
         best = dict(tries[0], measured={ph: min(t["measured"][ph] for t in tries) for ph in tries[0]["measured"]},
-                    repeats=[t["measured"] for t in tries], peak_bytes=max(t["peak_bytes"] for t in tries))
+                    repeats=[t["measured"] for t in tries], peak_bytes=max(t["peak_bytes"] for t in tries),
+                    load_before=load_before)
         runs.append(best)
         print(f"{spec[0]}: " + ", ".join(f"{k} {v:.2f} s" for k, v in runs[-1]["measured"].items()), flush=True)
     load.append(os.getloadavg()[0])
