@@ -146,6 +146,16 @@ def compare(r: dict, hw: Hardware, rates: lw.LayerwiseRates, curv: list[float]) 
             "memory_ratio": mem / r["peak_bytes"]}
 
 
+def _one(argv: list[str], attempts: int = 2) -> dict:
+    """One run in fresh processes, its JSON; a failed launch (e.g. a rendezvous port taken by other work on the
+    machine) is tried again once, then the benchmark stops with the run's error."""
+    for _ in range(attempts):
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+    sys.exit(f"layerwise_costmodel.py: {' '.join(argv[-2:])} failed:\n{done.stderr[-3000:]}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layerwise_costmodel.json"))
@@ -166,8 +176,7 @@ def main() -> None:
         for _ in range(REPEATS):
             launcher = [sys.executable] if spec[-1] == 1 else [
                 "accelerate", "launch", "--config_file", str(ROOT / "launch" / "accelerate" / f"cpu_{spec[-1]}.yaml")]
-            done = subprocess.run([*launcher, __file__, "--one", spec[0]], check=True, capture_output=True, text=True)
-            tries.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            tries.append(_one([*launcher, __file__, "--one", spec[0]]))
         best = dict(tries[0], measured={ph: min(t["measured"][ph] for t in tries) for ph in tries[0]["measured"]},
                     repeats=[t["measured"] for t in tries], peak_bytes=max(t["peak_bytes"] for t in tries),
                     load_before=load_before)
