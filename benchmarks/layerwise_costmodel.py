@@ -15,8 +15,10 @@ seconds per block forward of a micro-batch (hooks, small-batch overhead); the ot
 predicted with those and scored on phases of at least 0.5 s. Memory: the peak resident set against the plan's total
 plus the process's resident set besides the model's weights once it is built
 (``dist_chita.planning.memory.baseline_bytes``, as the library's estimate counts it: the interpreter and libraries,
-which a plan for a GPU does not count). Each run is repeated (``REPEATS``) and each phase's fastest time counts.
-Writes benchmarks/results/layerwise_costmodel.json.
+which a plan for a GPU does not count). Each run is repeated (``REPEATS``) and each phase's fastest time counts. The
+machine is shared: each run measures its float32 matmul rate just before and after the prune (:func:`matmul_rate`,
+the mean; the slowest rank's) and is predicted at that rate, a ratio inside the run rather than the hardware file's
+rate. Writes benchmarks/results/layerwise_costmodel.json.
 """
 
 from __future__ import annotations
@@ -55,6 +57,23 @@ MIN_SECONDS = 0.5
 REPEATS = 3  # each run repeated; each phase's fastest counts (the machine is shared: slower repeats wait for a core)
 
 
+def matmul_rate(size: int = 256, seconds: float = 0.3) -> float:
+    """float32 FLOP/s of (size, size) products measured now in this process, over about ``seconds`` (the core's
+    share this process gets at the moment: the machine is shared)."""
+    a = torch.randn(size, size)
+    count, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        a @ a
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - t)
+
+
+def _hw(r: dict, hw: Hardware) -> Hardware:
+    """``hw`` at the run's measured matmul rate (float32; float64 at half), when recorded."""
+    f = r.get("matmul_flops")
+    return hw if f is None else replace(hw, flops=f, flops_float32=f, flops_float64=f / 2)
+
+
 def _start(processes: int) -> None:
     """The gloo process group when launched as several processes (as launch/prune.py creates it)."""
     if processes > 1:
@@ -77,11 +96,13 @@ def run(name: str, layers: int, hidden: int, inter: int, heads: int, n: int, tok
     modules = prunable_modules(model)
     g = torch.Generator().manual_seed(1)
     batches = [({"input_ids": torch.randint(0, 1000, (1, tokens), generator=g)}, [i]) for i in range(n)]
+    rate_before = matmul_rate()
     t = time.perf_counter()
     with torch.no_grad():
         out = prune_layerwise(model, modules, 0.5, forward=lambda b: model(**b),
                               make_batches=lambda: my_microbatches(batches))
     wall = time.perf_counter() - t
+    rates = comm.all_gather_object((rate_before + matmul_rate()) / 2)
     # the busiest rank's phases (the most solve time): the others wait for it in their writeback's all-reduce
     ranks = comm.all_gather_object({"seconds": out.stages[0].seconds, "peak": peak_bytes(torch.device("cpu")),
                                     "before": before})
@@ -91,7 +112,7 @@ def run(name: str, layers: int, hidden: int, inter: int, heads: int, n: int, tok
             "n": n, "tokens": tokens, "processes": processes, "wall": wall,
             "measured": busiest["seconds"], "per_rank": [x["seconds"] for x in ranks],
             "peak_bytes": max(x["peak"] for x in ranks), "baseline_bytes": max(x["before"] for x in ranks),
-            "iterations_max": out.stages[0].iterations, "params": shape.params}
+            "matmul_flops": min(rates), "iterations_max": out.stages[0].iterations, "params": shape.params}
 
 
 def _job(r: dict) -> tuple[lw.TransformerShape, lw.Job]:
@@ -119,21 +140,23 @@ def fit(runs: list[dict], hw: Hardware) -> tuple[lw.LayerwiseRates, list[float]]
     rows, target = [], []
     for r in runs:
         shape, job = _job(r)
-        zero = lw.solver_seconds(shape, job, hw, lw.LayerwiseRates(steps=0))
-        per_step = lw.solver_seconds(shape, job, hw, lw.LayerwiseRates(steps=1)) - zero
-        chunks = lw.solver_seconds(shape, job, hw, lw.LayerwiseRates(steps=0, chunk_step_seconds=1.0)) - zero
+        hw_r = _hw(r, hw)
+        zero = lw.solver_seconds(shape, job, hw_r, lw.LayerwiseRates(steps=0))
+        per_step = lw.solver_seconds(shape, job, hw_r, lw.LayerwiseRates(steps=1)) - zero
+        chunks = lw.solver_seconds(shape, job, hw_r, lw.LayerwiseRates(steps=0, chunk_step_seconds=1.0)) - zero
         rows.append([per_step, chunks / 2])  # chunk count: the chunk term at s = 0 is 2 chunks o
         target.append(r["measured"]["solver"] - zero)
     steps, per_chunk = _lstsq(rows, target)
     # the chunk term is chunks (s + 2) o: fitted as chunks u, u = (s + 2) o
     rates = lw.LayerwiseRates(steps=steps, chunk_step_seconds=per_chunk / (steps + 2))
-    curv = _lstsq([[lw.phase_seconds(*_job(r), hw, rates)["curvature"], _forward_calls(r)] for r in runs],
+    curv = _lstsq([[lw.phase_seconds(*_job(r), _hw(r, hw), rates)["curvature"], _forward_calls(r)] for r in runs],
                   [r["measured"]["curvature"] for r in runs])
     return rates, curv
 
 
 def compare(r: dict, hw: Hardware, rates: lw.LayerwiseRates, curv: list[float]) -> dict:
     shape, job = _job(r)
+    hw = _hw(r, hw)
     pred = lw.phase_seconds(shape, job, hw, rates)
     pred["curvature"] = curv[0] * pred["curvature"] + curv[1] * _forward_calls(r)
     mem = lw.memory_parts(shape, job)["total"] + r["baseline_bytes"]
@@ -166,7 +189,8 @@ def main() -> None:
     if args.one:
         result = run(*specs[args.one])
         if comm.is_main():
-            print(json.dumps(result))
+            print(json.dumps(result), flush=True)
+        comm.shutdown()  # the process group ends before the interpreter does (gloo aborts otherwise, at times)
         return
     hw = Hardware.from_dict(yaml.safe_load((ROOT / "configs" / "hardware" / "cpu_this_machine.yaml").read_text()))
     hw = replace(hw, shared_cores=0)
@@ -179,7 +203,7 @@ def main() -> None:
             tries.append(_one([*launcher, __file__, "--one", spec[0]]))
         best = dict(tries[0], measured={ph: min(t["measured"][ph] for t in tries) for ph in tries[0]["measured"]},
                     repeats=[t["measured"] for t in tries], peak_bytes=max(t["peak_bytes"] for t in tries),
-                    load_before=load_before)
+                    load_before=load_before, matmul_flops=max(t["matmul_flops"] for t in tries))
         runs.append(best)
         print(f"{spec[0]}: " + ", ".join(f"{k} {v:.2f} s" for k, v in runs[-1]["measured"].items()), flush=True)
     load.append(os.getloadavg()[0])

@@ -778,6 +778,8 @@ def render_layerwise_costmodel(data: dict) -> Page:
         cells = [f"{p['measured']:.2f} / {p['predicted']:.2f}" + (f" ({100 * p['error']:+.0f}%)" if p["scored"]
                                                                    else "") for p in cmp["phases"].values()]
         load = f"{run['load_before']:.1f}" if "load_before" in run else ""
+        if "matmul_flops" in run:
+            load += f"; {run['matmul_flops'] / 1e9:.0f} GFLOP/s"
         rows.append([run["name"], "held out" if run["name"] in held else "fit", shape, load, *cells,
                      f"{cmp['memory_predicted'] / MIB:.0f} / {cmp['memory_peak'] / MIB:.0f}"])
     f = data["fitted"]
@@ -792,13 +794,14 @@ def render_layerwise_costmodel(data: dict) -> Page:
         f"{1e3 * f['chunk_step_seconds']:.2f} ms per chunk step; curvature {f['curvature_scale']:.2f} x its formula + "
         f"{1e3 * f['curvature_call_seconds']:.2f} ms per block forward of a micro-batch. Worst held-out error on "
         f"phases of at least {data['min_seconds']} s: {100 * worst:.0f}%. Load average {load}; torch {data['torch']}.",
-        _table(["run", "role", "model, calibration", "load before", *(f"{ph} s measured / predicted" for ph in
-                                                       data["comparison"][0]["phases"]),
+        _table(["run", "role", "model, calibration", "load before; matmul rate",
+                *(f"{ph} s measured / predicted" for ph in data["comparison"][0]["phases"]),
                 "memory MiB planned / peak"], rows),
         "Memory: the plan's total plus the process's resident set besides the weights "
         "(`dist_chita.planning.memory.baseline_bytes`) against the peak resident set (VmHWM). The machine's 2 cores "
         "are shared with other work: a 2-process run needs both, so its times count only when the load average "
-        "before it (the column above) is well under 1; the prediction assumes each rank a whole core."])
+        "before it (the column above) is well under 1. Each run is predicted at the float32 matmul rate its own "
+        "process measured around the prune (the column above; the hardware file's rate where not recorded)."])
     return Page("layerwise_costmodel", "Layerwise cost model: held-out validation",
                 "the layerwise objective's time per phase predicted against tiny Llama runs not used for fitting",
                 body)
