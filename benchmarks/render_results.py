@@ -53,6 +53,17 @@ PLANS = (
      ["--params", "6.74e9", "--p", "6.48e9", "--n", "128", "--tokens", "2048", "--gpus", "8", "--hardware",
       "configs/hardware/h100.yaml", "--dtype", "bfloat16", "--largest-layer", "45088768", "--layers", "224",
       "--micro-batch", "1", "--kept-fraction", "0.5", "--iterations", "100", "--backsolves", "20", "--zero3"]),
+    ("plan-7b-layerwise", "Llama-architecture 7B, layerwise CHITA (what configs/llm_wikitext.yaml runs), "
+     "128 windows of 2048 tokens, bfloat16 weights, H100; 50% and 2:4 alike",
+     ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64"]),
+    ("plan-7b-layerwise-sparsegpt", "The same 7B job with SparseGPT on the same curvature",
+     ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64", "--method", "sparsegpt"]),
+    ("plan-70b-layerwise", "Llama-architecture 70B (grouped-query attention), layerwise CHITA, 128 windows of 2048 "
+     "tokens, bfloat16 weights, H100",
+     ["--objective", "layerwise", "--model", "llama-70b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64"]),
 )
 
 
@@ -756,6 +767,46 @@ def render_generic(name: str, data: dict) -> Page:
     return Page(name, name, f"every value of benchmarks/results/{name}.json", _table(["key", "value"], rows))
 
 
+def render_layerwise_costmodel(data: dict) -> Page:
+    """The layerwise cost model's held-out validation (benchmarks/layerwise_costmodel.py)."""
+    held = set(data["held_out"])
+    rows = []
+    for run, cmp in zip(data["runs"], data["comparison"], strict=True):
+        s = run["shape"]
+        shape = (f"{s['layers']} x (d {s['hidden']}, I {s['intermediate']}, {s['heads']} heads), "
+                 f"{run['n']} x {run['tokens']} tokens, {_n(run['processes'], 'process')}")
+        cells = [f"{p['measured']:.2f} / {p['predicted']:.2f}" + (f" ({100 * p['error']:+.0f}%)" if p["scored"]
+                                                                   else "") for p in cmp["phases"].values()]
+        load = f"{run['load_before']:.1f}" if "load_before" in run else ""
+        if "matmul_flops" in run:
+            load += f"; {run['matmul_flops'] / 1e9:.0f} GFLOP/s"
+        rows.append([run["name"], "held out" if run["name"] in held else "fit", shape, load, *cells,
+                     f"{cmp['memory_predicted'] / MIB:.0f} / {cmp['memory_peak'] / MIB:.0f}"])
+    f = data["fitted"]
+    worst = data["worst_held_out_error"]
+    load = " -> ".join(f"{x:.2f}" for x in data["load_average"])
+    body = "\n\n".join([
+        "`benchmarks/layerwise_costmodel.py`: tiny random-weight Llama models pruned by the layerwise driver (CHITA, "
+        "50% per row, one process, one thread); each phase's seconds against `dist_chita/planning/layerwise.py`'s "
+        "prediction from `configs/hardware/cpu_this_machine.yaml`, with the rates fitted on the fitting runs only.",
+        _command(["python", "benchmarks/layerwise_costmodel.py"]),
+        f"Fitted on {', '.join(data['fit'])}: {f['steps']:.1f} IHT steps per row, "
+        f"{1e3 * f['chunk_step_seconds']:.2f} ms per chunk step; curvature {f['curvature_scale']:.2f} x its formula + "
+        f"{1e3 * f['curvature_call_seconds']:.2f} ms per block forward of a micro-batch. Worst held-out error on "
+        f"phases of at least {data['min_seconds']} s: {100 * worst:.0f}%. Load average {load}; torch {data['torch']}.",
+        _table(["run", "role", "model, calibration", "load before; matmul rate",
+                *(f"{ph} s measured / predicted" for ph in data["comparison"][0]["phases"]),
+                "memory MiB planned / peak"], rows),
+        "Memory: the plan's total plus the process's resident set besides the weights "
+        "(`dist_chita.planning.memory.baseline_bytes`) against the peak resident set (VmHWM). The machine's 2 cores "
+        "are shared with other work: a 2-process run needs both, so its times count only when the load average "
+        "before it (the column above) is well under 1. Each run is predicted at the float32 matmul rate its own "
+        "process measured around the prune (the column above; the hardware file's rate where not recorded)."])
+    return Page("layerwise_costmodel", "Layerwise cost model: held-out validation",
+                "the layerwise objective's time per phase predicted against tiny Llama runs not used for fitting",
+                body)
+
+
 RENDERERS: dict[str, Callable[[dict], Page]] = {
     "readme_commands": render_readme_commands,
     "default_job": render_default_job,
@@ -768,6 +819,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "resnet50_scale": render_resnet50,
     "machine_rates": render_machine_rates,
     "sparse_checkpoint": render_sparse_checkpoint,
+    "layerwise_costmodel": render_layerwise_costmodel,
 }
 
 
@@ -913,10 +965,8 @@ def render_plan(root: Path, what: str, argv: list[str]) -> str:
     """``launch/plan.py`` on ``argv`` (paths relative to ``root``): the command and what it prints."""
     from launch import plan
 
-    args = plan.parse_args([str(root / a) if a.startswith("configs/") else a for a in argv])
     with contextlib.redirect_stdout(io.StringIO()):
-        w, hw, rates = plan.build(args)
-        text = plan.format_plan(plan.plan(w, hw, rates, args.gpus))
+        _, text = plan.render([str(root / a) if a.startswith("configs/") else a for a in argv])
     return "\n\n".join([GENERATED.format(source="launch/plan.py"), f"{what}:",
                         "```\n$ " + shlex.join(["python", "launch/plan.py", *argv]) + "\n" + text + "\n```"])
 

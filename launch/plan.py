@@ -1,5 +1,15 @@
 """Plan a prune on a cluster before renting it: memory per rank, time per phase, the smallest GPU count that fits.
 
+The layerwise objective (what ``configs/llm_wikitext.yaml`` runs), for a Llama-architecture model by name or by its
+Hugging Face config.json, on each of several GPU counts with and without ZeRO-3::
+
+    python launch/plan.py --objective layerwise --model llama-7b|llama-70b|config.json \
+        --hardware configs/hardware/h100.yaml [--n 128] [--tokens 2048] [--gpus 1,8,64] [--method chita|sparsegpt] \
+        [--steps S] [--micro-batch B] [--model-dtype bfloat16] [--zero3 | --no-zero3] [--json]
+
+(formulas and assumptions: ``dist_chita/planning/layerwise.py``; ``--steps``: mean IHT steps per row, default the
+solver's ``max_iter`` bound of 200). The Fisher objective (the default)::
+
     python launch/plan.py --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml \\
         [--dtype bfloat16] [--iterations 100] [--p P] [--largest-layer N] [--micro-batch B] [--layers L] \\
         [--tokens T | --flops-per-sample F] [--kept-fraction 0.5] [--granularity row|layer|global|nm] [--zero3] \\
@@ -29,6 +39,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 import yaml  # noqa: E402
 
 from dist_chita.planning import costmodel as cm  # noqa: E402
+from dist_chita.planning import layerwise as lw  # noqa: E402
 
 GB = 1e9
 BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}
@@ -45,9 +56,17 @@ class _ArgError(ValueError):
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = _OneLineParser(prog="plan.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--params", type=float, required=True, help="model parameters P (e.g. 7e9)")
-    ap.add_argument("--n", type=int, required=True, help="calibration samples")
-    ap.add_argument("--gpus", type=int, required=True, help="ranks R (one GPU each)")
+    ap.add_argument("--objective", default="fisher", choices=("fisher", "layerwise"), help="what the prune minimises")
+    ap.add_argument("--params", type=float, default=None, help="model parameters P (e.g. 7e9; fisher: required)")
+    ap.add_argument("--n", type=int, default=None, help="calibration samples (fisher: required; layerwise: 128)")
+    ap.add_argument("--gpus", default=None,
+                    help="ranks R (one GPU each; fisher: one count, required; layerwise: a list, default 1,8,64)")
+    ap.add_argument("--model", default=None, help="layerwise: llama-7b, llama-70b or a Llama config.json")
+    ap.add_argument("--method", default="chita", choices=("chita", "sparsegpt"), help="layerwise: the method")
+    ap.add_argument("--steps", type=float, default=None, help="layerwise: mean IHT steps per row (default 200)")
+    ap.add_argument("--model-dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES),
+                    help="layerwise: the model's weights and activations")
+    ap.add_argument("--no-zero3", action="store_true", help="layerwise: plans without ZeRO-3 only")
     ap.add_argument("--hardware", required=True, help="hardware YAML (configs/hardware/*.yaml)")
     ap.add_argument("--dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES), help="factor storage dtype")
     ap.add_argument("--iterations", type=int, default=100, help="solver iterations")
@@ -56,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="weights of the largest prunable layer (default: P / 32, conservative)")
     ap.add_argument("--micro-batch", type=int, default=1, help="samples per backward pass")
     ap.add_argument("--layers", type=int, default=None, help="prunable layers (default: p / largest layer)")
-    ap.add_argument("--tokens", type=int, default=1, help="tokens per sample (per-sample FLOPs 6 P T)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="tokens per sample (fisher: per-sample FLOPs 6 P T, default 1; layerwise: 2048)")
     ap.add_argument("--flops-per-sample", type=float, default=None,
                     help="forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
     ap.add_argument("--kept-fraction", type=float, default=0.5, help="k / p (1 - sparsity)")
@@ -101,6 +121,13 @@ def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]
             raise ValueError(f"--{what} must be >= 1, got {x:g}")
         return int(round(x))
 
+    if args.params is None or args.n is None or args.gpus is None:
+        raise ValueError("the fisher objective needs --params, --n and --gpus")
+    args.tokens = 1 if args.tokens is None else args.tokens
+    counts = _counts(args.gpus)
+    if len(counts) != 1:
+        raise ValueError(f"the fisher objective plans one --gpus count, got {args.gpus!r}")
+    args.gpus = counts[0]
     params = whole(args.params, "params")
     p = whole(args.p, "p") if args.p is not None else params
     if p > params:
@@ -192,16 +219,99 @@ def format_plan(pl: dict) -> str:
     return "\n".join(lines)
 
 
+def _counts(text: str) -> list[int]:
+    """GPU counts from ``--gpus`` ("8" or "1,8,64"), each >= 1."""
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus must be whole numbers separated by commas, got {text!r}") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"--gpus must be >= 1, got {text!r}")
+    return counts
+
+
+def load_shape(model: str | None) -> lw.TransformerShape:
+    """``--model``: a name of :data:`~dist_chita.planning.layerwise.PRESETS` or a Llama config.json."""
+    if model is None:
+        raise ValueError(f"the layerwise objective needs --model ({', '.join(lw.PRESETS)} or a config.json)")
+    if model in lw.PRESETS:
+        return lw.PRESETS[model]
+    p = Path(model)
+    if not p.is_file():
+        raise ValueError(f"--model: neither {', '.join(lw.PRESETS)} nor a file: {model}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--model {model}: not JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"--model {model}: not a config mapping")
+    return lw.TransformerShape.from_hf_config(cfg)
+
+
+def layerwise_plans(args: argparse.Namespace) -> dict:
+    """Every GPU count of ``--gpus`` without and (unless ``--no-zero3``) with ZeRO-3: memory by part, seconds by
+    phase, fit, and the smallest fitting count."""
+    shape, hw = load_shape(args.model), load_hardware(args.hardware)
+    counts = _counts(args.gpus or "1,8,64")
+    b = cm.DTYPE_BYTES[args.model_dtype]
+    rates = lw.LayerwiseRates() if args.steps is None else lw.LayerwiseRates(steps=args.steps)
+    rows = []
+    for zero3 in (False,) if args.no_zero3 else (False, True):
+        for r in counts:
+            job = lw.Job(n=args.n or 128, tokens=args.tokens or 2048, ranks=r, micro_batch=args.micro_batch,
+                         model_bytes=b, act_bytes=b, zero3=zero3, method=args.method)
+            mem = lw.memory_parts(shape, job)
+            rows.append({"gpus": r, "zero3": zero3, "memory_per_rank": mem, "fits": mem["total"] <= hw.memory_bytes,
+                         "seconds": lw.phase_seconds(shape, job, hw, rates),
+                         "smallest_fitting": lw.smallest_fitting(shape, job, hw)})
+    return {"objective": "layerwise", "hardware": hw.name, "memory_available": hw.memory_bytes,
+            "model": dataclasses.asdict(shape), "params": shape.params, "method": args.method,
+            "n": job.n, "tokens": job.tokens, "micro_batch": job.micro_batch, "model_dtype": args.model_dtype,
+            "steps": rates.steps, "plans": rows}
+
+
+def format_layerwise(pl: dict) -> str:
+    m = pl["model"]
+    lines = [f"layerwise plan ({pl['method']}, {pl['steps']:g} IHT steps per row): Llama-architecture "
+             f"{pl['params'] / 1e9:.3g} B parameters ({m['layers']} blocks, d = {m['hidden']}, I = "
+             f"{m['intermediate']}, {m['heads']} heads / {m['kv_heads']} kv), n = {pl['n']} x {pl['tokens']} tokens, "
+             f"micro-batch {pl['micro_batch']}, weights in {pl['model_dtype']}, on {pl['hardware']} "
+             f"({pl['memory_available'] / GB:.0f} GB)",
+             f"{'GPUs':>5} {'ZeRO-3':>6} | {'model':>7} {'gather':>7} {'H':>7} {'solver':>7} {'cache':>7} "
+             f"{'activ':>7} {'total':>7} GB {'fits':>4} | {'curvature':>10} {'solve':>10} {'write':>8} "
+             f"{'total':>10} s | smallest fitting"]
+    for row in pl["plans"]:
+        mem, sec = row["memory_per_rank"], row["seconds"]
+        gb = " ".join(f"{mem[k] / GB:7.2f}" for k in ("model", "gathered", "curvature", "solver", "cached_inputs",
+                                                      "activations", "total"))
+        least = row["smallest_fitting"]
+        fits = "yes" if row["fits"] else "NO"
+        lines.append(f"{row['gpus']:>5} {'yes' if row['zero3'] else 'no':>6} | {gb}    {fits:>4}"
+                     f" | {sec['curvature']:10.1f} {sec['solver']:10.1f} {sec['writeback']:8.2f} {sec['total']:10.1f}"
+                     f"   | {least if least is not None else 'none'}")
+    return "\n".join(lines)
+
+
+def render(argv: list[str]) -> tuple[dict, str]:
+    """The plan of ``argv`` as a dict and as printed."""
+    args = parse_args(argv)
+    if args.objective == "layerwise":
+        pl = layerwise_plans(args)
+        return pl, format_layerwise(pl)
+    w, hw, rates = build(args)
+    pl = plan(w, hw, rates, args.gpus)
+    return pl, format_plan(pl)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = parse_args(argv)
-        w, hw, rates = build(args)
-        pl = plan(w, hw, rates, args.gpus)
+        pl, text = render(argv)
+        as_json = "--json" in (sys.argv[1:] if argv is None else argv)
     except (ValueError, OSError, yaml.YAMLError) as e:
         msg = " ".join(str(e).split())
         print(f"plan.py: error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps(pl, indent=2) if args.json else format_plan(pl))
+    print(json.dumps(pl, indent=2) if as_json else text)
     return 0
 
 

@@ -147,6 +147,8 @@ class Hardware:
         gram_half_width: n_h, the Gram matrix R^T R of a tall R (m x n) runs at F n / (n + n_h): a skinny matrix
             product's rate grows with its width n (``benchmarks/machine_rates.py`` fits n_h from R^T R at n = 16 ...
             512). 0: F at every n.
+        flops_float32, flops_float64: effective FLOP/s of float32 and float64 matrix products (the layerwise
+            solvers' arithmetic, :mod:`dist_chita.planning.layerwise`); None: F and F / 2.
     """
 
     name: str
@@ -162,6 +164,8 @@ class Hardware:
     disk_bandwidth: float = 1e9
     page_population_bandwidth: float | None = None
     gram_half_width: float = 0.0
+    flops_float32: float | None = None
+    flops_float64: float | None = None
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "memory_bandwidth", "flops", "link_bandwidth", "disk_bandwidth"):
@@ -169,6 +173,9 @@ class Hardware:
                 raise ValueError(f"hardware {f} must be > 0, got {getattr(self, f)}")
         if self.page_population_bandwidth is not None and not self.page_population_bandwidth > 0:
             raise ValueError(f"hardware page_population_bandwidth must be > 0, got {self.page_population_bandwidth}")
+        for f in ("flops_float32", "flops_float64"):
+            if getattr(self, f) is not None and not getattr(self, f) > 0:
+                raise ValueError(f"hardware {f} must be > 0, got {getattr(self, f)}")
         if not self.gram_half_width >= 0:
             raise ValueError(f"hardware gram_half_width must be >= 0, got {self.gram_half_width}")
         if self.link_latency < 0 or (self.node_latency is not None and self.node_latency < 0):

@@ -151,3 +151,43 @@ def test_granularity_sets_the_selection_collectives(tmp_path, capsys):
     assert "unknown rate 'warp_drive'" in capsys.readouterr().err
     assert plan.main(base + ["--granularity", "per_row"]) == 2
     assert "--granularity" in capsys.readouterr().err
+
+
+def test_layerwise_plans_rows_per_count_and_zero3(capsys):
+    from dist_chita.planning import layerwise as lw
+
+    assert plan.main(["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,8",
+                      "--json"]) == 0
+    pl = json.loads(capsys.readouterr().out)
+    assert [(r["gpus"], r["zero3"]) for r in pl["plans"]] == [(1, False), (8, False), (1, True), (8, True)]
+    z8 = pl["plans"][3]
+    # the weights' ZeRO-3 shard by hand: P bfloat16 bytes over 8 ranks, P of the Llama-2-7B shape
+    assert z8["memory_per_rank"]["model"] == 6_738_415_616 * 2 // 8
+    job = lw.Job(n=128, tokens=2048, ranks=8, zero3=True)
+    assert z8["seconds"] == lw.phase_seconds(lw.PRESETS["llama-7b"], job, plan.load_hardware(H100))
+    assert pl["plans"][0]["seconds"]["solver"] == pytest.approx(8 * pl["plans"][1]["seconds"]["solver"], rel=0.01)
+
+
+def test_layerwise_plan_from_a_config_file(tmp_path, capsys):
+    cfg = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+           "num_key_value_heads": 8, "vocab_size": 32000}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert plan.main(["--objective", "layerwise", "--model", str(path), "--hardware", H100, "--no-zero3"]) == 0
+    from_file = capsys.readouterr().out
+    assert plan.main(["--objective", "layerwise", "--model", "llama-70b", "--hardware", H100, "--no-zero3"]) == 0
+    assert from_file == capsys.readouterr().out
+    assert "NO" in from_file and "none" in from_file  # 138 GB of weights per rank fit no count without ZeRO-3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--objective", "layerwise", "--hardware", H100], "needs --model"),
+    (["--objective", "layerwise", "--model", "gpt-9", "--hardware", H100], "neither"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,x"], "whole numbers"),
+    (["--params", "7e9", "--n", "128", "--gpus", "1,8", "--hardware", H100], "one --gpus count"),
+    (["--n", "128", "--gpus", "8", "--hardware", H100], "needs --params"),
+])
+def test_layerwise_bad_arguments(argv, message, capsys):
+    assert plan.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
