@@ -9,11 +9,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELUDE = "import torch.distributed as dist\ndist.init_process_group('gloo')\n"  # what a user's launch script does
-EPILOGUE = ("\nimport hashlib\n"
+EPILOGUE = ("\nimport hashlib, os\n"  # each rank's digests into its own file: the ranks' stdout may interleave
             "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
-            "print('mask', report.mask_sha256)\n"
-            "print('weights', hashlib.sha256(b''.join(state[k].numpy().tobytes() for k in sorted(state)))"
-            ".hexdigest())\n")
+            "with open(f\"digest_{os.environ.get('RANK', '0')}_{os.environ.get('WORLD_SIZE', '1')}.txt\", 'w') as f:\n"
+            "    f.write(f'mask {report.mask_sha256}\\n')\n"
+            "    f.write('weights ' + hashlib.sha256(b''.join(state[k].numpy().tobytes() for k in sorted(state)))"
+            ".hexdigest() + '\\n')\n")
 
 
 def readme_example() -> str:
@@ -41,7 +42,7 @@ def test_readme_python_example_on_one_and_two_processes(tmp_path):
     kept = [line for line in one.splitlines() if line.strip().startswith("kept ")]
     # 10% of fc1 and fc2 (40 x 784 + 20 x 40 = 32,160 weights; the output head fc3 stays dense by default)
     assert kept and kept[0].strip().startswith("kept 3,216 (10.00%)")
-    masks = [[line for line in out.splitlines() if line.startswith("mask ")] for out in (one, two)]
-    assert len(masks[0]) == 1 and masks[1] == masks[0] * 2  # the same mask on 1 and 2 processes
-    weights = [line for line in two.splitlines() if line.startswith("weights ")]
-    assert len(weights) == 2 and weights[0] == weights[1]  # every rank holds the same pruned model
+    single = (tmp_path / "digest_0_1.txt").read_text().splitlines()
+    ranks = [(tmp_path / f"digest_{r}_2.txt").read_text().splitlines() for r in (0, 1)]
+    assert single[0].startswith("mask ") and ranks[0][0] == ranks[1][0] == single[0]  # the same mask on 1 and 2
+    assert ranks[0][1] == ranks[1][1]  # every rank holds the same pruned model
