@@ -156,7 +156,7 @@ def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITER
     else:
         J = scale[:, None] * Q * scale[None, :]
         block = min(d, rank + rank // 2)
-        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=Q.dtype).to(Q.device)
+        X = torch.randn(d, block, generator=torch.Generator().manual_seed(0), dtype=Q.dtype, device="cpu").to(Q.device)
         for _ in range(power_iters):
             X = torch.linalg.qr(J @ X).Q
         E, U = torch.linalg.eigh(X.T @ J @ X)

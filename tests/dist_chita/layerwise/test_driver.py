@@ -270,3 +270,42 @@ def test_bad_input_is_refused():
         prune_layerwise(conv, [("0", conv[0]), ("1", conv[1])], 0.5, forward=never, make_batches=never)
     with pytest.raises(ValueError, match="'obd' needs the Fisher diagonal of the loss: give loss_fn"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=never, make_batches=never, method="obd")
+
+
+def _labels_nll(model, batch, indices):
+    """_labels_loss written with log_softmax (F.cross_entropy's decomposition makes a tensor on the default device
+    under torch.device("meta"): torch's, not the pruner's)."""
+    out = model(batch)
+    labels = torch.as_tensor(indices, device=out.device) % 3
+    return -torch.log_softmax(out, -1).gather(1, labels[:, None]).squeeze(1)
+
+
+def _prune_mlp_plain_and_on_meta(nm, per_layer, sparsity, method):
+    """The same prune twice: plainly, and with torch's default device set to "meta" while the model and the data
+    stay on the CPU (built before)."""
+    import contextlib
+
+    out = []
+    for default in (None, "meta"):
+        torch.manual_seed(2)
+        x = torch.randn(37, 12)
+        model = _mlp(3)
+        modules = [("0", model[0]), ("2", model[2]), ("4", model[4])]
+        with torch.device(default) if default else contextlib.nullcontext():
+            res = prune_layerwise(model, modules, sparsity, forward=model, nm=nm, row_chunk=3, per_layer=per_layer,
+                                  make_batches=lambda x=x: my_microbatches(_batches(x, 0, 37, 4)),
+                                  method=method, loss_fn=_labels_nll)
+        out.append(([m.weight.detach().clone() for _, m in modules], res.stages[0].objective))
+    return out
+
+
+@pytest.mark.parametrize("method,nm", [("chita", None), ("chita", (2, 4)), ("sparsegpt", None),
+                                       ("sparsegpt", (2, 4)), ("wanda", None), ("magnitude", None), ("obd", None)])
+def test_every_tensor_is_made_on_the_models_device(method, nm):
+    """GPU readiness, proved on the CPU (2 ranks: rows and layers shared): with the default device "meta", a tensor
+    the layerwise driver or a method made without naming its device would be a meta tensor and fail; the weights
+    must be the same bit for bit."""
+    for (plain, f0), (meta, f1) in multiproc.run(_prune_mlp_plain_and_on_meta, 2, nm, False, 0.6, method):
+        assert f0 == f1
+        for w0, w1 in zip(plain, meta, strict=True):
+            assert w1.device == torch.device("cpu") and torch.equal(w0, w1)
