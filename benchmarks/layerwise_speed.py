@@ -37,12 +37,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import dist_chita  # noqa: E402
+from benchmarks.minilm_baselines import default_job_inputs  # noqa: E402
 from dist_chita import evaluate  # noqa: E402
-from dist_chita.io import data, models  # noqa: E402
 from dist_chita.methods.base import LayerMethod, LayerProblem, LayerResult, register  # noqa: E402
 from dist_chita.methods.chita import Chita  # noqa: E402
 from dist_chita.methods.sparsegpt import SparseGPT  # noqa: E402
-from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kwargs  # noqa: E402
+from launch.config import load_config  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "layerwise_speed.json"
 PHASES = ("curvature", "solver", "writeback")
@@ -76,12 +76,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, [])
-    loaded = models.load_model(**model_kwargs(cfg))
-    model, task = loaded.model, loaded.task
-    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
-    held = data.load_samples(**eval_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
-    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    reference = evaluate.collect_outputs(model, task, held, cfg.eval.batch_size)
+    model, task, calib, held, dense, reference = default_job_inputs(cfg)
 
     def run(method: str, setting: str) -> dict:
         """One prune of the dense model: phase seconds, objective, held-out fidelity; weights restored."""

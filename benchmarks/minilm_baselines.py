@@ -48,6 +48,18 @@ from launch.config import calibration_kwargs, eval_kwargs, load_config, model_kw
 RESULTS = ROOT / "benchmarks" / "results" / "minilm_baselines.json"
 
 
+def default_job_inputs(cfg):
+    """The config's model and data as the default job loads them: (model, task, calibration samples, held-out
+    samples, the dense state dict to restore after each prune, the dense outputs on the held-out samples)."""
+    loaded = models.load_model(**model_kwargs(cfg))
+    model, task = loaded.model, loaded.task
+    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
+    held = data.load_samples(**eval_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
+    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    reference = evaluate.collect_outputs(model, task, held, cfg.eval.batch_size)
+    return model, task, calib, held, dense, reference
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -57,12 +69,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = load_config(None, args.overrides)
-    loaded = models.load_model(**model_kwargs(cfg))
-    model, task = loaded.model, loaded.task
-    calib = data.load_samples(**calibration_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
-    held = data.load_samples(**eval_kwargs(cfg), tokenizer=loaded.tokenizer, image_processor=None)
-    dense = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    reference = evaluate.collect_outputs(model, task, held, cfg.eval.batch_size)
+    model, task, calib, held, dense, reference = default_job_inputs(cfg)
     results: dict[str, dict] = {}
 
     def run(name: str, method: str, objective, **target) -> None:
