@@ -26,7 +26,8 @@ layerwise run, from the shape instead of the modules:
   (B T d + 2 T d_h) ``act_bytes`` (hidden states and the rotary cos / sin, shared by the batch); none under ZeRO-3
   (the library runs the model's forward up to each block there instead of caching);
 * activations: one block's forward of one micro-batch, B T (3 d + 2 I + 2 d_h) ``act_bytes`` plus the attention
-  scores B h T^2 ``act_bytes`` (eager attention; an upper bound for fused attention kernels).
+  scores B h T^2 ``act_bytes`` (eager attention; an upper bound for fused attention kernels), plus the head's
+  logits B T V ``act_bytes`` (the model's whole forward, which a curvature pass runs at least once).
 
 Time per phase per rank (:func:`phase_seconds`), from the hardware's F (the forward's dtype), F32 and F64
 (:class:`~dist_chita.planning.costmodel.Hardware` ``flops_float32`` / ``flops_float64``), its links and memory
@@ -34,8 +35,11 @@ bandwidth M:
 
 * curvature, per block: forwards of the block on the rank's N / R tokens, 2 P_block + 4 T d FLOPs per token
   (weights and causal attention scores at full width); with cached inputs two forwards per block (its H, then its
-  outputs; the last block one), under ZeRO-3 the model's forward up to the block, b + 1 block forwards for block b
-  (L (L + 1) / 2 in all), each gathering the block's weights ((R - 1) / R P_block ``model_bytes`` over the link);
+  outputs; the last block one). Under ZeRO-3 a forward is collective and is not cut short
+  (:func:`dist_chita.layerwise.curvature.layer_curvature`): every block's pass runs the whole model on every
+  micro-batch, L block forwards and the head's 2 d V FLOPs per token, L^2 block forwards in all, and each such
+  forward gathers every parameter ((R - 1) / R P ``model_bytes`` over the link, and ceil(log2 R) latencies for
+  each of the 9 L + 3 parameter tensors);
   the products X^T X of every distinct input (q, k, v share one, gate and up one: 3 of size d and one of size I),
   upper triangle only, (N / R) d_in^2 FLOPs at F32; one all-reduce of those H in float64, 8 sum d_in^2 bytes.
 * solve, CHITA (:func:`dist_chita.layerwise.row_solver.solve_rows`, counted from the code): a layer's rows are cut
@@ -209,7 +213,8 @@ def memory_parts(shape: TransformerShape, job: Job) -> dict[str, int]:
         "solver": method.solve_bytes(dims, blocks),
         "cached_inputs": 0 if job.zero3 else 2 * job.rank_batches * call,
         "activations": job.micro_batch * job.tokens * job.act_bytes * (
-            3 * shape.hidden + 2 * shape.intermediate + 2 * shape.head_dim + shape.heads * job.tokens),
+            3 * shape.hidden + 2 * shape.intermediate + 2 * shape.head_dim + shape.heads * job.tokens
+            + shape.vocab),
     }
     return {**parts, "total": sum(parts.values())}
 
@@ -224,16 +229,21 @@ def curvature_seconds(shape: TransformerShape, job: Job, hw: Hardware) -> dict[s
     (X^T X), ``allreduce`` (module docstring)."""
     L, R, N_r = shape.layers, job.ranks, job.rank_tokens
     f32, _ = _flops(hw)
-    forwards = L * (L + 1) / 2 if job.zero3 else 2 * L - 1
     per_token = 2 * shape.block_params + 4 * job.tokens * shape.hidden
+    if job.zero3:  # every block's pass: the whole model (L blocks and the head) on every micro-batch
+        forward_flops = L * N_r * (L * per_token + 2 * shape.hidden * shape.vocab)
+    else:
+        forward_flops = (2 * L - 1) * N_r * per_token
     dims = shape.block_dims()
     distinct = {_SHARED_INPUT[j]: c for j, (_, c) in enumerate(dims)}
     bw, lat = hw.link(R)
     gather = 0.0
     if job.zero3 and R > 1:
-        gather = forwards * ((R - 1) / R * shape.block_params * job.model_bytes / bw + math.log2(R) * lat)
+        tensors = len(LAYER_NAMES) * L + 2 * L + 3  # a block's linear layers and 2 norms; embedding, norm, head
+        gather = L * job.rank_batches * ((R - 1) / R * shape.params * job.model_bytes / bw
+                                         + tensors * math.ceil(math.log2(R)) * lat)
     return {
-        "forward": forwards * N_r * per_token / hw.flops,
+        "forward": forward_flops / hw.flops,
         "gather": gather,
         "products": L * N_r * sum(c * c for c in distinct.values()) / f32,
         "allreduce": L * allreduce_seconds(8 * sum(c * c for c in distinct.values()), R, bw, lat),

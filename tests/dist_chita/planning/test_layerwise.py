@@ -106,11 +106,17 @@ def test_curvature_forwards_scale_with_ranks_and_zero3():
     four = lw.curvature_seconds(SHAPE, replace(job, ranks=4), HW)
     assert four["forward"] == pytest.approx(base["forward"] / 4)
     z3 = lw.curvature_seconds(SHAPE, replace(job, ranks=4, zero3=True), HW)
-    assert z3["forward"] == pytest.approx(four["forward"] * 3 / 3)  # L (L + 1) / 2 = 3 at L = 2 as well
+    # under ZeRO-3 each of the L = 2 passes runs the whole model, 2 blocks and the head (2 d V per token), on the
+    # rank's 16 windows of 32 tokens
+    assert z3["forward"] == pytest.approx(2 * 16 * 32 * (2 * per_token + 2 * 64 * 100) / 1e11)
     deep = replace(SHAPE, layers=8)
+    head = 2 * 64 * 100
     assert (lw.curvature_seconds(deep, replace(job, zero3=True), HW)["forward"]
-            / lw.curvature_seconds(deep, job, HW)["forward"]) == pytest.approx(36 / 15)
-    assert z3["gather"] == pytest.approx(3 * (0.75 * SHAPE.block_params * 2 / 1e9 + 2 * 1e-5))
+            / lw.curvature_seconds(deep, job, HW)["forward"]) == pytest.approx(8 * (8 * per_token + head)
+                                                                            / (15 * per_token))
+    # every pass gathers all P parameters once per micro-batch (16 of one window), with 2 latencies (log2 4) for
+    # each of the 9 L + 3 = 21 parameter tensors
+    assert z3["gather"] == pytest.approx(2 * 16 * (0.75 * SHAPE.params * 2 / 1e9 + 21 * 2 * 1e-5))
     assert four["allreduce"] == pytest.approx(2 * (1.5 * 8 * (3 * 64**2 + 96**2) / 1e9 + 4 * 1e-5))
 
 
