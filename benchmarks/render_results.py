@@ -807,6 +807,69 @@ def render_layerwise_costmodel(data: dict) -> Page:
                 body)
 
 
+def _llama_shape(data: dict) -> str:
+    c = data["model_config"]
+    return (f"{c['num_hidden_layers']} blocks, d {c['hidden_size']}, I {c['intermediate_size']}, "
+            f"{c['num_attention_heads']} heads, vocabulary {c['vocab_size']:,}: "
+            f"{data['run']['model_params'] / 1e6:.0f} M parameters, {data['run']['p'] / 1e6:.0f} M prunable")
+
+
+def render_llama_scale(data: dict) -> Page:
+    """The ZeRO-3 scale run of a Llama-architecture model (benchmarks/llama_scale.py)."""
+    st, run, mem, mc = data["settings"], data["run"], data["memory"], data["mask_check"]
+    times = [[ph, _s(c["measured"]), " / ".join(_s(x) for x in c.get("per_rank", [])), _s(c["predicted"]),
+              _x(c["measured_over_predicted"]), _s(c["predicted_at_rate"]), _x(c["measured_over_predicted_at_rate"])]
+             for ph, c in data["phases"].items()]
+    est, plan = mem["estimate"], mem["plan_per_rank"]
+    mems = [[str(r), f"{peak / GIB:.2f}", f"{est['total'] / GIB:.2f}", f"{ratio:.2f}",
+             f"{mem['plan_plus_baseline'] / GIB:.2f}", f"{peak / mem['plan_plus_baseline']:.2f}"]
+            for r, (peak, ratio) in enumerate(zip(mem["peak_per_rank"], mem["peak_over_estimate"], strict=True))]
+    sampled = mem["sampled_rss"]
+    plan_argv = ["config.json" if a.endswith("config.json") else a for a in data["plan_command"]]
+    parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in est.items() if k != "total" and v)
+    plan_parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in plan.items() if k != "total" and v)
+    ladder = [c for c in data["ladder"] if c["fits"]]
+    body = "\n\n".join([
+        "`benchmarks/llama_scale.py`: a Llama-architecture model built from its config (`model.init: random`, seed 0) "
+        f"pruned by layerwise CHITA to {st['sparsity']:g} per row under DeepSpeed ZeRO-3 on 2 processes (1 thread "
+        f"each), calibrated on {st['n']} windows of {st['tokens']} tokens ({st['calibration']}), micro-batches of "
+        f"{st['micro_batch']}; no evaluation, no saved model.", _command(data["command"]),
+        f"Sized by the plan: of the ladder's shapes, {len(ladder)} fit a predicted prune of {st['budget_seconds']:g} "
+        f"s and {st['memory_gib']:g} GiB for both ranks; the largest: {_llama_shape(data)}. The plan, with the IHT "
+        f"steps per row fitted by `benchmarks/layerwise_costmodel.py` ({data['steps_fitted']:.1f}):",
+        _command(plan_argv), "with this config.json:", "```json\n" + json.dumps(data["model_config"])
+        + "\n```",
+        f"The run: world size {run['world_size']}, ZeRO stage {run['zero_stage']}; {run['kept']:,} of {run['p']:,} "
+        f"weights kept (sparsity {run['sparsity']:.4f}), at most {run['iterations_max']} IHT iterations on a layer; "
+        f"wall {_s(run['wall_seconds'])} s. 1-minute load average {data['loads']['before']:.2f} before, "
+        f"{data['loads']['after']:.2f} after (2 cores); float32 matmul rate of one thread around the run "
+        f"{data['matmul_flops'] / 1e9:.0f} GFLOP/s (the hardware file: "
+        f"{data['hardware_flops'] / 1e9:.0f}).",
+        "Seconds per phase (the slowest rank; per rank) against the plan at the hardware file's rates and at the "
+        "matmul rate measured around the run:",
+        _table(["phase", "measured", "per rank", "plan", "measured / plan", "plan at measured rate",
+                "measured / that"], times),
+        f"Memory per rank, GiB: the peak resident set (VmHWM, the report's `peak_memory_bytes`) against the estimate "
+        f"the run printed ({parts}) and the plan's memory ({plan_parts}) plus the rank's baseline.",
+        _table(["rank", "peak", "estimate", "peak / estimate", "plan + baseline", "peak / that"], mems),
+        "The resident sets sampled from outside every 0.5 s (a check of what the report measures): "
+        + " and ".join(f"{x / GIB:.2f}" for x in sampled["per_process"]) + " GiB at most per rank process, "
+        f"{sampled['total'] / GIB:.2f} GiB for all ranks at once.",
+        f"ZeRO-3 against a plain run on the ladder's smallest shape ({mc['layers']} blocks, d {mc['hidden']}, n = "
+        f"{mc['n']}): plain on {mc['plain']['world_size']} process, ZeRO-3 on {mc['zero3']['world_size']}: "
+        + ("the same mask (`mask_sha256`)." if mc["masks_equal"] else "DIFFERENT masks.")])
+    ratio = data["phases"]["prune"]["measured_over_predicted"]
+    headline = [(f"Llama-architecture {run['model_params'] / 1e6:.0f} M (random weights), layerwise CHITA 50%, "
+                 "ZeRO-3, 2 processes",
+                 "peak memory per rank / printed estimate; prune time / the plan for this machine",
+                 " / ".join(f"{r:.2f}" for r in mem["peak_over_estimate"]) + f"; {ratio:.2f}x (load "
+                 f"{data['loads']['before']:.1f} -> {data['loads']['after']:.1f}); masks equal to a plain run's: "
+                 + ("yes" if mc["masks_equal"] else "NO"))]
+    return Page("llama_scale", "Llama-architecture scale run under ZeRO-3",
+                "a random-weight Llama pruned under ZeRO-3 on 2 processes: memory and time against the plan",
+                body, headline)
+
+
 RENDERERS: dict[str, Callable[[dict], Page]] = {
     "readme_commands": render_readme_commands,
     "default_job": render_default_job,
@@ -820,6 +883,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "machine_rates": render_machine_rates,
     "sparse_checkpoint": render_sparse_checkpoint,
     "layerwise_costmodel": render_layerwise_costmodel,
+    "llama_scale": render_llama_scale,
 }
 
 
