@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_params": rep["model_params"], "kept": rep["global"]["kept"], "sparsity": rep["global"]["sparsity"],
             "iterations_max": rep["stages"][0]["iterations"], "phase_seconds": rep["phase_seconds"],
             "bytes_sent": rep["bytes_sent"], "mask_sha256": rep["mask_sha256"]},
-        "matmul_flops": rate, "phases": phases, "memory": mem,
+        "matmul_flops": rate, "hardware_flops": hw.flops, "phases": phases, "memory": mem,
         "loads": {"before": run["load_before"], "after": run["load_after"]},
     }
     Path(args.out).write_text(json.dumps(result, indent=2))
