@@ -24,7 +24,7 @@ layerwise run, from the shape instead of the modules:
   same (r, d_in) and blocks);
 * cached inputs: the inputs of two blocks for every micro-batch of the rank, ceil(ceil(n / B) / R) of them, each
   (B T d + 2 T d_h) ``act_bytes`` (hidden states and the rotary cos / sin, shared by the batch); none under ZeRO-3
-  (the library runs the model's forward up to each block there instead of caching);
+  (the library runs the model's whole forward for each block there instead of caching);
 * activations: one block's forward of one micro-batch, B T (3 d + 2 I + 2 d_h) ``act_bytes`` plus the attention
   scores B h T^2 ``act_bytes`` (eager attention; an upper bound for fused attention kernels), plus the head's
   logits B T V ``act_bytes`` (the model's whole forward, which a curvature pass runs at least once).
