@@ -305,6 +305,8 @@ def _estimate(run: _Run, targets: Sparsity, probe_batches, partitioned: bool, co
             block_bytes[0] = curvature.block_call_bytes(run.model, run.modules, run.forward, batch)
         else:
             run.forward(batch)
+            if partitioned:  # from its second forward on, ZeRO-3 prefetches parameters ahead (its trace of the first)
+                run.forward(batch)
 
     baseline = memory.baseline_bytes(device, params.full_bytes(run.model.parameters()))
     calibration = run.samples.largest_batch(run.batch_size) if run.method != "magnitude" else None

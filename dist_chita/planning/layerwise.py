@@ -15,8 +15,9 @@ Memory per rank (:func:`memory_parts`), what :func:`dist_chita.planning.memory.e
 layerwise run, from the shape instead of the modules:
 
 * model: P ``model_bytes`` (P / R under ZeRO-3);
-* gathered: under ZeRO-3, one block's weights gathered for its forward (P_block ``model_bytes``; the library's
-  estimate leaves it out; it is counted here);
+* gathered: under ZeRO-3, the parameters gathered during a forward: the module running (at most a block's or
+  the head's weights) and those DeepSpeed prefetches ahead of it (its ``stage3_prefetch_bucket_size``, 5e7
+  parameters by default: :data:`ZERO3_PREFETCH`), at most P, in ``model_bytes``;
 * curvature: the largest block's H matrices, 2 x 8 d_in^2 bytes per prunable layer (float64, accumulated and
   all-reduced: :func:`dist_chita.layerwise.driver.memory_bytes` counts every layer, including those that share
   an input's H);
@@ -78,6 +79,7 @@ PHASES = ("curvature", "solver", "writeback")
 LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _SHARED_INPUT = (0, 0, 0, 1, 2, 2, 3)  # which of a block's distinct inputs each layer reads (q, k, v share one)
 _LIPSCHITZ_ITERS = 50  # row_solver.lipschitz
+ZERO3_PREFETCH = 50_000_000  # DeepSpeed's default stage3_prefetch_bucket_size (parameters gathered ahead)
 _PRECONDITIONER_PRODUCTS = 8 * 48  # row_solver.preconditioner: 8 subspace products with 1.5 x 32 vectors
 
 
@@ -208,7 +210,8 @@ def memory_parts(shape: TransformerShape, job: Job) -> dict[str, int]:
     call = job.tokens * (job.micro_batch * shape.hidden + 2 * shape.head_dim) * job.act_bytes
     parts = {
         "model": shape.params * job.model_bytes // (job.ranks if job.zero3 else 1),
-        "gathered": shape.block_params * job.model_bytes if job.zero3 else 0,
+        "gathered": min(shape.params, max(shape.block_params, shape.vocab * shape.hidden) + ZERO3_PREFETCH)
+        * job.model_bytes if job.zero3 else 0,
         "curvature": curvature,
         "solver": method.solve_bytes(dims, blocks),
         "cached_inputs": 0 if job.zero3 else 2 * job.rank_batches * call,

@@ -73,7 +73,9 @@ def test_zero3_memory_shards_the_model_and_drops_the_cache():
     job = lw.Job(n=64, tokens=32, ranks=4)
     plain, z3 = lw.memory_parts(SHAPE, job), lw.memory_parts(SHAPE, replace(job, zero3=True))
     assert z3["model"] == SHAPE.params * 2 // 4 and plain["model"] == SHAPE.params * 2
-    assert z3["gathered"] == SHAPE.block_params * 2 and plain["gathered"] == 0
+    assert z3["gathered"] == SHAPE.params * 2 and plain["gathered"] == 0  # smaller than DeepSpeed's prefetch: all
+    seven = lw.PRESETS["llama-7b"]  # a block (202 M) is larger than the head (131 M), plus 5e7 prefetched
+    assert lw.memory_parts(seven, replace(job, zero3=True))["gathered"] == (seven.block_params + 50_000_000) * 2
     assert z3["cached_inputs"] == 0 and plain["cached_inputs"] == 2 * 16 * 32 * (64 + 2 * 16) * 2
 
 
