@@ -86,21 +86,27 @@ def _add_products(H: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 class _Recorder:
-    """The forward hooks of :func:`layer_curvature`: each layer's X_b^T X_b added to its H (upper triangle) and its
-    row count, forward after forward.
+    """The forward pre-hooks of :func:`layer_curvature`: each layer's X_b^T X_b added to its H (upper triangle) and
+    its row count, forward after forward.
 
     ``mask``: the token mask of the running forward; ``record``: whether it counts; ``after``: one of the later
     modules has started in it; ``in_order``: no layer of the block ran after that, in any forward so far; ``cut``:
     forwards stop at the first later module; ``inputs``: (input, layer) of this forward's layers that formed their
     product; ``first``: no counted forward has finished yet; ``shared``: layer -> the earlier layer whose H it
-    takes; ``broken``: a layer of ``shared`` did not receive that layer's input in some forward."""
+    takes; ``broken``: a layer of ``shared`` did not receive that layer's input in some forward. ``order``: the
+    layers in the order their inputs arrived in this forward; ``last``: the layer whose input came last in the
+    first counted forward, when every layer ran exactly once there (None otherwise, or when ``may_stop`` is False);
+    once every layer has recorded in a forward, that forward stops at ``last``'s input (the rest of the forward
+    computes nothing H needs)."""
 
-    def __init__(self, H: list[torch.Tensor], count: torch.Tensor, share_inputs: bool):
-        self.H, self.count, self.share_inputs = H, count, share_inputs
+    def __init__(self, H: list[torch.Tensor], count: torch.Tensor, share_inputs: bool, may_stop: bool):
+        self.H, self.count, self.share_inputs, self.may_stop = H, count, share_inputs, may_stop
         self.mask, self.record, self.after, self.in_order, self.cut = None, True, False, True, False
         self.inputs: list = []
         self.first, self.broken = True, False
         self.shared: dict[int, int] = {}
+        self.order: list[int] = []
+        self.last: int | None = None
 
     def at_later(self, module, args) -> None:
         self.after = True
@@ -108,24 +114,36 @@ class _Recorder:
             raise _BlockSeen
 
     def hook(self, i: int) -> Callable:
-        def fn(module, args, out):
+        def fn(module, args):
             self.in_order &= not self.after
+            self.order.append(i)
             if not self.record:
                 return
-            x = args[0]
-            same = next((j for y, j in self.inputs if y is x and self.H[j].shape == self.H[i].shape), None)
-            if self.first and same is not None and self.share_inputs:
-                self.shared[i] = same
-            if i in self.shared:
-                if same == self.shared[i]:
-                    return
-                self.broken = True  # no longer the same input: all H are formed again, unshared
-            rows = input_rows(module, x.detach(), self.mask)
-            _add_products(self.H[i], rows)
-            self.count[i] += rows.shape[0]
-            if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
-                self.inputs.append((x, i))
+            self._add(i, module, args[0])
+            if i == self.last and len(set(self.order)) == len(self.H):
+                raise _BlockSeen
         return fn
+
+    def _add(self, i: int, module: nn.Module, x: torch.Tensor) -> None:
+        same = next((j for y, j in self.inputs if y is x and self.H[j].shape == self.H[i].shape), None)
+        if self.first and same is not None and self.share_inputs:
+            self.shared[i] = same
+        if i in self.shared:
+            if same == self.shared[i]:
+                return
+            self.broken = True  # no longer the same input: all H are formed again, unshared
+        rows = input_rows(module, x.detach(), self.mask)
+        _add_products(self.H[i], rows)
+        self.count[i] += rows.shape[0]
+        if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
+            self.inputs.append((x, i))
+
+    def finished(self) -> None:
+        """After a forward: the first counted one fixes ``last``."""
+        if self.first and self.record and self.may_stop and sorted(self.order) == list(range(len(self.H))):
+            self.last = self.order[-1]
+        self.inputs, self.order = [], []
+        self.first = self.first and not self.record
 
     def run(self, forward: Callable[[object], object], batches: Iterable[tuple[object, bool]],
             cut_after_first: bool) -> None:
@@ -139,8 +157,7 @@ class _Recorder:
                     forward(batch)
                 except _BlockSeen:
                     pass
-                self.inputs = []
-                self.first = self.first and not self.record
+                self.finished()
                 self.cut = cut_after_first and self.in_order
 
 
@@ -175,12 +192,12 @@ def layer_curvature(
     H = [torch.zeros(groups(m), d, d, dtype=torch.float64, device=device)
          for (_, m), d in zip(modules, dims, strict=True)]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
-    recorder = _Recorder(H, count, share_inputs)
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
     partitioned = any(params.is_partitioned(m.weight) for _, m in modules)
+    recorder = _Recorder(H, count, share_inputs, may_stop=not partitioned)
     if partitioned:
         later = ()
-    handles = [m.register_forward_hook(recorder.hook(i)) for i, (_, m) in enumerate(modules)]
+    handles = [m.register_forward_pre_hook(recorder.hook(i)) for i, (_, m) in enumerate(modules)]
     handles += [m.register_forward_pre_hook(recorder.at_later) for m in later]
     try:
         recorder.run(forward, collective_batches(mine, device, partitioned), bool(later))

@@ -61,23 +61,38 @@ class _Chain(nn.Module):
         return self.c(torch.relu(h))
 
 
+class _Counted(nn.Linear):
+    """A Linear that counts its forwards."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("reuse_a", [False, True])
 def test_curvature_stops_the_forward_after_the_block_only_when_that_is_safe(reuse_a):
-    """With the later layers named, forwards after the first stop before them, and H has the same bits as from
-    whole forwards; a block layer that also runs after a later one (a shared module) keeps every forward whole."""
+    """Forwards after the first stop at the input of the block's last layer (a, which then does not run), with or
+    without the later layers named, and H has the bits of whole forwards; a block layer that runs twice in a forward
+    (a shared module) keeps every forward whole."""
     torch.manual_seed(1)
     net = _Chain(reuse_a)
+    net.a = _Counted(5, 5)
     batches = _batches(torch.randn(40, 5), 0, 40, 8)  # 5 micro-batches
-    whole = layer_curvature([("a", net.a)], net, batches)
-    assert net.reached_c == 5
+    cut = layer_curvature([("a", net.a)], net, batches)
+    assert net.reached_c == (5 if reuse_a else 1) and net.a.calls == (10 if reuse_a else 1)
     net.reached_c = 0
-    cut = layer_curvature([("a", net.a)], net, batches, later=[net.b, net.c])
+    with_later = layer_curvature([("a", net.a)], net, batches, later=[net.b, net.c])
     assert net.reached_c == (5 if reuse_a else 1)
-    assert torch.equal(whole[0], cut[0])
+    assert torch.equal(cut[0], with_later[0])
+    # one micro-batch per call: a first forward, never cut (a's rows per sample: 1 or 2, the same in every batch)
+    whole = sum(layer_curvature([("a", net.a)], net, [b])[0] * len(b[0]) for b in batches) / 40
+    torch.testing.assert_close(cut[0], whole, rtol=1e-12, atol=0.0)
     rows = [batch for batch, _ in batches]
     X = torch.cat(rows + ([torch.tanh(net.a(r)) @ net.b.weight.T + net.b.bias for r in rows] if reuse_a else []))
     X = X.detach().double()
-    torch.testing.assert_close(whole[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
 
 
 class _Fork(nn.Module):
