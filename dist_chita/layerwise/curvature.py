@@ -352,8 +352,8 @@ def block_call_bytes(model: nn.Module, modules: Sequence[tuple[str, nn.Module]],
 def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[object], object],
                   make_batches: Callable[[], Iterable], enabled: bool) -> tuple[list[nn.Module], int, int]:
     """The blocks (submodules named ``names``) and the run [start, stop) of them that :func:`block_curvatures`
-    computes on cached inputs (:func:`chained_blocks` on this rank's first micro-batch, the same on every rank,
-    else none); none under ZeRO-3."""
+    computes on cached inputs (:func:`chained_blocks` on the first sample of this rank's first micro-batch, the
+    same on every rank, else none); none under ZeRO-3."""
     blocks = _submodules(model, names)
     if blocks is None:
         return [], 0, 0
@@ -363,12 +363,22 @@ def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[obj
     if first is None:  # no micro-batch here: the others decide
         votes = [-1e9] * 4
     else:
-        start, stop = chained_blocks(blocks, forward, to_device(first[0], next(model.parameters()).device))
+        start, stop = chained_blocks(blocks, forward, to_device(_one_sample(first[0]), next(model.parameters()).device))
         votes = [start, -start, stop, -stop]
     most = comm.all_reduce_floats(votes, op="max")
     if most[0] != -most[1] or most[2] != -most[3] or most[2] <= -1e9:
         return blocks, 0, 0
     return blocks, int(most[0]), int(most[2])
+
+
+def _one_sample(batch):
+    """The first sample of a micro-batch (a tensor, or a dict of tensors with the samples along dim 0): how the
+    blocks are called does not depend on how many samples a forward carries, and one costs a micro-batch's share."""
+    if torch.is_tensor(batch) and batch.dim() > 0:
+        return batch[:1]
+    if isinstance(batch, dict) and all(torch.is_tensor(v) and v.dim() > 0 for v in batch.values()):
+        return {k: v[:1] for k, v in batch.items()}
+    return batch
 
 
 def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], object],

@@ -206,3 +206,21 @@ def test_each_rank_takes_every_r_th_micro_batch():
     assert list(my_microbatches(iter(range(7)))) == list(range(7))  # world size 1
     got = multiproc.run(lambda: list(my_microbatches(iter(range(7)))), 3)
     assert got == [[0, 3, 6], [1, 4], [2, 5]]
+
+
+def test_the_chaining_check_runs_on_one_sample():
+    """The check of which blocks' calls follow one from another (:func:`chained_blocks`) runs on the first sample of
+    the first micro-batch only, and finds what the whole micro-batch shows (blocks 1-3 of _Stack)."""
+    from dist_chita.layerwise.curvature import _cached_range
+
+    torch.manual_seed(5)
+    x = torch.randn(45, 6)
+    model = _Stack()
+    names = [f"layers.{j}" for j in range(4)]
+    rows = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].shape[0]),
+                                                       with_kwargs=True)
+    _, start, stop = _cached_range(model, names, model, lambda: _batches(x, 0, 45, 7), True)
+    handle.remove()
+    assert (start, stop) == chained_blocks(list(model.layers), model, x[:7]) == (1, 4)
+    assert rows == [1, 1]  # the model's forward and block 0 run again on its recorded call
