@@ -12,11 +12,9 @@ On every rank, :func:`prune_layerwise`:
    the H and ridge of each part, its budget, and this rank's rows: whole chunks of ``row_chunk`` rows of every part
    shared among the ranks in order (each chunk solved alone, so its bits do not depend on the number of ranks; a
    chunk never mixes groups of a grouped Conv2d), or whole parts when the method assigns them
-   (:meth:`~dist_chita.methods.base.LayerMethod.owners`);
-3. once this rank has solved its rows of every layer of the block (the layers of a block are independent given
-   their H, so the ranks meet once per block and a rank slower on one layer catches up on the next), all-reduces
-   each layer's (r, d) rows (zeros off this rank's rows, so the sum is exact) and its objective, and writes the
-   pruned layers back in order (under ZeRO-3 into the partition).
+   (:meth:`~dist_chita.methods.base.LayerMethod.owners`; then all of a block's layers are solved before writing);
+3. all-reduces the layer's (r, d) rows (zeros off this rank's rows, so the sum is exact) and its objective, and
+   writes the pruned layer back (under ZeRO-3 into the partition).
 
 No per-sample gradients and no Fisher factor: peak memory is the model plus one block's H matrices and one layer's
 solve (:func:`memory_bytes`). Nothing here parses a config or prints.
@@ -156,11 +154,12 @@ def prune_layerwise(
 
 def _prune_block(job: _Job, group: list[int], Hs: list[torch.Tensor | None], tally: _Tally,
                  progress: Callable[[str, int, int], None] | None) -> None:
-    """The layers ``group`` (indices into ``job.modules``) of one block, each on its H: this rank's rows of every
-    layer solved by the method, then every layer all-reduced and written back, in order (one meeting of the ranks
-    per block, not per layer)."""
+    """The layers ``group`` (indices into ``job.modules``) of one block, each on its H: this rank's rows solved by
+    the method, then every layer all-reduced and written back, in order."""
     owners = job.method.owners(_part_shapes(job.modules, group), comm.world_size())
-    solved = [_solve_layer(job, i, H, owners, tally) for i, H in zip(group, Hs, strict=True)]
+    solved = (_solve_layer(job, i, H, owners, tally) for i, H in zip(group, Hs, strict=True))
+    if owners is not None:  # parts go whole to one rank each: all of the block's are solved before writing
+        solved = list(solved)
     for i, weight, result in solved:
         m = job.modules[i][1]
         t = time.perf_counter()

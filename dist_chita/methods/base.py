@@ -127,11 +127,8 @@ class LayerMethod(ABC):
         """Peak bytes per rank of the method's work besides the model and the blocks' H, for layers of ``dims``
         (rows, inputs) grouped into ``blocks``. The default bounds a solve of CHITA's size: the Q of a layer in
         float32 and, at most at once, its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a
-        chunk of c rows (iterates, candidates, CG); the layer's weights and their pruned copy; plus every layer of
-        the largest block read and solved before the block is written back (its weights and their pruned copy,
-        float32)."""
-        return max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims) + max(
-            sum(8 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+        chunk of c rows (iterates, candidates, CG); the layer's weights and their pruned copy."""
+        return max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
 
     @abstractmethod
     def prune(self, layer: LayerProblem) -> LayerResult:

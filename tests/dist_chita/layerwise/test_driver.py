@@ -91,25 +91,22 @@ class _Pairs(nn.Module):
         return x
 
 
-def _block_events(method="sparsegpt"):
-    """prune_layerwise(method=...) on _Pairs (SparseGPT or CHITA), recording this rank's solves (SparseGPT: one per
-    layer it owns; CHITA: one per layer, its rows) and layer writes."""
+def _sparsegpt_events():
+    """prune_layerwise(method="sparsegpt") on _Pairs, recording this rank's SparseGPT solves and layer writes."""
     from dist_chita.layerwise import driver as layerwise_driver
-    from dist_chita.methods import chita, sparsegpt
+    from dist_chita.methods import sparsegpt
 
-    module, attr = (sparsegpt, "sparsegpt_rows") if method == "sparsegpt" else (chita, "solve_rows")
-    events, solve, write = [], getattr(module, attr), layerwise_driver.from_rows
-    setattr(module, attr, lambda *a, **kw: (events.append("solve"), solve(*a, **kw))[1])
+    events, solve, write = [], sparsegpt.sparsegpt_rows, layerwise_driver.from_rows
+    sparsegpt.sparsegpt_rows = lambda *a, **kw: (events.append("solve"), solve(*a, **kw))[1]
     layerwise_driver.from_rows = lambda *a, **kw: (events.append("write"), write(*a, **kw))[1]
     try:
         model = _Pairs().eval()
         modules = [(f"blocks.{b}.{n}", getattr(model.blocks[b], n)) for b in (0, 1) for n in "ab"]
         x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
-        prune_layerwise(model, modules, 0.5, forward=model, per_layer=True, method=method, row_chunk=4,
+        prune_layerwise(model, modules, 0.5, forward=model, per_layer=True, method="sparsegpt",
                         make_batches=lambda: my_microbatches(_batches(x, 0, 30, 5)))
     finally:
-        setattr(module, attr, solve)
-        layerwise_driver.from_rows = write
+        sparsegpt.sparsegpt_rows, layerwise_driver.from_rows = solve, write
     return events, [m.weight.detach().clone() for _, m in modules]
 
 
@@ -117,22 +114,10 @@ def test_sparsegpt_solves_a_blocks_layers_on_all_ranks_at_once():
     """SparseGPT's layers go whole to the ranks by turns; every rank solves its layers of a block before the block
     is written back (a layer at a time, the ranks would wait for each other): on 2 ranks, rank 1 solves
     blocks.0.b before blocks.0.a (rank 0's) is written. Same weights as on one rank."""
-    (one, base), = multiproc.run(_block_events, 1)
+    (one, base), = multiproc.run(_sparsegpt_events, 1)
     assert one == ["solve", "solve", "write", "write"] * 2
-    (e0, w0), (e1, w1) = multiproc.run(_block_events, 2)
+    (e0, w0), (e1, w1) = multiproc.run(_sparsegpt_events, 2)
     assert e0 == e1 == ["solve", "write", "write"] * 2
-    for w in (w0, w1):
-        assert all(torch.equal(a, b) for a, b in zip(w, base, strict=True))
-
-
-def test_chita_solves_its_rows_of_every_layer_of_a_block_before_writing():
-    """CHITA's rows are shared in chunks (of 4 here: 4 of a layer's 8 rows on each of 2 ranks); every rank solves
-    its rows of both layers of a block before the block is written back, so the ranks meet once per block. Same
-    weights on 1 and 2 ranks."""
-    (one, base), = multiproc.run(_block_events, 1, "chita")
-    assert one == ["solve", "solve", "write", "write"] * 2
-    (e0, w0), (e1, w1) = multiproc.run(_block_events, 2, "chita")
-    assert e0 == e1 == ["solve", "solve", "write", "write"] * 2
     for w in (w0, w1):
         assert all(torch.equal(a, b) for a, b in zip(w, base, strict=True))
 
