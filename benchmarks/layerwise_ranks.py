@@ -19,12 +19,12 @@ pair to the next (1, 2, then 2, 1, ...), so a busy spell of the shared machine h
     python benchmarks/layerwise_ranks.py [--quick] [--settings 0.5 0.7 2:4] [--methods chita sparsegpt wanda]
         [--launcher torchrun|accelerate] [--work-dir DIR] [--timeout 1800] [key=value ...]
 
-``--quick``: only 50%, for a short check of the script (about 6 launches). Each launch also loads the model, runs
-the held-out evaluation before and after and saves the model (10-30 s besides the prune). The full run is 18
-launches; at a load average under 1 its length is about the sum of the prune times of
-``benchmarks/results/layerwise_speed.json`` times 1.5, plus 18 x 20 s (about 10 minutes); under load 4, twice
-that. Writes benchmarks/results/layerwise_ranks.json at the end (and every finished run to <work>/runs.json as it
-goes). Exit status 1 when a run failed or the masks or weights of 1 and 2 processes differ.
+``--quick``: only 50%, for a short check of the script (6 launches: 12 minutes at a load average of 8 on this
+machine's 2 cores, CHITA's two runs two thirds of it). Each launch also loads the model, runs the held-out
+evaluation before and after and saves the model (20-50 s besides the prune). The full run is 18 launches, about
+three times the quick one. Writes benchmarks/results/layerwise_ranks.json at the end (and every finished run to
+<work>/runs.json as it goes). Exit status 1 when a run failed or the masks or weights of 1 and 2 processes
+differ.
 """
 
 from __future__ import annotations
