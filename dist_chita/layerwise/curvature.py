@@ -2,8 +2,9 @@
 
 * Blocks (SparseGPT's sense): the prunable layers whose names share the prefix up to their first numeric component
   (``encoder.layer.3``; a layer without one is a block of its own), in model order (:func:`blocks_in_order`).
-* Micro-batches: every rank takes every R-th of one global sequence (:func:`my_microbatches`), so a micro-batch has
-  the same samples and padding on any number of ranks and its X is computed bit for bit alike.
+* Micro-batches: one global sequence dealt to the ranks in rounds, every other round in reverse order
+  (:func:`my_microbatches`), so a micro-batch has the same samples and padding on any number of ranks and its X is
+  computed bit for bit alike, and the ranks get nearly equal shares of tokens from a sequence sorted longest first.
 * :func:`layer_curvature`: a block's H, from forwards of this rank's micro-batches (X_b^T X_b in float32, summed
   in float64, which is exact) and one all-reduce: the same bits on any number of ranks.
 * :func:`block_curvatures`: the blocks in order, each on the inputs of the model as the caller has left it
@@ -48,12 +49,20 @@ def block_names(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
     return list(_blocks(modules))
 
 
+def dealt_to(j: int, world: int) -> int:
+    """The rank that takes micro-batch j of the global sequence: rounds of ``world`` micro-batches dealt 0, 1, ...,
+    R - 1, the next round R - 1, ..., 1, 0, and so on. With the micro-batches longest first, dealing every R-th to
+    a rank would give rank 0 the longest of every round; the reversed rounds even the ranks' tokens out."""
+    q, r = divmod(j, world)
+    return r if q % 2 == 0 else world - 1 - r
+
+
 def my_microbatches(batches: Iterable) -> Iterator:
-    """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank): every R-th,
-    from the rank's index. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
+    """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank), dealt as
+    :func:`dealt_to` says. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
     layer inputs X are computed bit for bit alike (and :func:`layer_curvature` sums them exactly)."""
     world, rank = comm.world_size(), comm.rank()
-    return (b for j, b in enumerate(batches) if j % world == rank)
+    return (b for j, b in enumerate(batches) if dealt_to(j, world) == rank)
 
 
 def collective_batches(mine: Sequence, device: torch.device, partitioned: bool) -> Iterator[tuple[object, bool]]:

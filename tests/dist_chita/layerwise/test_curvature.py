@@ -6,6 +6,7 @@ from dist_chita.layerwise.curvature import (
     block_call_bytes,
     blocks_in_order,
     chained_blocks,
+    dealt_to,
     layer_curvature,
     my_microbatches,
 )
@@ -202,10 +203,13 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
             assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
-def test_each_rank_takes_every_r_th_micro_batch():
+def test_micro_batches_are_dealt_in_rounds_every_other_one_reversed():
     assert list(my_microbatches(iter(range(7)))) == list(range(7))  # world size 1
     got = multiproc.run(lambda: list(my_microbatches(iter(range(7)))), 3)
-    assert got == [[0, 3, 6], [1, 4], [2, 5]]
+    assert got == [[0, 5, 6], [1, 4], [2, 3]]
+    sizes = [8, 7, 6, 5, 4, 3, 2, 1]  # tokens of micro-batches sorted longest first
+    shares = [sum(s for j, s in enumerate(sizes) if dealt_to(j, 2) == r) for r in (0, 1)]
+    assert shares == [18, 18]  # every 2nd: 20 and 16
 
 
 def test_the_chaining_check_runs_on_one_sample():
