@@ -346,7 +346,9 @@ def render_layerwise_ranks(data: dict) -> Page:
         for k, m in data["results"].items()]
     headline = [("MiniLM layerwise methods, 2 processes over 1 (1 thread each)",
                  "speed-up of the solve phase / of the prune; masks and weights of 1 and 2 processes",
-                 "; ".join(parts) + f"; identical in {same} of {len(pairs)} pairs")]
+                 "; ".join(parts) + f"; identical in {same} of {len(pairs)} pairs (load average "
+                 f"{data['load_before']:.1f} to {data['load_after']:.1f} on {data['cores']} cores"
+                 + (", a `--quick` run)" if data["quick"] else ")"))]
     return Page("layerwise_ranks", "Layerwise methods on 1 and 2 processes: time per phase, objective, fidelity",
                 f"{data['model']}: CHITA, SparseGPT and Wanda on 1 and 2 processes, each phase's speed-up, the same "
                 "masks", body, headline)
