@@ -17,7 +17,7 @@ pair to the next (1, 2, then 2, 1, ...), so a busy spell of the shared machine h
 * the 1-minute load average before and after.
 
     python benchmarks/layerwise_ranks.py [--quick] [--settings 0.5 0.7 2:4] [--methods chita sparsegpt wanda]
-        [--launcher torchrun|accelerate] [--work-dir DIR] [--timeout 1800] [key=value ...]
+        [--launcher torchrun|accelerate] [--work-dir DIR] [--timeout 1800] [--out FILE] [key=value ...]
 
 ``--quick``: only 50%, for a short check of the script (6 launches: 12 minutes at a load average of 8 on this
 machine's 2 cores, CHITA's two runs two thirds of it). Each launch also loads the model, runs the held-out
@@ -146,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launcher", default="torchrun", choices=("torchrun", "accelerate"))
     ap.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary directory)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    ap.add_argument("--out", default=str(RESULTS), help="the JSON written at the end (default %(default)s)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the default config, for every run")
     args = ap.parse_args(argv)
+    out = Path(args.out).resolve()  # paths given relative to where the script was started
+    work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="layerwise_ranks_"))
     os.chdir(ROOT)  # the commands name the config and the launcher relative to the checkout
     settings = args.settings or (["0.5"] if args.quick else ["0.5", "0.7", "2:4"])
-    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="layerwise_ranks_"))
     runner = Runner(args.launcher, work, args.timeout, args.overrides)
     results: dict[str, dict] = {}
     t0, load0, state = time.perf_counter(), os.getloadavg()[0], git_state()
@@ -169,15 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"layerwise_ranks.py: error: {' '.join(str(e).split())} (finished runs: {work / 'runs.json'})",
               file=sys.stderr)
         return 1
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "config": CONFIG, "quick": args.quick, "settings_run": settings,
         "methods": args.methods, "world_sizes": list(WORLD_SIZES), "threads_per_process": 1,
         "launcher": args.launcher, "overrides": args.overrides, "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__, "machine": platform.machine(), "git": state,
         "commands": runner.commands, "wall_seconds": time.perf_counter() - t0, "load_before": load0,
         "load_after": os.getloadavg()[0], "results": results}, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
     same = all(p["same_mask"] and p["same_weights"] for s in results.values() for p in s.values())
