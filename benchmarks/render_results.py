@@ -291,6 +291,69 @@ def render_layerwise_speed(data: dict) -> Page:
                 headline)
 
 
+# ---------------------------------------------------------------- layerwise methods on 1 and 2 processes
+
+RANK_PHASES = (("curvature", "curvature"), ("solver", "solve"), ("writeback", "write-back"))
+
+
+def _ranks_command(data: dict) -> list[str]:
+    argv = ["python", "benchmarks/layerwise_ranks.py", *(["--quick"] if data["quick"] else []), "--settings",
+            *data["settings_run"], "--methods", *data["methods"], "--launcher", data["launcher"]]
+    return argv + data["overrides"]
+
+
+def _ranks_setting(setting: str, methods: dict) -> str:
+    shown = dict(LAYERWISE_METHODS)
+    rows, speed = [], []
+    for key, pair in methods.items():
+        for world, r in pair["processes"].items():
+            rows.append([shown.get(key, key), world, *(_s(r["seconds"][ph]) for ph, _ in RANK_PHASES),
+                         _s(r["prune_seconds"]), _g(r["objective"]), f"{r['cosine']:.4f} / {r['nn_agreement']:.4f}",
+                         f"{r['load_before']:.1f} / {r['load_after']:.1f}"])
+        sp = pair["speedup"]
+        speed.append([shown.get(key, key), *("" if sp[ph] is None else _x(sp[ph]) for ph, _ in RANK_PHASES),
+                      _x(sp["prune"]), "yes" if pair["same_mask"] else "**no**",
+                      "yes" if pair["same_weights"] else "**no**"])
+    return "\n\n".join([
+        f"## {_setting_name(setting)}",
+        _table(["method", "processes", *(f"{name} s" for _, name in RANK_PHASES), "prune s", "objective",
+                "cosine / agreement", "load before / after"], rows),
+        _table(["method", *(f"{name} 2 over 1" for _, name in RANK_PHASES), "prune 2 over 1", "same mask",
+                "same weights"], speed)])
+
+
+def render_layerwise_ranks(data: dict) -> Page:
+    intro = (f"`benchmarks/layerwise_ranks.py` runs the default job (`{data['config']}`: {data['model']}, layerwise "
+             f"objective, per row) through `launch/prune.py` under `{data['launcher']}` with each method on 1 and 2 "
+             f"processes of {_n(data['threads_per_process'], 'thread')} (gloo, {data['cores']} cores shared with "
+             "other work; the two runs of a method follow each other, their order alternating). Seconds are the "
+             "max over ranks of each phase as the report records it; the prune time is the max over ranks of "
+             "curvature + solve + write-back (a rank that waits for a slower one waits in the write-back's "
+             "all-reduce). Objective: the sum over layers of the reconstruction objective; fidelity: the pruned "
+             "embeddings of the held-out paragraphs against the dense ones. Same mask: the reports' mask digests; "
+             f"same weights: every tensor of the two saved models equal bit for bit (torch {data['torch']}, "
+             f"{data['machine']}; the whole run took {_s(data['wall_seconds'])} s, load average "
+             f"{data['load_before']:.1f} before and {data['load_after']:.1f} after).")
+    if data["quick"]:
+        intro += " A `--quick` run: 50% only."
+    body = "\n\n".join([intro, _command(_ranks_command(data)),
+                         *(_ranks_setting(k, m) for k, m in data["results"].items())])
+    pairs = [p for m in data["results"].values() for p in m.values()]
+    same = sum(p["same_mask"] and p["same_weights"] for p in pairs)
+    shown = {"chita": "CHITA", "sparsegpt": "SparseGPT", "wanda": "Wanda"}
+    parts = [f"{_setting_name(k)}: " + ", ".join(
+        f"{shown.get(key, key)} {_x(p['speedup']['solver'])} / {_x(p['speedup']['prune'])}" for key, p in m.items())
+        for k, m in data["results"].items()]
+    headline = [("MiniLM layerwise methods, 2 processes over 1 (1 thread each)",
+                 "speed-up of the solve phase / of the prune; masks and weights of 1 and 2 processes",
+                 "; ".join(parts) + f"; identical in {same} of {len(pairs)} pairs (load average "
+                 f"{data['load_before']:.1f} to {data['load_after']:.1f} on {data['cores']} cores"
+                 + (", a `--quick` run)" if data["quick"] else ")"))]
+    return Page("layerwise_ranks", "Layerwise methods on 1 and 2 processes: time per phase, objective, fidelity",
+                f"{data['model']}: CHITA, SparseGPT and Wanda on 1 and 2 processes, each phase's speed-up, the same "
+                "masks", body, headline)
+
+
 # ---------------------------------------------------------------- MLPNet on MNIST
 
 
@@ -875,6 +938,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "default_job": render_default_job,
     "minilm_baselines": render_minilm,
     "layerwise_speed": render_layerwise_speed,
+    "layerwise_ranks": render_layerwise_ranks,
     "mlpnet_mnist": render_mlpnet,
     "resnet_mnist": render_resnet_mnist,
     "solver_iteration": render_solver,

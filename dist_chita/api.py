@@ -76,7 +76,7 @@ class _Run:
         return models.forward(model, self.task, batch)
 
     def rank_microbatches(self):
-        """This rank's calibration micro-batches: every R-th of one global sequence, longest first (the same
+        """This rank's calibration micro-batches: its share of one global sequence, longest first (the same
         micro-batches on any number of ranks, so sums over them have the same bits)."""
         return curvature.my_microbatches(
             data.iter_microbatches(self.samples, 0, self.n, self.batch_size, longest_first=True))

@@ -11,7 +11,7 @@ disjoint from those the Fisher factor is built from). A :class:`Validation` scor
   the probe loss's factor holds.
 
 A score is collective and the same number on any world size: the validation samples are cut into one global
-sequence of micro-batches, rank r evaluates every R-th (each micro-batch holds the same samples on any number of
+sequence of micro-batches, each rank evaluates a share (each micro-batch holds the same samples on any number of
 ranks, so each per-sample value has the same bits), the per-sample values are all-reduced into one m-vector (one
 non-zero contribution per entry: exact) and summed in sample order.
 """

@@ -2,8 +2,9 @@
 
 * Blocks (SparseGPT's sense): the prunable layers whose names share the prefix up to their first numeric component
   (``encoder.layer.3``; a layer without one is a block of its own), in model order (:func:`blocks_in_order`).
-* Micro-batches: every rank takes every R-th of one global sequence (:func:`my_microbatches`), so a micro-batch has
-  the same samples and padding on any number of ranks and its X is computed bit for bit alike.
+* Micro-batches: one global sequence dealt to the ranks in rounds, every other round in reverse order
+  (:func:`my_microbatches`), so a micro-batch has the same samples and padding on any number of ranks and its X is
+  computed bit for bit alike, and the ranks get nearly equal shares of tokens from a sequence sorted longest first.
 * :func:`layer_curvature`: a block's H, from forwards of this rank's micro-batches (X_b^T X_b in float32, summed
   in float64, which is exact) and one all-reduce: the same bits on any number of ranks.
 * :func:`block_curvatures`: the blocks in order, each on the inputs of the model as the caller has left it
@@ -48,12 +49,20 @@ def block_names(modules: Sequence[tuple[str, nn.Module]]) -> list[str]:
     return list(_blocks(modules))
 
 
+def dealt_to(j: int, world: int) -> int:
+    """The rank that takes micro-batch j of the global sequence: rounds of ``world`` micro-batches dealt 0, 1, ...,
+    R - 1, the next round R - 1, ..., 1, 0, and so on. With the micro-batches longest first, dealing every R-th to
+    a rank would give rank 0 the longest of every round; the reversed rounds even the ranks' tokens out."""
+    q, r = divmod(j, world)
+    return r if q % 2 == 0 else world - 1 - r
+
+
 def my_microbatches(batches: Iterable) -> Iterator:
-    """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank): every R-th,
-    from the rank's index. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
+    """This rank's share of the global micro-batches ``batches`` (the same sequence on every rank), dealt as
+    :func:`dealt_to` says. Each micro-batch then has the same samples (and padding) on any number of ranks, so the
     layer inputs X are computed bit for bit alike (and :func:`layer_curvature` sums them exactly)."""
     world, rank = comm.world_size(), comm.rank()
-    return (b for j, b in enumerate(batches) if j % world == rank)
+    return (b for j, b in enumerate(batches) if dealt_to(j, world) == rank)
 
 
 def collective_batches(mine: Sequence, device: torch.device, partitioned: bool) -> Iterator[tuple[object, bool]]:
@@ -86,21 +95,27 @@ def _add_products(H: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 class _Recorder:
-    """The forward hooks of :func:`layer_curvature`: each layer's X_b^T X_b added to its H (upper triangle) and its
-    row count, forward after forward.
+    """The forward pre-hooks of :func:`layer_curvature`: each layer's X_b^T X_b added to its H (upper triangle) and
+    its row count, forward after forward.
 
     ``mask``: the token mask of the running forward; ``record``: whether it counts; ``after``: one of the later
     modules has started in it; ``in_order``: no layer of the block ran after that, in any forward so far; ``cut``:
     forwards stop at the first later module; ``inputs``: (input, layer) of this forward's layers that formed their
     product; ``first``: no counted forward has finished yet; ``shared``: layer -> the earlier layer whose H it
-    takes; ``broken``: a layer of ``shared`` did not receive that layer's input in some forward."""
+    takes; ``broken``: a layer of ``shared`` did not receive that layer's input in some forward. ``order``: the
+    layers in the order their inputs arrived in this forward; ``last``: the layer whose input came last in the
+    first counted forward, when every layer ran exactly once there (None otherwise, or when ``may_stop`` is False);
+    once every layer has recorded in a forward, that forward stops at ``last``'s input (the rest of the forward
+    computes nothing H needs)."""
 
-    def __init__(self, H: list[torch.Tensor], count: torch.Tensor, share_inputs: bool):
-        self.H, self.count, self.share_inputs = H, count, share_inputs
+    def __init__(self, H: list[torch.Tensor], count: torch.Tensor, share_inputs: bool, may_stop: bool):
+        self.H, self.count, self.share_inputs, self.may_stop = H, count, share_inputs, may_stop
         self.mask, self.record, self.after, self.in_order, self.cut = None, True, False, True, False
         self.inputs: list = []
         self.first, self.broken = True, False
         self.shared: dict[int, int] = {}
+        self.order: list[int] = []
+        self.last: int | None = None
 
     def at_later(self, module, args) -> None:
         self.after = True
@@ -108,24 +123,36 @@ class _Recorder:
             raise _BlockSeen
 
     def hook(self, i: int) -> Callable:
-        def fn(module, args, out):
+        def fn(module, args):
             self.in_order &= not self.after
+            self.order.append(i)
             if not self.record:
                 return
-            x = args[0]
-            same = next((j for y, j in self.inputs if y is x and self.H[j].shape == self.H[i].shape), None)
-            if self.first and same is not None and self.share_inputs:
-                self.shared[i] = same
-            if i in self.shared:
-                if same == self.shared[i]:
-                    return
-                self.broken = True  # no longer the same input: all H are formed again, unshared
-            rows = input_rows(module, x.detach(), self.mask)
-            _add_products(self.H[i], rows)
-            self.count[i] += rows.shape[0]
-            if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
-                self.inputs.append((x, i))
+            self._add(i, module, args[0])
+            if i == self.last and len(set(self.order)) == len(self.H):
+                raise _BlockSeen
         return fn
+
+    def _add(self, i: int, module: nn.Module, x: torch.Tensor) -> None:
+        same = next((j for y, j in self.inputs if y is x and self.H[j].shape == self.H[i].shape), None)
+        if self.first and same is not None and self.share_inputs:
+            self.shared[i] = same
+        if i in self.shared:
+            if same == self.shared[i]:
+                return
+            self.broken = True  # no longer the same input: all H are formed again, unshared
+        rows = input_rows(module, x.detach(), self.mask)
+        _add_products(self.H[i], rows)
+        self.count[i] += rows.shape[0]
+        if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
+            self.inputs.append((x, i))
+
+    def finished(self) -> None:
+        """After a forward: the first counted one fixes ``last``."""
+        if self.first and self.record and self.may_stop and sorted(self.order) == list(range(len(self.H))):
+            self.last = self.order[-1]
+        self.inputs, self.order = [], []
+        self.first = self.first and not self.record
 
     def run(self, forward: Callable[[object], object], batches: Iterable[tuple[object, bool]],
             cut_after_first: bool) -> None:
@@ -139,8 +166,7 @@ class _Recorder:
                     forward(batch)
                 except _BlockSeen:
                     pass
-                self.inputs = []
-                self.first = self.first and not self.record
+                self.finished()
                 self.cut = cut_after_first and self.in_order
 
 
@@ -175,12 +201,12 @@ def layer_curvature(
     H = [torch.zeros(groups(m), d, d, dtype=torch.float64, device=device)
          for (_, m), d in zip(modules, dims, strict=True)]
     count = torch.zeros(len(modules), dtype=torch.float64, device=device)
-    recorder = _Recorder(H, count, share_inputs)
     mine = [batch for batch, _ in batches]  # on the host; each moves to the device for its forward
     partitioned = any(params.is_partitioned(m.weight) for _, m in modules)
+    recorder = _Recorder(H, count, share_inputs, may_stop=not partitioned)
     if partitioned:
         later = ()
-    handles = [m.register_forward_hook(recorder.hook(i)) for i, (_, m) in enumerate(modules)]
+    handles = [m.register_forward_pre_hook(recorder.hook(i)) for i, (_, m) in enumerate(modules)]
     handles += [m.register_forward_pre_hook(recorder.at_later) for m in later]
     try:
         recorder.run(forward, collective_batches(mine, device, partitioned), bool(later))
@@ -335,8 +361,8 @@ def block_call_bytes(model: nn.Module, modules: Sequence[tuple[str, nn.Module]],
 def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[object], object],
                   make_batches: Callable[[], Iterable], enabled: bool) -> tuple[list[nn.Module], int, int]:
     """The blocks (submodules named ``names``) and the run [start, stop) of them that :func:`block_curvatures`
-    computes on cached inputs (:func:`chained_blocks` on this rank's first micro-batch, the same on every rank,
-    else none); none under ZeRO-3."""
+    computes on cached inputs (:func:`chained_blocks` on the first sample of this rank's first micro-batch, the
+    same on every rank, else none); none under ZeRO-3."""
     blocks = _submodules(model, names)
     if blocks is None:
         return [], 0, 0
@@ -346,12 +372,22 @@ def _cached_range(model: nn.Module, names: Sequence[str], forward: Callable[[obj
     if first is None:  # no micro-batch here: the others decide
         votes = [-1e9] * 4
     else:
-        start, stop = chained_blocks(blocks, forward, to_device(first[0], next(model.parameters()).device))
+        start, stop = chained_blocks(blocks, forward, to_device(_one_sample(first[0]), next(model.parameters()).device))
         votes = [start, -start, stop, -stop]
     most = comm.all_reduce_floats(votes, op="max")
     if most[0] != -most[1] or most[2] != -most[3] or most[2] <= -1e9:
         return blocks, 0, 0
     return blocks, int(most[0]), int(most[2])
+
+
+def _one_sample(batch):
+    """The first sample of a micro-batch (a tensor, or a dict of tensors with the samples along dim 0): how the
+    blocks are called does not depend on how many samples a forward carries, and one costs a micro-batch's share."""
+    if torch.is_tensor(batch) and batch.dim() > 0:
+        return batch[:1]
+    if isinstance(batch, dict) and all(torch.is_tensor(v) and v.dim() > 0 for v in batch.values()):
+        return {k: v[:1] for k, v in batch.items()}
+    return batch
 
 
 def _capture(blocks: Sequence[nn.Module], j: int, forward: Callable[[object], object],

@@ -325,3 +325,36 @@ def test_readme_commands_row_holds_the_json_times(tmp_path):
     head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
     assert head[0][2] == "the default job (2 processes) 2.1 min (load 0.2); the tests 9.0 min (load 2.0)"
     assert "Some CPU, 2 cores" in page
+
+
+def _ranks_run(world: int, curvature: float, solver: float, writeback: float, load: float) -> dict:
+    return {"world_size": world, "seconds": {"curvature": curvature, "solver": solver, "writeback": writeback},
+            "prune_seconds": curvature + solver + writeback, "objective": 86.15, "cosine": 0.95654,
+            "nn_agreement": 0.81579, "load_before": load, "load_after": load + 0.5}
+
+
+def test_layerwise_ranks_rows_hold_the_json_figures(tmp_path):
+    """Each method's phases on 1 and 2 processes, the speed-ups and the mask and weight comparison as the JSON of
+    benchmarks/layerwise_ranks.py records them; the headline gives the solve and prune speed-ups per method."""
+    one, two = _ranks_run(1, 20.0, 80.0, 0.04, 1.0), _ranks_run(2, 11.0, 42.0, 1.5, 2.0)
+    pair = {"processes": {"1": one, "2": two}, "order": [1, 2], "same_mask": True, "same_weights": False,
+            "speedup": {"curvature": 20.0 / 11.0, "solver": 80.0 / 42.0, "writeback": 0.04 / 1.5,
+                        "prune": one["prune_seconds"] / two["prune_seconds"]}}
+    data = {"model": "tiny", "config": "configs/default.yaml", "quick": True, "settings_run": ["0.5"],
+            "methods": ["chita"], "launcher": "torchrun", "overrides": [], "threads_per_process": 1, "cores": 2,
+            "torch": "2.x", "machine": "x86_64", "wall_seconds": 700.0, "load_before": 1.0, "load_after": 2.0,
+            "results": {"0.5": {"chita": pair}}}
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "layerwise_ranks.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "results" / "layerwise_ranks.md").read_text()
+    assert _table_rows(page, "method | processes") == [
+        ["CHITA (layerwise, per row)", "1", "20.0", "80.0", "0.04", "100", "86.15", "0.9565 / 0.8158", "1.0 / 1.5"],
+        ["CHITA (layerwise, per row)", "2", "11.0", "42.0", "1.50", "54.5", "86.15", "0.9565 / 0.8158", "2.0 / 2.5"]]
+    assert _table_rows(page, "method | curvature 2 over 1") == [
+        ["CHITA (layerwise, per row)", "1.82x", "1.90x", "0.03x", "1.84x", "yes", "**no**"]]
+    assert "python benchmarks/layerwise_ranks.py --quick --settings 0.5 --methods chita --launcher torchrun" in page
+    head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
+    assert head[0][2] == ("50%: CHITA 1.90x / 1.84x; identical in 0 of 1 pairs (load average 1.0 to 2.0 on 2 cores, "
+                          "a `--quick` run)")

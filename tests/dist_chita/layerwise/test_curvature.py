@@ -6,6 +6,7 @@ from dist_chita.layerwise.curvature import (
     block_call_bytes,
     blocks_in_order,
     chained_blocks,
+    dealt_to,
     layer_curvature,
     my_microbatches,
 )
@@ -61,23 +62,38 @@ class _Chain(nn.Module):
         return self.c(torch.relu(h))
 
 
+class _Counted(nn.Linear):
+    """A Linear that counts its forwards."""
+
+    calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("reuse_a", [False, True])
 def test_curvature_stops_the_forward_after_the_block_only_when_that_is_safe(reuse_a):
-    """With the later layers named, forwards after the first stop before them, and H has the same bits as from
-    whole forwards; a block layer that also runs after a later one (a shared module) keeps every forward whole."""
+    """Forwards after the first stop at the input of the block's last layer (a, which then does not run), with or
+    without the later layers named, and H has the bits of whole forwards; a block layer that runs twice in a forward
+    (a shared module) keeps every forward whole."""
     torch.manual_seed(1)
     net = _Chain(reuse_a)
+    net.a = _Counted(5, 5)
     batches = _batches(torch.randn(40, 5), 0, 40, 8)  # 5 micro-batches
-    whole = layer_curvature([("a", net.a)], net, batches)
-    assert net.reached_c == 5
+    cut = layer_curvature([("a", net.a)], net, batches)
+    assert net.reached_c == (5 if reuse_a else 1) and net.a.calls == (10 if reuse_a else 1)
     net.reached_c = 0
-    cut = layer_curvature([("a", net.a)], net, batches, later=[net.b, net.c])
+    with_later = layer_curvature([("a", net.a)], net, batches, later=[net.b, net.c])
     assert net.reached_c == (5 if reuse_a else 1)
-    assert torch.equal(whole[0], cut[0])
+    assert torch.equal(cut[0], with_later[0])
+    # one micro-batch per call: a first forward, never cut (a's rows per sample: 1 or 2, the same in every batch)
+    whole = sum(layer_curvature([("a", net.a)], net, [b])[0] * len(b[0]) for b in batches) / 40
+    torch.testing.assert_close(cut[0], whole, rtol=1e-12, atol=0.0)
     rows = [batch for batch, _ in batches]
     X = torch.cat(rows + ([torch.tanh(net.a(r)) @ net.b.weight.T + net.b.bias for r in rows] if reuse_a else []))
     X = X.detach().double()
-    torch.testing.assert_close(whole[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cut[0], X.T @ X / X.shape[0], rtol=1e-5, atol=1e-6)
 
 
 class _Fork(nn.Module):
@@ -187,7 +203,28 @@ def test_blocks_run_on_cached_inputs_where_their_calls_follow():
             assert all(torch.equal(a, b) for a, b in zip(weights, whole, strict=True)), world_size
 
 
-def test_each_rank_takes_every_r_th_micro_batch():
+def test_micro_batches_are_dealt_in_rounds_every_other_one_reversed():
     assert list(my_microbatches(iter(range(7)))) == list(range(7))  # world size 1
     got = multiproc.run(lambda: list(my_microbatches(iter(range(7)))), 3)
-    assert got == [[0, 3, 6], [1, 4], [2, 5]]
+    assert got == [[0, 5, 6], [1, 4], [2, 3]]
+    sizes = [8, 7, 6, 5, 4, 3, 2, 1]  # tokens of micro-batches sorted longest first
+    shares = [sum(s for j, s in enumerate(sizes) if dealt_to(j, 2) == r) for r in (0, 1)]
+    assert shares == [18, 18]  # every 2nd: 20 and 16
+
+
+def test_the_chaining_check_runs_on_one_sample():
+    """The check of which blocks' calls follow one from another (:func:`chained_blocks`) runs on the first sample of
+    the first micro-batch only, and finds what the whole micro-batch shows (blocks 1-3 of _Stack)."""
+    from dist_chita.layerwise.curvature import _cached_range
+
+    torch.manual_seed(5)
+    x = torch.randn(45, 6)
+    model = _Stack()
+    names = [f"layers.{j}" for j in range(4)]
+    rows = []
+    handle = model.layers[0].register_forward_pre_hook(lambda m, args, kwargs: rows.append(args[0].shape[0]),
+                                                       with_kwargs=True)
+    _, start, stop = _cached_range(model, names, model, lambda: _batches(x, 0, 45, 7), True)
+    handle.remove()
+    assert (start, stop) == chained_blocks(list(model.layers), model, x[:7]) == (1, 4)
+    assert rows == [1, 1]  # the model's forward and block 0 run again on its recorded call
