@@ -303,7 +303,7 @@ def solve_rows(
     W_bar = W_bar.float()
     Q = ridged(H, lam)
     q_inv_diag = obs_denominator(Q) if q_inv_diag is None else q_inv_diag
-    L = lipschitz(Q)
+    L = lipschitz(Q) if trials else math.inf  # only the support-changing steps from 1/L need it
     pre = preconditioner(Q, deflate)
     parts = []
     for a in range(0, W_bar.shape[0], row_chunk):
