@@ -359,10 +359,16 @@ def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
     assert not torch.equal(S_m, S)
 
 
-def test_more_moves_per_step_never_leave_the_warm_start_for_worse():
-    """moves = 0 (line step and back-solve only), 1 and 5: every result at most its warm start, monotone traces."""
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_any_moves_and_trials_never_leave_the_warm_start_for_worse(nm):
+    """moves = 0 (line step and back-solve only), 1 and 5, and support-changing trials with and without moves: every
+    result at most its warm start, monotone traces, the constraint kept, W zero off its support."""
     H, W_bar, lam = _rows(12)
-    for moves in (0, 1, 5):
-        res = solve_rows(W_bar, H, lam, k=8, moves=moves)
-        assert res.objective <= res.warm_objective * (1 + 1e-6)
+    k = None if nm else 8
+    for moves, trials in ((0, 0), (1, 0), (5, 0), (0, 2), (3, 1)):
+        res = solve_rows(W_bar, H, lam, k=k, nm=nm, moves=moves, trials=trials)
+        assert res.objective <= res.warm_objective * (1 + 1e-6), (moves, trials)
         assert all(a >= b - 1e-9 * abs(a) for a, b in itertools.pairwise(res.trace))
+        assert torch.equal(res.W != 0, res.support)
+        counts = res.support.sum(1) if nm is None else res.support.view(9, -1, 4).sum(2)
+        assert (counts == (8 if nm is None else 2)).all()
