@@ -11,7 +11,9 @@ default job runs it (nothing re-implemented here); per setting:
 * every layer's final objective f = sum_i 1/2 (w_i - w_bar_i)^T (H + lambda I) (w_i - w_bar_i) of CHITA and of
   SparseGPT on the SAME problem (the same H, from the inputs of the model pruned by CHITA so far): a method
   registered here, ``chita_vs_sparsegpt``, runs both on every layer the driver shows it, records both objectives
-  and solve times, and hands on CHITA's result (so the run follows CHITA's path).
+  and solve times, and hands on CHITA's result (so the run follows CHITA's path); on the same problems also CHITA
+  with one swap move per step, the support-changing trials on and tol 1e-4 (``SINGLE_MOVE``: the per-step work of
+  the solver before local-search moves), for the objective and solve time the moves buy.
 
     python benchmarks/layerwise_speed.py [--threads 1] [--settings 0.5 0.7 2:4]
 
@@ -47,6 +49,7 @@ from launch.config import load_config  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results" / "layerwise_speed.json"
 PHASES = ("curvature", "solver", "writeback")
 PAIRED: list[dict] = []  # the layers seen by ChitaVsSparseGPT in the current run
+SINGLE_MOVE = {"moves": 1, "trials": 1, "tol": 1e-4}
 
 
 @register
@@ -62,9 +65,12 @@ class ChitaVsSparseGPT(LayerMethod):
         t1 = time.perf_counter()
         chita = Chita().prune(layer)
         t2 = time.perf_counter()
+        single = Chita().prune(dataclasses.replace(layer, options={**layer.options, **SINGLE_MOVE}))
+        t3 = time.perf_counter()
         PAIRED.append({"rows": layer.W_bar.shape[0], "inputs": layer.W_bar.shape[1],
                        "sparsegpt": sgpt.objective, "chita": chita.objective, "chita_warm": chita.warm_objective,
-                       "sparsegpt_seconds": t1 - t0, "chita_seconds": t2 - t1})
+                       "chita_single_move": single.objective, "sparsegpt_seconds": t1 - t0,
+                       "chita_seconds": t2 - t1, "chita_single_move_seconds": t3 - t2})
         return chita
 
 
@@ -107,12 +113,16 @@ def main() -> None:
         for m in methods.values():
             m["prune_ratio_to_sparsegpt"] = m["prune_seconds"] / methods["sparsegpt"]["prune_seconds"]
         worse = [i for i, lay in enumerate(layers) if lay["chita"] > lay["sparsegpt"]]
+        above_single = [i for i, lay in enumerate(layers) if lay["chita"] > lay["chita_single_move"]]
         settings[setting] = {
             "methods": methods, "layers": layers, "layers_chita_above_sparsegpt": worse,
             "paired_objective_chita": sum(lay["chita"] for lay in layers),
             "paired_objective_sparsegpt": sum(lay["sparsegpt"] for lay in layers),
             "paired_solve_seconds_chita": sum(lay["chita_seconds"] for lay in layers),
             "paired_solve_seconds_sparsegpt": sum(lay["sparsegpt_seconds"] for lay in layers),
+            "layers_chita_above_single_move": above_single,
+            "paired_objective_single_move": sum(lay["chita_single_move"] for lay in layers),
+            "paired_solve_seconds_single_move": sum(lay["chita_single_move_seconds"] for lay in layers),
             "paired_run_same_objective_as_chita": paired_run["objective"] == methods["chita"]["objective"],
             "load_before": load_before, "load_after": os.getloadavg()[0]}
         s = settings[setting]
@@ -124,7 +134,8 @@ def main() -> None:
     RESULTS.write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "threads": args.threads, "processes": 1, "n": cfg.calibration.n,
         "held_out": len(held), "granularity": cfg.prune.granularity, "damp": cfg.layerwise.damp,
-        "max_iter": cfg.layerwise.max_iter, "tol": cfg.layerwise.tol, "torch": torch.__version__,
+        "max_iter": cfg.layerwise.max_iter, "tol": cfg.layerwise.tol, "moves": cfg.layerwise.moves,
+        "single_move": SINGLE_MOVE, "torch": torch.__version__,
         "machine": platform.machine(), "settings": settings}, indent=2) + "\n")
     print(f"wrote {RESULTS}")
 

@@ -263,6 +263,14 @@ def _layerwise_setting(setting: str, s: dict) -> str:
               f"{ratios[len(ratios) // 2]:.3f}). Solve seconds in that run: CHITA "
               f"{_s(s['paired_solve_seconds_chita'])}, SparseGPT {_s(s['paired_solve_seconds_sparsegpt'])}. "
               f"Load average {s['load_before']:.1f} before, {s['load_after']:.1f} after.")
+    if "paired_objective_single_move" in s:
+        above = s["layers_chita_above_single_move"]
+        paired += (f"\n\nOn the same problems, CHITA with one swap move per step, the support-changing trials on and "
+                   f"tol 1e-4 (its settings before local-search moves): summed objective "
+                   f"{_g(s['paired_objective_single_move'])} in {_s(s['paired_solve_seconds_single_move'])} s; the "
+                   f"default ({_g(s['paired_objective_chita'])} in {_s(s['paired_solve_seconds_chita'])} s) is at most "
+                   f"it on {len(layers) - len(above)} of {len(layers)} layers"
+                   + (f" (above it on layers {', '.join(str(i) for i in above)})" if above else "") + ".")
     return "\n\n".join([f"## {_setting_name(setting)}",
                         _table(["method", "cosine / agreement", "objective", "curvature s", "solve s",
                                 "write-back s", "prune s", "prune time / SparseGPT's"], rows), paired])

@@ -399,7 +399,7 @@ def _prune(run: _Run, targets: Sparsity) -> tuple[fisher_driver.PruneOutcome, li
     outcome = layerwise_driver.prune_layerwise(
         run.model, run.modules, targets, forward=run.forward, make_batches=run.rank_microbatches,
         nm=budget["nm"], per_layer=budget["per_layer"], damp=o.damp, method=run.method,
-        solver_options=dict(max_iter=o.max_iter, tol=o.tol), progress=run.progress,
+        solver_options=dict(max_iter=o.max_iter, tol=o.tol, moves=o.moves), progress=run.progress,
         loss_fn=loss_function(f.loss, run.task, f.seed) if run.method == "obd" else None)
     return outcome, []
 

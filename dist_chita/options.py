@@ -132,12 +132,14 @@ class Layerwise:
 
     ``damp``: the ridge lambda of a layer is ``damp`` times the mean of diag H (SparseGPT's damping too);
     ``max_iter``: IHT steps of CHITA per chunk of rows; ``tol``: a row stops when its objective decreases by less
-    than ``tol`` times itself.
+    than ``tol`` times itself in a step; ``moves``: local-search swap moves per step before its back-solve (0: the
+    line step and the back-solve alone).
     """
 
     damp: float = 0.01
     max_iter: int = 200
-    tol: float = 1e-4
+    tol: float = 1e-3
+    moves: int = 3
 
     def problems(self, method: str) -> list[str]:
         out = []
@@ -149,6 +151,8 @@ class Layerwise:
             out.append(f"max_iter: must be >= 1, got {self.max_iter}")
         if not self.tol >= 0.0:
             out.append(f"tol: must be >= 0, got {self.tol}")
+        if self.moves < 0:
+            out.append(f"moves: must be >= 0, got {self.moves}")
         return out
 
 

@@ -14,16 +14,19 @@ eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gra
     subject to ||w_i||_0 <= k_i (per row), or N:M in every group of M consecutive inputs.
 
 Solved for a chunk of rows at once (``row_chunk``, (c, d) x (d, d) products), CHITA's scheme per row: a warm start
-(the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then IHT
-steps w+ = H_k(w - tau g), g = Q (w - w_bar), with CHITA's step rule per row (the exact line minimiser on the
-support, and steps from just past tau_c, the first support change, and from 1/L), swaps of the s cheapest kept
-weights for the s most promising outside ones (per-row budgets, s = 1, 2, 4, 8, 16), the lowest f winning (the
-current point included, so f never increases), and after each step the re-fit of the kept weights on their
-support (the paper's back-solve, here conjugate gradients on Q_SS, started from the IHT point, preconditioned by
-the diagonal plus Q's leading directions restricted to each row's support: :class:`Preconditioner`). The line
-step and the swaps are scored from the gradient alone (f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta,
-delta sparse); only the support-changing steps and the re-fit cost products. A row stops when its own relative
-decrease is below ``tol``; only the rows still improving are computed.
+(the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then steps
+of: the exact line minimiser of f_i along -g_S on the support (CHITA's tau*), g = Q (w - w_bar); ``moves`` local-search
+moves, each the best per row of the swaps of the s cheapest kept weights for the s most promising outside ones
+(per-row budgets: the best single pair and s = 1, 2, 4, 8, 16; N:M: swaps inside the groups of M), every swap scored
+exactly from the gradient, f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta with delta sparse, and the
+gradient carried to the new point exactly by the low-rank update g += Q[changed, :]^T delta (no product); optionally
+(``trials``) CHITA's support-changing steps H_k(w - tau g) from just past tau_c, the first support change, and from
+1/L, each scored by a product; then the re-fit of the kept weights on their support (the paper's back-solve, here
+conjugate gradients on Q_SS, started from the point reached, preconditioned by the diagonal plus Q's leading
+directions restricted to each row's support: :class:`Preconditioner`). Every candidate is taken only if it lowers f
+(so f never increases). A row stops when its own relative decrease per step is below ``tol``; only the rows still
+improving are computed. Cost per step: the line step's product, the back-solve's ``refit_iters`` products and the
+new gradient's; the moves cost O(r s d) each.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
@@ -138,8 +141,8 @@ class Preconditioner:
 
         def apply(R):
             y = R * self.scale[None, :]
-            t = torch.cholesky_solve((y @ self.V)[:, :, None], L_C)[:, :, 0]
-            return (y - torch.where(jacobi, 0.0, t) @ self.V.T) * post
+            t = torch.cholesky_solve((y @ self.V)[:, :, None], L_C)[:, :, 0].masked_fill_(jacobi, 0.0)
+            return y.sub_(t @ self.V.T).mul_(post)
         return apply
 
 
@@ -183,24 +186,25 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     else:
         precondition = pre.on_support(S)
     X = W * Sf
-    R = -((X - W_bar) @ Q) * Sf  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
+    R = ((W_bar - X) @ Q).mul_(Sf)  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
     Z = precondition(R)
     P = Z.clone()
-    rz = (R * Z).sum(1)
-    stop = (rtol**2) * (R * R).sum(1).clamp_min(1e-30)
+    rz = torch.linalg.vecdot(R, Z)
+    stop = (rtol**2) * torch.linalg.vecdot(R, R).clamp_min(1e-30)
+    zero = torch.zeros_like(rz)
     for _ in range(iters):
-        live = (R * R).sum(1) > stop  # a converged row stops moving: its result does not depend on the other rows
+        live = torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
         if not bool(live.any()):
             break
-        QP = (P @ Q) * Sf
-        pq = (P * QP).sum(1)
-        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), torch.zeros_like(rz))
-        X += alpha[:, None] * P
-        R -= alpha[:, None] * QP
+        QP = (P @ Q).mul_(Sf)
+        pq = torch.linalg.vecdot(P, QP)
+        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)[:, None]
+        X.addcmul_(alpha, P)
+        R.addcmul_(alpha, QP, value=-1.0)
         Z = precondition(R)
-        rz_new = (R * Z).sum(1)
-        beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
-        P = Z + beta[:, None] * P
+        rz_new = torch.linalg.vecdot(R, Z)
+        beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), zero)[:, None]
+        P.mul_(beta).add_(Z)
         rz = rz_new
     return X
 
@@ -263,8 +267,9 @@ def solve_rows(
     nm: tuple[int, int] | None = None,
     allowed: torch.Tensor | None = None,
     max_iter: int = 200,
-    tol: float = 1e-4,
-    trials: int = 1,
+    tol: float = 1e-3,
+    trials: int = 0,
+    moves: int = 3,
     refit_iters: int = 10,
     deflate: int = DEFLATE,
     row_chunk: int = ROW_CHUNK,
@@ -280,8 +285,10 @@ def solve_rows(
             many of the allowed ones); or ``nm`` = (N, M).
         allowed: (r, d) bool, False for weights fixed at zero; None = all.
         max_iter: IHT steps at most; a row stops when its relative decrease of f_i is below ``tol``.
-        trials: step sizes tried per IHT step from tau_c and from 1/L, doubling (each costs a product; on real
-            layers they rarely beat the line step and the swaps, which cost none: ``_SWAPS``).
+        trials: support-changing step sizes tried per step from tau_c and from 1/L, doubling (each costs a
+            product; on the default job's layers they lowered f in well under 1% of the row-steps where they ran,
+            the swaps doing the rest).
+        moves: swap moves per step, each from the point the previous one reached, before the back-solve.
         refit_iters: conjugate-gradient iterations of each back-solve.
         deflate: directions of the back-solve's preconditioner at most (:func:`preconditioner`; 0: Jacobi).
         row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
@@ -296,14 +303,14 @@ def solve_rows(
     W_bar = W_bar.float()
     Q = ridged(H, lam)
     q_inv_diag = obs_denominator(Q) if q_inv_diag is None else q_inv_diag
-    L = lipschitz(Q)
+    L = lipschitz(Q) if trials else math.inf  # only the support-changing steps from 1/L need it
     pre = preconditioner(Q, deflate)
     parts = []
     for a in range(0, W_bar.shape[0], row_chunk):
         b = min(a + row_chunk, W_bar.shape[0])
         k_ab = k[a:b] if isinstance(k, torch.Tensor) else k
         parts.append(_solve_chunk(W_bar[a:b], None if allowed is None else allowed[a:b], Q, q_inv_diag, L, pre, k_ab,
-                                  nm, max_iter, tol, trials, refit_iters))
+                                  nm, max_iter, tol, trials, moves, refit_iters))
     if not parts:
         empty = torch.zeros_like(W_bar)
         return RowsResult(W=empty, support=empty.bool(), objective=0.0, warm_objective=0.0, magnitude_objective=0.0,
@@ -315,7 +322,7 @@ def solve_rows(
                       magnitude_objective=sum(p[3] for p in parts), iterations=max(p[4] for p in parts), trace=trace)
 
 
-def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, trials, refit_iters):
+def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, trials, moves, refit_iters):
     """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
 
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
@@ -339,7 +346,7 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
         f_a = fi[rows]
         W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
                                          None if allowed is None else allowed[rows], Q, L, pre,
-                                         k[rows] if isinstance(k, torch.Tensor) else k, nm, trials, refit_iters)
+                                         k[rows] if isinstance(k, torch.Tensor) else k, nm, trials, refit_iters, moves)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
         # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()
@@ -362,25 +369,36 @@ def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tenso
     return 0.5 * (G * D).double().sum(1), G
 
 
-def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters):
-    """One IHT step of :func:`solve_rows` on a set of rows: candidates from the gradient G = (W - W_bar) Q (the
-    support-keeping exact line step, support-changing steps from just past tau_c and from 1/L doubling, and for
-    per-row budgets swaps of the s cheapest kept for the s most promising outside weights), the best per row
-    (the current point included), then its back-solve. The line step's and the swaps' f follow from G without a
-    product: f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta. Returns (W, S, f, G) of the new points."""
-    d = W.shape[1]
-    # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*)
+def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters, moves):
+    """One IHT step of :func:`solve_rows` on a set of rows: the support-keeping exact line step along -g_S (one
+    product); then up to ``moves`` swap moves (:func:`_swap_moves`), each the best per row of the swap candidates
+    at the current point, the gradient kept exact by a low-rank update; with ``trials``, support-changing steps
+    H(w - t g) compete with the point reached (each scored by a product); then the back-solve on the support.
+    Every candidate is taken only if it lowers f (the current point included). Returns (W, S, f, G) of the new
+    points."""
+    # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*); its gradient is exact too
     gS = G * S
     gg = (gS * gS).sum(1)
-    curv = (gS @ Q).mul_(gS).sum(1)
+    QgS = gS @ Q
+    curv = (QgS * gS).sum(1)
     tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
     f_keep = fi - 0.5 * (tau * gg).double()  # at tau*: f - tau gg + tau^2 curv / 2 = f - tau gg / 2
-    better = f_keep < fi - _MARGIN * fi.abs()
-    best_W = torch.where(better[:, None], W - tau[:, None] * gS, W)
-    best_S, best_f = S, torch.where(better, f_keep, fi)
-    cand = []
-    # support-changing steps H(w - t g): from tau_c (where the first outside weight would overtake the smallest
-    # kept one) and from 1/L, doubling
+    better = (f_keep < fi - _MARGIN * fi.abs())[:, None]
+    W, fi = torch.where(better, W - tau[:, None] * gS, W), torch.where(better[:, 0], f_keep, fi)
+    G = torch.where(better, G - tau[:, None] * QgS, G)
+    if moves:
+        W, S, fi, G = _swap_moves(W, S, fi, G, Q, allowed, nm, moves)
+    if trials:  # after the moves: a support-changing step is taken where it beats the point they reached
+        W, S, fi = _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials)
+    W_new = refit(W, W_bar, Q, S, refit_iters, pre=pre)
+    return W_new, S, *_objective_and_gradient(W_new, W_bar, Q)
+
+
+def _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials):
+    """CHITA's support-changing steps H(w - t g), from just past tau_c (where the first outside weight would
+    overtake the smallest kept one) and from 1/L, doubling ``trials`` times each, every one scored by a product;
+    the best per row if it lowers f. Returns (W, S, f)."""
+    d = W.shape[1]
     out = torch.where(S, torch.zeros_like(G), G.abs())
     if allowed is not None:
         out = out.masked_fill(~allowed, 0.0)
@@ -397,40 +415,71 @@ def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters
         for _ in range(trials):
             V = W - t * G
             S_t = keep_mask(V.abs(), k, nm, allowed)
-            cand.append((V * S_t, S_t))  # f by a product below
+            W_t = V * S_t
+            f_t = objectives(W_t - W_bar, Q)
+            better = f_t < fi - _MARGIN * fi.abs()  # clear wins only: float noise picks no path
+            b = better[:, None]
+            W, S, fi = torch.where(b, W_t, W), torch.where(b, S_t, S), torch.where(better, f_t, fi)
             t = 2.0 * t
+    return W, S, fi
+
+
+def _swap_moves(W, S, fi, G, Q, allowed, nm, moves):
+    """Up to ``moves`` local-search moves on a set of rows: at each, the swap candidates (per-row budgets: the best
+    single pair among the cheapest kept and most promising outside weights, and the s cheapest for the s best,
+    s in ``_SWAPS``; N:M: the best swap inside groups, ``_GROUP_SWAPS`` groups at once), each scored exactly from
+    the gradient, the best per row taken if it lowers f; the gradient then follows exactly,
+    G += delta Q[changed, :] (a (2s) x d update per row, no product). Stops when no row improves.
+    Returns (W, S, f, G)."""
     qd = Q.diagonal()[None, :]
-    if nm is not None:  # swaps inside the groups of M
-        cand.extend(_group_swaps(W, S, fi, G, Q, qd, allowed, nm))
-    else:  # swaps: the s cheapest kept weights (OBD cost w^2 Q_jj) out, the s best outside in
-        cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
-        gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
-        if allowed is not None:
-            gain = gain.masked_fill(~allowed, -1.0)
-        pool = min(max(_PAIR_POOL, _SWAPS[-1]), d)
-        outs = torch.topk(cost, pool, dim=1, largest=False).indices  # cheapest first
-        ins = torch.topk(gain, pool, dim=1).indices  # most promising first
-        cand.append(_best_pair_swap(W, S, fi, G, Q, qd, cost, gain, outs[:, :_PAIR_POOL], ins[:, :_PAIR_POOL]))
-        for n_swap in _SWAPS:
-            o, i_ = outs[:, :n_swap], ins[:, :n_swap]
-            ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
-            W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(-G / qd, 1, i_))  # each at its 1-D optimum
-            S_c = S.scatter(1, o, False).scatter(1, i_, True)
-            cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
-    for W_c, S_c, *f_c in cand:
-        f_c = f_c[0] if f_c else objectives(W_c - W_bar, Q)
-        better = f_c < best_f - _MARGIN * best_f.abs()  # clear wins only: float noise picks no path
-        b = better[:, None]
-        best_W, best_S, best_f = (torch.where(b, W_c, best_W), torch.where(b, S_c, best_S),
-                                  torch.where(better, f_c, best_f))
-    W_new = refit(best_W, W_bar, Q, best_S, refit_iters, pre=pre)
-    return W_new, best_S, *_objective_and_gradient(W_new, W_bar, Q)
+    for _ in range(moves):
+        cand = (_group_swaps(W, S, fi, G, Q, qd, allowed, nm) if nm is not None
+                else _row_swaps(W, S, fi, G, Q, qd, allowed))
+        best_f, pick = fi, torch.full_like(fi, -1, dtype=torch.long)
+        for c, (_, _, f_c) in enumerate(cand):
+            better = f_c < best_f - _MARGIN * best_f.abs()
+            best_f, pick = torch.where(better, f_c, best_f), torch.where(better, c, pick)
+        if not bool((pick >= 0).any()):
+            break
+        for c, (idx, delta, _) in enumerate(cand):
+            rows = torch.nonzero(pick == c, as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            i_c, d_c = idx[rows], delta[rows]
+            W[rows] = W[rows].scatter_add(1, i_c, d_c)  # a leaving weight: w + (-w), exactly zero
+            enters = torch.arange(i_c.shape[1], device=W.device) >= i_c.shape[1] // 2  # [out, in] halves
+            S[rows] = S[rows].scatter(1, i_c, enters.expand_as(i_c))
+            G[rows] += torch.bmm(d_c[:, None, :], Q[i_c])[:, 0, :]
+        fi = best_f
+    return W, S, fi, G
 
 
-def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
+def _row_swaps(W, S, fi, G, Q, qd, allowed):
+    """Per-row budgets' swap candidates at (W, S): [(idx (r, 2s), delta (r, 2s), f (r,))], the change of W being
+    delta at idx (the kept weights leaving, then the outside ones entering at their 1-D optimum); f inf where a
+    row has no such swap."""
+    d = W.shape[1]
+    cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))  # OBD cost of removing a kept weight
+    gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)  # decrease from adding an outside one
+    if allowed is not None:
+        gain = gain.masked_fill(~allowed, -1.0)
+    pool = min(max(_PAIR_POOL, _SWAPS[-1]), d)
+    outs = torch.topk(cost, pool, dim=1, largest=False).indices  # cheapest first
+    ins = torch.topk(gain, pool, dim=1).indices  # most promising first
+    cand = [_best_pair_swap(W, fi, G, Q, qd, cost, gain, outs[:, :_PAIR_POOL], ins[:, :_PAIR_POOL])]
+    for n_swap in _SWAPS:
+        o, i_ = outs[:, :n_swap], ins[:, :n_swap]
+        ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
+        idx, delta, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(-G / qd, 1, i_))  # each at its optimum
+        cand.append((idx, delta, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    return cand
+
+
+def _best_pair_swap(W, fi, G, Q, qd, cost, gain, o, i_):
     """The best single swap among the kept weights ``o`` (r, m) and the outside ones ``i_`` (r, m), each pair
     scored exactly: removing o changes f by -w_o g_o + w_o^2 Q_oo / 2 and the gradient at i to
-    g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by that squared over 2 Q_ii. Returns (W, S, f)."""
+    g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by that squared over 2 Q_ii.
+    Returns (idx (r, 2): [out, in], delta (r, 2): the change of W there, f (r,))."""
     r, m = o.shape
     w_o, q_i = torch.gather(W, 1, o), torch.gather(qd.expand_as(W), 1, i_)
     remove = -w_o * torch.gather(G, 1, o) + 0.5 * w_o.pow(2) * torch.gather(qd.expand_as(W), 1, o)  # (r, m)
@@ -441,30 +490,28 @@ def _best_pair_swap(W, S, fi, G, Q, qd, cost, gain, o, i_):
     best = delta.argmin(1)
     rows = torch.arange(r, device=W.device)
     a, b = best // m, best % m
-    out_j, in_j = o[rows, a], i_[rows, b]
-    value = -g_i.reshape(r, m * m)[rows, best] / q_i[rows, b]
-    ok = torch.isfinite(delta[rows, best])
-    W_c, S_c = W.clone(), S.clone()
-    W_c[rows, out_j], S_c[rows, out_j] = 0.0, False
-    W_c[rows, in_j], S_c[rows, in_j] = value, True
-    f_c = fi + delta[rows, best].double()
-    return W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))
+    idx = torch.stack([o[rows, a], i_[rows, b]], 1)
+    change = torch.stack([-w_o[rows, a], -g_i.reshape(r, m * m)[rows, best] / q_i[rows, b]], 1)
+    best_delta = delta[rows, best]
+    f_c = fi + best_delta.double()
+    return idx, change, torch.where(torch.isfinite(best_delta), f_c, torch.full_like(f_c, math.inf))
 
 
 def _sparse_change(W, fi, G, Q, out_j, in_j, values):
-    """W with the weights ``out_j`` (r, s) zeroed and ``in_j`` (r, s) set to ``values``, and its f exactly:
-    f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta, delta on the 2s changed weights. Returns (W, f)."""
+    """The change of W that zeroes the weights ``out_j`` (r, s) and sets ``in_j`` (r, s) to ``values``, and its f
+    exactly: f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta, delta on the 2s changed weights.
+    Returns (idx (r, 2s): [out, in], delta (r, 2s), f (r,))."""
     idx = torch.cat([out_j, in_j], 1)
     delta = torch.cat([-torch.gather(W, 1, out_j), values], 1)
     quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
-    return (W.scatter(1, out_j, 0.0).scatter(1, in_j, values),
-            fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double())
+    return idx, delta, fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double()
 
 
 def _group_swaps(W, S, fi, G, Q, qd, allowed, nm):
     """N:M candidates: in every group of M the best single swap of a kept weight for an outside one of the same
     group (scored exactly as in :func:`_best_pair_swap`), then the s groups with the largest decreases swapped
-    together (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(W, S, f)]."""
+    together (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(idx, delta, f)] as
+    :func:`_sparse_change`."""
     r, d = W.shape
     M = nm[1]
     g = d // M
@@ -489,7 +536,6 @@ def _group_swaps(W, S, fi, G, Q, qd, allowed, nm):
         chosen = order[:, :n_groups]
         ok = (torch.gather(best_delta, 1, chosen) < 0).all(1)  # inf (no valid swap) is not < 0
         o, i_ = torch.gather(out_j, 1, chosen), torch.gather(in_j, 1, chosen)
-        W_c, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(value, 1, chosen))
-        S_c = S.scatter(1, o, False).scatter(1, i_, True)
-        cand.append((W_c, S_c, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+        idx, change, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(value, 1, chosen))
+        cand.append((idx, change, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
     return cand

@@ -21,7 +21,7 @@ def test_layerwise_defaults_are_the_drivers_and_the_row_solvers():
     lw = Layerwise()
     assert defaults(layerwise_driver.prune_layerwise)["damp"] == lw.damp
     rows = defaults(row_solver.solve_rows)
-    assert (rows["max_iter"], rows["tol"]) == (lw.max_iter, lw.tol)
+    assert (rows["max_iter"], rows["tol"], rows["moves"]) == (lw.max_iter, lw.tol, lw.moves)
 
 
 def test_fisher_defaults_are_the_solvers_and_the_drivers():

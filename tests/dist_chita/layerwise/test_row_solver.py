@@ -331,3 +331,44 @@ def test_n_m_quality_against_brute_force_on_tiny_layers(capsys):
               f"support as optimum; {beyond_warm} rows end below both warm starts), median gap {median:.3f} "
               f"(magnitude + back-solve: median gap {mag_median:.3f})")
     assert optimal >= warm_optimal and beyond_warm > 0
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
+    """Each local-search move updates W, S, f and the gradient G = (W - W_bar) Q by low-rank changes alone: after
+    several moves they equal f and G recomputed from scratch (float64 products here), S is W's support with the
+    budget kept, and f never increased."""
+    from dist_chita.layerwise.row_solver import _swap_moves  # the moves are internal to the solver
+
+    H, W_bar, lam = _rows(11)
+    H, W_bar = H.double(), W_bar.double()
+    Q = H + lam * torch.eye(24, dtype=H.dtype)
+    S = keep_mask(W_bar.abs(), 8 if nm is None else None, nm, None)
+    W = refit(W_bar * S, W_bar, Q, S, 60)
+    G = (W - W_bar) @ Q
+    f0 = objectives(W - W_bar, Q)
+    W_m, S_m, f_m, G_m = _swap_moves(W.clone(), S.clone(), f0.clone(), G.clone(), Q, None, nm, 5)
+    assert torch.equal(W_m != 0, S_m)
+    if nm is None:
+        assert (S_m.sum(1) == 8).all()
+    else:
+        assert (S_m.view(9, -1, 4).sum(2) == 2).all()
+    torch.testing.assert_close(f_m, objectives(W_m - W_bar, Q), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(G_m, (W_m - W_bar) @ Q, rtol=1e-10, atol=1e-12)
+    assert (f_m <= f0).all() and (f_m < f0).any()  # the moves are not idle on magnitude supports
+    assert not torch.equal(S_m, S)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_any_moves_and_trials_never_leave_the_warm_start_for_worse(nm):
+    """moves = 0 (line step and back-solve only), 1 and 5, and support-changing trials with and without moves: every
+    result at most its warm start, monotone traces, the constraint kept, W zero off its support."""
+    H, W_bar, lam = _rows(12)
+    k = None if nm else 8
+    for moves, trials in ((0, 0), (1, 0), (5, 0), (0, 2), (3, 1)):
+        res = solve_rows(W_bar, H, lam, k=k, nm=nm, moves=moves, trials=trials)
+        assert res.objective <= res.warm_objective * (1 + 1e-6), (moves, trials)
+        assert all(a >= b - 1e-9 * abs(a) for a, b in itertools.pairwise(res.trace))
+        assert torch.equal(res.W != 0, res.support)
+        counts = res.support.sum(1) if nm is None else res.support.view(9, -1, 4).sum(2)
+        assert (counts == (8 if nm is None else 2)).all()
