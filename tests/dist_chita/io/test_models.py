@@ -244,3 +244,19 @@ def test_model_inputs_and_mean_pool():
     pooled = models.mean_pool(h, torch.tensor([[1, 1, 0]]), normalize=False)
     torch.testing.assert_close(pooled, torch.tensor([[2.0, 2.5]]))
     torch.testing.assert_close(models.mean_pool(h[:, :1], None), torch.tensor([[0.6, 0.8]]))
+
+
+def test_is_hf_tells_plain_torch_from_hugging_face_models_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from dist_chita.io import models; "
+            "print(models.is_hf(torch.nn.Linear(2, 2)), 'transformers.modeling_utils' in sys.modules)")
+    root = str(Path(__file__).resolve().parents[3])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["False", "False"]
+    from transformers import BertConfig, BertModel
+
+    tiny = BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8))
+    assert models.is_hf(tiny) and not models.is_hf(torch.nn.Linear(2, 2))
