@@ -428,7 +428,8 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,
                             backsolve=f.backsolve, escape_trials=f.escape_trials, pair_swaps=f.pair_swaps,
                             ridge=resolve_ridge(f.ridge, run.n, p)),
-        progress=run.progress, validate=validate, lambda_search=f.lambda_search, **budget, **resume_kwargs)
+        progress=run.progress, validate=validate, lambda_search=f.lambda_search, lambda_walk=f.lambda_walk,
+        **budget, **resume_kwargs)
     if not search:
         outcome = prune_fn(run.model, run.modules, run.method, targets, **kwargs)
     else:
@@ -485,7 +486,8 @@ def _checkpoint(run: _Run, f: Fisher):
     if f.resume_save_factor:
         kwargs.update(on_factor=checkpoint.save_factor, load_factor=checkpoint.load_factor)
     if saved is not None:
-        kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
+        kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support,
+                      start_lambda=saved.reports[-1].get("lam") if saved.reports else None)
     return checkpoint, kwargs, [fisher_driver.StageReport(**r) for r in (saved.reports if saved else [])]
 
 

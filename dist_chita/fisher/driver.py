@@ -193,6 +193,8 @@ def prune(
     on_factor: Callable[[int, torch.Tensor], None] | None = None,
     validate: Callable[[], float] | None = None,
     lambda_search: str = "warm_start",
+    lambda_walk: bool = False,
+    start_lambda: float | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -234,6 +236,9 @@ def prune(
             lambda path, and every stage reports its own.
         lambda_search: how a lambda path is judged: ``warm_start`` (each lambda at the solver's back-solved warm
             start, then the chosen one solved in full) or ``solve`` (each lambda solved in full).
+        lambda_walk: along a lambda path, every stage after the first judges only the lambdas of a walk from the
+            previous stage's choice (:func:`_walk`) instead of the whole path; ``start_lambda``: the choice of the
+            stage before ``start_stage`` on resume (None: the first stage computed judges the whole path).
     """
     sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
     if not isinstance(lam, int | float) and (validate is None or not lam):
@@ -251,8 +256,8 @@ def prune(
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
                make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
-               load_factor, on_factor, validate, lambda_search)
-    reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end)
+               load_factor, on_factor, validate, lambda_search, lambda_walk)
+    reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end, start_lambda)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
 
@@ -286,6 +291,7 @@ class _Run:
     on_factor: Callable[[int, torch.Tensor], None] | None
     validate: Callable[[], float] | None
     lambda_search: str
+    lambda_walk: bool
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
@@ -328,26 +334,29 @@ def _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedul
 
 
 def _run_stages(run: _Run, targets: list, start_stage: int, w: torch.Tensor, allowed: torch.Tensor,
-                on_stage_end) -> list[StageReport]:
-    """The stages from ``start_stage`` on, each from the previous one's weights and support; their reports."""
+                on_stage_end, start_lambda: float | None = None) -> list[StageReport]:
+    """The stages from ``start_stage`` on, each from the previous one's weights, support and (``lambda_walk``)
+    chosen lambda; their reports."""
     reports = []
+    lam = start_lambda
     spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block (a saved factor is
     # only ever loaded for the first stage a resumed run computes, when there is no spare: no two blocks coexist)
     for t, s in enumerate(targets):
         if t < start_stage:
             continue
-        w, support, report, spare = _stage(run, t, s, w, allowed, spare)
-        allowed = support.clone()
+        w, support, report, spare = _stage(run, t, s, w, allowed, spare, lam)
+        allowed, lam = support.clone(), report.lam
         reports.append(report)
         if on_stage_end is not None:
             on_stage_end(t, w, support, report)
     return reports
 
 
-def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: torch.Tensor | None):
+def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: torch.Tensor | None,
+           previous_lam: float | None = None):
     """Stage t at sparsity ``s`` from this rank's w (p_r,) with the columns ``allowed``: the budget, magnitude
-    pruning or the CHITA solve, and the write-back of the pruned weights into every rank's model. Returns (w,
-    support, report, the factor storage the next stage may reuse)."""
+    pruning or the CHITA solve (a lambda walk starts at ``previous_lam``), and the write-back of the pruned weights
+    into every rank's model. Returns (w, support, report, the factor storage the next stage may reuse)."""
     bytes_before = comm.bytes_by_phase()
     seconds: dict[str, float] = {}
     budget = make_budget(run.layout, run.rank, s, allowed, per_layer=run.per_layer, nm=run.nm, per_row=run.per_row)
@@ -360,7 +369,7 @@ def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: 
         w = torch.where(support, w, torch.zeros_like(w))
         seconds["magnitude"] = time.perf_counter() - start
     else:
-        w, support, spare = _solve_stage(run, t, w, budget, report, seconds, spare)
+        w, support, spare = _solve_stage(run, t, w, budget, report, seconds, spare, previous_lam)
     start = time.perf_counter()
     with comm.phase("writeback"):
         write_weights(run.modules, run.layout, gather_weights(w, run.layout))
@@ -391,7 +400,8 @@ def _stage_factor(run: _Run, t: int, seconds: dict[str, float], spare: torch.Ten
     return At, loaded
 
 
-def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare):
+def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare,
+                 previous_lam: float | None = None):
     """CHITA on stage t: the factor, then :func:`~dist_chita.fisher.solver.solve` (which may overwrite At: it is not
     used after the solve; along a lambda path it is kept). Fills ``report`` and ``seconds``; returns (w, support,
     At's storage for the next stage)."""
@@ -403,7 +413,8 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
                        **(run.solver_options or {}))
         report.lam = float(run.lam)
     else:
-        result = _solve_path(run, At, w, budget, report, loaded, solver_progress)
+        start = previous_lam if run.lambda_walk else None
+        result = _solve_path(run, At, w, budget, report, loaded, solver_progress, start)
     spare = At if t + 1 < run.stages and At.is_contiguous() else None  # contents spent (overwritten), pages not
     seconds["solver"] = result.timings.get("iht", 0.0)
     seconds["backsolve"] = result.timings.get("backsolve", 0.0)
@@ -416,35 +427,65 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     return result.w.float(), result.support, spare
 
 
+def _walk(path: Sequence[float], start: float | None, judge: Callable[[int], float]) -> None:
+    """Judge lambdas of ``path`` by index (``judge(i)`` scores path[i]; lower is better): all of them in order when
+    ``start`` is None; else a walk from the lambda of the path nearest ``start`` (in log scale): towards smaller
+    lambdas while the score falls, and when the first step there does not lower it, towards larger ones while it
+    falls (a local minimum of the score along the path; at least two lambdas judged, at most all)."""
+    if start is None:
+        for i in range(len(path)):
+            judge(i)
+        return
+    i0 = min(range(len(path)), key=lambda i: abs(math.log((path[i] + 1e-300) / (start + 1e-300))))
+    best = judge(i0)
+    for step in (-1, 1):
+        moved, i = False, i0 + step
+        while 0 <= i < len(path):
+            value = judge(i)
+            if not value < best:
+                break
+            best, moved, i = value, True, i + step
+        if moved:
+            return
+
+
 def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, report: StageReport, loaded: bool,
-                solver_progress):
-    """Lambda auto: the stage's solution for every lambda of ``run.lam``, written into the model and scored by
-    ``run.validate``; returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lowest score (the first on
-    a tie) and records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda is scored at
-    the solver's back-solved warm start (one back-solve each, the Gram matrix shared) and only the chosen lambda is
-    solved in full; with ``solve`` each is solved (At kept intact, each solve also starting from the previous
+                solver_progress, start: float | None = None):
+    """Lambda auto: the stage's solution for the lambdas of ``run.lam`` that :func:`_walk` judges (all of them when
+    ``start`` is None, else a walk from ``start``), each written into the model and scored by ``run.validate``;
+    returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lowest score (the first judged on a tie) and
+    records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda is scored at the solver's
+    back-solved warm start (one back-solve each, the Gram matrix shared) and only the chosen lambda is solved in
+    full; with ``solve`` each is solved (At kept intact, each solve also starting from the previously judged
     lambda's support when that is better). Iterations and seconds in the result are the whole path's."""
     options = run.solver_options or {}
     proxy = run.lambda_search == "warm_start"
-    best, best_score, support, cache = None, math.inf, None, GramCache()
-    iterations, backsolves, timings = 0, 0, {}
-    for lam in run.lam:
+    cache = GramCache()
+    state = {"best": None, "score": math.inf, "support": None, "iterations": 0, "backsolves": 0, "timings": {}}
+
+    def judge(i: int) -> float:
+        lam, support = float(run.lam[i]), state["support"]
         if proxy:
             kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
         else:
             kw = {**options, "start_support": support}
-        result = solve(At, w, float(lam), budget, first_order=run.first_order, progress=None if proxy else
+        result = solve(At, w, lam, budget, first_order=run.first_order, progress=None if proxy else
                        solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
-        iterations, backsolves = iterations + result.iterations, backsolves + result.backsolves
-        timings = {k: timings.get(k, 0.0) + v for k, v in result.timings.items()}
+        state["iterations"] += result.iterations
+        state["backsolves"] += result.backsolves
+        state["timings"] = {k: state["timings"].get(k, 0.0) + v for k, v in result.timings.items()}
         with comm.phase("writeback"):
             write_weights(run.modules, run.layout, gather_weights(result.w.float(), run.layout))
         score = run.validate()
-        report.lambda_path.append(float(lam))
+        report.lambda_path.append(lam)
         report.validation_path.append(score)
-        if score < best_score:
-            best, best_score, report.lam = result, score, float(lam)
-        support = result.support
+        if score < state["score"]:
+            state["best"], state["score"], report.lam = result, score, lam
+        state["support"] = result.support
+        return score
+
+    _walk(run.lam, start, judge)
+    best, iterations, backsolves, timings = state["best"], state["iterations"], state["backsolves"], state["timings"]
     if proxy:  # the chosen lambda solved in full (At is not needed after)
         best = solve(At, w, report.lam, budget, first_order=run.first_order, progress=solver_progress,
                      overwrite_at=True, check_at=False, **options)
