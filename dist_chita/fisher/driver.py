@@ -39,7 +39,7 @@ from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher.backsolve import GramCache
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.factor import fisher_block
-from dist_chita.fisher.solver import MAX_ITER, solve
+from dist_chita.fisher.solver import MAX_ITER, solve, target
 from dist_chita.io import params
 from dist_chita.prunable import named_shapes
 from dist_chita.sparsity import (
@@ -461,6 +461,10 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
     options = run.solver_options or {}
     proxy = run.lambda_search == "warm_start"
     cache = GramCache()
+    # y = A w_bar is the same for every lambda: formed once (the solver forms it in z = D^1/2 w for the Fisher-diagonal
+    # ridge, so there each solve forms its own)
+    y = None if options.get("ridge", "identity") != "identity" else target(
+        At, w.to(At.device, torch.float32), None, run.first_order)
     state = {"best": None, "score": math.inf, "support": None, "iterations": 0, "backsolves": 0, "timings": {}}
 
     def judge(i: int) -> float:
@@ -469,7 +473,7 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
             kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
         else:
             kw = {**options, "start_support": support}
-        result = solve(At, w, lam, budget, first_order=run.first_order, progress=None if proxy else
+        result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
                        solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
         state["iterations"] += result.iterations
         state["backsolves"] += result.backsolves
@@ -487,7 +491,7 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
     _walk(run.lam, start, judge)
     best, iterations, backsolves, timings = state["best"], state["iterations"], state["backsolves"], state["timings"]
     if proxy:  # the chosen lambda solved in full (At is not needed after)
-        best = solve(At, w, report.lam, budget, first_order=run.first_order, progress=solver_progress,
+        best = solve(At, w, report.lam, budget, y, first_order=run.first_order, progress=solver_progress,
                      overwrite_at=True, check_at=False, **options)
     best.iterations, best.backsolves = iterations + best.iterations, backsolves + best.backsolves
     best.timings = {k: timings.get(k, 0.0) + v for k, v in best.timings.items()}
