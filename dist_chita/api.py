@@ -415,10 +415,13 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
     if f.group_size is not None:  # one group of layers at a time
         def prune_fn(*a, **kw):
             return groups.prune_in_blocks(*a, block_size=f.group_size, criterion=f.group_criterion, **kw)
-    validate = None
+    validate = validate_values = None
     if run.validation is not None and run.method != "magnitude":
         def validate():
             return run.validation.score(run.model)
+
+        def validate_values():
+            return run.validation.values(run.model).cpu() / run.validation.normaliser
     kwargs = dict(
         make_batches=lambda: data.iter_microbatches(run.samples, lo, hi, run.batch_size),
         loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size,
@@ -429,7 +432,7 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
                             backsolve=f.backsolve, escape_trials=f.escape_trials, pair_swaps=f.pair_swaps,
                             ridge=resolve_ridge(f.ridge, run.n, p)),
         progress=run.progress, validate=validate, lambda_search=f.lambda_search, lambda_walk=f.lambda_walk,
-        **budget, **resume_kwargs)
+        lambda_rule=f.lambda_rule, validate_values=validate_values, **budget, **resume_kwargs)
     if not search:
         outcome = prune_fn(run.model, run.modules, run.method, targets, **kwargs)
     else:

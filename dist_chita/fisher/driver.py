@@ -53,6 +53,7 @@ from dist_chita.sparsity import (
 
 METHODS = ("magnitude", "chita", "chita++")
 LAMBDA_SEARCHES = ("warm_start", "solve")
+LAMBDA_RULES = ("min", "one_se")
 
 
 @dataclass
@@ -195,6 +196,8 @@ def prune(
     lambda_search: str = "warm_start",
     lambda_walk: bool = False,
     start_lambda: float | None = None,
+    lambda_rule: str = "min",
+    validate_values: Callable[[], torch.Tensor] | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -239,12 +242,12 @@ def prune(
         lambda_walk: along a lambda path, every stage after the first judges only the lambdas of a walk from the
             previous stage's choice (:func:`_walk`) instead of the whole path; ``start_lambda``: the choice of the
             stage before ``start_stage`` on resume (None: the first stage computed judges the whole path).
+        lambda_rule, validate_values: which judged lambda is kept (:func:`pick_lambda`): ``min`` (the lowest
+            score) or ``one_se`` (needs ``validate_values() -> (m,)``, the per-sample values whose mean is the
+            score; collective, the same on every rank).
     """
     sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
-    if not isinstance(lam, int | float) and (validate is None or not lam):
-        raise ValueError("a lambda path needs validation samples to choose by (validate) and at least one lambda")
-    if lambda_search not in LAMBDA_SEARCHES:
-        raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
+    _check_lambda_choice(lam, validate, lambda_search, lambda_rule, validate_values)
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
@@ -256,7 +259,7 @@ def prune(
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
                make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
-               load_factor, on_factor, validate, lambda_search, lambda_walk)
+               load_factor, on_factor, validate, lambda_search, lambda_walk, lambda_rule, validate_values)
     reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end, start_lambda)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
@@ -292,6 +295,18 @@ class _Run:
     validate: Callable[[], float] | None
     lambda_search: str
     lambda_walk: bool
+    lambda_rule: str
+    validate_values: Callable[[], torch.Tensor] | None
+
+
+def _check_lambda_choice(lam, validate, lambda_search: str, lambda_rule: str, validate_values) -> None:
+    """ValueError unless a lambda path comes with a validation score and the search and rule are known."""
+    if not isinstance(lam, int | float) and (validate is None or not lam):
+        raise ValueError("a lambda path needs validation samples to choose by (validate) and at least one lambda")
+    if lambda_rule not in LAMBDA_RULES or (lambda_rule == "one_se" and validate_values is None):
+        raise ValueError(f"lambda_rule must be min or one_se (with validate_values), got {lambda_rule!r}")
+    if lambda_search not in LAMBDA_SEARCHES:
+        raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
@@ -453,11 +468,12 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
                 solver_progress, start: float | None = None):
     """Lambda auto: the stage's solution for the lambdas of ``run.lam`` that :func:`_walk` judges (all of them when
     ``start`` is None, else a walk from ``start``), each written into the model and scored by ``run.validate``;
-    returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lowest score (the first judged on a tie) and
-    records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda is scored at the solver's
-    back-solved warm start (one back-solve each, the Gram matrix shared) and only the chosen lambda is solved in
-    full; with ``solve`` each is solved (At kept intact, each solve also starting from the previously judged
-    lambda's support when that is better). Iterations and seconds in the result are the whole path's."""
+    returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lambda ``run.lambda_rule`` picks
+    (:func:`pick_lambda`) and records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda
+    is scored at the solver's back-solved warm start (one back-solve each, the Gram matrix shared) and only the
+    chosen lambda is solved in full; with ``solve`` each is solved (At kept intact, each solve also starting from
+    the previously judged lambda's support when that is better). Iterations and seconds in the result are the whole
+    path's."""
     options = run.solver_options or {}
     proxy = run.lambda_search == "warm_start"
     cache = GramCache()
@@ -465,34 +481,58 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
     # ridge, so there each solve forms its own)
     y = None if options.get("ridge", "identity") != "identity" else target(
         At, w.to(At.device, torch.float32), None, run.first_order)
-    state = {"best": None, "score": math.inf, "support": None, "iterations": 0, "backsolves": 0, "timings": {}}
+    judged: list[tuple[float, float, torch.Tensor | None, object]] = []  # (lambda, score, per-sample values, result)
+    totals = {"iterations": 0, "backsolves": 0, "timings": {}}
 
     def judge(i: int) -> float:
-        lam, support = float(run.lam[i]), state["support"]
+        lam, support = float(run.lam[i]), judged[-1][3].support if judged else None
         if proxy:
             kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
         else:
             kw = {**options, "start_support": support}
         result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
                        solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
-        state["iterations"] += result.iterations
-        state["backsolves"] += result.backsolves
-        state["timings"] = {k: state["timings"].get(k, 0.0) + v for k, v in result.timings.items()}
+        totals["iterations"] += result.iterations
+        totals["backsolves"] += result.backsolves
+        totals["timings"] = {k: totals["timings"].get(k, 0.0) + v for k, v in result.timings.items()}
         with comm.phase("writeback"):
             write_weights(run.modules, run.layout, gather_weights(result.w.float(), run.layout))
-        score = run.validate()
+        values = run.validate_values() if run.lambda_rule == "one_se" else None
+        score = float(values.sum()) / len(values) if values is not None else run.validate()
         report.lambda_path.append(lam)
         report.validation_path.append(score)
-        if score < state["score"]:
-            state["best"], state["score"], report.lam = result, score, lam
-        state["support"] = result.support
+        judged.append((lam, score, values, result))
         return score
 
     _walk(run.lam, start, judge)
-    best, iterations, backsolves, timings = state["best"], state["iterations"], state["backsolves"], state["timings"]
-    if proxy:  # the chosen lambda solved in full (At is not needed after)
+    chosen = pick_lambda([j[0] for j in judged], [j[1] for j in judged], [j[2] for j in judged], run.lambda_rule)
+    report.lam, best = judged[chosen][0], judged[chosen][3]
+    if proxy:  # the chosen lambda solved in full (At is not needed after); its warm start's back-solve is recalled
+        # from the cache when At is not compacted (no column fixed at zero on this rank)
         best = solve(At, w, report.lam, budget, y, first_order=run.first_order, progress=solver_progress,
-                     overwrite_at=True, check_at=False, **options)
-    best.iterations, best.backsolves = iterations + best.iterations, backsolves + best.backsolves
-    best.timings = {k: timings.get(k, 0.0) + v for k, v in best.timings.items()}
+                     overwrite_at=True, check_at=False, **{**options, "gram_cache": cache})
+    best.iterations, best.backsolves = totals["iterations"] + best.iterations, totals["backsolves"] + best.backsolves
+    best.timings = {k: totals["timings"].get(k, 0.0) + v for k, v in best.timings.items()}
     return best
+
+
+def pick_lambda(lams: Sequence[float], scores: Sequence[float], values: Sequence[torch.Tensor | None],
+                rule: str = "min") -> int:
+    """The index of the lambda kept among those judged: ``min`` the lowest validation score (the first on a tie);
+    ``one_se`` the largest lambda whose score is within one standard error of the lowest one's (the one-standard-
+    error rule of cross-validation: among candidates the validation samples cannot tell apart, the most
+    regularised, i.e. the nearest to the dense weights). The standard error is that of the paired difference of the
+    per-sample values ``values`` (m,) each: sd(v_i - v_best) / sqrt(m)."""
+    best = min(range(len(scores)), key=scores.__getitem__)
+    if rule == "min":
+        return best
+    if rule not in LAMBDA_RULES:
+        raise ValueError(f"unknown lambda rule {rule!r} (one of {', '.join(LAMBDA_RULES)})")
+    m = values[best].numel()
+
+    def se(i: int) -> float:
+        d = (values[i] - values[best]).double()
+        return math.sqrt(float((d - d.mean()).pow(2).sum()) / (m - 1) / m) if m > 1 else 0.0
+
+    near = [i for i in range(len(scores)) if scores[i] <= scores[best] + se(i)]
+    return max(near, key=lambda i: (lams[i], -i))

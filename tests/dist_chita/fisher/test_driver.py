@@ -337,3 +337,18 @@ def test_lambda_walk_judges_a_part_of_the_path_from_the_previous_choice_with_the
     truth = dict(zip(full[1].lambda_path, full[1].validation_path, strict=True))
     assert walked[1].validation_path == pytest.approx([truth[lam] for lam in walked[1].lambda_path], rel=1e-9)
     assert sum(len(st.lambda_path) for st in walked) < sum(len(st.lambda_path) for st in full)
+
+
+def test_pick_lambda_min_and_one_standard_error_rule_against_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    lams = [1e-4, 1e-3, 1e-2, 1e-1]
+    for _ in range(100):
+        base = torch.rand(50, generator=gen, dtype=torch.float64)
+        values = [base + 0.05 * torch.randn(50, generator=gen, dtype=torch.float64) for _ in lams]
+        scores = [float(v.mean()) for v in values]
+        best = min(range(4), key=scores.__getitem__)
+        assert fisher_driver.pick_lambda(lams, scores, values, "min") == best
+        near = [i for i in range(4) if scores[i] - scores[best] <= float((values[i] - values[best]).std()) / 50**0.5]
+        assert fisher_driver.pick_lambda(lams, scores, values, "one_se") == max(near)
+    with pytest.raises(ValueError, match="unknown lambda rule"):
+        fisher_driver.pick_lambda(lams, [0.0] * 4, [None] * 4, "median")
