@@ -72,7 +72,8 @@ def main() -> None:
     ap.add_argument("--lambda-rule", default="one_se", choices=("min", "one_se"), help="fisher.lambda_rule")
     ap.add_argument("--lambda-walk", action=argparse.BooleanOptionalAction, default=True,
                     help="CHITA++'s fisher.lambda_walk")
-    ap.add_argument("--stage-candidates", default="4,8")
+    ap.add_argument("--stage-candidates", default="1,4,8", help="1: one-stage CHITA among CHITA++'s candidates")
+    ap.add_argument("--schedule-rule", default="one_se", choices=("min", "one_se"), help="fisher.schedule_rule")
     ap.add_argument("--base-candidates", default="0.5,0.8", help="shares of the target sparsity")
     ap.add_argument("--escape-trials", type=int, default=6, help="one-stage CHITA's escapes (fisher.escape_trials)")
     ap.add_argument("--pair-swaps", type=int, default=0, help="one-stage CHITA's fisher.pair_swaps")
@@ -90,6 +91,7 @@ def main() -> None:
                     lambda_rule=args.lambda_rule, max_iter=500, tol=1e-5)
     one_stage = Fisher(**{**fisher.__dict__, "escape_trials": args.escape_trials, "pair_swaps": args.pair_swaps})
     plus = Fisher(**{**fisher.__dict__, "stages": "auto", "base_sparsity": "auto", "lambda_walk": args.lambda_walk,
+                     "schedule_rule": args.schedule_rule,
                      "stage_candidates": tuple(int(x) for x in _floats(args.stage_candidates)),
                      "base_candidates": _floats(args.base_candidates)})
 
@@ -175,6 +177,7 @@ def main() -> None:
         "lambda_path": list(fisher.lambda_path),
         "lambda_rule": args.lambda_rule,
         "lambda_walk": args.lambda_walk,
+        "schedule_rule": args.schedule_rule,
         "one_stage_solver": {"escape_trials": args.escape_trials, "pair_swaps": args.pair_swaps},
         "stage_candidates": list(plus.stage_candidates),
         "base_candidates": list(plus.base_candidates),

@@ -303,7 +303,8 @@ def _mlpnet_command(data: dict) -> list[str]:
             "--escape-trials", str(data["one_stage_solver"]["escape_trials"]),
             "--pair-swaps", str(data["one_stage_solver"]["pair_swaps"])] + (
         ["--lambda-rule", data["lambda_rule"], "--lambda-walk" if data["lambda_walk"] else "--no-lambda-walk"]
-        if "lambda_rule" in data else [])
+        if "lambda_rule" in data else []) + (["--schedule-rule", data["schedule_rule"]] if "schedule_rule" in data
+                                             else [])
 
 
 def _official(data: dict, method: str, sparsity: float) -> str:

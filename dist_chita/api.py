@@ -442,7 +442,8 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
 
         sizes = [params.numel(m.weight) for _, m in run.modules]
         outcome, chosen, rows = tuning.choose_schedule(
-            run.modules, tuning.schedule_candidates(f, targets, sizes), prune_with, validate, run.log)
+            run.modules, tuning.schedule_candidates(f, targets, sizes), prune_with, validate, run.log,
+            values=validate_values, rule=f.schedule_rule)
         run.tuning.update(schedules=rows, schedule=asdict(chosen))
     if checkpoint is not None:
         checkpoint.remove()

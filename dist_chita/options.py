@@ -179,7 +179,8 @@ class Fisher:
     the whole path. ``lambda_rule``: which judged lambda is kept, ``min`` the lowest validation score, ``one_se``
     the largest lambda within one standard error (of the paired per-sample difference) of the lowest score, the
     one-standard-error rule: among lambdas the validation samples cannot tell apart, the nearest to the dense
-    weights. ``stages: auto`` tries each
+    weights; ``schedule_rule`` the same for CHITA++'s schedule (``one_se``: the simplest candidate within one
+    standard error, the fewest stages first). ``stages: auto`` tries each
     of ``stage_candidates``, ``base_sparsity: auto`` each of ``base_candidates`` (shares of the target
     sparsity), ``first_order_term: auto`` both, every combination a whole CHITA++ run judged by its final
     validation score.
@@ -201,6 +202,7 @@ class Fisher:
     lambda_search: Literal["warm_start", "solve"] = "warm_start"
     lambda_walk: bool = False
     lambda_rule: Literal["min", "one_se"] = "min"
+    schedule_rule: Literal["min", "one_se"] = "min"
     ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
     first_order_term: bool | Auto = False
     stages: int | Auto = 1

@@ -50,10 +50,11 @@ from dist_chita.sparsity import (
     stage_sparsities,
     stage_targets,
 )
+from dist_chita.validation import RULES as LAMBDA_RULES
+from dist_chita.validation import within_one_se
 
 METHODS = ("magnitude", "chita", "chita++")
 LAMBDA_SEARCHES = ("warm_start", "solve")
-LAMBDA_RULES = ("min", "one_se")
 
 
 @dataclass
@@ -519,20 +520,11 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
 def pick_lambda(lams: Sequence[float], scores: Sequence[float], values: Sequence[torch.Tensor | None],
                 rule: str = "min") -> int:
     """The index of the lambda kept among those judged: ``min`` the lowest validation score (the first on a tie);
-    ``one_se`` the largest lambda whose score is within one standard error of the lowest one's (the one-standard-
-    error rule of cross-validation: among candidates the validation samples cannot tell apart, the most
-    regularised, i.e. the nearest to the dense weights). The standard error is that of the paired difference of the
-    per-sample values ``values`` (m,) each: sd(v_i - v_best) / sqrt(m)."""
-    best = min(range(len(scores)), key=scores.__getitem__)
-    if rule == "min":
-        return best
+    ``one_se`` the largest lambda whose score is within one standard error of the lowest one's
+    (:func:`dist_chita.validation.within_one_se`, the one-standard-error rule: among candidates the validation
+    samples cannot tell apart, the most regularised, i.e. the nearest to the dense weights)."""
     if rule not in LAMBDA_RULES:
         raise ValueError(f"unknown lambda rule {rule!r} (one of {', '.join(LAMBDA_RULES)})")
-    m = values[best].numel()
-
-    def se(i: int) -> float:
-        d = (values[i] - values[best]).double()
-        return math.sqrt(float((d - d.mean()).pow(2).sum()) / (m - 1) / m) if m > 1 else 0.0
-
-    near = [i for i in range(len(scores)) if scores[i] <= scores[best] + se(i)]
-    return max(near, key=lambda i: (lams[i], -i))
+    if rule == "min":
+        return min(range(len(scores)), key=scores.__getitem__)
+    return max(within_one_se(values), key=lambda i: (lams[i], -i))
