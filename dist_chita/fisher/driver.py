@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -37,6 +38,7 @@ from dist_chita.distributed import comm
 from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher.backsolve import GramCache
+from dist_chita.fisher.backsolve import backsolve as ridge_backsolve
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.factor import fisher_block
 from dist_chita.fisher.solver import MAX_ITER, solve, target
@@ -484,15 +486,17 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
         At, w.to(At.device, torch.float32), None, run.first_order)
     judged: list[tuple[float, float, torch.Tensor | None, object]] = []  # (lambda, score, per-sample values, result)
     totals = {"iterations": 0, "backsolves": 0, "timings": {}}
+    warm = _MagnitudeStart(At, w, budget, y, cache) if proxy and y is not None and not loaded else None
 
     def judge(i: int) -> float:
         lam, support = float(run.lam[i]), judged[-1][3].support if judged else None
-        if proxy:
-            kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
+        if warm is not None:  # the warm start directly: magnitude pruning's support, back-solved
+            result = warm.solve(lam)
         else:
-            kw = {**options, "start_support": support}
-        result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
-                       solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
+            kw = ({**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache} if proxy else
+                  {**options, "start_support": support})
+            result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
+                           solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
         totals["iterations"] += result.iterations
         totals["backsolves"] += result.backsolves
         totals["timings"] = {k: totals["timings"].get(k, 0.0) + v for k, v in result.timings.items()}
@@ -515,6 +519,28 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
     best.iterations, best.backsolves = totals["iterations"] + best.iterations, totals["backsolves"] + best.backsolves
     best.timings = {k: totals["timings"].get(k, 0.0) + v for k, v in best.timings.items()}
     return best
+
+
+class _MagnitudeStart:
+    """The solver's back-solved warm start for any lambda, as a lambda path judges it (identity ridge): the support
+    S_0 = H(w_bar) of magnitude pruning (the same for every lambda) and the exact ridge solution on it
+    (:func:`~dist_chita.fisher.backsolve.backsolve`, the Gram matrix and gathered rows shared through ``cache``),
+    without the solver's objective evaluations (the back-solve is the exact minimiser on S_0, so its objective is
+    never above that of magnitude pruning, which the solver would otherwise keep). Collective."""
+
+    def __init__(self, At: torch.Tensor, w: torch.Tensor, budget: Budget, y: torch.Tensor, cache: GramCache):
+        self.At, self.y, self.cache = At, y, cache
+        self.w_bar = w.to(At.device, torch.float32)
+        with comm.phase("solver"):  # (the solver's phase of the bytes sent: the projection's)
+            self.support = budget.to(At.device).magnitude_support(self.w_bar)
+        self.w0 = torch.where(self.support, self.w_bar, torch.zeros_like(self.w_bar))
+
+    def solve(self, lam: float) -> SimpleNamespace:
+        """(w (p_r,), support, iterations 0, backsolves 1, timings) of the warm start for ``lam``."""
+        start = time.perf_counter()
+        w = ridge_backsolve(self.At, self.w_bar, lam, self.support, self.y, w0=self.w0, cache=self.cache)
+        return SimpleNamespace(w=w, support=self.support, iterations=0, backsolves=1,
+                               timings={"backsolve": time.perf_counter() - start})
 
 
 def pick_lambda(lams: Sequence[float], scores: Sequence[float], values: Sequence[torch.Tensor | None],
