@@ -67,8 +67,13 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.5,0.7,0.9,0.95,0.98")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--validation", type=float, default=0.2, help="share of the 1000 calibration digits held out")
-    ap.add_argument("--lambda-path", default="1e-5,1e-4,1e-3,1e-2,1e-1,1")
-    ap.add_argument("--stage-candidates", default="4,8")
+    ap.add_argument("--lambda-path", default="1e-5,1e-4,1e-3,1e-2,1e-1,1,10,100,1e3,1e4",
+                    help="up to the magnitude end: with a large lambda the solution is w_bar on the magnitude support")
+    ap.add_argument("--lambda-rule", default="one_se", choices=("min", "one_se"), help="fisher.lambda_rule")
+    ap.add_argument("--lambda-walk", action=argparse.BooleanOptionalAction, default=True,
+                    help="CHITA++'s fisher.lambda_walk")
+    ap.add_argument("--stage-candidates", default="1,4,8", help="1: one-stage CHITA among CHITA++'s candidates")
+    ap.add_argument("--schedule-rule", default="one_se", choices=("min", "one_se"), help="fisher.schedule_rule")
     ap.add_argument("--base-candidates", default="0.5,0.8", help="shares of the target sparsity")
     ap.add_argument("--escape-trials", type=int, default=6, help="one-stage CHITA's escapes (fisher.escape_trials)")
     ap.add_argument("--pair-swaps", type=int, default=0, help="one-stage CHITA's fisher.pair_swaps")
@@ -76,15 +81,17 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     kw = dict(image_column="image", label_column="label", seed=0)
     calib = data.load_samples("builtin:mnist", n=1000, offset=0, **kw)
     held_out = data.load_samples("builtin:mnist", n=None, offset=1000, **kw)
     load_seconds = time.perf_counter() - t0
     fisher = Fisher(loss="ce", ridge="identity", lambda_="auto", lambda_path=_floats(args.lambda_path),
-                    max_iter=500, tol=1e-5)
+                    lambda_rule=args.lambda_rule, max_iter=500, tol=1e-5)
     one_stage = Fisher(**{**fisher.__dict__, "escape_trials": args.escape_trials, "pair_swaps": args.pair_swaps})
-    plus = Fisher(**{**fisher.__dict__, "stages": "auto", "base_sparsity": "auto",
+    plus = Fisher(**{**fisher.__dict__, "stages": "auto", "base_sparsity": "auto", "lambda_walk": args.lambda_walk,
+                     "schedule_rule": args.schedule_rule,
                      "stage_candidates": tuple(int(x) for x in _floats(args.stage_candidates)),
                      "base_candidates": _floats(args.base_candidates)})
 
@@ -95,31 +102,44 @@ def main() -> None:
     def accuracy(model) -> float:
         return evaluate.evaluate_accuracy(model, "image-classification", held_out, 1000)
 
+    def run(method: str, options: Fisher, s: float) -> tuple[dict, object]:
+        """One prune from the dense checkpoint: its entry (accuracy, wall and CPU seconds, loads) and report."""
+        model = fresh()
+        load_before, start, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+        rep = dist_chita.prune(model, calib, target=Target(sparsity=s, granularity="global", exclude_head=False),
+                               objective=options, method=method, task="image-classification", batch_size=250,
+                               validation=None if method == "magnitude" else args.validation, check_memory=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        acc = accuracy(model)
+        return {"accuracy": acc, "correct": round(acc * len(held_out)), "seconds": seconds, "cpu_seconds": cpu,
+                "load_average": [load_before, os.getloadavg()[0]],
+                "stages": [round(st.sparsity, 4) for st in rep.stages], "n": rep.n}, rep
+
     dense = accuracy(fresh())
     rows = []
     for s in _floats(args.sparsities):
         row: dict = {"sparsity": s}
         for method, options in (("magnitude", Fisher(loss="ce")), ("chita", one_stage), ("chita++", plus)):
-            model = fresh()
-            start = time.perf_counter()
-            rep = dist_chita.prune(model, calib, target=Target(sparsity=s, granularity="global", exclude_head=False),
-                                   objective=options, method=method, task="image-classification", batch_size=250,
-                                   validation=None if method == "magnitude" else args.validation,
-                                   check_memory=False)
-            seconds = time.perf_counter() - start
+            entry, rep = run(method, options, s)
             last = rep.stages[-1]
-            entry = {"accuracy": accuracy(model), "seconds": seconds,
-                     "stages": [round(st.sparsity, 4) for st in rep.stages], "n": rep.n}
             if method != "magnitude":
                 v = rep.validation
                 entry.update(lambda_=v["lambda"], validation_loss=v["after"], dense_validation_loss=v["dense"],
                              schedule=v["schedule"], schedules=v["schedules"], objective=last.objective,
                              magnitude_backsolve_objective=last.magnitude_objective,
-                             iterations=sum(st.iterations for st in rep.stages))
-                if v["schedule"]:  # the prune of the chosen schedule alone (the search ran every candidate)
-                    entry["chosen_schedule_seconds"] = next(
-                        c["seconds"] for c in v["schedules"] if all(c[k] == v["schedule"][k] for k in v["schedule"]))
-            row[method] = {("lambda" if k == "lambda_" else k): v for k, v in entry.items()}
+                             iterations=sum(st.iterations for st in rep.stages),
+                             lambdas_judged=sum(len(st.lambda_path) for st in rep.stages))
+            if method == "chita++" and rep.validation["schedule"]:  # the chosen schedule pruned again on its own
+                schedule = rep.validation["schedule"]
+                chosen = Fisher(**{**options.__dict__, "stages": schedule["stages"],
+                                   "base_sparsity": schedule["base_sparsity"]})
+                alone, again = run(method, chosen, s)
+                entry["chosen_schedule"] = {**{k: alone[k] for k in ("accuracy", "correct", "seconds", "cpu_seconds",
+                                                                     "load_average")},
+                                            "lambda": again.validation["lambda"],
+                                            "lambdas_judged": sum(len(st.lambda_path) for st in again.stages)}
+                entry["chosen_schedule_seconds"] = entry["chosen_schedule"]["seconds"]
+            row[method] = {("lambda" if k == "lambda_" else k): x for k, x in entry.items()}
         rows.append(row)
         key = f"{s:g}"
         print(f"sparsity {s:g}: " + "  ".join(f"{m} {row[m]['accuracy']:.4f} ({row[m]['seconds']:.2f} s)"
@@ -127,9 +147,21 @@ def main() -> None:
               + f"  | official chita {OFFICIAL['chita'].get(key, float('nan')):.4f}, chita++ "
               f"{OFFICIAL['chita++'].get(key, float('nan')):.4f}", flush=True)
 
+    def official_correct(official: str, s: float) -> int | None:
+        """The official accuracy as digits right of the 4000: a percentage with two decimals names one count
+        (counts are 0.025% apart, the rounding is +- 0.005%)."""
+        value = OFFICIAL[official].get(f"{s:g}")
+        return None if value is None else round(value * len(held_out))
+
     def beats(method: str, official: str) -> bool:
-        refs = [r for r in rows if f"{r['sparsity']:g}" in OFFICIAL[official]]
-        return bool(refs) and all(r[method]["accuracy"] >= OFFICIAL[official][f"{r['sparsity']:g}"] for r in refs)
+        refs = [r for r in rows if official_correct(official, r["sparsity"]) is not None]
+        return bool(refs) and all(r[method]["correct"] >= official_correct(official, r["sparsity"]) for r in refs)
+
+    for r in rows:  # the margin in digits over the official code (negative: behind)
+        r["margin_over_official"] = {
+            f"{m} vs official {o}": r[m]["correct"] - official_correct(o, r["sparsity"])
+            for m, o in (("chita", "chita"), ("chita++", "chita"), ("chita++", "chita++"))
+            if official_correct(o, r["sparsity"]) is not None}
 
     result = {
         "protocol": {"calibration": 1000, "validation": args.validation, "evaluation": len(held_out),
@@ -140,7 +172,12 @@ def main() -> None:
         "load_seconds": load_seconds,
         "threads": args.threads,
         "load_average": os.getloadavg()[0],
+        "load_average_start": load_start,
+        "cpu_count": os.cpu_count(),
         "lambda_path": list(fisher.lambda_path),
+        "lambda_rule": args.lambda_rule,
+        "lambda_walk": args.lambda_walk,
+        "schedule_rule": args.schedule_rule,
         "one_stage_solver": {"escape_trials": args.escape_trials, "pair_swaps": args.pair_swaps},
         "stage_candidates": list(plus.stage_candidates),
         "base_candidates": list(plus.base_candidates),

@@ -372,7 +372,10 @@ def _mlpnet_command(data: dict) -> list[str]:
             "--validation", f"{data['protocol']['validation']:g}", "--lambda-path", joined["lambda_path"],
             "--stage-candidates", joined["stage_candidates"], "--base-candidates", joined["base_candidates"],
             "--escape-trials", str(data["one_stage_solver"]["escape_trials"]),
-            "--pair-swaps", str(data["one_stage_solver"]["pair_swaps"])]
+            "--pair-swaps", str(data["one_stage_solver"]["pair_swaps"])] + (
+        ["--lambda-rule", data["lambda_rule"], "--lambda-walk" if data["lambda_walk"] else "--no-lambda-walk"]
+        if "lambda_rule" in data else []) + (["--schedule-rule", data["schedule_rule"]] if "schedule_rule" in data
+                                             else [])
 
 
 def _official(data: dict, method: str, sparsity: float) -> str:
@@ -387,37 +390,72 @@ def _lower(obj: float | None, mag: float | None) -> str:
     return f"{100 * (mag - obj) / mag:.2f}%"
 
 
+def _margins(row: dict) -> str:
+    """Digits of the 4000 above (+) or below (-) the official code: one stage, CHITA++ against the official one
+    stage, and against the official CHITA++ where it was measured."""
+    m = row.get("margin_over_official", {})
+    keys = ("chita vs official chita", "chita++ vs official chita", "chita++ vs official chita++")
+    return " / ".join(f"{m[k]:+d}" if k in m else "n/a" for k in keys)
+
+
+def _mlpnet_seconds(r: dict) -> list[str]:
+    plus = r["chita++"]
+    alone = plus.get("chosen_schedule", {})
+    load = alone.get("load_average")
+    return [f"{r['sparsity']:g}", _s(r["magnitude"]["seconds"]), _s(r["chita"]["seconds"]), _s(plus["seconds"]),
+            _s(plus.get("chosen_schedule_seconds")), _s(plus.get("cpu_seconds")), _s(alone.get("cpu_seconds")),
+            "" if load is None else f"{load[0]:.1f}-{load[1]:.1f}"]
+
+
 def _mlpnet_tables(data: dict) -> str:
     acc, chosen, secs, obj = [], [], [], []
     for r in data["rows"]:
         s, one, plus = r["sparsity"], r["chita"], r["chita++"]
         acc.append([f"{s:g}", _pct(r["magnitude"]["accuracy"]), _pct(one["accuracy"]), _pct(plus["accuracy"]),
-                    *(_official(data, m, s) for m in ("magnitude", "chita", "chita++"))])
+                    *(_official(data, m, s) for m in ("magnitude", "chita", "chita++")), _margins(r)])
         sched = plus.get("schedule")
         chosen.append([f"{s:g}", ", ".join(f"{x:g}" for x in one["lambda"]),
                        f"{sched['stages']} from {sched['base_sparsity']:.3g}" if sched else "",
                        ", ".join(f"{x:g}" for x in plus["lambda"]),
                        f"{one['validation_loss']:.4f} / {plus['validation_loss']:.4f}"])
-        secs.append([f"{s:g}", _s(r["magnitude"]["seconds"]), _s(one["seconds"]), _s(plus["seconds"]),
-                     _s(plus.get("chosen_schedule_seconds"))])
+        secs.append(_mlpnet_seconds(r))
         obj.append([f"{s:g}", _g(one["objective"]), _g(one["magnitude_backsolve_objective"]),
-                    _lower(one["objective"], one["magnitude_backsolve_objective"]), str(one["iterations"])])
+                    _lower(one["objective"], one["magnitude_backsolve_objective"]), str(one["iterations"]),
+                    _lower(plus["objective"], plus["magnitude_backsolve_objective"])])
+    rule = {"one_se": "the largest lambda within one standard error of the lowest validation loss",
+            "min": "the lowest validation loss"}.get(data.get("lambda_rule", "min"))
     return "\n\n".join([
         "Accuracy on the 4000 evaluation digits (official: the official CHITA code on the same split, external "
-        "figures, see below):",
+        "figures, see below; margin: digits of the 4000 above or below the official one stage, CHITA++ above or "
+        "below the official one stage and the official CHITA++, an official percentage naming one count of the "
+        "4000):",
         _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++", "official magnitude", "official CHITA, 1 stage",
-                "official CHITA++"], acc),
-        "Settings chosen on the validation digits (lambda per stage; CHITA++'s schedule: stages from base "
+                "official CHITA++", "margin in digits"], acc),
+        f"Settings chosen on the validation digits (lambda per stage, {rule}; CHITA++'s schedule: stages from base "
         "sparsity) and the validation loss reached (dense: "
         f"{data['rows'][0]['chita']['dense_validation_loss']:.4f}):",
         _table(["sparsity", "CHITA lambda", "CHITA++ schedule", "CHITA++ lambdas", "validation loss CHITA / CHITA++"],
                chosen),
-        "Seconds of the whole prune (`dist_chita.prune`: per-sample gradients, the lambda path and, for CHITA++, "
-        "every candidate schedule; the last column the chosen schedule's own prune):",
-        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen schedule)"], secs),
-        "One-stage CHITA's objective against the magnitude support re-fitted by the back-solve (the solver's warm "
-        "start), at the chosen lambda:",
-        _table(["sparsity", "CHITA objective", "magnitude + back-solve", "lower by", "IHT iterations"], obj)])
+        "Seconds of the whole prune (`dist_chita.prune`, wall: per-sample gradients, the lambda path and, for "
+        "CHITA++, every candidate schedule; the chosen schedule pruned again on its own; CPU seconds of the process, "
+        "less sensitive to the machine's load than the wall seconds; the load average around the chosen schedule's "
+        "prune):",
+        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen schedule)",
+                "CHITA++ search, CPU", "chosen schedule, CPU", "load"], secs),
+        "Objective against the magnitude support re-fitted by the back-solve (the solver's warm start), at the "
+        "chosen lambda: one-stage CHITA, and the last stage of CHITA++:",
+        _table(["sparsity", "CHITA objective", "magnitude + back-solve", "lower by", "IHT iterations",
+                "CHITA++ last stage lower by"], obj)])
+
+
+def _cpu_note(refs: list[dict]) -> str:
+    """`` (CPU a / b s at load x-y)``: the chosen schedules' CPU seconds and the load around them, when recorded."""
+    alone = [r["chita++"].get("chosen_schedule") for r in refs]
+    if not all(alone):
+        return ""
+    loads = [x for a in alone for x in a["load_average"]]
+    return (f" (CPU {' / '.join(_s(a['cpu_seconds']) for a in alone)} s, load {min(loads):.1f} to "
+            f"{max(loads):.1f})")
 
 
 def render_mlpnet(data: dict) -> Page:
@@ -436,6 +474,8 @@ def render_mlpnet(data: dict) -> Page:
     verdict = "\n".join([
         f"* one-stage CHITA {'reaches' if data['chita_beats_official_one_stage'] else 'does not reach'} the official "
         "one-stage accuracy at every sparsity",
+        f"* CHITA++ {'reaches' if data['chita_plus_plus_beats_official_one_stage'] else 'does not reach'} the "
+        "official one-stage accuracy at every sparsity",
         f"* CHITA++ {'reaches' if data['chita_plus_plus_beats_official_chita_plus_plus'] else 'does not reach'} the "
         "official CHITA++ accuracy at every sparsity it was measured at"])
     body = "\n\n".join([
@@ -453,8 +493,15 @@ def render_mlpnet(data: dict) -> Page:
          f"{' / '.join(_official(data, 'chita', r['sparsity']) for r in refs)}"),
         (f"MLPNet on MNIST, sparsity {shown}", "seconds of the prune (one thread)",
          f"CHITA++ {' / '.join(_s(r['chita++']['seconds']) for r in refs)} with the schedule search, "
-         f"{' / '.join(_s(r['chita++'].get('chosen_schedule_seconds')) for r in refs)} for the chosen schedule; "
-         f"official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
+         f"{' / '.join(_s(r['chita++'].get('chosen_schedule_seconds')) for r in refs)} for the chosen schedule"
+         + _cpu_note(refs) + f"; official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
+    if all("margin_over_official" in r for r in data["rows"]):
+        every = " / ".join(f"{r['sparsity']:g}" for r in data["rows"])
+        headline.append((
+            f"MLPNet on MNIST, sparsity {every}",
+            "held-out digits of the 4000 above the official code: one stage / CHITA++ over the official one stage "
+            "/ CHITA++ over the official CHITA++",
+            "; ".join(f"{r['sparsity']:g}: {_margins(r)}" for r in data["rows"])))
     return Page("mlpnet_mnist", "MLPNet on MNIST: CHITA, CHITA++ and the official code",
                 "the CHITA paper's MLPNet: held-out accuracy and time of magnitude, CHITA, CHITA++ (settings chosen "
                 "on validation digits) and the official code", body, headline)

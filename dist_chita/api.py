@@ -417,10 +417,13 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
     if f.group_size is not None:  # one group of layers at a time
         def prune_fn(*a, **kw):
             return groups.prune_in_blocks(*a, block_size=f.group_size, criterion=f.group_criterion, **kw)
-    validate = None
+    validate = validate_values = None
     if run.validation is not None and run.method != "magnitude":
         def validate():
             return run.validation.score(run.model)
+
+        def validate_values():
+            return run.validation.values(run.model).cpu() / run.validation.normaliser
     kwargs = dict(
         make_batches=lambda: data.iter_microbatches(run.samples, lo, hi, run.batch_size),
         loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size,
@@ -430,7 +433,8 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,
                             backsolve=f.backsolve, escape_trials=f.escape_trials, pair_swaps=f.pair_swaps,
                             ridge=resolve_ridge(f.ridge, run.n, p)),
-        progress=run.progress, validate=validate, lambda_search=f.lambda_search, **budget, **resume_kwargs)
+        progress=run.progress, validate=validate, lambda_search=f.lambda_search, lambda_walk=f.lambda_walk,
+        lambda_rule=f.lambda_rule, validate_values=validate_values, **budget, **resume_kwargs)
     if not search:
         outcome = prune_fn(run.model, run.modules, run.method, targets, **kwargs)
     else:
@@ -440,7 +444,8 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
 
         sizes = [params.numel(m.weight) for _, m in run.modules]
         outcome, chosen, rows = tuning.choose_schedule(
-            run.modules, tuning.schedule_candidates(f, targets, sizes), prune_with, validate, run.log)
+            run.modules, tuning.schedule_candidates(f, targets, sizes), prune_with, validate, run.log,
+            values=validate_values, rule=f.schedule_rule)
         run.tuning.update(schedules=rows, schedule=asdict(chosen))
     if checkpoint is not None:
         checkpoint.remove()
@@ -487,7 +492,8 @@ def _checkpoint(run: _Run, f: Fisher):
     if f.resume_save_factor:
         kwargs.update(on_factor=checkpoint.save_factor, load_factor=checkpoint.load_factor)
     if saved is not None:
-        kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support)
+        kwargs.update(start_stage=saved.stages_done, start_weights=saved.weights, start_support=saved.support,
+                      start_lambda=saved.reports[-1].get("lam") if saved.reports else None)
     return checkpoint, kwargs, [fisher_driver.StageReport(**r) for r in (saved.reports if saved else [])]
 
 

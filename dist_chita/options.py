@@ -177,7 +177,14 @@ class Fisher:
     ``validation``): ``lambda: auto`` scores every stage's solution for each lambda of ``lambda_path`` and keeps
     the lowest validation score (:mod:`dist_chita.validation`): with ``lambda_search: warm_start`` each lambda is
     judged at the solver's back-solved warm start (one back-solve each) and the chosen one solved in full, with
-    ``solve`` each is solved in full (warm-started from the previous one's support). ``stages: auto`` tries each
+    ``solve`` each is solved in full (warm-started from the previous one's support); with ``lambda_walk`` every
+    CHITA++ stage after the first judges only a walk along the path from the previous stage's choice (towards
+    smaller lambdas while the score falls, else towards larger ones: a local minimum, fewer back-solves) instead of
+    the whole path. ``lambda_rule``: which judged lambda is kept, ``min`` the lowest validation score, ``one_se``
+    the largest lambda within one standard error (of the paired per-sample difference) of the lowest score, the
+    one-standard-error rule: among lambdas the validation samples cannot tell apart, the nearest to the dense
+    weights; ``schedule_rule`` the same for CHITA++'s schedule (``one_se``: the simplest candidate within one
+    standard error, the fewest stages first). ``stages: auto`` tries each
     of ``stage_candidates``, ``base_sparsity: auto`` each of ``base_candidates`` (shares of the target
     sparsity), ``first_order_term: auto`` both, every combination a whole CHITA++ run judged by its final
     validation score.
@@ -197,6 +204,9 @@ class Fisher:
     lambda_: float | Auto = 1e-3
     lambda_path: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     lambda_search: Literal["warm_start", "solve"] = "warm_start"
+    lambda_walk: bool = False
+    lambda_rule: Literal["min", "one_se"] = "min"
+    schedule_rule: Literal["min", "one_se"] = "min"
     ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
     first_order_term: bool | Auto = False
     stages: int | Auto = 1

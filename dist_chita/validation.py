@@ -18,7 +18,8 @@ non-zero contribution per entry: exact) and summed in sample order.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +31,22 @@ from dist_chita.layerwise.curvature import collective_batches, my_microbatches
 PerSample = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]  # (model, batch, indices) -> (b,)
 Forward = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch) -> (b, ...) outputs
 KINDS = ("loss", "output")
+RULES = ("min", "one_se")
+
+
+def within_one_se(values: Sequence[torch.Tensor]) -> list[int]:
+    """The candidates (indices) whose score, the mean of their per-sample validation values ``values[i]`` (m,), is
+    within one standard error of the lowest score: mean_i - mean_best <= sd(v_i - v_best) / sqrt(m), the standard
+    error of the paired difference (the same m samples score every candidate). The best is always among them."""
+    means = [float(v.sum()) / v.numel() for v in values]
+    best = min(range(len(means)), key=means.__getitem__)
+    m = values[best].numel()
+
+    def se(i: int) -> float:
+        d = (values[i] - values[best]).double()
+        return math.sqrt(float((d - d.mean()).pow(2).sum()) / (m - 1) / m) if m > 1 else 0.0
+
+    return [i for i in range(len(means)) if means[i] <= means[best] + se(i)]
 
 
 class Validation:

@@ -197,6 +197,8 @@ class GramCache:
       E = S' minus S) in (|D| + |E|) n^2 flops instead of |S'| n^2.
     * The Cholesky factor of lambda I + G for the last (support, lambda).
     * The last :data:`MEMO_SIZE` solutions, so a backsolve repeated on the same support and lambda costs nothing.
+    * The gathered rows of the last support (the dual's :class:`_Rows`; the primal's kept columns of all ranks and
+      their Gram matrix), so another lambda on the same support (a lambda path) gathers and multiplies them once.
     """
 
     def __init__(self) -> None:
@@ -207,6 +209,42 @@ class GramCache:
         self.solutions: OrderedDict = OrderedDict()  # (support digest, lambda) -> (id, idx, w_S)
         self.stored = 0  # solutions remembered so far: the id of the next one (the same on every rank)
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, w_bar) the solutions are for
+        self.gathered: tuple[tuple, torch.Tensor, object] | None = None  # (At's key, support, rows or columns)
+
+    def _held(self, At: torch.Tensor, support: torch.Tensor, kind: str, collective: bool):
+        """The rows or columns kept for this At and support (``kind`` ``rows`` or ``columns``), else None; with
+        ``collective`` every rank must hold them (the columns were gathered across ranks)."""
+        key = (kind, At.data_ptr(), tuple(At.shape), At.dtype)
+        g = self.gathered
+        mine = g is not None and g[0] == key and g[1].shape == support.shape and torch.equal(g[1], support)
+        if collective:
+            mine = _all_true(mine)
+        return g[2] if mine else None
+
+    def _keep(self, At: torch.Tensor, support: torch.Tensor, kind: str, value) -> None:
+        self.gathered = ((kind, At.data_ptr(), tuple(At.shape), At.dtype), support.clone(), value)
+
+    def rows(self, At: torch.Tensor, idx: torch.Tensor, support: torch.Tensor) -> _Rows:
+        """:class:`_Rows` of this rank's rows ``idx`` of ``support``, reused while At and the support stay."""
+        rows = self._held(At, support, "rows", collective=False)
+        if rows is None:
+            self.gathered = None  # the old rows freed first: never two sets held at once
+            rows = _Rows(At, idx)
+            self._keep(At, support, "rows", rows)
+        return rows
+
+    def columns(self, At: torch.Tensor, idx: torch.Tensor, support: torch.Tensor, wb: torch.Tensor) -> dict:
+        """The primal's kept columns of all ranks (:func:`_gather_columns`: ``R`` (|S|, n) float64, ``wb`` w_bar
+        on them, ``offset`` of this rank's) and a dict ``P`` for their Gram matrices; reused while At, the support
+        and w_bar stay (collective)."""
+        held = self._held(At, support, "columns", collective=True)
+        if held is not None and _all_true(torch.equal(held["local_wb"], wb)):
+            return held
+        self.gathered = None
+        R, wb_all, off = _gather_columns(At.index_select(0, idx).to(torch.float64), wb)
+        held = {"R": R, "wb": wb_all, "offset": off, "local_wb": wb.clone(), "P": {}}
+        self._keep(At, support, "columns", held)
+        return held
 
     def gram(self, At: torch.Tensor, support: torch.Tensor, exact: bool = True, rows=None) -> torch.Tensor:
         """G for ``support`` (a fresh tensor, (n, n) float64, all-reduced); float32-formed unless ``exact``
@@ -383,7 +421,7 @@ def _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, max_iter, 
     """w_S = (b - A_S^T z) / lambda with (lambda I + G) z = A_S b by PCG (lambda > 0). The error of w_S is at most
     ||A_S^T dz|| / lambda <= ||dz||_{lambda I + G} / lambda ~ sqrt(gamma) / lambda (gamma = r^T P^-1 r of PCG).
     Products per PCG step: one A_S^T v and one A_S u (one n-vector all-reduce); A_S^T z is carried along."""
-    rows = _Rows(At, idx)
+    rows = _Rows(At, idx) if cache is None else cache.rows(At, idx, support)
     L = _factor(At, support, lam, max_cond, cache, exact=not fast, rows=rows)  # uses the float32 rows first
     b = rows.rmv(y64) + lam * wb
     c = comm.all_reduce(rows.mv(b))  # A_S b, (n,)
@@ -421,18 +459,26 @@ def _gather_columns(R: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor,
     return full[:, :-1].contiguous(), full[:, -1].contiguous(), sum(counts[: comm.rank()])
 
 
-def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast):
+def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast, cache=None, support=None):
     """M w_S = b with M = A_S^T A_S + lambda I (|S| x |S|, |S| < n) on the gathered kept columns by PCG, the
     preconditioner the Cholesky factor of M formed in float32. Returns this rank's w_S, or None when M is singular
-    to working precision (lambda = 0 and A_S rank deficient: the caller uses CG)."""
-    R, wb_all, off = _gather_columns(At.index_select(0, idx).to(torch.float64), wb)  # (|S|, n): row j = column j
+    to working precision (lambda = 0 and A_S rank deficient: the caller uses CG). With ``cache`` (and ``support``)
+    the gathered columns and their Gram matrices are kept for the next lambda on the same support."""
+    if cache is None:
+        R, wb_all, off = _gather_columns(At.index_select(0, idx).to(torch.float64), wb)  # (|S|, n): row j = column j
+        grams: dict = {}
+    else:
+        held = cache.columns(At, idx, support, wb)
+        R, wb_all, off, grams = held["R"], held["wb"], held["offset"], held["P"]
     b = R @ y64 + lam * wb_all
 
     def apply_M(v):
         return R @ (R.T @ v) + lam * v, v
 
     for exact in ((False, True) if fast else (True,)):
-        P = _syrk(R.T) if exact else _syrk(R.T.float()).double()
+        if exact not in grams:
+            grams[exact] = _syrk(R.T) if exact else _syrk(R.T.float()).double()
+        P = grams[exact].clone()
         P.diagonal().add_(lam)
         L, cond = _cholesky(P, max_cond)
         if not cond <= max_cond:
@@ -475,7 +521,7 @@ def _solve_on_support(At, idx, support, lam, y64, wb, w0, acc: _Accuracy, cache)
     size = int(comm.all_reduce(torch.tensor([idx.numel()], dtype=torch.int64, device=idx.device))[0])
     w = None if size else wb
     if w is None and size < n:
-        w = _solve_primal(At, idx, lam, y64, wb, acc.max_cond, acc.tol, acc.pcg_max_iter, acc.fast)
+        w = _solve_primal(At, idx, lam, y64, wb, acc.max_cond, acc.tol, acc.pcg_max_iter, acc.fast, cache, support)
     if w is None and lam > 0:
         w = _solve_dual(At, idx, support, lam, y64, wb, acc.max_cond, cache, acc.tol, acc.pcg_max_iter, acc.fast)
     elif w is None:

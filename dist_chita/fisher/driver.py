@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -37,9 +38,10 @@ from dist_chita.distributed import comm
 from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher.backsolve import GramCache
+from dist_chita.fisher.backsolve import backsolve as ridge_backsolve
 from dist_chita.fisher.budget import Budget
 from dist_chita.fisher.factor import fisher_block
-from dist_chita.fisher.solver import MAX_ITER, solve
+from dist_chita.fisher.solver import MAX_ITER, solve, target
 from dist_chita.io import params
 from dist_chita.prunable import named_shapes
 from dist_chita.sparsity import (
@@ -50,6 +52,8 @@ from dist_chita.sparsity import (
     stage_sparsities,
     stage_targets,
 )
+from dist_chita.validation import RULES as LAMBDA_RULES
+from dist_chita.validation import within_one_se
 
 METHODS = ("magnitude", "chita", "chita++")
 LAMBDA_SEARCHES = ("warm_start", "solve")
@@ -193,6 +197,10 @@ def prune(
     on_factor: Callable[[int, torch.Tensor], None] | None = None,
     validate: Callable[[], float] | None = None,
     lambda_search: str = "warm_start",
+    lambda_walk: bool = False,
+    start_lambda: float | None = None,
+    lambda_rule: str = "min",
+    validate_values: Callable[[], torch.Tensor] | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -234,12 +242,15 @@ def prune(
             lambda path, and every stage reports its own.
         lambda_search: how a lambda path is judged: ``warm_start`` (each lambda at the solver's back-solved warm
             start, then the chosen one solved in full) or ``solve`` (each lambda solved in full).
+        lambda_walk: along a lambda path, every stage after the first judges only the lambdas of a walk from the
+            previous stage's choice (:func:`_walk`) instead of the whole path; ``start_lambda``: the choice of the
+            stage before ``start_stage`` on resume (None: the first stage computed judges the whole path).
+        lambda_rule, validate_values: which judged lambda is kept (:func:`pick_lambda`): ``min`` (the lowest
+            score) or ``one_se`` (needs ``validate_values() -> (m,)``, the per-sample values whose mean is the
+            score; collective, the same on every rank).
     """
     sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
-    if not isinstance(lam, int | float) and (validate is None or not lam):
-        raise ValueError("a lambda path needs validation samples to choose by (validate) and at least one lambda")
-    if lambda_search not in LAMBDA_SEARCHES:
-        raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
+    _check_lambda_choice(lam, validate, lambda_search, lambda_rule, validate_values)
     world, rank = comm.world_size(), comm.rank()
     layout = ColumnLayout.build(named_shapes(modules), world, align=nm[1] if nm else 1, rows=per_row)
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
@@ -251,8 +262,8 @@ def prune(
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
                make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
-               load_factor, on_factor, validate, lambda_search)
-    reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end)
+               load_factor, on_factor, validate, lambda_search, lambda_walk, lambda_rule, validate_values)
+    reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end, start_lambda)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
 
@@ -286,6 +297,19 @@ class _Run:
     on_factor: Callable[[int, torch.Tensor], None] | None
     validate: Callable[[], float] | None
     lambda_search: str
+    lambda_walk: bool
+    lambda_rule: str
+    validate_values: Callable[[], torch.Tensor] | None
+
+
+def _check_lambda_choice(lam, validate, lambda_search: str, lambda_rule: str, validate_values) -> None:
+    """ValueError unless a lambda path comes with a validation score and the search and rule are known."""
+    if not isinstance(lam, int | float) and (validate is None or not lam):
+        raise ValueError("a lambda path needs validation samples to choose by (validate) and at least one lambda")
+    if lambda_rule not in LAMBDA_RULES or (lambda_rule == "one_se" and validate_values is None):
+        raise ValueError(f"lambda_rule must be min or one_se (with validate_values), got {lambda_rule!r}")
+    if lambda_search not in LAMBDA_SEARCHES:
+        raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
@@ -328,26 +352,29 @@ def _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedul
 
 
 def _run_stages(run: _Run, targets: list, start_stage: int, w: torch.Tensor, allowed: torch.Tensor,
-                on_stage_end) -> list[StageReport]:
-    """The stages from ``start_stage`` on, each from the previous one's weights and support; their reports."""
+                on_stage_end, start_lambda: float | None = None) -> list[StageReport]:
+    """The stages from ``start_stage`` on, each from the previous one's weights, support and (``lambda_walk``)
+    chosen lambda; their reports."""
     reports = []
+    lam = start_lambda
     spare = None  # the previous stage's factor storage, reused by the next stage's fisher_block (a saved factor is
     # only ever loaded for the first stage a resumed run computes, when there is no spare: no two blocks coexist)
     for t, s in enumerate(targets):
         if t < start_stage:
             continue
-        w, support, report, spare = _stage(run, t, s, w, allowed, spare)
-        allowed = support.clone()
+        w, support, report, spare = _stage(run, t, s, w, allowed, spare, lam)
+        allowed, lam = support.clone(), report.lam
         reports.append(report)
         if on_stage_end is not None:
             on_stage_end(t, w, support, report)
     return reports
 
 
-def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: torch.Tensor | None):
+def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: torch.Tensor | None,
+           previous_lam: float | None = None):
     """Stage t at sparsity ``s`` from this rank's w (p_r,) with the columns ``allowed``: the budget, magnitude
-    pruning or the CHITA solve, and the write-back of the pruned weights into every rank's model. Returns (w,
-    support, report, the factor storage the next stage may reuse)."""
+    pruning or the CHITA solve (a lambda walk starts at ``previous_lam``), and the write-back of the pruned weights
+    into every rank's model. Returns (w, support, report, the factor storage the next stage may reuse)."""
     bytes_before = comm.bytes_by_phase()
     seconds: dict[str, float] = {}
     budget = make_budget(run.layout, run.rank, s, allowed, per_layer=run.per_layer, nm=run.nm, per_row=run.per_row)
@@ -360,7 +387,7 @@ def _stage(run: _Run, t: int, s, w: torch.Tensor, allowed: torch.Tensor, spare: 
         w = torch.where(support, w, torch.zeros_like(w))
         seconds["magnitude"] = time.perf_counter() - start
     else:
-        w, support, spare = _solve_stage(run, t, w, budget, report, seconds, spare)
+        w, support, spare = _solve_stage(run, t, w, budget, report, seconds, spare, previous_lam)
     start = time.perf_counter()
     with comm.phase("writeback"):
         write_weights(run.modules, run.layout, gather_weights(w, run.layout))
@@ -391,7 +418,8 @@ def _stage_factor(run: _Run, t: int, seconds: dict[str, float], spare: torch.Ten
     return At, loaded
 
 
-def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare):
+def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: StageReport, seconds, spare,
+                 previous_lam: float | None = None):
     """CHITA on stage t: the factor, then :func:`~dist_chita.fisher.solver.solve` (which may overwrite At: it is not
     used after the solve; along a lambda path it is kept). Fills ``report`` and ``seconds``; returns (w, support,
     At's storage for the next stage)."""
@@ -403,7 +431,8 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
                        **(run.solver_options or {}))
         report.lam = float(run.lam)
     else:
-        result = _solve_path(run, At, w, budget, report, loaded, solver_progress)
+        start = previous_lam if run.lambda_walk else None
+        result = _solve_path(run, At, w, budget, report, loaded, solver_progress, start)
     spare = At if t + 1 < run.stages and At.is_contiguous() else None  # contents spent (overwritten), pages not
     seconds["solver"] = result.timings.get("iht", 0.0)
     seconds["backsolve"] = result.timings.get("backsolve", 0.0)
@@ -416,38 +445,112 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     return result.w.float(), result.support, spare
 
 
+def _walk(path: Sequence[float], start: float | None, judge: Callable[[int], float]) -> None:
+    """Judge lambdas of ``path`` by index (``judge(i)`` scores path[i]; lower is better): all of them in order when
+    ``start`` is None; else a walk from the lambda of the path nearest ``start`` (in log scale): towards smaller
+    lambdas while the score falls, and when the first step there does not lower it, towards larger ones while it
+    falls (a local minimum of the score along the path; at least two lambdas judged, at most all)."""
+    if start is None:
+        for i in range(len(path)):
+            judge(i)
+        return
+    i0 = min(range(len(path)), key=lambda i: abs(math.log((path[i] + 1e-300) / (start + 1e-300))))
+    best = judge(i0)
+    for step in (-1, 1):
+        moved, i = False, i0 + step
+        while 0 <= i < len(path):
+            value = judge(i)
+            if not value < best:
+                break
+            best, moved, i = value, True, i + step
+        if moved:
+            return
+
+
 def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, report: StageReport, loaded: bool,
-                solver_progress):
-    """Lambda auto: the stage's solution for every lambda of ``run.lam``, written into the model and scored by
-    ``run.validate``; returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lowest score (the first on
-    a tie) and records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda is scored at
-    the solver's back-solved warm start (one back-solve each, the Gram matrix shared) and only the chosen lambda is
-    solved in full; with ``solve`` each is solved (At kept intact, each solve also starting from the previous
-    lambda's support when that is better). Iterations and seconds in the result are the whole path's."""
+                solver_progress, start: float | None = None):
+    """Lambda auto: the stage's solution for the lambdas of ``run.lam`` that :func:`_walk` judges (all of them when
+    ``start`` is None, else a walk from ``start``), each written into the model and scored by ``run.validate``;
+    returns the :class:`~dist_chita.fisher.solver.SolveResult` of the lambda ``run.lambda_rule`` picks
+    (:func:`pick_lambda`) and records the path in ``report``. With ``run.lambda_search`` ``warm_start`` each lambda
+    is scored at the solver's back-solved warm start (one back-solve each, the Gram matrix shared) and only the
+    chosen lambda is solved in full; with ``solve`` each is solved (At kept intact, each solve also starting from
+    the previously judged lambda's support when that is better). Iterations and seconds in the result are the whole
+    path's."""
     options = run.solver_options or {}
     proxy = run.lambda_search == "warm_start"
-    best, best_score, support, cache = None, math.inf, None, GramCache()
-    iterations, backsolves, timings = 0, 0, {}
-    for lam in run.lam:
-        if proxy:
-            kw = {**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache}
+    cache = GramCache()
+    # y = A w_bar is the same for every lambda: formed once (the solver forms it in z = D^1/2 w for the Fisher-diagonal
+    # ridge, so there each solve forms its own)
+    y = None if options.get("ridge", "identity") != "identity" else target(
+        At, w.to(At.device, torch.float32), None, run.first_order)
+    judged: list[tuple[float, float, torch.Tensor | None, object]] = []  # (lambda, score, per-sample values, result)
+    totals = {"iterations": 0, "backsolves": 0, "timings": {}}
+    warm = _MagnitudeStart(At, w, budget, y, cache) if proxy and y is not None and not loaded else None
+
+    def judge(i: int) -> float:
+        lam, support = float(run.lam[i]), judged[-1][3].support if judged else None
+        if warm is not None:  # the warm start directly: magnitude pruning's support, back-solved
+            result = warm.solve(lam)
         else:
-            kw = {**options, "start_support": support}
-        result = solve(At, w, float(lam), budget, first_order=run.first_order, progress=None if proxy else
-                       solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
-        iterations, backsolves = iterations + result.iterations, backsolves + result.backsolves
-        timings = {k: timings.get(k, 0.0) + v for k, v in result.timings.items()}
+            kw = ({**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache} if proxy else
+                  {**options, "start_support": support})
+            result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
+                           solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
+        totals["iterations"] += result.iterations
+        totals["backsolves"] += result.backsolves
+        totals["timings"] = {k: totals["timings"].get(k, 0.0) + v for k, v in result.timings.items()}
         with comm.phase("writeback"):
             write_weights(run.modules, run.layout, gather_weights(result.w.float(), run.layout))
-        score = run.validate()
-        report.lambda_path.append(float(lam))
+        values = run.validate_values() if run.lambda_rule == "one_se" else None
+        score = float(values.sum()) / len(values) if values is not None else run.validate()
+        report.lambda_path.append(lam)
         report.validation_path.append(score)
-        if score < best_score:
-            best, best_score, report.lam = result, score, float(lam)
-        support = result.support
-    if proxy:  # the chosen lambda solved in full (At is not needed after)
-        best = solve(At, w, report.lam, budget, first_order=run.first_order, progress=solver_progress,
-                     overwrite_at=True, check_at=False, **options)
-    best.iterations, best.backsolves = iterations + best.iterations, backsolves + best.backsolves
-    best.timings = {k: timings.get(k, 0.0) + v for k, v in best.timings.items()}
+        judged.append((lam, score, values, result))
+        return score
+
+    _walk(run.lam, start, judge)
+    chosen = pick_lambda([j[0] for j in judged], [j[1] for j in judged], [j[2] for j in judged], run.lambda_rule)
+    report.lam, best = judged[chosen][0], judged[chosen][3]
+    if proxy:  # the chosen lambda solved in full (At is not needed after); its warm start's back-solve is recalled
+        # from the cache when At is not compacted (no column fixed at zero on this rank)
+        best = solve(At, w, report.lam, budget, y, first_order=run.first_order, progress=solver_progress,
+                     overwrite_at=True, check_at=False, **{**options, "gram_cache": cache})
+    best.iterations, best.backsolves = totals["iterations"] + best.iterations, totals["backsolves"] + best.backsolves
+    best.timings = {k: totals["timings"].get(k, 0.0) + v for k, v in best.timings.items()}
     return best
+
+
+class _MagnitudeStart:
+    """The solver's back-solved warm start for any lambda, as a lambda path judges it (identity ridge): the support
+    S_0 = H(w_bar) of magnitude pruning (the same for every lambda) and the exact ridge solution on it
+    (:func:`~dist_chita.fisher.backsolve.backsolve`, the Gram matrix and gathered rows shared through ``cache``),
+    without the solver's objective evaluations (the back-solve is the exact minimiser on S_0, so its objective is
+    never above that of magnitude pruning, which the solver would otherwise keep). Collective."""
+
+    def __init__(self, At: torch.Tensor, w: torch.Tensor, budget: Budget, y: torch.Tensor, cache: GramCache):
+        self.At, self.y, self.cache = At, y, cache
+        self.w_bar = w.to(At.device, torch.float32)
+        with comm.phase("solver"):  # (the solver's phase of the bytes sent: the projection's)
+            self.support = budget.to(At.device).magnitude_support(self.w_bar)
+        self.w0 = torch.where(self.support, self.w_bar, torch.zeros_like(self.w_bar))
+
+    def solve(self, lam: float) -> SimpleNamespace:
+        """(w (p_r,), support, iterations 0, backsolves 1, timings) of the warm start for ``lam``."""
+        start = time.perf_counter()
+        w = ridge_backsolve(self.At, self.w_bar, lam, self.support, self.y, w0=self.w0, cache=self.cache)
+        return SimpleNamespace(w=w, support=self.support, iterations=0, backsolves=1,
+                               timings={"backsolve": time.perf_counter() - start})
+
+
+def pick_lambda(lams: Sequence[float], scores: Sequence[float], values: Sequence[torch.Tensor | None],
+                rule: str = "min") -> int:
+    """The index of the lambda kept among those judged: ``min`` the lowest validation score (the first on a tie);
+    ``one_se`` the largest lambda whose score is within one standard error of the lowest one's
+    (:func:`dist_chita.validation.within_one_se`, the one-standard-error rule: among candidates the validation
+    samples cannot tell apart, the most regularised, i.e. the nearest to the dense weights)."""
+    if rule not in LAMBDA_RULES:
+        raise ValueError(f"unknown lambda rule {rule!r} (one of {', '.join(LAMBDA_RULES)})")
+    if rule == "min":
+        return min(range(len(scores)), key=scores.__getitem__)
+    return max(within_one_se(values), key=lambda i: (lams[i], -i))

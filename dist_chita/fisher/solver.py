@@ -709,8 +709,9 @@ def _divide_rows(At: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return At
 
 
-def _target(At: torch.Tensor, w_bar: torch.Tensor, y: torch.Tensor | None, first_order: bool) -> torch.Tensor:
-    """y (n,) float64: the given one (checked), else A w_bar, minus 1/sqrt(n) with ``first_order``. Collective."""
+def target(At: torch.Tensor, w_bar: torch.Tensor, y: torch.Tensor | None, first_order: bool) -> torch.Tensor:
+    """y (n,) float64: the given one (checked), else A w_bar, minus 1/sqrt(n) with ``first_order`` (At (p_r, n),
+    w_bar (p_r,) this rank's). Collective."""
     n = At.shape[1]
     if y is None:
         nz = torch.nonzero(w_bar, as_tuple=True)[0]
@@ -745,7 +746,7 @@ def _prepare(At, w_bar, lam, budget, y, first_order, overwrite_at, ridge) -> _Pr
             scale = fisher_diagonal_scale(At, RIDGE_FLOOR)
             At = _divide_rows(At if overwrite_at else At.clone(), scale)
             w_bar = w_bar * scale
-        y = _target(At, w_bar, y, first_order)
+        y = target(At, w_bar, y, first_order)
         p_r, kept_rows, reg_offset = At.shape[0], None, 0.0
         if overwrite_at and budget.kind == "topk" and budget.allowed is not None:
             At, w_bar, budget, kept_rows, reg_offset = _drop_fixed_columns(At, w_bar, budget)

@@ -9,6 +9,7 @@ lambda path), not here.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from dist_chita.fisher.driver import PruneOutcome
 from dist_chita.io import params
 from dist_chita.options import Fisher
 from dist_chita.sparsity import Sparsity, mean_sparsity
+from dist_chita.validation import RULES, within_one_se
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,19 @@ def schedule_candidates(f: Fisher, sparsity: Sparsity, sizes: Sequence[int]) -> 
 
 def choose_schedule(modules: Sequence[tuple[str, nn.Module]], candidates: Sequence[Schedule],
                     run: Callable[[Schedule], PruneOutcome], score: Callable[[], float],
-                    log: Callable[[str], None] = lambda line: None) -> tuple[PruneOutcome, Schedule, list[dict]]:
+                    log: Callable[[str], None] = lambda line: None, values: Callable[[], torch.Tensor] | None = None,
+                    rule: str = "min") -> tuple[PruneOutcome, Schedule, list[dict]]:
     """Prune with each candidate schedule from the same dense weights (``run(candidate)`` prunes ``modules`` in
-    place), score each result, and leave the weights of the lowest score in the modules. Returns (its outcome, its
+    place), score each result, and leave the weights of the kept one in the modules: ``min`` the lowest score (the
+    first on a tie); ``one_se`` (needs ``values() -> (m,)``, the per-sample validation values whose mean is the
+    score) the simplest candidate within one standard error of the lowest score
+    (:func:`dist_chita.validation.within_one_se`): the fewest stages, then the highest base sparsity, then without
+    the first-order term (a copy of every candidate's weights is kept until the choice). Returns (its outcome, its
     schedule, one row per candidate: the schedule's fields, ``score`` and the ``seconds`` of its prune). Collective."""
+    if rule not in RULES or (rule == "one_se" and values is None):
+        raise ValueError(f"schedule rule must be min or one_se (with values), got {rule!r}")
     dense = [params.read(m.weight).clone() for _, m in modules]
-    best: tuple[float, PruneOutcome, Schedule, list[torch.Tensor]] | None = None
+    kept: list[tuple[float, PruneOutcome, list[torch.Tensor], torch.Tensor | None]] = []
     rows = []
     for cand in candidates:
         for (_, m), w in zip(modules, dense, strict=True):
@@ -66,13 +75,22 @@ def choose_schedule(modules: Sequence[tuple[str, nn.Module]], candidates: Sequen
         start = time.perf_counter()
         outcome = run(cand)
         seconds = time.perf_counter() - start
-        value = score()
+        vals = values() if rule == "one_se" else None
+        value = float(vals.sum()) / vals.numel() if vals is not None else score()
         rows.append({**asdict(cand), "score": value, "seconds": seconds})
         log(f"  schedule {cand.stages} stage(s) from {cand.base_sparsity:.4g}, first-order term "
             f"{'on' if cand.first_order_term else 'off'}: validation {value:.6g}")
-        if best is None or value < best[0]:
-            best = (value, outcome, cand, [params.read(m.weight).clone() for _, m in modules])
-    _, outcome, cand, weights = best
+        lowest = min((k[0] for k in kept), default=math.inf)
+        if rule == "one_se" or value < lowest:
+            if rule == "min":  # the min rule keeps only the best's weights
+                kept = [(k[0], None, None, None) for k in kept]
+            kept.append((value, outcome, [params.read(m.weight).clone() for _, m in modules], vals))
+        else:
+            kept.append((value, None, None, None))
+    index = (min(range(len(kept)), key=lambda i: kept[i][0]) if rule == "min" else
+             min(within_one_se([k[3] for k in kept]),
+                 key=lambda i: (candidates[i].stages, -candidates[i].base_sparsity, candidates[i].first_order_term)))
+    _, outcome, weights, _ = kept[index]
     for (_, m), w in zip(modules, weights, strict=True):
         params.write(m.weight, w)
-    return outcome, cand, rows
+    return outcome, candidates[index], rows

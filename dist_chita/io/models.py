@@ -26,6 +26,7 @@ import functools
 import importlib
 import inspect
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,9 +270,11 @@ _HF_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 
 def is_hf(model: nn.Module) -> bool:
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
+    """Whether ``model`` is a Hugging Face ``PreTrainedModel``. Such a model exists only once
+    ``transformers.modeling_utils`` has been imported, so a plain torch model is told apart without importing
+    transformers (an import of seconds)."""
+    hf = sys.modules.get("transformers.modeling_utils")
+    return hf is not None and isinstance(model, hf.PreTrainedModel)
 
 
 def input_channels(model: nn.Module) -> int | None:

@@ -36,6 +36,7 @@ def _mlpnet() -> dict:
             out["lambda"] = out.pop("lambda_")
             if sched:
                 out["chosen_schedule_seconds"] = secs / 4
+                out["chosen_schedule"] = {"cpu_seconds": secs / 5, "load_average": [1.25, 2.5]}
         return out
 
     sched = {"stages": 4, "base_sparsity": 0.45, "first_order_term": False}
@@ -43,6 +44,9 @@ def _mlpnet() -> dict:
              "chita++": method(0.92111, 1.917, 1.5e-5, [1e-5, 1e-4], sched)},
             {"sparsity": 0.9, "magnitude": method(0.51005, 0.0038), "chita": method(0.62347, 0.412, 0.0175, [0.01]),
              "chita++": method(0.70009, 2.555, 0.0113, [1e-3, 0.1], sched)}]
+    rows[0]["margin_over_official"] = {"chita vs official chita": 2, "chita++ vs official chita": -1}
+    rows[1]["margin_over_official"] = {"chita vs official chita": -3, "chita++ vs official chita": 5,
+                                       "chita++ vs official chita++": 1}
     official = {"provenance": "elsewhere", "dense": 0.95, "magnitude": {"0.5": 0.9, "0.9": 0.5123},
                 "chita": {"0.5": 0.93, "0.9": 0.6543}, "chita++": {"0.9": 0.6911}, "solver_seconds": [7.0, 70.0],
                 "prune_seconds": [8.0, 80.0], "chita++_seconds": [200.0, 300.0]}
@@ -102,8 +106,11 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
         assert cells[4:7] == ["" if v is None else f"{100 * v:.2f}%" for v in official]
     secs = _table_rows(page, "sparsity | magnitude | CHITA, 1 stage | CHITA++ (search)")
     for cells, row in zip(secs, data["rows"], strict=True):
-        assert [float(c) for c in cells[1:]] == pytest.approx(
+        assert [float(c) for c in cells[1:5]] == pytest.approx(
             [row[m]["seconds"] for m in methods] + [row["chita++"]["chosen_schedule_seconds"]], rel=5e-3)
+        assert float(cells[6]) == pytest.approx(row["chita++"]["chosen_schedule"]["cpu_seconds"], rel=5e-3)
+        assert cells[7] == "{:.1f}-{:.1f}".format(*row["chita++"]["chosen_schedule"]["load_average"])
+    assert [r[7] for r in acc] == ["+2 / -1 / n/a", "-3 / +5 / +1"]
     chosen = _table_rows(page, "sparsity | CHITA lambda")
     assert chosen[1][1:4] == ["0.01", "4 from 0.45", "0.001, 0.1"]
     obj = _table_rows(page, "sparsity | CHITA objective")
@@ -128,6 +135,8 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
     accuracy = next(r for r in head if r[1].startswith("held-out accuracy"))
     assert accuracy[2] == ("CHITA++ 70.01%; official CHITA++ 69.11%; CHITA one stage 62.35%; official one stage "
                            "65.43%")  # at 0.9, the sparsity the official CHITA++ was measured at
+    margins = next(r for r in head if r[1].startswith("held-out digits of the 4000"))
+    assert margins[0] == "MLPNet on MNIST, sparsity 0.5 / 0.9" and margins[2] == "0.5: +2 / -1 / n/a; 0.9: -3 / +5 / +1"
     fidelity = next(r for r in head if r[0].startswith("MiniLM"))
     assert fidelity[0] == "MiniLM 60% (n = 64, one process)"
     assert fidelity[2] == "CHITA layerwise 0.9000 / 0.7778; SparseGPT 0.8123 / 0.6543; magnitude 0.6111 / 0.4222"

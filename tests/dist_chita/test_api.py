@@ -6,22 +6,28 @@ import pytest
 import torch
 
 import dist_chita
+from dist_chita.fisher import driver as fisher_driver
+from dist_chita.fisher import losses
 from dist_chita.io import models
+from dist_chita.io.data import iter_microbatches
 from dist_chita.options import Fisher, Target
+from dist_chita.prunable import prunable_modules
 from tests import multiproc
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 N, HELD, SEED = 60, 15, 3
 PATH = (1e-4, 1e-2, 1.0)
+NEAR_PATH = (1e-4, 1.2e-4, 1.0)
 
 
-def _prune(lam="auto", calibration=None, validation=0.25):
+def _prune(lam="auto", calibration=None, validation=0.25, rule="min", path=PATH):
     torch.set_num_threads(1)
     model = train_digits_mlp()
     rep = dist_chita.prune(
         model, calibration if calibration is not None else digits_samples().select(range(N)),
         target=Target(sparsity=0.8, granularity="global", exclude_head=False),
-        objective=Fisher(loss="ce", ridge="identity", lambda_=lam, lambda_path=PATH, max_iter=40), method="chita",
+        objective=Fisher(loss="ce", ridge="identity", lambda_=lam, lambda_path=path, max_iter=40,
+                         lambda_rule=rule), method="chita",
         task="image-classification", batch_size=8, validation=validation, validation_seed=SEED, check_memory=False)
     return {n: p.detach().clone() for n, p in model.named_parameters()}, rep
 
@@ -47,11 +53,46 @@ def test_validation_samples_are_held_out_of_the_factor_and_scored_plainly():
         assert torch.equal(alone[name], w), name
 
 
-@pytest.mark.parametrize("world_size", [2])
-def test_the_same_choice_and_model_on_any_world_size(world_size):
-    ref, rep = _prune()
-    for weights, other in multiproc.run(_prune, world_size):
+@pytest.mark.parametrize("world_size,rule", [(2, "min"), (2, "one_se")])
+def test_the_same_choice_and_model_on_any_world_size(world_size, rule):
+    ref, rep = _prune(rule=rule)
+    for weights, other in multiproc.run(_prune, world_size, "auto", None, 0.25, rule):
+        assert other.stages[0].lam == rep.stages[0].lam
         assert other.stages[0].validation_path == rep.stages[0].validation_path
         for name, w in ref.items():
             assert torch.equal(weights[name] != 0, w != 0), name
             assert torch.allclose(weights[name], w, rtol=1e-5, atol=1e-6 * w.abs().max()), name
+
+
+def test_one_standard_error_rule_keeps_the_largest_lambda_the_validation_samples_cannot_tell_from_the_best():
+    """The per-sample validation losses of each lambda's model (re-computed here from the fixed-lambda prune at its
+    warm start, as the path judges it) give the paired standard error; the kept lambda is the largest within it."""
+    weights, rep = _prune(rule="one_se", path=NEAR_PATH)
+    _, plain = _prune(path=NEAR_PATH)
+    stage = rep.stages[0]
+    assert stage.validation_path == plain.stages[0].validation_path  # the rule changes what is kept, not judged
+    held = sorted(torch.randperm(N, generator=torch.Generator().manual_seed(SEED))[:HELD].tolist())
+    fit = [i for i in range(N) if i not in held]
+    val = digits_samples().select(held)
+    def forward(model, batch):
+        return models.forward(model, "image-classification", batch)
+
+    values = []
+    for lam in NEAR_PATH:
+        torch.set_num_threads(1)
+        model = train_digits_mlp()
+        fisher_driver.prune(model, prunable_modules(model, exclude_head=False), "chita", 0.8,
+                            make_batches=lambda: iter_microbatches(digits_samples().select(fit), 0, len(fit), 8),
+                            loss_fn=losses.cross_entropy(forward), n=len(fit), batch_size=8, lam=lam,
+                            solver_options={"max_iter": 0, "ridge": "identity"})  # the warm start alone
+        with torch.no_grad():
+            logits = models.forward(model, "image-classification", val.fields)
+        values.append(torch.nn.functional.cross_entropy(logits.double(), val.fields["labels"], reduction="none"))
+    means = [float(v.mean()) for v in values]
+    assert means == pytest.approx(stage.validation_path, rel=1e-6)
+    best = min(range(len(NEAR_PATH)), key=means.__getitem__)
+    se = [float((v - values[best]).std()) / HELD**0.5 for v in values]
+    assert stage.lam == max(lam for lam, m, e in zip(NEAR_PATH, means, se, strict=True) if m <= means[best] + e)
+    alone, _ = _prune(stage.lam, digits_samples().select(fit), validation=None)  # the kept lambda's full solve
+    for name, w in weights.items():
+        assert torch.equal(alone[name], w), name

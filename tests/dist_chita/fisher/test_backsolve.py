@@ -293,3 +293,36 @@ def test_chunks_are_cache_sized_on_the_cpu_and_large_on_an_accelerator():
     assert chunk_bytes(torch.device("cpu"), 4096) == 4096
     assert chunk_bytes(torch.device("cuda", 3), 4096) == DEVICE_CHUNK_BYTES
     assert chunk_bytes("cuda", 2 * DEVICE_CHUNK_BYTES) == 2 * DEVICE_CHUNK_BYTES
+
+
+@pytest.mark.parametrize("n,p", [(24, 90), (60, 50)])  # dual (|S| >= n) and primal (|S| < n)
+def test_a_lambda_path_on_one_support_gathers_its_rows_once_and_matches_fresh_solves(monkeypatch, n, p):
+    A, w_bar, support = _problem(n, p, seed=5)
+    y = (A.double() @ w_bar.double()).float()
+    At = A.T.contiguous()
+    counts = {"rows": 0, "columns": 0}
+    rows, columns = backsolve_module._Rows, backsolve_module._gather_columns
+
+    class CountingRows(rows):
+        def __init__(self, *a):
+            counts["rows"] += 1
+            super().__init__(*a)
+
+    def counting_columns(*a):
+        counts["columns"] += 1
+        return columns(*a)
+
+    monkeypatch.setattr(backsolve_module, "_Rows", CountingRows)
+    monkeypatch.setattr(backsolve_module, "_gather_columns", counting_columns)
+    cache = GramCache()
+    for lam in (1e-3, 1e-1, 10.0):
+        w = backsolve(At, w_bar, lam, support, y, cache=cache)
+        truth = _dense_truth(A, w_bar, lam, support, y)
+        assert float((w.double() - truth).norm() / truth.norm()) < 1e-6
+        assert torch.equal(w, backsolve(At, w_bar, lam, support, y))  # a fresh cache: the same bits
+    kind = "rows" if int(support.sum()) >= n else "columns"
+    assert counts == {kind: 1 + 3, ("columns" if kind == "rows" else "rows"): 0}  # once cached, 3 fresh solves
+    other = support.clone()
+    other[0] = ~other[0]
+    backsolve(At, w_bar, 1e-3, other, y, cache=cache)  # another support: gathered again
+    assert counts[kind] == 5

@@ -273,3 +273,82 @@ def test_lambda_path_needs_a_validation_score():
     with pytest.raises(ValueError, match="lambda path needs validation samples"):
         fisher_driver.prune(model, prunable_modules(model, exclude_head=False), "chita", 0.5,
                             make_batches=lambda: iter([]), loss_fn=None, n=N, lam=[1e-3, 1e-2])
+
+
+def _judged(scores, start):
+    order = []
+
+    def judge(i):
+        order.append(i)
+        return scores[i]
+
+    fisher_driver._walk([10.0 ** -e for e in range(len(scores))][::-1], start, judge)
+    return order
+
+
+def test_walk_judges_the_whole_path_without_a_start_and_ends_at_a_local_minimum_from_one():
+    path = [10.0 ** e for e in range(-5, 1)]  # _judged's path: 1e-5 .. 1
+    gen = torch.Generator().manual_seed(0)
+    assert _judged([3.0, 1.0, 2.0, 0.5, 4.0, 5.0], None) == list(range(6))
+    for _ in range(200):
+        scores = torch.rand(6, generator=gen).tolist()
+        i0 = int(torch.randint(6, (1,), generator=gen))
+        order = _judged(scores, path[i0] * 1.3)  # off the path: its nearest lambda in log scale
+        assert order[0] == i0 and len(order) == len(set(order)) >= 2
+        assert sorted(order) == list(range(min(order), max(order) + 1))  # one contiguous run of the path
+        best = min(order, key=scores.__getitem__)
+        for j in (best - 1, best + 1):  # brute force: the chosen lambda's neighbours were judged and are not lower
+            if 0 <= j < 6:
+                assert j in order and scores[j] >= scores[best]
+    unimodal = [5.0, 3.0, 2.0, 1.0, 4.0, 6.0]
+    for i0 in range(6):
+        order = _judged(unimodal, path[i0])
+        assert min(order, key=unimodal.__getitem__) == 3 and len(order) < 6 or i0 in (0, 5)
+
+
+def _plus_run(walk):
+    """CHITA++ in 3 stages to 0.9 on the digits MLP along the path of 5 lambdas, scored as in :func:`_lambda_run`."""
+    torch.set_num_threads(1)
+    model = train_digits_mlp()
+    samples = digits_samples()
+    calib, val = samples.select(range(N)), samples.select(range(N, 2 * N))
+    modules = prunable_modules(model, exclude_head=False)
+
+    def validate():
+        with torch.no_grad():
+            logits = _forward(model, val.fields)
+        return float(torch.nn.functional.cross_entropy(logits.double(), val.fields["labels"]))
+
+    out = fisher_driver.prune(
+        model, modules, "chita++", 0.9, make_batches=lambda: iter_microbatches(calib, 0, N, 16),
+        loss_fn=losses.cross_entropy(_forward), n=N, lam=[1e-5, 1e-3, 1e-1, 10.0, 1e3], validate=validate,
+        stages=3, base_sparsity=0.5, lambda_walk=walk, solver_options={**THOROUGH, "max_iter": 40})
+    return out.stages
+
+
+def test_lambda_walk_judges_a_part_of_the_path_from_the_previous_choice_with_the_same_scores():
+    full, walked = _plus_run(False), _plus_run(True)
+    assert walked[0].lambda_path == full[0].lambda_path == [1e-5, 1e-3, 1e-1, 10.0, 1e3]
+    assert walked[0].validation_path == full[0].validation_path and walked[0].lam == full[0].lam
+    for prev, st in zip(walked, walked[1:], strict=False):
+        assert st.lambda_path[0] == prev.lam and st.lam == st.lambda_path[
+            min(range(len(st.lambda_path)), key=st.validation_path.__getitem__)]
+    # stage 2 starts from the same state in both runs: the walk's scores are the full path's at those lambdas
+    truth = dict(zip(full[1].lambda_path, full[1].validation_path, strict=True))
+    assert walked[1].validation_path == pytest.approx([truth[lam] for lam in walked[1].lambda_path], rel=1e-9)
+    assert sum(len(st.lambda_path) for st in walked) < sum(len(st.lambda_path) for st in full)
+
+
+def test_pick_lambda_min_and_one_standard_error_rule_against_brute_force():
+    gen = torch.Generator().manual_seed(1)
+    lams = [1e-4, 1e-3, 1e-2, 1e-1]
+    for _ in range(100):
+        base = torch.rand(50, generator=gen, dtype=torch.float64)
+        values = [base + 0.05 * torch.randn(50, generator=gen, dtype=torch.float64) for _ in lams]
+        scores = [float(v.mean()) for v in values]
+        best = min(range(4), key=scores.__getitem__)
+        assert fisher_driver.pick_lambda(lams, scores, values, "min") == best
+        near = [i for i in range(4) if scores[i] - scores[best] <= float((values[i] - values[best]).std()) / 50**0.5]
+        assert fisher_driver.pick_lambda(lams, scores, values, "one_se") == max(near)
+    with pytest.raises(ValueError, match="unknown lambda rule"):
+        fisher_driver.pick_lambda(lams, [0.0] * 4, [None] * 4, "median")

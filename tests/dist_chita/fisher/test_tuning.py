@@ -46,3 +46,38 @@ def test_the_lowest_score_wins_and_its_weights_stay():
     assert all(torch.equal(s, dense) for s in starts)
     assert [r["stages"] for r in rows] == [1, 3, 5] and rows[1]["score"] == min(r["score"] for r in rows)
     assert all(r["seconds"] >= 0.0 for r in rows)
+
+
+def test_one_standard_error_rule_keeps_the_simplest_schedule_the_validation_samples_cannot_tell_apart():
+    """Per-sample values: 1 stage is worse than 3 stages by far less than the paired standard error, 5 stages is
+    the lowest; brute force: the fewest stages within one standard error of the lowest mean."""
+    layer = nn.Linear(3, 2, bias=False)
+    dense = layer.weight.detach().clone()
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(40, generator=gen, dtype=torch.float64)
+    noise = {1: 0.3, 3: 0.0, 5: 0.0}
+    shift = {1: 0.01, 3: 0.5, 5: 0.0}
+    z = torch.randn(40, generator=gen, dtype=torch.float64)
+    per = {t: base + shift[t] + noise[t] * (z - z.mean()) for t in (1, 3, 5)}  # 1 stage: 0.01 worse on average
+
+    def run(c: tuning.Schedule) -> PruneOutcome:
+        with torch.no_grad():
+            layer.weight.copy_(dense * c.stages)
+        return PruneOutcome(None, [c.stages], {})
+
+    def values() -> torch.Tensor:
+        return per[round(float(layer.weight.detach().sum() / dense.sum()))]
+
+    candidates = [tuning.Schedule(t, 0.0, False) for t in (5, 3, 1)]
+    means = {t: float(v.mean()) for t, v in per.items()}
+    se = {t: float((per[t] - per[5]).std()) / 40**0.5 for t in per}
+    truth = min(t for t in per if means[t] <= means[5] + se[t])
+    assert truth == 1 and min(means, key=means.get) == 5  # the rule does change the choice here
+    outcome, chosen, rows = tuning.choose_schedule([("layer", layer)], candidates, run, lambda: 0.0, values=values,
+                                                   rule="one_se")
+    assert chosen.stages == truth and outcome.stages == [truth]
+    assert torch.equal(layer.weight.detach(), dense * truth)
+    assert [r["score"] for r in rows] == pytest.approx([means[5], means[3], means[1]])
+    _, plain, _ = tuning.choose_schedule([("layer", layer)], candidates, run,
+                                         lambda: float(values().mean()))
+    assert plain.stages == 5 and torch.equal(layer.weight.detach(), dense * 5)

@@ -297,3 +297,19 @@ def test_random_init_biases_zero_and_errors(tmp_path):
         models.load_model("hf", task="causal-lm", path=str(tmp_path / "gpt2"), init="fresh")
     with pytest.raises(ValueError, match="model init 'random' is for Hugging Face models"):
         models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet", init="random")
+
+
+def test_is_hf_tells_plain_torch_from_hugging_face_models_without_importing_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from dist_chita.io import models; "
+            "print(models.is_hf(torch.nn.Linear(2, 2)), 'transformers.modeling_utils' in sys.modules)")
+    root = str(Path(__file__).resolve().parents[3])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["False", "False"]
+    from transformers import BertConfig, BertModel
+
+    tiny = BertModel(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8))
+    assert models.is_hf(tiny) and not models.is_hf(torch.nn.Linear(2, 2))
