@@ -48,12 +48,13 @@ bandwidth M:
   ceil(ceil(r / 64) / R) chunks. A row costs (c_w + c_s s) products of (1, d) x (d, d), 2 d^2 FLOPs each at F32,
   with c_w = 2 (2 + refit_iters) for the two warm starts (each a back-solve of 1 + refit_iters products and one
   objective-and-gradient product), c_s = 1 + 2 trials + (1 + refit_iters) + 1 per IHT step (the line step's
-  curvature, the support-changing candidates' objectives, the back-solve, the new gradient): 24 and 15 at the
-  defaults; s the mean IHT steps a row takes (rows stop early; ``max_iter`` = 200 bounds it, the default here).
+  curvature, the support-changing candidates' objectives, the back-solve, the new gradient): 24 and 13 at the
+  defaults (no trials); s the mean IHT steps a row takes (rows stop early; ``max_iter`` = 200 bounds it, the
+  default here). The local-search moves of a step cost no product (low-rank updates of (r, d) arrays): they are in
+  the fixed ``chunk_step_seconds`` each chunk's step pays (with the kernel launches and Python).
   Every rank that holds rows of a layer sets up its Q once per layer: diag(Q^-1) by a float64 Cholesky and
-  triangular solves (2 d^3 / 3 at F64), the Lipschitz constant (50 float64 products Q v, 100 d^2 at F64) and the
-  preconditioner (8 products of Q with 48 vectors, 768 d^2 at F32). Each chunk's step also pays a fixed
-  ``chunk_step_seconds`` (kernel launches, Python).
+  triangular solves (2 d^3 / 3 at F64), with trials the Lipschitz constant (50 float64 products Q v, 100 d^2 at
+  F64), and the preconditioner (8 products of Q with 48 vectors, 768 d^2 at F32).
 * solve, SparseGPT (:func:`dist_chita.methods.sparsegpt.sparsegpt_rows`): a layer goes whole to one rank
   (:func:`dist_chita.methods.sparsegpt.sparsegpt_owners`, the library's balance of a block's layers); a layer costs
   4 d^3 / 3 (Cholesky, inverse, Cholesky) + r d^2 (the updates of later blocks of columns) + r d 128 (inside a
@@ -186,7 +187,7 @@ class LayerwiseRates:
 
     steps: float = 200.0
     refit_iters: int = 10
-    trials: int = 1
+    trials: int = 0
     chunk_step_seconds: float = 0.0
     column_seconds: float = 0.0
 
@@ -259,7 +260,8 @@ def chita_layer_seconds(r: int, d: int, ranks: int, hw: Hardware, rates: Layerwi
     chunks = math.ceil(math.ceil(r / ROW_CHUNK) / ranks)
     rows = min(r, chunks * ROW_CHUNK)
     products = rows * (rates.warm_products + rates.step_products * rates.steps) * 2 * d * d / f32
-    setup = (2 * d**3 / 3 + _LIPSCHITZ_ITERS * 2 * d * d) / f64 + _PRECONDITIONER_PRODUCTS * 2 * d * d / f32
+    lipschitz = _LIPSCHITZ_ITERS * 2 * d * d if rates.trials else 0
+    setup = (2 * d**3 / 3 + lipschitz) / f64 + _PRECONDITIONER_PRODUCTS * 2 * d * d / f32
     return products + setup + chunks * (rates.steps + 2) * rates.chunk_step_seconds
 
 

@@ -80,14 +80,16 @@ def test_zero3_memory_shards_the_model_and_drops_the_cache():
 
 
 def test_chita_solve_time_is_the_counted_products():
-    """One layer by hand: rows of the busiest rank x (24 + 15 s) products of 2 d^2 FLOPs at F32, plus the per-layer
-    set-up (2 d^3 / 3 + 100 d^2 at F64, 768 d^2 at F32)."""
-    rates = lw.LayerwiseRates(steps=7)
+    """One layer by hand: rows of the busiest rank x (24 + 13 s) products of 2 d^2 FLOPs at F32, plus the per-layer
+    set-up (2 d^3 / 3 at F64, 768 d^2 at F32); with one trial 15 products a step and the Lipschitz constant's
+    100 d^2 at F64."""
     r, d = 200, 96  # 4 chunks of 64, 64, 64, 8 rows
-    setup = (2 * d**3 / 3 + 100 * d * d) / 2e10 + 768 * d * d / 5e10
-    for ranks, rows in ((1, 200), (2, 128), (4, 64), (8, 64)):
-        want = rows * (24 + 15 * 7) * 2 * d * d / 5e10 + setup
-        assert lw.chita_layer_seconds(r, d, ranks, HW, rates) == pytest.approx(want, rel=1e-12)
+    for trials, per_step, lipschitz in ((0, 13, 0), (1, 15, 100 * d * d)):
+        rates = lw.LayerwiseRates(steps=7, trials=trials)
+        setup = (2 * d**3 / 3 + lipschitz) / 2e10 + 768 * d * d / 5e10
+        for ranks, rows in ((1, 200), (2, 128), (4, 64), (8, 64)):
+            want = rows * (24 + per_step * 7) * 2 * d * d / 5e10 + setup
+            assert lw.chita_layer_seconds(r, d, ranks, HW, rates) == pytest.approx(want, rel=1e-12)
 
 
 def test_sparsegpt_solve_takes_the_busiest_ranks_layers():
@@ -141,3 +143,14 @@ def test_bad_shapes_and_jobs_are_refused():
     with pytest.raises(ValueError, match="method"):
         lw.Job(n=1, tokens=1, ranks=1, method="wanda")
     assert math.isfinite(lw.phase_seconds(SHAPE, lw.Job(n=1, tokens=1, ranks=3), HW)["total"])
+
+
+def test_counted_products_follow_the_row_solvers_defaults():
+    """The plan counts the row solver as it runs by default: its back-solve iterations and support-changing trials."""
+    import inspect
+
+    from dist_chita.layerwise.row_solver import solve_rows
+
+    defaults = {k: p.default for k, p in inspect.signature(solve_rows).parameters.items()}
+    rates = lw.LayerwiseRates()
+    assert (rates.refit_iters, rates.trials) == (defaults["refit_iters"], defaults["trials"])
