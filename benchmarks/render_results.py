@@ -450,7 +450,7 @@ def _resnet_fisher(data: dict, methods: list[str]) -> str:
         "(magnitude pruning + back-solve on its support), how much lower the result is, the ridge floor (a lower "
         "bound of every support's objective) and the share of the warm start's objective above it (the most any "
         "solver could gain), and the result against magnitude pruning without back-solve:",
-        _table(["method", "sparsity", "stage", "k kept", "lambda", "objective", "warm start", "lower",
+        _table(["Fisher prune", "sparsity", "stage", "k kept", "lambda", "objective", "warm start", "lower",
                 "ridge floor", "room", "lower than magnitude", "IHT iterations"], out), why])
 
 

@@ -8,18 +8,23 @@ below is chosen (a seeded subset carved here, disjoint from the rest); the other
 set, used for nothing but the reported accuracy.
 
     python3 benchmarks/resnet_mnist.py [--sparsities 0.9,0.8,0.95,0.7,0.5] [--threads 1]
-        [--methods magnitude,row,defaults,fisher,fisher++] [--no-recipe-questions]
+        [--methods magnitude,row,defaults,fisher,fisher++] [--no-recipe-questions] [--add]
+        [--recipe-questions-only [--recipe-sparsities 0.9]]
 
 At every sparsity, through ``dist_chita.prune`` on one process: global magnitude pruning; layerwise CHITA with
 per-row budgets; the defaults (only the sparsity given: the model family's recipe, for this CNN layerwise CHITA
 with the global budget, the layers' shares from their reconstruction-error curves); Fisher CHITA (one stage) and
-CHITA++ (stages fixed at ``--stages``, not swept) with the global budget. Every prune reports the accuracy with the
-dense model's BatchNorm statistics and after their re-estimation on the calibration digits. Chosen on the
-validation digits, at sparsity ``--sweep-sparsity``: the Fisher objective's loss and lambda (when a Fisher prune
-runs), and the recipe's questions (is the stem convolution pruned, is the classifier; unless ``--no-recipe-questions``;
-``--recipe-questions-only`` adds them to the JSON of an earlier run). The JSON is rewritten after every sparsity
-(``complete`` false until the last): benchmarks/results/resnet_mnist.json; ``render_results.py`` makes
-docs/results/resnet_mnist.md from it.
+CHITA++ (stages fixed at ``--stages``, not swept) with the global budget and ``lambda: auto`` (every stage's lambda
+chosen from the library's path by the validation digits' loss). Every prune reports the accuracy with the dense
+model's BatchNorm statistics and after their re-estimation on the calibration digits; every Fisher stage its
+objective against its warm start (magnitude pruning + back-solve), magnitude pruning alone and the ridge floor
+lambda/2 ||w_bar - H(w_bar)||^2 below which no support's objective lies. Chosen on the validation digits, at
+sparsity ``--sweep-sparsity``: the Fisher objective's loss (when a Fisher prune runs), and the recipe's questions
+(is the stem convolution pruned, is the classifier; unless ``--no-recipe-questions``; ``--recipe-questions-only``
+answers them at ``--recipe-sparsities`` into the JSON of an earlier run, with the test accuracy beside). ``--add``
+adds the prunes of ``--methods`` to the rows of an earlier run's JSON (its command and load recorded under
+``added``). The JSON is rewritten after every sparsity (``complete`` false until the last):
+benchmarks/results/resnet_mnist.json; ``render_results.py`` makes docs/results/resnet_mnist.md from it.
 """
 
 from __future__ import annotations
