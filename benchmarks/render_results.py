@@ -456,16 +456,19 @@ def _resnet_fisher(data: dict, methods: list[str]) -> str:
 
 def _recipe_choice(questions: list[dict], m: int) -> str:
     """Per sparsity, the variant of the highest validation accuracy (the recipe on a tie) and its margin over the
-    recipe against one binomial standard error of the recipe's accuracy on ``m`` validation digits."""
+    recipe against one binomial standard error of the recipe's accuracy on ``m`` validation digits; the recipe is
+    changed only by a margin above one standard error."""
     out = []
-    for s in dict.fromkeys(q["sparsity"] for q in questions):
-        at = [q for q in questions if q["sparsity"] == s]
+    for s in dict.fromkeys(q.get("sparsity") for q in questions):
+        at = [q for q in questions if q.get("sparsity") == s]
         best = max(at, key=lambda q: q["validation"])  # ties: the first, the recipe
-        a = at[0]["validation"]
+        a, margin = at[0]["validation"], best["validation"] - at[0]["validation"]
         se = (a * (1 - a) / m) ** 0.5
-        out.append(f"at {s:g}: *{best['variant']}* ({100 * (best['validation'] - a):+.2f} points over the recipe "
-                   f"on validation, one standard error {100 * se:.2f} points; test {_pct(best['test'])} against "
-                   f"{_pct(at[0]['test'])})")
+        test = f"; test {_pct(best['test'])} against {_pct(at[0]['test'])}" if "test" in best else ""
+        keep = "the recipe stays" if margin <= se else "above one standard error"
+        where = f"at {s:g}: " if s is not None else ""
+        out.append(f"{where}*{best['variant']}* ({100 * margin:+.2f} points over the recipe on validation, one "
+                   f"standard error {100 * se:.2f} points: {keep}{test})")
     return "Highest validation accuracy " + "; ".join(out) + "."
 
 
@@ -502,8 +505,7 @@ def _resnet_choices(data: dict) -> str:
                            _pct(q["validation_stale_bn"]),
                            *([_pct(q["test"]), _pct(q["test_stale_bn"])] if tested else [])]
                           for q in ch["recipe"]])]
-        if tested:
-            parts.append(_recipe_choice(ch["recipe"], data["digits"]["validation"]))
+        parts.append(_recipe_choice(ch["recipe"], data["digits"]["validation"]))
     if len(parts) == 1:
         parts[0] += " This run chose nothing: its prunes have no setting to choose."
     return "\n\n".join(parts)

@@ -368,6 +368,6 @@ def test_resnet_page_fisher_stages_verdicts_and_recipe_choice(tmp_path):
     assert "not below global magnitude pruning: yes at 0.8, NO at 0.9" in page
     assert "+1.68 points at 0.8 (within 1 point or better), +1.11 points at 0.9 (NOT within 1 point)" in page
     assert "| `ce` | auto (chose 0.1) | 50.00% |" in page
-    assert ("at 0.9: *stem dense* (+1.00 points over the recipe on validation, one standard error 1.09 points; test "
-            "93.00% against 94.00%); at 0.95: *head too* (+0.00 points" in page)
+    assert ("at 0.9: *stem dense* (+1.00 points over the recipe on validation, one standard error 1.09 points: the "
+            "recipe stays; test 93.00% against 94.00%); at 0.95: *head too* (+0.00 points" in page)
     assert "    python3 benchmarks/resnet_mnist.py --add" in page and "load average 1.0 at its start" in page
