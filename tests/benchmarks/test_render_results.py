@@ -364,7 +364,9 @@ def test_resnet_page_fisher_stages_verdicts_and_recipe_choice(tmp_path):
     assert _table_rows(page, "Fisher prune") == [
         [pp, "0.8", "1", "2,000", "0.001", "2.25", "3", "25.00%", "2.4", "20.00%", "62.50%", "2"],
         [pp, "0.9", "1", "2,000", "0.001", "3", "3", "0.00%", "2.4", "20.00%", "50.00%", "2"]]
-    assert "0.00% to 25.00% below its warm start where the floor left 20.00% to 20.00% of room" in page
+    assert "removes 50.00% to 50.00% of magnitude pruning's objective" in page
+    assert "20.00% to 20.00% above the ridge floor" in page and "ended 0.00% to 25.00% below its warm start" in page
+    assert "In 1 of 2 stages it ended at the warm start after 2 IHT iteration(s) or fewer" in page
     assert "not below global magnitude pruning: yes at 0.8, NO at 0.9" in page
     assert "+1.68 points at 0.8 (within 1 point or better), +1.11 points at 0.9 (NOT within 1 point)" in page
     assert "| `ce` | auto (chose 0.1) | 50.00% |" in page
