@@ -214,7 +214,10 @@ def _stage_line(st: StageReport, warm: str) -> str:
     mag = st.magnitude_objective
     if mag is not None:  # the warm start's objective, and how much lower the solver ended
         lower = f", {(mag - st.objective) / mag:.2%} lower" if mag > 0 else ""
-        gain = f" ({warm}+backsolve {mag:.4g}{lower})"
+        floor = st.ridge_floor
+        room = f"; ridge floor {floor:.4g}: at most {(mag - floor) / mag:.2%} lower" if floor is not None and mag > 0 \
+            else ""
+        gain = f" ({warm}+backsolve {mag:.4g}{lower}{room})"
     its = f", {st.iterations} IHT iterations" if st.iterations else ""  # none: a baseline
     return f"sparsity {st.sparsity:.4f}, objective {st.objective:.4g}{gain}{its}"
 
