@@ -447,7 +447,7 @@ def _resnet_fisher(data: dict, methods: list[str]) -> str:
     why = (f"Why the solver gains little here, in numbers. n = {n:,} calibration digits, p = {p:,} prunable weights; "
            f"the stages keep k = {min(kept):,} to {max(kept):,} weights, "
            f"{'every time more than n' if min(kept) > n else 'not always more than n'}. With k > n the back-solve "
-           "on the magnitude support can nearly fit y = A w_bar (A_S has more columns than rows): it removes "
+           "on the magnitude support fits much of y = A w_bar (A_S has more columns than rows): it removes "
            f"{_pct(min(fit))} to {_pct(max(fit))} of magnitude pruning's objective, and what is left is mostly the "
            "ridge term, which no support makes smaller than magnitude pruning does: the warm start lies "
            f"{_pct(min(room))} to {_pct(max(room))} above the ridge floor (room), the most any solver could gain. "
