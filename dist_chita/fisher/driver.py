@@ -70,6 +70,8 @@ class StageReport:
     backsolves: int = 0
     objective: float | None = None
     magnitude_objective: float | None = None
+    plain_magnitude_objective: float | None = None  # f of the magnitude support without its back-solve
+    ridge_floor: float | None = None  # lambda/2 ||w_bar - H(w_bar)||^2: no solution of the stage has a lower f
     seconds: dict[str, float] = field(default_factory=dict)
     bytes_sent: dict[str, int] = field(default_factory=dict)
     lam: float | None = None  # the ridge lambda of the stage's solve
@@ -442,6 +444,8 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     report.objective = float(result.objective)
     if result.magnitude_objective is not None:
         report.magnitude_objective = float(result.magnitude_objective)
+    report.plain_magnitude_objective = float(result.plain_magnitude_objective)
+    report.ridge_floor = float(result.ridge_floor)
     return result.w.float(), result.support, spare
 
 

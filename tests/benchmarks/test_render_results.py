@@ -367,3 +367,51 @@ def test_layerwise_ranks_rows_hold_the_json_figures(tmp_path):
     head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
     assert head[0][2] == ("50%: CHITA 1.90x / 1.84x; identical in 0 of 1 pairs (load average 1.0 to 2.0 on 2 cores, "
                           "a `--quick` run)")
+
+
+def test_resnet_page_fisher_stages_verdicts_and_recipe_choice(tmp_path):
+    """The Fisher stages' table holds the JSON's objectives and shares, the per-sparsity verdicts say what the JSON's
+    booleans say, the recipe's questions name the variant of the highest validation accuracy (the recipe on a tie),
+    and an added run's command is shown."""
+    data = _resnet()
+    pp = "Fisher CHITA++, global"
+    for row, lower in zip(data["rows"], (0.25, 0.0), strict=True):
+        row[pp]["p"] = 1000
+        row[pp]["stages"] = [{"sparsity": row["sparsity"], "kept": 2000, "lambda": 1e-3, "objective": 3.0 * (1 - lower),
+                              "warm_start_objective": 3.0, "magnitude_objective": 6.0, "lower_than_warm_start": lower,
+                              "lower_than_magnitude": 1 - 3.0 * (1 - lower) / 6.0, "ridge_floor": 2.4,
+                              "headroom_below_warm_start": 0.2, "iterations": 2}]
+        for m in ("magnitude, global", "defaults: layerwise CHITA, global"):
+            row[m]["stages"] = None
+    data["verdicts"]["defaults_not_below_global_magnitude"] = {"0.8": True, "0.9": False}
+    data["verdicts"]["layerwise_global_within_1_point_of_fisher_chita_pp"] = {"0.8": True, "0.9": False}
+    data["choices"]["fisher"] = {"tried": [{"loss": "ce", "lambda": "auto", "lambda_chosen": 0.1, "validation": 0.5}],
+                                 "chosen": {"loss": "ce", "lambda": "auto"}}
+    data["choices"]["recipe"] = [
+        {"variant": "recipe", "sparsity": 0.9, "target": {}, "validation": 0.95, "validation_stale_bn": 0.9,
+         "test": 0.94, "test_stale_bn": 0.9},
+        {"variant": "stem dense", "sparsity": 0.9, "target": {"exclude": ["x"]}, "validation": 0.96,
+         "validation_stale_bn": 0.9, "test": 0.93, "test_stale_bn": 0.9},
+        {"variant": "head too", "sparsity": 0.95, "target": {}, "validation": 0.9, "validation_stale_bn": 0.9,
+         "test": 0.8, "test_stale_bn": 0.7},
+        {"variant": "other", "sparsity": 0.95, "target": {}, "validation": 0.9, "validation_stale_bn": 0.9,
+         "test": 0.85, "test_stale_bn": 0.7}]
+    data["added"] = [{"command": ["python3", "benchmarks/resnet_mnist.py", "--add"], "threads": 2,
+                      "load_average_1min": {"start": 1.0, "end": 2.0}, "methods": [pp], "seconds": 5.0}]
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
+    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    page = (tmp_path / "docs" / "results" / "resnet_mnist.md").read_text()
+    assert _table_rows(page, "Fisher prune") == [
+        [pp, "0.8", "1", "2,000", "0.001", "2.25", "3", "25.00%", "2.4", "20.00%", "62.50%", "2"],
+        [pp, "0.9", "1", "2,000", "0.001", "3", "3", "0.00%", "2.4", "20.00%", "50.00%", "2"]]
+    assert "removes 50.00% to 50.00% of magnitude pruning's objective" in page
+    assert "20.00% to 20.00% above the ridge floor" in page and "ended 0.00% to 25.00% below its warm start" in page
+    assert "In 1 of 2 stages it ended at the warm start after 2 IHT iteration(s) or fewer" in page
+    assert "not below global magnitude pruning: yes at 0.8, NO at 0.9" in page
+    assert "+1.68 points at 0.8 (within 1 point or better), +1.11 points at 0.9 (NOT within 1 point)" in page
+    assert "| `ce` | auto (chose 0.1) | 50.00% |" in page
+    assert ("at 0.9: *stem dense* (+1.00 points over the recipe on validation, one standard error 1.09 points: the "
+            "recipe stays; test 93.00% against 94.00%); at 0.95: *head too* (+0.00 points" in page)
+    assert "    python3 benchmarks/resnet_mnist.py --add" in page and "load average 1.0 at its start" in page

@@ -30,7 +30,7 @@ def _example() -> Report:
     return Report(method="chita", world_size=2, n=10, p=100, global_=Totals(100, 10, 0.9),
                   layers=[LayerRow("fc", [10, 10], 100, 10, 0.9)],
                   stages=[StageReport(sparsity=0.9, kept=10, objective=1.5, magnitude_objective=2.0, iterations=3,
-                                      seconds={"solver": 0.5})],
+                                      ridge_floor=1.6, seconds={"solver": 0.5})],
                   metric={"name": "accuracy", "before": 0.9, "after": 0.8},
                   phase_seconds={"fisher": [1.0, 2.0]}, peak_memory_bytes=[2**30, 2**31])
 
@@ -68,7 +68,8 @@ def test_rank_figures_are_gathered_in_rank_order_and_phases_add_up():
 def test_summary_mentions_the_essentials():
     text = "\n".join(_example().summary_lines())
     assert "sparsity 0.9000" in text and "after 0.8000" in text and "fisher 2.00" in text and "2.00 GiB" in text
-    assert "objective 1.5 (magnitude+backsolve 2, 25.00% lower)" in text  # the solver's gain over its warm start
+    # the solver's gain over its warm start, and the most any support could gain: 1 - 1.6 / 2
+    assert "objective 1.5 (magnitude+backsolve 2, 25.00% lower; ridge floor 1.6: at most 20.00% lower)" in text
 
 
 def test_format_document_is_generated_from_the_report_class():

@@ -158,6 +158,22 @@ def test_fisher_diagonal_ridge_against_brute_force(one_thread):
     assert share >= 0.75 and float(gaps.median()) <= 1e-6
 
 
+@pytest.mark.parametrize("n", [30, 8])  # k = 6 < n, and k = 12 > n (the rows of A_S span R^n)
+def test_ridge_floor_bounds_every_support_from_below(one_thread, n):
+    """ridge_floor is lambda/2 times the p - k smallest squares of w_bar (torch.topk, independently) and no support
+    of the budget has a lower objective (brute force)."""
+    p, k = 16, 6 if n > 16 else 12
+    combos = torch.tensor(list(itertools.combinations(range(p), k)))
+    for seed in range(20):
+        A, w_bar, y, lam = _tiny(seed, n=n)
+        res = solve(A.T.contiguous().float(), w_bar.float(), lam, Budget.global_topk(p, k), y=y.float(), **THOROUGH)
+        small = torch.topk(w_bar.abs(), p - k, largest=False).values
+        assert res.ridge_floor == pytest.approx(0.5 * lam * float(small @ small), rel=1e-6)
+        best = _brute_force(A, w_bar, y, lam, combos)
+        assert res.ridge_floor <= best * (1 + 1e-9) <= res.objective * (1 + 1e-6)
+        assert res.objective <= res.magnitude_objective * (1 + 1e-6)
+
+
 def test_lambda_zero_and_first_order():
     p, k = 16, 5
     combos = torch.tensor(list(itertools.combinations(range(p), k)))
