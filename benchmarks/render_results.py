@@ -181,8 +181,8 @@ MINILM_LABELS = {  # labels of the results file -> what they are
         "dist-chita Fisher objective: CHITA, per row, fisher_diagonal",
 }
 MINILM_HEADLINE = (  # (shown as, result labels in the order tried)
-    ("CHITA layerwise", ("dist-chita layerwise: CHITA per row on H = X^T X",
-                         "dist-chita layerwise: CHITA 2:4 on H = X^T X")),
+    ("CHITA layerwise", ("dist-chita layerwise: CHITA per row on H = X^T X (the default job)",
+                         "dist-chita layerwise: CHITA on H = X^T X, 2:4")),
     ("SparseGPT", ("SparseGPT (sequential, blocks of 128)", "SparseGPT (sequential, blocks of 128), 2:4")),
     ("Wanda", ("Wanda (|W| ||X||), per row", "Wanda (|W| ||X||), 2:4")),
     ("magnitude", ("magnitude, per row", "magnitude, 2:4")),
