@@ -9,6 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PRELUDE = "import torch.distributed as dist\ndist.init_process_group('gloo')\n"  # what a user's launch script does
+FINALE = "\ndist.destroy_process_group()\n"  # ... and at its end, as the README says
 EPILOGUE = ("\nimport hashlib, os\n"  # each rank's digests into its own file: the ranks' stdout may interleave
             "state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}\n"
             "with open(f\"digest_{os.environ.get('RANK', '0')}_{os.environ.get('WORLD_SIZE', '1')}.txt\", 'w') as f:\n"
@@ -25,7 +26,7 @@ def readme_example() -> str:
 
 def run(code: str, processes: int, tmp_path: Path) -> str:
     script = tmp_path / f"example_{processes}.py"
-    script.write_text((PRELUDE if processes > 1 else "") + code + EPILOGUE)
+    script.write_text((PRELUDE if processes > 1 else "") + code + EPILOGUE + (FINALE if processes > 1 else ""))
     cmd = ([sys.executable, str(script)] if processes == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
             str(script)])
