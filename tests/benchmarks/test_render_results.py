@@ -135,8 +135,7 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
     accuracy = next(r for r in head if r[1].startswith("held-out accuracy"))
     assert accuracy[2] == ("CHITA++ 70.01%; official CHITA++ 69.11%; CHITA one stage 62.35%; official one stage "
                            "65.43%")  # at 0.9, the sparsity the official CHITA++ was measured at
-    margins = next(r for r in head if r[1].startswith("held-out digits of the 4000"))
-    assert margins[0] == "MLPNet on MNIST, sparsity 0.5 / 0.9" and margins[2] == "0.5: +2 / -1 / n/a; 0.9: -3 / +5 / +1"
+    assert not any(r[1].startswith("held-out digits of the 4000") for r in head)  # the margins are on the page
     fidelity = next(r for r in head if r[0].startswith("MiniLM"))
     assert fidelity[0] == "MiniLM 60% (n = 64, one process)"
     assert fidelity[2] == "CHITA layerwise 0.9000 / 0.7778; SparseGPT 0.8123 / 0.6543; magnitude 0.6111 / 0.4222"
