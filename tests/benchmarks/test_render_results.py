@@ -67,6 +67,16 @@ def _minilm() -> dict:
     return {"model": "tiny-encoder", "runs": {"default": run}}
 
 
+def _render(root: Path, name: str, data: dict) -> str:
+    """benchmarks/results/<name>.json holding ``data`` under ``root`` with an empty README results block, rendered;
+    returns docs/results/<name>.md."""
+    (root / "benchmarks" / "results").mkdir(parents=True)
+    (root / "benchmarks" / "results" / f"{name}.json").write_text(json.dumps(data))
+    (root / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
+    assert rr.main(["--root", str(root)]) == 0
+    return (root / "docs" / "results" / f"{name}.md").read_text()
+
+
 def _table_rows(text: str, first_header: str) -> list[list[str]]:
     """The body rows of the Markdown table whose header starts with ``first_header``."""
     lines = text.splitlines()
@@ -302,11 +312,7 @@ def test_resnet_page_without_fisher_prunes_or_choices(tmp_path):
     assert "    python3 benchmarks/resnet_mnist.py --recipe-questions-only" in page and "This run chose" not in page
     assert _table_rows(page, "variant") == [["stem convolution dense", '`{"exclude": ["resnet.embedder.*"]}`',
                                              "91.23%", "50.00%"]]
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
-    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    assert rr.main(["--root", str(tmp_path)]) == 0
-    page = (tmp_path / "docs" / "results" / "resnet_mnist.md").read_text()
+    page = _render(tmp_path, "resnet_mnist", data)
     assert "Fisher" not in page and "This run chose nothing" in page and "| loss |" not in page
     head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
     assert head[0][2] == "defaults 96.79% / 93.33%; global magnitude 81.23% / 40.00% (dense 97.80%)"
@@ -320,11 +326,7 @@ def test_readme_commands_row_holds_the_json_times(tmp_path):
                                      "last_line": "saved to /tmp/x", "load_before": 0.25, "load_after": 1.5},
                      "tests": {"command": "python3 -m pytest -q", "seconds": 540.0, "exit_status": 1,
                                "last_line": "1 failed, 9 passed in 540.00s", "load_before": 2.0, "load_after": 2.5}}}
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results" / "readme_commands.json").write_text(json.dumps(data))
-    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    assert rr.main(["--root", str(tmp_path)]) == 0
-    page = (tmp_path / "docs" / "results" / "readme_commands.md").read_text()
+    page = _render(tmp_path, "readme_commands", data)
     rows = _table_rows(page, "command | run as")
     assert rows == [["the default job (2 processes)", "`accelerate launch x`", "123 s", "0", "0.2 / 1.5",
                      "`saved to /tmp/x`"],
@@ -352,11 +354,7 @@ def test_layerwise_ranks_rows_hold_the_json_figures(tmp_path):
             "methods": ["chita"], "launcher": "torchrun", "overrides": [], "threads_per_process": 1, "cores": 2,
             "torch": "2.x", "machine": "x86_64", "wall_seconds": 700.0, "load_before": 1.0, "load_after": 2.0,
             "results": {"0.5": {"chita": pair}}}
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results" / "layerwise_ranks.json").write_text(json.dumps(data))
-    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    assert rr.main(["--root", str(tmp_path)]) == 0
-    page = (tmp_path / "docs" / "results" / "layerwise_ranks.md").read_text()
+    page = _render(tmp_path, "layerwise_ranks", data)
     assert _table_rows(page, "method | processes") == [
         ["CHITA (layerwise, per row)", "1", "20.0", "80.0", "0.04", "100", "86.15", "0.9565 / 0.8158", "1.0 / 1.5"],
         ["CHITA (layerwise, per row)", "2", "11.0", "42.0", "1.50", "54.5", "86.15", "0.9565 / 0.8158", "2.0 / 2.5"]]
@@ -397,11 +395,7 @@ def test_resnet_page_fisher_stages_verdicts_and_recipe_choice(tmp_path):
          "test": 0.85, "test_stale_bn": 0.7}]
     data["added"] = [{"command": ["python3", "benchmarks/resnet_mnist.py", "--add"], "threads": 2,
                       "load_average_1min": {"start": 1.0, "end": 2.0}, "methods": [pp], "seconds": 5.0}]
-    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
-    (tmp_path / "benchmarks" / "results" / "resnet_mnist.json").write_text(json.dumps(data))
-    (tmp_path / "README.md").write_text("<!-- results:start -->\n<!-- results:end -->\n")
-    assert rr.main(["--root", str(tmp_path)]) == 0
-    page = (tmp_path / "docs" / "results" / "resnet_mnist.md").read_text()
+    page = _render(tmp_path, "resnet_mnist", data)
     assert _table_rows(page, "Fisher prune") == [
         [pp, "0.8", "1", "2,000", "0.001", "2.25", "3", "25.00%", "2.4", "20.00%", "62.50%", "2"],
         [pp, "0.9", "1", "2,000", "0.001", "3", "3", "0.00%", "2.4", "20.00%", "50.00%", "2"]]
