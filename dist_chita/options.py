@@ -133,13 +133,13 @@ class Layerwise:
     ``damp``: the ridge lambda of a layer is ``damp`` times the mean of diag H (SparseGPT's damping too);
     ``max_iter``: IHT steps of CHITA per chunk of rows; ``tol``: a row stops when its objective decreases by less
     than ``tol`` times itself in a step; ``moves``: local-search swap moves per step before its back-solve (0: the
-    line step and the back-solve alone).
+    warm start alone).
     """
 
     damp: float = 0.01
     max_iter: int = 200
     tol: float = 1e-3
-    moves: int = 3
+    moves: int = 4
 
     def problems(self, method: str) -> list[str]:
         out = []

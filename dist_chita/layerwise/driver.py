@@ -37,7 +37,7 @@ from dist_chita.fisher.groups import diagonal_fisher
 from dist_chita.io import params
 from dist_chita.layerwise.curvature import block_curvatures, blocks_in_order
 from dist_chita.layerwise.geometry import check_zero_padding, from_rows, groups, input_size, weight_rows
-from dist_chita.layerwise.row_solver import ROW_CHUNK
+from dist_chita.layerwise.row_solver import chunk_rows
 from dist_chita.methods.base import LayerMethod, LayerProblem, LayerResult, resolve_method
 from dist_chita.methods.magnitude import Magnitude
 from dist_chita.prunable import named_shapes
@@ -58,7 +58,7 @@ class _Job:
     per_layer: bool
     damp: float
     options: dict
-    row_chunk: int
+    row_chunk: int | None
     fisher: list[torch.Tensor] | None
 
 
@@ -96,7 +96,7 @@ def prune_layerwise(
     damp: float = 0.01,
     solver_options: dict | None = None,
     progress: Callable[[str, int, int], None] | None = None,
-    row_chunk: int = ROW_CHUNK,
+    row_chunk: int | None = None,
     cache_inputs: bool = True,
     method: str | LayerMethod = "chita",
     loss_fn: Callable | None = None,
@@ -110,7 +110,8 @@ def prune_layerwise(
     ``forward(batch)`` runs the model on one micro-batch; ``make_batches()`` returns a fresh iterable of this
     rank's ``(batch, indices)`` (global sample indices); ``solver_options``: keywords of the method's solver
     (CHITA: :func:`~dist_chita.layerwise.row_solver.solve_rows`); ``row_chunk``: rows solved together (and the unit
-    in which rows are shared among ranks). ``cache_inputs``: run the blocks that allow it on cached inputs
+    in which rows are shared among ranks; None: :func:`~dist_chita.layerwise.row_solver.chunk_rows` of each layer).
+    ``cache_inputs``: run the blocks that allow it on cached inputs
     (:func:`~dist_chita.layerwise.curvature.block_curvatures`).
     ``method``: a name of :func:`~dist_chita.methods.base.method_names` (``"chita"``, ``"magnitude"``, ``"wanda"``,
     ``"obd"``, ``"sparsegpt"``, ...) or a :class:`~dist_chita.methods.base.LayerMethod`. A method without H runs
@@ -185,13 +186,14 @@ def _solve_layer(job: _Job, i: int, H: torch.Tensor | None, owners: dict[tuple[i
     per_part = r // groups(m)
     parts = tuple((j * per_part, (j + 1) * per_part) for j in range(groups(m)))
     world, rank = comm.world_size(), comm.rank()
-    runs = (_my_runs(parts, world, rank, job.row_chunk) if owners is None
+    chunk = chunk_rows(d) if job.row_chunk is None else job.row_chunk
+    runs = (_my_runs(parts, world, rank, chunk) if owners is None
             else [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if owners[(i, j)] == rank])
     H_parts = None if H is None else H.reshape(-1, d, d)  # one H per group of rows (grouped Conv2d)
     layer = LayerProblem(W_bar=W_bar, sparsity=job.targets[i], per_layer=job.per_layer, nm=job.nm,
                          allowed=W_bar != 0, parts=parts, runs=tuple(runs), H=H_parts, lams=_ridges(H_parts, job.damp),
                          damp=job.damp, fisher=None if job.fisher is None else job.fisher[i],
-                         row_chunk=job.row_chunk, options=job.options)
+                         row_chunk=chunk, options=job.options)
     result = job.method.prune(layer)
     tally.report.iterations = max(tally.report.iterations, result.iterations)
     tally.seconds["solver"] += time.perf_counter() - t

@@ -13,20 +13,22 @@ eq. (4)) for each row separately, A = X / sqrt(N), y = A w_bar_i, one shared Gra
     min_{w_i}  f_i(w_i) = 1/2 (w_i - w_bar_i)^T Q (w_i - w_bar_i),   Q = H + lambda I,
     subject to ||w_i||_0 <= k_i (per row), or N:M in every group of M consecutive inputs.
 
-Solved for a chunk of rows at once (``row_chunk``, (c, d) x (d, d) products), CHITA's scheme per row: a warm start
-(the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then steps
-of: the exact line minimiser of f_i along -g_S on the support (CHITA's tau*), g = Q (w - w_bar); ``moves`` local-search
-moves, each the best per row of the swaps of the s cheapest kept weights for the s most promising outside ones
-(per-row budgets: the best single pair and s = 1, 2, 4, 8, 16; N:M: swaps inside the groups of M), every swap scored
-exactly from the gradient, f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta with delta sparse, and the
-gradient carried to the new point exactly by the low-rank update g += Q[changed, :]^T delta (no product); optionally
+Solved for a chunk of rows at once (:func:`chunk_rows`, (c, d) x (d, d) products), CHITA's scheme per row: a warm
+start (the better per row of the OBS saliency w_j^2 / [Q^-1]_jj and the magnitude support, each re-fitted), then
+steps of: ``moves`` local-search moves, each the best per row of its swap candidates, every swap scored exactly from
+the gradient g = Q (w - w_bar), f(w + delta) = f(w) + delta . g + 1/2 delta^T Q delta with delta sparse, and the
+gradient carried to the new point exactly, g += Q delta (a product over the inputs that changed only). Per-row
+budgets: the best single pair, and the s cheapest kept weights for the s most promising outside ones
+(s = 2, 4, 8, 16), drawn from a pool of the cheapest and most promising per row chosen once per step and re-ranked
+at every move; N:M: the best swap inside each of a pool of groups, 1, 4 or 16 groups at once. Optionally
 (``trials``) CHITA's support-changing steps H_k(w - tau g) from just past tau_c, the first support change, and from
-1/L, each scored by a product; then the re-fit of the kept weights on their support (the paper's back-solve, here
+1/L, each scored by a product. Then the re-fit of the kept weights on their support (the paper's back-solve, here
 conjugate gradients on Q_SS, started from the point reached, preconditioned by the diagonal plus Q's leading
-directions restricted to each row's support: :class:`Preconditioner`). Every candidate is taken only if it lowers f
-(so f never increases). A row stops when its own relative decrease per step is below ``tol``; only the rows still
-improving are computed. Cost per step: the line step's product, the back-solve's ``refit_iters`` products and the
-new gradient's; the moves cost O(r s d) each.
+directions restricted to each row's support: :class:`Preconditioner`); its first step is CHITA's support-keeping
+line step (the exact minimiser along the preconditioned -g_S), so the step has no line step of its own. Every
+candidate is taken only if it lowers f (so f never increases). A row stops when its own relative decrease per step
+is below ``tol``; only the rows still improving are computed. Cost per step: the back-solve's ``refit_iters``
+products, the new gradient's, and the moves' partial products; with ``trials``, one more product per trial.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
@@ -40,10 +42,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROW_CHUNK = 64  # rows solved together (see solve_rows)
-_SWAPS = (1, 2, 4, 8, 16)  # swap sizes tried per IHT step (per-row budgets); each costs no (r, d) x (d, d) product
-_PAIR_POOL = 32  # the best single swap is searched among this many cheapest kept x most promising outside weights
-_GROUP_SWAPS = (1, 4, 16, 64)  # N:M: how many groups' best swaps are tried together
+ROW_CHUNK = 64  # rows solved together: a multiple of it (chunk_rows)
+CHUNK_ENTRIES = 1 << 16  # a chunk of rows holds at least this many weights (chunk_rows)
+_SWAPS = (2, 4, 8, 16)  # swap sizes tried per move (per-row budgets; the best single pair is searched apart)
+_PAIR_POOL = 32  # the moves' candidates: this many cheapest kept and most promising outside weights per row
+_GROUP_SWAPS = (1, 4, 16)  # N:M: how many groups' best swaps are tried together
+_GROUP_POOL = 32  # N:M: the groups a call's moves choose from (_group_pool)
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 rounding (of f computed
 # directly or from the gradient) rather than the problem would decide between nearly equal candidates
 DEFLATE = 32  # directions of the back-solve's preconditioner (Preconditioner), at most sqrt(d / 2)
@@ -61,6 +65,14 @@ class RowsResult:
     magnitude_objective: float
     iterations: int
     trace: list[float] = field(default_factory=list)
+
+
+def chunk_rows(d: int) -> int:
+    """Rows solved together for a layer of d inputs: the smallest multiple of ``ROW_CHUNK`` holding at least
+    ``CHUNK_ENTRIES`` weights. A step costs about a hundred tensor operations per chunk whatever its size, which
+    dominate narrow layers' (r, d) arithmetic unless the chunk is large; a multiple of ``ROW_CHUNK`` rows keeps
+    layers of ``ROW_CHUNK``-multiple rows in whole chunks for sharing among ranks."""
+    return ROW_CHUNK * max(1, -(-CHUNK_ENTRIES // (ROW_CHUNK * max(d, 1))))
 
 
 def keep_mask(score: torch.Tensor, k: int | torch.Tensor | None, nm: tuple[int, int] | None,
@@ -173,10 +185,12 @@ def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITER
 
 
 def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
-          rtol: float = 1e-5, pre: Preconditioner | None = None) -> torch.Tensor:
+          rtol: float = 1e-5, pre: Preconditioner | None = None, G: torch.Tensor | None = None) -> torch.Tensor:
     """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS
     preconditioned with ``pre`` restricted to S_i (:class:`Preconditioner`; None: the diagonal, Jacobi), started
-    from W (zero off S). Each iteration is one (r, d) x (d, d) product. Returns the new W (zero off S)."""
+    from W (zero off S). Each iteration is one (r, d) x (d, d) product; one more forms the gradient
+    (W - W_bar) Q at the start unless it is given as ``G`` (r, d) (with W zero off S). Returns the new W (zero
+    off S)."""
     Sf = S.to(W.dtype)
     if pre is None:
         M_inv = (1.0 / Q.diagonal().clamp_min(1e-30))[None, :]
@@ -186,19 +200,22 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     else:
         precondition = pre.on_support(S)
     X = W * Sf
-    R = ((W_bar - X) @ Q).mul_(Sf)  # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
+    # minus the gradient on S: the CG residual of Q_SS x = Q_SS w_bar_S - Q_SP w_bar_P
+    R = ((W_bar - X) @ Q).mul_(Sf) if G is None else G * Sf.neg()
     Z = precondition(R)
     P = Z.clone()
     rz = torch.linalg.vecdot(R, Z)
     stop = (rtol**2) * torch.linalg.vecdot(R, R).clamp_min(1e-30)
     zero = torch.zeros_like(rz)
+    live = torch.ones_like(rz, dtype=torch.bool)
     for _ in range(iters):
-        live = torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
+        live &= torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
         if not bool(live.any()):
             break
         QP = (P @ Q).mul_(Sf)
         pq = torch.linalg.vecdot(P, QP)
-        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)[:, None]
+        a = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)
+        alpha = a[:, None]
         X.addcmul_(alpha, P)
         R.addcmul_(alpha, QP, value=-1.0)
         Z = precondition(R)
@@ -269,10 +286,10 @@ def solve_rows(
     max_iter: int = 200,
     tol: float = 1e-3,
     trials: int = 0,
-    moves: int = 3,
+    moves: int = 4,
     refit_iters: int = 10,
     deflate: int = DEFLATE,
-    row_chunk: int = ROW_CHUNK,
+    row_chunk: int | None = None,
     q_inv_diag: torch.Tensor | None = None,
 ) -> RowsResult:
     """Prune every row of one layer (module docstring).
@@ -291,9 +308,10 @@ def solve_rows(
         moves: swap moves per step, each from the point the previous one reached, before the back-solve.
         refit_iters: conjugate-gradient iterations of each back-solve.
         deflate: directions of the back-solve's preconditioner at most (:func:`preconditioner`; 0: Jacobi).
-        row_chunk: rows solved together. Chunk j is rows [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed
-            alone, so a caller that splits a layer's rows at multiples of ``row_chunk`` gets the same bits for
-            every chunk (float products are not the same bits for different numbers of rows).
+        row_chunk: rows solved together (None: :func:`chunk_rows` of d). Chunk j is rows
+            [j * row_chunk, (j + 1) * row_chunk) of W_bar, computed alone, so a caller that splits a layer's rows at
+            multiples of ``row_chunk`` gets the same bits for every chunk (float products are not the same bits for
+            different numbers of rows).
         q_inv_diag: :func:`obs_denominator` of ``ridged(H, lam)`` when the caller has it already (else computed).
     """
     if (k is None) == (nm is None):
@@ -305,6 +323,7 @@ def solve_rows(
     q_inv_diag = obs_denominator(Q) if q_inv_diag is None else q_inv_diag
     L = lipschitz(Q) if trials else math.inf  # only the support-changing steps from 1/L need it
     pre = preconditioner(Q, deflate)
+    row_chunk = chunk_rows(W_bar.shape[1]) if row_chunk is None else row_chunk
     parts = []
     for a in range(0, W_bar.shape[0], row_chunk):
         b = min(a + row_chunk, W_bar.shape[0])
@@ -326,21 +345,21 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
     """:func:`solve_rows` on one chunk of rows. Returns (W, S, f, f of magnitude + back-solve, steps, trace)."""
 
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
-    S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
-    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, pre=pre)
-    f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
     S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
     W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters, pre=pre)
     f_obs, G_obs = _objective_and_gradient(W_obs, W_bar, Q)
+    S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
+    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, pre=pre)
+    f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
     G = torch.where(take, G_obs, G_mag)  # the gradient, kept up to date for every row
     trace = [float(fi.sum())]
 
-    active = torch.ones(W.shape[0], dtype=torch.bool, device=W.device)
+    active = torch.full((W.shape[0],), bool(moves or trials), dtype=torch.bool, device=W.device)  # else no step
     its = 0
-    while its < max_iter:
+    while its < max_iter and bool(active.any()):
         its += 1
         rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
         f_a = fi[rows]
@@ -370,27 +389,17 @@ def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tenso
 
 
 def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters, moves):
-    """One IHT step of :func:`solve_rows` on a set of rows: the support-keeping exact line step along -g_S (one
-    product); then up to ``moves`` swap moves (:func:`_swap_moves`), each the best per row of the swap candidates
-    at the current point, the gradient kept exact by a low-rank update; with ``trials``, support-changing steps
-    H(w - t g) compete with the point reached (each scored by a product); then the back-solve on the support.
-    Every candidate is taken only if it lowers f (the current point included). Returns (W, S, f, G) of the new
-    points."""
-    # the support-keeping step: the exact minimiser of f_i along -g_S (CHITA's tau*); its gradient is exact too
-    gS = G * S
-    gg = (gS * gS).sum(1)
-    QgS = gS @ Q
-    curv = (QgS * gS).sum(1)
-    tau = torch.where(curv > 0, gg / curv.clamp_min(1e-30), torch.zeros_like(gg))
-    f_keep = fi - 0.5 * (tau * gg).double()  # at tau*: f - tau gg + tau^2 curv / 2 = f - tau gg / 2
-    better = (f_keep < fi - _MARGIN * fi.abs())[:, None]
-    W, fi = torch.where(better, W - tau[:, None] * gS, W), torch.where(better[:, 0], f_keep, fi)
-    G = torch.where(better, G - tau[:, None] * QgS, G)
-    if moves:
-        W, S, fi, G = _swap_moves(W, S, fi, G, Q, allowed, nm, moves)
+    """One IHT step of :func:`solve_rows` on a set of rows: up to ``moves`` swap moves (:func:`_swap_moves`), each
+    the best per row of the swap candidates at the current point, the gradient kept exact by a low-rank update;
+    with ``trials``, support-changing steps H(w - t g) compete with the point reached (each scored by a product);
+    then the back-solve on the support. Every candidate is taken only if it lowers f (the current point
+    included). Returns (W, S, f, G) of the new points. (The support-keeping line step of CHITA, the exact
+    minimiser along -g_S, is the back-solve's first conjugate-gradient step: a step of its own would repeat it.)"""
+    W, S, fi, G = _swap_moves(W, S, fi, G, Q, allowed, nm, moves)
     if trials:  # after the moves: a support-changing step is taken where it beats the point they reached
         W, S, fi = _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials)
-    W_new = refit(W, W_bar, Q, S, refit_iters, pre=pre)
+        G = None  # the support steps move W without the gradient: the back-solve forms it
+    W_new = refit(W, W_bar, Q, S, refit_iters, pre=pre, G=G)
     return W_new, S, *_objective_and_gradient(W_new, W_bar, Q)
 
 
@@ -429,70 +438,98 @@ def _swap_moves(W, S, fi, G, Q, allowed, nm, moves):
     single pair among the cheapest kept and most promising outside weights, and the s cheapest for the s best,
     s in ``_SWAPS``; N:M: the best swap inside groups, ``_GROUP_SWAPS`` groups at once), each scored exactly from
     the gradient, the best per row taken if it lowers f; the gradient then follows exactly,
-    G += delta Q[changed, :] (a (2s) x d update per row, no product). Stops when no row improves.
-    Returns (W, S, f, G)."""
-    qd = Q.diagonal()[None, :]
+    G += delta Q (delta nonzero on the 2s changed weights). Per-row budgets draw every move's candidates from one
+    pool per call (the ``_PAIR_POOL`` cheapest kept and most promising outside weights at the start), re-ranked
+    at each move from the current point. Stops when no row improves. Returns (W, S, f, G)."""
+    qd = Q.diagonal()
+    pool = _group_pool(W, S, G, Q, qd, allowed, nm[1]) if nm is not None else _row_pool(W, S, G, qd, allowed)
     for _ in range(moves):
-        cand = (_group_swaps(W, S, fi, G, Q, qd, allowed, nm) if nm is not None
-                else _row_swaps(W, S, fi, G, Q, qd, allowed))
+        cand = (_group_swaps(W, S, fi, G, Q, qd, allowed, nm[1], pool) if nm is not None
+                else _row_swaps(W, S, fi, G, Q, qd, allowed, *pool))
         best_f, pick = fi, torch.full_like(fi, -1, dtype=torch.long)
         for c, (_, _, f_c) in enumerate(cand):
             better = f_c < best_f - _MARGIN * best_f.abs()
             best_f, pick = torch.where(better, f_c, best_f), torch.where(better, c, pick)
         if not bool((pick >= 0).any()):
             break
+        change = torch.zeros_like(W)  # every row's chosen swap (zero where none), applied at once
         for c, (idx, delta, _) in enumerate(cand):
-            rows = torch.nonzero(pick == c, as_tuple=True)[0]
-            if rows.numel() == 0:
-                continue
-            i_c, d_c = idx[rows], delta[rows]
-            W[rows] = W[rows].scatter_add(1, i_c, d_c)  # a leaving weight: w + (-w), exactly zero
-            enters = torch.arange(i_c.shape[1], device=W.device) >= i_c.shape[1] // 2  # [out, in] halves
-            S[rows] = S[rows].scatter(1, i_c, enters.expand_as(i_c))
-            G[rows] += torch.bmm(d_c[:, None, :], Q[i_c])[:, 0, :]
+            mine = (pick == c)[:, None]
+            change.scatter_add_(1, idx, delta.masked_fill(~mine, 0.0))
+            enters = torch.arange(idx.shape[1], device=W.device) >= idx.shape[1] // 2  # [out, in] halves
+            S.scatter_(1, idx, torch.where(mine, enters, torch.gather(S, 1, idx)))
+        W += change  # a leaving weight: w + (-w), exactly zero
+        cols = torch.nonzero((change != 0).any(0), as_tuple=True)[0]  # the inputs any row changed
+        G += change[:, cols] @ Q[cols]
         fi = best_f
     return W, S, fi, G
 
 
-def _row_swaps(W, S, fi, G, Q, qd, allowed):
-    """Per-row budgets' swap candidates at (W, S): [(idx (r, 2s), delta (r, 2s), f (r,))], the change of W being
-    delta at idx (the kept weights leaving, then the outside ones entering at their 1-D optimum); f inf where a
-    row has no such swap."""
-    d = W.shape[1]
-    cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))  # OBD cost of removing a kept weight
-    gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)  # decrease from adding an outside one
+def _row_pool(W, S, G, qd, allowed):
+    """The candidates of a call's moves: the ``_PAIR_POOL`` kept weights cheapest to remove (OBD cost
+    w_j^2 Q_jj) and outside weights most promising to add (g_j^2 / Q_jj) of every row, (r, m) indices each."""
+    m = min(_PAIR_POOL, W.shape[1])
+    cost = torch.where(S, W.pow(2) * qd, torch.full_like(W, math.inf))
+    gain = torch.where(S, torch.full_like(W, -1.0), G.pow(2) / qd)
     if allowed is not None:
         gain = gain.masked_fill(~allowed, -1.0)
-    pool = min(max(_PAIR_POOL, _SWAPS[-1]), d)
-    outs = torch.topk(cost, pool, dim=1, largest=False).indices  # cheapest first
-    ins = torch.topk(gain, pool, dim=1).indices  # most promising first
-    cand = [_best_pair_swap(W, fi, G, Q, qd, cost, gain, outs[:, :_PAIR_POOL], ins[:, :_PAIR_POOL])]
-    for n_swap in _SWAPS:
-        o, i_ = outs[:, :n_swap], ins[:, :n_swap]
-        ok = (torch.gather(gain, 1, i_) > 0).all(1) & torch.isfinite(torch.gather(cost, 1, o)).all(1)
-        idx, delta, f_c = _sparse_change(W, fi, G, Q, o, i_, torch.gather(-G / qd, 1, i_))  # each at its optimum
-        cand.append((idx, delta, torch.where(ok, f_c, torch.full_like(f_c, math.inf))))
+    return (torch.topk(cost, m, dim=1, largest=False, sorted=False).indices,
+            torch.topk(gain, m, dim=1, sorted=False).indices)
+
+
+def _row_swaps(W, S, fi, G, Q, qd, allowed, outs, ins):
+    """Per-row budgets' swap candidates at (W, S) among the pool ``outs``, ``ins`` (r, m) (:func:`_row_pool`),
+    re-ranked at the current point (a weight that changed sides since is no longer a candidate):
+    [(idx (r, 2s), delta (r, 2s), f (r,))], the change of W being delta at idx (the kept weights leaving, then the
+    outside ones entering at their 1-D optimum); f inf where a row has no such swap."""
+    cost = torch.where(torch.gather(S, 1, outs), torch.gather(W, 1, outs).pow(2) * qd[outs], math.inf)
+    inside = ~torch.gather(S, 1, ins) if allowed is None else ~torch.gather(S, 1, ins) & torch.gather(allowed, 1, ins)
+    gain = torch.where(inside, torch.gather(G, 1, ins).pow(2) / qd[ins], -1.0)
+    cost, order = cost.sort(dim=1, stable=True)  # cheapest first
+    o = torch.gather(outs, 1, order)
+    gain, order = gain.sort(dim=1, descending=True, stable=True)  # most promising first
+    i_ = torch.gather(ins, 1, order)
+    cand = [_best_pair_swap(W, fi, G, Q, qd, torch.isfinite(cost), gain >= 0, o, i_)]
+    sizes = [n for n in _SWAPS if n <= o.shape[1]]
+    if not sizes:
+        return cand
+    top = sizes[-1]  # every swap of the s cheapest for the s best, s in sizes, scored together
+    idx = torch.cat([o[:, :top], i_[:, :top]], 1)  # (r, 2 top): [out, in]
+    delta = torch.cat([-torch.gather(W, 1, o[:, :top]), -torch.gather(G, 1, i_[:, :top]) / qd[i_[:, :top]]], 1)
+    first = torch.arange(top, device=W.device)
+    member = torch.stack([torch.cat([first < n, first < n]) for n in sizes])  # (m, 2 top): swap n's positions
+    D = delta[:, None, :] * member  # (r, m, 2 top) each swap's change of W
+    g = torch.gather(G, 1, idx)[:, :, None]
+    change_f = (D @ g)[:, :, 0] + 0.5 * (torch.bmm(D, _gather2(Q, idx, idx)) * D).sum(2)  # exact, (r, m)
+    ok = ((gain[:, :top] > 0) & torch.isfinite(cost[:, :top])).cummin(1).values[:, [n - 1 for n in sizes]]
+    f_c = torch.where(ok, fi[:, None] + change_f.double(), math.inf)
+    for j, n in enumerate(sizes):
+        part = torch.cat([first[:n], top + first[:n]])
+        cand.append((idx[:, part], delta[:, part], f_c[:, j]))
     return cand
 
 
-def _best_pair_swap(W, fi, G, Q, qd, cost, gain, o, i_):
-    """The best single swap among the kept weights ``o`` (r, m) and the outside ones ``i_`` (r, m), each pair
-    scored exactly: removing o changes f by -w_o g_o + w_o^2 Q_oo / 2 and the gradient at i to
-    g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by that squared over 2 Q_ii.
-    Returns (idx (r, 2): [out, in], delta (r, 2): the change of W there, f (r,))."""
+def _gather2(Q: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Q[a_i, b_i] for every row: (r, m, n) from a (r, m) and b (r, n) indices into Q (d, d), by one flat take."""
+    return torch.take(Q, a[:, :, None] * Q.shape[1] + b[:, None, :])
+
+
+def _best_pair_swap(W, fi, G, Q, qd, out_ok, in_ok, o, i_):
+    """The best single swap among the kept weights ``o`` (r, m) and the outside ones ``i_`` (r, m) (``out_ok``,
+    ``in_ok`` (r, m): which are candidates), each pair scored exactly: removing o changes f by
+    -w_o g_o + w_o^2 Q_oo / 2 and the gradient at i to g_i - w_o Q_io; adding i at its 1-D optimum then lowers f by
+    that squared over 2 Q_ii. Returns (idx (r, 2): [out, in], delta (r, 2): the change of W there, f (r,))."""
     r, m = o.shape
-    w_o, q_i = torch.gather(W, 1, o), torch.gather(qd.expand_as(W), 1, i_)
-    remove = -w_o * torch.gather(G, 1, o) + 0.5 * w_o.pow(2) * torch.gather(qd.expand_as(W), 1, o)  # (r, m)
-    g_i = torch.gather(G, 1, i_)[:, None, :] - w_o[:, :, None] * Q[o[:, :, None], i_[:, None, :]]  # (r, m, m)
+    w_o, q_i = torch.gather(W, 1, o), qd[i_]
+    remove = -w_o * torch.gather(G, 1, o) + 0.5 * w_o.pow(2) * qd[o]  # (r, m)
+    g_i = torch.gather(G, 1, i_)[:, None, :] - w_o[:, :, None] * _gather2(Q, o, i_)  # (r, m, m)
     delta = remove[:, :, None] - g_i.pow(2) / (2.0 * q_i[:, None, :])
-    valid = torch.isfinite(torch.gather(cost, 1, o))[:, :, None] & (torch.gather(gain, 1, i_) >= 0)[:, None, :]
-    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, m * m)
-    best = delta.argmin(1)
+    delta = delta.masked_fill_(~(out_ok[:, :, None] & in_ok[:, None, :]), math.inf).reshape(r, m * m)
+    best_delta, best = delta.min(1)
     rows = torch.arange(r, device=W.device)
     a, b = best // m, best % m
     idx = torch.stack([o[rows, a], i_[rows, b]], 1)
     change = torch.stack([-w_o[rows, a], -g_i.reshape(r, m * m)[rows, best] / q_i[rows, b]], 1)
-    best_delta = delta[rows, best]
     f_c = fi + best_delta.double()
     return idx, change, torch.where(torch.isfinite(best_delta), f_c, torch.full_like(f_c, math.inf))
 
@@ -503,35 +540,61 @@ def _sparse_change(W, fi, G, Q, out_j, in_j, values):
     Returns (idx (r, 2s): [out, in], delta (r, 2s), f (r,))."""
     idx = torch.cat([out_j, in_j], 1)
     delta = torch.cat([-torch.gather(W, 1, out_j), values], 1)
-    quad = torch.einsum("ra,rab,rb->r", delta, Q[idx[:, :, None], idx[:, None, :]], delta)
+    quad = torch.einsum("ra,rab,rb->r", delta, _gather2(Q, idx, idx), delta)
     return idx, delta, fi + ((delta * torch.gather(G, 1, idx)).sum(1) + 0.5 * quad).double()
 
 
-def _group_swaps(W, S, fi, G, Q, qd, allowed, nm):
-    """N:M candidates: in every group of M the best single swap of a kept weight for an outside one of the same
-    group (scored exactly as in :func:`_best_pair_swap`), then the s groups with the largest decreases swapped
-    together (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(idx, delta, f)] as
-    :func:`_sparse_change`."""
+def _group_pool(W, S, G, Q, qd, allowed, M):
+    """The groups of a call's N:M moves: the ``_GROUP_POOL`` groups of M inputs of every row whose best swap
+    (:func:`_group_best`) lowers f most at the start, (r, m) group indices."""
     r, d = W.shape
-    M = nm[1]
     g = d // M
-    Wg, Gg, Sg, qg = W.view(r, g, M), G.view(r, g, M), S.view(r, g, M), qd.view(1, g, M)
-    blocks = Q.view(g, M, g, M).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (g, M, M): Q inside each group
-    remove = -Wg * Gg + 0.5 * Wg.pow(2) * qg  # (r, g, M): f change from zeroing a kept weight
-    g_in = Gg[:, :, None, :] - Wg[:, :, :, None] * blocks[None]  # (r, g, M_out, M_in): gradient after removal
+    best_delta = _group_best(W.view(r, g, M), G.view(r, g, M), S.view(r, g, M), qd.view(1, g, M),
+                             None if allowed is None else allowed.view(r, g, M), _group_blocks(Q, M)[None])[0]
+    return torch.topk(best_delta, min(_GROUP_POOL, g), dim=1, largest=False, sorted=False).indices
+
+
+def _group_blocks(Q: torch.Tensor, M: int) -> torch.Tensor:
+    """Q inside every group of M consecutive inputs: (d / M, M, M)."""
+    g = Q.shape[0] // M
+    return Q.view(g, M, g, M).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _group_best(Wg, Gg, Sg, qg, allowed_g, blocks):
+    """The best single swap inside each group of M, of a kept weight for an outside one (scored exactly as in
+    :func:`_best_pair_swap`): Wg, Gg, Sg, allowed_g (r, m, M) (allowed_g may be None), qg the diagonal of Q there
+    and blocks (r or 1, m, M, M) Q inside each group. Returns (decrease of f (r, m), inf where no swap; the swap
+    as o * M + i (r, m); the entering weight's value (r, m))."""
+    r, m, M = Wg.shape
+    remove = -Wg * Gg + 0.5 * Wg.pow(2) * qg  # (r, m, M): f change from zeroing a kept weight
+    g_in = Gg[:, :, None, :] - Wg[:, :, :, None] * blocks  # (r, m, M_out, M_in): gradient after removal
     delta = remove[..., None] - g_in.pow(2) / (2.0 * qg[:, :, None, :])
-    inside = ~Sg if allowed is None else (~Sg & allowed.view(r, g, M))
-    valid = Sg[..., :, None] & inside[..., None, :]
-    delta = torch.where(valid, delta, torch.full_like(delta, math.inf)).reshape(r, g, M * M)
-    best_delta, best = delta.min(2)  # (r, g)
-    value = -torch.gather(g_in.reshape(r, g, M * M), 2, best[..., None])[..., 0] / torch.gather(
-        qg.expand(r, g, M), 2, (best % M)[..., None])[..., 0]
-    base = torch.arange(g, device=W.device)[None, :] * M
-    out_j, in_j = base + torch.div(best, M, rounding_mode="floor"), base + best % M  # (r, g) positions in the row
+    inside = ~Sg if allowed_g is None else (~Sg & allowed_g)
+    delta = delta.masked_fill_(~(Sg[..., :, None] & inside[..., None, :]), math.inf).reshape(r, m, M * M)
+    best_delta, best = delta.min(2)
+    value = -torch.gather(g_in.reshape(r, m, M * M), 2, best[..., None])[..., 0] / torch.gather(
+        qg.expand(r, m, M), 2, (best % M)[..., None])[..., 0]
+    return best_delta, best, value
+
+
+def _group_swaps(W, S, fi, G, Q, qd, allowed, M, groups):
+    """N:M candidates among the pooled ``groups`` (r, m) (:func:`_group_pool`): the best swap inside each
+    (:func:`_group_best`, at the current point), then the s groups with the largest decreases swapped together
+    (s in ``_GROUP_SWAPS``), each combination scored exactly. Returns [(idx, delta, f)] as :func:`_sparse_change`."""
+    r, m = groups.shape
+    pos = groups[:, :, None] * M + torch.arange(M, device=W.device)  # (r, m, M) inputs of every pooled group
+    flat = pos.reshape(r, m * M)
+
+    def take(x):
+        return torch.gather(x, 1, flat).view(r, m, M)
+    allowed_g = None if allowed is None else take(allowed)
+    best_delta, best, value = _group_best(take(W), take(G), take(S), qd[pos], allowed_g, _group_blocks(Q, M)[groups])
+    out_j = torch.gather(pos, 2, torch.div(best, M, rounding_mode="floor")[..., None])[..., 0]  # (r, m) inputs
+    in_j = torch.gather(pos, 2, (best % M)[..., None])[..., 0]
     order = torch.argsort(best_delta, dim=1, stable=True)
     cand = []
     for n_groups in _GROUP_SWAPS:
-        if n_groups > g:
+        if n_groups > m:
             break
         chosen = order[:, :n_groups]
         ok = (torch.gather(best_delta, 1, chosen) < 0).all(1)  # inf (no valid swap) is not < 0

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 import torch
 
-from dist_chita.layerwise.row_solver import ROW_CHUNK, keep_mask, objectives, ridged, row_budgets
+from dist_chita.layerwise.row_solver import ROW_CHUNK, chunk_rows, keep_mask, objectives, ridged, row_budgets
 from dist_chita.sparsity import kept_count
 
 
@@ -128,7 +128,7 @@ class LayerMethod(ABC):
         (rows, inputs) grouped into ``blocks``. The default bounds a solve of CHITA's size: the Q of a layer in
         float32 and, at most at once, its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a
         chunk of c rows (iterates, candidates, CG); the layer's weights and their pruned copy."""
-        return max(20 * d * d + 40 * 4 * min(r, ROW_CHUNK) * d + 16 * r * d for r, d in dims)
+        return max(20 * d * d + 40 * 4 * min(r, chunk_rows(d)) * d + 16 * r * d for r, d in dims)
 
     @abstractmethod
     def prune(self, layer: LayerProblem) -> LayerResult:

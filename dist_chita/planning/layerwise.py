@@ -44,14 +44,17 @@ bandwidth M:
   the products X^T X of every distinct input (q, k, v share one, gate and up one: 3 of size d and one of size I),
   upper triangle only, (N / R) d_in^2 FLOPs at F32; one all-reduce of those H in float64, 8 sum d_in^2 bytes.
 * solve, CHITA (:func:`dist_chita.layerwise.row_solver.solve_rows`, counted from the code): a layer's rows are cut
-  into chunks of 64 (``ROW_CHUNK``) and the chunks shared among the ranks, so a rank solves at most
-  ceil(ceil(r / 64) / R) chunks. A row costs (c_w + c_s s) products of (1, d) x (d, d), 2 d^2 FLOPs each at F32,
-  with c_w = 2 (2 + refit_iters) for the two warm starts (each a back-solve of 1 + refit_iters products and one
-  objective-and-gradient product), c_s = 1 + 2 trials + (1 + refit_iters) + 1 per IHT step (the line step's
-  curvature, the support-changing candidates' objectives, the back-solve, the new gradient): 24 and 13 at the
-  defaults (no trials); s the mean IHT steps a row takes (rows stop early; ``max_iter`` = 200 bounds it, the
-  default here). The local-search moves of a step cost no product (low-rank updates of (r, d) arrays): they are in
-  the fixed ``chunk_step_seconds`` each chunk's step pays (with the kernel launches and Python).
+  into chunks of c(d) rows (:func:`~dist_chita.layerwise.row_solver.chunk_rows`: 64 for d >= 1024) and the chunks
+  shared among the ranks, so a rank solves at most ceil(ceil(r / c) / R) chunks. A row costs (c_w + c_s s)
+  products of (1, d) x (d, d), 2 d^2 FLOPs each at F32, with c_w = 2 (2 + refit_iters) for the two warm starts
+  (each a back-solve of 1 + refit_iters products and one objective-and-gradient product),
+  c_s = 2 trials + [trials] + refit_iters + 1 + moves / 4 per IHT step (the support-changing candidates'
+  objectives and, after them, the back-solve's starting gradient; the back-solve; the new gradient; each move's
+  gradient update, a product over the inputs the chunk's rows changed, counted as a quarter of a product: 7% to 37%
+  of the inputs on MiniLM's layers): 24 and 12 at the defaults (no trials, 4 moves); s the mean IHT steps a row
+  takes (rows stop early; ``max_iter`` = 200 bounds it, the default here). The rest of a move and of a step, (r, d)
+  arithmetic and small gathers, is in the fixed ``chunk_step_seconds`` each chunk's step pays (with the kernel
+  launches and Python).
   Every rank that holds rows of a layer sets up its Q once per layer: diag(Q^-1) by a float64 Cholesky and
   triangular solves (2 d^3 / 3 at F64), with trials the Lipschitz constant (50 float64 products Q v, 100 d^2 at
   F64), and the preconditioner (8 products of Q with 48 vectors, 768 d^2 at F32).
@@ -71,7 +74,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dist_chita.layerwise.row_solver import ROW_CHUNK
+from dist_chita.layerwise.row_solver import chunk_rows
 from dist_chita.methods.base import resolve_method
 from dist_chita.methods.sparsegpt import BLOCK, sparsegpt_owners
 from dist_chita.planning.costmodel import Hardware, allreduce_seconds
@@ -181,13 +184,14 @@ class Job:
 @dataclass(frozen=True)
 class LayerwiseRates:
     """The solvers' counts and fixed costs (module docstring): ``steps`` s, mean IHT steps per row (default the
-    ``max_iter`` bound); ``refit_iters`` and ``trials`` as in :func:`~dist_chita.layerwise.row_solver.solve_rows`;
-    ``chunk_step_seconds``: fixed seconds per chunk and step of CHITA; ``column_seconds``: fixed seconds per column of
-    SparseGPT."""
+    ``max_iter`` bound); ``refit_iters``, ``trials`` and ``moves`` as in
+    :func:`~dist_chita.layerwise.row_solver.solve_rows`; ``chunk_step_seconds``: fixed seconds per chunk and step of
+    CHITA; ``column_seconds``: fixed seconds per column of SparseGPT."""
 
     steps: float = 200.0
     refit_iters: int = 10
     trials: int = 0
+    moves: int = 4
     chunk_step_seconds: float = 0.0
     column_seconds: float = 0.0
 
@@ -199,7 +203,7 @@ class LayerwiseRates:
     @property
     def step_products(self) -> int:
         """c_s: products per row of one IHT step."""
-        return 1 + 2 * self.trials + (1 + self.refit_iters) + 1
+        return 2 * self.trials + int(self.trials > 0) + self.refit_iters + 1 + self.moves / 4
 
 
 def memory_parts(shape: TransformerShape, job: Job) -> dict[str, int]:
@@ -257,8 +261,9 @@ def curvature_seconds(shape: TransformerShape, job: Job, hw: Hardware) -> dict[s
 def chita_layer_seconds(r: int, d: int, ranks: int, hw: Hardware, rates: LayerwiseRates) -> float:
     """CHITA's solve of one layer (r rows, d inputs) on its busiest rank (module docstring)."""
     f32, f64 = _flops(hw)
-    chunks = math.ceil(math.ceil(r / ROW_CHUNK) / ranks)
-    rows = min(r, chunks * ROW_CHUNK)
+    chunk = chunk_rows(d)
+    chunks = math.ceil(math.ceil(r / chunk) / ranks)
+    rows = min(r, chunks * chunk)
     products = rows * (rates.warm_products + rates.step_products * rates.steps) * 2 * d * d / f32
     lipschitz = _LIPSCHITZ_ITERS * 2 * d * d if rates.trials else 0
     setup = (2 * d**3 / 3 + lipschitz) / f64 + _PRECONDITIONER_PRODUCTS * 2 * d * d / f32

@@ -5,6 +5,9 @@ import pytest
 import torch
 
 from dist_chita.layerwise.row_solver import (
+    CHUNK_ENTRIES,
+    ROW_CHUNK,
+    chunk_rows,
     inverse_diagonal,
     keep_mask,
     objectives,
@@ -81,6 +84,24 @@ def test_objective_is_the_reconstruction_error_plus_the_ridge():
     Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
     direct = 0.5 * ((X @ (W - W_bar).T) ** 2).sum(0) / X.shape[0] + 0.5 * lam * ((W - W_bar) ** 2).sum(1)
     torch.testing.assert_close(objectives(W - W_bar, Q), direct)
+
+
+def test_chunk_rows_is_the_smallest_multiple_of_the_unit_holding_enough_weights():
+    for d in (1, 7, 96, 255, 256, 384, 1000, 1024, 1025, 4096, 11008):
+        want = next(m for m in itertools.count(ROW_CHUNK, ROW_CHUNK) if m * d >= CHUNK_ENTRIES)
+        assert chunk_rows(d) == want, d
+
+
+def test_refit_from_a_given_gradient_is_the_refit_that_forms_it():
+    """The back-solve started from the gradient the caller carries (W zero off S) ends where the one that forms
+    the gradient itself does."""
+    _, H, W_bar, lam = _instance(3)
+    Q = H + lam * torch.eye(H.shape[0], dtype=H.dtype)
+    S = keep_mask(W_bar.abs(), 4, None, None)
+    W = W_bar * S
+    for pre in (None, preconditioner(Q, 2)):
+        torch.testing.assert_close(refit(W, W_bar, Q, S, 6, pre=pre, G=(W - W_bar) @ Q),
+                                   refit(W, W_bar, Q, S, 6, pre=pre), rtol=1e-12, atol=1e-14)
 
 
 def test_refit_is_the_exact_least_squares_solution_on_the_support():
@@ -361,7 +382,7 @@ def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_any_moves_and_trials_never_leave_the_warm_start_for_worse(nm):
-    """moves = 0 (line step and back-solve only), 1 and 5, and support-changing trials with and without moves: every
+    """moves = 0 (the warm start alone), 1 and 5, and support-changing trials with and without moves: every
     result at most its warm start, monotone traces, the constraint kept, W zero off its support."""
     H, W_bar, lam = _rows(12)
     k = None if nm else 8

@@ -80,11 +80,12 @@ def test_zero3_memory_shards_the_model_and_drops_the_cache():
 
 
 def test_chita_solve_time_is_the_counted_products():
-    """One layer by hand: rows of the busiest rank x (24 + 13 s) products of 2 d^2 FLOPs at F32, plus the per-layer
-    set-up (2 d^3 / 3 at F64, 768 d^2 at F32); with one trial 15 products a step and the Lipschitz constant's
-    100 d^2 at F64."""
-    r, d = 200, 96  # 4 chunks of 64, 64, 64, 8 rows
-    for trials, per_step, lipschitz in ((0, 13, 0), (1, 15, 100 * d * d)):
+    """One layer by hand: rows of the busiest rank x (24 + 12 s) products of 2 d^2 FLOPs at F32 (10 conjugate-gradient
+    products, the new gradient, 4 moves of a quarter product each), plus the per-layer set-up (2 d^3 / 3 at F64,
+    768 d^2 at F32); with one trial 15 products a step (its objective's 2 and the back-solve's starting gradient) and
+    the Lipschitz constant's 100 d^2 at F64."""
+    r, d = 200, 1024  # 4 chunks of 64, 64, 64, 8 rows (chunk_rows(1024) = 64)
+    for trials, per_step, lipschitz in ((0, 12, 0), (1, 15, 100 * d * d)):
         rates = lw.LayerwiseRates(steps=7, trials=trials)
         setup = (2 * d**3 / 3 + lipschitz) / 2e10 + 768 * d * d / 5e10
         for ranks, rows in ((1, 200), (2, 128), (4, 64), (8, 64)):
@@ -153,4 +154,5 @@ def test_counted_products_follow_the_row_solvers_defaults():
 
     defaults = {k: p.default for k, p in inspect.signature(solve_rows).parameters.items()}
     rates = lw.LayerwiseRates()
-    assert (rates.refit_iters, rates.trials) == (defaults["refit_iters"], defaults["trials"])
+    assert (rates.refit_iters, rates.trials, rates.moves) == (defaults["refit_iters"], defaults["trials"],
+                                                              defaults["moves"])
