@@ -398,13 +398,64 @@ def _margins(row: dict) -> str:
     return " / ".join(f"{m[k]:+d}" if k in m else "n/a" for k in keys)
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def _mlpnet_seconds(r: dict) -> list[str]:
     plus = r["chita++"]
-    alone = plus.get("chosen_schedule", {})
+    alone = plus.get("chosen_configuration", {})
     load = alone.get("load_average")
+    faster = r.get("times_faster_than_official_chita_plus_plus", {})
+    ratios = " / ".join(f"{faster[k][0]:.0f}-{faster[k][1]:.0f}x" for k in ("chosen configuration", "with the search")
+                        if k in faster)
     return [f"{r['sparsity']:g}", _s(r["magnitude"]["seconds"]), _s(r["chita"]["seconds"]), _s(plus["seconds"]),
-            _s(plus.get("chosen_schedule_seconds")), _s(plus.get("cpu_seconds")), _s(alone.get("cpu_seconds")),
-            "" if load is None else f"{load[0]:.1f}-{load[1]:.1f}"]
+            _s(alone.get("median_seconds")), _s(plus.get("cpu_seconds")),
+            _s(_median(alone["cpu_seconds"])) if alone else "",
+            "" if load is None else f"{load[0]:.1f}-{load[1]:.1f}", ratios]
+
+
+PHASES = (("fisher", "per-sample gradients"), ("exchange", "factor exchange"), ("solver", "IHT"),
+          ("backsolve", "back-solves"), ("writeback", "write-back"))
+
+
+def _mlpnet_rules(data: dict) -> str:
+    """The schedule each rule keeps on the validation digits (the benchmark's ``--schedule-rule`` is the one run)."""
+    rows = [[f"{r['sparsity']:g}", c["min"], c["one_se"], c["significant"], f"{c['lowest_se_below_simplest']:.2f}"]
+            for r in data["rows"] if (c := r["chita++"].get("rule_choices"))]
+    if not rows:
+        return ""
+    return "\n\n".join([
+        "CHITA++'s schedule as each rule keeps it from the same candidates' validation losses (stages@base "
+        "sparsity; `min` the lowest loss, `one_se` the simplest within one paired standard error of it, "
+        "`significant` the simplest, one stage, unless the lowest loss is more than two paired standard errors "
+        f"below it, else as `one_se`; this run used `{data.get('schedule_rule', 'min')}`), and how many paired "
+        "standard errors the lowest loss lies below one stage's:",
+        _table(["sparsity", "min", "one_se", "significant", "lowest below one stage, SE"], rows)])
+
+
+def _mlpnet_phases(data: dict) -> str:
+    """Where the chosen configuration's prune spends its time (first of its timed prunes), and the evaluation."""
+    rows = []
+    for r in data["rows"]:
+        alone = r["chita++"].get("chosen_configuration")
+        if not alone:
+            continue
+        ph = alone["phase_seconds"]
+        other = alone["seconds"][0] - sum(ph.get(k, 0.0) for k, _ in PHASES)
+        rows.append([f"{r['sparsity']:g}", f"{alone['stages']} from {alone['base_sparsity']:.3g}",
+                     ", ".join(f"{x:g}" for x in alone["lambda"]), _s(alone["seconds"][0]),
+                     *(_s(ph.get(k, 0.0)) for k, _ in PHASES), _s(max(other, 0.0)),
+                     "yes" if alone["same_weights_as_search"] else "no"])
+    if not rows:
+        return ""
+    return "\n\n".join([
+        f"CHITA++'s chosen configuration pruned again with everything the search chose fixed (its schedule and one "
+        f"lambda per stage, `fisher.lambda: [...]`, no lambda judged; {data.get('repeats', 1)} prunes timed): where "
+        "the first prune's seconds go, by phase (other: validation scoring after each stage, the budget, "
+        "bookkeeping), and whether every prune's weights are the search's, bit for bit:",
+        _table(["sparsity", "schedule", "lambda per stage", "prune", *(name for _, name in PHASES), "other",
+                "same weights as the search"], rows)])
 
 
 def _mlpnet_tables(data: dict) -> str:
@@ -424,7 +475,7 @@ def _mlpnet_tables(data: dict) -> str:
                     _lower(plus["objective"], plus["magnitude_backsolve_objective"])])
     rule = {"one_se": "the largest lambda within one standard error of the lowest validation loss",
             "min": "the lowest validation loss"}.get(data.get("lambda_rule", "min"))
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         "Accuracy on the 4000 evaluation digits (official: the official CHITA code on the same split, external "
         "figures, see below; margin: digits of the 4000 above or below the official one stage, CHITA++ above or "
         "below the official one stage and the official CHITA++, an official percentage naming one count of the "
@@ -436,25 +487,28 @@ def _mlpnet_tables(data: dict) -> str:
         f"{data['rows'][0]['chita']['dense_validation_loss']:.4f}):",
         _table(["sparsity", "CHITA lambda", "CHITA++ schedule", "CHITA++ lambdas", "validation loss CHITA / CHITA++"],
                chosen),
+        _mlpnet_rules(data),
         "Seconds of the whole prune (`dist_chita.prune`, wall: per-sample gradients, the lambda path and, for "
-        "CHITA++, every candidate schedule; the chosen schedule pruned again on its own; CPU seconds of the process, "
-        "less sensitive to the machine's load than the wall seconds; the load average around the chosen schedule's "
-        "prune):",
-        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen schedule)",
-                "CHITA++ search, CPU", "chosen schedule, CPU", "load"], secs),
+        "CHITA++, every candidate schedule; CHITA++'s chosen configuration, the schedule and the lambdas the search "
+        "chose fixed, the median of its timed prunes; CPU seconds of the process, less sensitive to the machine's "
+        "load than the wall seconds; the load average around the chosen configuration's prunes; how many times "
+        "faster than the official CHITA++'s fastest and slowest run, the chosen configuration / the search):",
+        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen configuration)",
+                "CHITA++ search, CPU", "chosen configuration, CPU", "load", "x official CHITA++"], secs),
+        _mlpnet_phases(data),
         "Objective against the magnitude support re-fitted by the back-solve (the solver's warm start), at the "
         "chosen lambda: one-stage CHITA, and the last stage of CHITA++:",
         _table(["sparsity", "CHITA objective", "magnitude + back-solve", "lower by", "IHT iterations",
-                "CHITA++ last stage lower by"], obj)])
+                "CHITA++ last stage lower by"], obj)] if part)
 
 
 def _cpu_note(refs: list[dict]) -> str:
-    """`` (CPU a / b s at load x-y)``: the chosen schedules' CPU seconds and the load around them, when recorded."""
-    alone = [r["chita++"].get("chosen_schedule") for r in refs]
+    """`` (CPU a / b s, load x to y)``: the chosen configurations' median CPU seconds and the load around them."""
+    alone = [r["chita++"].get("chosen_configuration") for r in refs]
     if not all(alone):
         return ""
     loads = [x for a in alone for x in a["load_average"]]
-    return (f" (CPU {' / '.join(_s(a['cpu_seconds']) for a in alone)} s, load {min(loads):.1f} to "
+    return (f" (CPU {' / '.join(_s(_median(a['cpu_seconds'])) for a in alone)} s, load {min(loads):.1f} to "
             f"{max(loads):.1f})")
 
 
@@ -493,8 +547,9 @@ def render_mlpnet(data: dict) -> Page:
          f"{' / '.join(_official(data, 'chita', r['sparsity']) for r in refs)}"),
         (f"MLPNet on MNIST, sparsity {shown}", "seconds of the prune (one thread)",
          f"CHITA++ {' / '.join(_s(r['chita++']['seconds']) for r in refs)} with the schedule search, "
-         f"{' / '.join(_s(r['chita++'].get('chosen_schedule_seconds')) for r in refs)} for the chosen schedule"
-         + _cpu_note(refs) + f"; official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
+         f"{' / '.join(_s(r['chita++'].get('chosen_configuration', {}).get('median_seconds')) for r in refs)} "
+         "for the chosen configuration (its lambdas fixed)" + _cpu_note(refs)
+         + f"; official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
     return Page("mlpnet_mnist", "MLPNet on MNIST: CHITA, CHITA++ and the official code",
                 "the CHITA paper's MLPNet: held-out accuracy and time of magnitude, CHITA, CHITA++ (settings chosen "
                 "on validation digits) and the official code", body, headline)

@@ -186,7 +186,8 @@ class Fisher:
     the largest lambda within one standard error (of the paired per-sample difference) of the lowest score, the
     one-standard-error rule: among lambdas the validation samples cannot tell apart, the nearest to the dense
     weights; ``schedule_rule`` the same for CHITA++'s schedule (``one_se``: the simplest candidate within one
-    standard error, the fewest stages first). ``stages: auto`` tries each
+    standard error, the fewest stages first; ``significant``: the simplest candidate unless the lowest score is
+    more than two standard errors below it, else as ``one_se``). ``stages: auto`` tries each
     of ``stage_candidates``, ``base_sparsity: auto`` each of ``base_candidates`` (shares of the target
     sparsity), ``first_order_term: auto`` both, every combination a whole CHITA++ run judged by its final
     validation score.
@@ -208,7 +209,7 @@ class Fisher:
     lambda_search: Literal["warm_start", "solve"] = "warm_start"
     lambda_walk: bool = False
     lambda_rule: Literal["min", "one_se"] = "min"
-    schedule_rule: Literal["min", "one_se"] = "min"
+    schedule_rule: Literal["min", "one_se", "significant"] = "min"
     ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
     first_order_term: bool | Auto = False
     stages: int | Auto = 1
