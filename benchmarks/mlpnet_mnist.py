@@ -17,8 +17,8 @@ whole ``dist_chita.prune`` call (the search included; one process), and for one-
 that of the magnitude support re-fitted by the back-solve. CHITA++'s chosen configuration (the schedule and the
 per-stage lambdas the search chose, ``fisher.lambda: [...]``: what a user re-runs) is pruned again ``--repeats``
 times: its seconds (the median against the official CHITA++'s), where they go by phase, and whether its weights
-are the search's bit for bit; the schedule each rule (min, one_se, significant) keeps from the same candidates. :data:`OFFICIAL` holds the official code's figures on
-this split: external measurements, not this benchmark's.
+are the search's bit for bit; the schedule each rule (min, one_se, significant) keeps from the same candidates.
+:data:`OFFICIAL` holds the official code's figures on this split: external measurements, not this benchmark's.
 """
 
 from __future__ import annotations
