@@ -199,10 +199,10 @@ def main() -> None:
 
     official_plus = OFFICIAL["chita++_seconds"]
     for r in rows:  # how many times faster than the official CHITA++ (its fastest and slowest run)
-        plus = r["chita++"]
-        chosen = plus.get("chosen_configuration")
+        searched = r["chita++"]
+        chosen = searched.get("chosen_configuration")
         r["times_faster_than_official_chita_plus_plus"] = {
-            "with the search": [t / plus["seconds"] for t in official_plus],
+            "with the search": [t / searched["seconds"] for t in official_plus],
             **({"chosen configuration": [t / chosen["median_seconds"] for t in official_plus]} if chosen else {})}
 
     for r in rows:  # the margin in digits over the official code (negative: behind)
