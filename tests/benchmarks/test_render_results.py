@@ -35,6 +35,9 @@ def _mlpnet() -> dict:
                        validation_loss=0.5 + obj, dense_validation_loss=0.125, schedule=sched, schedules=[])
             out["lambda"] = out.pop("lambda_")
             if sched:
+                out["schedules"] = [{"stages": 1, "base_sparsity": 0.0, "score": 0.75, "seconds": secs / 8},
+                                    {"stages": 4, "base_sparsity": 0.45, "score": 0.5, "seconds": secs / 2}]
+                out["evaluation_seconds"] = secs / 100
                 out["chosen_configuration"] = {
                     "seconds": [secs / 3, secs / 4, secs / 2], "median_seconds": secs / 3,
                     "cpu_seconds": [secs / 5, secs / 6, secs / 7], "load_average": [1.25, 2.5], "lambda": list(lam),
@@ -139,6 +142,12 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
                                        alone["phase_seconds"]["backsolve"], 0.0,
                                        alone["seconds"][0] * (1 - 1 / 10 - 3 / 40)], rel=5e-3)
         assert cells[10] == ("yes" if alone["same_weights_as_search"] else "no")
+    search = _table_rows(page, "sparsity | search | candidates")
+    for cells, row in zip(search, data["rows"], strict=True):
+        secs = row["chita++"]["seconds"]
+        assert float(cells[1]) == pytest.approx(secs, rel=5e-3) and float(cells[3]) == pytest.approx(secs / 100,
+                                                                                                      rel=5e-3)
+        assert cells[2] == f"1@0: {rr._s(secs / 8)}, 4@0.45: {rr._s(secs / 2)}"
     assert [r[7] for r in acc] == ["+2 / -1 / n/a", "-3 / +5 / +1"]
     chosen = _table_rows(page, "sparsity | CHITA lambda")
     assert chosen[1][1:4] == ["0.01", "4 from 0.45", "0.001, 0.1"]
