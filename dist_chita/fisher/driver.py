@@ -262,11 +262,7 @@ def prune(
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
     w, allowed = _starting_weights(modules, layout, rank, device, start_weights, start_support)
     targets = _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedule, exponent)
-    if stage_lambdas is not None:
-        if len(stage_lambdas) != len(targets) or not all(x >= 0.0 and math.isfinite(x) for x in stage_lambdas):
-            raise ValueError(f"stage_lambdas: expected {len(targets)} lambdas >= 0 (one per stage), got "
-                             f"{list(stage_lambdas)}")
-        lam = [float(x) for x in stage_lambdas]
+    lam = lam if stage_lambdas is None else _checked_stage_lambdas(stage_lambdas, len(targets))
     if method != "magnitude":
         if make_batches is None or loss_fn is None or n < 1:
             raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
@@ -323,6 +319,13 @@ def _check_lambda_choice(lam, validate, lambda_search: str, lambda_rule: str, va
         raise ValueError(f"lambda_rule must be min or one_se (with validate_values), got {lambda_rule!r}")
     if lambda_search not in LAMBDA_SEARCHES:
         raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
+
+
+def _checked_stage_lambdas(stage_lambdas: Sequence[float], stages: int) -> list[float]:
+    """``stage_lambdas`` as floats, after checking there is one finite lambda >= 0 per stage."""
+    if len(stage_lambdas) != stages or not all(x >= 0.0 and math.isfinite(x) for x in stage_lambdas):
+        raise ValueError(f"stage_lambdas: expected {stages} lambdas >= 0 (one per stage), got {list(stage_lambdas)}")
+    return [float(x) for x in stage_lambdas]
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
