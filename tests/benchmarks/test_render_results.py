@@ -156,7 +156,7 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
     assert obj[1][3] == "20.00%"  # (1.25 - 1) / 1.25
     assert ("python benchmarks/mlpnet_mnist.py --sparsities 0.5,0.9 --threads 3 --validation 0.2 --lambda-path "
             "1e-05,0.1 --stage-candidates 4 --base-candidates 0.5 --escape-trials 6 --pair-swaps 0") in page
-    assert "Official figures (elsewhere)" in page
+    assert "Official figures (elsewhere)" in page and "a hundredth" not in page  # no verdict without its key
     minilm = _table_rows((checkout / "docs" / "results" / "minilm_baselines.md").read_text(), "method")
     for cells, (label, r) in zip(minilm, _minilm()["runs"]["default"]["results"].items(), strict=True):
         assert cells[0] == label and float(cells[1]) == pytest.approx(r["cosine"], abs=5e-5)
@@ -436,3 +436,11 @@ def test_resnet_page_fisher_stages_verdicts_and_recipe_choice(tmp_path):
     assert ("at 0.9: *stem dense* (+1.00 points over the recipe on validation, one standard error 1.09 points: the "
             "recipe stays; test 93.00% against 94.00%); at 0.95: *head too* (+0.00 points" in page)
     assert "    python3 benchmarks/resnet_mnist.py --add" in page and "load average 1.0 at its start" in page
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_the_hundredfold_verdict_follows_its_key(tmp_path, fast):
+    data = {**_mlpnet(), "chosen_configuration_100x_faster": fast}
+    page = _render(tmp_path, "mlpnet_mnist", data)
+    verdict = "chosen configuration (its lambdas fixed) " + ("prunes" if fast else "does not prune")
+    assert verdict + " in at most a hundredth of the official CHITA++'s fastest run" in page
