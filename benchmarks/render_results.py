@@ -398,13 +398,71 @@ def _margins(row: dict) -> str:
     return " / ".join(f"{m[k]:+d}" if k in m else "n/a" for k in keys)
 
 
+def _median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def _mlpnet_seconds(r: dict) -> list[str]:
     plus = r["chita++"]
-    alone = plus.get("chosen_schedule", {})
+    alone = plus.get("chosen_configuration", {})
     load = alone.get("load_average")
+    faster = r.get("times_faster_than_official_chita_plus_plus", {})
+    ratios = " / ".join(f"{faster[k][0]:.0f}-{faster[k][1]:.0f}x" for k in ("chosen configuration", "with the search")
+                        if k in faster)
     return [f"{r['sparsity']:g}", _s(r["magnitude"]["seconds"]), _s(r["chita"]["seconds"]), _s(plus["seconds"]),
-            _s(plus.get("chosen_schedule_seconds")), _s(plus.get("cpu_seconds")), _s(alone.get("cpu_seconds")),
-            "" if load is None else f"{load[0]:.1f}-{load[1]:.1f}"]
+            _s(alone.get("median_seconds")), _s(plus.get("cpu_seconds")),
+            _s(_median(alone["cpu_seconds"])) if alone else "",
+            "" if load is None else f"{load[0]:.1f}-{load[1]:.1f}", ratios]
+
+
+PHASES = (("fisher", "per-sample gradients"), ("exchange", "factor exchange"), ("solver", "IHT"),
+          ("backsolve", "back-solves"), ("writeback", "write-back"))
+
+
+def _mlpnet_rules(data: dict) -> str:
+    """The schedule each rule keeps on the validation digits (the benchmark's ``--schedule-rule`` is the one run)."""
+    rows = [[f"{r['sparsity']:g}", c["min"], c["one_se"], c["significant"], f"{c['lowest_se_below_simplest']:.2f}"]
+            for r in data["rows"] if (c := r["chita++"].get("rule_choices"))]
+    if not rows:
+        return ""
+    return "\n\n".join([
+        "CHITA++'s schedule as each rule keeps it from the same candidates' validation losses (stages@base "
+        "sparsity; `min` the lowest loss, `one_se` the simplest within one paired standard error of it, "
+        "`significant` the simplest, one stage, unless the lowest loss is more than two paired standard errors "
+        f"below it, else as `one_se`; this run used `{data.get('schedule_rule', 'min')}`), and how many paired "
+        "standard errors the lowest loss lies below one stage's:",
+        _table(["sparsity", "min", "one_se", "significant", "lowest below one stage, SE"], rows)])
+
+
+def _mlpnet_phases(data: dict) -> str:
+    """Where the chosen configuration's prune spends its time (first of its timed prunes), and the evaluation."""
+    rows = []
+    for r in data["rows"]:
+        alone = r["chita++"].get("chosen_configuration")
+        if not alone:
+            continue
+        ph = alone["phase_seconds"]
+        other = alone["seconds"][0] - sum(ph.get(k, 0.0) for k, _ in PHASES)
+        rows.append([f"{r['sparsity']:g}", f"{alone['stages']} from {alone['base_sparsity']:.3g}",
+                     ", ".join(f"{x:g}" for x in alone["lambda"]), _s(alone["seconds"][0]),
+                     *(_s(ph.get(k, 0.0)) for k, _ in PHASES), _s(max(other, 0.0)),
+                     "yes" if alone["same_weights_as_search"] else "no"])
+    if not rows:
+        return ""
+    searches = [[f"{r['sparsity']:g}", _s(r["chita++"]["seconds"]),
+                 ", ".join(f"{c['stages']}@{c['base_sparsity']:.3g}: {_s(c['seconds'])}"
+                           for c in r["chita++"]["schedules"]),
+                 _s(r["chita++"].get("evaluation_seconds"))] for r in data["rows"]]
+    return "\n\n".join([
+        f"CHITA++'s chosen configuration pruned again with everything the search chose fixed (its schedule and one "
+        f"lambda per stage, `fisher.lambda: [...]`, no lambda judged; {data.get('repeats', 1)} prunes timed): where "
+        "the first prune's seconds go, by phase (other: validation scoring after each stage, the budget, "
+        "bookkeeping), and whether every prune's weights are the search's, bit for bit:",
+        _table(["sparsity", "schedule", "lambda per stage", "prune", *(name for _, name in PHASES), "other",
+                "same weights as the search"], rows),
+        "CHITA++'s whole search: the seconds of each candidate schedule's prune (stages@base sparsity, every lambda "
+        "of its path judged), and of the evaluation of the pruned model on the 4000 digits:",
+        _table(["sparsity", "search", "candidates", "evaluation"], searches)])
 
 
 def _mlpnet_tables(data: dict) -> str:
@@ -424,7 +482,7 @@ def _mlpnet_tables(data: dict) -> str:
                     _lower(plus["objective"], plus["magnitude_backsolve_objective"])])
     rule = {"one_se": "the largest lambda within one standard error of the lowest validation loss",
             "min": "the lowest validation loss"}.get(data.get("lambda_rule", "min"))
-    return "\n\n".join([
+    return "\n\n".join(part for part in [
         "Accuracy on the 4000 evaluation digits (official: the official CHITA code on the same split, external "
         "figures, see below; margin: digits of the 4000 above or below the official one stage, CHITA++ above or "
         "below the official one stage and the official CHITA++, an official percentage naming one count of the "
@@ -436,25 +494,28 @@ def _mlpnet_tables(data: dict) -> str:
         f"{data['rows'][0]['chita']['dense_validation_loss']:.4f}):",
         _table(["sparsity", "CHITA lambda", "CHITA++ schedule", "CHITA++ lambdas", "validation loss CHITA / CHITA++"],
                chosen),
+        _mlpnet_rules(data),
         "Seconds of the whole prune (`dist_chita.prune`, wall: per-sample gradients, the lambda path and, for "
-        "CHITA++, every candidate schedule; the chosen schedule pruned again on its own; CPU seconds of the process, "
-        "less sensitive to the machine's load than the wall seconds; the load average around the chosen schedule's "
-        "prune):",
-        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen schedule)",
-                "CHITA++ search, CPU", "chosen schedule, CPU", "load"], secs),
+        "CHITA++, every candidate schedule; CHITA++'s chosen configuration, the schedule and the lambdas the search "
+        "chose fixed, the median of its timed prunes; CPU seconds of the process, less sensitive to the machine's "
+        "load than the wall seconds; the load average around the chosen configuration's prunes; how many times "
+        "faster than the official CHITA++'s fastest and slowest run, the chosen configuration / the search):",
+        _table(["sparsity", "magnitude", "CHITA, 1 stage", "CHITA++ (search)", "CHITA++ (chosen configuration)",
+                "CHITA++ search, CPU", "chosen configuration, CPU", "load", "x official CHITA++"], secs),
+        _mlpnet_phases(data),
         "Objective against the magnitude support re-fitted by the back-solve (the solver's warm start), at the "
         "chosen lambda: one-stage CHITA, and the last stage of CHITA++:",
         _table(["sparsity", "CHITA objective", "magnitude + back-solve", "lower by", "IHT iterations",
-                "CHITA++ last stage lower by"], obj)])
+                "CHITA++ last stage lower by"], obj)] if part)
 
 
 def _cpu_note(refs: list[dict]) -> str:
-    """`` (CPU a / b s at load x-y)``: the chosen schedules' CPU seconds and the load around them, when recorded."""
-    alone = [r["chita++"].get("chosen_schedule") for r in refs]
+    """`` (CPU a / b s, load x to y)``: the chosen configurations' median CPU seconds and the load around them."""
+    alone = [r["chita++"].get("chosen_configuration") for r in refs]
     if not all(alone):
         return ""
     loads = [x for a in alone for x in a["load_average"]]
-    return (f" (CPU {' / '.join(_s(a['cpu_seconds']) for a in alone)} s, load {min(loads):.1f} to "
+    return (f" (CPU {' / '.join(_s(_median(a['cpu_seconds'])) for a in alone)} s, load {min(loads):.1f} to "
             f"{max(loads):.1f})")
 
 
@@ -477,7 +538,11 @@ def render_mlpnet(data: dict) -> Page:
         f"* CHITA++ {'reaches' if data['chita_plus_plus_beats_official_one_stage'] else 'does not reach'} the "
         "official one-stage accuracy at every sparsity",
         f"* CHITA++ {'reaches' if data['chita_plus_plus_beats_official_chita_plus_plus'] else 'does not reach'} the "
-        "official CHITA++ accuracy at every sparsity it was measured at"])
+        "official CHITA++ accuracy at every sparsity it was measured at"] + (
+        [f"* CHITA++'s chosen configuration (its lambdas fixed) "
+         f"{'prunes' if data['chosen_configuration_100x_faster'] else 'does not prune'} in at most a hundredth of "
+         "the official CHITA++'s fastest run (median wall seconds) at every sparsity the official CHITA++ was "
+         "measured at"] if "chosen_configuration_100x_faster" in data else []))
     body = "\n\n".join([
         "`benchmarks/mlpnet_mnist.py`: the CHITA paper's MLPNet (the official checkpoint) on MNIST, pruned by "
         "magnitude, CHITA (one stage) and CHITA++ with lambda and the CHITA++ schedule chosen on validation digits "
@@ -493,8 +558,9 @@ def render_mlpnet(data: dict) -> Page:
          f"{' / '.join(_official(data, 'chita', r['sparsity']) for r in refs)}"),
         (f"MLPNet on MNIST, sparsity {shown}", "seconds of the prune (one thread)",
          f"CHITA++ {' / '.join(_s(r['chita++']['seconds']) for r in refs)} with the schedule search, "
-         f"{' / '.join(_s(r['chita++'].get('chosen_schedule_seconds')) for r in refs)} for the chosen schedule"
-         + _cpu_note(refs) + f"; official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
+         f"{' / '.join(_s(r['chita++'].get('chosen_configuration', {}).get('median_seconds')) for r in refs)} "
+         "for the chosen configuration (its lambdas fixed)" + _cpu_note(refs)
+         + f"; official CHITA++ {off['chita++_seconds'][0]:g} to {off['chita++_seconds'][1]:g}")]
     return Page("mlpnet_mnist", "MLPNet on MNIST: CHITA, CHITA++ and the official code",
                 "the CHITA paper's MLPNet: held-out accuracy and time of magnitude, CHITA, CHITA++ (settings chosen "
                 "on validation digits) and the official code", body, headline)

@@ -427,7 +427,7 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
     kwargs = dict(
         make_batches=lambda: data.iter_microbatches(run.samples, lo, hi, run.batch_size),
         loss_fn=loss_function(f.loss, run.task, f.seed), n=run.n, batch_size=run.batch_size,
-        lam=list(f.lambda_path) if f.lambda_ == "auto" else f.lambda_, first_order=f.first_order_term,
+        **_lambdas(f, run.method), first_order=f.first_order_term,
         stages=f.stages if run.method == "chita++" else 1, base_sparsity=f.base_sparsity, schedule=f.schedule,
         exponent=f.exponent, storage_dtype=models.torch_dtype(f.storage_dtype),
         solver_options=dict(max_iter=f.max_iter, tol=f.tol, active_set_factor=f.active_set_factor,
@@ -450,6 +450,16 @@ def _prune_fisher(run: _Run, targets: Sparsity, budget: dict) -> tuple[fisher_dr
     if checkpoint is not None:
         checkpoint.remove()
     return outcome, restored
+
+
+def _lambdas(f: Fisher, method: str) -> dict:
+    """The driver's lambda keywords: ``lam`` one lambda or (``lambda: auto``) the path to choose along, and
+    ``stage_lambdas`` the per-stage list of ``lambda: [...]`` (None otherwise, and for magnitude pruning)."""
+    if f.lambda_ == "auto":
+        return {"lam": list(f.lambda_path), "stage_lambdas": None}
+    if isinstance(f.lambda_, tuple):
+        return {"lam": f.lambda_[0], "stage_lambdas": None if method == "magnitude" else f.lambda_}
+    return {"lam": f.lambda_, "stage_lambdas": None}
 
 
 def loss_function(kind: str, task: str, seed: int):

@@ -164,7 +164,9 @@ class Fisher:
     ``loss``: the per-sample loss l_i whose gradients are the rows of A: ``ce`` (labels), ``causal_lm``,
     ``sampled`` (labels drawn from the model's own predictive distribution) or ``gn_probe`` (models without
     labels: g_i = grad of v_i . f(x_i) with seeded random v_i, whose expectation is the Gauss-Newton matrix).
-    ``lambda_`` (``lambda`` in YAML) and ``ridge``: the ridge term, ``identity`` (the paper's
+    ``lambda_`` (``lambda`` in YAML) and ``ridge``: the ridge term (``lambda_``: one lambda for every stage, a list of
+    one lambda per CHITA++ stage, as long as ``stages``, e.g. the ``validation.lambda`` a ``lambda: auto`` run
+    chose, to run that configuration again without its search, or ``auto``), ``identity`` (the paper's
     lambda/2 ||w - w_bar||^2), ``fisher_diagonal`` (lambda/2 (w - w_bar)^T D (w - w_bar), D = diag(A^T A) + 1e-3 of
     its mean, which keeps each weight's curvature when n << p) or ``auto`` (the Fisher diagonal below 1e-3
     calibration samples per prunable weight, else the identity). ``first_order_term``: keep the gradient term
@@ -184,7 +186,8 @@ class Fisher:
     the largest lambda within one standard error (of the paired per-sample difference) of the lowest score, the
     one-standard-error rule: among lambdas the validation samples cannot tell apart, the nearest to the dense
     weights; ``schedule_rule`` the same for CHITA++'s schedule (``one_se``: the simplest candidate within one
-    standard error, the fewest stages first). ``stages: auto`` tries each
+    standard error, the fewest stages first; ``significant``: the simplest candidate unless the lowest score is
+    more than two standard errors below it, else as ``one_se``). ``stages: auto`` tries each
     of ``stage_candidates``, ``base_sparsity: auto`` each of ``base_candidates`` (shares of the target
     sparsity), ``first_order_term: auto`` both, every combination a whole CHITA++ run judged by its final
     validation score.
@@ -201,12 +204,12 @@ class Fisher:
     """
 
     loss: Literal["ce", "sampled", "gn_probe", "causal_lm"] = "gn_probe"
-    lambda_: float | Auto = 1e-3
+    lambda_: float | tuple[float, ...] | Auto = 1e-3
     lambda_path: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
     lambda_search: Literal["warm_start", "solve"] = "warm_start"
     lambda_walk: bool = False
     lambda_rule: Literal["min", "one_se"] = "min"
-    schedule_rule: Literal["min", "one_se"] = "min"
+    schedule_rule: Literal["min", "one_se", "significant"] = "min"
     ridge: Literal["auto", "fisher_diagonal", "identity"] = "auto"
     first_order_term: bool | Auto = False
     stages: int | Auto = 1
@@ -241,8 +244,8 @@ class Fisher:
         if method not in FISHER_METHODS:
             out.append(f"method: {method!r} is not a Fisher-objective method (one of {', '.join(FISHER_METHODS)})")
         auto = self.tuned
-        checks = [(_auto_or(self.lambda_, float, lambda x: x >= 0.0),
-                   f"lambda: must be >= 0 or auto, got {self.lambda_}"),
+        checks = [(_auto_or(self.lambda_, float, lambda x: x >= 0.0) or _stage_lambdas_ok(self.lambda_),
+                   f"lambda: must be >= 0, a list of lambdas >= 0 (one per stage) or auto, got {self.lambda_}"),
                   (bool(self.lambda_path) and all(x >= 0.0 for x in self.lambda_path),
                    f"lambda_path: must list lambdas >= 0, got {list(self.lambda_path)}"),
                   (_auto_or(self.stages, int, lambda x: x >= 1), f"stages: must be >= 1 or auto, got {self.stages}"),
@@ -265,9 +268,30 @@ class Fisher:
                   (self.escape_trials >= 0, f"escape_trials: must be >= 0, got {self.escape_trials}"),
                   (self.pair_swaps >= 0, f"pair_swaps: must be >= 0, got {self.pair_swaps}")]
         out += [msg for ok, msg in checks if not ok]
+        out += self._stage_lambda_problems(method)
         if self.group_size is not None and (target.layer_sparsity or target.allocation == "owl"):
             out.append("group_size: layer groups share one global budget; per-layer targets are not supported")
         return out
+
+    def _stage_lambda_problems(self, method: str) -> list[str]:
+        """What is wrong with a per-stage lambda list (none when ``lambda`` is one number or auto)."""
+        if not isinstance(self.lambda_, tuple):
+            return []
+        stages = self.stages if method == "chita++" else 1
+        if stages == "auto":
+            return ["lambda: a list of one lambda per stage needs a stage count (stages: auto chooses one)"]
+        out = []
+        if len(self.lambda_) != stages:
+            out.append(f"lambda: {len(self.lambda_)} lambdas for {stages} stage(s); give one per stage")
+        if self.group_size is not None:
+            out.append("group_size: layer groups take one lambda, not a list per stage")
+        return out
+
+
+def _stage_lambdas_ok(value) -> bool:
+    """Whether ``value`` is a non-empty tuple of numbers >= 0 (a per-stage lambda list)."""
+    return isinstance(value, tuple) and bool(value) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) and x >= 0.0 for x in value)
 
 
 def _auto_or(value, kind: type, ok) -> bool:

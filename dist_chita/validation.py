@@ -32,6 +32,9 @@ PerSample = Callable[[nn.Module, dict, torch.Tensor], torch.Tensor]  # (model, b
 Forward = Callable[[nn.Module, dict], torch.Tensor]  # (model, batch) -> (b, ...) outputs
 KINDS = ("loss", "output")
 RULES = ("min", "one_se")
+SCHEDULE_RULES = (*RULES, "significant")  # CHITA++'s schedule also takes the significance rule
+SIGNIFICANT_SE = 2.0  # ``significant``: a candidate beats the simplest when its score is this many paired
+# standard errors below (the conventional two-sigma level, about 2.3% one-sided under a normal difference)
 
 
 def within_one_se(values: Sequence[torch.Tensor]) -> list[int]:
@@ -47,6 +50,20 @@ def within_one_se(values: Sequence[torch.Tensor]) -> list[int]:
         return math.sqrt(float((d - d.mean()).pow(2).sum()) / (m - 1) / m) if m > 1 else 0.0
 
     return [i for i in range(len(means)) if means[i] <= means[best] + se(i)]
+
+
+def standard_errors_below(values: Sequence[torch.Tensor], ref: int) -> list[float]:
+    """(mean_ref - mean_i) / sd(v_i - v_ref) * sqrt(m) for every candidate i: how many standard errors of the paired
+    difference its score lies below candidate ``ref``'s (0 for ``ref``; +-inf for a constant non-zero difference,
+    0 for none)."""
+    out = []
+    for v in values:
+        d = (values[ref] - v).double()
+        m = d.numel()
+        gap = float(d.sum()) / m
+        sd = math.sqrt(float((d - d.mean()).pow(2).sum()) / (m - 1)) if m > 1 else 0.0
+        out.append(gap * math.sqrt(m) / sd if sd > 0 else math.copysign(math.inf, gap) if gap else 0.0)
+    return out
 
 
 class Validation:

@@ -203,6 +203,7 @@ def prune(
     start_lambda: float | None = None,
     lambda_rule: str = "min",
     validate_values: Callable[[], torch.Tensor] | None = None,
+    stage_lambdas: Sequence[float] | None = None,
 ) -> PruneOutcome:
     """Prune ``modules`` of ``model`` in place, on every rank; returns the layout, stage reports and masks.
 
@@ -250,6 +251,9 @@ def prune(
         lambda_rule, validate_values: which judged lambda is kept (:func:`pick_lambda`): ``min`` (the lowest
             score) or ``one_se`` (needs ``validate_values() -> (m,)``, the per-sample values whose mean is the
             score; collective, the same on every rank).
+        stage_lambdas: one ridge lambda per stage (as many as the stages, CHITA++'s schedule included), each
+            stage solved with its own and no lambda judged; ``lam`` is then unused. Re-runs the lambdas a path chose
+            (a :class:`StageReport`'s ``lam``) without their search.
     """
     sparsity, uniform = _checked_sparsity(method, sparsity, per_layer, nm, per_row, len(modules))
     _check_lambda_choice(lam, validate, lambda_search, lambda_rule, validate_values)
@@ -258,13 +262,15 @@ def prune(
     device = modules[0][1].weight.device  # the factor's, so w, the budget and the solve live there too
     w, allowed = _starting_weights(modules, layout, rank, device, start_weights, start_support)
     targets = _stage_targets(method, sparsity, uniform, nm, stages, base_sparsity, schedule, exponent)
+    lam = lam if stage_lambdas is None else _checked_stage_lambdas(stage_lambdas, len(targets))
     if method != "magnitude":
         if make_batches is None or loss_fn is None or n < 1:
             raise ValueError(f"method {method} needs calibration batches, a loss and n >= 1")
         sample_ranges(n, world)  # fails early when n < world size
     run = _Run(model, modules, method, layout, rank, world, device, uniform, per_layer, nm, per_row, len(targets),
                make_batches, loss_fn, n, batch_size, lam, first_order, storage_dtype, solver_options, progress,
-               load_factor, on_factor, validate, lambda_search, lambda_walk, lambda_rule, validate_values)
+               load_factor, on_factor, validate, lambda_search, lambda_walk, lambda_rule, validate_values,
+               stage_lambdas is not None)
     reports = _run_stages(run, targets, start_stage, w, allowed, on_stage_end, start_lambda)
     masks = {name: params.read(m.weight) != 0 for name, m in modules}
     return PruneOutcome(layout, reports, masks)
@@ -302,6 +308,7 @@ class _Run:
     lambda_walk: bool
     lambda_rule: str
     validate_values: Callable[[], torch.Tensor] | None
+    per_stage: bool = False  # ``lam`` holds one lambda per stage (else one lambda, or a path)
 
 
 def _check_lambda_choice(lam, validate, lambda_search: str, lambda_rule: str, validate_values) -> None:
@@ -312,6 +319,13 @@ def _check_lambda_choice(lam, validate, lambda_search: str, lambda_rule: str, va
         raise ValueError(f"lambda_rule must be min or one_se (with validate_values), got {lambda_rule!r}")
     if lambda_search not in LAMBDA_SEARCHES:
         raise ValueError(f"unknown lambda_search {lambda_search!r} (one of {', '.join(LAMBDA_SEARCHES)})")
+
+
+def _checked_stage_lambdas(stage_lambdas: Sequence[float], stages: int) -> list[float]:
+    """``stage_lambdas`` as floats, after checking there is one finite lambda >= 0 per stage."""
+    if len(stage_lambdas) != stages or not all(x >= 0.0 and math.isfinite(x) for x in stage_lambdas):
+        raise ValueError(f"stage_lambdas: expected {stages} lambdas >= 0 (one per stage), got {list(stage_lambdas)}")
+    return [float(x) for x in stage_lambdas]
 
 
 def _checked_sparsity(method: str, sparsity: Sparsity, per_layer: bool, nm, per_row: bool, layers: int):
@@ -427,11 +441,12 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     At's storage for the next stage)."""
     At, loaded = _stage_factor(run, t, seconds, spare)
     solver_progress = run.progress and _solver_progress(run.progress, f"solver {t + 1}", run.solver_options)
-    if isinstance(run.lam, int | float):
-        result = solve(At, w, float(run.lam), budget, first_order=run.first_order, progress=solver_progress,
+    lam = run.lam[t] if run.per_stage else run.lam
+    if isinstance(lam, int | float):
+        result = solve(At, w, float(lam), budget, first_order=run.first_order, progress=solver_progress,
                        overwrite_at=True, check_at=loaded,  # fisher_block checked every entry of a computed At
                        **(run.solver_options or {}))
-        report.lam = float(run.lam)
+        report.lam = float(lam)
     else:
         start = previous_lam if run.lambda_walk else None
         result = _solve_path(run, At, w, budget, report, loaded, solver_progress, start)

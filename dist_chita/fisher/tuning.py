@@ -21,7 +21,7 @@ from dist_chita.fisher.driver import PruneOutcome
 from dist_chita.io import params
 from dist_chita.options import Fisher
 from dist_chita.sparsity import Sparsity, mean_sparsity
-from dist_chita.validation import RULES, within_one_se
+from dist_chita.validation import SCHEDULE_RULES, SIGNIFICANT_SE, standard_errors_below, within_one_se
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,14 @@ def choose_schedule(modules: Sequence[tuple[str, nn.Module]], candidates: Sequen
     first on a tie); ``one_se`` (needs ``values() -> (m,)``, the per-sample validation values whose mean is the
     score) the simplest candidate within one standard error of the lowest score
     (:func:`dist_chita.validation.within_one_se`): the fewest stages, then the highest base sparsity, then without
-    the first-order term (a copy of every candidate's weights is kept until the choice). Returns (its outcome, its
-    schedule, one row per candidate: the schedule's fields, ``score`` and the ``seconds`` of its prune). Collective."""
-    if rule not in RULES or (rule == "one_se" and values is None):
-        raise ValueError(f"schedule rule must be min or one_se (with values), got {rule!r}")
+    the first-order term (a copy of every candidate's weights is kept until the choice); ``significant`` (needs
+    ``values``) the simplest candidate unless the lowest score lies more than :data:`SIGNIFICANT_SE` paired standard
+    errors below the simplest's, else as ``one_se`` (a schedule more complex than the simplest is taken only when
+    the validation samples show it better, not merely not worse). Returns (its outcome, its schedule, one row per
+    candidate: the schedule's fields, ``score``, the ``seconds`` of its prune and, with ``values``,
+    ``se_below_simplest`` and ``se_above_best``, its distance in paired standard errors). Collective."""
+    if rule not in SCHEDULE_RULES or (rule != "min" and values is None):
+        raise ValueError(f"schedule rule must be min, or one_se or significant (with values), got {rule!r}")
     dense = [params.read(m.weight).clone() for _, m in modules]
     kept: list[tuple[float, PruneOutcome, list[torch.Tensor], torch.Tensor | None]] = []
     rows = []
@@ -75,22 +79,37 @@ def choose_schedule(modules: Sequence[tuple[str, nn.Module]], candidates: Sequen
         start = time.perf_counter()
         outcome = run(cand)
         seconds = time.perf_counter() - start
-        vals = values() if rule == "one_se" else None
+        vals = values() if rule != "min" else None
         value = float(vals.sum()) / vals.numel() if vals is not None else score()
         rows.append({**asdict(cand), "score": value, "seconds": seconds})
         log(f"  schedule {cand.stages} stage(s) from {cand.base_sparsity:.4g}, first-order term "
             f"{'on' if cand.first_order_term else 'off'}: validation {value:.6g}")
         lowest = min((k[0] for k in kept), default=math.inf)
-        if rule == "one_se" or value < lowest:
+        if rule != "min" or value < lowest:
             if rule == "min":  # the min rule keeps only the best's weights
                 kept = [(k[0], None, None, None) for k in kept]
             kept.append((value, outcome, [params.read(m.weight).clone() for _, m in modules], vals))
         else:
             kept.append((value, None, None, None))
-    index = (min(range(len(kept)), key=lambda i: kept[i][0]) if rule == "min" else
-             min(within_one_se([k[3] for k in kept]),
-                 key=lambda i: (candidates[i].stages, -candidates[i].base_sparsity, candidates[i].first_order_term)))
+    index = min(range(len(kept)), key=lambda i: kept[i][0]) if rule == "min" else _simplest_kept(
+        candidates, [k[3] for k in kept], rule, rows)
     _, outcome, weights, _ = kept[index]
     for (_, m), w in zip(modules, weights, strict=True):
         params.write(m.weight, w)
     return outcome, candidates[index], rows
+
+
+def _simplest_kept(candidates: Sequence[Schedule], values: list[torch.Tensor], rule: str, rows: list[dict]) -> int:
+    """The index the ``one_se`` or ``significant`` rule keeps (:func:`choose_schedule`), from the candidates'
+    per-sample validation values (m,) each; adds each candidate's distances in standard errors to its row."""
+    def complexity(i: int) -> tuple:
+        return candidates[i].stages, -candidates[i].base_sparsity, candidates[i].first_order_term
+
+    simplest = min(range(len(candidates)), key=complexity)
+    best = min(range(len(values)), key=lambda i: float(values[i].sum()) / values[i].numel())
+    below, above = standard_errors_below(values, simplest), standard_errors_below(values, best)
+    for row, b, a in zip(rows, below, above, strict=True):
+        row.update(se_below_simplest=b, se_above_best=-a)
+    if rule == "significant" and not below[best] > SIGNIFICANT_SE:
+        return simplest
+    return min(within_one_se(values), key=complexity)

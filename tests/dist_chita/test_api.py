@@ -96,3 +96,30 @@ def test_one_standard_error_rule_keeps_the_largest_lambda_the_validation_samples
     alone, _ = _prune(stage.lam, digits_samples().select(fit), validation=None)  # the kept lambda's full solve
     for name, w in weights.items():
         assert torch.equal(alone[name], w), name
+
+
+def _prune_plus(lam):
+    torch.set_num_threads(1)
+    model = train_digits_mlp()
+    rep = dist_chita.prune(
+        model, digits_samples().select(range(N)), target=Target(sparsity=0.85, granularity="global",
+                                                                exclude_head=False),
+        objective=Fisher(loss="ce", ridge="identity", lambda_=lam, lambda_path=(1e-4, 1e-2, 1.0, 100.0), max_iter=40,
+                         stages=3, base_sparsity=0.5, lambda_walk=True), method="chita++",
+        task="image-classification", batch_size=8, validation=0.25, validation_seed=SEED, check_memory=False)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, rep
+
+
+def test_the_lambdas_a_search_chose_given_as_a_list_prune_the_same_model_without_judging_any():
+    """``fisher.lambda: [...]`` with the report's ``validation.lambda`` re-runs the chosen configuration: the same
+    weights, each stage solved once with its lambda."""
+    searched, rep = _prune_plus("auto")
+    chosen = rep.validation["lambda"]
+    assert len(chosen) == 3 and rep.validation["lambda_auto"] and sum(len(s.lambda_path) for s in rep.stages) > 3
+    weights, again = _prune_plus(tuple(chosen))
+    assert again.validation["lambda"] == chosen and not again.validation["lambda_auto"]
+    assert all(s.lambda_path == [] for s in again.stages)
+    for name, w in searched.items():
+        assert torch.equal(weights[name], w), name
+    with pytest.raises(ValueError, match="lambda: 2 lambdas for 3 stage"):
+        _prune_plus(tuple(chosen[:2]))

@@ -52,6 +52,22 @@ def test_problems_name_the_field():
     assert Fisher(base_sparsity=0.6).problems("chita++", Target(sparsity=0.5))[0].startswith("base_sparsity")
 
 
+def test_a_lambda_list_needs_one_lambda_per_stage():
+    t = Target(sparsity=0.9)
+    assert Fisher(lambda_=(1e-5, 1e-3, 10.0), stages=3).problems("chita++", t) == []
+    assert Fisher(lambda_=(1e-3,)).problems("chita", t) == []
+    assert Fisher(lambda_=(1e-5, 1e-3), stages=3).problems("chita++", t) == [
+        "lambda: 2 lambdas for 3 stage(s); give one per stage"]
+    assert Fisher(lambda_=(1e-5, 1e-3), stages=2).problems("chita", t) == [
+        "lambda: 2 lambdas for 1 stage(s); give one per stage"]
+    assert Fisher(lambda_=(1e-3,), stages="auto").problems("chita++", t)[0].startswith(
+        "lambda: a list of one lambda per stage needs a stage count")
+    assert Fisher(lambda_=(1e-3, -1.0), stages=2).problems("chita++", t)[0].startswith("lambda: must be >= 0, a list")
+    assert Fisher(lambda_=(), stages=1).problems("chita++", t)[0].startswith("lambda: must be >= 0, a list")
+    assert Fisher(lambda_=(1e-3, 1e-2), stages=2, group_size=100).problems("chita++", t) == [
+        "group_size: layer groups take one lambda, not a list per stage"]
+
+
 def test_every_registered_method_is_a_layerwise_method():
     assert {"chita", "sparsegpt", "wanda", "magnitude", "obd"} <= set(layerwise_methods())
 

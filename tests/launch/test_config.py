@@ -114,6 +114,17 @@ def test_auto_settings_and_the_validation_split_parse():
     assert parse_config({"calibration": {"validation": 100}}).calibration.validation == 100
 
 
+def test_lambda_takes_one_number_a_list_per_stage_or_auto():
+    cfg = parse_config({"prune": {"objective": "fisher", "method": "chita++"},
+                        "fisher": {"lambda": [1.0e-5, 1, 10.0], "stages": 3}})
+    assert cfg.fisher.lambda_ == (1e-5, 1.0, 10.0) and all(isinstance(x, float) for x in cfg.fisher.lambda_)
+    assert parse_config({}, ["fisher.lambda=auto"]).fisher.lambda_ == "auto"
+    assert parse_config({}, ["fisher.lambda=0.01"]).fisher.lambda_ == 0.01
+    with pytest.raises(ConfigError, match="fisher.lambda: 2 lambdas for 3 stage"):
+        parse_config({"prune": {"objective": "fisher", "method": "chita++"},
+                      "fisher": {"lambda": [1.0e-5, 1.0], "stages": 3}})
+
+
 def test_one_number_where_numbers_are_expected_is_a_list_of_one():
     cfg = parse_config({}, ["calibration.mean=0.286", "calibration.std=1"])
     assert cfg.calibration.mean == (0.286,) and cfg.calibration.std == (1.0,)

@@ -306,8 +306,10 @@ def test_walk_judges_the_whole_path_without_a_start_and_ends_at_a_local_minimum_
         assert min(order, key=unimodal.__getitem__) == 3 and len(order) < 6 or i0 in (0, 5)
 
 
-def _plus_run(walk):
-    """CHITA++ in 3 stages to 0.9 on the digits MLP along the path of 5 lambdas, scored as in :func:`_lambda_run`."""
+def _plus_run(walk, stage_lambdas=None, weights=False):
+    """CHITA++ in 3 stages to 0.9 on the digits MLP along the path of 5 lambdas, scored as in :func:`_lambda_run`
+    (or with ``stage_lambdas``, one fixed lambda per stage); the stage reports, and with ``weights`` the pruned
+    weights too."""
     torch.set_num_threads(1)
     model = train_digits_mlp()
     samples = digits_samples()
@@ -322,8 +324,27 @@ def _plus_run(walk):
     out = fisher_driver.prune(
         model, modules, "chita++", 0.9, make_batches=lambda: iter_microbatches(calib, 0, N, 16),
         loss_fn=losses.cross_entropy(_forward), n=N, lam=[1e-5, 1e-3, 1e-1, 10.0, 1e3], validate=validate,
-        stages=3, base_sparsity=0.5, lambda_walk=walk, solver_options={**THOROUGH, "max_iter": 40})
+        stages=3, base_sparsity=0.5, lambda_walk=walk, solver_options={**THOROUGH, "max_iter": 40},
+        stage_lambdas=stage_lambdas)
+    if weights:
+        return out.stages, {name: m.weight.detach().clone() for name, m in modules}
     return out.stages
+
+
+def test_stage_lambdas_rerun_the_lambdas_a_walk_chose_without_judging_any():
+    """The configuration a user re-runs: each stage solved with the lambda the walk chose for it (no validation
+    samples needed) gives the same weights and objectives as the walk's run, which solved its chosen lambdas in
+    full after judging them."""
+    walked, searched = _plus_run(True, weights=True)
+    chosen = [st.lam for st in walked]
+    assert len(set(chosen)) > 1  # the stages chose different lambdas here: the list is not one lambda repeated
+    fixed, weights = _plus_run(True, stage_lambdas=chosen, weights=True)
+    assert [st.lam for st in fixed] == chosen and all(st.lambda_path == [] for st in fixed)
+    assert [st.objective for st in fixed] == [st.objective for st in walked]
+    for name, w in searched.items():
+        assert torch.equal(weights[name], w), name
+    with pytest.raises(ValueError, match="stage_lambdas: expected 3 lambdas"):
+        _plus_run(False, stage_lambdas=chosen[:2])
 
 
 def test_lambda_walk_judges_a_part_of_the_path_from_the_previous_choice_with_the_same_scores():

@@ -81,3 +81,50 @@ def test_one_standard_error_rule_keeps_the_simplest_schedule_the_validation_samp
     _, plain, _ = tuning.choose_schedule([("layer", layer)], candidates, run,
                                          lambda: float(values().mean()))
     assert plain.stages == 5 and torch.equal(layer.weight.detach(), dense * 5)
+
+
+def _rule_choice(per: dict[int, torch.Tensor], rule: str):
+    """choose_schedule over 5, 3 and 1 stages whose per-sample validation values are ``per[stages]``."""
+    layer = nn.Linear(3, 2, bias=False)
+    dense = layer.weight.detach().clone()
+
+    def run(c: tuning.Schedule) -> PruneOutcome:
+        with torch.no_grad():
+            layer.weight.copy_(dense * c.stages)
+        return PruneOutcome(None, [c.stages], {})
+
+    def values() -> torch.Tensor:
+        return per[round(float(layer.weight.detach().sum() / dense.sum()))]
+
+    candidates = [tuning.Schedule(t, 0.0, False) for t in (5, 3, 1)]
+    _, chosen, rows = tuning.choose_schedule([("layer", layer)], candidates, run, lambda: 0.0, values=values,
+                                             rule=rule)
+    return chosen.stages, rows
+
+
+@pytest.mark.parametrize("gap_se", [1.5, 2.5])
+def test_significance_rule_leaves_the_simplest_schedule_only_for_a_gap_of_two_standard_errors(gap_se):
+    """5 stages lowest, 3 stages within one standard error of it, 1 stage ``gap_se`` paired standard errors above
+    5 stages (by construction of the differences): the one-SE rule takes 3 stages either way; the significance
+    rule keeps 1 stage below two standard errors and takes the one-SE choice above. Brute force on the z values."""
+    gen = torch.Generator().manual_seed(2)
+    m = 50
+    base = torch.rand(m, generator=gen, dtype=torch.float64)
+    e = torch.randn(m, generator=gen, dtype=torch.float64)
+    e = (e - e.mean()) / e.std()  # mean 0, sd 1: the paired difference 1 stage - 5 stages has sd 0.1
+    per = {5: base, 3: base + 0.001 + 0.1 * (e.roll(7) - e.roll(7).mean()),
+           1: base + 0.1 * e + gap_se * 0.1 / m**0.5}
+    d = per[1] - per[5]
+    z = float(d.mean()) / (float(d.std()) / m**0.5)
+    assert z == pytest.approx(gap_se, rel=1e-9)
+    means = {t: float(v.mean()) for t, v in per.items()}
+    assert min(means, key=means.get) == 5 and means[3] - means[5] <= float((per[3] - per[5]).std()) / m**0.5
+    stages, rows = _rule_choice(per, "one_se")
+    assert stages == 3
+    stages, rows = _rule_choice(per, "significant")
+    assert stages == (1 if gap_se < 2 else 3)
+    assert [r["se_below_simplest"] for r in rows] == pytest.approx([z, (means[1] - means[3]) / (
+        float((per[1] - per[3]).std()) / m**0.5), 0.0], rel=1e-9)
+    assert rows[0]["se_above_best"] == 0.0 and rows[2]["se_above_best"] == pytest.approx(z, rel=1e-9)
+    with pytest.raises(ValueError, match="schedule rule"):
+        tuning.choose_schedule([], [], lambda c: None, lambda: 0.0, rule="significant")
