@@ -32,8 +32,8 @@ features x_j are the plan's formulas at the hardware file's rates, the coefficie
 Compute runs at the rank's share of the cores (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`).
 The fit (:func:`fit`) is non-negative least squares per phase, each run weighted by 1 / max(measured, 0.5 s) so that
 relative errors count; only as many leading features are fitted as the runs tell apart (one run, or features in
-the same ratio in every run: a scale of x_1), the others keep 0. Measured seconds are the phases of the rank with the most solver seconds
-(the others wait for it in the writeback's all-reduce, the same rank the plan predicts).
+the same ratio in every run: a scale of x_1), the others keep 0. Measured seconds are the phases of the rank with
+the most solver seconds (the others wait for it in the writeback's all-reduce; the rank the plan predicts).
 """
 
 from __future__ import annotations
