@@ -1106,32 +1106,51 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
 # ---------------------------------------------------------------- scaling studies (docs/scaling)
 
 
+def _fisher_section(report: dict) -> tuple[dict, dict]:
+    """(the Fisher objective's settings, the solver's) of a report's config: the ``fisher`` section, or in a config
+    of the earlier flat layout the ``prune`` and ``solver`` sections that held them."""
+    cfg = report["config"]
+    if "fisher" in cfg:
+        return cfg["fisher"], cfg["fisher"]
+    return cfg["prune"], cfg["solver"]
+
+
 def _study_settings(report: dict) -> str:
     """The prune the study's runs made, from the resolved config a report records. A config without
-    ``prune.objective`` / ``prune.ridge`` ran the Fisher objective with the identity ridge, as a config without
+    ``prune.objective`` / a ridge ran the Fisher objective with the identity ridge, as a config without
     ``prune.granularity`` ran one global budget (``costmodel.report_granularity``)."""
     from dist_chita.planning.costmodel import report_granularity
 
-    prune, solver = report["config"]["prune"], report["config"]["solver"]
-    stages = f", {prune['stages']} stages" if prune.get("method") == "chita++" else ""
-    return (f"`{prune['method']}`{stages} to sparsity {prune['sparsity']:g}, objective "
-            f"`{prune.get('objective', 'fisher')}`, budget `{report_granularity(report)}`, ridge "
-            f"`{prune.get('ridge', 'identity')}`, loss `{prune['loss']}`, lambda {prune['lambda']:g}; factor in "
-            f"{solver['storage_dtype']}, at most {solver['max_iter']} IHT iterations; p = {report['p']:,}")
+    prune, calib = report["config"]["prune"], report["config"]["calibration"]
+    method = report.get("method") or prune["method"]
+    if report.get("objective") == "layerwise":
+        lw = report["config"]["layerwise"]
+        return (f"`{method}` to sparsity {prune['sparsity']:g}, objective `layerwise`; damp {lw['damp']:g}, at most "
+                f"{lw['max_iter']} steps, tol {lw['tol']:g}, {lw['moves']} moves per step; "
+                f"n = {report['n']} samples of at most {calib.get('max_length')} tokens in micro-batches of "
+                f"{calib.get('batch_size')}; p = {report['p']:,}")
+    fisher, solver = _fisher_section(report)
+    stages = f", {fisher['stages']} stages" if method == "chita++" else ""
+    return (f"`{method}`{stages} to sparsity {prune['sparsity']:g}, objective `fisher`, budget "
+            f"`{report_granularity(report)}`, ridge `{fisher.get('ridge', 'identity')}`, loss `{fisher['loss']}`, "
+            f"lambda {fisher['lambda']:g}; factor in {solver['storage_dtype']}, at most {solver['max_iter']} IHT "
+            f"iterations; p = {report['p']:,}")
 
 
 def _study_command(summary: dict, out: str, report: dict) -> list[str]:
     """``launch/scaling_study.py`` as the study ran it: the overrides the recorded runs passed to the prune, and
-    the settings ``_study_settings`` reads from their config (which a run under other defaults must be given)."""
+    for a Fisher study the settings ``_study_settings`` reads from their config (which a run under other defaults
+    must be given)."""
     run = summary["commands"][f"ws{summary['world_sizes'][0]}"]
     config = run[run.index("--config") + 1]
     overrides = run[run.index("--config") + 2:next(i for i, a in enumerate(run) if a.startswith("output.dir="))]
-    prune = report["config"]["prune"]
-    pinned = [f"prune.objective={prune.get('objective', 'fisher')}", f"prune.ridge={prune.get('ridge', 'identity')}"]
-    if prune.get("objective", "fisher") == "fisher" and not prune.get("nm"):
+    pinned = []
+    if report.get("objective") != "layerwise":
         from dist_chita.planning.costmodel import report_granularity
 
-        pinned.append(f"prune.granularity={report_granularity(report)}")
+        pinned = ["prune.objective=fisher", f"fisher.ridge={_fisher_section(report)[0].get('ridge', 'identity')}"]
+        if not report["config"]["prune"].get("nm"):
+            pinned.append(f"prune.granularity={report_granularity(report)}")
     known = {o.split("=")[0] for o in overrides}
     return (["python", "launch/scaling_study.py", "--config", config, "--world-sizes",
              ",".join(map(str, summary["world_sizes"])), "--mode", summary["mode"], "--launcher",
@@ -1140,19 +1159,31 @@ def _study_command(summary: dict, out: str, report: dict) -> list[str]:
             + overrides + [p for p in pinned if p.split("=")[0] not in known])
 
 
+def _memory(r: dict) -> str:
+    """Peak MiB per rank, with the estimate printed before the run when the report has it."""
+    peak = f"{r['peak_memory_per_rank'] / MIB:.0f}"
+    est = r.get("memory_estimate_per_rank")
+    return peak if est is None else f"{peak} ({est / MIB:.0f})"
+
+
 def _study_table(summary: dict) -> str:
     weak = summary["mode"] == "weak"
-    header = ["R", *(["n"] if weak else []), "fisher s (exchange)", "solver s (iterations)", "backsolve s",
-              "total s", "speedup", "efficiency", "peak MiB per rank"]
+    layerwise = summary.get("objective") == "layerwise"
+    phases = (["curvature s", "solver s (most steps)", "writeback s"] if layerwise
+              else ["fisher s (exchange)", "solver s (iterations)", "backsolve s"])
+    est = any(r.get("memory_estimate_per_rank") is not None for r in summary["rows"])
+    header = ["R", *(["n"] if weak else []), *phases, "total s", "speedup", "efficiency",
+              "peak MiB per rank" + (" (estimate)" if est else "")]
     rows = []
     for r in summary["rows"]:
         mark = "*" if r["oversubscribed"] else ""
-        rows.append([f"{r['world_size']}{mark}", *([str(r["n"])] if weak else []),
-                     f"{_s(r['time_fisher'])} ({_s(r['time_exchange'])})",
-                     f"{_s(r['time_solver'])} ({r['solver_iterations']})", _s(r["time_backsolve"]),
+        cells = ([_s(r["time_curvature"]), f"{_s(r['time_solver'])} ({r['solver_iterations']})",
+                  _s(r["time_writeback"])] if layerwise else
+                 [f"{_s(r['time_fisher'])} ({_s(r['time_exchange'])})",
+                  f"{_s(r['time_solver'])} ({r['solver_iterations']})", _s(r["time_backsolve"])])
+        rows.append([f"{r['world_size']}{mark}", *([str(r["n"])] if weak else []), *cells,
                      _s(r["time_total"]), "" if r["speedup"] is None else f"{r['speedup']:.2f}",
-                     "" if r["efficiency"] is None else f"{r['efficiency']:.2f}",
-                     f"{r['peak_memory_per_rank'] / MIB:.0f}"])
+                     "" if r["efficiency"] is None else f"{r['efficiency']:.2f}", _memory(r)])
     return _table(header, rows)
 
 
@@ -1211,7 +1242,8 @@ def render_validation(path: Path, studies: list[Path]) -> str:
             "--min-seconds", f"{val['min_seconds']:g}", "--target", f"{val['target']:g}", "--out",
             "docs/scaling/costmodel_validation.json"]
     groups = val["groups"]
-    names = [f"`{g['name']}` (p = {g['p']:,}; {g['runs']} runs, {g['conditions']} conditions)" for g in groups]
+    names = [f"`{g['name']}` {g.get('objective', 'fisher')} (p = {g['p']:,}; {g['runs']} runs, {g['conditions']} "
+             "conditions)" for g in groups]
     phases = sorted({ph for g in groups for ph in g["worst"]})
     worst_rows = []
     for ph in phases:
@@ -1288,17 +1320,26 @@ def _scaling_headline(root: Path, studies: list[Path]) -> list[tuple[str, str, s
     strong = [json.loads((s / "summary.json").read_text()) for s in studies]
     strong = [s for s in strong if s["mode"] == "strong" and any(r["world_size"] == 2 for r in s["rows"])]
     if strong:
-        result = "; ".join(f"`{s['name']}` {next(r['speedup'] for r in s['rows'] if r['world_size'] == 2):.2f}x"
-                           + (" (the same mask on every run)" if s["masks_equal"] else "") for s in strong)
+        result = ", ".join(f"`{s['name']}` {s.get('objective', 'fisher')} "
+                           f"{next(r['speedup'] for r in s['rows'] if r['world_size'] == 2):.2f}x" for s in strong)
+        same = [s for s in strong if s["masks_equal"]]
+        result += ("; every study: the same mask on every run" if len(same) == len(strong) else
+                   "; the same mask on every run of " + ", ".join(f"`{s['name']}` {s.get('objective', 'fisher')}"
+                                                                  for s in same))
         rows.append(("scaling studies, strong", "2 processes over 1, whole run (median of the runs)", result,
                      "[scaling](docs/scaling/README.md)"))
     path = root / "docs" / "scaling" / "costmodel_validation.json"
     if path.is_file():
         val = json.loads(path.read_text())
-        ph, worst = max(val["worst"].items(), key=lambda kv: kv[1])
+        worst: dict[str, tuple[float, str]] = {}
+        for g in val["groups"]:
+            for ph, e in g["worst"].items():
+                obj = g.get("objective", "fisher")
+                if e >= worst.get(obj, (-1.0, ""))[0]:
+                    worst[obj] = (e, ph)
+        result = ", ".join(f"{obj} {100 * e:.0f}% ({ph})" for obj, (e, ph) in sorted(worst.items()))
         rows.append(("cost model", f"worst held-out error over phases of at least {val['min_seconds']:g} s",
-                     f"{100 * worst:.0f}% ({ph}; target {100 * val['target']:.0f}%)",
-                     "[scaling](docs/scaling/README.md)"))
+                     f"{result}; target {100 * val['target']:.0f}%", "[scaling](docs/scaling/README.md)"))
     return rows
 
 
