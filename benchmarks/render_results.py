@@ -1029,6 +1029,35 @@ def _llama_shape(data: dict) -> str:
             f"{data['run']['model_params'] / 1e6:.0f} M parameters, {data['run']['p'] / 1e6:.0f} M prunable")
 
 
+def _zero3_writeback(data: dict) -> str:
+    """The write-back phase of the run against the current plan (dist_chita.planning.layerwise): without the ZeRO-3
+    gathers, with them at the link's rate, and the gather efficiency the run gives."""
+    from dataclasses import replace
+
+    import yaml
+
+    from dist_chita.planning import layerwise as lw
+    from dist_chita.planning.costmodel import Hardware
+
+    st, ps = data["settings"], data["run"]["phase_seconds"]
+    shape = lw.TransformerShape.from_hf_config(data["model_config"])
+    job = lw.Job(n=st["n"], tokens=st["tokens"], ranks=data["run"]["world_size"], micro_batch=st["micro_batch"],
+                 model_bytes=4, act_bytes=4, zero3=True)
+    hw = Hardware.from_dict(yaml.safe_load((ROOT / data["hardware"]).read_text()))
+    at_link = replace(hw, zero3_gather_efficiency=1.0)
+    q = max(range(len(ps["solver"])), key=lambda i: ps["solver"][i])
+    eff = lw.zero3_gather_efficiency(ps["writeback"][q], shape, job, at_link)
+    return (f"Write-back under ZeRO-3: {_s(ps['writeback'][q])} s on rank {q}, the rank with the most solver seconds "
+            f"(per rank {' / '.join(_s(x) for x in ps['writeback'])} s: the other rank also waits there for rank "
+            f"{q}'s longer solve); the plan without "
+            f"the gathers {_s(lw.writeback_seconds(shape, replace(job, zero3=False), hw))} s, with each layer's "
+            f"gather and re-partitioning broadcast at the link's rate "
+            f"{_s(lw.writeback_seconds(shape, job, at_link))} s: the gathers ran at {eff:.2f} of the link's rate "
+            f"(`zero3_gather_efficiency`, in-sample: this run is the only one that measures it; the hardware file "
+            f"gives {hw.zero3_gather_efficiency:g}, with which the plan is "
+            f"{_s(lw.writeback_seconds(shape, job, hw))} s).")
+
+
 def render_llama_scale(data: dict) -> Page:
     """The ZeRO-3 scale run of a Llama-architecture model (benchmarks/llama_scale.py)."""
     st, run, mem, mc = data["settings"], data["run"], data["memory"], data["mask_check"]
@@ -1060,10 +1089,10 @@ def render_llama_scale(data: dict) -> Page:
         f"{data['loads']['after']:.2f} after (2 cores); float32 matmul rate of one thread around the run "
         f"{data['matmul_flops'] / 1e9:.0f} GFLOP/s (the hardware file: "
         f"{data['hardware_flops'] / 1e9:.0f}).",
-        "Seconds per phase (the slowest rank; per rank) against the plan at the hardware file's rates and at the "
-        "matmul rate measured around the run:",
+        "Seconds per phase (the slowest rank; per rank) against the plan the run recorded, at the hardware file's "
+        "rates and at the matmul rate measured around the run:",
         _table(["phase", "measured", "per rank", "plan", "measured / plan", "plan at measured rate",
-                "measured / that"], times),
+                "measured / that"], times), _zero3_writeback(data),
         f"Memory per rank, GiB: the peak resident set (VmHWM, the report's `peak_memory_bytes`) against the estimate "
         f"the run printed ({parts}) and the plan's memory ({plan_parts}) plus the rank's baseline.",
         _table(["rank", "peak", "estimate", "peak / estimate", "plan + baseline", "peak / that"], mems),
