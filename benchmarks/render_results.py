@@ -1162,7 +1162,7 @@ def _study_settings(report: dict) -> str:
     stages = f", {fisher['stages']} stages" if method == "chita++" else ""
     return (f"`{method}`{stages} to sparsity {prune['sparsity']:g}, objective `fisher`, budget "
             f"`{report_granularity(report)}`, ridge `{fisher.get('ridge', 'identity')}`, loss `{fisher['loss']}`, "
-            f"lambda {fisher['lambda']:g}; factor in {solver['storage_dtype']}, at most {solver['max_iter']} IHT "
+            f"lambda {_lam(fisher['lambda'])}; factor in {solver['storage_dtype']}, at most {solver['max_iter']} IHT "
             f"iterations; p = {report['p']:,}")
 
 
