@@ -323,7 +323,7 @@ def write_outputs(summary: dict, reports: list[dict], out: Path, runs: dict[str,
         for name, rep in runs.items():
             (out / "reports" / "runs" / f"{name}.json").write_text(json.dumps(rep, indent=2, default=float))
     paths = [scaling.write_csv(summary["rows"], out / "scaling.csv")]
-    paths += scaling.plot(summary["rows"], out, title=summary["name"])
+    paths += scaling.plot(summary["rows"], out, title=f"{summary['name']} ({summary.get('objective', 'fisher')})")
     (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False))
     return paths + [out / "summary.json"]
 
