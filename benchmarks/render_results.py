@@ -1199,7 +1199,7 @@ def _memory(r: dict) -> str:
 def _study_table(summary: dict) -> str:
     weak = summary["mode"] == "weak"
     layerwise = summary.get("objective") == "layerwise"
-    phases = (["curvature s", "solver s (most steps)", "writeback s"] if layerwise
+    phases = (["curvature s (per rank)", "solver s (per rank), most steps", "writeback s (per rank)"] if layerwise
               else ["fisher s (exchange)", "solver s (iterations)", "backsolve s"])
     est = any(r.get("memory_estimate_per_rank") is not None for r in summary["rows"])
     header = ["R", *(["n"] if weak else []), *phases, "total s", "speedup", "efficiency",
@@ -1207,8 +1207,14 @@ def _study_table(summary: dict) -> str:
     rows = []
     for r in summary["rows"]:
         mark = "*" if r["oversubscribed"] else ""
-        cells = ([_s(r["time_curvature"]), f"{_s(r['time_solver'])} ({r['solver_iterations']})",
-                  _s(r["time_writeback"])] if layerwise else
+        ranks = (summary.get("per_rank_seconds") or {}).get(str(r["world_size"])) or {}
+
+        def each(ph: str, r=r, ranks=ranks) -> str:
+            vals = ranks.get(ph) or []
+            return _s(r[f"time_{ph}"]) + (f" ({' / '.join(_s(v) for v in vals)})" if len(vals) > 1 else "")
+
+        cells = ([each("curvature"), f"{each('solver')}, {r['solver_iterations']} steps", each("writeback")]
+                 if layerwise else
                  [f"{_s(r['time_fisher'])} ({_s(r['time_exchange'])})",
                   f"{_s(r['time_solver'])} ({r['solver_iterations']})", _s(r["time_backsolve"])])
         rows.append([f"{r['world_size']}{mark}", *([str(r["n"])] if weak else []), *cells,

@@ -259,6 +259,8 @@ def summarize(
         "cores": cores,
         "oversubscribed_world_sizes": over,
         "notes": notes,
+        "per_rank_seconds": {str(r["world_size"]): {ph: scaling.per_rank(r.get("phase_seconds") or {}, ph)
+                                                     for ph in scaling.phases_of(table)} for r in reports},
         "masks_equal": same,
         "mask_statement": statement,
         "rows": table,

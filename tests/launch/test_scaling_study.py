@@ -189,6 +189,8 @@ def test_layerwise_summary_fits_the_layerwise_formulas():
         reports.append(rep)
     summary = st.summarize(reports, "strong", 2, hw)
     assert summary["objective"] == "layerwise" and summary["masks_equal"]
+    assert summary["per_rank_seconds"]["2"]["solver"] == reports[1]["phase_seconds"]["solver"]
+    assert set(summary["per_rank_seconds"]["1"]) == {"curvature", "solver", "writeback", "save"}
     assert {row["phase"] for row in summary["comparison"]} == {"curvature", "solver", "writeback", "sum"}
     assert summary["rates"]["solver_steps"] == pytest.approx(20.0)
     assert summary["rates"]["curvature_compute_scale"] == pytest.approx(1.5)
