@@ -1185,7 +1185,6 @@ def _study_command(summary: dict, out: str, report: dict) -> list[str]:
              ",".join(map(str, summary["world_sizes"])), "--mode", summary["mode"], "--launcher",
              summary.get("launcher", "accelerate"), "--threads-per-rank", str(summary["threads_per_rank"][0]),
              "--repeats", str(summary["repeats"]), "--out", out]
-            + (["--probe-seconds", f"{summary['probe_seconds']:g}"] if summary.get("probe_seconds") else [])
             + overrides + [p for p in pinned if p.split("=")[0] not in known])
 
 
@@ -1238,11 +1237,6 @@ def _study_notes(summary: dict, reports: dict[int, dict]) -> list[str]:
         notes.append(f"`*`: {sizes} with {_n(summary['threads_per_rank'][0], 'thread')} per rank oversubscribe the "
                      f"{summary['cores']} cores: the ranks time-share them, so these times show the cost of sharing, "
                      "not what one device per rank would do.")
-    shares = summary.get("core_share") or {}
-    if shares:
-        notes.append("Compute share of a rank measured around each run (R concurrent float32 matmul probes, before / "
-                     "after, over the hardware file's rate of one core; the layerwise cost model predicts each run at "
-                     "the mean): " + "; ".join(f"{k} {a:.2f} / {b:.2f}" for k, (a, b) in shares.items()) + ".")
     busy = [k for k, v in (summary.get("load_average_1min") or {}).items() if max(v.values()) > summary["cores"]]
     if busy:
         notes.append(f"The 1-minute load average was above the {summary['cores']} cores around runs "

@@ -21,10 +21,6 @@ size, fitted to the others. The phases and the cost model follow the runs' objec
 solver, backsolve; dist_chita.planning.costmodel) or the layerwise one's (curvature, solver, writeback;
 dist_chita.planning.layerwise_fit).
 
-``--probe-seconds S``: before and after each run, R processes time float32 matmuls at once for S seconds; the mean
-rate over the hardware file's float32 rate is the compute share a rank got (``core_share``, recorded in the run's
-report and the summary): on a machine shared with other work, the layerwise cost model predicts each run at it.
-
 Strong scaling keeps the config's n; weak scaling runs n R samples at world size R (n per rank fixed).
 ``--repeats N`` runs every world size N times, interleaved (1, 2, 4, 1, 2, 4, ...); the table, plots and cost model
 then use each world size's median per rank and phase (reports/ws<R>.json), every run is kept in reports/runs/, and
@@ -41,7 +37,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,17 +48,6 @@ import yaml  # noqa: E402
 from dist_chita.planning import costmodel, layerwise_fit, scaling  # noqa: E402
 
 LAUNCHERS = ("accelerate", "torchrun", "python")
-PROBE = """import sys, time, torch
-torch.set_num_threads(int(sys.argv[1]))
-a = torch.randn(256, 256)
-while time.time() < float(sys.argv[3]):
-    time.sleep(0.005)
-count, t = 0, time.perf_counter()
-while time.perf_counter() - t < float(sys.argv[2]):
-    a @ a
-    count += 1
-print(2 * 256**3 * count / (time.perf_counter() - t))
-"""
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
 
 
@@ -134,23 +118,6 @@ def rank_env(threads_per_rank: int, base: dict[str, str] | None = None) -> dict[
     env = dict(os.environ if base is None else base)
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads_per_rank)
     return env
-
-
-def core_share(ranks: int, threads: int, reference_flops: float, seconds: float,
-               python: str = sys.executable) -> float:
-    """The compute one rank gets now, in devices' worth: ``ranks`` processes of ``threads`` threads each time float32
-    (256, 256) products for ``seconds``, all at once (as the ranks will share the machine with whatever else runs
-    on it); their mean FLOP rate over ``reference_flops`` (the hardware file's float32 rate of one device)."""
-    start = time.time() + 3.0  # every probe past its imports before any starts timing
-    procs = [subprocess.Popen([python, "-c", PROBE, str(threads), str(seconds), str(start)], stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True) for _ in range(ranks)]
-    try:
-        rates = [float(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
-    except (subprocess.TimeoutExpired, ValueError, IndexError):
-        for p in procs:
-            p.kill()
-        raise StudyError("the core-share probe failed") from None
-    return sum(rates) / len(rates) / reference_flops
 
 
 def machine_cores() -> int:
@@ -344,7 +311,7 @@ def rebuild(reports_dir: Path, out: Path, mode: str, hardware: costmodel.Hardwar
     old = out / "summary.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
     summary = summarize(reports, mode, machine_cores(), hardware, title=reports[0].get("name", ""), runs=runs)
-    for key in ("launcher", "commands", "load_average_1min", "git", "probe_seconds", "core_share"):
+    for key in ("launcher", "commands", "load_average_1min", "git"):
         if key in previous:
             summary[key] = previous[key]
     summary["notes"] += [n for n in previous.get("notes", []) if n not in summary["notes"]]
@@ -352,13 +319,6 @@ def rebuild(reports_dir: Path, out: Path, mode: str, hardware: costmodel.Hardwar
     print(format_summary(summary))
     print("wrote " + ", ".join(str(p) for p in out_paths))
     return 1 if summary["masks_equal"] is False else 0
-
-
-def probe(args: argparse.Namespace, ranks: int, hardware: costmodel.Hardware) -> float | None:
-    """:func:`core_share` with the study's arguments (None without ``--probe-seconds``)."""
-    if args.probe_seconds <= 0:
-        return None
-    return core_share(ranks, args.threads_per_rank, hardware.flops_float32 or hardware.flops, args.probe_seconds)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -375,10 +335,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
     ap.add_argument("--repeats", type=int, default=1,
                     help="runs per world size, interleaved (1, 2, 4, 1, 2, 4, ...); times are the medians")
-    ap.add_argument("--probe-seconds", type=float, default=0.0,
-                    help="before and after each run, time R concurrent matmul probes for this long and record the "
-                         "compute share a rank gets (core_share in each run's report; the layerwise cost model "
-                         "predicts at it); 0: no probes")
     ap.add_argument("--from-reports", default=None,
                     help="skip the runs: rebuild the outputs from a directory of recorded reports (ws<R>.json)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides passed to every run")
@@ -407,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_reports:
         return rebuild(Path(args.from_reports), out, args.mode, hardware, sizes)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="scaling_"))
-    commands, loads, states, shares = {}, {}, {}, {}
+    commands, loads, states = {}, {}, {}
     try:
         runs: dict[str, dict] = {}
         for j in range(args.repeats):  # interleaved, so that a slow spell of the machine hits every world size
@@ -421,14 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    f"<work>/{name}", args.threads_per_rank, args.overrides, n)
                 print(f"[{name}] {' '.join(cmd)}", flush=True)
                 states[name] = git_state()
-                share = probe(args, R, hardware)
                 load_before = os.getloadavg()[0]
                 run_one(cmd, rank_env(args.threads_per_rank), work / "logs" / f"{name}.log", args.timeout)
                 loads[name] = {"before": load_before, "after": os.getloadavg()[0]}
                 runs[name] = collect_report(run_dir, R, args.launcher)
-                if share is not None:
-                    shares[name] = [share, probe(args, R, hardware)]
-                    runs[name]["core_share"] = sum(shares[name]) / 2
                 print(f"[{name}] done: total {max(runs[name]['phase_seconds']['total']):.2f} s", flush=True)
         reports = [scaling.median_of_runs([rep for rep in runs.values() if int(rep["world_size"]) == R])
                    for R in sizes]
@@ -437,9 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         summary["launcher"] = args.launcher
         summary["commands"] = commands
         summary["load_average_1min"] = loads
-        if shares:
-            summary["probe_seconds"] = args.probe_seconds
-            summary["core_share"] = shares
         summary["git"] = states
         modified = sorted({f for st in states.values() for f in st["modified"]})
         if modified:

@@ -29,9 +29,7 @@ features x_j are the plan's formulas at the hardware file's rates, the coefficie
   4 r d_in bytes over the link (latency included), fitted only when some fitted run has R > 1, else given at the
   link's rate (c_1 = 1).
 
-Compute runs at the rank's share of the cores: a report's ``core_share`` when a scaling study measured it around
-the run (``launch/scaling_study.py --probe-seconds``: on a machine shared with other work a rank gets less than
-its core), else :meth:`~dist_chita.planning.costmodel.Hardware.compute_share`.
+Compute runs at the rank's share of the cores (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`).
 The fit (:func:`fit`) is non-negative least squares per phase, each run weighted by 1 / max(measured, 0.5 s) so that
 relative errors count; only as many leading features are fitted as the runs tell apart (one run, or features in
 the same ratio in every run: a scale of x_1), the others keep 0. Measured seconds are the phases of the rank with
@@ -68,7 +66,6 @@ class LayerwiseWork:
     micro_batch: int
     tokens: int
     zero3: bool = False
-    share: float | None = None
 
     def rank_batches(self) -> tuple[int, int]:
         """(samples, micro-batches) of the rank with the most samples."""
@@ -103,14 +100,12 @@ def work_from_report(report: dict) -> LayerwiseWork:
     return LayerwiseWork(blocks=tuple(tuple(b) for b in blocks), method=str(report.get("method")),
                          ranks=int(report["world_size"]), threads=int(report.get("threads_per_rank") or 1), n=n,
                          micro_batch=max(1, int(calib.get("batch_size") or n)),
-                         tokens=max(1, int(calib.get("max_length") or 1)), zero3=report.get("zero_stage") == 3,
-                         share=None if report.get("core_share") is None else float(report["core_share"]))
+                         tokens=max(1, int(calib.get("max_length") or 1)), zero3=report.get("zero_stage") == 3)
 
 
 def _shared(hw: Hardware, w: LayerwiseWork) -> Hardware:
-    """``hw`` with its FLOP rates at the rank's share of the cores: the share measured around the run when recorded,
-    else the hardware's (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`)."""
-    s = w.share if w.share is not None else hw.compute_share(w.ranks, w.threads)
+    """``hw`` with its FLOP rates at the rank's share of the cores."""
+    s = hw.compute_share(w.ranks, w.threads)
     f32, f64 = hw.flops_float32 or hw.flops, hw.flops_float64 or hw.flops / 2
     return replace(hw, flops=hw.flops * s, flops_float32=f32 * s, flops_float64=f64 * s)
 

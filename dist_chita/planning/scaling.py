@@ -152,8 +152,7 @@ def _median(values: list[float]) -> float:
 def median_of_runs(reports: list[dict]) -> dict:
     """One report standing for repeated runs of the same prune (same world size, n and p): the first run's report
     with every time replaced by its median over the runs, per rank and phase (``phase_seconds``) and per CHITA++
-    stage and phase (``stages[t]["seconds"]``), the peak memory per rank by its max, and the compute share a
-    study's probes measured around each run (``core_share``, when recorded) by its median. Also records ``repeats``
+    stage and phase (``stages[t]["seconds"]``) and the peak memory per rank by its max. Also records ``repeats``
     (the number of runs) and ``total_seconds_runs`` (each run's total, max over ranks), so the spread stays visible.
 
     On a shared or virtualised machine a single run's phase can be off by tens of percent (page faults served by
@@ -186,9 +185,6 @@ def median_of_runs(reports: list[dict]) -> dict:
     peaks = [r.get("peak_memory_bytes") or [] for r in reports]
     if all(len(v) == len(peaks[0]) for v in peaks):
         out["peak_memory_bytes"] = [max(v[i] for v in peaks) for i in range(len(peaks[0]))]
-    shares = [float(r["core_share"]) for r in reports if r.get("core_share") is not None]
-    if shares:
-        out["core_share"] = _median(shares)
     out["repeats"] = len(reports)
     out["total_seconds_runs"] = [_max(per_rank(r.get("phase_seconds") or {}, "total")) for r in reports]
     return out

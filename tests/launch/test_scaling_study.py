@@ -202,27 +202,3 @@ def test_layerwise_summary_fits_the_layerwise_formulas():
     assert "objective layerwise" in text and "curvature" in text.splitlines()[1]
     with pytest.raises(st.StudyError, match="different objectives"):
         st.summarize([reports[0], {**reports[1], "objective": "fisher"}], "strong", 2, hw)
-
-
-def test_probes_record_the_core_share_in_each_run(tmp_path, capsys, monkeypatch):
-    """--probe-seconds: each run's report and the summary carry the share the probes measured (here a stand-in probe
-    that reports twice the reference rate at R = 1 and the reference rate at R = 2, before and after)."""
-    calls = []
-
-    def fake_share(ranks, threads, reference, seconds):
-        calls.append((ranks, threads, seconds))
-        return 2.0 / ranks
-
-    monkeypatch.setattr(st, "core_share", fake_share)
-    proc, out = run_study(tmp_path, capsys, "--world-sizes", "1,2", "--launcher", "python", "--probe-seconds", "0.2")
-    assert proc.returncode == 0, proc.stderr
-    assert calls == [(1, 1, 0.2), (1, 1, 0.2), (2, 1, 0.2), (2, 1, 0.2)]  # before and after each run
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["probe_seconds"] == 0.2 and summary["core_share"] == {"ws1": [2.0, 2.0], "ws2": [1.0, 1.0]}
-    assert json.loads((out / "reports" / "ws2.json").read_text())["core_share"] == 1.0
-
-
-def test_core_share_probe_measures_a_rate():
-    """The probe itself: R processes at once, each a positive FLOP rate; against a reference of 1 FLOP/s the share
-    is the rate itself, far above 1 (any CPU does more than a FLOP a second)."""
-    assert st.core_share(2, 1, 1.0, 0.05) > 1e6

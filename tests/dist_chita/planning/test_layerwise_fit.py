@@ -136,14 +136,3 @@ def test_sparsegpt_solver_takes_the_most_loaded_rank_and_methods_do_not_mix():
     assert columns == 24
     with pytest.raises(ValueError, match="different methods"):
         lf.fit([report(1), report(1, method="sparsegpt")], HW)
-
-
-def test_a_measured_core_share_slows_the_compute_features():
-    rep = report(2)
-    full = lf.phase_features(lf.work_from_report(rep), HW)
-    half = lf.phase_features(lf.work_from_report({**rep, "core_share": 0.5}), HW)
-    for ph in ("curvature", "solver"):  # every FLOP at half the rate; the all-reduces and the call count as they were
-        assert half[ph][1][0] == pytest.approx(2 * full[ph][1][0])
-    assert half["solver"][0] == pytest.approx(2 * full["solver"][0])
-    assert half["curvature"][0] == pytest.approx(full["curvature"][0]) and half["curvature"][1][1] == 6
-    assert half["writeback"] == full["writeback"]

@@ -227,9 +227,3 @@ def test_layerwise_rows_phases_and_plots(tmp_path):
     assert scaling.phases_of(rows + fisher) == scaling.TIME_PHASES[:-1]  # both objectives' phases, in order
     for p in scaling.plot(rows, tmp_path, title="t"):
         assert p.read_bytes()[:8] == PNG_MAGIC
-
-
-def test_median_of_runs_takes_the_median_core_share():
-    runs = [{**report(2, [4.0, 5.0]), "core_share": s} for s in (0.9, 0.4, 0.6)]
-    assert scaling.median_of_runs(runs)["core_share"] == pytest.approx(0.6)
-    assert "core_share" not in scaling.median_of_runs([report(2, [4.0, 5.0]), report(2, [3.0, 9.0])])
