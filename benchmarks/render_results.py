@@ -1241,6 +1241,13 @@ def _study_notes(summary: dict, reports: dict[int, dict]) -> list[str]:
     if busy:
         notes.append(f"The 1-minute load average was above the {summary['cores']} cores around runs "
                      f"{', '.join(busy)} (the runs' own processes count in it).")
+    rates = summary.get("rates") or {}
+    if summary.get("objective") == "layerwise" and "solver_steps" in rates:
+        notes.append(f"The layerwise formulas fitted to these runs: {rates['solver_steps']:.1f} IHT steps per row "
+                     f"(mean), {1e3 * rates.get('chunk_step_seconds', 0.0):.2f} ms per chunk step; the curvature pass "
+                     f"{rates['curvature_compute_scale']:.2f} x its FLOPs at the hardware file's rate and "
+                     f"{1e3 * rates['curvature_seconds_per_block_forward']:.2f} ms per block forward; the write-back's "
+                     f"all-reduce {rates['writeback_allreduce_scale']:.1f} x its bytes at the link's rate.")
     for key, what in (("max_abs_rel_error_by_phase", "fitted to these runs"),
                       ("max_abs_rel_error_by_phase_held_out", "each world size predicted from the others")):
         worst = summary.get(key) or {}
