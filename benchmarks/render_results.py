@@ -1247,7 +1247,9 @@ def _study_notes(summary: dict, reports: dict[int, dict]) -> list[str]:
                      f"(mean), {1e3 * rates.get('chunk_step_seconds', 0.0):.2f} ms per chunk step; the curvature pass "
                      f"{rates['curvature_compute_scale']:.2f} x its FLOPs at the hardware file's rate and "
                      f"{1e3 * rates['curvature_seconds_per_block_forward']:.2f} ms per block forward; the write-back's "
-                     f"all-reduce {rates['writeback_allreduce_scale']:.1f} x its bytes at the link's rate.")
+                     f"all-reduce {rates['writeback_allreduce_scale']:.1f} x its bytes at the link's rate"
+                     + (f"; the ranks effectively had {rates['effective_cores']:.2f} of the {summary['cores']} cores"
+                        if rates.get("effective_cores") else "") + ".")
     for key, what in (("max_abs_rel_error_by_phase", "fitted to these runs"),
                       ("max_abs_rel_error_by_phase_held_out", "each world size predicted from the others")):
         worst = summary.get(key) or {}

@@ -30,6 +30,8 @@ features x_j are the plan's formulas at the hardware file's rates, the coefficie
   link's rate (c_1 = 1).
 
 Compute runs at the rank's share of the cores (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`).
+On shared CPU cores the fit also gives the cores the ranks effectively had, C' (:func:`fit`): a rank's share is then
+min(t, C' / R).
 The fit (:func:`fit`) is non-negative least squares per phase, each run weighted by 1 / max(measured, 0.5 s) so that
 relative errors count; only as many leading features are fitted as the runs tell apart (one run, or features in
 the same ratio in every run: a scale of x_1), the others keep 0. Measured seconds are the phases of the rank with
@@ -103,9 +105,10 @@ def work_from_report(report: dict) -> LayerwiseWork:
                          tokens=max(1, int(calib.get("max_length") or 1)), zero3=report.get("zero_stage") == 3)
 
 
-def _shared(hw: Hardware, w: LayerwiseWork) -> Hardware:
-    """``hw`` with its FLOP rates at the rank's share of the cores."""
-    s = hw.compute_share(w.ranks, w.threads)
+def _shared(hw: Hardware, w: LayerwiseWork, cores: float | None = None) -> Hardware:
+    """``hw`` with its FLOP rates at the rank's share of the cores: min(t, C / R), C = ``cores`` (the cores the
+    ranks effectively had) or the hardware's (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`)."""
+    s = hw.compute_share(w.ranks, w.threads) if cores is None else min(float(w.threads), cores / w.ranks)
     f32, f64 = hw.flops_float32 or hw.flops, hw.flops_float64 or hw.flops / 2
     return replace(hw, flops=hw.flops * s, flops_float32=f32 * s, flops_float64=f64 * s)
 
@@ -156,9 +159,10 @@ def _writeback(w: LayerwiseWork, hw: Hardware) -> tuple[float, list[float]]:
             [sum(allreduce_seconds(4 * r * d, w.ranks, bw, lat) for r, d in layers)])
 
 
-def phase_features(w: LayerwiseWork, hw: Hardware) -> dict[str, tuple[float, list[float]]]:
-    """Per phase (``given`` seconds, features x_j) of the module docstring."""
-    hws = _shared(hw, w)
+def phase_features(w: LayerwiseWork, hw: Hardware,
+                   cores: float | None = None) -> dict[str, tuple[float, list[float]]]:
+    """Per phase (``given`` seconds, features x_j) of the module docstring; ``cores``: the effective cores C'."""
+    hws = _shared(hw, w, cores)
     return {"curvature": _curvature(w, hws), "solver": _solver(w, hws), "writeback": _writeback(w, hw)}
 
 
@@ -167,11 +171,12 @@ class LayerwiseFit:
     """Fitted coefficients c_j per phase (module docstring; names in :data:`FEATURES`)."""
 
     coefficients: dict[str, tuple[float, ...]]
+    cores: float | None = None
 
     def predict(self, w: LayerwiseWork, hw: Hardware) -> dict[str, float]:
         """Seconds per phase of the busiest rank, and their ``sum``."""
         out = {}
-        for ph, (given, x) in phase_features(w, hw).items():
+        for ph, (given, x) in phase_features(w, hw, self.cores).items():
             out[ph] = given + sum(c * v for c, v in zip(self.coefficients[ph], x, strict=False))
         return {**out, "sum": sum(out.values())}
 
@@ -181,6 +186,7 @@ class LayerwiseFit:
                for name, c in zip(FEATURES[ph], cs, strict=False)}
         if "solver_chunk_seconds" in out:
             out["chunk_step_seconds"] = out["solver_chunk_seconds"] / (out["solver_steps"] + 2)
+        out["effective_cores"] = self.cores
         return out
 
 
@@ -219,28 +225,48 @@ def _independent(feats: list[dict], phase: str, k: int) -> int:
     return k
 
 
-def fit(reports: list[dict], hw: Hardware) -> LayerwiseFit:
-    """Coefficients fitted to ``reports`` (layerwise, one method; module docstring)."""
-    if not reports:
-        raise ValueError("layerwise fit needs at least one report")
-    works = [work_from_report(r) for r in reports]
-    if len({w.method for w in works}) > 1:
-        raise ValueError(f"layerwise fit: reports of different methods {sorted({w.method for w in works})}")
-    feats = [phase_features(w, hw) for w in works]
-    times = [measured_seconds(r) for r in reports]
-    coefficients = {}
+def _fit_phases(works: list[LayerwiseWork], feats: list[dict],
+                times: list[dict[str, float]]) -> tuple[dict[str, tuple[float, ...]], float]:
+    """(coefficients per phase, the weighted squared residual of the compute phases, curvature and solver)."""
+    coefficients, residual = {}, 0.0
     for ph in PHASES:
         width = len(feats[0][ph][1])
-        k = _independent(feats, ph, min(width, len(reports)))
+        k = _independent(feats, ph, min(width, len(works)))
         fixed = [0.0] * (width - k)
         if ph == "writeback" and not any(w.ranks > 1 for w in works):
             k, fixed = 0, [1.0]  # the all-reduce is not observed: given at the link's rate
         rows = [f[ph][1][:k] for f in feats]
         target = [max(0.0, t[ph] - f[ph][0] - sum(c * v for c, v in zip(fixed, f[ph][1][k:], strict=True)))
                   for f, t in zip(feats, times, strict=True)]
-        fitted = _nnls(rows, target, [t[ph] for t in times]) if k else []
-        coefficients[ph] = tuple(fitted + fixed)
-    return LayerwiseFit(coefficients)
+        coefficients[ph] = tuple((_nnls(rows, target, [t[ph] for t in times]) if k else []) + fixed)
+        if ph != "writeback":
+            for f, t in zip(feats, times, strict=True):
+                pred = f[ph][0] + sum(c * v for c, v in zip(coefficients[ph], f[ph][1], strict=True))
+                residual += ((pred - t[ph]) / max(t[ph], WEIGHT_FLOOR_SECONDS)) ** 2
+    return coefficients, residual
+
+
+def fit(reports: list[dict], hw: Hardware, grid: int = 41) -> LayerwiseFit:
+    """Coefficients fitted to ``reports`` (layerwise, one method; module docstring). On shared cores
+    (``hw.shared_cores`` C > 0) with runs at more than one R, also the cores the ranks effectively had, C' in
+    [1, C] (``grid`` points; the least residual of the compute phases, the most cores on a tie): on a machine shared
+    with other work R ranks get less than min(t, C / R) each, and the runs at different R tell how much less."""
+    if not reports:
+        raise ValueError("layerwise fit needs at least one report")
+    works = [work_from_report(r) for r in reports]
+    if len({w.method for w in works}) > 1:
+        raise ValueError(f"layerwise fit: reports of different methods {sorted({w.method for w in works})}")
+    times = [measured_seconds(r) for r in reports]
+    candidates: list[float | None] = [None]
+    if hw.shared_cores > 0 and len({w.ranks for w in works}) > 1:
+        C = float(hw.shared_cores)
+        candidates = [C - (C - 1.0) * i / (grid - 1) for i in range(grid)]
+    best = None
+    for cores in candidates:
+        coefficients, residual = _fit_phases(works, [phase_features(w, hw, cores) for w in works], times)
+        if best is None or residual < best[0] * (1 - 1e-9):
+            best = (residual, LayerwiseFit(coefficients, cores))
+    return best[1]
 
 
 def compare(reports: list[dict], hw: Hardware, fitted: LayerwiseFit) -> list[dict]:

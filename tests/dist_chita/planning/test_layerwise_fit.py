@@ -3,6 +3,8 @@ fit recovering known coefficients, leave-one-out."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dist_chita.planning import layerwise_fit as lf
@@ -136,3 +138,22 @@ def test_sparsegpt_solver_takes_the_most_loaded_rank_and_methods_do_not_mix():
     assert columns == 24
     with pytest.raises(ValueError, match="different methods"):
         lf.fit([report(1), report(1, method="sparsegpt")], HW)
+
+
+def test_effective_cores_of_a_shared_machine_are_fitted():
+    shared = replace(HW, shared_cores=2)
+    coef = {"curvature": (1.7, 0.003), "solver": (25.0, 0.02), "writeback": (2.5,)}
+    layers = [("enc.layer.0.q", [100, 16]), ("enc.layer.0.fc", [64, 16]), ("enc.layer.1.q", [128, 16])]
+    reps = [report(R, n=n, layers=layers) for R, n in ((1, 10), (2, 10), (2, 20), (1, 20))]
+    for rep in reps:  # two ranks got 1.5 cores between them: each 0.75 of its core, one rank alone a whole one
+        feats = lf.phase_features(lf.work_from_report(rep), shared, cores=1.5)
+        rep["phase_seconds"] = {ph: [g + sum(c * v for c, v in zip(coef[ph], x, strict=True))] * rep["world_size"]
+                                for ph, (g, x) in feats.items()}
+    by_hand = lf.phase_features(lf.work_from_report(reps[1]), HW)["solver"][1][0] / 0.75
+    assert lf.phase_features(lf.work_from_report(reps[1]), shared, cores=1.5)["solver"][1][0] == pytest.approx(by_hand)
+    fitted = lf.fit(reps, shared)
+    assert fitted.cores == pytest.approx(1.5) and fitted.as_dict()["effective_cores"] == pytest.approx(1.5)
+    for ph, cs in coef.items():
+        assert fitted.coefficients[ph] == pytest.approx(cs, rel=1e-6)
+    assert lf.fit(reps, HW).cores is None  # one device per rank: nothing shared to fit
+    assert lf.fit(reps[:1], shared).cores is None  # one R: the runs cannot tell
