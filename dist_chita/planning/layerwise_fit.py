@@ -27,7 +27,9 @@ features x_j are the plan's formulas at the hardware file's rates, the coefficie
   (no solve of H): x_1 = one pass over the busiest rank's rows, 4 r d_in bytes at M.
 * writeback: given each layer's rows written, 8 r d_in bytes at M; x_1 = each layer's all-reduce of its rows,
   4 r d_in bytes over the link (latency included), fitted only when some fitted run has R > 1, else given at the
-  link's rate (c_1 = 1).
+  link's rate (c_1 = 1). ZeRO-3's gathers of the written weights
+  (:func:`~dist_chita.planning.layerwise.zero3_write_seconds`) are not counted: the report does not give the
+  parameters' dtype, and the studies run without ZeRO-3.
 
 Compute runs at the rank's share of the cores (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`).
 On shared CPU cores the fit also gives the cores the ranks effectively had, C' (:func:`fit`): a rank's share is then
