@@ -294,8 +294,10 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     ax.bar(f.x, [row["peak_memory_per_rank"] / 2**20 for row in table], label="measured peak")
     estimates = [row.get("memory_estimate_per_rank") for row in table]
     if all(e is not None for e in estimates):
-        ax.plot(f.x, [e / 2**20 for e in estimates], "k_", markersize=40, mew=2, label="estimate before the run")
-        ax.legend(fontsize=8)
+        for i, (xi, e) in enumerate(zip(f.x, estimates, strict=True)):
+            ax.hlines(e / 2**20, xi - 0.4, xi + 0.4, colors="k", linewidth=2,
+                      label="estimate before the run" if i == 0 else None)
+        ax.legend(fontsize=8, loc="lower right")
     f.finish(fig, ax, "peak_memory.png", "peak memory per rank (MiB, max over ranks)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
