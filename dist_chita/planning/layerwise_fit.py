@@ -32,8 +32,8 @@ features x_j are the plan's formulas at the hardware file's rates, the coefficie
   parameters' dtype, and the studies run without ZeRO-3.
 
 Compute runs at the rank's share of the cores (:meth:`~dist_chita.planning.costmodel.Hardware.compute_share`).
-On shared CPU cores the fit also gives the cores the ranks effectively had, C' (:func:`fit`): a rank's share is then
-min(t, C' / R).
+On shared CPU cores the fit also gives the cores the ranks effectively had, C' (:func:`fit`, when the runs have more
+than one R and more runs than R values): a rank's share is then min(t, C' / R).
 The fit (:func:`fit`) is non-negative least squares per phase, each run weighted by 1 / max(measured, 0.5 s) so that
 relative errors count; only as many leading features are fitted as the runs tell apart (one run, or features in
 the same ratio in every run: a scale of x_1), the others keep 0. Measured seconds are the phases of the rank with
@@ -250,9 +250,11 @@ def _fit_phases(works: list[LayerwiseWork], feats: list[dict],
 
 def fit(reports: list[dict], hw: Hardware, grid: int = 41) -> LayerwiseFit:
     """Coefficients fitted to ``reports`` (layerwise, one method; module docstring). On shared cores
-    (``hw.shared_cores`` C > 0) with runs at more than one R, also the cores the ranks effectively had, C' in
-    [1, C] (``grid`` points; the least residual of the compute phases, the most cores on a tie): on a machine shared
-    with other work R ranks get less than min(t, C / R) each, and the runs at different R tell how much less."""
+    (``hw.shared_cores`` C > 0) with runs at more than one R and more runs than R values, also the cores the ranks
+    effectively had, C' in [1, C] (``grid`` points; the least residual of the compute phases, the most cores on a
+    tie): on a machine shared with other work R ranks get less than min(t, C / R) each, and the runs at different R
+    tell how much less. With one run per R (a strong study on 1 and 2 ranks) C' would take up what the per-row work
+    should, so it is not fitted."""
     if not reports:
         raise ValueError("layerwise fit needs at least one report")
     works = [work_from_report(r) for r in reports]
@@ -260,7 +262,7 @@ def fit(reports: list[dict], hw: Hardware, grid: int = 41) -> LayerwiseFit:
         raise ValueError(f"layerwise fit: reports of different methods {sorted({w.method for w in works})}")
     times = [measured_seconds(r) for r in reports]
     candidates: list[float | None] = [None]
-    if hw.shared_cores > 0 and len({w.ranks for w in works}) > 1:
+    if hw.shared_cores > 0 and 1 < len({w.ranks for w in works}) < len(works):
         C = float(hw.shared_cores)
         candidates = [C - (C - 1.0) * i / (grid - 1) for i in range(grid)]
     best = None

@@ -157,3 +157,4 @@ def test_effective_cores_of_a_shared_machine_are_fitted():
         assert fitted.coefficients[ph] == pytest.approx(cs, rel=1e-6)
     assert lf.fit(reps, HW).cores is None  # one device per rank: nothing shared to fit
     assert lf.fit(reps[:1], shared).cores is None  # one R: the runs cannot tell
+    assert lf.fit(reps[:2], shared).cores is None  # one run per R: C' would take up the work per row
