@@ -1095,6 +1095,35 @@ def _llama_shape(data: dict) -> str:
             f"{data['run']['model_params'] / 1e6:.0f} M parameters, {data['run']['p'] / 1e6:.0f} M prunable")
 
 
+def _zero3_writeback(data: dict) -> str:
+    """The write-back phase of the run against the current plan (dist_chita.planning.layerwise): without the ZeRO-3
+    gathers, with them at the link's rate, and the gather efficiency the run gives."""
+    from dataclasses import replace
+
+    import yaml
+
+    from dist_chita.planning import layerwise as lw
+    from dist_chita.planning.costmodel import Hardware
+
+    st, ps = data["settings"], data["run"]["phase_seconds"]
+    shape = lw.TransformerShape.from_hf_config(data["model_config"])
+    job = lw.Job(n=st["n"], tokens=st["tokens"], ranks=data["run"]["world_size"], micro_batch=st["micro_batch"],
+                 model_bytes=4, act_bytes=4, zero3=True)
+    hw = Hardware.from_dict(yaml.safe_load((ROOT / data["hardware"]).read_text()))
+    at_link = replace(hw, zero3_gather_efficiency=1.0)
+    q = max(range(len(ps["solver"])), key=lambda i: ps["solver"][i])
+    eff = lw.zero3_gather_efficiency(ps["writeback"][q], shape, job, at_link)
+    return (f"Write-back under ZeRO-3: {_s(ps['writeback'][q])} s on rank {q}, the rank with the most solver seconds "
+            f"(per rank {' / '.join(_s(x) for x in ps['writeback'])} s: the other rank also waits there for rank "
+            f"{q}'s longer solve); the plan without "
+            f"the gathers {_s(lw.writeback_seconds(shape, replace(job, zero3=False), hw))} s, with each layer's "
+            f"gather and re-partitioning broadcast at the link's rate "
+            f"{_s(lw.writeback_seconds(shape, job, at_link))} s: the gathers ran at {eff:.2f} of the link's rate "
+            f"(`zero3_gather_efficiency`, in-sample: this run is the only one that measures it; the hardware file "
+            f"gives {hw.zero3_gather_efficiency:g}, with which the plan is "
+            f"{_s(lw.writeback_seconds(shape, job, hw))} s).")
+
+
 def render_llama_scale(data: dict) -> Page:
     """The ZeRO-3 scale run of a Llama-architecture model (benchmarks/llama_scale.py)."""
     st, run, mem, mc = data["settings"], data["run"], data["memory"], data["mask_check"]
@@ -1126,10 +1155,10 @@ def render_llama_scale(data: dict) -> Page:
         f"{data['loads']['after']:.2f} after (2 cores); float32 matmul rate of one thread around the run "
         f"{data['matmul_flops'] / 1e9:.0f} GFLOP/s (the hardware file: "
         f"{data['hardware_flops'] / 1e9:.0f}).",
-        "Seconds per phase (the slowest rank; per rank) against the plan at the hardware file's rates and at the "
-        "matmul rate measured around the run:",
+        "Seconds per phase (the slowest rank; per rank) against the plan the run recorded, at the hardware file's "
+        "rates and at the matmul rate measured around the run:",
         _table(["phase", "measured", "per rank", "plan", "measured / plan", "plan at measured rate",
-                "measured / that"], times),
+                "measured / that"], times), _zero3_writeback(data),
         f"Memory per rank, GiB: the peak resident set (VmHWM, the report's `peak_memory_bytes`) against the estimate "
         f"the run printed ({parts}) and the plan's memory ({plan_parts}) plus the rank's baseline.",
         _table(["rank", "peak", "estimate", "peak / estimate", "plan + baseline", "peak / that"], mems),
@@ -1172,32 +1201,51 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
 # ---------------------------------------------------------------- scaling studies (docs/scaling)
 
 
+def _fisher_section(report: dict) -> tuple[dict, dict]:
+    """(the Fisher objective's settings, the solver's) of a report's config: the ``fisher`` section, or in a config
+    of the earlier flat layout the ``prune`` and ``solver`` sections that held them."""
+    cfg = report["config"]
+    if "fisher" in cfg:
+        return cfg["fisher"], cfg["fisher"]
+    return cfg["prune"], cfg["solver"]
+
+
 def _study_settings(report: dict) -> str:
     """The prune the study's runs made, from the resolved config a report records. A config without
-    ``prune.objective`` / ``prune.ridge`` ran the Fisher objective with the identity ridge, as a config without
+    ``prune.objective`` / a ridge ran the Fisher objective with the identity ridge, as a config without
     ``prune.granularity`` ran one global budget (``costmodel.report_granularity``)."""
     from dist_chita.planning.costmodel import report_granularity
 
-    prune, solver = report["config"]["prune"], report["config"]["solver"]
-    stages = f", {prune['stages']} stages" if prune.get("method") == "chita++" else ""
-    return (f"`{prune['method']}`{stages} to sparsity {prune['sparsity']:g}, objective "
-            f"`{prune.get('objective', 'fisher')}`, budget `{report_granularity(report)}`, ridge "
-            f"`{prune.get('ridge', 'identity')}`, loss `{prune['loss']}`, lambda {prune['lambda']:g}; factor in "
-            f"{solver['storage_dtype']}, at most {solver['max_iter']} IHT iterations; p = {report['p']:,}")
+    prune, calib = report["config"]["prune"], report["config"]["calibration"]
+    method = report.get("method") or prune["method"]
+    if report.get("objective") == "layerwise":
+        lw = report["config"]["layerwise"]
+        return (f"`{method}` to sparsity {prune['sparsity']:g}, objective `layerwise`; damp {lw['damp']:g}, at most "
+                f"{lw['max_iter']} steps, tol {lw['tol']:g}, {lw['moves']} moves per step; "
+                f"n = {report['n']} samples of at most {calib.get('max_length')} tokens in micro-batches of "
+                f"{calib.get('batch_size')}; p = {report['p']:,}")
+    fisher, solver = _fisher_section(report)
+    stages = f", {fisher['stages']} stages" if method == "chita++" else ""
+    return (f"`{method}`{stages} to sparsity {prune['sparsity']:g}, objective `fisher`, budget "
+            f"`{report_granularity(report)}`, ridge `{fisher.get('ridge', 'identity')}`, loss `{fisher['loss']}`, "
+            f"lambda {_lam(fisher['lambda'])}; factor in {solver['storage_dtype']}, at most {solver['max_iter']} IHT "
+            f"iterations; p = {report['p']:,}")
 
 
 def _study_command(summary: dict, out: str, report: dict) -> list[str]:
     """``launch/scaling_study.py`` as the study ran it: the overrides the recorded runs passed to the prune, and
-    the settings ``_study_settings`` reads from their config (which a run under other defaults must be given)."""
+    for a Fisher study the settings ``_study_settings`` reads from their config (which a run under other defaults
+    must be given)."""
     run = summary["commands"][f"ws{summary['world_sizes'][0]}"]
     config = run[run.index("--config") + 1]
     overrides = run[run.index("--config") + 2:next(i for i, a in enumerate(run) if a.startswith("output.dir="))]
-    prune = report["config"]["prune"]
-    pinned = [f"prune.objective={prune.get('objective', 'fisher')}", f"prune.ridge={prune.get('ridge', 'identity')}"]
-    if prune.get("objective", "fisher") == "fisher" and not prune.get("nm"):
+    pinned = []
+    if report.get("objective") != "layerwise":
         from dist_chita.planning.costmodel import report_granularity
 
-        pinned.append(f"prune.granularity={report_granularity(report)}")
+        pinned = ["prune.objective=fisher", f"fisher.ridge={_fisher_section(report)[0].get('ridge', 'identity')}"]
+        if not report["config"]["prune"].get("nm"):
+            pinned.append(f"prune.granularity={report_granularity(report)}")
     known = {o.split("=")[0] for o in overrides}
     return (["python", "launch/scaling_study.py", "--config", config, "--world-sizes",
              ",".join(map(str, summary["world_sizes"])), "--mode", summary["mode"], "--launcher",
@@ -1206,19 +1254,37 @@ def _study_command(summary: dict, out: str, report: dict) -> list[str]:
             + overrides + [p for p in pinned if p.split("=")[0] not in known])
 
 
+def _memory(r: dict) -> str:
+    """Peak MiB per rank, with the estimate printed before the run when the report has it."""
+    peak = f"{r['peak_memory_per_rank'] / MIB:.0f}"
+    est = r.get("memory_estimate_per_rank")
+    return peak if est is None else f"{peak} ({est / MIB:.0f})"
+
+
 def _study_table(summary: dict) -> str:
     weak = summary["mode"] == "weak"
-    header = ["R", *(["n"] if weak else []), "fisher s (exchange)", "solver s (iterations)", "backsolve s",
-              "total s", "speedup", "efficiency", "peak MiB per rank"]
+    layerwise = summary.get("objective") == "layerwise"
+    phases = (["curvature s (per rank)", "solver s (per rank), most steps", "writeback s (per rank)"] if layerwise
+              else ["fisher s (exchange)", "solver s (iterations)", "backsolve s"])
+    est = any(r.get("memory_estimate_per_rank") is not None for r in summary["rows"])
+    header = ["R", *(["n"] if weak else []), *phases, "total s", "speedup", "efficiency",
+              "peak MiB per rank" + (" (estimate)" if est else "")]
     rows = []
     for r in summary["rows"]:
         mark = "*" if r["oversubscribed"] else ""
-        rows.append([f"{r['world_size']}{mark}", *([str(r["n"])] if weak else []),
-                     f"{_s(r['time_fisher'])} ({_s(r['time_exchange'])})",
-                     f"{_s(r['time_solver'])} ({r['solver_iterations']})", _s(r["time_backsolve"]),
+        ranks = (summary.get("per_rank_seconds") or {}).get(str(r["world_size"])) or {}
+
+        def each(ph: str, r=r, ranks=ranks) -> str:
+            vals = ranks.get(ph) or []
+            return _s(r[f"time_{ph}"]) + (f" ({' / '.join(_s(v) for v in vals)})" if len(vals) > 1 else "")
+
+        cells = ([each("curvature"), f"{each('solver')}, {r['solver_iterations']} steps", each("writeback")]
+                 if layerwise else
+                 [f"{_s(r['time_fisher'])} ({_s(r['time_exchange'])})",
+                  f"{_s(r['time_solver'])} ({r['solver_iterations']})", _s(r["time_backsolve"])])
+        rows.append([f"{r['world_size']}{mark}", *([str(r["n"])] if weak else []), *cells,
                      _s(r["time_total"]), "" if r["speedup"] is None else f"{r['speedup']:.2f}",
-                     "" if r["efficiency"] is None else f"{r['efficiency']:.2f}",
-                     f"{r['peak_memory_per_rank'] / MIB:.0f}"])
+                     "" if r["efficiency"] is None else f"{r['efficiency']:.2f}", _memory(r)])
     return _table(header, rows)
 
 
@@ -1241,6 +1307,15 @@ def _study_notes(summary: dict, reports: dict[int, dict]) -> list[str]:
     if busy:
         notes.append(f"The 1-minute load average was above the {summary['cores']} cores around runs "
                      f"{', '.join(busy)} (the runs' own processes count in it).")
+    rates = summary.get("rates") or {}
+    if summary.get("objective") == "layerwise" and "solver_steps" in rates:
+        notes.append(f"The layerwise formulas fitted to these runs: {rates['solver_steps']:.1f} IHT steps per row "
+                     f"(mean), {1e3 * rates.get('chunk_step_seconds', 0.0):.2f} ms per chunk step; the curvature pass "
+                     f"{rates['curvature_compute_scale']:.2f} x its FLOPs at the hardware file's rate and "
+                     f"{1e3 * rates['curvature_seconds_per_block_forward']:.2f} ms per block forward; the write-back's "
+                     f"all-reduce {rates['writeback_allreduce_scale']:.1f} x its bytes at the link's rate"
+                     + (f"; the ranks effectively had {rates['effective_cores']:.2f} of the {summary['cores']} cores"
+                        if rates.get("effective_cores") else "") + ".")
     for key, what in (("max_abs_rel_error_by_phase", "fitted to these runs"),
                       ("max_abs_rel_error_by_phase_held_out", "each world size predicted from the others")):
         worst = summary.get(key) or {}
@@ -1277,7 +1352,8 @@ def render_validation(path: Path, studies: list[Path]) -> str:
             "--min-seconds", f"{val['min_seconds']:g}", "--target", f"{val['target']:g}", "--out",
             "docs/scaling/costmodel_validation.json"]
     groups = val["groups"]
-    names = [f"`{g['name']}` (p = {g['p']:,}; {g['runs']} runs, {g['conditions']} conditions)" for g in groups]
+    names = [f"`{g['name']}` {g.get('objective', 'fisher')} (p = {g['p']:,}; {g['runs']} runs, {g['conditions']} "
+             "conditions)" for g in groups]
     phases = sorted({ph for g in groups for ph in g["worst"]})
     worst_rows = []
     for ph in phases:
@@ -1354,17 +1430,26 @@ def _scaling_headline(root: Path, studies: list[Path]) -> list[tuple[str, str, s
     strong = [json.loads((s / "summary.json").read_text()) for s in studies]
     strong = [s for s in strong if s["mode"] == "strong" and any(r["world_size"] == 2 for r in s["rows"])]
     if strong:
-        result = "; ".join(f"`{s['name']}` {next(r['speedup'] for r in s['rows'] if r['world_size'] == 2):.2f}x"
-                           + (" (the same mask on every run)" if s["masks_equal"] else "") for s in strong)
+        result = ", ".join(f"`{s['name']}` {s.get('objective', 'fisher')} "
+                           f"{next(r['speedup'] for r in s['rows'] if r['world_size'] == 2):.2f}x" for s in strong)
+        same = [s for s in strong if s["masks_equal"]]
+        result += ("; every study: the same mask on every run" if len(same) == len(strong) else
+                   "; the same mask on every run of " + ", ".join(f"`{s['name']}` {s.get('objective', 'fisher')}"
+                                                                  for s in same))
         rows.append(("scaling studies, strong", "2 processes over 1, whole run (median of the runs)", result,
                      "[scaling](docs/scaling/README.md)"))
     path = root / "docs" / "scaling" / "costmodel_validation.json"
     if path.is_file():
         val = json.loads(path.read_text())
-        ph, worst = max(val["worst"].items(), key=lambda kv: kv[1])
+        worst: dict[str, tuple[float, str]] = {}
+        for g in val["groups"]:
+            for ph, e in g["worst"].items():
+                obj = g.get("objective", "fisher")
+                if e >= worst.get(obj, (-1.0, ""))[0]:
+                    worst[obj] = (e, ph)
+        result = ", ".join(f"{obj} {100 * e:.0f}% ({ph})" for obj, (e, ph) in sorted(worst.items()))
         rows.append(("cost model", f"worst held-out error over phases of at least {val['min_seconds']:g} s",
-                     f"{100 * worst:.0f}% ({ph}; target {100 * val['target']:.0f}%)",
-                     "[scaling](docs/scaling/README.md)"))
+                     f"{result}; target {100 * val['target']:.0f}%", "[scaling](docs/scaling/README.md)"))
     return rows
 
 

@@ -16,7 +16,10 @@ process, for dry runs of a stand-in script) with OMP_NUM_THREADS = MKL_NUM_THREA
 prune_report.json (copied to <out>/reports/ws<R>.json), and writes <out>/scaling.csv, the PNG plots, and
 <out>/summary.json; prints the table, the mask statement (every world size must give the same mask), the
 oversubscription note (R t > cores: ranks share cores, so times do not show what one device per rank would),
-and the cost model's predicted vs measured seconds per phase, with rates fitted to these runs.
+and the cost model's predicted vs measured seconds per phase, with rates fitted to these runs and, for each world
+size, fitted to the others. The phases and the cost model follow the runs' objective: Fisher's (fisher, exchange,
+solver, backsolve; dist_chita.planning.costmodel) or the layerwise one's (curvature, solver, writeback;
+dist_chita.planning.layerwise_fit).
 
 Strong scaling keeps the config's n; weak scaling runs n R samples at world size R (n per rank fixed).
 ``--repeats N`` runs every world size N times, interleaved (1, 2, 4, 1, 2, 4, ...); the table, plots and cost model
@@ -42,7 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita.planning import costmodel, scaling  # noqa: E402
+from dist_chita.planning import costmodel, layerwise_fit, scaling  # noqa: E402
 
 LAUNCHERS = ("accelerate", "torchrun", "python")
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
@@ -171,6 +174,18 @@ def collect_report(output_dir: Path, world_size: int, launcher: str) -> dict:
     return rep
 
 
+def cost_model_check(reports: list[dict], hardware: costmodel.Hardware, objective: str) -> tuple[dict, list, list]:
+    """(fitted rates, in-sample rows, held-out rows) of the objective's cost model: the Fisher phases of
+    :mod:`dist_chita.planning.costmodel`, or the layerwise ones of :mod:`dist_chita.planning.layerwise_fit`."""
+    if objective == "layerwise":
+        fitted = layerwise_fit.fit(reports, hardware)
+        held_out = layerwise_fit.compare_held_out(reports, hardware) if len(reports) >= 2 else []
+        return fitted.as_dict(), layerwise_fit.compare(reports, hardware, fitted), held_out
+    rates = costmodel.calibrate(reports, hardware)
+    held_out = costmodel.compare_held_out(reports, hardware) if len(reports) >= 2 else []
+    return rates.as_dict(), costmodel.compare(reports, hardware, rates), held_out
+
+
 def summarize(
     reports: list[dict], mode: str, cores: int, hardware: costmodel.Hardware, title: str = "",
     runs: list[dict] | None = None,
@@ -192,9 +207,10 @@ def summarize(
         t = table[0]["threads_per_rank"]
         notes.append(f"world size(s) {over} x {t} thread(s) per rank oversubscribe the {cores} shared cores: ranks "
                      "time-share cores, so their times show the cost of sharing, not of one device per rank")
-    rates = costmodel.calibrate(reports, hardware)
-    comparison = costmodel.compare(reports, hardware, rates)
-    held_out = costmodel.compare_held_out(reports, hardware) if len(reports) >= 2 else []
+    objective = table[0]["objective"]
+    if {row["objective"] for row in table} != {objective}:
+        raise StudyError(f"the runs prune with different objectives: {sorted({row['objective'] for row in table})}")
+    rates, comparison, held_out = cost_model_check(reports, hardware, objective)
 
     repeats = sorted({int(r.get("repeats") or 1) for r in reports})
     if repeats != [1]:
@@ -203,39 +219,45 @@ def summarize(
     return {
         "name": title or reports[0].get("name", ""),
         "mode": mode,
+        "objective": objective,
         "repeats": repeats[-1],
         "world_sizes": [row["world_size"] for row in table],
         "threads_per_rank": sorted({row["threads_per_rank"] for row in table}),
         "cores": cores,
         "oversubscribed_world_sizes": over,
         "notes": notes,
+        "per_rank_seconds": {str(r["world_size"]): {ph: scaling.per_rank(r.get("phase_seconds") or {}, ph)
+                                                     for ph in scaling.phases_of(table)} for r in reports},
         "masks_equal": same,
         "mask_statement": statement,
         "rows": table,
         "hardware": hardware.name,
-        "rates": rates.as_dict(),
+        "rates": rates,
         "comparison": comparison,
         "max_abs_rel_error_by_phase": costmodel.worst_errors(comparison, 0.05),  # ignore sub-50 ms phases
         "comparison_held_out": held_out,
         "max_abs_rel_error_by_phase_held_out": costmodel.worst_errors(held_out, 0.05),
         "comparison_note": "comparison: rates fitted to these same runs (in-sample); comparison_held_out: each world "
                            "size predicted from rates fitted to the others; phases under 50 ms are left out of the "
-                           "max errors",
+                           "max errors" + ("; layerwise: the formulas of dist_chita.planning.layerwise fitted by "
+                                           "dist_chita.planning.layerwise_fit, the phases of the rank with the most "
+                                           "solver seconds" if objective == "layerwise" else ""),
     }
 
 
 def format_summary(summary: dict) -> str:
-    head = (f"{'R':>3} {'t':>2} {'fisher':>8} {'exch':>7} {'solver':>8} {'backsolve':>9} {'save':>6} {'total':>8} "
-            f"{'speedup':>7} {'eff':>5} {'peak MiB':>9} {'B/iter':>8}")
-    lines = [f"scaling study {summary['name']}: {summary['mode']} scaling on {summary['cores']} cores", head]
+    phases = scaling.phases_of(summary["rows"])
+    head = (f"{'R':>3} {'t':>2} " + " ".join(f"{ph[:9]:>9}" for ph in phases)
+            + f" {'total':>8} {'speedup':>7} {'eff':>5} {'peak MiB':>9} {'est MiB':>8}")
+    lines = [f"scaling study {summary['name']}: {summary['mode']} scaling on {summary['cores']} cores, objective "
+             f"{summary.get('objective', 'fisher')}", head]
     for r in summary["rows"]:
         sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
         ef = "-" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
-        lines.append(f"{r['world_size']:>3} {r['threads_per_rank']:>2} {r['time_fisher']:8.2f} "
-                     f"{r['time_exchange']:7.2f} {r['time_solver']:8.2f} {r['time_backsolve']:9.2f} "
-                     f"{r['time_save']:6.2f} {r['time_total']:8.2f} "
-                     f"{sp:>7} {ef:>5} {r['peak_memory_per_rank'] / 2**20:9.0f} "
-                     f"{r['bytes_per_solver_iteration']:8.0f}")
+        est = "-" if r.get("memory_estimate_per_rank") is None else f"{r['memory_estimate_per_rank'] / 2**20:.0f}"
+        lines.append(f"{r['world_size']:>3} {r['threads_per_rank']:>2} "
+                     + " ".join(f"{r[f'time_{ph}']:9.2f}" for ph in phases)
+                     + f" {r['time_total']:8.2f} {sp:>7} {ef:>5} {r['peak_memory_per_rank'] / 2**20:9.0f} {est:>8}")
     lines.append(f"mask: {summary['mask_statement']}")
     lines += [f"note: {note}" for note in summary["notes"]]
     lines.append(f"cost model on {summary['hardware']}: predicted vs measured, rates fitted to these runs:")
@@ -270,7 +292,7 @@ def write_outputs(summary: dict, reports: list[dict], out: Path, runs: dict[str,
         for name, rep in runs.items():
             (out / "reports" / "runs" / f"{name}.json").write_text(json.dumps(rep, indent=2, default=float))
     paths = [scaling.write_csv(summary["rows"], out / "scaling.csv")]
-    paths += scaling.plot(summary["rows"], out, title=summary["name"])
+    paths += scaling.plot(summary["rows"], out, title=f"{summary['name']} ({summary.get('objective', 'fisher')})")
     (out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2, default=float, allow_nan=False))
     return paths + [out / "summary.json"]
 

@@ -5,7 +5,9 @@
         [--min-seconds 0.5] [--target 0.3]
 
 Pools the ``prune_report.json`` files of the given directories (every run in ``<dir>/runs`` when a study repeated
-its runs, else ``<dir>/ws<R>.json``), groups them by model (name and p), merges the runs of one *condition* (world
+its runs, else ``<dir>/ws<R>.json``), groups them by model and objective (name, p, fisher or layerwise: each
+objective's phases have their own formulas, dist_chita.planning.costmodel and dist_chita.planning.layerwise_fit),
+merges the runs of one *condition* (world
 size, n, threads per rank, storage dtype, method, budget granularity and per-stage work: e.g. R = 2, n = 32 in both
 a strong and a weak study) into their median (:func:`dist_chita.planning.scaling.median_of_runs`), and predicts every
 condition from rates fitted to the *other* conditions of its group (leave-one-out,
@@ -30,7 +32,7 @@ if str(ROOT) not in sys.path:  # run as a script from a source checkout
 
 import yaml  # noqa: E402
 
-from dist_chita.planning import costmodel, scaling  # noqa: E402
+from dist_chita.planning import costmodel, layerwise_fit, scaling  # noqa: E402
 
 DEFAULT_HARDWARE = "configs/hardware/cpu_this_machine.yaml"
 
@@ -68,19 +70,25 @@ def pool(reports: list[dict]) -> list[dict]:
 
 
 def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) -> dict:
-    """Leave-one-out rows per model group and the worst |error| per phase over phases >= ``min_seconds``."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    """Leave-one-out rows per model group (name, p and objective) and the worst |error| per phase over phases >=
+    ``min_seconds``. A Fisher group is predicted by :mod:`dist_chita.planning.costmodel` and needs 3 conditions, a
+    layerwise one by :mod:`dist_chita.planning.layerwise_fit` and needs 2 (its fit takes what one run tells)."""
+    groups: dict[tuple[str, int, str], list[dict]] = {}
     for rep in reports:
-        groups.setdefault((str(rep.get("name", "")), int(rep["p"])), []).append(rep)
+        key = (str(rep.get("name", "")), int(rep["p"]), scaling.report_objective(rep))
+        groups.setdefault(key, []).append(rep)
     out = {"groups": [], "worst": {}}
-    for (name, p), reps in sorted(groups.items()):
+    for (name, p, objective), reps in sorted(groups.items()):
         conditions = pool(reps)
-        if len(conditions) < 3:
-            raise ValueError(f"model {name!r} (p = {p}) has {len(conditions)} distinct run condition(s); "
-                             "leave-one-out needs at least 3")
-        rows = costmodel.compare_held_out(conditions, hw)
+        need = 2 if objective == "layerwise" else 3
+        if len(conditions) < need:
+            raise ValueError(f"model {name!r} (p = {p}, {objective}) has {len(conditions)} distinct run condition(s); "
+                             f"leave-one-out needs at least {need}")
+        rows = (layerwise_fit.compare_held_out(conditions, hw) if objective == "layerwise"
+                else costmodel.compare_held_out(conditions, hw))
         worst = costmodel.worst_errors(rows, min_seconds)
-        out["groups"].append({"name": name, "p": p, "runs": len(reps), "conditions": len(conditions),
+        out["groups"].append({"name": name, "p": p, "objective": objective, "runs": len(reps),
+                              "conditions": len(conditions),
                               "runs_per_condition": [int(c.get("repeats") or 1) for c in conditions],
                               "rows": rows, "worst": worst})
         for ph, e in worst.items():
@@ -91,12 +99,13 @@ def validate(reports: list[dict], hw: costmodel.Hardware, min_seconds: float) ->
 def format_result(result: dict, min_seconds: float, target: float) -> str:
     lines = []
     for g in result["groups"]:
-        lines.append(f"{g['name']} (p = {g['p']}): {g['runs']} runs in {g['conditions']} conditions (medians of "
+        lines.append(f"{g['name']} (p = {g['p']}, {g.get('objective', 'fisher')}): {g['runs']} runs in "
+                     f"{g['conditions']} conditions (medians of "
                      f"{'/'.join(map(str, g['runs_per_condition']))} runs), each condition predicted from rates "
                      "fitted to the others")
         lines.append(f"{'R':>3} {'n':>6} {'phase':<10} {'measured s':>11} {'predicted s':>12} {'error':>9}")
         for row in g["rows"]:
-            if row["phase"] in ("writeback", "save"):
+            if row["phase"] in ("writeback", "save") and g.get("objective", "fisher") == "fisher":
                 continue
             err = "-" if row["rel_error"] is None else f"{100 * row['rel_error']:+.0f}%"
             mark = "" if costmodel.scored(row, min_seconds) else (

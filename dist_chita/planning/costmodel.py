@@ -149,6 +149,9 @@ class Hardware:
             512). 0: F at every n.
         flops_float32, flops_float64: effective FLOP/s of float32 and float64 matrix products (the layerwise
             solvers' arithmetic, :mod:`dist_chita.planning.layerwise`); None: F and F / 2.
+        zero3_gather_efficiency: the share of the link's bandwidth that DeepSpeed's gather of a partitioned
+            parameter and the re-partitioning broadcast of its written value reach (the layerwise write-back under
+            ZeRO-3, :func:`dist_chita.planning.layerwise.writeback_seconds`); 1: at the link's rate.
     """
 
     name: str
@@ -166,6 +169,7 @@ class Hardware:
     gram_half_width: float = 0.0
     flops_float32: float | None = None
     flops_float64: float | None = None
+    zero3_gather_efficiency: float = 1.0
 
     def __post_init__(self) -> None:
         for f in ("memory_bytes", "memory_bandwidth", "flops", "link_bandwidth", "disk_bandwidth"):
@@ -176,6 +180,8 @@ class Hardware:
         for f in ("flops_float32", "flops_float64"):
             if getattr(self, f) is not None and not getattr(self, f) > 0:
                 raise ValueError(f"hardware {f} must be > 0, got {getattr(self, f)}")
+        if not 0 < self.zero3_gather_efficiency <= 1:
+            raise ValueError(f"hardware zero3_gather_efficiency must be in (0, 1], got {self.zero3_gather_efficiency}")
         if not self.gram_half_width >= 0:
             raise ValueError(f"hardware gram_half_width must be >= 0, got {self.gram_half_width}")
         if self.link_latency < 0 or (self.node_latency is not None and self.node_latency < 0):

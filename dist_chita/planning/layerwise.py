@@ -62,7 +62,14 @@ bandwidth M:
   (:func:`dist_chita.methods.sparsegpt.sparsegpt_owners`, the library's balance of a block's layers); a layer costs
   4 d^3 / 3 (Cholesky, inverse, Cholesky) + r d^2 (the updates of later blocks of columns) + r d 128 (inside a
   block) FLOPs at F64 and ``column_seconds`` per column; a block takes its most loaded rank's time.
-* writeback, per layer: an all-reduce of its rows, 4 r d bytes, and their write, 8 r d bytes at M.
+* writeback, per layer: an all-reduce of its rows, 4 r d bytes, and their write, 8 r d bytes at M. Under ZeRO-3
+  with R > 1 the write is collective (:func:`dist_chita.io.params.write`, DeepSpeed's ``GatheredParameters`` with
+  rank 0 modifying): the partitioned weight is gathered, (R - 1) / R r d ``model_bytes`` received by each rank, and
+  rank 0's written value broadcast to be re-partitioned, r d ``model_bytes`` (its ceil(log2 R) latencies), both at
+  the link's bandwidth times the hardware's ``zero3_gather_efficiency`` (DeepSpeed's gather and partitioning copies
+  and hooks run on the ranks' cores: on this machine's gloo over loopback benchmarks/results/llama_scale.json
+  measured far less than the link's rate, :func:`zero3_gather_efficiency`; a GPU file keeps 1, the assumption being
+  that NCCL's gathers run at the link's rate).
 
 Assumptions: the hardware rates are effective (not peak) rates; links are as in the hardware file (within a node
 while R fits on one, across nodes beyond); communication does not overlap computation; the embedding and the head
@@ -72,7 +79,7 @@ cost nothing but memory; the fixed per-step costs are 0 unless given (:class:`La
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dist_chita.layerwise.row_solver import chunk_rows
 from dist_chita.methods.base import resolve_method
@@ -289,10 +296,44 @@ def solver_seconds(shape: TransformerShape, job: Job, hw: Hardware, rates: Layer
 
 
 def writeback_seconds(shape: TransformerShape, job: Job, hw: Hardware) -> float:
-    """Every layer's rows all-reduced (4 r d bytes) and written (8 r d bytes at M)."""
+    """Every layer's rows all-reduced (4 r d bytes) and written (8 r d bytes at M); under ZeRO-3 also the gather
+    and re-partitioning broadcast of the written weight (:func:`zero3_write_seconds`)."""
     bw, lat = hw.link(job.ranks)
     return shape.layers * sum(allreduce_seconds(4 * r * d, job.ranks, bw, lat) + 8 * r * d / hw.memory_bandwidth
-                              for r, d in shape.block_dims())
+                              for r, d in shape.block_dims()) + zero3_write_seconds(shape, job, hw)
+
+
+def zero3_write_seconds(shape: TransformerShape, job: Job, hw: Hardware) -> float:
+    """Under ZeRO-3 with R > 1, every layer's gather ((R - 1) / R r d ``model_bytes``) and rank 0's broadcast
+    (r d ``model_bytes``, ceil(log2 R) latencies) at the link's bandwidth times ``hw.zero3_gather_efficiency``;
+    else 0 (module docstring)."""
+    R = job.ranks
+    if not job.zero3 or R == 1:
+        return 0.0
+    bw, lat = hw.link(R)
+    weights = shape.layers * sum(r * d for r, d in shape.block_dims())
+    layers = shape.layers * len(shape.block_dims())
+    return ((R - 1) / R + 1) * weights * job.model_bytes / (bw * hw.zero3_gather_efficiency) + (
+        layers * (1 + math.ceil(math.log2(R))) * lat)
+
+
+def zero3_gather_efficiency(measured_writeback: float, shape: TransformerShape, job: Job, hw: Hardware) -> float:
+    """The ``zero3_gather_efficiency`` a measured ZeRO-3 write-back phase gives: the gathers' and broadcasts' bytes
+    at the link's rate over what the measurement leaves after the plain write-back (all-reduce and write) and the
+    latencies. The measurement is the rank with the most solver seconds (the others wait for it in the write-back's
+    all-reduce); it still holds waits on layers that another rank solved longer, so the efficiency is a lower
+    bound."""
+    if not job.zero3 or job.ranks == 1:
+        raise ValueError("zero3_gather_efficiency needs a ZeRO-3 job on more than one rank")
+    at_link = replace(hw, zero3_gather_efficiency=1.0)
+    plain = writeback_seconds(shape, replace(job, zero3=False), hw)
+    latency = zero3_write_seconds(shape, job, replace(at_link, link_bandwidth=math.inf, node_bandwidth=math.inf))
+    by_bytes = zero3_write_seconds(shape, job, at_link) - latency
+    left = measured_writeback - plain - latency
+    if left <= 0:
+        raise ValueError(f"the measured write-back ({measured_writeback:.3g} s) is no longer than the plan without the "
+                         f"ZeRO-3 gathers ({plain + latency:.3g} s)")
+    return min(1.0, by_bytes / left)
 
 
 def phase_seconds(shape: TransformerShape, job: Job, hw: Hardware,
@@ -308,7 +349,6 @@ def phase_seconds(shape: TransformerShape, job: Job, hw: Hardware,
 def smallest_fitting(shape: TransformerShape, job: Job, hw: Hardware, max_ranks: int = 1 << 16) -> int | None:
     """The smallest R whose memory per rank fits ``hw.memory_bytes`` (memory per rank does not grow with R, so the
     first that fits on a doubling search, then bisection); None if ``max_ranks`` does not fit."""
-    from dataclasses import replace
 
     def fits(r: int) -> bool:
         return memory_parts(shape, replace(job, ranks=r))["total"] <= hw.memory_bytes

@@ -2,7 +2,10 @@
 
 Per run (one row of the CSV), with every per-rank quantity reduced by its max over ranks:
 
-* time per phase T_phase: fisher = the report's "fisher", the wall time of ``fisher_block`` (per-sample
+* the objective (``fisher`` or ``layerwise``; a report without one ran the Fisher objective), which sets the
+  phases the plots show (:func:`phases_of`);
+* time per phase T_phase: curvature = the layerwise calibration passes (forwards and H = X^T X); fisher = the
+  report's "fisher", the wall time of ``fisher_block`` (per-sample
   gradients of A = grad l_i(w_bar) / sqrt(n) AND the row -> column exchange of A, which it contains); exchange =
   the report's "exchange", the part of "fisher" spent exchanging (shown apart, never added to fisher: fisher minus
   exchange is the gradient computation); solver; backsolve; writeback; save; total;
@@ -11,7 +14,8 @@ Per run (one row of the CSV), with every per-rank quantity reduced by its max ov
 * speedup and parallel efficiency of the total time against the smallest world size R_0:
   strong scaling (same n): speedup = T_0 / T_R, efficiency = T_0 R_0 / (R T_R);
   weak scaling (n grows with R): efficiency = T_0 / T_R, speedup = (R / R_0) T_0 / T_R;
-* peak memory per rank, bytes per solver iteration.
+* peak memory per rank and the estimate printed before the run (its total, ``memory_estimate_bytes``), bytes per
+  solver iteration.
 
 Also the mask comparison: every world size must produce the same mask (``mask_sha256``).
 """
@@ -23,12 +27,14 @@ import csv
 import statistics
 from pathlib import Path
 
-TIME_PHASES = ("fisher", "exchange", "solver", "backsolve", "writeback", "save", "total")
-BYTE_PHASES = ("fisher", "exchange", "solver", "backsolve", "writeback")
+TIME_PHASES = ("curvature", "fisher", "exchange", "solver", "backsolve", "writeback", "save", "total")
+BYTE_PHASES = ("curvature", "fisher", "exchange", "solver", "backsolve", "writeback")
+OBJECTIVE_PHASES = {"fisher": ("fisher", "exchange", "solver", "backsolve", "writeback", "save"),
+                    "layerwise": ("curvature", "solver", "writeback", "save")}
 COLUMNS = (
-    ["world_size", "threads_per_rank", "oversubscribed", "mode", "n", "p"]
+    ["world_size", "threads_per_rank", "oversubscribed", "mode", "objective", "n", "p"]
     + [f"time_{ph}" for ph in TIME_PHASES]
-    + ["ideal_speedup", "speedup", "efficiency", "peak_memory_per_rank"]
+    + ["ideal_speedup", "speedup", "efficiency", "peak_memory_per_rank", "memory_estimate_per_rank"]
     + [f"bytes_{ph}" for ph in BYTE_PHASES]
     + ["solver_iterations", "bytes_per_solver_iteration", "mask_sha256"]
 )
@@ -50,6 +56,20 @@ def per_rank(section: dict, phase: str) -> list[float]:
     if isinstance(vals, (int, float)):
         vals = [vals]
     return [float(v) for v in vals]
+
+
+def report_objective(report: dict) -> str:
+    """``layerwise`` or ``fisher`` (a report without an objective, or magnitude pruning's null, counts as Fisher's:
+    its phases are Fisher's)."""
+    return "layerwise" if report.get("objective") == "layerwise" else "fisher"
+
+
+def phases_of(table: list[dict]) -> tuple[str, ...]:
+    """The time phases of the table's objective (:data:`OBJECTIVE_PHASES`; both objectives' when it mixes them)."""
+    objectives = {row.get("objective", "fisher") for row in table}
+    if len(objectives) == 1:
+        return OBJECTIVE_PHASES[objectives.pop()]
+    return tuple(ph for ph in TIME_PHASES[:-1] if any(ph in OBJECTIVE_PHASES[o] for o in objectives))
 
 
 def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) -> list[dict]:
@@ -79,11 +99,14 @@ def rows(reports: list[dict], mode: str = "strong", cores: int | None = None) ->
             "threads_per_rank": t,
             "oversubscribed": None if cores is None else R * t > cores,
             "mode": mode,
+            "objective": report_objective(rep),
             "n": int(rep["n"]),
             "p": int(rep["p"]),
         }
         row.update({f"time_{ph}": _max(per_rank(ps, ph)) for ph in TIME_PHASES})
         row["peak_memory_per_rank"] = int(_max(rep.get("peak_memory_bytes")))
+        estimate = (rep.get("memory_estimate_bytes") or {}).get("total")
+        row["memory_estimate_per_rank"] = None if estimate is None else int(estimate)
         row.update({f"bytes_{ph}": int(_max(per_rank(bs, ph))) for ph in BYTE_PHASES})
         row["solver_iterations"] = int(rep.get("solver_iterations") or 0)
         row["bytes_per_solver_iteration"] = float(rep.get("bytes_per_solver_iteration") or 0.0)
@@ -129,7 +152,7 @@ def _median(values: list[float]) -> float:
 def median_of_runs(reports: list[dict]) -> dict:
     """One report standing for repeated runs of the same prune (same world size, n and p): the first run's report
     with every time replaced by its median over the runs, per rank and phase (``phase_seconds``) and per CHITA++
-    stage and phase (``stages[t]["seconds"]``), and the peak memory per rank by its max. Also records ``repeats``
+    stage and phase (``stages[t]["seconds"]``) and the peak memory per rank by its max. Also records ``repeats``
     (the number of runs) and ``total_seconds_runs`` (each run's total, max over ranks), so the spread stays visible.
 
     On a shared or virtualised machine a single run's phase can be off by tens of percent (page faults served by
@@ -223,9 +246,10 @@ def _plot_time_per_phase(f: _Figures) -> None:
     stack, fisher is drawn as fisher - exchange (the gradient computation) with exchange on top: together
     time_fisher."""
     table, x = f.table, f.x
+    phases = phases_of(table)
     fig, (ax, ax2) = f.plt.subplots(1, 2, figsize=(12, 4.5))
     bottom = [0.0] * len(table)
-    for ph in TIME_PHASES[:-1]:
+    for ph in phases:
         vals = [row[f"time_{ph}"] for row in table]
         label = ph
         if ph == "fisher":
@@ -237,7 +261,7 @@ def _plot_time_per_phase(f: _Figures) -> None:
     ax.bar(x, other, bottom=bottom, label="other (load, eval)", color="lightgray")
     ax.legend(fontsize=7, loc="upper left", framealpha=0.6)
     f.label_axes(ax, "seconds (max over ranks)", f"{f.title} {f.mode} scaling: time per phase (stacked)".strip())
-    f.grouped_bars(ax2, TIME_PHASES[:-1], lambda row, ph: max(row[f"time_{ph}"], 1e-4),
+    f.grouped_bars(ax2, phases, lambda row, ph: max(row[f"time_{ph}"], 1e-4),
                    lambda ph: "fisher (incl. exchange)" if ph == "fisher" else ph)
     ax2.set_yscale("log")
     ax2.legend(fontsize=7, framealpha=0.6)
@@ -267,11 +291,18 @@ def plot(table: list[dict], out_dir: str | Path, title: str = "") -> list[Path]:
     f.finish(fig, ax, "speedup_efficiency.png", "speedup / efficiency (total time)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.bar(f.x, [row["peak_memory_per_rank"] / 2**20 for row in table])
+    ax.bar(f.x, [row["peak_memory_per_rank"] / 2**20 for row in table], label="measured peak")
+    estimates = [row.get("memory_estimate_per_rank") for row in table]
+    if all(e is not None for e in estimates):
+        for i, (xi, e) in enumerate(zip(f.x, estimates, strict=True)):
+            ax.hlines(e / 2**20, xi - 0.4, xi + 0.4, colors="k", linewidth=2,
+                      label="estimate before the run" if i == 0 else None)
+        ax.legend(fontsize=8, loc="lower right")
     f.finish(fig, ax, "peak_memory.png", "peak memory per rank (MiB, max over ranks)")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    f.grouped_bars(ax, BYTE_PHASES, lambda row, ph: row[f"bytes_{ph}"] / 2**20,
+    f.grouped_bars(ax, tuple(ph for ph in phases_of(table) if ph in BYTE_PHASES),
+                   lambda row, ph: row[f"bytes_{ph}"] / 2**20,
                    lambda ph: "fisher (incl. exchange)" if ph == "fisher" else ph)
     ax.legend(fontsize=8)
     f.finish(fig, ax, "bytes_per_phase.png", "MiB sent per rank (max over ranks)")

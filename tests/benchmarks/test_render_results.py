@@ -221,7 +221,32 @@ def test_scaling_blocks_from_a_recorded_study(tmp_path):
         assert float(exchange) == pytest.approx(row["time_exchange"], rel=1e-2)
         assert float(cells[4]) == pytest.approx(row["time_total"], rel=1e-2)
         assert float(cells[5]) == pytest.approx(row["speedup"], abs=5e-3)
-        assert int(cells[7]) == round(row["peak_memory_per_rank"] / 2**20)
+        peak, estimate = cells[7].rstrip(")").split(" (")
+        assert int(peak) == round(row["peak_memory_per_rank"] / 2**20)
+        assert int(estimate) == round(row["memory_estimate_per_rank"] / 2**20)
+
+
+def test_layerwise_study_block_gives_each_ranks_phases(tmp_path):
+    """The repository's layerwise study copied into a checkout: its block gives curvature, solver and write-back,
+    the max over ranks and each rank's, as the summary has them."""
+    study = tmp_path / "docs" / "scaling" / "minilm_layerwise"
+    shutil.copytree(ROOT / "docs" / "scaling" / "minilm_layerwise", study,
+                    ignore=shutil.ignore_patterns("*.png", "runs"))
+    (tmp_path / "docs" / "scaling" / "README.md").write_text("<!-- scaling-minilm_layerwise:start -->\n"
+                                                             "<!-- scaling-minilm_layerwise:end -->\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    assert rr.main(["--root", str(tmp_path)]) == 0
+    text = (tmp_path / "docs" / "scaling" / "README.md").read_text()
+    assert "objective `layerwise`" in text and "IHT steps per row" in text
+    rows = _table_rows(text, "R")
+    summary = json.loads((study / "summary.json").read_text())
+    for cells, row in zip(rows, summary["rows"], strict=True):
+        curvature, *each = cells[1].replace("(", "").replace(")", "").replace(" /", "").split()
+        assert float(curvature) == pytest.approx(row["time_curvature"], rel=1e-2)
+        per_rank = summary["per_rank_seconds"][str(row["world_size"])]["curvature"]
+        assert [float(v) for v in each] == pytest.approx(per_rank if len(per_rank) > 1 else [], rel=1e-2)
+        assert float(cells[2].split()[0].rstrip(",")) == pytest.approx(row["time_solver"], rel=1e-2)
+        assert float(cells[3].split()[0]) == pytest.approx(row["time_writeback"], rel=1e-2)
 
 
 def test_readme_copy_gets_the_headline_block(tmp_path):

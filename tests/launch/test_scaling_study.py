@@ -167,3 +167,38 @@ def test_repeated_runs_give_medians_and_every_run_is_kept(tmp_path, capsys, monk
     assert "masks differ: world size(s) [2]" in capsys.readouterr().out
     proc, _ = run_study(tmp_path, capsys, "--world-sizes", "1", "--launcher", "python", "--repeats", "0")
     assert proc.returncode == 2 and "--repeats must be >= 1" in proc.stderr
+
+
+def test_layerwise_summary_fits_the_layerwise_formulas():
+    """Reports whose phases follow the layerwise model with known coefficients: the summary gives the layerwise
+    phases, recovers the coefficients and predicts each world size from the other exactly."""
+    from dist_chita.planning import layerwise_fit as lf
+
+    hw = st.costmodel.Hardware(name="t", memory_bytes=1e10, memory_bandwidth=1e10, flops=1e10,
+                               link_bandwidth=1e9, link_latency=1e-4)
+    coef = {"curvature": (1.5, 0.0), "solver": (20.0, 0.0), "writeback": (3.0,)}
+    reports = []
+    for R in (1, 2):
+        rep = {"objective": "layerwise", "method": "chita", "name": "lw", "world_size": R, "threads_per_rank": 1,
+               "n": 32, "p": 3 * 128 * 64, "config": {"calibration": {"batch_size": 4, "max_length": 16}},
+               "layers": [{"name": f"enc.{b}.fc", "shape": [128, 64]} for b in range(3)],
+               "peak_memory_bytes": [1 << 20] * R, "mask_sha256": "ab" * 32}
+        feats = lf.phase_features(lf.work_from_report(rep), hw)
+        secs = {ph: g + sum(c * v for c, v in zip(coef[ph], x, strict=True)) for ph, (g, x) in feats.items()}
+        rep["phase_seconds"] = {**{ph: [v] * R for ph, v in secs.items()}, "total": [10.0 / R] * R}
+        reports.append(rep)
+    summary = st.summarize(reports, "strong", 2, hw)
+    assert summary["objective"] == "layerwise" and summary["masks_equal"]
+    assert summary["per_rank_seconds"]["2"]["solver"] == reports[1]["phase_seconds"]["solver"]
+    assert set(summary["per_rank_seconds"]["1"]) == {"curvature", "solver", "writeback", "save"}
+    assert {row["phase"] for row in summary["comparison"]} == {"curvature", "solver", "writeback", "sum"}
+    assert summary["rates"]["solver_steps"] == pytest.approx(20.0)
+    assert summary["rates"]["curvature_compute_scale"] == pytest.approx(1.5)
+    assert summary["rates"]["writeback_allreduce_scale"] == pytest.approx(3.0)
+    for row in summary["comparison_held_out"]:  # R = 1 predicted from R = 2 and back, the all-reduce aside
+        if row["phase"] != "writeback" and row["phase"] != "sum":
+            assert row["rel_error"] == pytest.approx(0.0, abs=1e-9)
+    text = st.format_summary(summary)
+    assert "objective layerwise" in text and "curvature" in text.splitlines()[1]
+    with pytest.raises(st.StudyError, match="different objectives"):
+        st.summarize([reports[0], {**reports[1], "objective": "fisher"}], "strong", 2, hw)

@@ -37,7 +37,7 @@ def test_pooled_leave_one_out_recovers_truth(tmp_path):
     for ph in ("fisher", "solver", "backsolve"):
         assert result["worst"][ph] < 0.05, (ph, result["worst"])
     text = vc.format_result(result, 0.0, 0.3)
-    assert "mlp (p = 32360): 6 runs in 6 conditions" in text and "backsolve" in text
+    assert "mlp (p = 32360, fisher): 6 runs in 6 conditions" in text and "backsolve" in text
 
 
 def test_exit_status_and_errors(tmp_path, capsys):
@@ -92,3 +92,42 @@ def test_runs_with_different_budgets_are_different_conditions():
     reps = [synthetic_report(2, CPU, TRUTH, dataclasses.replace(BASE, granularity=g)) for g in ("row", "global")]
     assert vc.condition(reps[0]) != vc.condition(reps[1])
     assert len(vc.pool(reps)) == 2
+
+
+def _layerwise_study(d, runs, coef):
+    """ws<R>.json of a layerwise study of model "mlp" (p 32360, like the Fisher one): phases = the layerwise
+    model's own form with the coefficients ``coef``."""
+    from dist_chita.planning import layerwise_fit as lf
+
+    d.mkdir(parents=True)
+    for R, n in runs:
+        rep = {"objective": "layerwise", "method": "chita", "name": "mlp", "world_size": R, "threads_per_rank": 1,
+               "n": n, "p": 32_360, "config": {"calibration": {"batch_size": 250}},
+               "layers": [{"name": "fc1", "shape": [40, 784]}, {"name": "fc2", "shape": [20, 40]},
+                          {"name": "fc3", "shape": [10, 20]}]}
+        feats = lf.phase_features(lf.work_from_report(rep), CPU)
+        rep["phase_seconds"] = {ph: [g + sum(c * v for c, v in zip(coef[ph], x, strict=True))] * R
+                                for ph, (g, x) in feats.items()}
+        (d / f"ws{R}.json").write_text(json.dumps(rep))
+
+
+def test_objectives_are_separate_groups_and_layerwise_is_predicted_by_its_formulas(tmp_path):
+    _write_study(tmp_path / "fisher", [(1, 1000, 9), (2, 1000, 9), (4, 1000, 9)])
+    _layerwise_study(tmp_path / "lw", [(1, 1000), (2, 1000)], {"curvature": (2.0, 1e-3), "solver": (30.0, 0.0),
+                                                                "writeback": (2.0,)})
+    result = vc.validate(vc.load_reports([tmp_path / "fisher", tmp_path / "lw"]), CPU, 0.0)
+    fisher, lw = result["groups"]
+    assert (fisher["objective"], lw["objective"]) == ("fisher", "layerwise")
+    assert lw["conditions"] == 2 and {r["phase"] for r in lw["rows"]} == {"curvature", "solver", "writeback", "sum"}
+    for row in lw["rows"]:  # R = 1 from R = 2 and back: the curvature and solver forms scale with R exactly
+        if row["phase"] in ("curvature", "solver"):
+            assert abs(row["rel_error"]) < 1e-6, row
+    assert "mlp (p = 32360, layerwise): 2 runs in 2 conditions" in vc.format_result(result, 0.0, 0.3)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "ws1.json").write_text((tmp_path / "lw" / "ws1.json").read_text())
+    try:
+        vc.validate(vc.load_reports([tmp_path / "one"]), CPU, 0.0)
+    except ValueError as e:
+        assert "leave-one-out needs at least 2" in str(e)
+    else:
+        raise AssertionError("one layerwise condition must be refused")

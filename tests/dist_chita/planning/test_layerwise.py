@@ -156,3 +156,24 @@ def test_counted_products_follow_the_row_solvers_defaults():
     rates = lw.LayerwiseRates()
     assert (rates.refit_iters, rates.trials, rates.moves) == (defaults["refit_iters"], defaults["trials"],
                                                               defaults["moves"])
+
+
+def test_zero3_writeback_counts_the_gathers_and_broadcasts():
+    shape = lw.TransformerShape(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=4, vocab=100)
+    job = lw.Job(n=8, tokens=16, ranks=4, model_bytes=2, zero3=True)
+    plain = lw.writeback_seconds(shape, replace(job, zero3=False), HW)
+    weights = 2 * (4 * 64 * 64 + 3 * 128 * 64)  # q, k, v, o; gate, up, down per block
+    # gather: (R - 1) / R of each weight received; broadcast: the whole weight; 2 bytes each, at 1e9 B/s; 14
+    # layers x (1 + ceil(log2 4)) latencies of 1e-5 s
+    by_hand = (3 / 4 + 1) * weights * 2 / 1e9 + 14 * 3 * 1e-5
+    assert lw.writeback_seconds(shape, job, HW) - plain == pytest.approx(by_hand)
+    half = replace(HW, zero3_gather_efficiency=0.5)
+    assert lw.writeback_seconds(shape, job, half) - plain == pytest.approx(2 * (by_hand - 14 * 3e-5) + 14 * 3e-5)
+    assert lw.zero3_write_seconds(shape, replace(job, ranks=1), HW) == 0.0  # nothing to gather
+    # the efficiency a measurement gives is the one that reproduces it
+    measured = lw.writeback_seconds(shape, job, replace(HW, zero3_gather_efficiency=0.3))
+    assert lw.zero3_gather_efficiency(measured, shape, job, HW) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no longer than the plan"):
+        lw.zero3_gather_efficiency(plain, shape, job, HW)
+    with pytest.raises(ValueError, match="zero3_gather_efficiency must be in"):
+        replace(HW, zero3_gather_efficiency=0.0)

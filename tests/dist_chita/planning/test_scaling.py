@@ -200,3 +200,30 @@ def test_mask_statement_over_repeated_runs():
     runs[4]["mask_sha256"] = "cd" * 32  # one repeat of world size 2 differs
     ok, msg = scaling.mask_statement(runs)
     assert not ok and "[2]" in msg and "differ" in msg
+
+
+def layerwise_report(R: int, total: list[float]) -> dict:
+    """A layerwise run's report: curvature / solver / writeback per rank, the printed memory estimate."""
+    rep = report(R, total)
+    rep["objective"] = "layerwise"
+    rep["phase_seconds"] = {"curvature": [4.0 / R + 0.2 * r for r in range(R)], "solver": [8.0 / R] * R,
+                            "writeback": [0.01 * (r + 1) for r in range(R)], "save": [0.1] * R, "total": total}
+    rep["memory_estimate_bytes"] = {"model": 50, "total": 120 + R}
+    return rep
+
+
+def test_layerwise_rows_phases_and_plots(tmp_path):
+    rows = scaling.rows([layerwise_report(1, [20.0]), layerwise_report(2, [11.0, 12.0])], "strong", cores=2)
+    r1, r2 = rows
+    assert r1["objective"] == r2["objective"] == "layerwise"
+    assert r2["time_curvature"] == pytest.approx(2.0 + 0.2) and r2["time_solver"] == pytest.approx(4.0)
+    assert r2["time_writeback"] == pytest.approx(0.02) and r2["time_fisher"] == 0.0
+    assert (r1["memory_estimate_per_rank"], r2["memory_estimate_per_rank"]) == (121, 122)
+    assert r2["speedup"] == pytest.approx(20.0 / 12.0)
+    assert scaling.phases_of(rows) == ("curvature", "solver", "writeback", "save")
+    fisher = scaling.rows([report(1, [8.0])], "strong")
+    assert fisher[0]["objective"] == "fisher" and fisher[0]["memory_estimate_per_rank"] is None
+    assert scaling.phases_of(fisher) == ("fisher", "exchange", "solver", "backsolve", "writeback", "save")
+    assert scaling.phases_of(rows + fisher) == scaling.TIME_PHASES[:-1]  # both objectives' phases, in order
+    for p in scaling.plot(rows, tmp_path, title="t"):
+        assert p.read_bytes()[:8] == PNG_MAGIC
