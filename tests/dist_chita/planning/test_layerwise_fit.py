@@ -59,13 +59,19 @@ def test_curvature_features_by_hand():
 
 def test_solver_and_writeback_features_by_hand():
     w1, w2 = lf.work_from_report(report(1)), lf.work_from_report(report(2))
-    # one IHT step of a row: 13 products of (1, d) x (d, d) at the solver defaults (no trials, 10 refit steps);
-    # rows of the busiest rank: 128 + 64 + 128 on one rank; on two, chunks of 64 shared: 64 + 64 + 64
-    per_step = lambda rows: rows * 13 * 2 * 16**2 / 1e10  # noqa: E731
+    # one IHT step of a row: 12 products of (1, d) x (d, d) at the solver defaults (no trials, 10 refit steps, the
+    # new gradient, 4 moves of a quarter each); d = 16 makes every layer one chunk (chunk_rows(16) = 4096 rows), so
+    # a layer's rows stay on one rank: the busiest rank's rows are 128 + 64 + 128 on one rank and on two
+    per_step = lambda rows: rows * 12 * 2 * 16**2 / 1e10  # noqa: E731
     assert lf.phase_features(w1, HW)["solver"][1][0] == pytest.approx(per_step(320))
-    assert lf.phase_features(w2, HW)["solver"][1][0] == pytest.approx(per_step(192))
-    assert lf.phase_features(w1, HW)["solver"][1][1] == pytest.approx(5)  # chunks of 64 rows: 2 + 1 + 2
+    assert lf.phase_features(w2, HW)["solver"][1][0] == pytest.approx(per_step(320))
+    assert lf.phase_features(w1, HW)["solver"][1][1] == pytest.approx(3)  # one chunk per layer
     assert lf.phase_features(w2, HW)["solver"][1][1] == pytest.approx(3)
+    w3 = lf.work_from_report(report(2, layers=[("enc.layer.0.q", [128, 1024]), ("enc.layer.0.fc", [64, 1024]),
+                                               ("enc.layer.1.q", [128, 1024])]))
+    # d = 1024: chunks of 64 rows (2 + 1 + 2), shared on two ranks: 64 + 64 + 64 rows in 3 chunks
+    assert lf.phase_features(w3, HW)["solver"][1][0] == pytest.approx(192 * 12 * 2 * 1024**2 / 1e10)
+    assert lf.phase_features(w3, HW)["solver"][1][1] == pytest.approx(3)
     given, (allreduce,) = lf.phase_features(w2, HW)["writeback"]
     assert given == pytest.approx(8 * (2 * 128 * 16 + 64 * 16) / 1e10)
     assert allreduce == pytest.approx(sum(allreduce_seconds(4 * r * 16, 2, 1e9, 1e-4) for r in (128, 64, 128)))
@@ -89,7 +95,7 @@ def _synthetic(reps: list[dict], coef: dict[str, tuple[float, ...]]) -> list[dic
 
 def test_fit_recovers_known_coefficients_and_held_out_is_exact():
     coef = {"curvature": (1.7, 0.003), "solver": (25.0, 0.02), "writeback": (2.5,)}
-    layers = [("enc.layer.0.q", [100, 16]), ("enc.layer.0.fc", [64, 16]), ("enc.layer.1.q", [128, 16])]
+    layers = [("enc.layer.0.q", [100, 1024]), ("enc.layer.0.fc", [64, 1024]), ("enc.layer.1.q", [128, 1024])]
     # rows of the busiest rank 292 in 5 chunks at R = 1, 192 in 3 at R = 2 (100 rows: chunks of 64 and 36): steps
     # and chunk seconds can be told apart; (samples, micro-batches) of the busiest rank (10, 4), (6, 2), (11, 4),
     # (20, 7): without any one run the others still tell the curvature's two features apart
@@ -143,7 +149,7 @@ def test_sparsegpt_solver_takes_the_most_loaded_rank_and_methods_do_not_mix():
 def test_effective_cores_of_a_shared_machine_are_fitted():
     shared = replace(HW, shared_cores=2)
     coef = {"curvature": (1.7, 0.003), "solver": (25.0, 0.02), "writeback": (2.5,)}
-    layers = [("enc.layer.0.q", [100, 16]), ("enc.layer.0.fc", [64, 16]), ("enc.layer.1.q", [128, 16])]
+    layers = [("enc.layer.0.q", [100, 1024]), ("enc.layer.0.fc", [64, 1024]), ("enc.layer.1.q", [128, 1024])]
     reps = [report(R, n=n, layers=layers) for R, n in ((1, 10), (2, 10), (2, 20), (1, 20))]
     for rep in reps:  # two ranks got 1.5 cores between them: each 0.75 of its core, one rank alone a whole one
         feats = lf.phase_features(lf.work_from_report(rep), shared, cores=1.5)
