@@ -51,24 +51,13 @@ def test_the_lowest_score_wins_and_its_weights_stay():
 def test_one_standard_error_rule_keeps_the_simplest_schedule_the_validation_samples_cannot_tell_apart():
     """Per-sample values: 1 stage is worse than 3 stages by far less than the paired standard error, 5 stages is
     the lowest; brute force: the fewest stages within one standard error of the lowest mean."""
-    layer = nn.Linear(3, 2, bias=False)
-    dense = layer.weight.detach().clone()
     gen = torch.Generator().manual_seed(0)
     base = torch.rand(40, generator=gen, dtype=torch.float64)
     noise = {1: 0.3, 3: 0.0, 5: 0.0}
     shift = {1: 0.01, 3: 0.5, 5: 0.0}
     z = torch.randn(40, generator=gen, dtype=torch.float64)
     per = {t: base + shift[t] + noise[t] * (z - z.mean()) for t in (1, 3, 5)}  # 1 stage: 0.01 worse on average
-
-    def run(c: tuning.Schedule) -> PruneOutcome:
-        with torch.no_grad():
-            layer.weight.copy_(dense * c.stages)
-        return PruneOutcome(None, [c.stages], {})
-
-    def values() -> torch.Tensor:
-        return per[round(float(layer.weight.detach().sum() / dense.sum()))]
-
-    candidates = [tuning.Schedule(t, 0.0, False) for t in (5, 3, 1)]
+    layer, dense, run, values, candidates = _schedule_problem(per)
     means = {t: float(v.mean()) for t, v in per.items()}
     se = {t: float((per[t] - per[5]).std()) / 40**0.5 for t in per}
     truth = min(t for t in per if means[t] <= means[5] + se[t])
@@ -83,8 +72,9 @@ def test_one_standard_error_rule_keeps_the_simplest_schedule_the_validation_samp
     assert plain.stages == 5 and torch.equal(layer.weight.detach(), dense * 5)
 
 
-def _rule_choice(per: dict[int, torch.Tensor], rule: str):
-    """choose_schedule over 5, 3 and 1 stages whose per-sample validation values are ``per[stages]``."""
+def _schedule_problem(per: dict[int, torch.Tensor]):
+    """A layer whose prune with t stages scales its weights by t, the per-sample validation values ``per[t]`` of
+    the weights it holds, and the candidates 5, 3 and 1 stages: (layer, dense weights, run, values, candidates)."""
     layer = nn.Linear(3, 2, bias=False)
     dense = layer.weight.detach().clone()
 
@@ -96,7 +86,12 @@ def _rule_choice(per: dict[int, torch.Tensor], rule: str):
     def values() -> torch.Tensor:
         return per[round(float(layer.weight.detach().sum() / dense.sum()))]
 
-    candidates = [tuning.Schedule(t, 0.0, False) for t in (5, 3, 1)]
+    return layer, dense, run, values, [tuning.Schedule(t, 0.0, False) for t in (5, 3, 1)]
+
+
+def _rule_choice(per: dict[int, torch.Tensor], rule: str):
+    """choose_schedule over 5, 3 and 1 stages whose per-sample validation values are ``per[stages]``."""
+    layer, _, run, values, candidates = _schedule_problem(per)
     _, chosen, rows = tuning.choose_schedule([("layer", layer)], candidates, run, lambda: 0.0, values=values,
                                              rule=rule)
     return chosen.stages, rows
