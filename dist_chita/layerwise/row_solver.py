@@ -207,15 +207,13 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     rz = torch.linalg.vecdot(R, Z)
     stop = (rtol**2) * torch.linalg.vecdot(R, R).clamp_min(1e-30)
     zero = torch.zeros_like(rz)
-    live = torch.ones_like(rz, dtype=torch.bool)
     for _ in range(iters):
-        live &= torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
+        live = torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
         if not bool(live.any()):
             break
         QP = (P @ Q).mul_(Sf)
         pq = torch.linalg.vecdot(P, QP)
-        a = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)
-        alpha = a[:, None]
+        alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)[:, None]
         X.addcmul_(alpha, P)
         R.addcmul_(alpha, QP, value=-1.0)
         Z = precondition(R)
@@ -376,8 +374,6 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
         fi[rows] = f_next
         active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
         trace.append(float(fi.sum()))
-        if not bool(active.any()):
-            break
     return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
 
 
@@ -390,7 +386,7 @@ def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tenso
 
 def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters, moves):
     """One IHT step of :func:`solve_rows` on a set of rows: up to ``moves`` swap moves (:func:`_swap_moves`), each
-    the best per row of the swap candidates at the current point, the gradient kept exact by a low-rank update;
+    the best per row of the swap candidates at the current point, the gradient carried exactly to the new point;
     with ``trials``, support-changing steps H(w - t g) compete with the point reached (each scored by a product);
     then the back-solve on the support. Every candidate is taken only if it lowers f (the current point
     included). Returns (W, S, f, G) of the new points. (The support-keeping line step of CHITA, the exact
