@@ -12,12 +12,12 @@ On every rank, :func:`prune_layerwise`:
    the H and ridge of each part, its budget, and this rank's rows: whole chunks of ``row_chunk`` rows of every part
    shared among the ranks in order (each chunk solved alone, so its bits do not depend on the number of ranks; a
    chunk never mixes groups of a grouped Conv2d), or whole parts when the method assigns them
-   (:meth:`~dist_chita.methods.base.LayerMethod.owners`; then all of a block's layers are solved before writing);
-3. all-reduces the layer's (r, d) rows (zeros off this rank's rows, so the sum is exact) and its objective, and
-   writes the pruned layer back (under ZeRO-3 into the partition).
+   (:meth:`~dist_chita.methods.base.LayerMethod.owners`);
+3. once the block's layers are solved, all-reduces every layer's (r, d) rows (zeros off this rank's rows, so the
+   sum is exact) and its objective, and writes the pruned layer back (under ZeRO-3 into the partition).
 
-No per-sample gradients and no Fisher factor: peak memory is the model plus one block's H matrices and one layer's
-solve (:func:`memory_bytes`). Nothing here parses a config or prints.
+No per-sample gradients and no Fisher factor: peak memory is the model plus one block's H matrices, one layer's
+solve and the block's pruned layers (:func:`memory_bytes`). Nothing here parses a config or prints.
 """
 
 from __future__ import annotations
@@ -155,19 +155,19 @@ def prune_layerwise(
 
 def _prune_block(job: _Job, group: list[int], Hs: list[torch.Tensor | None], tally: _Tally,
                  progress: Callable[[str, int, int], None] | None) -> None:
-    """The layers ``group`` (indices into ``job.modules``) of one block, each on its H: this rank's rows solved by
-    the method, then every layer all-reduced and written back, in order."""
+    """The layers ``group`` (indices into ``job.modules``) of one block, each on its H: this rank's rows of every
+    layer solved by the method, then every layer all-reduced and written back, in order. (The block's layers are
+    independent given their H, so the ranks meet once per block: a rank's faster and slower layers even out
+    before it waits for the others.)"""
     owners = job.method.owners(_part_shapes(job.modules, group), comm.world_size())
-    solved = (_solve_layer(job, i, H, owners, tally) for i, H in zip(group, Hs, strict=True))
-    if owners is not None:  # parts go whole to one rank each: all of the block's are solved before writing
-        solved = list(solved)
-    for i, weight, result in solved:
+    solved = [_solve_layer(job, i, H, owners, tally) for i, H in zip(group, Hs, strict=True)]
+    for i, shape, result in solved:
         m = job.modules[i][1]
         t = time.perf_counter()
         with comm.phase("writeback"):
             W = comm.all_reduce(result.W)
             totals = comm.all_reduce(_objective_vector(result, W.device))
-            params.write(m.weight, from_rows(m, W, weight.shape))
+            params.write(m.weight, from_rows(m, W, shape))
         tally.seconds["writeback"] += time.perf_counter() - t
         tally.add(W, totals)
         if progress is not None:
@@ -175,9 +175,9 @@ def _prune_block(job: _Job, group: list[int], Hs: list[torch.Tensor | None], tal
 
 
 def _solve_layer(job: _Job, i: int, H: torch.Tensor | None, owners: dict[tuple[int, int], int] | None,
-                 tally: _Tally) -> tuple[int, torch.Tensor, LayerResult]:
-    """Layer i's rows of this rank pruned by the method on H (None: the method needs none): (i, the layer's weight,
-    the method's result, its W (r, d) zero off this rank's rows)."""
+                 tally: _Tally) -> tuple[int, torch.Size, LayerResult]:
+    """Layer i's rows of this rank pruned by the method on H (None: the method needs none): (i, the layer's weight
+    shape, the method's result, its W (r, d) zero off this rank's rows)."""
     m = job.modules[i][1]
     t = time.perf_counter()
     weight = params.read(m.weight)
@@ -197,7 +197,7 @@ def _solve_layer(job: _Job, i: int, H: torch.Tensor | None, owners: dict[tuple[i
     result = job.method.prune(layer)
     tally.report.iterations = max(tally.report.iterations, result.iterations)
     tally.seconds["solver"] += time.perf_counter() - t
-    return i, weight, result
+    return i, weight.shape, result
 
 
 def _ridges(H_parts: torch.Tensor | None, damp: float) -> tuple[float, ...]:

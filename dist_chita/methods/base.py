@@ -120,15 +120,18 @@ class LayerMethod(ABC):
         """How the work of a block is shared among ``world`` ranks. ``shapes``: (layer, part) -> (rows, inputs) of
         every part of the block's layers. None (the default): every row is a problem of its own; each layer's rows
         go to the ranks in whole chunks of ``row_chunk`` rows. Else the rank of every (layer, part): the part is
-        pruned whole there, and every rank prunes all its parts of a block before the block is written back."""
+        pruned whole there. Either way every rank prunes all its rows of a block before the block is written back."""
         return None
 
     def solve_bytes(self, dims: Sequence[tuple[int, int]], blocks: Sequence[Sequence[int]]) -> int:
         """Peak bytes per rank of the method's work besides the model and the blocks' H, for layers of ``dims``
         (rows, inputs) grouped into ``blocks``. The default bounds a solve of CHITA's size: the Q of a layer in
         float32 and, at most at once, its float64 copy and Cholesky factor; about 40 float32 (c, d) matrices for a
-        chunk of c rows (iterates, candidates, CG); the layer's weights and their pruned copy."""
-        return max(20 * d * d + 40 * 4 * min(r, chunk_rows(d)) * d + 16 * r * d for r, d in dims)
+        chunk of c rows (iterates, candidates, CG); the layer's weight as read, its rows in float32 and their
+        all-reduced copy; and the pruned rows of every layer of the largest block (float32), kept until the block
+        is written back."""
+        return max(20 * d * d + 40 * 4 * min(r, chunk_rows(d)) * d + 12 * r * d for r, d in dims) + max(
+            sum(4 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
 
     @abstractmethod
     def prune(self, layer: LayerProblem) -> LayerResult:

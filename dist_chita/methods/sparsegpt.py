@@ -114,10 +114,10 @@ class SparseGPT(LayerMethod):
 
     def solve_bytes(self, dims: Sequence[tuple[int, int]], blocks: Sequence[Sequence[int]]) -> int:
         """Four float64 (d, d) matrices (H, its factor, the inverse, U) and three float64 copies of the weights,
-        plus every layer of the largest block read and solved at once (its weights and their pruned copy,
-        float32)."""
+        plus the pruned rows of every layer of the largest block (float32), kept until the block is written
+        back."""
         return max(32 * d * d + 24 * r * d for r, d in dims) + max(
-            sum(8 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+            sum(4 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         W = torch.zeros_like(layer.W_bar)

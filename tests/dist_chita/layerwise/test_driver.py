@@ -91,22 +91,25 @@ class _Pairs(nn.Module):
         return x
 
 
-def _sparsegpt_events():
-    """prune_layerwise(method="sparsegpt") on _Pairs, recording this rank's SparseGPT solves and layer writes."""
+def _solve_events(method):
+    """prune_layerwise(method=...) ("sparsegpt" or "chita", rows in chunks of 4) on _Pairs, recording this rank's
+    solver calls and layer writes."""
     from dist_chita.layerwise import driver as layerwise_driver
-    from dist_chita.methods import sparsegpt
+    from dist_chita.methods import chita, sparsegpt
 
-    events, solve, write = [], sparsegpt.sparsegpt_rows, layerwise_driver.from_rows
-    sparsegpt.sparsegpt_rows = lambda *a, **kw: (events.append("solve"), solve(*a, **kw))[1]
+    module, name = (sparsegpt, "sparsegpt_rows") if method == "sparsegpt" else (chita, "solve_rows")
+    events, solve, write = [], getattr(module, name), layerwise_driver.from_rows
+    setattr(module, name, lambda *a, **kw: (events.append("solve"), solve(*a, **kw))[1])
     layerwise_driver.from_rows = lambda *a, **kw: (events.append("write"), write(*a, **kw))[1]
     try:
         model = _Pairs().eval()
         modules = [(f"blocks.{b}.{n}", getattr(model.blocks[b], n)) for b in (0, 1) for n in "ab"]
         x = torch.randn(30, 8, generator=torch.Generator().manual_seed(0))
-        prune_layerwise(model, modules, 0.5, forward=model, per_layer=True, method="sparsegpt",
+        prune_layerwise(model, modules, 0.5, forward=model, per_layer=True, method=method, row_chunk=4,
                         make_batches=lambda: my_microbatches(_batches(x, 0, 30, 5)))
     finally:
-        sparsegpt.sparsegpt_rows, layerwise_driver.from_rows = solve, write
+        setattr(module, name, solve)
+        layerwise_driver.from_rows = write
     return events, [m.weight.detach().clone() for _, m in modules]
 
 
@@ -114,10 +117,21 @@ def test_sparsegpt_solves_a_blocks_layers_on_all_ranks_at_once():
     """SparseGPT's layers go whole to the ranks by turns; every rank solves its layers of a block before the block
     is written back (a layer at a time, the ranks would wait for each other): on 2 ranks, rank 1 solves
     blocks.0.b before blocks.0.a (rank 0's) is written. Same weights as on one rank."""
-    (one, base), = multiproc.run(_sparsegpt_events, 1)
+    (one, base), = multiproc.run(_solve_events, 1, "sparsegpt")
     assert one == ["solve", "solve", "write", "write"] * 2
-    (e0, w0), (e1, w1) = multiproc.run(_sparsegpt_events, 2)
+    (e0, w0), (e1, w1) = multiproc.run(_solve_events, 2, "sparsegpt")
     assert e0 == e1 == ["solve", "write", "write"] * 2
+    for w in (w0, w1):
+        assert all(torch.equal(a, b) for a, b in zip(w, base, strict=True))
+
+
+def test_chita_ranks_meet_once_per_block():
+    """CHITA's rows go to the ranks in chunks (here 4 of a layer's 8 rows each); every rank solves its rows of all
+    of a block's layers before the block is written back. Same weights as on one rank."""
+    (one, base), = multiproc.run(_solve_events, 1, "chita")
+    assert one == ["solve", "solve", "write", "write"] * 2
+    (e0, w0), (e1, w1) = multiproc.run(_solve_events, 2, "chita")
+    assert e0 == e1 == ["solve", "solve", "write", "write"] * 2
     for w in (w0, w1):
         assert all(torch.equal(a, b) for a, b in zip(w, base, strict=True))
 

@@ -122,7 +122,7 @@ def test_a_layer_problem_and_its_budgets():
 
 
 def test_memory_follows_the_method():
-    """The block's H counts only for a method that needs it; SparseGPT's estimate adds the block's weights."""
+    """The block's H counts only for a method that needs it; SparseGPT's estimate adds the block's pruned rows."""
     modules = [(f"layer.{b}.{n}", nn.Linear(d_in, d_out)) for b in range(2) for n, d_in, d_out in
                (("up", 32, 64), ("down", 64, 32))]
     H = 2 * 8 * (32**2 + 64**2)  # the largest block's H, twice, float64
@@ -131,4 +131,4 @@ def test_memory_follows_the_method():
         expected = (H if method.needs_curvature else 0) + method.solve_bytes([(64, 32), (32, 64)] * 2,
                                                                             [[0, 1], [2, 3]])
         assert memory_bytes(modules, name) == expected
-    assert memory_bytes(modules, "sparsegpt") == H + 32 * 64 * 64 + 24 * 32 * 64 + 8 * 2 * 64 * 32
+    assert memory_bytes(modules, "sparsegpt") == H + 32 * 64 * 64 + 24 * 32 * 64 + 4 * 2 * 64 * 32
