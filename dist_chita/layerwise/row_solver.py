@@ -25,10 +25,13 @@ at every move; N:M: the best swap inside each of a pool of groups, 1, 4 or 16 gr
 1/L, each scored by a product. Then the re-fit of the kept weights on their support (the paper's back-solve, here
 conjugate gradients on Q_SS, started from the point reached, preconditioned by the diagonal plus Q's leading
 directions restricted to each row's support: :class:`Preconditioner`); its first step is CHITA's support-keeping
-line step (the exact minimiser along the preconditioned -g_S), so the step has no line step of its own. Every
-candidate is taken only if it lowers f (so f never increases). A row stops when its own relative decrease per step
-is below ``tol``; only the rows still improving are computed. Cost per step: the back-solve's ``refit_iters``
-products, the new gradient's, and the moves' partial products; with ``trials``, one more product per trial.
+line step (the exact minimiser along the preconditioned -g_S), so the step has no line step of its own. The
+back-solve runs on the rows that moved and on those whose last back-solve was still gaining (its last iteration
+lowered f_i by more than ``SETTLE`` tol f_i); a row that neither moved nor was still gaining is at its minimiser
+and stops. Every candidate is taken only if it lowers f (so f never increases). A row stops when its own
+relative decrease per step is below ``tol``; only the rows still improving are computed. Cost per step: the
+back-solve's ``refit_iters`` products, the new gradient's, and the moves' partial products; with ``trials``, one more
+product per trial.
 
 Pure math on tensors, local to one process (rows are independent; the caller shares rows among ranks).
 Shapes: r rows, d inputs; all matrices float32 unless said (f sums in float64).
@@ -50,6 +53,8 @@ _GROUP_SWAPS = (1, 4, 16)  # N:M: how many groups' best swaps are tried together
 _GROUP_POOL = 32  # N:M: the groups a call's moves choose from (_group_pool)
 _MARGIN = 1e-6  # relative decrease of f_i a candidate must bring: below it, float32 rounding (of f computed
 # directly or from the gradient) rather than the problem would decide between nearly equal candidates
+SETTLE = 0.25  # a back-solve whose last iteration gained at most SETTLE tol f_i is taken as finished
+CG_RTOL = 1e-5  # the back-solve stops a row once its residual is below this fraction of its first
 DEFLATE = 32  # directions of the back-solve's preconditioner (Preconditioner), at most sqrt(d / 2)
 _SUBSPACE_ITERS = 8  # products of the subspace iteration that finds them
 
@@ -185,12 +190,18 @@ def preconditioner(Q: torch.Tensor, rank: int, power_iters: int = _SUBSPACE_ITER
 
 
 def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor, iters: int,
-          rtol: float = 1e-5, pre: Preconditioner | None = None, G: torch.Tensor | None = None) -> torch.Tensor:
+          rtol: float = CG_RTOL, pre: Preconditioner | None = None, G: torch.Tensor | None = None) -> torch.Tensor:
     """The back-solve: min f_i over w_i with support S_i, for every row, by conjugate gradients on Q_SS
     preconditioned with ``pre`` restricted to S_i (:class:`Preconditioner`; None: the diagonal, Jacobi), started
     from W (zero off S). Each iteration is one (r, d) x (d, d) product; one more forms the gradient
     (W - W_bar) Q at the start unless it is given as ``G`` (r, d) (with W zero off S). Returns the new W (zero
     off S)."""
+    return _conjugate_gradients(W, W_bar, Q, S, iters, rtol, pre, G)[0]
+
+
+def _conjugate_gradients(W, W_bar, Q, S, iters, rtol, pre, G):
+    """:func:`refit`, also returning the decrease of every f_i in the last iteration (r,) (1/2 alpha r^T z; 0 for a
+    row that had converged)."""
     Sf = S.to(W.dtype)
     if pre is None:
         M_inv = (1.0 / Q.diagonal().clamp_min(1e-30))[None, :]
@@ -207,6 +218,7 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
     rz = torch.linalg.vecdot(R, Z)
     stop = (rtol**2) * torch.linalg.vecdot(R, R).clamp_min(1e-30)
     zero = torch.zeros_like(rz)
+    last = zero
     for _ in range(iters):
         live = torch.linalg.vecdot(R, R) > stop  # a converged row stops moving: its result does not depend on the rest
         if not bool(live.any()):
@@ -215,13 +227,14 @@ def refit(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor, S: torch.Tensor
         pq = torch.linalg.vecdot(P, QP)
         alpha = torch.where(live & (pq > 0), rz / pq.clamp_min(1e-30), zero)[:, None]
         X.addcmul_(alpha, P)
+        last = 0.5 * alpha[:, 0] * rz
         R.addcmul_(alpha, QP, value=-1.0)
         Z = precondition(R)
         rz_new = torch.linalg.vecdot(R, Z)
         beta = torch.where(live & (rz > 0), rz_new / rz.clamp_min(1e-30), zero)[:, None]
         P.mul_(beta).add_(Z)
         rz = rz_new
-    return X
+    return X, last
 
 
 def row_budgets(saliency: torch.Tensor, kept: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -344,15 +357,18 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
 
     # warm start: OBS saliency or magnitude, whichever re-fits better (per row)
     S_obs = keep_mask(W_bar.pow(2) / q_inv_diag, k, nm, allowed)
-    W_obs = refit(W_bar * S_obs, W_bar, Q, S_obs, refit_iters, pre=pre)
+    W_obs, last_obs = _conjugate_gradients(W_bar * S_obs, W_bar, Q, S_obs, refit_iters, CG_RTOL, pre, None)
     f_obs, G_obs = _objective_and_gradient(W_obs, W_bar, Q)
     S_mag = keep_mask(W_bar.abs(), k, nm, allowed)
-    W_mag = refit(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, pre=pre)
+    W_mag, last_mag = _conjugate_gradients(W_bar * S_mag, W_bar, Q, S_mag, refit_iters, CG_RTOL, pre, None)
     f_mag, G_mag = _objective_and_gradient(W_mag, W_bar, Q)
     take = (f_obs < f_mag)[:, None]
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
     G = torch.where(take, G_obs, G_mag)  # the gradient, kept up to date for every row
+    # a row whose back-solve still gained more than SETTLE tol f_i in its last iteration is re-fitted at the next
+    # step even if no move takes: the rest of its back-solve is worth a step
+    settled = torch.where(take[:, 0], last_obs, last_mag) <= SETTLE * tol * fi.float()
     trace = [float(fi.sum())]
 
     active = torch.full((W.shape[0],), bool(moves or trials), dtype=torch.bool, device=W.device)  # else no step
@@ -361,15 +377,17 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
         its += 1
         rows = torch.nonzero(active, as_tuple=True)[0]  # only the rows still improving are computed
         f_a = fi[rows]
-        W_a, S_a, f_new, G_a = _iht_step(W[rows], S[rows], f_a, G[rows], W_bar[rows],
-                                         None if allowed is None else allowed[rows], Q, L, pre,
-                                         k[rows] if isinstance(k, torch.Tensor) else k, nm, trials, refit_iters, moves)
+        W_a, S_a, f_new, G_a, settled_a = _iht_step(W[rows], S[rows], f_a, G[rows], settled[rows], W_bar[rows],
+                                                    None if allowed is None else allowed[rows], Q, L, pre,
+                                                    k[rows] if isinstance(k, torch.Tensor) else k, nm, trials,
+                                                    refit_iters, moves, tol)
         # a row moves only if it improves (CG from a better point cannot end worse, but guard float noise) and
         # stops for good once its own relative decrease is below tol
         step = f_new < f_a - _MARGIN * f_a.abs()
         W[rows] = torch.where(step[:, None], W_a, W[rows])
         S[rows] = torch.where(step[:, None], S_a, S[rows])
         G[rows] = torch.where(step[:, None], G_a, G[rows])
+        settled[rows] = torch.where(step, settled_a, settled[rows])
         f_next = torch.where(step, f_new, f_a)
         fi[rows] = f_next
         active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
@@ -384,19 +402,27 @@ def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tenso
     return 0.5 * (G * D).double().sum(1), G
 
 
-def _iht_step(W, S, fi, G, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters, moves):
+def _iht_step(W, S, fi, G, settled, W_bar, allowed, Q, L, pre, k, nm, trials, refit_iters, moves, tol):
     """One IHT step of :func:`solve_rows` on a set of rows: up to ``moves`` swap moves (:func:`_swap_moves`), each
     the best per row of the swap candidates at the current point, the gradient carried exactly to the new point;
     with ``trials``, support-changing steps H(w - t g) compete with the point reached (each scored by a product);
-    then the back-solve on the support. Every candidate is taken only if it lowers f (the current point
-    included). Returns (W, S, f, G) of the new points. (The support-keeping line step of CHITA, the exact
+    then the back-solve on the support, for the rows that moved and those whose last back-solve stopped short of
+    convergence (``settled`` False; a settled row that did not move is at the minimiser on its support already).
+    Every candidate is taken only if it lowers f (the current point included). Returns (W, S, f, G, settled) of
+    the new points. (The support-keeping line step of CHITA, the exact
     minimiser along -g_S, is the back-solve's first conjugate-gradient step: a step of its own would repeat it.)"""
+    f_in = fi
     W, S, fi, G = _swap_moves(W, S, fi, G, Q, allowed, nm, moves)
     if trials:  # after the moves: a support-changing step is taken where it beats the point they reached
         W, S, fi = _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials)
-        G = None  # the support steps move W without the gradient: the back-solve forms it
-    W_new = refit(W, W_bar, Q, S, refit_iters, pre=pre, G=G)
-    return W_new, S, *_objective_and_gradient(W_new, W_bar, Q)
+    rows = torch.nonzero((fi < f_in) | ~settled, as_tuple=True)[0]
+    if rows.numel():  # (the support steps move W without the gradient: the back-solve forms it)
+        W_r, last = _conjugate_gradients(W[rows], W_bar[rows], Q, S[rows], refit_iters, CG_RTOL, pre,
+                                         None if trials else G[rows])
+        f_r, G_r = _objective_and_gradient(W_r, W_bar[rows], Q)
+        W, fi, G = W.index_copy(0, rows, W_r), fi.index_copy(0, rows, f_r), G.index_copy(0, rows, G_r)
+        settled = settled.index_copy(0, rows, last <= SETTLE * tol * f_r.float())
+    return W, S, fi, G, settled
 
 
 def _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials):

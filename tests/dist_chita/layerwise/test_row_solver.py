@@ -393,3 +393,23 @@ def test_any_moves_and_trials_never_leave_the_warm_start_for_worse(nm):
         assert torch.equal(res.W != 0, res.support)
         counts = res.support.sum(1) if nm is None else res.support.view(9, -1, 4).sum(2)
         assert (counts == (8 if nm is None else 2)).all()
+
+
+def test_a_settled_row_that_no_move_improves_is_not_re_fitted(monkeypatch):
+    """On a diagonal Q the warm start is optimal (keep the largest w_j^2 Q_jj; the back-solve is exact in one
+    preconditioned iteration and its last iteration gains nothing more): no swap lowers f, so the only back-solves
+    are the two warm starts' (a step would re-fit every row for nothing) and the result is the exact optimum."""
+    from dist_chita.layerwise import row_solver
+
+    g = torch.Generator().manual_seed(3)
+    H = torch.diag(torch.rand(12, generator=g, dtype=torch.float64) + 0.5)
+    W_bar = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    calls = []
+    cg = row_solver._conjugate_gradients
+    monkeypatch.setattr(row_solver, "_conjugate_gradients", lambda *a: (calls.append(a[0].shape[0]), cg(*a))[1])
+    res = solve_rows(W_bar, H, 1e-3, k=6, moves=2)
+    assert calls == [5, 5]
+    Q = H + 1e-3 * torch.eye(12, dtype=torch.float64)
+    best = keep_mask(W_bar.pow(2) * Q.diagonal(), 6, None, None)
+    assert torch.equal(res.support, best)
+    torch.testing.assert_close(res.W, (W_bar * best).float())
