@@ -88,7 +88,8 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
                                                               the R copies share the C cores, s = C / R)
         + (2 j + q) 8 n^2 / (M s)                            (the preconditioner: 2 + q applications of the factor
                                                               per PCG solve, two triangular solves reading L)
-        + (g G_b + j (2 P_1 + P_2) + q P_2) n m / (M s e_a e_b)  (per Gram the gather of the rows into float32, G_b
+        + (((g + u) G_b + j (2 P_1 + P_2) + q P_2) m + G_b r / R) n / (M s e_a e_b)  (per support the rows gathered in
+                                                              float32 and an update's changed rows, G_b
                                                               = 2 b (+ b + 4 from a 2-byte factor); per PCG solve
                                                               the passes over them, A_S^T y and A_S b (P_1 = 12 + 8
                                                               B per entry: the float32 read, the float64 chunk
@@ -620,7 +621,9 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
       (given), computed redundantly by every rank on its own share s of the cores;
     * precond: per PCG solve 2 + q applications of the factor (``cholesky_solve``: two triangular solves, each a
       read of the n^2 / 2 float64 entries of L: 8 n^2 B at M s, given);
-    * rows: per Gram matrix formed the gather of the m rows into float32 (:func:`gather_bytes`), and per PCG solve
+    * rows: per Gram matrix formed or updated (a new support) the gather of the m rows into float32
+      (:func:`gather_bytes`, when :func:`~dist_chita.fisher.backsolve.gathers` says they fit) and an update's
+      changed rows, and per PCG solve
       the passes over them: A_S^T y and A_S b (one product each) and 1 + q fused ones (A_S A_S^T v, two
       products), :func:`row_pass_bytes` per entry, at e_b M s; when the rows are too large to keep gathered
       (:func:`~dist_chita.fisher.backsolve.gathers`), g_row bytes per row on every pass and Gram (``row_gather_bytes``);
@@ -639,7 +642,8 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     gram_rows = wk["grams"] * m + wk["gram_update_rows"] / ranks
     gathered = gathers(m, n)
     pass_bytes = runs * 2 * row_pass_bytes(1, gathered, b) + (runs + steps) * row_pass_bytes(2, gathered, b)
-    row_bytes = n * m * (pass_bytes + wk["grams"] * gather_bytes(b))
+    gathered_rows = (wk["grams"] + wk["gram_updates"]) * m * gathered + wk["gram_update_rows"] / ranks
+    row_bytes = n * (m * pass_bytes + gathered_rows * gather_bytes(b))
     # index_select of each kept row per pass and per Gram when they are not kept gathered: a cost per row beyond
     # its bytes (at M, not e_b M: it is fitted on its own)
     regathered = 0.0 if gathered else (m * (3 * runs + steps) + gram_rows) * rates.row_gather_bytes
