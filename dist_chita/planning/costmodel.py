@@ -74,7 +74,8 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   them with the counters of real two-rank solves, per granularity.
 
 * backsolve, the backsolves of a solve keeping k_t (the dual path of ``dist_chita/fisher/backsolve.py``, k_t >= n),
-  on m = ceil(k_t / R) local kept rows (:func:`backsolve_terms`), counted by what they ran
+  on the busiest rank's m = ceil(k_t / R x i_R) kept rows (i_R = :func:`kept_imbalance`, from where the report's
+  layers keep their weights; the other ranks wait for it), counted by what they ran
   (:attr:`Workload.backsolve_work`, the report's ``stages[].backsolve_work``): g Gram matrices formed (a lambda
   path's backsolves share one: the support is the same, only lambda changes), u updated from a nearby support
   (r rows over all ranks), c Cholesky factorisations, j PCG solves with q steps in all::
@@ -127,6 +128,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from dist_chita.distributed.partition import column_blocks, row_blocks
 from dist_chita.fisher.backsolve import WORK_KEYS, gathers, syrk_tiles
 from dist_chita.fisher.select import radix_bits
 from dist_chita.planning.memory import MemoryEstimate, estimate
@@ -365,6 +367,9 @@ class Workload:
             :data:`~dist_chita.fisher.backsolve.WORK_KEYS` in that order (a report's ``stages[].backsolve_work``:
             a lambda path's backsolves share one Gram matrix, each factors and solves its own system); None: each
             backsolve forms its own Gram matrix, factors it and runs ``Rates.pcg_steps`` PCG steps.
+        kept_by_layer: per prunable layer in column order (size, kept, row length), the report's ``layers``: where
+            the kept weights lie, hence how many of them each rank's column block holds
+            (:func:`kept_imbalance`); None: evenly spread.
     """
 
     p: int
@@ -385,6 +390,7 @@ class Workload:
     stages: tuple[tuple[int, int, int, int], ...] | None = None
     granularity: str = "global"
     backsolve_work: tuple[tuple[float, ...], ...] | None = None
+    kept_by_layer: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPE_BYTES:
@@ -582,6 +588,28 @@ def syrk_fraction(n: int) -> float:
     return 1.0 if nb < 2 else (nb + 1) / (2 * nb)
 
 
+def kept_imbalance(w: Workload, ranks: int) -> float:
+    """The most kept weights a rank's column block holds over the mean k / R: each layer's kept weights spread evenly
+    over the layer (``Workload.kept_by_layer``), the blocks those of ``dist_chita/distributed/partition.py`` (cut at
+    rows for the per-row budget); 1 without ``kept_by_layer``. The backsolve's work on the kept rows is the slowest
+    rank's: the others wait for it in the next all-reduce."""
+    layers = w.kept_by_layer
+    total = sum(kept for _, kept, _ in layers) if layers else 0
+    if ranks <= 1 or not total:
+        return 1.0
+    p = sum(size for size, _, _ in layers)
+    blocks = (row_blocks([(size // length, length) for size, _, length in layers], ranks) if w.granularity == "row"
+              else column_blocks(p, ranks))
+    held = []
+    for lo, hi in blocks:
+        start, kept_here = 0, 0.0
+        for size, kept, _ in layers:
+            kept_here += kept * max(0, min(hi, start + size) - max(lo, start)) / size
+            start += size
+        held.append(kept_here)
+    return max(held) / (total / ranks)
+
+
 def backsolve_work(kept_work: dict | None, rates: Rates) -> dict[str, float]:
     """The work of one stage's backsolves (keys of :data:`~dist_chita.fisher.backsolve.WORK_KEYS`): a report's
     ``backsolve_work`` as given; without one (``None``), that of one backsolve that forms its own Gram matrix,
@@ -609,7 +637,8 @@ def gather_bytes(dtype_bytes: int) -> int:
 def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: float,
                     work: dict | None = None) -> dict[str, float]:
     """Seconds of the backsolves of one solve keeping ``kept`` columns (dual path of
-    ``dist_chita/fisher/backsolve.py``, |S| >= n), by term, on m = ceil(kept / R) local kept rows, for ``work``
+    ``dist_chita/fisher/backsolve.py``, |S| >= n), by term, on the busiest rank's m = ceil(kept / R x
+    :func:`kept_imbalance`) kept rows, for ``work``
     (:func:`backsolve_work`: the Gram matrices formed and updated, factorisations, PCG solves and steps; None: one
     backsolve):
 
@@ -636,7 +665,7 @@ def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: f
     s = hw.compute_share(ranks, w.threads_per_rank)
     slice_ = hw.time_slice(ranks, w.threads_per_rank)
     n, b = w.n, w.dtype_bytes
-    m = math.ceil(kept / ranks)
+    m = math.ceil(kept / ranks * kept_imbalance(w, ranks))
     wk = backsolve_work(work, rates)
     runs, steps = wk["pcg_runs"], wk["pcg_steps"]
     gram_rows = wk["grams"] * m + wk["gram_update_rows"] / ranks
@@ -796,7 +825,15 @@ def workload_from_report(report: dict) -> Workload:
         stages=per_solve,
         granularity=report_granularity(report),
         backsolve_work=work,
+        kept_by_layer=tuple((int(layer["size"]), int(layer["kept"]), _row_length(layer)) for layer in layers)
+        if layers and all("size" in layer and "kept" in layer for layer in layers) else None,
     )
+
+
+def _row_length(layer: dict) -> int:
+    """Weights per row of a report's layer (its ``shape`` past the first dimension; the size without a shape)."""
+    shape = layer.get("shape") or [layer["size"]]
+    return int(math.prod(shape[1:])) if len(shape) > 1 else int(layer["size"])
 
 
 def measured_seconds(report: dict) -> dict[str, float]:

@@ -700,3 +700,27 @@ def test_a_term_the_fit_gives_no_cost_stays_free():
     for row in cm.compare(reports, CPU, fit):
         if row["phase"] == "backsolve":
             assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
+
+
+@pytest.mark.parametrize("granularity", ["global", "row"])
+def test_kept_imbalance_counts_the_kept_weights_of_the_fullest_block(granularity):
+    """kept_imbalance against a count on a real layout (ColumnLayout, rows cut for the per-row budget): layers kept
+    whole or not at all, so where the kept weights lie is known exactly; the busiest rank's kept rows set the
+    backsolve's m."""
+    shapes = [("a", (6, 10)), ("b", (4, 5)), ("c", (3, 4))]
+    kept = {"a": 0, "b": 20, "c": 12}  # the first layer fully pruned, the others kept
+    layers = tuple((r * c, kept[name], c) for name, (r, c) in shapes)
+    w = cm.Workload(p=92, n=8, model_params=92, kept=32, kept_by_layer=layers, granularity=granularity)
+    for R in (1, 2, 3, 4):
+        layout = ColumnLayout.build(shapes, R, rows=granularity == "row")
+        mask = torch.cat([torch.full((r * c,), kept[name] > 0) for name, (r, c) in shapes])
+        held = [int(mask[lo:hi].sum()) for lo, hi in layout.blocks]
+        assert cm.kept_imbalance(w, R) == pytest.approx(max(held) / (32 / R)), R
+    even = dataclasses.replace(w, kept_by_layer=None)
+    assert cm.kept_imbalance(even, 4) == 1.0
+    m = {R: cm.backsolve_terms(w, R, CPU, cm.Rates(), 32)["gram"] / cm.backsolve_terms(even, R, CPU, cm.Rates(), 32)[
+        "gram"] for R in (2, 4)}
+    assert m[4] == pytest.approx(math.ceil(32 / 4 * cm.kept_imbalance(w, 4)) / 8)
+    rep = {"p": 92, "n": 8, "layers": [{"name": nm, "shape": list(sh), "size": sh[0] * sh[1], "kept": kept[nm]}
+                                       for nm, sh in shapes]}
+    assert cm.workload_from_report(rep).kept_by_layer == layers
