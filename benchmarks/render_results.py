@@ -1180,6 +1180,41 @@ def render_llama_scale(data: dict) -> Page:
                 body, headline)
 
 
+BACKSOLVE_PIECES = ("gram", "rows", "cholesky", "precond", "allreduce")
+
+
+def render_backsolve_pieces(data: dict) -> Page:
+    """benchmarks/backsolve_pieces.py: the MLPNet back-solve's pieces timed in the run, against the cost model."""
+    rows = []
+    for r in data["runs"]:
+        p = r["pieces_rank0"]
+        secs = {k: p.get(k, [0.0, 0])[0] for k in BACKSOLVE_PIECES}
+        secs["allreduce"] = sum(v[0] for k, v in p.items() if k.startswith("allreduce_"))
+        calls = {k: p.get(k, [0.0, 0])[1] for k in BACKSOLVE_PIECES}
+        calls["allreduce"] = sum(v[1] for k, v in p.items() if k.startswith("allreduce_"))
+        ratio = r["measured_over_model"]
+        load = r["load_average_1min"]
+        rows.append([str(r["world_size"]), _s(r["backsolve_phase_seconds"])]
+                    + [f"{_s(secs[k])} / {calls[k]}" + (f" ({ratio[k]:.2f}x)" if k in ratio else "")
+                       for k in BACKSOLVE_PIECES] + [f"{load['before']:.1f} -> {load['after']:.1f}"])
+    first = data["runs"][0]
+    work = first["backsolve_work"]
+    facts = (f"n = {first['n']}, kept per stage {first['kept']}; backsolves per stage {first['backsolves']}, Gram "
+             f"matrices formed {[w['grams'] for w in work]}, factorisations {[w['factorizations'] for w in work]}, "
+             f"PCG steps {[w['pcg_steps'] for w in work]} (the report's `backsolve_work`).")
+    body = "\n\n".join([
+        "`benchmarks/backsolve_pieces.py`: the back-solves of the MLPNet strong-scaling study's configuration, their "
+        "pieces timed inside the run (rank 0), each as seconds / calls and, in brackets, measured over the seconds "
+        "the cost model gives the counted work at the hardware file's rates (efficiency 1, the link's latency): the "
+        "inverse of the efficiency the piece ran at.", _command(data["command"].split()),
+        f"Configuration: `{data['config']}`; hardware file `{data['hardware']}`. {facts}",
+        _table(["R", "backsolve s", "Gram", "row passes", "Cholesky", "preconditioner", "all-reduces", "load"],
+               rows)])
+    return Page("backsolve_pieces", "The MLPNet back-solve's pieces",
+                "the Fisher back-solve's Gram, row passes, Cholesky, preconditioner and all-reduces against the cost "
+                "model's count", body)
+
+
 RENDERERS: dict[str, Callable[[dict], Page]] = {
     "readme_commands": render_readme_commands,
     "default_job": render_default_job,
@@ -1195,6 +1230,7 @@ RENDERERS: dict[str, Callable[[dict], Page]] = {
     "sparse_checkpoint": render_sparse_checkpoint,
     "layerwise_costmodel": render_layerwise_costmodel,
     "llama_scale": render_llama_scale,
+    "backsolve_pieces": render_backsolve_pieces,
 }
 
 

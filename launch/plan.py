@@ -206,7 +206,8 @@ def format_plan(pl: dict) -> str:
                   f"overhead {t['solver_overhead']:.3g} s, per-solve set-up {t['solver_setup']:.3g} s",
         "backsolve": f"{pl['workload']['backsolves']} backsolve(s): Gram {t['backsolve_gram']:.3g} s, "
                      f"all-reduce {t['backsolve_allreduce']:.3g} s, "
-                     f"Cholesky {t['backsolve_cholesky']:.3g} s, kept-row passes {t['backsolve_rows']:.3g} s",
+                     f"Cholesky {t['backsolve_cholesky']:.3g} s, preconditioner {t['backsolve_precond']:.3g} s, "
+                     f"kept-row passes {t['backsolve_rows']:.3g} s",
     }
     for ph in (*cm.PHASES, "total"):
         extra = f"  ({detail[ph]})" if ph in detail else ""

@@ -53,6 +53,7 @@ CHUNK_BYTES = 1 << 22  # float64 rows of At converted per chunk in rows_matvec /
 DEVICE_CHUNK_BYTES = 1 << 28  # chunks on an accelerator: each costs kernel launches and a host sync, not cache misses
 GATHER_BYTES = 1 << 28  # float64 copy of the rows A_{r,S}^T kept during one backsolve (else re-read per product)
 MEMO_SIZE = 4  # solutions remembered by a GramCache (each: |S_r| indices and values, 12 |S_r| bytes)
+WORK_KEYS = ("grams", "gram_updates", "gram_update_rows", "factorizations", "pcg_runs", "pcg_steps")
 MEMO_BYTES = 1 << 26  # a rank does not remember solutions larger than this (then no rank recalls them)
 STALL_TOL = 1e-7  # PCG stalled at rounding level counts as converged when its error bound is below this (relative)
 
@@ -199,6 +200,13 @@ class GramCache:
     * The last :data:`MEMO_SIZE` solutions, so a backsolve repeated on the same support and lambda costs nothing.
     * The gathered rows of the last support (the dual's :class:`_Rows`; the primal's kept columns of all ranks and
       their Gram matrix), so another lambda on the same support (a lambda path) gathers and multiplies them once.
+
+    ``work`` counts what the backsolves through this cache ran (the same on every rank; keys :data:`WORK_KEYS`):
+    ``grams`` the Gram matrices formed from all kept rows (each one all-reduce of n x n float64; the dual's rows
+    gathered anew for each), ``gram_updates`` those updated from a nearby support and ``gram_update_rows`` the rows
+    |D| + |E| over all ranks those updates multiplied, ``factorizations`` the n x n Cholesky factorisations (of
+    lambda I + G, or the primal's), ``pcg_runs`` the PCG solves and ``pcg_steps`` their steps (a remembered
+    solution or a recalled factor costs none of these).
     """
 
     def __init__(self) -> None:
@@ -210,6 +218,7 @@ class GramCache:
         self.stored = 0  # solutions remembered so far: the id of the next one (the same on every rank)
         self.inputs: tuple[torch.Tensor, torch.Tensor] | None = None  # (y, w_bar) the solutions are for
         self.gathered: tuple[tuple, torch.Tensor, object] | None = None  # (At's key, support, rows or columns)
+        self.work = dict.fromkeys(WORK_KEYS, 0)
 
     def _held(self, At: torch.Tensor, support: torch.Tensor, kind: str, collective: bool):
         """The rows or columns kept for this At and support (``kind`` ``rows`` or ``columns``), else None; with
@@ -256,6 +265,8 @@ class GramCache:
             if changed == 0:
                 return self.G.clone()
             if changed < size // 2:
+                self.work["gram_updates"] += 1
+                self.work["gram_update_rows"] += changed
                 self.exact = self.exact and exact
                 delta = _local_gram(At, torch.nonzero(add, as_tuple=True)[0], self.exact)
                 _local_gram(At, torch.nonzero(drop, as_tuple=True)[0], self.exact, -1.0, out=delta)
@@ -263,6 +274,7 @@ class GramCache:
                 self.support, self.factor = support.clone(), None
                 return self.G.clone()
         self.G = gram(At, torch.nonzero(support, as_tuple=True)[0], exact, rows)
+        self.work["grams"] += 1
         self.support, self.exact, self.factor = support.clone(), exact, None
         return self.G.clone()
 
@@ -372,6 +384,8 @@ def _factor(At, support, lam, max_cond, cache, exact, rows=None):
         G = gram(At, torch.nonzero(support, as_tuple=True)[0], exact, rows)
     G.diagonal().add_(lam)
     L, cond = _cholesky(G, max_cond)
+    if cache is not None:
+        cache.work["factorizations"] += 1
     if not cond <= max_cond:
         if not exact:
             return None
@@ -439,11 +453,19 @@ def _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, max_iter, 
             L = _factor(At, support, lam, max_cond, cache, exact=True)
         if L is None:
             continue
-        _, Atz, ok, _ = _pcg(apply_K, lambda v, L=L: torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1), c,
-                             scale_sq, tol, max_iter)
+        _, Atz, ok, steps = _pcg(apply_K, lambda v, L=L: torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1), c,
+                                 scale_sq, tol, max_iter)
+        _count_pcg(cache, steps)
         if ok:
             break
     return (b - Atz) / lam
+
+
+def _count_pcg(cache: GramCache | None, steps: int) -> None:
+    """Count one PCG solve of ``steps`` steps in ``cache.work`` (nothing without a cache)."""
+    if cache is not None:
+        cache.work["pcg_runs"] += 1
+        cache.work["pcg_steps"] += steps
 
 
 def _gather_columns(R: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -481,6 +503,8 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast, cache=No
         P = grams[exact].clone()
         P.diagonal().add_(lam)
         L, cond = _cholesky(P, max_cond)
+        if cache is not None:
+            cache.work["factorizations"] += 1
         if not cond <= max_cond:
             if exact and lam > 0:
                 raise _ill_conditioned(cond, lam, max_cond)
@@ -495,8 +519,9 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast, cache=No
                 v = torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1)
                 v = v / v.norm().clamp(min=1e-300)
             mu = 0.5 / float(v @ torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1))
-        w, _, ok, _ = _pcg(apply_M, lambda r, L=L: torch.cholesky_solve(r.unsqueeze(1), L).squeeze(1), b,
-                           lambda x, _, mu=mu: mu * float(x @ x), tol, max_iter)
+        w, _, ok, steps = _pcg(apply_M, lambda r, L=L: torch.cholesky_solve(r.unsqueeze(1), L).squeeze(1), b,
+                               lambda x, _, mu=mu: mu * float(x @ x), tol, max_iter)
+        _count_pcg(cache, steps)
         if ok or exact:
             return w[off : off + idx.numel()]
     return None

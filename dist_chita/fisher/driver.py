@@ -68,6 +68,7 @@ class StageReport:
     objective_trace: list[float] = field(default_factory=list)
     iterations: int = 0
     backsolves: int = 0
+    backsolve_work: dict[str, int] = field(default_factory=dict)  # what the backsolves ran (GramCache.work)
     objective: float | None = None
     magnitude_objective: float | None = None
     plain_magnitude_objective: float | None = None  # f of the magnitude support without its back-solve
@@ -443,10 +444,12 @@ def _solve_stage(run: _Run, t: int, w: torch.Tensor, budget: Budget, report: Sta
     solver_progress = run.progress and _solver_progress(run.progress, f"solver {t + 1}", run.solver_options)
     lam = run.lam[t] if run.per_stage else run.lam
     if isinstance(lam, int | float):
+        cache = GramCache()
         result = solve(At, w, float(lam), budget, first_order=run.first_order, progress=solver_progress,
                        overwrite_at=True, check_at=loaded,  # fisher_block checked every entry of a computed At
-                       **(run.solver_options or {}))
+                       **{**(run.solver_options or {}), "gram_cache": cache})
         report.lam = float(lam)
+        report.backsolve_work = dict(cache.work)
     else:
         start = previous_lam if run.lambda_walk else None
         result = _solve_path(run, At, w, budget, report, loaded, solver_progress, start)
@@ -505,6 +508,7 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
         At, w.to(At.device, torch.float32), None, run.first_order)
     judged: list[tuple[float, float, torch.Tensor | None, object]] = []  # (lambda, score, per-sample values, result)
     totals = {"iterations": 0, "backsolves": 0, "timings": {}}
+    caches = [cache]  # every GramCache the path's backsolves ran through (their work is reported)
     warm = _MagnitudeStart(At, w, budget, y, cache) if proxy and y is not None and not loaded else None
 
     def judge(i: int) -> float:
@@ -512,8 +516,10 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
         if warm is not None:  # the warm start directly: magnitude pruning's support, back-solved
             result = warm.solve(lam)
         else:
+            if not proxy:
+                caches.append(GramCache())  # each lambda's own solve, as solve() would make it
             kw = ({**options, "max_iter": 0, "escape_trials": 0, "rounds": 1, "gram_cache": cache} if proxy else
-                  {**options, "start_support": support})
+                  {**options, "start_support": support, "gram_cache": caches[-1]})
             result = solve(At, w, lam, budget, y, first_order=run.first_order, progress=None if proxy else
                            solver_progress, overwrite_at=False, check_at=loaded and support is None, **kw)
         totals["iterations"] += result.iterations
@@ -537,6 +543,7 @@ def _solve_path(run: _Run, At: torch.Tensor, w: torch.Tensor, budget: Budget, re
                      overwrite_at=True, check_at=False, **{**options, "gram_cache": cache})
     best.iterations, best.backsolves = totals["iterations"] + best.iterations, totals["backsolves"] + best.backsolves
     best.timings = {k: totals["timings"].get(k, 0.0) + v for k, v in best.timings.items()}
+    report.backsolve_work = {k: sum(c.work[k] for c in caches) for k in cache.work}
     return best
 
 

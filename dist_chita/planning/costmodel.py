@@ -73,26 +73,40 @@ report). p_R below is ceil(p_t / R) of the solve at hand.
   :attr:`Prediction.solver_bytes_per_iteration`) are counted by :func:`iteration_collectives`; a test compares
   them with the counters of real two-rank solves, per granularity.
 
-* backsolve, per backsolve of a solve keeping k_t (the dual path of ``dist_chita/fisher/backsolve.py``, k_t >= n), on
-  m = ceil(k_t / R) local kept rows (:func:`backsolve_terms`)::
+* backsolve, the backsolves of a solve keeping k_t (the dual path of ``dist_chita/fisher/backsolve.py``, k_t >= n),
+  on the busiest rank's m = ceil(k_t / R x i_R) kept rows (i_R = :func:`kept_imbalance`, from where the report's
+  layers keep their weights; the other ranks wait for it), counted by what they ran
+  (:attr:`Workload.backsolve_work`, the report's ``stages[].backsolve_work``): g Gram matrices formed (a lambda
+  path's backsolves share one: the support is the same, only lambda changes), u updated from a nearby support
+  (r rows over all ranks), c Cholesky factorisations, j PCG solves with q steps in all::
 
-      t = f_syrk(n) 2 n^2 m / (F s e_a) (n + n_h) / n        (float32 Gram matrix of the kept rows by the blocked
-                                                              syrk: f_syrk = (nb + 1) / (2 nb), nb = min(4, n // 128)
-                                                              column blocks, 10/16 at n >= 512; 1 below 256; a thin
+      t = f_syrk(n) 2 n^2 (g m + r / R) / (F s e_a) (n + n_h) / n  (float32 Gram matrices by the blocked syrk: f_syrk =
+                                                              (nb + 1) / (2 nb), nb = min(4, n // 128) column
+                                                              blocks, 10/16 at n >= 512; 1 below 256; a thin
                                                               product's rate F n / (n + n_h), n_h measured)
-        + 2 n^3 / 3 / (F s e_a)                              (float64 Cholesky of lambda I + G at half the float32
-                                                              rate, redundantly on every rank: at R t > C the R
-                                                              copies share the C cores, s = C / R)
-        + (b + 4 + (rho + q) 4) n m / (M s e_b)              (gather of the kept rows into float32, then rho = 3
-                                                              passes (A_S^T y, A_S b, the first A_S A_S^T x_0) and
-                                                              q = 3 PCG steps, each one fused pass over the float32
-                                                              rows, converted to float64 in cache-sized chunks;
-                                                              rows too large to gather, 8 n m > 2^28 B: (rho + q) b)
-        + AR(8 n^2) + (2 + q) AR(8 n) + 4 AR(8)              (all-reduces of G, of the n-vectors and of 4 scalars)
+        + c n^3 / 3 / (F s / 2)                              (float64 Cholesky of lambda I + G at half the float32
+                                                              rate, given; redundantly on every rank: at R t > C
+                                                              the R copies share the C cores, s = C / R)
+        + (2 j + q) 8 n^2 / (M s)                            (the preconditioner: 2 + q applications of the factor
+                                                              per PCG solve, two triangular solves reading L)
+        + (((g + u) G_b + j (2 P_1 + P_2) + q P_2) m + G_b r / R) n / (M s e_a e_b)  (per support the rows gathered in
+                                                              float32 and an update's changed rows, G_b
+                                                              = 2 b (+ b + 4 from a 2-byte factor); per PCG solve
+                                                              the passes over them, A_S^T y and A_S b (P_1 = 12 + 8
+                                                              B per entry: the float32 read, the float64 chunk
+                                                              written and read once) and 1 + q fused ones (P_2 = 12
+                                                              + 16 B: the chunk read by both products); rows too
+                                                              large to gather, 8 n m > 2^28 B, are gathered from
+                                                              the block on every pass, 3 b + 8 instead of 12, plus
+                                                              g_row per row)
+        + (g + u) AR(8 n^2) + (2 j + q) AR(8 n) + 4 j AR(8)  (all-reduces of G, of the n-vectors and of 4 scalars)
 
   with AR(B) = 2 (R - 1) / R * B / (L s) + 2 log2(R) l / s' (gloo's copies on the ranks' shared cores; a rank
-  that waits for a message also waits for its turn on a time-shared core). e_a is fitted; e_b is given (1: the
-  GEMV read rate M that ``benchmarks/machine_rates.py`` measures is what a streaming pass over float32 rows does).
+  that waits for a message also waits for its turn on a time-shared core). e_a is fitted, one efficiency for the
+  Gram's FLOPs and the row passes' bytes, which both stream the m kept rows; e_b is given (1). A report without
+  ``backsolve_work`` counts, per backsolve, one Gram matrix, one factorisation and one PCG solve of
+  ``Rates.pcg_steps`` steps. Not modelled: the exact A w after a solver's backsolve (one more pass over the kept
+  rows) and the escapes' exact curvatures (off in the recorded runs).
 
 * writeback: 2 * 4 p_R / (M s); save: 4 P / disk bandwidth.
 
@@ -114,17 +128,20 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from dist_chita.fisher.backsolve import gathers, syrk_tiles
+from dist_chita.distributed.partition import column_blocks, row_blocks
+from dist_chita.fisher.backsolve import WORK_KEYS, gathers, syrk_tiles
 from dist_chita.fisher.select import radix_bits
 from dist_chita.planning.memory import MemoryEstimate, estimate
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
+BACKSOLVE_TERMS = ("gram", "allreduce", "cholesky", "precond", "rows")  # backsolve_terms' keys
 WEIGHT_FLOOR_SECONDS = 0.5  # calibrate: rows weighted by 1 / max(measured, floor) (relative errors above it)
 GRANULARITIES = ("global", "layer", "row", "nm")  # Workload.granularity: the sparsity budget the solver projects on
 # Keys of rates files that Rates.from_dict accepts and drops: selection_rounds (the histogram rounds of a projection
-# follow from Workload.granularity, :func:`projection_collectives`)
-RETIRED_RATES = ("selection_rounds",)
+# follow from Workload.granularity, :func:`projection_collectives`), backsolve_row_passes (the passes over the kept
+# rows per PCG solve are counted from the code, :func:`backsolve_terms`)
+RETIRED_RATES = ("selection_rounds", "backsolve_row_passes")
 
 
 @dataclass(frozen=True)
@@ -243,8 +260,10 @@ class Rates:
         read_efficiency: e_r, fraction of M the solver's streaming passes over the block achieve (given, 1: M is
             measured as exactly such a read, A @ v; a fit of e_r next to e_m would charge the time of solves whose
             time does not depend on n to the n-proportional reads).
-        linalg_efficiency: e_a, fraction of F the backsolve's float32 Gram (and of F / 2 its float64 Cholesky)
-            achieve.
+        linalg_efficiency: e_a, fraction of the hardware's rates the backsolve's work on its m = k / R kept rows
+            achieves: the float32 Gram's FLOPs at F n / (n + n_h) and the passes' counted bytes at e_b M (fitted; one
+            efficiency for both: measured apart on the MLPNet back-solve, n = 800, each ran 2.4-2.6x the hardware
+            file's rate, the row passes' chunks staying in cache).
         collective_latency, collective_bandwidth: override the hardware link's l and L (None: hardware).
         block_reads: r, passes over the rank's block per solver iteration (1: the fused pass that forms
             g = A^T (A w - y) and u = A g_S together).
@@ -261,14 +280,13 @@ class Rates:
             before the timed iterations).
         solve_vector_bytes: v_s, bytes per column per solve of the exact recomputation of A w and f after the
             iterations (the support's indices and ||w - w_bar||^2; its gathered rows are counted as block reads).
-        backsolve_row_passes: rho, passes over the kept rows A_{r,S} (n k / R entries) per backsolve besides the PCG
-            steps: A_S^T y, A_S b and PCG's first A_S A_S^T x_0 (3, counted from ``dist_chita/fisher/backsolve.py``).
-        pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows and one n-vector all-reduce
-            (about 3 with the float32-formed preconditioner on the recorded runs).
+        pcg_steps: q, PCG steps per backsolve, each one fused pass over the kept rows, one application of the
+            factor and one n-vector all-reduce, for workloads that do not count them (``Workload.backsolve_work``;
+            2-3 on the recorded runs).
         row_gather_bytes: g_row, the cost of gathering one kept row (``index_select``) beyond its bytes, in bytes at
             M (fitted: rows of 32-64 B, as in a bfloat16 factor with n = 16-32, cost several times their size).
-        row_efficiency: e_b, fraction of M the backsolve's passes over the kept rows achieve (given, not fitted:
-            with n varying by 4x at most, the row bytes (n m) and the Gram FLOPs (n^2 m) are not separable).
+        row_efficiency: e_b, the backsolve's row passes' rate relative to the Gram's, as a fraction of M (given,
+            1; both are scaled by the fitted e_a).
         iteration_overhead: o, fixed seconds per solver iteration.
         backsolve_rounds: backsolves per prune.
         exchange_efficiency: e_x, fraction of the link bandwidth L (times the core share s on shared CPU cores,
@@ -293,7 +311,6 @@ class Rates:
     selection_bytes: float = 500.0
     selections_per_iteration: float = 2.0
     solve_vector_bytes: float = 45.0
-    backsolve_row_passes: float = 3.0
     pcg_steps: float = 3.0
     row_efficiency: float = 1.0
     row_gather_bytes: float = 0.0
@@ -346,6 +363,13 @@ class Workload:
             default here: the CHITA paper's, and that of reports whose config has no ``prune.granularity``),
             "layer" (one top-k per layer, ``layers`` segments straddling ranks), "row" (one per output row, each on
             one rank: no histogram all-reduce) or "nm" (N:M groups, local too).
+        backsolve_work: per solve, what its backsolves ran, the counts of
+            :data:`~dist_chita.fisher.backsolve.WORK_KEYS` in that order (a report's ``stages[].backsolve_work``:
+            a lambda path's backsolves share one Gram matrix, each factors and solves its own system); None: each
+            backsolve forms its own Gram matrix, factors it and runs ``Rates.pcg_steps`` PCG steps.
+        kept_by_layer: per prunable layer in column order (size, kept, row length), the report's ``layers``: where
+            the kept weights lie, hence how many of them each rank's column block holds
+            (:func:`kept_imbalance`); None: evenly spread.
     """
 
     p: int
@@ -365,6 +389,8 @@ class Workload:
     flops_per_sample: float | None = None
     stages: tuple[tuple[int, int, int, int], ...] | None = None
     granularity: str = "global"
+    backsolve_work: tuple[tuple[float, ...], ...] | None = None
+    kept_by_layer: tuple[tuple[int, int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.storage_dtype not in DTYPE_BYTES:
@@ -379,6 +405,10 @@ class Workload:
         if self.stages is not None and (len(self.stages) != self.solves or any(
                 len(st) != 4 or st[0] < 1 or st[1] < 0 or st[2] < 0 or st[3] < 0 for st in self.stages)):
             raise ValueError("stages must hold one (p_t >= 1, k_t, iterations_t, backsolves_t) >= 0 per solve")
+        if self.backsolve_work is not None and (len(self.backsolve_work) != self.solves or any(
+                len(wk) != len(WORK_KEYS) or min(wk) < 0 for wk in self.backsolve_work)):
+            raise ValueError(f"backsolve_work must hold {len(WORK_KEYS)} counts >= 0 ({', '.join(WORK_KEYS)}) "
+                             "per solve")
 
     @property
     def k(self) -> int:
@@ -558,47 +588,105 @@ def syrk_fraction(n: int) -> float:
     return 1.0 if nb < 2 else (nb + 1) / (2 * nb)
 
 
-def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: float) -> dict[str, float]:
-    """Seconds of one backsolve keeping ``kept`` columns (dual path of ``dist_chita/fisher/backsolve.py``, |S| >= n), by
-    term, on m = ceil(kept / R) local kept rows:
+def kept_imbalance(w: Workload, ranks: int) -> float:
+    """The most kept weights a rank's column block holds over the mean k / R: each layer's kept weights spread evenly
+    over the layer (``Workload.kept_by_layer``), the blocks those of ``dist_chita/distributed/partition.py`` (cut at
+    rows for the per-row budget); 1 without ``kept_by_layer``. The backsolve's work on the kept rows is the slowest
+    rank's: the others wait for it in the next all-reduce."""
+    layers = w.kept_by_layer
+    total = sum(kept for _, kept, _ in layers) if layers else 0
+    if ranks <= 1 or not total:
+        return 1.0
+    p = sum(size for size, _, _ in layers)
+    blocks = (row_blocks([(size // length, length) for size, _, length in layers], ranks) if w.granularity == "row"
+              else column_blocks(p, ranks))
+    held = []
+    for lo, hi in blocks:
+        start, kept_here = 0, 0.0
+        for size, kept, _ in layers:
+            kept_here += kept * max(0, min(hi, start + size) - max(lo, start)) / size
+            start += size
+        held.append(kept_here)
+    return max(held) / (total / ranks)
 
-    * gram: the float32 Gram matrix A_{r,S} A_{r,S}^T by the blocked syrk, :func:`syrk_fraction` x 2 n^2 m FLOPs,
-      at F s e_a n / (n + n_h) (:attr:`Hardware.gram_half_width`: the product of m x n rows is thin for small n);
-    * cholesky: the float64 factor of lambda I + G, n^3 / 3 FLOPs at half the float32 rate F, computed redundantly
-      by every rank on its own share s of the cores (at R = 4 on 2 cores each rank gets half a core);
-    * rows: the gather of the kept rows into float32 (b + 4 B per entry, when
-      :func:`~dist_chita.fisher.backsolve.gathers` says their float64 size fits) and ``backsolve_row_passes`` + q
-      passes over them (q = ``pcg_steps``; 4 B per entry from the gathered float32 rows, else b from the block; each
-      chunk's float64 copy stays in cache), at e_b M s; plus g_row bytes per row gathered (``row_gather_bytes``) when
-      the rows are too large to keep gathered: every pass and the Gram's re-gather the kept rows from the block (a
-      single gather's per-row cost is not counted);
-    * allreduce: the n x n float64 G, 2 + q n-vectors (A_S b, A_S A_S^T x_0 and one per PCG step) and 4 small
-      ones (the support size, the recall check, the change count and PCG's scale), at the link's rate times s
-      (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting for its turn on a shared core).
+
+def backsolve_work(kept_work: dict | None, rates: Rates) -> dict[str, float]:
+    """The work of one stage's backsolves (keys of :data:`~dist_chita.fisher.backsolve.WORK_KEYS`): a report's
+    ``backsolve_work`` as given; without one (``None``), that of one backsolve that forms its own Gram matrix,
+    factors it once and runs q = ``rates.pcg_steps`` PCG steps (multiply by the backsolves)."""
+    if kept_work is not None:
+        return {k: float(kept_work.get(k, 0)) for k in WORK_KEYS}
+    return {"grams": 1.0, "gram_updates": 0.0, "gram_update_rows": 0.0, "factorizations": 1.0, "pcg_runs": 1.0,
+            "pcg_steps": rates.pcg_steps}
+
+
+def row_pass_bytes(products: int, gathered: bool, dtype_bytes: int) -> int:
+    """Bytes moved per kept-row entry by one pass of ``products`` float64 products over the kept rows
+    (``dist_chita/fisher/backsolve.py``'s ``_chunks``): from the gathered float32 rows, read 4 and write the
+    float64 chunk (8); else gathered from the block on the fly, index_select (read b, write b) and the float64 copy
+    (read b, write 8); then each product reads the chunk (8)."""
+    return (12 if gathered else 3 * dtype_bytes + 8) + 8 * products
+
+
+def gather_bytes(dtype_bytes: int) -> int:
+    """Bytes per entry of gathering kept rows into float32 (``At.index_select(0, idx).float()``: read b, write b,
+    and for a 2-byte factor the float32 copy, read b, write 4)."""
+    return 2 * dtype_bytes + (0 if dtype_bytes == 4 else dtype_bytes + 4)
+
+
+def backsolve_terms(w: Workload, ranks: int, hw: Hardware, rates: Rates, kept: float,
+                    work: dict | None = None) -> dict[str, float]:
+    """Seconds of the backsolves of one solve keeping ``kept`` columns (dual path of
+    ``dist_chita/fisher/backsolve.py``, |S| >= n), by term, on the busiest rank's m = ceil(kept / R x
+    :func:`kept_imbalance`) kept rows, for ``work``
+    (:func:`backsolve_work`: the Gram matrices formed and updated, factorisations, PCG solves and steps; None: one
+    backsolve):
+
+    * gram: per Gram matrix formed, the float32 A_{r,S} A_{r,S}^T of the m rows by the blocked syrk,
+      :func:`syrk_fraction` x 2 n^2 m FLOPs, at F s e_a n / (n + n_h) (:attr:`Hardware.gram_half_width`: the
+      product of m x n rows is thin for small n); an update from a nearby support the same per row changed (its
+      rows over all ranks / R);
+    * cholesky: per factorisation the float64 factor of lambda I + G, n^3 / 3 FLOPs at half the float32 rate F
+      (given), computed redundantly by every rank on its own share s of the cores;
+    * precond: per PCG solve 2 + q applications of the factor (``cholesky_solve``: two triangular solves, each a
+      read of the n^2 / 2 float64 entries of L: 8 n^2 B at M s, given);
+    * rows: per Gram matrix formed or updated (a new support) the gather of the m rows into float32
+      (:func:`gather_bytes`, when :func:`~dist_chita.fisher.backsolve.gathers` says they fit) and an update's
+      changed rows, and per PCG solve
+      the passes over them: A_S^T y and A_S b (one product each) and 1 + q fused ones (A_S A_S^T v, two
+      products), :func:`row_pass_bytes` per entry, at e_b M s; when the rows are too large to keep gathered
+      (:func:`~dist_chita.fisher.backsolve.gathers`), g_row bytes per row on every pass and Gram (``row_gather_bytes``);
+    * allreduce: per Gram matrix formed or updated the n x n float64 G; per PCG solve 2 + q n-vectors (A_S b, the
+      first A_S A_S^T x_0, one per step) and 4 scalars (the support size, the recall check, the change count, PCG's
+      scale), at the link's rate times s (gloo copies on the ranks' own cores) and its latency / s' (a rank waiting
+      for its turn on a shared core).
     """
     bw, lat = _link(hw, ranks, rates)
     s = hw.compute_share(ranks, w.threads_per_rank)
     slice_ = hw.time_slice(ranks, w.threads_per_rank)
     n, b = w.n, w.dtype_bytes
-    m = math.ceil(kept / ranks)
-    linalg = hw.flops * rates.linalg_efficiency * s
+    m = math.ceil(kept / ranks * kept_imbalance(w, ranks))
+    wk = backsolve_work(work, rates)
+    runs, steps = wk["pcg_runs"], wk["pcg_steps"]
+    gram_rows = wk["grams"] * m + wk["gram_update_rows"] / ranks
     gathered = gathers(m, n)
-    passes = rates.backsolve_row_passes + rates.pcg_steps
-    row_bytes = n * m * ((b + 4) + passes * 4 if gathered else passes * b)
-    # index_select of each kept row per pass and for the Gram when the rows are too large to keep gathered; a single
-    # gather's per-row cost is not counted (next to the Gram's 2 n^2 FLOPs per row it is small, and a per-row term
-    # that only scales like the Gram's rows cannot be told apart from it by a fit)
-    gathers_per_row = 0 if gathered else passes + 1
-    row_bytes += gathers_per_row * m * rates.row_gather_bytes
-    q = rates.pcg_steps
-    collectives = (allreduce_seconds(8 * n * n, ranks, bw * s, lat / slice_)
-                   + (2 + q) * allreduce_seconds(8 * n, ranks, bw * s, lat / slice_)
-                   + 4 * allreduce_seconds(8, ranks, bw * s, lat / slice_))
+    pass_bytes = runs * 2 * row_pass_bytes(1, gathered, b) + (runs + steps) * row_pass_bytes(2, gathered, b)
+    gathered_rows = (wk["grams"] + wk["gram_updates"]) * m * gathered + wk["gram_update_rows"] / ranks
+    row_bytes = n * (m * pass_bytes + gathered_rows * gather_bytes(b))
+    # index_select of each kept row per pass and per Gram when they are not kept gathered: a cost per row beyond
+    # its bytes (at M, not e_b M: it is fitted on its own)
+    regathered = 0.0 if gathered else (m * (3 * runs + steps) + gram_rows) * rates.row_gather_bytes
+    link = (bw * s, lat / slice_)
+    collectives = ((wk["grams"] + wk["gram_updates"]) * allreduce_seconds(8 * n * n, ranks, *link)
+                   + (2 * runs + steps) * allreduce_seconds(8 * n, ranks, *link)
+                   + 4 * runs * allreduce_seconds(8, ranks, *link))
     return {
-        "gram": syrk_fraction(n) * 2 * n * n * m / linalg * (n + hw.gram_half_width) / n,
+        "gram": syrk_fraction(n) * 2 * n * n * gram_rows / (hw.flops * rates.linalg_efficiency * s)
+        * (n + hw.gram_half_width) / n,
         "allreduce": collectives,
-        "cholesky": 2 * n**3 / 3 / linalg,
-        "rows": row_bytes / (hw.memory_bandwidth * s * rates.row_efficiency),
+        "cholesky": wk["factorizations"] * n**3 / 3 / (hw.flops / 2 * s),
+        "precond": (2 * runs + steps) * 8 * n * n / (hw.memory_bandwidth * s),
+        "rows": (row_bytes / (rates.row_efficiency * rates.linalg_efficiency) + regathered) / (hw.memory_bandwidth * s),
     }
 
 
@@ -631,21 +719,21 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
     it_names = ("reads", "vectors", "allreduce", "selection", "overhead")
     terms.update({f"solver_{k}": 0.0 for k in it_names})
     terms["solver_setup"] = 0.0
-    for k in ("gram", "allreduce", "cholesky", "rows"):
+    for k in BACKSOLVE_TERMS:
         terms[f"backsolve_{k}"] = 0.0
-    for p_t, k_t, i_t, m_t in solves:
+    for t, (p_t, k_t, i_t, m_t) in enumerate(solves):
         for k, v in solver_iteration_terms(w, R, hw, rates, p_t).items():
             terms[f"solver_{k}"] += i_t * v
         terms["solver_setup"] += solver_setup_seconds(w, R, hw, rates, p_t, k_t)
-        for k, v in backsolve_terms(w, R, hw, rates, k_t).items():
-            terms[f"backsolve_{k}"] += m_t * v
+        work = None if w.backsolve_work is None else dict(zip(WORK_KEYS, w.backsolve_work[t], strict=True))
+        for k, v in backsolve_terms(w, R, hw, rates, k_t, work).items():
+            terms[f"backsolve_{k}"] += (1 if work is not None else m_t) * v
 
     seconds = {
         "fisher": (terms["fisher_allocation"] + terms["fisher_gradients"] + terms["fisher_write"]
                    + terms["fisher_exchange"]),
         "solver": sum(terms[f"solver_{k}"] for k in it_names) + terms["solver_setup"],
-        "backsolve": (terms["backsolve_gram"] + terms["backsolve_allreduce"] + terms["backsolve_cholesky"]
-                      + terms["backsolve_rows"]),
+        "backsolve": sum(terms[f"backsolve_{k}"] for k in BACKSOLVE_TERMS),
         "writeback": 2 * 4 * p_r / (hw.memory_bandwidth * s),
         "save": 4 * w.model_params / hw.disk_bandwidth,
     }
@@ -718,6 +806,9 @@ def workload_from_report(report: dict) -> Workload:
         cols = [int(report["p"])] + [int(st["kept"]) for st in stages[:-1]]  # stage t solves on what t - 1 kept
         per_solve = tuple((c, int(st["kept"]), int(st["iterations"]), int(st["backsolves"]))
                           for c, st in zip(cols, stages, strict=True))
+    work = None
+    if per_solve and all(st.get("backsolve_work") for st in stages):
+        work = tuple(tuple(float(st["backsolve_work"].get(k, 0)) for k in WORK_KEYS) for st in stages)
     return Workload(
         p=int(report["p"]),
         n=int(report["n"]),
@@ -733,7 +824,16 @@ def workload_from_report(report: dict) -> Workload:
         solves=max(1, len(stages)),
         stages=per_solve,
         granularity=report_granularity(report),
+        backsolve_work=work,
+        kept_by_layer=tuple((int(layer["size"]), int(layer["kept"]), _row_length(layer)) for layer in layers)
+        if layers and all("size" in layer and "kept" in layer for layer in layers) else None,
     )
+
+
+def _row_length(layer: dict) -> int:
+    """Weights per row of a report's layer (its ``shape`` past the first dimension; the size without a shape)."""
+    shape = layer.get("shape") or [layer["size"]]
+    return int(math.prod(shape[1:])) if len(shape) > 1 else int(layer["size"])
 
 
 def measured_seconds(report: dict) -> dict[str, float]:
@@ -884,24 +984,25 @@ def _fit_backsolve(loads: list[Load], hw: Hardware, rates: Rates, base: Rates) -
     """``rates`` with the fitted per-row gather cost g_row, the fitted e_a (applied by :func:`calibrate`) and the
     backsolve's fixed term.
 
-    The Gram and Cholesky FLOPs at F s are fitted (1/e_a); the counted row passes at the base e_b (1: the GEMV
-    read rate M the hardware file gives) and the all-reduces at the fitted l are given. e_b is not fitted: the row
-    bytes (n m per pass) and the Gram FLOPs (n^2 m) differ only by the factor n, which the recorded runs vary too
-    little to separate (a fit gives one of the two no cost). g_row is fitted: the rows' bytes are counted, but
-    the cost of their many small gathers is not."""
+    t - (Cholesky FLOPs at F s / 2, the factor's applications at M s, all-reduces at L s and the fitted l / s') =
+    (Gram FLOPs at F s n / (n + n_h) + kept-row bytes at e_b M s) * 1/e_a + (re-gathered rows) * g_row
+    + f_backsolve. The Gram matrices, factorisations and PCG solves are the reports' counts (a lambda path's
+    backsolves share one Gram matrix); g_row is the cost of the many small gathers of rows too large to keep
+    gathered, beyond their bytes."""
     cols: list[list[float]] = [[], [], []]
     y: list[float] = []
+    unit = dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=0.0, fixed={})
     for w, R, t in loads:
-        pred = predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=0.0, fixed={}))
-        cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_cholesky"])
-        cols[1].append(1.0)
-        cols[2].append(predict(w, R, hw, dataclasses.replace(rates, linalg_efficiency=1.0, row_gather_bytes=1.0,
-                                                             fixed={})).terms["backsolve_rows"]
+        pred = predict(w, R, hw, unit)
+        cols[0].append(pred.terms["backsolve_gram"] + pred.terms["backsolve_rows"])
+        cols[1].append(predict(w, R, hw, dataclasses.replace(unit, row_gather_bytes=1.0)).terms["backsolve_rows"]
                        - pred.terms["backsolve_rows"])
-        y.append(max(0.0, t["backsolve"] - pred.terms["backsolve_allreduce"] - pred.terms["backsolve_rows"]))
-    inv_ea, fixed_back, gather_bytes = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
+        cols[2].append(1.0)
+        given = sum(pred.terms[f"backsolve_{k}"] for k in ("allreduce", "cholesky", "precond"))
+        y.append(max(0.0, t["backsolve"] - given))
+    inv_ea, gather_cost, fixed_back = _nnls(cols, y, [t["backsolve"] for _, _, t in loads])
     lin_eff = _efficiency(inv_ea, cols[0], base.linalg_efficiency)
-    return dataclasses.replace(rates, row_gather_bytes=gather_bytes), lin_eff, fixed_back
+    return dataclasses.replace(rates, row_gather_bytes=gather_cost), lin_eff, fixed_back
 
 
 def _fixed_transfer_terms(loads: list[Load], hw: Hardware, rates: Rates) -> dict[str, float]:
@@ -927,10 +1028,10 @@ def calibrate(reports: list[dict], hw: Hardware, base: Rates | None = None) -> R
       * 1/e_x + x / s')) + n p_R b / (Z s) * 1/e_p (once) + row writes and message latency at the fitted e_m and
       l; fitting 1/e_g, 1/e_x, x and 1/e_p; a CHITA++ report that times its stages gives two rows (stage 1, which
       alone allocates, and the rest; :func:`stage_one_share`);
-    * backsolve (:func:`_fit_backsolve`): t = sum_t m_t (f_syrk 2 n^2 ceil(k_t / R) / (F s) + 2 n^3 / 3 / (F s))
-      * 1/e_a + (counted kept-row bytes at e_b M s, e_b as given: 1, the GEMV read rate) + g_row per re-gathered
-      row + (all-reduces at L s and the fitted l / s') + f_backsolve, fitting 1/e_a, g_row and f_backsolve; m_t =
-      the report's count of backsolves (:func:`_with_backsolve_rounds`);
+    * backsolve (:func:`_fit_backsolve`): t = (Gram FLOPs at F s n / (n + n_h) + kept-row bytes at e_b M s) *
+      1/e_a + g_row per re-gathered row + (Cholesky FLOPs at F s / 2, the factor's applications at M s, all-reduces
+      at L s and the fitted l / s') + f_backsolve, fitting 1/e_a, g_row and f_backsolve; the counts per stage from
+      the report's ``backsolve_work`` (else per backsolve, :func:`_with_backsolve_rounds`);
     * writeback, save: the modelled bytes plus the mean of what they leave unexplained as the fixed term.
 
     A rate whose feature never varies (e.g. latency when every report has R = 1) keeps its base value; one whose

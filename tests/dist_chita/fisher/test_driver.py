@@ -255,7 +255,13 @@ def test_lambda_path_keeps_the_lambda_of_lowest_validation_loss():
     assert stage.validation_path == pytest.approx(truth, rel=1e-9)
     best = LAMBDAS[min(range(len(truth)), key=truth.__getitem__)]
     assert stage.lam == best
-    ref, _, ref_score = _lambda_run(best)
+    # the stage reports what its backsolves ran: the path's warm starts share the magnitude support, so its
+    # lambdas share one Gram matrix (or, below n kept columns, one gather), and each solves its own system
+    work = stage.backsolve_work
+    assert work["factorizations"] >= len(LAMBDAS) and work["pcg_runs"] >= len(LAMBDAS)
+    assert work["grams"] + work["gram_updates"] <= stage.backsolves - len(LAMBDAS) + 1
+    ref, ref_stage, ref_score = _lambda_run(best)
+    assert ref_stage.backsolve_work["pcg_runs"] >= 1  # a fixed lambda's solve reports its work too
     for name, w in ref.items():
         assert torch.equal(weights[name], w), name
     assert score == ref_score

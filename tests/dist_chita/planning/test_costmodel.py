@@ -283,15 +283,18 @@ def test_fisher_and_backsolve_by_hand():
     # peers; x once per stage
     assert cm.exchange_bytes(64, 1000, 2, 4) == 64 * 1000 * 4 / 4
     assert t["fisher_exchange"] == pytest.approx(64000 / (200e9 * 0.25) + 2 * 2 * 1 * 5e-6 + 0.01)
-    # n = 64 < 256: the full product R^T R (2 n^2 m FLOPs, m = 50 kept rows per rank); float64 Cholesky at F / 2
+    # n = 64 < 256: the full product R^T R (2 n^2 m FLOPs, m = 50 kept rows per rank); float64 Cholesky
+    # (n^3 / 3 FLOPs) at F / 2; the preconditioner applied 2 + 3 times, 8 n^2 B each
     assert t["backsolve_gram"] == pytest.approx(2 * 64 * 64 * 100 / 2 / 1e14)
     assert t["backsolve_cholesky"] == pytest.approx(2 * 64**3 / 3 / 1e14)
+    assert t["backsolve_precond"] == pytest.approx(5 * 8 * 64 * 64 / 2e12)
     # G, then 2 + 3 n-vectors (A_S b, the first A_S A_S^T x_0, 3 PCG steps), then 4 scalars
     hop = 2 * 5e-6
     assert t["backsolve_allreduce"] == pytest.approx(2 * 0.5 * 8 * 64 * 64 / 200e9 + hop
                                                      + 5 * (2 * 0.5 * 8 * 64 / 200e9 + hop) + 4 * (8 / 200e9 + hop))
-    # gather (4 + 4 B per entry), then 3 + 3 passes of 4 B per entry over the 64 x 50 float32 rows
-    assert t["backsolve_rows"] == pytest.approx((8 + 6 * 4) * 64 * 50 / 2e12)
+    # gather (4 + 4 B per entry), then A_S^T y and A_S b (12 + 8 B per entry each) and 1 + 3 fused passes
+    # (12 + 16 B) over the 64 x 50 float32 rows
+    assert t["backsolve_rows"] == pytest.approx((8 + 2 * 20 + 4 * 28) * 64 * 50 / 2e12)
     assert pred.total == pytest.approx(sum(pred.seconds.values()))
     assert cm.predict(w, 1, GPU, rates).terms["fisher_exchange"] == 0.0
     assert t["fisher_allocation"] == 0.0  # no page population rate: allocation is free (a GPU's caching allocator)
@@ -507,25 +510,122 @@ def test_sum_scored_only_with_a_scored_phase():
 
 
 def test_backsolve_row_passes_term():
-    """Each backsolve streams its kept rows (n k / R entries): a gather into float32, rho = 3 passes (A_S^T y, A_S b,
-    the first A_S A_S^T x_0) and one fused pass per PCG step; rows too large to gather are re-read from the block."""
+    """Each backsolve (no counted work: one Gram matrix, one PCG solve of q steps) gathers its kept rows (n k / R
+    entries) into float32 and streams them 2 + (1 + q) times; rows too large to gather are re-read from the block,
+    with g_row per row on every pass and for the Gram (fitted apart from the bytes, at M)."""
     w = cm.Workload(p=10_000, n=64, model_params=10_000, kept=3000, backsolves=7)
-    rates = cm.Rates(row_efficiency=0.5, pcg_steps=4.0)
+    rates = cm.Rates(row_efficiency=0.5, linalg_efficiency=2.0, pcg_steps=4.0)
     pred = cm.predict(w, 2, CPU, rates)
     s = CPU.compute_share(2)
-    assert pred.terms["backsolve_rows"] == pytest.approx(7 * (8 + 7 * 4) * 64 * 1500 / (CPU.memory_bandwidth * s * 0.5))
-    assert pred.seconds["backsolve"] == pytest.approx(sum(pred.terms[k] for k in (
-        "backsolve_gram", "backsolve_allreduce", "backsolve_cholesky", "backsolve_rows")))
+    assert pred.terms["backsolve_rows"] == pytest.approx(
+        7 * (8 + 2 * 20 + 5 * 28) * 64 * 1500 / (CPU.memory_bandwidth * s * 0.5 * 2.0))
+    assert pred.seconds["backsolve"] == pytest.approx(sum(pred.terms[f"backsolve_{k}"] for k in cm.BACKSOLVE_TERMS))
     big = cm.Workload(p=20_000_000, n=32, model_params=20_000_000, storage_dtype="bfloat16", kept=10_000_000)
     rows = cm.backsolve_terms(big, 1, CPU, cm.Rates(), big.k)["rows"]  # 8 n k = 2.6 GB > 2^28: not gathered
-    assert rows == pytest.approx(6 * 2 * 32 * 10_000_000 / CPU.memory_bandwidth)
-    # g_row bytes per row gathered on each of the 6 passes and for the Gram when the rows are too large to keep
-    # gathered; rows gathered once pay no per-row term
+    # index_select (2 + 2 B) and the float64 copy (2 + 8 B), then 8 B per product: 2 single and 1 + 3 fused passes
+    assert rows == pytest.approx((2 * (14 + 8) + 4 * (14 + 16)) * 32 * 10_000_000 / CPU.memory_bandwidth)
     g = cm.Rates(row_gather_bytes=100.0)
     assert cm.backsolve_terms(big, 1, CPU, g, big.k)["rows"] == pytest.approx(rows + 7 * 100 * 10_000_000
                                                                               / CPU.memory_bandwidth)
     small = cm.backsolve_terms(w, 2, CPU, g, w.k)["rows"] - cm.backsolve_terms(w, 2, CPU, cm.Rates(), w.k)["rows"]
     assert small == 0.0
+
+
+def _counted_backsolves(monkeypatch, n: int, p: int, k: int) -> tuple[dict, dict]:
+    """Run backsolves as a lambda path and the solver run them (three lambdas on one support, a nearby support,
+    a far one, a repeat) through one GramCache at world size 1, counting what the code runs: the rows multiplied into
+    Gram matrices (``_syrk``), the Cholesky factorisations, the factor's applications, the row entries gathered,
+    converted to float64 chunks and multiplied. Returns (counts, cache.work)."""
+    import torch
+
+    from dist_chita.fisher import backsolve as bs
+
+    counts = dict.fromkeys(("syrk_rows", "syrk_flops", "cholesky", "solves", "gathered", "chunked", "products"), 0)
+    syrk, chunks, rows_init = bs._syrk, bs._chunks, bs._Rows.__init__
+    cholesky, cholesky_solve, mv, addmv = torch.linalg.cholesky_ex, torch.cholesky_solve, torch.mv, torch.Tensor.addmv_
+
+    def counting_syrk(R):
+        counts["syrk_rows"] += R.shape[0]
+        counts["syrk_flops"] += 2 * R.shape[0] * R.shape[1] ** 2  # n < 256: the plain product R^T R
+        return syrk(R)
+
+    def counting_chunks(At, idx, dtype=torch.float64, nbytes=bs.CHUNK_BYTES):
+        for s_, e, rows in chunks(At, idx, dtype, nbytes):
+            counts["chunked"] += rows.numel() * (At.element_size() + rows.element_size())  # read, written
+            yield s_, e, rows
+
+    def counting_rows(self, At, idx):
+        rows_init(self, At, idx)
+        counts["gathered"] += idx.numel() * At.shape[1]
+
+    def counting_cholesky(P, *a, **kw):
+        counts["cholesky"] += 1
+        return cholesky(P, *a, **kw)
+
+    def counting_solve(v, L, *a, **kw):
+        counts["solves"] += 1
+        return cholesky_solve(v, L, *a, **kw)
+
+    def counting_mv(M, v, *a, **kw):
+        counts["products"] += M.numel()
+        return mv(M, v, *a, **kw)
+
+    def counting_addmv(self, M, v, *a, **kw):
+        counts["products"] += M.numel()
+        return addmv(self, M, v, *a, **kw)
+
+    monkeypatch.setattr(bs, "_syrk", counting_syrk)
+    monkeypatch.setattr(bs, "_chunks", counting_chunks)
+    monkeypatch.setattr(bs._Rows, "__init__", counting_rows)
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", counting_cholesky)
+    monkeypatch.setattr(torch, "cholesky_solve", counting_solve)
+    monkeypatch.setattr(torch, "mv", counting_mv)
+    monkeypatch.setattr(torch.Tensor, "addmv_", counting_addmv)
+    g = torch.Generator().manual_seed(0)
+    At, w_bar = torch.randn(p, n, generator=g) / n**0.5, torch.randn(p, generator=g)
+    y = At.T @ w_bar
+    first = torch.zeros(p, dtype=torch.bool)
+    first[:k] = True
+    near = first.clone()
+    near[:5], near[k : k + 5] = False, True  # 10 changed of k: the Gram matrix is updated
+    far = torch.zeros(p, dtype=torch.bool)
+    far[p - k :] = True
+    cache = bs.GramCache()
+    for support, lam in ((first, 1e-2), (first, 1e-1), (first, 1.0), (near, 1.0), (far, 1.0), (far, 1.0)):
+        bs.backsolve(At, w_bar, lam, support, y, cache=cache)  # the last repeats the one before: recalled
+    return counts, dict(cache.work)
+
+
+def test_backsolve_terms_follow_the_work_the_code_runs(monkeypatch):
+    """The backsolve's formula against an independent count of what ``dist_chita/fisher/backsolve.py`` runs on a
+    lambda path (one Gram matrix for three lambdas), an update to a nearby support, a fresh support and a recalled
+    repeat: with F = M = 1 (F / 2 for the float64 Cholesky) and e_a = 1 the terms are the counted FLOPs and bytes."""
+    n, p, k = 48, 600, 200
+    counts, work = _counted_backsolves(monkeypatch, n, p, k)
+    # the cache's own counts agree with the operations: 2 Gram matrices formed (first, far) and 1 updated (near,
+    # its 10 changed rows), one factorisation and one PCG solve per backsolve but the recalled one
+    assert (work["grams"], work["gram_updates"], work["gram_update_rows"]) == (2, 1, 10)
+    assert counts["syrk_rows"] == work["grams"] * k + work["gram_update_rows"]
+    assert counts["cholesky"] == work["factorizations"] == work["pcg_runs"] == 5
+    assert counts["solves"] == 2 * work["pcg_runs"] + work["pcg_steps"]
+    unit = cm.Hardware(name="unit", memory_bytes=1e12, memory_bandwidth=1.0, flops=1.0, link_bandwidth=1.0,
+                       link_latency=0.0)
+    w = cm.Workload(p=p, n=n, model_params=p, kept=k)
+    terms = cm.backsolve_terms(w, 1, unit, cm.Rates(), k, work)
+    assert terms["gram"] == pytest.approx(counts["syrk_flops"])
+    assert terms["cholesky"] == pytest.approx(2 * counts["cholesky"] * n**3 / 3)
+    assert terms["precond"] == pytest.approx(counts["solves"] * 8 * n * n)
+    # rows: each gathered entry read and written in float32 (8 B), each chunked entry read from At or the gathered
+    # rows and written in the chunk's dtype (float64 for the products, float32 for a Gram update's rows), each entry
+    # a product reads 8 B
+    assert terms["rows"] == pytest.approx(8 * counts["gathered"] + counts["chunked"] + 8 * counts["products"])
+    assert terms["allreduce"] == 0.0
+    # the work of the workload's stages gives the same terms through predict
+    staged = dataclasses.replace(w, stages=((p, k, 0, 6),), backsolve_work=(tuple(work[key] for key in
+                                                                                   cm.WORK_KEYS),))
+    pred = cm.predict(staged, 1, unit, cm.Rates(fixed={}))
+    assert pred.terms["backsolve_gram"] == pytest.approx(terms["gram"])
+    assert pred.seconds["backsolve"] == pytest.approx(sum(terms.values()))
 
 
 def test_syrk_fraction_counts_backsolve_products(monkeypatch):
@@ -600,3 +700,27 @@ def test_a_term_the_fit_gives_no_cost_stays_free():
     for row in cm.compare(reports, CPU, fit):
         if row["phase"] == "backsolve":
             assert row["rel_error"] == pytest.approx(0.0, abs=1e-3), row
+
+
+@pytest.mark.parametrize("granularity", ["global", "row"])
+def test_kept_imbalance_counts_the_kept_weights_of_the_fullest_block(granularity):
+    """kept_imbalance against a count on a real layout (ColumnLayout, rows cut for the per-row budget): layers kept
+    whole or not at all, so where the kept weights lie is known exactly; the busiest rank's kept rows set the
+    backsolve's m."""
+    shapes = [("a", (6, 10)), ("b", (4, 5)), ("c", (3, 4))]
+    kept = {"a": 0, "b": 20, "c": 12}  # the first layer fully pruned, the others kept
+    layers = tuple((r * c, kept[name], c) for name, (r, c) in shapes)
+    w = cm.Workload(p=92, n=8, model_params=92, kept=32, kept_by_layer=layers, granularity=granularity)
+    for R in (1, 2, 3, 4):
+        layout = ColumnLayout.build(shapes, R, rows=granularity == "row")
+        mask = torch.cat([torch.full((r * c,), kept[name] > 0) for name, (r, c) in shapes])
+        held = [int(mask[lo:hi].sum()) for lo, hi in layout.blocks]
+        assert cm.kept_imbalance(w, R) == pytest.approx(max(held) / (32 / R)), R
+    even = dataclasses.replace(w, kept_by_layer=None)
+    assert cm.kept_imbalance(even, 4) == 1.0
+    m = {R: cm.backsolve_terms(w, R, CPU, cm.Rates(), 32)["gram"] / cm.backsolve_terms(even, R, CPU, cm.Rates(), 32)[
+        "gram"] for R in (2, 4)}
+    assert m[4] == pytest.approx(math.ceil(32 / 4 * cm.kept_imbalance(w, 4)) / 8)
+    rep = {"p": 92, "n": 8, "layers": [{"name": nm, "shape": list(sh), "size": sh[0] * sh[1], "kept": kept[nm]}
+                                       for nm, sh in shapes]}
+    assert cm.workload_from_report(rep).kept_by_layer == layers
