@@ -14,7 +14,12 @@ pair to the next (1, 2, then 2, 1, ...), so a busy spell of the shared machine h
 * the summed reconstruction objective and the held-out fidelity (cosine / nearest-neighbour agreement);
 * whether the 2-process run gave the same mask digest AND bit-identical weights (every tensor of the saved
   ``model.safetensors``) as the 1-process run;
-* the 1-minute load average before and after.
+* the 1-minute load average before and after;
+* before the runs, a concurrency check of the machine: the solve of one block of the default job's layer shapes
+  (four 384 x 384, 1536 x 384, 384 x 1536; synthetic curvature) by CHITA and by SparseGPT, in one process alone and
+  in two processes at once (1 thread each, started together): wall and CPU seconds of each. Two processes on two
+  cores can be faster than one by at most 2 x (alone / together): the ceiling this machine puts on the solve
+  phase's speed-up, whatever the sharing of the work.
 
     python benchmarks/layerwise_ranks.py [--quick] [--settings 0.5 0.7 2:4] [--methods chita sparsegpt wanda]
         [--launcher torchrun|accelerate] [--work-dir DIR] [--timeout 1800] [--out FILE] [key=value ...]
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -53,6 +59,61 @@ CONFIG = "configs/default.yaml"
 PRUNE_PHASES = ("curvature", "solver", "writeback")
 OTHER_PHASES = ("load", "eval_before", "eval_after", "save", "total")
 WORLD_SIZES = (1, 2)
+
+
+BLOCK_SHAPES = ((384, 384),) * 4 + ((1536, 384), (384, 1536))  # (rows, inputs) of one MiniLM block's layers
+
+
+def block_problems(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(W_bar, H) of every layer of :data:`BLOCK_SHAPES`: H = X^T X / N of N = 2048 correlated inputs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r, d in BLOCK_SHAPES:
+        X = torch.randn(2048, d, generator=g) @ (torch.eye(d) + torch.randn(d, d, generator=g) / d**0.5)
+        out.append((0.05 * torch.randn(r, d, generator=g), X.T @ X / 2048))
+    return out
+
+
+def solve_block(method: str, barrier, results) -> None:
+    """Solve :func:`block_problems` at 50% per row with ``method`` on 1 thread, after ``barrier``; put
+    (wall seconds, CPU seconds) on ``results``."""
+    from dist_chita.layerwise.row_solver import solve_rows
+    from dist_chita.methods.sparsegpt import sparsegpt_rows
+
+    torch.set_num_threads(1)
+    problems = block_problems()
+    barrier.wait()
+    t, c = time.perf_counter(), time.process_time()
+    for W, H in problems:
+        if method == "chita":
+            solve_rows(W, H, 0.01 * float(H.diagonal().mean()), k=W.shape[1] // 2)
+        else:
+            sparsegpt_rows(W, H, 0.5, damp=0.01, per_row=True)
+    results.put((time.perf_counter() - t, time.process_time() - c))
+
+
+def concurrency_check(methods: tuple[str, ...] = ("chita", "sparsegpt")) -> dict:
+    """Per method: wall and CPU seconds of :func:`solve_block` alone and (the mean of) two copies at once, the
+    slow-downs together over alone, and the ceiling 2 x alone / together on a 2-process speed-up."""
+    ctx = multiprocessing.get_context("spawn")
+    out = {}
+    for method in methods:
+        timed = {}
+        for copies in (1, 2):
+            barrier, results = ctx.Barrier(copies), ctx.Queue()
+            procs = [ctx.Process(target=solve_block, args=(method, barrier, results)) for _ in range(copies)]
+            for p in procs:
+                p.start()
+            got = [results.get(timeout=600) for _ in procs]
+            for p in procs:
+                p.join()
+            timed[copies] = [sum(x[i] for x in got) / copies for i in (0, 1)]
+        (wall1, cpu1), (wall2, cpu2) = timed[1], timed[2]
+        out[method] = {"alone_wall": wall1, "alone_cpu": cpu1, "together_wall": wall2, "together_cpu": cpu2,
+                       "wall_slowdown": wall2 / wall1, "cpu_slowdown": cpu2 / cpu1, "ceiling": 2 * wall1 / wall2}
+        print(f"concurrency: {method} alone {wall1:.2f} s (CPU {cpu1:.2f}), two at once {wall2:.2f} s (CPU "
+              f"{cpu2:.2f}): a 2-process speed-up of at most {2 * wall1 / wall2:.2f}x", flush=True)
+    return out
 
 
 def setting_overrides(method: str, setting: str) -> list[str]:
@@ -156,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     runner = Runner(args.launcher, work, args.timeout, args.overrides)
     results: dict[str, dict] = {}
     t0, load0, state = time.perf_counter(), os.getloadavg()[0], git_state()
+    load_check = os.getloadavg()[0]
+    concurrency = {**concurrency_check(), "load_before": load_check, "load_after": os.getloadavg()[0]}
     try:
         j = 0
         for setting in settings:
@@ -178,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         "launcher": args.launcher, "overrides": args.overrides, "cores": len(os.sched_getaffinity(0)),
         "torch": torch.__version__, "machine": platform.machine(), "git": state,
         "commands": runner.commands, "wall_seconds": time.perf_counter() - t0, "load_before": load0,
-        "load_after": os.getloadavg()[0], "results": results}, indent=2) + "\n")
+        "load_after": os.getloadavg()[0], "concurrency": concurrency, "results": results}, indent=2) + "\n")
     print(f"wrote {out}")
     if not args.work_dir:
         shutil.rmtree(work, ignore_errors=True)
