@@ -330,6 +330,20 @@ def _ranks_setting(setting: str, methods: dict) -> str:
                 "same weights"], speed)])
 
 
+def _concurrency(check: dict | None) -> list[str]:
+    """The concurrency check's paragraph (none for a JSON without it)."""
+    if not check:
+        return []
+    shown = {"chita": "CHITA", "sparsegpt": "SparseGPT"}
+    parts = [f"{shown.get(key, key)}'s took {_s(c['alone_wall'])} s alone and {_s(c['together_wall'])} s with two "
+             f"at once (CPU {_s(c['alone_cpu'])} / {_s(c['together_cpu'])} s): at most {_x(c['ceiling'])}"
+             for key, c in check.items() if isinstance(c, dict)]
+    return [("Before the runs, the machine's own limit: the solve of one block of the default job's layer shapes "
+             "(four 384 x 384, 1536 x 384, 384 x 1536; synthetic curvature, 50% per row) on 1 thread, in one "
+             "process alone and in two at once. " + "; ".join(parts) + " for 2 processes over 1 on this machine "
+             f"(load average {check['load_before']:.1f} before, {check['load_after']:.1f} after).")]
+
+
 def render_layerwise_ranks(data: dict) -> Page:
     intro = (f"`benchmarks/layerwise_ranks.py` runs the default job (`{data['config']}`: {data['model']}, layerwise "
              f"objective, per row) through `launch/prune.py` under `{data['launcher']}` with each method on 1 and 2 "
@@ -344,7 +358,7 @@ def render_layerwise_ranks(data: dict) -> Page:
              f"{data['load_before']:.1f} before and {data['load_after']:.1f} after).")
     if data["quick"]:
         intro += " A `--quick` run: 50% only."
-    body = "\n\n".join([intro, _command(_ranks_command(data)),
+    body = "\n\n".join([intro, _command(_ranks_command(data)), *_concurrency(data.get("concurrency")),
                          *(_ranks_setting(k, m) for k, m in data["results"].items())])
     pairs = [p for m in data["results"].values() for p in m.values()]
     same = sum(p["same_mask"] and p["same_weights"] for p in pairs)
@@ -1112,14 +1126,19 @@ def _zero3_writeback(data: dict) -> str:
     hw = Hardware.from_dict(yaml.safe_load((ROOT / data["hardware"]).read_text()))
     at_link = replace(hw, zero3_gather_efficiency=1.0)
     q = max(range(len(ps["solver"])), key=lambda i: ps["solver"][i])
-    eff = lw.zero3_gather_efficiency(ps["writeback"][q], shape, job, at_link)
+    plain = lw.writeback_seconds(shape, replace(job, zero3=False), hw)
+    if ps["writeback"][q] > plain:
+        eff = lw.zero3_gather_efficiency(ps["writeback"][q], shape, job, at_link)
+        verdict = (f"the gathers ran at {eff:.2f} of the link's rate (`zero3_gather_efficiency`, in-sample: this run "
+                   "is the only one that measures it")
+    else:
+        verdict = ("the measured write-back is below even the plan without the gathers, so this run gives no "
+                   "`zero3_gather_efficiency` (the plan's all-reduce at the link's rate is the larger error")
     return (f"Write-back under ZeRO-3: {_s(ps['writeback'][q])} s on rank {q}, the rank with the most solver seconds "
             f"(per rank {' / '.join(_s(x) for x in ps['writeback'])} s: the other rank also waits there for rank "
-            f"{q}'s longer solve); the plan without "
-            f"the gathers {_s(lw.writeback_seconds(shape, replace(job, zero3=False), hw))} s, with each layer's "
+            f"{q}'s longer solve); the plan without the gathers {_s(plain)} s, with each layer's "
             f"gather and re-partitioning broadcast at the link's rate "
-            f"{_s(lw.writeback_seconds(shape, job, at_link))} s: the gathers ran at {eff:.2f} of the link's rate "
-            f"(`zero3_gather_efficiency`, in-sample: this run is the only one that measures it; the hardware file "
+            f"{_s(lw.writeback_seconds(shape, job, at_link))} s: {verdict}; the hardware file "
             f"gives {hw.zero3_gather_efficiency:g}, with which the plan is "
             f"{_s(lw.writeback_seconds(shape, job, hw))} s).")
 
