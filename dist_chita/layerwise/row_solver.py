@@ -409,8 +409,8 @@ def _iht_step(W, S, fi, G, settled, W_bar, allowed, Q, L, pre, k, nm, trials, re
     then the back-solve on the support, for the rows that moved and those whose last back-solve stopped short of
     convergence (``settled`` False; a settled row that did not move is at the minimiser on its support already).
     Every candidate is taken only if it lowers f (the current point included). Returns (W, S, f, G, settled) of
-    the new points. (The support-keeping line step of CHITA, the exact
-    minimiser along -g_S, is the back-solve's first conjugate-gradient step: a step of its own would repeat it.)"""
+    the new points. (The support-keeping line step of CHITA, the exact minimiser along -g_S, is the back-solve's
+    first conjugate-gradient step: a step of its own would repeat it.)"""
     f_in = fi
     W, S, fi, G = _swap_moves(W, S, fi, G, Q, allowed, nm, moves)
     if trials:  # after the moves: a support-changing step is taken where it beats the point they reached
