@@ -384,8 +384,7 @@ def _factor(At, support, lam, max_cond, cache, exact, rows=None):
         G = gram(At, torch.nonzero(support, as_tuple=True)[0], exact, rows)
     G.diagonal().add_(lam)
     L, cond = _cholesky(G, max_cond)
-    if cache is not None:
-        cache.work["factorizations"] += 1
+    _count(cache, factorizations=1)
     if not cond <= max_cond:
         if not exact:
             return None
@@ -455,17 +454,17 @@ def _solve_dual(At, idx, support, lam, y64, wb, max_cond, cache, tol, max_iter, 
             continue
         _, Atz, ok, steps = _pcg(apply_K, lambda v, L=L: torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1), c,
                                  scale_sq, tol, max_iter)
-        _count_pcg(cache, steps)
+        _count(cache, pcg_runs=1, pcg_steps=steps)
         if ok:
             break
     return (b - Atz) / lam
 
 
-def _count_pcg(cache: GramCache | None, steps: int) -> None:
-    """Count one PCG solve of ``steps`` steps in ``cache.work`` (nothing without a cache)."""
+def _count(cache: GramCache | None, **counts: int) -> None:
+    """Add ``counts`` (keys of :data:`WORK_KEYS`) to ``cache.work`` (nothing without a cache)."""
     if cache is not None:
-        cache.work["pcg_runs"] += 1
-        cache.work["pcg_steps"] += steps
+        for key, value in counts.items():
+            cache.work[key] += value
 
 
 def _gather_columns(R: torch.Tensor, extra: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -503,8 +502,7 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast, cache=No
         P = grams[exact].clone()
         P.diagonal().add_(lam)
         L, cond = _cholesky(P, max_cond)
-        if cache is not None:
-            cache.work["factorizations"] += 1
+        _count(cache, factorizations=1)
         if not cond <= max_cond:
             if exact and lam > 0:
                 raise _ill_conditioned(cond, lam, max_cond)
@@ -521,7 +519,7 @@ def _solve_primal(At, idx, lam, y64, wb, max_cond, tol, max_iter, fast, cache=No
             mu = 0.5 / float(v @ torch.cholesky_solve(v.unsqueeze(1), L).squeeze(1))
         w, _, ok, steps = _pcg(apply_M, lambda r, L=L: torch.cholesky_solve(r.unsqueeze(1), L).squeeze(1), b,
                                lambda x, _, mu=mu: mu * float(x @ x), tol, max_iter)
-        _count_pcg(cache, steps)
+        _count(cache, pcg_runs=1, pcg_steps=steps)
         if ok or exact:
             return w[off : off + idx.numel()]
     return None

@@ -366,9 +366,7 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
     W, S = torch.where(take, W_obs, W_mag), torch.where(take, S_obs, S_mag)
     fi = torch.minimum(f_obs, f_mag)
     G = torch.where(take, G_obs, G_mag)  # the gradient, kept up to date for every row
-    # a row whose back-solve still gained more than SETTLE tol f_i in its last iteration is re-fitted at the next
-    # step even if no move takes: the rest of its back-solve is worth a step
-    settled = torch.where(take[:, 0], last_obs, last_mag) <= SETTLE * tol * fi.float()
+    settled = _settled(torch.where(take[:, 0], last_obs, last_mag), fi, tol)
     trace = [float(fi.sum())]
 
     active = torch.full((W.shape[0],), bool(moves or trials), dtype=torch.bool, device=W.device)  # else no step
@@ -393,6 +391,13 @@ def _solve_chunk(W_bar, allowed, Q, q_inv_diag, L, pre, k, nm, max_iter, tol, tr
         active[rows] = (f_a - f_next) > tol * f_a.clamp_min(0.0)
         trace.append(float(fi.sum()))
     return W * S, S, float(fi.sum()), float(f_mag.sum()), its, trace
+
+
+def _settled(last: torch.Tensor, fi: torch.Tensor, tol: float) -> torch.Tensor:
+    """Which rows' back-solve is finished (r,) bool: its last iteration lowered f_i by at most ``SETTLE`` tol f_i.
+    A row still gaining more is re-fitted at the next step even if no move takes: the rest of its back-solve is
+    worth a step."""
+    return last <= SETTLE * tol * fi.float()
 
 
 def _objective_and_gradient(W: torch.Tensor, W_bar: torch.Tensor, Q: torch.Tensor):
@@ -421,7 +426,7 @@ def _iht_step(W, S, fi, G, settled, W_bar, allowed, Q, L, pre, k, nm, trials, re
                                          None if trials else G[rows])
         f_r, G_r = _objective_and_gradient(W_r, W_bar[rows], Q)
         W, fi, G = W.index_copy(0, rows, W_r), fi.index_copy(0, rows, f_r), G.index_copy(0, rows, G_r)
-        settled = settled.index_copy(0, rows, last <= SETTLE * tol * f_r.float())
+        settled = settled.index_copy(0, rows, _settled(last, f_r, tol))
     return W, S, fi, G, settled
 
 

@@ -107,6 +107,12 @@ class LayerResult:
     iterations: int = 0
 
 
+def held_rows_bytes(dims: Sequence[tuple[int, int]], blocks: Sequence[Sequence[int]]) -> int:
+    """The pruned rows (float32) of every layer of the largest block, which the layerwise driver keeps until the
+    block is written back: the most 4 r d summed over a block's layers of ``dims`` (rows, inputs)."""
+    return max(sum(4 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+
+
 class LayerMethod(ABC):
     """A per-layer pruning method: :meth:`prune` one :class:`LayerProblem` at a time. Stateless: one instance may
     prune every layer."""
@@ -130,8 +136,8 @@ class LayerMethod(ABC):
         chunk of c rows (iterates, candidates, CG); the layer's weight as read, its rows in float32 and their
         all-reduced copy; and the pruned rows of every layer of the largest block (float32), kept until the block
         is written back."""
-        return max(20 * d * d + 40 * 4 * min(r, chunk_rows(d)) * d + 12 * r * d for r, d in dims) + max(
-            sum(4 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+        return max(20 * d * d + 40 * 4 * min(r, chunk_rows(d)) * d + 12 * r * d for r, d in dims) + held_rows_bytes(
+            dims, blocks)
 
     @abstractmethod
     def prune(self, layer: LayerProblem) -> LayerResult:

@@ -21,7 +21,14 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from dist_chita.methods.base import LayerMethod, LayerProblem, LayerResult, reconstruction_objective, register
+from dist_chita.methods.base import (
+    LayerMethod,
+    LayerProblem,
+    LayerResult,
+    held_rows_bytes,
+    reconstruction_objective,
+    register,
+)
 from dist_chita.sparsity import kept_count
 
 BLOCK = 128  # columns B_s whose mask is chosen together (the paper's and its code's)
@@ -116,8 +123,7 @@ class SparseGPT(LayerMethod):
         """Four float64 (d, d) matrices (H, its factor, the inverse, U) and three float64 copies of the weights,
         plus the pruned rows of every layer of the largest block (float32), kept until the block is written
         back."""
-        return max(32 * d * d + 24 * r * d for r, d in dims) + max(
-            sum(4 * dims[i][0] * dims[i][1] for i in block) for block in blocks)
+        return max(32 * d * d + 24 * r * d for r, d in dims) + held_rows_bytes(dims, blocks)
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         W = torch.zeros_like(layer.W_bar)
