@@ -15,13 +15,15 @@ entries of the storage dtype. Around it:
 * a baseline measured in the running process (:func:`baseline_bytes`): the interpreter, torch and the
   other libraries, the data (the resident memory on CPU before anything is pruned);
 * the activations of the largest forward pass the run makes (a calibration micro-batch, an evaluation batch),
-  measured before the run on one such pass (:func:`peak_growth`).
+  measured before the run on one such pass (:func:`peak_growth`; on the host after the C heap's free pages are
+  given back, so that memory the process freed before and the pass reuses counts too).
 
 ``DIST_CHITA_AVAILABLE_BYTES`` in the environment overrides the available memory (tests of the refusal).
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import resource
@@ -171,10 +173,14 @@ def _reset_peak(device: torch.device) -> bool:
 
 def peak_growth(run: Callable[[], object], device: torch.device) -> int:
     """Bytes by which the memory in use rises at most while ``run()`` runs (its temporaries: e.g. a forward
-    pass's activations), on the device (allocations) or the host (resident set). Where the peak counter cannot be
-    reset (not Linux), the rise of the process's peak, which may be less."""
+    pass's activations), on the device (allocations) or the host (resident set). On the host the C heap's free
+    pages go back to the system first (:func:`_return_free_heap`): memory freed earlier and reused by ``run``
+    would otherwise not raise the resident set at all. Where the peak counter cannot be reset (not Linux), the
+    rise of the process's peak, which may be less."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    else:
+        _return_free_heap()
     start = _in_use(device)
     if not _reset_peak(device):  # pragma: no cover - not Linux
         start = peak_bytes(device)
@@ -182,6 +188,15 @@ def peak_growth(run: Callable[[], object], device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return max(0, _current_peak(device) - start)
+
+
+def _return_free_heap() -> None:
+    """Give the free pages of the C heap back to the system (glibc's ``malloc_trim``); nothing where the C library
+    has no such call."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
 
 
 def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage_dtype: str) -> str:
