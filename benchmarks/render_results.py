@@ -924,7 +924,8 @@ def render_resnet50(data: dict) -> Page:
         est = run["estimate_bytes"]
         ranks = run["ranks"]
         mem.append([str(run["world_size"]), str(run["threads_per_rank"]),
-                    f"{est['total'] / GIB:.2f} (factor {est['factor'] / GIB:.2f})",
+                    f"{est['total'] / GIB:.2f} (factor {est['factor'] / GIB:.2f}"
+                    + (f", activations {est['activations'] / GIB:.2f})" if "activations" in est else ")"),
                     " / ".join(f"{r['peak_rss_bytes'] / GIB:.2f}" for r in ranks),
                     " / ".join(f"{v:.2f}" for v in run["peak_over_estimate"]),
                     " / ".join(f"{r['baseline_rss_bytes'] / GIB:.2f}" for r in ranks)])
@@ -938,7 +939,9 @@ def render_resnet50(data: dict) -> Page:
         "`benchmarks/resnet50_scale.py`: ResNet-50 (random weights) with the full Fisher factor, every convolution "
         "pruned globally; the solver is capped, so this measures memory and time per phase, not the quality of "
         "the solve.", _command(_resnet50_command(settings, runs)),
-        "Memory per rank, GiB (the estimate is printed before the run; peak: resident set, max per rank):",
+        "Memory per rank, GiB (the estimate is the one the tool prints before a Fisher prune, its activations "
+        "measured on one calibration micro-batch with autograd's saved activations; peak: resident set, max per "
+        "rank):",
         _table(["processes", "threads per rank", "estimate", "peak", "peak / estimate", "baseline"], mem),
         "Seconds per phase, rank 0 (fisher includes the row-to-column exchange, in brackets):",
         _table(["processes", "load", "fisher (exchange)", "solver", "backsolve", "writeback", "prune", "wall"], times),

@@ -80,6 +80,7 @@ def worker(args: argparse.Namespace) -> None:
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world_env > 1 else []
     Accelerator(cpu=True, kwargs_handlers=handlers)
     from dist_chita import prunable
+    from dist_chita.api import largest_forward_bytes
     from dist_chita.distributed import comm
     from dist_chita.distributed.partition import sample_ranges
     from dist_chita.fisher import driver as fisher_driver
@@ -95,16 +96,21 @@ def worker(args: argparse.Namespace) -> None:
     baseline = memory.peak_bytes(dev)  # interpreter + torch + transformers + one model copy
     t_load = time.perf_counter() - t0
     p = sum(m.weight.numel() for _, m in modules)
-    est = memory.estimate(p=p, n=args.n, world_size=world, storage_dtype=args.storage_dtype,
-                          model_params=sum(x.numel() for x in model.parameters()),
-                          largest_layer=max(m.weight.numel() for _, m in modules), micro_batch=args.batch_size,
-                          active_fraction=min(1.0, 1.5 * (1 - args.sparsity)),
-                          baseline=memory.baseline_bytes(dev, 4 * sum(x.numel() for x in model.parameters())))
+    lo, hi = sample_ranges(args.n, world)[rank]
+    forward = lambda m, b: models.forward(m, "image-classification", b)  # noqa: E731
+    micro, _ = next(random_images(lo, hi, args.image_size, model.config.num_labels, args.batch_size))
+    model_params = sum(x.numel() for x in model.parameters())
+    base = memory.baseline_bytes(dev, 4 * model_params)
+    # the estimate the tool prints before a Fisher prune (dist_chita.api): its activation term measured on one
+    # calibration micro-batch with autograd's saved activations, as the per-sample gradients' backward needs
+    activations = largest_forward_bytes(lambda b: forward(model, b), micro, [], dev, grad=True)
+    est = memory.estimate_run(objective="fisher", p=p, n=args.n, world_size=world,
+                              sizes=[m.weight.numel() for _, m in modules], model_params=model_params,
+                              micro_batch=args.batch_size, storage_dtype=args.storage_dtype,
+                              mean_sparsity=args.sparsity, activations=activations, baseline=base)
     if comm.is_main():
         print(f"R = {world}: p = {p:,}, n = {args.n}; memory estimate per rank {est.total / 2**30:.2f} GiB "
               f"(factor {est.factor / 2**30:.2f} GiB), baseline RSS {baseline / 2**30:.2f} GiB", flush=True)
-    lo, hi = sample_ranges(args.n, world)[rank]
-    forward = lambda m, b: models.forward(m, "image-classification", b)  # noqa: E731
     last = {"t": time.perf_counter()}
 
     def progress(name: str, done: int, total: int) -> None:
