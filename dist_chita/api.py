@@ -212,10 +212,11 @@ def _validation(run: _Run, held: data.Samples, partitioned: bool) -> Validation:
 
 
 def _refuse_beyond_memory(run: _Run, estimate: memory.MemoryEstimate) -> None:
-    """Log the estimate; MemoryError with advice when it exceeds the memory available to the rank."""
+    """Log the estimate; MemoryError with advice when it exceeds what a run may use of the memory available to the
+    rank (:func:`dist_chita.planning.memory.usable_bytes`)."""
     available = memory.available_bytes(models.device_of(run.model), comm.local_world_size())
     run.log(_estimate_line(run, estimate, available))
-    if estimate.total > available:
+    if estimate.total > memory.usable_bytes(available):
         raise MemoryError(memory.advice(estimate, available, run.n, comm.world_size(),
                                         getattr(run.objective, "storage_dtype", "float32")))
 

@@ -40,6 +40,7 @@ import yaml  # noqa: E402
 
 from dist_chita.planning import costmodel as cm  # noqa: E402
 from dist_chita.planning import layerwise as lw  # noqa: E402
+from dist_chita.planning.memory import HEADROOM, usable_bytes  # noqa: E402
 
 GB = 1e9
 BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}
@@ -196,7 +197,8 @@ def format_plan(pl: dict) -> str:
     for part in ("factor", "model", "gradient_buffer", "solver", "backsolve"):
         lines.append(f"  {part:<16} {mem[part] / GB:10.2f} GB")
     verdict = "fits" if pl["fits"] else "DOES NOT FIT"
-    lines.append(f"  {'total':<16} {mem['total'] / GB:10.2f} GB of {pl['memory_available'] / GB:.2f} GB: {verdict}")
+    lines.append(f"  {'total':<16} {mem['total'] / GB:10.2f} GB of {pl['memory_available'] / GB:.2f} GB "
+                 f"({HEADROOM:.0%} kept free): {verdict}")
     lines.append("time per phase:")
     detail = {
         "fisher": f"per-sample gradients {t['fisher_gradients']:.3g} s, row writes {t['fisher_write']:.3g} s, "
@@ -262,7 +264,8 @@ def layerwise_plans(args: argparse.Namespace) -> dict:
             job = lw.Job(n=args.n or 128, tokens=args.tokens or 2048, ranks=r, micro_batch=args.micro_batch,
                          model_bytes=b, act_bytes=b, zero3=zero3, method=args.method)
             mem = lw.memory_parts(shape, job)
-            rows.append({"gpus": r, "zero3": zero3, "memory_per_rank": mem, "fits": mem["total"] <= hw.memory_bytes,
+            rows.append({"gpus": r, "zero3": zero3, "memory_per_rank": mem,
+                         "fits": mem["total"] <= usable_bytes(hw.memory_bytes),
                          "seconds": lw.phase_seconds(shape, job, hw, rates),
                          "smallest_fitting": lw.smallest_fitting(shape, job, hw)})
     return {"objective": "layerwise", "hardware": hw.name, "memory_available": hw.memory_bytes,
@@ -277,7 +280,7 @@ def format_layerwise(pl: dict) -> str:
              f"{pl['params'] / 1e9:.3g} B parameters ({m['layers']} blocks, d = {m['hidden']}, I = "
              f"{m['intermediate']}, {m['heads']} heads / {m['kv_heads']} kv), n = {pl['n']} x {pl['tokens']} tokens, "
              f"micro-batch {pl['micro_batch']}, weights in {pl['model_dtype']}, on {pl['hardware']} "
-             f"({pl['memory_available'] / GB:.0f} GB)",
+             f"({pl['memory_available'] / GB:.0f} GB, {HEADROOM:.0%} kept free)",
              f"{'GPUs':>5} {'ZeRO-3':>6} | {'model':>7} {'gather':>7} {'H':>7} {'solver':>7} {'cache':>7} "
              f"{'activ':>7} {'total':>7} GB {'fits':>4} | {'curvature':>10} {'solve':>10} {'write':>8} "
              f"{'total':>10} s | smallest fitting"]

@@ -131,7 +131,7 @@ from dataclasses import dataclass, field
 from dist_chita.distributed.partition import column_blocks, row_blocks
 from dist_chita.fisher.backsolve import WORK_KEYS, gathers, syrk_tiles
 from dist_chita.fisher.select import radix_bits
-from dist_chita.planning.memory import MemoryEstimate, estimate
+from dist_chita.planning.memory import MemoryEstimate, estimate, usable_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PHASES = ("fisher", "solver", "backsolve", "writeback", "save")
@@ -452,7 +452,7 @@ class Prediction:
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= self.memory_available
+        return self.memory.total <= usable_bytes(self.memory_available)
 
 
 def allreduce_seconds(nbytes: float, ranks: int, bandwidth: float, latency: float) -> float:
@@ -751,13 +751,14 @@ def predict(w: Workload, ranks: int, hw: Hardware, rates: Rates | None = None) -
 def smallest_fitting_ranks(
     w: Workload, hw: Hardware, power_of_two: bool = False, max_ranks: int = 1 << 20
 ) -> int | None:
-    """Smallest R whose memory per rank fits ``hw.memory_bytes`` (any integer R >= 1, or only powers of two).
+    """Smallest R whose memory per rank fits the usable part of ``hw.memory_bytes``
+    (:func:`~dist_chita.planning.memory.usable_bytes`; any integer R >= 1, or only powers of two).
 
     Memory per rank is non-increasing in R, so a binary search is exact. None if even ``max_ranks`` does not fit.
     """
 
     def fits(r: int) -> bool:
-        return memory_per_rank(w, r).total <= hw.memory_bytes
+        return memory_per_rank(w, r).total <= usable_bytes(hw.memory_bytes)
 
     if not fits(max_ranks):
         return None

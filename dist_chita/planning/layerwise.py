@@ -85,6 +85,7 @@ from dist_chita.layerwise.row_solver import chunk_rows
 from dist_chita.methods.base import resolve_method
 from dist_chita.methods.sparsegpt import BLOCK, sparsegpt_owners
 from dist_chita.planning.costmodel import Hardware, allreduce_seconds
+from dist_chita.planning.memory import usable_bytes
 
 PHASES = ("curvature", "solver", "writeback")
 LAYER_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -347,11 +348,12 @@ def phase_seconds(shape: TransformerShape, job: Job, hw: Hardware,
 
 
 def smallest_fitting(shape: TransformerShape, job: Job, hw: Hardware, max_ranks: int = 1 << 16) -> int | None:
-    """The smallest R whose memory per rank fits ``hw.memory_bytes`` (memory per rank does not grow with R, so the
-    first that fits on a doubling search, then bisection); None if ``max_ranks`` does not fit."""
+    """The smallest R whose memory per rank fits the usable part of ``hw.memory_bytes``
+    (:func:`~dist_chita.planning.memory.usable_bytes`; memory per rank does not grow with R, so the first that fits
+    on a doubling search, then bisection); None if ``max_ranks`` does not fit."""
 
     def fits(r: int) -> bool:
-        return memory_parts(shape, replace(job, ranks=r))["total"] <= hw.memory_bytes
+        return memory_parts(shape, replace(job, ranks=r))["total"] <= usable_bytes(hw.memory_bytes)
 
     if not fits(max_ranks):
         return None

@@ -18,6 +18,10 @@ entries of the storage dtype. Around it:
   measured before the run on one such pass (:func:`peak_growth`; on the host after the C heap's free pages are
   given back, so that memory the process freed before and the pass reuses counts too).
 
+A run starts only when its estimate leaves ``HEADROOM`` of the available memory free (:func:`usable_bytes`; the
+plans count the same way): the estimate aims at the peak itself, and a run's peak varies by a few percent from one
+run to the next (allocator slack, the kernel's own timing of page reuse).
+
 ``DIST_CHITA_AVAILABLE_BYTES`` in the environment overrides the available memory (tests of the refusal).
 """
 
@@ -35,6 +39,7 @@ import torch
 from dist_chita.fisher.backsolve import GATHER_BYTES
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+HEADROOM = 0.1  # the share of the available memory a run's estimate leaves free (module docstring)
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,11 @@ def _return_free_heap() -> None:
         pass
 
 
+def usable_bytes(available: float) -> float:
+    """The memory a run's estimate may take of ``available`` bytes: all but ``HEADROOM`` of it."""
+    return (1.0 - HEADROOM) * available
+
+
 def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage_dtype: str) -> str:
     """One line saying how to make a run that does not fit, fit."""
     tips = [f"use fewer calibration samples (n = {n})"]
@@ -209,7 +219,8 @@ def advice(est: MemoryEstimate, available: int, n: int, world_size: int, storage
     gib = 1024**3
     return (
         f"estimated {est.total / gib:.2f} GiB per rank (factor {est.factor / gib:.2f} GiB) exceeds the "
-        f"{available / gib:.2f} GiB available: " + "; ".join(tips)
+        f"{usable_bytes(available) / gib:.2f} GiB a run may use of the {available / gib:.2f} GiB available "
+        f"({HEADROOM:.0%} kept free): " + "; ".join(tips)
     )
 
 

@@ -59,7 +59,7 @@ def sha256(path) -> str:
 
 
 def record(key, category, tried, seen, code):
-    seen = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/[^/\s]+", "<tmp>", seen)
+    seen = re.sub(r"/tmp/pytest-of-[^/]+/pytest-\d+/(?:popen-gw\d+/)?[^/\s]+", "<tmp>", seen)  # (xdist: a worker dir)
     ROWS[key] = (category, tried, re.sub(r"tmp-\d+", "tmp-<pid>", seen), str(code))
 
 

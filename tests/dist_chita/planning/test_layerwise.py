@@ -131,8 +131,8 @@ def test_smallest_fitting_is_the_first_count_that_fits():
     hw = replace(HW, memory_bytes=80e9)
     r = lw.smallest_fitting(shape, job, hw)
     assert r is not None and r > 1
-    assert lw.memory_parts(shape, replace(job, ranks=r))["total"] <= 80e9
-    assert lw.memory_parts(shape, replace(job, ranks=r - 1))["total"] > 80e9
+    assert lw.memory_parts(shape, replace(job, ranks=r))["total"] <= 72e9  # a tenth of the device kept free
+    assert lw.memory_parts(shape, replace(job, ranks=r - 1))["total"] > 72e9
     assert lw.smallest_fitting(shape, replace(job, zero3=False), hw) is None  # 138 GB of bfloat16 weights per rank
 
 
