@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -57,6 +58,10 @@ PLANS = (
      "128 windows of 2048 tokens, bfloat16 weights, H100; 50% and 2:4 alike",
      ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
       "--tokens", "2048", "--gpus", "1,8,64"]),
+    ("plan-7b-layerwise-measured", "The same 7B layerwise CHITA job at the mean IHT steps per row measured on a "
+     "trained model's layers (the MiniLM layerwise study) instead of the max_iter bound",
+     ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
+      "--tokens", "2048", "--gpus", "1,8,64", "--steps-from", "docs/scaling/minilm_layerwise/summary.json"]),
     ("plan-7b-layerwise-sparsegpt", "The same 7B job with SparseGPT on the same curvature",
      ["--objective", "layerwise", "--model", "llama-7b", "--hardware", "configs/hardware/h100.yaml", "--n", "128",
       "--tokens", "2048", "--gpus", "1,8,64", "--method", "sparsegpt"]),
@@ -1442,11 +1447,16 @@ def render_validation(path: Path, studies: list[Path]) -> str:
 
 
 def render_plan(root: Path, what: str, argv: list[str]) -> str:
-    """``launch/plan.py`` on ``argv`` (paths relative to ``root``): the command and what it prints."""
+    """``launch/plan.py`` on ``argv`` (paths relative to ``root``, where it runs): the command and what it prints."""
     from launch import plan
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        _, text = plan.render([str(root / a) if a.startswith("configs/") else a for a in argv])
+    here = os.getcwd()
+    os.chdir(root)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, text = plan.render(argv)
+    finally:
+        os.chdir(here)
     return "\n\n".join([GENERATED.format(source="launch/plan.py"), f"{what}:",
                         "```\n$ " + shlex.join(["python", "launch/plan.py", *argv]) + "\n" + text + "\n```"])
 

@@ -5,10 +5,12 @@ Hugging Face config.json, on each of several GPU counts with and without ZeRO-3:
 
     python launch/plan.py --objective layerwise --model llama-7b|llama-70b|config.json \
         --hardware configs/hardware/h100.yaml [--n 128] [--tokens 2048] [--gpus 1,8,64] [--method chita|sparsegpt] \
-        [--steps S] [--micro-batch B] [--model-dtype bfloat16] [--zero3 | --no-zero3] [--json]
+        [--steps S | --steps-from summary.json] [--micro-batch B] [--model-dtype bfloat16] [--zero3 | --no-zero3] \
+        [--json]
 
 (formulas and assumptions: ``dist_chita/planning/layerwise.py``; ``--steps``: mean IHT steps per row, default the
-solver's ``max_iter`` bound of 200). The Fisher objective (the default)::
+solver's ``max_iter`` bound of 200; ``--steps-from``: the mean a layerwise scaling study fitted to its runs, its
+summary.json's ``rates.solver_steps``). The Fisher objective (the default)::
 
     python launch/plan.py --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml \\
         [--dtype bfloat16] [--iterations 100] [--p P] [--largest-layer N] [--micro-batch B] [--layers L] \\
@@ -64,7 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="ranks R (one GPU each; fisher: one count, required; layerwise: a list, default 1,8,64)")
     ap.add_argument("--model", default=None, help="layerwise: llama-7b, llama-70b or a Llama config.json")
     ap.add_argument("--method", default="chita", choices=("chita", "sparsegpt"), help="layerwise: the method")
-    ap.add_argument("--steps", type=float, default=None, help="layerwise: mean IHT steps per row (default 200)")
+    steps = ap.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=float, default=None, help="layerwise: mean IHT steps per row (default 200)")
+    steps.add_argument("--steps-from", default=None,
+                       help="layerwise: the mean IHT steps per row a layerwise scaling study fitted (its summary.json)")
     ap.add_argument("--model-dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES),
                     help="layerwise: the model's weights and activations")
     ap.add_argument("--no-zero3", action="store_true", help="layerwise: plans without ZeRO-3 only")
@@ -251,13 +256,29 @@ def load_shape(model: str | None) -> lw.TransformerShape:
     return lw.TransformerShape.from_hf_config(cfg)
 
 
+def fitted_steps(path: str) -> float:
+    """The mean IHT steps per row a layerwise scaling study fitted to its runs (``rates.solver_steps`` of its
+    summary.json)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--steps-from: file not found: {path}")
+    try:
+        steps = json.loads(p.read_text())["rates"]["solver_steps"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise ValueError(f"--steps-from {path}: not a layerwise study summary (no rates.solver_steps)") from None
+    if not isinstance(steps, int | float) or not steps > 0:
+        raise ValueError(f"--steps-from {path}: rates.solver_steps must be a positive number, got {steps!r}")
+    return float(steps)
+
+
 def layerwise_plans(args: argparse.Namespace) -> dict:
     """Every GPU count of ``--gpus`` without and (unless ``--no-zero3``) with ZeRO-3: memory by part, seconds by
     phase, fit, and the smallest fitting count."""
     shape, hw = load_shape(args.model), load_hardware(args.hardware)
     counts = _counts(args.gpus or "1,8,64")
     b = cm.DTYPE_BYTES[args.model_dtype]
-    rates = lw.LayerwiseRates() if args.steps is None else lw.LayerwiseRates(steps=args.steps)
+    steps = args.steps if args.steps_from is None else fitted_steps(args.steps_from)
+    rates = lw.LayerwiseRates() if steps is None else lw.LayerwiseRates(steps=steps)
     rows = []
     for zero3 in (False,) if args.no_zero3 else (False, True):
         for r in counts:
@@ -271,12 +292,13 @@ def layerwise_plans(args: argparse.Namespace) -> dict:
     return {"objective": "layerwise", "hardware": hw.name, "memory_available": hw.memory_bytes,
             "model": dataclasses.asdict(shape), "params": shape.params, "method": args.method,
             "n": job.n, "tokens": job.tokens, "micro_batch": job.micro_batch, "model_dtype": args.model_dtype,
-            "steps": rates.steps, "plans": rows}
+            "steps": rates.steps, "steps_from": args.steps_from, "plans": rows}
 
 
 def format_layerwise(pl: dict) -> str:
     m = pl["model"]
-    lines = [f"layerwise plan ({pl['method']}, {pl['steps']:g} IHT steps per row): Llama-architecture "
+    source = f", as fitted in {pl['steps_from']}" if pl.get("steps_from") else ""
+    lines = [f"layerwise plan ({pl['method']}, {pl['steps']:.3g} IHT steps per row{source}): Llama-architecture "
              f"{pl['params'] / 1e9:.3g} B parameters ({m['layers']} blocks, d = {m['hidden']}, I = "
              f"{m['intermediate']}, {m['heads']} heads / {m['kv_heads']} kv), n = {pl['n']} x {pl['tokens']} tokens, "
              f"micro-batch {pl['micro_batch']}, weights in {pl['model_dtype']}, on {pl['hardware']} "
@@ -302,6 +324,8 @@ def render(argv: list[str]) -> tuple[dict, str]:
     if args.objective == "layerwise":
         pl = layerwise_plans(args)
         return pl, format_layerwise(pl)
+    if args.steps is not None or args.steps_from is not None:
+        raise ValueError("--steps and --steps-from plan the layerwise objective: add --objective layerwise")
     w, hw, rates = build(args)
     pl = plan(w, hw, rates, args.gpus)
     return pl, format_plan(pl)

@@ -182,7 +182,34 @@ def test_layerwise_plan_from_a_config_file(tmp_path, capsys):
     assert "NO" in from_file and "none" in from_file  # 138 GB of weights per rank fit no count without ZeRO-3
 
 
+def test_layerwise_steps_from_a_study_summary(tmp_path, capsys):
+    """--steps-from takes the mean IHT steps per row a layerwise study fitted (rates.solver_steps): the same plan as
+    --steps with that number, its header naming the file, and a solve phase below the max_iter bound's."""
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"rates": {"solver_steps": 3.5, "curvature_compute_scale": 0.4}}))
+    base = ["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,8", "--json"]
+    plans = []
+    for extra in (["--steps-from", str(summary)], ["--steps", "3.5"], []):
+        assert plan.main(base + extra) == 0
+        plans.append(json.loads(capsys.readouterr().out))
+    fitted, given, bound = plans
+    assert fitted["steps"] == 3.5 and fitted["steps_from"] == str(summary)
+    assert [r["seconds"] for r in fitted["plans"]] == [r["seconds"] for r in given["plans"]]
+    assert all(f["seconds"]["solver"] < b["seconds"]["solver"]
+               for f, b in zip(fitted["plans"], bound["plans"], strict=True))
+    assert plan.main(base[:-1] + ["--steps-from", str(summary)]) == 0
+    assert f"3.5 IHT steps per row, as fitted in {summary}" in capsys.readouterr().out
+    summary.write_text(json.dumps({"rates": {"factor_rate": 1.0}}))  # a Fisher study's summary: no steps
+    assert plan.main(base + ["--steps-from", str(summary)]) == 2
+    assert "not a layerwise study summary" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--steps-from", "/nonexistent.json"],
+     "file not found"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--steps", "4", "--steps-from", "x"],
+     "not allowed with"),
+    (["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--steps", "4"], "--objective layerwise"),
     (["--objective", "layerwise", "--hardware", H100], "needs --model"),
     (["--objective", "layerwise", "--model", "gpt-9", "--hardware", H100], "neither"),
     (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,x"], "whole numbers"),
