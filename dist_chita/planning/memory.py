@@ -200,7 +200,7 @@ def _return_free_heap() -> None:
     has no such call."""
     try:
         ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
+    except (OSError, AttributeError, TypeError):  # pragma: no cover - not glibc (TypeError: no CDLL(None))
         pass
 
 
