@@ -467,28 +467,37 @@ def _swap_moves(W, S, fi, G, Q, allowed, nm, moves):
     the gradient, the best per row taken if it lowers f; the gradient then follows exactly,
     G += delta Q (delta nonzero on the 2s changed weights). Per-row budgets draw every move's candidates from one
     pool per call (the ``_PAIR_POOL`` cheapest kept and most promising outside weights at the start), re-ranked
-    at each move from the current point. Stops when no row improves. Returns (W, S, f, G)."""
+    at each move from the current point. A row that no candidate improves keeps its point, and with the pool fixed
+    for the call its candidates would be the same again: it is not scored at the later moves. Stops when no row
+    improves. Returns (W, S, f, G)."""
     qd = Q.diagonal()
     pool = _group_pool(W, S, G, Q, qd, allowed, nm[1]) if nm is not None else _row_pool(W, S, G, qd, allowed)
+    live = torch.arange(W.shape[0], device=W.device)  # the rows the last move improved (all at the first)
     for _ in range(moves):
-        cand = (_group_swaps(W, S, fi, G, Q, qd, allowed, nm[1], pool) if nm is not None
-                else _row_swaps(W, S, fi, G, Q, qd, allowed, *pool))
-        best_f, pick = fi, torch.full_like(fi, -1, dtype=torch.long)
+        W_l, S_l, f_l, G_l = W[live], S[live], fi[live], G[live]
+        allowed_l = None if allowed is None else allowed[live]
+        cand = (_group_swaps(W_l, S_l, f_l, G_l, Q, qd, allowed_l, nm[1], pool[live]) if nm is not None
+                else _row_swaps(W_l, S_l, f_l, G_l, Q, qd, allowed_l, pool[0][live], pool[1][live]))
+        best_f, pick = f_l, torch.full_like(f_l, -1, dtype=torch.long)
         for c, (_, _, f_c) in enumerate(cand):
             better = f_c < best_f - _MARGIN * best_f.abs()
             best_f, pick = torch.where(better, f_c, best_f), torch.where(better, c, pick)
-        if not bool((pick >= 0).any()):
+        moved = pick >= 0
+        if not bool(moved.any()):
             break
-        change = torch.zeros_like(W)  # every row's chosen swap (zero where none), applied at once
+        change = torch.zeros_like(W_l)  # every row's chosen swap (zero where none), applied at once
         for c, (idx, delta, _) in enumerate(cand):
             mine = (pick == c)[:, None]
             change.scatter_add_(1, idx, delta.masked_fill(~mine, 0.0))
             enters = torch.arange(idx.shape[1], device=W.device) >= idx.shape[1] // 2  # [out, in] halves
-            S.scatter_(1, idx, torch.where(mine, enters, torch.gather(S, 1, idx)))
+            S_l.scatter_(1, idx, torch.where(mine, enters, torch.gather(S_l, 1, idx)))
+        S[live] = S_l
+        change = torch.zeros_like(W).index_copy_(0, live, change)
         W += change  # a leaving weight: w + (-w), exactly zero
         cols = torch.nonzero((change != 0).any(0), as_tuple=True)[0]  # the inputs any row changed
         G += change[:, cols] @ Q[cols]
-        fi = best_f
+        fi = fi.index_copy(0, live, best_f)
+        live = live[moved]
     return W, S, fi, G
 
 

@@ -381,6 +381,42 @@ def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
 
 
 @pytest.mark.parametrize("nm", [None, (2, 4)])
+def test_swap_moves_score_only_the_rows_the_last_move_improved(nm, monkeypatch):
+    """After a move, only the rows it improved are scored again (a row no candidate improved would see the same
+    candidates), and every row ends where it ends when its moves run on it alone."""
+    from dist_chita.layerwise import row_solver
+
+    H, W_bar, lam = _rows(11)
+    H, W_bar = H.double(), W_bar.double()
+    Q = H + lam * torch.eye(24, dtype=H.dtype)
+    S = keep_mask(W_bar.abs(), 8 if nm is None else None, nm, None)
+    W = refit(W_bar * S, W_bar, Q, S, 60)
+    G = (W - W_bar) @ Q
+    f0 = objectives(W - W_bar, Q)
+    name = "_group_swaps" if nm else "_row_swaps"
+    scored, improved = [], []
+    score = getattr(row_solver, name)
+
+    def recording(W_l, S_l, f_l, *rest):
+        cand = score(W_l, S_l, f_l, *rest)
+        best = torch.stack([c[2] for c in cand]).min(0).values
+        scored.append(W_l.shape[0])
+        improved.append(int((best < f_l - row_solver._MARGIN * f_l.abs()).sum()))
+        return cand
+
+    monkeypatch.setattr(row_solver, name, recording)
+    W_m, S_m, f_m, G_m = row_solver._swap_moves(W.clone(), S.clone(), f0.clone(), G.clone(), Q, None, nm, 6)
+    assert scored[0] == 9 and scored[1:] == improved[:-1], (scored, improved)
+    assert any(0 < b < a for a, b in itertools.pairwise(scored))  # some rows stopped while others moved on
+    for i in range(9):
+        one = row_solver._swap_moves(W[i:i + 1].clone(), S[i:i + 1].clone(), f0[i:i + 1].clone(), G[i:i + 1].clone(),
+                                     Q, None, nm, 6)
+        assert torch.equal(one[1][0], S_m[i])
+        torch.testing.assert_close(one[0][0], W_m[i], rtol=0, atol=1e-12)
+        torch.testing.assert_close(one[2][0], f_m[i], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_any_moves_and_trials_never_leave_the_warm_start_for_worse(nm):
     """moves = 0 (the warm start alone), 1 and 5, and support-changing trials with and without moves: every
     result at most its warm start, monotone traces, the constraint kept, W zero off its support."""
