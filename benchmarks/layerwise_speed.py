@@ -13,7 +13,11 @@ default job runs it (nothing re-implemented here); per setting:
   registered here, ``chita_vs_sparsegpt``, runs both on every layer the driver shows it, records both objectives
   and solve times, and hands on CHITA's result (so the run follows CHITA's path); on the same problems also CHITA
   with one swap move per step, the support-changing trials on and tol 1e-4 (``SINGLE_MOVE``: the per-step work of
-  the solver before local-search moves), for the objective and solve time the moves buy.
+  the solver before local-search moves), for the objective and solve time the moves buy;
+* CHITA's warm start alone (``layerwise.moves=0``: every row's OBS-saliency or magnitude support, whichever its
+  back-solve fits better), also through :func:`dist_chita.prune`: the fast end of CHITA's time against objective,
+  its prune time against SparseGPT's, and (from the paired run's warm-start objectives) the layers where it is at
+  most SparseGPT's.
 
     python benchmarks/layerwise_speed.py [--threads 1] [--settings 0.5 0.7 2:4]
 
@@ -84,11 +88,13 @@ def main() -> None:
     cfg = load_config(None, [])
     model, task, calib, held, dense, reference = default_job_inputs(cfg)
 
-    def run(method: str, setting: str) -> dict:
-        """One prune of the dense model: phase seconds, objective, held-out fidelity; weights restored."""
+    def run(method: str, setting: str, name: str | None = None, **layerwise) -> dict:
+        """One prune of the dense model (``layerwise``: settings of the default job's objective replaced): phase
+        seconds, objective, held-out fidelity; weights restored."""
         target = (dataclasses.replace(cfg.prune, nm=setting) if ":" in setting
                   else dataclasses.replace(cfg.prune, sparsity=float(setting)))
-        rep = dist_chita.prune(model, calib, target=target, objective=cfg.layerwise, method=method,
+        rep = dist_chita.prune(model, calib, target=target, objective=dataclasses.replace(cfg.layerwise, **layerwise),
+                               method=method,
                                fisher=cfg.fisher, task=task, batch_size=cfg.calibration.batch_size,
                                check_memory=False)
         out = evaluate.embedding_fidelity(reference, evaluate.collect_outputs(model, task, held,
@@ -98,7 +104,7 @@ def main() -> None:
         stage = rep.stages[-1]
         row = {"cosine": out["cosine"], "nn_agreement": out["nn_agreement"], "objective": stage.objective,
                "seconds": seconds, "prune_seconds": sum(seconds.values())}
-        print(f"  {setting:4s} {method:20s} prune {row['prune_seconds']:6.1f} s "
+        print(f"  {setting:4s} {name or method:20s} prune {row['prune_seconds']:6.1f} s "
               f"({', '.join(f'{k} {v:.1f}' for k, v in seconds.items())})  objective {stage.objective:.5g}  "
               f"cosine {out['cosine']:.4f}  agreement {out['nn_agreement']:.4f}", flush=True)
         return row
@@ -107,6 +113,7 @@ def main() -> None:
     for setting in args.settings:
         load_before = os.getloadavg()[0]
         methods = {m: run(m, setting) for m in ("sparsegpt", "chita", "wanda")}
+        methods["chita_warm_start"] = run("chita", setting, "chita moves=0", moves=0)
         PAIRED.clear()
         paired_run = run("chita_vs_sparsegpt", setting)
         layers = list(PAIRED)
@@ -114,6 +121,7 @@ def main() -> None:
             m["prune_ratio_to_sparsegpt"] = m["prune_seconds"] / methods["sparsegpt"]["prune_seconds"]
         worse = [i for i, lay in enumerate(layers) if lay["chita"] > lay["sparsegpt"]]
         above_single = [i for i, lay in enumerate(layers) if lay["chita"] > lay["chita_single_move"]]
+        warm_worse = [i for i, lay in enumerate(layers) if lay["chita_warm"] > lay["sparsegpt"]]
         settings[setting] = {
             "methods": methods, "layers": layers, "layers_chita_above_sparsegpt": worse,
             "paired_objective_chita": sum(lay["chita"] for lay in layers),
@@ -123,13 +131,16 @@ def main() -> None:
             "layers_chita_above_single_move": above_single,
             "paired_objective_single_move": sum(lay["chita_single_move"] for lay in layers),
             "paired_solve_seconds_single_move": sum(lay["chita_single_move_seconds"] for lay in layers),
+            "layers_warm_start_above_sparsegpt": warm_worse,
+            "paired_objective_warm_start": sum(lay["chita_warm"] for lay in layers),
             "paired_run_same_objective_as_chita": paired_run["objective"] == methods["chita"]["objective"],
             "load_before": load_before, "load_after": os.getloadavg()[0]}
         s = settings[setting]
         print(f"{setting}: CHITA prune time {methods['chita']['prune_ratio_to_sparsegpt']:.2f}x SparseGPT's; "
               f"CHITA's objective below SparseGPT's on {len(layers) - len(worse)} of {len(layers)} layers "
-              f"(sum {s['paired_objective_chita']:.5g} against {s['paired_objective_sparsegpt']:.5g}); "
-              f"load {load_before:.1f} -> {s['load_after']:.1f}", flush=True)
+              f"(sum {s['paired_objective_chita']:.5g} against {s['paired_objective_sparsegpt']:.5g}); warm start "
+              f"alone {methods['chita_warm_start']['prune_ratio_to_sparsegpt']:.2f}x, below SparseGPT's on "
+              f"{len(layers) - len(warm_worse)} layers; load {load_before:.1f} -> {s['load_after']:.1f}", flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "model": "all-MiniLM-L6-v2", "threads": args.threads, "processes": 1, "n": cfg.calibration.n,

@@ -246,6 +246,7 @@ def render_minilm(data: dict) -> Page:
 
 LAYERWISE_METHODS = (("chita", "CHITA (layerwise, per row)"), ("sparsegpt", "SparseGPT (per row)"),
                      ("wanda", "Wanda (per row)"))
+WARM_START = ("chita_warm_start", "CHITA, warm start alone (`layerwise.moves=0`)")
 
 
 def _setting_name(setting: str) -> str:
@@ -256,7 +257,7 @@ def _layerwise_setting(setting: str, s: dict) -> str:
     rows = [[shown, f"{m['cosine']:.4f} / {m['nn_agreement']:.4f}", _g(m["objective"]),
              *(_s(m["seconds"][ph]) for ph in ("curvature", "solver", "writeback")), _s(m["prune_seconds"]),
              _x(m["prune_ratio_to_sparsegpt"])]
-            for key, shown in LAYERWISE_METHODS for m in [s["methods"][key]]]
+            for key, shown in (*LAYERWISE_METHODS, WARM_START) if key in s["methods"] for m in [s["methods"][key]]]
     layers = s["layers"]
     worse = s["layers_chita_above_sparsegpt"]
     ratios = sorted(lay["chita"] / lay["sparsegpt"] for lay in layers if lay["sparsegpt"] > 0)
@@ -276,6 +277,12 @@ def _layerwise_setting(setting: str, s: dict) -> str:
                    f"default ({_g(s['paired_objective_chita'])} in {_s(s['paired_solve_seconds_chita'])} s) is at most "
                    f"it on {len(layers) - len(above)} of {len(layers)} layers"
                    + (f" (above it on layers {', '.join(str(i) for i in above)})" if above else "") + ".")
+    if "layers_warm_start_above_sparsegpt" in s:
+        above = s["layers_warm_start_above_sparsegpt"]
+        paired += (f"\n\nCHITA's warm start alone (`layerwise.moves=0`), on the same problems: summed objective "
+                   f"{_g(s['paired_objective_warm_start'])}, at most SparseGPT's on {len(layers) - len(above)} of "
+                   f"{len(layers)} layers" + (f" (above it on layers {', '.join(str(i) for i in above)})" if above
+                                               else "") + ".")
     return "\n\n".join([f"## {_setting_name(setting)}",
                         _table(["method", "cosine / agreement", "objective", "curvature s", "solve s",
                                 "write-back s", "prune s", "prune time / SparseGPT's"], rows), paired])
@@ -295,8 +302,15 @@ def render_layerwise_speed(data: dict) -> Page:
     parts = []
     for k, s in data["settings"].items():
         c = s["methods"]["chita"]
-        parts.append(f"{_setting_name(k)}: {_x(c['prune_ratio_to_sparsegpt'])}, objective <= SparseGPT's on "
+        parts.append(f"{_setting_name(k)}: {_x(c['prune_ratio_to_sparsegpt'])}, "
                      f"{len(s['layers']) - len(s['layers_chita_above_sparsegpt'])} of {len(s['layers'])} layers")
+    warm = [s for s in data["settings"].values() if WARM_START[0] in s["methods"]]
+    if warm:  # the fast end: CHITA's warm start alone
+        parts[-1] += ("; `layerwise.moves=0` (the warm start alone): "
+                      + " / ".join(_x(s["methods"][WARM_START[0]]["prune_ratio_to_sparsegpt"]) for s in warm)
+                      + ", " + " / ".join(
+                          str(len(s["layers"]) - len(s["layers_warm_start_above_sparsegpt"])) for s in warm)
+                      + " layers")
     headline = [("MiniLM layerwise CHITA against SparseGPT (one process)",
                  "prune time / SparseGPT's; layers where CHITA's objective is at most SparseGPT's", "; ".join(parts))]
     return Page("layerwise_speed", "Layerwise CHITA against SparseGPT and Wanda: time and objective per layer",
