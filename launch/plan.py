@@ -298,7 +298,8 @@ def layerwise_plans(args: argparse.Namespace) -> dict:
 def format_layerwise(pl: dict) -> str:
     m = pl["model"]
     source = f", as fitted in {pl['steps_from']}" if pl.get("steps_from") else ""
-    lines = [f"layerwise plan ({pl['method']}, {pl['steps']:.3g} IHT steps per row{source}): Llama-architecture "
+    steps = f", {pl['steps']:.3g} IHT steps per row{source}" if pl["method"] == "chita" else ""  # SparseGPT: none
+    lines = [f"layerwise plan ({pl['method']}{steps}): Llama-architecture "
              f"{pl['params'] / 1e9:.3g} B parameters ({m['layers']} blocks, d = {m['hidden']}, I = "
              f"{m['intermediate']}, {m['heads']} heads / {m['kv_heads']} kv), n = {pl['n']} x {pl['tokens']} tokens, "
              f"micro-batch {pl['micro_batch']}, weights in {pl['model_dtype']}, on {pl['hardware']} "
@@ -322,6 +323,8 @@ def render(argv: list[str]) -> tuple[dict, str]:
     """The plan of ``argv`` as a dict and as printed."""
     args = parse_args(argv)
     if args.objective == "layerwise":
+        if args.method != "chita" and (args.steps is not None or args.steps_from is not None):
+            raise ValueError(f"--steps and --steps-from count CHITA's IHT steps: {args.method} takes none")
         pl = layerwise_plans(args)
         return pl, format_layerwise(pl)
     if args.steps is not None or args.steps_from is not None:

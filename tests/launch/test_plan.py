@@ -210,6 +210,8 @@ def test_layerwise_steps_from_a_study_summary(tmp_path, capsys):
     (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--steps", "4", "--steps-from", "x"],
      "not allowed with"),
     (["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--steps", "4"], "--objective layerwise"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--method", "sparsegpt", "--steps", "4"],
+     "sparsegpt takes none"),
     (["--objective", "layerwise", "--hardware", H100], "needs --model"),
     (["--objective", "layerwise", "--model", "gpt-9", "--hardware", H100], "neither"),
     (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,x"], "whole numbers"),
@@ -220,3 +222,13 @@ def test_layerwise_bad_arguments(argv, message, capsys):
     assert plan.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_sparsegpt_plan_counts_no_iht_steps(capsys):
+    """SparseGPT takes no IHT steps: its plan's header names none, and its solve phase does not change with them."""
+    base = ["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1"]
+    assert plan.main(base + ["--method", "sparsegpt"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("layerwise plan (sparsegpt): ") and "IHT" not in header
+    assert plan.main(base) == 0
+    assert capsys.readouterr().out.startswith("layerwise plan (chita, 200 IHT steps per row): ")
