@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--model", default=None, help="layerwise: llama-7b, llama-70b or a Llama config.json")
     ap.add_argument("--method", default="chita", choices=("chita", "sparsegpt"), help="layerwise: the method")
     steps = ap.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=float, default=None, help="layerwise: mean IHT steps per row (default 200)")
+    steps.add_argument("--steps", type=float, default=None,
+                       help="layerwise: mean IHT steps per row (default 200; 0: the warm start alone, moves 0)")
     steps.add_argument("--steps-from", default=None,
                        help="layerwise: the mean IHT steps per row a layerwise scaling study fitted (its summary.json)")
     ap.add_argument("--model-dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES),
@@ -325,6 +326,8 @@ def render(argv: list[str]) -> tuple[dict, str]:
     if args.objective == "layerwise":
         if args.method != "chita" and (args.steps is not None or args.steps_from is not None):
             raise ValueError(f"--steps and --steps-from count CHITA's IHT steps: {args.method} takes none")
+        if args.steps is not None and not (math.isfinite(args.steps) and args.steps >= 0):
+            raise ValueError(f"--steps must be a number of IHT steps >= 0, got {args.steps}")
         pl = layerwise_plans(args)
         return pl, format_layerwise(pl)
     if args.steps is not None or args.steps_from is not None:

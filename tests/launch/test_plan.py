@@ -212,6 +212,8 @@ def test_layerwise_steps_from_a_study_summary(tmp_path, capsys):
     (["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--steps", "4"], "--objective layerwise"),
     (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--method", "sparsegpt", "--steps", "4"],
      "sparsegpt takes none"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--steps", "-1"], "steps >= 0"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--steps", "nan"], "steps >= 0"),
     (["--objective", "layerwise", "--hardware", H100], "needs --model"),
     (["--objective", "layerwise", "--model", "gpt-9", "--hardware", H100], "neither"),
     (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1,x"], "whole numbers"),
