@@ -354,6 +354,17 @@ def test_n_m_quality_against_brute_force_on_tiny_layers(capsys):
     assert optimal >= warm_optimal and beyond_warm > 0
 
 
+def _moves_start(nm):
+    """A start for the swap moves in float64: 9 rows of 24 inputs, the magnitude support (8 per row, or 2:4)
+    re-fitted; returns (W_bar, Q, W, S, G, f)."""
+    H, W_bar, lam = _rows(11)
+    H, W_bar = H.double(), W_bar.double()
+    Q = H + lam * torch.eye(24, dtype=H.dtype)
+    S = keep_mask(W_bar.abs(), 8 if nm is None else None, nm, None)
+    W = refit(W_bar * S, W_bar, Q, S, 60)
+    return W_bar, Q, W, S, (W - W_bar) @ Q, objectives(W - W_bar, Q)
+
+
 @pytest.mark.parametrize("nm", [None, (2, 4)])
 def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
     """Each local-search move updates W, S, f and the gradient G = (W - W_bar) Q by low-rank changes alone: after
@@ -361,13 +372,7 @@ def test_swap_moves_carry_the_exact_objective_and_gradient(nm):
     budget kept, and f never increased."""
     from dist_chita.layerwise.row_solver import _swap_moves  # the moves are internal to the solver
 
-    H, W_bar, lam = _rows(11)
-    H, W_bar = H.double(), W_bar.double()
-    Q = H + lam * torch.eye(24, dtype=H.dtype)
-    S = keep_mask(W_bar.abs(), 8 if nm is None else None, nm, None)
-    W = refit(W_bar * S, W_bar, Q, S, 60)
-    G = (W - W_bar) @ Q
-    f0 = objectives(W - W_bar, Q)
+    W_bar, Q, W, S, G, f0 = _moves_start(nm)
     W_m, S_m, f_m, G_m = _swap_moves(W.clone(), S.clone(), f0.clone(), G.clone(), Q, None, nm, 5)
     assert torch.equal(W_m != 0, S_m)
     if nm is None:
@@ -386,13 +391,7 @@ def test_swap_moves_score_only_the_rows_the_last_move_improved(nm, monkeypatch):
     candidates), and every row ends where it ends when its moves run on it alone."""
     from dist_chita.layerwise import row_solver
 
-    H, W_bar, lam = _rows(11)
-    H, W_bar = H.double(), W_bar.double()
-    Q = H + lam * torch.eye(24, dtype=H.dtype)
-    S = keep_mask(W_bar.abs(), 8 if nm is None else None, nm, None)
-    W = refit(W_bar * S, W_bar, Q, S, 60)
-    G = (W - W_bar) @ Q
-    f0 = objectives(W - W_bar, Q)
+    W_bar, Q, W, S, G, f0 = _moves_start(nm)
     name = "_group_swaps" if nm else "_row_swaps"
     scored, improved = [], []
     score = getattr(row_solver, name)
