@@ -293,8 +293,11 @@ def _layerwise_setting(setting: str, s: dict) -> str:
 
 def render_layerwise_speed(data: dict) -> Page:
     intro = (f"`benchmarks/layerwise_speed.py` prunes {data['model']} as the default job does (layerwise objective, "
-             f"granularity `{data['granularity']}`, damping {data['damp']:g}, n = {data['n']} calibration samples, "
-             f"{data['held_out']} held out) with CHITA, SparseGPT and Wanda, each through `dist_chita.prune` on "
+             + (f"granularity `{data['granularity']}`" if data["granularity"] else "the model's recipe's granularity")
+             + f", damping {data['damp']:g}, "
+             f"n = {data['n']} calibration samples, "
+             f"{data['held_out']} held out) with CHITA, SparseGPT and Wanda (and CHITA's warm start alone, "
+             "`layerwise.moves=0`, the fast end of its time against objective), each through `dist_chita.prune` on "
              f"{_n(data['processes'], 'process')} with {_n(data['threads'], 'thread')}: held-out fidelity to the "
              "dense embeddings (cosine / nearest-neighbour agreement), the summed reconstruction objective, and "
              "the prune time (curvature passes + solve + write-back) as the driver measures it, as a ratio to "
