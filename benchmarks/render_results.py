@@ -256,36 +256,36 @@ def _setting_name(setting: str) -> str:
     return setting if ":" in setting else f"{100 * float(setting):g}%"
 
 
+def _layers_at_most(layers: list, above: list[int]) -> str:
+    """"N of M layers", naming the layers ``above`` the comparison when there are any."""
+    named = f" (above it on layers {', '.join(str(i) for i in above)})" if above else ""
+    return f"{len(layers) - len(above)} of {len(layers)} layers{named}"
+
+
 def _layerwise_setting(setting: str, s: dict) -> str:
     rows = [[shown, f"{m['cosine']:.4f} / {m['nn_agreement']:.4f}", _g(m["objective"]),
              *(_s(m["seconds"][ph]) for ph in ("curvature", "solver", "writeback")), _s(m["prune_seconds"]),
              _x(m["prune_ratio_to_sparsegpt"])]
             for key, shown in (*LAYERWISE_METHODS, WARM_START) if key in s["methods"] for m in [s["methods"][key]]]
     layers = s["layers"]
-    worse = s["layers_chita_above_sparsegpt"]
     ratios = sorted(lay["chita"] / lay["sparsegpt"] for lay in layers if lay["sparsegpt"] > 0)
     paired = (f"On the same problems (every layer's H from the inputs of the model pruned by CHITA so far), CHITA's "
-              f"final objective is at most SparseGPT's on {len(layers) - len(worse)} of {len(layers)} layers"
-              + (f" (above it on layers {', '.join(str(i) for i in worse)})" if worse else "")
-              + f"; summed {_g(s['paired_objective_chita'])} against {_g(s['paired_objective_sparsegpt'])}; "
+              f"final objective is at most SparseGPT's on {_layers_at_most(layers, s['layers_chita_above_sparsegpt'])}"
+              f"; summed {_g(s['paired_objective_chita'])} against {_g(s['paired_objective_sparsegpt'])}; "
               f"per layer CHITA / SparseGPT from {ratios[0]:.3f} to {ratios[-1]:.3f} (median "
               f"{ratios[len(ratios) // 2]:.3f}). Solve seconds in that run: CHITA "
               f"{_s(s['paired_solve_seconds_chita'])}, SparseGPT {_s(s['paired_solve_seconds_sparsegpt'])}. "
               f"Load average {s['load_before']:.1f} before, {s['load_after']:.1f} after.")
     if "paired_objective_single_move" in s:
-        above = s["layers_chita_above_single_move"]
         paired += (f"\n\nOn the same problems, CHITA with one swap move per step, the support-changing trials on and "
                    f"tol 1e-4 (its settings before local-search moves): summed objective "
                    f"{_g(s['paired_objective_single_move'])} in {_s(s['paired_solve_seconds_single_move'])} s; the "
                    f"default ({_g(s['paired_objective_chita'])} in {_s(s['paired_solve_seconds_chita'])} s) is at most "
-                   f"it on {len(layers) - len(above)} of {len(layers)} layers"
-                   + (f" (above it on layers {', '.join(str(i) for i in above)})" if above else "") + ".")
+                   f"it on {_layers_at_most(layers, s['layers_chita_above_single_move'])}.")
     if "layers_warm_start_above_sparsegpt" in s:
-        above = s["layers_warm_start_above_sparsegpt"]
         paired += (f"\n\nCHITA's warm start alone (`layerwise.moves=0`), on the same problems: summed objective "
-                   f"{_g(s['paired_objective_warm_start'])}, at most SparseGPT's on {len(layers) - len(above)} of "
-                   f"{len(layers)} layers" + (f" (above it on layers {', '.join(str(i) for i in above)})" if above
-                                               else "") + ".")
+                   f"{_g(s['paired_objective_warm_start'])}, at most SparseGPT's on "
+                   f"{_layers_at_most(layers, s['layers_warm_start_above_sparsegpt'])}.")
     return "\n\n".join([f"## {_setting_name(setting)}",
                         _table(["method", "cosine / agreement", "objective", "curvature s", "solve s",
                                 "write-back s", "prune s", "prune time / SparseGPT's"], rows), paired])
