@@ -23,6 +23,7 @@ memory state).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -131,6 +132,7 @@ def link_rates(mib: int) -> dict:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help: nothing run
     local = local_rates()
     local.update(gram_rates())
     # 1 GiB less one 2 MiB page: the small-page path of empty_block (blocks from 1 GiB get huge pages), which

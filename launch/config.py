@@ -3,15 +3,15 @@
 ``load_config(path, overrides)`` reads a YAML file, applies ``key=value``
 command-line overrides (dotted paths, values parsed as YAML scalars), then
 converts the nested dict into a :class:`RunConfig`, rejecting unknown keys
-(``unknown key 'solver.max_iterz' (did you mean 'solver.max_iter'?)``), wrong types (``solver.max_iter: expected
+(``unknown key 'fisher.max_iterz' (did you mean 'fisher.max_iter'?)``), wrong types (``fisher.max_iter: expected
 int, got str``) and invalid values, each with a one-line ``ConfigError``.
 
 The dataclass <-> dict conversion is generic (:func:`from_dict`,
 :func:`to_dict`): fields are declared once, with their type and default. A
 field named ``lambda_`` is spelled ``lambda`` in YAML (trailing underscores are
 dropped from keys). The defaults of :class:`RunConfig` are the embedded
-default run (``configs/default.yaml``): all-MiniLM-L6-v2 pruned to 50% with the
-Gauss-Newton probe loss on Python documentation paragraphs.
+default run (``configs/default.yaml``): all-MiniLM-L6-v2 pruned to 50% on Python documentation paragraphs, by the
+recipe ``prune.objective: auto`` chooses for it (layerwise CHITA, per-row budgets).
 
 Relative paths in a config are relative to the working directory the run is
 started from (the repository root).
@@ -69,7 +69,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Calibration data: the n samples whose per-sample gradients form the rows of A.
+    """Calibration data: the n samples the prune is fitted on (the layerwise objective's X^T X, or the Fisher
+    objective's per-sample gradients, the rows of A).
 
     ``source`` is a hub dataset name, a local file or directory (``format``
     parquet/json/csv/text/imagefolder, or ``disk`` for ``save_to_disk``
@@ -195,7 +196,7 @@ class RunConfig:
         return tuple(_key(f) for f in dataclasses.fields(self) if _key(f) not in skip)
 
 
-# Keys of the earlier flat layout, and where each went: a config written for it fails naming the new key.
+# Keys that moved to another section, and where each went: a config that uses one fails naming the new key.
 MOVED = {
     **{f"prune.{k}": f"fisher.{k}" for k in ("loss", "lambda", "ridge", "stages", "schedule", "exponent",
                                                "base_sparsity", "first_order_term")},
