@@ -96,7 +96,15 @@ def resolve(model: nn.Module, task: str, objective: str | None = None, method: s
     chosen = recipe.objective
     if method is not None and method not in (FISHER_METHODS if chosen == "fisher" else layerwise_methods()):
         chosen = "fisher" if method in FISHER_METHODS else "layerwise"
+    given = {"method": method, "granularity": granularity}
     method = method or recipe.method
     granularity = granularity or (recipe.granularity if chosen == recipe.objective else "row")
-    line = f"  objective auto: {chosen}, method {method}, granularity {granularity} ({family}: {recipe.why})"
+    settings = [f"objective auto: {chosen}" + ("" if chosen == recipe.objective else
+                                               f" (for method {method}; the recipe's: {recipe.objective})")]
+    for name, value, recipe_value in (("method", method, recipe.method),
+                                      ("granularity", granularity, recipe.granularity)):
+        note = "" if given[name] is None else " (given)" if value == recipe_value else \
+            f" (given; the recipe's: {recipe_value})"
+        settings.append(f"{name} {value}{note}")
+    line = f"  {', '.join(settings)} ({family}: {recipe.why})"
     return Resolved(chosen, method, granularity, line)

@@ -78,6 +78,20 @@ def test_given_settings_win_over_the_recipe():
     assert (wanda.objective, wanda.method, wanda.granularity) == ("layerwise", "wanda", "layer")
 
 
+def test_the_recipe_line_says_which_settings_were_given():
+    """A setting the config gave is marked as given, with the recipe's own where they differ: the recipe's reason
+    (here: against per-row budgets) must not read as the reason for a setting it did not choose."""
+    model = mlpnet()
+    row = recipes.resolve(model, "image-classification", None, None, "row")
+    assert row.line.startswith("  objective auto: layerwise, method chita, granularity row (given; the recipe's: "
+                               "global) (mlp: ")
+    same = recipes.resolve(model, "image-classification", None, "chita", "global")
+    assert same.line.startswith("  objective auto: layerwise, method chita (given), granularity global (given) (mlp: ")
+    plus = recipes.resolve(model, "image-classification", None, "chita++", None)
+    assert plus.line.startswith("  objective auto: fisher (for method chita++; the recipe's: layerwise), method "
+                                "chita++ (given; the recipe's: chita), granularity row (mlp: ")
+
+
 def test_prune_without_an_objective_runs_the_recipe_and_says_so():
     torch.manual_seed(0)
     x = torch.randn(64, 12)
