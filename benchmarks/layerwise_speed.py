@@ -12,8 +12,8 @@ default job runs it (nothing re-implemented here); per setting:
   SparseGPT on the SAME problem (the same H, from the inputs of the model pruned by CHITA so far): a method
   registered here, ``chita_vs_sparsegpt``, runs both on every layer the driver shows it, records both objectives
   and solve times, and hands on CHITA's result (so the run follows CHITA's path); on the same problems also CHITA
-  with one swap move per step, the support-changing trials on and tol 1e-4 (``SINGLE_MOVE``: the per-step work of
-  the solver before local-search moves), for the objective and solve time the moves buy;
+  with one swap move per step, the support-changing trials on and tol 1e-4 (``SINGLE_MOVE``), for the objective
+  and solve time the further moves buy;
 * CHITA's warm start alone (``layerwise.moves=0``: every row's OBS-saliency or magnitude support, whichever its
   back-solve fits better), also through :func:`dist_chita.prune`: the fast end of CHITA's time against objective,
   its prune time against SparseGPT's, and (from the paired run's warm-start objectives) the layers where it is at

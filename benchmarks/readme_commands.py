@@ -39,14 +39,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def timed(cmd: list[str]) -> dict:
+def timed(cmd: list[str], shown: dict[str, str]) -> dict:
+    """Runs ``cmd``; its command and last line are recorded with every key of ``shown`` (this machine's paths)
+    replaced by its value (what a reader types or sees: ``python3``, ``<out>``)."""
     load = os.getloadavg()[0]
     t = time.perf_counter()
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - t
     lines = [x for x in res.stdout.replace("\r", "\n").splitlines() if x.strip()]
-    return {"command": " ".join(cmd), "seconds": round(seconds, 1), "exit_status": res.returncode,
-            "last_line": lines[-1].strip() if lines else "", "load_before": load, "load_after": os.getloadavg()[0]}
+
+    def mask(text: str) -> str:
+        for path, name in shown.items():
+            text = text.replace(path, name)
+        return text
+    return {"command": mask(" ".join(cmd)), "seconds": round(seconds, 1), "exit_status": res.returncode,
+            "last_line": mask(lines[-1].strip() if lines else ""), "load_before": load,
+            "load_after": os.getloadavg()[0]}
 
 
 def main() -> int:
@@ -56,9 +64,11 @@ def main() -> int:
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs["default_job"] = timed(["accelerate", "launch", "--config_file", "launch/accelerate/cpu_2.yaml",
-                                     "launch/prune.py", f"output.dir={Path(tmp) / 'default'}"])
+                                     "launch/prune.py", f"output.dir={Path(tmp) / 'default'}"],
+                                    {str(Path(tmp) / "default"): "<out>"})
     if not args.skip_tests:
-        runs["tests"] = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        runs["tests"] = timed([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+                              {sys.executable: "python3"})
     for name, run in runs.items():
         print(f"{name}: {run['seconds']:.0f} s (load {run['load_before']:.1f} -> {run['load_after']:.1f}), exit "
               f"{run['exit_status']}: {run['last_line']}")

@@ -227,7 +227,8 @@ def _minilm_headline(key: str, run: dict) -> tuple[str, str, str] | None:
     if not parts:
         return None
     what = "2:4" if key.startswith("nm=") else f"{100 * run['sparsity']:g}%"
-    return (f"MiniLM {what} (n = {run['n']}, one process)", "held-out cosine / nearest-neighbour agreement",
+    return (f"MiniLM {what} (n = {run['n']}, one process, {_n(run['threads'], 'thread')})",
+            "held-out cosine / nearest-neighbour agreement",
             "; ".join(parts))
 
 
@@ -278,7 +279,7 @@ def _layerwise_setting(setting: str, s: dict) -> str:
               f"Load average {s['load_before']:.1f} before, {s['load_after']:.1f} after.")
     if "paired_objective_single_move" in s:
         paired += (f"\n\nOn the same problems, CHITA with one swap move per step, the support-changing trials on and "
-                   f"tol 1e-4 (its settings before local-search moves): summed objective "
+                   f"tol 1e-4 (what the further moves buy): summed objective "
                    f"{_g(s['paired_objective_single_move'])} in {_s(s['paired_solve_seconds_single_move'])} s; the "
                    f"default ({_g(s['paired_objective_chita'])} in {_s(s['paired_solve_seconds_chita'])} s) is at most "
                    f"it on {_layers_at_most(layers, s['layers_chita_above_single_move'])}.")
@@ -741,14 +742,21 @@ def _resnet_choices(data: dict) -> str:
 
 
 def _resnet_added(data: dict) -> list[str]:
-    """The runs whose prunes were added to the first run's rows (``--add``): their commands and loads."""
+    """The later runs whose prunes were written into the first run's rows (``--add``, replacing the first run's
+    prunes of the same names): their commands, layerwise settings where recorded, and loads."""
     out = []
     for a in data.get("added", []):
         load = a["load_average_1min"]
-        out += [f"The prunes *{'*, *'.join(a['methods'])}* and their choices were added by a second run "
-                f"({_n(a['threads'], 'thread')}; 1-minute load average {load['start']:.1f} at its start, "
-                f"{load['end']:.1f} at its end):", _command(a["command"])]
+        out += [f"The prunes *{'*, *'.join(a['methods'])}* and their choices are from a later run "
+                f"({_n(a['threads'], 'thread')}{_layerwise_settings(a)}; 1-minute load average {load['start']:.1f} "
+                f"at its start, {load['end']:.1f} at its end):", _command(a["command"])]
     return out
+
+
+def _layerwise_settings(run: dict) -> str:
+    """"; layerwise CHITA with damp ..., max_iter ..., tol ..., moves ..." of a run that recorded them, else ""."""
+    lw = run.get("layerwise")
+    return "; layerwise CHITA with " + ", ".join(f"{k} {v:g}" for k, v in lw.items()) if lw else ""
 
 
 def render_resnet_mnist(data: dict) -> Page:
@@ -758,7 +766,8 @@ def render_resnet_mnist(data: dict) -> Page:
     load = data["load_average_1min"]
     facts = (f"Dense accuracy {_pct(dense['test'])} on the {data['digits']['test']:,} test digits "
              f"({_pct(dense['validation'])} on the validation digits); {data['digits']['calibration']:,} calibration "
-             f"digits; {_n(data['threads'], 'thread')}; torch {data['torch']}; 1-minute load average "
+             f"digits; {_n(data['threads'], 'thread')}{_layerwise_settings(data)}; torch {data['torch']}; "
+             "1-minute load average "
              f"{load['start']:.1f} at the start, {load['end']:.1f} at the end (2 cores shared).")
     if not data.get("complete", True):
         facts += (" The run was stopped before its last sparsities: only those shown were measured" +
@@ -974,7 +983,7 @@ def render_resnet50(data: dict) -> Page:
     ratios = " and ".join(f"{' / '.join(f'{v:.2f}' for v in r['peak_over_estimate'])} on "
                           f"{_n(r['world_size'], 'process')}" for r in runs)
     first = runs[0]["estimate_bytes"]["factor"] * runs[0]["world_size"]
-    headline = [(f"ResNet-50, n = {settings['n']}, full factor ({first / 1e9:.1f} GB)",
+    headline = [(f"ResNet-50, n = {settings['n']}, full factor ({first / 2**30:.2f} GiB)",
                  "peak memory per rank / the estimate printed before the run", ratios)]
     return Page("resnet50_scale", "ResNet-50 with the full Fisher factor on 1 and 2 processes",
                 "ResNet-50 with the full Fisher factor: peak memory per rank against the estimate, seconds per phase",

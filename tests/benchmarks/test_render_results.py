@@ -175,7 +175,7 @@ def test_tables_hold_the_json_numbers(checkout, capsys):
                            "65.43%")  # at 0.9, the sparsity the official CHITA++ was measured at
     assert not any(r[1].startswith("held-out digits of the 4000") for r in head)  # the margins are on the page
     fidelity = next(r for r in head if r[0].startswith("MiniLM"))
-    assert fidelity[0] == "MiniLM 60% (n = 64, one process)"
+    assert fidelity[0] == "MiniLM 60% (n = 64, one process, 2 threads)"
     assert fidelity[2] == "CHITA layerwise 0.9000 / 0.7778; SparseGPT 0.8123 / 0.6543; magnitude 0.6111 / 0.4222"
     assert readme.split("<!-- results:start -->\n")[1].split("\n<!-- results:end -->")[0] in printed
 
@@ -388,6 +388,17 @@ def test_readme_commands_row_holds_the_json_times(tmp_path):
     head = _table_rows((tmp_path / "README.md").read_text(), "benchmark")
     assert head[0][2] == "the default job (2 processes) 2.1 min (load 0.2); the tests 9.0 min (load 2.0)"
     assert "Some CPU, 2 cores" in page
+
+
+def test_readme_commands_records_what_a_reader_types(tmp_path):
+    """The recorded command and last line show ``python3`` and ``<out>``, not this machine's interpreter and temporary
+    paths."""
+    import readme_commands
+    out = tmp_path / "default"
+    run = readme_commands.timed([sys.executable, "-c", f"print('saved to {out}')"],
+                                {sys.executable: "python3", str(out): "<out>"})
+    assert run["command"] == "python3 -c print('saved to <out>')" and run["last_line"] == "saved to <out>"
+    assert run["exit_status"] == 0
 
 
 def _ranks_run(world: int, curvature: float, solver: float, writeback: float, load: float) -> dict:
