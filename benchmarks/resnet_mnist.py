@@ -30,6 +30,7 @@ benchmarks/results/resnet_mnist.json; ``render_results.py`` makes docs/results/r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -277,6 +278,7 @@ def main() -> None:
 
     def write(table: list[dict]) -> None:
         this = {"command": command(args), "threads": args.threads, "torch": torch.__version__,
+                "layerwise": dataclasses.asdict(dist_chita.Layerwise()),  # the layerwise prunes' settings
                 "load_average_1min": {"start": load_before, "end": os.getloadavg()[0]},
                 "seconds": time.perf_counter() - t0}
         if earlier is None:
