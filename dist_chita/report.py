@@ -179,7 +179,7 @@ class Report:
         """A few lines a person reads at the end of a run."""
         g = self.global_
         lines = [f"dist-chita: {self.method} on {self.world_size} rank(s), n = {self.n}, p = {g.p:,} prunable weights",
-                 f"  kept {g.kept:,} ({1 - g.sparsity:.2%}), sparsity {g.sparsity:.4f}"]
+                 f"  kept {g.kept:,} ({1 - g.sparsity:.2%}), sparsity {g.sparsity:.4f}" + _target_note(self)]
         if self.metric.get("name") not in (None, "none"):
             parts = [f"{k} {v:.4f}" for k, v in self.metric.items() if k != "name" and isinstance(v, float)]
             lines.append(f"  {self.metric['name']}: " + ", ".join(parts))
@@ -194,6 +194,17 @@ class Report:
         est = self.memory_estimate_bytes.get("total")
         lines.append(f"  peak memory per rank {peak:.2f} GiB" + (f" (estimate {est / 2**30:.2f} GiB)" if est else ""))
         return lines
+
+
+def _target_note(report: Report) -> str:
+    """" (target T: ...)" when the sparsity reached differs from the last stage's target at four decimals (budgets
+    keep a whole number of weights per row, group or layer, and at least one per row or layer); only when that
+    stage holds every kept weight (not so for the layer groups of ``fisher.group_size``, a stage each)."""
+    last = report.stages[-1] if report.stages else None
+    target = last.sparsity if last is not None and last.kept == report.global_.kept else None
+    if target is None or f"{report.global_.sparsity:.4f}" == f"{target:.4f}":
+        return ""
+    return f" (target {target:.4f}: the budgets keep whole weights per row or layer, at least one each)"
 
 
 def _validation_lines(v: Mapping[str, Any] | None) -> list[str]:
@@ -215,13 +226,18 @@ def _stage_line(st: StageReport, warm: str) -> str:
     gain = ""
     mag = st.magnitude_objective
     if mag is not None:  # the warm start's objective, and how much lower the solver ended
-        lower = f", {(mag - st.objective) / mag:.2%} lower" if mag > 0 else ""
+        lower = f", {_share((mag - st.objective) / mag)} lower" if mag > 0 else ""
         floor = st.ridge_floor
-        room = f"; ridge floor {floor:.4g}: at most {(mag - floor) / mag:.2%} lower" if floor is not None and mag > 0 \
-            else ""
+        room = (f"; ridge floor {floor:.4g}: at most {_share((mag - floor) / mag)} lower"
+                if floor is not None and mag > 0 else "")
         gain = f" ({warm}+backsolve {mag:.4g}{lower}{room})"
     its = f", {st.iterations} IHT iterations" if st.iterations else ""  # none: a baseline
     return f"sparsity {st.sparsity:.4f}, objective {st.objective:.4g}{gain}{its}"
+
+
+def _share(x: float) -> str:
+    """x as a percentage with two decimals; a float-noise negative that rounds to zero prints as 0.00%."""
+    return f"{0.0 if abs(x) < 5e-5 else x:.2%}"
 
 
 def _plain(obj: Any) -> Any:

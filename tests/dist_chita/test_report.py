@@ -72,6 +72,20 @@ def test_summary_mentions_the_essentials():
     assert "objective 1.5 (magnitude+backsolve 2, 25.00% lower; ridge floor 1.6: at most 20.00% lower)" in text
 
 
+def test_summary_names_a_target_the_budgets_could_not_meet_and_prints_no_negative_zero():
+    """Per-row budgets keep at least one weight per row: the sparsity reached is below the target, and the summary
+    says so; a float-noise gain of -1e-9 prints as 0.00%, not -0.00%."""
+    rep = _example()
+    assert "target" not in rep.summary_lines()[1]
+    rep.global_, rep.stages[0].kept = Totals(100, 20, 0.8), 20  # the stage asked for 0.9
+    assert rep.summary_lines()[1] == ("  kept 20 (20.00%), sparsity 0.8000 (target 0.9000: the budgets keep whole "
+                                      "weights per row or layer, at least one each)")
+    rep.stages[0].kept = 10  # a stage of some of the weights (a layer group): no target for the whole
+    assert "target" not in rep.summary_lines()[1]
+    rep.stages[0].objective = 2.0 * (1 + 1e-9)
+    assert "0.00% lower" in "\n".join(rep.summary_lines()) and "-0.00%" not in "\n".join(rep.summary_lines())
+
+
 def test_format_document_is_generated_from_the_report_class():
     text = (ROOT / "docs" / "report-format.md").read_text()
     assert text == format_markdown(), "regenerate: python3 -m dist_chita.report > docs/report-format.md"
