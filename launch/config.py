@@ -233,7 +233,7 @@ def _type_name(tp: Any) -> str:
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Convert ``data`` to type ``cls`` (a dataclass, int, float, str, bool,
     Optional, list, tuple[X, ...] or Literal; a single number is a list of one number), raising ConfigError
-    naming ``path``."""
+    naming ``path`` (unknown keys, keys a dataclass has no default for left out, wrong types)."""
     where = path or "<root>"
     origin = typing.get_origin(cls)
     if dataclasses.is_dataclass(cls):
@@ -248,6 +248,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
                 near = difflib.get_close_matches(str(k), list(fields), n=1)
                 hint = f" (did you mean '{path + '.' if path else ''}{near[0]}'?)" if near else ""
                 raise ConfigError(f"unknown key '{path + '.' if path else ''}{k}'{hint}")
+        missing = [k for k, f in fields.items() if k not in data and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ConfigError(f"{where}: missing key{'s' if len(missing) > 1 else ''} "
+                              f"{', '.join(repr(k) for k in missing)}")
         kwargs = {
             f.name: from_dict(hints[f.name], data[k], f"{path + '.' if path else ''}{k}")
             for k, f in fields.items()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from launch.config import (
     calibration_kwargs,
     config_yaml,
     eval_kwargs,
+    from_dict,
     load_config,
     model_kwargs,
     parse_config,
@@ -69,6 +71,34 @@ def test_layer_sparsity_rules():
     with pytest.raises(ConfigError, match="fisher.group_size: layer groups share one global budget"):
         parse_config({"prune": {"objective": "fisher", "layer_sparsity": [{"pattern": "a*", "sparsity": 0.1}]},
                       "fisher": {"group_size": 1000}})
+
+
+@pytest.mark.parametrize(("rule", "message"), [
+    ({"pattern": "fc1"}, r"^prune\.layer_sparsity\[0\]: missing key 'sparsity'$"),
+    ({"sparsity": 0.3}, r"^prune\.layer_sparsity\[0\]: missing key 'pattern'$"),
+    ({}, r"^prune\.layer_sparsity\[0\]: missing keys 'pattern', 'sparsity'$"),
+])
+def test_a_layer_sparsity_rule_without_a_required_key_names_it(rule, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config({"prune": {"layer_sparsity": [rule]}})
+
+
+@dataclass(frozen=True)
+class Inner:
+    a: int
+    b: str = "b"
+    c: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Outer:
+    inner: tuple[Inner, ...] = ()
+
+
+def test_every_dataclass_field_without_a_default_is_a_required_key():
+    assert from_dict(Outer, {"inner": [{"a": 1}]}) == Outer((Inner(1),))
+    with pytest.raises(ConfigError, match=r"^x\.inner\[1\]: missing key 'a'$"):
+        from_dict(Outer, {"inner": [{"a": 1}, {"b": "c"}]}, "x")
 
 
 def test_unknown_key_names_full_path_and_the_nearest_key():
