@@ -119,11 +119,15 @@ def default_scale(dtype: np.dtype) -> float:
 
 
 def _per_channel(values: Sequence[float] | None, channels: int, name: str) -> torch.Tensor | None:
+    """``values`` (one, or one per channel) as (1, C, 1, 1); a ValueError naming ``calibration.<name>`` (where a
+    run sets it) when there are neither."""
     if values is None:
         return None
     vals = [float(v) for v in (values if isinstance(values, Sequence) else [values])]
     if len(vals) not in (1, channels):
-        raise ValueError(f"{name}: expected 1 or {channels} values (one per channel), got {len(vals)}")
+        per_channel = "" if channels == 1 else f" or {channels} (one per channel)"
+        raise ValueError(f"calibration.{name}: expected 1 value{per_channel} for images of {channels} "
+                         f"channel{'s' if channels > 1 else ''}, got {len(vals)}")
     return torch.tensor(vals, dtype=torch.float32).view(1, -1, 1, 1)
 
 

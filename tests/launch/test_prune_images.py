@@ -75,7 +75,8 @@ def test_config_keys_replace_the_image_processor_and_errors_name_the_problem(tmp
     source = image_data(tmp_path / "data", "parquet", "RGB")
     res = run(tmp_path, model, source, "calibration.mean=[0.4]", "calibration.std=[0.2, 0.2]", "output.overwrite=true")
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1] == "error: std: expected 1 or 3 values (one per channel), got 2"
+    assert res.stderr.strip().splitlines()[-1] == (
+        "error: calibration.std: expected 1 value or 3 (one per channel) for images of 3 channels, got 2")
     res = run(tmp_path, model, source, "calibration.image_size=12", "calibration.mean=[0.5, 0.5, 0.5]",
               "calibration.std=[0.2]")
     assert res.returncode == 0, res.stderr

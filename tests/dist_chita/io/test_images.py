@@ -109,5 +109,8 @@ def test_errors_are_one_line_naming_the_column(grey):
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"differ in size \(\(6, 7\), \(7, 6\)\): set calibration.image_size"):
         images.pixel_values([grey, grey.T.copy()], column="image", source="src")
-    with pytest.raises(ValueError, match=r"^mean: expected 1 or 3 values \(one per channel\), got 2$"):
+    with pytest.raises(ValueError, match=r"^calibration\.mean: expected 1 value or 3 \(one per channel\) for images "
+                                         r"of 3 channels, got 2$"):
         images.pixel_values([np.zeros((2, 2, 3), np.uint8)], column="image", mean=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"^calibration\.std: expected 1 value for images of 1 channel, got 2$"):
+        images.pixel_values([grey], column="image", std=[0.1, 0.2])
