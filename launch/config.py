@@ -2,8 +2,10 @@
 
 ``load_config(path, overrides)`` reads a YAML file, applies ``key=value``
 command-line overrides (dotted paths, values parsed as YAML scalars), then
-converts the nested dict into a :class:`RunConfig`, rejecting unknown keys
-(``unknown key 'fisher.max_iterz' (did you mean 'fisher.max_iter'?)``), wrong types (``fisher.max_iter: expected
+converts the nested dict into a :class:`RunConfig`, rejecting a key given twice in one mapping
+(``duplicate key 'prune.sparsity' on lines 3 and 5``), unknown keys
+(``unknown key 'fisher.max_iterz' (did you mean 'fisher.max_iter'?)``), missing ones
+(``prune.layer_sparsity[0]: missing key 'sparsity'``), wrong types (``fisher.max_iter: expected
 int, got str``) and invalid values, each with a one-line ``ConfigError``.
 
 The dataclass <-> dict conversion is generic (:func:`from_dict`,
@@ -329,7 +331,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            value = yaml_load(raw) if raw.strip() else ""
+            value = yaml_load(raw, key) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({str(e).splitlines()[0]})") from None
         parts = key.split(".")
@@ -374,9 +376,41 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str) -> Any:
-    """Parse YAML like ``yaml.safe_load`` but keep ``a:b`` scalars as strings and read ``1e-3`` as a float."""
-    return yaml.load(text, Loader=_Loader)
+def yaml_load(text: str, root: str = "") -> Any:
+    """Parse YAML like ``yaml.safe_load`` but keep ``a:b`` scalars as strings, read ``1e-3`` as a float and refuse a
+    key given twice in one mapping (a yaml.YAMLError naming its dotted path under ``root``, and its lines)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_unique_keys(node, root, set())
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _check_unique_keys(node: yaml.Node, path: str, seen: set[int]) -> None:
+    """Raise a yaml.YAMLError for the first mapping under ``node`` that holds a key twice (YAML forbids it; a
+    loader would keep the last value)."""
+    if id(node) in seen:  # an alias of a node already checked
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(item, f"{path}[{i}]", seen)
+    elif isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            name, line = f"{path}.{key.value}" if path else key.value, key.start_mark.line + 1
+            if (key.tag, key.value) in lines:
+                first = lines[key.tag, key.value]
+                raise yaml.YAMLError(f"duplicate key '{name}' on line{f's {first} and' if first != line else ''} "
+                                     f"{line}")
+            lines[key.tag, key.value] = line
+            _check_unique_keys(value, name, seen)
 
 
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")

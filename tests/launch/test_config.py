@@ -289,6 +289,24 @@ def test_unreadable_and_invalid_files(tmp_path):
         load_config(top)
 
 
+def test_a_key_given_twice_in_one_mapping_is_refused_naming_it_and_the_file(tmp_path):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("prune:\n  sparsity: 0.5\n  granularity: row\n  sparsity: 0.7\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(twice)
+    assert str(e.value) == f"config file {twice} is not valid YAML: duplicate key 'prune.sparsity' on lines 2 and 4"
+    twice.write_text("prune:\n  layer_sparsity:\n    - {pattern: a, sparsity: 0.1, pattern: b}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'prune\.layer_sparsity\[0\]\.pattern' on line 3$"):
+        load_config(twice)
+    with pytest.raises(ConfigError, match=r"^override 'prune\.layer_sparsity=\[\{pattern: a, pattern: b\}\]': value is "
+                                          r"not valid YAML \(duplicate key 'prune\.layer_sparsity\[0\]\.pattern' on "
+                                          r"line 1\)$"):
+        parse_config({}, ["prune.layer_sparsity=[{pattern: a, pattern: b}]"])
+    # a key that overrides one merged in (<<) is not a duplicate; neither is an alias of a mapping used twice
+    assert yaml_load("a: &x {n: 1, m: 2}\nb:\n  <<: *x\n  n: 3\nc: *x\n") == {
+        "a": {"n": 1, "m": 2}, "b": {"n": 3, "m": 2}, "c": {"n": 1, "m": 2}}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_config_parses(path):
     cfg = load_config(path)
