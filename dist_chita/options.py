@@ -10,14 +10,20 @@ default lives in one place):
   problem over all layers (``fisher:``).
 
 Methods per objective: :func:`layerwise_methods` (those registered in :mod:`dist_chita.methods`) and
-:data:`FISHER_METHODS`.
+:data:`FISHER_METHODS`. ``problems()`` says what is wrong with an option's values, their types first
+(:func:`field_problems`, in the words the run config uses); :func:`dist_chita.prune` and the run config refuse the
+first.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
 import re
+import types
+import typing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Union
 
 Granularity = Literal["row", "layer", "global"]
 Auto = Literal["auto"]
@@ -30,6 +36,61 @@ def layerwise_methods() -> list[str]:
     from dist_chita.methods.base import method_names
 
     return method_names()
+
+
+def type_name(tp: Any) -> str:
+    """How an option's type reads in messages: ``one of 'row', 'layer'``, ``float or null``, ``list of str``."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_problems(options: Any) -> list[str]:
+    """The fields of the dataclass ``options`` whose values are not of their declared type, each named as in YAML
+    (``lambda_``: ``lambda``) with what it takes, in the run config's words (``granularity: expected one of 'row',
+    'layer', 'global', got 'rows'``). A list or tuple is taken for a tuple, an int for a float, never a bool for
+    a number."""
+    hints = typing.get_type_hints(type(options))
+    return [msg for f in dataclasses.fields(options)
+            for msg in _type_problems(hints[f.name], getattr(options, f.name), f.name.rstrip("_"))]
+
+
+def _type_problems(tp: Any, value: Any, name: str) -> list[str]:
+    """What is wrong with ``value`` as a ``tp`` named ``name`` (a dataclass: the problems of its fields)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, tp):
+            return [f"{name}: expected {tp.__name__}, got {type(value).__name__}"]
+        return [f"{name}.{msg}" for msg in field_problems(value)]
+    if origin is Literal:
+        return [] if value in typing.get_args(tp) else [f"{name}: expected {type_name(tp)}, got {value!r}"]
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return []
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            return _type_problems(inner[0], value, name)
+        if any(not _type_problems(a, value, name) for a in inner):  # e.g. float | Literal["auto"]: one takes it
+            return []
+        return [f"{name}: expected {type_name(tp)}, got {value!r}"]
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            return [f"{name}: expected {type_name(tp)}, got {type(value).__name__}"]
+        return [msg for i, x in enumerate(value) for msg in _type_problems(typing.get_args(tp)[0], x, f"{name}[{i}]")]
+    kinds = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}
+    if tp in kinds and (not isinstance(value, kinds[tp]) or (tp is not bool and isinstance(value, bool))):
+        return [f"{name}: expected {tp.__name__}, got {type(value).__name__}"]
+    return []
+
+
 _NM = re.compile(r"^(\d+):(\d+)$")
 
 
@@ -81,8 +142,11 @@ class Target:
     exclude_head: bool = True
 
     def problems(self) -> list[str]:
-        """What is wrong with these values (empty when nothing), each naming its field."""
-        out = []
+        """What is wrong with these values (empty when nothing), each naming its field: their types
+        (:func:`field_problems`), then their values."""
+        out = field_problems(self)
+        if out:
+            return out
         if not 0.0 <= self.sparsity < 1.0:
             out.append(f"sparsity: must be in [0, 1), got {self.sparsity}")
         if self.nm is not None:

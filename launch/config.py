@@ -32,7 +32,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from dist_chita.options import FISHER_METHODS, Fisher, Layerwise, Target, layerwise_methods
+from dist_chita.options import FISHER_METHODS, Fisher, Layerwise, Target, layerwise_methods, type_name
 from dist_chita.options import parse_nm as _parse_nm
 
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -219,19 +219,6 @@ def _key(f: dataclasses.Field) -> str:
     return f.name.rstrip("_")
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Convert ``data`` to type ``cls`` (a dataclass, int, float, str, bool,
     Optional, list, tuple[X, ...] or Literal; a single number is a list of one number), raising ConfigError
@@ -263,7 +250,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         return cls(**kwargs)
     if origin is Literal:
         if data not in typing.get_args(cls):
-            raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
+            raise ConfigError(f"{where}: expected {type_name(cls)}, got {data!r}")
         return data
     if origin in (Union, types.UnionType):
         args = typing.get_args(cls)
@@ -272,19 +259,19 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         inner = [a for a in args if a is not type(None)]
         if len(inner) == 1:
             if data is None:
-                raise ConfigError(f"{where}: expected {_type_name(cls)}, got null")
+                raise ConfigError(f"{where}: expected {type_name(cls)}, got null")
             return from_dict(inner[0], data, path)
         for alternative in inner:  # e.g. float | Literal["auto"]: the first that takes the value
             try:
                 return from_dict(alternative, data, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}: expected {_type_name(cls)}, got {data!r}")
+        raise ConfigError(f"{where}: expected {type_name(cls)}, got {data!r}")
     if origin in (list, tuple):
         if typing.get_args(cls)[0] in (int, float) and isinstance(data, int | float) and not isinstance(data, bool):
             data = [data]  # one number where numbers are expected (calibration.mean=0.286): a list of one
         if not isinstance(data, list | tuple):
-            raise ConfigError(f"{where}: expected {_type_name(cls)}, got {type(data).__name__}")
+            raise ConfigError(f"{where}: expected {type_name(cls)}, got {type(data).__name__}")
         items = [from_dict(typing.get_args(cls)[0], x, f"{path}[{i}]") for i, x in enumerate(data)]
         return tuple(items) if origin is tuple else items
     if cls is bool:

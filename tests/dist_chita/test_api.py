@@ -13,6 +13,7 @@ from dist_chita.io.data import iter_microbatches
 from dist_chita.options import Fisher, Target
 from dist_chita.prunable import prunable_modules
 from tests import multiproc
+from tests.fixtures.layerwise_nets import mlp
 from tests.fixtures.tiny_models import digits_samples, train_digits_mlp
 
 N, HELD, SEED = 60, 15, 3
@@ -123,3 +124,18 @@ def test_the_lambdas_a_search_chose_given_as_a_list_prune_the_same_model_without
         assert torch.equal(weights[name], w), name
     with pytest.raises(ValueError, match="lambda: 2 lambdas for 3 stage"):
         _prune_plus(tuple(chosen[:2]))
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    (Target(granularity="foo"), r"^granularity: expected one of 'row', 'layer', 'global', got 'foo'$"),
+    (Target(allocation="foo"), r"^allocation: expected one of 'uniform', 'owl', 'reconstruction', got 'foo'$"),
+    (Target(exclude_head="yes"), r"^exclude_head: expected bool, got str$"),
+    (Target(include="0"), r"^include: expected list of str, got str$"),
+    (Target(sparsity="0.5"), r"^sparsity: expected float, got str$"),
+])
+def test_a_target_field_of_the_wrong_type_is_refused_before_any_work(target, message):
+    model = mlp()
+    dense = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        dist_chita.prune(model, {"inputs": torch.randn(16, 12)}, target=target, batch_size=8, check_memory=False)
+    assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())

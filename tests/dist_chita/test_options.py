@@ -9,7 +9,7 @@ from dist_chita.fisher import driver as fisher_driver
 from dist_chita.fisher import groups, solver
 from dist_chita.layerwise import allocation, row_solver
 from dist_chita.layerwise import driver as layerwise_driver
-from dist_chita.options import Fisher, Layerwise, Target, layerwise_methods, parse_nm, resolve_ridge
+from dist_chita.options import Fisher, LayerSparsity, Layerwise, Target, layerwise_methods, parse_nm, resolve_ridge
 from dist_chita.prunable import prunable_modules
 
 
@@ -50,6 +50,31 @@ def test_problems_name_the_field():
     assert Layerwise().problems("chita++")[0].startswith("method: 'chita++' is not a layerwise method")
     assert Fisher().problems("wanda", Target())[0].startswith("method: 'wanda' is not a Fisher-objective method")
     assert Fisher(base_sparsity=0.6).problems("chita++", Target(sparsity=0.5))[0].startswith("base_sparsity")
+
+
+@pytest.mark.parametrize(("fields", "problem"), [
+    ({"granularity": "foo"}, "granularity: expected one of 'row', 'layer', 'global', got 'foo'"),
+    ({"allocation": "foo"}, "allocation: expected one of 'uniform', 'owl', 'reconstruction', got 'foo'"),
+    ({"exclude_head": "yes"}, "exclude_head: expected bool, got str"),
+    ({"include": "fc1"}, "include: expected list of str, got str"),
+    ({"include": ["fc1", 2]}, "include[1]: expected str, got int"),
+    ({"exclude": "fc*"}, "exclude: expected list of str, got str"),
+    ({"sparsity": "0.5"}, "sparsity: expected float, got str"),
+    ({"sparsity": True}, "sparsity: expected float, got bool"),
+    ({"nm": 24}, "nm: expected str, got int"),
+    ({"owl_m": None}, "owl_m: expected float, got NoneType"),
+    ({"layer_sparsity": "fc1"}, "layer_sparsity: expected list of mapping, got str"),
+    ({"layer_sparsity": [{"pattern": "fc1", "sparsity": 0.3}]}, "layer_sparsity[0]: expected LayerSparsity, got dict"),
+    ({"layer_sparsity": [LayerSparsity("fc1", "0.3")]}, "layer_sparsity[0].sparsity: expected float, got str"),
+])
+def test_a_target_field_of_the_wrong_type_is_a_problem_naming_it_and_what_it_takes(fields, problem):
+    assert Target(**fields).problems() == [problem]
+
+
+def test_a_target_takes_lists_for_tuples_and_ints_for_floats():
+    target = Target(sparsity=0, include=["fc*"], exclude=["fc2"], layer_sparsity=[LayerSparsity("fc1", 1)],
+                    owl_m=2)
+    assert target.problems() == ["layer_sparsity[0].sparsity: must be in [0, 1), got 1"]
 
 
 def test_a_lambda_list_needs_one_lambda_per_stage():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_chita.options import Target
 from launch.config import (
     ConfigError,
     ModelConfig,
@@ -130,6 +131,16 @@ def test_unknown_key_names_full_path_and_the_nearest_key():
 def test_wrong_type_names_key_and_expected_type(data, message):
     with pytest.raises(ConfigError, match=message):
         parse_config(data)
+
+
+@pytest.mark.parametrize(("key", "value"), [("granularity", "foo"), ("allocation", "foo"), ("exclude_head", "yes"),
+                                           ("include", "fc1"), ("include", ["fc1", 2]), ("sparsity", "0.5"),
+                                           ("nm", 24), ("owl_m", None), ("layer_sparsity", "fc1")])
+def test_a_wrong_type_reads_as_the_library_target_says_it(key, value):
+    """The config's message for a prune key is the one dist_chita.prune gives for the Target field, under prune."""
+    with pytest.raises(ConfigError) as e:
+        parse_config({"prune": {key: value}})
+    assert [str(e.value)] == [f"prune.{msg}" for msg in Target(**{key: value}).problems()]
 
 
 def test_int_is_accepted_for_float_and_converted():
