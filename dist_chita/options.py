@@ -206,7 +206,11 @@ class Layerwise:
     moves: int = 4
 
     def problems(self, method: str) -> list[str]:
-        out = []
+        """What is wrong with these values for ``method`` (empty when nothing), each naming its field: their types
+        (:func:`field_problems`), then the method and the values."""
+        out = field_problems(self)
+        if out:
+            return out
         if method not in layerwise_methods():
             out.append(f"method: {method!r} is not a layerwise method (one of {', '.join(layerwise_methods())})")
         if not self.damp > 0.0:
@@ -304,7 +308,11 @@ class Fisher:
         return tuple(key for name, key in names.items() if getattr(self, name) == "auto")
 
     def problems(self, method: str, target: Target) -> list[str]:
-        out = []
+        """What is wrong with these values for ``method`` and ``target`` (empty when nothing), each naming its field:
+        their types (:func:`field_problems`), then the method and the values."""
+        out = field_problems(self)
+        if out:
+            return out
         if method not in FISHER_METHODS:
             out.append(f"method: {method!r} is not a Fisher-objective method (one of {', '.join(FISHER_METHODS)})")
         auto = self.tuned

@@ -77,6 +77,21 @@ def test_a_target_takes_lists_for_tuples_and_ints_for_floats():
     assert target.problems() == ["layer_sparsity[0].sparsity: must be in [0, 1), got 1"]
 
 
+@pytest.mark.parametrize(("options", "problem"), [
+    (Layerwise(max_iter="3"), "max_iter: expected int, got str"),
+    (Layerwise(damp=None), "damp: expected float, got NoneType"),
+    (Fisher(loss="mse"), "loss: expected one of 'ce', 'sampled', 'gn_probe', 'causal_lm', got 'mse'"),
+    (Fisher(ridge="diagonal"), "ridge: expected one of 'auto', 'fisher_diagonal', 'identity', got 'diagonal'"),
+    (Fisher(lambda_="often"), "lambda: expected float or list of float or one of 'auto', got 'often'"),
+    (Fisher(stages=2.5), "stages: expected int or one of 'auto', got 2.5"),
+    (Fisher(backsolve="yes"), "backsolve: expected bool, got str"),
+    (Fisher(lambda_path=1e-3), "lambda_path: expected list of float, got float"),
+])
+def test_an_objective_field_of_the_wrong_type_is_a_problem_naming_it_and_what_it_takes(options, problem):
+    problems = options.problems("chita") if isinstance(options, Layerwise) else options.problems("chita", Target())
+    assert problems == [problem]
+
+
 def test_a_lambda_list_needs_one_lambda_per_stage():
     t = Target(sparsity=0.9)
     assert Fisher(lambda_=(1e-5, 1e-3, 10.0), stages=3).problems("chita++", t) == []
