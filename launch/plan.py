@@ -107,19 +107,56 @@ def load_hardware(path: str) -> cm.Hardware:
 
 
 def load_rates(path: str | None) -> cm.Rates:
+    """``--rates``: a JSON ``Rates`` dict or a study summary holding one under "rates" (null: a rate the fit left
+    unbounded, read as infinite); a file that is not one raises ValueError naming it."""
     if path is None:
         return cm.Rates()
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"rates file not found: {path}")
-    data = json.loads(p.read_text())
-    data = data.get("rates", data)
-    if isinstance(data, dict):  # null: a rate the fit left unbounded (written so that the file is strict JSON)
-        data = {k: math.inf if v is None else v for k, v in data.items()}
+    data = _read_json(p, f"bad rates file {path}")
+    if isinstance(data, dict):
+        data = data.get("rates", data)
+    if not isinstance(data, dict):
+        raise ValueError(f"bad rates file {path}: must be a mapping (or a summary with one under \"rates\"), "
+                         f"got {type(data).__name__}")
+    # null: a rate the fit left unbounded (written so that the file is strict JSON)
+    data = {k: math.inf if v is None else v for k, v in data.items()}
+    names = {f.name for f in dataclasses.fields(cm.Rates)}  # Rates.from_dict refuses the others
+    for k, v in data.items():
+        if k not in names:
+            continue
+        if k == "fixed":  # seconds by phase
+            if not isinstance(v, dict) or not set(v) <= set(cm.PHASES):
+                raise ValueError(f"bad rates file {path}: fixed must map phases ({', '.join(cm.PHASES)}) to seconds, "
+                                 f"got {v!r}")
+            values = [(f"fixed.{ph}", x) for ph, x in v.items()]
+        else:
+            values = [(k, v)]
+        for rate, x in values:  # efficiencies and bandwidths divide
+            positive = rate.endswith("_efficiency") or rate == "collective_bandwidth"
+            if isinstance(x, bool) or not isinstance(x, int | float) or not (x > 0 if positive else x >= 0):
+                raise ValueError(f"bad rates file {path}: {rate} must be a number {'>' if positive else '>='} 0, "
+                                 f"got {x!r}")
+    if "backsolve_rounds" in data:
+        rounds = data["backsolve_rounds"]
+        if not (rounds >= 1 and float(rounds).is_integer()):
+            raise ValueError(f"bad rates file {path}: backsolve_rounds must be a whole number >= 1, got {rounds!r}")
+        data["backsolve_rounds"] = int(rounds)
     try:
         return cm.Rates.from_dict(data)
     except (TypeError, ValueError) as e:
         raise ValueError(f"bad rates file {path}: {e}") from None
+
+
+def _read_json(p: Path, what: str) -> object:
+    """The JSON value in file ``p``; a file that is not UTF-8 JSON raises ValueError starting with ``what``."""
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: not JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: not JSON (not UTF-8 text)") from None
 
 
 def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]:

@@ -129,6 +129,30 @@ def test_null_rate_in_a_rates_file_is_unbounded(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["terms"]["fisher_exchange"] >= 0
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[1, 2]", "must be a mapping"),
+    ('"fast"', "must be a mapping"),
+    ("name: tiny\n", "not JSON"),
+    (b"\xff\xfe\x00", "not JSON (not UTF-8 text)"),
+    ('{"memory_efficiency": "fast"}', "memory_efficiency must be a number > 0, got 'fast'"),
+    ('{"memory_efficiency": 0}', "memory_efficiency must be a number > 0"),
+    ('{"iteration_overhead": -1}', "iteration_overhead must be a number >= 0"),
+    ('{"fixed": 3}', "fixed must map phases"),
+    ('{"fixed": {"save": "x"}}', "fixed.save must be a number"),
+    ('{"backsolve_rounds": 2.5}', "backsolve_rounds must be a whole number >= 1"),
+])
+def test_bad_rates_file_one_line_naming_it(tmp_path, capsys, text, message):
+    """A rates file that is not JSON, not a mapping of rates, or holds a rate that is not a number in range: one
+    line naming the file, exit 2."""
+    rates = tmp_path / "rates.json"
+    rates.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert plan.main(["--params", "1e6", "--n", "100", "--gpus", "2", "--hardware", H100, "--rates", str(rates)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == "" and "\n" not in err
+    assert err.startswith(f"plan.py: error: bad rates file {rates}: ") and message in err
+
+
 def test_granularity_sets_the_selection_collectives(tmp_path, capsys):
     """--granularity (default row, as prune.granularity): a per-row plan's selections make T + 1 small all-reduces
     per iteration, a global one's T (3 + 3) + 2; a rates file that still holds the retired selection_rounds loads."""
