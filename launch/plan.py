@@ -45,6 +45,9 @@ from dist_chita.planning import layerwise as lw  # noqa: E402
 from dist_chita.planning.memory import HEADROOM, usable_bytes  # noqa: E402
 
 GB = 1e9
+# the keys of a Llama config.json that give the model's shape (lw.TransformerShape.from_hf_config)
+SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "vocab_size")
 BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}
 
 
@@ -100,10 +103,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_hardware(path: str) -> cm.Hardware:
+    """``--hardware``: a YAML file of :class:`~dist_chita.planning.costmodel.Hardware`'s keys; a file that is not one
+    raises ValueError naming it."""
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"hardware file not found: {path}")
-    return cm.Hardware.from_dict(yaml.safe_load(p.read_text()))
+    try:
+        data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise ValueError(f"bad hardware file {path}: not YAML (not UTF-8 text)") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"bad hardware file {path}: not YAML ({getattr(e, 'problem', None) or e}{where})") from None
+    try:
+        return cm.Hardware.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"bad hardware file {path}: {e}") from None
 
 
 def load_rates(path: str | None) -> cm.Rates:
@@ -277,7 +293,8 @@ def _counts(text: str) -> list[int]:
 
 
 def load_shape(model: str | None) -> lw.TransformerShape:
-    """``--model``: a name of :data:`~dist_chita.planning.layerwise.PRESETS` or a Llama config.json."""
+    """``--model``: a name of :data:`~dist_chita.planning.layerwise.PRESETS` or a Llama config.json; a file that is
+    not one raises ValueError naming it (and the key)."""
     if model is None:
         raise ValueError(f"the layerwise objective needs --model ({', '.join(lw.PRESETS)} or a config.json)")
     if model in lw.PRESETS:
@@ -285,13 +302,20 @@ def load_shape(model: str | None) -> lw.TransformerShape:
     p = Path(model)
     if not p.is_file():
         raise ValueError(f"--model: neither {', '.join(lw.PRESETS)} nor a file: {model}")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model {model}: not JSON ({e.msg})") from None
+    cfg = _read_json(p, f"--model {model}")
     if not isinstance(cfg, dict):
         raise ValueError(f"--model {model}: not a config mapping")
-    return lw.TransformerShape.from_hf_config(cfg)
+    for key in SHAPE_KEYS:  # from_hf_config would take "4096" and 4096.7, and name no key for "x"
+        v = cfg.get(key)
+        if not (v is None or (isinstance(v, int) and not isinstance(v, bool))):
+            raise ValueError(f"--model {model}: {key} must be a whole number, got {v!r}")
+    tied = cfg.get("tie_word_embeddings")
+    if not isinstance(tied, bool | None):
+        raise ValueError(f"--model {model}: tie_word_embeddings must be true or false, got {tied!r}")
+    try:
+        return lw.TransformerShape.from_hf_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"--model {model}: {e}") from None
 
 
 def fitted_steps(path: str) -> float:
@@ -302,7 +326,7 @@ def fitted_steps(path: str) -> float:
         raise ValueError(f"--steps-from: file not found: {path}")
     try:
         steps = json.loads(p.read_text())["rates"]["solver_steps"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise ValueError(f"--steps-from {path}: not a layerwise study summary (no rates.solver_steps)") from None
     if not isinstance(steps, int | float) or not steps > 0:
         raise ValueError(f"--steps-from {path}: rates.solver_steps must be a positive number, got {steps!r}")

@@ -109,6 +109,38 @@ def test_bad_hardware_file(tmp_path, capsys):
     assert "unknown hardware key 'warp_drive'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text, message", [
+    (b"name: [x\n", "not YAML (expected ',' or ']', but got '<stream end>' at line 2, column 1)"),
+    (b"name: x\nmemory_bytes: a: b\n", "not YAML (mapping values are not allowed here at line 2"),
+    (b"\xff\xfe\x00", "not YAML (not UTF-8 text)"),
+    (b"", "must be a mapping"),
+])
+def test_bad_hardware_file_named_on_one_line(tmp_path, capsys, text, message):
+    bad = tmp_path / "hw.yaml"
+    bad.write_bytes(text)
+    assert plan.main(["--params", "1e6", "--n", "4", "--gpus", "2", "--hardware", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"plan.py: error: bad hardware file {bad}: ") and message in err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "x"}, "hidden_size must be a whole number, got 'x'"),
+    ({"hidden_size": 8192.5}, "hidden_size must be a whole number, got 8192.5"),
+    ({"num_key_value_heads": True}, "num_key_value_heads must be a whole number, got True"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"num_attention_heads": 0}, "heads must be >= 1"),
+    ({"vocab_size": None}, "lacks 'vocab_size'"),
+])
+def test_bad_model_config_names_file_and_key(tmp_path, capsys, change, message):
+    cfg = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+           "num_key_value_heads": 8, "vocab_size": 32000}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({k: v for k, v in (cfg | change).items() if v is not None}))
+    assert plan.main(["--objective", "layerwise", "--model", str(path), "--hardware", H100]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith(f"plan.py: error: --model {path}: ") and message in err
+
+
 def test_command_line_exit_code():
     ok = subprocess.run([sys.executable, str(ROOT / "launch" / "plan.py"), "--params", "25.6e6", "--n", "100",
                          "--gpus", "8", "--hardware", str(ROOT / "configs" / "hardware" / "a100.yaml")],
