@@ -198,8 +198,13 @@ def build(args: argparse.Namespace) -> tuple[cm.Workload, cm.Hardware, cm.Rates]
         raise ValueError("--tokens must be >= 1 and --flops-per-sample > 0")
     if not 0 < args.kept_fraction <= 1:
         raise ValueError(f"--kept-fraction must be in (0, 1], got {args.kept_fraction}")
-    largest = whole(args.largest_layer, "largest-layer") if args.largest_layer else max(1, math.ceil(params / 32))
-    largest = min(largest, p)
+    if args.largest_layer is None:
+        largest = min(max(1, math.ceil(params / 32)), p)
+    else:
+        largest = whole(args.largest_layer, "largest-layer")
+        if largest > p:
+            bound = f"--p ({p})" if args.p is not None else f"--params ({params})"
+            raise ValueError(f"--largest-layer ({largest}) exceeds {bound}")
     layers = args.layers if args.layers is not None else max(1, math.ceil(p / largest))
     w = cm.Workload(
         p=p,
@@ -341,11 +346,12 @@ def layerwise_plans(args: argparse.Namespace) -> dict:
     b = cm.DTYPE_BYTES[args.model_dtype]
     steps = args.steps if args.steps_from is None else fitted_steps(args.steps_from)
     rates = lw.LayerwiseRates() if steps is None else lw.LayerwiseRates(steps=steps)
+    n, tokens = 128 if args.n is None else args.n, 2048 if args.tokens is None else args.tokens
     rows = []
     for zero3 in (False,) if args.no_zero3 else (False, True):
         for r in counts:
-            job = lw.Job(n=args.n or 128, tokens=args.tokens or 2048, ranks=r, micro_batch=args.micro_batch,
-                         model_bytes=b, act_bytes=b, zero3=zero3, method=args.method)
+            job = lw.Job(n=n, tokens=tokens, ranks=r, micro_batch=args.micro_batch, model_bytes=b, act_bytes=b,
+                         zero3=zero3, method=args.method)
             mem = lw.memory_parts(shape, job)
             rows.append({"gpus": r, "zero3": zero3, "memory_per_rank": mem,
                          "fits": mem["total"] <= usable_bytes(hw.memory_bytes),
@@ -384,6 +390,10 @@ def format_layerwise(pl: dict) -> str:
 def render(argv: list[str]) -> tuple[dict, str]:
     """The plan of ``argv`` as a dict and as printed."""
     args = parse_args(argv)
+    for name in ("n", "tokens", "micro_batch"):  # counts of both objectives
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.objective == "layerwise":
         if args.method != "chita" and (args.steps is not None or args.steps_from is not None):
             raise ValueError(f"--steps and --steps-from count CHITA's IHT steps: {args.method} takes none")

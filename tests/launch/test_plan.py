@@ -282,6 +282,27 @@ def test_layerwise_bad_arguments(argv, message, capsys):
     assert message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("argv, message", [
+    # zero is refused, not read as "not given" (the layerwise defaults n = 128, tokens = 2048; the fisher P / 32)
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--n", "0"], "--n must be >= 1, got 0"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--tokens", "0"],
+     "--tokens must be >= 1, got 0"),
+    (["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--micro-batch", "0"],
+     "--micro-batch must be >= 1, got 0"),
+    (["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--largest-layer", "0"],
+     "--largest-layer must be >= 1, got 0"),
+    # a layer larger than the model (or its prunable part) is refused as --p is, not cut down to it
+    (["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--largest-layer", "8e9"],
+     "--largest-layer (8000000000) exceeds --params (7000000000)"),
+    (["--params", "7e9", "--p", "5e9", "--n", "128", "--gpus", "8", "--hardware", H100, "--largest-layer", "6e9"],
+     "--largest-layer (6000000000) exceeds --p (5000000000)"),
+])
+def test_zero_and_oversized_counts_refused(argv, message, capsys):
+    assert plan.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
 def test_a_sparsegpt_plan_counts_no_iht_steps(capsys):
     """SparseGPT takes no IHT steps: its plan's header names none, and its solve phase does not change with them."""
     base = ["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1"]
