@@ -3,10 +3,9 @@
 The layerwise objective (what ``configs/llm_wikitext.yaml`` runs), for a Llama-architecture model by name or by its
 Hugging Face config.json, on each of several GPU counts with and without ZeRO-3::
 
-    python launch/plan.py --objective layerwise --model llama-7b|llama-70b|config.json \
-        --hardware configs/hardware/h100.yaml [--n 128] [--tokens 2048] [--gpus 1,8,64] [--method chita|sparsegpt] \
-        [--steps S | --steps-from summary.json] [--micro-batch B] [--model-dtype bfloat16] [--zero3 | --no-zero3] \
-        [--json]
+    python launch/plan.py --objective layerwise --model llama-7b|llama-70b|config.json \\
+        --hardware configs/hardware/h100.yaml [--n 128] [--tokens 2048] [--gpus 1,8,64] [--method chita|sparsegpt] \\
+        [--steps S | --steps-from summary.json] [--micro-batch B] [--model-dtype bfloat16] [--no-zero3] [--json]
 
 (formulas and assumptions: ``dist_chita/planning/layerwise.py``; ``--steps``: mean IHT steps per row, default the
 solver's ``max_iter`` bound of 200; ``--steps-from``: the mean a layerwise scaling study fitted to its runs, its
@@ -22,7 +21,8 @@ The formulas are in ``dist_chita/planning/costmodel.py``. ``--rates`` takes meas
 numbers are used at face value (efficiency 1, per-sample gradients at twice the cost of 6 FLOPs per
 parameter). ``--granularity`` is the run's ``prune.granularity`` (``nm`` when ``prune.nm`` is set; default ``row``,
 the config's default); it sets what the solver's selections communicate (global and per-layer budgets all-reduce
-histograms, per-row and N:M budgets select locally). Bad arguments print one line and exit with status 2.
+histograms, per-row and N:M budgets select locally). An option of the other objective is refused, not ignored. Bad
+arguments print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ GB = 1e9
 # the keys of a Llama config.json that give the model's shape (lw.TransformerShape.from_hf_config)
 SHAPE_KEYS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
               "vocab_size")
+# the options one objective takes and the other refuses, with their defaults (argparse's are None: not given)
+FISHER_ONLY = {"params": None, "p": None, "largest_layer": None, "layers": None, "flops_per_sample": None,
+               "dtype": "bfloat16", "iterations": 100, "kept_fraction": 0.5, "granularity": "row", "zero3": False,
+               "backsolves": None, "rates": None}
+LAYERWISE_ONLY = {"model": None, "method": "chita", "steps": None, "steps_from": None, "model_dtype": "bfloat16",
+                  "no_zero3": False}
 BUDGETS = {"global": "one global budget", "layer": "a budget per layer", "row": "a budget per row", "nm": "N:M"}
 
 
@@ -61,6 +67,7 @@ class _ArgError(ValueError):
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options of ``argv``: one the chosen objective does not use is refused, the objective's defaults are set."""
     ap = _OneLineParser(prog="plan.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--objective", default="fisher", choices=("fisher", "layerwise"), help="what the prune minimises")
     ap.add_argument("--params", type=float, default=None, help="model parameters P (e.g. 7e9; fisher: required)")
@@ -68,38 +75,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--gpus", default=None,
                     help="ranks R (one GPU each; fisher: one count, required; layerwise: a list, default 1,8,64)")
     ap.add_argument("--model", default=None, help="layerwise: llama-7b, llama-70b or a Llama config.json")
-    ap.add_argument("--method", default="chita", choices=("chita", "sparsegpt"), help="layerwise: the method")
+    ap.add_argument("--method", default=None, choices=("chita", "sparsegpt"),
+                    help="layerwise: the method (default chita)")
     steps = ap.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=float, default=None,
                        help="layerwise: mean IHT steps per row (default 200; 0: the warm start alone, moves 0)")
     steps.add_argument("--steps-from", default=None,
                        help="layerwise: the mean IHT steps per row a layerwise scaling study fitted (its summary.json)")
-    ap.add_argument("--model-dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES),
-                    help="layerwise: the model's weights and activations")
-    ap.add_argument("--no-zero3", action="store_true", help="layerwise: plans without ZeRO-3 only")
+    ap.add_argument("--model-dtype", default=None, choices=sorted(cm.DTYPE_BYTES),
+                    help="layerwise: the model's weights and activations (default bfloat16)")
+    ap.add_argument("--no-zero3", action="store_true", default=None, help="layerwise: plans without ZeRO-3 only")
     ap.add_argument("--hardware", required=True, help="hardware YAML (configs/hardware/*.yaml)")
-    ap.add_argument("--dtype", default="bfloat16", choices=sorted(cm.DTYPE_BYTES), help="factor storage dtype")
-    ap.add_argument("--iterations", type=int, default=100, help="solver iterations")
-    ap.add_argument("--p", type=float, default=None, help="prunable weights (default: all parameters)")
+    ap.add_argument("--dtype", default=None, choices=sorted(cm.DTYPE_BYTES),
+                    help="fisher: factor storage dtype (default bfloat16)")
+    ap.add_argument("--iterations", type=int, default=None, help="fisher: solver iterations (default 100)")
+    ap.add_argument("--p", type=float, default=None, help="fisher: prunable weights (default: all parameters)")
     ap.add_argument("--largest-layer", type=float, default=None,
-                    help="weights of the largest prunable layer (default: P / 32, conservative)")
+                    help="fisher: weights of the largest prunable layer (default: P / 32, conservative)")
     ap.add_argument("--micro-batch", type=int, default=1, help="samples per backward pass")
-    ap.add_argument("--layers", type=int, default=None, help="prunable layers (default: p / largest layer)")
+    ap.add_argument("--layers", type=int, default=None, help="fisher: prunable layers (default: p / largest layer)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="tokens per sample (fisher: per-sample FLOPs 6 P T, default 1; layerwise: 2048)")
     ap.add_argument("--flops-per-sample", type=float, default=None,
-                    help="forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
-    ap.add_argument("--kept-fraction", type=float, default=0.5, help="k / p (1 - sparsity)")
-    ap.add_argument("--granularity", default="row", choices=cm.GRANULARITIES,
-                    help="the sparsity budget, as prune.granularity (default row, as there; nm: prune.nm set): "
+                    help="fisher: forward + backward FLOPs per sample (overrides 6 P T; e.g. 3x forward for a CNN)")
+    ap.add_argument("--kept-fraction", type=float, default=None, help="fisher: k / p (1 - sparsity; default 0.5)")
+    ap.add_argument("--granularity", default=None, choices=cm.GRANULARITIES,
+                    help="fisher: the sparsity budget, as prune.granularity (default row, as there; nm: prune.nm set): "
                          "global and layer budgets select by histogram all-reduces, row and nm budgets locally")
-    ap.add_argument("--zero3", action="store_true", help="model parameters sharded across ranks (ZeRO-3)")
+    ap.add_argument("--zero3", action="store_true", default=None,
+                    help="fisher: model parameters sharded across ranks (ZeRO-3; the layerwise plans show both)")
     ap.add_argument("--backsolves", type=int, default=None,
-                    help="backsolves per prune (default: from --rates, else 1; every escape trial of the solver "
-                         "runs one, so a solve with escapes can run hundreds)")
-    ap.add_argument("--rates", default=None, help="JSON file of measured rates (or a study summary.json)")
+                    help="fisher: backsolves per prune (default: from --rates, else 1; every escape trial of the "
+                         "solver runs one, so a solve with escapes can run hundreds)")
+    ap.add_argument("--rates", default=None, help="fisher: JSON file of measured rates (or a study summary.json)")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    # an option of the other objective is refused, not ignored; the defaults are set here, after the check
+    mine, theirs = (LAYERWISE_ONLY, FISHER_ONLY) if args.objective == "layerwise" else (FISHER_ONLY, LAYERWISE_ONLY)
+    given = [f"--{k.replace('_', '-')}" for k in theirs if getattr(args, k) is not None]
+    if given:
+        names = given[0] if len(given) == 1 else f"{', '.join(given[:-1])} and {given[-1]}"
+        verb = "plans" if len(given) == 1 else "plan"
+        if args.objective == "layerwise":
+            ap.error(f"{names} {verb} the fisher objective: --objective layerwise does not use "
+                     f"{'it' if len(given) == 1 else 'them'}")
+        ap.error(f"{names} {verb} the layerwise objective: add --objective layerwise")
+    for k, default in mine.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
+    return args
 
 
 def load_hardware(path: str) -> cm.Hardware:
@@ -401,8 +425,6 @@ def render(argv: list[str]) -> tuple[dict, str]:
             raise ValueError(f"--steps must be a number of IHT steps >= 0, got {args.steps}")
         pl = layerwise_plans(args)
         return pl, format_layerwise(pl)
-    if args.steps is not None or args.steps_from is not None:
-        raise ValueError("--steps and --steps-from plan the layerwise objective: add --objective layerwise")
     w, hw, rates = build(args)
     pl = plan(w, hw, rates, args.gpus)
     return pl, format_plan(pl)

@@ -303,6 +303,29 @@ def test_zero_and_oversized_counts_refused(argv, message, capsys):
     assert captured.out == "" and message in captured.err and len(captured.err.strip().splitlines()) == 1
 
 
+LAYERWISE = ["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "8"]
+FISHER = ["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100]
+
+
+@pytest.mark.parametrize("base, extra, message", [
+    *[(LAYERWISE, opt, f"{opt[0]} plans the fisher objective: --objective layerwise does not use it")
+      for opt in (["--params", "7e9"], ["--kept-fraction", "0.5"], ["--granularity", "row"], ["--iterations", "100"],
+                  ["--backsolves", "2"], ["--dtype", "bfloat16"], ["--p", "1e9"], ["--largest-layer", "1e6"],
+                  ["--layers", "3"], ["--rates", "summary.json"], ["--zero3"], ["--flops-per-sample", "1e9"])],
+    (LAYERWISE, ["--params", "7e9", "--dtype", "float32", "--zero3"],
+     "--params, --dtype and --zero3 plan the fisher objective: --objective layerwise does not use them"),
+    *[(FISHER, opt, f"{opt[0]} plans the layerwise objective: add --objective layerwise")
+      for opt in (["--model", "llama-7b"], ["--method", "chita"], ["--no-zero3"], ["--model-dtype", "bfloat16"])],
+    (FISHER, ["--model", "llama-7b", "--method", "sparsegpt"],
+     "--model and --method plan the layerwise objective: add --objective layerwise"),
+])
+def test_an_option_of_the_other_objective_is_refused(base, extra, message, capsys):
+    """An option the chosen objective does not use is refused, naming it, even when given its default value."""
+    assert plan.main(base + extra) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == f"plan.py: error: {message}"
+
+
 def test_a_sparsegpt_plan_counts_no_iht_steps(capsys):
     """SparseGPT takes no IHT steps: its plan's header names none, and its solve phase does not change with them."""
     base = ["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "1"]
