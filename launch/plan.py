@@ -311,14 +311,14 @@ def format_plan(pl: dict) -> str:
 
 
 def _counts(text: str) -> list[int]:
-    """GPU counts from ``--gpus`` ("8" or "1,8,64"), each >= 1."""
+    """GPU counts from ``--gpus`` ("8" or "1,8,64"), each >= 1, each once (in the order given)."""
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
         raise ValueError(f"--gpus must be whole numbers separated by commas, got {text!r}") from None
     if not counts or min(counts) < 1:
         raise ValueError(f"--gpus must be >= 1, got {text!r}")
-    return counts
+    return list(dict.fromkeys(counts))
 
 
 def load_shape(model: str | None) -> lw.TransformerShape:

@@ -226,6 +226,16 @@ def test_layerwise_plans_rows_per_count_and_zero3(capsys):
     assert pl["plans"][0]["seconds"]["solver"] == pytest.approx(8 * pl["plans"][1]["seconds"]["solver"], rel=0.01)
 
 
+def test_a_repeated_gpu_count_is_planned_once(capsys):
+    """--gpus 8,1,8: one row per count, in the order given (was a row per entry); the fisher plan takes 8,8 as 8."""
+    assert plan.main(["--objective", "layerwise", "--model", "llama-7b", "--hardware", H100, "--gpus", "8,1,8",
+                      "--json"]) == 0
+    pl = json.loads(capsys.readouterr().out)
+    assert [(r["gpus"], r["zero3"]) for r in pl["plans"]] == [(8, False), (1, False), (8, True), (1, True)]
+    assert plan.main(["--params", "7e9", "--n", "128", "--gpus", "8,8", "--hardware", H100, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ranks"] == 8
+
+
 def test_layerwise_plan_from_a_config_file(tmp_path, capsys):
     cfg = {"num_hidden_layers": 80, "hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
            "num_key_value_heads": 8, "vocab_size": 32000}
