@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -433,12 +434,15 @@ def render(argv: list[str]) -> tuple[dict, str]:
 def main(argv: list[str] | None = None) -> int:
     try:
         pl, text = render(argv)
-        as_json = "--json" in (sys.argv[1:] if argv is None else argv)
+        as_json = parse_args(argv).json  # (as argparse reads it: --js too)
     except (ValueError, OSError, yaml.YAMLError) as e:
         msg = " ".join(str(e).split())
         print(f"plan.py: error: {msg}", file=sys.stderr)
         return 2
-    print(json.dumps(pl, indent=2) if as_json else text)
+    try:
+        print(json.dumps(pl, indent=2) if as_json else text, flush=True)
+    except BrokenPipeError:  # the reader stopped early (| head): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -58,6 +58,8 @@ def test_plan_does_not_fit_and_json(capsys):
     assert pl["seconds"]["total"] == pytest.approx(sum(v for k, v in pl["seconds"].items() if k != "total"))
     assert pl["smallest_fitting"] > 8
     assert pl["workload"]["backsolves"] == 1
+    assert plan.main(args[:-1] + ["--js"]) == 0  # argparse's abbreviation of --json: JSON too
+    assert json.loads(capsys.readouterr().out) == pl
 
 
 def test_backsolves_and_rates_file(tmp_path, capsys):
