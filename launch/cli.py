@@ -5,8 +5,9 @@
     dist-chita decompress <sparse checkpoint> <output directory>
 
 ``prune`` is ``launch/prune.py`` and runs the same way under ``accelerate launch`` and ``torchrun`` (give them the
-command's path, ``$(command -v dist-chita)``, or ``-m launch.cli``); ``--launch-config NAME`` starts it under
-``accelerate launch --config_file launch/accelerate/NAME.yaml`` itself. ``plan`` is ``launch/plan.py``.
+command's path, ``$(command -v dist-chita)``, or ``-m launch.cli``); ``--launch-config NAME`` checks the arguments
+and the config, then runs it under ``accelerate launch --config_file launch/accelerate/NAME.yaml`` itself and exits
+with the prune's status. ``plan`` is ``launch/plan.py``.
 ``decompress`` writes a sparse (compressed-tensors) checkpoint back as a dense one, which any transformers
 version and vLLM load.
 """
@@ -59,33 +60,89 @@ def usage() -> str:
 
 
 def relaunch(name: str, argv: list[str]) -> int:
-    """Run ``dist-chita prune argv`` under ``accelerate launch --config_file launch/accelerate/<name>.yaml``."""
+    """Run ``dist-chita prune argv`` under ``accelerate launch --config_file launch/accelerate/<name>.yaml``, this
+    process being the launcher, and return the prune's exit status. A rank that fails says why in one line
+    (launch/prune.py), so the launcher's own account of the failure (its log lines and a traceback) is left out;
+    a rank that ended without a word (killed) is named in one line."""
     path = LAUNCH_CONFIGS / f"{name}.yaml"
     if not path.is_file():
         names = ", ".join(p.stem for p in sorted(LAUNCH_CONFIGS.glob("*.yaml")))
         print(f"error: no launch config {name!r} (one of {names})", file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(path), "-m", "launch.cli",
-           "prune", *argv]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(cmd, env=env).returncode
+    import logging
+
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "launch.cli", "prune", *argv])
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    loggers = [logging.getLogger(n) for n in _ELASTIC_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_not_a_failure_notice)
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        return _failed({rank: (f.exitcode, f.pid, f.error_file) for rank, f in e.failures.items()})
+    except subprocess.CalledProcessError as e:  # one process (distributed_type NO), run as a plain subprocess
+        return _failed({0: (e.returncode, None, None)}) if e.returncode < 0 else e.returncode
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_not_a_failure_notice)
+    return 0
+
+
+# torch elastic's notices of a launch that failed or was stopped: each rank says what happened itself
+_ELASTIC_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")
+_FAILURE_NOTICES = ("Sending process ", "failed (exitcode: ", "Received %s death signal")
+
+
+def _not_a_failure_notice(record) -> bool:
+    return not str(record.msg).startswith(_FAILURE_NOTICES)
+
+
+def _failed(failures: dict[int, tuple[int, int | None, str | None]]) -> int:
+    """The exit status of a launch whose ranks failed (``failures``: rank -> (exit code, PID, the launcher's error
+    file of the rank)): that of the lowest rank that said why (it wrote its error line into its error file,
+    launch/watchdog.py), else that of the lowest rank, named in one line. A rank ended by a signal counts as
+    128 + the signal's number, as a shell reports it."""
+    import signal
+
+    told = [code for _, (code, _, path) in sorted(failures.items()) if path and os.path.isfile(path)]
+    if not told:
+        rank, (code, pid, _) = min(failures.items())
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        where = f" (process {pid})" if pid else ""
+        print(f"error: rank {rank}{where} {how} without saying why; no output was written", file=sys.stderr)
+        told = [code]
+    return 128 - told[0] if told[0] < 0 else told[0]
 
 
 def prune(argv: list[str]) -> int:
     from launch import prune as recipe
 
+    name = None
     if "--launch-config" in argv or any(a.startswith("--launch-config=") for a in argv):
-        rest, name = _take_option(argv, "--launch-config")
+        argv, name = _take_option(argv, "--launch-config")
         if name is None:
             print("error: --launch-config needs a name (e.g. cpu_2)", file=sys.stderr)
             return 2
-        return relaunch(name, rest)
     if "-h" in argv or "--help" in argv:
         epilog = ("--launch-config NAME   run under accelerate launch --config_file launch/accelerate/NAME.yaml\n\n"
                   + listing())
         recipe.make_parser("dist-chita prune", epilog).print_help()
         return 0
-    return recipe.main(argv)
+    if name is None:
+        return recipe.main(argv)
+    # the arguments and the config are checked as launch/prune.py checks them, before any process starts
+    args = recipe.parse_args(argv)
+    try:
+        recipe.load_config(args.config, args.overrides)
+    except recipe.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        return recipe.main(argv)
+    return relaunch(name, argv)
 
 
 def _take_option(argv: list[str], flag: str) -> tuple[list[str], str | None]:

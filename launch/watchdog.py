@@ -172,8 +172,9 @@ def _watch(grace: float, output_dir) -> None:
         if time.monotonic() - since < grace:
             continue
         if should_print(comm.rank()):
-            print(f"error: {_lost_line(lost)}; rank {comm.rank()} is stopping (no output written)",
-                  file=sys.stderr, flush=True)
+            line = f"error: {_lost_line(lost)}; rank {comm.rank()} is stopping (no output written)"
+            print(line, file=sys.stderr, flush=True)
+            record_for_launcher(line)
         if output_dir is not None:
             out = Path(output_dir).resolve()
             shutil.rmtree(out.parent / f".{out.name}.tmp-{os.getpid()}", ignore_errors=True)

@@ -81,6 +81,39 @@ def test_prune_under_torchrun_and_under_its_own_launch_config(venv, tmp_path):
         assert res.stdout.count("dist-chita: tiny_mlp") == 1 and "saved to" in res.stdout
 
 
+def test_launch_config_refuses_bad_input_before_starting_and_reports_failures_in_one_line(venv, tmp_path):
+    """--launch-config: bad arguments and config errors are refused as a one-process run refuses them, before any
+    process starts; a rank that fails once started says why in one line and the command exits with its status,
+    without the launcher's traceback."""
+    res = cli(venv, *tiny_run(tmp_path, "out"), "--launch-config", "cpu_2", "prune.sparsity=1.5")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "error: prune.sparsity: must be in [0, 1), got 1.5"], res.stderr
+    res = cli(venv, "prune", "--launch-config", "cpu_2", "--bogus")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1].endswith(
+        "error: unrecognized arguments: --bogus") and res.stderr.count("error:") == 1, res.stderr
+    (tmp_path / "out").mkdir()
+    res = cli(venv, *tiny_run(tmp_path, "out"), "output.overwrite=false", "--launch-config", "cpu_2")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: output directory {tmp_path / 'out'} already exists (set output.overwrite=true to replace it)"], \
+        res.stderr
+
+
+def test_a_failed_launch_exits_with_the_status_of_the_rank_that_said_why(tmp_path, capsys):
+    """The launcher's exit status: that of the lowest rank that wrote its error (its error file exists), else that
+    of the lowest failed rank, which is then named (a signal counts as 128 + its number)."""
+    from launch import cli as command
+
+    told = tmp_path / "error.json"
+    told.write_text("{}")
+    assert command._failed({0: (-15, 11, str(tmp_path / "none.json")), 1: (1, 12, str(told))}) == 1
+    assert capsys.readouterr().err == ""
+    assert command._failed({1: (-9, 12, None), 0: (-15, 11, str(tmp_path / "none.json"))}) == 143
+    assert capsys.readouterr().err == ("error: rank 0 (process 11) was killed by SIGTERM without saying why; no "
+                                       "output was written\n")
+    assert command._failed({0: (3, None, None)}) == 3
+    assert capsys.readouterr().err == "error: rank 0 exited with status 3 without saying why; no output was written\n"
+
+
 def test_decompress_writes_a_dense_checkpoint(venv, tmp_path):
     import transformers as tf
 
