@@ -39,6 +39,8 @@ def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise NotADirectoryError(f"cannot write the output directory {out}: {parent} is not a directory")
     try:
         os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=parent))
     except OSError:

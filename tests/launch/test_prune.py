@@ -306,6 +306,16 @@ def test_existing_output_refused_and_input_untouched(tmp_path, weights):
     assert weights.read_bytes() == before
 
 
+def test_output_under_a_file_is_refused_naming_the_file(tmp_path, weights):
+    (tmp_path / "t.sh").write_text("echo\n")
+    cfg = write_config(tmp_path, weights)
+    out = tmp_path / "t.sh" / "out"
+    res = run(["--config", str(cfg), f"output.dir={out}"])
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: cannot write the output directory {out}: {tmp_path / 't.sh'} is not a directory"], res.stderr
+    assert (tmp_path / "t.sh").read_text() == "echo\n"
+
+
 def test_config_error_is_said_once_on_two_processes(tmp_path, weights):
     cfg = write_config(tmp_path, weights)
     res = run(["--config", str(cfg), "fisher.max_iterz=3"], processes=2)

@@ -52,17 +52,24 @@ def test_unwritable_location_is_refused_before_any_work(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):  # root ignores permission bits: use a path under a file instead
-            (tmp_path / "file").write_text("x")
-            target = tmp_path / "file" / "out"
-            with pytest.raises(PermissionError, match="is not writable"):
-                check_target(target, overwrite=False)
+        if os.access(locked, os.W_OK):  # root ignores permission bits: a directory of the kernel's instead
+            with pytest.raises(PermissionError, match="/proc is not writable"):
+                check_target("/proc/dist-chita-out/a", overwrite=False)
         else:
             with pytest.raises(PermissionError, match="is not writable"):
                 check_target(locked / "a" / "out", overwrite=False)
-        assert not (tmp_path / "file" / "out").exists() and not (locked / "a").exists()
+        assert not (locked / "a").exists()
     finally:
         locked.chmod(0o700)
+
+
+def test_a_path_under_a_file_is_refused_naming_the_file(tmp_path):
+    (tmp_path / "t.sh").write_text("x")
+    for target in (tmp_path / "t.sh" / "out", tmp_path / "t.sh" / "a" / "out"):
+        with pytest.raises(NotADirectoryError) as e:
+            check_target(target, overwrite=False)
+        assert str(e.value) == f"cannot write the output directory {target}: {tmp_path / 't.sh'} is not a directory"
+    assert (tmp_path / "t.sh").read_text() == "x" and [p.name for p in tmp_path.iterdir()] == ["t.sh"]
 
 
 @pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
