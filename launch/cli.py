@@ -2,7 +2,7 @@
 
     dist-chita prune [--config configs/<run>.yaml] [--launch-config cpu_2] [--print-config] [key=value ...]
     dist-chita plan --params 7e9 --n 128 --gpus 64 --hardware configs/hardware/h100.yaml [...]
-    dist-chita decompress <sparse checkpoint> <output directory>
+    dist-chita decompress [--overwrite] <sparse checkpoint> <output directory>
 
 ``prune`` is ``launch/prune.py`` and runs the same way under ``accelerate launch`` and ``torchrun`` (give them the
 command's path, ``$(command -v dist-chita)``, or ``-m launch.cli``); ``--launch-config NAME`` checks the arguments
@@ -167,12 +167,15 @@ def decompress(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="dist-chita decompress", description=COMMANDS["decompress"])
     ap.add_argument("source", help="a directory written with output.format: compressed-tensors")
-    ap.add_argument("target", help="the new directory (must not exist)")
+    ap.add_argument("target", help="the new directory (must not exist, unless --overwrite); not inside the source")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing target (once the new one is complete)")
     args = ap.parse_args(argv)
     from dist_chita.io import compressed
 
     try:
-        compressed.decompress_checkpoint(args.source, args.target)
+        compressed.decompress_checkpoint(args.source, args.target, args.overwrite, "pass --overwrite",
+                                         "output directory")
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -271,20 +271,26 @@ def _model_class(auto: Any, config: Any) -> type:
     return found[0] if isinstance(found, (list, tuple)) else found
 
 
-def decompress_checkpoint(source: str | Path, target: str | Path) -> None:
-    """Write the sparse checkpoint ``source`` as a dense one at ``target`` (a new directory, written atomically):
-    the same files, each compressed weight restored in its shard, and no ``quantization_config`` in config.json.
-    What any transformers version and vLLM load."""
+def decompress_checkpoint(source: str | Path, target: str | Path, overwrite: bool = False,
+                          overwrite_hint: str = "pass overwrite=True", name: str = "target") -> None:
+    """Write the sparse checkpoint ``source`` as a dense one at ``target`` (written atomically): the same files,
+    each compressed weight restored in its shard, and no ``quantization_config`` in config.json. What any
+    transformers version and vLLM load. ``target`` must not be, contain or lie inside ``source``; an existing
+    ``target`` is replaced only with ``overwrite`` (:func:`dist_chita.io.output.check_target`, whose messages
+    ``overwrite_hint`` and ``name`` complete)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
-    from dist_chita.io.output import atomic_directory
+    from dist_chita.io.output import atomic_directory, check_target
 
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"{source} does not exist")
     if sparsity_config(source) is None:
         raise ValueError(f"{source} is not a sparse compressed-tensors checkpoint")
-    src = Path(source)
-    with atomic_directory(target) as tmp:
+    check_target(target, overwrite, [src], overwrite_hint, name)
+    with atomic_directory(target, overwrite) as tmp:
         shards = {p.name for p in weight_files(src)}
         for p in src.iterdir():
             if p.is_file() and p.name not in shards:

@@ -19,20 +19,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str | os.PathLike] = ()) -> Path:
+def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str | os.PathLike] = (),
+                 overwrite_hint: str = "set output.overwrite=true", name: str = "output.dir") -> Path:
     """Validate an output directory before any work starts; returns it resolved.
 
-    ``protected`` are inputs (checkpoint, data) the output must not be, contain or lie inside.
+    ``protected`` are inputs (checkpoint, data) the output must not be, contain or lie inside. The messages say how
+    to replace an existing target (``overwrite_hint``) and what to choose again (``name``): the config's keys unless
+    the caller's user sets them otherwise.
     """
     out = Path(target).resolve()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists (set output.overwrite=true to replace it)")
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output path {out} exists and is not a directory")
-    for p in protected:
+    for p in protected:  # first: overwriting would not help
         q = Path(p).resolve()
         if out == q or q.is_relative_to(out) or out.is_relative_to(q):
-            raise ValueError(f"output directory {out} overlaps the input {q}; choose another output.dir")
+            raise ValueError(f"output directory {out} overlaps the input {q}; choose another {name}")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists ({overwrite_hint} to replace it)")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output path {out} exists and is not a directory")
     # The temporary directory is created beside the target: probe its nearest existing ancestor now (by making
     # and removing a directory, which also catches what permission bits do not: read-only mounts, /proc, root)
     # rather than after hours of pruning.

@@ -134,3 +134,16 @@ def test_decompress_writes_a_dense_checkpoint(venv, tmp_path):
     b = tf.LlamaForCausalLM.from_pretrained(tmp_path / "dense").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert os.listdir(tmp_path / "back") and not compressed.sparsity_config(tmp_path / "back")
+    sparse, files = tmp_path / "sparse", sorted(os.listdir(tmp_path / "sparse"))
+    for target in (sparse / "sub", sparse, tmp_path):  # inside the source, the source, around it
+        res = cli(venv, "decompress", "--overwrite", str(sparse), str(target))
+        assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+            f"error: output directory {target} overlaps the input {sparse}; choose another output directory"]
+    assert sorted(os.listdir(sparse)) == files
+    res = cli(venv, "decompress", str(sparse), str(tmp_path / "back"))
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: output directory {tmp_path / 'back'} already exists (pass --overwrite to replace it)"]
+    res = cli(venv, "decompress", str(sparse), str(tmp_path / "back"), "--overwrite")
+    assert res.returncode == 0 and not compressed.sparsity_config(tmp_path / "back"), res.stderr
+    res = cli(venv, "decompress", str(tmp_path / "missing"), str(tmp_path / "x"))
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'} does not exist"]

@@ -190,8 +190,31 @@ def test_decompress_checkpoint_writes_what_plain_transformers_loads(tmp_path):
                         tf.LlamaForCausalLM.from_pretrained(dense))
     with pytest.raises(ValueError, match="not a sparse"):
         compressed.decompress_checkpoint(dense, tmp_path / "again")
-    with pytest.raises(FileExistsError):
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'missing'} does not exist$"):
+        compressed.decompress_checkpoint(tmp_path / "missing", tmp_path / "again")
+    with pytest.raises(FileExistsError, match=r"\(pass overwrite=True to replace it\)$"):
         compressed.decompress_checkpoint(sparse, tmp_path / "back")
+
+
+def test_decompress_checkpoint_leaves_its_source_alone(tmp_path):
+    """The target may not be the source, lie inside it or contain it (with overwrite too); an existing target is
+    replaced with overwrite."""
+    model = tiny_llama(seed=3)
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(4))
+    _, _, dense, sparse = prune_and_save(model, "causal-lm", tmp_path, dist_chita.Target(sparsity=0.6),
+                                         {"input_ids": ids}, method="magnitude")
+    files = {p.name: p.read_bytes() for p in sparse.iterdir()}
+    for target in (sparse, sparse / "sub", sparse / "a" / "b", tmp_path):
+        with pytest.raises(ValueError, match=f"^output directory {target} overlaps the input {sparse}; choose "
+                                             "another target$"):
+            compressed.decompress_checkpoint(sparse, target, overwrite=True)
+    assert {p.name: p.read_bytes() for p in sparse.iterdir()} == files
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "old.txt").write_text("old")
+    compressed.decompress_checkpoint(sparse, tmp_path / "back", overwrite=True)
+    assert not (tmp_path / "back" / "old.txt").exists()
+    assert_same_weights(tf.LlamaForCausalLM.from_pretrained(tmp_path / "back"),
+                        tf.LlamaForCausalLM.from_pretrained(dense))
 
 
 def test_targets_and_ignore_reduce_as_llm_compressor_does():

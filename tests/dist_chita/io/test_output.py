@@ -44,7 +44,22 @@ def test_output_may_not_overlap_inputs(tmp_path):
     for bad in (ckpt, ckpt / "pruned", tmp_path):
         with pytest.raises(ValueError, match="overlaps the input"):
             check_target(bad, overwrite=True, protected=[ckpt])
+        with pytest.raises(ValueError, match="choose another output.dir$"):  # not: set output.overwrite
+            check_target(bad, overwrite=False, protected=[ckpt])
     check_target(tmp_path / "pruned", overwrite=False, protected=[ckpt])
+
+
+def test_messages_name_the_callers_options(tmp_path):
+    ckpt = tmp_path / "model"
+    ckpt.mkdir()
+    hints = {"overwrite_hint": "pass --overwrite", "name": "output directory"}
+    with pytest.raises(FileExistsError) as e:
+        check_target(ckpt, overwrite=False, **hints)
+    assert str(e.value) == f"output directory {ckpt} already exists (pass --overwrite to replace it)"
+    with pytest.raises(ValueError) as e:
+        check_target(ckpt / "sub", overwrite=False, protected=[ckpt], **hints)
+    assert str(e.value) == f"output directory {ckpt / 'sub'} overlaps the input {ckpt}; choose another output " \
+                           "directory"
 
 
 def test_unwritable_location_is_refused_before_any_work(tmp_path):
