@@ -9,7 +9,7 @@ command's path, ``$(command -v dist-chita)``, or ``-m launch.cli``); ``--launch-
 and the config, then runs it under ``accelerate launch --config_file launch/accelerate/NAME.yaml`` itself and exits
 with the prune's status. ``plan`` is ``launch/plan.py``.
 ``decompress`` writes a sparse (compressed-tensors) checkpoint back as a dense one, which any transformers
-version and vLLM load.
+version and vLLM load; a prune's report and model card in it then describe the dense weights.
 """
 
 from __future__ import annotations
@@ -175,12 +175,40 @@ def decompress(argv: list[str]) -> int:
 
     try:
         compressed.decompress_checkpoint(args.source, args.target, args.overwrite, "pass --overwrite",
-                                         "output directory")
+                                         "output directory", finish=_describe_dense)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.target}")
     return 0
+
+
+def _describe_dense(out: Path) -> None:
+    """Rewrite the report and the model card that a prune wrote beside its sparse weights (prune_report.json,
+    README.md from dist_chita_config.yaml) for the dense weights decompressed into ``out``, as a prune with
+    ``output.format: dense`` writes them. Other checkpoints have no report and are left as they are."""
+    from dist_chita.report import Report
+    from launch import prune as recipe
+
+    report, config, readme = out / "prune_report.json", out / "dist_chita_config.yaml", out / "README.md"
+    if not report.is_file():
+        return
+    try:
+        rep = Report.from_json(report.read_text())
+    except (ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"the source's prune_report.json cannot be read ({e})") from None
+    sparse = rep.output_format
+    recipe.record_dense(rep, out)
+    report.write_text(rep.to_json())
+    if not (readme.is_file() and config.is_file()):
+        return
+    try:
+        cfg = recipe.load_config(config)
+    except recipe.ConfigError as e:
+        raise ValueError(f"the source's dist_chita_config.yaml cannot be read ({e})") from None
+    note = (f"The weights are stored dense: `dist-chita decompress` wrote them from the run's compressed-tensors "
+            f"output ({sparse}), the format the command below writes.")
+    readme.write_text(recipe.card(cfg, rep, [note, ""]))
 
 
 def main(argv: list[str] | None = None) -> int:

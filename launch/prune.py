@@ -342,7 +342,7 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
             finish()
             faults.point("save")
             (tmp / "prune_report.json").write_text(rep.to_json())
-            (tmp / "README.md").write_text(card(cfg, loaded, rep))
+            (tmp / "README.md").write_text(card(cfg, rep))
     except BaseException:
         comm.broadcast_object(False)
         raise
@@ -361,12 +361,19 @@ def write_format(cfg: RunConfig, loaded, rep, out: Path) -> None:
                                               cfg.prune.nm_pair, rep.global_.sparsity)
         rep.output_format, rep.weights_bytes, rep.dense_weights_bytes = done.format, done.bytes, done.dense_bytes
     else:
-        rep.output_format = "dense"
-        rep.weights_bytes = rep.dense_weights_bytes = compressed.weights_bytes(out)
+        record_dense(rep, out)
 
 
-def card(cfg: RunConfig, loaded, rep) -> str:
-    """The model card (README.md) of the output directory."""
+def record_dense(rep, out: Path) -> None:
+    """Record in the report that the weight files in ``out`` are dense, and their size."""
+    from dist_chita.io import compressed
+
+    rep.output_format = "dense"
+    rep.weights_bytes = rep.dense_weights_bytes = compressed.weights_bytes(out)
+
+
+def card(cfg: RunConfig, rep, notes: list[str] = ()) -> str:
+    """The model card (README.md) of the output directory; ``notes``: more Markdown lines."""
     from dist_chita.io.card import CardInfo, model_card
 
     m, c, p = cfg.model, cfg.calibration, cfg.prune
@@ -378,10 +385,10 @@ def card(cfg: RunConfig, loaded, rep) -> str:
                         "--config dist_chita_config.yaml output.dir=<new directory>   # as it ran")
     data = f"`{c.source}`" + (f" ({c.config_name})" if c.config_name else "") + f", split {c.split}"
     base = m.path if m.init == "pretrained" else f"{m.path} (random weights, seed {m.seed})"
-    info = CardInfo(base_model=base if m.source == "hf" else f"{m.factory} ({m.weights})", task=loaded.task,
+    info = CardInfo(base_model=base if m.source == "hf" else f"{m.factory} ({m.weights})", task=m.task,
                     hf=m.source == "hf", target=target,
                     calibration=data + (f", windows of {c.max_length} tokens" if c.windows else ""),
-                    commands=commands)
+                    commands=commands, notes=list(notes))
     return model_card(rep, info)
 
 

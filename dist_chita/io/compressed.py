@@ -29,7 +29,7 @@ with the compressed layers' weights missing (newly initialised, with a warning t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,12 +272,14 @@ def _model_class(auto: Any, config: Any) -> type:
 
 
 def decompress_checkpoint(source: str | Path, target: str | Path, overwrite: bool = False,
-                          overwrite_hint: str = "pass overwrite=True", name: str = "target") -> None:
+                          overwrite_hint: str = "pass overwrite=True", name: str = "target",
+                          finish: Callable[[Path], None] | None = None) -> None:
     """Write the sparse checkpoint ``source`` as a dense one at ``target`` (written atomically): the same files,
     each compressed weight restored in its shard, and no ``quantization_config`` in config.json. What any
     transformers version and vLLM load. ``target`` must not be, contain or lie inside ``source``; an existing
     ``target`` is replaced only with ``overwrite`` (:func:`dist_chita.io.output.check_target`, whose messages
-    ``overwrite_hint`` and ``name`` complete)."""
+    ``overwrite_hint`` and ``name`` complete). ``finish(directory)`` runs on the new directory once its weights and
+    config are written, before it takes ``target``'s place: to rewrite other files that describe the weights."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -308,3 +310,5 @@ def decompress_checkpoint(source: str | Path, target: str | Path, overwrite: boo
         config = json.loads((tmp / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if finish is not None:
+            finish(tmp)

@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from tests.launch import test_prune_output
 from tests.multiproc import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+llama_checkpoint = test_prune_output.llama_checkpoint  # a tiny Llama (module-scoped fixture)
 
 
 @pytest.fixture(scope="module")
@@ -147,3 +150,25 @@ def test_decompress_writes_a_dense_checkpoint(venv, tmp_path):
     assert res.returncode == 0 and not compressed.sparsity_config(tmp_path / "back"), res.stderr
     res = cli(venv, "decompress", str(tmp_path / "missing"), str(tmp_path / "x"))
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'} does not exist"]
+
+
+def test_decompress_describes_the_dense_weights_in_the_report_and_card(venv, tmp_path, llama_checkpoint):
+    """A prune's sparse output decompressed: its report and model card describe the dense weights written, as a
+    prune with output.format: dense describes them; the rest of the report is the run's."""
+    res = test_prune_output.prune(tmp_path, llama_checkpoint, "output.format=compressed-tensors")
+    assert res.returncode == 0, res.stderr
+    sparse, dense = tmp_path / "out", tmp_path / "dense"
+    before = json.loads((sparse / "prune_report.json").read_text())
+    assert before["output_format"] == "sparse-bitmask"
+    res = cli(venv, "decompress", str(sparse), str(dense))
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((dense / "prune_report.json").read_text())
+    size = (dense / "model.safetensors").stat().st_size
+    assert (rep["output_format"], rep["weights_bytes"], rep["dense_weights_bytes"]) == ("dense", size, size)
+    same = [k for k in before if k not in ("output_format", "weights_bytes", "dense_weights_bytes")]
+    assert [rep[k] for k in same] == [before[k] for k in same]
+    card = (dense / "README.md").read_text()
+    meta, body = card[4:].split("\n---\n", 1)
+    assert "compressed-tensors" not in yaml.safe_load(meta)["tags"]
+    assert f"| weights | dense (zeros stored), {size / 1e6:.1f} MB |" in body
+    assert "from the run's compressed-tensors output (sparse-bitmask)" in body
