@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     accelerator = None
     try:
+        watchdog.handle_signals()
         accelerator = start_processes(cfg)
         watchdog.install(cfg.timeout_seconds, cfg.output.dir)
         return run(cfg, accelerator.device, zero3_partitioner(accelerator, cfg))
@@ -433,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
         elif not isinstance(e, watchdog.Terminated) and not watchdog.wait_for_rank0():
             # rank 0 did not fail in turn: the cause may be this rank's alone, so this rank says it
             say_error(f"error (rank {comm.rank()}): {watchdog.describe(e)}")
-        return 1
+        return watchdog.exit_status(e)
     finally:
         comm.shutdown()
+        watchdog.restore_signals()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """A run stops cleanly, with one line naming the cause, when a rank dies or the launcher is told to stop.
 
+* :func:`handle_signals` turns SIGTERM and SIGINT (Ctrl-C) into the :class:`Terminated` exception (so ``with``
+  blocks such as the atomic output directory clean up; the launcher sends SIGTERM to every rank when it is stopped
+  or when one rank fails, and passes a SIGINT on to every rank).
 * :func:`install` (collective, once per run after the process group exists) exchanges every rank's (host, PID),
-  turns SIGTERM into the :class:`Terminated` exception (so ``with`` blocks such as the atomic output directory
-  clean up; the launcher sends SIGTERM to every rank when it is stopped or when one rank fails) and, at world size
-  > 1, starts a daemon thread that polls the other ranks on this host: if one has ended and this rank is still
-  running ``grace`` seconds later (stuck in a collective whose transport did not notice), it prints the lost rank,
-  removes this rank's temporary output directory and exits with status 1.
+  handles the signals and, at world size > 1, starts a daemon thread that polls the other ranks on this host: if
+  one has ended and this rank is still running ``grace`` seconds later (stuck in a collective whose transport did
+  not notice), it prints the lost rank, removes this rank's temporary output directory and exits with status 1.
 * :func:`describe` turns an exception into the one-line message the user sees: a collective that failed because a
   peer died names that rank (``lost rank 1 (process 4242 ended) during gradients 2``); a collective that timed
   out names ``timeout_seconds``.
@@ -31,40 +32,71 @@ from launch import faults
 
 _peers: list[tuple[str, int]] = []
 _timeout = 0
-_stopping = False  # set once the run is failing: a SIGTERM then no longer interrupts the error report
-_stopped_by_launcher = False  # a SIGTERM came while _stopping: the launcher is ending the run (another rank ended)
+_stopping = False  # set once the run is failing: a signal then no longer interrupts the error report
+_stopped_by_launcher = False  # a signal came while _stopping: the launcher is ending the run (another rank ended)
 _CONNECTION = ("connection closed", "connection reset", "broken pipe", "connection refused", "econnreset")
 _TIMEOUT = ("timed out",)
 
 
 class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt: not caught by ``except Exception``
-    """SIGTERM arrived (the launcher was stopped, or another rank failed)."""
+    """The signal ``signum`` arrived: SIGTERM (the launcher was stopped, or another rank failed) or SIGINT
+    (Ctrl-C)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signal.Signals(signum)
+        super().__init__(f"terminated by {self.signum.name}")
 
 
-_lost_at_sigterm: list[int] = []  # ranks already ended when the SIGTERM arrived: the launcher's reason for it
+_lost_at_signal: list[int] = []  # ranks already ended when the signal arrived: the launcher's reason for it
 
 
-def _on_sigterm(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+def _on_signal(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
     # the launcher stops every rank once one has failed; a killed rank that this rank had not yet noticed (no
     # collective since) is then the cause, not the signal. Taken at once: the launcher signals rank 0 first, so
     # on a plain stop the other ranks are still alive here.
     global _stopped_by_launcher
-    _lost_at_sigterm[:] = lost_ranks()
+    _lost_at_signal[:] = lost_ranks()
     if not _stopping:
-        raise Terminated("terminated by SIGTERM")
+        raise Terminated(signum)
     _stopped_by_launcher = True
 
 
+_replaced: dict[int, object] = {}  # the handlers handle_signals replaced, by signal
+
+
+def handle_signals() -> None:
+    """Raise :class:`Terminated` on SIGTERM and SIGINT (from the main thread only) until :func:`restore_signals`.
+    A SIGINT ignored when the process started (a background job of a script) stays ignored, as Python leaves it."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        old = signal.getsignal(signum)
+        if old is _on_signal or (signum == signal.SIGINT and old is signal.SIG_IGN):
+            continue
+        _replaced[signum] = old
+        signal.signal(signum, _on_signal)
+
+
+def restore_signals() -> None:
+    """Put back the handlers :func:`handle_signals` replaced (the run is over)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    while _replaced:
+        signum, old = _replaced.popitem()
+        if old is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signum, old)
+
+
 def install(timeout_seconds: int, output_dir: str | os.PathLike | None = None, grace: float = 15.0) -> None:
-    """Collective: record the ranks' (host, PID), handle SIGTERM, start the watchdog thread (world size > 1)."""
+    """Collective: record the ranks' (host, PID), handle SIGTERM and SIGINT (:func:`handle_signals`), start the
+    watchdog thread at world size > 1."""
     from dist_chita.distributed import comm
 
     global _timeout, _stopping, _stopped_by_launcher
     _timeout, _stopping, _stopped_by_launcher = timeout_seconds, False, False
-    _lost_at_sigterm.clear()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    _lost_at_signal.clear()
+    handle_signals()
     _peers[:] = [tuple(x) for x in comm.all_gather_object((socket.gethostname(), os.getpid()))]
     if len(_peers) > 1:
         threading.Thread(target=_watch, args=(grace, output_dir), name="dist-chita-watchdog", daemon=True).start()
@@ -185,18 +217,15 @@ def describe(exc: BaseException) -> str:
     """The one-line message for ``exc`` (without the ``error:`` prefix)."""
     global _stopping
     _stopping = True
-    cause: BaseException | None = exc
-    while cause is not None and not isinstance(cause, Terminated):  # a failed collective while stopping
-        cause = cause.__cause__ or cause.__context__
-    exc = cause or exc
+    exc = _terminated(exc) or exc
     text = str(exc).strip()
     first = text.splitlines()[0] if text else type(exc).__name__
     low = text.lower()
     if isinstance(exc, Terminated) or is_comm_error(exc):
         if isinstance(exc, Terminated):  # the launcher stops every rank: the cause is a lost rank, or the signal
-            if _lost_at_sigterm:
-                return f"{_lost_line(_lost_at_sigterm)}; stopped without writing output"
-            return f"terminated by SIGTERM during {faults.current_phase()}; stopped without writing output"
+            if _lost_at_signal:
+                return f"{_lost_line(_lost_at_signal)}; stopped without writing output"
+            return f"terminated by {exc.signum.name} during {faults.current_phase()}; stopped without writing output"
         for _ in range(20):  # a killed peer's sockets close a moment before it is a zombie
             lost = lost_ranks()
             if lost or not _peers:
@@ -209,3 +238,19 @@ def describe(exc: BaseException) -> str:
                     f"{faults.current_phase()} (a rank is stuck or unreachable); stopped without writing output")
         return f"lost contact with another rank during {faults.current_phase()} ({first})"
     return first
+
+
+def _terminated(exc: BaseException) -> Terminated | None:
+    """The :class:`Terminated` that ``exc`` is or followed from (a collective that failed while stopping), if any."""
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, Terminated):
+        cause = cause.__cause__ or cause.__context__
+    return cause
+
+
+def exit_status(exc: BaseException) -> int:
+    """The exit status of a run that ``exc`` stopped: 128 + the signal's number when a signal stopped it (as a shell
+    reports a process that signal ended: 130 for Ctrl-C, 143 for SIGTERM); 1 for an error, or a lost rank that the
+    launcher's signal followed (:func:`describe` names it)."""
+    stop = _terminated(exc)
+    return 128 + stop.signum if stop is not None and not _lost_at_signal else 1

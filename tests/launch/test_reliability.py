@@ -46,11 +46,11 @@ HEADER = [
     "processes, with the same masks as an uninterrupted run; `fisher.resume_save_factor=true` also keeps each rank's "
     "Fisher factor after the gradient phase. A state saved with other settings is refused naming what differs. The "
     "state is removed after a successful run; without `fisher.resume=true` an old state is discarded.",
-    "* **Faults**: SIGTERM (the launcher was stopped) stops every rank through the normal error path, so the "
-    "temporary directory is removed; a rank that dies makes the collective of the others fail at once and the "
-    "message names it (`lost rank 1 (process N ended) during <phase>`); a rank that is alive but stuck is bounded "
-    "by `timeout_seconds`; a watchdog thread also stops a rank whose local peer ended but which did not notice "
-    "within 15 s.",
+    "* **Faults**: SIGTERM (the launcher was stopped) and SIGINT (Ctrl-C) stop every rank through the normal error "
+    "path, so the temporary directory is removed, and the exit status is 128 + the signal's number; a rank that "
+    "dies makes the collective of the others fail at once and the message names it (`lost rank 1 (process N "
+    "ended) during <phase>`); a rank that is alive but stuck is bounded by `timeout_seconds`; a watchdog thread "
+    "also stops a rank whose local peer ended but which did not notice within 15 s.",
 ]
 
 
@@ -124,11 +124,12 @@ def error_line(stderr: str) -> str:
     return lines[-1] if lines else ""
 
 
-def run_and_fault(tmp_path, args, fault, action, wait=240):
-    """Run on 2 processes, stall ``fault`` = "<rank>:<phase>", then SIGKILL the stalled rank ("kill") or
-    SIGTERM the launcher ("term"); returns (exit status, stdout, stderr, seconds from the fault to the end)."""
+def run_and_fault(tmp_path, args, fault, action, wait=240, processes=2):
+    """Run on ``processes``, stall ``fault`` = "<rank>:<phase>", then SIGKILL the stalled rank ("kill") or send the
+    launcher (the process itself on 1 process) SIGTERM ("term") or SIGINT ("int", as Ctrl-C); returns (exit
+    status, stdout, stderr, seconds from the fault to the end)."""
     pid_file = tmp_path / "stalled.pid"
-    proc = launch(args, 2, tmp_path, env={"DIST_CHITA_FAULT": fault, "DIST_CHITA_FAULT_FILE": str(pid_file)})
+    proc = launch(args, processes, tmp_path, env={"DIST_CHITA_FAULT": fault, "DIST_CHITA_FAULT_FILE": str(pid_file)})
     deadline = time.monotonic() + wait
     while not pid_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -140,7 +141,7 @@ def run_and_fault(tmp_path, args, fault, action, wait=240):
     if action == "kill":
         os.kill(pid, signal.SIGKILL)
     else:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal({"term": signal.SIGTERM, "int": signal.SIGINT}[action])
     code, out, err = finish(proc, 60)
     return code, out, err, time.monotonic() - start
 
@@ -177,6 +178,24 @@ def test_sigterm_of_the_launcher_removes_the_temporary_directory(tmp_path, weigh
     assert sha256(weights) == before
     record("sigterm", "faults", "launcher (`accelerate launch`) stopped with SIGTERM while rank 0 writes the output",
            line, f"{code} after {seconds:.0f} s")
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigint_stops_the_run_in_one_line(tmp_path, weights, processes):
+    """Ctrl-C (SIGINT to the process, or to the launcher, which passes it on to the ranks) stops the run as SIGTERM
+    does: one line naming the signal and the phase, no traceback, status 130, nothing written."""
+    before = sha256(weights)
+    cfg = _config(tmp_path, weights)
+    code, out, err, seconds = run_and_fault(tmp_path, ["--config", str(cfg)], "0:solver 1", "int",
+                                            processes=processes)
+    ours = [x for x in err.replace("\r", "\n").splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert code == 130 and ours == ["error: terminated by SIGINT during solver 1; stopped without writing output"], \
+        err[-3000:]
+    assert_nothing_written(tmp_path)
+    assert sha256(weights) == before
+    where = "launch/prune.py" if processes == 1 else "launcher (`accelerate launch`)"
+    record(f"sigint {processes}", "faults", f"{where} interrupted with SIGINT (Ctrl-C) during `solver 1`", ours[0],
+           f"{code} after {seconds:.0f} s")
 
 
 def test_a_stuck_rank_ends_the_run_at_the_timeout(tmp_path, weights):
@@ -461,19 +480,30 @@ def test_watchdog_finds_ended_peers_and_describes_errors(tmp_path):
     assert not dead.exists() and live.exists()
     assert watchdog.describe(ValueError("bad\nsecond line")) == "bad"
     assert "timeout_seconds" in watchdog.describe(RuntimeError("[gloo] Timed out waiting 5000ms for recv"))
-    assert watchdog.describe(watchdog.Terminated("x")).startswith("terminated by SIGTERM during")
+    assert watchdog.describe(watchdog.Terminated()).startswith("terminated by SIGTERM during")
+    assert watchdog.describe(watchdog.Terminated(signal.SIGINT)).startswith("terminated by SIGINT during")
+    assert watchdog.exit_status(watchdog.Terminated(signal.SIGINT)) == 130
+    assert watchdog.exit_status(RuntimeError("x")) == 1
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    watchdog.handle_signals()
+    ignored = before[signal.SIGINT] is signal.SIG_IGN  # (then it stays ignored)
+    assert signal.getsignal(signal.SIGTERM) is watchdog._on_signal
+    assert signal.getsignal(signal.SIGINT) is (signal.SIG_IGN if ignored else watchdog._on_signal)
+    watchdog.restore_signals()  # a run in this process leaves the handlers as it found them
+    assert {s: signal.getsignal(s) for s in before} == before
     # the launcher's SIGTERM after a rank was killed: the killed rank is named, not the signal
     old_handler, old_peers = signal.getsignal(signal.SIGTERM), watchdog._peers[:]
     try:
         watchdog._peers[:] = peers  # rank 1 (the child) has ended
         watchdog._stopping = False
         with pytest.raises(watchdog.Terminated) as caught:
-            watchdog._on_sigterm(signal.SIGTERM, None)
+            watchdog._on_signal(signal.SIGTERM, None)
         assert watchdog.describe(caught.value).startswith(f"lost rank 1 (process {child.pid} ended) during ")
+        assert watchdog.exit_status(caught.value) == 1
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         watchdog._peers[:] = old_peers
-        watchdog._lost_at_sigterm.clear()
+        watchdog._lost_at_signal.clear()
 
 
 def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
@@ -495,8 +525,8 @@ def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
         assert watchdog.wait_for_rank0(grace=10.0) is True and time.monotonic() - t < 2.0
         watchdog._peers[:] = []  # before install, or rank 0 on another host: the whole grace
         assert watchdog.wait_for_rank0(grace=0.1) is False
-        signal.signal(signal.SIGTERM, watchdog._on_sigterm)
-        watchdog._on_sigterm(signal.SIGTERM, None)  # the run is failing: no Terminated, but the wait ends
+        signal.signal(signal.SIGTERM, watchdog._on_signal)
+        watchdog._on_signal(signal.SIGTERM, None)  # the run is failing: no Terminated, but the wait ends
         t = time.monotonic()
         assert watchdog.wait_for_rank0(grace=10.0) is True and time.monotonic() - t < 1.0
     finally:
