@@ -270,6 +270,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
     import dist_chita
     from dist_chita.distributed import comm
     from dist_chita.distributed.partition import sample_ranges
+    from dist_chita.planning import memory
     from launch import faults
 
     t_run = time.perf_counter()
@@ -282,6 +283,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
             "or --num_processes to match)")
     out_dir = prepare_output(cfg)
     sample_ranges(cfg.calibration.n, world)  # n >= number of ranks, before loading anything
+    memory.available_override()  # and a valid DIST_CHITA_AVAILABLE_BYTES
     if partition is not None and cfg.prune.objective == "fisher" and cfg.fisher.group_size is not None:
         raise ValueError("fisher.group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
     t = time.perf_counter()

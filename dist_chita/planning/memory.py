@@ -22,7 +22,8 @@ A run starts only when its estimate leaves ``HEADROOM`` of the available memory 
 plans count the same way): the estimate aims at the peak itself, and a run's peak varies by a few percent from one
 run to the next (allocator slack, the kernel's own timing of page reuse).
 
-``DIST_CHITA_AVAILABLE_BYTES`` in the environment overrides the available memory (tests of the refusal).
+``DIST_CHITA_AVAILABLE_BYTES`` in the environment (bytes, e.g. ``8e9``) overrides the available memory (tests of
+the refusal).
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def baseline_bytes(device: torch.device, model_bytes: int = 0) -> int:
 def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
     """Memory this rank may use: free device memory, or the host's available
     memory shared among the ranks on this node."""
-    override = os.environ.get("DIST_CHITA_AVAILABLE_BYTES")
-    if override:
-        return int(float(override))
+    override = available_override()
+    if override is not None:
+        return override
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
@@ -122,6 +123,22 @@ def available_bytes(device: torch.device, ranks_on_device: int = 1) -> int:
     except ImportError:  # pragma: no cover - psutil ships with accelerate
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(avail // max(1, ranks_on_device))
+
+
+def available_override() -> int | None:
+    """The available memory ``DIST_CHITA_AVAILABLE_BYTES`` sets, in bytes (``8e9`` or ``8000000000``; 1 or more);
+    None when it is unset or empty."""
+    text = os.environ.get("DIST_CHITA_AVAILABLE_BYTES")
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1):
+        raise ValueError(f"DIST_CHITA_AVAILABLE_BYTES={text!r} in the environment is not a number of bytes (1 or "
+                         "more, e.g. 8e9); unset it to use the available memory")
+    return int(value)
 
 
 _earlier_peak = {"cuda": 0, "cpu": 0}  # the peak before :func:`peak_growth` reset the counter

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import save_model
@@ -48,6 +49,15 @@ def test_refuses_with_advice_when_the_estimate_exceeds_available_memory(tmp_path
     for remedy in ("fewer calibration samples (n = 40)", "bfloat16", "more ranks", "one group of layers at a time"):
         assert remedy in err[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("available", ["abc", "-1"])
+def test_a_bad_override_is_one_line_naming_it_before_loading(tmp_path, available):
+    res = _run(_config(tmp_path), available)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"error: DIST_CHITA_AVAILABLE_BYTES={available!r} in the environment is not a number of bytes (1 or more, "
+        "e.g. 8e9); unset it to use the available memory"], res.stderr
+    assert "memory estimate per rank" not in res.stdout and not (tmp_path / "out").exists()
 
 
 def test_runs_when_the_estimate_fits(tmp_path):

@@ -8,9 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_chita.planning.memory import advice, estimate, peak_bytes, peak_growth
+from dist_chita.planning.memory import advice, available_bytes, estimate, peak_bytes, peak_growth
 
 ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "0", "0.5", "inf", "nan", "8GB"])
+def test_a_bad_available_memory_override_is_refused_naming_the_variable(monkeypatch, text):
+    monkeypatch.setenv("DIST_CHITA_AVAILABLE_BYTES", text)
+    with pytest.raises(ValueError) as e:
+        available_bytes(torch.device("cpu"))
+    assert str(e.value) == (f"DIST_CHITA_AVAILABLE_BYTES={text!r} in the environment is not a number of bytes (1 or "
+                            "more, e.g. 8e9); unset it to use the available memory")
+
+
+@pytest.mark.parametrize("text, value", [("8e9", 8 * 10**9), ("12345", 12345), (" 1e3 ", 1000)])
+def test_available_memory_override_takes_plain_and_scientific_numbers(monkeypatch, text, value):
+    monkeypatch.setenv("DIST_CHITA_AVAILABLE_BYTES", text)
+    assert available_bytes(torch.device("cpu"), ranks_on_device=4) == value
 
 
 def test_factor_term_is_n_times_block_times_dtype():
