@@ -193,7 +193,7 @@ def test_sigint_stops_the_run_in_one_line(tmp_path, weights, processes):
         err[-3000:]
     assert_nothing_written(tmp_path)
     assert sha256(weights) == before
-    where = "launch/prune.py" if processes == 1 else "launcher (`accelerate launch`)"
+    where = "`launch/prune.py` (1 process)" if processes == 1 else "launcher (`accelerate launch`)"
     record(f"sigint {processes}", "faults", f"{where} interrupted with SIGINT (Ctrl-C) during `solver 1`", ours[0],
            f"{code} after {seconds:.0f} s")
 
