@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "plan":
         from launch import plan
 
-        return plan.main(rest)
+        return plan.main(rest, prog="dist-chita plan")
     if command == "decompress":
         return decompress(rest)
     print(f"error: unknown command {command!r} (one of {', '.join(COMMANDS)}); dist-chita --help lists them",

@@ -67,9 +67,10 @@ class _ArgError(ValueError):
     pass
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """The options of ``argv``: one the chosen objective does not use is refused, the objective's defaults are set."""
-    ap = _OneLineParser(prog="plan.py", description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None, prog: str = "plan.py") -> argparse.Namespace:
+    """The options of ``argv``: one the chosen objective does not use is refused, the objective's defaults are set;
+    ``prog``: the command's name in usage and errors."""
+    ap = _OneLineParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--objective", default="fisher", choices=("fisher", "layerwise"), help="what the prune minimises")
     ap.add_argument("--params", type=float, default=None, help="model parameters P (e.g. 7e9; fisher: required)")
     ap.add_argument("--n", type=int, default=None, help="calibration samples (fisher: required; layerwise: 128)")
@@ -120,7 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if args.objective == "layerwise":
             ap.error(f"{names} {verb} the fisher objective: --objective layerwise does not use "
                      f"{'it' if len(given) == 1 else 'them'}")
-        ap.error(f"{names} {verb} the layerwise objective: add --objective layerwise")
+        ap.error(f"{names} {verb} the layerwise objective (--objective layerwise): the fisher objective does not use "
+                 f"{'it' if len(given) == 1 else 'them'}")
     for k, default in mine.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
@@ -412,9 +414,9 @@ def format_layerwise(pl: dict) -> str:
     return "\n".join(lines)
 
 
-def render(argv: list[str]) -> tuple[dict, str]:
-    """The plan of ``argv`` as a dict and as printed."""
-    args = parse_args(argv)
+def render(argv: list[str], prog: str = "plan.py") -> tuple[dict, str]:
+    """The plan of ``argv`` as a dict and as printed (``prog``: the command's name in errors)."""
+    args = parse_args(argv, prog)
     for name in ("n", "tokens", "micro_batch"):  # counts of both objectives
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -431,13 +433,15 @@ def render(argv: list[str]) -> tuple[dict, str]:
     return pl, format_plan(pl)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "plan.py") -> int:
+    """Print the plan of ``argv`` (None: the command line); 2 on a bad option or file, with one line naming it
+    under ``prog`` (``dist-chita plan`` from the console command)."""
     try:
-        pl, text = render(argv)
-        as_json = parse_args(argv).json  # (as argparse reads it: --js too)
+        pl, text = render(argv, prog)
+        as_json = parse_args(argv, prog).json  # (as argparse reads it: --js too)
     except (ValueError, OSError, yaml.YAMLError) as e:
         msg = " ".join(str(e).split())
-        print(f"plan.py: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     try:
         print(json.dumps(pl, indent=2) if as_json else text, flush=True)

@@ -48,13 +48,16 @@ def test_help_lists_commands_and_configs(venv, tmp_path):
     assert res.returncode == 0 and "--print-config" in res.stdout and "--launch-config" in res.stdout
     assert "default.yaml" in res.stdout and "cpu_2" in res.stdout
     res = cli(venv, "plan", "--help")
-    assert res.returncode == 0 and "--hardware" in res.stdout
+    assert res.returncode == 0 and "--hardware" in res.stdout and res.stdout.startswith("usage: dist-chita plan ")
 
 
 def test_errors_are_one_line(venv, tmp_path):
     res = cli(venv, "prnue")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: unknown command 'prnue' (one of prune, plan, decompress); dist-chita --help lists them"]
+    res = cli(venv, "plan")  # named as the user called it, not plan.py
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "dist-chita plan: error: the following arguments are required: --hardware"]
     res = cli(venv, "prune", "prune.sparsty=0.7")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "error: unknown key 'prune.sparsty' (did you mean 'prune.sparsity'?)"]

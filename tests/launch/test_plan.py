@@ -326,10 +326,12 @@ FISHER = ["--params", "7e9", "--n", "128", "--gpus", "8", "--hardware", H100]
                   ["--layers", "3"], ["--rates", "summary.json"], ["--zero3"], ["--flops-per-sample", "1e9"])],
     (LAYERWISE, ["--params", "7e9", "--dtype", "float32", "--zero3"],
      "--params, --dtype and --zero3 plan the fisher objective: --objective layerwise does not use them"),
-    *[(FISHER, opt, f"{opt[0]} plans the layerwise objective: add --objective layerwise")
+    *[(FISHER, opt, f"{opt[0]} plans the layerwise objective (--objective layerwise): the fisher objective does not "
+      "use it")
       for opt in (["--model", "llama-7b"], ["--method", "chita"], ["--no-zero3"], ["--model-dtype", "bfloat16"])],
     (FISHER, ["--model", "llama-7b", "--method", "sparsegpt"],
-     "--model and --method plan the layerwise objective: add --objective layerwise"),
+     "--model and --method plan the layerwise objective (--objective layerwise): the fisher objective does not use "
+     "them"),
 ])
 def test_an_option_of_the_other_objective_is_refused(base, extra, message, capsys):
     """An option the chosen objective does not use is refused, naming it, even when given its default value."""
