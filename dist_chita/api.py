@@ -250,8 +250,9 @@ def _renormalise(run: _Run, evaluate: Evaluate | None, metric: dict) -> int:
 
 def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
     """A one-line ValueError for the first problem of the options, before any work."""
-    problems = target.problems() + (objective.problems(method, target) if isinstance(objective, Fisher)
-                                    else objective.problems(method))
+    problems = target.problems()  # first: the objective's checks compare the target's values
+    problems = problems or (objective.problems(method, target) if isinstance(objective, Fisher)
+                            else objective.problems(method))
     if problems:
         raise ValueError(problems[0])
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import os
 import re
 import types
 import typing
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -81,14 +83,20 @@ def _type_problems(tp: Any, value: Any, name: str) -> list[str]:
         if any(not _type_problems(a, value, name) for a in inner):  # e.g. float | Literal["auto"]: one takes it
             return []
         return [f"{name}: expected {type_name(tp)}, got {value!r}"]
-    if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
+    if origin in (list, tuple):  # any collection but a string or a mapping (a set, a range)
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Collection):
             return [f"{name}: expected {type_name(tp)}, got {type(value).__name__}"]
         return [msg for i, x in enumerate(value) for msg in _type_problems(typing.get_args(tp)[0], x, f"{name}[{i}]")]
-    kinds = {bool: bool, int: numbers.Integral, float: numbers.Real, str: str}
-    if tp in kinds and (not isinstance(value, kinds[tp]) or (tp is not bool and isinstance(value, bool))):
-        return [f"{name}: expected {tp.__name__}, got {type(value).__name__}"]
-    return []
+    if tp is bool:  # (numpy's bool too)
+        ok = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", None) == "b"
+    elif tp is str:  # (a path for a directory option)
+        ok = isinstance(value, str | os.PathLike)
+    elif tp in (int, float):  # never a bool for a number
+        ok = isinstance(value, numbers.Integral if tp is int else numbers.Real) and not isinstance(value, bool) \
+            and getattr(getattr(value, "dtype", None), "kind", None) != "b"
+    else:
+        ok = True
+    return [] if ok else [f"{name}: expected {tp.__name__}, got {type(value).__name__}"]
 
 
 _NM = re.compile(r"^(\d+):(\d+)$")

@@ -133,9 +133,12 @@ def test_the_lambdas_a_search_chose_given_as_a_list_prune_the_same_model_without
     (Target(include="0"), r"^include: expected list of str, got str$"),
     (Target(sparsity="0.5"), r"^sparsity: expected float, got str$"),
 ])
-def test_a_target_field_of_the_wrong_type_is_refused_before_any_work(target, message):
+@pytest.mark.parametrize("objective", [None, dist_chita.Fisher(loss="gn_probe")])
+def test_a_target_field_of_the_wrong_type_is_refused_before_any_work(target, message, objective):
+    """With either objective: the Fisher one's checks compare the target's values, so the target's types go first."""
     model = mlp()
     dense = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match=message):
-        dist_chita.prune(model, {"inputs": torch.randn(16, 12)}, target=target, batch_size=8, check_memory=False)
+        dist_chita.prune(model, {"inputs": torch.randn(16, 12)}, target=target, objective=objective, batch_size=8,
+                         check_memory=False)
     assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())

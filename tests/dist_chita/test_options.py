@@ -77,6 +77,19 @@ def test_a_target_takes_lists_for_tuples_and_ints_for_floats():
     assert target.problems() == ["layer_sparsity[0].sparsity: must be in [0, 1), got 1"]
 
 
+def test_options_take_what_python_callers_pass():
+    """numpy's bool and scalars, a path for a directory, any collection for a list (a set, a range): what the
+    library took before its types were checked is taken still; a bool is never a number."""
+    import pathlib
+
+    import numpy as np
+
+    assert Target(exclude_head=np.bool_(False), sparsity=np.float32(0.5), exclude={"fc2"}).problems() == []
+    assert Fisher(backsolve=np.True_, resume_dir=pathlib.Path("/tmp"), stage_candidates=range(2, 5),
+                  max_iter=np.int64(3)).problems("chita++", Target()) == []
+    assert Target(sparsity=np.bool_(True)).problems() == ["sparsity: expected float, got bool"]
+
+
 @pytest.mark.parametrize(("options", "problem"), [
     (Layerwise(max_iter="3"), "max_iter: expected int, got str"),
     (Layerwise(damp=None), "damp: expected float, got NoneType"),
