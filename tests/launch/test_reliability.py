@@ -103,8 +103,11 @@ def launch(args, processes, tmp_path, env=None):
                f"launch/accelerate/cpu_{processes}.yaml", "--main_process_port", str(free_port()),
                "launch/prune.py", *args]
     out, err = open(tmp_path / "stdout.txt", "w"), open(tmp_path / "stderr.txt", "w")
+    # SIGINT at its default whatever this process inherited (a background job in a script ignores it, and a run
+    # keeps an ignored SIGINT ignored): the faults send it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     proc.logs = (tmp_path / "stdout.txt", tmp_path / "stderr.txt")
     return proc
 
