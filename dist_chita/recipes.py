@@ -103,8 +103,10 @@ def resolve(model: nn.Module, task: str, objective: str | None = None, method: s
                                                f" (for method {method}; the recipe's: {recipe.objective})")]
     for name, value, recipe_value in (("method", method, recipe.method),
                                       ("granularity", granularity, recipe.granularity)):
-        note = "" if given[name] is None else " (given)" if value == recipe_value else \
-            f" (given; the recipe's: {recipe_value})"
+        if given[name] is not None:
+            note = " (given)" if value == recipe_value else f" (given; the recipe's: {recipe_value})"
+        else:  # a method of the other objective takes that objective's default
+            note = "" if value == recipe_value else f" (the {chosen} objective's default; the recipe's: {recipe_value})"
         settings.append(f"{name} {value}{note}")
     line = f"  {', '.join(settings)} ({family}: {recipe.why})"
     return Resolved(chosen, method, granularity, line)

@@ -89,7 +89,8 @@ def test_the_recipe_line_says_which_settings_were_given():
     assert same.line.startswith("  objective auto: layerwise, method chita (given), granularity global (given) (mlp: ")
     plus = recipes.resolve(model, "image-classification", None, "chita++", None)
     assert plus.line.startswith("  objective auto: fisher (for method chita++; the recipe's: layerwise), method "
-                                "chita++ (given; the recipe's: chita), granularity row (mlp: ")
+                                "chita++ (given; the recipe's: chita), granularity row (the fisher objective's "
+                                "default; the recipe's: global) (mlp: ")
 
 
 def test_prune_without_an_objective_runs_the_recipe_and_says_so():
