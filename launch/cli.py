@@ -186,7 +186,9 @@ def decompress(argv: list[str]) -> int:
 def _describe_dense(out: Path) -> None:
     """Rewrite the report and the model card that a prune wrote beside its sparse weights (prune_report.json,
     README.md from dist_chita_config.yaml) for the dense weights decompressed into ``out``, as a prune with
-    ``output.format: dense`` writes them. Other checkpoints have no report and are left as they are."""
+    ``output.format: dense`` writes them. Other checkpoints have no report and are left as they are. A report or
+    config this version cannot read (another version's, or edited) is copied as it is, with a note on stderr: the
+    weights matter more than their description."""
     from dist_chita.report import Report
     from launch import prune as recipe
 
@@ -196,7 +198,9 @@ def _describe_dense(out: Path) -> None:
     try:
         rep = Report.from_json(report.read_text())
     except (ValueError, TypeError, KeyError) as e:
-        raise ValueError(f"the source's prune_report.json cannot be read ({e})") from None
+        print(f"note: {report.name} and {readme.name} copied as they are, describing the sparse weights: the "
+              f"report cannot be read ({' '.join(str(e).split())})", file=sys.stderr)
+        return
     sparse = rep.output_format
     recipe.record_dense(rep, out)
     report.write_text(rep.to_json())
@@ -205,7 +209,9 @@ def _describe_dense(out: Path) -> None:
     try:
         cfg = recipe.load_config(config)
     except recipe.ConfigError as e:
-        raise ValueError(f"the source's dist_chita_config.yaml cannot be read ({e})") from None
+        print(f"note: {readme.name} copied as it is, describing the sparse weights: {config.name} cannot be read "
+              f"({e})", file=sys.stderr)
+        return
     note = (f"The weights are stored dense: `dist-chita decompress` wrote them from the run's compressed-tensors "
             f"output ({sparse}), the format the command below writes.")
     readme.write_text(recipe.card(cfg, rep, [note, ""]))

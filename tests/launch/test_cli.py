@@ -175,3 +175,20 @@ def test_decompress_describes_the_dense_weights_in_the_report_and_card(venv, tmp
     assert "compressed-tensors" not in yaml.safe_load(meta)["tags"]
     assert f"| weights | dense (zeros stored), {size / 1e6:.1f} MB |" in body
     assert "from the run's compressed-tensors output (sparse-bitmask)" in body
+    # a report or config this version cannot read (another version's, or edited): the weights are still written,
+    # the description copied as it is, with a note
+    (sparse / "dist_chita_config.yaml").write_text((sparse / "dist_chita_config.yaml").read_text()
+                                                   + "solver:\n  max_iter: 3\n")
+    res = cli(venv, "decompress", str(sparse), str(tmp_path / "dense2"))
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("note: README.md copied as it is, describing the sparse weights: "
+                                 "dist_chita_config.yaml cannot be read (")
+    assert (tmp_path / "dense2" / "README.md").read_text() == (sparse / "README.md").read_text()
+    assert json.loads((tmp_path / "dense2" / "prune_report.json").read_text())["output_format"] == "dense"
+    stages = json.loads((sparse / "prune_report.json").read_text())
+    stages["stages"][0]["a_key_of_another_version"] = 1
+    (sparse / "prune_report.json").write_text(json.dumps(stages))
+    res = cli(venv, "decompress", str(sparse), str(tmp_path / "dense3"))
+    assert res.returncode == 0 and res.stderr.startswith("note: prune_report.json and README.md copied as they are"), \
+        res.stderr
+    assert (tmp_path / "dense3" / "model.safetensors").stat().st_size == size
