@@ -72,6 +72,7 @@ def relaunch(name: str, argv: list[str]) -> int:
     import logging
 
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     args = launch_command_parser().parse_args(["--config_file", str(path), "-m", "launch.cli", "prune", *argv])
@@ -85,6 +86,8 @@ def relaunch(name: str, argv: list[str]) -> int:
         return _failed({rank: (f.exitcode, f.pid, f.error_file) for rank, f in e.failures.items()})
     except subprocess.CalledProcessError as e:  # one process (distributed_type NO), run as a plain subprocess
         return _failed({0: (e.returncode, None, None)}) if e.returncode < 0 else e.returncode
+    except SignalException as e:  # the launcher itself stopped (accelerate versions that do not exit on it)
+        return 128 + int(e.sigval)
     finally:
         for logger in loggers:
             logger.removeFilter(_not_a_failure_notice)

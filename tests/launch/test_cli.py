@@ -192,3 +192,20 @@ def test_decompress_describes_the_dense_weights_in_the_report_and_card(venv, tmp
     assert res.returncode == 0 and res.stderr.startswith("note: prune_report.json and README.md copied as they are"), \
         res.stderr
     assert (tmp_path / "dense3" / "model.safetensors").stat().st_size == size
+
+
+def test_a_launcher_stopped_by_a_signal_exits_128_plus_its_number(monkeypatch):
+    """An accelerate that lets torch's SignalException out of launch_command (instead of exiting on it): the launch
+    still ends with the shell's status for the signal, not a traceback."""
+    import signal
+
+    import accelerate.commands.launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from launch import cli as console
+
+    def stopped(args):
+        raise SignalException("stopped", signal.SIGINT)
+    monkeypatch.setattr(accelerate_launch, "launch_command", stopped)
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # relaunch sets it for the ranks
+    assert console.relaunch("cpu_2", ["--config", "configs/tiny_mlp.yaml"]) == 130
