@@ -44,6 +44,7 @@ import yaml  # noqa: E402
 from dist_chita.planning import costmodel as cm  # noqa: E402
 from dist_chita.planning import layerwise as lw  # noqa: E402
 from dist_chita.planning.memory import HEADROOM, usable_bytes  # noqa: E402
+from launch.config import yaml_load  # noqa: E402
 
 GB = 1e9
 # the keys of a Llama config.json that give the model's shape (lw.TransformerShape.from_hf_config)
@@ -136,7 +137,7 @@ def load_hardware(path: str) -> cm.Hardware:
     if not p.is_file():
         raise ValueError(f"hardware file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml_load(p.read_text())  # (as the run config: a key given twice is refused)
     except UnicodeDecodeError:
         raise ValueError(f"bad hardware file {path}: not YAML (not UTF-8 text)") from None
     except yaml.YAMLError as e:

@@ -220,9 +220,12 @@ class Hardware:
         if missing:
             raise ValueError(f"missing hardware key {missing[0]!r}")
         ints = {"devices_per_node", "shared_cores"}
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is None}  # null: not described
         values = {}
         try:
             for k, v in data.items():
+                if v is None and k not in optional:
+                    raise ValueError
                 values[k] = v if k == "name" or v is None else (int(v) if k in ints else float(v))
         except (TypeError, ValueError):
             raise ValueError(f"hardware {k}: expected a number, got {v!r}") from None

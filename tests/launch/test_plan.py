@@ -116,6 +116,9 @@ def test_bad_hardware_file(tmp_path, capsys):
     (b"name: x\nmemory_bytes: a: b\n", "not YAML (mapping values are not allowed here at line 2"),
     (b"\xff\xfe\x00", "not YAML (not UTF-8 text)"),
     (b"", "must be a mapping"),
+    (b"name: x\nflops: 1e12\nflops: 2e12\n", "not YAML (duplicate key 'flops' on lines 2 and 3)"),
+    ((plan.ROOT / "configs" / "hardware" / "h100.yaml").read_bytes().replace(b"memory_bytes:", b"memory_bytes: ~ #"),
+     "hardware memory_bytes: expected a number, got None"),
 ])
 def test_bad_hardware_file_named_on_one_line(tmp_path, capsys, text, message):
     bad = tmp_path / "hw.yaml"
