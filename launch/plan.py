@@ -166,27 +166,6 @@ def load_rates(path: str | None) -> cm.Rates:
                          f"got {type(data).__name__}")
     # null: a rate the fit left unbounded (written so that the file is strict JSON)
     data = {k: math.inf if v is None else v for k, v in data.items()}
-    names = {f.name for f in dataclasses.fields(cm.Rates)}  # Rates.from_dict refuses the others
-    for k, v in data.items():
-        if k not in names:
-            continue
-        if k == "fixed":  # seconds by phase
-            if not isinstance(v, dict) or not set(v) <= set(cm.PHASES):
-                raise ValueError(f"bad rates file {path}: fixed must map phases ({', '.join(cm.PHASES)}) to seconds, "
-                                 f"got {v!r}")
-            values = [(f"fixed.{ph}", x) for ph, x in v.items()]
-        else:
-            values = [(k, v)]
-        for rate, x in values:  # efficiencies and bandwidths divide
-            positive = rate.endswith("_efficiency") or rate == "collective_bandwidth"
-            if isinstance(x, bool) or not isinstance(x, int | float) or not (x > 0 if positive else x >= 0):
-                raise ValueError(f"bad rates file {path}: {rate} must be a number {'>' if positive else '>='} 0, "
-                                 f"got {x!r}")
-    if "backsolve_rounds" in data:
-        rounds = data["backsolve_rounds"]
-        if not (rounds >= 1 and float(rounds).is_integer()):
-            raise ValueError(f"bad rates file {path}: backsolve_rounds must be a whole number >= 1, got {rounds!r}")
-        data["backsolve_rounds"] = int(rounds)
     try:
         return cm.Rates.from_dict(data)
     except (TypeError, ValueError) as e:
@@ -417,7 +396,11 @@ def format_layerwise(pl: dict) -> str:
 
 def render(argv: list[str], prog: str = "plan.py") -> tuple[dict, str]:
     """The plan of ``argv`` as a dict and as printed (``prog``: the command's name in errors)."""
-    args = parse_args(argv, prog)
+    return _render(parse_args(argv, prog))
+
+
+def _render(args: argparse.Namespace) -> tuple[dict, str]:
+    """:func:`render` of parsed options."""
     for name in ("n", "tokens", "micro_batch"):  # counts of both objectives
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -438,14 +421,14 @@ def main(argv: list[str] | None = None, prog: str = "plan.py") -> int:
     """Print the plan of ``argv`` (None: the command line); 2 on a bad option or file, with one line naming it
     under ``prog`` (``dist-chita plan`` from the console command)."""
     try:
-        pl, text = render(argv, prog)
-        as_json = parse_args(argv, prog).json  # (as argparse reads it: --js too)
+        args = parse_args(argv, prog)
+        pl, text = _render(args)
     except (ValueError, OSError, yaml.YAMLError) as e:
         msg = " ".join(str(e).split())
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
     try:
-        print(json.dumps(pl, indent=2) if as_json else text, flush=True)
+        print(json.dumps(pl, indent=2) if args.json else text, flush=True)
     except BrokenPipeError:  # the reader stopped early (| head): nothing more to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0

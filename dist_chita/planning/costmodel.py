@@ -330,14 +330,36 @@ class Rates:
     @classmethod
     def from_dict(cls, data: dict) -> Rates:
         """Build from a plain dict (a rates file, a study summary's "rates"). Keys of :data:`RETIRED_RATES` are
-        dropped; other unknown keys raise ValueError."""
+        dropped; other unknown keys, and values that are not rates (not numbers; an efficiency or bandwidth, which
+        divides, not > 0; another rate < 0; ``fixed`` not seconds by phase; ``backsolve_rounds`` not a whole
+        number >= 1), raise ValueError naming the key."""
         if not isinstance(data, dict):
             raise ValueError(f"rates must be a mapping, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names - set(RETIRED_RATES))
         if unknown:
             raise ValueError(f"unknown rate {unknown[0]!r}")
-        return cls(**{k: v for k, v in data.items() if k in names})
+        data = {k: v for k, v in data.items() if k in names}
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is None}  # None: the hardware's own
+        for k, v in data.items():
+            if v is None and k in optional:
+                continue
+            if k == "fixed":  # seconds by phase
+                if not isinstance(v, dict) or not set(v) <= set(PHASES):
+                    raise ValueError(f"fixed must map phases ({', '.join(PHASES)}) to seconds, got {v!r}")
+                values = [(f"fixed.{ph}", x) for ph, x in v.items()]
+            else:
+                values = [(k, v)]
+            for rate, x in values:  # efficiencies and bandwidths divide
+                positive = rate.endswith("_efficiency") or rate == "collective_bandwidth"
+                if isinstance(x, bool) or not isinstance(x, int | float) or not (x > 0 if positive else x >= 0):
+                    raise ValueError(f"{rate} must be a number {'>' if positive else '>='} 0, got {x!r}")
+        if "backsolve_rounds" in data:
+            rounds = data["backsolve_rounds"]
+            if not (rounds >= 1 and float(rounds).is_integer()):
+                raise ValueError(f"backsolve_rounds must be a whole number >= 1, got {rounds!r}")
+            data["backsolve_rounds"] = int(rounds)
+        return cls(**data)
 
 
 @dataclass(frozen=True)
