@@ -308,6 +308,11 @@ class Fisher:
     resume_dir: str | None = None
     resume_save_factor: bool = False
 
+    def __post_init__(self):
+        # one lambda per stage given as a list (Python callers) is the tuple the YAML parser makes of it
+        if isinstance(self.lambda_, list):
+            object.__setattr__(self, "lambda_", tuple(self.lambda_))
+
     @property
     def tuned(self) -> tuple[str, ...]:
         """The settings set to ``auto`` (chosen on validation samples), in YAML spelling."""

@@ -121,6 +121,13 @@ def test_a_lambda_list_needs_one_lambda_per_stage():
         "group_size: layer groups take one lambda, not a list per stage"]
 
 
+def test_a_lambda_list_given_as_a_python_list_is_the_tuple_the_config_makes():
+    t = Target(sparsity=0.9)
+    assert Fisher(lambda_=[1e-5, 1e-3], stages=2) == Fisher(lambda_=(1e-5, 1e-3), stages=2)
+    assert Fisher(lambda_=[1e-5, 1e-3], stages=2).problems("chita++", t) == []
+    assert Fisher(lambda_=[1e-5, 1e-3]).problems("chita", t) == ["lambda: 2 lambdas for 1 stage(s); give one per stage"]
+
+
 def test_every_registered_method_is_a_layerwise_method():
     assert {"chita", "sparsegpt", "wanda", "magnitude", "obd"} <= set(layerwise_methods())
 
