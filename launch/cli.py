@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The console script: exit with :func:`main`'s status (as launch/prune.py does, a multi-process run skips the
     interpreter's teardown once everything is written)."""
+    from launch import watchdog
+
+    watchdog.stop_quietly_while_starting()
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()

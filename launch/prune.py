@@ -25,6 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a source checkout
     sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":
+    from launch import watchdog
+
+    watchdog.stop_quietly_while_starting()
 
 import torch  # noqa: E402
 

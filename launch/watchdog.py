@@ -3,6 +3,8 @@
 * :func:`handle_signals` turns SIGTERM and SIGINT (Ctrl-C) into the :class:`Terminated` exception (so ``with``
   blocks such as the atomic output directory clean up; the launcher sends SIGTERM to every rank when it is stopped
   or when one rank fails, and passes a SIGINT on to every rank).
+* :func:`stop_quietly_while_starting`: before that, while the libraries load, Ctrl-C ends the process with the same
+  one line and status.
 * :func:`install` (collective, once per run after the process group exists) exchanges every rank's (host, PID),
   handles the signals and, at world size > 1, starts a daemon thread that polls the other ranks on this host: if
   one has ended and this rank is still running ``grace`` seconds later (stuck in a collective whose transport did
@@ -63,6 +65,21 @@ def _on_signal(signum, frame):
 
 
 _replaced: dict[int, object] = {}  # the handlers handle_signals replaced, by signal
+
+
+def stop_quietly_while_starting() -> None:
+    """Before the libraries load (torch takes seconds): Ctrl-C then ends the process with one line and status 130,
+    not an import traceback, until :func:`handle_signals` takes over. An ignored SIGINT stays ignored."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _exit_while_starting)
+
+
+def _exit_while_starting(signum, frame):
+    signal.signal(signum, signal.SIG_DFL)
+    if os.environ.get("RANK", "0") == "0":  # every rank gets the launcher's Ctrl-C: rank 0 says it
+        print(f"error: terminated by {signal.Signals(signum).name} during start; stopped without writing output",
+              file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def handle_signals() -> None:

@@ -201,6 +201,39 @@ def test_sigint_stops_the_run_in_one_line(tmp_path, weights, processes):
            f"{code} after {seconds:.0f} s")
 
 
+# the child sends itself SIGINT as it starts importing torch (the seconds before the run handles signals)
+_INTERRUPT_AT_TORCH_IMPORT = """
+import os, runpy, signal, sys
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, Interrupt())
+sys.argv = {argv!r}
+{run}
+"""
+
+
+@pytest.mark.parametrize("command", ["launch/prune.py", "dist-chita prune"])
+def test_sigint_while_the_libraries_load_is_one_line(tmp_path, command):
+    """Ctrl-C while torch still loads, before the run handles signals: one line, status 130, no traceback."""
+    args = ["world_size=1", f"output.dir={tmp_path / 'out'}"]
+    if command == "launch/prune.py":
+        script = _INTERRUPT_AT_TORCH_IMPORT.format(argv=["launch/prune.py", *args],
+                                                   run="runpy.run_path('launch/prune.py', run_name='__main__')")
+    else:
+        script = _INTERRUPT_AT_TORCH_IMPORT.format(argv=["dist-chita", "prune", *args],
+                                                   run="from launch.cli import entry; entry()")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert (proc.returncode, proc.stderr) == (
+        130, "error: terminated by SIGINT during start; stopped without writing output\n"), proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    record(f"sigint start {command}", "faults", f"`{command}` interrupted with SIGINT (Ctrl-C) while torch loads",
+           proc.stderr.strip(), proc.returncode)
+
+
 def test_a_stuck_rank_ends_the_run_at_the_timeout(tmp_path, weights):
     """Rank 1 alive but stalled (not in a collective): rank 0 gives up after timeout_seconds and names it."""
     cfg = _config(tmp_path, weights)
