@@ -335,6 +335,16 @@ def test_configs_present():
     assert resolve_weights(mlp.model.weights).is_file()  # shipped with the package: a fresh clone runs it
 
 
+def test_the_mlpnet_config_runs_the_schedule_its_benchmark_chose():
+    import json
+
+    cfg = load_config(ROOT / "configs" / "mlpnet_mnist.yaml")
+    rows = json.loads((ROOT / "benchmarks" / "results" / "mlpnet_mnist.json").read_text())["rows"]
+    chosen = next(r for r in rows if r["sparsity"] == cfg.prune.sparsity)["chita++"]["schedule"]
+    assert (cfg.fisher.stages, cfg.fisher.base_sparsity) == pytest.approx(
+        (chosen["stages"], chosen["base_sparsity"])), "re-run the benchmark's choice into configs/mlpnet_mnist.yaml"
+
+
 def test_library_kwargs_match_signatures():
     import inspect
 
