@@ -256,13 +256,15 @@ def prepare_output(cfg: RunConfig) -> Path:
     """The output directory, checked before any work: refused when it exists (without ``output.overwrite``) or
     holds an input; temporaries of killed runs beside it are removed."""
     from dist_chita.distributed import comm
-    from dist_chita.io.models import resolve_weights
+    from dist_chita.io.models import BUILTIN_MODELS, resolve_weights
     from dist_chita.io.output import check_target
     from launch import watchdog
 
     weights = cfg.model.weights and str(resolve_weights(cfg.model.weights))
-    protected = [p for p in (cfg.model.path, weights, cfg.calibration.source) if p and os.path.exists(p)]
-    out_dir = check_target(cfg.output.dir, cfg.output.overwrite, protected)
+    model = BUILTIN_MODELS[cfg.model.path]() if cfg.model.path in BUILTIN_MODELS else cfg.model.path
+    inputs = (model, weights, cfg.calibration.source, cfg.eval.source)
+    protected = [p for p in inputs if p and os.path.exists(os.path.expanduser(p))]
+    out_dir = check_target(cfg.output.dir, cfg.output.overwrite, protected, probe_replace=comm.is_main())
     if comm.is_main():
         for stale in watchdog.remove_dead_temporaries(out_dir):
             say(f"  removed {stale}, left by a run that was killed")

@@ -197,7 +197,7 @@ def wait_for_rank0(grace: float = 5.0, poll: float = 0.05) -> bool:
 def remove_dead_temporaries(output_dir: str | os.PathLike) -> list[Path]:
     """Delete the temporary directories (``.<name>.tmp-<pid>``) that killed runs left beside ``output_dir``,
     those whose process no longer runs on this host; returns them."""
-    out = Path(output_dir).resolve()
+    out = Path(output_dir).expanduser().resolve()
     removed = []
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
@@ -225,7 +225,7 @@ def _watch(grace: float, output_dir) -> None:
             print(line, file=sys.stderr, flush=True)
             record_for_launcher(line)
         if output_dir is not None:
-            out = Path(output_dir).resolve()
+            out = Path(output_dir).expanduser().resolve()
             shutil.rmtree(out.parent / f".{out.name}.tmp-{os.getpid()}", ignore_errors=True)
         os._exit(1)
 

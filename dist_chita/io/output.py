@@ -20,22 +20,32 @@ from pathlib import Path
 
 
 def check_target(target: str | os.PathLike, overwrite: bool, protected: list[str | os.PathLike] = (),
-                 overwrite_hint: str = "set output.overwrite=true", name: str = "output.dir") -> Path:
+                 overwrite_hint: str = "set output.overwrite=true", name: str = "output.dir",
+                 probe_replace: bool = True) -> Path:
     """Validate an output directory before any work starts; returns it resolved.
 
-    ``protected`` are inputs (checkpoint, data) the output must not be, contain or lie inside. The messages say how
-    to replace an existing target (``overwrite_hint``) and what to choose again (``name``): the config's keys unless
-    the caller's user sets them otherwise.
+    ``protected`` are inputs (checkpoint, data) the output must not be, contain or lie inside (``~`` is expanded
+    in every path). The messages say how to replace an existing target (``overwrite_hint``) and what to choose
+    again (``name``): the config's keys unless the caller's user sets them otherwise. ``probe_replace``: an
+    existing target (with ``overwrite``) is renamed and renamed back, so that one the final rename cannot move
+    (immutable, a mount point) is refused now; one process of a run probes, the others check the rest.
     """
-    out = Path(target).resolve()
+    out = Path(target).expanduser().resolve()
     for p in protected:  # first: overwriting would not help
-        q = Path(p).resolve()
+        q = Path(p).expanduser().resolve()
         if out == q or q.is_relative_to(out) or out.is_relative_to(q):
             raise ValueError(f"output directory {out} overlaps the input {q}; choose another {name}")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists ({overwrite_hint} to replace it)")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output path {out} exists and is not a directory")
+    if out.exists() and probe_replace:  # replaced at the end by renames: one that would fail fails now
+        probe = out.parent / f".{out.name}.probe-{os.getpid()}"
+        try:
+            os.rename(out, probe)
+        except OSError as e:
+            raise PermissionError(f"cannot replace the output directory {out}: {e.strerror}") from None
+        os.rename(probe, out)
     # The temporary directory is created beside the target: probe its nearest existing ancestor now (by making
     # and removing a directory, which also catches what permission bits do not: read-only mounts, /proc, root)
     # rather than after hours of pruning.
@@ -70,11 +80,19 @@ def atomic_directory(target: str | os.PathLike, overwrite: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
+    old = out.parent / f".{out.name}.old-{os.getpid()}" if out.exists() else None
+    try:
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot move the finished output into {out}: {e.strerror or e}") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -107,6 +125,6 @@ def apply_umask(root: str | os.PathLike) -> None:
 
 def remove_stale_temporaries(target: str | os.PathLike) -> None:
     """Delete temporary directories that killed runs left beside ``target``."""
-    out = Path(target).resolve()
+    out = Path(target).expanduser().resolve()
     for p in out.parent.glob(f".{out.name}.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)

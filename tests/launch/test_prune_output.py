@@ -89,3 +89,22 @@ def test_dense_output_reports_its_size_and_torch_models_refuse_compressed(tmp_pa
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.strip() == (
         "error: output.format: compressed-tensors needs a Hugging Face model (model.source: hf); use dense")
+
+
+@pytest.mark.parametrize("model", ["builtin", "home"])
+def test_an_output_over_the_input_model_is_refused_however_the_model_is_named(tmp_path, monkeypatch, model):
+    """The overlap check sees the directory a builtin model name or a ``~`` path loads from (nothing is written:
+    the check comes first)."""
+    from dist_chita.io.models import resolve_hf_path
+    from launch.config import parse_config
+    from launch.prune import prepare_output
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if model == "builtin":
+        path, out = "builtin:resnet-mnist", resolve_hf_path("builtin:resnet-mnist")
+    else:
+        (tmp_path / "ckpt").mkdir()
+        path, out = "~/ckpt", "~/ckpt"
+    cfg = parse_config({}, [f"model.path={path}", f"output.dir={out}", "output.overwrite=true"])
+    with pytest.raises(ValueError, match="overlaps the input"):
+        prepare_output(cfg)

@@ -49,6 +49,52 @@ def test_output_may_not_overlap_inputs(tmp_path):
     check_target(tmp_path / "pruned", overwrite=False, protected=[ckpt])
 
 
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "model").mkdir()
+    with pytest.raises(ValueError, match=f"overlaps the input {tmp_path / 'model'};"):
+        check_target("~/model", overwrite=True, protected=["~/model"])
+    with pytest.raises(ValueError, match="overlaps the input"):
+        check_target(tmp_path / "model" / "out", overwrite=False, protected=["~/model"])
+    assert check_target("~/out", overwrite=False) == tmp_path / "out"
+    with atomic_directory("~/out") as d:
+        (d / "a.txt").write_text("x")
+    assert (tmp_path / "out" / "a.txt").read_text() == "x"
+
+
+def test_a_target_that_cannot_be_replaced_is_refused_before_any_work(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+
+    def immutable(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "rename", immutable)
+    with pytest.raises(PermissionError) as e:
+        check_target(target, overwrite=True)
+    assert str(e.value) == f"cannot replace the output directory {target}: Operation not permitted"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (target / "old.txt").read_text() == "old"
+
+
+@pytest.mark.parametrize("failing", [0, 1])  # moving the old target aside, or the new one into place
+def test_a_failed_final_move_leaves_the_old_target_and_no_temporary(tmp_path, monkeypatch, failing):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == failing + 1:
+            raise OSError(16, "Device or resource busy")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match=f"^cannot move the finished output into {target}: Device or resource busy$"):
+        with atomic_directory(target, overwrite=True) as d:
+            (d / "new.txt").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in target.iterdir()] == ["old.txt"]
+
+
 def test_messages_name_the_callers_options(tmp_path):
     ckpt = tmp_path / "model"
     ckpt.mkdir()
