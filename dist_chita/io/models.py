@@ -301,16 +301,25 @@ def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tupl
     """(args, kwargs) to call ``model`` with: HF models get the tensors they accept as keywords
     (never ``labels``: losses are computed outside), and ``use_cache=False`` where the forward takes it (no
     key/value cache of every layer, which a decoder otherwise builds and returns on every forward); plain torch
-    models get ``pixel_values`` (else ``input_ids``) as the one positional argument."""
+    models get ``pixel_values`` (else ``input_ids``) as the one positional argument. Floating-point inputs
+    (pixels) come in the dtype of the model's weights (a model loaded in bfloat16 takes bfloat16 images)."""
     if is_hf(model):
-        kwargs = {k: batch[k] for k in _HF_INPUTS if k in batch}
+        kwargs = {k: _in_dtype_of(model, batch[k]) for k in _HF_INPUTS if k in batch}
         if _takes_use_cache(type(model)):
             kwargs["use_cache"] = False
         return (), kwargs
     for k in ("pixel_values", "input_ids", "inputs"):
         if k in batch:
-            return (batch[k],), {}
+            return (_in_dtype_of(model, batch[k]),), {}
     raise ValueError(f"batch has no model input (keys: {', '.join(batch)})")
+
+
+def _in_dtype_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dtype of ``model``'s first floating-point parameter when ``x`` is floating-point too."""
+    if not x.is_floating_point():
+        return x
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    return x if dtype == x.dtype else x.to(dtype)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor | None, normalize: bool = True) -> torch.Tensor:

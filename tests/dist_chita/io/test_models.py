@@ -173,6 +173,10 @@ def test_dtype(mlpnet_weights):
     lm = models.load_model("torch", task="image-classification", factory="dist_chita.zoo:mlpnet",
                            weights=str(mlpnet_weights), dtype="bfloat16")
     assert lm.model.fc1.weight.dtype == torch.bfloat16
+    x = torch.randn(3, 1, 28, 28)  # float32 pixels, as the data loaders give them
+    with torch.no_grad():
+        out = models.forward(lm.model, lm.task, {"pixel_values": x})
+        assert out.dtype == torch.bfloat16 and torch.equal(out, lm.model(x.bfloat16()))
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         models.torch_dtype("int8")
 
