@@ -26,6 +26,7 @@ import functools
 import importlib
 import inspect
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -352,10 +353,11 @@ def save_model(
 ) -> list[Path]:
     """Write the (pruned) model to ``out_dir``; returns the files written.
 
-    HF: ``save_pretrained`` (safetensors) plus tokenizer / image processor, reloadable with
-    :func:`load_hf_model`. torch: ``model.safetensors`` and ``torch_model.json`` (factory, task),
-    reloadable with :func:`load_torch_model` (or :func:`load_saved`). ``state_dict``: the full values
-    to write instead of the model's own (for a model whose parameters are partitioned by ZeRO-3:
+    HF: ``save_pretrained`` (safetensors) plus tokenizer / image processor, reloadable with :func:`load_hf_model`,
+    and the other files of a local checkpoint directory (:func:`carry_files`: a sentence-transformers model's
+    modules.json and pooling, vocabularies, notes). torch: ``model.safetensors`` and ``torch_model.json``
+    (factory, task), reloadable with :func:`load_torch_model` (or :func:`load_saved`). ``state_dict``: the full
+    values to write instead of the model's own (for a model whose parameters are partitioned by ZeRO-3:
     :func:`dist_chita.io.params.full_state_dict`); the files are the same as for an unpartitioned model.
     """
     out = Path(out_dir)
@@ -366,6 +368,12 @@ def save_model(
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
                 extra.save_pretrained(str(out))
+        try:
+            source = Path(resolve_hf_path(loaded.source))
+        except ValueError:  # a checkpoint since moved: nothing to carry
+            source = None
+        if source is not None and source.is_dir():
+            carry_files(source, out)
     else:
         from safetensors.torch import save_model as save_safetensors
 
@@ -376,6 +384,35 @@ def save_model(
         save_safetensors(model, str(out / TORCH_WEIGHTS))
         (out / TORCH_SOURCE).write_text(json.dumps({"factory": loaded.source, "task": loaded.task}, indent=2))
     return sorted(p for p in set(out.rglob("*")) - before if p.is_file())
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot",
+                   ".tflite", ".pb", ".npz")
+
+
+def _is_weights(path: Path) -> bool:
+    return path.name.endswith(WEIGHT_SUFFIXES) or path.name.endswith(".index.json")
+
+
+def carry_files(source: Path, out: Path) -> list[Path]:
+    """Copy into ``out`` the files and folders of the checkpoint directory ``source`` that ``out`` does not have,
+    except weights (:data:`WEIGHT_SUFFIXES`, weight indexes), folders holding weights (another runtime's dense
+    copy: onnx/, openvino/) and hidden ones (.git, .cache); returns the files copied."""
+    copied = []
+    for src in sorted(source.rglob("*")):
+        rel = src.relative_to(source)
+        if any(part.startswith(".") for part in rel.parts) or (out / rel).exists():
+            continue
+        folder = src if src.is_dir() else src.parent
+        if _is_weights(src) or (folder != source and any(_is_weights(p) for p in folder.rglob("*"))):
+            continue
+        if src.is_dir():
+            (out / rel).mkdir(parents=True)
+        else:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out / rel)
+            copied.append(out / rel)
+    return copied
 
 
 def load_saved(out_dir: str | Path, task: str | None = None, dtype: str = "float32") -> LoadedModel:

@@ -53,6 +53,35 @@ def _round_trip(model, task, tmp_path, tokenizer=None, image_processor=None):
     return models.load_hf_model(str(tmp_path / "saved"), task)
 
 
+def test_files_of_the_checkpoint_directory_are_carried_except_weights(tmp_path, bert_tokenizer):
+    """A sentence-transformers layout keeps its modules and pooling config, plain notes and empty module folders
+    come along; weights (another format's, another runtime's folder) and hidden folders do not; files the save
+    wrote itself are not replaced."""
+    from transformers import AutoModel
+
+    src = tmp_path / "ckpt"
+    AutoModel.from_config(_bert_config()).save_pretrained(str(src))
+    bert_tokenizer.save_pretrained(str(src))
+    extra = {"modules.json": "[]", "1_Pooling/config.json": "{}", "notes.txt": "mine", "pytorch_model.bin": "w",
+             "onnx/model.onnx": "w", "onnx/config.json": "{}", ".git/HEAD": "x"}
+    for name, text in extra.items():
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(text)
+    (src / "2_Normalize").mkdir()
+    loaded = models.load_hf_model(str(src), "embedding")
+    written = models.save_model(loaded, tmp_path / "out")
+    out = tmp_path / "out"
+    carried = {"modules.json", "1_Pooling/config.json", "notes.txt"}
+    assert carried <= {str(p.relative_to(out)) for p in written}
+    assert (out / "2_Normalize").is_dir() and not any((out / "2_Normalize").iterdir())
+    for absent in ("pytorch_model.bin", "onnx", ".git"):
+        assert not (out / absent).exists(), absent
+    assert (out / "notes.txt").read_text() == "mine"
+    assert {p.name for p in src.iterdir()} >= {"notes.txt", "onnx", ".git"}  # the source is left as it was
+    (out / "notes.txt").write_text("the output's")
+    assert models.carry_files(src, out) == [] and (out / "notes.txt").read_text() == "the output's"
+
+
 def test_embedding_round_trip_and_mean_pooling(tmp_path, bert_tokenizer):
     from transformers import AutoModel
 
