@@ -155,12 +155,15 @@ class OutputConfig:
     """Where and how the result is written. ``format``: ``dense`` (every weight stored, zeros included: what
     transformers and vLLM load) or ``compressed-tensors`` (Hugging Face models: the pruned layers stored as their
     non-zero values and a bitmask, ``sparse-bitmask`` or for 2:4 ``sparse-24-bitmask``, with the
-    ``sparsity_config`` in config.json; see dist_chita/io/compressed.py for who reads it)."""
+    ``sparsity_config`` in config.json; see dist_chita/io/compressed.py for who reads it). ``dtype``: the saved
+    weights' dtype; ``auto``: the checkpoint's (its config's ``dtype``, or its weights'), whatever ``model.dtype``
+    the prune computed in (a kept weight never rounds to zero)."""
 
     dir: str = "runs/default"
     overwrite: bool = False
     save_model: bool = True
     format: Literal["dense", "compressed-tensors"] = "dense"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -341,10 +341,13 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
     if not comm.is_main():
         finish()
         return 0 if comm.broadcast_object(True) else 1
+    loaded_in = next((p.dtype for p in loaded.model.parameters() if p.is_floating_point()), None)
+    saved_dtype = (loaded.checkpoint_dtype or loaded_in) if cfg.output.dtype == "auto" else \
+        models.torch_dtype(cfg.output.dtype)
     try:
         with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
             if cfg.output.save_model:
-                models.save_model(loaded, tmp, state_dict=state)
+                models.save_model(loaded, tmp, state_dict=state, dtype=saved_dtype)
                 write_format(cfg, loaded, rep, tmp)
             save_config(cfg, tmp / "dist_chita_config.yaml")
             finish()
@@ -355,7 +358,11 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
         comm.broadcast_object(False)
         raise
     comm.broadcast_object(True)
-    say(*rep.summary_lines(), f"  saved to {out_dir}")
+    dtype_note = []
+    if cfg.output.save_model and saved_dtype not in (None, loaded_in):
+        dtype_note = [f"  weights saved in {str(saved_dtype).removeprefix('torch.')} (output.dtype "
+                      f"{cfg.output.dtype}); pruned and measured in {str(loaded_in).removeprefix('torch.')}"]
+    say(*rep.summary_lines(), *dtype_note, f"  saved to {out_dir}")
     return 0
 
 

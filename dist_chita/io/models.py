@@ -81,7 +81,9 @@ class LoadedModel:
     """A model ready to prune: ``model`` in eval mode, and how to feed and save it.
 
     kind: "hf" or "torch"; task: one of :data:`TASKS`; source: the checkpoint path / hub id, or the
-    factory for torch models; tokenizer / image_processor: None when the model has none.
+    factory for torch models; tokenizer / image_processor: None when the model has none; checkpoint_dtype: the
+    floating-point dtype the checkpoint stores (its config's ``dtype``, or its weights'), which may differ from
+    the dtype it was loaded in; None when unknown.
     """
 
     model: nn.Module
@@ -90,6 +92,7 @@ class LoadedModel:
     source: str
     tokenizer: Any = None
     image_processor: Any = None
+    checkpoint_dtype: torch.dtype | None = None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -152,8 +155,8 @@ def load_hf_model(
     where = resolve_hf_path(path)
     auto = getattr(transformers, AUTO_CLASSES[task])
     try:
+        config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
         if init == "random":
-            config = transformers.AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
             model = auto.from_config(config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
         elif compressed.sparsity_config(where) is not None:  # a sparse checkpoint (output.format: compressed-tensors)
             model = compressed.load_pretrained(where, AUTO_CLASSES[task], torch_dtype(dtype), trust_remote_code)
@@ -174,7 +177,17 @@ def load_hf_model(
         tokenizer = _optional(transformers.AutoTokenizer, extras, trust_remote_code)
         if tokenizer is not None and tokenizer.pad_token is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token  # GPT-style tokenizers: pad with EOS (masked anyway)
-    return LoadedModel(model, task, "hf", path, tokenizer, image_processor)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return LoadedModel(model, task, "hf", path, tokenizer, image_processor, _float_dtype(stored))
+
+
+def _float_dtype(value: Any) -> torch.dtype | None:
+    """A config's or file's dtype (a torch dtype, ``"bfloat16"``, ``"torch.float16"``, safetensors' ``"BF16"``) as
+    one of :data:`DTYPES`' dtypes; None for anything else."""
+    if isinstance(value, torch.dtype):
+        return value if value in DTYPES.values() else None
+    name = str(value).removeprefix("torch.")
+    return DTYPES.get(name) or {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(name)
 
 
 def init_random(model: nn.Module, seed: int, std: float = 0.02) -> None:
@@ -224,17 +237,31 @@ def load_torch_model(factory: str, weights: str | None, task: str, dtype: str = 
     model = load_factory(factory)()
     if not isinstance(model, nn.Module):
         raise ValueError(f"model factory {factory} returned {type(model).__name__}, not an nn.Module")
+    stored = None
     if weights is not None:
         w = resolve_weights(weights)
         if not w.is_file():
             raise ValueError(f"model weights not found: {weights}")
         try:
             load_model(model, str(w), strict=True)
+            stored = _stored_dtype(w)
         except Exception as e:  # noqa: BLE001 - safetensors / state-dict mismatches
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise ValueError(f"cannot load weights {weights} into {factory}(): {first}") from None
     model.to(torch_dtype(dtype)).eval()
-    return LoadedModel(model, task, "torch", factory)
+    return LoadedModel(model, task, "torch", factory, checkpoint_dtype=stored)
+
+
+def _stored_dtype(path: Path) -> torch.dtype | None:
+    """The dtype of the first floating-point tensor of a safetensors file (None: it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+            found = _float_dtype(f.get_slice(key).get_dtype())
+            if found is not None:
+                return found
+    return None
 
 
 def load_model(
@@ -349,7 +376,8 @@ def forward(model: nn.Module, task: str, batch: dict[str, torch.Tensor]) -> torc
 
 
 def save_model(
-    loaded: LoadedModel, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+    loaded: LoadedModel, out_dir: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> list[Path]:
     """Write the (pruned) model to ``out_dir``; returns the files written.
 
@@ -359,12 +387,21 @@ def save_model(
     (factory, task), reloadable with :func:`load_torch_model` (or :func:`load_saved`). ``state_dict``: the full
     values to write instead of the model's own (for a model whose parameters are partitioned by ZeRO-3:
     :func:`dist_chita.io.params.full_state_dict`); the files are the same as for an unpartitioned model.
+    ``dtype``: the floating-point dtype of the saved weights (None: the model's), :func:`cast_weights`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("*"))
+    if dtype is not None and dtype != _weights_dtype(loaded.model, state_dict):
+        state_dict = cast_weights(loaded.model.state_dict() if state_dict is None else state_dict, dtype)
+    else:
+        dtype = None
     if loaded.kind == "hf":
         loaded.model.save_pretrained(str(out), state_dict=state_dict)
+        if dtype is not None:  # save_pretrained writes the dtype of the model in memory
+            config = json.loads((out / "config.json").read_text())
+            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+            (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
                 extra.save_pretrained(str(out))
@@ -380,10 +417,43 @@ def save_model(
         model = loaded.model
         if state_dict is not None:  # a fresh unpartitioned copy, so that shared tensors are saved as usual
             model = load_factory(loaded.source)()
+            if dtype is not None:
+                model.to(dtype)
             model.load_state_dict(state_dict, strict=True)
         save_safetensors(model, str(out / TORCH_WEIGHTS))
         (out / TORCH_SOURCE).write_text(json.dumps({"factory": loaded.source, "task": loaded.task}, indent=2))
     return sorted(p for p in set(out.rglob("*")) - before if p.is_file())
+
+
+def _weights_dtype(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> torch.dtype | None:
+    tensors = model.parameters() if state_dict is None else state_dict.values()
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+
+
+def cast_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every floating-point tensor of ``state_dict`` in ``dtype`` (others as they are), keeping the mask: a kept
+    weight too small for ``dtype`` is stored as its smallest value of the same sign, not as a zero. A value beyond
+    ``dtype``'s range is refused (ValueError naming the tensor). Tensors that share memory (tied embeddings) share
+    their cast too, so that they are saved once."""
+    out, done = {}, {}
+    for key, t in state_dict.items():
+        if not t.is_floating_point() or t.dtype == dtype:
+            out[key] = t
+            continue
+        view = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+        if view in done:
+            out[key] = done[view]
+            continue
+        c = t.to(dtype)
+        if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(t).all()):
+            raise ValueError(f"{key} exceeds the range of {str(dtype).removeprefix('torch.')}; save it in another "
+                             "dtype (output.dtype)")
+        lost = (c == 0) & (t != 0)
+        if bool(lost.any()):
+            tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+            c = torch.where(lost, torch.full_like(c, tiny).copysign(t.to(dtype)), c)
+        out[key] = done[view] = c
+    return out
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".ot",

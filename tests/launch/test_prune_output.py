@@ -108,3 +108,33 @@ def test_an_output_over_the_input_model_is_refused_however_the_model_is_named(tm
     cfg = parse_config({}, [f"model.path={path}", f"output.dir={out}", "output.overwrite=true"])
     with pytest.raises(ValueError, match="overlaps the input"):
         prepare_output(cfg)
+
+
+def test_a_bfloat16_checkpoint_is_saved_in_bfloat16_with_its_mask(tmp_path, llama_checkpoint):
+    """output.dtype auto: a bfloat16 checkpoint, pruned in float32, comes back in bfloat16 (config and every
+    tensor, the file no larger than the input's), with the mask the report states; output.dtype=float32 keeps the
+    float32 weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from dist_chita.io.models import load_hf_model
+    from dist_chita.report import mask_digest
+
+    ckpt = tmp_path / "bf16"
+    shutil.copytree(llama_checkpoint, ckpt)
+    load_hf_model(str(llama_checkpoint), "causal-lm", dtype="bfloat16").model.save_pretrained(ckpt)
+    res = prune(tmp_path, ckpt)
+    assert res.returncode == 0, res.stderr
+    assert "weights saved in bfloat16 (output.dtype auto); pruned and measured in float32" in res.stdout
+    out = tmp_path / "out"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    saved, given = load_file(str(out / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
+    assert saved.keys() == given.keys() and {t.dtype for t in saved.values()} == {torch.bfloat16}
+    rep = json.loads((out / "prune_report.json").read_text())
+    names = [row["name"] for row in rep["layers"]]
+    assert mask_digest({n: saved[f"{n}.weight"] != 0 for n in names}, names) == rep["mask_sha256"]
+    assert all(torch.equal(v, given[k]) for k, v in saved.items() if k.removesuffix(".weight") not in names)
+    res = prune(tmp_path, ckpt, "output.dtype=float32", "output.overwrite=true")
+    assert res.returncode == 0 and "weights saved in" not in res.stdout, res.stderr
+    assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}

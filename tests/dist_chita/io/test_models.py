@@ -4,6 +4,7 @@ Tiny models are built from transformers configs (no downloads)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,37 @@ def test_dtype(mlpnet_weights):
         assert out.dtype == torch.bfloat16 and torch.equal(out, lm.model(x.bfloat16()))
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         models.torch_dtype("int8")
+
+
+def test_weights_saved_in_the_checkpoint_dtype_keep_zeros_ties_and_kept_weights(tmp_path, mlpnet_weights):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+                     ).to(torch.float16).save_pretrained(tmp_path / "ckpt")
+    lm = models.load_hf_model(str(tmp_path / "ckpt"), "causal-lm")
+    assert (lm.checkpoint_dtype, lm.model.lm_head.weight.dtype) == (torch.float16, torch.float32)
+    models.save_model(lm, tmp_path / "same", dtype=torch.float16)  # unpruned: the checkpoint's bits again
+    given, same = load_file(str(tmp_path / "ckpt" / "model.safetensors")), load_file(
+        str(tmp_path / "same" / "model.safetensors"))
+    assert same.keys() == given.keys() and all(torch.equal(same[k], given[k]) for k in given)  # the tie saved once
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["dtype"] == "float16"
+    w = lm.model.model.layers[0].mlp.up_proj.weight
+    with torch.no_grad():
+        w[:, ::2] = 0
+        w[0, 1], w[1, 1] = 1e-12, -1e-12  # kept, but below float16's smallest value
+    models.save_model(lm, tmp_path / "pruned", dtype=torch.float16)
+    saved = load_file(str(tmp_path / "pruned" / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(saved != 0, w != 0) and saved[0, 1] > 0 > saved[1, 1]
+    with pytest.raises(ValueError, match="^w exceeds the range of float16"):
+        models.cast_weights({"w": torch.tensor([1e6])}, torch.float16)
+    half = tmp_path / "half.safetensors"  # a plain torch model's weights file sets its dtype
+    save_file({k: v.half() for k, v in load_file(str(mlpnet_weights)).items()}, str(half))
+    mlp = models.load_torch_model("dist_chita.zoo:mlpnet", str(half), "image-classification")
+    assert (mlp.checkpoint_dtype, mlp.model.fc1.weight.dtype) == (torch.float16, torch.float32)
+    models.save_model(mlp, tmp_path / "mlp", dtype=mlp.checkpoint_dtype)
+    assert {v.dtype for v in load_file(str(tmp_path / "mlp" / models.TORCH_WEIGHTS)).values()} == {torch.float16}
 
 
 def test_builtin_minilm():
