@@ -168,6 +168,12 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """A whole run. ``world_size``: the processes the run expects (a note when the launcher started another
+    number; results do not depend on it). ``threads_per_rank``: torch threads of each process, 1 by default, so
+    that a run gives the same bits on any number of processes (on CPU, float32 matrix products change bits with
+    the thread count); null: torch's count (every core for one process; under Accelerate the cores shared among
+    the processes of a node). ``timeout_seconds``: how long a collective may wait for another rank."""
+
     name: str = "default"
     model: ModelConfig = field(default_factory=ModelConfig)
     calibration: DataConfig = field(default_factory=DataConfig)
@@ -177,7 +183,7 @@ class RunConfig:
     fisher: Fisher = field(default_factory=Fisher)
     output: OutputConfig = field(default_factory=OutputConfig)
     world_size: int | None = 2
-    threads_per_rank: int | None = None
+    threads_per_rank: int | None = 1
     timeout_seconds: int = 1800
 
     def to_dict(self) -> dict[str, Any]:

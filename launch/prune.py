@@ -72,9 +72,8 @@ def say(*lines: str) -> None:
 
 def start_processes(cfg: RunConfig):
     """Create the Accelerator (and with it the process group): gloo on CPU, NCCL on GPUs; checks that the
-    process group has as many ranks as the launcher started."""
-    if cfg.threads_per_rank:
-        torch.set_num_threads(cfg.threads_per_rank)
+    process group has as many ranks as the launcher started; then sets ``threads_per_rank`` (after the
+    Accelerator, which sets its own count on CPU when OMP_NUM_THREADS is not set)."""
     use_cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
     if not torch.cuda.is_available():  # before anything imports deepspeed (accelerate; transformers when saving),
@@ -95,6 +94,8 @@ def start_processes(cfg: RunConfig):
     if comm.world_size() != launched:
         raise RuntimeError(f"the launcher started {launched} processes but the process group has "
                            f"{comm.world_size()} rank(s)")
+    if cfg.threads_per_rank:
+        torch.set_num_threads(cfg.threads_per_rank)
     if not comm.is_main():  # the libraries' own progress bars and notices: from the main process only
         import datasets
         import transformers

@@ -295,6 +295,24 @@ def test_nan_weights_name_the_layer(tmp_path, weights):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_one_thread_per_rank_by_default_and_the_given_count_under_any_launcher(tmp_path, launcher):
+    """threads_per_rank is 1 unless given (the same bits on any number of processes), and a given count holds
+    under torchrun too, where Accelerate sets its own count (cores / processes) when OMP_NUM_THREADS is unset."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    args = ["--config", "configs/tiny_mlp.yaml", f"output.dir={tmp_path / 'out'}", "world_size=null"]
+    if launcher == "python":
+        cmd, threads = [sys.executable, "launch/prune.py", *args], 1
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port",
+               str(free_port()), "launch/prune.py", *args, "threads_per_rank=3"]
+        threads = 3
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"on 1 process(es), {threads} thread(s) each" in res.stdout
+    assert json.loads((tmp_path / "out" / "prune_report.json").read_text())["threads_per_rank"] == threads
+
+
 def test_existing_output_refused_and_input_untouched(tmp_path, weights):
     before = weights.read_bytes()
     (tmp_path / "out").mkdir()
