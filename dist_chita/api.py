@@ -10,6 +10,7 @@ caller creates the process group); the ranks share the work and end with the sam
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher import driver as fisher_driver
 from dist_chita.fisher import groups, losses, ntstore, resume, tuning
 from dist_chita.io import data, models, params
-from dist_chita.layerwise import allocation, budgets, curvature
+from dist_chita.layerwise import allocation, budgets, curvature, geometry
 from dist_chita.layerwise import driver as layerwise_driver
 from dist_chita.options import Fisher, Layerwise, Target, objective_name, resolve_ridge
 from dist_chita.planning import memory
@@ -156,6 +157,7 @@ def prune(
     run = _Run(model, task, samples, target, objective, method, batch_size,
                prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
                log, progress, fisher or Fisher(), reestimate_batchnorm)
+    _check_groups(run)
     if held is not None:
         run.validation = _validation(run, held, partitioned)
     with run.phase("allocation" if _allocates(run) else "_targets"):
@@ -255,6 +257,21 @@ def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
                             else objective.problems(method))
     if problems:
         raise ValueError(problems[0])
+
+
+def _check_groups(run: _Run) -> None:
+    """N:M groups are M consecutive weights of a row: every pruned layer's rows (its inputs on the layerwise
+    objective; a row of the stored weight on the Fisher objective, whose factor holds the weights as stored) must
+    hold a whole number of them, else groups would straddle rows."""
+    if run.target.nm is None:
+        return
+    M = run.target.nm_pair[1]
+    for name, module in run.modules:
+        shape = tuple(params.shape(module.weight))
+        d = math.prod(shape[1:]) if run.fisher else geometry.input_size(module, shape)
+        if d % M:
+            raise ValueError(f"nm: the rows of layer {name!r} hold {d} weights, not a multiple of M = {M}; leave it "
+                             "out (exclude) or choose another N:M")
 
 
 def _targets(run: _Run) -> Sparsity:

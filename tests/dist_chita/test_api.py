@@ -142,3 +142,28 @@ def test_a_target_field_of_the_wrong_type_is_refused_before_any_work(target, mes
         dist_chita.prune(model, {"inputs": torch.randn(16, 12)}, target=target, objective=objective, batch_size=8,
                          check_memory=False)
     assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize(("method", "objective"), [("magnitude", None), ("chita", Fisher(loss="ce")),
+                                                   ("chita", None), ("wanda", None)])
+def test_n_m_groups_never_straddle_rows(method, objective):
+    """2:4 on a layer of 6 inputs is refused by every method and objective, naming the layer (the Fisher objective
+    formed its groups over the flattened weight, 3 of every row's 6 kept); without that layer every row keeps
+    2 of each 4."""
+    torch.manual_seed(0)
+    data = {"pixel_values": torch.randn(32, 6), "labels": torch.randint(0, 4, (32,))}
+
+    def net():
+        return torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False), torch.nn.ReLU(),
+                                   torch.nn.Linear(4, 4, bias=False)).eval()
+
+    kw = dict(task="image-classification", method=method, objective=objective, batch_size=8, check_memory=False,
+              log=lambda *a: None)
+    model = net()
+    before = model[0].weight.clone()
+    with pytest.raises(ValueError, match=r"^nm: the rows of layer '0' hold 6 weights, not a multiple of M = 4;"):
+        dist_chita.prune(model, data, target=Target(nm="2:4", exclude_head=False), **kw)
+    assert torch.equal(model[0].weight, before)
+    model = net()
+    dist_chita.prune(model, data, target=Target(nm="2:4", exclude_head=False, exclude=["0"]), **kw)
+    assert (model[2].weight != 0).sum(1).tolist() == [2, 2, 2, 2]
