@@ -262,12 +262,17 @@ def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
 def _check_groups(run: _Run) -> None:
     """N:M groups are M consecutive weights of a row: every pruned layer's rows (its inputs on the layerwise
     objective; a row of the stored weight on the Fisher objective, whose factor holds the weights as stored) must
-    hold a whole number of them, else groups would straddle rows."""
+    hold a whole number of them, else groups would straddle rows; and a weight stored transposed (Conv1D) has no
+    N:M groups along its inputs on the Fisher objective."""
     if run.target.nm is None:
         return
     M = run.target.nm_pair[1]
     for name, module in run.modules:
         shape = tuple(params.shape(module.weight))
+        if run.fisher and geometry.input_size(module, shape) != math.prod(shape[1:]):
+            raise ValueError(f"nm: layer {name!r} stores its weight transposed (transformers' Conv1D), so N:M groups "
+                             "of the Fisher objective would run along its outputs; use the layerwise objective or "
+                             "leave it out (exclude)")
         d = math.prod(shape[1:]) if run.fisher else geometry.input_size(module, shape)
         if d % M:
             raise ValueError(f"nm: the rows of layer {name!r} hold {d} weights, not a multiple of M = {M}; leave it "

@@ -167,3 +167,20 @@ def test_n_m_groups_never_straddle_rows(method, objective):
     model = net()
     dist_chita.prune(model, data, target=Target(nm="2:4", exclude_head=False, exclude=["0"]), **kw)
     assert (model[2].weight != 0).sum(1).tolist() == [2, 2, 2, 2]
+
+
+def test_n_m_on_the_fisher_objective_refuses_weights_stored_transposed():
+    """GPT-2's Conv1D stores (inputs, outputs): the Fisher factor's groups would run along the outputs, so 2:4 is
+    refused there, naming the layer, while the layerwise objective (which sees rows of inputs) prunes it."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16,
+                                             bos_token_id=0, eos_token_id=0)).eval()
+    data = {"input_ids": torch.randint(0, 50, (8, 8))}
+    kw = dict(task="causal-lm", target=Target(nm="2:4"), batch_size=4, check_memory=False, log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"^nm: layer 'transformer.h.0.attn.c_attn' stores its weight transposed"):
+        dist_chita.prune(model, data, method="magnitude", objective=Fisher(loss="causal_lm"), **kw)
+    dist_chita.prune(model, data, method="chita", **kw)
+    w = model.transformer.h[0].attn.c_attn.weight.T  # (outputs, inputs)
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(2) <= 2).all()
