@@ -22,12 +22,13 @@ def current_phase() -> str:
     return _phase
 
 
-def point(phase: str) -> None:
-    """Record ``phase``; stall here if ``DIST_CHITA_FAULT`` names this rank and phase."""
+def point(phase: str, stall: bool = True) -> None:
+    """Record ``phase``; stall here if ``DIST_CHITA_FAULT`` names this rank and phase (and ``stall``: a phase
+    entered here whose fault point comes later)."""
     global _phase
     _phase = phase
     spec = os.environ.get("DIST_CHITA_FAULT")
-    if not spec:
+    if not spec or not stall:
         return
     from dist_chita.distributed import comm
 

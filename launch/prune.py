@@ -328,6 +328,7 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
     from dist_chita.io.output import atomic_directory
     from launch import faults
 
+    faults.point("save", stall=False)  # a stop from here on is reported as during save
     t = time.perf_counter()
     state = None  # under ZeRO-3 the full weights, gathered one parameter at a time (collective), on the main rank
     if partitioned and cfg.output.save_model:

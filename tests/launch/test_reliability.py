@@ -570,3 +570,19 @@ def test_a_failing_rank_waits_for_rank_0_to_report(tmp_path):
         watchdog._peers[:] = old_peers
         watchdog._stopping = watchdog._stopped_by_launcher = False
 
+
+
+def test_a_phase_entered_without_its_fault_point_names_the_phase_and_does_not_stall(monkeypatch):
+    """save() enters "save" before gathering and writing the weights (a stop there is reported as during save, not
+    during the last layer), while the fault injected at "save" still stalls only inside the temporary directory."""
+    from launch import faults
+
+    monkeypatch.setenv("DIST_CHITA_FAULT", "0:save")
+    monkeypatch.setattr(faults, "_phase", "layers")
+    t = time.monotonic()
+    faults.point("save", stall=False)
+    assert faults.current_phase() == "save" and time.monotonic() - t < 1.0
+    source = (ROOT / "launch" / "prune.py").read_text()
+    body = source[source.index("def save("):]
+    assert body.index('faults.point("save", stall=False)') < body.index("full_state_dict") < body.index(
+        'faults.point("save")')
