@@ -66,3 +66,10 @@ def test_sample_ranges_cut_at_micro_batches():
     assert sample_ranges(7, 3, 1) == sample_ranges(7, 3)
     with pytest.raises(ValueError, match="batch_size"):
         sample_ranges(7, 3, 0)
+
+
+@pytest.mark.parametrize("world,batch", [(1, 1), (3, 1), (4, 2)])
+def test_sample_ranges_accept_exactly_one_sample_per_rank(world, batch):
+    """n == world_size is the smallest valid split: every rank gets exactly one sample, [r, r + 1)
+    (the docstring's 'every rank must get at least one sample', checked against the hand-written ranges)."""
+    assert sample_ranges(world, world, batch) == [(r, r + 1) for r in range(world)]
