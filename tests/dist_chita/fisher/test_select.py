@@ -154,3 +154,17 @@ def test_large_inputs_through_every_round(case):
         k, local = torch.randint(0, 101, (200,), generator=g), True
     mask = topk_mask(v.abs(), k, seg, allowed, local=local)
     assert torch.equal(mask, reference_mask(v.abs(), k, seg, allowed))
+
+
+def test_negative_scores_and_budgets_are_refused_but_minus_zero_is_zero():
+    """The documented input contract: any negative score (even one just below zero) and any negative budget are
+    refused; -0.0 is a valid score equal to 0.0 (the mask then matches the one of +0.0)."""
+    with pytest.raises(ValueError, match="non-negative"):
+        topk_mask(torch.tensor([1.0, -0.5, 2.0]), 1)
+    with pytest.raises(ValueError, match="non-negative"):
+        topk_mask(torch.tensor([1.0, -1e-30, 2.0]), 1)
+    with pytest.raises(ValueError, match="budgets must be non-negative"):
+        topk_mask(torch.tensor([1.0, 0.5, 2.0]), -1)
+    with pytest.raises(ValueError, match="budgets must be non-negative"):
+        topk_mask(torch.tensor([1.0, 0.5, 2.0]), torch.tensor([2, -1]), segment_ids=torch.tensor([0, 1, 1]))
+    assert torch.equal(topk_mask(torch.tensor([-0.0, 3.0, 0.0]), 2), topk_mask(torch.tensor([0.0, 3.0, 0.0]), 2))
