@@ -473,3 +473,61 @@ def test_solve_makes_every_tensor_on_the_factors_device(kind, lam, dtype, small_
             assert torch.equal(meta.support, plain.support)
             assert torch.equal(meta.w, plain.w)
             assert meta.objective_trace == plain.objective_trace
+
+
+def _every_support_objective(A, w_bar, y, lam, combos):
+    """The exact ridge objective of every support in ``combos`` (batched float64 solves), brute force."""
+    k = combos.shape[1]
+    A_S = A[:, combos].permute(1, 0, 2)
+    wb_S = w_bar[combos]
+    M = A_S.transpose(1, 2) @ A_S + lam * torch.eye(k, dtype=torch.float64)
+    w = torch.linalg.solve(M, A_S.transpose(1, 2) @ y + lam * wb_S)
+    r = y - (A_S @ w.unsqueeze(2)).squeeze(2)
+    return 0.5 * (r * r).sum(1) + 0.5 * lam * (((w - wb_S) ** 2).sum(1) + (w_bar @ w_bar) - (wb_S * wb_S).sum(1))
+
+
+def test_start_support_is_used_exactly_when_its_backsolve_is_better(one_thread):
+    """solve(start_support=S) with no IHT (max_iter=0) returns the better of the two warm starts: magnitude pruning's
+    support back-solved, or S back-solved. Checked against brute force: given the optimal support the result is the
+    optimum; given the worst support it is magnitude pruning's back-solve (the objective of its top-k |w_bar|
+    support, computed here)."""
+    p, k = 16, 6
+    combos = torch.tensor(list(itertools.combinations(range(p), k)))
+    improved = 0
+    for seed in range(6):
+        A, w_bar, y, lam = _tiny(seed)
+        f_all = _every_support_objective(A, w_bar, y, lam, combos)
+        mag = torch.zeros(p, dtype=torch.bool)
+        mag[torch.topk(w_bar.abs(), k).indices] = True
+        f_mag = float(f_all[(mag[combos]).all(1)][0])
+        At, wb32, y32 = A.T.contiguous().float(), w_bar.float(), y.float()
+        for pick in (int(f_all.argmin()), int(f_all.argmax())):
+            given = torch.zeros(p, dtype=torch.bool)
+            given[combos[pick]] = True
+            res = solve(At, wb32, lam, Budget.global_topk(p, k), y=y32, max_iter=0, start_support=given)
+            want = min(f_mag, float(f_all[pick]))
+            assert res.objective == pytest.approx(want, rel=1e-5), (seed, pick)
+            assert res.magnitude_objective == pytest.approx(f_mag, rel=1e-5)
+            assert torch.equal(res.support, given if float(f_all[pick]) < f_mag else mag)
+            improved += float(f_all[pick]) < f_mag * (1 - 1e-4)
+    assert improved >= 3  # the optimal start did beat magnitude pruning on several instances
+
+
+def test_ridge_floor_counts_the_columns_fixed_at_zero_with_overwrite_at(one_thread):
+    """With columns fixed at zero (allowed False) and overwrite_at=True, the solve runs on the allowed rows alone,
+    but ridge_floor is still lambda/2 times the squares of w_bar off magnitude pruning's support, the fixed columns
+    included (torch.topk over the allowed weights, independently), the same as without overwrite_at."""
+    p, k = 16, 5
+    allowed = torch.ones(p, dtype=torch.bool)
+    allowed[[0, 3, 7, 8, 12]] = False
+    for seed in range(3):
+        A, w_bar, y, lam = _tiny(seed)
+        keep = torch.topk(torch.where(allowed, w_bar.abs(), torch.tensor(-1.0, dtype=torch.float64)), k).indices
+        off = torch.ones(p, dtype=torch.bool)
+        off[keep] = False
+        want = 0.5 * lam * float(w_bar[off] @ w_bar[off])
+        for overwrite in (False, True):
+            res = solve(A.T.contiguous().float(), w_bar.float(), lam, Budget.global_topk(p, k, allowed),
+                        y=y.float(), max_iter=0, overwrite_at=overwrite)
+            assert res.ridge_floor == pytest.approx(want, rel=1e-6), (seed, overwrite)
+            assert not bool(res.w[~allowed].any())
