@@ -326,3 +326,37 @@ def test_a_lambda_path_on_one_support_gathers_its_rows_once_and_matches_fresh_so
     other[0] = ~other[0]
     backsolve(At, w_bar, 1e-3, other, y, cache=cache)  # another support: gathered again
     assert counts[kind] == 5
+
+
+def _dense_curvatures(A, support, lam):
+    """d_inv_i = [inv(A_S^T A_S + lambda I)]_ii on S, and s_add_j = 1 / [inv(A_T^T A_T + lambda I)]_jj for the
+    support T = S + {j} off S (the Schur complement of j), by dense float64 inverses, one per j."""
+    A = A.double()
+    p = A.shape[1]
+    d_inv = torch.zeros(p, dtype=torch.float64)
+    s_add = torch.full((p,), float("inf"), dtype=torch.float64)
+    idx = torch.nonzero(support, as_tuple=True)[0]
+    A_S = A[:, idx]
+    d_inv[idx] = torch.linalg.inv(A_S.T @ A_S + lam * torch.eye(idx.numel(), dtype=torch.float64)).diagonal()
+    for j in torch.nonzero(~support, as_tuple=True)[0].tolist():
+        A_T = torch.cat([A_S, A[:, j : j + 1]], 1)
+        s_add[j] = 1.0 / torch.linalg.inv(A_T.T @ A_T + lam * torch.eye(A_T.shape[1], dtype=torch.float64))[-1, -1]
+    return d_inv, s_add
+
+
+@pytest.mark.parametrize("n,p", [(12, 20), (6, 24)])  # |S| < n and |S| > n
+def test_swap_curvatures_match_dense_inverses_across_lambdas_on_one_cache(n, p):
+    """swap_curvatures against dense inv(A_S^T A_S + lambda I) (and the Schur complement of each added j, from the
+    inverse on S + {j}), for two lambdas and back on the same support through one GramCache: the cached Cholesky
+    factor of one lambda is never used for another, and each answer matches a call without a cache."""
+    A, _, support = _problem(n, p, seed=3)
+    At = A.T.contiguous()
+    cache = GramCache()
+    for lam in (0.05, 3.0, 0.05):
+        d_inv, s_add = backsolve_module.swap_curvatures(At, support, lam, ~support, cache=cache)
+        want_d, want_s = _dense_curvatures(A, support, lam)
+        assert torch.allclose(d_inv, want_d, rtol=1e-6, atol=0)
+        assert torch.equal(s_add[support], want_s[support])  # inf on S: not candidates
+        assert torch.allclose(s_add[~support], want_s[~support], rtol=1e-6, atol=0)
+        fresh = backsolve_module.swap_curvatures(At, support, lam, ~support)
+        assert torch.allclose(d_inv, fresh[0], rtol=1e-12) and torch.allclose(s_add, fresh[1], rtol=1e-12)
