@@ -448,3 +448,74 @@ def test_a_settled_row_that_no_move_improves_is_not_re_fitted(monkeypatch):
     best = keep_mask(W_bar.pow(2) * Q.diagonal(), 6, None, None)
     assert torch.equal(res.support, best)
     torch.testing.assert_close(res.W, (W_bar * best).float())
+
+
+def test_a_budget_above_the_allowed_count_keeps_the_allowed_weights_alone():
+    """k larger than a row's allowed count: keep_mask keeps exactly the allowed entries (never a disallowed one,
+    even though their -inf scores tie for the k-th place), and solve_rows returns zeros at every disallowed weight
+    and, on the support it is left with, the exact re-fit (torch.linalg.solve on Q_SS)."""
+    allowed = torch.tensor([[True, False, False, False], [False, True, False, True]])
+    score = torch.tensor([[1.0, 5.0, 3.0, 2.0], [4.0, 0.5, 2.0, 1.0]])
+    assert torch.equal(keep_mask(score, 2, None, allowed), allowed)
+    assert torch.equal(keep_mask(score, 3, None, allowed), allowed)
+    _, H, W_bar, lam = _instance(7, d=4, rows=2)
+    res = solve_rows(W_bar.float(), H, lam, k=2, allowed=allowed, refit_iters=20)
+    assert torch.equal(res.support, allowed)
+    assert not bool(res.W[~allowed].any())
+    Q = H + lam * torch.eye(4, dtype=torch.float64)
+    for i in range(2):
+        w, _ = _exact_on_support(Q, W_bar[i], allowed[i].nonzero().flatten().tolist())
+        torch.testing.assert_close(res.W[i].double(), w, rtol=1e-4, atol=1e-5)
+
+
+def test_reported_objectives_are_one_half_d_q_d_of_the_returned_weights():
+    """objective is sum_i 1/2 (w_i - w_bar_i)^T Q (w_i - w_bar_i) of the returned W (float64, here), and
+    magnitude_objective the same of magnitude pruning's exact re-fit (torch.linalg.solve on its support)."""
+    H, W_bar, lam = _rows(5)
+    Q = H + lam * torch.eye(24, dtype=torch.float64)
+    res = solve_rows(W_bar, H, lam, k=8, refit_iters=50)
+    D = res.W.double() - W_bar.double()
+    assert res.objective == pytest.approx(float(0.5 * ((D @ Q) * D).sum()), rel=1e-4)
+    mag = keep_mask(W_bar.abs(), 8, None, None)
+    f_mag = sum(_exact_on_support(Q, W_bar[i].double(), mag[i].nonzero().flatten().tolist())[1] for i in range(9))
+    assert res.magnitude_objective == pytest.approx(f_mag, rel=1e-4)
+
+
+def test_an_unfinished_back_solve_is_continued_until_it_reaches_the_exact_refit():
+    """With one conjugate-gradient iteration per back-solve (Jacobi preconditioner) and as many allowed weights as
+    the budget, the support cannot change and no move lowers f: only continuing the unsettled back-solve step
+    after step closes the gap between the warm start and the minimiser on the support (torch.linalg.solve on Q_SS),
+    up to the solver's float32 margin."""
+    H, W_bar, lam = _rows(8)
+    Q = H + lam * torch.eye(24, dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    allowed = torch.zeros(9, 24, dtype=torch.bool).scatter_(1, torch.rand(9, 24, generator=g).argsort(1)[:, :10], True)
+    res = solve_rows(W_bar, H, lam, k=10, allowed=allowed, refit_iters=1, deflate=0, tol=1e-7)
+    assert torch.equal(res.support, allowed)
+    exact = [_exact_on_support(Q, W_bar[i].double(), allowed[i].nonzero().flatten().tolist()) for i in range(9)]
+    W_exact, f_exact = torch.stack([w for w, _ in exact]), sum(f for _, f in exact)
+    assert res.warm_objective > f_exact * (1 + 1e-4)  # one iteration alone stops clearly short
+    assert f_exact * (1 - 1e-6) <= res.objective <= f_exact + 0.01 * (res.warm_objective - f_exact)
+    assert float((res.W.double() - W_exact).norm() / W_exact.norm()) < 3e-3
+
+
+def test_the_first_trial_steps_just_past_tau_c_through_an_exact_tie():
+    """CHITA's first support-changing trial is taken just past tau_c, where the outside weight overtakes the
+    smallest kept one. Hand-built case with exact float values: Q = diag(2.5, 1), w_bar = (1, 2), keeping w_0 = 1
+    (the re-fit on S = {0}, g = (0, -2)): tau_c = 1/2, where |w_0 - t g_0| = |0 - t g_1| = 1 tie exactly (and a tie
+    keeps the lower index, so at tau_c itself nothing would change), and the 1/L = 0.4 step from w keeps S. With one
+    trial the support must change to {1}, at f no higher than the step just past tau_c gives by hand,
+    w = (0, 1.001): f = 1/2 (2.5 + (2 - 1.001)^2) < 2; the f reported is 1/2 d^T Q d of the W returned."""
+    from dist_chita.layerwise import row_solver
+
+    Q = torch.diag(torch.tensor([2.5, 1.0]))
+    W_bar = torch.tensor([[1.0, 2.0]])
+    W, S = torch.tensor([[1.0, 0.0]]), torch.tensor([[True, False]])
+    G = (W - W_bar) @ Q
+    fi = objectives(W - W_bar, Q)
+    assert fi.tolist() == [2.0] and G.tolist() == [[0.0, -2.0]]
+    W_t, S_t, f_t = row_solver._support_steps(W, S, fi, G, W_bar, None, Q, 2.5, 1, None, 1)
+    assert S_t.tolist() == [[False, True]] and W_t[0, 0] == 0
+    assert float(f_t[0]) <= 0.5 * (2.5 + (2 - 1.001) ** 2) * (1 + 1e-6)
+    D = (W_t - W_bar).double()[0]
+    assert float(f_t[0]) == pytest.approx(0.5 * float(D @ Q.double() @ D), rel=1e-6)
