@@ -106,3 +106,56 @@ def test_layerwise_global_budget_prunes_to_the_global_count_with_layer_shares():
     assert rep.global_.kept == kept_count(p, 0.7)
     assert len({round(row.sparsity, 6) for row in rep.layers}) > 1
     assert rep.phase_seconds["allocation"][0] > 0
+
+
+def _curves():
+    """error_curves of the test MLP on a coarse grid, each rank reading its share of the micro-batches."""
+    from dist_chita.distributed import comm
+
+    torch.manual_seed(3)
+    net = mlp()
+    x = torch.randn(40, 12)
+    modules = prunable.prunable_modules(net, exclude_head=False)
+    mine = lambda: [b for j, b in enumerate(batches(x, 0, 40)) if j % comm.world_size() == comm.rank()]  # noqa: E731
+    return budgets.error_curves(net, modules, lambda b: net(b), mine, (0.0, 0.5, 0.9))
+
+
+def test_error_curves_are_each_layers_curve_once_on_any_number_of_ranks():
+    """error_curves on 1 and 2 ranks against error_curve of every layer on H = X^T X / N computed here from the
+    dense MLP's own activations (the input, then each ReLU's output): each rank measures its share of the layers,
+    the all-reduce adds each curve exactly once."""
+    torch.manual_seed(3)
+    net = mlp()
+    x = torch.randn(40, 12)
+    with torch.no_grad():
+        inputs = [x, torch.relu(net[0](x)), torch.relu(net[2](torch.relu(net[0](x))))]
+    want = torch.stack([
+        budgets.error_curve(net[2 * i].weight.detach(), (X.double().T @ X.double() / 40)[None], (0.0, 0.5, 0.9))
+        for i, X in enumerate(inputs)])
+    assert bool((want[:, 1:] > 0).all())
+    for world in (1, 2):
+        for got in multiproc.run(_curves, world):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-12)
+
+
+def test_allocation_leaves_every_layer_a_weight():
+    """However cheap a tiny layer is to prune, the grid's largest sparsity rounds to at most n - 1 of its n
+    weights: at the largest total the grid allows each layer keeps exactly one weight (1 of 2, 1 of 10 by hand)."""
+    curves = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 2.0]], dtype=torch.float64)  # layer 0 costs nothing
+    got = budgets.allocate(curves, [2, 10], 2, (0.0, 0.5, 0.99))
+    assert got == [1, 1]
+    assert budgets.allocate(curves, [2, 10], 5, (0.0, 0.5, 0.99)) == [1, 4]  # the free layer first, to its floor
+    with pytest.raises(ValueError, match="cannot keep 1 of 12 weights"):
+        budgets.allocate(curves, [2, 10], 1, (0.0, 0.5, 0.99))
+
+
+def test_allocation_gives_ties_to_the_earlier_layer_and_accepts_the_grids_limit():
+    """Two layers of equal curves and sizes cost the same per removed weight: a removal that does not fill both
+    is taken from the earlier layer (the documented tie rule); keeping exactly what the grid's largest sparsity
+    leaves (half of each, by hand) is accepted, one weight fewer is refused."""
+    curves = torch.tensor([[0.0, 1.0], [0.0, 1.0]], dtype=torch.float64)
+    assert budgets.allocate(curves, [10, 10], 17, (0.0, 0.5)) == [7, 10]
+    assert budgets.allocate(curves, [10, 10], 12, (0.0, 0.5)) == [5, 7]
+    assert budgets.allocate(curves, [10, 10], 10, (0.0, 0.5)) == [5, 5]
+    with pytest.raises(ValueError, match="cannot keep 9 of 20 weights"):
+        budgets.allocate(curves, [10, 10], 9, (0.0, 0.5))
