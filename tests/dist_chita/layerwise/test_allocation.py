@@ -108,3 +108,27 @@ def test_owl_layer_targets_give_every_layer_its_blocks_target():
     grouped = nn.Conv2d(4, 4, 3, groups=2)
     with pytest.raises(ValueError, match="ungrouped layer"):
         input_norms([("g", grouped)], grouped, [])
+
+
+def test_outlier_ratios_count_only_scores_strictly_above_m_times_the_mean():
+    """D_b counts the scores strictly above M times the block's mean (hand-computed, ||X_j||^2 = 1): an all-zero
+    block and a block of equal scores (M = 1) have no outliers, and in [[1, 1, 1], [1, 1, 10]] with M = 2 only the 10
+    exceeds 2 x 15 / 6 = 5 (1 of 6)."""
+    layers = [nn.Linear(3, 2, bias=False) for _ in range(3)]
+    with torch.no_grad():
+        layers[0].weight.zero_()
+        layers[1].weight.fill_(0.5)
+        layers[2].weight.copy_(torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 10.0]]))
+    modules = [(f"l{i}", m) for i, m in enumerate(layers)]
+    norms = [torch.ones(3, dtype=torch.float64)] * 3
+    assert outlier_ratios(modules, norms, [[0], [1]], m=1.0) == [0.0, 0.0]
+    assert outlier_ratios(modules, norms, [[0], [2]], m=2.0) == [0.0, pytest.approx(1 / 6)]
+
+
+def test_owl_targets_refuse_a_block_at_full_sparsity_and_accept_zero():
+    """Ratios (0, 1) on equal blocks, S = 0.5, lambda = 0.5: keep = (0, 1) exactly (by hand), so the first block's
+    target is 1.0, a layer left with no weight: refused (targets must lie in [0, 1)). A target of exactly 0 is
+    fine: lambda = 0.25 at S = 0.25 gives (0.5, 0.0)."""
+    with pytest.raises(ValueError, match="OWL targets leave"):
+        owl_targets([0.0, 1.0], [4, 4], 0.5, 0.5)
+    assert owl_targets([0.0, 1.0], [4, 4], 0.25, 0.25) == [0.5, 0.0]
