@@ -432,8 +432,9 @@ def _iht_step(W, S, fi, G, settled, W_bar, allowed, Q, L, pre, k, nm, trials, re
 
 def _support_steps(W, S, fi, G, W_bar, allowed, Q, L, k, nm, trials):
     """CHITA's support-changing steps H(w - t g), from just past tau_c (where the first outside weight would
-    overtake the smallest kept one) and from 1/L, doubling ``trials`` times each, every one scored by a product;
-    the best per row if it lowers f. Returns (W, S, f)."""
+    overtake the smallest kept one) and from 1/L, doubling ``trials`` times each, every one scored by a product
+    and taken where it lowers f; a trial after one taken steps from the point taken, along the gradient g of the
+    step's start (tau_c, g and 1/L are not recomputed: each trial costs its one product). Returns (W, S, f)."""
     d = W.shape[1]
     out = torch.where(S, torch.zeros_like(G), G.abs())
     if allowed is not None:
