@@ -140,6 +140,9 @@ class Report:
                                      "saved", None)
     dense_weights_bytes: int | None = _doc("bytes the same weights take in the dense format (equal to "
                                            "``weights_bytes`` for dense output); null when no model was saved", None)
+    weights_dtype: str | None = _doc("the floating-point dtype of the saved weights (output.dtype; ``auto``: the "
+                                     "checkpoint's, whatever dtype the prune computed in); null when no model was "
+                                     "saved (and from the API)", None)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(self)

@@ -350,6 +350,7 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
         with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
             if cfg.output.save_model:
                 models.save_model(loaded, tmp, state_dict=state, dtype=saved_dtype)
+                rep.weights_dtype = str(saved_dtype or loaded_in).removeprefix("torch.")
                 write_format(cfg, loaded, rep, tmp)
             save_config(cfg, tmp / "dist_chita_config.yaml")
             finish()

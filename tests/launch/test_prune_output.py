@@ -132,9 +132,11 @@ def test_a_bfloat16_checkpoint_is_saved_in_bfloat16_with_its_mask(tmp_path, llam
     saved, given = load_file(str(out / "model.safetensors")), load_file(str(ckpt / "model.safetensors"))
     assert saved.keys() == given.keys() and {t.dtype for t in saved.values()} == {torch.bfloat16}
     rep = json.loads((out / "prune_report.json").read_text())
+    assert rep["weights_dtype"] == "bfloat16"
     names = [row["name"] for row in rep["layers"]]
     assert mask_digest({n: saved[f"{n}.weight"] != 0 for n in names}, names) == rep["mask_sha256"]
     assert all(torch.equal(v, given[k]) for k, v in saved.items() if k.removesuffix(".weight") not in names)
     res = prune(tmp_path, ckpt, "output.dtype=float32", "output.overwrite=true")
     assert res.returncode == 0 and "weights saved in" not in res.stdout, res.stderr
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
+    assert json.loads((out / "prune_report.json").read_text())["weights_dtype"] == "float32"
