@@ -450,8 +450,11 @@ def _validate_data(cfg: RunConfig) -> None:
     if c.windows:
         _need(m.task != "image-classification" and c.image_column is None and c.label_column is None,
               "calibration.windows: needs text (windows of tokens; no image task, image_column or label_column)")
-        held = (e.source or c.source, e.format or c.format, e.config_name or c.config_name, e.split or c.split)
-        _need(e.metric == "none" or held != (c.source, c.format, c.config_name, c.split),
+        from dist_chita.io.data import rows_identity
+
+        held = rows_identity(e.source or c.source, e.format or c.format, e.config_name or c.config_name,
+                             e.split or c.split)
+        _need(e.metric == "none" or held != rows_identity(c.source, c.format, c.config_name, c.split),
               "calibration.windows: the held-out data must come from another eval.source or eval.split (the "
               "windows take a variable number of the calibration rows)")
     _need(e.n is None or e.n >= 1, f"eval.n: must be >= 1, got {e.n}")
@@ -579,7 +582,9 @@ def eval_kwargs(cfg: RunConfig) -> dict[str, Any]:
             "text_column": e.text_column, "image_column": e.image_column, "label_column": e.label_column,
             "max_length": e.max_length}
     out.update({k: v for k, v in pick.items() if v is not None})
-    same_rows = (out["source"], out["fmt"], out["config_name"], out["split"]) == (
+    from dist_chita.io.data import rows_identity
+
+    same_rows = rows_identity(out["source"], out["fmt"], out["config_name"], out["split"]) == rows_identity(
         c.source, c.format, c.config_name, c.split)
     out.update(n=e.n, offset=c.n if same_rows else 0)
     return out

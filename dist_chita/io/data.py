@@ -35,6 +35,7 @@ unless told.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -77,6 +78,21 @@ def infer_format(source: str) -> str:
     return "hub"
 
 
+ONE_SPLIT_FORMATS = ("builtin", "parquet", "json", "csv", "text")  # every row is in the split "train"
+
+
+def rows_identity(source: str, fmt: str | None, config_name: str | None, split: str) -> tuple:
+    """What makes two data settings the same rows: the format (inferred when not given), the source (a local path
+    resolved: ``./d.parquet`` and ``d.parquet`` are one file), the config and the split."""
+    try:
+        fmt = fmt or infer_format(source)
+    except ValueError:  # a missing file: reported when it is read
+        return (source, fmt, config_name, split)
+    if fmt not in ("hub", "builtin"):
+        source = os.path.realpath(Path(source).expanduser())
+    return (source, fmt, config_name, split)
+
+
 def load_rows(source: str, fmt: str | None = None, config_name: str | None = None, split: str = "train"):
     """The raw rows of a source as a ``datasets.Dataset`` (no selection, no preprocessing).
 
@@ -87,6 +103,9 @@ def load_rows(source: str, fmt: str | None = None, config_name: str | None = Non
     fmt = fmt or infer_format(source)
     if fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r} (one of {', '.join(FORMATS)})")
+    if fmt in ONE_SPLIT_FORMATS and split != "train":
+        raise ValueError(f"split {split!r}: {fmt} data {source} has one split, 'train' (held-out rows of the same "
+                         "source are the ones after the calibration rows; leave split unset)")
     if fmt == "builtin":
         return _builtin_rows(source)
     try:

@@ -371,6 +371,40 @@ def test_eval_kwargs_disjoint_from_calibration():
     assert eval_kwargs(parse_config({}))["offset"] == 128  # default: the pydoc paragraphs after the calibration ones
 
 
+def test_held_out_rows_of_one_source_spelled_differently_stay_disjoint(tmp_path, monkeypatch):
+    """The same file named another way (./, an explicit format, a trailing slash) is the same rows: the held-out
+    samples start after the calibration ones, and windows refuse it as held-out data."""
+    import pandas as pd
+
+    pd.DataFrame({"text": [f"row {i}" for i in range(10)]}).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "disk" / "state.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for cal, held in [("d.parquet", "./d.parquet"), ("d.parquet", str(tmp_path / "d.parquet")),
+                      (str(tmp_path / "disk"), str(tmp_path / "disk") + "/")]:
+        cfg = parse_config({}, [f"calibration.source={cal}", "calibration.n=4", f"eval.source={held}"])
+        assert eval_kwargs(cfg)["offset"] == 4, (cal, held)
+    cfg = parse_config({}, ["calibration.source=d.parquet", "calibration.n=4", "eval.format=parquet"])
+    assert eval_kwargs(cfg)["offset"] == 4
+    with pytest.raises(ConfigError, match="held-out data must come from another eval.source"):
+        parse_config({}, ["calibration.source=d.parquet", "calibration.windows=true", "eval.source=./d.parquet"])
+
+
+def test_a_split_of_a_one_split_source_is_refused_not_read_as_its_train_rows(tmp_path):
+    """Local files and builtin sources hold one split: asking for another ("test") read the calibration rows
+    themselves as the held-out data."""
+    from dist_chita.io import data
+
+    with pytest.raises(ValueError, match="^split 'test': builtin data builtin:digits has one split, 'train'"):
+        data.load_rows("builtin:digits", split="test")
+    import pandas as pd
+
+    pd.DataFrame({"text": ["a", "b"]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="^split 'validation': parquet data"):
+        data.load_rows(str(tmp_path / "d.parquet"), split="validation")
+    assert len(data.load_rows(str(tmp_path / "d.parquet"))) == 2
+
+
 def test_keys_of_the_earlier_flat_layout_name_their_new_home():
     from launch.config import MOVED
 
