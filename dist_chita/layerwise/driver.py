@@ -190,6 +190,9 @@ def _solve_layer(job: _Job, i: int, H: torch.Tensor | None, owners: dict[tuple[i
     runs = (_my_runs(parts, world, rank, chunk) if owners is None
             else [(j, lo, hi) for j, (lo, hi) in enumerate(parts) if owners[(i, j)] == rank])
     H_parts = None if H is None else H.reshape(-1, d, d)  # one H per group of rows (grouped Conv2d)
+    if H is not None and not bool(torch.isfinite(H).all()):  # (H is all-reduced: every rank raises)
+        raise ValueError(f"the inputs of layer {job.modules[i][0]!r} contain NaN or Inf on the calibration data "
+                         "(check the calibration samples, or the pruned layers before it)")
     layer = LayerProblem(W_bar=W_bar, sparsity=job.targets[i], per_layer=job.per_layer, nm=job.nm,
                          allowed=W_bar != 0, parts=parts, runs=tuple(runs), H=H_parts, lams=_ridges(H_parts, job.damp),
                          damp=job.damp, fisher=None if job.fisher is None else job.fisher[i],
@@ -271,6 +274,10 @@ def fisher_rows(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], make
     samples of all ranks' ``make_batches()`` (:func:`~dist_chita.fisher.groups.diagonal_fisher`). Collective."""
     (n,) = comm.all_reduce_floats([float(sum(len(idx) for _, idx in make_batches()))])
     diag = diagonal_fisher(model, modules, make_batches(), int(n), loss_fn)
+    for (name, _), f in zip(modules, diag, strict=True):  # (all-reduced: every rank raises)
+        if not bool(torch.isfinite(f).all()):
+            raise ValueError(f"the loss gradients of layer {name!r} contain NaN or Inf on the calibration data "
+                             "(check the calibration samples)")
     return [weight_rows(m, f.view(tuple(params.shape(m.weight)))).to(m.weight.device)
             for (_, m), f in zip(modules, diag, strict=True)]
 

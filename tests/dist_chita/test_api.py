@@ -184,3 +184,20 @@ def test_n_m_on_the_fisher_objective_refuses_weights_stored_transposed():
     dist_chita.prune(model, data, method="chita", **kw)
     w = model.transformer.h[0].attn.c_attn.weight.T  # (outputs, inputs)
     assert ((w != 0).reshape(w.shape[0], -1, 4).sum(2) <= 2).all()
+
+
+@pytest.mark.parametrize("method", ["chita", "sparsegpt", "wanda", "obd"])
+def test_a_nan_in_the_calibration_data_is_one_line_naming_the_layer_and_the_model_is_untouched(method):
+    """wanda and obd returned with the second layer pruned to nothing (every score NaN), sparsegpt failed in a
+    Cholesky factorisation."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    x[3, 5] = float("nan")
+    data = {"pixel_values": x, "labels": torch.randint(0, 5, (64,))}
+    model = torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"^the (inputs|loss gradients) of layer '0' contain NaN or Inf"):
+        dist_chita.prune(model, data, method=method, objective=dist_chita.Layerwise(), task="image-classification",
+                         target=Target(sparsity=0.5, granularity="layer", exclude_head=False), check_memory=False,
+                         log=lambda *a: None)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
