@@ -149,42 +149,43 @@ def prune(
     log = log or (lambda line: None)
     chosen, target, objective = _resolve(model, task, target or Target(), objective, method, fisher, log)
     method = chosen.method
-    samples, held = _held_out(data.as_samples(calibration), validation, validation_seed, objective, log)
-    sample_ranges(len(samples), comm.world_size())  # n >= number of ranks, before any work
-    partitioned = params.any_partitioned(model)
-    if partitioned and isinstance(objective, Fisher) and objective.group_size is not None:
-        raise ValueError("group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
-    run = _Run(model, task, samples, target, objective, method, batch_size,
-               prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
-               log, progress, fisher or Fisher(), reestimate_batchnorm)
-    _check_groups(run)
-    if held is not None:
-        run.validation = _validation(run, held, partitioned)
-    with run.phase("allocation" if _allocates(run) else "_targets"):
-        targets = _targets(run)
-    run.seconds.pop("_targets", None)
-    estimate = _estimate(run, targets, probe_batches, partitioned, compare_magnitude and evaluate is not None)
-    if check_memory:
-        _refuse_beyond_memory(run, estimate)
-    with run.phase("eval_before"):
-        metric = _measure(evaluate, "before")
-        if run.validation is not None:
-            run.tuning["dense"] = run.validation.score(model)
-    if compare_magnitude and evaluate is not None and method != "magnitude":
-        with run.phase("magnitude_baseline"):
-            metric.update(_magnitude_metric(run, targets, evaluate))
-    outcome, restored = _prune(run, targets)
-    for k, v in ((k, v) for st in outcome.stages for k, v in st.seconds.items()):
-        run.seconds[k] = run.seconds.get(k, 0.0) + v
-    renormalised = _renormalise(run, evaluate, metric)
-    with run.phase("eval_after"):
-        metric.update(_measure(evaluate, "after"))
-        if run.validation is not None:
-            run.tuning["after"] = run.validation.score(model)
-    rep = _report(run, outcome, restored, metric, estimate, partitioned)
-    rep.batchnorm_reestimated, rep.recipe = renormalised, chosen.line and chosen.line.strip()
-    rep.add_rank_figures(run.seconds, models.device_of(model), params.resident_bytes(model.parameters()))
-    return rep
+    with models.eval_mode(model):  # every module's own mode restored at the end
+        samples, held = _held_out(data.as_samples(calibration), validation, validation_seed, objective, log)
+        sample_ranges(len(samples), comm.world_size())  # n >= number of ranks, before any work
+        partitioned = params.any_partitioned(model)
+        if partitioned and isinstance(objective, Fisher) and objective.group_size is not None:
+            raise ValueError("group_size (layer groups) is not supported with ZeRO-3 partitioning; set it to null")
+        run = _Run(model, task, samples, target, objective, method, batch_size,
+                   prunable.prunable_modules(model, target.include, target.exclude, target.exclude_head),
+                   log, progress, fisher or Fisher(), reestimate_batchnorm)
+        _check_groups(run)
+        if held is not None:
+            run.validation = _validation(run, held, partitioned)
+        with run.phase("allocation" if _allocates(run) else "_targets"):
+            targets = _targets(run)
+        run.seconds.pop("_targets", None)
+        estimate = _estimate(run, targets, probe_batches, partitioned, compare_magnitude and evaluate is not None)
+        if check_memory:
+            _refuse_beyond_memory(run, estimate)
+        with run.phase("eval_before"):
+            metric = _measure(evaluate, "before")
+            if run.validation is not None:
+                run.tuning["dense"] = run.validation.score(model)
+        if compare_magnitude and evaluate is not None and method != "magnitude":
+            with run.phase("magnitude_baseline"):
+                metric.update(_magnitude_metric(run, targets, evaluate))
+        outcome, restored = _prune(run, targets)
+        for k, v in ((k, v) for st in outcome.stages for k, v in st.seconds.items()):
+            run.seconds[k] = run.seconds.get(k, 0.0) + v
+        renormalised = _renormalise(run, evaluate, metric)
+        with run.phase("eval_after"):
+            metric.update(_measure(evaluate, "after"))
+            if run.validation is not None:
+                run.tuning["after"] = run.validation.score(model)
+        rep = _report(run, outcome, restored, metric, estimate, partitioned)
+        rep.batchnorm_reestimated, rep.recipe = renormalised, chosen.line and chosen.line.strip()
+        rep.add_rank_figures(run.seconds, models.device_of(model), params.resident_bytes(model.parameters()))
+        return rep
 
 
 def _held_out(samples: data.Samples, validation, seed: int, objective: Layerwise | Fisher, log: Log | None):
@@ -389,19 +390,21 @@ def _magnitude_metric(run: _Run, targets: Sparsity, evaluate: Evaluate) -> dict[
     dense = [params.read(m.weight).clone() for _, m in run.modules]
     statistics = batchnorm.buffers(run.model)
     t = run.target
-    if run.fisher or (t.granularity == "global" and t.nm is None):  # a global budget: global magnitude
-        fisher_driver.prune(run.model, run.modules, "magnitude", t.sparsity if not run.fisher else targets,
-                            **_budget(t, fisher=True))
-    else:
-        layerwise_driver.prune_magnitude(run.modules, targets, t.nm_pair, per_layer=_budget(t)["per_layer"])
-    values = {}
-    if run.reestimate_batchnorm and statistics:
-        values = _measure(evaluate, "magnitude_stale_bn")
-        batchnorm.reestimate(run.model, run.forward, run.samples, run.batch_size)
-    values.update(_measure(evaluate, "magnitude"))
-    for (_, m), w in zip(run.modules, dense, strict=True):
-        params.write(m.weight, w)
-    batchnorm.restore(run.model, statistics)
+    try:
+        if run.fisher or (t.granularity == "global" and t.nm is None):  # a global budget: global magnitude
+            fisher_driver.prune(run.model, run.modules, "magnitude", t.sparsity if not run.fisher else targets,
+                                **_budget(t, fisher=True))
+        else:
+            layerwise_driver.prune_magnitude(run.modules, targets, t.nm_pair, per_layer=_budget(t)["per_layer"])
+        values = {}
+        if run.reestimate_batchnorm and statistics:
+            values = _measure(evaluate, "magnitude_stale_bn")
+            batchnorm.reestimate(run.model, run.forward, run.samples, run.batch_size)
+        values.update(_measure(evaluate, "magnitude"))
+    finally:  # (an evaluate that raises leaves the dense model, not the magnitude-pruned one)
+        for (_, m), w in zip(run.modules, dense, strict=True):
+            params.write(m.weight, w)
+        batchnorm.restore(run.model, statistics)
     return values
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from dist_chita.distributed import comm
+from dist_chita.io import models
 from dist_chita.io.data import Samples, iter_microbatches
 from dist_chita.layerwise.curvature import collective_batches, my_microbatches
 
@@ -99,18 +100,13 @@ class Validation:
         out = torch.zeros(m, dtype=torch.float64, device=comm.device())
         mine = list(my_microbatches(iter_microbatches(self.samples, 0, m, self.batch_size)))
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for (batch, idx), counts in collective_batches(mine, device, self.partitioned):
-                    vals = fn(model, batch, idx).double().reshape(-1)
-                    if vals.shape != (len(idx),):
-                        raise ValueError(f"expected {len(idx)} per-sample validation values, got {tuple(vals.shape)}")
-                    if counts:
-                        out[idx.to(out.device)] = vals.to(out.device)
-        finally:
-            model.train(was_training)
+        with models.eval_mode(model), torch.no_grad():
+            for (batch, idx), counts in collective_batches(mine, device, self.partitioned):
+                vals = fn(model, batch, idx).double().reshape(-1)
+                if vals.shape != (len(idx),):
+                    raise ValueError(f"expected {len(idx)} per-sample validation values, got {tuple(vals.shape)}")
+                if counts:
+                    out[idx.to(out.device)] = vals.to(out.device)
         return comm.all_reduce(out)
 
     def score(self, model: nn.Module) -> float:

@@ -51,7 +51,7 @@ from dist_chita.distributed.partition import sample_ranges
 from dist_chita.fisher import ntstore
 from dist_chita.fisher.losses import LossFn
 from dist_chita.fisher.persample import PerSampleGrads, Scratch
-from dist_chita.io import params
+from dist_chita.io import models, params
 from dist_chita.io.data import to_device
 
 PHASE = "fisher"
@@ -338,7 +338,7 @@ def fisher_block(
     exchange = _Exchange(_block_storage((block_hi - block_lo, n), dtype, device, out), layout)
     feed = _Feed(model, loss_fn, exchange, lo, hi, n, device)
     bytes0, calls0 = comm.bytes_by_phase().get(PHASE, 0), comm.calls_by_phase().get(PHASE, 0)
-    with _gradients_only(model), comm.phase(PHASE):
+    with gradients_only(model), comm.phase(PHASE):
         with PerSampleGrads(modules, exchange.add, scale=1.0 / math.sqrt(n), target=exchange.target) as psg:
             feed.run(iter(batches), psg, progress)
     if stats is not None:
@@ -361,19 +361,16 @@ def _block_storage(shape: tuple[int, int], dtype: torch.dtype, device: torch.dev
 
 
 @contextlib.contextmanager
-def _gradients_only(model: nn.Module):
+def gradients_only(model: nn.Module):
     """The model in eval mode with ``requires_grad=False`` on its parameters (per-sample gradients come from hooks,
     nothing is written to ``.grad``); both restored on exit."""
-    was_training = {m: m.training for m in model.modules()}
     grad_flags = [(p, p.requires_grad) for p in model.parameters()]
-    model.eval()
     for p, _ in grad_flags:
         p.requires_grad_(False)
     try:
-        yield
+        with models.eval_mode(model):
+            yield
     finally:
-        for m, flag in was_training.items():
-            m.train(flag)
         for p, flag in grad_flags:
             p.requires_grad_(flag)
 

@@ -29,6 +29,7 @@ from torch import nn
 from dist_chita.distributed import comm
 from dist_chita.distributed.layout import ColumnLayout
 from dist_chita.fisher.driver import PruneOutcome, StageReport, prune
+from dist_chita.fisher.factor import gradients_only
 from dist_chita.fisher.persample import PerSampleGrads
 from dist_chita.io.data import to_device
 from dist_chita.prunable import named_shapes
@@ -70,15 +71,10 @@ def diagonal_fisher(
         diag[g] += grads.double().pow(2).sum(0).cpu()
 
     device = modules[0][1].weight.device if modules else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        with PerSampleGrads(modules, add) as psg:
-            for batch, idx in batches:
-                idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").to(device)
-                psg.backward(loss_fn(model, to_device(batch, device), idx))
-    finally:
-        model.train(was_training)
+    with gradients_only(model), PerSampleGrads(modules, add) as psg:  # nothing written to .grad
+        for batch, idx in batches:
+            idx = torch.as_tensor(idx, dtype=torch.long, device="cpu").to(device)
+            psg.backward(loss_fn(model, to_device(batch, device), idx))
     for d in diag:  # summed over the ranks on the collectives' device, one layer at a time
         d.copy_(comm.all_reduce(d.to(comm.device())))
         d /= n

@@ -28,7 +28,8 @@ import inspect
 import json
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -323,6 +324,19 @@ def device_of(model: nn.Module) -> torch.device:
 @functools.cache
 def _takes_use_cache(cls: type) -> bool:
     return "use_cache" in inspect.signature(cls.forward).parameters
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in evaluation mode (dropout off, BatchNorm on its running statistics), and on exit every module in
+    the mode it had (a model in training mode with a frozen BatchNorm in evaluation mode keeps both)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes.items():
+            m.train(training)
 
 
 def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tuple, dict[str, torch.Tensor]]:

@@ -201,3 +201,46 @@ def test_a_nan_in_the_calibration_data_is_one_line_naming_the_layer_and_the_mode
                          target=Target(sparsity=0.5, granularity="layer", exclude_head=False), check_memory=False,
                          log=lambda *a: None)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _dropout_bn_mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.BatchNorm1d(32), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.5), torch.nn.Linear(32, 5))
+
+
+@pytest.mark.parametrize(("method", "objective"), [("chita", None), ("obd", None), ("wanda", None),
+                                                   ("chita", Fisher(loss="ce", lambda_="auto"))])
+def test_a_model_in_training_mode_is_pruned_in_evaluation_mode_and_given_back_as_it_came(method, objective):
+    """Every pass runs in evaluation mode (the same result whatever the dropout draws, BatchNorm on its running
+    statistics), each module ends in its own mode (a training model with a frozen BatchNorm keeps both), and no
+    method writes .grad."""
+    x, y = torch.randn(64, 20), torch.randint(0, 5, (64,))
+    results = []
+    for seed in (1, 2):
+        model = _dropout_bn_mlp().train()
+        model[1].eval()  # frozen statistics
+        model[0].weight.grad = torch.ones_like(model[0].weight)
+        torch.manual_seed(seed)
+        dist_chita.prune(model, {"pixel_values": x, "labels": y}, method=method, objective=objective,
+                         fisher=Fisher(loss="ce"), task="image-classification", check_memory=False,
+                         target=Target(sparsity=0.5, granularity="layer", exclude_head=False), log=lambda *a: None)
+        assert [m.training for m in model] == [True, False, True, True, True]
+        assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight)) and model[4].weight.grad is None
+        results.append(model[4].weight.detach().clone())  # its inputs pass the dropout
+    assert torch.equal(results[0], results[1])
+
+
+def test_a_failing_evaluate_during_the_magnitude_comparison_leaves_the_dense_model():
+    model = _dropout_bn_mlp().eval()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def evaluate(stage):
+        if stage == "magnitude":
+            raise RuntimeError("the user's metric failed")
+        return {"m": 0.0}
+    with pytest.raises(RuntimeError, match="the user's metric failed"):
+        dist_chita.prune(model, {"pixel_values": torch.randn(32, 20), "labels": torch.randint(0, 5, (32,))},
+                         method="chita", task="image-classification", evaluate=evaluate, compare_magnitude=True,
+                         check_memory=False, log=lambda *a: None)
+    assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
