@@ -40,8 +40,9 @@ def input_norms(modules: Sequence[tuple[str, nn.Module]], forward: Callable[[obj
     formed in float32 and added in float64, the same bits on any number of ranks. Collective (one all-reduce; under
     ZeRO-3 the forwards too: a rank with fewer micro-batches runs padding forwards that add nothing)."""
     for name, m in modules:
-        if isinstance(m, nn.Conv2d) and m.groups != 1:
-            raise ValueError(f"{name}: OWL scores need an ungrouped layer (Conv2d with groups={m.groups})")
+        if isinstance(m, nn.Conv2d | nn.Conv1d) and m.groups != 1:
+            raise ValueError(f"{name}: OWL scores need an ungrouped layer ({type(m).__name__} with "
+                             f"groups={m.groups})")
     device = modules[0][1].weight.device
     sums: list[torch.Tensor | None] = [None] * len(modules)
     state: dict = {"mask": None, "record": True}

@@ -144,7 +144,7 @@ class _Recorder:
         rows = input_rows(module, x.detach(), self.mask)
         _add_products(self.H[i], rows)
         self.count[i] += rows.shape[0]
-        if not isinstance(module, nn.Conv2d):  # its rows depend on the conv's shape too
+        if not isinstance(module, nn.Conv2d | nn.Conv1d):  # its rows depend on the conv's shape too
             self.inputs.append((x, i))
 
     def finished(self) -> None:

@@ -280,7 +280,7 @@ def test_bad_input_is_refused():
         prune_layerwise(model, [("0", model[0])], 0.5, forward=model, make_batches=list)
     conv = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"))
     never = pytest.fail  # refused before any forward pass
-    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv2d with zero padding only"):
+    with pytest.raises(ValueError, match=r"^1: objective layerwise supports Conv1d and Conv2d with zero padding only"):
         prune_layerwise(conv, [("0", conv[0]), ("1", conv[1])], 0.5, forward=never, make_batches=never)
     with pytest.raises(ValueError, match="'obd' needs the Fisher diagonal of the loss: give loss_fn"):
         prune_layerwise(model, [("0", model[0])], 0.5, forward=never, make_batches=never, method="obd")

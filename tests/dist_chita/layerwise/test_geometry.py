@@ -52,6 +52,29 @@ def test_rows_and_inputs_reproduce_each_layer_type():
         input_rows(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), torch.randn(1, 4, 5, 5), None)
 
 
+def test_torch_conv1d_rows_reproduce_its_output():
+    """nn.Conv1d (a default prunable type) as a Conv2d of height 1: stride, padding, dilation, "same" with an even
+    kernel, and groups (each group's rows on its own inputs). Before, its (b, C, L) input was taken as rows of L
+    features: a shape error, or wrong rows without a word when L happened to equal C k."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 12)
+    for conv in (nn.Conv1d(4, 5, 3, stride=2, padding=1, dilation=2, bias=False),
+                 nn.Conv1d(4, 3, 4, padding="same", dilation=2, bias=False),
+                 nn.Conv1d(4, 3, 3, padding="valid", bias=False)):
+        rows = input_rows(conv, x, None)
+        expected = conv(x).permute(0, 2, 1).reshape(-1, conv.out_channels).double()
+        torch.testing.assert_close(rows.double() @ weight_rows(conv, conv.weight).double().T, expected,
+                                   rtol=1e-5, atol=1e-6)
+        assert input_size(conv, tuple(conv.weight.shape)) == rows.shape[1] == 4 * conv.kernel_size[0]
+    grouped = nn.Conv1d(4, 6, 3, padding=1, groups=2, bias=False)  # 2 groups: 3 outputs, 2 x 3 inputs each
+    assert groups(grouped) == 2
+    per_group = input_rows(grouped, x, None).view(-1, 2, 6).double()
+    got = torch.einsum("ngd,god->ngo", per_group, weight_rows(grouped, grouped.weight).double().view(2, 3, 6))
+    torch.testing.assert_close(got.reshape(-1, 6), grouped(x).permute(0, 2, 1).reshape(-1, 6).double())
+    with pytest.raises(ValueError, match="zero padding only"):
+        input_rows(nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"), x, None)
+
+
 def test_from_rows_inverts_weight_rows_and_sizes_follow_the_rows():
     """from_rows(weight_rows(W)) is W for every layer type; input_size is the rows' length without reading the
     weight; groups is a grouped Conv2d's g, else 1; the padding check names the layer."""
@@ -68,5 +91,5 @@ def test_from_rows_inverts_weight_rows_and_sizes_follow_the_rows():
     assert torch.equal(weight_rows(Conv1D(5, 6), stored)[1], stored[:, 1])
     assert [groups(m) for m in (nn.Linear(2, 2), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1, groups=2))] == [1, 1, 2]
     check_zero_padding(nn.Conv2d(4, 4, 3, padding=1))
-    with pytest.raises(ValueError, match=r"^enc\.3: objective layerwise supports Conv2d with zero padding only"):
+    with pytest.raises(ValueError, match=r"^enc\.3: objective layerwise supports Conv1d and Conv2d with zero padding"):
         check_zero_padding(nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"), "enc.3")
