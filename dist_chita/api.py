@@ -145,6 +145,7 @@ def prune(
         reestimate_batchnorm: then recompute every BatchNorm layer's running statistics on the calibration samples
             (:mod:`dist_chita.batchnorm`; the metric before: ``after_stale_bn``; the magnitude baseline's too).
     """
+    _check_arguments(target, objective, fisher, batch_size)
     task = task or models.infer_task(model)
     log = log or (lambda line: None)
     chosen, target, objective = _resolve(model, task, target or Target(), objective, method, fisher, log)
@@ -249,6 +250,18 @@ def _renormalise(run: _Run, evaluate: Evaluate | None, metric: dict) -> int:
         done = batchnorm.reestimate(run.model, run.forward, run.samples, run.batch_size, run.progress)
     run.log(f"  BatchNorm: running statistics of {done} layers re-estimated on the calibration data")
     return done
+
+
+def _check_arguments(target, objective, fisher, batch_size) -> None:
+    """A one-line ValueError for an argument of :func:`prune` of the wrong kind (before anything else)."""
+    kinds = [("target", target, (Target,), "a dist_chita.Target"),
+             ("objective", objective, (Layerwise, Fisher), "a dist_chita.Layerwise() or dist_chita.Fisher()"),
+             ("fisher", fisher, (Fisher,), "a dist_chita.Fisher()")]
+    for name, value, types, what in kinds:
+        if value is not None and not isinstance(value, types):
+            raise ValueError(f"{name}: expected {what} or None, got {value!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
 
 
 def _check(target: Target, objective: Layerwise | Fisher, method: str) -> None:
@@ -375,12 +388,17 @@ def _estimate_line(run: _Run, est: memory.MemoryEstimate, available: int) -> str
 
 def _measure(evaluate: Evaluate | None, stage: str) -> dict[str, float]:
     """``evaluate(stage)``, its values keyed ``stage`` (the first: the metric itself) or ``stage_<name>`` (its
-    companions, e.g. ``after_nn_agreement``)."""
+    companions, e.g. ``after_nn_agreement``); at ``before`` also ``name``, the first value's own name."""
     if evaluate is None:
         return {}
-    values = dict(evaluate(stage))
+    values = evaluate(stage)
+    if not isinstance(values, Mapping):
+        raise ValueError(f"evaluate({stage!r}) must return a mapping of metric names to values, got "
+                         f"{type(values).__name__}")
+    values = dict(values)
     primary = next(iter(values), None)
-    return {stage if name == primary else f"{stage}_{name}": v for name, v in values.items()}
+    out = {stage if name == primary else f"{stage}_{name}": v for name, v in values.items()}
+    return {"name": primary, **out} if stage == "before" and primary is not None else out
 
 
 def _magnitude_metric(run: _Run, targets: Sparsity, evaluate: Evaluate) -> dict[str, float]:

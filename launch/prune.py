@@ -314,7 +314,7 @@ def run(cfg: RunConfig, device: torch.device, partition=None) -> int:
         progress.close()
     if engine is not None:  # modules the backward pass does not reach (embeddings) keep their gathered weights
         engine.empty_partition_cache()
-    rep.name, rep.config, rep.metric = cfg.name, cfg.to_dict(), {"name": cfg.eval.metric, **rep.metric}
+    rep.name, rep.config, rep.metric = cfg.name, cfg.to_dict(), {**rep.metric, "name": cfg.eval.metric}
     rep.recipe = recipe and recipe.strip()
     return save(cfg, loaded, rep, out_dir, seconds, t_run, device, partitioned=engine is not None)
 

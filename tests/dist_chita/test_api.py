@@ -244,3 +244,33 @@ def test_a_failing_evaluate_during_the_magnitude_comparison_leaves_the_dense_mod
                          method="chita", task="image-classification", evaluate=evaluate, compare_magnitude=True,
                          check_memory=False, log=lambda *a: None)
     assert all(torch.equal(v, dense[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"objective": "fisher"},
+     "objective: expected a dist_chita.Layerwise() or dist_chita.Fisher() or None, got 'fisher'"),
+    ({"target": {"sparsity": 0.5}}, "target: expected a dist_chita.Target or None, got {'sparsity': 0.5}"),
+    ({"fisher": dist_chita.Layerwise()}, "fisher: expected a dist_chita.Fisher() or None, got Layerwise("),
+    ({"batch_size": 2.5}, "batch_size: expected an int >= 1, got 2.5"),
+    ({"batch_size": True}, "batch_size: expected an int >= 1, got True"),
+    ({"evaluate": lambda stage: 0.9}, "evaluate('before') must return a mapping of metric names to values, got float"),
+])
+def test_an_argument_of_the_wrong_kind_is_one_line_naming_it(kwargs, message):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    before = model[0].weight.clone()
+    with pytest.raises(ValueError) as e:
+        dist_chita.prune(model, {"pixel_values": torch.randn(8, 6), "labels": torch.randint(0, 4, (8,))},
+                         task="image-classification", check_memory=False, log=lambda *a: None,
+                         **{"target": Target(exclude_head=False), **kwargs})
+    assert str(e.value).startswith(message) and torch.equal(model[0].weight, before)
+
+
+def test_the_report_names_the_metric_evaluate_returns_and_the_summary_prints_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    rep = dist_chita.prune(model, {"pixel_values": torch.randn(8, 6), "labels": torch.randint(0, 4, (8,))},
+                           task="image-classification", check_memory=False, log=lambda *a: None,
+                           target=Target(exclude_head=False),
+                           evaluate=lambda stage: {"accuracy": 0.5, "loss": 1.0})
+    assert rep.metric == {"name": "accuracy", "before": 0.5, "before_loss": 1.0, "after": 0.5, "after_loss": 1.0}
+    assert "  accuracy: before 0.5000, before_loss 1.0000, after 0.5000, after_loss 1.0000" in rep.summary_lines()
