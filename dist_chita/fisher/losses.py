@@ -82,8 +82,15 @@ def cross_entropy(forward: Forward = model_output, label_key: str = "labels") ->
     """Classification, empirical Fisher: l_i = CE(logits_i, y_i). logits (b, C), ``batch[label_key]`` (b,)."""
 
     def loss_fn(model, batch, indices):
+        if label_key not in batch:
+            raise ValueError(f"the loss ce needs labels: the calibration samples have no {label_key!r} (give a "
+                             "label column, or a loss without labels: gn_probe, sampled)")
         logits = forward(model, batch)
-        return _check(F.cross_entropy(logits.float(), batch[label_key], reduction="none"), indices)
+        labels, classes = batch[label_key], logits.shape[-1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= classes):
+            raise ValueError(f"labels must lie in [0, {classes}) for a model of {classes} outputs; the calibration "
+                             f"labels run {int(labels.min())}..{int(labels.max())}")
+        return _check(F.cross_entropy(logits.float(), labels, reduction="none"), indices)
 
     return loss_fn
 

@@ -159,3 +159,23 @@ def test_probe_determinism_and_mean_pooling():
     torch.testing.assert_close(single, whole, rtol=1e-4, atol=1e-5)
     emb = mean_pooled(model, {"input_ids": ids, "attention_mask": mask})
     assert emb.shape == (3, 8)
+
+
+def test_cross_entropy_refuses_missing_labels_and_labels_the_model_cannot_output():
+    """A label beyond the model's outputs was an IndexError traceback from inside the loss, and samples without
+    labels a KeyError."""
+    from torch import nn
+
+    from dist_chita.fisher.losses import cross_entropy
+
+    model, loss = nn.Linear(3, 4), cross_entropy()
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 4\) for a model of 4 outputs; the calibration "
+                                         r"labels run 1\.\.14$"):
+        loss(model, {"x": x, "labels": torch.tensor([1, 14])}, torch.arange(2))
+    with pytest.raises(ValueError, match="^labels must lie in"):
+        loss(model, {"x": x, "labels": torch.tensor([-1, 0])}, torch.arange(2))
+    with pytest.raises(ValueError, match="^the loss ce needs labels"):
+        loss(model, {"x": x}, torch.arange(2))
+    ok = loss(model, {"x": x, "labels": torch.tensor([0, 3])}, torch.arange(2))
+    torch.testing.assert_close(ok, nn.functional.cross_entropy(model(x), torch.tensor([0, 3]), reduction="none"))
