@@ -125,12 +125,16 @@ def load_rows(source: str, fmt: str | None = None, config_name: str | None = Non
             return datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
         # A single file (or a directory of files) of one format: everything is the "train" split.
         files = str(path) if path.is_file() else sorted(str(p) for p in path.iterdir() if p.is_file())
+        if path.is_file() and path.stat().st_size == 0:
+            raise ValueError(f"{fmt} data {source} is empty")
         return datasets.load_dataset(fmt, data_files=files, split="train")
     except ValueError as e:
-        if str(e).startswith("dataset directory"):
+        if str(e).startswith(("dataset directory", f"{fmt} data {source} is empty")):
             raise
         raise ValueError(f"cannot read {fmt} data {source}: {_one_line(e)}") from None
     except Exception as e:  # noqa: BLE001 - datasets/pyarrow raise many types; report them in one line
+        while e.__cause__ is not None:  # datasets wraps the reader's error (a decode error, a bad line) in its own
+            e = e.__cause__
         raise ValueError(f"cannot read {fmt} data {source}: {type(e).__name__}: {_one_line(e)}") from None
 
 

@@ -390,3 +390,20 @@ def test_array_images_keep_their_dtype(tmp_path):
     s = data.load_samples(str(tmp_path / "arr"), n=4, seed=0, task="image-classification", flatten_images=False)
     want = torch.tensor(pixels[s.rows.numpy()], dtype=torch.float32)[:, None] / 255
     torch.testing.assert_close(s.fields["pixel_values"], want)
+
+
+def test_read_errors_name_their_cause(tmp_path):
+    """An empty file, undecodable text and a malformed JSON line are named as such (datasets' own wrapper,
+    "An error occurred while generating the dataset", and a bare StopIteration before)."""
+    from dist_chita.io.data import load_rows
+
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": \n')
+    for name, message in [("empty.txt", "^text data .*empty.txt is empty$"),
+                          ("empty.jsonl", "^json data .*empty.jsonl is empty$"),
+                          ("latin1.txt", "^cannot read text data .*latin1.txt: UnicodeDecodeError: 'utf-8' codec"),
+                          ("bad.jsonl", "^cannot read json data .*bad.jsonl: ArrowInvalid: JSON parse error")]:
+        with pytest.raises(ValueError, match=message):
+            load_rows(str(tmp_path / name))
