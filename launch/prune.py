@@ -207,6 +207,12 @@ def load(cfg: RunConfig, device: torch.device, partition=None):
         say(f"  ZeRO-3: parameters partitioned over {comm.world_size()} ranks, "
             f"{params.resident_bytes(loaded.model.parameters()) / 2**20:.2f} MiB on this rank of "
             f"{params.full_bytes(loaded.model.parameters()) / 2**20:.2f} MiB")
+    positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+    for key, length in (("calibration.max_length", cfg.calibration.max_length),
+                        ("eval.max_length", cfg.eval.max_length)):  # (before a torch error in the first forward)
+        if loaded.tokenizer is not None and isinstance(positions, int) and length is not None and length > positions:
+            raise ValueError(f"{key}: {length} tokens exceed the model's {positions} positions "
+                             "(max_position_embeddings)")
     calib, held_out = load_data(cfg, loaded)
     evaluator = None
     if held_out:

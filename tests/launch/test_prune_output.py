@@ -140,3 +140,11 @@ def test_a_bfloat16_checkpoint_is_saved_in_bfloat16_with_its_mask(tmp_path, llam
     assert res.returncode == 0 and "weights saved in" not in res.stdout, res.stderr
     assert {t.dtype for t in load_file(str(out / "model.safetensors")).values()} == {torch.float32}
     assert json.loads((out / "prune_report.json").read_text())["weights_dtype"] == "float32"
+
+
+def test_a_max_length_beyond_the_model_positions_is_one_line(tmp_path, llama_checkpoint):
+    """64 positions: 100 tokens were a torch shape error in the first forward."""
+    res = prune(tmp_path, llama_checkpoint, "calibration.max_length=100")
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1] == (
+        "error: calibration.max_length: 100 tokens exceed the model's 64 positions (max_position_embeddings)")
+    assert not (tmp_path / "out").exists()
