@@ -429,7 +429,7 @@ def prepare_samples(
     fields: dict[str, torch.Tensor] = {}
     texts = None
     if text_column is not None:
-        texts = [str(t) for t in subset[text_column]]
+        texts = as_texts(subset[text_column], source, text_column)
         if tokenizer is None:
             raise ValueError(f"{source}: text column {text_column!r} needs a tokenizer (the model has none)")
         enc = tokenizer(texts, truncation=True, max_length=max_length, padding=padding, return_tensors="pt")
@@ -525,6 +525,24 @@ def _text_rows(source: str, fmt: str | None, config_name: str | None, split: str
     return rows, text_column
 
 
+def as_texts(values: Sequence, source: str, column: str, skip_empty: bool = False) -> list[str]:
+    """The values of a text column as strings: a value that is not a string (a label column given as the text
+    column) is refused, as is a null one (str() made it the word "None"); ``skip_empty``: null and blank values
+    are left out (a token stream: they would only add separators), else a null one is refused."""
+    out = []
+    for v in values:
+        if v is None or (skip_empty and isinstance(v, str) and not v.strip()):
+            if skip_empty:
+                continue
+            raise ValueError(f"{source}: column {column!r} has null values among the selected rows; drop those "
+                             "rows from the data")
+        if not isinstance(v, str):
+            raise ValueError(f"{source}: column {column!r} holds {type(v).__name__} values, not text; give the "
+                             "text column (text_column)")
+        out.append(v)
+    return out
+
+
 def load_texts(
     source: str,
     *,
@@ -539,7 +557,7 @@ def load_texts(
     """The raw texts ``perm[offset : offset + n]`` of a source (for :func:`token_stream`)."""
     rows, text_column = _text_rows(source, fmt, config_name, split, text_column)
     idx = select_indices(len(rows), n, seed, offset)
-    return [str(t) for t in rows.select(idx)[text_column]]
+    return as_texts(rows.select(idx)[text_column], source, text_column)
 
 
 def load_windows(
@@ -569,7 +587,7 @@ def load_windows(
     for a in range(0, len(order), rows_per_read):
         if have >= need:
             break
-        texts = [str(t) for t in rows.select(order[a:a + rows_per_read])[text_column]]
+        texts = as_texts(rows.select(order[a:a + rows_per_read])[text_column], source, text_column, skip_empty=True)
         chunk = token_stream(texts, tokenizer, separator=None)
         parts += [sep, chunk] if parts else [chunk]
         have += chunk.numel() + (sep.numel() if len(parts) > 1 else 0)

