@@ -198,8 +198,15 @@ def _held_out(samples: data.Samples, validation, seed: int, objective: Layerwise
                                      f"choose {', '.join(tuned)}")
     if validation is None:
         return samples, None
-    if isinstance(validation, int | float) and not isinstance(validation, bool):
-        return data.split_validation(samples, validation, seed)
+    if isinstance(validation, bool):
+        raise ValueError(f"validation: expected a share in (0, 1), a count >= 1 or samples of their own, got "
+                         f"{validation}")
+    if isinstance(validation, int | float):
+        calibration, held = data.split_validation(samples, validation, seed)
+        if len(calibration) < comm.world_size():
+            raise ValueError(f"validation: holding out {len(held)} of the n = {len(samples)} calibration samples "
+                             f"leaves {len(calibration)}, fewer than the {comm.world_size()} ranks")
+        return calibration, held
     return samples, data.as_samples(validation)
 
 

@@ -274,3 +274,28 @@ def test_the_report_names_the_metric_evaluate_returns_and_the_summary_prints_it(
                            evaluate=lambda stage: {"accuracy": 0.5, "loss": 1.0})
     assert rep.metric == {"name": "accuracy", "before": 0.5, "before_loss": 1.0, "after": 0.5, "after_loss": 1.0}
     assert "  accuracy: before 0.5000, before_loss 1.0000, after 0.5000, after_loss 1.0000" in rep.summary_lines()
+
+
+def test_validation_given_as_a_bool_or_leaving_fewer_samples_than_ranks_is_named():
+    """validation=True was reported as a problem of the calibration samples; a share leaving fewer calibration
+    samples than ranks as "n = 1 calibration samples is smaller than the number of ranks" (on 2 ranks), without
+    naming validation."""
+    data = {"pixel_values": torch.randn(3, 6), "labels": torch.randint(0, 4, (3,))}
+    kw = dict(task="image-classification", check_memory=False, log=lambda *a: None, target=Target(exclude_head=False))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4)).eval()
+    with pytest.raises(ValueError, match=r"^validation: expected a share in \(0, 1\), a count >= 1 or samples"):
+        dist_chita.prune(model, data, validation=True, **kw)
+    out = multiproc.run(_prune_with_validation_2, 2)
+    assert out == ["validation: holding out 2 of the n = 3 calibration samples leaves 1, fewer than the 2 ranks"] * 2
+
+
+def _prune_with_validation_2():
+    torch.manual_seed(0)
+    data = {"pixel_values": torch.randn(3, 6), "labels": torch.randint(0, 4, (3,))}
+    try:
+        dist_chita.prune(torch.nn.Sequential(torch.nn.Linear(6, 4)).eval(), data, validation=2,
+                         task="image-classification", check_memory=False, log=lambda *a: None,
+                         target=Target(exclude_head=False))
+    except ValueError as e:
+        return str(e)
+    return None
