@@ -36,12 +36,14 @@ BLOCK = 128  # columns B_s whose mask is chosen together (the paper's and its co
 
 def sparsegpt_rows(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, damp: float = 0.01,
                    nm: tuple[int, int] | None = None, allowed: torch.Tensor | None = None,
-                   per_row: bool = False, block: int = BLOCK) -> torch.Tensor:
+                   per_row: bool = False, block: int = BLOCK, pruned_total: int | None = None) -> torch.Tensor:
     """Prune W (r, d) on H (d, d) (any positive scale; float64 arithmetic) to ``sparsity`` of every block of
     ``block`` columns (over all rows), or N:M with ``nm`` = (N, M). ``per_row``: every row loses exactly
     d - kept_count(d, sparsity) weights, spread over the blocks in proportion to their widths (the mask of each
     block chosen per row). ``allowed`` (r, d) bool: False for weights
     fixed at zero, which are pruned first and stay zero. Inputs whose diag H is 0 (never active) are pruned.
+    ``pruned_total``: the weights of W to prune (a part's share of its layer's count), spread over the blocks in
+    proportion to their widths, instead of ``sparsity`` of every block (rounded down in each).
     Damping: lambda = ``damp`` * mean(diag H). Returns the pruned, updated W (r, d) in W's dtype."""
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
@@ -76,7 +78,8 @@ def sparsegpt_rows(W: torch.Tensor, H: torch.Tensor, sparsity: float, *, damp: f
                 cut = up_to(b) - up_to(a)
                 pruned.scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :cut], True)
             else:
-                cut = int(W1.numel() * sparsity)
+                cut = int(W1.numel() * sparsity) if pruned_total is None else \
+                    (pruned_total * b + d // 2) // d - (pruned_total * a + d // 2) // d
                 pruned.view(-1)[torch.argsort(score.reshape(-1), stable=True)[:cut]] = True
         for j in range(b - a):
             if nm is not None and j % nm[1] == 0:
@@ -127,7 +130,12 @@ class SparseGPT(LayerMethod):
 
     def prune(self, layer: LayerProblem) -> LayerResult:
         W = torch.zeros_like(layer.W_bar)
+        g = len(layer.parts)
+        # a layer budget over the equal parts of a grouped convolution: the layer's count, shared out among them
+        pruned = layer.W_bar.numel() - kept_count(layer.W_bar.numel(), layer.sparsity)
         for j, lo, hi in layer.runs:
+            share = (pruned * (j + 1) + g // 2) // g - (pruned * j + g // 2) // g
             W[lo:hi] = sparsegpt_rows(layer.W_bar[lo:hi], layer.H[j], layer.sparsity, damp=layer.damp, nm=layer.nm,
-                                      allowed=layer.allowed[lo:hi], per_row=not layer.per_layer)
+                                      allowed=layer.allowed[lo:hi], per_row=not layer.per_layer,
+                                      pruned_total=share if g > 1 and layer.per_layer and layer.nm is None else None)
         return LayerResult(W=W, objective=reconstruction_objective(layer, W))

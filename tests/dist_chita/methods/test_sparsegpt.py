@@ -172,3 +172,22 @@ def test_sparsegpt_owners_balance_the_block_by_cost():
     conv = [("c", nn.Conv2d(8, 8, 3, groups=4, bias=False))]  # 4 parts of 2 rows, equal cost
     assert sparsegpt_owners(_part_shapes(conv, [0]), 2) == {(0, 0): 0, (0, 1): 1, (0, 2): 0, (0, 3): 1}
     assert SparseGPT().owners(block, 3) == three and block[(4, 0)] == (1536, 384)
+
+
+def test_a_layer_budget_over_the_groups_of_a_depthwise_convolution_is_kept_exactly():
+    """Each group of a depthwise conv (9 weights) rounded its own half down: 40 of 72 kept at 0.5 instead of 36.
+    The layer's count is now shared out among its groups, as chita keeps it."""
+    import dist_chita
+    from dist_chita.options import Target
+    from dist_chita.sparsity import kept_count
+
+    for sparsity in (0.5, 0.7):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1, groups=8), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 6 * 6, 3)).eval()
+        dist_chita.prune(model, {"pixel_values": torch.randn(16, 8, 6, 6), "labels": torch.randint(0, 3, (16,))},
+                         method="sparsegpt", objective=dist_chita.Layerwise(), task="image-classification",
+                         target=Target(sparsity=sparsity, granularity="layer"), check_memory=False,
+                         log=lambda *a: None)
+        kept = (model[0].weight != 0).view(8, 9).sum(1)
+        assert int(kept.sum()) == kept_count(72, sparsity) and int(kept.max() - kept.min()) <= 1, kept.tolist()
