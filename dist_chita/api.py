@@ -290,11 +290,11 @@ def _check_groups(run: _Run) -> None:
     M = run.target.nm_pair[1]
     for name, module in run.modules:
         shape = tuple(params.shape(module.weight))
-        if run.fisher and geometry.input_size(module, shape) != math.prod(shape[1:]):
+        d = geometry.input_size(module, shape)  # (the Fisher factor's rows are math.prod(shape[1:]) long)
+        if run.fisher and d != math.prod(shape[1:]):
             raise ValueError(f"nm: layer {name!r} stores its weight transposed (transformers' Conv1D), so N:M groups "
                              "of the Fisher objective would run along its outputs; use the layerwise objective or "
                              "leave it out (exclude)")
-        d = math.prod(shape[1:]) if run.fisher else geometry.input_size(module, shape)
         if d % M:
             raise ValueError(f"nm: the rows of layer {name!r} hold {d} weights, not a multiple of M = {M}; leave it "
                              "out (exclude) or choose another N:M")

@@ -356,7 +356,7 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
         with atomic_directory(out_dir, cfg.output.overwrite) as tmp:
             if cfg.output.save_model:
                 models.save_model(loaded, tmp, state_dict=state, dtype=saved_dtype)
-                rep.weights_dtype = str(saved_dtype or loaded_in).removeprefix("torch.")
+                rep.weights_dtype = models.dtype_name(saved_dtype or loaded_in)
                 write_format(cfg, loaded, rep, tmp)
             save_config(cfg, tmp / "dist_chita_config.yaml")
             finish()
@@ -369,8 +369,8 @@ def save(cfg: RunConfig, loaded, rep, out_dir: Path, seconds: dict, t_run: float
     comm.broadcast_object(True)
     dtype_note = []
     if cfg.output.save_model and saved_dtype not in (None, loaded_in):
-        dtype_note = [f"  weights saved in {str(saved_dtype).removeprefix('torch.')} (output.dtype "
-                      f"{cfg.output.dtype}); pruned and measured in {str(loaded_in).removeprefix('torch.')}"]
+        dtype_note = [f"  weights saved in {models.dtype_name(saved_dtype)} (output.dtype {cfg.output.dtype}); "
+                      f"pruned and measured in {models.dtype_name(loaded_in)}"]
     say(*rep.summary_lines(), *dtype_note, f"  saved to {out_dir}")
     return 0
 

@@ -531,9 +531,9 @@ def as_texts(values: Sequence, source: str, column: str, skip_empty: bool = Fals
     are left out (a token stream: they would only add separators), else a null one is refused."""
     out = []
     for v in values:
-        if v is None or (skip_empty and isinstance(v, str) and not v.strip()):
-            if skip_empty:
-                continue
+        if skip_empty and (v is None or (isinstance(v, str) and not v.strip())):
+            continue
+        if v is None:
             raise ValueError(f"{source}: column {column!r} has null values among the selected rows; drop those "
                              "rows from the data")
         if not isinstance(v, str):

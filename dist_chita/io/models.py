@@ -182,6 +182,11 @@ def load_hf_model(
     return LoadedModel(model, task, "hf", path, tokenizer, image_processor, _float_dtype(stored))
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as configs and :data:`DTYPES` spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _float_dtype(value: Any) -> torch.dtype | None:
     """A config's or file's dtype (a torch dtype, ``"bfloat16"``, ``"torch.float16"``, safetensors' ``"BF16"``) as
     one of :data:`DTYPES`' dtypes; None for anything else."""
@@ -406,15 +411,14 @@ def save_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.rglob("*"))
-    if dtype is not None and dtype != _weights_dtype(loaded.model, state_dict):
+    cast = dtype is not None and dtype != _weights_dtype(loaded.model, state_dict)
+    if cast:
         state_dict = cast_weights(loaded.model.state_dict() if state_dict is None else state_dict, dtype)
-    else:
-        dtype = None
     if loaded.kind == "hf":
         loaded.model.save_pretrained(str(out), state_dict=state_dict)
-        if dtype is not None:  # save_pretrained writes the dtype of the model in memory
+        if cast:  # save_pretrained writes the dtype of the model in memory
             config = json.loads((out / "config.json").read_text())
-            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = str(dtype).removeprefix("torch.")
+            config["dtype" if "torch_dtype" not in config else "torch_dtype"] = dtype_name(dtype)
             (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for extra in (loaded.tokenizer, loaded.image_processor):
             if extra is not None:
@@ -431,7 +435,7 @@ def save_model(
         model = loaded.model
         if state_dict is not None:  # a fresh unpartitioned copy, so that shared tensors are saved as usual
             model = load_factory(loaded.source)()
-            if dtype is not None:
+            if cast:
                 model.to(dtype)
             model.load_state_dict(state_dict, strict=True)
         save_safetensors(model, str(out / TORCH_WEIGHTS))
@@ -460,7 +464,7 @@ def cast_weights(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
             continue
         c = t.to(dtype)
         if not bool(torch.isfinite(c).all()) and bool(torch.isfinite(t).all()):
-            raise ValueError(f"{key} exceeds the range of {str(dtype).removeprefix('torch.')}; save it in another "
+            raise ValueError(f"{key} exceeds the range of {dtype_name(dtype)}; save it in another "
                              "dtype (output.dtype)")
         lost = (c == 0) & (t != 0)
         if bool(lost.any()):
